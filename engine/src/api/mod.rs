@@ -1,0 +1,245 @@
+//! The HTTP API: routes, shared state, and the handlers for health, metrics and orders.
+
+mod error;
+mod openapi;
+mod ws;
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, OpenApi, ToSchema};
+
+pub use error::{ApiError, ErrorBody};
+
+use crate::domain::{Order, OrderEvent, Priority, Status};
+use crate::engine::{Engine, OrderEdit};
+use crate::store::{HistoryEntry, ListQuery, Page, Sort};
+use crate::telemetry;
+
+/// Limits the API enforces.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { max_body_bytes: 4 * 1024 * 1024 }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub metrics: PrometheusHandle,
+    pub config: ApiConfig,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route("/orders/events", post(post_events))
+        .route("/orders", get(list_orders))
+        .route("/orders/{id}", get(get_order).patch(patch_order))
+        .route("/orders/{id}/history", get(order_history))
+        .route("/ws", get(ws::upgrade))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    /// "ok" when the log and the store answer.
+    status: &'static str,
+    backend: String,
+    /// Events in the log not yet applied, per priority.
+    queue_depth: QueueDepth,
+    applied: u64,
+    skipped: u64,
+    rejected: u64,
+    duplicates: u64,
+    cas_conflicts: u64,
+}
+
+#[derive(Serialize, ToSchema)]
+struct QueueDepth {
+    vip: u64,
+    normal: u64,
+}
+
+#[utoipa::path(get, path = "/health", responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn health(State(s): State<AppState>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stats = &s.engine.stats;
+    let store_ok = s.engine.store.get("__health__").await.is_ok();
+    let body = Health {
+        status: if store_ok { "ok" } else { "unhealthy" },
+        backend: s.engine.backend(),
+        queue_depth: QueueDepth { vip: s.engine.log.depth(Priority::Vip), normal: s.engine.log.depth(Priority::Normal) },
+        applied: stats.applied.load(Relaxed),
+        skipped: stats.skipped.load(Relaxed),
+        rejected: stats.rejected.load(Relaxed),
+        duplicates: stats.duplicates.load(Relaxed),
+        cas_conflicts: stats.conflicts.load(Relaxed),
+    };
+    let code = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+async fn metrics(State(s): State<AppState>) -> Response {
+    for p in Priority::ALL {
+        telemetry::queue_depth(p).set(s.engine.log.depth(p) as f64);
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(openapi::ApiDoc::openapi())
+}
+
+/// Maps a body that could not be read (too large, broken stream) to a JSON error.
+fn body_error(e: BytesRejection, limit: usize) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", json!({ "limit_bytes": limit }))
+    } else {
+        ApiError::bad_request("unreadable request body", e.body_text())
+    }
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("malformed {what}"), e.to_string()))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// How many events are now durably in the log.
+    accepted: usize,
+}
+
+/// Appends one event or an array of events. All or none are accepted.
+#[utoipa::path(
+    post, path = "/orders/events",
+    request_body(content = Vec<OrderEvent>, description = "One OrderEvent, or an array of them"),
+    responses(
+        (status = 202, body = Accepted, description = "Durably in the log"),
+        (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+async fn post_events(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    let events: Vec<OrderEvent> =
+        if is_array { parse_json(&body, "event array")? } else { vec![parse_json(&body, "event")?] };
+    if events.is_empty() {
+        return Err(ApiError::bad_request("no events", "the array is empty"));
+    }
+    let accepted = s.engine.ingest(&events).await?;
+    Ok((StatusCode::ACCEPTED, Json(Accepted { accepted })))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListParams {
+    /// Page size, 1..=1000 (default 50).
+    limit: Option<usize>,
+    /// `next_cursor` from the previous page.
+    cursor: Option<String>,
+    /// PENDING, CONFIRMED, PROCESSING, SHIPPED, DELIVERED or CANCELLED.
+    status: Option<String>,
+    /// VIP or NORMAL.
+    priority: Option<String>,
+    /// Prefix of the order id or the customer.
+    q: Option<String>,
+    /// -updated_at (default), updated_at, id or -id.
+    sort: Option<String>,
+}
+
+#[utoipa::path(get, path = "/orders", params(ListParams), responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody)))]
+async fn list_orders(State(s): State<AppState>, params: Result<Query<ListParams>, QueryRejection>) -> Result<Json<Page<Order>>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
+    let status = p
+        .status
+        .map(|v| Status::parse(&v.to_ascii_uppercase()).ok_or_else(|| ApiError::bad_request("invalid status", v)))
+        .transpose()?;
+    let priority =
+        p.priority.map(|v| Priority::parse(&v).ok_or_else(|| ApiError::bad_request("invalid priority", v))).transpose()?;
+    let sort = match p.sort.as_deref() {
+        None => Sort::default(),
+        Some(v) => serde_json::from_value(json!(v)).map_err(|_| {
+            ApiError::bad_request("invalid sort", format!("{v:?}; use -updated_at, updated_at, id or -id"))
+        })?,
+    };
+    let limit = p.limit.unwrap_or(50);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
+    }
+    let page = s.engine.store.list(ListQuery { limit, cursor: p.cursor, status, priority, q: p.q, sort }).await?;
+    Ok(Json(page))
+}
+
+#[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = ErrorBody)))]
+async fn get_order(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let order = s.engine.store.get(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+    Ok(with_etag(order))
+}
+
+/// Every history entry of the order, oldest first.
+#[utoipa::path(get, path = "/orders/{id}/history", responses((status = 200, body = Vec<HistoryEntry>), (status = 404, body = ErrorBody)))]
+async fn order_history(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
+    let history = s.engine.store.history(&id).await?;
+    if history.is_empty() && s.engine.store.get(&id).await?.is_none() {
+        return Err(ApiError::not_found("order not found"));
+    }
+    Ok(Json(history))
+}
+
+/// An operator's edit, applied only if `If-Match` names the current version.
+#[utoipa::path(
+    patch, path = "/orders/{id}",
+    request_body = OrderEdit,
+    params(("If-Match" = String, Header, description = "The version the edit is based on")),
+    responses(
+        (status = 200, body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Stale version; `current` holds the row"),
+        (status = 428, body = ErrorBody, description = "If-Match missing"),
+    )
+)]
+async fn patch_order(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let raw = headers.get(header::IF_MATCH).ok_or_else(|| {
+        ApiError::new(StatusCode::PRECONDITION_REQUIRED, "If-Match required", "send If-Match: <version> from the row you edited")
+    })?;
+    let expected = raw
+        .to_str()
+        .ok()
+        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
+        .and_then(|v| v.parse::<u64>().ok())
+        .ok_or_else(|| ApiError::bad_request("invalid If-Match", "If-Match must be the order's version, a number"))?;
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let edit: OrderEdit = parse_json(&body, "edit")?;
+    let order = s.engine.edit(&id, expected, edit).await?;
+    Ok(with_etag(order))
+}
+
+fn with_etag(order: Order) -> Response {
+    let etag = format!("\"{}\"", order.version);
+    ([(header::ETAG, etag)], Json(order)).into_response()
+}

@@ -1,0 +1,202 @@
+//! `orchestrator bench`: throughput and latency of the embedded pipeline, next to
+//! baselines measured in the same run (native rule cost, raw store writes).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+
+use crate::config::BenchArgs;
+use crate::engine::{Engine, EngineConfig};
+use crate::generator::{self, TierMix};
+use crate::pipeline::build_row;
+use crate::rules::{Decision, NativeRules, OrderRules};
+use crate::store::embedded::EmbeddedStore;
+use crate::store::{OrderStore, Write};
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub events: u64,
+    pub offered_rate: u64,
+    pub machine: String,
+    /// Native rule cost per event (the baseline plugins are compared with).
+    pub native_rule_ns_per_event: f64,
+    /// Rows/s written straight into the store, no log and no rules: the ceiling.
+    pub raw_store_rows_per_s: f64,
+    /// Events/s through append → log → rules → store → commit.
+    pub pipeline_events_per_s: f64,
+    pub pipeline_vs_raw_store: f64,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub peak_rss_mib: f64,
+}
+
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let tmp = tempdir_for(&args)?;
+    let dir = tmp.as_deref().unwrap_or_else(|| args.data_dir.as_deref().expect("a data dir"));
+    eprintln!("bench: {} events, data in {}", args.events, dir.display());
+
+    let rule_ns = native_rule_cost(100_000);
+    eprintln!("native rules: {rule_ns:.1} ns/event");
+
+    let raw = raw_store(&dir.join("raw"), args.events.min(200_000)).await?;
+    eprintln!("raw store: {raw:.0} rows/s");
+
+    let (eps, p50, p99) = pipeline(&dir.join("pipeline"), &args).await?;
+    let report = BenchReport {
+        events: args.events,
+        offered_rate: args.rate,
+        machine: machine(),
+        native_rule_ns_per_event: rule_ns,
+        raw_store_rows_per_s: raw,
+        pipeline_events_per_s: eps,
+        pipeline_vs_raw_store: eps / raw,
+        latency_p50_ms: p50,
+        latency_p99_ms: p99,
+        peak_rss_mib: peak_rss_mib(),
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, json + "\n")?;
+        eprintln!("wrote {}", out.display());
+    }
+    if let Some(tmp) = tmp {
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+    Ok(())
+}
+
+fn tempdir_for(args: &BenchArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
+    if args.data_dir.is_some() {
+        return Ok(None);
+    }
+    let dir = std::env::temp_dir().join(format!("orchestrator-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(Some(dir))
+}
+
+fn native_rule_cost(n: u64) -> f64 {
+    let mut rng = SmallRng::seed_from_u64(7);
+    let events: Vec<_> = (0..n).map(|i| generator::created("rule", i, "bench", &TierMix::default(), &mut rng)).collect();
+    let started = Instant::now();
+    let mut upserts = 0u64;
+    for e in &events {
+        if matches!(std::hint::black_box(NativeRules.decide(e, None)), Decision::Upsert(_)) {
+            upserts += 1;
+        }
+    }
+    assert_eq!(upserts, n);
+    started.elapsed().as_nanos() as f64 / n as f64
+}
+
+async fn raw_store(dir: &Path, n: u64) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    let store = EmbeddedStore::open(&dir.join("store.sqlite"))?;
+    let mut rng = SmallRng::seed_from_u64(11);
+    let mut batches = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1024) {
+        batches.push(
+            chunk
+                .iter()
+                .map(|&i| {
+                    let e = generator::created("raw", i, "bench", &TierMix::default(), &mut rng);
+                    let Decision::Upsert(fields) = NativeRules.decide(&e, None) else { unreachable!() };
+                    Write::Apply { event_id: e.event_id.clone(), source: e.source.clone(), expected: None, row: build_row(&e, None, fields, "bench") }
+                })
+                .collect::<Vec<_>>(),
+        );
+    }
+    let started = Instant::now();
+    for batch in batches {
+        store.write(batch).await?;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn pipeline(dir: &Path, args: &BenchArgs) -> anyhow::Result<(f64, f64, f64)> {
+    let engine = Engine::open_embedded(dir, EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() })?;
+    engine.start().await?;
+    let bar = ProgressBar::new(args.events).with_style(
+        ProgressStyle::with_template("{spinner} pipeline [{bar:40}] {pos}/{len} events  {per_sec}  eta {eta}")
+            .expect("template is valid")
+            .progress_chars("=> "),
+    );
+    let producer = tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate));
+    let started = Instant::now();
+    let processed = || {
+        let s = &engine.stats;
+        s.applied.load(Ordering::Relaxed) + s.skipped.load(Ordering::Relaxed) + s.rejected.load(Ordering::Relaxed)
+    };
+    while processed() < args.events {
+        bar.set_position(processed());
+        if producer.is_finished() && engine.log.depth(crate::domain::Priority::Vip) + engine.log.depth(crate::domain::Priority::Normal) == 0 && processed() < args.events {
+            // Let the last commit land before concluding something is missing.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if processed() < args.events {
+                anyhow::bail!("pipeline drained with {} of {} events processed", processed(), args.events);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    bar.finish_with_message("done");
+    producer.await??;
+    engine.shutdown().await;
+    let (p50, p99) = {
+        let h = engine.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        h.as_ref().map_or((0.0, 0.0), |h| (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3))
+    };
+    Ok((args.events as f64 / elapsed.as_secs_f64(), p50, p99))
+}
+
+/// Appends `n` created events in batches, paced to `rate` events/s when non-zero.
+async fn produce(engine: Arc<Engine>, n: u64, batch: usize, rate: u64) -> anyhow::Result<()> {
+    let mut rng = SmallRng::seed_from_u64(42);
+    let mix = TierMix::default();
+    let started = Instant::now();
+    let mut sent = 0u64;
+    // Two appends in flight let the log's group commit fill while the next batch is built.
+    let mut inflight: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
+    while sent < n {
+        let take = (n - sent).min(batch as u64);
+        let events: Vec<_> = (sent..sent + take).map(|i| generator::created("bench", i, "generator", &mix, &mut rng)).collect();
+        sent += take;
+        if let Some(prev) = inflight.take() {
+            prev.await??;
+        }
+        let e = engine.clone();
+        inflight = Some(tokio::spawn(async move { e.ingest(&events).await.map(|_| ()).map_err(Into::into) }));
+        if rate > 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+    if let Some(prev) = inflight {
+        prev.await??;
+    }
+    Ok(())
+}
+
+/// Peak resident set size of this process, from /proc.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_default();
+    format!("{} cores, {cpu}", std::thread::available_parallelism().map_or(0, |n| n.get()))
+}

@@ -1,0 +1,97 @@
+//! The command line: every flag of `serve` can also come from an environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "orchestrator", version, about = "Atomic Order Orchestrator: priority order pipeline with versioned, idempotent storage")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the engine with its HTTP and WebSocket API.
+    Serve(ServeArgs),
+    /// Push events through the embedded pipeline and report throughput and latency.
+    Bench(BenchArgs),
+    /// Write (or check) the JSON Schemas in schemas/json.
+    Schema(SchemaArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the HTTP server binds.
+    #[arg(long, env = "ORCHESTRATOR_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Where the embedded log and store keep their files.
+    #[arg(long, env = "ORCHESTRATOR_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// Largest accepted request body in bytes; larger ones get 413.
+    #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Log output format.
+    #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
+}
+
+/// Pipeline knobs shared by `serve` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct Tuning {
+    /// Most events the pipeline takes from the log at once.
+    #[arg(long, env = "ORCHESTRATOR_BATCH_SIZE", default_value_t = 1024)]
+    pub batch_size: usize,
+    /// After this many consecutive VIP batches while NORMAL waits, run one NORMAL
+    /// batch. Off by default: strict priority.
+    #[arg(long, env = "ORCHESTRATOR_STARVATION_GUARD")]
+    pub starvation_guard: Option<u32>,
+    /// How many times a write that lost a compare-and-set is re-resolved before it is dead-lettered.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONFLICT_RETRIES", default_value_t = 16)]
+    pub max_conflict_retries: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// How many events to push.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Events per append call.
+    #[arg(long, default_value_t = 1_000)]
+    pub append_batch: usize,
+    /// Offered load in events/s; 0 appends as fast as the log takes them.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Data directory (default: a fresh temporary one, removed afterwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SchemaArgs {
+    /// Directory to write into.
+    #[arg(long, default_value = "schemas/json")]
+    pub out_dir: PathBuf,
+    /// Only check that the files are current; exit 1 if not.
+    #[arg(long)]
+    pub check: bool,
+}
+
+impl Tuning {
+    pub fn pipeline(&self) -> crate::pipeline::PipelineConfig {
+        crate::pipeline::PipelineConfig {
+            batch_max: self.batch_size.max(1),
+            starvation_guard: self.starvation_guard,
+            max_conflict_retries: self.max_conflict_retries,
+        }
+    }
+}

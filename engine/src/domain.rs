@@ -1,0 +1,305 @@
+//! The order domain: orders, the events that change them, and the rows' history.
+
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Customer tier. DIAMOND customers are VIP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Tier {
+    Bronze,
+    Silver,
+    Gold,
+    Diamond,
+}
+
+impl Tier {
+    pub fn priority(self) -> Priority {
+        match self {
+            Tier::Diamond => Priority::Vip,
+            _ => Priority::Normal,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Bronze => "BRONZE",
+            Tier::Silver => "SILVER",
+            Tier::Gold => "GOLD",
+            Tier::Diamond => "DIAMOND",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "BRONZE" => Tier::Bronze,
+            "SILVER" => Tier::Silver,
+            "GOLD" => Tier::Gold,
+            "DIAMOND" => Tier::Diamond,
+            _ => return None,
+        })
+    }
+}
+
+/// Processing priority; the log is partitioned by it and VIP always goes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Priority {
+    Vip,
+    Normal,
+}
+
+impl Priority {
+    /// In scheduling order: VIP first.
+    pub const ALL: [Priority; 2] = [Priority::Vip, Priority::Normal];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Vip => "VIP",
+            Priority::Normal => "NORMAL",
+        }
+    }
+
+    /// Lower-case label used in metrics and log partition names.
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Vip => "vip",
+            Priority::Normal => "normal",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "VIP" => Some(Priority::Vip),
+            "NORMAL" => Some(Priority::Normal),
+            _ => None,
+        }
+    }
+}
+
+/// Order lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Pending,
+    Confirmed,
+    Processing,
+    Shipped,
+    Delivered,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::Confirmed => "CONFIRMED",
+            Status::Processing => "PROCESSING",
+            Status::Shipped => "SHIPPED",
+            Status::Delivered => "DELIVERED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "PENDING" => Status::Pending,
+            "CONFIRMED" => Status::Confirmed,
+            "PROCESSING" => Status::Processing,
+            "SHIPPED" => Status::Shipped,
+            "DELIVERED" => Status::Delivered,
+            "CANCELLED" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    /// Position on the status lattice; CANCELLED is terminal like DELIVERED.
+    pub fn rank(self) -> u8 {
+        match self {
+            Status::Pending => 0,
+            Status::Confirmed => 1,
+            Status::Processing => 2,
+            Status::Shipped => 3,
+            Status::Delivered => 4,
+            Status::Cancelled => 5,
+        }
+    }
+}
+
+/// A stored order row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct Order {
+    pub id: String,
+    #[serde(default)]
+    pub shopify_order_id: Option<i64>,
+    pub customer: String,
+    pub tier: Tier,
+    /// Derived from `tier`: DIAMOND is VIP.
+    pub priority: Priority,
+    pub status: Status,
+    /// Order total in minor units (cents).
+    pub total_cents: i64,
+    /// Shipping fee in minor units (cents).
+    pub shipping_fee_cents: i64,
+    /// ISO 4217 currency code.
+    pub currency: String,
+    #[serde(default)]
+    pub note: String,
+    /// Starts at 1 and grows by exactly one per applied change.
+    pub version: u64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Which rule (and its version) produced this row.
+    pub decided_by: String,
+}
+
+impl Order {
+    /// The mutable business fields, for comparing two rows regardless of bookkeeping.
+    pub fn fields(&self) -> OrderFields {
+        OrderFields {
+            shopify_order_id: self.shopify_order_id,
+            customer: self.customer.clone(),
+            tier: self.tier,
+            status: self.status,
+            total_cents: self.total_cents,
+            shipping_fee_cents: self.shipping_fee_cents,
+            currency: self.currency.clone(),
+            note: self.note.clone(),
+        }
+    }
+}
+
+/// The business fields of an order, as rules decide them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderFields {
+    pub shopify_order_id: Option<i64>,
+    pub customer: String,
+    pub tier: Tier,
+    pub status: Status,
+    pub total_cents: i64,
+    pub shipping_fee_cents: i64,
+    pub currency: String,
+    pub note: String,
+}
+
+/// What kind of change an event describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Created,
+    Updated,
+    Cancelled,
+}
+
+/// Financial status as Shopify reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FinancialStatus {
+    Pending,
+    Authorized,
+    PartiallyPaid,
+    Paid,
+    PartiallyRefunded,
+    Refunded,
+    Voided,
+}
+
+/// Fulfillment status as Shopify reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FulfillmentStatus {
+    Fulfilled,
+    Partial,
+    Restocked,
+}
+
+/// The changed fields an event carries. Absent fields are left as they are.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shopify_order_id: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub customer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<Tier>,
+    /// An explicit status. Financial and fulfillment status, when present, are mapped by the rules instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub financial_status: Option<FinancialStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fulfillment_status: Option<FulfillmentStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_cents: Option<i64>,
+    /// An explicit shipping fee; otherwise the rules derive it from the total.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shipping_fee_cents: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// An incoming change to one order, as producers append it to the log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderEvent {
+    /// Unique per event; applying the same event id twice changes nothing.
+    pub event_id: String,
+    pub order_id: String,
+    pub kind: EventKind,
+    /// Who produced the event: shopify, generator, api, ...
+    pub source: String,
+    pub occurred_at: DateTime<Utc>,
+    #[serde(default)]
+    pub payload: OrderChange,
+}
+
+/// Longest accepted identifier (event or order id).
+pub const MAX_ID_LEN: usize = 128;
+
+impl OrderEvent {
+    /// Checks what serde cannot: identifiers and amounts.
+    pub fn validate(&self) -> Result<(), String> {
+        check_id("event_id", &self.event_id)?;
+        check_id("order_id", &self.order_id)?;
+        if self.source.is_empty() || self.source.len() > 64 {
+            return Err("source must be 1..=64 characters".into());
+        }
+        if let Some(currency) = &self.payload.currency
+            && (currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()))
+        {
+            return Err(format!("currency must be a 3-letter ISO 4217 code, got {currency:?}"));
+        }
+        if self.kind == EventKind::Created {
+            for (name, present) in [
+                ("customer", self.payload.customer.is_some()),
+                ("tier", self.payload.tier.is_some()),
+                ("total_cents", self.payload.total_cents.is_some()),
+            ] {
+                if !present {
+                    return Err(format!("a created event needs payload.{name}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The log partition: from the tier when the event names one.
+    pub fn priority_hint(&self) -> Option<Priority> {
+        self.payload.tier.map(Tier::priority)
+    }
+}
+
+fn check_id(name: &str, value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_ID_LEN {
+        return Err(format!("{name} must be 1..={MAX_ID_LEN} characters"));
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(format!("{name} must not contain control characters"));
+    }
+    Ok(())
+}

@@ -1,0 +1,206 @@
+//! The engine: wires a log, a store, the rules and the change stream together, and
+//! offers the operations the API and the CLI call (ingest, edit, start, shutdown).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use chrono::Utc;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use utoipa::ToSchema;
+
+use crate::domain::{Order, OrderEvent, Priority, Status};
+use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
+use crate::pipeline::{Pauses, Pipeline, PipelineConfig, Stats};
+use crate::rules::{ConflictResolver, NativeResolver, NativeRules, OrderRules};
+use crate::store::{OrderStore, StoreError, Write, WriteResult, embedded::EmbeddedStore};
+use crate::stream::ChangeStream;
+use crate::telemetry;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub pipeline: PipelineConfig,
+    /// How many changes a WebSocket client may fall behind before it must resync.
+    pub change_buffer: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { pipeline: PipelineConfig::default(), change_buffer: 16_384 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("event {index}: {reason}")]
+    Invalid { index: usize, reason: String },
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EditError {
+    #[error("order not found")]
+    NotFound,
+    #[error("version {expected} is stale; the order is at version {}", current.version)]
+    Stale { expected: u64, current: Box<Order> },
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// An operator's edit. Absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderEdit {
+    pub status: Option<Status>,
+    pub note: Option<String>,
+    pub shipping_fee_cents: Option<i64>,
+}
+
+pub struct Engine {
+    pub log: Arc<dyn OrderLog>,
+    pub store: Arc<dyn OrderStore>,
+    pub changes: ChangeStream,
+    pub stats: Arc<Stats>,
+    pub pauses: Arc<Pauses>,
+    rules: Arc<dyn OrderRules>,
+    resolver: Arc<dyn ConflictResolver>,
+    config: EngineConfig,
+    shutdown: watch::Sender<bool>,
+    pipeline: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Engine {
+    /// The embedded default: `log.sqlite` and `store.sqlite` in `data_dir`.
+    pub fn open_embedded(data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
+        let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
+        let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
+        Ok(Self::new(Arc::new(log), Arc::new(store), config))
+    }
+
+    pub fn new(log: Arc<dyn OrderLog>, store: Arc<dyn OrderStore>, config: EngineConfig) -> Arc<Self> {
+        Arc::new(Self {
+            log,
+            store,
+            changes: ChangeStream::new(config.change_buffer),
+            stats: Arc::new(Stats::new()),
+            pauses: Arc::new(Pauses::default()),
+            rules: Arc::new(NativeRules),
+            resolver: Arc::new(NativeResolver),
+            config,
+            shutdown: watch::channel(false).0,
+            pipeline: Mutex::new(None),
+        })
+    }
+
+    /// Starts consuming the log.
+    pub async fn start(&self) -> anyhow::Result<()> {
+        let consumer = self.log.consumer().await?;
+        let pipeline = Pipeline::new(
+            self.store.clone(),
+            self.rules.clone(),
+            self.resolver.clone(),
+            self.changes.clone(),
+            self.stats.clone(),
+            self.pauses.clone(),
+            self.config.pipeline.clone(),
+        );
+        let task = tokio::spawn(pipeline.run(consumer, self.shutdown.subscribe()));
+        *self.pipeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    /// Finishes the batch in hand, commits it, and makes the commits durable.
+    pub async fn shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        let task = self.pipeline.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        if let Err(e) = self.log.flush().await {
+            tracing::warn!(error = %e, "flushing the log on shutdown failed");
+        }
+    }
+
+    /// Validates and appends events; `Ok` means all of them are durable, `Err` that none is.
+    pub async fn ingest(&self, events: &[OrderEvent]) -> Result<usize, IngestError> {
+        for (index, e) in events.iter().enumerate() {
+            e.validate().map_err(|reason| IngestError::Invalid { index, reason })?;
+        }
+        // Events that name no tier go where their order lives, so an order keeps its partition.
+        let unknown: Vec<String> = events.iter().filter(|e| e.priority_hint().is_none()).map(|e| e.order_id.clone()).collect();
+        let known = if unknown.is_empty() { Default::default() } else { self.store.get_many(unknown).await? };
+        let records: Vec<Record> = events
+            .iter()
+            .map(|e| Record {
+                priority: e.priority_hint().or_else(|| known.get(&e.order_id).map(|o| o.priority)).unwrap_or(Priority::Normal),
+                key: e.order_id.clone(),
+                payload: serde_json::to_vec(e).expect("an event always serializes"),
+            })
+            .collect();
+        let counts = Priority::ALL.map(|p| records.iter().filter(|r| r.priority == p).count() as u64);
+        self.log.append(records).await?;
+        for p in Priority::ALL {
+            metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(counts[p as usize]);
+        }
+        Ok(events.len())
+    }
+
+    /// Applies an operator's edit if the order is still at `expected` version.
+    pub async fn edit(&self, id: &str, expected: u64, edit: OrderEdit) -> Result<Order, EditError> {
+        if let Some(fee) = edit.shipping_fee_cents
+            && fee < 0
+        {
+            return Err(EditError::Invalid(format!("shipping_fee_cents must not be negative, got {fee}")));
+        }
+        let current = self.store.get(id).await?.ok_or(EditError::NotFound)?;
+        if current.version != expected {
+            return Err(EditError::Stale { expected, current: Box::new(current) });
+        }
+        let mut row = current.clone();
+        if let Some(s) = edit.status {
+            row.status = s;
+        }
+        if let Some(n) = edit.note {
+            row.note = n;
+        }
+        if let Some(f) = edit.shipping_fee_cents {
+            row.shipping_fee_cents = f;
+        }
+        if row.fields() == current.fields() {
+            return Ok(current);
+        }
+        row.version = current.version + 1;
+        row.updated_at = Utc::now();
+        row.decided_by = "operator".into();
+        let write = Write::Apply {
+            event_id: format!("edit:{}", uuid::Uuid::now_v7()),
+            source: "operator".into(),
+            expected: Some(expected),
+            row: row.clone(),
+        };
+        match self.store.write(vec![write]).await?.pop().map(|(_, r)| r) {
+            Some(WriteResult::Done) => {
+                metrics::counter!(telemetry::APPLIED, "priority" => row.priority.label()).increment(1);
+                self.changes.publish(row.clone());
+                Ok(row)
+            }
+            Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: Box::new(now) }),
+            Some(WriteResult::Conflict(None)) => Err(EditError::NotFound),
+            Some(WriteResult::Duplicate) | None => Err(EditError::Store(StoreError::Backend("edit was not recorded".into()))),
+        }
+    }
+
+    pub fn backend(&self) -> String {
+        format!("log={} store={}", self.log.backend(), self.store.backend())
+    }
+}

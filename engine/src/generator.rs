@@ -1,0 +1,64 @@
+//! Synthetic orders: realistic customers, totals and tiers for load runs and benchmarks.
+
+use chrono::Utc;
+use rand::Rng;
+
+use crate::domain::{EventKind, OrderChange, OrderEvent, Tier};
+
+/// Share of each tier, in percent: BRONZE, SILVER, GOLD, DIAMOND.
+#[derive(Debug, Clone, Copy)]
+pub struct TierMix(pub [u32; 4]);
+
+impl Default for TierMix {
+    /// 50% BRONZE, 30% SILVER, 15% GOLD, 5% DIAMOND.
+    fn default() -> Self {
+        Self([50, 30, 15, 5])
+    }
+}
+
+impl TierMix {
+    pub fn pick(&self, rng: &mut impl Rng) -> Tier {
+        let total: u32 = self.0.iter().sum::<u32>().max(1);
+        let mut roll = rng.random_range(0..total);
+        for (share, tier) in self.0.iter().zip([Tier::Bronze, Tier::Silver, Tier::Gold, Tier::Diamond]) {
+            if roll < *share {
+                return tier;
+            }
+            roll -= share;
+        }
+        Tier::Bronze
+    }
+}
+
+const FIRST: &[&str] = &["ada", "grace", "alan", "linus", "barbara", "ken", "margaret", "dennis", "edsger", "frances", "john", "radia"];
+const LAST: &[&str] = &["lovelace", "hopper", "turing", "torvalds", "liskov", "thompson", "hamilton", "ritchie", "dijkstra", "allen", "backus", "perlman"];
+
+/// A `created` event for order `{prefix}-{i}`.
+pub fn created(prefix: &str, i: u64, source: &str, mix: &TierMix, rng: &mut impl Rng) -> OrderEvent {
+    let customer = format!(
+        "{}.{}{}@example.com",
+        FIRST[rng.random_range(0..FIRST.len())],
+        LAST[rng.random_range(0..LAST.len())],
+        rng.random_range(1..1000)
+    );
+    // Most baskets are small; a few are large. Minor units throughout.
+    let total_cents = match rng.random_range(0..100) {
+        0..60 => rng.random_range(500..10_000),
+        60..95 => rng.random_range(10_000..50_000),
+        _ => rng.random_range(50_000..500_000),
+    };
+    OrderEvent {
+        event_id: format!("{prefix}-{i}-created"),
+        order_id: format!("{prefix}-{i}"),
+        kind: EventKind::Created,
+        source: source.into(),
+        occurred_at: Utc::now(),
+        payload: OrderChange {
+            customer: Some(customer),
+            tier: Some(mix.pick(rng)),
+            total_cents: Some(total_cents),
+            currency: Some("USD".into()),
+            ..Default::default()
+        },
+    }
+}

@@ -1,0 +1,17 @@
+//! Atomic Order Orchestrator: a priority order pipeline whose rules decide each row,
+//! with a versioned, idempotent store and a live change stream.
+
+pub mod api;
+pub mod bench;
+pub mod config;
+pub mod domain;
+pub mod engine;
+pub mod generator;
+pub mod log;
+pub mod pipeline;
+pub mod rules;
+pub mod schema;
+pub mod sqlite;
+pub mod store;
+pub mod stream;
+pub mod telemetry;

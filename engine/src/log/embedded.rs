@@ -1,0 +1,299 @@
+//! The embedded log on SQLite: one table per priority, a writer thread that group-commits
+//! appends and offset commits, and a single consumer reading by position.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{Notify, oneshot};
+
+use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
+use crate::domain::Priority;
+use crate::sqlite::{micros, open};
+
+fn table(p: Priority) -> &'static str {
+    match p {
+        Priority::Vip => "records_vip",
+        Priority::Normal => "records_normal",
+    }
+}
+
+fn idx(p: Priority) -> usize {
+    p as usize
+}
+
+/// Positions every party can see without touching the database.
+#[derive(Default)]
+struct Marks {
+    /// Highest offset appended durably, per priority.
+    appended: [AtomicU64; 2],
+    /// Highest offset committed durably, per priority.
+    committed: [AtomicU64; 2],
+    arrived: Notify,
+}
+
+enum Cmd {
+    Append { records: Vec<Record>, ack: oneshot::Sender<Result<(), LogError>> },
+    Commit { priority: Priority, offset: u64 },
+    /// Answered once everything queued before it is committed.
+    Flush { ack: oneshot::Sender<Result<(), LogError>> },
+}
+
+pub struct EmbeddedLog {
+    path: PathBuf,
+    cmds: mpsc::Sender<Cmd>,
+    marks: Arc<Marks>,
+    consumer_taken: Mutex<bool>,
+}
+
+fn backend(e: rusqlite::Error) -> LogError {
+    LogError::Backend(e.to_string())
+}
+
+impl EmbeddedLog {
+    pub fn open(path: &Path) -> Result<Self, LogError> {
+        let conn = open(path).map_err(backend)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS records_vip (
+                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS records_normal (
+                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS offsets (partition TEXT PRIMARY KEY, committed INTEGER NOT NULL);",
+        )
+        .map_err(backend)?;
+        let marks = Arc::new(Marks::default());
+        for p in Priority::ALL {
+            // AUTOINCREMENT keeps offsets growing even after committed records are truncated.
+            let appended: i64 = conn
+                .query_row("SELECT seq FROM sqlite_sequence WHERE name = ?1", [table(p)], |r| r.get(0))
+                .optional()
+                .map_err(backend)?
+                .unwrap_or(0);
+            let committed: i64 = conn
+                .query_row("SELECT committed FROM offsets WHERE partition = ?1", [p.label()], |r| r.get(0))
+                .optional()
+                .map_err(backend)?
+                .unwrap_or(0);
+            marks.appended[idx(p)].store(appended as u64, Ordering::SeqCst);
+            marks.committed[idx(p)].store(committed as u64, Ordering::SeqCst);
+        }
+        let (cmds, rx) = mpsc::channel();
+        let writer_marks = marks.clone();
+        std::thread::Builder::new()
+            .name("log-writer".into())
+            .spawn(move || writer_loop(conn, rx, writer_marks))
+            .map_err(|e| LogError::Backend(e.to_string()))?;
+        Ok(Self { path: path.to_path_buf(), cmds, marks, consumer_taken: Mutex::new(false) })
+    }
+}
+
+/// Most records one group commit takes, so one transaction never grows unbounded.
+const GROUP_MAX: usize = 50_000;
+/// How often committed records are deleted.
+const TRUNCATE_EVERY: Duration = Duration::from_secs(2);
+/// Most records one truncation deletes, so appends never stall long behind it.
+const TRUNCATE_MAX: u64 = 50_000;
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>) {
+    let mut last_truncate = Instant::now();
+    let mut truncated = [0u64; 2];
+    loop {
+        let first = match rx.recv_timeout(TRUNCATE_EVERY) {
+            Ok(cmd) => Some(cmd),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut batch: Vec<Cmd> = first.into_iter().collect();
+        let mut count = batch.iter().map(cmd_len).sum::<usize>();
+        while count < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(cmd) => {
+                    count += cmd_len(&cmd);
+                    batch.push(cmd);
+                }
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            group_commit(&mut conn, batch, &marks);
+        }
+        if last_truncate.elapsed() >= TRUNCATE_EVERY {
+            last_truncate = Instant::now();
+            for p in Priority::ALL {
+                let upto = marks.committed[idx(p)].load(Ordering::SeqCst).min(truncated[idx(p)] + TRUNCATE_MAX);
+                if upto > truncated[idx(p)] {
+                    let sql = format!("DELETE FROM {} WHERE pos <= ?1", table(p));
+                    match conn.execute(&sql, [upto as i64]) {
+                        Ok(_) => truncated[idx(p)] = upto,
+                        Err(e) => tracing::warn!(error = %e, "log truncation failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn cmd_len(cmd: &Cmd) -> usize {
+    match cmd {
+        Cmd::Append { records, .. } => records.len(),
+        Cmd::Commit { .. } | Cmd::Flush { .. } => 1,
+    }
+}
+
+/// Writes every queued append and commit in one transaction, then acknowledges them.
+fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks) {
+    let now = micros(chrono::Utc::now());
+    let mut last = [None::<u64>; 2];
+    let mut commits = [None::<u64>; 2];
+    let result = (|| -> rusqlite::Result<()> {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for cmd in &batch {
+            match cmd {
+                Cmd::Append { records, .. } => {
+                    for r in records {
+                        let sql = format!("INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)", table(r.priority));
+                        tx.prepare_cached(&sql)?.execute(params![r.key, r.payload, now])?;
+                        last[idx(r.priority)] = Some(tx.last_insert_rowid() as u64);
+                    }
+                }
+                Cmd::Commit { priority, offset } => {
+                    let c = &mut commits[idx(*priority)];
+                    *c = Some(c.map_or(*offset, |c| c.max(*offset)));
+                }
+                Cmd::Flush { .. } => {}
+            }
+        }
+        for p in Priority::ALL {
+            if let Some(offset) = commits[idx(p)] {
+                tx.prepare_cached(
+                    "INSERT INTO offsets (partition, committed) VALUES (?1, ?2)
+                     ON CONFLICT(partition) DO UPDATE SET committed = max(committed, excluded.committed)",
+                )?
+                .execute(params![p.label(), offset as i64])?;
+            }
+        }
+        tx.commit()
+    })();
+    if result.is_ok() {
+        for p in Priority::ALL {
+            if let Some(o) = last[idx(p)] {
+                marks.appended[idx(p)].fetch_max(o, Ordering::SeqCst);
+            }
+            if let Some(o) = commits[idx(p)] {
+                marks.committed[idx(p)].fetch_max(o, Ordering::SeqCst);
+            }
+        }
+        marks.arrived.notify_one();
+    }
+    for cmd in batch {
+        if let Cmd::Append { ack, .. } | Cmd::Flush { ack } = cmd {
+            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| LogError::Backend(e.to_string())));
+        }
+    }
+}
+
+#[async_trait]
+impl OrderLog for EmbeddedLog {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<(), LogError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let (ack, done) = oneshot::channel();
+        self.cmds.send(Cmd::Append { records, ack }).map_err(|_| LogError::Closed)?;
+        done.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn flush(&self) -> Result<(), LogError> {
+        let (ack, done) = oneshot::channel();
+        self.cmds.send(Cmd::Flush { ack }).map_err(|_| LogError::Closed)?;
+        done.await.map_err(|_| LogError::Closed)?
+    }
+
+    async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError> {
+        let mut taken = self.consumer_taken.lock().unwrap_or_else(|p| p.into_inner());
+        if *taken {
+            return Err(LogError::Backend("the embedded log has a single consumer, already taken".into()));
+        }
+        *taken = true;
+        let conn = open(&self.path).map_err(backend)?;
+        let committed = [0, 1].map(|i| self.marks.committed[i].load(Ordering::SeqCst));
+        Ok(Box::new(EmbeddedConsumer {
+            conn: Arc::new(Mutex::new(conn)),
+            cmds: self.cmds.clone(),
+            marks: self.marks.clone(),
+            position: committed,
+            committed,
+        }))
+    }
+
+    fn depth(&self, p: Priority) -> u64 {
+        let appended = self.marks.appended[idx(p)].load(Ordering::SeqCst);
+        appended.saturating_sub(self.marks.committed[idx(p)].load(Ordering::SeqCst))
+    }
+}
+
+struct EmbeddedConsumer {
+    conn: Arc<Mutex<Connection>>,
+    cmds: mpsc::Sender<Cmd>,
+    marks: Arc<Marks>,
+    /// Last offset handed out by poll.
+    position: [u64; 2],
+    /// Last offset this consumer committed.
+    committed: [u64; 2],
+}
+
+#[async_trait]
+impl LogConsumer for EmbeddedConsumer {
+    fn waiting(&self, p: Priority) -> u64 {
+        self.marks.appended[idx(p)].load(Ordering::SeqCst).saturating_sub(self.position[idx(p)])
+    }
+
+    async fn poll(&mut self, p: Priority, max: usize) -> Result<Vec<Delivery>, LogError> {
+        let conn = self.conn.clone();
+        let after = self.position[idx(p)];
+        let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Delivery>> {
+            let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let sql = format!("SELECT pos, key, payload, appended_at FROM {} WHERE pos > ?1 ORDER BY pos LIMIT ?2", table(p));
+            let mut stmt = conn.prepare_cached(&sql)?;
+            stmt.query_map(params![after as i64, max as i64], |r| {
+                Ok(Delivery {
+                    priority: p,
+                    offset: r.get::<_, i64>(0)? as u64,
+                    key: r.get(1)?,
+                    payload: r.get(2)?,
+                    appended_at_us: r.get(3)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+        .map_err(|e| LogError::Backend(e.to_string()))?
+        .map_err(backend)?;
+        if let Some(last) = rows.last() {
+            self.position[idx(p)] = last.offset;
+        }
+        Ok(rows)
+    }
+
+    async fn commit(&mut self, p: Priority, offset: u64) -> Result<(), LogError> {
+        // Not awaited: a commit lost in a crash only means redelivery, which the
+        // store's idempotent apply absorbs. It rides on the next group commit.
+        self.committed[idx(p)] = self.committed[idx(p)].max(offset);
+        self.cmds.send(Cmd::Commit { priority: p, offset }).map_err(|_| LogError::Closed)
+    }
+
+    fn rewind(&mut self, p: Priority) {
+        self.position[idx(p)] = self.committed[idx(p)];
+    }
+
+    async fn wait(&mut self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.marks.arrived.notified()).await;
+    }
+}

@@ -1,0 +1,66 @@
+//! The order log: durable appends partitioned by priority, consumed at least once
+//! with commits after the store write. Backends: embedded SQLite; Kafka later.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::domain::Priority;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("log backend: {0}")]
+    Backend(String),
+    #[error("log is shut down")]
+    Closed,
+}
+
+/// One record to append: keyed by order id so an order keeps its order.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub priority: Priority,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+/// One record handed to the consumer.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub priority: Priority,
+    /// Position within the priority's partition; commits refer to it.
+    pub offset: u64,
+    pub key: String,
+    pub payload: Vec<u8>,
+    /// When the append was acknowledged, in µs since the epoch (for latency).
+    pub appended_at_us: i64,
+}
+
+#[async_trait]
+pub trait OrderLog: Send + Sync + 'static {
+    /// A short name for health output: "embedded", "kafka".
+    fn backend(&self) -> &'static str;
+    /// Appends all records atomically; `Ok` means they are durable.
+    async fn append(&self, records: Vec<Record>) -> Result<(), LogError>;
+    /// The consumer of this engine instance.
+    async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError>;
+    /// Records appended but not yet committed, per priority.
+    fn depth(&self, priority: Priority) -> u64;
+    /// Waits until every commit made so far is durable (for a clean shutdown).
+    async fn flush(&self) -> Result<(), LogError>;
+}
+
+#[async_trait]
+pub trait LogConsumer: Send + Sync {
+    /// Records of this priority not yet handed out by `poll`: the scheduler's view.
+    fn waiting(&self, priority: Priority) -> u64;
+    /// Up to `max` records of one priority, in partition order.
+    async fn poll(&mut self, priority: Priority, max: usize) -> Result<Vec<Delivery>, LogError>;
+    /// Everything up to and including `offset` is applied to the store.
+    async fn commit(&mut self, priority: Priority, offset: u64) -> Result<(), LogError>;
+    /// Hand out again, on the next poll, whatever was polled but not committed.
+    fn rewind(&mut self, priority: Priority);
+    /// Returns when a record may have arrived, or after `timeout`.
+    async fn wait(&mut self, timeout: Duration);
+}

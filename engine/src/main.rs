@@ -1,0 +1,80 @@
+//! The `orchestrator` binary: parses the command line and runs a subcommand.
+
+use anyhow::Context;
+use clap::Parser;
+use orchestrator::api::{self, ApiConfig, AppState};
+use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs};
+use orchestrator::engine::{Engine, EngineConfig};
+use orchestrator::{bench, schema, telemetry};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_format == "json");
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json_logs { fmt.json().init() } else { fmt.init() }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Bench(args) => runtime.block_on(bench::run(args)),
+        Command::Schema(args) => write_schemas(args),
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let metrics = telemetry::install();
+    let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    let engine = Engine::open_embedded(&args.data_dir, config)
+        .with_context(|| format!("opening the embedded log and store in {}", args.data_dir.display()))?;
+    engine.start().await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (is another engine running? set --listen)", args.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?, data_dir = %args.data_dir.display(), backend = %engine.backend(),
+        "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
+    );
+    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes } };
+    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    tracing::info!("shutting down: finishing the batch in hand");
+    engine.shutdown().await;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+fn write_schemas(args: SchemaArgs) -> anyhow::Result<()> {
+    let mut stale = Vec::new();
+    for (name, text) in schema::json_schemas() {
+        let path = args.out_dir.join(name);
+        if args.check {
+            if std::fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+                stale.push(path.display().to_string());
+            }
+        } else {
+            std::fs::create_dir_all(&args.out_dir)?;
+            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    if !stale.is_empty() {
+        anyhow::bail!("out of date (run `orchestrator schema`): {}", stale.join(", "));
+    }
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! The pipeline: strict-priority scheduling over the log, the rule stage, versioned
+//! writes with bounded conflict resolution, and commits after the store write.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::watch;
+
+use crate::domain::{Order, OrderEvent, OrderFields, Priority};
+use crate::log::{Delivery, LogConsumer};
+use crate::rules::{ConflictResolver, Decision, OrderRules};
+use crate::store::{DeadLetter, OrderStore, Outcome, Write, WriteResult};
+use crate::stream::ChangeStream;
+use crate::telemetry::{self, PipelineMetrics};
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Most records taken from the log at once.
+    pub batch_max: usize,
+    /// After this many consecutive VIP batches while NORMAL waits, one NORMAL batch
+    /// runs. `None` (the default) is strict priority.
+    pub starvation_guard: Option<u32>,
+    /// How many times a write that lost a compare-and-set is re-resolved.
+    pub max_conflict_retries: u32,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self { batch_max: 1024, starvation_guard: None, max_conflict_retries: 16 }
+    }
+}
+
+/// Counters the engine reports on /health and the bench reads.
+#[derive(Default)]
+pub struct Stats {
+    pub applied: AtomicU64,
+    pub skipped: AtomicU64,
+    pub rejected: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub conflicts: AtomicU64,
+    /// Append-to-applied latency in µs.
+    pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+}
+
+impl Stats {
+    pub fn new() -> Self {
+        Self {
+            latency_us: std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Per-priority pause switches, set by operators.
+#[derive(Default)]
+pub struct Pauses([AtomicBool; 2]);
+
+impl Pauses {
+    pub fn set(&self, p: Priority, paused: bool) {
+        self.0[p as usize].store(paused, Ordering::SeqCst);
+    }
+    pub fn is_paused(&self, p: Priority) -> bool {
+        self.0[p as usize].load(Ordering::SeqCst)
+    }
+}
+
+pub struct Pipeline {
+    pub store: Arc<dyn OrderStore>,
+    pub rules: Arc<dyn OrderRules>,
+    pub resolver: Arc<dyn ConflictResolver>,
+    pub changes: ChangeStream,
+    pub stats: Arc<Stats>,
+    pub pauses: Arc<Pauses>,
+    pub config: PipelineConfig,
+    metrics: PipelineMetrics,
+}
+
+/// One event (or undecodable record) within a batch, with what was decided for it.
+struct Item<'a> {
+    delivery: &'a Delivery,
+    event: Result<OrderEvent, String>,
+}
+
+/// What a write needs if it loses a race: the row it was based on and its change.
+struct Pending {
+    base: Option<Order>,
+    fields: OrderFields,
+    event: OrderEvent,
+}
+
+impl Pipeline {
+    pub fn new(
+        store: Arc<dyn OrderStore>,
+        rules: Arc<dyn OrderRules>,
+        resolver: Arc<dyn ConflictResolver>,
+        changes: ChangeStream,
+        stats: Arc<Stats>,
+        pauses: Arc<Pauses>,
+        config: PipelineConfig,
+    ) -> Self {
+        let metrics = PipelineMetrics::new(rules.id());
+        Self { store, rules, resolver, changes, stats, pauses, config, metrics }
+    }
+
+    /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
+    pub async fn run(self, mut consumer: Box<dyn LogConsumer>, mut shutdown: watch::Receiver<bool>) {
+        let mut vip_streak = 0u32;
+        let mut backoff = Duration::from_millis(50);
+        while !*shutdown.borrow() {
+            let ready = |c: &dyn LogConsumer, p| !self.pauses.is_paused(p) && c.waiting(p) > 0;
+            let (vip, normal) = (ready(&*consumer, Priority::Vip), ready(&*consumer, Priority::Normal));
+            let guard_due = self.config.starvation_guard.is_some_and(|g| vip_streak >= g);
+            let (priority, preemptible) = match (vip, normal) {
+                (true, true) if guard_due => (Priority::Normal, false),
+                (true, _) => (Priority::Vip, false),
+                (false, true) => (Priority::Normal, true),
+                (false, false) => {
+                    tokio::select! {
+                        _ = consumer.wait(Duration::from_millis(100)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            vip_streak = if priority == Priority::Vip && normal { vip_streak + 1 } else { 0 };
+            match self.step(&mut *consumer, priority, preemptible).await {
+                Ok(()) => backoff = Duration::from_millis(50),
+                Err(e) => {
+                    // The store or log is unavailable: nothing was committed, so the
+                    // same records come again once it recovers.
+                    tracing::warn!(error = %e, ?priority, "pipeline step failed; retrying");
+                    consumer.rewind(priority);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Polls one batch of `priority`, processes it and commits what was processed.
+    async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
+        let deliveries = consumer.poll(priority, self.config.batch_max).await?;
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        // A NORMAL batch yields as soon as a VIP record is waiting (and VIP is not paused).
+        let vip_waiting = |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
+        let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
+        if done > 0 {
+            consumer.commit(priority, deliveries[done - 1].offset).await?;
+        }
+        if done < deliveries.len() {
+            consumer.rewind(priority);
+        }
+        Ok(())
+    }
+
+    /// Processes a prefix of `deliveries`, stopping early when `preempt` says so.
+    /// Returns how many were processed (and may be committed).
+    pub async fn process(&self, deliveries: &[Delivery], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
+        let items: Vec<Item<'_>> = deliveries
+            .iter()
+            .map(|d| Item {
+                delivery: d,
+                event: serde_json::from_slice::<OrderEvent>(&d.payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|e| e.validate().map(|_| e)),
+            })
+            .collect();
+        for d in deliveries {
+            self.metrics.consumed[d.priority as usize].increment(1);
+        }
+        // Rounds hold each order at most once, so every write in a round is based on
+        // the stored row and no write depends on another's outcome.
+        let mut done = 0;
+        while done < items.len() {
+            let mut orders = HashSet::new();
+            let end = done
+                + items[done..]
+                    .iter()
+                    .take_while(|it| it.event.as_ref().map_or(true, |e| orders.insert(e.order_id.as_str())))
+                    .count()
+                    .max(1);
+            let n = self.process_round(&items[done..end], preempt).await?;
+            done += n;
+            if done < end {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    async fn process_round(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
+        let events: Vec<&OrderEvent> = items.iter().filter_map(|it| it.event.as_ref().ok()).collect();
+        let seen = self.store.seen(events.iter().map(|e| e.event_id.clone()).collect()).await?;
+        let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
+
+        let mut writes = Vec::with_capacity(items.len());
+        // Per write: its priority, append time, and what a conflict needs.
+        let mut context: Vec<(Priority, i64, Option<Pending>)> = Vec::with_capacity(items.len());
+        let mut taken = 0;
+        for it in items {
+            if preempt() {
+                break;
+            }
+            taken += 1;
+            let d = it.delivery;
+            let priority = d.priority as usize;
+            let event = match &it.event {
+                Ok(e) => e,
+                Err(reason) => {
+                    telemetry::error("malformed", "decode");
+                    writes.push(Write::Record {
+                        event_id: format!("log:{}:{}", d.priority.label(), d.offset),
+                        source: "log".into(),
+                        order_id: d.key.clone(),
+                        outcome: Outcome::Rejected,
+                        reason: reason.clone(),
+                        decided_by: "decoder".into(),
+                        dead_letter: Some(self.dead_letter(d, None, "decode", "malformed", reason, None)),
+                    });
+                    context.push((d.priority, d.appended_at_us, None));
+                    continue;
+                }
+            };
+            if seen.contains(&event.event_id) {
+                self.metrics.duplicate[priority].increment(1);
+                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let base = current.get(&event.order_id);
+            let started = Instant::now();
+            let decision = self.rules.decide(event, base);
+            self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
+            let pending = match decision {
+                Decision::Upsert(fields) => {
+                    let row = build_row(event, base, fields.clone(), self.rules.id());
+                    writes.push(Write::Apply {
+                        event_id: event.event_id.clone(),
+                        source: event.source.clone(),
+                        expected: base.map(|b| b.version),
+                        row,
+                    });
+                    Some(Pending { base: base.cloned(), fields, event: event.clone() })
+                }
+                Decision::Skip(reason) => {
+                    writes.push(self.record(event, Outcome::Skipped, reason, None));
+                    None
+                }
+                Decision::Reject(reason) => {
+                    let letter = self.dead_letter(d, Some(event), "rules", "rejected", &reason, Some(self.rules.id()));
+                    writes.push(self.record(event, Outcome::Rejected, reason, Some(letter)));
+                    None
+                }
+            };
+            context.push((d.priority, d.appended_at_us, pending));
+        }
+
+        let results = self.store.write(writes).await?;
+        for ((write, result), (priority, appended_at_us, pending)) in results.into_iter().zip(context) {
+            match (result, write) {
+                (WriteResult::Duplicate, _) => {
+                    self.metrics.duplicate[priority as usize].increment(1);
+                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                }
+                (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
+                (WriteResult::Done, Write::Record { outcome, .. }) => self.counted(outcome, priority),
+                (WriteResult::Conflict(now), _) => {
+                    let pending = pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
+                    self.resolve(pending, now, priority, appended_at_us).await?;
+                }
+            }
+        }
+        Ok(taken)
+    }
+
+    /// A write lost its compare-and-set: merge with the stored row and retry, a bounded number of times.
+    async fn resolve(&self, mut p: Pending, mut now: Option<Order>, priority: Priority, appended_at_us: i64) -> anyhow::Result<()> {
+        for _ in 0..self.config.max_conflict_retries {
+            self.metrics.conflicts.increment(1);
+            self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            let (write, merged) = match &now {
+                // The row vanished under us: write the change as a fresh insert.
+                None => (None, p.fields.clone()),
+                Some(current) => {
+                    let started = Instant::now();
+                    let merged = self.resolver.resolve(p.base.as_ref(), current, &p.fields);
+                    self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
+                    match merged {
+                        Err(reason) => {
+                            let letter = self.dead_letter_for_event(&p.event, "resolver", "conflict_rejected", &reason, Some(self.resolver.id()));
+                            let w = self.record(&p.event, Outcome::Rejected, reason, Some(letter));
+                            self.store.write(vec![w]).await?;
+                            self.counted(Outcome::Rejected, priority);
+                            return Ok(());
+                        }
+                        Ok(merged) if merged == current.fields() => {
+                            let w = self.record(&p.event, Outcome::Skipped, "no change after merge".into(), None);
+                            self.store.write(vec![w]).await?;
+                            self.counted(Outcome::Skipped, priority);
+                            return Ok(());
+                        }
+                        Ok(merged) => (Some(current.version), merged),
+                    }
+                }
+            };
+            let row = build_row(&p.event, now.as_ref(), merged.clone(), self.resolver.id());
+            let w = Write::Apply { event_id: p.event.event_id.clone(), source: p.event.source.clone(), expected: write, row: row.clone() };
+            match self.store.write(vec![w]).await?.pop().map(|(_, r)| r) {
+                Some(WriteResult::Done) => {
+                    self.applied(row, priority, appended_at_us);
+                    return Ok(());
+                }
+                Some(WriteResult::Duplicate) => return Ok(()),
+                Some(WriteResult::Conflict(again)) => {
+                    p.base = now;
+                    p.fields = merged;
+                    now = again;
+                }
+                None => anyhow::bail!("store returned no result for a write"),
+            }
+        }
+        telemetry::error("conflict_retries_exhausted", "store");
+        let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
+        let letter = self.dead_letter_for_event(&p.event, "store", "conflict_retries_exhausted", &reason, None);
+        self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, Some(letter))]).await?;
+        self.counted(Outcome::Rejected, priority);
+        Ok(())
+    }
+
+    fn counted(&self, outcome: Outcome, priority: Priority) {
+        let (counter, stat) = match outcome {
+            Outcome::Skipped => (&self.metrics.skipped, &self.stats.skipped),
+            Outcome::Rejected => (&self.metrics.rejected, &self.stats.rejected),
+            Outcome::Applied => (&self.metrics.applied, &self.stats.applied),
+        };
+        counter[priority as usize].increment(1);
+        stat.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn applied(&self, row: Order, priority: Priority, appended_at_us: i64) {
+        self.metrics.applied[priority as usize].increment(1);
+        self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        if appended_at_us > 0 {
+            let us = (Utc::now().timestamp_micros() - appended_at_us).max(1) as u64;
+            self.metrics.latency[priority as usize].record(us as f64 / 1e6);
+            if let Some(h) = self.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                let _ = h.record(us);
+            }
+        }
+        self.changes.publish(row);
+    }
+
+    fn record(&self, event: &OrderEvent, outcome: Outcome, reason: String, dead_letter: Option<DeadLetter>) -> Write {
+        let decided_by = dead_letter.as_ref().and_then(|d| d.decided_by.clone()).unwrap_or_else(|| self.rules.id().to_string());
+        Write::Record {
+            event_id: event.event_id.clone(),
+            source: event.source.clone(),
+            order_id: event.order_id.clone(),
+            outcome,
+            reason,
+            decided_by,
+            dead_letter,
+        }
+    }
+
+    fn dead_letter(&self, d: &Delivery, event: Option<&OrderEvent>, stage: &str, error_type: &str, reason: &str, decided_by: Option<&str>) -> DeadLetter {
+        DeadLetter {
+            id: event.map_or_else(|| format!("log:{}:{}", d.priority.label(), d.offset), |e| e.event_id.clone()),
+            order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(d.key.clone())),
+            stage: stage.into(),
+            error_type: error_type.into(),
+            reason: reason.into(),
+            decided_by: decided_by.map(str::to_string),
+            payload: String::from_utf8_lossy(&d.payload).into_owned(),
+            recorded_at: Utc::now(),
+        }
+    }
+
+    fn dead_letter_for_event(&self, e: &OrderEvent, stage: &str, error_type: &str, reason: &str, decided_by: Option<&str>) -> DeadLetter {
+        DeadLetter {
+            id: e.event_id.clone(),
+            order_id: Some(e.order_id.clone()),
+            stage: stage.into(),
+            error_type: error_type.into(),
+            reason: reason.into(),
+            decided_by: decided_by.map(str::to_string),
+            payload: serde_json::to_string(e).unwrap_or_default(),
+            recorded_at: Utc::now(),
+        }
+    }
+}
+
+/// The next version of a row from decided fields.
+pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, decided_by: &str) -> Order {
+    Order {
+        id: event.order_id.clone(),
+        shopify_order_id: fields.shopify_order_id,
+        customer: fields.customer,
+        priority: fields.tier.priority(),
+        tier: fields.tier,
+        status: fields.status,
+        total_cents: fields.total_cents,
+        shipping_fee_cents: fields.shipping_fee_cents,
+        currency: fields.currency,
+        note: fields.note,
+        version: base.map_or(1, |b| b.version + 1),
+        created_at: base.map_or(event.occurred_at, |b| b.created_at),
+        updated_at: Utc::now(),
+        decided_by: decided_by.to_string(),
+    }
+}

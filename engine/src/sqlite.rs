@@ -1,0 +1,65 @@
+//! SQLite plumbing shared by the embedded log and store: connection setup and a
+//! small pool of read connections.
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use rusqlite::Connection;
+
+/// Opens a connection in WAL mode with full fsync on commit, so that a commit
+/// that returned is durable: the log acknowledges appends only after it, and the
+/// store must never be less durable than the log offsets committed after it.
+pub fn open(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    conn.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = FULL;
+         PRAGMA foreign_keys = OFF;
+         PRAGMA temp_store = MEMORY;
+         PRAGMA cache_size = -65536;",
+    )?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// Read connections handed out round-robin. WAL lets them read while a writer commits.
+pub struct ReadPool {
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
+}
+
+impl ReadPool {
+    pub fn open(path: &Path, size: usize) -> rusqlite::Result<Self> {
+        let conns = (0..size.max(1))
+            .map(|_| {
+                let c = open(path)?;
+                c.execute_batch("PRAGMA query_only = ON;")?;
+                Ok(Mutex::new(c))
+            })
+            .collect::<rusqlite::Result<_>>()?;
+        Ok(Self { conns, next: AtomicUsize::new(0) })
+    }
+
+    /// Runs `f` on a free connection, or waits for the next one in turn.
+    pub fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
+        for c in &self.conns {
+            if let Ok(conn) = c.try_lock() {
+                return f(&conn);
+            }
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+        let conn = self.conns[i].lock().unwrap_or_else(|p| p.into_inner());
+        f(&conn)
+    }
+}
+
+/// Microseconds since the Unix epoch, the unit every timestamp column uses.
+pub fn micros(t: chrono::DateTime<chrono::Utc>) -> i64 {
+    t.timestamp_micros()
+}
+
+pub fn from_micros(us: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_micros(us).unwrap_or_default()
+}

@@ -1,0 +1,443 @@
+//! The embedded store on SQLite: one writer connection, a pool of readers, and
+//! each `write` batch committed in one transaction.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::Utc;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, Sort, StoreError, StoreStats,
+    Write, WriteResult,
+};
+use crate::domain::{Order, Priority, Status, Tier};
+use crate::sqlite::{ReadPool, from_micros, micros, open};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS orders (
+    id TEXT PRIMARY KEY,
+    shopify_order_id INTEGER,
+    customer TEXT NOT NULL,
+    tier TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    status TEXT NOT NULL,
+    total_cents INTEGER NOT NULL,
+    shipping_fee_cents INTEGER NOT NULL,
+    currency TEXT NOT NULL,
+    note TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    decided_by TEXT NOT NULL
+) WITHOUT ROWID;
+-- Each list filter has an index ending in the sort key, so cursor paging is a range scan.
+CREATE INDEX IF NOT EXISTS orders_updated ON orders(updated_at, id);
+CREATE INDEX IF NOT EXISTS orders_status ON orders(status, updated_at, id);
+CREATE INDEX IF NOT EXISTS orders_priority ON orders(priority, updated_at, id);
+CREATE INDEX IF NOT EXISTS orders_customer ON orders(customer);
+
+-- The history doubles as the idempotency ledger: one row per event id, whatever its outcome.
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    order_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    source TEXT NOT NULL,
+    decided_by TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS history_order ON history(order_id, seq);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    order_id TEXT,
+    stage TEXT NOT NULL,
+    error_type TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    decided_by TEXT,
+    payload TEXT NOT NULL,
+    recorded_at INTEGER NOT NULL
+);
+";
+
+const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
+    shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by";
+
+pub struct EmbeddedStore {
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<ReadPool>,
+}
+
+impl EmbeddedStore {
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let writer = open(path).map_err(backend)?;
+        writer.execute_batch(SCHEMA).map_err(backend)?;
+        let readers = ReadPool::open(path, 4).map_err(backend)?;
+        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers) })
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        tokio::task::spawn_blocking(move || readers.with(f))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+}
+
+fn backend(e: rusqlite::Error) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
+    let text = |i: usize| -> rusqlite::Result<String> { r.get(i) };
+    let bad = |i: usize, what: &str, v: String| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, format!("bad {what} {v:?}").into())
+    };
+    let tier = text(3)?;
+    let priority = text(4)?;
+    let status = text(5)?;
+    Ok(Order {
+        id: text(0)?,
+        shopify_order_id: r.get(1)?,
+        customer: text(2)?,
+        tier: Tier::parse(&tier).ok_or_else(|| bad(3, "tier", tier.clone()))?,
+        priority: Priority::parse(&priority).ok_or_else(|| bad(4, "priority", priority.clone()))?,
+        status: Status::parse(&status).ok_or_else(|| bad(5, "status", status.clone()))?,
+        total_cents: r.get(6)?,
+        shipping_fee_cents: r.get(7)?,
+        currency: text(8)?,
+        note: text(9)?,
+        version: r.get::<_, i64>(10)? as u64,
+        created_at: from_micros(r.get(11)?),
+        updated_at: from_micros(r.get(12)?),
+        decided_by: text(13)?,
+    })
+}
+
+fn get_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
+    conn.prepare_cached(&format!("SELECT {ORDER_COLUMNS} FROM orders WHERE id = ?1"))?
+        .query_row([id], order_from_row)
+        .optional()
+}
+
+fn is_recorded(conn: &Connection, event_id: &str) -> rusqlite::Result<bool> {
+    Ok(conn
+        .prepare_cached("SELECT 1 FROM history WHERE event_id = ?1")?
+        .query_row([event_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+fn insert_history(
+    conn: &Connection,
+    event_id: &str,
+    order_id: &str,
+    version: u64,
+    outcome: Outcome,
+    reason: Option<&str>,
+    source: &str,
+    decided_by: &str,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO history (event_id, order_id, version, outcome, reason, source, decided_by, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![event_id, order_id, version as i64, outcome.as_str(), reason, source, decided_by, micros(Utc::now())])?;
+    Ok(())
+}
+
+/// Inserts the row if absent (`expected: None`) or updates it if its version matches.
+/// Returns whether it was written.
+fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite::Result<bool> {
+    let values = params![
+        row.id,
+        row.shopify_order_id,
+        row.customer,
+        row.tier.as_str(),
+        row.priority.as_str(),
+        row.status.as_str(),
+        row.total_cents,
+        row.shipping_fee_cents,
+        row.currency,
+        row.note,
+        row.version as i64,
+        micros(row.created_at),
+        micros(row.updated_at),
+        row.decided_by,
+    ];
+    let changed = match expected {
+        None => conn
+            .prepare_cached(&format!(
+                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)
+                 ON CONFLICT(id) DO NOTHING"
+            ))?
+            .execute(values)?,
+        Some(expected) => {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE orders SET shopify_order_id=?2, customer=?3, tier=?4, priority=?5, status=?6,
+                 total_cents=?7, shipping_fee_cents=?8, currency=?9, note=?10, version=?11,
+                 created_at=?12, updated_at=?13, decided_by=?14
+                 WHERE id=?1 AND version=?15",
+            )?;
+            let mut all: Vec<&dyn rusqlite::ToSql> = values.to_vec();
+            let expected = expected as i64;
+            all.push(&expected);
+            stmt.execute(all.as_slice())?
+        }
+    };
+    Ok(changed == 1)
+}
+
+fn apply_one(conn: &Connection, w: &Write) -> rusqlite::Result<WriteResult> {
+    if is_recorded(conn, w.event_id())? {
+        return Ok(WriteResult::Duplicate);
+    }
+    match w {
+        Write::Apply { event_id, source, expected, row } => {
+            if !put_order(conn, row, *expected)? {
+                return Ok(WriteResult::Conflict(get_order(conn, &row.id)?));
+            }
+            insert_history(conn, event_id, &row.id, row.version, Outcome::Applied, None, source, &row.decided_by)?;
+        }
+        Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+            let version: i64 = conn
+                .prepare_cached("SELECT version FROM orders WHERE id = ?1")?
+                .query_row([order_id], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0);
+            insert_history(conn, event_id, order_id, version as u64, *outcome, Some(reason), source, decided_by)?;
+            if let Some(letter) = dead_letter {
+                insert_dead_letter(conn, letter)?;
+            }
+        }
+    }
+    Ok(WriteResult::Done)
+}
+
+fn insert_dead_letter(conn: &Connection, d: &DeadLetter) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO dead_letters (id, order_id, stage, error_type, reason, decided_by, payload, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
+    )?
+    .execute(params![d.id, d.order_id, d.stage, d.error_type, d.reason, d.decided_by, d.payload, micros(d.recorded_at)])?;
+    Ok(())
+}
+
+/// Cursor: the last item's sort key and id, so the next page starts strictly after it.
+fn encode_cursor(order: &Order, sort: Sort) -> String {
+    let raw = match sort {
+        Sort::UpdatedDesc | Sort::UpdatedAsc => format!("{}:{}", micros(order.updated_at), order.id),
+        Sort::IdAsc | Sort::IdDesc => format!(":{}", order.id),
+    };
+    URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(Option<i64>, String), StoreError> {
+    let bad = || StoreError::Cursor("not a cursor this server issued".into());
+    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?).map_err(|_| bad())?;
+    let (key, id) = raw.split_once(':').ok_or_else(bad)?;
+    let key = if key.is_empty() { None } else { Some(key.parse().map_err(|_| bad())?) };
+    Ok((key, id.to_string()))
+}
+
+fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreError> {
+    let mut clauses: Vec<String> = Vec::new();
+    let mut args: Vec<Value> = Vec::new();
+    if let Some(s) = q.status {
+        clauses.push("status = ?".into());
+        args.push(Value::Text(s.as_str().into()));
+    }
+    if let Some(p) = q.priority {
+        clauses.push("priority = ?".into());
+        args.push(Value::Text(p.as_str().into()));
+    }
+    if let Some(prefix) = q.q.as_deref().filter(|s| !s.is_empty()) {
+        // A prefix as a range, so both the primary key and the customer index serve it.
+        let end = format!("{prefix}\u{10FFFF}");
+        clauses.push("((id >= ? AND id < ?) OR (customer >= ? AND customer < ?))".into());
+        for v in [prefix, end.as_str(), prefix, end.as_str()] {
+            args.push(Value::Text(v.into()));
+        }
+    }
+    let (order_by, after) = match q.sort {
+        Sort::UpdatedDesc => ("updated_at DESC, id DESC", "(updated_at, id) < (?, ?)"),
+        Sort::UpdatedAsc => ("updated_at ASC, id ASC", "(updated_at, id) > (?, ?)"),
+        Sort::IdAsc => ("id ASC", "id > ?"),
+        Sort::IdDesc => ("id DESC", "id < ?"),
+    };
+    if let Some(cursor) = &q.cursor {
+        let (key, id) = decode_cursor(cursor)?;
+        match (q.sort, key) {
+            (Sort::UpdatedDesc | Sort::UpdatedAsc, Some(key)) => {
+                args.push(Value::Integer(key));
+                args.push(Value::Text(id));
+            }
+            (Sort::IdAsc | Sort::IdDesc, None) => args.push(Value::Text(id)),
+            _ => return Err(StoreError::Cursor("the cursor belongs to another sort order".into())),
+        }
+        clauses.push(after.into());
+    }
+    let filter = if clauses.is_empty() { String::new() } else { format!("WHERE {}", clauses.join(" AND ")) };
+    let limit = q.limit.clamp(1, 1000);
+    args.push(Value::Integer(limit as i64 + 1));
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders {filter} ORDER BY {order_by} LIMIT ?");
+    let mut stmt = conn.prepare_cached(&sql).map_err(backend)?;
+    let mut items = stmt
+        .query_map(rusqlite::params_from_iter(args), order_from_row)
+        .map_err(backend)?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let next_cursor = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(|o| encode_cursor(o, q.sort))
+    } else {
+        None
+    };
+    Ok(Page { items, next_cursor })
+}
+
+fn history_from_row(r: &Row<'_>) -> rusqlite::Result<HistoryEntry> {
+    let outcome: String = r.get(3)?;
+    Ok(HistoryEntry {
+        order_id: r.get(0)?,
+        version: r.get::<_, i64>(1)? as u64,
+        event_id: r.get(2)?,
+        outcome: Outcome::parse(&outcome).unwrap_or(Outcome::Rejected),
+        reason: r.get(4)?,
+        source: r.get(5)?,
+        decided_by: r.get(6)?,
+        recorded_at: from_micros(r.get(7)?),
+    })
+}
+
+fn dead_letter_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, DeadLetter)> {
+    Ok((
+        r.get(0)?,
+        DeadLetter {
+            id: r.get(1)?,
+            order_id: r.get(2)?,
+            stage: r.get(3)?,
+            error_type: r.get(4)?,
+            reason: r.get(5)?,
+            decided_by: r.get(6)?,
+            payload: r.get(7)?,
+            recorded_at: from_micros(r.get(8)?),
+        },
+    ))
+}
+
+#[async_trait]
+impl OrderStore for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        "embedded"
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| get_order(c, &id).map_err(backend)).await
+    }
+
+    async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
+        self.read(move |c| {
+            let mut out = HashMap::with_capacity(ids.len());
+            for id in ids {
+                if let Some(o) = get_order(c, &id).map_err(backend)? {
+                    out.insert(id, o);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn seen(&self, event_ids: Vec<String>) -> Result<HashSet<String>, StoreError> {
+        self.read(move |c| {
+            let mut out = HashSet::new();
+            for id in event_ids {
+                if is_recorded(c, &id).map_err(backend)? {
+                    out.insert(id);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let results = writes.iter().map(|w| apply_one(&tx, w)).collect::<rusqlite::Result<Vec<_>>>().map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(writes.into_iter().zip(results).collect())
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        let id = order_id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(
+                "SELECT order_id, version, event_id, outcome, reason, source, decided_by, recorded_at
+                 FROM history WHERE order_id = ?1 ORDER BY seq",
+            )
+            .and_then(|mut s| s.query_map([id], history_from_row)?.collect())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError> {
+        self.read(move |c| list_orders(c, &query)).await
+    }
+
+    async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
+        let after: i64 = match cursor {
+            None => 0,
+            Some(c) => decode_cursor(&c)?.0.ok_or_else(|| StoreError::Cursor("bad dead-letter cursor".into()))?,
+        };
+        let limit = limit.clamp(1, 1000);
+        self.read(move |c| {
+            let rows: Vec<(i64, DeadLetter)> = c
+                .prepare_cached(
+                    "SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at
+                     FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                )
+                .and_then(|mut s| s.query_map(params![after, limit as i64 + 1], dead_letter_from_row)?.collect())
+                .map_err(backend)?;
+            let more = rows.len() > limit;
+            let items: Vec<(i64, DeadLetter)> = rows.into_iter().take(limit).collect();
+            let next_cursor = more.then(|| URL_SAFE_NO_PAD.encode(format!("{}:", items.last().map_or(0, |r| r.0))));
+            Ok(Page { items: items.into_iter().map(|r| r.1).collect(), next_cursor })
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read(|c| {
+            let count = |table: &str| -> rusqlite::Result<u64> {
+                c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
+            };
+            Ok(StoreStats {
+                orders: count("orders").map_err(backend)?,
+                history: count("history").map_err(backend)?,
+                dead_letters: count("dead_letters").map_err(backend)?,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,180 @@
+//! The versioned order store: insert-if-absent, compare-and-set on `version`,
+//! idempotent apply keyed by `event_id`, and every outcome kept in a history.
+
+pub mod embedded;
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::{Order, Priority, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store backend: {0}")]
+    Backend(String),
+    #[error("corrupt row in store: {0}")]
+    Corrupt(String),
+    #[error("bad cursor: {0}")]
+    Cursor(String),
+}
+
+/// What became of one event (or edit), as recorded in the history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The row moved to a new version.
+    Applied,
+    /// The rules left the row alone (the reason says why).
+    Skipped,
+    /// The event went to the dead-letter log.
+    Rejected,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Applied => "applied",
+            Outcome::Skipped => "skipped",
+            Outcome::Rejected => "rejected",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "applied" => Outcome::Applied,
+            "skipped" => Outcome::Skipped,
+            "rejected" => Outcome::Rejected,
+            _ => return None,
+        })
+    }
+}
+
+/// One write to the store, keyed by its `event_id` for idempotency.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Put `row` (already at its new version). With `expected: None` the row is
+    /// inserted only if absent; otherwise only if the stored version equals it.
+    Apply { event_id: String, source: String, expected: Option<u64>, row: Order },
+    /// Record that the event was skipped or rejected, without touching the row.
+    /// A rejection also lands in the dead-letter log.
+    Record { event_id: String, source: String, order_id: String, outcome: Outcome, reason: String, decided_by: String, dead_letter: Option<DeadLetter> },
+}
+
+impl Write {
+    pub fn event_id(&self) -> &str {
+        match self {
+            Write::Apply { event_id, .. } | Write::Record { event_id, .. } => event_id,
+        }
+    }
+}
+
+/// The result of one [`Write`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResult {
+    /// Written (or recorded) now.
+    Done,
+    /// This event id was already recorded; nothing changed.
+    Duplicate,
+    /// The compare-and-set lost: this is the row now stored (`None` if absent).
+    Conflict(Option<Order>),
+}
+
+/// One history entry: an applied change, or a skipped or rejected event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct HistoryEntry {
+    pub order_id: String,
+    /// The order's version after this entry (unchanged for skipped and rejected).
+    pub version: u64,
+    pub event_id: String,
+    pub source: String,
+    pub outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub decided_by: String,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// An event that could not be processed, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct DeadLetter {
+    /// Unique per failed record: the event id, or the log position of an undecodable record.
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// The stage that failed: decode, rules, store.
+    pub stage: String,
+    /// A short machine-readable kind: malformed, rejected, conflict_retries_exhausted, ...
+    pub error_type: String,
+    pub reason: String,
+    /// Which rule refused it, when a rule did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<String>,
+    /// The raw record, as it was on the log.
+    pub payload: String,
+    pub recorded_at: DateTime<Utc>,
+}
+
+/// Sort orders for listing. Each is paged by an opaque cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema, ToSchema)]
+pub enum Sort {
+    /// Most recently updated first (the default).
+    #[default]
+    #[serde(rename = "-updated_at")]
+    UpdatedDesc,
+    #[serde(rename = "updated_at")]
+    UpdatedAsc,
+    #[serde(rename = "id")]
+    IdAsc,
+    #[serde(rename = "-id")]
+    IdDesc,
+}
+
+/// A page request for orders.
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub limit: usize,
+    pub cursor: Option<String>,
+    pub status: Option<Status>,
+    pub priority: Option<Priority>,
+    /// Prefix of the order id or the customer.
+    pub q: Option<String>,
+    pub sort: Sort,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+/// Row counts, for health and tests.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct StoreStats {
+    pub orders: u64,
+    pub history: u64,
+    pub dead_letters: u64,
+}
+
+/// A versioned order store. Backends: embedded SQLite; ScyllaDB (LWT) later.
+#[async_trait]
+pub trait OrderStore: Send + Sync + 'static {
+    /// A short name for health output: "embedded", "scylla".
+    fn backend(&self) -> &'static str;
+    async fn get(&self, id: &str) -> Result<Option<Order>, StoreError>;
+    async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError>;
+    /// The event ids among these already recorded in the history.
+    async fn seen(&self, event_ids: Vec<String>) -> Result<HashSet<String>, StoreError>;
+    /// Performs the writes in order. Each is atomic and idempotent on its event id;
+    /// the batch as a whole need not be. Hands each write back with its result.
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError>;
+    /// Every history entry of the order, oldest first.
+    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError>;
+    async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
+    async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError>;
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}

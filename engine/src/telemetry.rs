@@ -1,0 +1,94 @@
+//! Metrics: the Prometheus recorder, metric names and descriptions, and the
+//! pre-resolved handles the hot path uses.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::domain::Priority;
+
+pub const RECEIVED: &str = "orchestrator_received_events_total";
+pub const CONSUMED: &str = "orchestrator_consumed_events_total";
+pub const PROCESSED: &str = "orchestrator_processed_events_total";
+pub const APPLIED: &str = "orchestrator_applied_events_total";
+pub const CAS_CONFLICTS: &str = "orchestrator_cas_conflicts_total";
+pub const ERRORS: &str = "orchestrator_errors_total";
+pub const RULE_DURATION: &str = "orchestrator_rule_duration_seconds";
+pub const APPLY_LATENCY: &str = "orchestrator_apply_latency_seconds";
+pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
+pub const WS_CLIENTS: &str = "orchestrator_ws_clients";
+pub const WS_RESYNCS: &str = "orchestrator_ws_resyncs_total";
+pub const HTTP_REQUESTS: &str = "orchestrator_http_requests_total";
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0],
+                )
+                .expect("bucket list is not empty")
+                .install_recorder()
+                .expect("no other metrics recorder is installed");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(RECEIVED, "Events accepted into the log, by priority and source interface.");
+    describe_counter!(CONSUMED, "Events read from the log by the pipeline, by priority.");
+    describe_counter!(PROCESSED, "Events processed, by priority and outcome (applied, skipped, rejected, duplicate).");
+    describe_counter!(APPLIED, "Changes applied to the store, by priority (operator edits count as their order's priority).");
+    describe_counter!(CAS_CONFLICTS, "Compare-and-set writes that lost a race and were re-resolved.");
+    describe_counter!(ERRORS, "Errors by error_type and stage.");
+    describe_histogram!(RULE_DURATION, metrics::Unit::Seconds, "Time one rule call took, by rule.");
+    describe_histogram!(APPLY_LATENCY, metrics::Unit::Seconds, "Time from log append to applied in the store, by priority.");
+    describe_gauge!(QUEUE_DEPTH, "Events in the log not yet committed, by priority.");
+    describe_gauge!(WS_CLIENTS, "Connected WebSocket clients.");
+    describe_counter!(WS_RESYNCS, "Resync messages sent to WebSocket clients that fell behind.");
+    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class.");
+}
+
+/// Counts an error; `error_type` and `stage` are short fixed words.
+pub fn error(error_type: &'static str, stage: &'static str) {
+    counter!(ERRORS, "error_type" => error_type, "stage" => stage).increment(1);
+}
+
+pub fn queue_depth(p: Priority) -> Gauge {
+    gauge!(QUEUE_DEPTH, "priority" => p.label())
+}
+
+/// Handles resolved once per pipeline, so the hot path does no label hashing.
+pub struct PipelineMetrics {
+    pub consumed: [Counter; 2],
+    pub applied: [Counter; 2],
+    pub skipped: [Counter; 2],
+    pub rejected: [Counter; 2],
+    pub duplicate: [Counter; 2],
+    pub conflicts: Counter,
+    pub rule_duration: Histogram,
+    pub latency: [Histogram; 2],
+}
+
+impl PipelineMetrics {
+    pub fn new(rule: &str) -> Self {
+        let per = |name: &'static str| Priority::ALL.map(|p| counter!(name, "priority" => p.label()));
+        let outcome = |o: &'static str| Priority::ALL.map(|p| counter!(PROCESSED, "priority" => p.label(), "outcome" => o));
+        Self {
+            consumed: per(CONSUMED),
+            applied: per(APPLIED),
+            skipped: outcome("skipped"),
+            rejected: outcome("rejected"),
+            duplicate: outcome("duplicate"),
+            conflicts: counter!(CAS_CONFLICTS),
+            rule_duration: histogram!(RULE_DURATION, "rule" => rule.to_string()),
+            latency: Priority::ALL.map(|p| histogram!(APPLY_LATENCY, "priority" => p.label())),
+        }
+    }
+}
