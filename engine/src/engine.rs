@@ -1,6 +1,7 @@
 //! The engine: wires a log, a store, the rules and the change stream together, and
 //! offers the operations the API and the CLI call (ingest, edit, start, shutdown).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -139,12 +140,18 @@ impl Engine {
         // Events that name no tier go where their order lives, so an order keeps its partition.
         let unknown: Vec<String> = events.iter().filter(|e| e.priority_hint().is_none()).map(|e| e.order_id.clone()).collect();
         let known = if unknown.is_empty() { Default::default() } else { self.store.get_many(unknown).await? };
+        // An earlier event of the same request (its create, say) counts too.
+        let mut in_request: HashMap<&str, Priority> = HashMap::new();
         let records: Vec<Record> = events
             .iter()
-            .map(|e| Record {
-                priority: e.priority_hint().or_else(|| known.get(&e.order_id).map(|o| o.priority)).unwrap_or(Priority::Normal),
-                key: e.order_id.clone(),
-                payload: serde_json::to_vec(e).expect("an event always serializes"),
+            .map(|e| {
+                let priority = e
+                    .priority_hint()
+                    .or_else(|| in_request.get(e.order_id.as_str()).copied())
+                    .or_else(|| known.get(&e.order_id).map(|o| o.priority))
+                    .unwrap_or(Priority::Normal);
+                in_request.insert(&e.order_id, priority);
+                Record { priority, key: e.order_id.clone(), payload: serde_json::to_vec(e).expect("an event always serializes") }
             })
             .collect();
         let counts = Priority::ALL.map(|p| records.iter().filter(|r| r.priority == p).count() as u64);

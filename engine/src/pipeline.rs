@@ -195,7 +195,6 @@ impl Pipeline {
 
     async fn process_round(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
         let events: Vec<&OrderEvent> = items.iter().filter_map(|it| it.event.as_ref().ok()).collect();
-        let seen = self.store.seen(events.iter().map(|e| e.event_id.clone()).collect()).await?;
         let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
 
         let mut writes = Vec::with_capacity(items.len());
@@ -208,7 +207,6 @@ impl Pipeline {
             }
             taken += 1;
             let d = it.delivery;
-            let priority = d.priority as usize;
             let event = match &it.event {
                 Ok(e) => e,
                 Err(reason) => {
@@ -226,11 +224,6 @@ impl Pipeline {
                     continue;
                 }
             };
-            if seen.contains(&event.event_id) {
-                self.metrics.duplicate[priority].increment(1);
-                self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let base = current.get(&event.order_id);
             let started = Instant::now();
             let decision = self.rules.decide(event, base);
@@ -342,8 +335,7 @@ impl Pipeline {
     }
 
     fn applied(&self, row: Order, priority: Priority, appended_at_us: i64) {
-        self.metrics.applied[priority as usize].increment(1);
-        self.stats.applied.fetch_add(1, Ordering::Relaxed);
+        self.counted(Outcome::Applied, priority);
         if appended_at_us > 0 {
             let us = (Utc::now().timestamp_micros() - appended_at_us).max(1) as u64;
             self.metrics.latency[priority as usize].record(us as f64 / 1e6);
@@ -411,5 +403,131 @@ pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, 
         created_at: base.map_or(event.occurred_at, |b| b.created_at),
         updated_at: Utc::now(),
         decided_by: decided_by.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::domain::{EventKind, OrderChange, Status, Tier};
+    use crate::rules::{NativeResolver, NativeRules};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{ListQuery, Page, StoreError, StoreStats};
+
+    /// Lets an operator edit land between the pipeline's read and its write, once.
+    struct Racing {
+        inner: EmbeddedStore,
+        raced: std::sync::Mutex<bool>,
+    }
+
+    #[async_trait]
+    impl OrderStore for Racing {
+        fn backend(&self) -> &'static str {
+            "racing"
+        }
+        async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
+            self.inner.get(id).await
+        }
+        async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
+            self.inner.get_many(ids).await
+        }
+        async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+            let race = writes.iter().any(|w| matches!(w, Write::Apply { expected: Some(_), .. }));
+            if race && !std::mem::replace(&mut *self.raced.lock().unwrap(), true) {
+                let Write::Apply { row, expected: Some(v), .. } = &writes[0] else { unreachable!() };
+                let mut edit = self.inner.get(&row.id).await?.unwrap();
+                assert_eq!(edit.version, *v);
+                edit.version += 1;
+                edit.note = "operator note".into();
+                edit.decided_by = "operator".into();
+                let w = Write::Apply { event_id: "edit-1".into(), source: "operator".into(), expected: Some(*v), row: edit };
+                assert_eq!(self.inner.write(vec![w]).await?[0].1, WriteResult::Done);
+            }
+            self.inner.write(writes).await
+        }
+        async fn history(&self, id: &str) -> Result<Vec<crate::store::HistoryEntry>, StoreError> {
+            self.inner.history(id).await
+        }
+        async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
+            self.inner.list(q).await
+        }
+        async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
+            self.inner.dead_letters(limit, cursor).await
+        }
+        async fn stats(&self) -> Result<StoreStats, StoreError> {
+            self.inner.stats().await
+        }
+    }
+
+    fn delivery(offset: u64, e: &OrderEvent) -> Delivery {
+        Delivery { priority: Priority::Normal, offset, key: e.order_id.clone(), payload: serde_json::to_vec(e).unwrap(), appended_at_us: 0 }
+    }
+
+    fn event(id: &str, kind: EventKind, payload: OrderChange) -> OrderEvent {
+        OrderEvent { event_id: id.into(), order_id: "o1".into(), kind, source: "test".into(), occurred_at: Utc::now(), payload }
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_is_merged_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Racing { inner: EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap(), raced: Default::default() });
+        let stats = Arc::new(Stats::new());
+        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), stats.clone(), Default::default(), PipelineConfig::default());
+        let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
+        let paid = event("u", EventKind::Updated, OrderChange { financial_status: Some(crate::domain::FinancialStatus::Paid), ..Default::default() });
+        // Two events of one order: processed in two rounds, the second racing the edit.
+        let deliveries = [delivery(1, &create), delivery(2, &paid)];
+        assert_eq!(p.process(&deliveries, &|| false).await.unwrap(), 2);
+
+        let row = store.get("o1").await.unwrap().unwrap();
+        assert_eq!(row.version, 3);
+        assert_eq!((row.status, row.note.as_str()), (Status::Confirmed, "operator note"), "both changes kept");
+        assert_eq!(row.decided_by, NativeResolver::ID);
+        assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
+        let versions: Vec<_> = store.history("o1").await.unwrap().iter().map(|h| (h.event_id.clone(), h.version)).collect();
+        assert_eq!(versions, [("c".to_string(), 1), ("edit-1".to_string(), 2), ("u".to_string(), 3)]);
+
+        // Redelivery of both (a crash before the commit) changes nothing.
+        assert_eq!(p.process(&deliveries, &|| false).await.unwrap(), 2);
+        assert_eq!(store.get("o1").await.unwrap().unwrap(), row);
+        assert_eq!(stats.duplicates.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
+        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
+        let garbage = Delivery { priority: Priority::Normal, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
+        assert_eq!(p.process(&[garbage, delivery(2, &create)], &|| false).await.unwrap(), 2);
+        assert_eq!(store.get("o1").await.unwrap().unwrap().version, 1);
+        let letters = store.dead_letters(10, None).await.unwrap().items;
+        assert_eq!(letters.len(), 1);
+        assert_eq!((letters[0].id.as_str(), letters[0].stage.as_str(), letters[0].error_type.as_str()), ("log:normal:1", "decode", "malformed"));
+        assert!(letters[0].reason.contains("key must be a string") || letters[0].reason.contains("expected"), "{}", letters[0].reason);
+    }
+
+    #[tokio::test]
+    async fn a_normal_batch_yields_when_vip_arrives() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
+        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let deliveries: Vec<_> = (0..10)
+            .map(|i| {
+                let mut e = event(&format!("e{i}"), EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
+                e.order_id = format!("o{i}");
+                delivery(i + 1, &e)
+            })
+            .collect();
+        let calls = std::sync::atomic::AtomicUsize::new(0);
+        // "VIP arrives" once four events were taken.
+        let done = p.process(&deliveries, &|| calls.fetch_add(1, Ordering::SeqCst) >= 4).await.unwrap();
+        assert_eq!(done, 4);
+        assert_eq!(store.stats().await.unwrap().orders, 4);
     }
 }

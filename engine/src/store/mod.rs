@@ -1,9 +1,10 @@
 //! The versioned order store: insert-if-absent, compare-and-set on `version`,
 //! idempotent apply keyed by `event_id`, and every outcome kept in a history.
 
+pub mod conformance;
 pub mod embedded;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -167,8 +168,6 @@ pub trait OrderStore: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError>;
     async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError>;
-    /// The event ids among these already recorded in the history.
-    async fn seen(&self, event_ids: Vec<String>) -> Result<HashSet<String>, StoreError>;
     /// Performs the writes in order. Each is atomic and idempotent on its event id;
     /// the batch as a whole need not be. Hands each write back with its result.
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError>;

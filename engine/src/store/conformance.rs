@@ -1,0 +1,108 @@
+//! Behaviour every `OrderStore` backend must show, as one reusable check:
+//! insert-if-absent, compare-and-set, idempotency by event id, history, dead letters, paging.
+
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use super::{DeadLetter, ListQuery, OrderStore, Outcome, Sort, Write, WriteResult};
+use crate::domain::{Order, Priority, Status, Tier};
+
+fn row(id: &str, version: u64, note: &str) -> Order {
+    Order {
+        id: id.into(),
+        shopify_order_id: None,
+        customer: format!("{id}@example.com"),
+        tier: Tier::Diamond,
+        priority: Priority::Vip,
+        status: Status::Pending,
+        total_cents: 1_000,
+        shipping_fee_cents: 999,
+        currency: "EUR".into(),
+        note: note.into(),
+        version,
+        created_at: Utc::now(),
+        updated_at: Utc::now(),
+        decided_by: "conformance".into(),
+    }
+}
+
+fn apply(event_id: &str, expected: Option<u64>, row: Order) -> Write {
+    Write::Apply { event_id: event_id.into(), source: "test".into(), expected, row }
+}
+
+async fn one(store: &dyn OrderStore, w: Write) -> WriteResult {
+    store.write(vec![w]).await.expect("store answers").pop().expect("one result").1
+}
+
+/// Panics with a message naming the first behaviour the store gets wrong.
+/// Uses order ids prefixed with `prefix`, so it can share a store with other data.
+pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
+    let s = &*store;
+    let id = format!("{prefix}-a");
+    let e = |n: &str| format!("{prefix}-{n}");
+
+    assert_eq!(one(s, apply(&e("1"), None, row(&id, 1, "one"))).await, WriteResult::Done, "insert-if-absent on a new row");
+    let lost = one(s, apply(&e("2"), None, row(&id, 1, "two"))).await;
+    assert!(matches!(&lost, WriteResult::Conflict(Some(r)) if r.note == "one"), "insert-if-absent on an existing row must conflict with the stored row, got {lost:?}");
+
+    assert_eq!(one(s, apply(&e("3"), Some(1), row(&id, 2, "three"))).await, WriteResult::Done, "compare-and-set at the stored version");
+    let lost = one(s, apply(&e("4"), Some(1), row(&id, 2, "four"))).await;
+    assert!(matches!(&lost, WriteResult::Conflict(Some(r)) if r.version == 2 && r.note == "three"), "stale compare-and-set must conflict, got {lost:?}");
+    let missing = one(s, apply(&e("5"), Some(1), row(&format!("{prefix}-none"), 2, "x"))).await;
+    assert_eq!(missing, WriteResult::Conflict(None), "compare-and-set on a missing row");
+
+    // The same event id again changes nothing, even with a valid version.
+    assert_eq!(one(s, apply(&e("3"), Some(2), row(&id, 3, "again"))).await, WriteResult::Duplicate, "idempotent on event id");
+    let stored = s.get(&id).await.unwrap().expect("row exists");
+    assert_eq!((stored.version, stored.note.as_str()), (2, "three"));
+
+    let skip = Write::Record { event_id: e("6"), source: "test".into(), order_id: id.clone(), outcome: Outcome::Skipped, reason: "no change".into(), decided_by: "rules@1".into(), dead_letter: None };
+    assert_eq!(one(s, skip.clone()).await, WriteResult::Done);
+    assert_eq!(one(s, skip).await, WriteResult::Duplicate, "a recorded skip is idempotent too");
+
+    let letter = DeadLetter {
+        id: e("7"),
+        order_id: Some(id.clone()),
+        stage: "rules".into(),
+        error_type: "rejected".into(),
+        reason: "negative total".into(),
+        decided_by: Some("rules@1".into()),
+        payload: "{}".into(),
+        recorded_at: Utc::now(),
+    };
+    let reject = Write::Record { event_id: e("7"), source: "test".into(), order_id: id.clone(), outcome: Outcome::Rejected, reason: "negative total".into(), decided_by: "rules@1".into(), dead_letter: Some(letter) };
+    assert_eq!(one(s, reject).await, WriteResult::Done);
+
+    let history = s.history(&id).await.unwrap();
+    let got: Vec<_> = history.iter().map(|h| (h.event_id.clone(), h.version, h.outcome)).collect();
+    assert_eq!(
+        got,
+        [(e("1"), 1, Outcome::Applied), (e("3"), 2, Outcome::Applied), (e("6"), 2, Outcome::Skipped), (e("7"), 2, Outcome::Rejected)],
+        "history holds every outcome once, oldest first"
+    );
+    assert_eq!(history[2].reason.as_deref(), Some("no change"));
+    let letters = s.dead_letters(1000, None).await.unwrap();
+    assert!(letters.items.iter().any(|d| d.id == e("7") && d.reason == "negative total"), "rejection reached the dead letters");
+
+    // A batch: each write is judged on its own.
+    let batch = vec![apply(&e("8"), None, row(&format!("{prefix}-b"), 1, "b")), apply(&e("9"), Some(7), row(&id, 8, "stale")), apply(&e("1"), None, row(&format!("{prefix}-c"), 1, "dup"))];
+    let results: Vec<_> = s.write(batch).await.unwrap().into_iter().map(|(_, r)| r).collect();
+    assert!(matches!(results.as_slice(), [WriteResult::Done, WriteResult::Conflict(Some(_)), WriteResult::Duplicate]), "{results:?}");
+
+    // Paging by id walks every row once.
+    for i in 0..25 {
+        one(s, apply(&e(&format!("p{i}")), None, row(&format!("{prefix}-p{i:02}"), 1, "page"))).await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s.list(ListQuery { limit: 10, cursor: cursor.take(), q: Some(format!("{prefix}-p")), sort: Sort::IdAsc, ..Default::default() }).await.unwrap();
+        seen.extend(page.items.into_iter().map(|o| o.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (0..25).map(|i| format!("{prefix}-p{i:02}")).collect::<Vec<_>>(), "cursor paging");
+}

@@ -1,0 +1,172 @@
+//! Test harness: runs the real `orchestrator` binary as a child process and talks to it
+//! over HTTP and WebSocket, as a user would.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub struct Server {
+    child: Option<Child>,
+    pub base: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    extra_args: Vec<String>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Server {
+    /// Starts an engine on the embedded default in `data_dir` and waits until it answers.
+    pub async fn start(data_dir: &Path) -> Self {
+        Self::start_with(data_dir, &[]).await
+    }
+
+    pub async fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
+        let port = free_port();
+        let mut s = Server {
+            child: None,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn().await;
+        s
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .arg("serve")
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the orchestrator binary starts");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = reqwest::get(format!("{}/health", self.base)).await
+                && r.status().is_success()
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("engine exited during start: {status}");
+            }
+            assert!(Instant::now() < deadline, "engine did not become healthy in 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: no chance to flush or finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: plain signal to our own child process.
+        unsafe { libc_kill(c.id() as i32, 15) };
+        c.wait().unwrap()
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    pub async fn post_events(&self, events: &Value) -> reqwest::Response {
+        client().post(self.url("/orders/events")).json(events).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = client().get(self.url(path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn health(&self) -> Value {
+        self.get_json("/health").await.1
+    }
+
+    /// Waits until the log is drained (nothing queued) and stays so briefly.
+    pub async fn drain(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let h = self.health().await;
+            let depth = h["queue_depth"]["vip"].as_u64().unwrap_or(1) + h["queue_depth"]["normal"].as_u64().unwrap_or(1);
+            if depth == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "log not drained within {timeout:?}: {h}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+unsafe extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap()
+}
+
+pub fn created(order_id: &str, event_id: &str, tier: &str, total_cents: i64) -> Value {
+    json!({
+        "event_id": event_id,
+        "order_id": order_id,
+        "kind": "created",
+        "source": "test",
+        "occurred_at": "2026-11-21T10:00:00Z",
+        "payload": {"customer": format!("{order_id}@example.com"), "tier": tier, "total_cents": total_cents, "currency": "USD"}
+    })
+}
+
+pub fn updated(order_id: &str, event_id: &str, payload: Value) -> Value {
+    json!({
+        "event_id": event_id,
+        "order_id": order_id,
+        "kind": "updated",
+        "source": "test",
+        "occurred_at": "2026-11-21T10:00:01Z",
+        "payload": payload
+    })
+}
+
+/// All history entries of an order.
+pub async fn history(server: &Server, order_id: &str) -> Vec<Value> {
+    let (status, body) = server.get_json(&format!("/orders/{order_id}/history")).await;
+    assert_eq!(status, 200, "history of {order_id}: {body}");
+    body.as_array().unwrap().clone()
+}

@@ -1,0 +1,82 @@
+//! Strict priority: VIP events are applied before NORMAL ones, both when everything
+//! is queued up front and when VIP arrives while NORMAL is being processed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, created};
+use futures::StreamExt;
+use orchestrator::domain::{OrderEvent, Priority};
+use orchestrator::engine::{Engine, EngineConfig};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+fn event(v: Value) -> OrderEvent {
+    serde_json::from_value(v).unwrap()
+}
+
+/// 10k NORMAL queued, then 1k VIP: every VIP is applied before any NORMAL.
+#[tokio::test]
+async fn queued_vip_goes_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open_embedded(dir.path(), EngineConfig::default()).unwrap();
+    for p in Priority::ALL {
+        engine.pauses.set(p, true);
+    }
+    let normal: Vec<_> = (0..10_000).map(|i| event(created(&format!("n-{i}"), &format!("n-{i}"), "BRONZE", 100))).collect();
+    let vip: Vec<_> = (0..1_000).map(|i| event(created(&format!("v-{i}"), &format!("v-{i}"), "DIAMOND", 100))).collect();
+    engine.ingest(&normal).await.unwrap();
+    engine.ingest(&vip).await.unwrap();
+    let mut changes = engine.changes.subscribe();
+    engine.start().await.unwrap();
+    for p in Priority::ALL {
+        engine.pauses.set(p, false);
+    }
+    let mut order = Vec::with_capacity(11_000);
+    while order.len() < 11_000 {
+        let c = tokio::time::timeout(Duration::from_secs(30), changes.recv()).await.expect("changes keep coming").unwrap();
+        order.push(c.order.priority);
+    }
+    let first_normal = order.iter().position(|p| *p == Priority::Normal).unwrap();
+    assert_eq!(first_normal, 1_000, "all 1000 VIP events before the first NORMAL one");
+    assert!(order[1_000..].iter().all(|p| *p == Priority::Normal));
+    engine.shutdown().await;
+}
+
+/// With NORMAL being processed, a burst of VIP preempts it, and NORMAL events queued
+/// after the VIP burst start only after every VIP event is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vip_preempts_normal_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--batch-size", "256"]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    let normal: Vec<Value> = (0..10_000).map(|i| created(&format!("n-{i}"), &format!("n-{i}"), "SILVER", 100)).collect();
+    for chunk in normal.chunks(2_000) {
+        assert_eq!(s.post_events(&Value::Array(chunk.to_vec())).await.status(), 202);
+    }
+    let vip: Vec<Value> = (0..1_000).map(|i| created(&format!("v-{i}"), &format!("v-{i}"), "DIAMOND", 100)).collect();
+    assert_eq!(s.post_events(&Value::Array(vip)).await.status(), 202);
+    let late: Vec<Value> = (0..1_000).map(|i| created(&format!("late-{i}"), &format!("late-{i}"), "GOLD", 100)).collect();
+    assert_eq!(s.post_events(&Value::Array(late)).await.status(), 202);
+
+    let mut ids = Vec::with_capacity(12_000);
+    while ids.len() < 12_000 {
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("changes keep coming").unwrap().unwrap();
+        let Message::Text(text) = msg else { continue };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        match v["type"].as_str() {
+            Some("order.synced") => ids.push(v["order"]["id"].as_str().unwrap().to_string()),
+            Some("hello") => {}
+            other => panic!("unexpected message {other:?}: {v}"),
+        }
+    }
+    let first_vip = ids.iter().position(|id| id.starts_with("v-")).unwrap();
+    let last_vip = ids.iter().rposition(|id| id.starts_with("v-")).unwrap();
+    let first_late = ids.iter().position(|id| id.starts_with("late-")).unwrap();
+    let normal_after_vip = ids[last_vip..].iter().filter(|id| id.starts_with("n-")).count();
+    eprintln!("first VIP at {first_vip}, last VIP at {last_vip}, first late NORMAL at {first_late}, {normal_after_vip} early NORMAL after the VIPs");
+    assert_eq!(last_vip - first_vip, 999, "no NORMAL event between the first and the last VIP");
+    assert!(first_late > last_vip, "NORMAL queued after the VIP burst starts only after it");
+    assert!(normal_after_vip > 0, "the VIP burst arrived while NORMAL work was still queued (else this test shows nothing)");
+}
