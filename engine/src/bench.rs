@@ -15,7 +15,7 @@ use crate::config::BenchArgs;
 use crate::engine::{Engine, EngineConfig};
 use crate::generator::{self, TierMix};
 use crate::pipeline::build_row;
-use crate::rules::{Decision, NativeRules, OrderRules};
+use crate::rules::{Decision, NativeRules};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{OrderStore, Write};
 

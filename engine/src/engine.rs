@@ -10,13 +10,14 @@ use chrono::Utc;
 use schemars::JsonSchema;
 use serde::Deserialize;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use utoipa::ToSchema;
 
 use crate::domain::{Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Pauses, Pipeline, PipelineConfig, Stats};
-use crate::rules::{ConflictResolver, NativeResolver, NativeRules, OrderRules};
+use crate::plugin::host::{Limits, Runtime};
+use crate::plugin::registry::Registry;
+use crate::rules::Rulebook;
 use crate::store::{OrderStore, StoreError, Write, WriteResult, embedded::EmbeddedStore};
 use crate::stream::ChangeStream;
 use crate::telemetry;
@@ -26,11 +27,26 @@ pub struct EngineConfig {
     pub pipeline: PipelineConfig,
     /// How many changes a WebSocket client may fall behind before it must resync.
     pub change_buffer: usize,
+    /// Rules as Wasm plugins (the default), or `None` for the native reference rules.
+    pub plugins: Option<PluginConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct PluginConfig {
+    pub limits: Limits,
+    /// Largest accepted plugin upload.
+    pub max_bytes: usize,
+}
+
+impl Default for PluginConfig {
+    fn default() -> Self {
+        Self { limits: Limits::default(), max_bytes: 8 << 20 }
+    }
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { pipeline: PipelineConfig::default(), change_buffer: 16_384 }
+        Self { pipeline: PipelineConfig::default(), change_buffer: 16_384, plugins: Some(PluginConfig::default()) }
     }
 }
 
@@ -71,61 +87,79 @@ pub struct Engine {
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
     pub pauses: Arc<Pauses>,
-    rules: Arc<dyn OrderRules>,
-    resolver: Arc<dyn ConflictResolver>,
+    pub rulebook: Arc<Rulebook>,
+    /// Deployed plugin versions; `None` when the engine runs the native rules.
+    pub plugins: Option<Arc<Registry>>,
     config: EngineConfig,
     shutdown: watch::Sender<bool>,
-    pipeline: Mutex<Option<JoinHandle<()>>>,
+    pipeline: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl Engine {
-    /// The embedded default: `log.sqlite` and `store.sqlite` in `data_dir`.
+    /// The embedded default: `log.sqlite`, `store.sqlite` and `plugins.sqlite` in `data_dir`.
     pub fn open_embedded(data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
         let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
         let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
-        Ok(Self::new(Arc::new(log), Arc::new(store), config))
+        let rulebook = Rulebook::native();
+        let plugins = match &config.plugins {
+            Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
+            None => None,
+        };
+        Ok(Self::new(Arc::new(log), Arc::new(store), rulebook, plugins, config))
     }
 
-    pub fn new(log: Arc<dyn OrderLog>, store: Arc<dyn OrderStore>, config: EngineConfig) -> Arc<Self> {
+    pub fn new(
+        log: Arc<dyn OrderLog>,
+        store: Arc<dyn OrderStore>,
+        rulebook: Arc<Rulebook>,
+        plugins: Option<Arc<Registry>>,
+        config: EngineConfig,
+    ) -> Arc<Self> {
         Arc::new(Self {
             log,
             store,
             changes: ChangeStream::new(config.change_buffer),
             stats: Arc::new(Stats::new()),
             pauses: Arc::new(Pauses::default()),
-            rules: Arc::new(NativeRules),
-            resolver: Arc::new(NativeResolver),
+            rulebook,
+            plugins,
             config,
             shutdown: watch::channel(false).0,
             pipeline: Mutex::new(None),
         })
     }
 
-    /// Starts consuming the log.
+    /// Starts consuming the log on a thread of its own: rule calls are CPU work that
+    /// must not stall the API's runtime.
     pub async fn start(&self) -> anyhow::Result<()> {
         let consumer = self.log.consumer().await?;
         let pipeline = Pipeline::new(
             self.store.clone(),
-            self.rules.clone(),
-            self.resolver.clone(),
+            self.rulebook.clone(),
             self.changes.clone(),
             self.stats.clone(),
             self.pauses.clone(),
             self.config.pipeline.clone(),
         );
-        let task = tokio::spawn(pipeline.run(consumer, self.shutdown.subscribe()));
-        *self.pipeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        let shutdown = self.shutdown.subscribe();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("pipeline".into()).spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for the pipeline");
+            runtime.block_on(pipeline.run(consumer, shutdown));
+            let _ = done.send(());
+        })?;
+        *self.pipeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(finished);
         Ok(())
     }
 
     /// Finishes the batch in hand, commits it, and makes the commits durable.
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
-        let task = self.pipeline.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(task) = task {
-            let _ = task.await;
+        let finished = self.pipeline.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(finished) = finished {
+            let _ = finished.await;
         }
         if let Err(e) = self.log.flush().await {
             tracing::warn!(error = %e, "flushing the log on shutdown failed");

@@ -9,6 +9,7 @@ pub mod engine;
 pub mod generator;
 pub mod log;
 pub mod pipeline;
+pub mod plugin;
 pub mod rules;
 pub mod schema;
 pub mod sqlite;

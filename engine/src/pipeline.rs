@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::domain::{Order, OrderEvent, OrderFields, Priority};
 use crate::log::{Delivery, LogConsumer};
-use crate::rules::{ConflictResolver, Decision, OrderRules};
+use crate::rules::{Decision, RuleError, Rulebook};
 use crate::store::{DeadLetter, OrderStore, Outcome, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::{self, PipelineMetrics};
@@ -69,8 +69,7 @@ impl Pauses {
 
 pub struct Pipeline {
     pub store: Arc<dyn OrderStore>,
-    pub rules: Arc<dyn OrderRules>,
-    pub resolver: Arc<dyn ConflictResolver>,
+    pub rulebook: Arc<Rulebook>,
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
     pub pauses: Arc<Pauses>,
@@ -89,20 +88,20 @@ struct Pending {
     base: Option<Order>,
     fields: OrderFields,
     event: OrderEvent,
+    decided_by: String,
 }
 
 impl Pipeline {
     pub fn new(
         store: Arc<dyn OrderStore>,
-        rules: Arc<dyn OrderRules>,
-        resolver: Arc<dyn ConflictResolver>,
+        rulebook: Arc<Rulebook>,
         changes: ChangeStream,
         stats: Arc<Stats>,
         pauses: Arc<Pauses>,
         config: PipelineConfig,
     ) -> Self {
-        let metrics = PipelineMetrics::new(rules.id());
-        Self { store, rules, resolver, changes, stats, pauses, config, metrics }
+        let metrics = PipelineMetrics::new();
+        Self { store, rulebook, changes, stats, pauses, config, metrics }
     }
 
     /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
@@ -194,8 +193,21 @@ impl Pipeline {
     }
 
     async fn process_round(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
+        // One rules version decides the whole round: a deploy takes effect between rounds.
+        let rules = self.rulebook.rules();
+        let shadow = self.rulebook.shadow();
         let events: Vec<&OrderEvent> = items.iter().filter_map(|it| it.event.as_ref().ok()).collect();
         let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
+        let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().map(|e| (*e, current.get(&e.order_id))).collect();
+        let started = Instant::now();
+        let mut decisions = rules.decide_batch(&inputs).into_iter();
+        self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
+        if let Some(shadow) = &shadow {
+            let candidate = shadow.rules.decide_batch(&inputs);
+            for ((e, _), (active, cand)) in inputs.iter().zip(decisions.as_slice().iter().zip(&candidate)) {
+                shadow.compare(e, active, cand);
+            }
+        }
 
         let mut writes = Vec::with_capacity(items.len());
         // Per write: its priority, append time, and what a conflict needs.
@@ -225,27 +237,33 @@ impl Pipeline {
                 }
             };
             let base = current.get(&event.order_id);
-            let started = Instant::now();
-            let decision = self.rules.decide(event, base);
-            self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
+            let decision = decisions.next().expect("one decision per decodable event");
             let pending = match decision {
-                Decision::Upsert(fields) => {
-                    let row = build_row(event, base, fields.clone(), self.rules.id());
+                Ok(Decision::Upsert(fields)) => {
+                    let row = build_row(event, base, fields.clone(), rules.id());
                     writes.push(Write::Apply {
                         event_id: event.event_id.clone(),
                         source: event.source.clone(),
                         expected: base.map(|b| b.version),
                         row,
                     });
-                    Some(Pending { base: base.cloned(), fields, event: event.clone() })
+                    Some(Pending { base: base.cloned(), fields, event: event.clone(), decided_by: rules.id().to_string() })
                 }
-                Decision::Skip(reason) => {
-                    writes.push(self.record(event, Outcome::Skipped, reason, None));
+                Ok(Decision::Skip(reason)) => {
+                    writes.push(self.record(event, Outcome::Skipped, reason, rules.id(), None));
                     None
                 }
-                Decision::Reject(reason) => {
-                    let letter = self.dead_letter(d, Some(event), "rules", "rejected", &reason, Some(self.rules.id()));
-                    writes.push(self.record(event, Outcome::Rejected, reason, Some(letter)));
+                Ok(Decision::Reject(reason)) => {
+                    let letter = self.dead_letter(d, Some(event), "rules", "rejected", &reason, Some(rules.id()));
+                    writes.push(self.record(event, Outcome::Rejected, reason, rules.id(), Some(letter)));
+                    None
+                }
+                Err(RuleError { kind, message }) => {
+                    // The plugin failed on this event: it alone goes to the dead letters.
+                    telemetry::error(kind.as_str(), "rules");
+                    let reason = format!("{} failed ({kind}): {message}", rules.id());
+                    let letter = self.dead_letter(d, Some(event), "rules", kind.as_str(), &reason, Some(rules.id()));
+                    writes.push(self.record(event, Outcome::Rejected, reason, rules.id(), Some(letter)));
                     None
                 }
             };
@@ -272,36 +290,43 @@ impl Pipeline {
 
     /// A write lost its compare-and-set: merge with the stored row and retry, a bounded number of times.
     async fn resolve(&self, mut p: Pending, mut now: Option<Order>, priority: Priority, appended_at_us: i64) -> anyhow::Result<()> {
+        let resolver = self.rulebook.resolver();
         for _ in 0..self.config.max_conflict_retries {
             self.metrics.conflicts.increment(1);
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-            let (write, merged) = match &now {
+            let (expected, merged) = match &now {
                 // The row vanished under us: write the change as a fresh insert.
                 None => (None, p.fields.clone()),
                 Some(current) => {
+                    // The change as a row dated when it happened, so the resolver can
+                    // tell which side is newer.
+                    let mut change = build_row(&p.event, p.base.as_ref(), p.fields.clone(), &p.decided_by);
+                    change.updated_at = p.event.occurred_at;
                     let started = Instant::now();
-                    let merged = self.resolver.resolve(p.base.as_ref(), current, &p.fields);
+                    let merged = resolver.resolve(p.base.as_ref(), current, &change);
                     self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
-                    match merged {
-                        Err(reason) => {
-                            let letter = self.dead_letter_for_event(&p.event, "resolver", "conflict_rejected", &reason, Some(self.resolver.id()));
-                            let w = self.record(&p.event, Outcome::Rejected, reason, Some(letter));
-                            self.store.write(vec![w]).await?;
-                            self.counted(Outcome::Rejected, priority);
-                            return Ok(());
+                    let outcome = match merged {
+                        Ok(Ok(merged)) if merged == current.fields() => Err((Outcome::Skipped, "no change after merge".to_string(), None)),
+                        Ok(Ok(merged)) => Ok(merged),
+                        Ok(Err(reason)) => Err((Outcome::Rejected, reason, Some("conflict_rejected"))),
+                        Err(RuleError { kind, message }) => {
+                            telemetry::error(kind.as_str(), "resolver");
+                            Err((Outcome::Rejected, format!("{} failed ({kind}): {message}", resolver.id()), Some(kind.as_str())))
                         }
-                        Ok(merged) if merged == current.fields() => {
-                            let w = self.record(&p.event, Outcome::Skipped, "no change after merge".into(), None);
-                            self.store.write(vec![w]).await?;
-                            self.counted(Outcome::Skipped, priority);
-                            return Ok(());
-                        }
+                    };
+                    match outcome {
                         Ok(merged) => (Some(current.version), merged),
+                        Err((outcome, reason, error_type)) => {
+                            let letter = error_type.map(|t| self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id())));
+                            self.store.write(vec![self.record(&p.event, outcome, reason, resolver.id(), letter)]).await?;
+                            self.counted(outcome, priority);
+                            return Ok(());
+                        }
                     }
                 }
             };
-            let row = build_row(&p.event, now.as_ref(), merged.clone(), self.resolver.id());
-            let w = Write::Apply { event_id: p.event.event_id.clone(), source: p.event.source.clone(), expected: write, row: row.clone() };
+            let row = build_row(&p.event, now.as_ref(), merged.clone(), resolver.id());
+            let w = Write::Apply { event_id: p.event.event_id.clone(), source: p.event.source.clone(), expected, row: row.clone() };
             match self.store.write(vec![w]).await?.pop().map(|(_, r)| r) {
                 Some(WriteResult::Done) => {
                     self.applied(row, priority, appended_at_us);
@@ -311,6 +336,7 @@ impl Pipeline {
                 Some(WriteResult::Conflict(again)) => {
                     p.base = now;
                     p.fields = merged;
+                    p.decided_by = resolver.id().to_string();
                     now = again;
                 }
                 None => anyhow::bail!("store returned no result for a write"),
@@ -319,7 +345,7 @@ impl Pipeline {
         telemetry::error("conflict_retries_exhausted", "store");
         let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
         let letter = self.dead_letter_for_event(&p.event, "store", "conflict_retries_exhausted", &reason, None);
-        self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, Some(letter))]).await?;
+        self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter))]).await?;
         self.counted(Outcome::Rejected, priority);
         Ok(())
     }
@@ -346,8 +372,8 @@ impl Pipeline {
         self.changes.publish(row);
     }
 
-    fn record(&self, event: &OrderEvent, outcome: Outcome, reason: String, dead_letter: Option<DeadLetter>) -> Write {
-        let decided_by = dead_letter.as_ref().and_then(|d| d.decided_by.clone()).unwrap_or_else(|| self.rules.id().to_string());
+    fn record(&self, event: &OrderEvent, outcome: Outcome, reason: String, decided_by: &str, dead_letter: Option<DeadLetter>) -> Write {
+        let decided_by = decided_by.to_string();
         Write::Record {
             event_id: event.event_id.clone(),
             source: event.source.clone(),
@@ -414,7 +440,7 @@ mod tests {
 
     use super::*;
     use crate::domain::{EventKind, OrderChange, Status, Tier};
-    use crate::rules::{NativeResolver, NativeRules};
+    use crate::rules::NativeResolver;
     use crate::store::embedded::EmbeddedStore;
     use crate::store::{ListQuery, Page, StoreError, StoreStats};
 
@@ -476,7 +502,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Racing { inner: EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap(), raced: Default::default() });
         let stats = Arc::new(Stats::new());
-        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), stats.clone(), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), stats.clone(), Default::default(), PipelineConfig::default());
         let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
         let paid = event("u", EventKind::Updated, OrderChange { financial_status: Some(crate::domain::FinancialStatus::Paid), ..Default::default() });
         // Two events of one order: processed in two rounds, the second racing the edit.
@@ -501,7 +527,7 @@ mod tests {
     async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
         let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
         let garbage = Delivery { priority: Priority::Normal, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
         assert_eq!(p.process(&[garbage, delivery(2, &create)], &|| false).await.unwrap(), 2);
@@ -516,7 +542,7 @@ mod tests {
     async fn a_normal_batch_yields_when_vip_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Arc::new(NativeRules), Arc::new(NativeResolver), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
         let deliveries: Vec<_> = (0..10)
             .map(|i| {
                 let mut e = event(&format!("e{i}"), EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });

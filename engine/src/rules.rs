@@ -1,12 +1,22 @@
-//! The rule stage: the interfaces the pipeline calls to decide rows and merge races,
-//! and the native reference rules (prior system A's status and shipping-fee rules).
+//! The rule stage's interfaces, which the pipeline calls to decide rows and merge races,
+//! and the native reference implementations: the default plugins' own Rust code run
+//! natively, which the Wasm plugins are checked against and benchmarked beside.
 
-use crate::domain::{
-    EventKind, FinancialStatus, FulfillmentStatus, Order, OrderEvent, OrderFields, Status,
-};
+use std::fmt;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::domain::{Order, OrderEvent, OrderFields};
+use crate::plugin::convert::native as wit;
 
 /// What the order rules decided for one event.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "decision", content = "value", rename_all = "snake_case")]
 pub enum Decision {
     /// Write these fields as the order's next version.
     Upsert(OrderFields),
@@ -16,63 +26,71 @@ pub enum Decision {
     Reject(String),
 }
 
+/// Why a rule could not decide: the sandbox stopped it, or it broke its contract.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {message}")]
+pub struct RuleError {
+    pub kind: RuleErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleErrorKind {
+    /// The plugin trapped (a panic, an unreachable, a bad memory access).
+    Trap,
+    /// The per-call deadline passed.
+    Timeout,
+    /// The plugin tried to grow its memory past the cap.
+    MemoryLimit,
+    /// The plugin could not be instantiated, or answered outside the contract.
+    Instantiate,
+}
+
+impl RuleErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleErrorKind::Trap => "trap",
+            RuleErrorKind::Timeout => "timeout",
+            RuleErrorKind::MemoryLimit => "memory_limit",
+            RuleErrorKind::Instantiate => "instantiate",
+        }
+    }
+}
+
+impl fmt::Display for RuleErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Order-processing rules: decide the next row from an event and the current row.
 pub trait OrderRules: Send + Sync {
-    /// `slot@version` (plus a hash once rules are plugins), recorded as `decided_by`.
+    /// `slot@version` plus a content hash, recorded as `decided_by`.
     fn id(&self) -> &str;
-    fn decide(&self, event: &OrderEvent, current: Option<&Order>) -> Decision;
+    /// One result per input, in order. An error fails only its own event.
+    fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>>;
 }
 
 /// Conflict resolution: when a versioned write lost a race, merge the row the writer
-/// based its change on, the row now stored, and the writer's change.
+/// based its change on, the row now stored, and the writer's change (whose
+/// `updated_at` is when the change happened).
 pub trait ConflictResolver: Send + Sync {
     fn id(&self) -> &str;
-    fn resolve(
-        &self,
-        base: Option<&Order>,
-        current: &Order,
-        change: &OrderFields,
-    ) -> Result<OrderFields, String>;
+    /// `Ok(Err(reason))` is the resolver rejecting the change.
+    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError>;
 }
 
-/// Shipping fee by order total, in cents: under 50 → 9.99, under 100 → 7.99,
-/// under 200 → 5.99, otherwise free.
-pub fn shipping_fee_cents(total_cents: i64) -> i64 {
-    match total_cents {
-        t if t < 5_000 => 999,
-        t if t < 10_000 => 799,
-        t if t < 20_000 => 599,
-        _ => 0,
-    }
-}
-
-/// Status from Shopify's statuses: fulfillment wins when present, then financial.
-pub fn mapped_status(
-    financial: Option<FinancialStatus>,
-    fulfillment: Option<FulfillmentStatus>,
-) -> Option<Status> {
-    if let Some(f) = fulfillment {
-        return Some(match f {
-            FulfillmentStatus::Fulfilled => Status::Shipped,
-            FulfillmentStatus::Partial => Status::Confirmed,
-            FulfillmentStatus::Restocked => Status::Cancelled,
-        });
-    }
-    financial.map(|f| match f {
-        FinancialStatus::Pending | FinancialStatus::Authorized => Status::Pending,
-        FinancialStatus::Paid
-        | FinancialStatus::PartiallyPaid
-        | FinancialStatus::PartiallyRefunded => Status::Confirmed,
-        FinancialStatus::Refunded | FinancialStatus::Voided => Status::Cancelled,
-    })
-}
-
-/// The native reference rules. The Wasm `order-rules` plugin must decide the same.
+/// The default `order-rules` plugin's code, run natively.
 #[derive(Debug, Default)]
 pub struct NativeRules;
 
 impl NativeRules {
     pub const ID: &'static str = "native:order-rules@1";
+
+    pub fn decide(&self, event: &OrderEvent, current: Option<&Order>) -> Decision {
+        use orchestrator_sdk::OrderRules as _;
+        wit::decision_back(order_rules::Rules::decide(wit::event(event), current.map(wit::order)))
+    }
 }
 
 impl OrderRules for NativeRules {
@@ -80,84 +98,12 @@ impl OrderRules for NativeRules {
         Self::ID
     }
 
-    fn decide(&self, event: &OrderEvent, current: Option<&Order>) -> Decision {
-        let p = &event.payload;
-        if event.kind == EventKind::Created && current.is_some() {
-            return Decision::Skip("order already exists".into());
-        }
-        if let Some(total) = p.total_cents
-            && total < 0
-        {
-            return Decision::Reject(format!("negative total_cents {total}"));
-        }
-        if let Some(fee) = p.shipping_fee_cents
-            && fee < 0
-        {
-            return Decision::Reject(format!("negative shipping_fee_cents {fee}"));
-        }
-        let mut fields = match current {
-            Some(row) => row.fields(),
-            None => {
-                // An update may arrive before (or without) its create; it can only
-                // create the row when it carries everything a create needs.
-                let (Some(customer), Some(tier), Some(total)) =
-                    (p.customer.clone(), p.tier, p.total_cents)
-                else {
-                    return Decision::Reject(format!(
-                        "order {} does not exist and the {:?} event lacks customer, tier or total_cents",
-                        event.order_id, event.kind
-                    ));
-                };
-                OrderFields {
-                    shopify_order_id: None,
-                    customer,
-                    tier,
-                    status: Status::Pending,
-                    total_cents: total,
-                    shipping_fee_cents: shipping_fee_cents(total),
-                    currency: "USD".into(),
-                    note: String::new(),
-                }
-            }
-        };
-        if let Some(v) = p.shopify_order_id {
-            fields.shopify_order_id = Some(v);
-        }
-        if let Some(v) = &p.customer {
-            fields.customer.clone_from(v);
-        }
-        if let Some(v) = p.tier {
-            fields.tier = v;
-        }
-        if let Some(v) = &p.currency {
-            fields.currency.clone_from(v);
-        }
-        if let Some(v) = &p.note {
-            fields.note.clone_from(v);
-        }
-        if let Some(total) = p.total_cents {
-            fields.total_cents = total;
-            fields.shipping_fee_cents = shipping_fee_cents(total);
-        }
-        if let Some(fee) = p.shipping_fee_cents {
-            fields.shipping_fee_cents = fee;
-        }
-        if let Some(status) = mapped_status(p.financial_status, p.fulfillment_status).or(p.status)
-        {
-            fields.status = status;
-        }
-        if event.kind == EventKind::Cancelled {
-            fields.status = Status::Cancelled;
-        }
-        match current {
-            Some(row) if row.fields() == fields => Decision::Skip("no change".into()),
-            _ => Decision::Upsert(fields),
-        }
+    fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
+        inputs.iter().map(|(e, c)| Ok(self.decide(e, *c))).collect()
     }
 }
 
-/// Field-level merge: a field the writer changed (relative to its base) takes the
-/// writer's value; every other field keeps the stored value.
+/// The default `conflict-resolver` plugin's code, run natively.
 #[derive(Debug, Default)]
 pub struct NativeResolver;
 
@@ -170,158 +116,131 @@ impl ConflictResolver for NativeResolver {
         Self::ID
     }
 
-    fn resolve(
-        &self,
-        base: Option<&Order>,
-        current: &Order,
-        change: &OrderFields,
-    ) -> Result<OrderFields, String> {
-        let Some(base) = base.map(Order::fields) else {
-            // The writer meant to create the row but someone else did first:
-            // its fields are all "changed", but never overwrite an identity.
-            if change.customer != current.customer {
-                return Err(format!(
-                    "order {} was created concurrently for another customer",
-                    current.id
-                ));
-            }
-            return Ok(change.clone());
-        };
-        let cur = current.fields();
-        fn pick<T: PartialEq + Clone>(base: &T, cur: &T, change: &T) -> T {
-            if change != base { change.clone() } else { cur.clone() }
-        }
-        Ok(OrderFields {
-            shopify_order_id: pick(&base.shopify_order_id, &cur.shopify_order_id, &change.shopify_order_id),
-            customer: pick(&base.customer, &cur.customer, &change.customer),
-            tier: pick(&base.tier, &cur.tier, &change.tier),
-            status: pick(&base.status, &cur.status, &change.status),
-            total_cents: pick(&base.total_cents, &cur.total_cents, &change.total_cents),
-            shipping_fee_cents: pick(&base.shipping_fee_cents, &cur.shipping_fee_cents, &change.shipping_fee_cents),
-            currency: pick(&base.currency, &cur.currency, &change.currency),
-            note: pick(&base.note, &cur.note, &change.note),
-        })
+    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError> {
+        use orchestrator_sdk::ConflictResolver as _;
+        let merged = conflict_resolver::Resolver::resolve(base.map(wit::order), wit::order(current), wit::order(change));
+        Ok(merged.map(wit::fields_back))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::domain::{OrderChange, Tier};
-    use chrono::Utc;
+/// The rules in force: swapped atomically on deploy, read once per batch by the
+/// pipeline, so a batch runs on one version and in-flight calls finish on theirs.
+pub struct Rulebook {
+    rules: ArcSwap<Arc<dyn OrderRules>>,
+    resolver: ArcSwap<Arc<dyn ConflictResolver>>,
+    shadow: ArcSwapOption<ShadowRun>,
+}
 
-    fn event(kind: EventKind, payload: OrderChange) -> OrderEvent {
-        OrderEvent {
-            event_id: "e1".into(),
-            order_id: "o1".into(),
-            kind,
-            source: "test".into(),
-            occurred_at: Utc::now(),
-            payload,
+impl Rulebook {
+    pub fn new(rules: Arc<dyn OrderRules>, resolver: Arc<dyn ConflictResolver>) -> Arc<Self> {
+        Arc::new(Self { rules: ArcSwap::from_pointee(rules), resolver: ArcSwap::from_pointee(resolver), shadow: ArcSwapOption::empty() })
+    }
+
+    /// The built-in rules, run natively.
+    pub fn native() -> Arc<Self> {
+        Self::new(Arc::new(NativeRules), Arc::new(NativeResolver))
+    }
+
+    pub fn rules(&self) -> Arc<dyn OrderRules> {
+        (**self.rules.load()).clone()
+    }
+
+    pub fn resolver(&self) -> Arc<dyn ConflictResolver> {
+        (**self.resolver.load()).clone()
+    }
+
+    pub fn shadow(&self) -> Option<Arc<ShadowRun>> {
+        self.shadow.load_full()
+    }
+
+    pub fn set_rules(&self, rules: Arc<dyn OrderRules>) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    pub fn set_resolver(&self, resolver: Arc<dyn ConflictResolver>) {
+        self.resolver.store(Arc::new(resolver));
+    }
+
+    pub fn set_shadow(&self, shadow: Option<Arc<ShadowRun>>) {
+        self.shadow.store(shadow);
+    }
+}
+
+/// Most differences a shadow run keeps as samples.
+const SHADOW_SAMPLES: usize = 50;
+
+/// A candidate rules version deciding live events beside the active one. Its decisions
+/// are only compared, never written.
+pub struct ShadowRun {
+    pub rules: Arc<dyn OrderRules>,
+    pub version: u64,
+    agree: AtomicU64,
+    differ: AtomicU64,
+    samples: Mutex<Vec<ShadowDiff>>,
+}
+
+/// One event on which the candidate decided differently from the active rules.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ShadowDiff {
+    pub event_id: String,
+    pub order_id: String,
+    #[schema(value_type = Object)]
+    pub active: serde_json::Value,
+    #[schema(value_type = Object)]
+    pub candidate: serde_json::Value,
+}
+
+/// What the shadow run saw so far.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ShadowReport {
+    pub candidate: String,
+    pub version: u64,
+    pub compared: u64,
+    pub agreed: u64,
+    pub differed: u64,
+    /// Up to 50 differences, the earliest first.
+    pub samples: Vec<ShadowDiff>,
+}
+
+fn outcome_json(r: &Result<Decision, RuleError>) -> serde_json::Value {
+    match r {
+        Ok(d) => serde_json::to_value(d).unwrap_or_default(),
+        Err(e) => serde_json::json!({ "decision": "error", "value": e.to_string() }),
+    }
+}
+
+impl ShadowRun {
+    pub fn new(rules: Arc<dyn OrderRules>, version: u64) -> Arc<Self> {
+        Arc::new(Self { rules, version, agree: AtomicU64::new(0), differ: AtomicU64::new(0), samples: Mutex::new(Vec::new()) })
+    }
+
+    /// Compares the candidate's decision on `event` with the active one.
+    pub fn compare(&self, event: &OrderEvent, active: &Result<Decision, RuleError>, candidate: &Result<Decision, RuleError>) {
+        if active == candidate {
+            self.agree.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.differ.fetch_add(1, Ordering::Relaxed);
+        let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+        if samples.len() < SHADOW_SAMPLES {
+            samples.push(ShadowDiff {
+                event_id: event.event_id.clone(),
+                order_id: event.order_id.clone(),
+                active: outcome_json(active),
+                candidate: outcome_json(candidate),
+            });
         }
     }
 
-    fn row(fields: OrderFields) -> Order {
-        Order {
-            id: "o1".into(),
-            shopify_order_id: fields.shopify_order_id,
-            customer: fields.customer,
-            tier: fields.tier,
-            priority: fields.tier.priority(),
-            status: fields.status,
-            total_cents: fields.total_cents,
-            shipping_fee_cents: fields.shipping_fee_cents,
-            currency: fields.currency,
-            note: fields.note,
-            version: 3,
-            created_at: Utc::now(),
-            updated_at: Utc::now(),
-            decided_by: "t".into(),
+    pub fn report(&self) -> ShadowReport {
+        let (agreed, differed) = (self.agree.load(Ordering::Relaxed), self.differ.load(Ordering::Relaxed));
+        ShadowReport {
+            candidate: self.rules.id().to_string(),
+            version: self.version,
+            compared: agreed + differed,
+            agreed,
+            differed,
+            samples: self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
-    }
-
-    fn created(total: i64) -> OrderEvent {
-        event(
-            EventKind::Created,
-            OrderChange {
-                customer: Some("ada".into()),
-                tier: Some(Tier::Gold),
-                total_cents: Some(total),
-                ..Default::default()
-            },
-        )
-    }
-
-    #[test]
-    fn shipping_fee_brackets() {
-        assert_eq!(shipping_fee_cents(0), 999);
-        assert_eq!(shipping_fee_cents(4_999), 999);
-        assert_eq!(shipping_fee_cents(5_000), 799);
-        assert_eq!(shipping_fee_cents(9_999), 799);
-        assert_eq!(shipping_fee_cents(10_000), 599);
-        assert_eq!(shipping_fee_cents(19_999), 599);
-        assert_eq!(shipping_fee_cents(20_000), 0);
-    }
-
-    #[test]
-    fn status_mapping_fulfillment_wins() {
-        use FinancialStatus as F;
-        use FulfillmentStatus as S;
-        assert_eq!(mapped_status(Some(F::Pending), Some(S::Fulfilled)), Some(Status::Shipped));
-        assert_eq!(mapped_status(Some(F::Paid), Some(S::Partial)), Some(Status::Confirmed));
-        assert_eq!(mapped_status(None, Some(S::Restocked)), Some(Status::Cancelled));
-        assert_eq!(mapped_status(Some(F::Authorized), None), Some(Status::Pending));
-        assert_eq!(mapped_status(Some(F::PartiallyRefunded), None), Some(Status::Confirmed));
-        assert_eq!(mapped_status(Some(F::Voided), None), Some(Status::Cancelled));
-        assert_eq!(mapped_status(None, None), None);
-    }
-
-    #[test]
-    fn create_sets_fee_and_pending() {
-        let Decision::Upsert(f) = NativeRules.decide(&created(12_000), None) else {
-            panic!("expected upsert")
-        };
-        assert_eq!((f.status, f.shipping_fee_cents, f.currency.as_str()), (Status::Pending, 599, "USD"));
-    }
-
-    #[test]
-    fn create_on_existing_row_is_skipped() {
-        let Decision::Upsert(f) = NativeRules.decide(&created(100), None) else { panic!() };
-        assert!(matches!(NativeRules.decide(&created(100), Some(&row(f))), Decision::Skip(_)));
-    }
-
-    #[test]
-    fn negative_total_is_rejected() {
-        assert!(matches!(NativeRules.decide(&created(-1), None), Decision::Reject(r) if r.contains("negative")));
-    }
-
-    #[test]
-    fn update_without_row_and_fields_is_rejected() {
-        let e = event(EventKind::Updated, OrderChange { note: Some("x".into()), ..Default::default() });
-        assert!(matches!(NativeRules.decide(&e, None), Decision::Reject(r) if r.contains("does not exist")));
-    }
-
-    #[test]
-    fn cancel_and_noop() {
-        let Decision::Upsert(f) = NativeRules.decide(&created(100), None) else { panic!() };
-        let current = row(f);
-        let cancel = event(EventKind::Cancelled, OrderChange::default());
-        assert!(matches!(NativeRules.decide(&cancel, Some(&current)), Decision::Upsert(f) if f.status == Status::Cancelled));
-        let same = event(EventKind::Updated, OrderChange { note: Some(String::new()), ..Default::default() });
-        assert_eq!(NativeRules.decide(&same, Some(&current)), Decision::Skip("no change".into()));
-    }
-
-    #[test]
-    fn resolver_keeps_concurrent_changes_to_other_fields() {
-        let Decision::Upsert(f) = NativeRules.decide(&created(100), None) else { panic!() };
-        let base = row(f.clone());
-        // Someone else changed the note meanwhile; the writer changed the status.
-        let mut current = base.clone();
-        current.note = "operator".into();
-        current.version = 4;
-        let mut change = f;
-        change.status = Status::Shipped;
-        let merged = NativeResolver.resolve(Some(&base), &current, &change).unwrap();
-        assert_eq!((merged.status, merged.note.as_str()), (Status::Shipped, "operator"));
     }
 }

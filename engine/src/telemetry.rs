@@ -19,7 +19,10 @@ pub const APPLY_LATENCY: &str = "orchestrator_apply_latency_seconds";
 pub const QUEUE_DEPTH: &str = "orchestrator_queue_depth";
 pub const WS_CLIENTS: &str = "orchestrator_ws_clients";
 pub const WS_RESYNCS: &str = "orchestrator_ws_resyncs_total";
-pub const HTTP_REQUESTS: &str = "orchestrator_http_requests_total";
+pub const PLUGIN_CALLS: &str = "orchestrator_plugin_invocations_total";
+pub const PLUGIN_ERRORS: &str = "orchestrator_plugin_errors_total";
+pub const PLUGIN_DURATION: &str = "orchestrator_plugin_call_duration_seconds";
+pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -47,12 +50,15 @@ fn describe() {
     describe_counter!(APPLIED, "Changes applied to the store, by priority (operator edits count as their order's priority).");
     describe_counter!(CAS_CONFLICTS, "Compare-and-set writes that lost a race and were re-resolved.");
     describe_counter!(ERRORS, "Errors by error_type and stage.");
-    describe_histogram!(RULE_DURATION, metrics::Unit::Seconds, "Time one rule call took, by rule.");
+    describe_histogram!(RULE_DURATION, metrics::Unit::Seconds, "Time one call to the rules (or the resolver) took; the rules decide a batch per call.");
     describe_histogram!(APPLY_LATENCY, metrics::Unit::Seconds, "Time from log append to applied in the store, by priority.");
     describe_gauge!(QUEUE_DEPTH, "Events in the log not yet committed, by priority.");
     describe_gauge!(WS_CLIENTS, "Connected WebSocket clients.");
     describe_counter!(WS_RESYNCS, "Resync messages sent to WebSocket clients that fell behind.");
-    describe_counter!(HTTP_REQUESTS, "HTTP requests by route and status class.");
+    describe_counter!(PLUGIN_CALLS, "Calls into a Wasm plugin, by plugin slot, version and outcome (ok, error).");
+    describe_counter!(PLUGIN_ERRORS, "Failed plugin calls, by plugin (slot@version#hash) and error_type (trap, timeout, memory_limit, instantiate).");
+    describe_histogram!(PLUGIN_DURATION, metrics::Unit::Seconds, "Duration of one call into a plugin (a batch of events or one), by slot and version.");
+    describe_counter!(SHADOW_DECISIONS, "Shadow decisions compared with the active rules, by result (agreed, differed).");
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.
@@ -77,7 +83,7 @@ pub struct PipelineMetrics {
 }
 
 impl PipelineMetrics {
-    pub fn new(rule: &str) -> Self {
+    pub fn new() -> Self {
         let per = |name: &'static str| Priority::ALL.map(|p| counter!(name, "priority" => p.label()));
         let outcome = |o: &'static str| Priority::ALL.map(|p| counter!(PROCESSED, "priority" => p.label(), "outcome" => o));
         Self {
@@ -87,7 +93,7 @@ impl PipelineMetrics {
             rejected: outcome("rejected"),
             duplicate: outcome("duplicate"),
             conflicts: counter!(CAS_CONFLICTS),
-            rule_duration: histogram!(RULE_DURATION, "rule" => rule.to_string()),
+            rule_duration: histogram!(RULE_DURATION),
             latency: Priority::ALL.map(|p| histogram!(APPLY_LATENCY, "priority" => p.label())),
         }
     }

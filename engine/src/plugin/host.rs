@@ -1,0 +1,342 @@
+//! The Wasm sandbox: one wasmtime engine with epoch deadlines and pooled instances,
+//! compilation and contract checks for uploads, and loaded plugins that implement the
+//! rule interfaces with a memory cap and a per-call deadline.
+
+use std::sync::Mutex;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use metrics::{Counter, Histogram, counter, histogram};
+use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
+
+use super::bindings::resolver::{ConflictResolver as ResolverWorld, ConflictResolverPre};
+use super::bindings::rules::orchestrator::rules::host::{Host, Level};
+use super::bindings::rules::{OrderRules as RulesWorld, OrderRulesPre};
+use super::convert::host as wit;
+use super::{PluginError, Slot};
+use crate::domain::{Order, OrderEvent, OrderFields};
+use crate::rules::{ConflictResolver, Decision, OrderRules, RuleError, RuleErrorKind};
+use crate::telemetry;
+
+/// Sandbox limits, the same for every plugin.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall-clock budget of one call into a plugin.
+    pub deadline: Duration,
+    /// Largest linear memory one instance may grow to.
+    pub memory_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { deadline: Duration::from_millis(10), memory_bytes: 16 << 20 }
+    }
+}
+
+/// The epoch ticks once per millisecond; deadlines are counted in ticks.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Per-instance state: the memory cap and what the plugin last logged at error level
+/// (a panic message, through the SDK's panic hook).
+pub struct Sandbox {
+    memory_bytes: usize,
+    hit_memory_cap: bool,
+    plugin: Arc<str>,
+    last_error_log: Option<String>,
+}
+
+impl ResourceLimiter for Sandbox {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_bytes {
+            self.hit_memory_cap = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 100_000)
+    }
+}
+
+// The types interface has no functions; its host trait is empty.
+impl super::bindings::rules::orchestrator::rules::types::Host for Sandbox {}
+
+impl Host for Sandbox {
+    fn log(&mut self, level: Level, message: String) {
+        // Bounded, so a chatty plugin cannot flood the engine's log with huge lines.
+        let message: String = message.chars().take(2_000).collect();
+        let plugin = &*self.plugin;
+        match level {
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => {
+                tracing::warn!(plugin, "{message}");
+                self.last_error_log = Some(message);
+            }
+        }
+    }
+}
+
+/// The shared wasmtime engine and the linkers for both worlds.
+pub struct Runtime {
+    engine: Engine,
+    rules_linker: Linker<Sandbox>,
+    resolver_linker: Linker<Sandbox>,
+    pub limits: Limits,
+}
+
+impl Runtime {
+    pub fn new(limits: Limits) -> Result<Arc<Self>, PluginError> {
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        config.wasm_component_model(true);
+        let mut pool = PoolingAllocationConfig::default();
+        // Instances are reused across calls and replaced only after a trap, so a small
+        // pool suffices; its memories are sized to the cap (the limiter enforces it exactly).
+        pool.total_component_instances(256);
+        pool.total_core_instances(512);
+        pool.total_memories(512);
+        pool.total_tables(512);
+        pool.max_memory_size(limits.memory_bytes.max(1 << 20) * 2);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+
+        let mut rules_linker = Linker::new(&engine);
+        RulesWorld::add_to_linker::<_, HasSelf<_>>(&mut rules_linker, |s| s).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+        let mut resolver_linker = Linker::new(&engine);
+        ResolverWorld::add_to_linker::<_, HasSelf<_>>(&mut resolver_linker, |s| s).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+
+        let runtime = Arc::new(Self { engine, rules_linker, resolver_linker, limits });
+        // A weak handle: the ticker ends with the runtime.
+        let weak: Weak<Self> = Arc::downgrade(&runtime);
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while let Some(rt) = weak.upgrade() {
+                    rt.engine.increment_epoch();
+                    drop(rt);
+                    std::thread::sleep(TICK);
+                }
+            })
+            .map_err(|e| PluginError::Runtime(e.to_string()))?;
+        Ok(runtime)
+    }
+
+    /// Compiles `bytes` and checks it against `slot`'s world: the right exports, and
+    /// no imports but the host interface (WASI imports that Rust's std links in are
+    /// allowed but trap if called: plugins get no ambient access).
+    pub fn compile(self: &Arc<Self>, slot: Slot, bytes: &[u8]) -> Result<Compiled, PluginError> {
+        let component = Component::new(&self.engine, bytes).map_err(|e| {
+            PluginError::Invalid(format!("not a valid WebAssembly component: {}", root_cause(&e)))
+        })?;
+        let ty = component.component_type();
+        for (name, item) in ty.imports(&self.engine) {
+            let allowed = ["orchestrator:rules/host@1.", "orchestrator:rules/types@1.", "wasi:"].iter().any(|p| name.starts_with(p));
+            if !allowed || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+                return Err(PluginError::Invalid(format!(
+                    "the component imports `{name}`, which the host does not provide; a {} plugin may import only orchestrator:rules/host",
+                    slot.name()
+                )));
+            }
+        }
+        let mut linker = match slot {
+            Slot::OrderRules => self.rules_linker.clone(),
+            Slot::ConflictResolver => self.resolver_linker.clone(),
+        };
+        linker
+            .define_unknown_imports_as_traps(&component)
+            .map_err(|e| PluginError::Invalid(format!("cannot link the component: {e:#}")))?;
+        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Invalid(format!("cannot link the component: {e:#}")))?;
+        let world = |e: wasmtime::Error| {
+            PluginError::Invalid(format!(
+                "the component does not implement the `{}` world of orchestrator:rules@1.0.0: {}",
+                slot.name(),
+                root_cause(&e)
+            ))
+        };
+        let pre = match slot {
+            Slot::OrderRules => PreKind::Rules(OrderRulesPre::new(pre).map_err(world)?),
+            Slot::ConflictResolver => PreKind::Resolver(ConflictResolverPre::new(pre).map_err(world)?),
+        };
+        Ok(Compiled { runtime: self.clone(), pre })
+    }
+}
+
+fn root_cause(e: &wasmtime::Error) -> String {
+    format!("{e:#}")
+}
+
+enum PreKind {
+    Rules(OrderRulesPre<Sandbox>),
+    Resolver(ConflictResolverPre<Sandbox>),
+}
+
+/// A compiled, contract-checked plugin, ready to instantiate.
+pub struct Compiled {
+    runtime: Arc<Runtime>,
+    pre: PreKind,
+}
+
+enum Bindings {
+    Rules(RulesWorld),
+    Resolver(ResolverWorld),
+}
+
+struct Instance {
+    store: Store<Sandbox>,
+    bindings: Bindings,
+}
+
+/// Metric handles of one loaded plugin version.
+struct PluginMetrics {
+    ok: Counter,
+    failed: Counter,
+    duration: Histogram,
+}
+
+/// A plugin version loaded for calls: `id` is `slot@version#sha256:<12 hex>`.
+pub struct Loaded {
+    id: String,
+    compiled: Compiled,
+    /// Idle instances, reused across calls; one that failed is dropped, never reused.
+    idle: Mutex<Vec<Instance>>,
+    metrics: PluginMetrics,
+}
+
+impl Loaded {
+    pub fn new(compiled: Compiled, slot: Slot, version: u64, sha256: &str) -> Arc<Self> {
+        let id = format!("{}@{version}#sha256:{}", slot.name(), &sha256[..12.min(sha256.len())]);
+        let labels = [("plugin", slot.name().to_string()), ("version", version.to_string())];
+        let metrics = PluginMetrics {
+            ok: counter!(telemetry::PLUGIN_CALLS, &[labels[0].clone(), labels[1].clone(), ("outcome", "ok".to_string())]),
+            failed: counter!(telemetry::PLUGIN_CALLS, &[labels[0].clone(), labels[1].clone(), ("outcome", "error".to_string())]),
+            duration: histogram!(telemetry::PLUGIN_DURATION, &labels),
+        };
+        Arc::new(Self { id, compiled, idle: Mutex::new(Vec::new()), metrics })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Instantiates once (keeping the instance for the first call): proves the component starts.
+    pub fn check_instantiates(&self) -> Result<(), RuleError> {
+        let inst = self.instantiate()?;
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(inst);
+        Ok(())
+    }
+
+    fn instantiate(&self) -> Result<Instance, RuleError> {
+        let rt = &self.compiled.runtime;
+        let sandbox = Sandbox { memory_bytes: rt.limits.memory_bytes, hit_memory_cap: false, plugin: self.id.as_str().into(), last_error_log: None };
+        let mut store = Store::new(&rt.engine, sandbox);
+        store.limiter(|s| s);
+        store.set_epoch_deadline(ticks(rt.limits.deadline));
+        let bindings = match &self.compiled.pre {
+            PreKind::Rules(pre) => pre.instantiate(&mut store).map(Bindings::Rules),
+            PreKind::Resolver(pre) => pre.instantiate(&mut store).map(Bindings::Resolver),
+        };
+        let bindings = bindings.map_err(|e| classify(&e, store.data(), "instantiating"))?;
+        Ok(Instance { store, bindings })
+    }
+
+    /// Runs `f` on an idle (or new) instance under the deadline. An instance whose call
+    /// failed is discarded: after a trap a component cannot be entered again.
+    fn call<T>(&self, f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+        let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut inst = match taken {
+            Some(i) => i,
+            None => self.instantiate()?,
+        };
+        inst.store.set_epoch_deadline(ticks(self.compiled.runtime.limits.deadline));
+        inst.store.data_mut().last_error_log = None;
+        let started = Instant::now();
+        let result = f(&mut inst);
+        self.metrics.duration.record(started.elapsed().as_secs_f64());
+        match result {
+            Ok(v) => {
+                self.metrics.ok.increment(1);
+                self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(inst);
+                Ok(v)
+            }
+            Err(e) => {
+                self.metrics.failed.increment(1);
+                let err = classify(&e, inst.store.data(), "calling");
+                let kind = err.kind.as_str();
+                counter!(telemetry::PLUGIN_ERRORS, "plugin" => self.id.clone(), "error_type" => kind).increment(1);
+                Err(err)
+            }
+        }
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_millis() as u64 / TICK.as_millis() as u64).max(1)
+}
+
+/// Names why a call failed, with the plugin's own last words when it left some.
+fn classify(e: &wasmtime::Error, sandbox: &Sandbox, doing: &str) -> RuleError {
+    let said = sandbox.last_error_log.as_deref().map(|m| format!(" (plugin said: {m})")).unwrap_or_default();
+    let (kind, message) = if sandbox.hit_memory_cap {
+        (RuleErrorKind::MemoryLimit, format!("the plugin tried to grow its memory past {} bytes", sandbox.memory_bytes))
+    } else {
+        match e.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => (RuleErrorKind::Timeout, "the plugin ran past its deadline".to_string()),
+            Some(trap) => (RuleErrorKind::Trap, format!("trap while {doing}: {trap}")),
+            None if doing == "instantiating" => (RuleErrorKind::Instantiate, format!("{e:#}")),
+            None => (RuleErrorKind::Trap, format!("{e:#}")),
+        }
+    };
+    RuleError { kind, message: format!("{message}{said}") }
+}
+
+impl OrderRules for Loaded {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
+        let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
+        let batch = self.call(|inst| match &inst.bindings {
+            Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs),
+            Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+        });
+        match batch {
+            Ok(decisions) if decisions.len() == inputs.len() => decisions.into_iter().map(|d| Ok(wit::decision_back(d))).collect(),
+            Ok(decisions) => {
+                let message = format!("decide-batch returned {} decisions for {} events", decisions.len(), inputs.len());
+                vec![Err(RuleError { kind: RuleErrorKind::Instantiate, message }); inputs.len()]
+            }
+            // One event failed the whole call: decide one by one, so only it fails.
+            Err(_) if inputs.len() > 1 => wit_inputs
+                .into_iter()
+                .map(|input| {
+                    self.call(|inst| match &inst.bindings {
+                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
+                        Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+                    })
+                    .map(wit::decision_back)
+                })
+                .collect(),
+            Err(e) => vec![Err(e)],
+        }
+    }
+}
+
+impl ConflictResolver for Loaded {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError> {
+        let (base, current, change) = (base.map(wit::order), wit::order(current), wit::order(change));
+        self.call(|inst| match &inst.bindings {
+            Bindings::Resolver(b) => b.orchestrator_rules_resolver().call_resolve(&mut inst.store, base.as_ref(), &current, &change),
+            Bindings::Rules(_) => unreachable!("rules are never loaded as a resolver"),
+        })
+        .map(|r| r.map(wit::fields_back))
+    }
+}

@@ -1,0 +1,336 @@
+//! The plugin registry: every uploaded version per slot, which one is active (and which
+//! runs in shadow), kept durably in `plugins.sqlite` and mirrored into the [`Rulebook`].
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use utoipa::ToSchema;
+
+use super::host::{Loaded, Runtime};
+use super::{PluginError, Slot};
+use crate::rules::{Rulebook, ShadowReport, ShadowRun};
+use crate::sqlite::{from_micros, micros, open};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS versions (
+    slot TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    bytes BLOB NOT NULL,
+    origin TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (slot, version)
+);
+CREATE TABLE IF NOT EXISTS slots (
+    slot TEXT PRIMARY KEY,
+    active INTEGER NOT NULL,
+    shadow INTEGER,
+    -- Versions activated in turn, as a JSON array; rollback pops the last one.
+    stack TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS activations (
+    seq INTEGER PRIMARY KEY,
+    slot TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    action TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+";
+
+/// One stored version.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct VersionInfo {
+    pub slot: Slot,
+    pub version: u64,
+    pub sha256: String,
+    /// `builtin` or `upload`.
+    pub origin: String,
+    pub size_bytes: u64,
+    pub created_at: DateTime<Utc>,
+    /// What rows record as `decided_by` when this version decides.
+    pub decided_by: String,
+}
+
+/// One change of a slot's active or shadow version.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Activation {
+    pub version: u64,
+    /// builtin, deploy, shadow, promote, discard, rollback
+    pub action: String,
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SlotInfo {
+    pub slot: Slot,
+    pub active: VersionInfo,
+    pub shadow: Option<VersionInfo>,
+    pub versions: Vec<VersionInfo>,
+    /// Oldest first.
+    pub history: Vec<Activation>,
+}
+
+/// The answer to a deploy.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Deployed {
+    pub slot: Slot,
+    pub version: u64,
+    pub sha256: String,
+    pub shadow: bool,
+    /// From request to active (or shadowing), including compilation.
+    pub activation_ms: f64,
+}
+
+pub struct Registry {
+    runtime: Arc<Runtime>,
+    rulebook: Arc<Rulebook>,
+    db: Mutex<Connection>,
+    /// Loaded versions by (slot, version): compiled once, reused on rollback.
+    loaded: Mutex<HashMap<(Slot, u64), Arc<Loaded>>>,
+    /// Deploys, promotions and rollbacks happen one at a time.
+    changes: tokio::sync::Mutex<()>,
+    max_bytes: usize,
+}
+
+fn repo(e: rusqlite::Error) -> PluginError {
+    PluginError::Repo(e.to_string())
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Registry {
+    /// Opens the registry, installing the built-in plugins in empty slots, and puts the
+    /// active versions (and shadow) into the rulebook.
+    pub fn open(path: &Path, runtime: Arc<Runtime>, rulebook: Arc<Rulebook>, max_bytes: usize) -> Result<Arc<Self>, PluginError> {
+        let db = open(path).map_err(repo)?;
+        db.execute_batch(SCHEMA).map_err(repo)?;
+        let registry = Arc::new(Self { runtime, rulebook, db: Mutex::new(db), loaded: Mutex::default(), changes: Default::default(), max_bytes });
+        for slot in Slot::ALL {
+            if registry.slot_row(slot)?.is_none() {
+                registry.insert_version(slot, 1, slot.builtin(), "builtin")?;
+                registry.set_slot(slot, 1, None, vec![1], "builtin", 1)?;
+            }
+            let (active, shadow, _) = registry.slot_row(slot)?.expect("slot row was just ensured");
+            let loaded = registry.load(slot, active)?;
+            registry.install_active(slot, loaded);
+            if let Some(v) = shadow {
+                registry.rulebook.set_shadow(Some(ShadowRun::new(registry.load(slot, v)?, v)));
+            }
+        }
+        Ok(registry)
+    }
+
+    fn install_active(&self, slot: Slot, loaded: Arc<Loaded>) {
+        match slot {
+            Slot::OrderRules => self.rulebook.set_rules(loaded),
+            Slot::ConflictResolver => self.rulebook.set_resolver(loaded),
+        }
+    }
+
+    fn slot_row(&self, slot: Slot) -> Result<Option<(u64, Option<u64>, Vec<u64>)>, PluginError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.query_row("SELECT active, shadow, stack FROM slots WHERE slot = ?1", [slot.name()], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(|v| v as u64), r.get::<_, String>(2)?))
+        })
+        .optional()
+        .map_err(repo)?
+        .map(|(a, s, stack)| Ok((a, s, serde_json::from_str(&stack).map_err(|e| PluginError::Repo(e.to_string()))?)))
+        .transpose()
+    }
+
+    /// Records the slot's new state, and `action` on version `subject` in its history.
+    fn set_slot(&self, slot: Slot, active: u64, shadow: Option<u64>, stack: Vec<u64>, action: &str, subject: u64) -> Result<(), PluginError> {
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = db.transaction().map_err(repo)?;
+        tx.execute(
+            "INSERT INTO slots (slot, active, shadow, stack) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(slot) DO UPDATE SET active = excluded.active, shadow = excluded.shadow, stack = excluded.stack",
+            params![slot.name(), active as i64, shadow.map(|v| v as i64), serde_json::to_string(&stack).expect("a list of numbers")],
+        )
+        .map_err(repo)?;
+        tx.execute(
+            "INSERT INTO activations (slot, version, action, at) VALUES (?1, ?2, ?3, ?4)",
+            params![slot.name(), subject as i64, action, micros(Utc::now())],
+        )
+        .map_err(repo)?;
+        tx.commit().map_err(repo)
+    }
+
+    fn next_version(&self, slot: Slot) -> Result<u64, PluginError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.query_row("SELECT coalesce(max(version), 0) + 1 FROM versions WHERE slot = ?1", [slot.name()], |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(repo)
+    }
+
+    fn insert_version(&self, slot: Slot, version: u64, bytes: &[u8], origin: &str) -> Result<(), PluginError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.execute(
+            "INSERT INTO versions (slot, version, sha256, bytes, origin, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![slot.name(), version as i64, sha256_hex(bytes), bytes, origin, micros(Utc::now())],
+        )
+        .map_err(repo)?;
+        Ok(())
+    }
+
+    /// The loaded version, compiling it from the repository on first use.
+    fn load(&self, slot: Slot, version: u64) -> Result<Arc<Loaded>, PluginError> {
+        if let Some(l) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&(slot, version)) {
+            return Ok(l.clone());
+        }
+        let (bytes, sha): (Vec<u8>, String) = {
+            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+            db.query_row("SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2", params![slot.name(), version as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(repo)?
+        };
+        let compiled = self.runtime.compile(slot, &bytes)?;
+        let loaded = Loaded::new(compiled, slot, version, &sha);
+        self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Checks, stores and activates (or shadows) an uploaded component.
+    pub async fn deploy(self: &Arc<Self>, slot: Slot, bytes: Vec<u8>, shadow: bool) -> Result<Deployed, PluginError> {
+        let started = Instant::now();
+        if bytes.len() > self.max_bytes {
+            return Err(PluginError::Invalid(format!("the module is {} bytes; the limit is {} bytes", bytes.len(), self.max_bytes)));
+        }
+        if shadow && slot != Slot::OrderRules {
+            return Err(PluginError::Invalid("shadow mode is available for the order-rules slot only".into()));
+        }
+        let _one_at_a_time = self.changes.lock().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Compile and instantiate before storing anything: a component that cannot
+            // run never becomes a version.
+            let (version, sha256) = (me.next_version(slot)?, sha256_hex(&bytes));
+            let loaded = Loaded::new(me.runtime.compile(slot, &bytes)?, slot, version, &sha256);
+            loaded.check_instantiates().map_err(|e| PluginError::Invalid(format!("the component does not start: {e}")))?;
+            me.insert_version(slot, version, &bytes, "upload")?;
+            me.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
+            let (active, current_shadow, mut stack) = me.slot_row(slot)?.expect("every slot has a row");
+            if shadow {
+                me.set_slot(slot, active, Some(version), stack, "shadow", version)?;
+                me.rulebook.set_shadow(Some(ShadowRun::new(loaded, version)));
+            } else {
+                stack.push(version);
+                me.set_slot(slot, version, current_shadow, stack, "deploy", version)?;
+                me.install_active(slot, loaded);
+            }
+            Ok(Deployed { slot, version, sha256, shadow, activation_ms: started.elapsed().as_secs_f64() * 1e3 })
+        })
+        .await
+        .map_err(|e| PluginError::Runtime(e.to_string()))?
+    }
+
+    /// Makes the shadow version the active one.
+    pub async fn promote(&self, slot: Slot) -> Result<VersionInfo, PluginError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let (_, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version to promote")))?;
+        let loaded = self.load(slot, version)?;
+        stack.push(version);
+        self.set_slot(slot, version, None, stack, "promote", version)?;
+        self.rulebook.set_shadow(None);
+        self.install_active(slot, loaded);
+        self.version_info(slot, version)
+    }
+
+    /// Stops the shadow run without promoting it.
+    pub async fn discard_shadow(&self, slot: Slot) -> Result<(), PluginError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let (active, shadow, stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))?;
+        self.set_slot(slot, active, None, stack, "discard", version)?;
+        self.rulebook.set_shadow(None);
+        Ok(())
+    }
+
+    /// Re-activates the version that was active before the current one.
+    pub async fn rollback(&self, slot: Slot) -> Result<VersionInfo, PluginError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let (_, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        if stack.len() < 2 {
+            return Err(PluginError::State(format!("{slot} has no earlier version to roll back to")));
+        }
+        stack.pop();
+        let version = *stack.last().expect("at least one left");
+        let loaded = self.load(slot, version)?;
+        self.set_slot(slot, version, shadow, stack, "rollback", version)?;
+        self.install_active(slot, loaded);
+        self.version_info(slot, version)
+    }
+
+    pub fn shadow_report(&self, slot: Slot) -> Result<ShadowReport, PluginError> {
+        if slot != Slot::OrderRules {
+            return Err(PluginError::State("shadow mode is available for the order-rules slot only".into()));
+        }
+        self.rulebook.shadow().map(|s| s.report()).ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))
+    }
+
+    fn version_info(&self, slot: Slot, version: u64) -> Result<VersionInfo, PluginError> {
+        self.versions(slot)?
+            .into_iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| PluginError::Repo(format!("{slot}@{version} is missing")))
+    }
+
+    fn versions(&self, slot: Slot) -> Result<Vec<VersionInfo>, PluginError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let mut stmt = db
+            .prepare("SELECT version, sha256, origin, length(bytes), created_at FROM versions WHERE slot = ?1 ORDER BY version")
+            .map_err(repo)?;
+        stmt.query_map([slot.name()], |r| {
+            let version = r.get::<_, i64>(0)? as u64;
+            let sha256: String = r.get(1)?;
+            Ok(VersionInfo {
+                slot,
+                version,
+                decided_by: format!("{}@{version}#sha256:{}", slot.name(), &sha256[..12]),
+                sha256,
+                origin: r.get(2)?,
+                size_bytes: r.get::<_, i64>(3)? as u64,
+                created_at: from_micros(r.get(4)?),
+            })
+        })
+        .map_err(repo)?
+        .collect::<rusqlite::Result<_>>()
+        .map_err(repo)
+    }
+
+    pub fn describe(&self) -> Result<Vec<SlotInfo>, PluginError> {
+        Slot::ALL
+            .into_iter()
+            .map(|slot| {
+                let (active, shadow, _) = self.slot_row(slot)?.expect("every slot has a row");
+                let versions = self.versions(slot)?;
+                let find = |v: u64| versions.iter().find(|i| i.version == v).cloned();
+                let history = {
+                    let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+                    let mut stmt = db.prepare("SELECT version, action, at FROM activations WHERE slot = ?1 ORDER BY seq").map_err(repo)?;
+                    stmt.query_map([slot.name()], |r| Ok(Activation { version: r.get::<_, i64>(0)? as u64, action: r.get(1)?, at: from_micros(r.get(2)?) }))
+                        .map_err(repo)?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                        .map_err(repo)?
+                };
+                Ok(SlotInfo {
+                    slot,
+                    active: find(active).ok_or_else(|| PluginError::Repo(format!("{slot}@{active} is missing")))?,
+                    shadow: shadow.and_then(find),
+                    versions,
+                    history,
+                })
+            })
+            .collect()
+    }
+}

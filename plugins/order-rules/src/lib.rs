@@ -1,0 +1,188 @@
+//! The default order-processing rules, shipped inside the engine as the `order-rules`
+//! plugin (and used natively as the reference the plugin is checked against):
+//! - status from Shopify's statuses: fulfillment wins when present, then financial;
+//! - shipping fee from the order total;
+//! - validation: negative amounts are rejected, updates to unknown orders too;
+//! - monotonic status: an event never moves an order back along the status lattice.
+
+use orchestrator_sdk::*;
+
+pub struct Rules;
+
+/// Shipping fee by order total, in cents: under 50 → 9.99, under 100 → 7.99,
+/// under 200 → 5.99, otherwise free.
+pub fn shipping_fee_cents(total_cents: i64) -> i64 {
+    match total_cents {
+        t if t < 5_000 => 999,
+        t if t < 10_000 => 799,
+        t if t < 20_000 => 599,
+        _ => 0,
+    }
+}
+
+/// Status from Shopify's statuses: fulfillment wins when present, then financial.
+pub fn mapped_status(financial: Option<FinancialStatus>, fulfillment: Option<FulfillmentStatus>) -> Option<Status> {
+    if let Some(f) = fulfillment {
+        return Some(match f {
+            FulfillmentStatus::Fulfilled => Status::Shipped,
+            FulfillmentStatus::Partial => Status::Confirmed,
+            FulfillmentStatus::Restocked => Status::Cancelled,
+        });
+    }
+    financial.map(|f| match f {
+        FinancialStatus::Pending | FinancialStatus::Authorized => Status::Pending,
+        FinancialStatus::Paid | FinancialStatus::PartiallyPaid | FinancialStatus::PartiallyRefunded => Status::Confirmed,
+        FinancialStatus::Refunded | FinancialStatus::Voided => Status::Cancelled,
+    })
+}
+
+impl OrderRules for Rules {
+    fn decide(event: OrderEvent, current: Option<Order>) -> Decision {
+        let p = event.payload;
+        if event.kind == EventKind::Created && current.is_some() {
+            return Decision::Skip("order already exists".into());
+        }
+        if let Some(total) = p.total_cents.filter(|t| *t < 0) {
+            return Decision::Reject(format!("negative total_cents {total}"));
+        }
+        if let Some(fee) = p.shipping_fee_cents.filter(|f| *f < 0) {
+            return Decision::Reject(format!("negative shipping_fee_cents {fee}"));
+        }
+        let before = current.map(|row| row.fields);
+        let mut fields = match &before {
+            Some(fields) => fields.clone(),
+            None => {
+                // An update may arrive before (or without) its create; it can only
+                // create the row when it carries everything a create needs.
+                let (Some(customer), Some(tier), Some(total)) = (p.customer.clone(), p.tier, p.total_cents) else {
+                    return Decision::Reject(format!(
+                        "order {} does not exist and the {:?} event lacks customer, tier or total_cents",
+                        event.order_id, event.kind
+                    ));
+                };
+                OrderFields {
+                    shopify_order_id: None,
+                    customer,
+                    tier,
+                    status: Status::Pending,
+                    total_cents: total,
+                    shipping_fee_cents: shipping_fee_cents(total),
+                    currency: "USD".into(),
+                    note: String::new(),
+                }
+            }
+        };
+        if let Some(v) = p.shopify_order_id {
+            fields.shopify_order_id = Some(v);
+        }
+        if let Some(v) = p.customer {
+            fields.customer = v;
+        }
+        if let Some(v) = p.tier {
+            fields.tier = v;
+        }
+        if let Some(v) = p.currency {
+            fields.currency = v;
+        }
+        if let Some(v) = p.note {
+            fields.note = v;
+        }
+        if let Some(total) = p.total_cents {
+            fields.total_cents = total;
+            fields.shipping_fee_cents = shipping_fee_cents(total);
+        }
+        if let Some(fee) = p.shipping_fee_cents {
+            fields.shipping_fee_cents = fee;
+        }
+        let mut status = mapped_status(p.financial_status, p.fulfillment_status).or(p.status);
+        if event.kind == EventKind::Cancelled {
+            status = Some(Status::Cancelled);
+        }
+        // A late or stale event never moves the order back along the lattice.
+        if let Some(s) = status.filter(|s| s.rank() >= fields.status.rank()) {
+            fields.status = s;
+        }
+        match before {
+            Some(b) if b == fields => Decision::Skip("no change".into()),
+            _ => Decision::Upsert(fields),
+        }
+    }
+}
+
+#[cfg(feature = "export")]
+export_order_rules!(Rules);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use orchestrator_sdk::testing::{created, empty_change, event, order, updated};
+
+    fn upsert(d: Decision) -> OrderFields {
+        match d {
+            Decision::Upsert(f) => f,
+            other => panic!("expected an upsert, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn shipping_fee_brackets() {
+        let cases = [(0, 999), (4_999, 999), (5_000, 799), (9_999, 799), (10_000, 599), (19_999, 599), (20_000, 0)];
+        for (total, fee) in cases {
+            assert_eq!(shipping_fee_cents(total), fee, "total {total}");
+        }
+    }
+
+    #[test]
+    fn status_mapping_fulfillment_wins() {
+        use FinancialStatus as F;
+        use FulfillmentStatus as S;
+        assert_eq!(mapped_status(Some(F::Pending), Some(S::Fulfilled)), Some(Status::Shipped));
+        assert_eq!(mapped_status(Some(F::Paid), Some(S::Partial)), Some(Status::Confirmed));
+        assert_eq!(mapped_status(None, Some(S::Restocked)), Some(Status::Cancelled));
+        assert_eq!(mapped_status(Some(F::Authorized), None), Some(Status::Pending));
+        assert_eq!(mapped_status(Some(F::PartiallyRefunded), None), Some(Status::Confirmed));
+        assert_eq!(mapped_status(Some(F::Voided), None), Some(Status::Cancelled));
+        assert_eq!(mapped_status(None, None), None);
+    }
+
+    #[test]
+    fn create_sets_fee_and_pending() {
+        let f = upsert(Rules::decide(created("ada", Tier::Gold, 12_000), None));
+        assert_eq!((f.status, f.shipping_fee_cents, f.currency.as_str()), (Status::Pending, 599, "USD"));
+    }
+
+    #[test]
+    fn create_on_existing_row_is_skipped() {
+        let d = Rules::decide(created("ada", Tier::Gold, 100), Some(order(1, Status::Pending)));
+        assert_eq!(d, Decision::Skip("order already exists".into()));
+    }
+
+    #[test]
+    fn negative_amounts_are_rejected() {
+        assert!(matches!(Rules::decide(created("ada", Tier::Gold, -1), None), Decision::Reject(r) if r.contains("negative total")));
+        let fee = updated(OrderChange { shipping_fee_cents: Some(-5), ..empty_change() });
+        assert!(matches!(Rules::decide(fee, Some(order(1, Status::Pending))), Decision::Reject(r) if r.contains("negative shipping")));
+    }
+
+    #[test]
+    fn update_of_an_unknown_order_is_rejected() {
+        let e = updated(OrderChange { note: Some("x".into()), ..empty_change() });
+        assert!(matches!(Rules::decide(e, None), Decision::Reject(r) if r.contains("does not exist")));
+    }
+
+    #[test]
+    fn status_never_moves_backwards() {
+        let late_paid = updated(OrderChange { financial_status: Some(FinancialStatus::Paid), ..empty_change() });
+        assert_eq!(Rules::decide(late_paid.clone(), Some(order(3, Status::Shipped))), Decision::Skip("no change".into()));
+        assert_eq!(upsert(Rules::decide(late_paid, Some(order(1, Status::Pending)))).status, Status::Confirmed);
+        let cancel = event(EventKind::Cancelled);
+        assert_eq!(upsert(Rules::decide(cancel, Some(order(3, Status::Shipped)))).status, Status::Cancelled);
+    }
+
+    #[test]
+    fn total_change_recomputes_the_fee() {
+        let e = updated(OrderChange { total_cents: Some(30_000), ..empty_change() });
+        let f = upsert(Rules::decide(e, Some(order(1, Status::Pending))));
+        assert_eq!((f.total_cents, f.shipping_fee_cents), (30_000, 0));
+    }
+}
