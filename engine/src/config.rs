@@ -35,6 +35,19 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes; larger ones get 413.
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Bearer token for mutating plugin and dead-letter calls. Without one, the engine
+    /// makes one up (and logs it) when it listens on loopback, and refuses to start otherwise.
+    #[arg(long, env = "ORCHESTRATOR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Per-call deadline of a rule plugin, in milliseconds.
+    #[arg(long, env = "ORCHESTRATOR_PLUGIN_DEADLINE_MS", default_value_t = 10)]
+    pub plugin_deadline_ms: u64,
+    /// Memory cap of one plugin instance, in MiB.
+    #[arg(long, env = "ORCHESTRATOR_PLUGIN_MEMORY_MIB", default_value_t = 16)]
+    pub plugin_memory_mib: usize,
+    /// Largest accepted plugin upload, in bytes.
+    #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 8 << 20)]
+    pub max_plugin_bytes: usize,
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,

@@ -18,7 +18,7 @@ use crate::pipeline::{Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::rules::Rulebook;
-use crate::store::{OrderStore, StoreError, Write, WriteResult, embedded::EmbeddedStore};
+use crate::store::{OrderStore, ReplayClaim, StoreError, Write, WriteResult, embedded::EmbeddedStore};
 use crate::stream::ChangeStream;
 use crate::telemetry;
 
@@ -56,6 +56,20 @@ pub enum IngestError {
     Invalid { index: usize, reason: String },
     #[error(transparent)]
     Log(#[from] LogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("dead letter not found")]
+    NotFound,
+    #[error("already replayed at {0:?}")]
+    AlreadyReplayed(Option<chrono::DateTime<Utc>>),
+    #[error("{0}")]
+    NotAnEvent(String),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -239,6 +253,28 @@ impl Engine {
             Some(WriteResult::Conflict(None)) => Err(EditError::NotFound),
             Some(WriteResult::Duplicate) | None => Err(EditError::Store(StoreError::Backend("edit was not recorded".into()))),
         }
+    }
+
+    /// Sends a dead-lettered event through the pipeline again, as a new event
+    /// (`<event_id>#replay-<ms>`) so the original rejection stays in the history.
+    pub async fn replay(&self, id: &str) -> Result<OrderEvent, ReplayError> {
+        let letter = match self.store.claim_replay(id, false).await? {
+            ReplayClaim::NotFound => return Err(ReplayError::NotFound),
+            ReplayClaim::AlreadyReplayed(l) => return Err(ReplayError::AlreadyReplayed(l.replayed_at)),
+            ReplayClaim::Claimed(l) => l,
+        };
+        let result = async {
+            let mut event: OrderEvent = serde_json::from_str(&letter.payload)
+                .map_err(|e| ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again")))?;
+            event.event_id = format!("{}#replay-{}", event.event_id, Utc::now().timestamp_millis());
+            self.ingest(std::slice::from_ref(&event)).await?;
+            Ok(event)
+        }
+        .await;
+        if result.is_err() {
+            self.store.claim_replay(id, true).await?;
+        }
+        result
     }
 
     pub fn backend(&self) -> String {

@@ -4,7 +4,9 @@ use anyhow::Context;
 use clap::Parser;
 use orchestrator::api::{self, ApiConfig, AppState};
 use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs};
-use orchestrator::engine::{Engine, EngineConfig};
+use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
+use orchestrator::plugin::host::Limits;
+use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
 use tracing_subscriber::EnvFilter;
 
@@ -24,8 +26,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let api_token = api_token(&args)?;
     let metrics = telemetry::install();
-    let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    let plugins = PluginConfig {
+        limits: Limits { deadline: Duration::from_millis(args.plugin_deadline_ms.max(1)), memory_bytes: args.plugin_memory_mib.max(1) << 20 },
+        max_bytes: args.max_plugin_bytes,
+    };
+    let config = EngineConfig { pipeline: args.tuning.pipeline(), plugins: Some(plugins), ..Default::default() };
     let engine = Engine::open_embedded(&args.data_dir, config)
         .with_context(|| format!("opening the embedded log and store in {}", args.data_dir.display()))?;
     engine.start().await?;
@@ -36,12 +43,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %listener.local_addr()?, data_dir = %args.data_dir.display(), backend = %engine.backend(),
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
-    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes } };
+    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// The configured token; or, on loopback only, a fresh one written to `<data-dir>/api-token`.
+fn api_token(args: &ServeArgs) -> anyhow::Result<String> {
+    if let Some(t) = args.api_token.as_ref().filter(|t| !t.is_empty()) {
+        return Ok(t.clone());
+    }
+    if !args.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to expose plugin deployment on {} without a token: set --api-token or ORCHESTRATOR_API_TOKEN",
+            args.listen
+        );
+    }
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::create_dir_all(&args.data_dir)?;
+    let path = args.data_dir.join("api-token");
+    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tracing::warn!(path = %path.display(), "no API token configured: generated one for this loopback-only engine (set ORCHESTRATOR_API_TOKEN to choose)");
+    Ok(token)
 }
 
 async fn shutdown_signal() {

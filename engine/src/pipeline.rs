@@ -395,6 +395,7 @@ impl Pipeline {
             decided_by: decided_by.map(str::to_string),
             payload: String::from_utf8_lossy(&d.payload).into_owned(),
             recorded_at: Utc::now(),
+            replayed_at: None,
         }
     }
 
@@ -408,6 +409,7 @@ impl Pipeline {
             decided_by: decided_by.map(str::to_string),
             payload: serde_json::to_string(e).unwrap_or_default(),
             recorded_at: Utc::now(),
+            replayed_at: None,
         }
     }
 }
@@ -486,6 +488,9 @@ mod tests {
         }
         async fn stats(&self) -> Result<StoreStats, StoreError> {
             self.inner.stats().await
+        }
+        async fn claim_replay(&self, id: &str, undo: bool) -> Result<crate::store::ReplayClaim, StoreError> {
+            self.inner.claim_replay(id, undo).await
         }
     }
 

@@ -2,6 +2,7 @@
 
 mod error;
 mod openapi;
+mod plugins;
 mod ws;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
@@ -25,18 +26,19 @@ use crate::engine::{Engine, OrderEdit};
 use crate::store::{HistoryEntry, ListQuery, Page, Sort};
 use crate::telemetry;
 
-/// Limits the API enforces.
+/// Limits and credentials the API enforces.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
-    /// Largest request body accepted; larger ones get 413.
+    /// Largest request body accepted; larger ones get 413. Plugin uploads have their
+    /// own limit, checked by the registry.
     pub max_body_bytes: usize,
+    /// Bearer token required on mutating plugin and dead-letter calls.
+    pub api_token: String,
 }
 
-impl Default for ApiConfig {
-    fn default() -> Self {
-        Self { max_body_bytes: 4 * 1024 * 1024 }
-    }
-}
+/// Plugin uploads beyond the registry's limit still reach it (and get its clear 400)
+/// up to this size.
+const PLUGIN_BODY_LIMIT: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -56,6 +58,14 @@ pub fn router(state: AppState) -> Router {
         .route("/orders/{id}", get(get_order).patch(patch_order))
         .route("/orders/{id}/history", get(order_history))
         .route("/ws", get(ws::upgrade))
+        .route("/plugins", get(plugins::list))
+        .route("/plugins/{slot}", put(plugins::deploy).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
+        .route("/plugins/{slot}/promote", post(plugins::promote))
+        .route("/plugins/{slot}/rollback", post(plugins::rollback))
+        .route("/plugins/{slot}/shadow", axum::routing::delete(plugins::discard))
+        .route("/plugins/{slot}/shadow-report", get(plugins::shadow_report))
+        .route("/dead-letters", get(plugins::dead_letters))
+        .route("/dead-letters/{id}/replay", post(plugins::replay))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

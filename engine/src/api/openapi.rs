@@ -1,6 +1,7 @@
 //! The OpenAPI document served at `/openapi.json`.
 
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 
 use crate::domain::{EventKind, FinancialStatus, FulfillmentStatus, Order, OrderChange, OrderEvent, Priority, Status, Tier};
 use crate::engine::OrderEdit;
@@ -13,10 +14,23 @@ use crate::store::{HistoryEntry, Outcome};
     paths(
         super::health, super::metrics, super::post_events, super::list_orders,
         super::get_order, super::order_history, super::patch_order,
+        super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
+        super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
     ),
+    modifiers(&BearerToken),
     components(schemas(
         Order, OrderEvent, OrderChange, OrderEdit, HistoryEntry, Outcome, Tier, Priority, Status,
         EventKind, FinancialStatus, FulfillmentStatus, super::ErrorBody, super::Accepted, super::Health,
     ))
 )]
 pub struct ApiDoc;
+
+/// Declares the `bearer` scheme that mutating calls name.
+struct BearerToken;
+
+impl Modify for BearerToken {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}

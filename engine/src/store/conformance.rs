@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::{DeadLetter, ListQuery, OrderStore, Outcome, Sort, Write, WriteResult};
+use super::{DeadLetter, ListQuery, OrderStore, Outcome, ReplayClaim, Sort, Write, WriteResult};
 use crate::domain::{Order, Priority, Status, Tier};
 
 fn row(id: &str, version: u64, note: &str) -> Order {
@@ -70,6 +70,7 @@ pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
         decided_by: Some("rules@1".into()),
         payload: "{}".into(),
         recorded_at: Utc::now(),
+        replayed_at: None,
     };
     let reject = Write::Record { event_id: e("7"), source: "test".into(), order_id: id.clone(), outcome: Outcome::Rejected, reason: "negative total".into(), decided_by: "rules@1".into(), dead_letter: Some(letter) };
     assert_eq!(one(s, reject).await, WriteResult::Done);
@@ -84,6 +85,11 @@ pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
     assert_eq!(history[2].reason.as_deref(), Some("no change"));
     let letters = s.dead_letters(1000, None).await.unwrap();
     assert!(letters.items.iter().any(|d| d.id == e("7") && d.reason == "negative total"), "rejection reached the dead letters");
+    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(d) if d.replayed_at.is_none()), "first claim");
+    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::AlreadyReplayed(d) if d.replayed_at.is_some()), "a dead letter is replayed once");
+    assert!(matches!(s.claim_replay(&e("7"), true).await.unwrap(), ReplayClaim::Claimed(_)), "undo");
+    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)), "claimable again after undo");
+    assert_eq!(s.claim_replay(&e("none"), false).await.unwrap(), ReplayClaim::NotFound);
 
     // A batch: each write is judged on its own.
     let batch = vec![apply(&e("8"), None, row(&format!("{prefix}-b"), 1, "b")), apply(&e("9"), Some(7), row(&id, 8, "stale")), apply(&e("1"), None, row(&format!("{prefix}-c"), 1, "dup"))];

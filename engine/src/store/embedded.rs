@@ -13,7 +13,7 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, Sort, StoreError, StoreStats,
+    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
     Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     decided_by TEXT,
     payload TEXT NOT NULL,
-    recorded_at INTEGER NOT NULL
+    recorded_at INTEGER NOT NULL,
+    replayed_at INTEGER
 );
 ";
 
@@ -335,9 +336,12 @@ fn dead_letter_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, DeadLetter)> {
             decided_by: r.get(6)?,
             payload: r.get(7)?,
             recorded_at: from_micros(r.get(8)?),
+            replayed_at: r.get::<_, Option<i64>>(9)?.map(from_micros),
         },
     ))
 }
+
+const DEAD_LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at, replayed_at";
 
 #[async_trait]
 impl OrderStore for EmbeddedStore {
@@ -402,8 +406,7 @@ impl OrderStore for EmbeddedStore {
         self.read(move |c| {
             let rows: Vec<(i64, DeadLetter)> = c
                 .prepare_cached(
-                    "SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at
-                     FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    &format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
                 )
                 .and_then(|mut s| s.query_map(params![after, limit as i64 + 1], dead_letter_from_row)?.collect())
                 .map_err(backend)?;
@@ -413,6 +416,34 @@ impl OrderStore for EmbeddedStore {
             Ok(Page { items: items.into_iter().map(|r| r.1).collect(), next_cursor })
         })
         .await
+    }
+
+    async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
+        let (writer, id) = (self.writer.clone(), id.to_string());
+        tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let stamp = if undo { None } else { Some(micros(Utc::now())) };
+            let changed = conn
+                .prepare_cached(if undo {
+                    "UPDATE dead_letters SET replayed_at = ?2 WHERE id = ?1 AND replayed_at IS NOT NULL"
+                } else {
+                    "UPDATE dead_letters SET replayed_at = ?2 WHERE id = ?1 AND replayed_at IS NULL"
+                })
+                .and_then(|mut s| s.execute(params![id, stamp]))
+                .map_err(backend)?;
+            let letter = conn
+                .prepare_cached(&format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([&id], dead_letter_from_row).optional())
+                .map_err(backend)?
+                .map(|r| r.1);
+            Ok(match (letter, changed) {
+                (None, _) => ReplayClaim::NotFound,
+                (Some(l), 1) => ReplayClaim::Claimed(l),
+                (Some(l), _) => ReplayClaim::AlreadyReplayed(l),
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {

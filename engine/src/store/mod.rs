@@ -118,6 +118,17 @@ pub struct DeadLetter {
     /// The raw record, as it was on the log.
     pub payload: String,
     pub recorded_at: DateTime<Utc>,
+    /// When an operator sent it through the pipeline again, if they did.
+    #[serde(default)]
+    pub replayed_at: Option<DateTime<Utc>>,
+}
+
+/// The answer to claiming a dead letter for replay.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReplayClaim {
+    Claimed(DeadLetter),
+    AlreadyReplayed(DeadLetter),
+    NotFound,
 }
 
 /// Sort orders for listing. Each is paged by an opaque cursor.
@@ -175,5 +186,7 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError>;
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError>;
+    /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
+    async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+/// The API token every test engine gets.
+pub const TOKEN: &str = "test-token";
+
 pub struct Server {
     child: Option<Child>,
     pub base: String,
@@ -47,6 +50,7 @@ impl Server {
             .arg(format!("127.0.0.1:{}", self.port))
             .arg("--data-dir")
             .arg(&self.data_dir)
+            .args(["--api-token", TOKEN])
             .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -169,4 +173,29 @@ pub async fn history(server: &Server, order_id: &str) -> Vec<Value> {
     let (status, body) = server.get_json(&format!("/orders/{order_id}/history")).await;
     assert_eq!(status, 200, "history of {order_id}: {body}");
     body.as_array().unwrap().clone()
+}
+
+/// A built plugin fixture or default plugin, by file stem (`fixture_trap`, `order_rules`).
+pub fn plugin(name: &str) -> Vec<u8> {
+    let path = format!("{}/{name}.wasm", orchestrator::plugin::FIXTURES_DIR);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+impl Server {
+    /// PUT /plugins/{slot}, with the token.
+    pub async fn deploy(&self, slot: &str, bytes: Vec<u8>, shadow: bool) -> reqwest::Response {
+        let url = self.url(&format!("/plugins/{slot}{}", if shadow { "?shadow=true" } else { "" }));
+        client().put(url).bearer_auth(TOKEN).body(bytes).send().await.unwrap()
+    }
+
+    pub async fn post_authorized(&self, path: &str) -> reqwest::Response {
+        client().post(self.url(path)).bearer_auth(TOKEN).send().await.unwrap()
+    }
+
+    /// The `decided_by` of the active version of a slot.
+    pub async fn active(&self, slot: &str) -> (u64, String) {
+        let (_, slots) = self.get_json("/plugins").await;
+        let s = slots.as_array().unwrap().iter().find(|s| s["slot"] == slot).unwrap().clone();
+        (s["active"]["version"].as_u64().unwrap(), s["active"]["decided_by"].as_str().unwrap().to_string())
+    }
 }

@@ -1,0 +1,158 @@
+//! Plugin deployment (deploy, shadow, promote, rollback) and dead letters. Every
+//! mutating call needs the API token.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use utoipa::{IntoParams, ToSchema};
+
+use super::{ApiError, AppState, body_error};
+use crate::engine::ReplayError;
+use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
+use crate::plugin::{PluginError, Slot};
+use crate::rules::ShadowReport;
+use crate::store::{DeadLetter, Page};
+
+/// Proof that the request carried the API token (`Authorization: Bearer <token>`).
+pub struct Authorized;
+
+impl FromRequestParts<AppState> for Authorized {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let given = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            // Constant time, so the comparison leaks nothing about the token.
+            Some(t) if bool::from(t.as_bytes().ct_eq(state.config.api_token.as_bytes())) => Ok(Authorized),
+            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API token", "the bearer token does not match")),
+            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "API token required", "send Authorization: Bearer <token>")),
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        match e {
+            PluginError::Invalid(m) => ApiError::bad_request("invalid plugin", m),
+            PluginError::State(m) => ApiError::new(StatusCode::CONFLICT, "not possible in the slot's state", m),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin registry failed", other.to_string()),
+        }
+    }
+}
+
+fn registry(s: &AppState) -> Result<&Arc<Registry>, ApiError> {
+    s.engine.plugins.as_ref().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "plugins are disabled", "the engine runs the native rules"))
+}
+
+fn slot(name: &str) -> Result<Slot, ApiError> {
+    Slot::parse(name).ok_or_else(|| ApiError::not_found(format!("no slot {name:?}; slots are order-rules and conflict-resolver")))
+}
+
+/// Slots with their active and shadow versions, every stored version, and the history.
+#[utoipa::path(get, path = "/plugins", responses((status = 200, body = Vec<SlotInfo>)))]
+pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<SlotInfo>>, ApiError> {
+    Ok(Json(registry(&s)?.describe()?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeployParams {
+    /// Run the upload beside the active version, comparing decisions, instead of activating it.
+    shadow: Option<bool>,
+}
+
+/// Deploys a component (the request body) to a slot.
+#[utoipa::path(
+    put, path = "/plugins/{slot}", params(DeployParams),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses((status = 201, body = Deployed), (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn deploy(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(p): Query<DeployParams>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Deployed>), ApiError> {
+    let slot = slot(&name)?;
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
+    }
+    let deployed = registry(&s)?.deploy(slot, body.to_vec(), p.shadow.unwrap_or(false)).await?;
+    tracing::info!(slot = %slot, version = deployed.version, shadow = deployed.shadow, ms = deployed.activation_ms, "plugin deployed");
+    Ok((StatusCode::CREATED, Json(deployed)))
+}
+
+/// Makes the shadow version active.
+#[utoipa::path(post, path = "/plugins/{slot}/promote", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+pub async fn promote(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(registry(&s)?.promote(slot(&name)?).await?))
+}
+
+/// Re-activates the version that was active before the current one.
+#[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+pub async fn rollback(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(registry(&s)?.rollback(slot(&name)?).await?))
+}
+
+/// Stops the shadow run without promoting it.
+#[utoipa::path(delete, path = "/plugins/{slot}/shadow", responses((status = 204), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+pub async fn discard(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    registry(&s)?.discard_shadow(slot(&name)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// How the shadow version's decisions compare with the active version's.
+#[utoipa::path(get, path = "/plugins/{slot}/shadow-report", responses((status = 200, body = ShadowReport), (status = 409, body = super::ErrorBody)))]
+pub async fn shadow_report(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<ShadowReport>, ApiError> {
+    Ok(Json(registry(&s)?.shadow_report(slot(&name)?)?))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct PageParams {
+    /// 1..=1000 (default 100).
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Dead letters, oldest first.
+#[utoipa::path(get, path = "/dead-letters", params(PageParams), responses((status = 200, body = Page<DeadLetter>)))]
+pub async fn dead_letters(State(s): State<AppState>, Query(p): Query<PageParams>) -> Result<Json<Page<DeadLetter>>, ApiError> {
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
+    }
+    Ok(Json(s.engine.store.dead_letters(limit, p.cursor).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Replayed {
+    /// The id the replayed event got: the original, suffixed `#replay-<ms>`.
+    event_id: String,
+}
+
+/// Sends a dead-lettered event through the pipeline again, once.
+#[utoipa::path(
+    post, path = "/dead-letters/{id}/replay",
+    responses((status = 202, body = Replayed), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody), (status = 400, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn replay(_: Authorized, State(s): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+    match s.engine.replay(&id).await {
+        Ok(event) => Ok((StatusCode::ACCEPTED, Json(Replayed { event_id: event.event_id }))),
+        Err(ReplayError::NotFound) => Err(ApiError::not_found("dead letter not found")),
+        Err(ReplayError::AlreadyReplayed(at)) => Err(ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at }))),
+        Err(ReplayError::NotAnEvent(m)) => Err(ApiError::bad_request("cannot replay", m)),
+        Err(ReplayError::Ingest(e)) => Err(e.into()),
+        Err(ReplayError::Store(e)) => Err(e.into()),
+    }
+}

@@ -1,0 +1,129 @@
+//! Conformance: the default plugins, run in the Wasm sandbox, decide exactly as their
+//! code run natively (the reference rules) on 10k generated events and 10k races.
+
+use chrono::{DateTime, Duration, Utc};
+use orchestrator::domain::*;
+use orchestrator::plugin::Slot;
+use orchestrator::plugin::host::{Limits, Loaded, Runtime};
+use orchestrator::rules::{ConflictResolver, NativeResolver, NativeRules, OrderRules};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+fn pick<T: Copy>(rng: &mut SmallRng, items: &[T]) -> T {
+    items[rng.random_range(0..items.len())]
+}
+
+fn maybe<T>(rng: &mut SmallRng, f: impl FnOnce(&mut SmallRng) -> T) -> Option<T> {
+    if rng.random_bool(0.35) { Some(f(rng)) } else { None }
+}
+
+const TIERS: [Tier; 4] = [Tier::Bronze, Tier::Silver, Tier::Gold, Tier::Diamond];
+const STATUSES: [Status; 6] = [Status::Pending, Status::Confirmed, Status::Processing, Status::Shipped, Status::Delivered, Status::Cancelled];
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+fn order(rng: &mut SmallRng, id: &str) -> Order {
+    let tier = pick(rng, &TIERS);
+    Order {
+        id: id.into(),
+        shopify_order_id: maybe(rng, |r| r.random_range(1..1_000_000_000)),
+        customer: format!("c{}@example.com", rng.random_range(0..50)),
+        tier,
+        priority: tier.priority(),
+        status: pick(rng, &STATUSES),
+        total_cents: rng.random_range(0..40_000),
+        shipping_fee_cents: pick(rng, &[0, 599, 799, 999]),
+        currency: pick(rng, &["USD", "EUR"]).into(),
+        note: pick(rng, &["", "gift", "fragile"]).into(),
+        version: rng.random_range(1..20),
+        created_at: at(1_700_000_000_000),
+        updated_at: at(1_700_000_000_000 + rng.random_range(0..1_000_000)),
+        decided_by: "x".into(),
+    }
+}
+
+fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
+    OrderEvent {
+        event_id: format!("e{i}"),
+        order_id: format!("o{}", i % 500),
+        kind: pick(rng, &[EventKind::Created, EventKind::Updated, EventKind::Updated, EventKind::Cancelled]),
+        source: "conformance".into(),
+        occurred_at: at(1_700_000_000_000) + Duration::milliseconds(rng.random_range(0..1_000_000)),
+        payload: OrderChange {
+            shopify_order_id: maybe(rng, |r| r.random_range(1..1_000_000_000)),
+            customer: maybe(rng, |r| format!("c{}@example.com", r.random_range(0..50))),
+            tier: maybe(rng, |r| pick(r, &TIERS)),
+            status: maybe(rng, |r| pick(r, &STATUSES)),
+            financial_status: maybe(rng, |r| {
+                pick(r, &[FinancialStatus::Pending, FinancialStatus::Authorized, FinancialStatus::PartiallyPaid, FinancialStatus::Paid, FinancialStatus::PartiallyRefunded, FinancialStatus::Refunded, FinancialStatus::Voided])
+            }),
+            fulfillment_status: maybe(rng, |r| pick(r, &[FulfillmentStatus::Fulfilled, FulfillmentStatus::Partial, FulfillmentStatus::Restocked])),
+            total_cents: maybe(rng, |r| r.random_range(-100..40_000)),
+            shipping_fee_cents: maybe(rng, |r| r.random_range(-10..2_000)),
+            currency: maybe(rng, |r| pick(r, &["USD", "EUR", "GBP"]).into()),
+            note: maybe(rng, |r| pick(r, &["", "gift", "leave at door"]).into()),
+        },
+    }
+}
+
+fn load(slot: Slot) -> std::sync::Arc<Loaded> {
+    let runtime = Runtime::new(Limits::default()).unwrap();
+    Loaded::new(runtime.compile(slot, slot.builtin()).unwrap(), slot, 1, "conformance00")
+}
+
+#[test]
+fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
+    let plugin = load(Slot::OrderRules);
+    let mut rng = SmallRng::seed_from_u64(2026);
+    let events: Vec<OrderEvent> = (0..10_000).map(|i| event(&mut rng, i)).collect();
+    let rows: Vec<Option<Order>> = events.iter().map(|e| if rng.random_bool(0.7) { Some(order(&mut rng, &e.order_id)) } else { None }).collect();
+    let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().zip(&rows).map(|(e, r)| (e, r.as_ref())).collect();
+    let native = NativeRules.decide_batch(&inputs);
+    // In batches of 100, as the pipeline calls it.
+    let wasm: Vec<_> = inputs.chunks(100).flat_map(|c| plugin.decide_batch(c)).collect();
+    assert_eq!(native.len(), 10_000);
+    let mut kinds = std::collections::HashMap::new();
+    for (i, (n, w)) in native.iter().zip(&wasm).enumerate() {
+        assert_eq!(n, w, "decision {i} differs for {:?} on {:?}", events[i], rows[i]);
+        let kind = match n.as_ref().unwrap() {
+            orchestrator::rules::Decision::Upsert(_) => "upsert",
+            orchestrator::rules::Decision::Skip(_) => "skip",
+            orchestrator::rules::Decision::Reject(_) => "reject",
+        };
+        *kinds.entry(kind).or_insert(0) += 1;
+    }
+    eprintln!("conformance: 10k identical decisions: {kinds:?}");
+    assert!(kinds.len() == 3 && kinds.values().all(|n| *n > 100), "the events exercise every kind of decision: {kinds:?}");
+}
+
+#[test]
+fn conflict_resolver_plugin_matches_the_native_resolver_on_10k_races() {
+    let plugin = load(Slot::ConflictResolver);
+    let mut rng = SmallRng::seed_from_u64(7);
+    let mut outcomes = std::collections::HashMap::new();
+    for i in 0..10_000 {
+        let id = format!("o{i}");
+        let base = if rng.random_bool(0.8) { Some(order(&mut rng, &id)) } else { None };
+        // The stored row and the change both start from the base and change some fields.
+        let mutate = |rng: &mut SmallRng, from: &Order| {
+            let mut o = from.clone();
+            if rng.random_bool(0.5) { o.note = format!("n{}", rng.random_range(0..3)); }
+            if rng.random_bool(0.5) { o.status = pick(rng, &STATUSES); }
+            if rng.random_bool(0.3) { o.total_cents = rng.random_range(0..40_000); }
+            if rng.random_bool(0.2) { o.customer = format!("c{}@example.com", rng.random_range(0..3)); }
+            o.updated_at = at(1_700_000_000_000 + rng.random_range(0..2_000_000));
+            o
+        };
+        let seed = base.clone().unwrap_or_else(|| order(&mut rng, &id));
+        let current = mutate(&mut rng, &seed);
+        let change = mutate(&mut rng, &seed);
+        let native = NativeResolver.resolve(base.as_ref(), &current, &change).unwrap();
+        let wasm = plugin.resolve(base.as_ref(), &current, &change).unwrap();
+        assert_eq!(native, wasm, "race {i}: base {base:?} current {current:?} change {change:?}");
+        *outcomes.entry(native.is_ok()).or_insert(0) += 1;
+    }
+    eprintln!("conformance: 10k identical merges (ok/rejected): {outcomes:?}");
+    assert_eq!(outcomes.len(), 2, "both merges and rejections occur");
+}

@@ -1,0 +1,298 @@
+//! Plugins through the API against the real binary: deploy errors, hostile plugins,
+//! shadow runs, promote/rollback, durability across restarts, and hot swap under load.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Server, TOKEN, client, created, history, plugin};
+use serde_json::{Value, json};
+
+async fn dead_letters(s: &Server) -> Vec<Value> {
+    let (status, page) = s.get_json("/dead-letters?limit=1000").await;
+    assert_eq!(status, 200);
+    page["items"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn deploy_errors_leave_the_active_version_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--max-plugin-bytes", "200000"]).await;
+    let before = s.active("order-rules").await;
+    assert!(before.1.starts_with("order-rules@1#sha256:"), "{before:?}");
+
+    // No token, a wrong token.
+    let url = s.url("/plugins/order-rules");
+    let r = client().put(&url).body(plugin("fixture_rules_v2")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let r = client().put(&url).bearer_auth("not-the-token").body(plugin("fixture_rules_v2")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(r.json::<Value>().await.unwrap()["error"], "invalid API token");
+    assert_eq!(client().post(s.url("/plugins/order-rules/rollback")).send().await.unwrap().status(), 401);
+
+    // Garbage, an empty body, the wrong world, an oversized module, an unknown slot.
+    let r = s.deploy("order-rules", b"\0asm garbage that is not wasm".to_vec(), false).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("not a valid WebAssembly component"), "{body}");
+    assert_eq!(s.deploy("order-rules", Vec::new(), false).await.status(), 400);
+    let r = s.deploy("order-rules", plugin("fixture_wrong_world"), false).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("does not implement the `order-rules` world"), "{body}");
+    let r = s.deploy("conflict-resolver", plugin("order_rules"), false).await;
+    assert_eq!(r.status(), 400, "rules deployed as a resolver");
+    let r = s.deploy("order-rules", vec![0u8; 300_000], false).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("the limit is 200000 bytes"), "{body}");
+    assert_eq!(s.deploy("pricing", plugin("order_rules"), false).await.status(), 404);
+    assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 409, "nothing to roll back to");
+    assert_eq!(s.post_authorized("/plugins/order-rules/promote").await.status(), 409, "no shadow to promote");
+
+    assert_eq!(s.active("order-rules").await, before, "the active version is unchanged");
+    assert_eq!(s.post_events(&created("after", "after", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/after").await.1["decided_by"], before.1.as_str());
+}
+
+/// Deploys a hostile fixture and checks that `poison` orders go to the dead letters with
+/// the reason while every other order flows through the same plugin.
+async fn contained(fixture: &str, error_type: &str, reason: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let r = s.deploy("order-rules", plugin(fixture), false).await;
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+    let (version, decided_by) = s.active("order-rules").await;
+    assert_eq!(version, 2);
+
+    let mut events: Vec<Value> = (0..50).map(|i| created(&format!("ok-{i}"), &format!("ok-{i}"), "GOLD", 100)).collect();
+    events.insert(20, created("poison-1", "poison-1", "GOLD", 100));
+    let started = Instant::now();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    s.drain(Duration::from_secs(60)).await;
+    eprintln!("{fixture}: 51 events drained in {:?}", started.elapsed());
+
+    let letters = dead_letters(&s).await;
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let d = &letters[0];
+    assert_eq!((d["id"].as_str(), d["order_id"].as_str(), d["stage"].as_str()), (Some("poison-1"), Some("poison-1"), Some("rules")));
+    assert_eq!(d["error_type"], error_type, "{d}");
+    assert_eq!(d["decided_by"], decided_by.as_str());
+    let text = d["reason"].as_str().unwrap();
+    assert!(text.contains(&decided_by) && text.contains(reason), "reason {text:?} names the plugin and says {reason:?}");
+    for i in 0..50 {
+        let (status, row) = s.get_json(&format!("/orders/ok-{i}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(row["decided_by"], decided_by.as_str());
+    }
+    assert_eq!(s.get_json("/orders/poison-1").await.0, 404);
+    assert_eq!(history(&s, "poison-1").await[0]["outcome"], "rejected");
+    // The engine keeps going after the poison event.
+    assert_eq!(s.post_events(&created("later", "later", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/later").await.0, 200);
+    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(&format!("error_type=\"{error_type}\"")), "plugin error counted by type");
+}
+
+#[tokio::test]
+async fn a_trapping_plugin_fails_only_the_poison_event() {
+    contained("fixture_trap", "trap", "poison order poison-1").await;
+}
+
+#[tokio::test]
+async fn a_looping_plugin_is_stopped_by_the_deadline() {
+    contained("fixture_spin", "timeout", "ran past its deadline").await;
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_stopped_by_the_cap() {
+    contained("fixture_hog", "memory_limit", "past 16777216 bytes").await;
+}
+
+#[tokio::test]
+async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path()).await;
+    let r = s.deploy("order-rules", plugin("fixture_rules_v2"), true).await;
+    assert_eq!(r.status(), 201);
+    let deployed: Value = r.json().await.unwrap();
+    assert_eq!((deployed["version"].as_u64(), deployed["shadow"].as_bool()), (Some(2), Some(true)));
+    let (_, slots) = s.get_json("/plugins").await;
+    assert_eq!(slots[0]["shadow"]["version"], 2);
+    assert_eq!(slots[0]["active"]["version"], 1);
+
+    // v2 ships free from 150.00: it differs exactly on totals in [150.00, 200.00).
+    let totals: Vec<i64> = (0..200).map(|i| 1_000 + i * 137).collect();
+    let differing: Vec<String> = totals.iter().enumerate().filter(|(_, t)| (15_000..20_000).contains(*t)).map(|(i, _)| format!("s-{i}")).collect();
+    assert!(!differing.is_empty() && differing.len() < 200);
+    let events: Vec<Value> = totals.iter().enumerate().map(|(i, t)| created(&format!("s-{i}"), &format!("s-{i}"), "SILVER", *t)).collect();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    s.drain(Duration::from_secs(20)).await;
+
+    let (status, report) = s.get_json("/plugins/order-rules/shadow-report").await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["compared"], 200);
+    assert_eq!(report["differed"].as_u64().unwrap() as usize, differing.len(), "{report}");
+    assert_eq!(report["agreed"].as_u64().unwrap() as usize, 200 - differing.len());
+    let mut sampled: Vec<String> = report["samples"].as_array().unwrap().iter().map(|d| d["event_id"].as_str().unwrap().to_string()).collect();
+    sampled.sort();
+    let mut expected = differing.clone();
+    expected.sort();
+    assert_eq!(sampled, expected, "the samples are exactly the differing events");
+    let sample = &report["samples"][0];
+    assert_eq!((sample["active"]["value"]["shipping_fee_cents"].as_i64(), sample["candidate"]["value"]["shipping_fee_cents"].as_i64()), (Some(599), Some(0)));
+    // Shadow decisions were never written.
+    assert_eq!(s.get_json(&format!("/orders/{}", differing[0])).await.1["shipping_fee_cents"], 599);
+
+    // Promote: v2 decides from now on.
+    let r = s.post_authorized("/plugins/order-rules/promote").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(s.active("order-rules").await.0, 2);
+    assert_eq!(s.get_json("/plugins/order-rules/shadow-report").await.0, 409, "no shadow after promotion");
+    assert_eq!(s.post_events(&created("after-promote", "after-promote", "SILVER", 16_000)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    let row = s.get_json("/orders/after-promote").await.1;
+    assert_eq!(row["shipping_fee_cents"], 0);
+    assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"));
+
+    // Deployments survive a restart.
+    s.restart().await;
+    assert_eq!(s.active("order-rules").await.0, 2);
+
+    // Rollback: v1 again, in one call.
+    let r = s.post_authorized("/plugins/order-rules/rollback").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["version"], 1);
+    assert_eq!(s.post_events(&created("after-rollback", "after-rollback", "SILVER", 16_000)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/after-rollback").await.1["shipping_fee_cents"], 599);
+
+    // A shadow can be discarded too.
+    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), true).await.status(), 201);
+    let r = client().delete(s.url("/plugins/order-rules/shadow")).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status(), 204);
+    let (_, slots) = s.get_json("/plugins").await;
+    assert!(slots[0]["shadow"].is_null());
+    let actions: Vec<&str> = slots[0]["history"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
+    assert_eq!(actions, ["builtin", "shadow", "promote", "rollback", "shadow", "discard"]);
+}
+
+#[tokio::test]
+async fn dead_letters_can_be_replayed_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    // An update for an order that does not exist yet is rejected...
+    let update = json!({"event_id": "early", "order_id": "late-order", "kind": "updated", "source": "test", "occurred_at": "2026-11-21T10:00:00Z", "payload": {"note": "hello"}});
+    assert_eq!(s.post_events(&update).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(dead_letters(&s).await[0]["id"], "early");
+    // ...and once the order exists, replaying it applies it.
+    assert_eq!(s.post_events(&created("late-order", "late-order-c", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(client().post(s.url("/dead-letters/early/replay")).send().await.unwrap().status(), 401);
+    let r = s.post_authorized("/dead-letters/early/replay").await;
+    assert_eq!(r.status(), 202);
+    let replayed = r.json::<Value>().await.unwrap()["event_id"].as_str().unwrap().to_string();
+    assert!(replayed.starts_with("early#replay-"));
+    s.drain(Duration::from_secs(10)).await;
+    let row = s.get_json("/orders/late-order").await.1;
+    assert_eq!((row["note"].as_str(), row["version"].as_u64()), (Some("hello"), Some(2)));
+    assert_eq!(s.post_authorized("/dead-letters/early/replay").await.status(), 409, "only once");
+    assert_eq!(s.post_authorized("/dead-letters/nope/replay").await.status(), 404);
+    let outcomes: Vec<(String, String)> = history(&s, "late-order").await.iter().map(|h| (h["event_id"].as_str().unwrap().into(), h["outcome"].as_str().unwrap().into())).collect();
+    assert_eq!(outcomes, [("early".into(), "rejected".into()), ("late-order-c".into(), "applied".into()), (replayed, "applied".into())]);
+}
+
+/// At ≥5k events/s: deploy, roll back, deploy again. Every event is applied exactly
+/// once, by a version that was active when it ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_swap_under_load_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    // 250 events every 25 ms: 10k/s offered, all with totals where v1 and v2 differ.
+    let producer = {
+        let (url, sent, stop) = (s.url("/orders/events"), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let c = client();
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let base = sent.load(Ordering::Relaxed);
+                let batch: Vec<Value> = (base..base + 250).map(|i| created(&format!("h-{i}"), &format!("h-{i}"), "GOLD", 16_000)).collect();
+                let r = c.post(&url).json(&batch).send().await.unwrap();
+                assert_eq!(r.status(), 202);
+                sent.fetch_add(250, Ordering::Relaxed);
+            }
+            sent.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), false).await.status(), 201);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), false).await.status(), 201);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stop.store(true, Ordering::Relaxed);
+    let rate = producer.await.unwrap();
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!("hot swap: {total} events offered at {rate:.0}/s");
+    assert!(rate >= 5_000.0, "offered load {rate:.0}/s is below the 5k/s the test is about");
+    s.drain(Duration::from_secs(60)).await;
+
+    let h = s.health().await;
+    assert_eq!(h["applied"].as_u64().unwrap() as usize, total, "every event applied: {h}");
+    assert_eq!(h["duplicates"], 0);
+    // Each row's fee matches the version that decided it (v1: 5.99; v2 and v3: free),
+    // and every version took part.
+    let mut by_version: HashMap<String, usize> = HashMap::new();
+    let mut decided: Vec<(usize, String)> = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut rows = 0;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/orders?limit=1000&sort=id&cursor={c}"),
+            None => "/orders?limit=1000&sort=id".into(),
+        };
+        let (_, page) = s.get_json(&path).await;
+        for o in page["items"].as_array().unwrap() {
+            rows += 1;
+            assert_eq!(o["version"], 1);
+            let by = o["decided_by"].as_str().unwrap();
+            let fee = o["shipping_fee_cents"].as_i64().unwrap();
+            let version = by.split('#').next().unwrap().to_string();
+            match version.as_str() {
+                "order-rules@1" => assert_eq!(fee, 599, "{o}"),
+                "order-rules@2" | "order-rules@3" => assert_eq!(fee, 0, "{o}"),
+                other => panic!("unexpected decided_by {other}"),
+            }
+            *by_version.entry(version.clone()).or_default() += 1;
+            decided.push((o["id"].as_str().unwrap()[2..].parse().unwrap(), version));
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.into()),
+            None => break,
+        }
+    }
+    eprintln!("hot swap: rows by version {by_version:?}");
+    assert_eq!(rows, total);
+    assert_eq!(by_version.len(), 3, "v1 (before and after the rollback), v2 and v3 all decided: {by_version:?}");
+    // Events run in order, so the versions that decided them, in event order, are the
+    // activations in order: v1, v2, v1 (rolled back), v3.
+    decided.sort();
+    let mut runs: Vec<&str> = Vec::new();
+    for (_, v) in &decided {
+        if runs.last() != Some(&v.as_str()) {
+            runs.push(v);
+        }
+    }
+    assert_eq!(runs, ["order-rules@1", "order-rules@2", "order-rules@1", "order-rules@3"]);
+}
