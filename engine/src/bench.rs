@@ -15,6 +15,7 @@ use crate::config::BenchArgs;
 use crate::engine::{Engine, EngineConfig};
 use crate::generator::{self, TierMix};
 use crate::pipeline::build_row;
+use crate::plugin::Slot;
 use crate::rules::{Decision, NativeRules};
 use crate::store::embedded::EmbeddedStore;
 use crate::store::{OrderStore, Write};
@@ -24,16 +25,27 @@ pub struct BenchReport {
     pub events: u64,
     pub offered_rate: u64,
     pub machine: String,
-    /// Native rule cost per event (the baseline plugins are compared with).
-    pub native_rule_ns_per_event: f64,
+    /// The pipeline with the default rules as Wasm plugins (as `serve` runs).
+    pub plugins: PipelineRun,
+    /// The same pipeline with the same rules run natively: the baseline.
+    pub native: PipelineRun,
+    pub plugins_vs_native: f64,
     /// Rows/s written straight into the store, no log and no rules: the ceiling.
     pub raw_store_rows_per_s: f64,
+    pub plugins_vs_raw_store: f64,
+    /// Native rule cost per event.
+    pub native_rule_ns_per_event: f64,
+    /// From a deploy request to the new version deciding (compile, check, persist, swap).
+    pub deploy_to_active_ms: f64,
+    pub peak_rss_mib: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PipelineRun {
     /// Events/s through append → log → rules → store → commit.
-    pub pipeline_events_per_s: f64,
-    pub pipeline_vs_raw_store: f64,
+    pub events_per_s: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
-    pub peak_rss_mib: f64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -41,26 +53,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let dir = tmp.as_deref().unwrap_or_else(|| args.data_dir.as_deref().expect("a data dir"));
     eprintln!("bench: {} events, data in {}", args.events, dir.display());
 
-    // The pipeline first, so peak RSS is the pipeline's own.
-    let (eps, p50, p99) = pipeline(&dir.join("pipeline"), &args).await?;
+    // The pipelines first, so peak RSS is the pipeline's own.
+    let plugins = pipeline(&dir.join("plugins"), &args, true).await?;
     let peak_rss = peak_rss_mib();
-    eprintln!("pipeline: {eps:.0} events/s, latency p50 {p50:.1} ms, p99 {p99:.1} ms, peak RSS {peak_rss:.0} MiB");
+    eprintln!("pipeline with plugins: {plugins:?}, peak RSS {peak_rss:.0} MiB");
+    let native = pipeline(&dir.join("native"), &args, false).await?;
+    eprintln!("pipeline with native rules: {native:?}");
 
     let raw = raw_store(&dir.join("raw"), args.events).await?;
     eprintln!("raw store: {raw:.0} rows/s");
 
     let rule_ns = native_rule_cost(100_000);
     eprintln!("native rules: {rule_ns:.1} ns/event");
+
+    let deploy_ms = deploy_to_active(&dir.join("deploy")).await?;
+    eprintln!("deploy to active: {deploy_ms:.1} ms");
     let report = BenchReport {
         events: args.events,
         offered_rate: args.rate,
         machine: machine(),
-        native_rule_ns_per_event: rule_ns,
+        plugins_vs_native: plugins.events_per_s / native.events_per_s,
+        plugins_vs_raw_store: plugins.events_per_s / raw,
+        plugins,
+        native,
         raw_store_rows_per_s: raw,
-        pipeline_events_per_s: eps,
-        pipeline_vs_raw_store: eps / raw,
-        latency_p50_ms: p50,
-        latency_p99_ms: p99,
+        native_rule_ns_per_event: rule_ns,
+        deploy_to_active_ms: deploy_ms,
         peak_rss_mib: peak_rss,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -121,14 +139,31 @@ async fn raw_store(dir: &Path, n: u64) -> anyhow::Result<f64> {
     Ok(n as f64 / busy.as_secs_f64())
 }
 
-async fn pipeline(dir: &Path, args: &BenchArgs) -> anyhow::Result<(f64, f64, f64)> {
-    let engine = Engine::open_embedded(dir, EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() })?;
+/// Deploys the default order rules as a new version and reports how long until active.
+async fn deploy_to_active(dir: &Path) -> anyhow::Result<f64> {
+    let engine = Engine::open_embedded(dir, EngineConfig::default())?;
+    let registry = engine.plugins.clone().expect("plugins are on by default");
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let deployed = registry.deploy(Slot::OrderRules, Slot::OrderRules.builtin().to_vec(), false).await?;
+        best = best.min(deployed.activation_ms);
+    }
+    Ok(best)
+}
+
+async fn pipeline(dir: &Path, args: &BenchArgs, plugins: bool) -> anyhow::Result<PipelineRun> {
+    let mut config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    if !plugins {
+        config.plugins = None;
+    }
+    let engine = Engine::open_embedded(dir, config)?;
     engine.start().await?;
     let bar = ProgressBar::new(args.events).with_style(
-        ProgressStyle::with_template("{spinner} pipeline [{bar:40}] {pos}/{len} events  {per_sec}  eta {eta}")
+        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} events  {per_sec}  eta {eta}")
             .expect("template is valid")
             .progress_chars("=> "),
     );
+    bar.set_message(if plugins { "plugins" } else { "native " });
     let producer = tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate));
     let started = Instant::now();
     let processed = || {
@@ -150,11 +185,11 @@ async fn pipeline(dir: &Path, args: &BenchArgs) -> anyhow::Result<(f64, f64, f64
     bar.finish_with_message("done");
     producer.await??;
     engine.shutdown().await;
-    let (p50, p99) = {
+    let (latency_p50_ms, latency_p99_ms) = {
         let h = engine.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         h.as_ref().map_or((0.0, 0.0), |h| (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3))
     };
-    Ok((args.events as f64 / elapsed.as_secs_f64(), p50, p99))
+    Ok(PipelineRun { events_per_s: args.events as f64 / elapsed.as_secs_f64(), latency_p50_ms, latency_p99_ms })
 }
 
 /// Appends `n` created events in batches, paced to `rate` events/s when non-zero.

@@ -262,3 +262,49 @@ async fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
     let n = page["items"].as_array().unwrap().len() + page2["items"].as_array().unwrap().len();
     assert_eq!(n, 2000);
 }
+
+#[test]
+fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("ORCHESTRATOR_API_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without a token") && stderr.contains("ORCHESTRATOR_API_TOKEN"), "{stderr}");
+}
+
+#[tokio::test]
+async fn on_loopback_without_a_token_one_is_generated_into_the_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.path())
+        .env_remove("ORCHESTRATOR_API_TOKEN")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let token_file = dir.path().join("api-token");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while reqwest::get(format!("http://127.0.0.1:{port}/health")).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "engine did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    assert_eq!(token.len(), 32);
+    let rollback = |t: Option<String>| {
+        let mut req = client().post(format!("http://127.0.0.1:{port}/plugins/order-rules/rollback"));
+        if let Some(t) = t {
+            req = req.bearer_auth(t);
+        }
+        req.send()
+    };
+    assert_eq!(rollback(None).await.unwrap().status(), 401);
+    assert_eq!(rollback(Some(token)).await.unwrap().status(), 409, "authorized; nothing to roll back to");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

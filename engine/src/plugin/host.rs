@@ -222,11 +222,9 @@ impl Loaded {
         &self.id
     }
 
-    /// Instantiates once (keeping the instance for the first call): proves the component starts.
+    /// Instantiates once and drops the instance: proves the component starts.
     pub fn check_instantiates(&self) -> Result<(), RuleError> {
-        let inst = self.instantiate()?;
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(inst);
-        Ok(())
+        self.instantiate().map(drop)
     }
 
     fn instantiate(&self) -> Result<Instance, RuleError> {
