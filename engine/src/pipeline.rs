@@ -149,7 +149,7 @@ impl Pipeline {
         let vip_waiting = |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
         let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
         if done > 0 {
-            consumer.commit(priority, deliveries[done - 1].offset).await?;
+            consumer.commit(&deliveries[..done]).await?;
         }
         if done < deliveries.len() {
             consumer.rewind(priority);
@@ -495,7 +495,7 @@ mod tests {
     }
 
     fn delivery(offset: u64, e: &OrderEvent) -> Delivery {
-        Delivery { priority: Priority::Normal, offset, key: e.order_id.clone(), payload: serde_json::to_vec(e).unwrap(), appended_at_us: 0 }
+        Delivery { priority: Priority::Normal, partition: 0, offset, key: e.order_id.clone(), payload: serde_json::to_vec(e).unwrap(), appended_at_us: 0 }
     }
 
     fn event(id: &str, kind: EventKind, payload: OrderChange) -> OrderEvent {
@@ -534,7 +534,7 @@ mod tests {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
         let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
         let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
-        let garbage = Delivery { priority: Priority::Normal, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
+        let garbage = Delivery { priority: Priority::Normal, partition: 0, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
         assert_eq!(p.process(&[garbage, delivery(2, &create)], &|| false).await.unwrap(), 2);
         assert_eq!(store.get("o1").await.unwrap().unwrap().version, 1);
         let letters = store.dead_letters(10, None).await.unwrap().items;

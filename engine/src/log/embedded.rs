@@ -265,6 +265,7 @@ impl LogConsumer for EmbeddedConsumer {
             stmt.query_map(params![after as i64, max as i64], |r| {
                 Ok(Delivery {
                     priority: p,
+                    partition: 0,
                     offset: r.get::<_, i64>(0)? as u64,
                     key: r.get(1)?,
                     payload: r.get(2)?,
@@ -282,11 +283,16 @@ impl LogConsumer for EmbeddedConsumer {
         Ok(rows)
     }
 
-    async fn commit(&mut self, p: Priority, offset: u64) -> Result<(), LogError> {
+    async fn commit(&mut self, done: &[Delivery]) -> Result<(), LogError> {
         // Not awaited: a commit lost in a crash only means redelivery, which the
         // store's idempotent apply absorbs. It rides on the next group commit.
-        self.committed[idx(p)] = self.committed[idx(p)].max(offset);
-        self.cmds.send(Cmd::Commit { priority: p, offset }).map_err(|_| LogError::Closed)
+        for p in Priority::ALL {
+            if let Some(offset) = done.iter().filter(|d| d.priority == p).map(|d| d.offset).max() {
+                self.committed[idx(p)] = self.committed[idx(p)].max(offset);
+                self.cmds.send(Cmd::Commit { priority: p, offset }).map_err(|_| LogError::Closed)?;
+            }
+        }
+        Ok(())
     }
 
     fn rewind(&mut self, p: Priority) {
@@ -320,7 +326,7 @@ mod tests {
             let got = c.poll(Priority::Normal, 2).await.unwrap();
             assert_eq!(got.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(), ["n1", "n2"]);
             assert_eq!(c.waiting(Priority::Normal), 1);
-            c.commit(Priority::Normal, got[0].offset).await.unwrap();
+            c.commit(&got[..1]).await.unwrap();
             // Polled-but-uncommitted work comes back after a rewind...
             c.rewind(Priority::Normal);
             let again = c.poll(Priority::Normal, 10).await.unwrap();
@@ -346,7 +352,7 @@ mod tests {
             log.append(vec![rec(Priority::Vip, "a"), rec(Priority::Vip, "b")]).await.unwrap();
             let mut c = log.consumer().await.unwrap();
             let got = c.poll(Priority::Vip, 10).await.unwrap();
-            c.commit(Priority::Vip, got[1].offset).await.unwrap();
+            c.commit(&got).await.unwrap();
             log.flush().await.unwrap();
             // Wait for the periodic truncation to delete the committed records.
             tokio::time::sleep(TRUNCATE_EVERY + Duration::from_millis(500)).await;

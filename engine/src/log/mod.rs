@@ -2,6 +2,7 @@
 //! with commits after the store write. Backends: embedded SQLite; Kafka later.
 
 pub mod embedded;
+pub mod kafka;
 
 use std::time::Duration;
 
@@ -29,7 +30,9 @@ pub struct Record {
 #[derive(Debug, Clone)]
 pub struct Delivery {
     pub priority: Priority,
-    /// Position within the priority's partition; commits refer to it.
+    /// The partition within the priority's topic (always 0 for the embedded log).
+    pub partition: i32,
+    /// Position within the partition; commits refer to it.
     pub offset: u64,
     pub key: String,
     pub payload: Vec<u8>,
@@ -49,6 +52,10 @@ pub trait OrderLog: Send + Sync + 'static {
     fn depth(&self, priority: Priority) -> u64;
     /// Waits until every commit made so far is durable (for a clean shutdown).
     async fn flush(&self) -> Result<(), LogError>;
+    /// Whether the backend answered its last check.
+    fn healthy(&self) -> bool {
+        true
+    }
 }
 
 #[async_trait]
@@ -57,8 +64,8 @@ pub trait LogConsumer: Send + Sync {
     fn waiting(&self, priority: Priority) -> u64;
     /// Up to `max` records of one priority, in partition order.
     async fn poll(&mut self, priority: Priority, max: usize) -> Result<Vec<Delivery>, LogError>;
-    /// Everything up to and including `offset` is applied to the store.
-    async fn commit(&mut self, priority: Priority, offset: u64) -> Result<(), LogError>;
+    /// These deliveries (and everything before them in their partitions) are applied to the store.
+    async fn commit(&mut self, done: &[Delivery]) -> Result<(), LogError>;
     /// Hand out again, on the next poll, whatever was polled but not committed.
     fn rewind(&mut self, priority: Priority);
     /// Returns when a record may have arrived, or after `timeout`.

@@ -199,3 +199,23 @@ impl Server {
         (s["active"]["version"].as_u64().unwrap(), s["active"]["decided_by"].as_str().unwrap().to_string())
     }
 }
+
+/// The address of a real service from the environment (`KAFKA_BROKERS`, `CQL_NODES`).
+/// Missing in CI is a failure, never a skip; elsewhere the test says why it did nothing.
+pub fn service(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{var} is not set: CI runs integration tests against real services (start them with compose/local-services.sh)")
+        }
+        _ => {
+            eprintln!("{var} not set: start compose/local-services.sh and export it to run this test");
+            None
+        }
+    }
+}
+
+/// A name no other test run uses (topics, groups, keyspaces).
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}

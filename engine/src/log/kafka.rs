@@ -1,0 +1,381 @@
+//! The Kafka log: one topic per priority, records keyed by order id, idempotent
+//! producers, a consumer group whose members pause NORMAL partitions while VIP work
+//! waits, and commits only after the store write.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::message::{Message, Timestamp};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
+use crate::domain::Priority;
+
+/// Where and how to reach Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub vip_topic: String,
+    pub normal_topic: String,
+    pub partitions: i32,
+    pub replication: i32,
+    /// The consumer group the engine instances share.
+    pub group: String,
+}
+
+impl KafkaConfig {
+    pub fn topic(&self, p: Priority) -> &str {
+        match p {
+            Priority::Vip => &self.vip_topic,
+            Priority::Normal => &self.normal_topic,
+        }
+    }
+
+    fn priority_of(&self, topic: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| self.topic(*p) == topic)
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> LogError {
+    LogError::Backend(e.to_string())
+}
+
+/// Lag per priority (records not yet committed by the group), kept fresh by a monitor thread.
+#[derive(Default)]
+struct Lag {
+    depth: [AtomicU64; 2],
+    healthy: AtomicBool,
+}
+
+pub struct KafkaLog {
+    config: KafkaConfig,
+    producer: FutureProducer,
+    lag: Arc<Lag>,
+}
+
+impl KafkaLog {
+    /// Connects, creates the topics if missing, and starts the lag monitor.
+    pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
+        let topics: Vec<NewTopic<'_>> = Priority::ALL
+            .iter()
+            .map(|p| NewTopic::new(config.topic(*p), config.partitions, TopicReplication::Fixed(config.replication)))
+            .collect();
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+        for result in admin.create_topics(&topics, &opts).await.map_err(backend)? {
+            match result {
+                Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((topic, code)) => return Err(LogError::Backend(format!("creating topic {topic}: {code}"))),
+            }
+        }
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &config.brokers)
+            // Exactly one copy of each record per partition, in order, even across retries.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(backend)?;
+        let log = Arc::new(Self { config, producer, lag: Arc::default() });
+        spawn_lag_monitor(Arc::downgrade(&log))?;
+        Ok(log)
+    }
+
+    fn consumer_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", &self.config.group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", "20")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000");
+        c
+    }
+}
+
+/// Every 200 ms: lag = high watermark − the group's committed offset, per priority.
+fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
+    let (client, topics) = {
+        let log = log.upgrade().ok_or(LogError::Closed)?;
+        let client: BaseConsumer = log.consumer_config().create().map_err(backend)?;
+        (client, Priority::ALL.map(|p| log.config.topic(p).to_string()))
+    };
+    std::thread::Builder::new()
+        .name("kafka-lag".into())
+        .spawn(move || {
+            while let Some(log) = log.upgrade() {
+                let ok = measure_lag(&client, &topics, &log.lag).is_ok();
+                log.lag.healthy.store(ok, Ordering::Relaxed);
+                drop(log);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+        .map_err(backend)?;
+    Ok(())
+}
+
+fn measure_lag(client: &BaseConsumer, topics: &[String; 2], lag: &Lag) -> Result<(), LogError> {
+    let timeout = Duration::from_secs(2);
+    let metadata = client.fetch_metadata(None, timeout).map_err(backend)?;
+    for (i, topic) in topics.iter().enumerate() {
+        let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { continue };
+        let mut tpl = TopicPartitionList::new();
+        for p in t.partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+        let committed = client.committed_offsets(tpl, timeout).map_err(backend)?;
+        let mut total = 0u64;
+        for e in committed.elements() {
+            let (low, high) = client.fetch_watermarks(topic, e.partition(), timeout).map_err(backend)?;
+            let done = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            total += (high - done).max(0) as u64;
+        }
+        lag.depth[i].store(total, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl OrderLog for KafkaLog {
+    fn backend(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn append(&self, records: Vec<Record>) -> Result<(), LogError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        // Queue everything, then wait for every acknowledgement (acks=all).
+        let sends = records.iter().map(|r| {
+            let record = FutureRecord::to(self.config.topic(r.priority)).key(&r.key).payload(&r.payload).timestamp(now_ms);
+            self.producer.send(record, Duration::from_secs(10))
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| LogError::Backend(format!("kafka produce: {e}")))?;
+        }
+        Ok(())
+    }
+
+    async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError> {
+        let shared = Arc::new(Buffers::default());
+        let context = GroupContext { shared: shared.clone(), config: self.config.clone() };
+        let consumer: BaseConsumer<GroupContext> = self.consumer_config().create_with_context(context).map_err(backend)?;
+        consumer.subscribe(&[&self.config.vip_topic, &self.config.normal_topic]).map_err(backend)?;
+        Ok(Box::new(KafkaConsumer { consumer, shared, config: self.config.clone(), lag: self.lag.clone() }))
+    }
+
+    fn depth(&self, p: Priority) -> u64 {
+        self.lag.depth[p as usize].load(Ordering::Relaxed)
+    }
+
+    async fn flush(&self) -> Result<(), LogError> {
+        use rdkafka::producer::Producer;
+        self.producer.flush(Duration::from_secs(10)).map_err(backend)
+    }
+
+    fn healthy(&self) -> bool {
+        self.lag.healthy.load(Ordering::Relaxed)
+    }
+}
+
+/// Fetched records not yet handed out, and the lowest uncommitted offset handed out
+/// per partition (where a rewind seeks back to).
+#[derive(Default)]
+struct Buffers {
+    state: Mutex<BufferState>,
+}
+
+#[derive(Default)]
+struct BufferState {
+    queued: [VecDeque<Delivery>; 2],
+    handed: HashMap<(Priority, i32), i64>,
+    normal_paused: bool,
+    /// Set by a rebalance: the pause must be applied again to the new assignment.
+    reapply_pause: bool,
+}
+
+struct GroupContext {
+    shared: Arc<Buffers>,
+    config: KafkaConfig,
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Records of revoked partitions now belong to another member: drop them unprocessed.
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            for e in tpl.elements() {
+                if let Some(p) = self.config.priority_of(e.topic()) {
+                    s.queued[p as usize].retain(|d| d.partition != e.partition());
+                    s.handed.remove(&(p, e.partition()));
+                }
+            }
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).reapply_pause = true;
+    }
+}
+
+struct KafkaConsumer {
+    consumer: BaseConsumer<GroupContext>,
+    shared: Arc<Buffers>,
+    config: KafkaConfig,
+    lag: Arc<Lag>,
+}
+
+/// Most records buffered per priority before fetching pauses.
+const BUFFER_MAX: usize = 20_000;
+
+impl KafkaConsumer {
+    /// Moves fetched records into the buffers (waiting up to `timeout` for the first),
+    /// then pauses NORMAL partitions while VIP work waits, and resumes them after.
+    fn pump(&self, timeout: Duration) {
+        let mut first = true;
+        loop {
+            let t = if first { timeout } else { Duration::ZERO };
+            first = false;
+            match self.consumer.poll(t) {
+                None => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "kafka consumer");
+                    break;
+                }
+                Some(Ok(m)) => {
+                    let Some(priority) = self.config.priority_of(m.topic()) else { continue };
+                    let appended_at_us = match m.timestamp() {
+                        Timestamp::CreateTime(ms) | Timestamp::LogAppendTime(ms) => ms * 1000,
+                        Timestamp::NotAvailable => 0,
+                    };
+                    let d = Delivery {
+                        priority,
+                        partition: m.partition(),
+                        offset: m.offset() as u64,
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default(),
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                        appended_at_us,
+                    };
+                    let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                    s.queued[priority as usize].push_back(d);
+                    if s.queued[priority as usize].len() >= BUFFER_MAX {
+                        break;
+                    }
+                }
+            }
+        }
+        self.apply_pause();
+    }
+
+    fn apply_pause(&self) {
+        let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let vip_waiting = !s.queued[Priority::Vip as usize].is_empty() || self.lag.depth[Priority::Vip as usize].load(Ordering::Relaxed) > 0;
+        let want_paused = vip_waiting || s.queued[Priority::Normal as usize].len() >= BUFFER_MAX;
+        if want_paused == s.normal_paused && !s.reapply_pause {
+            return;
+        }
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        let mut normal = TopicPartitionList::new();
+        for e in assignment.elements().iter().filter(|e| e.topic() == self.config.normal_topic) {
+            normal.add_partition(e.topic(), e.partition());
+        }
+        let result = if want_paused { self.consumer.pause(&normal) } else { self.consumer.resume(&normal) };
+        if result.is_ok() {
+            s.normal_paused = want_paused;
+            s.reapply_pause = false;
+        }
+    }
+}
+
+#[async_trait]
+impl LogConsumer for KafkaConsumer {
+    fn waiting(&self, p: Priority) -> u64 {
+        // Cheap enough to run before every NORMAL event: no network round trip.
+        self.pump(Duration::ZERO);
+        let s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let queued = s.queued[p as usize].len() as u64;
+        match p {
+            // VIP lag anywhere in the group holds NORMAL back: priority is global.
+            Priority::Vip => queued.max(self.lag.depth[0].load(Ordering::Relaxed)),
+            Priority::Normal => queued,
+        }
+    }
+
+    async fn poll(&mut self, p: Priority, max: usize) -> Result<Vec<Delivery>, LogError> {
+        let empty = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queued[p as usize].is_empty();
+        self.pump(if empty { Duration::from_millis(50) } else { Duration::ZERO });
+        let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = s.queued[p as usize].len().min(max);
+        let out: Vec<Delivery> = s.queued[p as usize].drain(..n).collect();
+        for d in &out {
+            s.handed.entry((p, d.partition)).or_insert(d.offset as i64);
+        }
+        Ok(out)
+    }
+
+    async fn commit(&mut self, done: &[Delivery]) -> Result<(), LogError> {
+        let mut next: HashMap<(Priority, i32), i64> = HashMap::new();
+        for d in done {
+            let e = next.entry((d.priority, d.partition)).or_insert(0);
+            *e = (*e).max(d.offset as i64 + 1);
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((p, partition), offset) in &next {
+            tpl.add_partition_offset(self.config.topic(*p), *partition, Offset::Offset(*offset)).map_err(backend)?;
+        }
+        {
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, offset) in &next {
+                s.handed.insert(*k, *offset);
+            }
+        }
+        self.consumer.commit(&tpl, CommitMode::Async).map_err(backend)
+    }
+
+    fn rewind(&mut self, p: Priority) {
+        // Per partition, the first record not committed: handed out, or still queued.
+        let mut from: HashMap<i32, i64> = HashMap::new();
+        {
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            for d in s.queued[p as usize].drain(..) {
+                let e = from.entry(d.partition).or_insert(d.offset as i64);
+                *e = (*e).min(d.offset as i64);
+            }
+            let keys: Vec<_> = s.handed.keys().filter(|(q, _)| *q == p).copied().collect();
+            for k in keys {
+                if let Some(o) = s.handed.remove(&k) {
+                    let e = from.entry(k.1).or_insert(o);
+                    *e = (*e).min(o);
+                }
+            }
+        }
+        // Everything from there comes again, in order.
+        let topic = self.config.topic(p);
+        for (partition, offset) in from {
+            if let Err(err) = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
+                tracing::warn!(error = %err, topic, partition, "seek after rewind failed");
+            }
+        }
+    }
+
+    async fn wait(&mut self, timeout: Duration) {
+        // The pipeline has a thread of its own, so blocking here stalls nothing else.
+        self.pump(timeout);
+    }
+}
