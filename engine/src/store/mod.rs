@@ -2,6 +2,7 @@
 //! idempotent apply keyed by `event_id`, and every outcome kept in a history.
 
 pub mod conformance;
+pub mod cql;
 pub mod embedded;
 
 use std::collections::HashMap;

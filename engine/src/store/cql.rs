@@ -1,0 +1,450 @@
+//! The CQL store for ScyllaDB (and Apache Cassandra 5 in tests): lightweight
+//! transactions on one partition per order, so a row's compare-and-set and its event's
+//! ledger entry commit together or not at all.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::Utc;
+use futures::StreamExt;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::errors::ExecutionError;
+use scylla::frame::types::{Consistency, SerialConsistency};
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::statement::prepared::PreparedStatement;
+use scylla::value::{CqlTimeuuid, Row};
+
+use super::{
+    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats, Write,
+    WriteResult,
+};
+use crate::domain::{Order, Priority, Status, Tier};
+use crate::sqlite::{from_micros, micros};
+
+const SCHEMA: &str = include_str!("../../../schemas/cql/001_init.cql");
+
+/// Where and how to reach the CQL cluster.
+#[derive(Debug, Clone)]
+pub struct CqlConfig {
+    pub nodes: Vec<String>,
+    pub keyspace: String,
+    pub replication_factor: u32,
+}
+
+/// How many single-partition transactions run at once for one batch of writes.
+const CONCURRENCY: usize = 64;
+/// Retries of a write whose outcome is unknown (timeout, unavailable).
+const MAX_ATTEMPTS: u32 = 5;
+
+const STATICS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, shipping_fee_cents, \
+    currency, note, version, created_at, updated_at, decided_by";
+
+type StaticRow = (
+    String,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
+
+struct Statements {
+    get: PreparedStatement,
+    get_serial: PreparedStatement,
+    event_serial: PreparedStatement,
+    insert_row: PreparedStatement,
+    update_row: PreparedStatement,
+    insert_entry: PreparedStatement,
+    history: PreparedStatement,
+    list: PreparedStatement,
+    letter_claim_id: PreparedStatement,
+    letter_insert: PreparedStatement,
+    letters: PreparedStatement,
+    letter_by_id: PreparedStatement,
+    letter_by_seq: PreparedStatement,
+    replay_claim: PreparedStatement,
+    replay_undo: PreparedStatement,
+}
+
+pub struct CqlStore {
+    session: Arc<Session>,
+    st: Arc<Statements>,
+}
+
+fn backend(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl CqlStore {
+    /// Connects, applies the schema, and prepares every statement.
+    pub async fn open(config: CqlConfig) -> Result<Self, StoreError> {
+        let session = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(Duration::from_secs(5))
+            .build()
+            .await
+            .map_err(|e| StoreError::Backend(format!("connecting to {:?}: {e}", config.nodes)))?;
+        let schema = SCHEMA
+            .replace("{keyspace}", &config.keyspace)
+            .replace("{replication_factor}", &config.replication_factor.to_string());
+        for statement in strip_comments(&schema).split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            session.query_unpaged(statement, ()).await.map_err(|e| StoreError::Backend(format!("applying schema: {e}")))?;
+        }
+        session.await_schema_agreement().await.map_err(backend)?;
+        let ks = &config.keyspace;
+        let prepare = |cql: String, serial: bool| {
+            let session = &session;
+            async move {
+                let mut p = session.prepare(cql).await.map_err(backend)?;
+                p.set_consistency(Consistency::Quorum);
+                if serial {
+                    p.set_serial_consistency(Some(SerialConsistency::Serial));
+                }
+                Ok::<_, StoreError>(p)
+            }
+        };
+        let mut get_serial = prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?;
+        get_serial.set_consistency(Consistency::Serial);
+        let mut event_serial = prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
+        event_serial.set_consistency(Consistency::Serial);
+        let mut list = prepare(format!("SELECT DISTINCT {STATICS} FROM {ks}.orders"), false).await?;
+        list.set_page_size(200);
+        let st = Statements {
+            get: prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?,
+            get_serial,
+            event_serial,
+            insert_row: prepare(
+                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ? WHERE id = ? IF version = null"),
+                true,
+            )
+            .await?,
+            update_row: prepare(
+                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ? WHERE id = ? IF version = ?"),
+                true,
+            )
+            .await?,
+            insert_entry: prepare(
+                format!("INSERT INTO {ks}.orders (id, event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
+                true,
+            )
+            .await?,
+            history: prepare(format!("SELECT event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at FROM {ks}.orders WHERE id = ?"), false).await?,
+            list,
+            letter_claim_id: prepare(format!("INSERT INTO {ks}.dead_letter_ids (id, seq) VALUES (?, ?) IF NOT EXISTS"), true).await?,
+            letter_insert: prepare(
+                format!("INSERT INTO {ks}.dead_letters (bucket, seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at) VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                false,
+            )
+            .await?,
+            letters: prepare(format!("SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at FROM {ks}.dead_letters WHERE bucket = 0 AND seq > ? LIMIT ?"), false).await?,
+            letter_by_id: prepare(format!("SELECT seq, replayed_at FROM {ks}.dead_letter_ids WHERE id = ?"), false).await?,
+            letter_by_seq: prepare(format!("SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at FROM {ks}.dead_letters WHERE bucket = 0 AND seq = ?"), false).await?,
+            replay_claim: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF replayed_at = null"), true).await?,
+            replay_undo: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = null WHERE id = ? IF EXISTS"), true).await?,
+        };
+        Ok(Self { session: Arc::new(session), st: Arc::new(st) })
+    }
+
+    async fn get_with(&self, id: &str, serial: bool) -> Result<Option<Order>, StoreError> {
+        let st = if serial { &self.st.get_serial } else { &self.st.get };
+        let rows = self.session.execute_unpaged(st, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        match rows.maybe_first_row::<StaticRow>().map_err(backend)? {
+            Some(r) => order_from(r),
+            None => Ok(None),
+        }
+    }
+
+    /// Runs one conditional statement or batch; `[applied]` is read dynamically, as
+    /// Cassandra and ScyllaDB return different columns beside it.
+    async fn lwt(&self, run: impl std::future::Future<Output = Result<scylla::response::query_result::QueryResult, ExecutionError>>) -> Result<Option<bool>, StoreError> {
+        match run.await {
+            Ok(result) => {
+                let rows = result.into_rows_result().map_err(backend)?;
+                let first = rows.maybe_first_row::<Row>().map_err(backend)?;
+                Ok(Some(first.and_then(|r| r.columns.first().cloned().flatten()).and_then(|v| v.as_boolean()).unwrap_or(false)))
+            }
+            // The outcome is unknown (timeout, coordinator trouble): the caller reads back.
+            Err(e) if is_uncertain(&e) => {
+                tracing::warn!(error = %e, "CQL write outcome unknown; reading back at SERIAL");
+                Ok(None)
+            }
+            Err(e) => Err(backend(e)),
+        }
+    }
+
+    async fn event_recorded(&self, order_id: &str, event_id: &str) -> Result<bool, StoreError> {
+        let rows = self.session.execute_unpaged(&self.st.event_serial, (order_id, event_id)).await.map_err(backend)?;
+        Ok(rows.into_rows_result().map_err(backend)?.rows_num() > 0)
+    }
+
+    async fn write_one(&self, w: &Write) -> Result<WriteResult, StoreError> {
+        let now = micros(Utc::now());
+        let mut backoff = Duration::from_millis(20);
+        for attempt in 1..=MAX_ATTEMPTS {
+            let applied = match w {
+                Write::Apply { event_id, source, expected, row } => {
+                    let r = row;
+                    let entry = (&r.id, event_id, r.version as i64, Outcome::Applied.as_str(), None::<String>, source, &r.decided_by, now);
+                    let mut batch = Batch::new(BatchType::Logged);
+                    batch.set_serial_consistency(Some(SerialConsistency::Serial));
+                    batch.set_consistency(Consistency::Quorum);
+                    let (tier, priority, status) = (r.tier.as_str(), r.priority.as_str(), r.status.as_str());
+                    let (version, created, updated) = (r.version as i64, micros(r.created_at), micros(r.updated_at));
+                    match expected {
+                        None => {
+                            batch.append_statement(self.st.insert_row.clone());
+                            batch.append_statement(self.st.insert_entry.clone());
+                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, &r.id);
+                            self.lwt(self.session.batch(&batch, (set, entry))).await?
+                        }
+                        Some(v) => {
+                            batch.append_statement(self.st.update_row.clone());
+                            batch.append_statement(self.st.insert_entry.clone());
+                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, &r.id, *v as i64);
+                            self.lwt(self.session.batch(&batch, (set, entry))).await?
+                        }
+                    }
+                }
+                Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+                    // The dead letter first: if we crash before the ledger entry, the
+                    // redelivered event finds it already there (it is keyed by id).
+                    if let Some(letter) = dead_letter {
+                        self.put_dead_letter(letter).await?;
+                    }
+                    let version = self.get_with(order_id, false).await?.map_or(0, |o| o.version as i64);
+                    let entry = (order_id, event_id, version, outcome.as_str(), Some(reason), source, decided_by, now);
+                    self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?
+                }
+            };
+            let order_id = match w {
+                Write::Apply { row, .. } => &row.id,
+                Write::Record { order_id, .. } => order_id,
+            };
+            match applied {
+                Some(true) => return Ok(WriteResult::Done),
+                Some(false) => {
+                    if self.event_recorded(order_id, w.event_id()).await? {
+                        return Ok(WriteResult::Duplicate);
+                    }
+                    return Ok(WriteResult::Conflict(self.get_with(order_id, true).await?));
+                }
+                None => {
+                    // Unknown outcome: if the entry exists, this write (or an earlier
+                    // attempt of it) applied; otherwise try again.
+                    if self.event_recorded(order_id, w.event_id()).await? {
+                        return Ok(WriteResult::Done);
+                    }
+                    if attempt < MAX_ATTEMPTS {
+                        tokio::time::sleep(backoff).await;
+                        backoff *= 2;
+                    }
+                }
+            }
+        }
+        Err(StoreError::Backend(format!("write of {} failed {MAX_ATTEMPTS} times with an unknown outcome", w.event_id())))
+    }
+
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let claim = self.session.execute_unpaged(&self.st.letter_by_id, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let Some((Some(seq), replayed_at)) = claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)? else { return Ok(None) };
+        let rows = self.session.execute_unpaged(&self.st.letter_by_seq, (seq,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        Ok(rows.maybe_first_row::<LetterRow>().map_err(backend)?.map(|r| letter_from(r, replayed_at)))
+    }
+
+    async fn put_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
+        let seq = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 1]));
+        if self.lwt(self.session.execute_unpaged(&self.st.letter_claim_id, (&d.id, seq))).await? == Some(true) {
+            let values = (seq, &d.id, &d.order_id, &d.stage, &d.error_type, &d.reason, &d.decided_by, &d.payload, micros(d.recorded_at));
+            self.session.execute_unpaged(&self.st.letter_insert, values).await.map_err(backend)?;
+        }
+        Ok(())
+    }
+}
+
+type LetterRow = (CqlTimeuuid, String, Option<String>, String, String, String, Option<String>, String, i64);
+
+fn letter_from(r: LetterRow, replayed_at: Option<i64>) -> DeadLetter {
+    let (_, id, order_id, stage, error_type, reason, decided_by, payload, at) = r;
+    DeadLetter { id, order_id, stage, error_type, reason, decided_by, payload, recorded_at: from_micros(at), replayed_at: replayed_at.map(from_micros) }
+}
+
+fn is_uncertain(e: &ExecutionError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    ["timeout", "timed out", "unavailable", "overloaded", "broken", "connection"].iter().any(|w| text.contains(w))
+}
+
+fn strip_comments(s: &str) -> String {
+    s.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n").trim().to_string()
+}
+
+fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
+    let (id, shopify_order_id, customer, tier, priority, status, total, fee, currency, note, version, created, updated, decided_by) = r;
+    let Some(version) = version else { return Ok(None) };
+    let bad = |what: &str, v: &Option<String>| StoreError::Corrupt(format!("order {id}: bad {what} {v:?}"));
+    Ok(Some(Order {
+        tier: tier.as_deref().and_then(Tier::parse).ok_or_else(|| bad("tier", &tier))?,
+        priority: priority.as_deref().and_then(Priority::parse).ok_or_else(|| bad("priority", &priority))?,
+        status: status.as_deref().and_then(Status::parse).ok_or_else(|| bad("status", &status))?,
+        id,
+        shopify_order_id,
+        customer: customer.unwrap_or_default(),
+        total_cents: total.unwrap_or_default(),
+        shipping_fee_cents: fee.unwrap_or_default(),
+        currency: currency.unwrap_or_default(),
+        note: note.unwrap_or_default(),
+        version: version as u64,
+        created_at: from_micros(created.unwrap_or_default()),
+        updated_at: from_micros(updated.unwrap_or_default()),
+        decided_by: decided_by.unwrap_or_default(),
+    }))
+}
+
+#[async_trait]
+impl OrderStore for CqlStore {
+    fn backend(&self) -> &'static str {
+        "cql"
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        self.get_with(id, false).await
+    }
+
+    async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
+        // A Vec of boxed futures first: a lazy map inside the stream trips the Send check.
+        let reads: Vec<_> = ids.iter().map(|id| Box::pin(self.get_with(id, false))).collect();
+        let found: Vec<Result<Option<Order>, StoreError>> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
+        let mut out = HashMap::new();
+        for o in found {
+            if let Some(o) = o? {
+                out.insert(o.id.clone(), o);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+        // Writes of one call touch distinct orders (the pipeline guarantees it), so their
+        // transactions run concurrently; results keep the input order.
+        let pending: Vec<_> = writes.iter().map(|w| Box::pin(self.write_one(w))).collect();
+        let results: Vec<Result<WriteResult, StoreError>> = futures::stream::iter(pending).buffered(CONCURRENCY).collect().await;
+        let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        Ok(writes.into_iter().zip(results).collect())
+    }
+
+    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        type H = (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+        let rows = self.session.execute_unpaged(&self.st.history, (order_id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let mut entries: Vec<HistoryEntry> = rows
+            .rows::<H>()
+            .map_err(backend)?
+            .filter_map(|r| r.ok())
+            .filter_map(|(event_id, version, outcome, reason, source, decided_by, at)| {
+                Some(HistoryEntry {
+                    order_id: order_id.to_string(),
+                    version: version? as u64,
+                    event_id: event_id?,
+                    source: source.unwrap_or_default(),
+                    outcome: Outcome::parse(outcome.as_deref()?)?,
+                    reason,
+                    decided_by: decided_by.unwrap_or_default(),
+                    recorded_at: from_micros(at.unwrap_or_default()),
+                })
+            })
+            .collect();
+        // Clustered by event id; the history reads in version order, then time.
+        entries.sort_by(|a, b| (a.version, a.recorded_at, a.outcome != Outcome::Applied).cmp(&(b.version, b.recorded_at, b.outcome != Outcome::Applied)));
+        Ok(entries)
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
+        if q.sort != Sort::IdAsc && q.sort != Sort::UpdatedDesc {
+            return Err(StoreError::Cursor("the CQL store lists in partition order only; use the default sort".into()));
+        }
+        // One page of partitions per request, in token order; filters apply to that page,
+        // so a page may hold fewer items than the limit, and the cursor carries on.
+        let paging = match &q.cursor {
+            None => PagingState::start(),
+            Some(c) => PagingState::new_from_raw_bytes(URL_SAFE_NO_PAD.decode(c).map_err(|_| StoreError::Cursor("not a cursor this server issued".into()))?),
+        };
+        let mut st = self.st.list.clone();
+        st.set_page_size(q.limit.clamp(1, 1000) as i32);
+        let (result, next) = self.session.execute_single_page(&st, (), paging).await.map_err(backend)?;
+        let rows = result.into_rows_result().map_err(backend)?;
+        let mut items = Vec::new();
+        for r in rows.rows::<StaticRow>().map_err(backend)? {
+            let Some(o) = order_from(r.map_err(backend)?)? else { continue };
+            let prefix_ok = q.q.as_deref().is_none_or(|p| o.id.starts_with(p) || o.customer.starts_with(p));
+            if q.status.is_none_or(|s| s == o.status) && q.priority.is_none_or(|p| p == o.priority) && prefix_ok {
+                items.push(o);
+            }
+        }
+        let next_cursor = match next {
+            PagingStateResponse::HasMorePages { state } => state.as_bytes_slice().map(|b| URL_SAFE_NO_PAD.encode(b)),
+            PagingStateResponse::NoMorePages => None,
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
+        let after = match cursor {
+            // The smallest version-1 uuid: CQL refuses a nil one as a timeuuid.
+            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
+            Some(c) => CqlTimeuuid::from(uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor("bad dead-letter cursor".into()))?),
+        };
+        let limit = limit.clamp(1, 1000);
+        let rows = self.session.execute_unpaged(&self.st.letters, (after, limit as i32 + 1)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let mut items = Vec::new();
+        let mut last = None;
+        for r in rows.rows::<LetterRow>().map_err(backend)?.take(limit) {
+            let r = r.map_err(backend)?;
+            let claim = self.session.execute_unpaged(&self.st.letter_by_id, (&r.1,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+            let replayed_at = claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?.and_then(|c| c.1);
+            last = Some(r.0);
+            items.push(letter_from(r, replayed_at));
+        }
+        let next_cursor = if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
+        let applied = if undo {
+            self.lwt(self.session.execute_unpaged(&self.st.replay_undo, (id,))).await?
+        } else {
+            self.lwt(self.session.execute_unpaged(&self.st.replay_claim, (micros(Utc::now()), id))).await?
+        };
+        let Some(letter) = self.dead_letter(id).await? else { return Ok(ReplayClaim::NotFound) };
+        Ok(match applied {
+            Some(true) => ReplayClaim::Claimed(letter),
+            _ => ReplayClaim::AlreadyReplayed(letter),
+        })
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        // Counting a CQL table means reading it all; this is for tests and operators, not the hot path.
+        let mut orders = 0u64;
+        let mut cursor = None;
+        loop {
+            let page = self.list(ListQuery { limit: 1000, cursor, ..Default::default() }).await?;
+            orders += page.items.len() as u64;
+            match page.next_cursor {
+                Some(c) => cursor = Some(c),
+                None => break,
+            }
+        }
+        Ok(StoreStats { orders, history: 0, dead_letters: self.dead_letters(1000, None).await?.items.len() as u64 })
+    }
+}
