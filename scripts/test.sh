@@ -9,14 +9,33 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atomic-orchestrator/ta
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-# Debian packages: promtool checks /metrics.
+# Debian packages: promtool checks /metrics; Java and Maven run Kafka and Cassandra.
 packages=()
 command -v promtool >/dev/null || packages+=(prometheus)
+command -v java >/dev/null || packages+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || packages+=(maven)
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${packages[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-echo "==> cargo test (target dir: $CARGO_TARGET_DIR)"
+# The wasm target for the rule plugins (rust-toolchain.toml also asks rustup for it).
+rustup target add wasm32-wasip2 >/dev/null
+
+# Real Kafka and Cassandra on 127.0.0.1 (jars from Maven Central, cached outside the
+# clone). Stopped again at the end if this script started them.
+services=compose/local-services.sh
+if ! "$services" status | grep -q "kafka: running" || ! "$services" status | grep -q "cassandra: running"; then
+  trap '"$services" stop' EXIT
+fi
+"$services" start
+eval "$("$services" env)"
+
+echo "==> cargo test, embedded default (target dir: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked
+
+echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
+ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
+  --test chaos --test crash --test priority --test api -- \
+  concurrent_events sigkill vip_preempts bad_input

@@ -32,6 +32,8 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
     #[command(flatten)]
     pub tuning: Tuning,
+    #[command(flatten)]
+    pub backends: Backends,
     /// Largest accepted request body in bytes; larger ones get 413.
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -51,6 +53,61 @@ pub struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
+}
+
+/// Kafka and a CQL store (ScyllaDB) instead of the embedded default. Both or neither.
+#[derive(Debug, Clone, Args)]
+pub struct Backends {
+    /// Kafka bootstrap servers, comma-separated (with --cql-nodes).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// CQL contact points (ScyllaDB), comma-separated host:port (with --kafka-brokers).
+    #[arg(long, env = "CQL_NODES")]
+    pub cql_nodes: Option<String>,
+    /// Topics are `<prefix>.vip` and `<prefix>.normal`.
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_TOPIC_PREFIX", default_value = "orders")]
+    pub kafka_topic_prefix: String,
+    /// Partitions per priority topic, when the engine creates the topics.
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_PARTITIONS", default_value_t = 6)]
+    pub kafka_partitions: i32,
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_REPLICATION", default_value_t = 1)]
+    pub kafka_replication: i32,
+    /// The consumer group the engine instances share.
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_GROUP", default_value = "orchestrator")]
+    pub kafka_group: String,
+    #[arg(long, env = "ORCHESTRATOR_CQL_KEYSPACE", default_value = "orchestrator")]
+    pub cql_keyspace: String,
+    #[arg(long, env = "ORCHESTRATOR_CQL_REPLICATION", default_value_t = 1)]
+    pub cql_replication: u32,
+}
+
+impl Backends {
+    /// `None` for the embedded default; an error when only one of the two is given.
+    pub fn distributed(&self) -> anyhow::Result<Option<(crate::log::kafka::KafkaConfig, crate::store::cql::CqlConfig)>> {
+        let (brokers, nodes) = match (&self.kafka_brokers, &self.cql_nodes) {
+            (None, None) => return Ok(None),
+            (Some(b), Some(n)) if !b.is_empty() && !n.is_empty() => (b, n),
+            _ => anyhow::bail!(
+                "Kafka and the CQL store go together: give both --kafka-brokers (KAFKA_BROKERS) and --cql-nodes (CQL_NODES), or neither for the embedded default"
+            ),
+        };
+        let p = &self.kafka_topic_prefix;
+        Ok(Some((
+            crate::log::kafka::KafkaConfig {
+                brokers: brokers.clone(),
+                vip_topic: format!("{p}.vip"),
+                normal_topic: format!("{p}.normal"),
+                partitions: self.kafka_partitions,
+                replication: self.kafka_replication,
+                group: self.kafka_group.clone(),
+            },
+            crate::store::cql::CqlConfig {
+                nodes: nodes.split(',').map(|s| s.trim().to_string()).collect(),
+                keyspace: self.cql_keyspace.clone(),
+                replication_factor: self.cql_replication,
+            },
+        )))
+    }
 }
 
 /// Pipeline knobs shared by `serve` and `bench`.

@@ -124,6 +124,25 @@ impl Engine {
         Ok(Self::new(Arc::new(log), Arc::new(store), rulebook, plugins, config))
     }
 
+    /// Kafka and a CQL store; plugin deployments stay in `data_dir/plugins.sqlite`.
+    pub async fn open_distributed(
+        data_dir: &Path,
+        kafka: crate::log::kafka::KafkaConfig,
+        cql: crate::store::cql::CqlConfig,
+        config: EngineConfig,
+    ) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
+        let log = crate::log::kafka::KafkaLog::open(kafka).await?;
+        let store = crate::store::cql::CqlStore::open(cql).await?;
+        let rulebook = Rulebook::native();
+        let plugins = match &config.plugins {
+            Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
+            None => None,
+        };
+        Ok(Self::new(log, Arc::new(store), rulebook, plugins, config))
+    }
+
     pub fn new(
         log: Arc<dyn OrderLog>,
         store: Arc<dyn OrderStore>,

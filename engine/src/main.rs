@@ -33,8 +33,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_bytes: args.max_plugin_bytes,
     };
     let config = EngineConfig { pipeline: args.tuning.pipeline(), plugins: Some(plugins), ..Default::default() };
-    let engine = Engine::open_embedded(&args.data_dir, config)
-        .with_context(|| format!("opening the embedded log and store in {}", args.data_dir.display()))?;
+    let engine = match args.backends.distributed()? {
+        None => Engine::open_embedded(&args.data_dir, config)
+            .with_context(|| format!("opening the embedded log and store in {}", args.data_dir.display()))?,
+        Some((kafka, cql)) => {
+            let where_ = format!("Kafka at {} and CQL at {:?}", kafka.brokers, cql.nodes);
+            Engine::open_distributed(&args.data_dir, kafka, cql, config).await.with_context(|| format!("connecting to {where_}"))?
+        }
+    };
     engine.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -72,7 +72,7 @@ pub fn router(state: AppState) -> Router {
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
-    /// "ok" when the log and the store answer.
+    /// "ok" when the log and the store answer, else "unhealthy" (with 503).
     status: &'static str,
     backend: String,
     /// Events in the log not yet applied, per priority.
@@ -94,7 +94,7 @@ struct QueueDepth {
 async fn health(State(s): State<AppState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &s.engine.stats;
-    let store_ok = s.engine.store.get("__health__").await.is_ok();
+    let store_ok = s.engine.store.get("__health__").await.is_ok() && s.engine.log.healthy();
     let body = Health {
         status: if store_ok { "ok" } else { "unhealthy" },
         backend: s.engine.backend(),

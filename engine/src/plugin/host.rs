@@ -244,12 +244,18 @@ impl Loaded {
     /// Runs `f` on an idle (or new) instance under the deadline. An instance whose call
     /// failed is discarded: after a trap a component cannot be entered again.
     fn call<T>(&self, f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+        self.call_for(1, f)
+    }
+
+    /// A call deciding `events` events: the deadline grows with the batch (one budget
+    /// per 64 events), so a long batch of fast decisions is not mistaken for a loop.
+    fn call_for<T>(&self, events: usize, f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
         let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut inst = match taken {
             Some(i) => i,
             None => self.instantiate()?,
         };
-        inst.store.set_epoch_deadline(ticks(self.compiled.runtime.limits.deadline));
+        inst.store.set_epoch_deadline(ticks(self.compiled.runtime.limits.deadline) * events.div_ceil(64).max(1) as u64);
         inst.store.data_mut().last_error_log = None;
         let started = Instant::now();
         let result = f(&mut inst);
@@ -298,7 +304,7 @@ impl OrderRules for Loaded {
 
     fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
         let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
-        let batch = self.call(|inst| match &inst.bindings {
+        let batch = self.call_for(inputs.len(), |inst| match &inst.bindings {
             Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs),
             Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
         });
@@ -312,10 +318,18 @@ impl OrderRules for Loaded {
             Err(_) if inputs.len() > 1 => wit_inputs
                 .into_iter()
                 .map(|input| {
-                    self.call(|inst| match &inst.bindings {
-                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
-                        Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
-                    })
+                    let once = || {
+                        self.call(|inst| match &inst.bindings {
+                            Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
+                            Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+                        })
+                    };
+                    // A deadline can pass because the machine was busy, not because the
+                    // plugin loops: a timeout gets one more try before it fails the event.
+                    match once() {
+                        Err(e) if e.kind == RuleErrorKind::Timeout => once(),
+                        other => other,
+                    }
                     .map(wit::decision_back)
                 })
                 .collect(),

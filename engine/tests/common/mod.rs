@@ -18,6 +18,29 @@ pub struct Server {
     pub port: u16,
     pub data_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Kafka + CQL arguments when the suite runs against real services, else empty.
+    backend_args: Vec<String>,
+}
+
+/// `ORCHESTRATOR_TEST_BACKEND=distributed` runs the same tests against Kafka and the CQL
+/// store named by `KAFKA_BROKERS` and `CQL_NODES`; otherwise the embedded default.
+pub fn distributed() -> bool {
+    std::env::var("ORCHESTRATOR_TEST_BACKEND").as_deref() == Ok("distributed")
+}
+
+/// Fresh topics, group and keyspace for one engine (kept across its restarts).
+fn backend_args() -> Vec<String> {
+    if !distributed() {
+        return Vec::new();
+    }
+    let brokers = service("KAFKA_BROKERS").expect("distributed tests need KAFKA_BROKERS");
+    let nodes = service("CQL_NODES").expect("distributed tests need CQL_NODES");
+    let name = unique("t");
+    let group = format!("{name}.engine");
+    ["--kafka-brokers", &brokers, "--cql-nodes", &nodes, "--kafka-topic-prefix", &name, "--kafka-group", &group, "--kafka-partitions", "4", "--cql-keyspace", &name]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
 fn free_port() -> u16 {
@@ -38,6 +61,7 @@ impl Server {
             port,
             data_dir: data_dir.to_path_buf(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            backend_args: backend_args(),
         };
         s.spawn().await;
         s
@@ -51,14 +75,18 @@ impl Server {
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--api-token", TOKEN])
+            .args(&self.backend_args)
             .args(&self.extra_args)
+            // Only the arguments above choose the backend.
+            .env_remove("KAFKA_BROKERS")
+            .env_remove("CQL_NODES")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("the orchestrator binary starts");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = reqwest::get(format!("{}/health", self.base)).await
                 && r.status().is_success()
@@ -68,7 +96,7 @@ impl Server {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("engine exited during start: {status}");
             }
-            assert!(Instant::now() < deadline, "engine did not become healthy in 30 s");
+            assert!(Instant::now() < deadline, "engine did not become healthy in 60 s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -116,17 +144,21 @@ impl Server {
         self.get_json("/health").await.1
     }
 
-    /// Waits until the log is drained (nothing queued) and stays so briefly.
+    /// Waits until the log is drained (nothing queued). Kafka's lag is sampled every
+    /// 200 ms, so there it must read zero several times in a row.
     pub async fn drain(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
+        let needed = if distributed() { 4 } else { 1 };
+        let mut zeros = 0;
         loop {
             let h = self.health().await;
             let depth = h["queue_depth"]["vip"].as_u64().unwrap_or(1) + h["queue_depth"]["normal"].as_u64().unwrap_or(1);
-            if depth == 0 {
+            zeros = if depth == 0 { zeros + 1 } else { 0 };
+            if zeros >= needed {
                 return;
             }
             assert!(Instant::now() < deadline, "log not drained within {timeout:?}: {h}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(if distributed() { 250 } else { 50 })).await;
         }
     }
 }
