@@ -270,6 +270,8 @@ fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
         .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
         .arg(dir.path())
         .env_remove("ORCHESTRATOR_API_TOKEN")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("CQL_NODES")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -285,6 +287,8 @@ async fn on_loopback_without_a_token_one_is_generated_into_the_data_dir() {
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
         .env_remove("ORCHESTRATOR_API_TOKEN")
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("CQL_NODES")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
