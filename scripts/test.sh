@@ -26,7 +26,8 @@ rustup target add wasm32-wasip2 >/dev/null
 # Real Kafka and Cassandra on 127.0.0.1 (jars from Maven Central, cached outside the
 # clone). Stopped again at the end if this script started them.
 services=compose/local-services.sh
-if ! "$services" status | grep -q "kafka: running" || ! "$services" status | grep -q "cassandra: running"; then
+status=$("$services" status)
+if [[ $status != *"kafka: running"* || $status != *"cassandra: running"* ]]; then
   trap '"$services" stop' EXIT
 fi
 "$services" start
@@ -37,5 +38,5 @@ cargo test --workspace --locked
 
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
-  --test chaos --test crash --test priority --test api -- \
-  concurrent_events sigkill vip_preempts bad_input
+  --test chaos --test crash --test priority --test api --test scale --test faults -- \
+  concurrent_events sigkill vip_preempts bad_input killed_instance service_restarts

@@ -140,7 +140,12 @@ impl Engine {
             Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
             None => None,
         };
-        Ok(Self::new(log, Arc::new(store), rulebook, plugins, config))
+        // Changes go round the changelog topic, so every instance's clients see all of them.
+        let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
+        let follower = log.clone();
+        let stream = changes.clone();
+        tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
+        Ok(Self::with_changes(log, Arc::new(store), rulebook, plugins, config, changes))
     }
 
     pub fn new(
@@ -150,10 +155,22 @@ impl Engine {
         plugins: Option<Arc<Registry>>,
         config: EngineConfig,
     ) -> Arc<Self> {
+        let changes = ChangeStream::new(config.change_buffer);
+        Self::with_changes(log, store, rulebook, plugins, config, changes)
+    }
+
+    fn with_changes(
+        log: Arc<dyn OrderLog>,
+        store: Arc<dyn OrderStore>,
+        rulebook: Arc<Rulebook>,
+        plugins: Option<Arc<Registry>>,
+        config: EngineConfig,
+        changes: ChangeStream,
+    ) -> Arc<Self> {
         Arc::new(Self {
             log,
             store,
-            changes: ChangeStream::new(config.change_buffer),
+            changes,
             stats: Arc::new(Stats::new()),
             pauses: Arc::new(Pauses::default()),
             rulebook,

@@ -149,6 +149,7 @@ impl Pipeline {
         let vip_waiting = |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
         let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
         if done > 0 {
+            self.changes.flush().await.map_err(|e| anyhow::anyhow!("relaying changes: {e}"))?;
             consumer.commit(&deliveries[..done]).await?;
         }
         if done < deliveries.len() {
@@ -273,9 +274,18 @@ impl Pipeline {
         let results = self.store.write(writes).await?;
         for ((write, result), (priority, appended_at_us, pending)) in results.into_iter().zip(context) {
             match (result, write) {
-                (WriteResult::Duplicate, _) => {
+                (WriteResult::Duplicate, write) => {
                     self.metrics.duplicate[priority as usize].increment(1);
                     self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                    // A redelivery after a crash: its change may never have been
+                    // published, so publish the row as it is (clients keep the newest version).
+                    let order_id = match &write {
+                        Write::Apply { row, .. } => &row.id,
+                        Write::Record { order_id, .. } => order_id,
+                    };
+                    if let Some(now) = self.store.get(order_id).await? {
+                        self.changes.publish(now);
+                    }
                 }
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
                 (WriteResult::Done, Write::Record { outcome, .. }) => self.counted(outcome, priority),

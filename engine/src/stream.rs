@@ -30,21 +30,54 @@ impl Change {
     }
 }
 
+/// Carries applied changes to every engine instance (Kafka's changelog topic), which
+/// hand them back through [`ChangeStream::deliver`].
+#[async_trait::async_trait]
+pub trait ChangeRelay: Send + Sync {
+    fn send(&self, order: &Order);
+    /// Waits until every change sent so far is durably relayed.
+    async fn flush(&self) -> Result<(), String>;
+}
+
 #[derive(Clone)]
 pub struct ChangeStream {
     tx: broadcast::Sender<Arc<Change>>,
+    relay: Option<Arc<dyn ChangeRelay>>,
 }
 
 impl ChangeStream {
     /// `capacity` bounds how far a subscriber may fall behind before it must resync.
     pub fn new(capacity: usize) -> Self {
-        Self { tx: broadcast::channel(capacity).0 }
+        Self { tx: broadcast::channel(capacity).0, relay: None }
+    }
+
+    /// Changes go through `relay` (and come back to every instance) instead of straight
+    /// to this instance's subscribers.
+    pub fn with_relay(mut self, relay: Arc<dyn ChangeRelay>) -> Self {
+        self.relay = Some(relay);
+        self
     }
 
     pub fn publish(&self, order: Order) {
+        match &self.relay {
+            Some(relay) => relay.send(&order),
+            None => self.deliver(order),
+        }
+    }
+
+    /// Hands a change to this instance's subscribers.
+    pub fn deliver(&self, order: Order) {
         // Rendering costs more than the send; skip it when nobody listens.
         if self.tx.receiver_count() > 0 {
             let _ = self.tx.send(Arc::new(Change::new(order)));
+        }
+    }
+
+    /// Before the log commit: the changes of the batch must not be lost with the process.
+    pub async fn flush(&self) -> Result<(), String> {
+        match &self.relay {
+            Some(relay) => relay.flush().await,
+            None => Ok(()),
         }
     }
 

@@ -94,7 +94,9 @@ struct QueueDepth {
 async fn health(State(s): State<AppState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = &s.engine.stats;
-    let store_ok = s.engine.store.get("__health__").await.is_ok() && s.engine.log.healthy();
+    // Bounded: a store that hangs must read as unhealthy, not hang the probe.
+    let probe = tokio::time::timeout(std::time::Duration::from_secs(2), s.engine.store.get("__health__")).await;
+    let store_ok = matches!(probe, Ok(Ok(_))) && s.engine.log.healthy();
     let body = Health {
         status: if store_ok { "ok" } else { "unhealthy" },
         backend: s.engine.backend(),

@@ -18,7 +18,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
-use crate::domain::Priority;
+use crate::domain::{Order, Priority};
+use crate::stream::{ChangeRelay, ChangeStream};
 
 /// Where and how to reach Kafka.
 #[derive(Debug, Clone)]
@@ -26,6 +27,8 @@ pub struct KafkaConfig {
     pub brokers: String,
     pub vip_topic: String,
     pub normal_topic: String,
+    /// Applied changes, which every instance follows to feed its WebSocket clients.
+    pub changes_topic: String,
     pub partitions: i32,
     pub replication: i32,
     /// The consumer group the engine instances share.
@@ -67,12 +70,15 @@ impl KafkaLog {
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
-        let topics: Vec<NewTopic<'_>> = Priority::ALL
-            .iter()
-            .map(|p| NewTopic::new(config.topic(*p), config.partitions, TopicReplication::Fixed(config.replication)))
+        let topics: Vec<NewTopic<'_>> = [config.topic(Priority::Vip), config.topic(Priority::Normal), config.changes_topic.as_str()]
+            .into_iter()
+            .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
             .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        for result in admin.create_topics(&topics, &opts).await.map_err(backend)? {
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
+        let created = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&topics, &opts))
+            .await
+            .map_err(|_| LogError::Backend(format!("Kafka at {} did not answer in 30 s", config.brokers)))?;
+        for result in created.map_err(backend)? {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((topic, code)) => return Err(LogError::Backend(format!("creating topic {topic}: {code}"))),
@@ -92,6 +98,47 @@ impl KafkaLog {
         Ok(log)
     }
 
+    /// The relay that puts applied changes on the changelog topic.
+    pub fn changelog(&self) -> Arc<KafkaChangelog> {
+        Arc::new(KafkaChangelog { producer: self.producer.clone(), topic: self.config.changes_topic.clone(), pending: Mutex::default() })
+    }
+
+    /// Follows the changelog under a group of this instance's own, so it sees every
+    /// instance's changes, and hands them to `stream`. Returns once it is assigned.
+    pub fn follow_changelog(&self, stream: ChangeStream) -> Result<(), LogError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", format!("{}.changes.{}", self.config.group, uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "latest")
+            .set("fetch.wait.max.ms", "10")
+            .create()
+            .map_err(backend)?;
+        consumer.subscribe(&[&self.config.changes_topic]).map_err(backend)?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
+            if std::time::Instant::now() > deadline {
+                return Err(LogError::Backend("the changelog consumer got no partitions in 30 s".into()));
+            }
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                deliver(&stream, m.payload());
+            }
+        }
+        std::thread::Builder::new()
+            .name("kafka-changelog".into())
+            .spawn(move || {
+                loop {
+                    match consumer.poll(Duration::from_millis(100)) {
+                        Some(Ok(m)) => deliver(&stream, m.payload()),
+                        Some(Err(e)) => tracing::warn!(error = %e, "changelog consumer"),
+                        None => {}
+                    }
+                }
+            })
+            .map_err(backend)?;
+        Ok(())
+    }
+
     fn consumer_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.config.brokers)
@@ -103,6 +150,55 @@ impl KafkaLog {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000");
         c
+    }
+}
+
+fn deliver(stream: &ChangeStream, payload: Option<&[u8]>) {
+    match serde_json::from_slice::<Order>(payload.unwrap_or_default()) {
+        Ok(order) => stream.deliver(order),
+        Err(e) => tracing::warn!(error = %e, "unreadable record on the changelog"),
+    }
+}
+
+/// Puts applied changes on the changelog topic; `flush` waits for the acknowledgements.
+pub struct KafkaChangelog {
+    producer: FutureProducer,
+    topic: String,
+    pending: Mutex<Vec<rdkafka::producer::DeliveryFuture>>,
+}
+
+#[async_trait]
+impl ChangeRelay for KafkaChangelog {
+    fn send(&self, order: &Order) {
+        let payload = serde_json::to_vec(order).expect("an order always serializes");
+        loop {
+            match self.producer.send_result(FutureRecord::to(&self.topic).key(&order.id).payload(&payload)) {
+                Ok(delivery) => {
+                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(delivery);
+                    return;
+                }
+                // The producer's queue is full: wait for it to drain a little.
+                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, order = order.id, "could not queue a change for the changelog");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn flush(&self) -> Result<(), String> {
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        for delivery in pending {
+            match delivery.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(e.to_string()),
+                Err(_) => return Err("the producer dropped a change".into()),
+            }
+        }
+        Ok(())
     }
 }
 

@@ -67,6 +67,21 @@ impl Server {
         s
     }
 
+    /// Another engine on the same Kafka topics, group and keyspace as `other`.
+    pub async fn start_beside(data_dir: &Path, other: &Server) -> Self {
+        let port = free_port();
+        let mut s = Server {
+            child: None,
+            base: format!("http://127.0.0.1:{port}"),
+            port,
+            data_dir: data_dir.to_path_buf(),
+            extra_args: other.extra_args.clone(),
+            backend_args: other.backend_args.clone(),
+        };
+        s.spawn().await;
+        s
+    }
+
     async fn spawn(&mut self) {
         let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
             .arg("serve")
