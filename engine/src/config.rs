@@ -64,7 +64,7 @@ pub struct Backends {
     /// CQL contact points (ScyllaDB), comma-separated host:port (with --kafka-brokers).
     #[arg(long, env = "CQL_NODES")]
     pub cql_nodes: Option<String>,
-    /// Topics are `<prefix>.vip`, `<prefix>.normal` and `<prefix>.changes`.
+    /// Topics are `<prefix>.vip`, `<prefix>.normal`, `<prefix>.changes` and `<prefix>.dlq`.
     #[arg(long, env = "ORCHESTRATOR_KAFKA_TOPIC_PREFIX", default_value = "orders")]
     pub kafka_topic_prefix: String,
     /// Partitions per priority topic, when the engine creates the topics.
@@ -98,6 +98,7 @@ impl Backends {
                 vip_topic: format!("{p}.vip"),
                 normal_topic: format!("{p}.normal"),
                 changes_topic: format!("{p}.changes"),
+                dlq_topic: format!("{p}.dlq"),
                 partitions: self.kafka_partitions,
                 replication: self.kafka_replication,
                 group: self.kafka_group.clone(),

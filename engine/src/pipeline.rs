@@ -225,7 +225,7 @@ impl Pipeline {
                 Err(reason) => {
                     telemetry::error("malformed", "decode");
                     writes.push(Write::Record {
-                        event_id: format!("log:{}:{}", d.priority.label(), d.offset),
+                        event_id: record_id(d),
                         source: "log".into(),
                         order_id: d.key.clone(),
                         outcome: Outcome::Rejected,
@@ -288,7 +288,12 @@ impl Pipeline {
                     }
                 }
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
-                (WriteResult::Done, Write::Record { outcome, .. }) => self.counted(outcome, priority),
+                (WriteResult::Done, Write::Record { outcome, dead_letter, .. }) => {
+                    if let Some(letter) = &dead_letter {
+                        self.changes.dead_letter(letter);
+                    }
+                    self.counted(outcome, priority)
+                }
                 (WriteResult::Conflict(now), _) => {
                     let pending = pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
                     self.resolve(pending, now, priority, appended_at_us).await?;
@@ -328,6 +333,9 @@ impl Pipeline {
                         Ok(merged) => (Some(current.version), merged),
                         Err((outcome, reason, error_type)) => {
                             let letter = error_type.map(|t| self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id())));
+                            if let Some(l) = &letter {
+                                self.changes.dead_letter(l);
+                            }
                             self.store.write(vec![self.record(&p.event, outcome, reason, resolver.id(), letter)]).await?;
                             self.counted(outcome, priority);
                             return Ok(());
@@ -355,6 +363,7 @@ impl Pipeline {
         telemetry::error("conflict_retries_exhausted", "store");
         let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
         let letter = self.dead_letter_for_event(&p.event, "store", "conflict_retries_exhausted", &reason, None);
+        self.changes.dead_letter(&letter);
         self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter))]).await?;
         self.counted(Outcome::Rejected, priority);
         Ok(())
@@ -397,7 +406,7 @@ impl Pipeline {
 
     fn dead_letter(&self, d: &Delivery, event: Option<&OrderEvent>, stage: &str, error_type: &str, reason: &str, decided_by: Option<&str>) -> DeadLetter {
         DeadLetter {
-            id: event.map_or_else(|| format!("log:{}:{}", d.priority.label(), d.offset), |e| e.event_id.clone()),
+            id: event.map_or_else(|| record_id(d), |e| e.event_id.clone()),
             order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(d.key.clone())),
             stage: stage.into(),
             error_type: error_type.into(),
@@ -422,6 +431,11 @@ impl Pipeline {
             replayed_at: None,
         }
     }
+}
+
+/// Names an undecodable record by its place in the log.
+fn record_id(d: &Delivery) -> String {
+    format!("log:{}:{}:{}", d.priority.label(), d.partition, d.offset)
 }
 
 /// The next version of a row from decided fields.
@@ -549,7 +563,7 @@ mod tests {
         assert_eq!(store.get("o1").await.unwrap().unwrap().version, 1);
         let letters = store.dead_letters(10, None).await.unwrap().items;
         assert_eq!(letters.len(), 1);
-        assert_eq!((letters[0].id.as_str(), letters[0].stage.as_str(), letters[0].error_type.as_str()), ("log:normal:1", "decode", "malformed"));
+        assert_eq!((letters[0].id.as_str(), letters[0].stage.as_str(), letters[0].error_type.as_str()), ("log:normal:0:1", "decode", "malformed"));
         assert!(letters[0].reason.contains("key must be a string") || letters[0].reason.contains("expected"), "{}", letters[0].reason);
     }
 

@@ -35,6 +35,8 @@ impl Change {
 #[async_trait::async_trait]
 pub trait ChangeRelay: Send + Sync {
     fn send(&self, order: &Order);
+    /// Dead letters travel too (Kafka's dead-letter topic), for tools outside the engine.
+    fn dead_letter(&self, letter: &crate::store::DeadLetter);
     /// Waits until every change sent so far is durably relayed.
     async fn flush(&self) -> Result<(), String>;
 }
@@ -62,6 +64,13 @@ impl ChangeStream {
         match &self.relay {
             Some(relay) => relay.send(&order),
             None => self.deliver(order),
+        }
+    }
+
+    /// Relays a dead letter beside the changes, where the backend has a place for them.
+    pub fn dead_letter(&self, letter: &crate::store::DeadLetter) {
+        if let Some(relay) = &self.relay {
+            relay.dead_letter(letter);
         }
     }
 

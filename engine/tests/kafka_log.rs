@@ -38,6 +38,7 @@ async fn kafka_log_orders_commits_and_redelivers() {
         vip_topic: format!("{name}.vip"),
         normal_topic: format!("{name}.normal"),
         changes_topic: format!("{name}.changes"),
+        dlq_topic: format!("{name}.dlq"),
         partitions: 3,
         replication: 1,
         group: format!("{name}.engine"),

@@ -29,6 +29,8 @@ pub struct KafkaConfig {
     pub normal_topic: String,
     /// Applied changes, which every instance follows to feed its WebSocket clients.
     pub changes_topic: String,
+    /// Dead letters (JSON, keyed by order id), for tools outside the engine.
+    pub dlq_topic: String,
     pub partitions: i32,
     pub replication: i32,
     /// The consumer group the engine instances share.
@@ -70,7 +72,7 @@ impl KafkaLog {
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
-        let topics: Vec<NewTopic<'_>> = [config.topic(Priority::Vip), config.topic(Priority::Normal), config.changes_topic.as_str()]
+        let topics: Vec<NewTopic<'_>> = [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
             .into_iter()
             .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
             .collect();
@@ -100,7 +102,12 @@ impl KafkaLog {
 
     /// The relay that puts applied changes on the changelog topic.
     pub fn changelog(&self) -> Arc<KafkaChangelog> {
-        Arc::new(KafkaChangelog { producer: self.producer.clone(), topic: self.config.changes_topic.clone(), pending: Mutex::default() })
+        Arc::new(KafkaChangelog {
+            producer: self.producer.clone(),
+            topic: self.config.changes_topic.clone(),
+            dlq_topic: self.config.dlq_topic.clone(),
+            pending: Mutex::default(),
+        })
     }
 
     /// Follows the changelog under a group of this instance's own, so it sees every
@@ -164,15 +171,15 @@ fn deliver(stream: &ChangeStream, payload: Option<&[u8]>) {
 pub struct KafkaChangelog {
     producer: FutureProducer,
     topic: String,
+    dlq_topic: String,
     pending: Mutex<Vec<rdkafka::producer::DeliveryFuture>>,
 }
 
-#[async_trait]
-impl ChangeRelay for KafkaChangelog {
-    fn send(&self, order: &Order) {
-        let payload = serde_json::to_vec(order).expect("an order always serializes");
+impl KafkaChangelog {
+    /// Queues a record; `flush` waits for its acknowledgement.
+    fn queue(&self, topic: &str, key: &str, payload: &[u8]) {
         loop {
-            match self.producer.send_result(FutureRecord::to(&self.topic).key(&order.id).payload(&payload)) {
+            match self.producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
                 Ok(delivery) => {
                     self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(delivery);
                     return;
@@ -182,11 +189,23 @@ impl ChangeRelay for KafkaChangelog {
                     std::thread::sleep(Duration::from_millis(1))
                 }
                 Err((e, _)) => {
-                    tracing::warn!(error = %e, order = order.id, "could not queue a change for the changelog");
+                    tracing::warn!(error = %e, topic, key, "could not queue a record");
                     return;
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl ChangeRelay for KafkaChangelog {
+    fn send(&self, order: &Order) {
+        self.queue(&self.topic, &order.id, &serde_json::to_vec(order).expect("an order always serializes"));
+    }
+
+    fn dead_letter(&self, letter: &crate::store::DeadLetter) {
+        let key = letter.order_id.as_deref().unwrap_or(&letter.id);
+        self.queue(&self.dlq_topic, key, &serde_json::to_vec(letter).expect("a dead letter always serializes"));
     }
 
     async fn flush(&self) -> Result<(), String> {

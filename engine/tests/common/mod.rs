@@ -137,6 +137,11 @@ impl Server {
         self.spawn().await;
     }
 
+    /// The Kafka topic prefix of this engine, in the distributed pass.
+    pub fn kafka_prefix(&self) -> Option<String> {
+        self.backend_args.iter().position(|a| a == "--kafka-topic-prefix").map(|i| self.backend_args[i + 1].clone())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }

@@ -1,0 +1,66 @@
+//! An outside producer: records written by `kcat` in the documented format (key: the
+//! order id; value: an OrderEvent as JSON; topic by priority) are applied, and a
+//! malformed one lands in the dead letters and on the dead-letter topic with its reason.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Server, created, distributed, service};
+use serde_json::Value;
+
+fn kcat(args: &[&str], stdin: &str) -> String {
+    let mut child = Command::new("kcat").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("kcat is installed");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kcat {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
+    if !distributed() {
+        eprintln!("the outside-producer test needs Kafka: it runs in the distributed pass");
+        return;
+    }
+    let brokers = service("KAFKA_BROKERS").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let prefix = s.kafka_prefix().unwrap();
+    let vip = format!("{prefix}.vip");
+    let normal = format!("{prefix}.normal");
+
+    let good = created("kcat-1", "kcat-1-created", "DIAMOND", 4_200).to_string();
+    kcat(&["-b", &brokers, "-P", "-t", &vip, "-k", "kcat-1"], &good);
+    kcat(&["-b", &brokers, "-P", "-t", &normal, "-k", "kcat-2"], "{\"event_id\": \"oops\", not json");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, order) = s.get_json("/orders/kcat-1").await;
+        if status == 200 {
+            assert_eq!((order["priority"].as_str(), order["shipping_fee_cents"].as_i64()), (Some("VIP"), Some(999)));
+            break;
+        }
+        assert!(Instant::now() < deadline, "the kcat record was never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let letter = loop {
+        let (_, page) = s.get_json("/dead-letters").await;
+        if let Some(l) = page["items"].as_array().unwrap().iter().find(|l| l["order_id"] == "kcat-2") {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "the malformed record never reached the dead letters");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((letter["stage"].as_str(), letter["error_type"].as_str()), (Some("decode"), Some("malformed")));
+    assert!(letter["reason"].as_str().unwrap().contains("key must be a string"), "{letter}");
+    assert!(letter["payload"].as_str().unwrap().contains("not json"));
+
+    let on_topic = kcat(&["-b", &brokers, "-C", "-t", &format!("{prefix}.dlq"), "-o", "beginning", "-e", "-q", "-K", "|"], "");
+    let line = on_topic.lines().find(|l| l.starts_with("kcat-2|")).unwrap_or_else(|| panic!("no dead letter for kcat-2 on the topic: {on_topic}"));
+    let value: Value = serde_json::from_str(line.trim_start_matches("kcat-2|")).unwrap();
+    assert_eq!(value["error_type"], "malformed");
+    assert!(value["reason"].as_str().unwrap().contains("key must be a string"));
+}
