@@ -10,12 +10,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atomic-orchestrator/ta
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: promtool checks /metrics; Java and Maven run Kafka and Cassandra;
-# kcat plays an outside producer.
+# kcat plays an outside producer; docker-compose validates compose/docker-compose.yml.
 packages=()
 command -v promtool >/dev/null || packages+=(prometheus)
 command -v java >/dev/null || packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || packages+=(maven)
 command -v kcat >/dev/null || packages+=(kcat)
+command -v docker-compose >/dev/null || packages+=(docker-compose)
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${packages[*]}"
   as_root apt-get update -qq
@@ -41,4 +42,4 @@ cargo test --workspace --locked
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
   --test chaos --test crash --test priority --test api --test scale --test faults --test outside_producer -- \
-  concurrent_events sigkill vip_preempts bad_input killed_instance service_restarts kcat_records
+  concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance service_restarts kcat_records

@@ -64,7 +64,7 @@ pub struct Backends {
     /// CQL contact points (ScyllaDB), comma-separated host:port (with --kafka-brokers).
     #[arg(long, env = "CQL_NODES")]
     pub cql_nodes: Option<String>,
-    /// Topics are `<prefix>.vip`, `<prefix>.normal`, `<prefix>.changes` and `<prefix>.dlq`.
+    /// Topics are `<prefix>.vip`, `<prefix>.normal`, `<prefix>.changes`, `<prefix>.dlq` and `<prefix>.plugins`.
     #[arg(long, env = "ORCHESTRATOR_KAFKA_TOPIC_PREFIX", default_value = "orders")]
     pub kafka_topic_prefix: String,
     /// Partitions per priority topic, when the engine creates the topics.
@@ -99,6 +99,7 @@ impl Backends {
                 normal_topic: format!("{p}.normal"),
                 changes_topic: format!("{p}.changes"),
                 dlq_topic: format!("{p}.dlq"),
+                plugins_topic: format!("{p}.plugins"),
                 partitions: self.kafka_partitions,
                 replication: self.kafka_replication,
                 group: self.kafka_group.clone(),
@@ -146,6 +147,9 @@ pub struct BenchArgs {
     pub out: Option<PathBuf>,
     #[command(flatten)]
     pub tuning: Tuning,
+    /// With both, the bench runs on Kafka and the CQL store (fresh topics and keyspaces).
+    #[command(flatten)]
+    pub backends: Backends,
 }
 
 #[derive(Debug, Clone, Args)]

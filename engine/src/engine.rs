@@ -140,6 +140,14 @@ impl Engine {
             Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
             None => None,
         };
+        // Deployments go round a compacted topic: catch up before consuming orders.
+        if let Some(registry) = plugins.clone() {
+            let follower = log.clone();
+            let publisher = log.plugin_publisher();
+            let reg = registry.clone();
+            tokio::task::spawn_blocking(move || follower.follow_plugins(reg)).await??;
+            registry.set_replicator(publisher);
+        }
         // Changes go round the changelog topic, so every instance's clients see all of them.
         let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
         let follower = log.clone();

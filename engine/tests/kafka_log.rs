@@ -39,6 +39,7 @@ async fn kafka_log_orders_commits_and_redelivers() {
         normal_topic: format!("{name}.normal"),
         changes_topic: format!("{name}.changes"),
         dlq_topic: format!("{name}.dlq"),
+        plugins_topic: format!("{name}.plugins"),
         partitions: 3,
         replication: 1,
         group: format!("{name}.engine"),

@@ -77,3 +77,43 @@ async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {
     }
     eprintln!("scale-out: {EVENTS} events applied exactly once across the kill; B saw {} changes", seen.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deploy_on_one_instance_reaches_the_other() {
+    if !distributed() {
+        eprintln!("plugin replication needs Kafka: it runs in the distributed pass");
+        return;
+    }
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path()).await;
+    let b = Server::start_beside(dir_b.path(), &a).await;
+    assert_eq!(a.deploy("order-rules", common::plugin("fixture_rules_v2"), false).await.status(), 201);
+    let wait_for = |s: &Server, version: u64| {
+        let s = s.url("/plugins");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let slots: Value = client().get(&s).send().await.unwrap().json().await.unwrap();
+                if slots[0]["active"]["version"] == version {
+                    return slots;
+                }
+                assert!(Instant::now() < deadline, "version {version} never became active at {s}: {slots}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let on_b = wait_for(&b, 2).await;
+    assert_eq!(on_b[0]["active"]["origin"], "replicated");
+    // Whichever instance processes it, v2 decides (free shipping from 150.00).
+    let events: Vec<Value> = (0..50).map(|i| created(&format!("rep-{i}"), &format!("rep-{i}"), "GOLD", 16_000)).collect();
+    assert_eq!(b.post_events(&Value::Array(events)).await.status(), 202);
+    b.drain(Duration::from_secs(60)).await;
+    for i in 0..50 {
+        let (_, row) = b.get_json(&format!("/orders/rep-{i}")).await;
+        assert_eq!(row["shipping_fee_cents"], 0, "{row}");
+        assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"));
+    }
+    // A rollback on B reaches A.
+    assert_eq!(b.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
+    wait_for(&a, 1).await;
+}

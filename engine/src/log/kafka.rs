@@ -19,6 +19,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
 use crate::domain::{Order, Priority};
+use crate::plugin::registry::{Registry, SlotState};
 use crate::stream::{ChangeRelay, ChangeStream};
 
 /// Where and how to reach Kafka.
@@ -31,6 +32,8 @@ pub struct KafkaConfig {
     pub changes_topic: String,
     /// Dead letters (JSON, keyed by order id), for tools outside the engine.
     pub dlq_topic: String,
+    /// Plugin deployments (compacted, keyed by slot): how a deploy reaches every instance.
+    pub plugins_topic: String,
     pub partitions: i32,
     pub replication: i32,
     /// The consumer group the engine instances share.
@@ -75,6 +78,11 @@ impl KafkaLog {
         let topics: Vec<NewTopic<'_>> = [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
             .into_iter()
             .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
+            .chain(std::iter::once(
+                NewTopic::new(&config.plugins_topic, 1, TopicReplication::Fixed(config.replication))
+                    .set("cleanup.policy", "compact")
+                    .set("max.message.bytes", PLUGIN_RECORD_MAX),
+            ))
             .collect();
         let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
         let created = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&topics, &opts))
@@ -92,6 +100,7 @@ impl KafkaLog {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
+            .set("message.max.bytes", PLUGIN_RECORD_MAX)
             .set("message.timeout.ms", "10000")
             .create()
             .map_err(backend)?;
@@ -217,6 +226,75 @@ impl ChangeRelay for KafkaChangelog {
                 Err(_) => return Err("the producer dropped a change".into()),
             }
         }
+        Ok(())
+    }
+}
+
+/// Plugin records carry the component (base64): room for the largest upload.
+const PLUGIN_RECORD_MAX: &str = "16777216";
+
+impl KafkaLog {
+    /// Publishes a slot's new state on the plugins topic (latest per slot survives compaction).
+    pub fn plugin_publisher(&self) -> Arc<dyn Fn(SlotState) + Send + Sync> {
+        let (producer, topic) = (self.producer.clone(), self.config.plugins_topic.clone());
+        Arc::new(move |state: SlotState| {
+            let payload = serde_json::to_vec(&state).expect("a slot state always serializes");
+            if let Err((e, _)) = producer.send_result(FutureRecord::to(&topic).key(state.slot.name()).payload(&payload)) {
+                tracing::error!(error = %e, slot = %state.slot, "could not publish a plugin deployment");
+            }
+        })
+    }
+
+    /// Applies every deployment on the plugins topic to `registry`: first all that are
+    /// there (before the engine starts consuming orders), then new ones as they come.
+    pub fn follow_plugins(&self, registry: Arc<Registry>) -> Result<(), LogError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", format!("{}.plugins.{}", self.config.group, uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
+            .create()
+            .map_err(backend)?;
+        consumer.subscribe(&[&self.config.plugins_topic]).map_err(backend)?;
+        let runtime = tokio::runtime::Handle::current();
+        let apply = move |payload: Option<&[u8]>| match serde_json::from_slice::<SlotState>(payload.unwrap_or_default()) {
+            Ok(state) => {
+                let slot = state.slot;
+                if let Err(e) = runtime.block_on(registry.apply(state)) {
+                    tracing::error!(error = %e, %slot, "could not apply a plugin deployment from another instance");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "unreadable record on the plugins topic"),
+        };
+        // Catch up: until assigned, then until the topic is quiet for a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut quiet = 0;
+        while quiet < 5 {
+            if std::time::Instant::now() > deadline {
+                return Err(LogError::Backend("the plugins topic did not catch up in 30 s".into()));
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    apply(m.payload());
+                    quiet = 0;
+                }
+                _ if consumer.assignment().map(|a| a.count()).unwrap_or(0) > 0 => quiet += 1,
+                _ => {}
+            }
+        }
+        std::thread::Builder::new()
+            .name("kafka-plugins".into())
+            .spawn(move || {
+                loop {
+                    match consumer.poll(Duration::from_millis(200)) {
+                        Some(Ok(m)) => apply(m.payload()),
+                        Some(Err(e)) => tracing::warn!(error = %e, "plugins consumer"),
+                        None => {}
+                    }
+                }
+            })
+            .map_err(backend)?;
         Ok(())
     }
 }

@@ -96,6 +96,25 @@ pub struct Registry {
     /// Deploys, promotions and rollbacks happen one at a time.
     changes: tokio::sync::Mutex<()>,
     max_bytes: usize,
+    /// Carries each slot's new state to the other engine instances (Kafka mode).
+    replicator: Mutex<Option<Arc<dyn Fn(SlotState) + Send + Sync>>>,
+}
+
+/// A slot's active and shadow versions with their bytes: what other instances need to
+/// run the same plugins. Kafka keeps the latest per slot on a compacted topic.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct SlotState {
+    pub slot: Slot,
+    pub active: Shipped,
+    pub shadow: Option<Shipped>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct Shipped {
+    pub version: u64,
+    pub sha256: String,
+    /// The component, base64.
+    pub component: String,
 }
 
 fn repo(e: rusqlite::Error) -> PluginError {
@@ -112,7 +131,15 @@ impl Registry {
     pub fn open(path: &Path, runtime: Arc<Runtime>, rulebook: Arc<Rulebook>, max_bytes: usize) -> Result<Arc<Self>, PluginError> {
         let db = open(path).map_err(repo)?;
         db.execute_batch(SCHEMA).map_err(repo)?;
-        let registry = Arc::new(Self { runtime, rulebook, db: Mutex::new(db), loaded: Mutex::default(), changes: Default::default(), max_bytes });
+        let registry = Arc::new(Self {
+            runtime,
+            rulebook,
+            db: Mutex::new(db),
+            loaded: Mutex::default(),
+            changes: Default::default(),
+            max_bytes,
+            replicator: Mutex::default(),
+        });
         for slot in Slot::ALL {
             if registry.slot_row(slot)?.is_none() {
                 registry.insert_version(slot, 1, slot.builtin(), "builtin")?;
@@ -210,7 +237,7 @@ impl Registry {
         }
         let _one_at_a_time = self.changes.lock().await;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || {
+        let deployed = tokio::task::spawn_blocking(move || {
             // Compile and instantiate before storing anything: a component that cannot
             // run never becomes a version.
             let (version, sha256) = (me.next_version(slot)?, sha256_hex(&bytes));
@@ -230,7 +257,9 @@ impl Registry {
             Ok(Deployed { slot, version, sha256, shadow, activation_ms: started.elapsed().as_secs_f64() * 1e3 })
         })
         .await
-        .map_err(|e| PluginError::Runtime(e.to_string()))?
+        .map_err(|e| PluginError::Runtime(e.to_string()))??;
+        self.replicate(slot)?;
+        Ok(deployed)
     }
 
     /// Makes the shadow version the active one.
@@ -243,6 +272,7 @@ impl Registry {
         self.set_slot(slot, version, None, stack, "promote", version)?;
         self.rulebook.set_shadow(None);
         self.install_active(slot, loaded);
+        self.replicate(slot)?;
         self.version_info(slot, version)
     }
 
@@ -253,7 +283,7 @@ impl Registry {
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))?;
         self.set_slot(slot, active, None, stack, "discard", version)?;
         self.rulebook.set_shadow(None);
-        Ok(())
+        self.replicate(slot)
     }
 
     /// Re-activates the version that was active before the current one.
@@ -268,7 +298,75 @@ impl Registry {
         let loaded = self.load(slot, version)?;
         self.set_slot(slot, version, shadow, stack, "rollback", version)?;
         self.install_active(slot, loaded);
+        self.replicate(slot)?;
         self.version_info(slot, version)
+    }
+
+    /// From now on, every change of a slot is handed to `replicate`.
+    pub fn set_replicator(&self, replicate: Arc<dyn Fn(SlotState) + Send + Sync>) {
+        *self.replicator.lock().unwrap_or_else(|p| p.into_inner()) = Some(replicate);
+    }
+
+    fn shipped(&self, slot: Slot, version: u64) -> Result<Shipped, PluginError> {
+        use base64::Engine as _;
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.query_row("SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2", params![slot.name(), version as i64], |r| {
+            Ok(Shipped { version, sha256: r.get(1)?, component: base64::engine::general_purpose::STANDARD.encode(r.get::<_, Vec<u8>>(0)?) })
+        })
+        .map_err(repo)
+    }
+
+    pub fn state(&self, slot: Slot) -> Result<SlotState, PluginError> {
+        let (active, shadow, _) = self.slot_row(slot)?.expect("every slot has a row");
+        Ok(SlotState { slot, active: self.shipped(slot, active)?, shadow: shadow.map(|v| self.shipped(slot, v)).transpose()? })
+    }
+
+    fn replicate(&self, slot: Slot) -> Result<(), PluginError> {
+        let replicator = self.replicator.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(replicate) = replicator {
+            replicate(self.state(slot)?);
+        }
+        Ok(())
+    }
+
+    /// Makes this instance run what another instance deployed: the same version
+    /// numbers, bytes checked against their hashes.
+    pub async fn apply(&self, state: SlotState) -> Result<(), PluginError> {
+        use base64::Engine as _;
+        let _one_at_a_time = self.changes.lock().await;
+        let slot = state.slot;
+        for shipped in std::iter::once(&state.active).chain(state.shadow.as_ref()) {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(&shipped.component)
+                .map_err(|e| PluginError::Invalid(format!("replicated {slot}@{}: {e}", shipped.version)))?;
+            if sha256_hex(&bytes) != shipped.sha256 {
+                return Err(PluginError::Invalid(format!("replicated {slot}@{}: the bytes do not match their hash", shipped.version)));
+            }
+            match self.versions(slot)?.into_iter().find(|v| v.version == shipped.version) {
+                Some(v) if v.sha256 == shipped.sha256 => {}
+                Some(v) => {
+                    return Err(PluginError::State(format!(
+                        "{slot}@{} here is {} but another instance shipped {}: deploy through one instance at a time",
+                        shipped.version, v.sha256, shipped.sha256
+                    )));
+                }
+                None => self.insert_version(slot, shipped.version, &bytes, "replicated")?,
+            }
+        }
+        let (active, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        if active != state.active.version {
+            let loaded = self.load(slot, state.active.version)?;
+            stack.push(state.active.version);
+            self.set_slot(slot, state.active.version, shadow, stack.clone(), "replicated", state.active.version)?;
+            self.install_active(slot, loaded);
+        }
+        let wanted = state.shadow.as_ref().map(|s| s.version);
+        if shadow != wanted {
+            self.set_slot(slot, state.active.version, wanted, stack, "replicated-shadow", wanted.unwrap_or(state.active.version))?;
+            let run = wanted.map(|v| self.load(slot, v).map(|l| ShadowRun::new(l, v))).transpose()?;
+            self.rulebook.set_shadow(run);
+        }
+        Ok(())
     }
 
     pub fn shadow_report(&self, slot: Slot) -> Result<ShadowReport, PluginError> {
