@@ -312,3 +312,20 @@ async fn on_loopback_without_a_token_one_is_generated_into_the_data_dir() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[test]
+fn a_half_configured_distributed_start_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    for (flag, value) in [("--kafka-brokers", "127.0.0.1:9"), ("--cql-nodes", "127.0.0.1:9")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--api-token", "t", flag, value, "--data-dir"])
+            .arg(dir.path())
+            .env_remove("KAFKA_BROKERS")
+            .env_remove("CQL_NODES")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("give both --kafka-brokers (KAFKA_BROKERS) and --cql-nodes (CQL_NODES)"), "{stderr}");
+    }
+}
