@@ -114,17 +114,6 @@ impl Status {
             _ => return None,
         })
     }
-
-    /// Position on the status lattice; CANCELLED is terminal like DELIVERED.
-    pub fn rank(self) -> u8 {
-        match self {
-            Status::Pending => 0,
-            Status::Confirmed => 1,
-            Status::Processing => 2,
-            Status::Shipped => 3,
-            Status::Delivered => 4,
-            Status::Cancelled => 5,
-        }
     }
 }
 

@@ -266,12 +266,9 @@ async fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
 #[test]
 fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+    let out = common::orchestrator()
         .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
         .arg(dir.path())
-        .env_remove("ORCHESTRATOR_API_TOKEN")
-        .env_remove("KAFKA_BROKERS")
-        .env_remove("CQL_NODES")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -283,12 +280,9 @@ fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
 async fn on_loopback_without_a_token_one_is_generated_into_the_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+    let mut child = common::orchestrator()
         .args(["serve", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(dir.path())
-        .env_remove("ORCHESTRATOR_API_TOKEN")
-        .env_remove("KAFKA_BROKERS")
-        .env_remove("CQL_NODES")
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -317,11 +311,9 @@ async fn on_loopback_without_a_token_one_is_generated_into_the_data_dir() {
 fn a_half_configured_distributed_start_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     for (flag, value) in [("--kafka-brokers", "127.0.0.1:9"), ("--cql-nodes", "127.0.0.1:9")] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        let out = common::orchestrator()
             .args(["serve", "--listen", "127.0.0.1:0", "--api-token", "t", flag, value, "--data-dir"])
             .arg(dir.path())
-            .env_remove("KAFKA_BROKERS")
-            .env_remove("CQL_NODES")
             .output()
             .unwrap();
         assert!(!out.status.success());

@@ -43,6 +43,14 @@ fn backend_args() -> Vec<String> {
         .collect()
 }
 
+/// The `orchestrator` binary with no backend or token taken from the environment: only
+/// the arguments a test gives choose them.
+pub fn orchestrator() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
+    c.env_remove("KAFKA_BROKERS").env_remove("CQL_NODES").env_remove("ORCHESTRATOR_API_TOKEN");
+    c
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -54,36 +62,23 @@ impl Server {
     }
 
     pub async fn start_with(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::launch(data_dir, extra_args.iter().map(|s| s.to_string()).collect(), backend_args()).await
+    }
+
+    async fn launch(data_dir: &Path, extra_args: Vec<String>, backend_args: Vec<String>) -> Self {
         let port = free_port();
-        let mut s = Server {
-            child: None,
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            data_dir: data_dir.to_path_buf(),
-            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
-            backend_args: backend_args(),
-        };
+        let mut s = Server { child: None, base: format!("http://127.0.0.1:{port}"), port, data_dir: data_dir.to_path_buf(), extra_args, backend_args };
         s.spawn().await;
         s
     }
 
     /// Another engine on the same Kafka topics, group and keyspace as `other`.
     pub async fn start_beside(data_dir: &Path, other: &Server) -> Self {
-        let port = free_port();
-        let mut s = Server {
-            child: None,
-            base: format!("http://127.0.0.1:{port}"),
-            port,
-            data_dir: data_dir.to_path_buf(),
-            extra_args: other.extra_args.clone(),
-            backend_args: other.backend_args.clone(),
-        };
-        s.spawn().await;
-        s
+        Self::launch(data_dir, other.extra_args.clone(), other.backend_args.clone()).await
     }
 
     async fn spawn(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
+        let child = orchestrator()
             .arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -92,9 +87,6 @@ impl Server {
             .args(["--api-token", TOKEN])
             .args(&self.backend_args)
             .args(&self.extra_args)
-            // Only the arguments above choose the backend.
-            .env_remove("KAFKA_BROKERS")
-            .env_remove("CQL_NODES")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
