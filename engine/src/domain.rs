@@ -114,7 +114,6 @@ impl Status {
             _ => return None,
         })
     }
-    }
 }
 
 /// A stored order row.
