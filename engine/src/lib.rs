@@ -12,6 +12,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod rules;
 pub mod schema;
+pub mod shopify;
 pub mod sqlite;
 pub mod store;
 pub mod stream;
