@@ -516,6 +516,18 @@ mod tests {
         async fn claim_replay(&self, id: &str, undo: bool) -> Result<crate::store::ReplayClaim, StoreError> {
             self.inner.claim_replay(id, undo).await
         }
+        async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+            self.inner.claim_delivery(key, ttl).await
+        }
+        async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.release_delivery(key).await
+        }
+        async fn record_delivery(&self, d: crate::store::WebhookDelivery) -> Result<(), StoreError> {
+            self.inner.record_delivery(d).await
+        }
+        async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<crate::store::WebhookDelivery>, StoreError> {
+            self.inner.deliveries(limit, cursor).await
+        }
     }
 
     fn delivery(offset: u64, e: &OrderEvent) -> Delivery {

@@ -91,6 +91,27 @@ pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
     assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)), "claimable again after undo");
     assert_eq!(s.claim_replay(&e("none"), false).await.unwrap(), ReplayClaim::NotFound);
 
+    // Webhook deduplication: one claim per key; a released key can be claimed again.
+    let key = format!("{prefix}-webhook-1");
+    let ttl = std::time::Duration::from_secs(3600);
+    assert!(s.claim_delivery(&key, ttl).await.unwrap(), "first claim");
+    assert!(!s.claim_delivery(&key, ttl).await.unwrap(), "a duplicate claim");
+    s.release_delivery(&key).await.unwrap();
+    assert!(s.claim_delivery(&key, ttl).await.unwrap(), "claimable after release");
+    let delivery = super::WebhookDelivery {
+        webhook_id: Some(key.clone()),
+        event_id: None,
+        topic: Some("orders/create".into()),
+        shop: None,
+        outcome: "received".into(),
+        reason: None,
+        order_id: Some(id.clone()),
+        received_at: Utc::now(),
+    };
+    s.record_delivery(delivery.clone()).await.unwrap();
+    let audit = s.deliveries(1000, None).await.unwrap();
+    assert!(audit.items.iter().any(|d| d.webhook_id == delivery.webhook_id && d.outcome == "received"), "the delivery audit");
+
     // A batch: each write is judged on its own.
     let batch = vec![apply(&e("8"), None, row(&format!("{prefix}-b"), 1, "b")), apply(&e("9"), Some(7), row(&id, 8, "stale")), apply(&e("1"), None, row(&format!("{prefix}-c"), 1, "dup")), apply(&e("3"), Some(2), row(&id, 3, "replayed"))];
     let results: Vec<_> = s.write(batch).await.unwrap().into_iter().map(|(_, r)| r).collect();

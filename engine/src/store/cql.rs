@@ -21,8 +21,8 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, Row};
 
 use super::{
-    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats, Write,
-    WriteResult,
+    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
+    WebhookDelivery, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
@@ -78,6 +78,10 @@ struct Statements {
     letter_by_seq: PreparedStatement,
     replay_claim: PreparedStatement,
     replay_undo: PreparedStatement,
+    claim_delivery: PreparedStatement,
+    release_delivery: PreparedStatement,
+    record_delivery: PreparedStatement,
+    deliveries: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -155,6 +159,10 @@ impl CqlStore {
             letter_by_seq: prepare(format!("SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at FROM {ks}.dead_letters WHERE bucket = 0 AND seq = ?"), false).await?,
             replay_claim: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF replayed_at = null"), true).await?,
             replay_undo: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = null WHERE id = ? IF EXISTS"), true).await?,
+            claim_delivery: prepare(format!("INSERT INTO {ks}.webhook_claims (key) VALUES (?) IF NOT EXISTS USING TTL ?"), true).await?,
+            release_delivery: prepare(format!("DELETE FROM {ks}.webhook_claims WHERE key = ? IF EXISTS"), true).await?,
+            record_delivery: prepare(format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"), false).await?,
+            deliveries: prepare(format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"), false).await?,
         };
         Ok(Self { session: Arc::new(session), st: Arc::new(st) })
     }
@@ -431,6 +439,45 @@ impl OrderStore for CqlStore {
             Some(true) => ReplayClaim::Claimed(letter),
             _ => ReplayClaim::AlreadyReplayed(letter),
         })
+    }
+
+    async fn claim_delivery(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let claimed = self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, ttl.as_secs() as i32))).await?;
+        match claimed {
+            Some(c) => Ok(c),
+            // Unknown outcome: the key exists now either way; treat it as ours only if
+            // nobody had it, which a SERIAL read cannot tell. Refuse, and let Shopify retry.
+            None => Err(StoreError::Backend("claiming a webhook key timed out".into())),
+        }
+    }
+
+    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
+        self.lwt(self.session.execute_unpaged(&self.st.release_delivery, (key,))).await.map(|_| ())
+    }
+
+    async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
+        let seq = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 2]));
+        let body = serde_json::to_string(&delivery).map_err(backend)?;
+        self.session.execute_unpaged(&self.st.record_delivery, (seq, body)).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
+        let after = match cursor {
+            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
+            Some(c) => CqlTimeuuid::from(uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor("bad deliveries cursor".into()))?),
+        };
+        let limit = limit.clamp(1, 1000);
+        let rows = self.session.execute_unpaged(&self.st.deliveries, (after, limit as i32 + 1)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let mut items = Vec::new();
+        let mut last = None;
+        for r in rows.rows::<(CqlTimeuuid, String)>().map_err(backend)?.take(limit) {
+            let (seq, body) = r.map_err(backend)?;
+            last = Some(seq);
+            items.push(serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        let next_cursor = if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None };
+        Ok(Page { items, next_cursor })
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {

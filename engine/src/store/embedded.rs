@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
-    Write, WriteResult,
+    WebhookDelivery, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     recorded_at INTEGER NOT NULL,
     replayed_at INTEGER
 );
+
+CREATE TABLE IF NOT EXISTS webhook_claims (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
 ";
 
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
@@ -444,6 +447,64 @@ impl OrderStore for EmbeddedStore {
         })
         .await
         .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+        let (writer, key) = (self.writer.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            let now = micros(Utc::now());
+            // An expired claim no longer counts: drop it, then claim atomically.
+            conn.prepare_cached("DELETE FROM webhook_claims WHERE key = ?1 AND expires_at < ?2")
+                .and_then(|mut s| s.execute(params![key, now]))
+                .map_err(backend)?;
+            let claimed = conn
+                .prepare_cached("INSERT INTO webhook_claims (key, expires_at) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING")
+                .and_then(|mut s| s.execute(params![key, now + ttl.as_micros() as i64]))
+                .map_err(backend)?;
+            Ok(claimed == 1)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
+        let (writer, key) = (self.writer.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            conn.execute("DELETE FROM webhook_claims WHERE key = ?1", [key]).map(|_| ()).map_err(backend)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
+        let writer = self.writer.clone();
+        let body = serde_json::to_string(&delivery).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+            conn.execute("INSERT INTO webhook_deliveries (body) VALUES (?1)", [body]).map(|_| ()).map_err(backend)
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
+        let after: i64 = match cursor {
+            None => 0,
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor("bad deliveries cursor".into()))?,
+        };
+        let limit = limit.clamp(1, 1000);
+        self.read(move |c| {
+            let rows: Vec<(i64, String)> = c
+                .prepare_cached("SELECT seq, body FROM webhook_deliveries WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+                .and_then(|mut s| s.query_map(params![after, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .map_err(backend)?;
+            let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
+            let items = rows.into_iter().take(limit).map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string()))).collect::<Result<_, _>>()?;
+            Ok(Page { items, next_cursor })
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {

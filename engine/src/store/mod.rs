@@ -165,6 +165,24 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// One webhook delivery, as the bridge saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct WebhookDelivery {
+    /// `X-Shopify-Webhook-Id`: the same on every retry of one delivery.
+    pub webhook_id: Option<String>,
+    /// `X-Shopify-Event-Id`.
+    pub event_id: Option<String>,
+    pub topic: Option<String>,
+    pub shop: Option<String>,
+    /// received, duplicate, ignored or rejected.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    pub received_at: DateTime<Utc>,
+}
+
 /// Row counts, for health and tests.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct StoreStats {
@@ -189,5 +207,12 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError>;
     /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
+    /// Claims a webhook deduplication key for `ttl`: false when it is already claimed.
+    async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
+    /// Gives a claim back (the delivery could not be put on the log, so its retry must pass).
+    async fn release_delivery(&self, key: &str) -> Result<(), StoreError>;
+    async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError>;
+    /// The delivery audit, oldest first.
+    async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError>;
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 }
