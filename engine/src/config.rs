@@ -50,6 +50,18 @@ pub struct ServeArgs {
     /// Largest accepted plugin upload, in bytes.
     #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 8 << 20)]
     pub max_plugin_bytes: usize,
+    /// Shopify webhook secret: enables POST /webhooks/shopify.
+    #[arg(long, env = "SHOPIFY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub shopify_secret: Option<String>,
+    /// The previous secret, still accepted during a rotation.
+    #[arg(long, env = "SHOPIFY_WEBHOOK_SECRET_PREVIOUS", hide_env_values = true)]
+    pub shopify_secret_previous: Option<String>,
+    /// How long webhook and event ids are remembered for deduplication, in hours.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_DEDUP_HOURS", default_value_t = 48)]
+    pub shopify_dedup_hours: u64,
+    /// Largest accepted webhook body in bytes; larger ones get 413.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub shopify_max_body_bytes: usize,
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,

@@ -6,6 +6,8 @@ use orchestrator::api::{self, ApiConfig, AppState};
 use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs};
 use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
+use orchestrator::shopify::ShopifyConfig;
+use orchestrator::shopify::signature::Secrets;
 use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
 use tracing_subscriber::EnvFilter;
@@ -49,7 +51,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %listener.local_addr()?, data_dir = %args.data_dir.display(), backend = %engine.backend(),
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
-    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token } };
+    let shopify = args.shopify_secret.clone().filter(|s| !s.is_empty()).map(|current| ShopifyConfig {
+        secrets: Secrets { current, previous: args.shopify_secret_previous.clone().filter(|s| !s.is_empty()) },
+        dedup_ttl: Duration::from_secs(args.shopify_dedup_hours * 3600),
+        max_body_bytes: args.shopify_max_body_bytes,
+    });
+    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;

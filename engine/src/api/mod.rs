@@ -34,6 +34,8 @@ pub struct ApiConfig {
     pub max_body_bytes: usize,
     /// Bearer token required on mutating plugin and dead-letter calls.
     pub api_token: String,
+    /// The Shopify bridge, when a webhook secret is configured.
+    pub shopify: Option<crate::shopify::ShopifyConfig>,
 }
 
 /// Plugin uploads beyond the registry's limit still reach it (and get its clear 400)
@@ -49,6 +51,7 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
+    let shopify_limit = state.config.shopify.as_ref().map_or(1 << 20, |c| c.max_body_bytes);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -66,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route("/plugins/{slot}/shadow-report", get(plugins::shadow_report))
         .route("/dead-letters", get(plugins::dead_letters))
         .route("/dead-letters/{id}/replay", post(plugins::replay))
+        .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(shopify_limit)))
+        .route("/webhooks/deliveries", get(crate::shopify::deliveries))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

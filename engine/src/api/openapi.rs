@@ -16,6 +16,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::get_order, super::order_history, super::patch_order,
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
+        crate::shopify::receive, crate::shopify::deliveries,
     ),
     modifiers(&BearerToken),
     components(schemas(

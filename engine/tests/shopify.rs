@@ -1,0 +1,113 @@
+//! The Shopify bridge against the real binary: signatures (with a rotated secret), real
+//! payloads, duplicates under concurrency, ignored topics, limits, and the audit.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, client, history};
+use futures::StreamExt;
+use orchestrator::shopify::signature::sign;
+use serde_json::{Value, json};
+
+const SECRET: &str = "shpss_current";
+const OLD: &str = "shpss_previous";
+const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
+
+async fn deliver(s: &Server, topic: &str, webhook_id: &str, body: &[u8], signature: Option<String>) -> reqwest::Response {
+    let mut req = client()
+        .post(s.url("/webhooks/shopify"))
+        .header("content-type", "application/json")
+        .header("x-shopify-topic", topic)
+        .header("x-shopify-shop-domain", "example.myshopify.com")
+        .header("x-shopify-webhook-id", webhook_id)
+        .header("x-shopify-api-version", "2025-10")
+        .body(body.to_vec());
+    if let Some(sig) = signature {
+        req = req.header("x-shopify-hmac-sha256", sig);
+    }
+    req.send().await.unwrap()
+}
+
+fn update(note: &str) -> Vec<u8> {
+    json!({"id": 820982911946154508i64, "updated_at": "2026-11-21T12:00:00-05:00", "note": note, "financial_status": "paid", "total_price": "598.95", "currency": "USD", "line_items": [], "admin_graphql_api_id": "gid://shopify/Order/820982911946154508"}).to_string().into_bytes()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn signed_deliveries_become_events_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-secret-previous", OLD, "--shopify-max-body-bytes", "8192"]).await;
+
+    // Unsigned, wrongly signed, truncated and bit-flipped signatures: 401, never 500.
+    assert_eq!(deliver(&s, "orders/create", "w-0", CREATE, None).await.status(), 401);
+    assert_eq!(deliver(&s, "orders/create", "w-0", CREATE, Some(sign("nope", CREATE))).await.status(), 401);
+    assert_eq!(deliver(&s, "orders/create", "w-0", CREATE, Some("short".into())).await.status(), 401);
+    let mut flipped = CREATE.to_vec();
+    flipped[10] ^= 1;
+    assert_eq!(deliver(&s, "orders/create", "w-0", &flipped, Some(sign(SECRET, CREATE))).await.status(), 401);
+
+    // A real orders/create payload.
+    let r = deliver(&s, "orders/create", "w-1", CREATE, Some(sign(SECRET, CREATE))).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "accepted");
+    // Shopify's retry of the same delivery: 200, and no second event.
+    let r = deliver(&s, "orders/create", "w-1", CREATE, Some(sign(SECRET, CREATE))).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "duplicate");
+    s.drain(Duration::from_secs(10)).await;
+    let (status, order) = s.get_json("/orders/shopify-820982911946154508").await;
+    assert_eq!(status, 200, "{order}");
+    assert_eq!((order["total_cents"].as_i64(), order["tier"].as_str(), order["status"].as_str()), (Some(59_895), Some("GOLD"), Some("PENDING")));
+    assert_eq!(order["shopify_order_id"], 820982911946154508i64);
+
+    // orders/paid, signed with the previous secret during a rotation.
+    let paid = update("");
+    assert_eq!(deliver(&s, "orders/paid", "w-2", &paid, Some(sign(OLD, &paid))).await.status(), 200);
+    // Topics we do not act on, bad payloads, oversized bodies.
+    let product = br#"{"id": 1, "title": "a product"}"#;
+    let r = deliver(&s, "products/update", "w-3", product, Some(sign(SECRET, product))).await;
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "ignored");
+    let no_id = br#"{"updated_at": "2026-11-21T12:00:00Z"}"#;
+    let r = deliver(&s, "orders/updated", "w-4", no_id, Some(sign(SECRET, no_id))).await;
+    assert_eq!(r.status(), 400);
+    assert!(r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("no id"));
+    let big = vec![b' '; 9000];
+    assert_eq!(deliver(&s, "orders/updated", "w-5", &big, Some(sign(SECRET, &big))).await.status(), 413);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/shopify-820982911946154508").await.1["status"], "CONFIRMED");
+
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=100").await;
+    let outcomes: Vec<(String, String)> = audit["items"].as_array().unwrap().iter().map(|d| (d["webhook_id"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into())).collect();
+    let expect = [("w-0", "rejected"), ("w-0", "rejected"), ("w-0", "rejected"), ("w-0", "rejected"), ("w-1", "received"), ("w-1", "duplicate"), ("w-2", "received"), ("w-3", "ignored"), ("w-4", "rejected"), ("w-5", "rejected")];
+    assert_eq!(outcomes, expect.map(|(a, b)| (a.to_string(), b.to_string())));
+    assert!(audit["items"][0]["reason"].as_str().unwrap().contains("missing"), "{}", audit["items"][0]);
+}
+
+/// 100 concurrent updates of one order, half of them duplicate deliveries: every unique
+/// delivery is applied once, every duplicate is refused as one, and the audit adds up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chaos_of_duplicate_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    assert_eq!(deliver(&s, "orders/create", "c-0", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let deliveries: Vec<(String, Vec<u8>)> = (0..100).map(|i| (format!("c-{}", 1 + i / 2), update(&format!("update {}", i / 2)))).collect();
+    let answers: Vec<String> = futures::stream::iter(deliveries.iter().map(|(id, body)| {
+        let s = &s;
+        async move { deliver(s, "orders/updated", id, body, Some(sign(SECRET, body))).await.json::<Value>().await.unwrap()["status"].as_str().unwrap().to_string() }
+    }))
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    assert_eq!(answers.iter().filter(|a| *a == "accepted").count(), 50);
+    assert_eq!(answers.iter().filter(|a| *a == "duplicate").count(), 50);
+    s.drain(Duration::from_secs(20)).await;
+    let h = history(&s, "shopify-820982911946154508").await;
+    let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
+    let (_, order) = s.get_json("/orders/shopify-820982911946154508").await;
+    assert_eq!(order["version"].as_u64().unwrap() as usize, applied, "version is 1 + the applied updates");
+    assert_eq!(h.len(), 51, "the create and each unique delivery, once: {h:#?}");
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
+    let items = audit["items"].as_array().unwrap();
+    assert_eq!(items.iter().filter(|d| d["outcome"] == "received").count(), 51);
+    assert_eq!(items.iter().filter(|d| d["outcome"] == "duplicate").count(), 50);
+}
