@@ -20,6 +20,36 @@ pub enum Command {
     Bench(BenchArgs),
     /// Write (or check) the JSON Schemas in schemas/json.
     Schema(SchemaArgs),
+    /// Shopify webhook tools.
+    #[command(subcommand)]
+    Webhook(WebhookCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// Sign and send a realistic Shopify order payload (or a chaos burst) to a URL.
+    Send(WebhookSendArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WebhookSendArgs {
+    /// Where to send: the engine's webhook endpoint.
+    #[arg(long, default_value = "http://127.0.0.1:8080/webhooks/shopify")]
+    pub url: String,
+    /// The secret to sign with.
+    #[arg(long, env = "SHOPIFY_WEBHOOK_SECRET", hide_env_values = true)]
+    pub secret: String,
+    /// orders/create, orders/updated, orders/paid, orders/cancelled, orders/fulfilled,
+    /// orders/partially_fulfilled, orders/edited or orders/delete.
+    #[arg(long, default_value = "orders/create")]
+    pub topic: String,
+    /// The Shopify order id to put in the payload.
+    #[arg(long, default_value_t = 820982911946154508)]
+    pub order_id: i64,
+    /// Send N concurrent orders/updated deliveries for the order, half of them duplicate
+    /// deliveries (same webhook id), and report what the engine answered.
+    #[arg(long)]
+    pub chaos: Option<usize>,
 }
 
 #[derive(Debug, Clone, Args)]

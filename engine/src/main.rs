@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use orchestrator::api::{self, ApiConfig, AppState};
-use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs};
+use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
 use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
 use orchestrator::shopify::ShopifyConfig;
@@ -24,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => runtime.block_on(serve(args)),
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Schema(args) => write_schemas(args),
+        Command::Webhook(WebhookCommand::Send(args)) => runtime.block_on(orchestrator::shopify::send::run(args)),
     }
 }
 

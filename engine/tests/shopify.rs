@@ -111,3 +111,32 @@ async fn chaos_of_duplicate_deliveries() {
     assert_eq!(items.iter().filter(|d| d["outcome"] == "received").count(), 51);
     assert_eq!(items.iter().filter(|d| d["outcome"] == "duplicate").count(), 50);
 }
+
+/// `orchestrator webhook send --chaos 100` against a running engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cli_chaos_mode_is_applied_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    let send = |extra: &[&str]| {
+        let out = common::orchestrator()
+            .args(["webhook", "send", "--url", &s.url("/webhooks/shopify"), "--secret", SECRET, "--order-id", "42"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(send(&[]).contains("accepted"));
+    s.drain(Duration::from_secs(10)).await;
+    let report = send(&["--chaos", "100"]);
+    eprintln!("{report}");
+    assert!(report.contains("    50  accepted") && report.contains("    50  duplicate"), "{report}");
+    s.drain(Duration::from_secs(20)).await;
+    let h = history(&s, "shopify-42").await;
+    let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
+    assert_eq!(applied, 51, "the create and 50 unique updates");
+    assert_eq!(s.get_json("/orders/shopify-42").await.1["version"].as_u64().unwrap() as usize, applied);
+    for topic in ["orders/paid", "orders/fulfilled", "orders/cancelled", "orders/delete", "orders/edited", "orders/partially_fulfilled", "orders/updated"] {
+        assert!(send(&["--topic", topic]).contains("accepted"), "{topic}");
+    }
+}

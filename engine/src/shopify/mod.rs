@@ -2,6 +2,7 @@
 //! durable deduplication and an audit record per delivery.
 
 pub mod payload;
+pub mod send;
 pub mod signature;
 
 use std::time::Duration;
