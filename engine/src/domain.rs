@@ -139,6 +139,10 @@ pub struct Order {
     pub version: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// When the source system (Shopify) last changed the order, as of the last change
+    /// applied from it. Deliveries not newer than this are stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_updated_at: Option<DateTime<Utc>>,
     /// Which rule (and its version) produced this row.
     pub decided_by: String,
 }

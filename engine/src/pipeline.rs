@@ -454,6 +454,12 @@ pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, 
         version: base.map_or(1, |b| b.version + 1),
         created_at: base.map_or(event.occurred_at, |b| b.created_at),
         updated_at: Utc::now(),
+        // A change from Shopify moves Shopify's clock; other sources leave it.
+        source_updated_at: if event.source == "shopify" {
+            Some(base.and_then(|b| b.source_updated_at).map_or(event.occurred_at, |t| t.max(event.occurred_at)))
+        } else {
+            base.and_then(|b| b.source_updated_at)
+        },
         decided_by: decided_by.to_string(),
     }
 }

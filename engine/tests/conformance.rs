@@ -40,6 +40,7 @@ fn order(rng: &mut SmallRng, id: &str) -> Order {
         version: rng.random_range(1..20),
         created_at: at(1_700_000_000_000),
         updated_at: at(1_700_000_000_000 + rng.random_range(0..1_000_000)),
+        source_updated_at: if rng.random_bool(0.5) { Some(at(1_700_000_000_000 + rng.random_range(0..1_000_000))) } else { None },
         decided_by: "x".into(),
     }
 }
@@ -49,7 +50,7 @@ fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
         event_id: format!("e{i}"),
         order_id: format!("o{}", i % 500),
         kind: pick(rng, &[EventKind::Created, EventKind::Updated, EventKind::Updated, EventKind::Cancelled]),
-        source: "conformance".into(),
+        source: pick(rng, &["shopify", "api"]).into(),
         occurred_at: at(1_700_000_000_000) + Duration::milliseconds(rng.random_range(0..1_000_000)),
         payload: OrderChange {
             shopify_order_id: maybe(rng, |r| r.random_range(1..1_000_000_000)),

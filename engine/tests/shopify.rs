@@ -105,7 +105,9 @@ async fn chaos_of_duplicate_deliveries() {
     let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
     let (_, order) = s.get_json("/orders/shopify-820982911946154508").await;
     assert_eq!(order["version"].as_u64().unwrap() as usize, applied, "version is 1 + the applied updates");
+    // The 50 updates carry one updated_at: the first applies, the rest are stale.
     assert_eq!(h.len(), 51, "the create and each unique delivery, once: {h:#?}");
+    assert_eq!(applied, 2);
     let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
     let items = audit["items"].as_array().unwrap();
     assert_eq!(items.iter().filter(|d| d["outcome"] == "received").count(), 51);
@@ -132,11 +134,40 @@ async fn the_cli_chaos_mode_is_applied_exactly_once() {
     eprintln!("{report}");
     assert!(report.contains("    50  accepted") && report.contains("    50  duplicate"), "{report}");
     s.drain(Duration::from_secs(20)).await;
+    // Each unique delivery is decided exactly once: applied, or (arriving after a newer
+    // one) discarded as stale, with the reason in the history.
     let h = history(&s, "shopify-42").await;
+    let ids: std::collections::HashSet<&str> = h.iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!((h.len(), ids.len()), (51, 51), "the create and 50 unique updates, once each");
     let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
-    assert_eq!(applied, 51, "the create and 50 unique updates");
-    assert_eq!(s.get_json("/orders/shopify-42").await.1["version"].as_u64().unwrap() as usize, applied);
+    assert!(h.iter().all(|e| e["outcome"] == "applied" || e["reason"].as_str().unwrap_or("").starts_with("discarded: stale")));
+    assert_eq!(s.get_json("/orders/shopify-42").await.1["version"].as_u64().unwrap() as usize, applied, "version = 1 + applied updates");
     for topic in ["orders/paid", "orders/fulfilled", "orders/cancelled", "orders/delete", "orders/edited", "orders/partially_fulfilled", "orders/updated"] {
         assert!(send(&["--topic", topic]).contains("accepted"), "{topic}");
     }
+}
+
+/// A late delivery (its updated_at not newer than the last applied) is discarded by the
+/// rules and audited in the order's history, never silently dropped.
+#[tokio::test]
+async fn stale_deliveries_are_discarded_and_audited() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    assert_eq!(deliver(&s, "orders/create", "s-0", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    let at = |t: &str, note: &str| {
+        json!({"id": 820982911946154508i64, "updated_at": t, "note": note, "total_price": "598.95", "currency": "USD"}).to_string().into_bytes()
+    };
+    let newer = at("2026-11-21T13:00:00-05:00", "newer");
+    let older = at("2026-11-21T12:30:00-05:00", "older");
+    assert_eq!(deliver(&s, "orders/updated", "s-2", &newer, Some(sign(SECRET, &newer))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(deliver(&s, "orders/updated", "s-1", &older, Some(sign(SECRET, &older))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let (_, order) = s.get_json("/orders/shopify-820982911946154508").await;
+    assert_eq!((order["note"].as_str(), order["version"].as_u64()), (Some("newer"), Some(2)));
+    assert_eq!(order["source_updated_at"], "2026-11-21T18:00:00Z");
+    let h = history(&s, "shopify-820982911946154508").await;
+    let last = h.last().unwrap();
+    assert_eq!((last["event_id"].as_str(), last["outcome"].as_str()), (Some("shopify:s-1"), Some("skipped")));
+    assert!(last["reason"].as_str().unwrap().starts_with("discarded: stale delivery"), "{last}");
 }

@@ -115,6 +115,7 @@ macro_rules! wit_conversions {
                 version: o.version,
                 created_at_ms: ms(o.created_at),
                 updated_at_ms: ms(o.updated_at),
+                source_updated_at_ms: o.source_updated_at.map(ms),
             }
         }
 

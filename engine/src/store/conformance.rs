@@ -23,6 +23,7 @@ fn row(id: &str, version: u64, note: &str) -> Order {
         version,
         created_at: Utc::now(),
         updated_at: Utc::now(),
+        source_updated_at: Some(Utc::now()),
         decided_by: "conformance".into(),
     }
 }

@@ -43,7 +43,7 @@ const CONCURRENCY: usize = 64;
 const MAX_ATTEMPTS: u32 = 5;
 
 const STATICS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, shipping_fee_cents, \
-    currency, note, version, created_at, updated_at, decided_by";
+    currency, note, version, created_at, updated_at, decided_by, source_updated_at";
 
 type StaticRow = (
     String,
@@ -60,6 +60,7 @@ type StaticRow = (
     Option<i64>,
     Option<i64>,
     Option<String>,
+    Option<i64>,
 );
 
 struct Statements {
@@ -108,6 +109,12 @@ impl CqlStore {
         for statement in strip_comments(&schema).split(';').map(str::trim).filter(|s| !s.is_empty()) {
             session.query_unpaged(statement, ()).await.map_err(|e| StoreError::Backend(format!("applying schema: {e}")))?;
         }
+        // Columns added after a keyspace was first created: adding one that exists fails, harmlessly.
+        for alter in [format!("ALTER TABLE {}.orders ADD source_updated_at bigint static", config.keyspace)] {
+            if let Err(e) = session.query_unpaged(alter, ()).await {
+                tracing::debug!(error = %e, "schema migration step skipped");
+            }
+        }
         session.await_schema_agreement().await.map_err(backend)?;
         let ks = &config.keyspace;
         let prepare = |cql: String, serial: bool| {
@@ -132,12 +139,12 @@ impl CqlStore {
             get_serial,
             event_serial,
             insert_row: prepare(
-                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ? WHERE id = ? IF version = null"),
+                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, source_updated_at = ? WHERE id = ? IF version = null"),
                 true,
             )
             .await?,
             update_row: prepare(
-                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ? WHERE id = ? IF version = ?"),
+                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, source_updated_at = ? WHERE id = ? IF version = ?"),
                 true,
             )
             .await?,
@@ -212,17 +219,18 @@ impl CqlStore {
                     batch.set_consistency(Consistency::Quorum);
                     let (tier, priority, status) = (r.tier.as_str(), r.priority.as_str(), r.status.as_str());
                     let (version, created, updated) = (r.version as i64, micros(r.created_at), micros(r.updated_at));
+                    let source_updated = r.source_updated_at.map(micros);
                     match expected {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
-                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, &r.id);
+                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id);
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
                         }
                         Some(v) => {
                             batch.append_statement(self.st.update_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
-                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, &r.id, *v as i64);
+                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id, *v as i64);
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
                         }
                     }
@@ -300,7 +308,7 @@ fn strip_comments(s: &str) -> String {
 }
 
 fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
-    let (id, shopify_order_id, customer, tier, priority, status, total, fee, currency, note, version, created, updated, decided_by) = r;
+    let (id, shopify_order_id, customer, tier, priority, status, total, fee, currency, note, version, created, updated, decided_by, source_updated) = r;
     let Some(version) = version else { return Ok(None) };
     let bad = |what: &str, v: &Option<String>| StoreError::Corrupt(format!("order {id}: bad {what} {v:?}"));
     Ok(Some(Order {
@@ -318,6 +326,7 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
         created_at: from_micros(created.unwrap_or_default()),
         updated_at: from_micros(updated.unwrap_or_default()),
         decided_by: decided_by.unwrap_or_default(),
+        source_updated_at: source_updated.map(from_micros),
     }))
 }
 

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS orders (
     version INTEGER NOT NULL,
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
-    decided_by TEXT NOT NULL
+    decided_by TEXT NOT NULL,
+    source_updated_at INTEGER
 ) WITHOUT ROWID;
 -- Each list filter has an index ending in the sort key, so cursor paging is a range scan.
 CREATE INDEX IF NOT EXISTS orders_updated ON orders(updated_at, id);
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEX
 ";
 
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
-    shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by";
+    shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at";
 
 pub struct EmbeddedStore {
     writer: Arc<Mutex<Connection>>,
@@ -86,6 +87,7 @@ impl EmbeddedStore {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let writer = open(path).map_err(backend)?;
         writer.execute_batch(SCHEMA).map_err(backend)?;
+        migrate(&writer).map_err(backend)?;
         let readers = ReadPool::open(path, 4).map_err(backend)?;
         Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers) })
     }
@@ -99,6 +101,19 @@ impl EmbeddedStore {
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))?
     }
+}
+
+/// Columns added after a table was first created, for data dirs of earlier versions.
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let has = |table: &str, column: &str| -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({table})"))?;
+        let names: Vec<String> = stmt.query_map([], |r| r.get(1))?.collect::<rusqlite::Result<_>>()?;
+        Ok(names.iter().any(|n| n == column))
+    };
+    if !has("orders", "source_updated_at")? {
+        conn.execute_batch("ALTER TABLE orders ADD COLUMN source_updated_at INTEGER")?;
+    }
+    Ok(())
 }
 
 fn backend(e: rusqlite::Error) -> StoreError {
@@ -128,6 +143,7 @@ fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
         created_at: from_micros(r.get(11)?),
         updated_at: from_micros(r.get(12)?),
         decided_by: text(13)?,
+        source_updated_at: r.get::<_, Option<i64>>(14)?.map(from_micros),
     })
 }
 
@@ -181,11 +197,12 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
         micros(row.created_at),
         micros(row.updated_at),
         row.decided_by,
+        row.source_updated_at.map(micros),
     ];
     let changed = match expected {
         None => conn
             .prepare_cached(&format!(
-                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14)
+                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)
                  ON CONFLICT(id) DO NOTHING"
             ))?
             .execute(values)?,
@@ -193,8 +210,8 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
             let mut stmt = conn.prepare_cached(
                 "UPDATE orders SET shopify_order_id=?2, customer=?3, tier=?4, priority=?5, status=?6,
                  total_cents=?7, shipping_fee_cents=?8, currency=?9, note=?10, version=?11,
-                 created_at=?12, updated_at=?13, decided_by=?14
-                 WHERE id=?1 AND version=?15",
+                 created_at=?12, updated_at=?13, decided_by=?14, source_updated_at=?15
+                 WHERE id=?1 AND version=?16",
             )?;
             let mut all: Vec<&dyn rusqlite::ToSql> = values.to_vec();
             let expected = expected as i64;

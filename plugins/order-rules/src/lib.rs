@@ -42,6 +42,14 @@ impl OrderRules for Rules {
         if event.kind == EventKind::Created && current.is_some() {
             return Decision::Skip("order already exists".into());
         }
+        // Shopify delivers late and out of order: a change not newer than the last one
+        // applied from Shopify is discarded (and kept in the history with this reason).
+        if event.source == "shopify"
+            && let Some(last) = current.as_ref().and_then(|c| c.source_updated_at_ms)
+            && event.occurred_at_ms <= last
+        {
+            return Decision::Skip(format!("discarded: stale delivery (updated_at {} is not newer than {})", event.occurred_at_ms, last));
+        }
         if let Some(total) = p.total_cents.filter(|t| *t < 0) {
             return Decision::Reject(format!("negative total_cents {total}"));
         }
@@ -177,6 +185,22 @@ mod tests {
         assert_eq!(upsert(Rules::decide(late_paid, Some(order(1, Status::Pending)))).status, Status::Confirmed);
         let cancel = event(EventKind::Cancelled);
         assert_eq!(upsert(Rules::decide(cancel, Some(order(3, Status::Shipped)))).status, Status::Cancelled);
+    }
+
+    #[test]
+    fn a_stale_shopify_delivery_is_discarded() {
+        let mut row = order(2, Status::Confirmed);
+        row.source_updated_at_ms = Some(2_000);
+        let mut e = updated(OrderChange { note: Some("late".into()), ..empty_change() });
+        e.source = "shopify".into();
+        e.occurred_at_ms = 2_000;
+        assert!(matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Skip(r) if r.starts_with("discarded: stale")));
+        e.occurred_at_ms = 2_001;
+        assert!(matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Upsert(_)));
+        // Other sources are not judged by Shopify's clock.
+        e.source = "api".into();
+        e.occurred_at_ms = 1;
+        assert!(matches!(Rules::decide(e, Some(row)), Decision::Upsert(_)));
     }
 
     #[test]

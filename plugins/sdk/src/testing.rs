@@ -60,5 +60,6 @@ pub fn order(version: u64, status: Status) -> Order {
         version,
         created_at_ms: 1_700_000_000_000,
         updated_at_ms: 1_700_000_000_000,
+        source_updated_at_ms: None,
     }
 }
