@@ -243,13 +243,18 @@ impl Loaded {
 
     /// Runs `f` on an idle (or new) instance under the deadline. An instance whose call
     /// failed is discarded: after a trap a component cannot be entered again.
-    fn call<T>(&self, f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
-        self.call_for(1, f)
+    /// One call for one event. A deadline can pass because the machine was busy, not
+    /// because the plugin loops: a timeout gets one more try before it fails the event.
+    fn call<T>(&self, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+        match self.call_for(1, &f) {
+            Err(e) if e.kind == RuleErrorKind::Timeout => self.call_for(1, &f),
+            other => other,
+        }
     }
 
     /// A call deciding `events` events: the deadline grows with the batch (one budget
     /// per 64 events), so a long batch of fast decisions is not mistaken for a loop.
-    fn call_for<T>(&self, events: usize, f: impl FnOnce(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+    fn call_for<T>(&self, events: usize, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
         let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut inst = match taken {
             Some(i) => i,
@@ -318,18 +323,10 @@ impl OrderRules for Loaded {
             Err(_) if inputs.len() > 1 => wit_inputs
                 .into_iter()
                 .map(|input| {
-                    let once = || {
-                        self.call(|inst| match &inst.bindings {
-                            Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
-                            Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
-                        })
-                    };
-                    // A deadline can pass because the machine was busy, not because the
-                    // plugin loops: a timeout gets one more try before it fails the event.
-                    match once() {
-                        Err(e) if e.kind == RuleErrorKind::Timeout => once(),
-                        other => other,
-                    }
+                    self.call(|inst| match &inst.bindings {
+                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
+                        Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+                    })
                     .map(wit::decision_back)
                 })
                 .collect(),
