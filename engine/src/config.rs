@@ -92,6 +92,9 @@ pub struct ServeArgs {
     /// Largest accepted webhook body in bytes; larger ones get 413.
     #[arg(long, env = "ORCHESTRATOR_SHOPIFY_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub shopify_max_body_bytes: usize,
+    /// Deliveries per second per shop before 429 (with Retry-After). Off by default.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_RATE_LIMIT")]
+    pub shopify_rate_limit: Option<u32>,
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,

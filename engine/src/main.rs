@@ -56,6 +56,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         secrets: Secrets { current, previous: args.shopify_secret_previous.clone().filter(|s| !s.is_empty()) },
         dedup_ttl: Duration::from_secs(args.shopify_dedup_hours * 3600),
         max_body_bytes: args.shopify_max_body_bytes,
+        rate_limit: args.shopify_rate_limit.map(|n| std::sync::Arc::new(orchestrator::shopify::RateLimit::new(n))),
     });
     let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;

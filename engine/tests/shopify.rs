@@ -147,6 +147,21 @@ async fn the_cli_chaos_mode_is_applied_exactly_once() {
     }
 }
 
+#[tokio::test]
+async fn a_shop_over_its_rate_limit_gets_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-rate-limit", "5"]).await;
+    let mut answers = Vec::new();
+    for i in 0..12 {
+        let r = deliver(&s, "orders/create", &format!("rl-{i}"), CREATE, Some(sign(SECRET, CREATE))).await;
+        answers.push((r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string())));
+    }
+    let limited: Vec<_> = answers.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(!limited.is_empty() && limited.len() <= 7, "{answers:?}");
+    assert!(limited.iter().all(|(_, retry)| retry.as_deref() == Some("1")), "{answers:?}");
+    assert_eq!(answers[0].0, 200);
+}
+
 /// A late delivery (its updated_at not newer than the last applied) is discarded by the
 /// rules and audited in the order's history, never silently dropped.
 #[tokio::test]

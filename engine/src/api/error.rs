@@ -29,11 +29,13 @@ pub struct ApiError {
     pub error: String,
     pub detail: Value,
     pub current: Option<Order>,
+    /// Seconds for a `Retry-After` header (429, 503).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn new(status: StatusCode, error: impl Into<String>, detail: impl Into<Value>) -> Self {
-        Self { status, error: error.into(), detail: detail.into(), current: None }
+        Self { status, error: error.into(), detail: detail.into(), current: None, retry_after: None }
     }
 
     pub fn bad_request(error: impl Into<String>, detail: impl Into<Value>) -> Self {
@@ -50,7 +52,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.error, detail = %self.detail, "request failed");
         }
-        (self.status, Json(ErrorBody { error: self.error, detail: self.detail, current: self.current })).into_response()
+        let mut response = (self.status, Json(ErrorBody { error: self.error, detail: self.detail, current: self.current })).into_response();
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 

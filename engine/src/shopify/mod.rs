@@ -30,6 +30,39 @@ pub struct ShopifyConfig {
     pub dedup_ttl: Duration,
     /// Largest accepted webhook body; larger ones get 413.
     pub max_body_bytes: usize,
+    /// Deliveries per second each shop may send; `None` (the default) is unlimited.
+    pub rate_limit: Option<std::sync::Arc<RateLimit>>,
+}
+
+/// Shopify waits about 5 s for an answer: a log that takes longer gets a 503 (and a retry).
+const APPEND_BUDGET: Duration = Duration::from_secs(4);
+
+/// A token bucket per shop: `per_second` refill, a burst of as many.
+#[derive(Debug)]
+pub struct RateLimit {
+    per_second: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl RateLimit {
+    pub fn new(per_second: u32) -> Self {
+        Self { per_second: per_second.max(1) as f64, buckets: Default::default() }
+    }
+
+    /// `Ok` to go ahead, or `Err(seconds)` until the shop may send again.
+    pub fn check(&self, shop: &str) -> Result<(), u64> {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = buckets.entry(shop.to_string()).or_insert((self.per_second, now));
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.per_second).min(self.per_second);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - *tokens) / self.per_second).ceil().max(1.0) as u64)
+        }
+    }
 }
 
 pub const RECEIVED: &str = "orchestrator_webhooks_received_total";
@@ -100,6 +133,13 @@ async fn handle(
     if !signature::verify(&config.secrets, &body, signature) {
         return Err(unauthorized("X-Shopify-Hmac-Sha256 does not sign this body"));
     }
+    if let Some(limit) = &config.rate_limit
+        && let Err(seconds) = limit.check(audit.shop.as_deref().unwrap_or("unknown"))
+    {
+        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many deliveries from this shop", json!({ "retry_after_seconds": seconds }));
+        e.retry_after = Some(seconds);
+        return Err(e);
+    }
     let topic = audit.topic.clone().ok_or_else(|| ApiError::bad_request("X-Shopify-Topic is missing", "every Shopify webhook names its topic"))?;
     let kind = match payload::topic_action(&topic) {
         TopicAction::Event(kind) => kind,
@@ -134,11 +174,19 @@ async fn handle(
         }
     }
     // Durable on the log before the 200; otherwise no mark is kept, so Shopify's retry passes.
-    if let Err(e) = s.engine.ingest(std::slice::from_ref(&event)).await {
+    let appended = match tokio::time::timeout(APPEND_BUDGET, s.engine.ingest(std::slice::from_ref(&event))).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        // The record may still land later; the retry then is a duplicate the store absorbs.
+        Err(_) => Err(format!("no acknowledgement from the log within {APPEND_BUDGET:?}")),
+    };
+    if let Err(reason) = appended {
         for k in &claimed {
             let _ = s.engine.store.release_delivery(k).await;
         }
-        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the order log is unavailable; retry later", e.to_string()));
+        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the order log is unavailable; retry later", reason);
+        e.retry_after = Some(5);
+        return Err(e);
     }
     audit.outcome = "received".into();
     Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
