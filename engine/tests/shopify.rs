@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, client, history};
+use common::{Server, deliver, history};
 use futures::StreamExt;
 use orchestrator::shopify::signature::sign;
 use serde_json::{Value, json};
@@ -13,21 +13,6 @@ use serde_json::{Value, json};
 const SECRET: &str = "shpss_current";
 const OLD: &str = "shpss_previous";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
-
-async fn deliver(s: &Server, topic: &str, webhook_id: &str, body: &[u8], signature: Option<String>) -> reqwest::Response {
-    let mut req = client()
-        .post(s.url("/webhooks/shopify"))
-        .header("content-type", "application/json")
-        .header("x-shopify-topic", topic)
-        .header("x-shopify-shop-domain", "example.myshopify.com")
-        .header("x-shopify-webhook-id", webhook_id)
-        .header("x-shopify-api-version", "2025-10")
-        .body(body.to_vec());
-    if let Some(sig) = signature {
-        req = req.header("x-shopify-hmac-sha256", sig);
-    }
-    req.send().await.unwrap()
-}
 
 fn update(note: &str) -> Vec<u8> {
     json!({"id": 820982911946154508i64, "updated_at": "2026-11-21T12:00:00-05:00", "note": note, "financial_status": "paid", "total_price": "598.95", "currency": "USD", "line_items": [], "admin_graphql_api_id": "gid://shopify/Order/820982911946154508"}).to_string().into_bytes()

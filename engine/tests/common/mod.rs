@@ -263,3 +263,20 @@ pub fn service(var: &str) -> Option<String> {
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
+
+/// Delivers a Shopify webhook the way Shopify does (signature optional, to test refusals).
+pub async fn deliver(s: &Server, topic: &str, webhook_id: &str, body: &[u8], signature: Option<String>) -> reqwest::Response {
+    let mut req = client()
+        .post(s.url("/webhooks/shopify"))
+        .header("content-type", "application/json")
+        .header("x-shopify-topic", topic)
+        .header("x-shopify-shop-domain", "example.myshopify.com")
+        .header("x-shopify-webhook-id", webhook_id)
+        .header("x-shopify-api-version", "2025-10")
+        .body(body.to_vec());
+    if let Some(sig) = signature {
+        req = req.header("x-shopify-hmac-sha256", sig);
+    }
+    req.send().await.unwrap()
+}
+
