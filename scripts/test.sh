@@ -43,4 +43,4 @@ echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassan
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
   --test chaos --test crash --test priority --test api --test scale --test faults --test outside_producer --test webhook_outage -- \
   concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance service_restarts kcat_records \
-  log_outage
+  log_outage the_bridge_runs

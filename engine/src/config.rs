@@ -23,6 +23,9 @@ pub enum Command {
     /// Shopify webhook tools.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Run the Shopify bridge alone: signed webhooks in, order events to Kafka out
+    /// (deduplicated in the CQL store). Needs --kafka-brokers, --cql-nodes and a secret.
+    Bridge(BridgeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,6 +83,16 @@ pub struct ServeArgs {
     /// Largest accepted plugin upload, in bytes.
     #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 8 << 20)]
     pub max_plugin_bytes: usize,
+    #[command(flatten)]
+    pub shopify: ShopifyArgs,
+    /// Log output format.
+    #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
+}
+
+/// The Shopify bridge's settings, shared by `serve` and `bridge`.
+#[derive(Debug, Clone, Args)]
+pub struct ShopifyArgs {
     /// Shopify webhook secret: enables POST /webhooks/shopify.
     #[arg(long, env = "SHOPIFY_WEBHOOK_SECRET", hide_env_values = true)]
     pub shopify_secret: Option<String>,
@@ -95,9 +108,29 @@ pub struct ServeArgs {
     /// Deliveries per second per shop before 429 (with Retry-After). Off by default.
     #[arg(long, env = "ORCHESTRATOR_SHOPIFY_RATE_LIMIT")]
     pub shopify_rate_limit: Option<u32>,
-    /// Log output format.
-    #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
-    pub log_format: String,
+}
+
+impl ShopifyArgs {
+    pub fn config(&self) -> Option<crate::shopify::ShopifyConfig> {
+        let current = self.shopify_secret.clone().filter(|s| !s.is_empty())?;
+        Some(crate::shopify::ShopifyConfig {
+            secrets: crate::shopify::signature::Secrets { current, previous: self.shopify_secret_previous.clone().filter(|s| !s.is_empty()) },
+            dedup_ttl: std::time::Duration::from_secs(self.shopify_dedup_hours * 3600),
+            max_body_bytes: self.shopify_max_body_bytes,
+            rate_limit: self.shopify_rate_limit.map(|n| std::sync::Arc::new(crate::shopify::RateLimit::new(n))),
+        })
+    }
+}
+
+/// `orchestrator bridge`: only the webhook endpoint, producing to Kafka.
+#[derive(Debug, Clone, Args)]
+pub struct BridgeArgs {
+    #[arg(long, env = "ORCHESTRATOR_LISTEN", default_value = "127.0.0.1:8081")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub backends: Backends,
+    #[command(flatten)]
+    pub shopify: ShopifyArgs,
 }
 
 /// Kafka and a CQL store (ScyllaDB) instead of the embedded default. Both or neither.

@@ -3,11 +3,10 @@
 use anyhow::Context;
 use clap::Parser;
 use orchestrator::api::{self, ApiConfig, AppState};
-use orchestrator::config::{Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
+use orchestrator::config::{BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
 use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
-use orchestrator::shopify::ShopifyConfig;
-use orchestrator::shopify::signature::Secrets;
+
 use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
 use tracing_subscriber::EnvFilter;
@@ -25,6 +24,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => runtime.block_on(bench::run(args)),
         Command::Schema(args) => write_schemas(args),
         Command::Webhook(WebhookCommand::Send(args)) => runtime.block_on(orchestrator::shopify::send::run(args)),
+        Command::Bridge(args) => runtime.block_on(bridge(args)),
     }
 }
 
@@ -52,17 +52,32 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %listener.local_addr()?, data_dir = %args.data_dir.display(), backend = %engine.backend(),
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
-    let shopify = args.shopify_secret.clone().filter(|s| !s.is_empty()).map(|current| ShopifyConfig {
-        secrets: Secrets { current, previous: args.shopify_secret_previous.clone().filter(|s| !s.is_empty()) },
-        dedup_ttl: Duration::from_secs(args.shopify_dedup_hours * 3600),
-        max_body_bytes: args.shopify_max_body_bytes,
-        rate_limit: args.shopify_rate_limit.map(|n| std::sync::Arc::new(orchestrator::shopify::RateLimit::new(n))),
-    });
+    let shopify = args.shopify.config();
     let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
     tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// The bridge alone: an engine whose pipeline never starts, serving only the webhook routes.
+async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
+    let Some((kafka, cql)) = args.backends.distributed()? else {
+        anyhow::bail!("the bridge produces to Kafka and deduplicates in the CQL store: give --kafka-brokers and --cql-nodes");
+    };
+    let shopify = args.shopify.config().ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
+    let metrics = telemetry::install();
+    let log = orchestrator::log::kafka::KafkaLog::open(kafka).await?;
+    let store = orchestrator::store::cql::CqlStore::open(cql).await?;
+    let config = EngineConfig { plugins: None, ..Default::default() };
+    let engine = Engine::new(log, std::sync::Arc::new(store), orchestrator::rules::Rulebook::native(), None, config);
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "Shopify bridge ready: POST /webhooks/shopify");
+    // No token is needed: the bridge has no mutating endpoint but the signed webhook.
+    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) } };
+    axum::serve(listener, api::bridge_router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    engine.log.flush().await?;
     Ok(())
 }
 

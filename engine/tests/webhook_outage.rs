@@ -56,3 +56,47 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     assert_eq!(h.len(), 1, "applied exactly once: {h:?}");
     assert_eq!(h[0]["outcome"], "applied");
 }
+
+/// `orchestrator bridge` as a process of its own: it takes the webhook, puts the event on
+/// Kafka, and the engine beside it applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_runs_as_its_own_process() {
+    if !distributed() {
+        eprintln!("the bridge produces to Kafka: it runs in the distributed pass");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Server::start(dir.path()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut bridge = common::orchestrator()
+        .args(["bridge", "--listen", &format!("127.0.0.1:{port}"), "--shopify-secret", SECRET])
+        .args(engine.backend_args())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{base}/health")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "the bridge did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = common::client()
+        .post(format!("{base}/webhooks/shopify"))
+        .header("x-shopify-topic", "orders/create")
+        .header("x-shopify-webhook-id", "bridge-1")
+        .header("x-shopify-hmac-sha256", sign(SECRET, CREATE))
+        .body(CREATE.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.get_json("/orders/shopify-820982911946154508").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the engine never applied the bridged event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, audit) = common::client().get(format!("{base}/webhooks/deliveries")).send().await.unwrap().json::<Value>().await.map(|a| ((), a)).unwrap();
+    assert_eq!(audit["items"][0]["outcome"], "received");
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
+}

@@ -75,6 +75,17 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// The routes of `orchestrator bridge`: webhooks, their audit, health and metrics.
+pub fn bridge_router(state: AppState) -> Router {
+    let limit = state.config.shopify.as_ref().map_or(1 << 20, |c| c.max_body_bytes);
+    Router::new()
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(limit)))
+        .route("/webhooks/deliveries", get(crate::shopify::deliveries))
+        .with_state(state)
+}
+
 #[derive(Serialize, ToSchema)]
 pub struct Health {
     /// "ok" when the log and the store answer, else "unhealthy" (with 503).

@@ -129,6 +129,11 @@ impl Server {
         self.spawn().await;
     }
 
+    /// The Kafka and CQL arguments of this engine (empty on the embedded default).
+    pub fn backend_args(&self) -> &[String] {
+        &self.backend_args
+    }
+
     /// The Kafka topic prefix of this engine, in the distributed pass.
     pub fn kafka_prefix(&self) -> Option<String> {
         self.backend_args.iter().position(|a| a == "--kafka-topic-prefix").map(|i| self.backend_args[i + 1].clone())
