@@ -53,6 +53,16 @@ pub struct WebhookSendArgs {
     /// deliveries (same webhook id), and report what the engine answered.
     #[arg(long)]
     pub chaos: Option<usize>,
+    /// Load mode: send this many orders/create deliveries (distinct orders) at --rate per
+    /// second, and report accepted/s and time-to-200 percentiles.
+    #[arg(long)]
+    pub load: Option<u64>,
+    /// Offered deliveries per second in load mode.
+    #[arg(long, default_value_t = 1000)]
+    pub rate: u64,
+    /// Also write the load report as JSON here.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]

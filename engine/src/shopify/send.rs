@@ -67,8 +67,65 @@ async fn deliver(client: &reqwest::Client, args: &WebhookSendArgs, topic: &str, 
     }
 }
 
+/// Load mode: `n` deliveries at `rate`/s, each a new order; time-to-200 per delivery.
+async fn load(client: &reqwest::Client, args: &WebhookSendArgs, n: u64) -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let bar = indicatif::ProgressBar::new(n).with_style(
+        indicatif::ProgressStyle::with_template("{spinner} webhooks [{bar:40}] {pos}/{len} {per_sec}").expect("template").progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(n as usize);
+    // Like Shopify, a bounded number of connections: past it, the offered rate slips.
+    let inflight = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    for i in 0..n {
+        let permit = inflight.clone().acquire_owned().await?;
+        let due = Duration::from_secs_f64(i as f64 / args.rate.max(1) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        let body = serde_json::to_vec(&payload("orders/create", 1_000_000_000 + i as i64, None)?)?;
+        let (client, args, id, bar) = (client.clone(), args.clone(), format!("{run}-{i}"), bar.clone());
+        tasks.push(tokio::spawn(async move {
+            let sent = Instant::now();
+            let answer = deliver(&client, &args, "orders/create", &id, &body).await;
+            drop(permit);
+            bar.inc(1);
+            (answer, sent.elapsed())
+        }));
+    }
+    let mut latencies = hdrhistogram::Histogram::<u64>::new(3)?;
+    let mut accepted = 0u64;
+    let mut other = BTreeMap::<String, u64>::new();
+    for t in tasks {
+        let (answer, took) = t.await?;
+        latencies.record(took.as_micros() as u64)?;
+        if answer == "accepted" {
+            accepted += 1;
+        } else {
+            *other.entry(answer).or_default() += 1;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    bar.finish();
+    let report = json!({
+        "deliveries": n, "offered_per_s": args.rate, "accepted": accepted, "accepted_per_s": accepted as f64 / elapsed,
+        "time_to_200_ms": { "p50": latencies.value_at_quantile(0.5) as f64 / 1e3, "p99": latencies.value_at_quantile(0.99) as f64 / 1e3, "max": latencies.max() as f64 / 1e3 },
+        "other_answers": other,
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, text + "\n")?;
+    }
+    Ok(())
+}
+
 pub async fn run(args: WebhookSendArgs) -> anyhow::Result<()> {
-    let client = reqwest::Client::new();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(256).build()?;
+    if let Some(n) = args.load {
+        return load(&client, &args, n).await;
+    }
     let Some(n) = args.chaos else {
         let body = serde_json::to_vec(&payload(&args.topic, args.order_id, None)?)?;
         let webhook_id = uuid::Uuid::new_v4().to_string();
