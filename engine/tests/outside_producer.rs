@@ -1,4 +1,4 @@
-//! An outside producer: records written by `kcat` in the documented format (key: the
+//! Outside producers: the bridge process, and records written by `kcat` in the documented format (key: the
 //! order id; value: an OrderEvent as JSON; topic by priority) are applied, and a
 //! malformed one lands in the dead letters and on the dead-letter topic with its reason.
 
@@ -6,10 +6,16 @@ mod common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use std::time::Instant;
 
 use common::{Server, created, distributed, service};
+use orchestrator::shopify::signature::sign;
 use serde_json::Value;
+
+const SECRET: &str = "bridge-secret";
+const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
 
 fn kcat(args: &[&str], stdin: &str) -> String {
     let mut child = Command::new("kcat").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("kcat is installed");
@@ -63,4 +69,48 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
     let value: Value = serde_json::from_str(line.trim_start_matches("kcat-2|")).unwrap();
     assert_eq!(value["error_type"], "malformed");
     assert!(value["reason"].as_str().unwrap().contains("key must be a string"));
+}
+
+/// `orchestrator bridge` as a process of its own: it takes the webhook, puts the event on
+/// Kafka, and the engine beside it applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bridge_runs_as_its_own_process() {
+    if !distributed() {
+        eprintln!("the bridge produces to Kafka: it runs in the distributed pass");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Server::start(dir.path()).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut bridge = common::orchestrator()
+        .args(["bridge", "--listen", &format!("127.0.0.1:{port}"), "--shopify-secret", SECRET])
+        .args(engine.backend_args())
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while reqwest::get(format!("{base}/health")).await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(Instant::now() < deadline, "the bridge did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = common::client()
+        .post(format!("{base}/webhooks/shopify"))
+        .header("x-shopify-topic", "orders/create")
+        .header("x-shopify-webhook-id", "bridge-1")
+        .header("x-shopify-hmac-sha256", sign(SECRET, CREATE))
+        .body(CREATE.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while engine.get_json("/orders/shopify-820982911946154508").await.0 != 200 {
+        assert!(Instant::now() < deadline, "the engine never applied the bridged event");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, audit) = common::client().get(format!("{base}/webhooks/deliveries")).send().await.unwrap().json::<Value>().await.map(|a| ((), a)).unwrap();
+    assert_eq!(audit["items"][0]["outcome"], "received");
+    bridge.kill().unwrap();
+    bridge.wait().unwrap();
 }

@@ -170,7 +170,8 @@ impl Server {
         loop {
             let h = self.health().await;
             let depth = h["queue_depth"]["vip"].as_u64().unwrap_or(1) + h["queue_depth"]["normal"].as_u64().unwrap_or(1);
-            zeros = if depth == 0 { zeros + 1 } else { 0 };
+            // While a backend is down its lag is not known, so only a healthy zero counts.
+            zeros = if depth == 0 && h["status"] == "ok" { zeros + 1 } else { 0 };
             if zeros >= needed {
                 return;
             }
