@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,12 +11,6 @@ use std::time::{Duration, Instant};
 use common::{Server, client, created, distributed};
 use futures::StreamExt;
 use serde_json::Value;
-
-fn restart(service: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../compose/local-services.sh");
-    let out = Command::new("bash").args([script, "restart", service]).output().unwrap();
-    assert!(out.status.success(), "restarting {service}: {}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// Restarts `service` while watching /health; returns whether it read unhealthy meanwhile.
 async fn restart_watching(s: &Server, service: &'static str) -> bool {
@@ -37,7 +30,7 @@ async fn restart_watching(s: &Server, service: &'static str) -> bool {
             saw_unhealthy
         })
     };
-    tokio::task::spawn_blocking(move || restart(service)).await.unwrap();
+    tokio::task::spawn_blocking(move || common::local_services("restart", service)).await.unwrap();
     // Healthy again, by itself.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Server, deliver, distributed, history};
@@ -13,12 +12,6 @@ use serde_json::Value;
 const SECRET: &str = "outage-secret";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
 
-fn services(action: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../compose/local-services.sh");
-    let out = Command::new("bash").args([script, action, "kafka"]).output().unwrap();
-    assert!(out.status.success(), "{action} kafka: {}", String::from_utf8_lossy(&out.stderr));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     if !distributed() {
@@ -27,13 +20,13 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     }
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
-    tokio::task::spawn_blocking(|| services("stop")).await.unwrap();
+    tokio::task::spawn_blocking(|| common::local_services("stop", "kafka")).await.unwrap();
     let started = Instant::now();
     let r = deliver(&s, "orders/create", "outage-1", CREATE, Some(sign(SECRET, CREATE))).await;
     let waited = started.elapsed();
     let status = r.status();
     let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-    tokio::task::spawn_blocking(|| services("start")).await.unwrap();
+    tokio::task::spawn_blocking(|| common::local_services("start", "kafka")).await.unwrap();
     assert_eq!(status, 503, "the log is down");
     assert!(waited < Duration::from_secs(5), "answered within Shopify's 5 s: {waited:?}");
     assert!(retry_after.is_some());

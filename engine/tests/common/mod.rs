@@ -286,3 +286,10 @@ pub async fn deliver(s: &Server, topic: &str, webhook_id: &str, body: &[u8], sig
     req.send().await.unwrap()
 }
 
+
+/// Runs `compose/local-services.sh <action> <service>` (start, stop, restart).
+pub fn local_services(action: &str, service: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../compose/local-services.sh");
+    let out = Command::new("bash").args([script, action, service]).output().unwrap();
+    assert!(out.status.success(), "{action} {service}: {}", String::from_utf8_lossy(&out.stderr));
+}
