@@ -275,17 +275,11 @@ impl Pipeline {
         for ((write, result), (priority, appended_at_us, pending)) in results.into_iter().zip(context) {
             match (result, write) {
                 (WriteResult::Duplicate, write) => {
-                    self.metrics.duplicate[priority as usize].increment(1);
-                    self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-                    // A redelivery after a crash: its change may never have been
-                    // published, so publish the row as it is (clients keep the newest version).
                     let order_id = match &write {
                         Write::Apply { row, .. } => &row.id,
                         Write::Record { order_id, .. } => order_id,
                     };
-                    if let Some(now) = self.store.get(order_id).await? {
-                        self.changes.publish(now);
-                    }
+                    self.duplicate(order_id, priority).await?;
                 }
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
                 (WriteResult::Done, Write::Record { outcome, dead_letter, .. }) => {
@@ -304,6 +298,17 @@ impl Pipeline {
     }
 
     /// A write lost its compare-and-set: merge with the stored row and retry, a bounded number of times.
+    /// A redelivered event after a crash: its change may never have been published,
+    /// so publish the row as it is now (clients keep the newest version).
+    async fn duplicate(&self, order_id: &str, priority: Priority) -> anyhow::Result<()> {
+        self.metrics.duplicate[priority as usize].increment(1);
+        self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+        if let Some(now) = self.store.get(order_id).await? {
+            self.changes.publish(now);
+        }
+        Ok(())
+    }
+
     async fn resolve(&self, mut p: Pending, mut now: Option<Order>, priority: Priority, appended_at_us: i64) -> anyhow::Result<()> {
         let resolver = self.rulebook.resolver();
         for _ in 0..self.config.max_conflict_retries {
@@ -350,7 +355,11 @@ impl Pipeline {
                     self.applied(row, priority, appended_at_us);
                     return Ok(());
                 }
-                Some(WriteResult::Duplicate) => return Ok(()),
+                Some(WriteResult::Duplicate) => {
+                    // A redelivery found out only after a conflict (CQL checks its ledger last).
+                    self.duplicate(&row.id, priority).await?;
+                    return Ok(());
+                }
                 Some(WriteResult::Conflict(again)) => {
                     p.base = now;
                     p.fields = merged;

@@ -119,27 +119,36 @@ impl KafkaLog {
         })
     }
 
-    /// Follows the changelog under a group of this instance's own, so it sees every
-    /// instance's changes, and hands them to `stream`. Returns once it is assigned.
+    /// Follows every partition of the changelog from its end as of now, so this
+    /// instance sees every instance's later changes, and hands them to `stream`.
+    /// Partitions are assigned with explicit offsets (no group, no lazy "latest"
+    /// reset), so a change published right after this returns is never skipped.
     pub fn follow_changelog(&self, stream: ChangeStream) -> Result<(), LogError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", format!("{}.changes.{}", self.config.group, uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "latest")
             .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(backend)?;
-        consumer.subscribe(&[&self.config.changes_topic]).map_err(backend)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while consumer.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
-            if std::time::Instant::now() > deadline {
-                return Err(LogError::Backend("the changelog consumer got no partitions in 30 s".into()));
-            }
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
-                deliver(&stream, m.payload());
-            }
+        let timeout = Duration::from_secs(10);
+        let topic = &self.config.changes_topic;
+        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(backend)?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(LogError::Backend(format!("the changelog topic {topic} has no partitions")));
         }
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            let (_, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(backend)?;
+            tpl.add_partition_offset(topic, p, Offset::Offset(high)).map_err(backend)?;
+        }
+        consumer.assign(&tpl).map_err(backend)?;
         std::thread::Builder::new()
             .name("kafka-changelog".into())
             .spawn(move || {

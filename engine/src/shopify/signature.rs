@@ -57,6 +57,45 @@ mod tests {
         assert!(!verify(&no_rotation, body, &sign("old-secret", body)));
     }
 
+    /// Vectors hard-coded in Shopify's own library test suites (the expected header is
+    /// a literal there, not computed by the test), so our HMAC and base64 match theirs.
+    const PUBLISHED: [(&str, &[u8], &str, &str); 4] = [
+        // Shopify/shopify-api-php, tests/Webhooks/RegistryTest.php (secret: tests/BaseTestCase.php).
+        ("7008c5f4da4718b9b45d26d3fcbbb157", br#"{"foo":"bar"}"#, "+R9TwYM4mbLTk3hEAOBkpA7zW2lc9vNFmVKs2u2jtyY=", "shopify-api-php"),
+        // Shopify/shopify-app-js, packages/apps/shopify-api/lib/webhooks/__tests__/validate.test.ts.
+        ("test_secret_key", br#"{"foo": "bar"}"#, "B23tXN681gZ0qIWNRrgtzBE9XSDo5yaUu6wfmhu3a7g=", "shopify-app-js"),
+        // Shopify/shopify_app, test/shopify_app/controller_concerns/webhook_verification_test.rb:
+        // the same form body under the new and the old secret of a rotation.
+        ("secret", b"foo=anything", "yCGX/RrK4fcuNtr3ztk5tQGsOBjcAzHpGLdMUrbV8yI=", "shopify_app"),
+        ("old_secret", b"foo=anything", "XqRcjrSv57VACn6apEO9znyu/wkN1VC7QxdSPwK3Hzs=", "shopify_app (old secret)"),
+    ];
+
+    #[test]
+    fn published_shopify_vectors_verify_and_a_flipped_bit_does_not() {
+        for (secret, body, header, origin) in PUBLISHED {
+            let only = Secrets { current: secret.into(), previous: None };
+            assert_eq!(sign(secret, body), header, "{origin}");
+            assert!(verify(&only, body, header), "{origin}");
+            for i in 0..body.len() {
+                for bit in 0..8 {
+                    let mut b = body.to_vec();
+                    b[i] ^= 1 << bit;
+                    assert!(!verify(&only, &b, header), "{origin}: body bit {i}.{bit}");
+                }
+            }
+            let raw = STANDARD.decode(header).unwrap();
+            for i in 0..raw.len() * 8 {
+                let mut r = raw.clone();
+                r[i / 8] ^= 1 << (i % 8);
+                assert!(!verify(&only, body, &STANDARD.encode(r)), "{origin}: header bit {i}");
+            }
+        }
+        // shopify_app's rotation: the old secret's signature passes only while it is the previous one.
+        let rotating = Secrets { current: "secret".into(), previous: Some("old_secret".into()) };
+        assert!(verify(&rotating, b"foo=anything", PUBLISHED[3].2));
+        assert!(verify(&rotating, b"foo=anything", PUBLISHED[2].2));
+    }
+
     #[test]
     fn a_single_flipped_bit_is_refused() {
         let body = br#"{"id":1,"updated_at":"2026-11-21T10:00:00-05:00"}"#.to_vec();
