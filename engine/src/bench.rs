@@ -49,6 +49,9 @@ pub struct PipelineRun {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if let Some(crate::config::BenchCommand::Run(run_args)) = args.command.clone() {
+        return generated_run(run_args).await;
+    }
     if let Some((kafka, cql)) = args.backends.distributed()? {
         return run_distributed(args, kafka, cql).await;
     }
@@ -302,4 +305,102 @@ async fn run_distributed(args: BenchArgs, kafka: crate::log::kafka::KafkaConfig,
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub machine: String,
+    pub backend: String,
+    pub quantity: u64,
+    /// The run as the engine recorded it (phases, windows, verification).
+    pub run: crate::runs::model::Run,
+    /// Orders/s from the run's start to its verified end.
+    pub orders_per_s: f64,
+    /// The store's raw write ceiling, measured in this process after the run:
+    /// embedded row writes/s, or CQL conditional writes/s.
+    pub raw_store_writes_per_s: f64,
+    /// Orders/s while processing (first applied to last applied) against that ceiling.
+    pub processing_vs_raw_store: f64,
+    pub peak_rss_mib: f64,
+}
+
+/// `orchestrator bench run`: one generated run on a fresh engine, timed end to end.
+async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> {
+    use crate::runs::model::{Phase, RunRequest};
+    use crate::runs::{RunConfig, Runs};
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("orchestrator-bench-run-{tag}"));
+    let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    let distributed = args.backends.distributed()?;
+    let engine = match distributed.clone() {
+        None => Engine::open_embedded(&dir, config)?,
+        Some((kafka, cql)) => {
+            let kafka = crate::log::kafka::KafkaConfig {
+                vip_topic: format!("benchrun_{tag}.vip"),
+                normal_topic: format!("benchrun_{tag}.normal"),
+                changes_topic: format!("benchrun_{tag}.changes"),
+                dlq_topic: format!("benchrun_{tag}.dlq"),
+                plugins_topic: format!("benchrun_{tag}.plugins"),
+                group: format!("benchrun_{tag}"),
+                ..kafka
+            };
+            Engine::open_distributed(&dir, kafka, crate::store::cql::CqlConfig { keyspace: format!("benchrun_{tag}"), ..cql }, config).await?
+        }
+    };
+    engine.start().await?;
+    let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.quantity, ..Default::default() });
+    let started = runs
+        .start(RunRequest { quantity: args.quantity as i64, tier_mix: None })
+        .await
+        .map_err(|e| anyhow::anyhow!("starting the run: {e}"))?;
+    eprintln!("bench run {}: {} orders on {}", started.id, args.quantity, engine.backend());
+    let bar = ProgressBar::new(args.quantity).with_style(
+        ProgressStyle::with_template("{spinner} {msg:<18} [{bar:40}] {pos}/{len}  eta {eta}").expect("template is valid").progress_chars("=> "),
+    );
+    let run = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let run = runs.current().await.expect("the run just started");
+        bar.set_message(format!("{:?}", run.phase));
+        bar.set_position(if run.phase == Phase::Generating { run.generated } else { run.vip.processed + run.normal.processed });
+        if run.phase.is_final() {
+            break run;
+        }
+    };
+    bar.finish_and_clear();
+    let peak_rss = peak_rss_mib();
+    engine.shutdown().await;
+    let ceiling_n = args.quantity.min(200_000);
+    let raw = match distributed {
+        None => raw_store(&dir.join("raw"), ceiling_n).await?,
+        Some((_, cql)) => {
+            let store = crate::store::cql::CqlStore::open(crate::store::cql::CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
+            raw_writes(&store, args.quantity.min(20_000)).await?
+        }
+    };
+    let processing_ms = match (run.vip.started_at, run.normal.ended_at.or(run.vip.ended_at)) {
+        (Some(a), Some(b)) => (b - a).num_milliseconds().max(1) as f64,
+        _ => f64::NAN,
+    };
+    let report = RunReport {
+        machine: machine(),
+        backend: engine.backend(),
+        quantity: args.quantity,
+        orders_per_s: args.quantity as f64 * 1000.0 / run.total_ms.unwrap_or(1).max(1) as f64,
+        raw_store_writes_per_s: raw,
+        processing_vs_raw_store: args.quantity as f64 * 1000.0 / processing_ms / raw,
+        peak_rss_mib: peak_rss,
+        run,
+    };
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(out) = &args.out {
+        std::fs::write(out, json + "\n")?;
+        eprintln!("wrote {}", out.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match &report.run.verification {
+        Some(v) if v.passed => Ok(()),
+        Some(v) => anyhow::bail!("the run's verification failed: {}", v.failures.join("; ")),
+        None => anyhow::bail!("the run ended {:?}: {}", report.run.phase, report.run.error.clone().unwrap_or_default()),
+    }
 }

@@ -16,16 +16,39 @@ pub struct Cli {
 pub enum Command {
     /// Run the engine with its HTTP and WebSocket API.
     Serve(ServeArgs),
-    /// Push events through the embedded pipeline and report throughput and latency.
+    /// Push events through the embedded pipeline and report throughput and latency;
+    /// `bench run` times a whole generated run instead.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench(BenchArgs),
     /// Write (or check) the JSON Schemas in schemas/json.
     Schema(SchemaArgs),
     /// Shopify webhook tools.
     #[command(subcommand)]
     Webhook(WebhookCommand),
+    /// Start a generated run on a running engine and follow it with a progress bar.
+    Generate(GenerateArgs),
     /// Run the Shopify bridge alone: signed webhooks in, order events to Kafka out
     /// (deduplicated in the CQL store). Needs --kafka-brokers, --cql-nodes and a secret.
     Bridge(BridgeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    /// How many orders to generate.
+    #[arg(long)]
+    pub quantity: i64,
+    /// Tier shares in percent, DIAMOND,GOLD,SILVER,BRONZE (default 5,15,30,50).
+    #[arg(long, value_delimiter = ',', num_args = 4)]
+    pub tier_mix: Option<Vec<u32>>,
+    /// The engine's base URL.
+    #[arg(long, env = "ORCHESTRATOR_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// The engine's API token (serve writes one to <data-dir>/api-token on loopback).
+    #[arg(long, env = "ORCHESTRATOR_API_TOKEN", hide_env_values = true)]
+    pub api_token: String,
+    /// Return once the run has started instead of following it.
+    #[arg(long)]
+    pub detach: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +118,9 @@ pub struct ServeArgs {
     pub max_plugin_bytes: usize,
     #[command(flatten)]
     pub shopify: ShopifyArgs,
+    /// Largest quantity a generated run may ask for.
+    #[arg(long, env = "ORCHESTRATOR_MAX_RUN_QUANTITY", default_value_t = 1_500_000)]
+    pub max_run_quantity: u64,
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
@@ -236,6 +262,30 @@ pub struct BenchArgs {
     #[command(flatten)]
     pub tuning: Tuning,
     /// With both, the bench runs on Kafka and the CQL store (fresh topics and keyspaces).
+    #[command(flatten)]
+    pub backends: Backends,
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// A whole generated run (phases, verification) on a fresh engine, with its metrics,
+    /// peak RSS, and the store's raw write ceiling measured in the same process.
+    Run(BenchRunArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchRunArgs {
+    /// Orders in the run.
+    #[arg(long, default_value_t = 1_500_000)]
+    pub quantity: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// With both, the run goes through Kafka and the CQL store (fresh topics and keyspaces).
     #[command(flatten)]
     pub backends: Backends,
 }

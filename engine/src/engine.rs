@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::domain::{Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
-use crate::pipeline::{Pauses, Pipeline, PipelineConfig, Stats};
+use crate::pipeline::{Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::rules::Rulebook;
@@ -101,6 +101,7 @@ pub struct Engine {
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
     pub pauses: Arc<Pauses>,
+    pub discards: Arc<Discards>,
     pub rulebook: Arc<Rulebook>,
     /// Deployed plugin versions; `None` when the engine runs the native rules.
     pub plugins: Option<Arc<Registry>>,
@@ -181,6 +182,7 @@ impl Engine {
             changes,
             stats: Arc::new(Stats::new()),
             pauses: Arc::new(Pauses::default()),
+            discards: Arc::new(Discards::default()),
             rulebook,
             plugins,
             config,
@@ -199,6 +201,7 @@ impl Engine {
             self.changes.clone(),
             self.stats.clone(),
             self.pauses.clone(),
+            self.discards.clone(),
             self.config.pipeline.clone(),
         );
         let shutdown = self.shutdown.subscribe();

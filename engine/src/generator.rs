@@ -3,7 +3,7 @@
 use chrono::Utc;
 use rand::Rng;
 
-use crate::domain::{EventKind, OrderChange, OrderEvent, Tier};
+use crate::domain::{EventKind, FinancialStatus, OrderChange, OrderEvent, Tier};
 
 /// Share of each tier, in percent: BRONZE, SILVER, GOLD, DIAMOND.
 #[derive(Debug, Clone, Copy)]
@@ -35,6 +35,14 @@ const LAST: &[&str] = &["lovelace", "hopper", "turing", "torvalds", "liskov", "t
 
 /// A `created` event for order `{prefix}-{i}`.
 pub fn created(prefix: &str, i: u64, source: &str, mix: &TierMix, rng: &mut impl Rng) -> OrderEvent {
+    let tier = mix.pick(rng);
+    let mut event = order(format!("{prefix}-{i}"), tier, rng);
+    event.source = source.into();
+    event
+}
+
+/// A realistic new order: a customer, a basket total, and (as in most shops) mostly paid.
+pub fn order(order_id: String, tier: Tier, rng: &mut impl Rng) -> OrderEvent {
     let customer = format!(
         "{}.{}{}@example.com",
         FIRST[rng.random_range(0..FIRST.len())],
@@ -47,17 +55,23 @@ pub fn created(prefix: &str, i: u64, source: &str, mix: &TierMix, rng: &mut impl
         60..95 => rng.random_range(10_000..50_000),
         _ => rng.random_range(50_000..500_000),
     };
+    let financial_status = match rng.random_range(0..100) {
+        0..85 => FinancialStatus::Paid,
+        85..95 => FinancialStatus::Pending,
+        _ => FinancialStatus::Authorized,
+    };
     OrderEvent {
-        event_id: format!("{prefix}-{i}-created"),
-        order_id: format!("{prefix}-{i}"),
+        event_id: format!("{order_id}-created"),
+        order_id,
         kind: EventKind::Created,
-        source: source.into(),
+        source: "generator".into(),
         occurred_at: Utc::now(),
         payload: OrderChange {
             customer: Some(customer),
-            tier: Some(mix.pick(rng)),
+            tier: Some(tier),
             total_cents: Some(total_cents),
             currency: Some("USD".into()),
+            financial_status: Some(financial_status),
             ..Default::default()
         },
     }

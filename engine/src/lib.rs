@@ -11,6 +11,7 @@ pub mod log;
 pub mod pipeline;
 pub mod plugin;
 pub mod rules;
+pub mod runs;
 pub mod schema;
 pub mod shopify;
 pub mod sqlite;

@@ -6,6 +6,7 @@ use orchestrator::api::{self, ApiConfig, AppState};
 use orchestrator::config::{BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
 use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
+use orchestrator::runs::{RunConfig, Runs};
 
 use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
@@ -25,6 +26,7 @@ fn main() -> anyhow::Result<()> {
         Command::Schema(args) => write_schemas(args),
         Command::Webhook(WebhookCommand::Send(args)) => runtime.block_on(orchestrator::shopify::send::run(args)),
         Command::Bridge(args) => runtime.block_on(bridge(args)),
+        Command::Generate(args) => runtime.block_on(orchestrator::runs::cli::generate(args)),
     }
 }
 
@@ -53,7 +55,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
     let shopify = args.shopify.config();
-    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
+    let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.max_run_quantity, ..Default::default() });
+    let state = AppState { engine: engine.clone(), runs, metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
@@ -75,7 +78,8 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "Shopify bridge ready: POST /webhooks/shopify");
     // No token is needed: the bridge has no mutating endpoint but the signed webhook.
-    let state = AppState { engine: engine.clone(), metrics, config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) } };
+    let runs = Runs::new(engine.clone(), RunConfig::default());
+    let state = AppState { engine: engine.clone(), runs, metrics, config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) } };
     axum::serve(listener, api::bridge_router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     engine.log.flush().await?;
     Ok(())

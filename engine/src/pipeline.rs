@@ -41,11 +41,26 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Events settled (applied, skipped or rejected) per priority: a run's live progress.
+    pub settled: [AtomicU64; 2],
+    /// Bumped when a step (poll, process, commit) begins and again when it ends: odd
+    /// while one is under way.
+    pub steps: AtomicU64,
     /// Append-to-applied latency in µs.
     pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
 
 impl Stats {
+    /// Returns once the step under way (if any) has ended, so every later step sees
+    /// a change made before this call (a purge, say). Gives up after `timeout`.
+    pub async fn step_boundary(&self, timeout: Duration) {
+        let at = self.steps.load(Ordering::SeqCst);
+        let deadline = Instant::now() + timeout;
+        while at % 2 == 1 && self.steps.load(Ordering::SeqCst) == at && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
     pub fn new() -> Self {
         Self {
             latency_us: std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
@@ -54,16 +69,49 @@ impl Stats {
     }
 }
 
-/// Per-priority pause switches, set by operators.
+/// Per-priority pause switches: one operators set, one a run holds (NORMAL waits while
+/// a run's VIP orders go first). Either one stops the priority.
 #[derive(Default)]
-pub struct Pauses([AtomicBool; 2]);
+pub struct Pauses {
+    operator: [AtomicBool; 2],
+    run: [AtomicBool; 2],
+}
 
 impl Pauses {
+    /// An operator's pause or resume.
     pub fn set(&self, p: Priority, paused: bool) {
-        self.0[p as usize].store(paused, Ordering::SeqCst);
+        self.operator[p as usize].store(paused, Ordering::SeqCst);
+    }
+    /// A run's hold, independent of the operator's switch.
+    pub fn hold(&self, p: Priority, held: bool) {
+        self.run[p as usize].store(held, Ordering::SeqCst);
     }
     pub fn is_paused(&self, p: Priority) -> bool {
-        self.0[p as usize].load(Ordering::SeqCst)
+        self.operator[p as usize].load(Ordering::SeqCst) || self.run[p as usize].load(Ordering::SeqCst)
+    }
+    pub fn operator_paused(&self, p: Priority) -> bool {
+        self.operator[p as usize].load(Ordering::SeqCst)
+    }
+    pub fn held(&self, p: Priority) -> bool {
+        self.run[p as usize].load(Ordering::SeqCst)
+    }
+}
+
+/// Order-id prefixes whose events are dropped unprocessed: a cancelled run's purge.
+#[derive(Default)]
+pub struct Discards {
+    prefixes: std::sync::RwLock<Vec<String>>,
+    /// Events dropped so far.
+    pub dropped: AtomicU64,
+}
+
+impl Discards {
+    pub fn add(&self, prefix: String) {
+        self.prefixes.write().unwrap_or_else(|p| p.into_inner()).push(prefix);
+    }
+    pub fn matches(&self, order_id: &str) -> bool {
+        let prefixes = self.prefixes.read().unwrap_or_else(|p| p.into_inner());
+        !prefixes.is_empty() && prefixes.iter().any(|p| order_id.starts_with(p.as_str()))
     }
 }
 
@@ -73,6 +121,7 @@ pub struct Pipeline {
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
     pub pauses: Arc<Pauses>,
+    pub discards: Arc<Discards>,
     pub config: PipelineConfig,
     metrics: PipelineMetrics,
 }
@@ -98,10 +147,11 @@ impl Pipeline {
         changes: ChangeStream,
         stats: Arc<Stats>,
         pauses: Arc<Pauses>,
+        discards: Arc<Discards>,
         config: PipelineConfig,
     ) -> Self {
         let metrics = PipelineMetrics::new();
-        Self { store, rulebook, changes, stats, pauses, config, metrics }
+        Self { store, rulebook, changes, stats, pauses, discards, config, metrics }
     }
 
     /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
@@ -141,6 +191,14 @@ impl Pipeline {
 
     /// Polls one batch of `priority`, processes it and commits what was processed.
     async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
+        struct Step<'a>(&'a AtomicU64);
+        impl Drop for Step<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        self.stats.steps.fetch_add(1, Ordering::SeqCst);
+        let _step = Step(&self.stats.steps);
         let deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
             return Ok(());
@@ -197,7 +255,9 @@ impl Pipeline {
         // One rules version decides the whole round: a deploy takes effect between rounds.
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
-        let events: Vec<&OrderEvent> = items.iter().filter_map(|it| it.event.as_ref().ok()).collect();
+        // Read once, so the decisions below line up with the events they were made for.
+        let dropped: Vec<bool> = items.iter().map(|it| it.event.as_ref().is_ok_and(|e| self.discards.matches(&e.order_id))).collect();
+        let events: Vec<&OrderEvent> = items.iter().zip(&dropped).filter(|(_, d)| !**d).filter_map(|(it, _)| it.event.as_ref().ok()).collect();
         let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
         let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().map(|e| (*e, current.get(&e.order_id))).collect();
         let started = Instant::now();
@@ -214,11 +274,15 @@ impl Pipeline {
         // Per write: its priority, append time, and what a conflict needs.
         let mut context: Vec<(Priority, i64, Option<Pending>)> = Vec::with_capacity(items.len());
         let mut taken = 0;
-        for it in items {
+        for (it, dropped) in items.iter().zip(dropped) {
             if preempt() {
                 break;
             }
             taken += 1;
+            if dropped {
+                self.discards.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let d = it.delivery;
             let event = match &it.event {
                 Ok(e) => e,
@@ -386,6 +450,7 @@ impl Pipeline {
         };
         counter[priority as usize].increment(1);
         stat.fetch_add(1, Ordering::Relaxed);
+        self.stats.settled[priority as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     fn applied(&self, row: Order, priority: Priority, appended_at_us: i64) {

@@ -45,12 +45,14 @@ pub trait ChangeRelay: Send + Sync {
 pub struct ChangeStream {
     tx: broadcast::Sender<Arc<Change>>,
     relay: Option<Arc<dyn ChangeRelay>>,
+    /// Engine notices for clients (`run.phase`, `run.progress`): few, and never coalesced.
+    notices: broadcast::Sender<Arc<str>>,
 }
 
 impl ChangeStream {
     /// `capacity` bounds how far a subscriber may fall behind before it must resync.
     pub fn new(capacity: usize) -> Self {
-        Self { tx: broadcast::channel(capacity).0, relay: None }
+        Self { tx: broadcast::channel(capacity).0, relay: None, notices: broadcast::channel(256).0 }
     }
 
     /// Changes go through `relay` (and come back to every instance) instead of straight
@@ -92,5 +94,14 @@ impl ChangeStream {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.tx.subscribe()
+    }
+
+    /// Sends a notice (a rendered JSON message) to this instance's clients.
+    pub fn notify(&self, message: String) {
+        let _ = self.notices.send(message.into());
+    }
+
+    pub fn subscribe_notices(&self) -> broadcast::Receiver<Arc<str>> {
+        self.notices.subscribe()
     }
 }

@@ -3,6 +3,7 @@
 mod error;
 mod openapi;
 mod plugins;
+mod runs;
 mod ws;
 
 use std::sync::Arc;
@@ -45,6 +46,7 @@ const PLUGIN_BODY_LIMIT: usize = 64 << 20;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
+    pub runs: Arc<crate::runs::Runs>,
     pub metrics: PrometheusHandle,
     pub config: ApiConfig,
 }
@@ -69,6 +71,14 @@ pub fn router(state: AppState) -> Router {
         .route("/plugins/{slot}/shadow-report", get(plugins::shadow_report))
         .route("/dead-letters", get(plugins::dead_letters))
         .route("/dead-letters/{id}/replay", post(plugins::replay))
+        .route("/runs", post(runs::start).get(runs::list))
+        .route("/runs/current", get(runs::current))
+        .route("/runs/{id}", get(runs::get))
+        .route("/runs/{id}/cancel", post(runs::cancel))
+        .route("/queues/{priority}", get(runs::queue_state))
+        .route("/queues/{priority}/pause", post(runs::pause))
+        .route("/queues/{priority}/resume", post(runs::resume))
+        .route("/reset", post(runs::reset))
         .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(shopify_limit)))
         .route("/webhooks/deliveries", get(crate::shopify::deliveries))
         .layer(DefaultBodyLimit::max(limit))

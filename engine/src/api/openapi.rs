@@ -10,13 +10,16 @@ use crate::store::{HistoryEntry, Outcome};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Atomic Order Orchestrator", description = "Priority order pipeline with versioned, idempotent storage. \
-        WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, and {\"type\":\"resync\"} when a client fell behind."),
+        WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
+        {\"type\":\"run.progress\",\"run\":{...}} at most every 250 ms while it goes, and {\"type\":\"resync\"} when a client fell behind."),
     paths(
         super::health, super::metrics, super::post_events, super::list_orders,
         super::get_order, super::order_history, super::patch_order,
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
         crate::shopify::receive, crate::shopify::deliveries,
+        super::runs::start, super::runs::current, super::runs::list, super::runs::get, super::runs::cancel,
+        super::runs::pause, super::runs::resume, super::runs::queue_state, super::runs::reset,
     ),
     modifiers(&BearerToken),
     components(schemas(

@@ -24,10 +24,11 @@ pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Respons
     // Subscribe before the upgrade completes, so no change applied after the
     // handshake answer can be missed.
     let rx = s.engine.changes.subscribe();
-    ws.on_upgrade(move |socket| serve(socket, rx))
+    let notices = s.engine.changes.subscribe_notices();
+    ws.on_upgrade(move |socket| serve(socket, rx, notices))
 }
 
-async fn serve(socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>) {
+async fn serve(socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>, mut notices: tokio::sync::broadcast::Receiver<Arc<str>>) {
     let gauge = metrics::gauge!(telemetry::WS_CLIENTS);
     gauge.increment(1.0);
     let (mut sink, mut stream) = socket.split();
@@ -42,7 +43,23 @@ async fn serve(socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<Arc<C
         // Wait for the next change (or the client leaving), then take up to DRAIN_MAX
         // that queued up meanwhile, keeping only the newest row per order.
         let mut lagged = false;
-        let mut next = match tokio::select! { r = rx.recv() => r, _ = &mut closed => break } {
+        let received = tokio::select! {
+            r = rx.recv() => r,
+            n = notices.recv() => {
+                // A client too slow for a handful of notices a second resyncs like any other.
+                let text = match n {
+                    Ok(text) => text.to_string(),
+                    Err(RecvError::Lagged(_)) => RESYNC.to_string(),
+                    Err(RecvError::Closed) => break,
+                };
+                if sink.send(Message::Text(text.into())).await.is_err() {
+                    break;
+                }
+                continue;
+            }
+            _ = &mut closed => break,
+        };
+        let mut next = match received {
             Ok(c) => Some(c),
             Err(RecvError::Lagged(_)) => {
                 lagged = true;

@@ -21,9 +21,10 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, Row};
 
 use super::{
-    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
+    Audit, DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
     WebhookDelivery, Write, WriteResult,
 };
+use crate::runs::model::Run;
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
@@ -88,6 +89,7 @@ struct Statements {
 pub struct CqlStore {
     session: Arc<Session>,
     st: Arc<Statements>,
+    keyspace: String,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -171,7 +173,7 @@ impl CqlStore {
             record_delivery: prepare(format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"), false).await?,
             deliveries: prepare(format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"), false).await?,
         };
-        Ok(Self { session: Arc::new(session), st: Arc::new(st) })
+        Ok(Self { session: Arc::new(session), st: Arc::new(st), keyspace: config.keyspace.clone() })
     }
 
     async fn get_with(&self, id: &str, serial: bool) -> Result<Option<Order>, StoreError> {
@@ -502,5 +504,110 @@ impl OrderStore for CqlStore {
             }
         }
         Ok(StoreStats { orders, history: 0, dead_letters: self.dead_letters(1000, None).await?.items.len() as u64 })
+    }
+
+    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
+        // A full scan: CQL has no range over partition keys. Runs check once at their end.
+        let cql = format!("SELECT id, version, h_outcome, h_recorded_at FROM {}.orders", self.keyspace);
+        let mut rows = self.scan::<(String, Option<i64>, Option<String>, Option<i64>)>(cql).await?;
+        let mut audit = Audit::default();
+        let mut last_id = String::new();
+        while let Some(row) = rows.next().await {
+            let (id, version, outcome, recorded) = row.map_err(backend)?;
+            if !id.starts_with(prefix) {
+                continue;
+            }
+            if id != last_id {
+                if let Some(v) = version {
+                    audit.orders += 1;
+                    audit.not_first_version += u64::from(v != 1);
+                }
+                last_id = id;
+            }
+            match outcome.as_deref() {
+                Some("applied") => {
+                    audit.applied += 1;
+                    if let Some(at) = recorded.map(from_micros) {
+                        audit.first_applied = Some(audit.first_applied.map_or(at, |f| f.min(at)));
+                        audit.last_applied = Some(audit.last_applied.map_or(at, |l| l.max(at)));
+                    }
+                }
+                Some(_) => audit.other += 1,
+                None => {}
+            }
+        }
+        Ok(audit)
+    }
+
+    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+        let cql = format!("SELECT DISTINCT id, status FROM {}.orders", self.keyspace);
+        let mut rows = self.scan::<(String, Option<String>)>(cql).await?;
+        let mut doomed = Vec::new();
+        while let Some(row) = rows.next().await {
+            let (id, s) = row.map_err(backend)?;
+            if id.starts_with(prefix) && s.as_deref() == Some(status.as_str()) {
+                doomed.push(id);
+            }
+        }
+        let delete = format!("DELETE FROM {}.orders WHERE id = ?", self.keyspace);
+        let delete = self.session.prepare(delete).await.map_err(backend)?;
+        for id in &doomed {
+            self.session.execute_unpaged(&delete, (id,)).await.map_err(backend)?;
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn reset(&self) -> Result<(), StoreError> {
+        for table in ["orders", "dead_letters", "dead_letter_ids", "runs"] {
+            self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    async fn save_run(&self, run: &Run) -> Result<(), StoreError> {
+        let body = serde_json::to_string(run).map_err(backend)?;
+        let cql = format!("INSERT INTO {}.runs (id, started_at, body) VALUES (?, ?, ?)", self.keyspace);
+        self.session.query_unpaged(cql, (&run.id, micros(run.started_at), body)).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        let cql = format!("SELECT body FROM {}.runs WHERE id = ?", self.keyspace);
+        let rows = self.session.query_unpaged(cql, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        match rows.maybe_first_row::<(Option<String>,)>().map_err(backend)? {
+            Some((Some(body),)) => serde_json::from_str(&body).map(Some).map_err(|e| StoreError::Corrupt(format!("run {id}: {e}"))),
+            _ => Ok(None),
+        }
+    }
+
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
+        let offset: usize = match cursor {
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a runs cursor")))?,
+            None => 0,
+        };
+        let mut rows = self.scan::<(Option<String>,)>(format!("SELECT body FROM {}.runs", self.keyspace)).await?;
+        let mut all = Vec::new();
+        while let Some(row) = rows.next().await {
+            if let (Some(body),) = row.map_err(backend)? {
+                all.push(serde_json::from_str::<Run>(&body).map_err(|e| StoreError::Corrupt(format!("run: {e}")))?);
+            }
+        }
+        all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.id.cmp(&a.id)));
+        let next_cursor = (all.len() > offset + limit).then(|| (offset + limit).to_string());
+        Ok(Page { items: all.into_iter().skip(offset).take(limit).collect(), next_cursor })
+    }
+}
+
+impl CqlStore {
+    /// Every row a query returns, page by page.
+    async fn scan<T>(&self, cql: String) -> Result<impl futures::Stream<Item = Result<T, scylla::errors::NextRowError>> + use<T>, StoreError>
+    where
+        T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + 'static,
+    {
+        let mut statement = scylla::statement::unprepared::Statement::new(cql);
+        statement.set_page_size(1000);
+        statement.set_consistency(Consistency::Quorum);
+        let pager = self.session.query_iter(statement, ()).await.map_err(backend)?;
+        pager.rows_stream::<T>().map_err(backend)
     }
 }

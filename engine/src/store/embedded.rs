@@ -13,10 +13,11 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
-    WebhookDelivery, Write, WriteResult,
+    Audit, DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
+    WebhookDelivery, Write, WriteResult, prefix_end,
 };
 use crate::domain::{Order, Priority, Status, Tier};
+use crate::runs::model::Run;
 use crate::sqlite::{ReadPool, from_micros, micros, open};
 
 const SCHEMA: &str = "
@@ -73,6 +74,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 CREATE TABLE IF NOT EXISTS webhook_claims (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+
+-- Generated runs, as JSON: they are few and always read whole.
+CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at, id);
 ";
 
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
@@ -388,16 +393,9 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
-        let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = writer.lock().unwrap_or_else(|p| p.into_inner());
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
-            let results = writes.iter().map(|w| apply_one(&tx, w)).collect::<rusqlite::Result<Vec<_>>>().map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(writes.into_iter().zip(results).collect())
-        })
-        .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
+        let results = self.write_tx(move |tx| writes.iter().map(|w| apply_one(tx, w)).collect::<rusqlite::Result<Vec<_>>>().map(|r| (writes, r))).await?;
+        let (writes, results) = results;
+        Ok(writes.into_iter().zip(results).collect())
     }
 
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
@@ -439,9 +437,8 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
-        let (writer, id) = (self.writer.clone(), id.to_string());
-        tokio::task::spawn_blocking(move || {
-            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let id = id.to_string();
+        self.with_writer(move |conn| {
             let stamp = if undo { None } else { Some(micros(Utc::now())) };
             let changed = conn
                 .prepare_cached(if undo {
@@ -463,13 +460,11 @@ impl OrderStore for EmbeddedStore {
             })
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
-        let (writer, key) = (self.writer.clone(), key.to_string());
-        tokio::task::spawn_blocking(move || {
-            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let key = key.to_string();
+        self.with_writer(move |conn| {
             let now = micros(Utc::now());
             // An expired claim no longer counts: drop it, then claim atomically.
             conn.prepare_cached("DELETE FROM webhook_claims WHERE key = ?1 AND expires_at < ?2")
@@ -482,28 +477,22 @@ impl OrderStore for EmbeddedStore {
             Ok(claimed == 1)
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
-        let (writer, key) = (self.writer.clone(), key.to_string());
-        tokio::task::spawn_blocking(move || {
-            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let key = key.to_string();
+        self.with_writer(move |conn| {
             conn.execute("DELETE FROM webhook_claims WHERE key = ?1", [key]).map(|_| ()).map_err(backend)
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
-        let writer = self.writer.clone();
         let body = serde_json::to_string(&delivery).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
-            let conn = writer.lock().unwrap_or_else(|p| p.into_inner());
+        self.with_writer(move |conn| {
             conn.execute("INSERT INTO webhook_deliveries (body) VALUES (?1)", [body]).map(|_| ()).map_err(backend)
         })
         .await
-        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
@@ -534,6 +523,109 @@ impl OrderStore for EmbeddedStore {
                 history: count("history").map_err(backend)?,
                 dead_letters: count("dead_letters").map_err(backend)?,
             })
+        })
+        .await
+    }
+
+    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
+        let (from, to) = (prefix.to_string(), prefix_end(prefix));
+        self.read(move |c| {
+            let (orders, not_first_version) = c
+                .query_row(
+                    "SELECT count(*), coalesce(sum(version != 1), 0) FROM orders WHERE id >= ?1 AND id < ?2",
+                    params![from, to],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+                )
+                .map_err(backend)?;
+            let (applied, other, first, last) = c
+                .query_row(
+                    "SELECT coalesce(sum(outcome = 'applied'), 0), coalesce(sum(outcome != 'applied'), 0), \
+                     min(CASE WHEN outcome = 'applied' THEN recorded_at END), max(CASE WHEN outcome = 'applied' THEN recorded_at END) \
+                     FROM history WHERE order_id >= ?1 AND order_id < ?2",
+                    params![from, to],
+                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?)),
+                )
+                .map_err(backend)?;
+            Ok(Audit { orders, not_first_version, applied, other, first_applied: first.map(from_micros), last_applied: last.map(from_micros) })
+        })
+        .await
+    }
+
+    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+        let (from, to) = (prefix.to_string(), prefix_end(prefix));
+        self.write_tx(move |tx| {
+            tx.execute(
+                "DELETE FROM history WHERE order_id IN (SELECT id FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3)",
+                params![from, to, status.as_str()],
+            )?;
+            let n = tx.execute("DELETE FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3", params![from, to, status.as_str()])?;
+            Ok(n as u64)
+        })
+        .await
+    }
+
+    async fn reset(&self) -> Result<(), StoreError> {
+        self.write_tx(|tx| tx.execute_batch("DELETE FROM orders; DELETE FROM history; DELETE FROM dead_letters; DELETE FROM runs;")).await
+    }
+
+    async fn save_run(&self, run: &Run) -> Result<(), StoreError> {
+        let body = serde_json::to_string(run).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let (id, started) = (run.id.clone(), micros(run.started_at));
+        self.write_tx(move |tx| {
+            tx.execute(
+                "INSERT INTO runs (id, started_at, body) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                params![id, started, body],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let body: Option<String> = c.query_row("SELECT body FROM runs WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(backend)?;
+            body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(format!("run {id}: {e}")))).transpose()
+        })
+        .await
+    }
+
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
+        let offset: usize = match cursor {
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a runs cursor")))?,
+            None => 0,
+        };
+        self.read(move |c| {
+            let mut stmt = c.prepare("SELECT body FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1 OFFSET ?2").map_err(backend)?;
+            let bodies: Vec<String> = stmt.query_map(params![limit as i64 + 1, offset as i64], |r| r.get(0)).map_err(backend)?.collect::<rusqlite::Result<_>>().map_err(backend)?;
+            let mut items = bodies
+                .iter()
+                .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(format!("run: {e}"))))
+                .collect::<Result<Vec<Run>, _>>()?;
+            let next_cursor = (items.len() > limit).then(|| (offset + limit).to_string());
+            items.truncate(limit);
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+}
+
+impl EmbeddedStore {
+    /// Runs `f` on the one writer connection, off the async runtime.
+    async fn with_writer<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let writer = self.writer.clone();
+        tokio::task::spawn_blocking(move || f(&mut writer.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    /// Runs `f` in one immediate transaction on the writer connection.
+    async fn write_tx<T: Send + 'static>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static) -> Result<T, StoreError> {
+        self.with_writer(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
+            let out = f(&tx).map_err(backend)?;
+            tx.commit().map_err(backend)?;
+            Ok(out)
         })
         .await
     }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{Order, Priority, Status};
+use crate::runs::model::Run;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -183,6 +184,27 @@ pub struct WebhookDelivery {
     pub received_at: DateTime<Utc>,
 }
 
+/// Orders and history entries under one order-id prefix: how a run is verified.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Audit {
+    pub orders: u64,
+    /// Rows not at version 1.
+    pub not_first_version: u64,
+    /// History entries with outcome applied, and with any other outcome.
+    pub applied: u64,
+    pub other: u64,
+    pub first_applied: Option<DateTime<Utc>>,
+    pub last_applied: Option<DateTime<Utc>>,
+}
+
+/// The end of the key range of ids starting with `prefix` (exclusive).
+pub fn prefix_end(prefix: &str) -> String {
+    let mut end = prefix.to_string();
+    let last = end.pop().map_or('\u{1}', |c| char::from_u32(c as u32 + 1).unwrap_or(char::MAX));
+    end.push(last);
+    end
+}
+
 /// Row counts, for health and tests.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct StoreStats {
@@ -215,4 +237,14 @@ pub trait OrderStore: Send + Sync + 'static {
     /// The delivery audit, oldest first.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError>;
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Counts orders and history entries whose order id starts with `prefix`.
+    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError>;
+    /// Deletes the orders under `prefix` whose status is `status`, with their history.
+    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError>;
+    /// Empties orders, history, dead letters and runs. Webhook deduplication keys stay.
+    async fn reset(&self) -> Result<(), StoreError>;
+    async fn save_run(&self, run: &Run) -> Result<(), StoreError>;
+    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+    /// Runs, newest first.
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError>;
 }

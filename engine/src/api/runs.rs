@@ -1,0 +1,146 @@
+//! Runs (start, follow, cancel), queue pause and resume, and reset. Every mutating
+//! call needs the API token.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+
+use super::plugins::Authorized;
+use super::{ApiError, AppState, ErrorBody, body_error, parse_json};
+use crate::domain::Priority;
+use crate::runs::RunError;
+use crate::runs::model::{CancelRequest, Run, RunRequest};
+use crate::store::Page;
+
+impl From<RunError> for ApiError {
+    fn from(e: RunError) -> Self {
+        match e {
+            RunError::Invalid(m) => ApiError::bad_request("invalid run", m),
+            RunError::Active(id) => ApiError::new(StatusCode::CONFLICT, "a run is already active", json!({ "run_id": id })),
+            RunError::Ended(id) => ApiError::new(StatusCode::CONFLICT, "the run has already ended", json!({ "run_id": id })),
+            RunError::NotFound => ApiError::not_found("run not found"),
+            RunError::Store(e) => e.into(),
+        }
+    }
+}
+
+/// Starts a generated run of `quantity` orders through the normal pipeline.
+#[utoipa::path(
+    post, path = "/runs", request_body = RunRequest,
+    responses(
+        (status = 201, body = Run), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A run is already active"),
+    )
+)]
+pub async fn start(_: Authorized, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Run>), ApiError> {
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let request: RunRequest = parse_json(&body, "run request")?;
+    Ok((StatusCode::CREATED, Json(s.runs.start(request).await?)))
+}
+
+/// The active run (or the last one this instance ran), live.
+#[utoipa::path(get, path = "/runs/current", responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
+pub async fn current(State(s): State<AppState>) -> Result<Json<Run>, ApiError> {
+    s.runs.current().await.map(Json).ok_or_else(|| ApiError::not_found("no run yet"))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RunsParams {
+    /// Page size, 1..=100 (default 20).
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// Run history, newest first.
+#[utoipa::path(get, path = "/runs", params(RunsParams), responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody)))]
+pub async fn list(State(s): State<AppState>, params: Result<Query<RunsParams>, QueryRejection>) -> Result<Json<Page<Run>>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
+    let limit = p.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=100"));
+    }
+    Ok(Json(s.engine.store.runs(limit, p.cursor).await?))
+}
+
+#[utoipa::path(get, path = "/runs/{id}", responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
+pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Run>, ApiError> {
+    Ok(Json(s.runs.get(&id).await?))
+}
+
+/// Cancels an active run. `purge` discards its events still on the log;
+/// `delete_pending` deletes its stored orders still PENDING. The run's `cancel` says what was done.
+#[utoipa::path(
+    post, path = "/runs/{id}/cancel", request_body = CancelRequest,
+    responses(
+        (status = 200, body = Run), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "The run has already ended"),
+    )
+)]
+pub async fn cancel(_: Authorized, State(s): State<AppState>, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> Result<Json<Run>, ApiError> {
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) { CancelRequest::default() } else { parse_json(&body, "cancel request")? };
+    Ok(Json(s.runs.cancel(&id, request).await?))
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct QueueState {
+    priority: Priority,
+    /// Paused by an operator.
+    paused: bool,
+    /// Held by the active run (NORMAL waits for the run's VIP orders).
+    held_by_run: bool,
+}
+
+fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<QueueState>, ApiError> {
+    let priority = Priority::parse(&name.to_ascii_uppercase()).ok_or_else(|| ApiError::not_found(format!("no queue {name:?}; queues are vip and normal")))?;
+    if let Some(p) = paused {
+        s.engine.pauses.set(priority, p);
+    }
+    Ok(Json(QueueState { priority, paused: s.engine.pauses.operator_paused(priority), held_by_run: s.engine.pauses.held(priority) }))
+}
+
+/// Stops consuming one priority on this instance; queued events wait on the log.
+#[utoipa::path(post, path = "/queues/{priority}/pause", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn pause(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
+    queue(&s, &name, Some(true))
+}
+
+#[utoipa::path(post, path = "/queues/{priority}/resume", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub async fn resume(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
+    queue(&s, &name, Some(false))
+}
+
+#[utoipa::path(get, path = "/queues/{priority}", responses((status = 200, body = QueueState), (status = 404, body = ErrorBody)))]
+pub async fn queue_state(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
+    queue(&s, &name, None)
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ResetRequest {
+    /// Must be exactly "reset".
+    confirm: String,
+}
+
+/// Deletes every order, history entry, run and dead letter. Refused while a run is active.
+#[utoipa::path(
+    post, path = "/reset", request_body = ResetRequest,
+    responses(
+        (status = 200, description = "Emptied"), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A run is active"),
+    )
+)]
+pub async fn reset(_: Authorized, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let request: ResetRequest = parse_json(&body, "reset request")?;
+    if request.confirm != "reset" {
+        return Err(ApiError::bad_request("reset not confirmed", r#"send {"confirm": "reset"}"#));
+    }
+    s.runs.reset().await?;
+    Ok(Json(json!({ "reset": true })))
+}

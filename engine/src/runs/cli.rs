@@ -1,0 +1,57 @@
+//! `orchestrator generate`: starts a run on a running engine and follows it with a progress bar.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use super::model::{Phase, Run};
+use crate::config::GenerateArgs;
+
+pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let base = args.url.trim_end_matches('/');
+    let mut body = json!({ "quantity": args.quantity });
+    if let Some(m) = &args.tier_mix {
+        body["tier_mix"] = json!({ "DIAMOND": m[0], "GOLD": m[1], "SILVER": m[2], "BRONZE": m[3] });
+    }
+    let response = client
+        .post(format!("{base}/runs"))
+        .bearer_auth(&args.api_token)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the engine at {base} (is `orchestrator serve` running?)"))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        anyhow::bail!("the engine refused the run ({status}): {}", response.text().await.unwrap_or_default());
+    }
+    let run: Run = response.json().await?;
+    eprintln!("run {} started: {} orders", run.id, run.quantity);
+    if args.detach {
+        println!("{}", run.id);
+        return Ok(());
+    }
+    let bar = ProgressBar::new(run.quantity);
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg:<18} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")?.progress_chars("=> "));
+    let run = loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let run: Run = client.get(format!("{base}/runs/{}", run.id)).send().await?.error_for_status()?.json().await?;
+        bar.set_message(format!("{:?}", run.phase));
+        bar.set_position(if run.phase == Phase::Generating { run.generated } else { run.vip.processed + run.normal.processed });
+        if run.phase.is_final() {
+            break run;
+        }
+    };
+    bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&run)?);
+    match (run.phase, run.verification.as_ref()) {
+        (Phase::Done, Some(v)) if v.passed => {
+            eprintln!("run {} done in {} ms; verification passed", run.id, run.total_ms.unwrap_or(0));
+            Ok(())
+        }
+        (Phase::Done, Some(v)) => anyhow::bail!("run {} done, but verification failed: {}", run.id, v.failures.join("; ")),
+        (phase, _) => anyhow::bail!("run {} ended {phase:?}: {}", run.id, run.error.unwrap_or_default()),
+    }
+}

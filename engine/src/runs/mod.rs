@@ -1,0 +1,531 @@
+//! Generated runs: the load generator feeding the normal pipeline, VIP-first phases
+//! detected from the log and the store, live and persisted run metrics, cancel, and
+//! the verification of every finished run.
+
+pub mod cli;
+pub mod model;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::domain::{Priority, Status};
+use crate::engine::Engine;
+use crate::generator::{self, TierMix};
+use crate::store::{Audit, StoreError};
+use model::{CancelReport, CancelRequest, Phase, Run, RunRequest, TierShares, Verification, Window};
+
+/// Limits and pacing of runs.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Largest accepted quantity.
+    pub max_quantity: u64,
+    /// Orders per append to the log.
+    pub batch: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { max_quantity: 1_500_000, batch: 5_000 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("run {0} is still active; cancel it or wait for it to finish")]
+    Active(String),
+    #[error("run {0} has already ended")]
+    Ended(String),
+    #[error("run not found")]
+    NotFound,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Clients get at most this many progress messages per second (one per 250 ms).
+const PROGRESS_EVERY: Duration = Duration::from_millis(250);
+/// How often the drain of a priority is checked.
+const TICK: Duration = Duration::from_millis(25);
+
+struct Active {
+    run: Arc<Mutex<Run>>,
+    cancel: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// The runs of one engine instance: at most one active at a time.
+pub struct Runs {
+    engine: Arc<Engine>,
+    config: RunConfig,
+    active: tokio::sync::Mutex<Option<Active>>,
+}
+
+impl Runs {
+    pub fn new(engine: Arc<Engine>, config: RunConfig) -> Arc<Self> {
+        Arc::new(Self { engine, config, active: tokio::sync::Mutex::new(None) })
+    }
+
+    pub fn max_quantity(&self) -> u64 {
+        self.config.max_quantity
+    }
+
+    /// Checks the request, persists the new run and starts generating.
+    pub async fn start(self: &Arc<Self>, request: RunRequest) -> Result<Run, RunError> {
+        let max = self.config.max_quantity;
+        if request.quantity < 1 || request.quantity as u64 > max {
+            return Err(RunError::Invalid(format!("quantity must be between 1 and {max}, got {}", request.quantity)));
+        }
+        let mix = request.tier_mix.unwrap_or_default();
+        mix.validate().map_err(RunError::Invalid)?;
+        let mut active = self.active.lock().await;
+        if let Some(a) = active.as_ref() {
+            let run = a.run.lock().unwrap_or_else(|p| p.into_inner());
+            if !run.phase.is_final() {
+                return Err(RunError::Active(run.id.clone()));
+            }
+        }
+        let run = Run {
+            id: format!("run-{}", &uuid::Uuid::now_v7().simple().to_string()[..16]),
+            phase: Phase::Generating,
+            quantity: request.quantity as u64,
+            tier_mix: mix,
+            started_at: Utc::now(),
+            ended_at: None,
+            generated: 0,
+            generation_ms: None,
+            vip: Window::default(),
+            normal: Window::default(),
+            total_ms: None,
+            progress_percent: 0.0,
+            eta_s: None,
+            latency_p50_ms: None,
+            latency_p99_ms: None,
+            dead_letters: 0,
+            error: None,
+            verification: None,
+            cancel: None,
+        };
+        self.engine.store.save_run(&run).await?;
+        // NORMAL waits until the run's VIP orders are drained; VIP flows from the start.
+        self.engine.pauses.hold(Priority::Normal, true);
+        let shared = Arc::new(Mutex::new(run.clone()));
+        let (cancel, cancelled) = watch::channel(false);
+        let driver = Driver::new(self.engine.clone(), shared.clone(), self.config.clone(), cancelled);
+        let task = tokio::spawn(driver.drive());
+        *active = Some(Active { run: shared, cancel, task });
+        self.engine.changes.notify(phase_message(&run));
+        Ok(run)
+    }
+
+    /// The active run, or the last one this instance ran.
+    pub async fn current(&self) -> Option<Run> {
+        let active = self.active.lock().await;
+        active.as_ref().map(|a| a.run.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    pub async fn get(&self, id: &str) -> Result<Run, RunError> {
+        if let Some(run) = self.current().await.filter(|r| r.id == id) {
+            return Ok(run);
+        }
+        self.engine.store.run(id).await?.ok_or(RunError::NotFound)
+    }
+
+    /// Stops the run's generator, optionally discards its unprocessed events and
+    /// deletes its still-PENDING orders, and says what it did.
+    pub async fn cancel(&self, id: &str, request: CancelRequest) -> Result<Run, RunError> {
+        let mut active = self.active.lock().await;
+        let is_active = active.as_ref().is_some_and(|a| {
+            let run = a.run.lock().unwrap_or_else(|p| p.into_inner());
+            run.id == id && !run.phase.is_final()
+        });
+        if !is_active {
+            drop(active);
+            return match self.get(id).await {
+                Ok(_) => Err(RunError::Ended(id.to_string())),
+                Err(e) => Err(e),
+            };
+        }
+        let a = active.as_mut().expect("checked above");
+        let _ = a.cancel.send(true);
+        let _ = (&mut a.task).await;
+        let run = a.run.clone();
+        let snapshot = run.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if snapshot.phase.is_final() {
+            // It finished (or failed) while being cancelled.
+            return Err(RunError::Ended(id.to_string()));
+        }
+        let store = &self.engine.store;
+        if request.purge {
+            for vip in [true, false] {
+                self.engine.discards.add(snapshot.prefix(vip));
+            }
+            // A batch already in hand was decided before the purge: let it land first,
+            // so the PENDING orders it writes are deleted below.
+            self.engine.stats.step_boundary(Duration::from_secs(30)).await;
+        }
+        let (vip, normal) = (store.audit(&snapshot.prefix(true)).await?, store.audit(&snapshot.prefix(false)).await?);
+        let settled = vip.applied + vip.other + normal.applied + normal.other;
+        let mut deleted_pending = 0;
+        if request.delete_pending {
+            for v in [true, false] {
+                deleted_pending += store.delete_orders(&snapshot.prefix(v), Status::Pending).await?;
+            }
+        }
+        self.engine.pauses.hold(Priority::Normal, false);
+        let report = CancelReport {
+            produced: snapshot.generated,
+            purged: request.purge,
+            unprocessed: snapshot.generated.saturating_sub(settled),
+            deleted_pending,
+        };
+        let finished = {
+            let mut r = run.lock().unwrap_or_else(|p| p.into_inner());
+            r.phase = Phase::Cancelled;
+            r.ended_at = Some(Utc::now());
+            r.total_ms = Some(elapsed_ms(r.started_at, Utc::now()));
+            r.eta_s = None;
+            r.cancel = Some(report);
+            r.clone()
+        };
+        store.save_run(&finished).await?;
+        self.engine.changes.notify(phase_message(&finished));
+        Ok(finished)
+    }
+
+    /// Refuses while a run is active; otherwise empties the store's orders, history,
+    /// runs and dead letters.
+    pub async fn reset(&self) -> Result<(), RunError> {
+        let mut active = self.active.lock().await;
+        if let Some(a) = active.as_ref() {
+            let run = a.run.lock().unwrap_or_else(|p| p.into_inner());
+            if !run.phase.is_final() {
+                return Err(RunError::Active(run.id.clone()));
+            }
+        }
+        self.engine.store.reset().await?;
+        *active = None;
+        Ok(())
+    }
+}
+
+/// Drives one run from generation to its verified end.
+struct Driver {
+    engine: Arc<Engine>,
+    run: Arc<Mutex<Run>>,
+    config: RunConfig,
+    cancelled: watch::Receiver<bool>,
+    /// Baselines of the engine's counters when the run began.
+    settled_at_start: [u64; 2],
+    rejected_at_start: u64,
+    latency_at_start: Option<hdrhistogram::Histogram<u64>>,
+    /// Orders of each priority put on the log.
+    produced: [u64; 2],
+    last_progress: Instant,
+    first_settled: Option<Instant>,
+}
+
+impl Driver {
+    fn new(engine: Arc<Engine>, run: Arc<Mutex<Run>>, config: RunConfig, cancelled: watch::Receiver<bool>) -> Self {
+        let stats = &engine.stats;
+        let settled_at_start = Priority::ALL.map(|p| stats.settled[p as usize].load(std::sync::atomic::Ordering::Relaxed));
+        let rejected_at_start = stats.rejected.load(std::sync::atomic::Ordering::Relaxed);
+        let latency_at_start = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        Self {
+            engine,
+            run,
+            config,
+            cancelled,
+            settled_at_start,
+            rejected_at_start,
+            latency_at_start,
+            produced: [0; 2],
+            last_progress: Instant::now(),
+            first_settled: None,
+        }
+    }
+
+    fn snapshot(&self) -> Run {
+        self.run.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Run)) -> Run {
+        let mut run = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut run);
+        run.clone()
+    }
+
+    fn is_cancelled(&self) -> bool {
+        *self.cancelled.borrow()
+    }
+
+    async fn drive(mut self) {
+        if let Err(e) = self.phases().await {
+            if self.is_cancelled() {
+                return;
+            }
+            tracing::error!(error = %e, "run failed");
+            self.engine.pauses.hold(Priority::Normal, false);
+            let run = self.update(|r| {
+                r.phase = Phase::Failed;
+                r.error = Some(e.to_string());
+                r.ended_at = Some(Utc::now());
+                r.eta_s = None;
+            });
+            if let Err(e) = self.engine.store.save_run(&run).await {
+                tracing::error!(error = %e, "saving the failed run");
+            }
+            self.engine.changes.notify(phase_message(&run));
+        }
+    }
+
+    async fn phases(&mut self) -> anyhow::Result<()> {
+        let generation_started = Instant::now();
+        if !self.generate().await? {
+            return Ok(());
+        }
+        let generation_ms = generation_started.elapsed().as_millis() as u64;
+        self.set_phase(Phase::VipProcessing, |r| r.generation_ms = Some(generation_ms)).await?;
+
+        let Some(vip) = self.drained(Priority::Vip).await? else { return Ok(()) };
+        self.set_phase(Phase::VipDrained, |r| r.vip = window(&vip, r.vip.count)).await?;
+        self.engine.pauses.hold(Priority::Normal, false);
+        self.set_phase(Phase::NormalProcessing, |_| {}).await?;
+
+        let Some(normal) = self.drained(Priority::Normal).await? else { return Ok(()) };
+        let verification = verify(&self.snapshot(), &vip, &normal);
+        let (p50, p99) = self.latency();
+        let dead_letters = self.engine.stats.rejected.load(std::sync::atomic::Ordering::Relaxed) - self.rejected_at_start;
+        let run = self.update(|r| {
+            let now = Utc::now();
+            r.phase = Phase::Done;
+            r.ended_at = Some(now);
+            r.total_ms = Some(elapsed_ms(r.started_at, now));
+            r.normal = window(&normal, r.normal.count);
+            r.vip.processed = vip.applied + vip.other;
+            r.progress_percent = 100.0;
+            r.eta_s = None;
+            r.latency_p50_ms = p50;
+            r.latency_p99_ms = p99;
+            r.dead_letters = dead_letters;
+            if !verification.passed {
+                r.error = Some(format!("verification failed: {}", verification.failures.join("; ")));
+            }
+            r.verification = Some(verification);
+        });
+        self.engine.store.save_run(&run).await?;
+        self.engine.changes.notify(phase_message(&run));
+        tracing::info!(run = %run.id, total_ms = ?run.total_ms, passed = run.verification.as_ref().is_some_and(|v| v.passed), "run done");
+        Ok(())
+    }
+
+    /// Puts the run's orders on the log in batches. False when cancelled.
+    async fn generate(&mut self) -> anyhow::Result<bool> {
+        let run = self.snapshot();
+        let TierShares { diamond, gold, silver, bronze } = run.tier_mix;
+        let mix = TierMix([bronze, silver, gold, diamond]);
+        let mut rng = SmallRng::from_os_rng();
+        let mut left = run.quantity;
+        while left > 0 {
+            if self.is_cancelled() {
+                return Ok(false);
+            }
+            let n = left.min(self.config.batch as u64);
+            let events: Vec<_> = (0..n)
+                .map(|_| {
+                    let tier = mix.pick(&mut rng);
+                    let p = tier.priority();
+                    let seq = self.produced[p as usize];
+                    self.produced[p as usize] += 1;
+                    let id = format!("{}{seq:08}", run.prefix(p == Priority::Vip));
+                    generator::order(id, tier, &mut rng)
+                })
+                .collect();
+            self.append(&events).await?;
+            left -= n;
+            let produced = self.produced;
+            self.update(|r| {
+                r.generated = produced[0] + produced[1];
+                r.vip.count = produced[Priority::Vip as usize];
+                r.normal.count = produced[Priority::Normal as usize];
+            });
+            self.progress(false);
+        }
+        Ok(true)
+    }
+
+    /// Appends one batch, riding out a short log outage.
+    async fn append(&self, events: &[crate::domain::OrderEvent]) -> anyhow::Result<()> {
+        let mut backoff = Duration::from_millis(100);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.engine.ingest(events).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() < deadline && !self.is_cancelled() => {
+                    tracing::warn!(error = %e, "run: appending a batch failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => anyhow::bail!("the log refused the run's orders: {e}"),
+            }
+        }
+    }
+
+    /// Waits until the log holds no more `priority` records and the store has an outcome
+    /// for every one of the run's orders of that priority. None when cancelled.
+    async fn drained(&mut self, priority: Priority) -> anyhow::Result<Option<Audit>> {
+        let run = self.snapshot();
+        let prefix = run.prefix(priority == Priority::Vip);
+        let expected = self.produced[priority as usize];
+        loop {
+            if self.is_cancelled() {
+                return Ok(None);
+            }
+            self.progress(false);
+            // The log's own view first (cheap); then the store confirms.
+            if self.engine.log.depth(priority) == 0 {
+                let audit = self.engine.store.audit(&prefix).await?;
+                if audit.applied + audit.other >= expected {
+                    return Ok(Some(audit));
+                }
+            }
+            tokio::time::sleep(TICK).await;
+        }
+    }
+
+    async fn set_phase(&mut self, phase: Phase, f: impl FnOnce(&mut Run)) -> anyhow::Result<()> {
+        let run = self.update(|r| {
+            r.phase = phase;
+            f(r);
+        });
+        self.engine.store.save_run(&run).await?;
+        self.engine.changes.notify(phase_message(&run));
+        Ok(())
+    }
+
+    /// Refreshes the live counters; sends `run.progress` at most every 250 ms (or now, if `force`).
+    fn progress(&mut self, force: bool) {
+        let stats = &self.engine.stats;
+        let processed = Priority::ALL.map(|p| {
+            let now = stats.settled[p as usize].load(std::sync::atomic::Ordering::Relaxed);
+            now.saturating_sub(self.settled_at_start[p as usize]).min(self.produced[p as usize])
+        });
+        let done = processed[0] + processed[1];
+        if done > 0 && self.first_settled.is_none() {
+            self.first_settled = Some(Instant::now());
+        }
+        let first = self.first_settled;
+        let run = self.update(|r| {
+            r.vip.processed = processed[Priority::Vip as usize];
+            r.normal.processed = processed[Priority::Normal as usize];
+            r.progress_percent = (done as f64 * 100.0 / r.quantity.max(1) as f64).min(100.0);
+            r.eta_s = first.and_then(|f| {
+                let secs = f.elapsed().as_secs_f64();
+                (secs > 0.0 && done > 0).then(|| (r.quantity.saturating_sub(done)) as f64 / (done as f64 / secs))
+            });
+        });
+        if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
+            self.last_progress = Instant::now();
+            self.engine.changes.notify(message("run.progress", &run));
+            metrics::gauge!("orchestrator_run_progress_ratio").set(run.progress_percent / 100.0);
+        }
+    }
+
+    /// p50 and p99 of append-to-applied over what was applied since the run began.
+    fn latency(&self) -> (Option<f64>, Option<f64>) {
+        let now = self.engine.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(mut h) = now else { return (None, None) };
+        if let Some(start) = &self.latency_at_start {
+            let _ = h.subtract(start);
+        }
+        if h.is_empty() {
+            return (None, None);
+        }
+        (Some(h.value_at_quantile(0.5) as f64 / 1000.0), Some(h.value_at_quantile(0.99) as f64 / 1000.0))
+    }
+}
+
+fn elapsed_ms(from: DateTime<Utc>, to: DateTime<Utc>) -> u64 {
+    (to - from).num_milliseconds().max(0) as u64
+}
+
+/// A priority's window from the store's history of the run's orders.
+fn window(audit: &Audit, count: u64) -> Window {
+    let duration_ms = match (audit.first_applied, audit.last_applied) {
+        (Some(a), Some(b)) => Some(elapsed_ms(a, b)),
+        _ => None,
+    };
+    let processed = audit.applied + audit.other;
+    Window {
+        count,
+        processed,
+        started_at: audit.first_applied,
+        ended_at: audit.last_applied,
+        duration_ms,
+        orders_per_s: duration_ms.map(|ms| processed as f64 * 1000.0 / ms.max(1) as f64),
+    }
+}
+
+/// Every generated order stored once, at version 1, with one applied entry; every VIP
+/// order applied before the first NORMAL one.
+fn verify(run: &Run, vip: &Audit, normal: &Audit) -> Verification {
+    let mut failures = Vec::new();
+    let stored = vip.orders + normal.orders;
+    let applied = vip.applied + normal.applied;
+    if stored != run.generated {
+        failures.push(format!("{} orders generated, {stored} stored", run.generated));
+    }
+    if applied != run.generated {
+        failures.push(format!("{applied} applied history entries for {} generated orders", run.generated));
+    }
+    let not_processed = vip.not_first_version + normal.not_first_version;
+    if not_processed > 0 {
+        failures.push(format!("{not_processed} orders are past version 1"));
+    }
+    let other = vip.other + normal.other;
+    if other > 0 {
+        failures.push(format!("{other} orders were skipped or dead-lettered instead of applied"));
+    }
+    let vip_before_normal = match (vip.last_applied, normal.first_applied) {
+        (Some(last_vip), Some(first_normal)) => last_vip <= first_normal,
+        _ => true,
+    };
+    if !vip_before_normal {
+        failures.push(format!(
+            "the last VIP order was applied at {:?}, after the first NORMAL one at {:?}",
+            vip.last_applied, normal.first_applied
+        ));
+    }
+    Verification {
+        passed: failures.is_empty(),
+        generated: run.generated,
+        stored,
+        applied_entries: applied,
+        not_processed,
+        vip_before_normal,
+        failures,
+    }
+}
+
+#[derive(Serialize)]
+struct Message<'a> {
+    r#type: &'static str,
+    run_id: &'a str,
+    phase: Phase,
+    run: &'a Run,
+}
+
+fn message(kind: &'static str, run: &Run) -> String {
+    serde_json::to_string(&Message { r#type: kind, run_id: &run.id, phase: run.phase, run }).expect("a run always serializes")
+}
+
+fn phase_message(run: &Run) -> String {
+    metrics::counter!("orchestrator_run_phase_changes_total", "phase" => format!("{:?}", run.phase)).increment(1);
+    message("run.phase", run)
+}

@@ -1,0 +1,253 @@
+//! Generated runs through the real binary: phases in order on the WebSocket, persisted
+//! metrics that add up, verification, cancel then a new run, reset, and bad requests.
+//! The small run also runs in the distributed pass (Kafka + Cassandra).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{Server, TOKEN, client};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn post(s: &Server, path: &str, body: Value, token: bool) -> (u16, Value) {
+    let mut r = client().post(s.url(path)).json(&body);
+    if token {
+        r = r.bearer_auth(TOKEN);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_final(s: &Server, id: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (code, run) = s.get_json(&format!("/runs/{id}")).await;
+        assert_eq!(code, 200, "{run}");
+        if ["DONE", "CANCELLED", "FAILED"].contains(&run["phase"].as_str().unwrap()) {
+            return run;
+        }
+        assert!(Instant::now() < deadline, "run {id} did not end in {timeout:?}: {run}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn at(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap_or_else(|| panic!("a timestamp, got {v}")).parse().unwrap()
+}
+
+/// All stored orders whose id starts with `prefix`, through the public list API.
+async fn stored_ids(s: &Server, prefix: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut url = format!("/orders?limit=1000&sort=id&q={prefix}");
+        if let Some(c) = &cursor {
+            url.push_str(&format!("&cursor={c}"));
+        }
+        let (code, page) = s.get_json(&url).await;
+        assert_eq!(code, 200, "{page}");
+        out.extend(page["items"].as_array().unwrap().iter().filter(|o| o["id"].as_str().unwrap().starts_with(prefix)).cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_small_run_goes_through_its_phases_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let (ws, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    let watcher = tokio::spawn(async move {
+        let mut ws = ws;
+        let mut phases = Vec::new();
+        let mut progress_at = Vec::new();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(120), ws.next()).await {
+            let Message::Text(t) = msg else { continue };
+            let v: Value = serde_json::from_str(&t).unwrap();
+            match v["type"].as_str() {
+                Some("run.phase") => {
+                    let phase = v["phase"].as_str().unwrap().to_string();
+                    phases.push(phase.clone());
+                    if phase == "DONE" || phase == "FAILED" {
+                        break;
+                    }
+                }
+                Some("run.progress") => progress_at.push(Instant::now()),
+                _ => {}
+            }
+        }
+        (phases, progress_at)
+    });
+
+    let (code, run) = post(&s, "/runs", json!({"quantity": 10_000, "tier_mix": {"DIAMOND": 10, "GOLD": 20, "SILVER": 30, "BRONZE": 40}}), true).await;
+    assert_eq!(code, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    assert_eq!(run["phase"], "GENERATING");
+    // A second run while this one is active is refused.
+    let (code, body) = post(&s, "/runs", json!({"quantity": 5}), true).await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["detail"]["run_id"], id.as_str());
+
+    let run = wait_final(&s, &id, Duration::from_secs(180)).await;
+    assert_eq!(run["phase"], "DONE", "{run}");
+    let (phases, progress_at) = watcher.await.unwrap();
+    assert_eq!(phases, ["GENERATING", "VIP_PROCESSING", "VIP_DRAINED", "NORMAL_PROCESSING", "DONE"]);
+    for pair in progress_at.windows(2) {
+        // 250 ms apart at most once each, with a little slack for delivery jitter.
+        assert!(pair[1] - pair[0] >= Duration::from_millis(200), "progress messages {:?} apart", pair[1] - pair[0]);
+    }
+
+    // The verification the engine recorded, and the metrics adding up.
+    let v = &run["verification"];
+    assert_eq!(v["passed"], true, "{run}");
+    assert_eq!(v["generated"], 10_000);
+    assert_eq!(v["stored"], 10_000);
+    assert_eq!(v["applied_entries"], 10_000);
+    assert_eq!(v["vip_before_normal"], true);
+    let (vip, normal) = (&run["vip"], &run["normal"]);
+    assert_eq!(vip["count"].as_u64().unwrap() + normal["count"].as_u64().unwrap(), 10_000);
+    assert_eq!(vip["processed"], vip["count"]);
+    assert_eq!(normal["processed"], normal["count"]);
+    // 10% DIAMOND: VIP is far from empty and far from all.
+    assert!((500..2_000).contains(&vip["count"].as_u64().unwrap()), "{vip}");
+    let (start, end) = (at(&run["started_at"]), at(&run["ended_at"]));
+    for w in [vip, normal] {
+        let (ws, we) = (at(&w["started_at"]), at(&w["ended_at"]));
+        assert!(start <= ws && ws <= we && we <= end, "window {w} outside the run {start}..{end}");
+        assert_eq!(w["duration_ms"].as_i64().unwrap(), (we - ws).num_milliseconds());
+        assert!(w["orders_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert!(at(&vip["ended_at"]) <= at(&normal["started_at"]), "VIP finished before NORMAL started");
+    assert_eq!(run["total_ms"].as_i64().unwrap(), (end - start).num_milliseconds());
+    assert!(run["generation_ms"].as_u64().unwrap() <= run["total_ms"].as_u64().unwrap());
+    assert_eq!(run["progress_percent"], 100.0);
+    let (p50, p99) = (run["latency_p50_ms"].as_f64().unwrap(), run["latency_p99_ms"].as_f64().unwrap());
+    assert!(0.0 < p50 && p50 <= p99, "p50 {p50} p99 {p99}");
+    assert_eq!(run["dead_letters"], 0);
+
+    // The record is persisted: by id and in the history.
+    let (_, stored) = s.get_json(&format!("/runs/{id}")).await;
+    assert_eq!(stored, run);
+    let (_, history) = s.get_json("/runs").await;
+    assert_eq!(history["items"][0]["id"], id.as_str());
+    let (_, current) = s.get_json("/runs/current").await;
+    assert_eq!(current["id"], id.as_str());
+
+    // Checked independently through the orders API: every order once, decided by the rules.
+    let orders = stored_ids(&s, &id).await;
+    assert_eq!(orders.len(), 10_000);
+    let vips = orders.iter().filter(|o| o["priority"] == "VIP").count() as u64;
+    assert_eq!(vips, vip["count"].as_u64().unwrap());
+    for o in orders.iter().step_by(997) {
+        assert_eq!(o["version"], 1, "{o}");
+        assert!(o["decided_by"].as_str().unwrap().starts_with("order-rules@"), "{o}");
+        let h = common::history(&s, o["id"].as_str().unwrap()).await;
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h[0]["source"], "generator");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_then_a_new_run_then_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let (code, run) = post(&s, "/runs", json!({"quantity": 300_000}), true).await;
+    assert_eq!(code, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    // Cancel once it is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, r) = s.get_json(&format!("/runs/{id}")).await;
+        if r["generated"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run never generated: {r}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(post(&s, &format!("/runs/{id}/cancel"), json!({}), false).await.0, 401);
+    let (code, cancelled) = post(&s, &format!("/runs/{id}/cancel"), json!({"purge": true, "delete_pending": true}), true).await;
+    assert_eq!(code, 200, "{cancelled}");
+    assert_eq!(cancelled["phase"], "CANCELLED");
+    let report = &cancelled["cancel"];
+    assert_eq!(report["purged"], true);
+    let produced = report["produced"].as_u64().unwrap();
+    assert!(produced > 0 && produced < 300_000, "{report}");
+    assert!(report["unprocessed"].as_u64().unwrap() <= produced);
+    // Cancelling again: it has ended.
+    assert_eq!(post(&s, &format!("/runs/{id}/cancel"), json!({}), true).await.0, 409);
+    assert_eq!(post(&s, "/runs/run-nope/cancel", json!({}), true).await.0, 404);
+
+    // A new run starts at once and finishes, verified, while the purge drains the old one.
+    let (code, next) = post(&s, "/runs", json!({"quantity": 2_000}), true).await;
+    assert_eq!(code, 201, "{next}");
+    let next = wait_final(&s, next["id"].as_str().unwrap(), Duration::from_secs(180)).await;
+    assert_eq!(next["phase"], "DONE", "{next}");
+    assert_eq!(next["verification"]["passed"], true, "{next}");
+
+    // The cancelled run's purged events left no rows, and no PENDING order of it remains.
+    s.drain(Duration::from_secs(120)).await;
+    let left = stored_ids(&s, &id).await;
+    assert!(left.len() as u64 <= produced);
+    assert!(left.iter().all(|o| o["status"] != "PENDING"), "a PENDING order of the cancelled run survived");
+    let (_, persisted) = s.get_json(&format!("/runs/{id}")).await;
+    assert_eq!(persisted["phase"], "CANCELLED");
+
+    // Reset: guarded, then everything is gone.
+    assert_eq!(post(&s, "/reset", json!({"confirm": "reset"}), false).await.0, 401);
+    assert_eq!(post(&s, "/reset", json!({"confirm": "yes"}), true).await.0, 400);
+    let (code, body) = post(&s, "/reset", json!({"confirm": "reset"}), true).await;
+    assert_eq!(code, 200, "{body}");
+    let (_, orders) = s.get_json("/orders?limit=10").await;
+    assert_eq!(orders["items"].as_array().unwrap().len(), 0, "{orders}");
+    let (_, runs) = s.get_json("/runs").await;
+    assert_eq!(runs["items"].as_array().unwrap().len(), 0, "{runs}");
+    let (_, letters) = s.get_json("/dead-letters").await;
+    assert_eq!(letters["items"].as_array().unwrap().len(), 0, "{letters}");
+    assert_eq!(s.get_json("/runs/current").await.0, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_run_requests_get_clear_statuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--max-run-quantity", "1000"]).await;
+    for (body, want) in [
+        (json!({"quantity": 0}), 400),
+        (json!({"quantity": -5}), 400),
+        (json!({"quantity": 1001}), 400),
+        (json!({"quantity": "ten"}), 400),
+        (json!({"quantity": 10, "tier_mix": {"DIAMOND": 50, "GOLD": 50, "SILVER": 50, "BRONZE": 50}}), 400),
+        (json!({"quantity": 10, "extra": true}), 400),
+    ] {
+        let (code, err) = post(&s, "/runs", body.clone(), true).await;
+        assert_eq!(code, want, "{body} → {err}");
+        assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "a clear error for {body}: {err}");
+    }
+    let (code, err) = post(&s, "/runs", json!({"quantity": 1001}), true).await;
+    assert!(err["detail"].as_str().unwrap().contains("1000"), "{code} {err}");
+    assert_eq!(post(&s, "/runs", json!({"quantity": 10}), false).await.0, 401);
+    let raw = client().post(s.url("/runs")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
+    assert_eq!(raw.status(), 400);
+    assert_eq!(s.get_json("/runs/run-missing").await.0, 404);
+    assert_eq!(s.get_json("/runs?limit=0").await.0, 400);
+
+    // Queues: token required, unknown queue 404, pause then resume.
+    assert_eq!(post(&s, "/queues/vip/pause", json!({}), false).await.0, 401);
+    assert_eq!(post(&s, "/queues/gold/pause", json!({}), true).await.0, 404);
+    let (code, q) = post(&s, "/queues/normal/pause", json!({}), true).await;
+    assert_eq!((code, &q["paused"]), (200, &json!(true)));
+    // Paused NORMAL: a NORMAL order waits on the log.
+    assert_eq!(s.post_events(&common::created("q-1", "q-1", "GOLD", 1000)).await.status(), 202);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(s.get_json("/orders/q-1").await.0, 404);
+    assert_eq!(s.health().await["queue_depth"]["normal"], 1);
+    let (code, q) = post(&s, "/queues/normal/resume", json!({}), true).await;
+    assert_eq!((code, &q["paused"]), (200, &json!(false)));
+    s.drain(Duration::from_secs(30)).await;
+    assert_eq!(s.get_json("/orders/q-1").await.0, 200);
+}
