@@ -1,6 +1,9 @@
 //! Builds the rule plugins in `plugins/` to wasm32-wasip2, so the binary embeds the
 //! default plugins and the tests find their fixtures.
 //!
+//! Then builds the operator dashboard (`dashboard/`, wasm32-unknown-unknown) and runs
+//! wasm-bindgen on it in-process, so the binary embeds the app it serves at `/`.
+//!
 //! The nested cargo uses its own target dir and profile: sharing the outer build's
 //! would deadlock on cargo's lock.
 
@@ -35,6 +38,48 @@ fn main() {
     }
     build(&root, &target_dir, FIXTURES);
     println!("cargo:rustc-env=ORCHESTRATOR_PLUGIN_FIXTURES={}", built.display());
+
+    let dashboard_target = target_dir.with_file_name("wasm-dashboard");
+    build_dashboard(&root, &dashboard_target, &out_dir);
+}
+
+/// Builds `dashboard/` with its own Cargo.lock (it is not a workspace member), then
+/// generates the `--target web` JS glue into OUT_DIR/dashboard. No wasm-opt: Debian's
+/// binaryen breaks wasm-bindgen's output (see dashboard/README.md).
+fn build_dashboard(root: &Path, target_dir: &Path, out_dir: &Path) {
+    let dir = root.join("dashboard");
+    for f in ["src", "Cargo.toml", "Cargo.lock", "index.html", "style.css"] {
+        println!("cargo:rerun-if-changed={}", dir.join(f).display());
+    }
+    let mut cmd = cargo();
+    cmd.current_dir(&dir).args(["build", "--locked", "--release", "--target", "wasm32-unknown-unknown", "--target-dir"]).arg(target_dir);
+    let status = cmd.status().expect("cargo runs");
+    if !status.success() {
+        panic!("building the dashboard for wasm32-unknown-unknown failed (see above). If the target is missing, run `rustup target add wasm32-unknown-unknown`.");
+    }
+    let wasm = target_dir.join("wasm32-unknown-unknown/release/dashboard.wasm");
+    let dest = out_dir.join("dashboard");
+    std::fs::create_dir_all(&dest).unwrap();
+    wasm_bindgen_cli_support::Bindgen::new()
+        .input_path(&wasm)
+        .out_name("dashboard")
+        .web(true)
+        .expect("web target")
+        .typescript(false)
+        .generate(&dest)
+        .unwrap_or_else(|e| panic!("wasm-bindgen on {}: {e:#}", wasm.display()));
+    for f in ["index.html", "style.css"] {
+        copy(&dir.join(f), &dest.join(f));
+    }
+}
+
+/// A nested cargo without the outer build's flags and target settings.
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
+        cmd.env_remove(var);
+    }
+    cmd
 }
 
 fn copy(from: &Path, to: &Path) {
@@ -42,13 +87,10 @@ fn copy(from: &Path, to: &Path) {
 }
 
 fn build(root: &Path, target_dir: &Path, packages: &[&str]) {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = cargo();
     cmd.current_dir(root).args(["build", "--profile", "plugin", "--target", TARGET, "--target-dir"]).arg(target_dir);
     for p in packages {
         cmd.args(["-p", p]);
-    }
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
-        cmd.env_remove(var);
     }
     let status = cmd.status().expect("cargo runs");
     if !status.success() {

@@ -10,21 +10,25 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/atomic-orchestrator/ta
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Debian packages: promtool checks /metrics; Java and Maven run Kafka and Cassandra;
-# kcat plays an outside producer; docker-compose validates compose/docker-compose.yml.
+# kcat plays an outside producer; docker-compose validates compose/docker-compose.yml;
+# chromium and npm (playwright-core) run the dashboard's browser tests.
 packages=()
 command -v promtool >/dev/null || packages+=(prometheus)
 command -v java >/dev/null || packages+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || packages+=(maven)
 command -v kcat >/dev/null || packages+=(kcat)
 command -v docker-compose >/dev/null || packages+=(docker-compose)
+[ -x /usr/bin/chromium ] || packages+=(chromium)
+command -v npm >/dev/null || packages+=(nodejs npm)
 if [ ${#packages[@]} -gt 0 ]; then
   echo "==> installing Debian packages: ${packages[*]}"
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-# The wasm target for the rule plugins (rust-toolchain.toml also asks rustup for it).
-rustup target add wasm32-wasip2 >/dev/null
+# The wasm targets for the rule plugins and the dashboard (rust-toolchain.toml also
+# asks rustup for them).
+rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null
 
 # Real Kafka and Cassandra on 127.0.0.1 (jars from Maven Central, cached outside the
 # clone). Stopped again at the end if this script started them.
@@ -38,6 +42,20 @@ eval "$("$services" env)"
 
 echo "==> cargo test, embedded default (target dir: $CARGO_TARGET_DIR)"
 cargo test --workspace --locked
+
+# The dashboard in a real browser against the debug engine that cargo test just built.
+# On CI a missing browser is a failure, never a skip.
+echo "==> dashboard browser tests (headless chromium, playwright-core)"
+if [ -x /usr/bin/chromium ] && command -v npm >/dev/null; then
+  cargo build --locked -p orchestrator
+  npm ci --prefix dashboard/tests --no-audit --no-fund
+  npm test --prefix dashboard/tests
+elif [ "${CI:-}" = true ]; then
+  echo "chromium (/usr/bin/chromium) or npm is missing; the dashboard's browser tests cannot run" >&2
+  exit 1
+else
+  echo "    skipped: /usr/bin/chromium or npm missing (install: apt-get install chromium npm)"
+fi
 
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \

@@ -272,15 +272,7 @@ async fn run_distributed(args: BenchArgs, kafka: crate::log::kafka::KafkaConfig,
     let raw = raw_writes(&ceiling_store, args.events.min(20_000)).await?;
     eprintln!("raw CQL conditional writes: {raw:.0}/s");
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
-    let kafka = crate::log::kafka::KafkaConfig {
-        vip_topic: format!("bench_{run}.vip"),
-        normal_topic: format!("bench_{run}.normal"),
-        changes_topic: format!("bench_{run}.changes"),
-        dlq_topic: format!("bench_{run}.dlq"),
-        plugins_topic: format!("bench_{run}.plugins"),
-        group: format!("bench_{run}"),
-        ..kafka
-    };
+    let kafka = fresh_topics(kafka, &format!("bench_{run}"));
     let engine = Engine::open_distributed(
         &dir,
         kafka,
@@ -324,6 +316,19 @@ pub struct RunReport {
     pub peak_rss_mib: f64,
 }
 
+/// Topics and a group of a bench's own, so it starts from empty topics.
+fn fresh_topics(kafka: crate::log::kafka::KafkaConfig, name: &str) -> crate::log::kafka::KafkaConfig {
+    crate::log::kafka::KafkaConfig {
+        vip_topic: format!("{name}.vip"),
+        normal_topic: format!("{name}.normal"),
+        changes_topic: format!("{name}.changes"),
+        dlq_topic: format!("{name}.dlq"),
+        plugins_topic: format!("{name}.plugins"),
+        group: name.to_string(),
+        ..kafka
+    }
+}
+
 /// `orchestrator bench run`: one generated run on a fresh engine, timed end to end.
 async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> {
     use crate::runs::model::{Phase, RunRequest};
@@ -335,15 +340,7 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
     let engine = match distributed.clone() {
         None => Engine::open_embedded(&dir, config)?,
         Some((kafka, cql)) => {
-            let kafka = crate::log::kafka::KafkaConfig {
-                vip_topic: format!("benchrun_{tag}.vip"),
-                normal_topic: format!("benchrun_{tag}.normal"),
-                changes_topic: format!("benchrun_{tag}.changes"),
-                dlq_topic: format!("benchrun_{tag}.dlq"),
-                plugins_topic: format!("benchrun_{tag}.plugins"),
-                group: format!("benchrun_{tag}"),
-                ..kafka
-            };
+            let kafka = fresh_topics(kafka, &format!("benchrun_{tag}"));
             Engine::open_distributed(&dir, kafka, crate::store::cql::CqlConfig { keyspace: format!("benchrun_{tag}"), ..cql }, config).await?
         }
     };

@@ -56,6 +56,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let shopify = args.shopify.config();
     let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.max_run_quantity, ..Default::default() });
+    if args.backends.distributed()?.is_none() {
+        let failed = runs.fail_interrupted().await?;
+        if failed > 0 {
+            tracing::warn!(failed, "runs interrupted by the last stop are marked FAILED");
+        }
+    }
     let state = AppState { engine: engine.clone(), runs, metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");

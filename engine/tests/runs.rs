@@ -251,3 +251,24 @@ async fn bad_run_requests_get_clear_statuses() {
     s.drain(Duration::from_secs(30)).await;
     assert_eq!(s.get_json("/orders/q-1").await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_run_cut_short_by_a_crash_is_marked_failed_and_does_not_block() {
+    if common::distributed() {
+        return; // Interrupted runs are failed on restart only by a single-instance engine.
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path()).await;
+    let (code, run) = post(&s, "/runs", json!({"quantity": 1_000_000}), true).await;
+    assert_eq!(code, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.restart().await; // SIGKILL, then start again on the same data.
+    let (_, after) = s.get_json(&format!("/runs/{id}")).await;
+    assert_eq!(after["phase"], "FAILED", "{after}");
+    assert!(after["error"].as_str().unwrap().contains("stopped during the run"), "{after}");
+    let (code, next) = post(&s, "/runs", json!({"quantity": 500}), true).await;
+    assert_eq!(code, 201, "{next}");
+    let next = wait_final(&s, next["id"].as_str().unwrap(), Duration::from_secs(120)).await;
+    assert_eq!(next["verification"]["passed"], true, "{next}");
+}

@@ -1,5 +1,6 @@
 //! The HTTP API: routes, shared state, and the handlers for health, metrics and orders.
 
+mod assets;
 mod error;
 mod openapi;
 mod plugins;
@@ -81,6 +82,7 @@ pub fn router(state: AppState) -> Router {
         .route("/reset", post(runs::reset))
         .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(shopify_limit)))
         .route("/webhooks/deliveries", get(crate::shopify::deliveries))
+        .merge(assets::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -199,6 +199,21 @@ impl Runs {
         Ok(finished)
     }
 
+    /// Marks runs left unfinished by an earlier process (it stopped or crashed
+    /// mid-run) as FAILED, so their records say so. Only for a single-instance engine:
+    /// in Kafka mode another instance may be running them.
+    pub async fn fail_interrupted(&self) -> Result<usize, RunError> {
+        let mut failed = 0;
+        for mut run in self.engine.store.runs(100, None).await?.items.into_iter().filter(|r| !r.phase.is_final()) {
+            run.phase = Phase::Failed;
+            run.error = Some("the engine stopped during the run; it was not finished".into());
+            run.eta_s = None;
+            self.engine.store.save_run(&run).await?;
+            failed += 1;
+        }
+        Ok(failed)
+    }
+
     /// Refuses while a run is active; otherwise empties the store's orders, history,
     /// runs and dead letters.
     pub async fn reset(&self) -> Result<(), RunError> {

@@ -18,7 +18,7 @@ use scylla::frame::types::{Consistency, SerialConsistency};
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
-use scylla::value::{CqlTimeuuid, Row};
+use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
     Audit, DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
@@ -90,6 +90,10 @@ pub struct CqlStore {
     session: Arc<Session>,
     st: Arc<Statements>,
     keyspace: String,
+}
+
+fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
+    v.map_or(MaybeUnset::Unset, MaybeUnset::Set)
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -215,7 +219,8 @@ impl CqlStore {
             let applied = match w {
                 Write::Apply { event_id, source, expected, row } => {
                     let r = row;
-                    let entry = (&r.id, event_id, r.version as i64, Outcome::Applied.as_str(), None::<String>, source, &r.decided_by, now);
+                    // Unset, not null: a null would write a tombstone per entry for nothing.
+                    let entry = (&r.id, event_id, r.version as i64, Outcome::Applied.as_str(), MaybeUnset::<String>::Unset, source, &r.decided_by, now);
                     let mut batch = Batch::new(BatchType::Logged);
                     batch.set_serial_consistency(Some(SerialConsistency::Serial));
                     batch.set_consistency(Consistency::Quorum);
@@ -226,7 +231,9 @@ impl CqlStore {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
-                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id);
+                            // A new row has nothing to clear: absent columns stay unset.
+                            let (shopify_order_id, source_updated) = (unset_none(r.shopify_order_id), unset_none(source_updated));
+                            let set = (shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id);
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
                         }
                         Some(v) => {

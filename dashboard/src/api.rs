@@ -1,0 +1,113 @@
+//! Calls to the engine's HTTP API (same origin) and the order type the table shows.
+
+use serde::{Deserialize, Serialize};
+use wasm_bindgen::{JsCast, JsValue};
+use wasm_bindgen_futures::JsFuture;
+
+/// One order row, read leniently: fields the dashboard does not show are ignored.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Order {
+    pub id: String,
+    pub customer: String,
+    pub tier: String,
+    pub priority: String,
+    pub status: String,
+    pub total_cents: i64,
+    pub shipping_fee_cents: i64,
+    pub currency: String,
+    pub note: String,
+    pub version: u64,
+    pub updated_at: String,
+    pub decided_by: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+pub struct Page {
+    pub items: Vec<Order>,
+    pub next_cursor: Option<String>,
+}
+
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn ok(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str(&self.body).map_err(|e| format!("bad JSON from the engine: {e}"))
+    }
+    /// The engine's error message, for showing to the operator as is.
+    pub fn error_text(&self) -> String {
+        let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
+        let msg = [v["detail"].as_str(), v["error"].as_str()].into_iter().flatten().collect::<Vec<_>>().join(": ");
+        if msg.is_empty() { format!("HTTP {}: {}", self.status, self.body) } else { format!("HTTP {}: {msg}", self.status) }
+    }
+}
+
+const TOKEN_KEY: &str = "orchestrator.api_token";
+
+fn storage() -> Option<web_sys::Storage> {
+    web_sys::window()?.local_storage().ok()?
+}
+
+pub fn load_token() -> String {
+    storage().and_then(|s| s.get_item(TOKEN_KEY).ok().flatten()).unwrap_or_default()
+}
+
+pub fn save_token(token: &str) {
+    if let Some(s) = storage() {
+        let _ = s.set_item(TOKEN_KEY, token);
+    }
+}
+
+fn js_err(e: JsValue) -> String {
+    e.as_string().or_else(|| js_sys::JSON::stringify(&e).ok().and_then(|s| s.as_string())).unwrap_or_else(|| "network error".into())
+}
+
+/// One JSON request. The token (when set) goes on every call: harmless on reads, needed on writes.
+pub async fn call(method: &str, path: &str, body: Option<String>, if_match: Option<u64>) -> Result<Reply, String> {
+    let body = body.map(|b| (JsValue::from_str(&b), "application/json"));
+    call_raw(method, path, body, if_match).await
+}
+
+/// One request with any body (a plugin upload sends the file's bytes).
+pub async fn call_raw(method: &str, path: &str, body: Option<(JsValue, &str)>, if_match: Option<u64>) -> Result<Reply, String> {
+    let init = web_sys::RequestInit::new();
+    init.set_method(method);
+    let headers = web_sys::Headers::new().map_err(js_err)?;
+    if let Some((b, content_type)) = &body {
+        headers.set("content-type", content_type).map_err(js_err)?;
+        init.set_body(b);
+    }
+    if let Some(v) = if_match {
+        headers.set("if-match", &v.to_string()).map_err(js_err)?;
+    }
+    let token = load_token();
+    if !token.is_empty() {
+        headers.set("authorization", &format!("Bearer {token}")).map_err(js_err)?;
+    }
+    init.set_headers(&headers);
+    let req = web_sys::Request::new_with_str_and_init(path, &init).map_err(js_err)?;
+    let window = web_sys::window().ok_or("no window")?;
+    let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req)).await.map_err(js_err)?.dyn_into().map_err(js_err)?;
+    let text = JsFuture::from(resp.text().map_err(js_err)?).await.map_err(js_err)?.as_string().unwrap_or_default();
+    Ok(Reply { status: resp.status(), body: text })
+}
+
+pub async fn get(path: &str) -> Result<Reply, String> {
+    call("GET", path, None, None).await
+}
+
+pub fn enc(s: &str) -> String {
+    js_sys::encode_uri_component(s).as_string().unwrap_or_default()
+}
+
+pub fn money(cents: i64, currency: &str) -> String {
+    let sign = if cents < 0 { "-" } else { "" };
+    format!("{sign}{}.{:02} {currency}", cents.abs() / 100, cents.abs() % 100)
+}

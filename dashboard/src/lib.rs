@@ -1,0 +1,84 @@
+//! The operator dashboard: a Sycamore single-page app served by `orchestrator serve` at `/`.
+
+mod api;
+mod detail;
+mod live;
+mod ops;
+mod orders;
+mod runs;
+
+use sycamore::prelude::*;
+use wasm_bindgen::prelude::*;
+
+/// Every piece of shared UI state. Signals are `Copy`, so the struct is too and is
+/// passed by value into closures. Bulk row data lives outside the reactive graph
+/// (see `orders::TABLE`); `rows_version` is bumped once per batch of changes to it.
+#[derive(Clone, Copy)]
+pub struct App {
+    pub token: Signal<String>,
+    pub conn: Signal<&'static str>,
+    pub rows_version: Signal<u64>,
+    pub scroll_top: Signal<f64>,
+    pub f_status: Signal<String>,
+    pub f_priority: Signal<String>,
+    pub f_query: Signal<String>,
+    pub f_sort: Signal<String>,
+    pub table_error: Signal<String>,
+    pub detail: detail::Detail,
+    pub runs: runs::RunsState,
+    pub ops: ops::OpsState,
+}
+
+#[wasm_bindgen(start)]
+pub fn start() {
+    sycamore::render(|| {
+        let app = App {
+            token: create_signal(api::load_token()),
+            conn: create_signal("connecting"),
+            rows_version: create_signal(0),
+            scroll_top: create_signal(0.0),
+            f_status: create_signal(String::new()),
+            f_priority: create_signal(String::new()),
+            f_query: create_signal(String::new()),
+            f_sort: create_signal("-updated_at".to_string()),
+            table_error: create_signal(String::new()),
+            detail: detail::Detail::new(),
+            runs: runs::RunsState::new(),
+            ops: ops::OpsState::new(),
+        };
+        orders::reload(app);
+        live::connect(app);
+        runs::refresh(app);
+        ops::refresh(app);
+        ops::poll_health(app);
+        view! { (root(app)) }
+    });
+}
+
+fn root(app: App) -> View {
+    let token = app.token;
+    let conn = app.conn;
+    let conn_class = move || format!("conn conn-{}", conn.get());
+    let conn_text = move || conn.get();
+    let no_token = move || if token.with(|t| t.is_empty()) { "No API token: starting runs, pausing queues, reset, promote and replay are disabled." } else { "" };
+    view! {
+        header(class="top") {
+            h1 { "Atomic Order Orchestrator" }
+            span(class=conn_class, data-testid="conn") { (conn_text) }
+            label(class="token") {
+                "API token "
+                input(r#type="password", data-testid="token", placeholder="paste the operator token", bind:value=token,
+                      on:input=move |_| api::save_token(&token.get_clone()))
+            }
+            span(class="hint", data-testid="token-hint") { (no_token) }
+        }
+        main(class="layout") {
+            section(class="orders") { (orders::view(app)) }
+            aside(class="side") {
+                (detail::view(app))
+                (runs::view(app))
+                (ops::view(app))
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The `/ws` feed: pushed rows are queued and applied once per animation frame; the
+//! socket reconnects with backoff and resyncs the visible window afterwards.
+
+use std::cell::{Cell, RefCell};
+
+use serde_json::Value;
+use wasm_bindgen::JsCast;
+use wasm_bindgen::prelude::*;
+
+use crate::App;
+use crate::api::{self, Order};
+use crate::orders;
+
+thread_local! {
+    static PENDING: RefCell<Vec<Order>> = const { RefCell::new(Vec::new()) };
+    static FRAME_SCHEDULED: Cell<bool> = const { Cell::new(false) };
+    static ATTEMPTS: Cell<u32> = const { Cell::new(0) };
+    static CONNECTED_BEFORE: Cell<bool> = const { Cell::new(false) };
+    static SOCKET: RefCell<Option<web_sys::WebSocket>> = const { RefCell::new(None) };
+    /// Set when the queue overflowed: the next frame re-fetches instead of applying.
+    static OVERFLOWED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Rows queued for the next frame at most. Browsers stop animation frames in hidden
+/// tabs; past this the queue is dropped and the visible rows are re-fetched on return.
+const PENDING_MAX: usize = 20_000;
+
+fn set_timeout(ms: i32, f: impl FnOnce() + 'static) {
+    let cb = Closure::once_into_js(f);
+    if let Some(w) = web_sys::window() {
+        let _ = w.set_timeout_with_callback_and_timeout_and_arguments_0(cb.unchecked_ref(), ms);
+    }
+}
+
+pub fn connect(app: App) {
+    let Some(window) = web_sys::window() else { return };
+    let loc = window.location();
+    let scheme = if loc.protocol().unwrap_or_default() == "https:" { "wss" } else { "ws" };
+    let url = format!("{scheme}://{}/ws", loc.host().unwrap_or_default());
+    let ws = match web_sys::WebSocket::new(&url) {
+        Ok(ws) => ws,
+        Err(_) => return retry(app),
+    };
+    let on_message = Closure::<dyn FnMut(web_sys::MessageEvent)>::new(move |e: web_sys::MessageEvent| {
+        if let Some(text) = e.data().as_string() {
+            on_text(app, &text);
+        }
+    });
+    ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
+    on_message.forget();
+    let on_close = Closure::<dyn FnMut(web_sys::Event)>::new(move |_e: web_sys::Event| {
+        SOCKET.with_borrow_mut(|s| *s = None);
+        retry(app);
+    });
+    // An error is always followed by close; reconnecting on close alone avoids doing it twice.
+    ws.set_onclose(Some(on_close.as_ref().unchecked_ref()));
+    on_close.forget();
+    SOCKET.with_borrow_mut(|s| *s = Some(ws));
+}
+
+fn retry(app: App) {
+    app.conn.set("reconnecting");
+    let n = ATTEMPTS.get();
+    ATTEMPTS.set(n + 1);
+    // 250 ms doubling to 10 s, so a restarting engine is not hammered.
+    let delay = (250u32.saturating_mul(1 << n.min(6))).min(10_000) as i32;
+    set_timeout(delay, move || connect(app));
+}
+
+fn on_text(app: App, text: &str) {
+    let Ok(msg) = serde_json::from_str::<Value>(text) else { return };
+    match msg["type"].as_str() {
+        Some("hello") => {
+            app.conn.set("live");
+            ATTEMPTS.set(0);
+            if CONNECTED_BEFORE.replace(true) {
+                resync(app);
+            }
+        }
+        Some("order.synced") => {
+            if let Ok(o) = serde_json::from_value::<Order>(msg["order"].clone()) {
+                PENDING.with_borrow_mut(|p| {
+                    if p.len() >= PENDING_MAX {
+                        p.clear();
+                        OVERFLOWED.set(true);
+                    } else {
+                        p.push(o);
+                    }
+                });
+                schedule_frame(app);
+            }
+        }
+        Some("resync") => resync(app),
+        Some("run.phase") | Some("run.progress") => crate::runs::on_run(app, msg["run"].clone()),
+        _ => {}
+    }
+}
+
+fn schedule_frame(app: App) {
+    if FRAME_SCHEDULED.replace(true) {
+        return;
+    }
+    let cb = Closure::once_into_js(move || {
+        FRAME_SCHEDULED.set(false);
+        let batch = PENDING.with_borrow_mut(std::mem::take);
+        flush(app, &batch);
+        if OVERFLOWED.replace(false) {
+            resync(app);
+        }
+    });
+    if let Some(w) = web_sys::window() {
+        let _ = w.request_animation_frame(cb.unchecked_ref());
+    }
+}
+
+/// One batch: rows newer than shown replace them, then one signal bump repaints.
+fn flush(app: App, batch: &[Order]) {
+    if orders::apply(batch) {
+        app.rows_version.update(|v| *v += 1);
+    }
+    for o in batch {
+        crate::detail::on_server_row(app, o);
+    }
+}
+
+/// Re-fetch the rows in view (and the open order and the run) after missed messages.
+pub fn resync(app: App) {
+    let ids = orders::visible_ids(app);
+    if ids.is_empty() {
+        orders::reload(app);
+    }
+    for id in ids {
+        wasm_bindgen_futures::spawn_local(async move {
+            if let Ok(r) = api::get(&format!("/orders/{}", api::enc(&id))).await
+                && r.ok()
+                && let Ok(o) = r.json::<Order>()
+            {
+                PENDING.with_borrow_mut(|p| p.push(o));
+                schedule_frame(app);
+            }
+        });
+    }
+    crate::detail::refetch(app);
+    crate::runs::refresh(app);
+}

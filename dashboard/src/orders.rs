@@ -1,0 +1,271 @@
+//! The orders table: rows in a plain `Vec`, a fixed pool of row elements positioned by
+//! `translateY` inside a tall spacer, and pages fetched by cursor as the user scrolls.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use sycamore::prelude::*;
+use wasm_bindgen::JsCast;
+
+use crate::App;
+use crate::api::{self, Order, Page};
+
+pub const ROW_H: f64 = 28.0;
+/// Row elements in the DOM, whatever the number of orders: enough for a tall window.
+pub const POOL: usize = 60;
+const PAGE: usize = 1000;
+
+#[derive(Default)]
+pub struct Table {
+    pub rows: Vec<Order>,
+    pub index: HashMap<String, usize>,
+    next_cursor: Option<String>,
+    done: bool,
+    loading: bool,
+    /// Bumped by every reload, so a page answering for an older query is dropped.
+    generation: u64,
+}
+
+thread_local! {
+    pub static TABLE: RefCell<Table> = RefCell::new(Table::default());
+}
+
+fn bump(app: App) {
+    app.rows_version.update(|v| *v += 1);
+}
+
+fn query_url(app: App, cursor: Option<&str>) -> String {
+    let mut url = format!("/orders?limit={PAGE}&sort={}", api::enc(&app.f_sort.get_clone()));
+    for (k, v) in [("status", app.f_status.get_clone()), ("priority", app.f_priority.get_clone()), ("q", app.f_query.get_clone())] {
+        if !v.trim().is_empty() {
+            url.push_str(&format!("&{k}={}", api::enc(v.trim())));
+        }
+    }
+    if let Some(c) = cursor {
+        url.push_str(&format!("&cursor={}", api::enc(c)));
+    }
+    url
+}
+
+/// Start over from the first page (filters, sort or search changed, or a reset).
+pub fn reload(app: App) {
+    TABLE.with_borrow_mut(|t| {
+        let generation = t.generation + 1;
+        *t = Table { generation, ..Table::default() };
+    });
+    app.scroll_top.set(0.0);
+    if let Some(el) = web_sys::window().and_then(|w| w.document()).and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten()) {
+        el.set_scroll_top(0);
+    }
+    bump(app);
+    load_more(app);
+}
+
+/// Fetch the next page unless one is in flight or the list is complete.
+pub fn load_more(app: App) {
+    let Some((generation, cursor)) = TABLE.with_borrow_mut(|t| {
+        if t.loading || t.done {
+            return None;
+        }
+        t.loading = true;
+        Some((t.generation, t.next_cursor.clone()))
+    }) else {
+        return;
+    };
+    let url = query_url(app, cursor.as_deref());
+    wasm_bindgen_futures::spawn_local(async move {
+        let page = match api::get(&url).await {
+            Ok(r) if r.ok() => r.json::<Page>(),
+            Ok(r) => Err(r.error_text()),
+            Err(e) => Err(e),
+        };
+        let current = TABLE.with_borrow_mut(|t| {
+            if t.generation != generation {
+                return false;
+            }
+            t.loading = false;
+            match &page {
+                Ok(p) => {
+                    for o in &p.items {
+                        // A row that moved between pages (it was updated) is shown once.
+                        if !t.index.contains_key(&o.id) {
+                            t.index.insert(o.id.clone(), t.rows.len());
+                            t.rows.push(o.clone());
+                        }
+                    }
+                    t.next_cursor = p.next_cursor.clone();
+                    t.done = p.next_cursor.is_none() || p.items.is_empty();
+                }
+                Err(_) => t.done = true,
+            }
+            true
+        });
+        if !current {
+            return;
+        }
+        match page {
+            Ok(_) => app.table_error.set(String::new()),
+            Err(e) => app.table_error.set(e),
+        }
+        bump(app);
+        maybe_load_more(app);
+    });
+}
+
+/// Load ahead while the viewport is within a few screens of the loaded end.
+pub fn maybe_load_more(app: App) {
+    let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
+    let len = TABLE.with_borrow(|t| t.rows.len());
+    if first + POOL * 3 >= len {
+        load_more(app);
+    }
+}
+
+/// Ids of the rows in the pool's window, for a resync.
+pub fn visible_ids(app: App) -> Vec<String> {
+    let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
+    TABLE.with_borrow(|t| t.rows.iter().skip(first).take(POOL).map(|o| o.id.clone()).collect())
+}
+
+/// Applies pushed rows that are newer than the shown ones; true if any changed.
+pub fn apply(orders: &[Order]) -> bool {
+    TABLE.with_borrow_mut(|t| {
+        let mut changed = false;
+        for o in orders {
+            if let Some(&i) = t.index.get(&o.id)
+                && o.version > t.rows[i].version
+            {
+                t.rows[i] = o.clone();
+                changed = true;
+            }
+        }
+        changed
+    })
+}
+
+/// The row index a pool slot shows: slot k holds the visible index ≡ k (mod POOL), so
+/// a row keeps its element while it stays in view.
+fn slot_index(scroll_top: f64, slot: usize) -> usize {
+    let first = (scroll_top / ROW_H) as usize;
+    first + (slot + POOL - first % POOL) % POOL
+}
+
+fn row_view(app: App, slot: usize) -> View {
+    let idx = create_memo(move || slot_index(app.scroll_top.get(), slot));
+    let field = move |f: fn(&Order) -> String| {
+        move || {
+            app.rows_version.track();
+            let i = idx.get();
+            TABLE.with_borrow(|t| t.rows.get(i).map(f).unwrap_or_default())
+        }
+    };
+    let style = move || {
+        app.rows_version.track();
+        let i = idx.get();
+        let len = TABLE.with_borrow(|t| t.rows.len());
+        if i >= len { "display:none".to_string() } else { format!("transform:translateY({}px)", i as f64 * ROW_H) }
+    };
+    let selected = app.detail.selected;
+    let class = move || {
+        app.rows_version.track();
+        let id = TABLE.with_borrow(|t| t.rows.get(idx.get()).map(|o| o.id.clone()));
+        if id.is_some() && selected.with(|s| *s == id) { "row selected" } else { "row" }
+    };
+    let index_attr = move || idx.get().to_string();
+    let id_attr = field(|o| o.id.clone());
+    let id = field(|o| o.id.clone());
+    let customer = field(|o| o.customer.clone());
+    let tier = field(|o| if o.id.is_empty() { String::new() } else { format!("{} / {}", o.tier, o.priority) });
+    let status = field(|o| o.status.clone());
+    let badge = field(|o| format!("badge st-{}", o.status.to_lowercase()));
+    let total = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.total_cents, &o.currency) });
+    let fee = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.shipping_fee_cents, &o.currency) });
+    let version = field(|o| o.version.to_string());
+    let updated = field(|o| o.updated_at.replace('T', " ").chars().take(19).collect());
+    let decided = field(|o| o.decided_by.clone());
+    let on_click = move |_| {
+        let id = TABLE.with_borrow(|t| t.rows.get(idx.get_untracked()).map(|o| o.id.clone()));
+        if let Some(id) = id {
+            crate::detail::select(app, id);
+        }
+    };
+    view! {
+        div(class=class, style=style, data-testid="order-row", data-index=index_attr, data-order-id=id_attr, on:click=on_click) {
+            span(class="c c-id", data-testid="cell-id") { (id) }
+            span(class="c c-customer") { (customer) }
+            span(class="c c-tier") { (tier) }
+            span(class="c c-status") { span(class=badge, data-testid="cell-status") { (status) } }
+            span(class="c c-total") { (total) }
+            span(class="c c-fee", data-testid="cell-fee") { (fee) }
+            span(class="c c-version", data-testid="cell-version") { (version) }
+            span(class="c c-updated") { (updated) }
+            span(class="c c-decided") { (decided) }
+        }
+    }
+}
+
+pub fn view(app: App) -> View {
+    let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot)).collect();
+    let spacer = move || {
+        app.rows_version.track();
+        let (len, more) = TABLE.with_borrow(|t| (t.rows.len(), !t.done));
+        // One extra screen while more pages exist, so the user can scroll into them.
+        let extra = if more { 20.0 * ROW_H } else { 0.0 };
+        format!("height:{}px", len as f64 * ROW_H + extra)
+    };
+    let count = move || {
+        app.rows_version.track();
+        let (len, done) = TABLE.with_borrow(|t| (t.rows.len(), t.done));
+        format!("{len}{} orders loaded", if done { "" } else { "+" })
+    };
+    let on_scroll = move |ev: web_sys::Event| {
+        if let Some(el) = ev.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) {
+            app.scroll_top.set(el.scroll_top() as f64);
+        }
+        maybe_load_more(app);
+    };
+    let (f_status, f_priority, f_query, f_sort) = (app.f_status, app.f_priority, app.f_query, app.f_sort);
+    let changed = move |_| reload(app);
+    let error = app.table_error;
+    view! {
+        div(class="filters") {
+            select(data-testid="filter-status", bind:value=f_status, on:change=changed) {
+                option(value="") { "any status" }
+                option(value="PENDING") { "PENDING" }
+                option(value="CONFIRMED") { "CONFIRMED" }
+                option(value="PROCESSING") { "PROCESSING" }
+                option(value="SHIPPED") { "SHIPPED" }
+                option(value="DELIVERED") { "DELIVERED" }
+                option(value="CANCELLED") { "CANCELLED" }
+            }
+            select(data-testid="filter-priority", bind:value=f_priority, on:change=changed) {
+                option(value="") { "any priority" }
+                option(value="VIP") { "VIP" }
+                option(value="NORMAL") { "NORMAL" }
+            }
+            select(data-testid="sort", bind:value=f_sort, on:change=changed) {
+                option(value="-updated_at") { "newest update first" }
+                option(value="updated_at") { "oldest update first" }
+                option(value="id") { "id ascending" }
+                option(value="-id") { "id descending" }
+            }
+            input(data-testid="search", placeholder="id or customer prefix", bind:value=f_query, on:change=changed)
+            span(class="count", data-testid="row-count") { (count) }
+            span(class="error", data-testid="table-error") { (error.get_clone()) }
+        }
+        div(class="thead") {
+            span(class="c c-id") { "id" }
+            span(class="c c-customer") { "customer" }
+            span(class="c c-tier") { "tier / priority" }
+            span(class="c c-status") { "status" }
+            span(class="c c-total") { "total" }
+            span(class="c c-fee") { "shipping" }
+            span(class="c c-version") { "v" }
+            span(class="c c-updated") { "updated" }
+            span(class="c c-decided") { "decided by" }
+        }
+        div(class="scroll", data-testid="orders-scroll", on:scroll=on_scroll) {
+            div(class="spacer", style=spacer) { (rows) }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The runs panel: start, cancel, pause/resume per priority and reset; the current run's
+//! phase and cards fed live by `run.phase`/`run.progress`; run history with verification.
+
+use serde_json::{Value, json};
+use sycamore::prelude::*;
+
+use crate::App;
+use crate::api;
+
+#[derive(Clone, Copy)]
+pub struct RunsState {
+    current: Signal<Value>,
+    history: Signal<Vec<Value>>,
+    quantity: Signal<String>,
+    /// Percent per tier, "DIAMOND,GOLD,SILVER,BRONZE"; empty means the engine's default.
+    tier_mix: Signal<String>,
+    message: Signal<String>,
+    confirm_reset: Signal<bool>,
+    /// Cancel options: discard the run's events still on the log; delete its PENDING orders.
+    purge: Signal<bool>,
+    delete_pending: Signal<bool>,
+}
+
+impl RunsState {
+    pub fn new() -> Self {
+        RunsState {
+            current: create_signal(Value::Null),
+            history: create_signal(Vec::new()),
+            quantity: create_signal("10000".into()),
+            tier_mix: create_signal("5,15,30,50".into()),
+            message: create_signal(String::new()),
+            confirm_reset: create_signal(false),
+            // Purge by default: without it the log keeps feeding the store after a
+            // cancel, and a reset right after would be refilled.
+            purge: create_signal(true),
+            delete_pending: create_signal(false),
+        }
+    }
+}
+
+fn finished(phase: &str) -> bool {
+    matches!(phase, "DONE" | "CANCELLED" | "FAILED")
+}
+
+/// A pushed run; a finished one also refreshes the history (it now has its verification).
+pub fn on_run(app: App, run: Value) {
+    if !run.is_object() {
+        return;
+    }
+    let ended = finished(run["phase"].as_str().unwrap_or(""));
+    app.runs.current.set(run);
+    if ended {
+        refresh(app);
+    }
+}
+
+pub fn refresh(app: App) {
+    let r = app.runs;
+    wasm_bindgen_futures::spawn_local(async move {
+        if let Ok(reply) = api::get("/runs/current").await
+            && reply.ok()
+            && let Ok(run) = reply.json::<Value>()
+        {
+            r.current.set(run);
+        }
+        if let Ok(reply) = api::get("/runs?limit=10").await
+            && reply.ok()
+            && let Ok(page) = reply.json::<Value>()
+        {
+            r.history.set(page["items"].as_array().cloned().unwrap_or_default());
+        }
+    });
+}
+
+/// A mutating call; its answer (or the engine's error) goes in the panel's message line.
+fn act(app: App, path: String, body: Value, done: &'static str) {
+    let r = app.runs;
+    r.message.set(format!("{done}…"));
+    wasm_bindgen_futures::spawn_local(async move {
+        match api::call("POST", &path, Some(body.to_string()), None).await {
+            Ok(reply) if reply.ok() => {
+                r.message.set(done.into());
+                if let Ok(v) = reply.json::<Value>()
+                    && v["phase"].is_string()
+                {
+                    r.current.set(v);
+                }
+                if path == "/reset" {
+                    crate::orders::reload(app);
+                }
+                refresh(app);
+            }
+            Ok(reply) => r.message.set(reply.error_text()),
+            Err(e) => r.message.set(e),
+        }
+    });
+}
+
+fn num(v: &Value) -> String {
+    match v.as_f64() {
+        Some(n) if n.fract() == 0.0 => format!("{n}"),
+        Some(n) => format!("{n:.1}"),
+        None => "–".into(),
+    }
+}
+
+fn card(label: &'static str, testid: &'static str, value: impl Fn() -> String + 'static) -> View {
+    view! { div(class="card", data-testid=testid) { div(class="label") { (label) } div(class="value") { (value) } } }
+}
+
+pub fn view(app: App) -> View {
+    let r = app.runs;
+    let token = app.token;
+    let no_token = move || token.with(|t| t.is_empty());
+    let cur = r.current;
+    let field = move |f: fn(&Value) -> String| move || cur.with(|c| if c.is_null() { "–".to_string() } else { f(c) });
+    let phase = field(|c| c["phase"].as_str().unwrap_or("").to_string());
+    let progress = field(|c| format!("{}%", num(&c["progress_percent"])));
+    let bar = move || cur.with(|c| format!("width:{}%", c["progress_percent"].as_f64().unwrap_or(0.0).clamp(0.0, 100.0)));
+    let cards = vec![
+        card("VIP", "card-vip", field(|c| format!("{} / {}", num(&c["vip"]["processed"]), num(&c["vip"]["count"])))),
+        card("NORMAL", "card-normal", field(|c| format!("{} / {}", num(&c["normal"]["processed"]), num(&c["normal"]["count"])))),
+        card("total", "card-total", field(|c| num(&json!(c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0))))),
+        card("target", "card-target", field(|c| num(&c["quantity"]))),
+        card("remaining", "card-remaining", field(|c| {
+            let done = c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0);
+            num(&json!(c["quantity"].as_u64().unwrap_or(0).saturating_sub(done)))
+        })),
+        card("ETA", "card-eta", field(|c| if c["eta_s"].is_null() { "–".into() } else { format!("{} s", num(&c["eta_s"])) })),
+    ];
+    let verification = field(|c| match c["verification"]["passed"].as_bool() {
+        Some(true) => "verification passed".into(),
+        Some(false) => format!("verification FAILED: {}", c["verification"]["failures"]),
+        None => String::new(),
+    });
+    let start = move |_| {
+        let q: i64 = r.quantity.get_clone_untracked().trim().parse().unwrap_or(0);
+        let mut body = json!({ "quantity": q });
+        let mix = r.tier_mix.get_clone_untracked();
+        if !mix.trim().is_empty() {
+            let parts: Vec<u32> = mix.split(',').filter_map(|p| p.trim().parse().ok()).collect();
+            let [d, g, s, b] = parts[..] else {
+                return r.message.set("tier mix: four whole percentages, DIAMOND,GOLD,SILVER,BRONZE".into());
+            };
+            body["tier_mix"] = json!({ "DIAMOND": d, "GOLD": g, "SILVER": s, "BRONZE": b });
+        }
+        act(app, "/runs".into(), body, "run started");
+    };
+    let cancel = move |_| {
+        if let Some(id) = cur.with_untracked(|c| c["id"].as_str().map(String::from)) {
+            let body = json!({ "purge": r.purge.get_untracked(), "delete_pending": r.delete_pending.get_untracked() });
+            act(app, format!("/runs/{}/cancel", api::enc(&id)), body, "cancel requested");
+        }
+    };
+    let queue = move |p: &'static str, op: &'static str| move |_| act(app, format!("/queues/{p}/{op}"), json!({}), "queue updated");
+    let reset_confirm = r.confirm_reset;
+    let reset_area = move || {
+        if reset_confirm.get() {
+            view! {
+                span(class="warn") { "Delete every order, run and dead letter? " }
+                button(data-testid="reset-confirm", on:click=move |_| { reset_confirm.set(false); act(app, "/reset".into(), json!({"confirm": "reset"}), "reset done") }) { "Yes, reset" }
+                button(data-testid="reset-abort", on:click=move |_| reset_confirm.set(false)) { "Keep everything" }
+            }
+        } else {
+            view! { button(data-testid="reset", disabled=no_token, on:click=move |_| reset_confirm.set(true)) { "Reset…" } }
+        }
+    };
+    let history = move || {
+        let rows: Vec<View> = r
+            .history
+            .get_clone()
+            .into_iter()
+            .map(|h| {
+                let verdict = match h["verification"]["passed"].as_bool() {
+                    Some(true) => "passed",
+                    Some(false) => "failed",
+                    None => "–",
+                };
+                let text = format!("{} · {} · {} orders · {} ms", h["id"].as_str().unwrap_or(""), h["phase"].as_str().unwrap_or(""), num(&h["quantity"]), num(&h["total_ms"]));
+                let class = format!("verdict v-{verdict}");
+                view! { li(data-testid="run-history-row") { (text) " · " span(class=class, data-testid="run-verification") { (verdict) } } }
+            })
+            .collect();
+        View::from(rows)
+    };
+    let quantity = r.quantity;
+    let tier_mix = r.tier_mix;
+    let (purge, delete_pending) = (r.purge, r.delete_pending);
+    let timeline = move || cur.with(timeline_view);
+    let message = move || r.message.get_clone();
+    view! {
+        section(class="panel runs", data-testid="runs") {
+            h2 { "Runs" }
+            div(class="controls") {
+                input(data-testid="run-quantity", r#type="number", min="1", bind:value=quantity)
+                input(data-testid="run-tier-mix", title="tier mix in percent: DIAMOND,GOLD,SILVER,BRONZE", bind:value=tier_mix)
+                button(data-testid="run-start", disabled=no_token, on:click=start) { "Start run" }
+                button(data-testid="run-cancel", disabled=no_token, on:click=cancel) { "Cancel" }
+                label { input(r#type="checkbox", data-testid="cancel-purge", bind:checked=purge) " purge its queued events" }
+                label { input(r#type="checkbox", data-testid="cancel-delete-pending", bind:checked=delete_pending) " delete its PENDING orders" }
+            }
+            div(class="controls") {
+                button(data-testid="pause-vip", disabled=no_token, on:click=queue("vip", "pause")) { "Pause VIP" }
+                button(data-testid="resume-vip", disabled=no_token, on:click=queue("vip", "resume")) { "Resume VIP" }
+                button(data-testid="pause-normal", disabled=no_token, on:click=queue("normal", "pause")) { "Pause NORMAL" }
+                button(data-testid="resume-normal", disabled=no_token, on:click=queue("normal", "resume")) { "Resume NORMAL" }
+                (reset_area)
+            }
+            div(class="msg", data-testid="run-message") { (message) }
+            div(class="phase") { "phase " strong(data-testid="run-phase") { (phase) } " · " span(data-testid="run-progress") { (progress) } }
+            div(class="bar") { div(class="fill", style=bar) }
+            (timeline)
+            div(class="cards") { (cards) }
+            div(data-testid="run-verification-current") { (verification) }
+            h3 { "History" }
+            ol(class="run-history") { (history) }
+        }
+    }
+}
+
+/// Generation, VIP window and NORMAL window as one bar, widths by duration, with rates.
+fn timeline_view(c: &Value) -> View {
+    if c.is_null() {
+        return View::default();
+    }
+    let ms = |v: &Value| v.as_f64().unwrap_or(0.0);
+    let parts = [
+        ("generation", ms(&c["generation_ms"]), String::new()),
+        ("VIP", ms(&c["vip"]["duration_ms"]), format!(" {}/s", num(&c["vip"]["orders_per_s"]))),
+        ("NORMAL", ms(&c["normal"]["duration_ms"]), format!(" {}/s", num(&c["normal"]["orders_per_s"]))),
+    ];
+    let total: f64 = parts.iter().map(|p| p.1).sum::<f64>().max(1.0);
+    let segments: Vec<View> = parts
+        .into_iter()
+        .map(|(name, d, rate)| {
+            let style = format!("flex-grow:{:.3}", (d / total).max(0.02));
+            let class = format!("seg seg-{}", name.to_lowercase());
+            let text = format!("{name} {} ms{rate}", d as u64);
+            let title = text.clone();
+            view! { div(class=class, style=style, title=title) { (text) } }
+        })
+        .collect();
+    view! { div(class="timeline", data-testid="run-timeline") { (segments) } }
+}
