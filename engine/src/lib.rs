@@ -8,6 +8,7 @@ pub mod domain;
 pub mod engine;
 pub mod generator;
 pub mod log;
+pub mod logs;
 pub mod pipeline;
 pub mod plugin;
 pub mod rules;

@@ -10,14 +10,18 @@ use orchestrator::runs::{RunConfig, Runs};
 
 use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::prelude::*;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.log_format == "json");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if json_logs { fmt.json().init() } else { fmt.init() }
+    // stderr follows RUST_LOG; the in-memory lines for GET /logs keep INFO and above regardless.
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = if json_logs { stderr.json().with_filter(filter).boxed() } else { stderr.with_filter(filter).boxed() };
+    tracing_subscriber::registry().with(stderr).with(orchestrator::logs::Recent.with_filter(LevelFilter::INFO)).init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {

@@ -321,3 +321,20 @@ fn a_half_configured_distributed_start_fails_clearly() {
         assert!(stderr.contains("give both --kafka-brokers (KAFKA_BROKERS) and --cql-nodes (CQL_NODES)"), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn recent_logs_are_served_whatever_the_stderr_level() {
+    let dir = tempfile::tempdir().unwrap();
+    // The harness runs the engine with RUST_LOG=warn: INFO lines still reach /logs.
+    let s = common::Server::start(dir.path()).await;
+    let (code, lines) = s.get_json("/logs?limit=500").await;
+    assert_eq!(code, 200, "{lines}");
+    let lines = lines.as_array().unwrap();
+    let ready = lines.iter().find(|l| l["message"].as_str().unwrap_or("").contains("engine ready")).expect("the start-up line");
+    assert_eq!(ready["level"], "INFO");
+    assert!(ready["target"].as_str().unwrap().starts_with("orchestrator"));
+    assert!(ready["at"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().is_ok());
+    let (code, one) = s.get_json("/logs?limit=1").await;
+    assert_eq!((code, one.as_array().unwrap().len()), (200, 1));
+    assert_eq!(s.get_json("/logs?limit=0").await.0, 400);
+}

@@ -59,6 +59,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
+        .route("/logs", get(recent_logs))
         .route("/orders/events", post(post_events))
         .route("/orders", get(list_orders))
         .route("/orders/{id}", get(get_order).patch(patch_order))
@@ -145,6 +146,24 @@ async fn metrics(State(s): State<AppState>) -> Response {
         telemetry::queue_depth(p).set(s.engine.log.depth(p) as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct LogParams {
+    /// How many of the latest lines, 1..=500 (default 100).
+    limit: Option<usize>,
+}
+
+/// The engine's latest log lines (INFO and above), oldest first.
+#[utoipa::path(get, path = "/logs", params(LogParams), responses((status = 200, body = Vec<crate::logs::LogLine>), (status = 400, body = ErrorBody)))]
+async fn recent_logs(params: Result<Query<LogParams>, QueryRejection>) -> Result<Json<Vec<crate::logs::LogLine>>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=500"));
+    }
+    Ok(Json(crate::logs::recent(limit)))
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {

@@ -13,7 +13,7 @@ use crate::store::{HistoryEntry, Outcome};
         WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
         {\"type\":\"run.progress\",\"run\":{...}} at most every 250 ms while it goes, and {\"type\":\"resync\"} when a client fell behind."),
     paths(
-        super::health, super::metrics, super::post_events, super::list_orders,
+        super::health, super::metrics, super::recent_logs, super::post_events, super::list_orders,
         super::get_order, super::order_history, super::patch_order,
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
