@@ -593,6 +593,24 @@ mod tests {
         async fn stats(&self) -> Result<StoreStats, StoreError> {
             self.inner.stats().await
         }
+        async fn audit(&self, prefix: &str) -> Result<crate::store::Audit, StoreError> {
+            self.inner.audit(prefix).await
+        }
+        async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+            self.inner.delete_orders(prefix, status).await
+        }
+        async fn reset(&self) -> Result<(), StoreError> {
+            self.inner.reset().await
+        }
+        async fn save_run(&self, run: &crate::runs::model::Run) -> Result<(), StoreError> {
+            self.inner.save_run(run).await
+        }
+        async fn run(&self, id: &str) -> Result<Option<crate::runs::model::Run>, StoreError> {
+            self.inner.run(id).await
+        }
+        async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<crate::runs::model::Run>, StoreError> {
+            self.inner.runs(limit, cursor).await
+        }
         async fn claim_replay(&self, id: &str, undo: bool) -> Result<crate::store::ReplayClaim, StoreError> {
             self.inner.claim_replay(id, undo).await
         }
@@ -623,7 +641,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Racing { inner: EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap(), raced: Default::default() });
         let stats = Arc::new(Stats::new());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), stats.clone(), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), stats.clone(), Default::default(), Default::default(), PipelineConfig::default());
         let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
         let paid = event("u", EventKind::Updated, OrderChange { financial_status: Some(crate::domain::FinancialStatus::Paid), ..Default::default() });
         // Two events of one order: processed in two rounds, the second racing the edit.
@@ -648,7 +666,7 @@ mod tests {
     async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), Default::default(), PipelineConfig::default());
         let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
         let garbage = Delivery { priority: Priority::Normal, partition: 0, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
         assert_eq!(p.process(&[garbage, delivery(2, &create)], &|| false).await.unwrap(), 2);
@@ -663,7 +681,7 @@ mod tests {
     async fn a_normal_batch_yields_when_vip_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), Default::default(), PipelineConfig::default());
         let deliveries: Vec<_> = (0..10)
             .map(|i| {
                 let mut e = event(&format!("e{i}"), EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });

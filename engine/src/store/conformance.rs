@@ -136,4 +136,32 @@ pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
     }
     seen.sort();
     assert_eq!(seen, (0..25).map(|i| format!("{prefix}-p{i:02}")).collect::<Vec<_>>(), "cursor paging");
+
+    // A run's audit counts exactly the rows and entries under its prefix.
+    let audit = s.audit(&format!("{prefix}-p")).await.unwrap();
+    assert_eq!((audit.orders, audit.not_first_version, audit.applied, audit.other), (25, 0, 25, 0), "audit of a prefix: {audit:?}");
+    assert!(audit.first_applied.is_some() && audit.first_applied <= audit.last_applied, "audit window: {audit:?}");
+    let whole = s.audit(&format!("{prefix}-")).await.unwrap();
+    assert!(whole.orders >= 26 && whole.not_first_version >= 1, "audit of a wider prefix: {whole:?}");
+    assert_eq!(s.delete_orders(&format!("{prefix}-p"), Status::Confirmed).await.unwrap(), 0, "only the named status is deleted");
+    assert_eq!(s.delete_orders(&format!("{prefix}-p"), Status::Pending).await.unwrap(), 25);
+    assert_eq!(s.audit(&format!("{prefix}-p")).await.unwrap(), Default::default(), "deleted with their history");
+    assert!(s.get(&id).await.unwrap().is_some(), "rows outside the prefix stay");
+
+    // Runs: saved, read back, updated in place.
+    let mut run: crate::runs::model::Run = serde_json::from_value(serde_json::json!({
+        "id": format!("{prefix}-run"), "phase": "GENERATING", "quantity": 10, "tier_mix": {"DIAMOND": 5, "GOLD": 15, "SILVER": 30, "BRONZE": 50},
+        "started_at": Utc::now(), "ended_at": null, "generated": 0, "generation_ms": null,
+        "vip": {"count": 0, "processed": 0, "started_at": null, "ended_at": null, "duration_ms": null, "orders_per_s": null},
+        "normal": {"count": 0, "processed": 0, "started_at": null, "ended_at": null, "duration_ms": null, "orders_per_s": null},
+        "total_ms": null, "progress_percent": 0.0, "eta_s": null, "latency_p50_ms": null, "latency_p99_ms": null,
+        "dead_letters": 0, "error": null, "verification": null, "cancel": null
+    }))
+    .unwrap();
+    s.save_run(&run).await.unwrap();
+    run.phase = crate::runs::model::Phase::Done;
+    s.save_run(&run).await.unwrap();
+    assert_eq!(s.run(&run.id).await.unwrap().as_ref(), Some(&run), "a run reads back as saved last");
+    let listed: Vec<_> = s.runs(100, None).await.unwrap().items.into_iter().filter(|r| r.id == run.id).collect();
+    assert_eq!(listed, vec![run], "listed once");
 }
