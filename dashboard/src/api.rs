@@ -51,8 +51,10 @@ impl Reply {
 
 const TOKEN_KEY: &str = "orchestrator.api_token";
 
+/// Session storage: the token is entered once per tab session and never persisted to disk
+/// across sessions (the rule), unlike localStorage.
 fn storage() -> Option<web_sys::Storage> {
-    web_sys::window()?.local_storage().ok()?
+    web_sys::window()?.session_storage().ok()?
 }
 
 pub fn load_token() -> String {

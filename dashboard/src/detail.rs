@@ -155,6 +155,9 @@ fn save(app: App) {
     if body.is_empty() {
         return d.message.set("nothing to save".into());
     }
+    if crate::no_token(app)() {
+        return d.message.set("enter the API token to save edits".into());
+    }
     d.message.set("saving…".into());
     let body = Value::Object(body).to_string();
     wasm_bindgen_futures::spawn_local(async move {
@@ -163,7 +166,7 @@ fn save(app: App) {
             Ok(r) if r.ok() => {
                 if let Ok(o) = r.json::<Order>() {
                     d.message.set(format!("saved as version {}", o.version));
-                    crate::orders::apply(std::slice::from_ref(&o));
+                    crate::orders::apply(std::slice::from_ref(&o), None);
                     app.rows_version.update(|v| *v += 1);
                     d.set_base(o);
                 }
@@ -235,6 +238,7 @@ fn conflict_view(app: App) -> View {
             }
         })
         .collect();
+    let no_token = crate::no_token(app);
     let server_version = move || d.conflict.with(|c| c.as_ref().map(|c| c.version.to_string()).unwrap_or_default());
     view! {
         div(class="dialog", data-testid="conflict-dialog", role="dialog") {
@@ -245,8 +249,9 @@ fn conflict_view(app: App) -> View {
             }
             div(class="buttons") {
                 button(data-testid="take-server", on:click=move |_| resolve(app, Resolve::TakeServer)) { "Take server" }
-                button(data-testid="reapply-mine", on:click=move |_| resolve(app, Resolve::ReapplyMine)) { "Re-apply mine on top" }
-                button(data-testid="merge", on:click=move |_| resolve(app, Resolve::Merge)) { "Merge field by field" }
+                button(data-testid="reapply-mine", disabled=no_token, on:click=move |_| resolve(app, Resolve::ReapplyMine)) { "Re-apply mine on top" }
+                button(data-testid="merge", disabled=no_token, on:click=move |_| resolve(app, Resolve::Merge)) { "Merge field by field" }
+                (crate::need_token(app, "save your side of the conflict"))
             }
         }
     }
@@ -292,7 +297,8 @@ pub fn view(app: App) -> View {
                 label { "status " select(data-testid="edit-status", bind:value=status) { (options) } }
                 label { "note " input(data-testid="edit-note", bind:value=note) }
                 label { "shipping fee (cents) " input(data-testid="edit-fee", bind:value=fee) }
-                button(r#type="submit", data-testid="save") { "Save" }
+                button(r#type="submit", data-testid="save", disabled=crate::no_token(app)) { "Save" }
+                (crate::need_token(app, "save edits"))
                 span(class="msg", data-testid="edit-message") { (message) }
             }
             (dialog)

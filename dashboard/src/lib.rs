@@ -55,12 +55,31 @@ pub fn start() {
     });
 }
 
+/// Whether the mutating controls are off: no API token entered in this session.
+pub fn no_token(app: App) -> impl Fn() -> bool + Copy + 'static {
+    let token = app.token;
+    move || token.with(|t| t.trim().is_empty())
+}
+
+/// The reason shown next to a control that needs the token, empty once it is entered.
+pub fn need_token(app: App, what: &'static str) -> View {
+    let off = no_token(app);
+    let text = move || if off() { format!("enter the API token to {what}") } else { String::new() };
+    view! { span(class="need-token", data-testid="need-token") { (text) } }
+}
+
 fn root(app: App) -> View {
     let token = app.token;
     let conn = app.conn;
     let conn_class = move || format!("conn conn-{}", conn.get());
     let conn_text = move || conn.get();
-    let no_token = move || if token.with(|t| t.is_empty()) { "No API token: starting runs, pausing queues, reset, promote and replay are disabled." } else { "" };
+    let no_token = move || {
+        if token.with(|t| t.is_empty()) {
+            "No API token: saving edits, runs, queues, reset, plugins and replay are disabled until you enter it (kept for this tab session only)."
+        } else {
+            ""
+        }
+    };
     view! {
         header(class="top") {
             h1 { "Atomic Order Orchestrator" }

@@ -115,8 +115,11 @@ fn schedule_frame(app: App) {
 
 /// One batch: rows newer than shown replace them, then one signal bump repaints.
 fn flush(app: App, batch: &[Order]) {
-    if orders::apply(batch) {
+    let filter = orders::Filter::of(app);
+    let (changed, inserted) = orders::apply(batch, Some(&filter));
+    if changed {
         app.rows_version.update(|v| *v += 1);
+        orders::keep_scroll_after_insert(app, inserted);
     }
     for o in batch {
         crate::detail::on_server_row(app, o);

@@ -18,6 +18,9 @@ pub struct OpsState {
     upload_shadow: Signal<bool>,
     message: Signal<String>,
     health: Signal<Value>,
+    /// Latest engine log lines (`GET /logs`), or why they are not shown.
+    logs: Signal<Vec<Value>>,
+    logs_error: Signal<String>,
 }
 
 impl OpsState {
@@ -30,6 +33,8 @@ impl OpsState {
             upload_shadow: create_signal(true),
             message: create_signal(String::new()),
             health: create_signal(Value::Null),
+            logs: create_signal(Vec::new()),
+            logs_error: create_signal(String::new()),
         }
     }
 }
@@ -43,6 +48,18 @@ pub fn poll_health(app: App) {
                 Err(e) => serde_json::json!({ "status": format!("unreachable: {e}") }),
             };
             app.ops.health.set(v);
+            match api::get("/logs?limit=50").await {
+                Ok(r) if r.ok() => match r.json::<Vec<Value>>() {
+                    Ok(lines) => {
+                        app.ops.logs_error.set(String::new());
+                        app.ops.logs.set(lines);
+                    }
+                    Err(e) => app.ops.logs_error.set(format!("logs unavailable: {e}")),
+                },
+                Ok(r) if r.status == 404 => app.ops.logs_error.set("logs unavailable (this engine has no /logs)".into()),
+                Ok(r) => app.ops.logs_error.set(format!("logs unavailable: {}", r.error_text())),
+                Err(e) => app.ops.logs_error.set(format!("logs unavailable: {e}")),
+            }
         });
     };
     tick();
@@ -127,8 +144,7 @@ fn version_text(v: &Value) -> String {
 
 fn plugins_view(app: App) -> View {
     let o = app.ops;
-    let token = app.token;
-    let no_token = move || token.with(|t| t.is_empty());
+    let no_token = crate::no_token(app);
     let slots = move || {
         let rows: Vec<View> = o
             .slots
@@ -195,6 +211,7 @@ fn plugins_view(app: App) -> View {
                 input(r#type="file", accept=".wasm", data-testid="plugin-file")
                 label { input(r#type="checkbox", data-testid="plugin-as-shadow", bind:checked=shadow) " as shadow" }
                 button(data-testid="plugin-upload", disabled=no_token, on:click=move |_| upload(app)) { "Upload" }
+                (crate::need_token(app, "upload, promote, roll back or discard plugins"))
             }
             div(class="msg", data-testid="plugin-message") { (message) }
         }
@@ -203,8 +220,7 @@ fn plugins_view(app: App) -> View {
 
 fn dead_letters_view(app: App) -> View {
     let o = app.ops;
-    let token = app.token;
-    let no_token = move || token.with(|t| t.is_empty());
+    let no_token = crate::no_token(app);
     let rows = move || {
         let rows: Vec<View> = o
             .dead
@@ -239,6 +255,7 @@ fn dead_letters_view(app: App) -> View {
     view! {
         section(class="panel dead", data-testid="dead-letters") {
             h2 { "Dead letters " button(data-testid="dead-letters-refresh", on:click=move |_| refresh(app)) { "Refresh" } }
+            (crate::need_token(app, "replay dead letters"))
             ul(class="dead-list") { (rows) }
         }
     }
@@ -246,25 +263,58 @@ fn dead_letters_view(app: App) -> View {
 
 fn health_view(app: App) -> View {
     let h = app.ops.health;
-    let text = move || {
-        h.with(|h| {
-            if h.is_null() {
-                return "…".to_string();
-            }
-            format!(
-                "{} · backend {} · queue VIP {} / NORMAL {} · applied {} · skipped {} · rejected {} · CAS conflicts {}",
-                h["status"].as_str().unwrap_or("?"),
-                h["backend"].as_str().unwrap_or("?"),
-                h["queue_depth"]["vip"],
-                h["queue_depth"]["normal"],
-                h["applied"],
-                h["skipped"],
-                h["rejected"],
-                h["cas_conflicts"]
-            )
-        })
+    let get = move |f: fn(&Value) -> String| move || h.with(|h| if h.is_null() { "…".to_string() } else { f(h) });
+    let status = get(|h| h["status"].as_str().unwrap_or("?").to_string());
+    let backend = get(|h| h["backend"].as_str().unwrap_or("?").to_string());
+    let lag_vip = get(|h| h["queue_depth"]["vip"].to_string());
+    let lag_normal = get(|h| h["queue_depth"]["normal"].to_string());
+    let text = get(|h| {
+        format!(
+            "{} · backend {} · queue VIP {} / NORMAL {} · applied {} · skipped {} · rejected {} · CAS conflicts {}",
+            h["status"].as_str().unwrap_or("?"),
+            h["backend"].as_str().unwrap_or("?"),
+            h["queue_depth"]["vip"],
+            h["queue_depth"]["normal"],
+            h["applied"],
+            h["skipped"],
+            h["rejected"],
+            h["cas_conflicts"]
+        )
+    });
+    let (logs, logs_error) = (app.ops.logs, app.ops.logs_error);
+    let lines = move || {
+        let rows: Vec<View> = logs
+            .get_clone()
+            .into_iter()
+            .rev()
+            .map(|l| {
+                let level = l["level"].as_str().unwrap_or("").to_string();
+                let class = format!("log lv-{}", level.to_lowercase());
+                let text = format!(
+                    "{} {} {} {}",
+                    l["at"].as_str().unwrap_or("").replace('T', " ").chars().take(23).collect::<String>(),
+                    level,
+                    l["target"].as_str().unwrap_or(""),
+                    l["message"].as_str().unwrap_or("")
+                );
+                view! { li(class=class, data-testid="log-line") { (text) } }
+            })
+            .collect();
+        View::from(rows)
     };
-    view! { section(class="panel health", data-testid="health") { h2 { "Engine" } div(data-testid="health-text") { (text) } } }
+    view! {
+        section(class="panel health", data-testid="health") {
+            h2 { "Engine" }
+            div(data-testid="health-text") { (text) }
+            table(class="health-table") {
+                tr { th { "status" } td(data-testid="health-status") { (status) } th { "backend" } td(data-testid="health-backend") { (backend) } }
+                tr { th { "consumer lag VIP" } td(data-testid="lag-vip") { (lag_vip) } th { "consumer lag NORMAL" } td(data-testid="lag-normal") { (lag_normal) } }
+            }
+            h3 { "Recent logs (newest first)" }
+            div(class="muted", data-testid="logs-error") { (move || logs_error.get_clone()) }
+            ul(class="logs", data-testid="logs") { (lines) }
+        }
+    }
 }
 
 pub fn view(app: App) -> View {

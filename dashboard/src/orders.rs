@@ -15,15 +15,72 @@ pub const ROW_H: f64 = 28.0;
 pub const POOL: usize = 60;
 const PAGE: usize = 1000;
 
+/// Where a loaded row lives: pushed live at the top, or fetched by paging.
+#[derive(Clone, Copy)]
+pub enum Pos {
+    Head(usize),
+    Body(usize),
+}
+
 #[derive(Default)]
 pub struct Table {
+    /// New orders pushed live above the loaded pages, newest last (shown first), so an
+    /// insertion at the top is a push, not a shift of a million rows.
+    pub head: Vec<Order>,
+    /// Rows fetched by paging, in the query's order.
     pub rows: Vec<Order>,
-    pub index: HashMap<String, usize>,
+    pub index: HashMap<String, Pos>,
     next_cursor: Option<String>,
     done: bool,
     loading: bool,
     /// Bumped by every reload, so a page answering for an older query is dropped.
     generation: u64,
+}
+
+impl Table {
+    pub fn len(&self) -> usize {
+        self.head.len() + self.rows.len()
+    }
+
+    /// The row at a display index.
+    pub fn get(&self, i: usize) -> Option<&Order> {
+        let h = self.head.len();
+        if i < h { self.head.get(h - 1 - i) } else { self.rows.get(i - h) }
+    }
+
+    fn at_mut(&mut self, p: Pos) -> &mut Order {
+        match p {
+            Pos::Head(i) => &mut self.head[i],
+            Pos::Body(i) => &mut self.rows[i],
+        }
+    }
+}
+
+/// What the table currently shows, for deciding whether a pushed new order belongs in it.
+pub struct Filter {
+    status: String,
+    priority: String,
+    query: String,
+    newest_first: bool,
+}
+
+impl Filter {
+    pub fn of(app: App) -> Filter {
+        Filter {
+            status: app.f_status.get_clone_untracked().trim().to_string(),
+            priority: app.f_priority.get_clone_untracked().trim().to_string(),
+            query: app.f_query.get_clone_untracked().trim().to_string(),
+            newest_first: app.f_sort.with_untracked(|s| s == "-updated_at"),
+        }
+    }
+
+    /// The engine's rules: exact status and priority, prefix of the id or the customer.
+    fn admits(&self, o: &Order) -> bool {
+        self.newest_first
+            && (self.status.is_empty() || o.status.eq_ignore_ascii_case(&self.status))
+            && (self.priority.is_empty() || o.priority.eq_ignore_ascii_case(&self.priority))
+            && (self.query.is_empty() || o.id.starts_with(&self.query) || o.customer.starts_with(&self.query))
+    }
 }
 
 thread_local! {
@@ -89,7 +146,7 @@ pub fn load_more(app: App) {
                     for o in &p.items {
                         // A row that moved between pages (it was updated) is shown once.
                         if !t.index.contains_key(&o.id) {
-                            t.index.insert(o.id.clone(), t.rows.len());
+                            t.index.insert(o.id.clone(), Pos::Body(t.rows.len()));
                             t.rows.push(o.clone());
                         }
                     }
@@ -115,7 +172,7 @@ pub fn load_more(app: App) {
 /// Load ahead while the viewport is within a few screens of the loaded end.
 pub fn maybe_load_more(app: App) {
     let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
-    let len = TABLE.with_borrow(|t| t.rows.len());
+    let len = TABLE.with_borrow(|t| t.len());
     if first + POOL * 3 >= len {
         load_more(app);
     }
@@ -124,23 +181,44 @@ pub fn maybe_load_more(app: App) {
 /// Ids of the rows in the pool's window, for a resync.
 pub fn visible_ids(app: App) -> Vec<String> {
     let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
-    TABLE.with_borrow(|t| t.rows.iter().skip(first).take(POOL).map(|o| o.id.clone()).collect())
+    TABLE.with_borrow(|t| (first..first + POOL).filter_map(|i| t.get(i).map(|o| o.id.clone())).collect())
 }
 
-/// Applies pushed rows that are newer than the shown ones; true if any changed.
-pub fn apply(orders: &[Order]) -> bool {
+/// Applies pushed rows: newer versions of shown rows replace them; with a filter, rows
+/// not loaded that it admits (newest first) go on top. Returns (changed, inserted on top).
+pub fn apply(orders: &[Order], filter: Option<&Filter>) -> (bool, usize) {
     TABLE.with_borrow_mut(|t| {
         let mut changed = false;
+        let mut inserted = 0;
         for o in orders {
-            if let Some(&i) = t.index.get(&o.id)
-                && o.version > t.rows[i].version
-            {
-                t.rows[i] = o.clone();
-                changed = true;
+            if let Some(&p) = t.index.get(&o.id) {
+                let row = t.at_mut(p);
+                if o.version > row.version {
+                    *row = o.clone();
+                    changed = true;
+                }
+            } else if filter.is_some_and(|f| f.admits(o)) {
+                t.index.insert(o.id.clone(), Pos::Head(t.head.len()));
+                t.head.push(o.clone());
+                inserted += 1;
             }
         }
-        changed
+        (changed || inserted > 0, inserted)
     })
+}
+
+/// Keeps the rows in view where they are after `n` rows went on top: unless the user is
+/// at the very top (then the new rows are what they see), scroll down by as many rows.
+pub fn keep_scroll_after_insert(app: App, n: usize) {
+    let top = app.scroll_top.get_untracked();
+    if n == 0 || top <= 0.0 {
+        return;
+    }
+    let y = top + n as f64 * ROW_H;
+    if let Some(el) = web_sys::window().and_then(|w| w.document()).and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten()) {
+        el.set_scroll_top(y as i32);
+    }
+    app.scroll_top.set(y);
 }
 
 /// The row index a pool slot shows: slot k holds the visible index ≡ k (mod POOL), so
@@ -150,25 +228,36 @@ fn slot_index(scroll_top: f64, slot: usize) -> usize {
     first + (slot + POOL - first % POOL) % POOL
 }
 
+/// The first row index of the pool's window, a multiple of POOL at or below the first
+/// visible row. The window is placed with `top` (layout units, exact to 1/64 px at any
+/// height a browser allows), and rows inside it with small transforms.
+fn window_base(scroll_top: f64) -> usize {
+    let first = (scroll_top / ROW_H) as usize;
+    first - first % POOL
+}
+
 fn row_view(app: App, slot: usize) -> View {
     let idx = create_memo(move || slot_index(app.scroll_top.get(), slot));
     let field = move |f: fn(&Order) -> String| {
         move || {
             app.rows_version.track();
             let i = idx.get();
-            TABLE.with_borrow(|t| t.rows.get(i).map(f).unwrap_or_default())
+            TABLE.with_borrow(|t| t.get(i).map(f).unwrap_or_default())
         }
     };
+    // Offsets are relative to the window (see `window_base`), so they stay small: a
+    // transform at 28M px (row 1M) loses whole pixels to single-precision floats.
     let style = move || {
         app.rows_version.track();
         let i = idx.get();
-        let len = TABLE.with_borrow(|t| t.rows.len());
-        if i >= len { "display:none".to_string() } else { format!("transform:translateY({}px)", i as f64 * ROW_H) }
+        let base = window_base(app.scroll_top.get());
+        let len = TABLE.with_borrow(|t| t.len());
+        if i >= len { "display:none".to_string() } else { format!("transform:translateY({}px)", (i - base) as f64 * ROW_H) }
     };
     let selected = app.detail.selected;
     let class = move || {
         app.rows_version.track();
-        let id = TABLE.with_borrow(|t| t.rows.get(idx.get()).map(|o| o.id.clone()));
+        let id = TABLE.with_borrow(|t| t.get(idx.get()).map(|o| o.id.clone()));
         if id.is_some() && selected.with(|s| *s == id) { "row selected" } else { "row" }
     };
     let index_attr = move || idx.get().to_string();
@@ -184,7 +273,7 @@ fn row_view(app: App, slot: usize) -> View {
     let updated = field(|o| o.updated_at.replace('T', " ").chars().take(19).collect());
     let decided = field(|o| o.decided_by.clone());
     let on_click = move |_| {
-        let id = TABLE.with_borrow(|t| t.rows.get(idx.get_untracked()).map(|o| o.id.clone()));
+        let id = TABLE.with_borrow(|t| t.get(idx.get_untracked()).map(|o| o.id.clone()));
         if let Some(id) = id {
             crate::detail::select(app, id);
         }
@@ -208,14 +297,14 @@ pub fn view(app: App) -> View {
     let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot)).collect();
     let spacer = move || {
         app.rows_version.track();
-        let (len, more) = TABLE.with_borrow(|t| (t.rows.len(), !t.done));
+        let (len, more) = TABLE.with_borrow(|t| (t.len(), !t.done));
         // One extra screen while more pages exist, so the user can scroll into them.
         let extra = if more { 20.0 * ROW_H } else { 0.0 };
         format!("height:{}px", len as f64 * ROW_H + extra)
     };
     let count = move || {
         app.rows_version.track();
-        let (len, done) = TABLE.with_borrow(|t| (t.rows.len(), t.done));
+        let (len, done) = TABLE.with_borrow(|t| (t.len(), t.done));
         format!("{len}{} orders loaded", if done { "" } else { "+" })
     };
     let on_scroll = move |ev: web_sys::Event| {
@@ -265,7 +354,9 @@ pub fn view(app: App) -> View {
             span(class="c c-decided") { "decided by" }
         }
         div(class="scroll", data-testid="orders-scroll", on:scroll=on_scroll) {
-            div(class="spacer", style=spacer) { (rows) }
+            div(class="spacer", style=spacer) {
+                div(class="window", style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)) { (rows) }
+            }
         }
     }
 }

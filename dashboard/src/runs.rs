@@ -19,7 +19,13 @@ pub struct RunsState {
     /// Cancel options: discard the run's events still on the log; delete its PENDING orders.
     purge: Signal<bool>,
     delete_pending: Signal<bool>,
+    /// Throughput samples of the current run from `run.progress`: (ms, VIP processed, NORMAL processed).
+    samples: Signal<Vec<(f64, u64, u64)>>,
+    samples_run: Signal<String>,
 }
+
+/// Samples kept per run for the chart: 250 ms apart, so the last few minutes.
+const SAMPLES_MAX: usize = 720;
 
 impl RunsState {
     pub fn new() -> Self {
@@ -34,6 +40,8 @@ impl RunsState {
             // cancel, and a reset right after would be refilled.
             purge: create_signal(true),
             delete_pending: create_signal(false),
+            samples: create_signal(Vec::new()),
+            samples_run: create_signal(String::new()),
         }
     }
 }
@@ -48,9 +56,92 @@ pub fn on_run(app: App, run: Value) {
         return;
     }
     let ended = finished(run["phase"].as_str().unwrap_or(""));
+    sample(app.runs, &run);
     app.runs.current.set(run);
     if ended {
         refresh(app);
+    }
+}
+
+/// One point of the throughput chart; a new run id starts a new chart.
+fn sample(r: RunsState, run: &Value) {
+    let id = run["id"].as_str().unwrap_or("").to_string();
+    if id.is_empty() {
+        return;
+    }
+    let now = js_sys::Date::now();
+    let vip = run["vip"]["processed"].as_u64().unwrap_or(0);
+    let normal = run["normal"]["processed"].as_u64().unwrap_or(0);
+    if r.samples_run.with_untracked(|s| *s != id) {
+        r.samples_run.set(id);
+        r.samples.set(vec![(now, vip, normal)]);
+        return;
+    }
+    r.samples.update(|s| {
+        // Several messages in one tick (a phase and a progress) make one point.
+        if let Some(last) = s.last_mut()
+            && now - last.0 < 50.0
+        {
+            *last = (last.0, vip.max(last.1), normal.max(last.2));
+            return;
+        }
+        s.push((now, vip, normal));
+        if s.len() > SAMPLES_MAX {
+            s.remove(0);
+        }
+    });
+}
+
+/// Orders per second between consecutive samples: (ms since the first sample, VIP/s, NORMAL/s).
+fn rates(samples: &[(f64, u64, u64)]) -> Vec<(f64, f64, f64)> {
+    let Some(t0) = samples.first().map(|s| s.0) else { return Vec::new() };
+    samples
+        .windows(2)
+        .map(|w| {
+            let dt = ((w[1].0 - w[0].0) / 1000.0).max(0.001);
+            (w[1].0 - t0, w[1].1.saturating_sub(w[0].1) as f64 / dt, w[1].2.saturating_sub(w[0].2) as f64 / dt)
+        })
+        .collect()
+}
+
+/// The chart as SVG text: one polyline per priority, scaled to the peak rate.
+fn chart_svg(rates: &[(f64, f64, f64)]) -> String {
+    const W: f64 = 400.0;
+    const H: f64 = 80.0;
+    let peak = rates.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
+    let span = rates.last().map(|r| r.0).unwrap_or(1.0).max(1.0);
+    let line = |pick: fn(&(f64, f64, f64)) -> f64| {
+        rates.iter().map(|r| format!("{:.1},{:.1}", r.0 / span * W, H - pick(r) / peak * (H - 4.0))).collect::<Vec<_>>().join(" ")
+    };
+    format!(
+        r##"<svg viewBox="0 0 {W} {h}" preserveAspectRatio="none" width="100%" height="{h}"><line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#ccd"/><polyline class="tp-vip" fill="none" stroke="#d97706" stroke-width="1.5" points="{vip}"/><polyline class="tp-normal" fill="none" stroke="#2563eb" stroke-width="1.5" points="{normal}"/><text x="2" y="10" font-size="9" fill="#555">peak {peak:.0}/s</text></svg>"##,
+        h = H + 2.0,
+        vip = line(|r| r.1),
+        normal = line(|r| r.2),
+    )
+}
+
+fn chart_view(app: App) -> View {
+    let samples = app.runs.samples;
+    let node = create_node_ref();
+    create_effect(move || {
+        let svg = samples.with(|s| chart_svg(&rates(s)));
+        if let Some(el) = node.try_get().and_then(|n| wasm_bindgen::JsCast::dyn_into::<web_sys::Element>(n).ok()) {
+            el.set_inner_html(&svg);
+        }
+    });
+    let count = move || samples.with(|s| s.len().saturating_sub(1).to_string());
+    let caption = move || {
+        samples.with(|s| match rates(s).last() {
+            Some(&(_, v, n)) => format!("now VIP {v:.0}/s · NORMAL {n:.0}/s"),
+            None => "no progress yet".into(),
+        })
+    };
+    view! {
+        div(class="throughput", data-testid="throughput", data-points=count) {
+            div(class="legend") { span(class="lg-vip") { "VIP" } " " span(class="lg-normal") { "NORMAL" } " orders/s · " span(data-testid="throughput-text") { (caption) } }
+            div(class="chart", r#ref=node) {}
+        }
     }
 }
 
@@ -110,8 +201,7 @@ fn card(label: &'static str, testid: &'static str, value: impl Fn() -> String + 
 
 pub fn view(app: App) -> View {
     let r = app.runs;
-    let token = app.token;
-    let no_token = move || token.with(|t| t.is_empty());
+    let no_token = crate::no_token(app);
     let cur = r.current;
     let field = move |f: fn(&Value) -> String| move || cur.with(|c| if c.is_null() { "–".to_string() } else { f(c) });
     let phase = field(|c| c["phase"].as_str().unwrap_or("").to_string());
@@ -198,6 +288,7 @@ pub fn view(app: App) -> View {
                 button(data-testid="run-cancel", disabled=no_token, on:click=cancel) { "Cancel" }
                 label { input(r#type="checkbox", data-testid="cancel-purge", bind:checked=purge) " purge its queued events" }
                 label { input(r#type="checkbox", data-testid="cancel-delete-pending", bind:checked=delete_pending) " delete its PENDING orders" }
+                (crate::need_token(app, "start or cancel a run"))
             }
             div(class="controls") {
                 button(data-testid="pause-vip", disabled=no_token, on:click=queue("vip", "pause")) { "Pause VIP" }
@@ -205,12 +296,14 @@ pub fn view(app: App) -> View {
                 button(data-testid="pause-normal", disabled=no_token, on:click=queue("normal", "pause")) { "Pause NORMAL" }
                 button(data-testid="resume-normal", disabled=no_token, on:click=queue("normal", "resume")) { "Resume NORMAL" }
                 (reset_area)
+                (crate::need_token(app, "pause or resume queues and reset"))
             }
             div(class="msg", data-testid="run-message") { (message) }
             div(class="phase") { "phase " strong(data-testid="run-phase") { (phase) } " · " span(data-testid="run-progress") { (progress) } }
             div(class="bar") { div(class="fill", style=bar) }
             (timeline)
             div(class="cards") { (cards) }
+            (chart_view(app))
             div(data-testid="run-verification-current") { (verification) }
             h3 { "History" }
             ol(class="run-history") { (history) }
