@@ -7,6 +7,9 @@
 //! The nested cargo uses its own target dir and profile: sharing the outer build's
 //! would deadlock on cargo's lock.
 
+#[path = "build/wasm_targets.rs"]
+mod wasm_targets;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -14,18 +17,33 @@ use std::process::Command;
 const PACKAGES: &[&str] = &["order-rules", "conflict-resolver"];
 const FIXTURES: &[&str] = &["fixture-trap", "fixture-spin", "fixture-hog", "fixture-wrong-world", "fixture-rules-v2"];
 const TARGET: &str = "wasm32-wasip2";
+const DASHBOARD_TARGET: &str = "wasm32-unknown-unknown";
 
 fn main() {
+    match wasm_targets::ensure(&[TARGET, DASHBOARD_TARGET]) {
+        Ok(wasm_targets::Checked::Present) => {}
+        Ok(wasm_targets::Checked::Installed(t)) => {
+            println!("cargo:warning=installed the missing Rust targets {}", t.join(", "))
+        }
+        Err(line) => {
+            eprintln!("error: {line}");
+            std::process::exit(1);
+        }
+    }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
     for dir in ["plugins", "schemas/wit"] {
-        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+        // Relative to engine/, never absolute: clones at other paths share this build
+        // script's output through the target dir, and an absolute path would keep
+        // watching the clone that ran it first (and embed its stale plugins).
+        println!("cargo:rerun-if-changed=../{dir}");
     }
     println!("cargo:rerun-if-changed=../Cargo.lock");
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
     // Beside the outer target dir (…/target/wasm-plugins), so it survives `cargo clean -p`.
-    let target_dir = out_dir.ancestors().nth(4).map(|t| t.join("wasm-plugins")).unwrap_or_else(|| out_dir.join("wasm-plugins"));
+    let target_dir =
+        out_dir.ancestors().nth(4).map(|t| t.join("wasm-plugins")).unwrap_or_else(|| out_dir.join("wasm-plugins"));
 
     // Two builds: fixtures reuse order-rules as a library without its exports, and one
     // cargo invocation would unify that feature away. The second rebuilds
@@ -49,13 +67,17 @@ fn main() {
 fn build_dashboard(root: &Path, target_dir: &Path, out_dir: &Path) {
     let dir = root.join("dashboard");
     for f in ["src", "Cargo.toml", "Cargo.lock", "index.html", "style.css"] {
-        println!("cargo:rerun-if-changed={}", dir.join(f).display());
+        println!("cargo:rerun-if-changed=../dashboard/{f}");
     }
     let mut cmd = cargo();
-    cmd.current_dir(&dir).args(["build", "--locked", "--release", "--target", "wasm32-unknown-unknown", "--target-dir"]).arg(target_dir);
+    cmd.current_dir(&dir)
+        .args(["build", "--locked", "--release", "--target", "wasm32-unknown-unknown", "--target-dir"])
+        .arg(target_dir);
     let status = cmd.status().expect("cargo runs");
     if !status.success() {
-        panic!("building the dashboard for wasm32-unknown-unknown failed (see above). If the target is missing, run `rustup target add wasm32-unknown-unknown`.");
+        panic!(
+            "building the dashboard for wasm32-unknown-unknown failed (see above). If the target is missing, run `rustup target add wasm32-unknown-unknown`."
+        );
     }
     let wasm = target_dir.join("wasm32-unknown-unknown/release/dashboard.wasm");
     let dest = out_dir.join("dashboard");
@@ -76,7 +98,17 @@ fn build_dashboard(root: &Path, target_dir: &Path, out_dir: &Path) {
 /// A nested cargo without the outer build's flags and target settings.
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET", "RUSTC_WORKSPACE_WRAPPER", "RUSTC_WRAPPER", "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS"] {
+    for var in [
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTC_WRAPPER",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
+    ] {
         cmd.env_remove(var);
     }
     cmd
@@ -94,6 +126,8 @@ fn build(root: &Path, target_dir: &Path, packages: &[&str]) {
     }
     let status = cmd.status().expect("cargo runs");
     if !status.success() {
-        panic!("building the rule plugins for {TARGET} failed (see above). If the target is missing, run `rustup target add {TARGET}`.");
+        panic!(
+            "building the rule plugins for {TARGET} failed (see above). If the target is missing, run `rustup target add {TARGET}`."
+        );
     }
 }

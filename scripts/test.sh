@@ -26,9 +26,15 @@ if [ ${#packages[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-# The wasm targets for the rule plugins and the dashboard (rust-toolchain.toml also
-# asks rustup for them).
+# The wasm targets for the rule plugins and the dashboard, and the lint tools
+# (rust-toolchain.toml asks for them too; engine/build.rs adds missing targets itself).
 rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null
+rustup component add rustfmt clippy >/dev/null
+
+echo "==> formatting (rustfmt.toml) and lints (clippy, warnings are errors)"
+cargo fmt --all --check
+cargo fmt --manifest-path dashboard/Cargo.toml --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Real Kafka and Cassandra on 127.0.0.1 (jars from Maven Central, cached outside the
 # clone). Stopped again at the end if this script started them.
@@ -47,7 +53,8 @@ cargo test --workspace --locked
 # On CI a missing browser is a failure, never a skip.
 echo "==> dashboard browser tests (headless chromium, playwright-core)"
 if [ -x /usr/bin/chromium ] && command -v npm >/dev/null; then
-  cargo build --locked -p orchestrator
+  # `cargo test` built target/debug/orchestrator for the integration tests; a separate
+  # `cargo build -p orchestrator` would unify features differently and rebuild wasmtime.
   npm ci --prefix dashboard/tests --no-audit --no-fund
   npm test --prefix dashboard/tests
 elif [ "${CI:-}" = true ]; then

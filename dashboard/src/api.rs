@@ -45,7 +45,11 @@ impl Reply {
     pub fn error_text(&self) -> String {
         let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
         let msg = [v["detail"].as_str(), v["error"].as_str()].into_iter().flatten().collect::<Vec<_>>().join(": ");
-        if msg.is_empty() { format!("HTTP {}: {}", self.status, self.body) } else { format!("HTTP {}: {msg}", self.status) }
+        if msg.is_empty() {
+            format!("HTTP {}: {}", self.status, self.body)
+        } else {
+            format!("HTTP {}: {msg}", self.status)
+        }
     }
 }
 
@@ -68,7 +72,9 @@ pub fn save_token(token: &str) {
 }
 
 fn js_err(e: JsValue) -> String {
-    e.as_string().or_else(|| js_sys::JSON::stringify(&e).ok().and_then(|s| s.as_string())).unwrap_or_else(|| "network error".into())
+    e.as_string()
+        .or_else(|| js_sys::JSON::stringify(&e).ok().and_then(|s| s.as_string()))
+        .unwrap_or_else(|| "network error".into())
 }
 
 /// One JSON request. The token (when set) goes on every call: harmless on reads, needed on writes.
@@ -78,7 +84,12 @@ pub async fn call(method: &str, path: &str, body: Option<String>, if_match: Opti
 }
 
 /// One request with any body (a plugin upload sends the file's bytes).
-pub async fn call_raw(method: &str, path: &str, body: Option<(JsValue, &str)>, if_match: Option<u64>) -> Result<Reply, String> {
+pub async fn call_raw(
+    method: &str,
+    path: &str,
+    body: Option<(JsValue, &str)>,
+    if_match: Option<u64>,
+) -> Result<Reply, String> {
     let init = web_sys::RequestInit::new();
     init.set_method(method);
     let headers = web_sys::Headers::new().map_err(js_err)?;
@@ -96,7 +107,8 @@ pub async fn call_raw(method: &str, path: &str, body: Option<(JsValue, &str)>, i
     init.set_headers(&headers);
     let req = web_sys::Request::new_with_str_and_init(path, &init).map_err(js_err)?;
     let window = web_sys::window().ok_or("no window")?;
-    let resp: web_sys::Response = JsFuture::from(window.fetch_with_request(&req)).await.map_err(js_err)?.dyn_into().map_err(js_err)?;
+    let resp: web_sys::Response =
+        JsFuture::from(window.fetch_with_request(&req)).await.map_err(js_err)?.dyn_into().map_err(js_err)?;
     let text = JsFuture::from(resp.text().map_err(js_err)?).await.map_err(js_err)?.as_string().unwrap_or_default();
     Ok(Reply { status: resp.status(), body: text })
 }

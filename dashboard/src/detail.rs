@@ -57,7 +57,9 @@ impl Detail {
     /// Fields whose form value differs from `base`.
     fn changed(&self) -> [bool; 3] {
         let base = self.base.get_clone_untracked();
-        std::array::from_fn(|i| base.as_ref().is_some_and(|b| field_of(b, FIELDS[i]) != self.form[i].get_clone_untracked()))
+        std::array::from_fn(|i| {
+            base.as_ref().is_some_and(|b| field_of(b, FIELDS[i]) != self.form[i].get_clone_untracked())
+        })
     }
 
     fn dirty(&self) -> bool {

@@ -1,5 +1,7 @@
 //! The operator dashboard: a Sycamore single-page app served by `orchestrator serve` at `/`.
 
+#![deny(rust_2018_idioms)]
+
 mod api;
 mod detail;
 mod live;

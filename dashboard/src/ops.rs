@@ -56,7 +56,9 @@ pub fn poll_health(app: App) {
                     }
                     Err(e) => app.ops.logs_error.set(format!("logs unavailable: {e}")),
                 },
-                Ok(r) if r.status == 404 => app.ops.logs_error.set("logs unavailable (this engine has no /logs)".into()),
+                Ok(r) if r.status == 404 => {
+                    app.ops.logs_error.set("logs unavailable (this engine has no /logs)".into())
+                }
                 Ok(r) => app.ops.logs_error.set(format!("logs unavailable: {}", r.error_text())),
                 Err(e) => app.ops.logs_error.set(format!("logs unavailable: {e}")),
             }
@@ -100,7 +102,13 @@ pub fn refresh(app: App) {
     });
 }
 
-fn act(app: App, method: &'static str, path: String, body: Option<(wasm_bindgen::JsValue, &'static str)>, done: String) {
+fn act(
+    app: App,
+    method: &'static str,
+    path: String,
+    body: Option<(wasm_bindgen::JsValue, &'static str)>,
+    done: String,
+) {
     let o = app.ops;
     o.message.set(format!("{done}…"));
     wasm_bindgen_futures::spawn_local(async move {
@@ -179,7 +187,10 @@ fn plugins_view(app: App) -> View {
             .get_clone()
             .into_iter()
             .map(|(slot, r)| {
-                let text = format!("{slot} shadow v{}: {} compared, {} agree, {} differ", r["version"], r["compared"], r["agreed"], r["differed"]);
+                let text = format!(
+                    "{slot} shadow v{}: {} compared, {} agree, {} differ",
+                    r["version"], r["compared"], r["agreed"], r["differed"]
+                );
                 let samples: Vec<View> = r["samples"]
                     .as_array()
                     .cloned()

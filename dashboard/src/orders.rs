@@ -93,7 +93,9 @@ fn bump(app: App) {
 
 fn query_url(app: App, cursor: Option<&str>) -> String {
     let mut url = format!("/orders?limit={PAGE}&sort={}", api::enc(&app.f_sort.get_clone()));
-    for (k, v) in [("status", app.f_status.get_clone()), ("priority", app.f_priority.get_clone()), ("q", app.f_query.get_clone())] {
+    for (k, v) in
+        [("status", app.f_status.get_clone()), ("priority", app.f_priority.get_clone()), ("q", app.f_query.get_clone())]
+    {
         if !v.trim().is_empty() {
             url.push_str(&format!("&{k}={}", api::enc(v.trim())));
         }
@@ -111,7 +113,10 @@ pub fn reload(app: App) {
         *t = Table { generation, ..Table::default() };
     });
     app.scroll_top.set(0.0);
-    if let Some(el) = web_sys::window().and_then(|w| w.document()).and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten()) {
+    if let Some(el) = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
+    {
         el.set_scroll_top(0);
     }
     bump(app);
@@ -215,7 +220,10 @@ pub fn keep_scroll_after_insert(app: App, n: usize) {
         return;
     }
     let y = top + n as f64 * ROW_H;
-    if let Some(el) = web_sys::window().and_then(|w| w.document()).and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten()) {
+    if let Some(el) = web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
+    {
         el.set_scroll_top(y as i32);
     }
     app.scroll_top.set(y);
@@ -252,7 +260,11 @@ fn row_view(app: App, slot: usize) -> View {
         let i = idx.get();
         let base = window_base(app.scroll_top.get());
         let len = TABLE.with_borrow(|t| t.len());
-        if i >= len { "display:none".to_string() } else { format!("transform:translateY({}px)", (i - base) as f64 * ROW_H) }
+        if i >= len {
+            "display:none".to_string()
+        } else {
+            format!("transform:translateY({}px)", (i - base) as f64 * ROW_H)
+        }
     };
     let selected = app.detail.selected;
     let class = move || {

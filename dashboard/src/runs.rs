@@ -111,7 +111,11 @@ fn chart_svg(rates: &[(f64, f64, f64)]) -> String {
     let peak = rates.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
     let span = rates.last().map(|r| r.0).unwrap_or(1.0).max(1.0);
     let line = |pick: fn(&(f64, f64, f64)) -> f64| {
-        rates.iter().map(|r| format!("{:.1},{:.1}", r.0 / span * W, H - pick(r) / peak * (H - 4.0))).collect::<Vec<_>>().join(" ")
+        rates
+            .iter()
+            .map(|r| format!("{:.1},{:.1}", r.0 / span * W, H - pick(r) / peak * (H - 4.0)))
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     format!(
         r##"<svg viewBox="0 0 {W} {h}" preserveAspectRatio="none" width="100%" height="{h}"><line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#ccd"/><polyline class="tp-vip" fill="none" stroke="#d97706" stroke-width="1.5" points="{vip}"/><polyline class="tp-normal" fill="none" stroke="#2563eb" stroke-width="1.5" points="{normal}"/><text x="2" y="10" font-size="9" fill="#555">peak {peak:.0}/s</text></svg>"##,
@@ -206,17 +210,38 @@ pub fn view(app: App) -> View {
     let field = move |f: fn(&Value) -> String| move || cur.with(|c| if c.is_null() { "–".to_string() } else { f(c) });
     let phase = field(|c| c["phase"].as_str().unwrap_or("").to_string());
     let progress = field(|c| format!("{}%", num(&c["progress_percent"])));
-    let bar = move || cur.with(|c| format!("width:{}%", c["progress_percent"].as_f64().unwrap_or(0.0).clamp(0.0, 100.0)));
+    let bar =
+        move || cur.with(|c| format!("width:{}%", c["progress_percent"].as_f64().unwrap_or(0.0).clamp(0.0, 100.0)));
     let cards = vec![
         card("VIP", "card-vip", field(|c| format!("{} / {}", num(&c["vip"]["processed"]), num(&c["vip"]["count"])))),
-        card("NORMAL", "card-normal", field(|c| format!("{} / {}", num(&c["normal"]["processed"]), num(&c["normal"]["count"])))),
-        card("total", "card-total", field(|c| num(&json!(c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0))))),
+        card(
+            "NORMAL",
+            "card-normal",
+            field(|c| format!("{} / {}", num(&c["normal"]["processed"]), num(&c["normal"]["count"]))),
+        ),
+        card(
+            "total",
+            "card-total",
+            field(|c| {
+                num(&json!(
+                    c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0)
+                ))
+            }),
+        ),
         card("target", "card-target", field(|c| num(&c["quantity"]))),
-        card("remaining", "card-remaining", field(|c| {
-            let done = c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0);
-            num(&json!(c["quantity"].as_u64().unwrap_or(0).saturating_sub(done)))
-        })),
-        card("ETA", "card-eta", field(|c| if c["eta_s"].is_null() { "–".into() } else { format!("{} s", num(&c["eta_s"])) })),
+        card(
+            "remaining",
+            "card-remaining",
+            field(|c| {
+                let done = c["vip"]["processed"].as_u64().unwrap_or(0) + c["normal"]["processed"].as_u64().unwrap_or(0);
+                num(&json!(c["quantity"].as_u64().unwrap_or(0).saturating_sub(done)))
+            }),
+        ),
+        card(
+            "ETA",
+            "card-eta",
+            field(|c| if c["eta_s"].is_null() { "–".into() } else { format!("{} s", num(&c["eta_s"])) }),
+        ),
     ];
     let verification = field(|c| match c["verification"]["passed"].as_bool() {
         Some(true) => "verification passed".into(),
@@ -242,7 +267,9 @@ pub fn view(app: App) -> View {
             act(app, format!("/runs/{}/cancel", api::enc(&id)), body, "cancel requested");
         }
     };
-    let queue = move |p: &'static str, op: &'static str| move |_| act(app, format!("/queues/{p}/{op}"), json!({}), "queue updated");
+    let queue = move |p: &'static str, op: &'static str| {
+        move |_| act(app, format!("/queues/{p}/{op}"), json!({}), "queue updated")
+    };
     let reset_confirm = r.confirm_reset;
     let reset_area = move || {
         if reset_confirm.get() {

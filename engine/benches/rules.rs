@@ -9,7 +9,8 @@ use orchestrator::domain::{Order, OrderEvent};
 use orchestrator::generator::{self, TierMix};
 use orchestrator::plugin::Slot;
 use orchestrator::plugin::host::{Limits, Loaded, Runtime};
-use orchestrator::rules::{NativeRules, OrderRules};
+use orchestrator::plugin::native::NativeRules;
+use orchestrator::rules::OrderRules;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
@@ -20,22 +21,33 @@ fn events(n: u64) -> Vec<OrderEvent> {
 
 fn decisions(c: &mut Criterion) {
     let runtime = Runtime::new(Limits::default()).unwrap();
-    let plugin = Loaded::new(runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap(), Slot::OrderRules, 1, "bench00000000");
+    let plugin = Loaded::new(
+        runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap(),
+        Slot::OrderRules,
+        1,
+        "bench00000000",
+    );
     let evs = events(100);
     let inputs: Vec<(&OrderEvent, Option<&Order>)> = evs.iter().map(|e| (e, None)).collect();
 
     let mut g = c.benchmark_group("decide");
     g.throughput(Throughput::Elements(1));
     g.bench_function("native, 1 order", |b| b.iter(|| black_box(NativeRules.decide_batch(black_box(&inputs[..1])))));
-    g.bench_function("component, 1 order per call", |b| b.iter(|| black_box(plugin.decide_batch(black_box(&inputs[..1])))));
+    g.bench_function("component, 1 order per call", |b| {
+        b.iter(|| black_box(plugin.decide_batch(black_box(&inputs[..1]))))
+    });
     g.throughput(Throughput::Elements(100));
     g.bench_function("native, 100 orders", |b| b.iter(|| black_box(NativeRules.decide_batch(black_box(&inputs)))));
-    g.bench_function("component, 100 orders per call", |b| b.iter(|| black_box(plugin.decide_batch(black_box(&inputs)))));
+    g.bench_function("component, 100 orders per call", |b| {
+        b.iter(|| black_box(plugin.decide_batch(black_box(&inputs))))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("plugin lifecycle");
     g.sample_size(20);
-    g.bench_function("compile + contract check", |b| b.iter(|| black_box(runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap())));
+    g.bench_function("compile + contract check", |b| {
+        b.iter(|| black_box(runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap()))
+    });
     g.sample_size(100);
     g.bench_function("instantiate (pooled)", |b| {
         b.iter_batched(|| (), |_| plugin.check_instantiates().unwrap(), BatchSize::SmallInput)

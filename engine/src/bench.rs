@@ -12,13 +12,16 @@ use rand::rngs::SmallRng;
 use serde::Serialize;
 
 use crate::config::BenchArgs;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Backend, Engine, EngineConfig};
 use crate::generator::{self, TierMix};
+use crate::log::kafka::KafkaConfig;
 use crate::pipeline::build_row;
 use crate::plugin::Slot;
-use crate::rules::{Decision, NativeRules};
+use crate::plugin::native::NativeRules;
+use crate::rules::Decision;
+use crate::store::cql::CqlConfig;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{OrderStore, Write};
+use crate::store::{Orders, Write};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -52,7 +55,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(crate::config::BenchCommand::Run(run_args)) = args.command.clone() {
         return generated_run(run_args).await;
     }
-    if let Some((kafka, cql)) = args.backends.distributed()? {
+    if let Backend::Distributed { kafka, cql } = args.backends.backend()? {
         return run_distributed(args, kafka, cql).await;
     }
     let tmp = tempdir_for(&args)?;
@@ -110,7 +113,8 @@ fn tempdir_for(args: &BenchArgs) -> anyhow::Result<Option<std::path::PathBuf>> {
 
 fn native_rule_cost(n: u64) -> f64 {
     let mut rng = SmallRng::seed_from_u64(7);
-    let events: Vec<_> = (0..n).map(|i| generator::created("rule", i, "bench", &TierMix::default(), &mut rng)).collect();
+    let events: Vec<_> =
+        (0..n).map(|i| generator::created("rule", i, "bench", &TierMix::default(), &mut rng)).collect();
     let started = Instant::now();
     let mut upserts = 0u64;
     for e in &events {
@@ -128,7 +132,7 @@ async fn raw_store(dir: &Path, n: u64) -> anyhow::Result<f64> {
     raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n).await
 }
 
-async fn raw_writes(store: &dyn OrderStore, n: u64) -> anyhow::Result<f64> {
+async fn raw_writes(store: &dyn Orders, n: u64) -> anyhow::Result<f64> {
     let mut rng = SmallRng::seed_from_u64(11);
     let mut busy = Duration::ZERO;
     let mut i = 0;
@@ -136,8 +140,15 @@ async fn raw_writes(store: &dyn OrderStore, n: u64) -> anyhow::Result<f64> {
         let batch: Vec<Write> = (i..(i + 1024).min(n))
             .map(|i| {
                 let e = generator::created("raw", i, "bench", &TierMix::default(), &mut rng);
-                let Decision::Upsert(fields) = NativeRules.decide(&e, None) else { unreachable!("creates are upserts") };
-                Write::Apply { event_id: e.event_id.clone(), source: e.source.clone(), expected: None, row: build_row(&e, None, fields, "bench") }
+                let Decision::Upsert(fields) = NativeRules.decide(&e, None) else {
+                    unreachable!("creates are upserts")
+                };
+                Write::Apply {
+                    event_id: e.event_id.clone(),
+                    source: e.source.clone(),
+                    expected: None,
+                    row: build_row(&e, None, fields, "bench"),
+                }
             })
             .collect();
         i += batch.len() as u64;
@@ -150,8 +161,8 @@ async fn raw_writes(store: &dyn OrderStore, n: u64) -> anyhow::Result<f64> {
 
 /// Deploys the default order rules as a new version and reports how long until active.
 async fn deploy_to_active(dir: &Path) -> anyhow::Result<f64> {
-    let engine = Engine::open_embedded(dir, EngineConfig::default())?;
-    let registry = engine.plugins.clone().expect("plugins are on by default");
+    let engine = Engine::open(Backend::Embedded, dir, EngineConfig::default()).await?;
+    let registry = engine.plugins().cloned().expect("plugins are on by default");
     let mut best = f64::MAX;
     for _ in 0..5 {
         let deployed = registry.deploy(Slot::OrderRules, Slot::OrderRules.builtin().to_vec(), false).await?;
@@ -165,7 +176,8 @@ async fn pipeline(dir: &Path, args: &BenchArgs, plugins: bool) -> anyhow::Result
     if !plugins {
         config.plugins = None;
     }
-    drive(Engine::open_embedded(dir, config)?, args, if plugins { "plugins" } else { "native " }).await
+    let engine = Engine::open(Backend::Embedded, dir, config).await?;
+    drive(engine, args, if plugins { "plugins" } else { "native " }).await
 }
 
 /// Pushes `args.events` through a started engine and measures it.
@@ -180,7 +192,7 @@ async fn drive(engine: Arc<Engine>, args: &BenchArgs, label: &'static str) -> an
     let producer = tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate));
     let started = Instant::now();
     let processed = || {
-        let s = &engine.stats;
+        let s = engine.stats();
         s.applied.load(Ordering::Relaxed) + s.skipped.load(Ordering::Relaxed) + s.rejected.load(Ordering::Relaxed)
     };
     // Progress is the test: a pipeline that stops moving for 30 s has lost something.
@@ -200,8 +212,9 @@ async fn drive(engine: Arc<Engine>, args: &BenchArgs, label: &'static str) -> an
     producer.await??;
     engine.shutdown().await;
     let (latency_p50_ms, latency_p99_ms) = {
-        let h = engine.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
-        h.as_ref().map_or((0.0, 0.0), |h| (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3))
+        let h = engine.stats().latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        h.as_ref()
+            .map_or((0.0, 0.0), |h| (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3))
     };
     Ok(PipelineRun { events_per_s: args.events as f64 / elapsed.as_secs_f64(), latency_p50_ms, latency_p99_ms })
 }
@@ -216,7 +229,8 @@ async fn produce(engine: Arc<Engine>, n: u64, batch: usize, rate: u64) -> anyhow
     let mut inflight: Option<tokio::task::JoinHandle<anyhow::Result<()>>> = None;
     while sent < n {
         let take = (n - sent).min(batch as u64);
-        let events: Vec<_> = (sent..sent + take).map(|i| generator::created("bench", i, "generator", &mix, &mut rng)).collect();
+        let events: Vec<_> =
+            (sent..sent + take).map(|i| generator::created("bench", i, "generator", &mix, &mut rng)).collect();
         sent += take;
         if let Some(prev) = inflight.take() {
             prev.await??;
@@ -240,14 +254,20 @@ async fn produce(engine: Arc<Engine>, n: u64, batch: usize, rate: u64) -> anyhow
 pub fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
     format!("{} cores, {cpu}", std::thread::available_parallelism().map_or(0, |n| n.get()))
 }
@@ -266,20 +286,16 @@ pub struct DistributedReport {
 }
 
 /// The bench on Kafka and a CQL store: the store's own LWT ceiling, then the pipeline.
-async fn run_distributed(args: BenchArgs, kafka: crate::log::kafka::KafkaConfig, cql: crate::store::cql::CqlConfig) -> anyhow::Result<()> {
+async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) -> anyhow::Result<()> {
     let run = uuid::Uuid::new_v4().simple().to_string();
-    let ceiling_store = crate::store::cql::CqlStore::open(crate::store::cql::CqlConfig { keyspace: format!("bench_raw_{run}"), ..cql.clone() }).await?;
+    let raw_keyspace = CqlConfig { keyspace: format!("bench_raw_{run}"), ..cql.clone() };
+    let ceiling_store = crate::store::cql::CqlStore::open(raw_keyspace).await?;
     let raw = raw_writes(&ceiling_store, args.events.min(20_000)).await?;
     eprintln!("raw CQL conditional writes: {raw:.0}/s");
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
-    let kafka = fresh_topics(kafka, &format!("bench_{run}"));
-    let engine = Engine::open_distributed(
-        &dir,
-        kafka,
-        crate::store::cql::CqlConfig { keyspace: format!("bench_{run}"), ..cql },
-        EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() },
-    )
-    .await?;
+    let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    let backend = Backend::Distributed { kafka, cql }.isolated(&format!("bench_{run}"));
+    let engine = Engine::open(backend, &dir, config).await?;
     let started = Instant::now();
     let pipeline = drive(engine, &args, "kafka+cql").await?;
     let report = DistributedReport {
@@ -316,34 +332,15 @@ pub struct RunReport {
     pub peak_rss_mib: f64,
 }
 
-/// Topics and a group of a bench's own, so it starts from empty topics.
-fn fresh_topics(kafka: crate::log::kafka::KafkaConfig, name: &str) -> crate::log::kafka::KafkaConfig {
-    crate::log::kafka::KafkaConfig {
-        vip_topic: format!("{name}.vip"),
-        normal_topic: format!("{name}.normal"),
-        changes_topic: format!("{name}.changes"),
-        dlq_topic: format!("{name}.dlq"),
-        plugins_topic: format!("{name}.plugins"),
-        group: name.to_string(),
-        ..kafka
-    }
-}
-
 /// `orchestrator bench run`: one generated run on a fresh engine, timed end to end.
 async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> {
-    use crate::runs::model::{Phase, RunRequest};
+    use crate::runs::model::RunRequest;
     use crate::runs::{RunConfig, Runs};
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-run-{tag}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
-    let distributed = args.backends.distributed()?;
-    let engine = match distributed.clone() {
-        None => Engine::open_embedded(&dir, config)?,
-        Some((kafka, cql)) => {
-            let kafka = fresh_topics(kafka, &format!("benchrun_{tag}"));
-            Engine::open_distributed(&dir, kafka, crate::store::cql::CqlConfig { keyspace: format!("benchrun_{tag}"), ..cql }, config).await?
-        }
-    };
+    let backend = args.backends.backend()?;
+    let engine = Engine::open(backend.clone().isolated(&format!("benchrun_{tag}")), &dir, config).await?;
     engine.start().await?;
     let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.quantity, ..Default::default() });
     let started = runs
@@ -351,26 +348,17 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
         .await
         .map_err(|e| anyhow::anyhow!("starting the run: {e}"))?;
     eprintln!("bench run {}: {} orders on {}", started.id, args.quantity, engine.backend());
-    let bar = ProgressBar::new(args.quantity).with_style(
-        ProgressStyle::with_template("{spinner} {msg:<18} [{bar:40}] {pos}/{len}  eta {eta}").expect("template is valid").progress_chars("=> "),
-    );
-    let run = loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let run = runs.current().await.expect("the run just started");
-        bar.set_message(format!("{:?}", run.phase));
-        bar.set_position(if run.phase == Phase::Generating { run.generated } else { run.vip.processed + run.normal.processed });
-        if run.phase.is_final() {
-            break run;
-        }
-    };
-    bar.finish_and_clear();
+    let run =
+        crate::runs::cli::follow(args.quantity, || async { Ok(runs.current().await.expect("the run just started")) })
+            .await?;
     let peak_rss = peak_rss_mib();
     engine.shutdown().await;
     let ceiling_n = args.quantity.min(200_000);
-    let raw = match distributed {
-        None => raw_store(&dir.join("raw"), ceiling_n).await?,
-        Some((_, cql)) => {
-            let store = crate::store::cql::CqlStore::open(crate::store::cql::CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
+    let raw = match backend {
+        Backend::Embedded => raw_store(&dir.join("raw"), ceiling_n).await?,
+        Backend::Distributed { cql, .. } => {
+            let store =
+                crate::store::cql::CqlStore::open(CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
             raw_writes(&store, args.quantity.min(20_000)).await?
         }
     };

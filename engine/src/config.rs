@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "orchestrator", version, about = "Atomic Order Orchestrator: priority order pipeline with versioned, idempotent storage")]
+#[command(
+    name = "orchestrator",
+    version,
+    about = "Atomic Order Orchestrator: priority order pipeline with versioned, idempotent storage"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -150,7 +154,10 @@ impl ShopifyArgs {
     pub fn config(&self) -> Option<crate::shopify::ShopifyConfig> {
         let current = self.shopify_secret.clone().filter(|s| !s.is_empty())?;
         Some(crate::shopify::ShopifyConfig {
-            secrets: crate::shopify::signature::Secrets { current, previous: self.shopify_secret_previous.clone().filter(|s| !s.is_empty()) },
+            secrets: crate::shopify::signature::Secrets {
+                current,
+                previous: self.shopify_secret_previous.clone().filter(|s| !s.is_empty()),
+            },
             dedup_ttl: std::time::Duration::from_secs(self.shopify_dedup_hours * 3600),
             max_body_bytes: self.shopify_max_body_bytes,
             rate_limit: self.shopify_rate_limit.map(|n| std::sync::Arc::new(crate::shopify::RateLimit::new(n))),
@@ -196,34 +203,35 @@ pub struct Backends {
 }
 
 impl Backends {
-    /// `None` for the embedded default; an error when only one of the two is given.
-    pub fn distributed(&self) -> anyhow::Result<Option<(crate::log::kafka::KafkaConfig, crate::store::cql::CqlConfig)>> {
+    /// The embedded default, or Kafka + CQL; an error when only one of the two is given.
+    pub fn backend(&self) -> anyhow::Result<crate::engine::Backend> {
         let (brokers, nodes) = match (&self.kafka_brokers, &self.cql_nodes) {
-            (None, None) => return Ok(None),
+            (None, None) => return Ok(crate::engine::Backend::Embedded),
             (Some(b), Some(n)) if !b.is_empty() && !n.is_empty() => (b, n),
             _ => anyhow::bail!(
-                "Kafka and the CQL store go together: give both --kafka-brokers (KAFKA_BROKERS) and --cql-nodes (CQL_NODES), or neither for the embedded default"
+                "Kafka and the CQL store go together: give both --kafka-brokers (KAFKA_BROKERS) and \
+                 --cql-nodes (CQL_NODES), or neither for the embedded default"
             ),
         };
-        let p = &self.kafka_topic_prefix;
-        Ok(Some((
-            crate::log::kafka::KafkaConfig {
-                brokers: brokers.clone(),
-                vip_topic: format!("{p}.vip"),
-                normal_topic: format!("{p}.normal"),
-                changes_topic: format!("{p}.changes"),
-                dlq_topic: format!("{p}.dlq"),
-                plugins_topic: format!("{p}.plugins"),
-                partitions: self.kafka_partitions,
-                replication: self.kafka_replication,
-                group: self.kafka_group.clone(),
-            },
-            crate::store::cql::CqlConfig {
+        let kafka = crate::log::kafka::KafkaConfig {
+            brokers: brokers.clone(),
+            vip_topic: String::new(),
+            normal_topic: String::new(),
+            changes_topic: String::new(),
+            dlq_topic: String::new(),
+            plugins_topic: String::new(),
+            partitions: self.kafka_partitions,
+            replication: self.kafka_replication,
+            group: self.kafka_group.clone(),
+        };
+        Ok(crate::engine::Backend::Distributed {
+            kafka: kafka.with_topic_prefix(&self.kafka_topic_prefix),
+            cql: crate::store::cql::CqlConfig {
                 nodes: nodes.split(',').map(|s| s.trim().to_string()).collect(),
                 keyspace: self.cql_keyspace.clone(),
                 replication_factor: self.cql_replication,
             },
-        )))
+        })
     }
 }
 

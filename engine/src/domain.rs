@@ -79,6 +79,41 @@ impl Priority {
     }
 }
 
+/// One `T` per priority, indexed by [`Priority`] (no casts to array positions).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerPriority<T>([T; 2]);
+
+impl<T> PerPriority<T> {
+    /// Built from each priority, in scheduling order (VIP first).
+    pub fn from_fn(mut f: impl FnMut(Priority) -> T) -> Self {
+        Self(Priority::ALL.map(&mut f))
+    }
+
+    pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> PerPriority<U> {
+        PerPriority::from_fn(|p| f(&self[p]))
+    }
+}
+
+impl<T: Copy + std::ops::Add<Output = T>> PerPriority<T> {
+    /// Both priorities together.
+    pub fn sum(&self) -> T {
+        self.0[0] + self.0[1]
+    }
+}
+
+impl<T> std::ops::Index<Priority> for PerPriority<T> {
+    type Output = T;
+    fn index(&self, p: Priority) -> &T {
+        &self.0[p as usize]
+    }
+}
+
+impl<T> std::ops::IndexMut<Priority> for PerPriority<T> {
+    fn index_mut(&mut self, p: Priority) -> &mut T {
+        &mut self.0[p as usize]
+    }
+}
+
 /// Order lifecycle status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]

@@ -12,13 +12,16 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
-use crate::domain::{Order, OrderEvent, Priority, Status};
+use crate::domain::{EventKind, Order, OrderEvent, PerPriority, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::rules::Rulebook;
-use crate::store::{OrderStore, ReplayClaim, StoreError, Write, WriteResult, embedded::EmbeddedStore};
+use crate::store::{
+    self, DeadLetter, HistoryEntry, ListQuery, Page, ReplayClaim, StoreError, Stores, WebhookLedger, Write,
+    WriteResult, embedded::EmbeddedStore,
+};
 use crate::stream::ChangeStream;
 use crate::telemetry;
 
@@ -29,6 +32,37 @@ pub struct EngineConfig {
     pub change_buffer: usize,
     /// Rules as Wasm plugins (the default), or `None` for the native reference rules.
     pub plugins: Option<PluginConfig>,
+    /// Whether this instance follows the cluster's changelog for its WebSocket clients
+    /// (the default); the bridge, which serves none, does not.
+    pub follow_changes: bool,
+}
+
+/// Where the order log and the store live: the one switch between backends. A new
+/// backend is a variant here and its arm in [`Engine::open`].
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant, reason = "built once at start; boxing buys nothing")]
+pub enum Backend {
+    /// `log.sqlite` and `store.sqlite` in the data dir: one machine, nothing to run.
+    Embedded,
+    /// Kafka for the log and a CQL cluster (ScyllaDB) for the store.
+    Distributed { kafka: crate::log::kafka::KafkaConfig, cql: crate::store::cql::CqlConfig },
+}
+
+impl Backend {
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, Backend::Embedded)
+    }
+
+    /// The same cluster with topics, consumer group and keyspace of its own (benches).
+    pub fn isolated(self, name: &str) -> Self {
+        match self {
+            Backend::Embedded => Backend::Embedded,
+            Backend::Distributed { kafka, cql } => Backend::Distributed {
+                kafka: crate::log::kafka::KafkaConfig { group: name.to_string(), ..kafka.with_topic_prefix(name) },
+                cql: crate::store::cql::CqlConfig { keyspace: name.to_string(), ..cql },
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -46,7 +80,12 @@ impl Default for PluginConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { pipeline: PipelineConfig::default(), change_buffer: 16_384, plugins: Some(PluginConfig::default()) }
+        Self {
+            pipeline: PipelineConfig::default(),
+            change_buffer: 16_384,
+            plugins: Some(PluginConfig::default()),
+            follow_changes: true,
+        }
     }
 }
 
@@ -95,82 +134,85 @@ pub struct OrderEdit {
     pub shipping_fee_cents: Option<i64>,
 }
 
+/// One engine instance. Its parts are private: the API, the runs and the CLI go through
+/// the operations below, so each invariant has one owner.
 pub struct Engine {
-    pub log: Arc<dyn OrderLog>,
-    pub store: Arc<dyn OrderStore>,
-    pub changes: ChangeStream,
-    pub stats: Arc<Stats>,
-    pub pauses: Arc<Pauses>,
-    pub discards: Arc<Discards>,
-    pub rulebook: Arc<Rulebook>,
+    log: Arc<dyn OrderLog>,
+    stores: Stores,
+    changes: ChangeStream,
+    stats: Arc<Stats>,
+    pauses: Arc<Pauses>,
+    discards: Arc<Discards>,
+    rulebook: Arc<Rulebook>,
     /// Deployed plugin versions; `None` when the engine runs the native rules.
-    pub plugins: Option<Arc<Registry>>,
+    plugins: Option<Arc<Registry>>,
     config: EngineConfig,
     shutdown: watch::Sender<bool>,
     pipeline: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl Engine {
-    /// The embedded default: `log.sqlite`, `store.sqlite` and `plugins.sqlite` in `data_dir`.
-    pub fn open_embedded(data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
-        let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
-        let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
-        let rulebook = Rulebook::native();
-        let plugins = match &config.plugins {
-            Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
-            None => None,
-        };
-        Ok(Self::new(Arc::new(log), Arc::new(store), rulebook, plugins, config))
-    }
-
-    /// Kafka and a CQL store; plugin deployments stay in `data_dir/plugins.sqlite`.
-    pub async fn open_distributed(
-        data_dir: &Path,
-        kafka: crate::log::kafka::KafkaConfig,
-        cql: crate::store::cql::CqlConfig,
-        config: EngineConfig,
-    ) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
-        let log = crate::log::kafka::KafkaLog::open(kafka).await?;
-        let store = crate::store::cql::CqlStore::open(cql).await?;
-        let rulebook = Rulebook::native();
-        let plugins = match &config.plugins {
-            Some(p) => Some(Registry::open(&data_dir.join("plugins.sqlite"), Runtime::new(p.limits.clone())?, rulebook.clone(), p.max_bytes)?),
-            None => None,
-        };
-        // Deployments go round a compacted topic: catch up before consuming orders.
-        if let Some(registry) = plugins.clone() {
-            let follower = log.clone();
-            let publisher = log.plugin_publisher();
-            let reg = registry.clone();
-            tokio::task::spawn_blocking(move || follower.follow_plugins(reg)).await??;
-            registry.set_replicator(publisher);
+    /// Opens the backend's log and store, with plugin deployments in
+    /// `data_dir/plugins.sqlite` (on every backend), ready to [`start`](Self::start).
+    /// The data dir is created only when something goes into it.
+    pub async fn open(backend: Backend, data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
+        if backend.is_embedded() || config.plugins.is_some() {
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
         }
-        // Changes go round the changelog topic, so every instance's clients see all of them.
-        let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
-        let follower = log.clone();
-        let stream = changes.clone();
-        tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
-        Ok(Self::with_changes(log, Arc::new(store), rulebook, plugins, config, changes))
+        let rulebook = crate::plugin::native::rulebook();
+        let plugins = match &config.plugins {
+            Some(p) => {
+                let runtime = Runtime::new(p.limits.clone())?;
+                Some(Registry::open(&data_dir.join("plugins.sqlite"), runtime, rulebook.clone(), p.max_bytes)?)
+            }
+            None => None,
+        };
+        match backend {
+            Backend::Embedded => {
+                let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
+                let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
+                Ok(Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config))
+            }
+            Backend::Distributed { kafka, cql } => {
+                let log = crate::log::kafka::KafkaLog::open(kafka).await?;
+                let stores = Stores::of(Arc::new(crate::store::cql::CqlStore::open(cql).await?));
+                // Deployments go round a compacted topic: catch up before consuming orders.
+                if let Some(registry) = plugins.clone() {
+                    let follower = log.clone();
+                    let publisher = log.plugin_publisher();
+                    let reg = registry.clone();
+                    tokio::task::spawn_blocking(move || follower.follow_plugins(reg)).await??;
+                    registry.set_replicator(publisher);
+                }
+                if !config.follow_changes {
+                    return Ok(Self::new(log, stores, rulebook, plugins, config));
+                }
+                // Changes go round the changelog topic, so every instance's clients see all of them.
+                let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
+                let follower = log.clone();
+                let stream = changes.clone();
+                tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
+                Ok(Self::with_changes(log, stores, rulebook, plugins, config, changes))
+            }
+        }
     }
 
+    /// An engine on any log and store ports (the in-memory test backend uses this).
     pub fn new(
         log: Arc<dyn OrderLog>,
-        store: Arc<dyn OrderStore>,
+        stores: Stores,
         rulebook: Arc<Rulebook>,
         plugins: Option<Arc<Registry>>,
         config: EngineConfig,
     ) -> Arc<Self> {
         let changes = ChangeStream::new(config.change_buffer);
-        Self::with_changes(log, store, rulebook, plugins, config, changes)
+        Self::with_changes(log, stores, rulebook, plugins, config, changes)
     }
 
     fn with_changes(
         log: Arc<dyn OrderLog>,
-        store: Arc<dyn OrderStore>,
+        stores: Stores,
         rulebook: Arc<Rulebook>,
         plugins: Option<Arc<Registry>>,
         config: EngineConfig,
@@ -178,7 +220,7 @@ impl Engine {
     ) -> Arc<Self> {
         Arc::new(Self {
             log,
-            store,
+            stores,
             changes,
             stats: Arc::new(Stats::new()),
             pauses: Arc::new(Pauses::default()),
@@ -196,7 +238,7 @@ impl Engine {
     pub async fn start(&self) -> anyhow::Result<()> {
         let consumer = self.log.consumer().await?;
         let pipeline = Pipeline::new(
-            self.store.clone(),
+            self.stores.orders.clone(),
             self.rulebook.clone(),
             self.changes.clone(),
             self.stats.clone(),
@@ -207,7 +249,8 @@ impl Engine {
         let shutdown = self.shutdown.subscribe();
         let (done, finished) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("pipeline".into()).spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for the pipeline");
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime for the pipeline");
             runtime.block_on(pipeline.run(consumer, shutdown));
             let _ = done.send(());
         })?;
@@ -232,27 +275,38 @@ impl Engine {
         for (index, e) in events.iter().enumerate() {
             e.validate().map_err(|reason| IngestError::Invalid { index, reason })?;
         }
-        // Events that name no tier go where their order lives, so an order keeps its partition.
-        let unknown: Vec<String> = events.iter().filter(|e| e.priority_hint().is_none()).map(|e| e.order_id.clone()).collect();
-        let known = if unknown.is_empty() { Default::default() } else { self.store.get_many(unknown).await? };
-        // An earlier event of the same request (its create, say) counts too.
+        // An order keeps its partition, whatever tier a later event names, so its events
+        // apply in the order they were produced: an earlier event of this request decides,
+        // else the stored row, else the event's own tier. A create names its order's tier
+        // and needs no lookup (a second create of a stored order is skipped anyway).
+        let lookup: Vec<String> = events
+            .iter()
+            .filter(|e| e.kind != EventKind::Created || e.priority_hint().is_none())
+            .map(|e| e.order_id.clone())
+            .collect();
+        let known = if lookup.is_empty() { Default::default() } else { self.stores.orders.get_many(lookup).await? };
         let mut in_request: HashMap<&str, Priority> = HashMap::new();
         let records: Vec<Record> = events
             .iter()
             .map(|e| {
-                let priority = e
-                    .priority_hint()
-                    .or_else(|| in_request.get(e.order_id.as_str()).copied())
+                let priority = in_request
+                    .get(e.order_id.as_str())
+                    .copied()
                     .or_else(|| known.get(&e.order_id).map(|o| o.priority))
+                    .or_else(|| e.priority_hint())
                     .unwrap_or(Priority::Normal);
                 in_request.insert(&e.order_id, priority);
-                Record { priority, key: e.order_id.clone(), payload: serde_json::to_vec(e).expect("an event always serializes") }
+                Record {
+                    priority,
+                    key: e.order_id.clone(),
+                    payload: serde_json::to_vec(e).expect("an event always serializes"),
+                }
             })
             .collect();
-        let counts = Priority::ALL.map(|p| records.iter().filter(|r| r.priority == p).count() as u64);
+        let counts = PerPriority::from_fn(|p| records.iter().filter(|r| r.priority == p).count() as u64);
         self.log.append(records).await?;
         for p in Priority::ALL {
-            metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(counts[p as usize]);
+            metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(counts[p]);
         }
         Ok(events.len())
     }
@@ -264,7 +318,7 @@ impl Engine {
         {
             return Err(EditError::Invalid(format!("shipping_fee_cents must not be negative, got {fee}")));
         }
-        let current = self.store.get(id).await?.ok_or(EditError::NotFound)?;
+        let current = self.stores.orders.get(id).await?.ok_or(EditError::NotFound)?;
         if current.version != expected {
             return Err(EditError::Stale { expected, current: Box::new(current) });
         }
@@ -290,7 +344,7 @@ impl Engine {
             expected: Some(expected),
             row: row.clone(),
         };
-        match self.store.write(vec![write]).await?.pop().map(|(_, r)| r) {
+        match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {
             Some(WriteResult::Done) => {
                 metrics::counter!(telemetry::APPLIED, "priority" => row.priority.label()).increment(1);
                 self.changes.publish(row.clone());
@@ -298,33 +352,109 @@ impl Engine {
             }
             Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: Box::new(now) }),
             Some(WriteResult::Conflict(None)) => Err(EditError::NotFound),
-            Some(WriteResult::Duplicate) | None => Err(EditError::Store(StoreError::Backend("edit was not recorded".into()))),
+            Some(WriteResult::Duplicate) | None => {
+                Err(EditError::Store(StoreError::Backend("the store did not record the edit".into())))
+            }
         }
     }
 
     /// Sends a dead-lettered event through the pipeline again, as a new event
     /// (`<event_id>#replay-<ms>`) so the original rejection stays in the history.
     pub async fn replay(&self, id: &str) -> Result<OrderEvent, ReplayError> {
-        let letter = match self.store.claim_replay(id, false).await? {
+        let letter = match self.stores.dead_letters.claim_replay(id, false).await? {
             ReplayClaim::NotFound => return Err(ReplayError::NotFound),
             ReplayClaim::AlreadyReplayed(l) => return Err(ReplayError::AlreadyReplayed(l.replayed_at)),
             ReplayClaim::Claimed(l) => l,
         };
         let result = async {
-            let mut event: OrderEvent = serde_json::from_str(&letter.payload)
-                .map_err(|e| ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again")))?;
+            let mut event: OrderEvent = serde_json::from_str(&letter.payload).map_err(|e| {
+                ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again"))
+            })?;
             event.event_id = format!("{}#replay-{}", event.event_id, Utc::now().timestamp_millis());
             self.ingest(std::slice::from_ref(&event)).await?;
             Ok(event)
         }
         .await;
         if result.is_err() {
-            self.store.claim_replay(id, true).await?;
+            self.stores.dead_letters.claim_replay(id, true).await?;
         }
         result
     }
 
     pub fn backend(&self) -> String {
-        format!("log={} store={}", self.log.backend(), self.store.backend())
+        format!("log={} store={}", self.log.backend(), self.stores.orders.backend())
+    }
+
+    /// Whether the log answers and the store reads a row within 2 s (a store that hangs
+    /// reads as unhealthy rather than hanging the probe).
+    pub async fn healthy(&self) -> bool {
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(2), self.stores.orders.get("__health__")).await;
+        matches!(probe, Ok(Ok(_))) && self.log.healthy()
+    }
+
+    /// Records of this priority on the log, not yet applied.
+    pub fn queue_depth(&self, priority: Priority) -> u64 {
+        self.log.depth(priority)
+    }
+
+    /// Makes every append so far durable (the bridge's shutdown).
+    pub async fn flush_log(&self) -> Result<(), LogError> {
+        self.log.flush().await
+    }
+
+    pub async fn order(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        self.stores.orders.get(id).await
+    }
+
+    pub async fn orders(&self, query: ListQuery) -> Result<Page<Order>, StoreError> {
+        self.stores.orders.list(query).await
+    }
+
+    /// The order's history, oldest first; `None` when no such order was ever seen.
+    pub async fn history(&self, id: &str) -> Result<Option<Vec<HistoryEntry>>, StoreError> {
+        let history = self.stores.orders.history(id).await?;
+        if history.is_empty() && self.stores.orders.get(id).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(history))
+    }
+
+    pub async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
+        self.stores.dead_letters.dead_letters(limit, cursor).await
+    }
+
+    /// Webhook deduplication claims and the delivery audit.
+    pub fn webhooks(&self) -> &dyn WebhookLedger {
+        &*self.stores.webhooks
+    }
+
+    /// Generated runs' records, audit, purge and reset.
+    pub fn run_store(&self) -> &dyn store::Runs {
+        &*self.stores.runs
+    }
+
+    /// Applied changes and notices, for WebSocket clients.
+    pub fn changes(&self) -> &ChangeStream {
+        &self.changes
+    }
+
+    /// The pipeline's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Operator pauses and run holds, per priority.
+    pub fn pauses(&self) -> &Pauses {
+        &self.pauses
+    }
+
+    /// Order-id prefixes whose remaining events the pipeline drops (a cancelled run).
+    pub fn discards(&self) -> &Discards {
+        &self.discards
+    }
+
+    /// Deployed plugin versions; `None` when the engine runs the native rules.
+    pub fn plugins(&self) -> Option<&Arc<Registry>> {
+        self.plugins.as_ref()
     }
 }

@@ -30,8 +30,12 @@ impl TierMix {
     }
 }
 
-const FIRST: &[&str] = &["ada", "grace", "alan", "linus", "barbara", "ken", "margaret", "dennis", "edsger", "frances", "john", "radia"];
-const LAST: &[&str] = &["lovelace", "hopper", "turing", "torvalds", "liskov", "thompson", "hamilton", "ritchie", "dijkstra", "allen", "backus", "perlman"];
+const FIRST: &[&str] =
+    &["ada", "grace", "alan", "linus", "barbara", "ken", "margaret", "dennis", "edsger", "frances", "john", "radia"];
+const LAST: &[&str] = &[
+    "lovelace", "hopper", "turing", "torvalds", "liskov", "thompson", "hamilton", "ritchie", "dijkstra", "allen",
+    "backus", "perlman",
+];
 
 /// A `created` event for order `{prefix}-{i}`.
 pub fn created(prefix: &str, i: u64, source: &str, mix: &TierMix, rng: &mut impl Rng) -> OrderEvent {

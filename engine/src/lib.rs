@@ -1,6 +1,11 @@
 //! Atomic Order Orchestrator: a priority order pipeline whose rules decide each row,
 //! with a versioned, idempotent store and a live change stream.
 
+// Lints, as linkerd does: no unsafe in the host, 2018 idioms, and clippy's defaults
+// (CI runs clippy with warnings as errors).
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
 pub mod api;
 pub mod bench;
 pub mod config;
@@ -8,9 +13,9 @@ pub mod domain;
 pub mod engine;
 pub mod generator;
 pub mod log;
-pub mod logs;
 pub mod pipeline;
 pub mod plugin;
+pub mod recent_logs;
 pub mod rules;
 pub mod runs;
 pub mod schema;

@@ -1,18 +1,23 @@
 //! The `orchestrator` binary: parses the command line and runs a subcommand.
 
+// Lints, as linkerd does: no unsafe in the host, 2018 idioms, and clippy's defaults
+// (CI runs clippy with warnings as errors).
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
 use anyhow::Context;
 use clap::Parser;
 use orchestrator::api::{self, ApiConfig, AppState};
 use orchestrator::config::{BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
-use orchestrator::engine::{Engine, EngineConfig, PluginConfig};
+use orchestrator::engine::{Backend, Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
 use orchestrator::runs::{RunConfig, Runs};
 
-use std::time::Duration;
 use orchestrator::{bench, schema, telemetry};
+use std::time::Duration;
+use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::prelude::*;
-use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -21,7 +26,10 @@ fn main() -> anyhow::Result<()> {
     // stderr follows RUST_LOG; the in-memory lines for GET /logs keep INFO and above regardless.
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let stderr = if json_logs { stderr.json().with_filter(filter).boxed() } else { stderr.with_filter(filter).boxed() };
-    tracing_subscriber::registry().with(stderr).with(orchestrator::logs::Recent.with_filter(LevelFilter::INFO)).init();
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(orchestrator::recent_logs::Recent.with_filter(LevelFilter::INFO))
+        .init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.command {
@@ -38,18 +46,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let api_token = api_token(&args)?;
     let metrics = telemetry::install();
     let plugins = PluginConfig {
-        limits: Limits { deadline: Duration::from_millis(args.plugin_deadline_ms.max(1)), memory_bytes: args.plugin_memory_mib.max(1) << 20 },
+        limits: Limits {
+            deadline: Duration::from_millis(args.plugin_deadline_ms.max(1)),
+            memory_bytes: args.plugin_memory_mib.max(1) << 20,
+        },
         max_bytes: args.max_plugin_bytes,
     };
     let config = EngineConfig { pipeline: args.tuning.pipeline(), plugins: Some(plugins), ..Default::default() };
-    let engine = match args.backends.distributed()? {
-        None => Engine::open_embedded(&args.data_dir, config)
-            .with_context(|| format!("opening the embedded log and store in {}", args.data_dir.display()))?,
-        Some((kafka, cql)) => {
-            let where_ = format!("Kafka at {} and CQL at {:?}", kafka.brokers, cql.nodes);
-            Engine::open_distributed(&args.data_dir, kafka, cql, config).await.with_context(|| format!("connecting to {where_}"))?
+    let backend = args.backends.backend()?;
+    let where_ = match &backend {
+        Backend::Embedded => format!("opening the embedded log and store in {}", args.data_dir.display()),
+        Backend::Distributed { kafka, cql } => {
+            format!("connecting to Kafka at {} and CQL at {:?}", kafka.brokers, cql.nodes)
         }
     };
+    let embedded = backend.is_embedded();
+    let engine = Engine::open(backend, &args.data_dir, config).await.context(where_)?;
     engine.start().await?;
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -60,13 +72,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     let shopify = args.shopify.config();
     let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.max_run_quantity, ..Default::default() });
-    if args.backends.distributed()?.is_none() {
+    if embedded {
         let failed = runs.fail_interrupted().await?;
         if failed > 0 {
             tracing::warn!(failed, "runs interrupted by the last stop are marked FAILED");
         }
     }
-    let state = AppState { engine: engine.clone(), runs, metrics, config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify } };
+    let state = AppState {
+        engine: engine.clone(),
+        runs,
+        metrics,
+        config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify },
+    };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
@@ -76,22 +93,35 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The bridge alone: an engine whose pipeline never starts, serving only the webhook routes.
 async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
-    let Some((kafka, cql)) = args.backends.distributed()? else {
-        anyhow::bail!("the bridge produces to Kafka and deduplicates in the CQL store: give --kafka-brokers and --cql-nodes");
-    };
-    let shopify = args.shopify.config().ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
+    let backend = args.backends.backend()?;
+    if backend.is_embedded() {
+        anyhow::bail!(
+            "the bridge produces to Kafka and deduplicates in the CQL store: give --kafka-brokers and --cql-nodes"
+        );
+    }
+    let shopify = args
+        .shopify
+        .config()
+        .ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
     let metrics = telemetry::install();
-    let log = orchestrator::log::kafka::KafkaLog::open(kafka).await?;
-    let store = orchestrator::store::cql::CqlStore::open(cql).await?;
-    let config = EngineConfig { plugins: None, ..Default::default() };
-    let engine = Engine::new(log, std::sync::Arc::new(store), orchestrator::rules::Rulebook::native(), None, config);
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    // No pipeline, no plugins, no WebSocket clients: webhooks in, events on the log out.
+    let config = EngineConfig { plugins: None, follow_changes: false, ..Default::default() };
+    // Nothing is kept on disk, so no data dir is made.
+    let engine = Engine::open(backend, std::path::Path::new("data"), config).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "Shopify bridge ready: POST /webhooks/shopify");
     // No token is needed: the bridge has no mutating endpoint but the signed webhook.
     let runs = Runs::new(engine.clone(), RunConfig::default());
-    let state = AppState { engine: engine.clone(), runs, metrics, config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) } };
+    let state = AppState {
+        engine: engine.clone(),
+        runs,
+        metrics,
+        config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) },
+    };
     axum::serve(listener, api::bridge_router(state)).with_graceful_shutdown(shutdown_signal()).await?;
-    engine.log.flush().await?;
+    engine.flush_log().await?;
     Ok(())
 }
 

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::sync::watch;
 
-use crate::domain::{Order, OrderEvent, OrderFields, Priority};
+use crate::domain::{Order, OrderEvent, OrderFields, PerPriority, Priority};
 use crate::log::{Delivery, LogConsumer};
 use crate::rules::{Decision, RuleError, Rulebook};
-use crate::store::{DeadLetter, OrderStore, Outcome, Write, WriteResult};
+use crate::store::{DeadLetter, Orders, Outcome, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::{self, PipelineMetrics};
 
@@ -42,10 +42,9 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub conflicts: AtomicU64,
     /// Events settled (applied, skipped or rejected) per priority: a run's live progress.
-    pub settled: [AtomicU64; 2],
-    /// Bumped when a step (poll, process, commit) begins and again when it ends: odd
-    /// while one is under way.
-    pub steps: AtomicU64,
+    pub settled: PerPriority<AtomicU64>,
+    /// Pipeline steps (poll, process, commit) begun and ended.
+    pub steps: Steps,
     /// Append-to-applied latency in µs.
     pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -54,11 +53,7 @@ impl Stats {
     /// Returns once the step under way (if any) has ended, so every later step sees
     /// a change made before this call (a purge, say). Gives up after `timeout`.
     pub async fn step_boundary(&self, timeout: Duration) {
-        let at = self.steps.load(Ordering::SeqCst);
-        let deadline = Instant::now() + timeout;
-        while at % 2 == 1 && self.steps.load(Ordering::SeqCst) == at && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        self.steps.boundary(timeout).await
     }
 
     pub fn new() -> Self {
@@ -69,31 +64,56 @@ impl Stats {
     }
 }
 
+/// Counts pipeline steps, bumped when one begins and again when it ends, so it is odd
+/// while one is under way. A watch channel: a waiter wakes when the step ends.
+pub struct Steps(watch::Sender<u64>);
+
+impl Default for Steps {
+    fn default() -> Self {
+        Self(watch::Sender::new(0))
+    }
+}
+
+impl Steps {
+    fn bump(&self) {
+        self.0.send_modify(|n| *n += 1);
+    }
+
+    async fn boundary(&self, timeout: Duration) {
+        let mut rx = self.0.subscribe();
+        let at = *rx.borrow_and_update();
+        if at % 2 == 1 {
+            // The sender lives as long as `self`, so this ends by a change or the timeout.
+            let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n != at)).await;
+        }
+    }
+}
+
 /// Per-priority pause switches: one operators set, one a run holds (NORMAL waits while
 /// a run's VIP orders go first). Either one stops the priority.
 #[derive(Default)]
 pub struct Pauses {
-    operator: [AtomicBool; 2],
-    run: [AtomicBool; 2],
+    operator: PerPriority<AtomicBool>,
+    run: PerPriority<AtomicBool>,
 }
 
 impl Pauses {
     /// An operator's pause or resume.
     pub fn set(&self, p: Priority, paused: bool) {
-        self.operator[p as usize].store(paused, Ordering::SeqCst);
+        self.operator[p].store(paused, Ordering::SeqCst);
     }
     /// A run's hold, independent of the operator's switch.
     pub fn hold(&self, p: Priority, held: bool) {
-        self.run[p as usize].store(held, Ordering::SeqCst);
+        self.run[p].store(held, Ordering::SeqCst);
     }
     pub fn is_paused(&self, p: Priority) -> bool {
-        self.operator[p as usize].load(Ordering::SeqCst) || self.run[p as usize].load(Ordering::SeqCst)
+        self.operator[p].load(Ordering::SeqCst) || self.run[p].load(Ordering::SeqCst)
     }
     pub fn operator_paused(&self, p: Priority) -> bool {
-        self.operator[p as usize].load(Ordering::SeqCst)
+        self.operator[p].load(Ordering::SeqCst)
     }
     pub fn held(&self, p: Priority) -> bool {
-        self.run[p as usize].load(Ordering::SeqCst)
+        self.run[p].load(Ordering::SeqCst)
     }
 }
 
@@ -116,7 +136,7 @@ impl Discards {
 }
 
 pub struct Pipeline {
-    pub store: Arc<dyn OrderStore>,
+    pub store: Arc<dyn Orders>,
     pub rulebook: Arc<Rulebook>,
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
@@ -142,7 +162,7 @@ struct Pending {
 
 impl Pipeline {
     pub fn new(
-        store: Arc<dyn OrderStore>,
+        store: Arc<dyn Orders>,
         rulebook: Arc<Rulebook>,
         changes: ChangeStream,
         stats: Arc<Stats>,
@@ -191,20 +211,22 @@ impl Pipeline {
 
     /// Polls one batch of `priority`, processes it and commits what was processed.
     async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
-        struct Step<'a>(&'a AtomicU64);
+        // Ends the step on every way out, errors included.
+        struct Step<'a>(&'a Steps);
         impl Drop for Step<'_> {
             fn drop(&mut self) {
-                self.0.fetch_add(1, Ordering::SeqCst);
+                self.0.bump();
             }
         }
-        self.stats.steps.fetch_add(1, Ordering::SeqCst);
+        self.stats.steps.bump();
         let _step = Step(&self.stats.steps);
         let deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
             return Ok(());
         }
         // A NORMAL batch yields as soon as a VIP record is waiting (and VIP is not paused).
-        let vip_waiting = |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
+        let vip_waiting =
+            |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
         let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
         if done > 0 {
             self.changes.flush().await.map_err(|e| anyhow::anyhow!("relaying changes: {e}"))?;
@@ -229,7 +251,7 @@ impl Pipeline {
             })
             .collect();
         for d in deliveries {
-            self.metrics.consumed[d.priority as usize].increment(1);
+            self.metrics.consumed[d.priority].increment(1);
         }
         // Rounds hold each order at most once, so every write in a round is based on
         // the stored row and no write depends on another's outcome.
@@ -256,10 +278,13 @@ impl Pipeline {
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
         // Read once, so the decisions below line up with the events they were made for.
-        let dropped: Vec<bool> = items.iter().map(|it| it.event.as_ref().is_ok_and(|e| self.discards.matches(&e.order_id))).collect();
-        let events: Vec<&OrderEvent> = items.iter().zip(&dropped).filter(|(_, d)| !**d).filter_map(|(it, _)| it.event.as_ref().ok()).collect();
+        let dropped: Vec<bool> =
+            items.iter().map(|it| it.event.as_ref().is_ok_and(|e| self.discards.matches(&e.order_id))).collect();
+        let events: Vec<&OrderEvent> =
+            items.iter().zip(&dropped).filter(|(_, d)| !**d).filter_map(|(it, _)| it.event.as_ref().ok()).collect();
         let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
-        let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().map(|e| (*e, current.get(&e.order_id))).collect();
+        let inputs: Vec<(&OrderEvent, Option<&Order>)> =
+            events.iter().map(|e| (*e, current.get(&e.order_id))).collect();
         let started = Instant::now();
         let mut decisions = rules.decide_batch(&inputs).into_iter();
         self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
@@ -312,7 +337,12 @@ impl Pipeline {
                         expected: base.map(|b| b.version),
                         row,
                     });
-                    Some(Pending { base: base.cloned(), fields, event: event.clone(), decided_by: rules.id().to_string() })
+                    Some(Pending {
+                        base: base.cloned(),
+                        fields,
+                        event: event.clone(),
+                        decided_by: rules.id().to_string(),
+                    })
                 }
                 Ok(Decision::Skip(reason)) => {
                     writes.push(self.record(event, Outcome::Skipped, reason, rules.id(), None));
@@ -353,7 +383,8 @@ impl Pipeline {
                     self.counted(outcome, priority)
                 }
                 (WriteResult::Conflict(now), _) => {
-                    let pending = pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
+                    let pending =
+                        pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
                     self.resolve(pending, now, priority, appended_at_us).await?;
                 }
             }
@@ -365,7 +396,7 @@ impl Pipeline {
     /// A redelivered event after a crash: its change may never have been published,
     /// so publish the row as it is now (clients keep the newest version).
     async fn duplicate(&self, order_id: &str, priority: Priority) -> anyhow::Result<()> {
-        self.metrics.duplicate[priority as usize].increment(1);
+        self.metrics.duplicate[priority].increment(1);
         self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
         if let Some(now) = self.store.get(order_id).await? {
             self.changes.publish(now);
@@ -373,7 +404,13 @@ impl Pipeline {
         Ok(())
     }
 
-    async fn resolve(&self, mut p: Pending, mut now: Option<Order>, priority: Priority, appended_at_us: i64) -> anyhow::Result<()> {
+    async fn resolve(
+        &self,
+        mut p: Pending,
+        mut now: Option<Order>,
+        priority: Priority,
+        appended_at_us: i64,
+    ) -> anyhow::Result<()> {
         let resolver = self.rulebook.resolver();
         for _ in 0..self.config.max_conflict_retries {
             self.metrics.conflicts.increment(1);
@@ -390,22 +427,32 @@ impl Pipeline {
                     let merged = resolver.resolve(p.base.as_ref(), current, &change);
                     self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
                     let outcome = match merged {
-                        Ok(Ok(merged)) if merged == current.fields() => Err((Outcome::Skipped, "no change after merge".to_string(), None)),
+                        Ok(Ok(merged)) if merged == current.fields() => {
+                            Err((Outcome::Skipped, "no change after merge".to_string(), None))
+                        }
                         Ok(Ok(merged)) => Ok(merged),
                         Ok(Err(reason)) => Err((Outcome::Rejected, reason, Some("conflict_rejected"))),
                         Err(RuleError { kind, message }) => {
                             telemetry::error(kind.as_str(), "resolver");
-                            Err((Outcome::Rejected, format!("{} failed ({kind}): {message}", resolver.id()), Some(kind.as_str())))
+                            Err((
+                                Outcome::Rejected,
+                                format!("{} failed ({kind}): {message}", resolver.id()),
+                                Some(kind.as_str()),
+                            ))
                         }
                     };
                     match outcome {
                         Ok(merged) => (Some(current.version), merged),
                         Err((outcome, reason, error_type)) => {
-                            let letter = error_type.map(|t| self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id())));
+                            let letter = error_type.map(|t| {
+                                self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id()))
+                            });
                             if let Some(l) = &letter {
                                 self.changes.dead_letter(l);
                             }
-                            self.store.write(vec![self.record(&p.event, outcome, reason, resolver.id(), letter)]).await?;
+                            self.store
+                                .write(vec![self.record(&p.event, outcome, reason, resolver.id(), letter)])
+                                .await?;
                             self.counted(outcome, priority);
                             return Ok(());
                         }
@@ -413,7 +460,12 @@ impl Pipeline {
                 }
             };
             let row = build_row(&p.event, now.as_ref(), merged.clone(), resolver.id());
-            let w = Write::Apply { event_id: p.event.event_id.clone(), source: p.event.source.clone(), expected, row: row.clone() };
+            let w = Write::Apply {
+                event_id: p.event.event_id.clone(),
+                source: p.event.source.clone(),
+                expected,
+                row: row.clone(),
+            };
             match self.store.write(vec![w]).await?.pop().map(|(_, r)| r) {
                 Some(WriteResult::Done) => {
                     self.applied(row, priority, appended_at_us);
@@ -448,16 +500,16 @@ impl Pipeline {
             Outcome::Rejected => (&self.metrics.rejected, &self.stats.rejected),
             Outcome::Applied => (&self.metrics.applied, &self.stats.applied),
         };
-        counter[priority as usize].increment(1);
+        counter[priority].increment(1);
         stat.fetch_add(1, Ordering::Relaxed);
-        self.stats.settled[priority as usize].fetch_add(1, Ordering::Relaxed);
+        self.stats.settled[priority].fetch_add(1, Ordering::Relaxed);
     }
 
     fn applied(&self, row: Order, priority: Priority, appended_at_us: i64) {
         self.counted(Outcome::Applied, priority);
         if appended_at_us > 0 {
             let us = (Utc::now().timestamp_micros() - appended_at_us).max(1) as u64;
-            self.metrics.latency[priority as usize].record(us as f64 / 1e6);
+            self.metrics.latency[priority].record(us as f64 / 1e6);
             if let Some(h) = self.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                 let _ = h.record(us);
             }
@@ -465,7 +517,14 @@ impl Pipeline {
         self.changes.publish(row);
     }
 
-    fn record(&self, event: &OrderEvent, outcome: Outcome, reason: String, decided_by: &str, dead_letter: Option<DeadLetter>) -> Write {
+    fn record(
+        &self,
+        event: &OrderEvent,
+        outcome: Outcome,
+        reason: String,
+        decided_by: &str,
+        dead_letter: Option<DeadLetter>,
+    ) -> Write {
         let decided_by = decided_by.to_string();
         Write::Record {
             event_id: event.event_id.clone(),
@@ -478,7 +537,15 @@ impl Pipeline {
         }
     }
 
-    fn dead_letter(&self, d: &Delivery, event: Option<&OrderEvent>, stage: &str, error_type: &str, reason: &str, decided_by: Option<&str>) -> DeadLetter {
+    fn dead_letter(
+        &self,
+        d: &Delivery,
+        event: Option<&OrderEvent>,
+        stage: &str,
+        error_type: &str,
+        reason: &str,
+        decided_by: Option<&str>,
+    ) -> DeadLetter {
         DeadLetter {
             id: event.map_or_else(|| record_id(d), |e| e.event_id.clone()),
             order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(d.key.clone())),
@@ -492,7 +559,14 @@ impl Pipeline {
         }
     }
 
-    fn dead_letter_for_event(&self, e: &OrderEvent, stage: &str, error_type: &str, reason: &str, decided_by: Option<&str>) -> DeadLetter {
+    fn dead_letter_for_event(
+        &self,
+        e: &OrderEvent,
+        stage: &str,
+        error_type: &str,
+        reason: &str,
+        decided_by: Option<&str>,
+    ) -> DeadLetter {
         DeadLetter {
             id: e.event_id.clone(),
             order_id: Some(e.order_id.clone()),
@@ -546,18 +620,19 @@ mod tests {
 
     use super::*;
     use crate::domain::{EventKind, OrderChange, Status, Tier};
-    use crate::rules::NativeResolver;
+    use crate::plugin::native::{self, NativeResolver};
     use crate::store::embedded::EmbeddedStore;
-    use crate::store::{ListQuery, Page, StoreError, StoreStats};
+    use crate::store::memory::MemoryStore;
+    use crate::store::{DeadLetters, ListQuery, Page, StoreError, StoreStats};
 
     /// Lets an operator edit land between the pipeline's read and its write, once.
     struct Racing {
-        inner: EmbeddedStore,
+        inner: MemoryStore,
         raced: std::sync::Mutex<bool>,
     }
 
     #[async_trait]
-    impl OrderStore for Racing {
+    impl Orders for Racing {
         fn backend(&self) -> &'static str {
             "racing"
         }
@@ -576,7 +651,12 @@ mod tests {
                 edit.version += 1;
                 edit.note = "operator note".into();
                 edit.decided_by = "operator".into();
-                let w = Write::Apply { event_id: "edit-1".into(), source: "operator".into(), expected: Some(*v), row: edit };
+                let w = Write::Apply {
+                    event_id: "edit-1".into(),
+                    source: "operator".into(),
+                    expected: Some(*v),
+                    row: edit,
+                };
                 assert_eq!(self.inner.write(vec![w]).await?[0].1, WriteResult::Done);
             }
             self.inner.write(writes).await
@@ -587,63 +667,61 @@ mod tests {
         async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
             self.inner.list(q).await
         }
-        async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
-            self.inner.dead_letters(limit, cursor).await
-        }
         async fn stats(&self) -> Result<StoreStats, StoreError> {
             self.inner.stats().await
-        }
-        async fn audit(&self, prefix: &str) -> Result<crate::store::Audit, StoreError> {
-            self.inner.audit(prefix).await
-        }
-        async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
-            self.inner.delete_orders(prefix, status).await
-        }
-        async fn reset(&self) -> Result<(), StoreError> {
-            self.inner.reset().await
-        }
-        async fn save_run(&self, run: &crate::runs::model::Run) -> Result<(), StoreError> {
-            self.inner.save_run(run).await
-        }
-        async fn run(&self, id: &str) -> Result<Option<crate::runs::model::Run>, StoreError> {
-            self.inner.run(id).await
-        }
-        async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<crate::runs::model::Run>, StoreError> {
-            self.inner.runs(limit, cursor).await
-        }
-        async fn claim_replay(&self, id: &str, undo: bool) -> Result<crate::store::ReplayClaim, StoreError> {
-            self.inner.claim_replay(id, undo).await
-        }
-        async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
-            self.inner.claim_delivery(key, ttl).await
-        }
-        async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
-            self.inner.release_delivery(key).await
-        }
-        async fn record_delivery(&self, d: crate::store::WebhookDelivery) -> Result<(), StoreError> {
-            self.inner.record_delivery(d).await
-        }
-        async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<crate::store::WebhookDelivery>, StoreError> {
-            self.inner.deliveries(limit, cursor).await
         }
     }
 
     fn delivery(offset: u64, e: &OrderEvent) -> Delivery {
-        Delivery { priority: Priority::Normal, partition: 0, offset, key: e.order_id.clone(), payload: serde_json::to_vec(e).unwrap(), appended_at_us: 0 }
+        Delivery {
+            priority: Priority::Normal,
+            partition: 0,
+            offset,
+            key: e.order_id.clone(),
+            payload: serde_json::to_vec(e).unwrap(),
+            appended_at_us: 0,
+        }
     }
 
     fn event(id: &str, kind: EventKind, payload: OrderChange) -> OrderEvent {
-        OrderEvent { event_id: id.into(), order_id: "o1".into(), kind, source: "test".into(), occurred_at: Utc::now(), payload }
+        OrderEvent {
+            event_id: id.into(),
+            order_id: "o1".into(),
+            kind,
+            source: "test".into(),
+            occurred_at: Utc::now(),
+            payload,
+        }
     }
 
     #[tokio::test]
     async fn a_lost_race_is_merged_and_retried() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Racing { inner: EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap(), raced: Default::default() });
+        let store = Arc::new(Racing { inner: MemoryStore::default(), raced: Default::default() });
         let stats = Arc::new(Stats::new());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), stats.clone(), Default::default(), Default::default(), PipelineConfig::default());
-        let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
-        let paid = event("u", EventKind::Updated, OrderChange { financial_status: Some(crate::domain::FinancialStatus::Paid), ..Default::default() });
+        let p = Pipeline::new(
+            store.clone(),
+            native::rulebook(),
+            ChangeStream::new(16),
+            stats.clone(),
+            Default::default(),
+            Default::default(),
+            PipelineConfig::default(),
+        );
+        let create = event(
+            "c",
+            EventKind::Created,
+            OrderChange {
+                customer: Some("ada".into()),
+                tier: Some(Tier::Gold),
+                total_cents: Some(100),
+                ..Default::default()
+            },
+        );
+        let paid = event(
+            "u",
+            EventKind::Updated,
+            OrderChange { financial_status: Some(crate::domain::FinancialStatus::Paid), ..Default::default() },
+        );
         // Two events of one order: processed in two rounds, the second racing the edit.
         let deliveries = [delivery(1, &create), delivery(2, &paid)];
         assert_eq!(p.process(&deliveries, &|| false).await.unwrap(), 2);
@@ -653,7 +731,8 @@ mod tests {
         assert_eq!((row.status, row.note.as_str()), (Status::Confirmed, "operator note"), "both changes kept");
         assert_eq!(row.decided_by, NativeResolver::ID);
         assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
-        let versions: Vec<_> = store.history("o1").await.unwrap().iter().map(|h| (h.event_id.clone(), h.version)).collect();
+        let versions: Vec<_> =
+            store.history("o1").await.unwrap().iter().map(|h| (h.event_id.clone(), h.version)).collect();
         assert_eq!(versions, [("c".to_string(), 1), ("edit-1".to_string(), 2), ("u".to_string(), 3)]);
 
         // Redelivery of both (a crash before the commit) changes nothing.
@@ -666,25 +745,73 @@ mod tests {
     async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), Default::default(), PipelineConfig::default());
-        let create = event("c", EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
-        let garbage = Delivery { priority: Priority::Normal, partition: 0, offset: 1, key: "o1".into(), payload: b"{not json".to_vec(), appended_at_us: 0 };
+        let p = Pipeline::new(
+            store.clone(),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Arc::new(Stats::new()),
+            Default::default(),
+            Default::default(),
+            PipelineConfig::default(),
+        );
+        let create = event(
+            "c",
+            EventKind::Created,
+            OrderChange {
+                customer: Some("ada".into()),
+                tier: Some(Tier::Gold),
+                total_cents: Some(100),
+                ..Default::default()
+            },
+        );
+        let garbage = Delivery {
+            priority: Priority::Normal,
+            partition: 0,
+            offset: 1,
+            key: "o1".into(),
+            payload: b"{not json".to_vec(),
+            appended_at_us: 0,
+        };
         assert_eq!(p.process(&[garbage, delivery(2, &create)], &|| false).await.unwrap(), 2);
         assert_eq!(store.get("o1").await.unwrap().unwrap().version, 1);
         let letters = store.dead_letters(10, None).await.unwrap().items;
         assert_eq!(letters.len(), 1);
-        assert_eq!((letters[0].id.as_str(), letters[0].stage.as_str(), letters[0].error_type.as_str()), ("log:normal:0:1", "decode", "malformed"));
-        assert!(letters[0].reason.contains("key must be a string") || letters[0].reason.contains("expected"), "{}", letters[0].reason);
+        assert_eq!(
+            (letters[0].id.as_str(), letters[0].stage.as_str(), letters[0].error_type.as_str()),
+            ("log:normal:0:1", "decode", "malformed")
+        );
+        assert!(
+            letters[0].reason.contains("key must be a string") || letters[0].reason.contains("expected"),
+            "{}",
+            letters[0].reason
+        );
     }
 
     #[tokio::test]
     async fn a_normal_batch_yields_when_vip_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(store.clone(), Rulebook::native(), ChangeStream::new(16), Arc::new(Stats::new()), Default::default(), Default::default(), PipelineConfig::default());
+        let p = Pipeline::new(
+            store.clone(),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Arc::new(Stats::new()),
+            Default::default(),
+            Default::default(),
+            PipelineConfig::default(),
+        );
         let deliveries: Vec<_> = (0..10)
             .map(|i| {
-                let mut e = event(&format!("e{i}"), EventKind::Created, OrderChange { customer: Some("ada".into()), tier: Some(Tier::Gold), total_cents: Some(100), ..Default::default() });
+                let mut e = event(
+                    &format!("e{i}"),
+                    EventKind::Created,
+                    OrderChange {
+                        customer: Some("ada".into()),
+                        tier: Some(Tier::Gold),
+                        total_cents: Some(100),
+                        ..Default::default()
+                    },
+                );
                 e.order_id = format!("o{i}");
                 delivery(i + 1, &e)
             })

@@ -1,6 +1,5 @@
 //! The rule stage's interfaces, which the pipeline calls to decide rows and merge races,
-//! and the native reference implementations: the default plugins' own Rust code run
-//! natively, which the Wasm plugins are checked against and benchmarked beside.
+//! the rulebook that swaps them on deploy, and shadow runs that compare a candidate.
 
 use std::fmt;
 use std::sync::Arc;
@@ -12,7 +11,6 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::domain::{Order, OrderEvent, OrderFields};
-use crate::plugin::convert::native as wit;
 
 /// What the order rules decided for one event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -77,50 +75,12 @@ pub trait OrderRules: Send + Sync {
 pub trait ConflictResolver: Send + Sync {
     fn id(&self) -> &str;
     /// `Ok(Err(reason))` is the resolver rejecting the change.
-    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError>;
-}
-
-/// The default `order-rules` plugin's code, run natively.
-#[derive(Debug, Default)]
-pub struct NativeRules;
-
-impl NativeRules {
-    pub const ID: &'static str = "native:order-rules@1";
-
-    pub fn decide(&self, event: &OrderEvent, current: Option<&Order>) -> Decision {
-        use orchestrator_sdk::OrderRules as _;
-        wit::decision_back(order_rules::Rules::decide(wit::event(event), current.map(wit::order)))
-    }
-}
-
-impl OrderRules for NativeRules {
-    fn id(&self) -> &str {
-        Self::ID
-    }
-
-    fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
-        inputs.iter().map(|(e, c)| Ok(self.decide(e, *c))).collect()
-    }
-}
-
-/// The default `conflict-resolver` plugin's code, run natively.
-#[derive(Debug, Default)]
-pub struct NativeResolver;
-
-impl NativeResolver {
-    pub const ID: &'static str = "native:conflict-resolver@1";
-}
-
-impl ConflictResolver for NativeResolver {
-    fn id(&self) -> &str {
-        Self::ID
-    }
-
-    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError> {
-        use orchestrator_sdk::ConflictResolver as _;
-        let merged = conflict_resolver::Resolver::resolve(base.map(wit::order), wit::order(current), wit::order(change));
-        Ok(merged.map(wit::fields_back))
-    }
+    fn resolve(
+        &self,
+        base: Option<&Order>,
+        current: &Order,
+        change: &Order,
+    ) -> Result<Result<OrderFields, String>, RuleError>;
 }
 
 /// The rules in force: swapped atomically on deploy, read once per batch by the
@@ -133,12 +93,11 @@ pub struct Rulebook {
 
 impl Rulebook {
     pub fn new(rules: Arc<dyn OrderRules>, resolver: Arc<dyn ConflictResolver>) -> Arc<Self> {
-        Arc::new(Self { rules: ArcSwap::from_pointee(rules), resolver: ArcSwap::from_pointee(resolver), shadow: ArcSwapOption::empty() })
-    }
-
-    /// The built-in rules, run natively.
-    pub fn native() -> Arc<Self> {
-        Self::new(Arc::new(NativeRules), Arc::new(NativeResolver))
+        Arc::new(Self {
+            rules: ArcSwap::from_pointee(rules),
+            resolver: ArcSwap::from_pointee(resolver),
+            shadow: ArcSwapOption::empty(),
+        })
     }
 
     pub fn rules(&self) -> Arc<dyn OrderRules> {
@@ -211,11 +170,22 @@ fn outcome_json(r: &Result<Decision, RuleError>) -> serde_json::Value {
 
 impl ShadowRun {
     pub fn new(rules: Arc<dyn OrderRules>, version: u64) -> Arc<Self> {
-        Arc::new(Self { rules, version, agree: AtomicU64::new(0), differ: AtomicU64::new(0), samples: Mutex::new(Vec::new()) })
+        Arc::new(Self {
+            rules,
+            version,
+            agree: AtomicU64::new(0),
+            differ: AtomicU64::new(0),
+            samples: Mutex::new(Vec::new()),
+        })
     }
 
     /// Compares the candidate's decision on `event` with the active one.
-    pub fn compare(&self, event: &OrderEvent, active: &Result<Decision, RuleError>, candidate: &Result<Decision, RuleError>) {
+    pub fn compare(
+        &self,
+        event: &OrderEvent,
+        active: &Result<Decision, RuleError>,
+        candidate: &Result<Decision, RuleError>,
+    ) {
         if active == candidate {
             self.agree.fetch_add(1, Ordering::Relaxed);
             return;

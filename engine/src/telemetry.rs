@@ -3,10 +3,12 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::domain::Priority;
+use crate::domain::{PerPriority, Priority};
 
 pub const RECEIVED: &str = "orchestrator_received_events_total";
 pub const CONSUMED: &str = "orchestrator_consumed_events_total";
@@ -23,6 +25,31 @@ pub const PLUGIN_CALLS: &str = "orchestrator_plugin_invocations_total";
 pub const PLUGIN_ERRORS: &str = "orchestrator_plugin_errors_total";
 pub const PLUGIN_DURATION: &str = "orchestrator_plugin_call_duration_seconds";
 pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
+pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
+pub const RUN_PHASE_CHANGES: &str = "orchestrator_run_phase_changes_total";
+pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
+
+/// Every metric the engine exports: the one list the Grafana consistency test reads.
+pub const ALL: &[&str] = &[
+    RECEIVED,
+    CONSUMED,
+    PROCESSED,
+    APPLIED,
+    CAS_CONFLICTS,
+    ERRORS,
+    RULE_DURATION,
+    APPLY_LATENCY,
+    QUEUE_DEPTH,
+    WS_CLIENTS,
+    WS_RESYNCS,
+    PLUGIN_CALLS,
+    PLUGIN_ERRORS,
+    PLUGIN_DURATION,
+    SHADOW_DECISIONS,
+    RUN_PROGRESS,
+    RUN_PHASE_CHANGES,
+    WEBHOOKS_RECEIVED,
+];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 pub fn install() -> PrometheusHandle {
@@ -47,18 +74,45 @@ fn describe() {
     describe_counter!(RECEIVED, "Events accepted into the log, by priority and source interface.");
     describe_counter!(CONSUMED, "Events read from the log by the pipeline, by priority.");
     describe_counter!(PROCESSED, "Events processed, by priority and outcome (applied, skipped, rejected, duplicate).");
-    describe_counter!(APPLIED, "Changes applied to the store, by priority (operator edits count as their order's priority).");
+    describe_counter!(
+        APPLIED,
+        "Changes applied to the store, by priority (operator edits count as their order's priority)."
+    );
     describe_counter!(CAS_CONFLICTS, "Compare-and-set writes that lost a race and were re-resolved.");
     describe_counter!(ERRORS, "Errors by error_type and stage.");
-    describe_histogram!(RULE_DURATION, metrics::Unit::Seconds, "Time one call to the rules (or the resolver) took; the rules decide a batch per call.");
-    describe_histogram!(APPLY_LATENCY, metrics::Unit::Seconds, "Time from log append to applied in the store, by priority.");
+    describe_histogram!(
+        RULE_DURATION,
+        metrics::Unit::Seconds,
+        "Time one call to the rules (or the resolver) took; the rules decide a batch per call."
+    );
+    describe_histogram!(
+        APPLY_LATENCY,
+        metrics::Unit::Seconds,
+        "Time from log append to applied in the store, by priority."
+    );
     describe_gauge!(QUEUE_DEPTH, "Events in the log not yet committed, by priority.");
     describe_gauge!(WS_CLIENTS, "Connected WebSocket clients.");
     describe_counter!(WS_RESYNCS, "Resync messages sent to WebSocket clients that fell behind.");
     describe_counter!(PLUGIN_CALLS, "Calls into a Wasm plugin, by plugin slot, version and outcome (ok, error).");
-    describe_counter!(PLUGIN_ERRORS, "Failed plugin calls, by plugin (slot@version#hash) and error_type (trap, timeout, memory_limit, instantiate).");
-    describe_histogram!(PLUGIN_DURATION, metrics::Unit::Seconds, "Duration of one call into a plugin (a batch of events or one), by slot and version.");
-    describe_counter!(SHADOW_DECISIONS, "Shadow decisions compared with the active rules, by result (agreed, differed).");
+    describe_counter!(
+        PLUGIN_ERRORS,
+        "Failed plugin calls, by plugin (slot@version#hash) and error_type (trap, timeout, memory_limit, instantiate)."
+    );
+    describe_histogram!(
+        PLUGIN_DURATION,
+        metrics::Unit::Seconds,
+        "Duration of one call into a plugin (a batch of events or one), by slot and version."
+    );
+    describe_counter!(
+        SHADOW_DECISIONS,
+        "Shadow decisions compared with the active rules, by result (agreed, differed)."
+    );
+    describe_gauge!(RUN_PROGRESS, "Progress of the current generated run, 0 to 1.");
+    describe_counter!(RUN_PHASE_CHANGES, "Phase changes of generated runs, by phase.");
+    describe_counter!(
+        WEBHOOKS_RECEIVED,
+        "Shopify webhook deliveries, by outcome (received, duplicate, ignored, rejected)."
+    );
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.
@@ -72,20 +126,27 @@ pub fn queue_depth(p: Priority) -> Gauge {
 
 /// Handles resolved once per pipeline, so the hot path does no label hashing.
 pub struct PipelineMetrics {
-    pub consumed: [Counter; 2],
-    pub applied: [Counter; 2],
-    pub skipped: [Counter; 2],
-    pub rejected: [Counter; 2],
-    pub duplicate: [Counter; 2],
+    pub consumed: PerPriority<Counter>,
+    pub applied: PerPriority<Counter>,
+    pub skipped: PerPriority<Counter>,
+    pub rejected: PerPriority<Counter>,
+    pub duplicate: PerPriority<Counter>,
     pub conflicts: Counter,
     pub rule_duration: Histogram,
-    pub latency: [Histogram; 2],
+    pub latency: PerPriority<Histogram>,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PipelineMetrics {
     pub fn new() -> Self {
-        let per = |name: &'static str| Priority::ALL.map(|p| counter!(name, "priority" => p.label()));
-        let outcome = |o: &'static str| Priority::ALL.map(|p| counter!(PROCESSED, "priority" => p.label(), "outcome" => o));
+        let per = |name: &'static str| PerPriority::from_fn(|p| counter!(name, "priority" => p.label()));
+        let outcome =
+            |o: &'static str| PerPriority::from_fn(|p| counter!(PROCESSED, "priority" => p.label(), "outcome" => o));
         Self {
             consumed: per(CONSUMED),
             applied: per(APPLIED),
@@ -94,7 +155,7 @@ impl PipelineMetrics {
             duplicate: outcome("duplicate"),
             conflicts: counter!(CAS_CONFLICTS),
             rule_duration: histogram!(RULE_DURATION),
-            latency: Priority::ALL.map(|p| histogram!(APPLY_LATENCY, "priority" => p.label())),
+            latency: PerPriority::from_fn(|p| histogram!(APPLY_LATENCY, "priority" => p.label())),
         }
     }
 }

@@ -13,7 +13,8 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--max-body-bytes", "65536"]).await;
     let c = client();
-    let post_raw = |body: String| c.post(s.url("/orders/events")).header("content-type", "application/json").body(body).send();
+    let post_raw =
+        |body: String| c.post(s.url("/orders/events")).header("content-type", "application/json").body(body).send();
 
     // Malformed JSON.
     let r = post_raw("{\"event_id\": ".into()).await.unwrap();
@@ -83,7 +84,10 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["etag"], "\"2\"");
     let row: Value = r.json().await.unwrap();
-    assert_eq!((row["version"].as_u64(), row["note"].as_str(), row["decided_by"].as_str()), (Some(2), Some("first edit"), Some("operator")));
+    assert_eq!(
+        (row["version"].as_u64(), row["note"].as_str(), row["decided_by"].as_str()),
+        (Some(2), Some("first edit"), Some("operator"))
+    );
 
     let r = patch("o-good", Some("1"), json!({"note": "stale edit"})).await.unwrap();
     assert_eq!(r.status(), 409);
@@ -115,10 +119,19 @@ async fn rules_decide_rows_and_rejections_land_in_dead_letters() {
     s.drain(Duration::from_secs(10)).await;
 
     let (_, r1) = s.get_json("/orders/r-1").await;
-    assert_eq!((r1["status"].as_str(), r1["shipping_fee_cents"].as_i64(), r1["priority"].as_str(), r1["version"].as_u64()), (Some("CONFIRMED"), Some(999), Some("VIP"), Some(2)));
-    assert!(r1["decided_by"].as_str().unwrap().starts_with("order-rules@1#sha256:"), "the built-in plugin decided: {r1}");
+    assert_eq!(
+        (r1["status"].as_str(), r1["shipping_fee_cents"].as_i64(), r1["priority"].as_str(), r1["version"].as_u64()),
+        (Some("CONFIRMED"), Some(999), Some("VIP"), Some(2))
+    );
+    assert!(
+        r1["decided_by"].as_str().unwrap().starts_with("order-rules@1#sha256:"),
+        "the built-in plugin decided: {r1}"
+    );
     let (_, r2) = s.get_json("/orders/r-2").await;
-    assert_eq!((r2["status"].as_str(), r2["shipping_fee_cents"].as_i64(), r2["priority"].as_str()), (Some("SHIPPED"), Some(0), Some("NORMAL")));
+    assert_eq!(
+        (r2["status"].as_str(), r2["shipping_fee_cents"].as_i64(), r2["priority"].as_str()),
+        (Some("SHIPPED"), Some(0), Some("NORMAL"))
+    );
     assert_eq!(s.get_json("/orders/r-3").await.0, 404);
 
     // The second create of r-1 is skipped, with the reason in the history.
@@ -131,7 +144,11 @@ async fn rules_decide_rows_and_rejections_land_in_dead_letters() {
     assert_eq!(h3[0]["outcome"], "rejected");
     assert!(h3[0]["reason"].as_str().unwrap().contains("negative total_cents"));
     let h = s.health().await;
-    assert_eq!((h["applied"].as_u64(), h["skipped"].as_u64(), h["rejected"].as_u64()), (Some(4), Some(1), Some(2)), "{h}");
+    assert_eq!(
+        (h["applied"].as_u64(), h["skipped"].as_u64(), h["rejected"].as_u64()),
+        (Some(4), Some(1), Some(2)),
+        "{h}"
+    );
 }
 
 #[tokio::test]
@@ -139,7 +156,9 @@ async fn listing_pages_with_cursors_and_filters() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     let tiers = ["BRONZE", "SILVER", "GOLD", "DIAMOND"];
-    let events: Vec<Value> = (0..250).map(|i| created(&format!("p-{i:03}"), &format!("p-{i:03}-c"), tiers[i % 4], 1000 + i as i64)).collect();
+    let events: Vec<Value> = (0..250)
+        .map(|i| created(&format!("p-{i:03}"), &format!("p-{i:03}-c"), tiers[i % 4], 1000 + i as i64))
+        .collect();
     assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;
     // Cancel every fifth order so the status filter has something to find.
@@ -183,7 +202,14 @@ async fn listing_pages_with_cursors_and_filters() {
     let (_, page) = s.get_json("/orders?q=p-007@").await;
     assert_eq!(page["items"][0]["id"], "p-007", "customer prefix search: {page}");
 
-    for bad in ["/orders?limit=0", "/orders?limit=abc", "/orders?status=LOST", "/orders?priority=HIGH", "/orders?sort=colour", "/orders?cursor=%%%"] {
+    for bad in [
+        "/orders?limit=0",
+        "/orders?limit=abc",
+        "/orders?status=LOST",
+        "/orders?priority=HIGH",
+        "/orders?sort=colour",
+        "/orders?cursor=%%%",
+    ] {
         let (status, body) = s.get_json(bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert!(body["error"].is_string(), "{bad}: {body}");
@@ -194,7 +220,12 @@ async fn listing_pages_with_cursors_and_filters() {
 async fn metrics_pass_promtool_and_openapi_lists_the_routes() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
-    assert_eq!(s.post_events(&json!([created("m-1", "m-1-c", "DIAMOND", 100), created("m-2", "m-2-c", "GOLD", 100)])).await.status(), 202);
+    assert_eq!(
+        s.post_events(&json!([created("m-1", "m-1-c", "DIAMOND", 100), created("m-2", "m-2-c", "GOLD", 100)]))
+            .await
+            .status(),
+        202
+    );
     s.drain(Duration::from_secs(10)).await;
     let r = client().get(s.url("/metrics")).send().await.unwrap();
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
@@ -258,7 +289,8 @@ async fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
     let s = Server::start(dir.path()).await;
     s.drain(Duration::from_secs(20)).await;
     let (_, page) = s.get_json("/orders?limit=1000&sort=id").await;
-    let (_, page2) = s.get_json(&format!("/orders?limit=1000&sort=id&cursor={}", page["next_cursor"].as_str().unwrap())).await;
+    let (_, page2) =
+        s.get_json(&format!("/orders?limit=1000&sort=id&cursor={}", page["next_cursor"].as_str().unwrap())).await;
     let n = page["items"].as_array().unwrap().len() + page2["items"].as_array().unwrap().len();
     assert_eq!(n, 2000);
 }
@@ -266,11 +298,8 @@ async fn sigterm_shuts_down_cleanly_and_a_restart_keeps_everything() {
 #[test]
 fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
     let dir = tempfile::tempdir().unwrap();
-    let out = common::orchestrator()
-        .args(["serve", "--listen", "0.0.0.0:0", "--data-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let out =
+        common::orchestrator().args(["serve", "--listen", "0.0.0.0:0", "--data-dir"]).arg(dir.path()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("without a token") && stderr.contains("ORCHESTRATOR_API_TOKEN"), "{stderr}");
@@ -330,7 +359,8 @@ async fn recent_logs_are_served_whatever_the_stderr_level() {
     let (code, lines) = s.get_json("/logs?limit=500").await;
     assert_eq!(code, 200, "{lines}");
     let lines = lines.as_array().unwrap();
-    let ready = lines.iter().find(|l| l["message"].as_str().unwrap_or("").contains("engine ready")).expect("the start-up line");
+    let ready =
+        lines.iter().find(|l| l["message"].as_str().unwrap_or("").contains("engine ready")).expect("the start-up line");
     assert_eq!(ready["level"], "INFO");
     assert!(ready["target"].as_str().unwrap().starts_with("orchestrator"));
     assert!(ready["at"].as_str().unwrap().parse::<chrono::DateTime<chrono::Utc>>().is_ok());

@@ -16,7 +16,8 @@ async fn concurrent_events_and_edits_apply_exactly_once() {
     assert_eq!(s.post_events(&created("chaos-1", "chaos-1-created", "GOLD", 12_000)).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;
 
-    let events: Vec<Value> = (0..100).map(|i| updated("chaos-1", &format!("chaos-ev-{i}"), json!({"note": format!("event {i}")}))).collect();
+    let events: Vec<Value> =
+        (0..100).map(|i| updated("chaos-1", &format!("chaos-ev-{i}"), json!({"note": format!("event {i}")}))).collect();
     let mut tasks = Vec::new();
     for e in events.clone() {
         let url = s.url("/orders/events");
@@ -30,7 +31,10 @@ async fn concurrent_events_and_edits_apply_exactly_once() {
         let base = s.base.clone();
         tasks.push(tokio::spawn(async move {
             let c = client();
-            let mut version = c.get(format!("{base}/orders/chaos-1")).send().await.unwrap().json::<Value>().await.unwrap()["version"].as_u64().unwrap();
+            let mut version =
+                c.get(format!("{base}/orders/chaos-1")).send().await.unwrap().json::<Value>().await.unwrap()["version"]
+                    .as_u64()
+                    .unwrap();
             for attempt in 0..10_000u32 {
                 let r = c
                     .patch(format!("{base}/orders/chaos-1"))

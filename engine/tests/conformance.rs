@@ -5,7 +5,8 @@ use chrono::{DateTime, Duration, Utc};
 use orchestrator::domain::*;
 use orchestrator::plugin::Slot;
 use orchestrator::plugin::host::{Limits, Loaded, Runtime};
-use orchestrator::rules::{ConflictResolver, NativeResolver, NativeRules, OrderRules};
+use orchestrator::plugin::native::{NativeResolver, NativeRules};
+use orchestrator::rules::{ConflictResolver, OrderRules};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
@@ -18,7 +19,8 @@ fn maybe<T>(rng: &mut SmallRng, f: impl FnOnce(&mut SmallRng) -> T) -> Option<T>
 }
 
 const TIERS: [Tier; 4] = [Tier::Bronze, Tier::Silver, Tier::Gold, Tier::Diamond];
-const STATUSES: [Status; 6] = [Status::Pending, Status::Confirmed, Status::Processing, Status::Shipped, Status::Delivered, Status::Cancelled];
+const STATUSES: [Status; 6] =
+    [Status::Pending, Status::Confirmed, Status::Processing, Status::Shipped, Status::Delivered, Status::Cancelled];
 
 fn at(ms: i64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap()
@@ -40,7 +42,11 @@ fn order(rng: &mut SmallRng, id: &str) -> Order {
         version: rng.random_range(1..20),
         created_at: at(1_700_000_000_000),
         updated_at: at(1_700_000_000_000 + rng.random_range(0..1_000_000)),
-        source_updated_at: if rng.random_bool(0.5) { Some(at(1_700_000_000_000 + rng.random_range(0..1_000_000))) } else { None },
+        source_updated_at: if rng.random_bool(0.5) {
+            Some(at(1_700_000_000_000 + rng.random_range(0..1_000_000)))
+        } else {
+            None
+        },
         decided_by: "x".into(),
     }
 }
@@ -58,9 +64,22 @@ fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
             tier: maybe(rng, |r| pick(r, &TIERS)),
             status: maybe(rng, |r| pick(r, &STATUSES)),
             financial_status: maybe(rng, |r| {
-                pick(r, &[FinancialStatus::Pending, FinancialStatus::Authorized, FinancialStatus::PartiallyPaid, FinancialStatus::Paid, FinancialStatus::PartiallyRefunded, FinancialStatus::Refunded, FinancialStatus::Voided])
+                pick(
+                    r,
+                    &[
+                        FinancialStatus::Pending,
+                        FinancialStatus::Authorized,
+                        FinancialStatus::PartiallyPaid,
+                        FinancialStatus::Paid,
+                        FinancialStatus::PartiallyRefunded,
+                        FinancialStatus::Refunded,
+                        FinancialStatus::Voided,
+                    ],
+                )
             }),
-            fulfillment_status: maybe(rng, |r| pick(r, &[FulfillmentStatus::Fulfilled, FulfillmentStatus::Partial, FulfillmentStatus::Restocked])),
+            fulfillment_status: maybe(rng, |r| {
+                pick(r, &[FulfillmentStatus::Fulfilled, FulfillmentStatus::Partial, FulfillmentStatus::Restocked])
+            }),
             total_cents: maybe(rng, |r| r.random_range(-100..40_000)),
             shipping_fee_cents: maybe(rng, |r| r.random_range(-10..2_000)),
             currency: maybe(rng, |r| pick(r, &["USD", "EUR", "GBP"]).into()),
@@ -79,7 +98,8 @@ fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
     let plugin = load(Slot::OrderRules);
     let mut rng = SmallRng::seed_from_u64(2026);
     let events: Vec<OrderEvent> = (0..10_000).map(|i| event(&mut rng, i)).collect();
-    let rows: Vec<Option<Order>> = events.iter().map(|e| if rng.random_bool(0.7) { Some(order(&mut rng, &e.order_id)) } else { None }).collect();
+    let rows: Vec<Option<Order>> =
+        events.iter().map(|e| if rng.random_bool(0.7) { Some(order(&mut rng, &e.order_id)) } else { None }).collect();
     let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().zip(&rows).map(|(e, r)| (e, r.as_ref())).collect();
     let native = NativeRules.decide_batch(&inputs);
     // In batches of 100, as the pipeline calls it.
@@ -96,7 +116,10 @@ fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
         *kinds.entry(kind).or_insert(0) += 1;
     }
     eprintln!("conformance: 10k identical decisions: {kinds:?}");
-    assert!(kinds.len() == 3 && kinds.values().all(|n| *n > 100), "the events exercise every kind of decision: {kinds:?}");
+    assert!(
+        kinds.len() == 3 && kinds.values().all(|n| *n > 100),
+        "the events exercise every kind of decision: {kinds:?}"
+    );
 }
 
 #[test]
@@ -110,10 +133,18 @@ fn conflict_resolver_plugin_matches_the_native_resolver_on_10k_races() {
         // The stored row and the change both start from the base and change some fields.
         let mutate = |rng: &mut SmallRng, from: &Order| {
             let mut o = from.clone();
-            if rng.random_bool(0.5) { o.note = format!("n{}", rng.random_range(0..3)); }
-            if rng.random_bool(0.5) { o.status = pick(rng, &STATUSES); }
-            if rng.random_bool(0.3) { o.total_cents = rng.random_range(0..40_000); }
-            if rng.random_bool(0.2) { o.customer = format!("c{}@example.com", rng.random_range(0..3)); }
+            if rng.random_bool(0.5) {
+                o.note = format!("n{}", rng.random_range(0..3));
+            }
+            if rng.random_bool(0.5) {
+                o.status = pick(rng, &STATUSES);
+            }
+            if rng.random_bool(0.3) {
+                o.total_cents = rng.random_range(0..40_000);
+            }
+            if rng.random_bool(0.2) {
+                o.customer = format!("c{}@example.com", rng.random_range(0..3));
+            }
             o.updated_at = at(1_700_000_000_000 + rng.random_range(0..2_000_000));
             o
         };

@@ -20,9 +20,14 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
     let mut s = Server::start(dir.path()).await;
 
     // Chunk 0 creates every order; chunk k (1..=49) updates each once.
-    let mut chunks: Vec<Vec<Value>> = vec![(0..ORDERS).map(|o| created(&format!("c-{o}"), &format!("c-{o}-0"), "SILVER", 5_000)).collect()];
+    let mut chunks: Vec<Vec<Value>> =
+        vec![(0..ORDERS).map(|o| created(&format!("c-{o}"), &format!("c-{o}-0"), "SILVER", 5_000)).collect()];
     for k in 1..=UPDATES {
-        chunks.push((0..ORDERS).map(|o| updated(&format!("c-{o}"), &format!("c-{o}-{k}"), json!({"note": format!("update {k}")}))).collect());
+        chunks.push(
+            (0..ORDERS)
+                .map(|o| updated(&format!("c-{o}"), &format!("c-{o}-{k}"), json!({"note": format!("update {k}")})))
+                .collect(),
+        );
     }
     let acked: Arc<Mutex<Vec<usize>>> = Arc::default();
     let poster = {
@@ -49,17 +54,18 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
         })
     };
 
-    // Kill while the pipeline is mid-way: some applied, more still queued.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Kill while the pipeline is mid-way: some applied, more still queued. Judged by the
+    // engine's counts, not the clock: a slow machine (debug build, CQL) only waits longer.
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let h = s.health().await;
         let applied = h["applied"].as_u64().unwrap_or(0);
         let queued = h["queue_depth"]["normal"].as_u64().unwrap_or(0);
-        if applied >= 20_000 && queued > 0 {
+        if applied >= 5_000 && queued > 0 {
             eprintln!("killing at {h}");
             break;
         }
-        assert!(Instant::now() < deadline, "pipeline never got going: {h}");
+        assert!(Instant::now() < deadline, "the pipeline stalled: {h}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     s.kill();
@@ -69,7 +75,7 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
     assert!(!acked.is_empty());
 
     s.restart().await;
-    s.drain(Duration::from_secs(120)).await;
+    s.drain(Duration::from_secs(300)).await;
 
     let c = client();
     let mut total_applied = 0;

@@ -49,7 +49,9 @@ async fn restart_watching(s: &Server, service: &'static str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn service_restarts_lose_and_double_nothing() {
     if !distributed() {
-        eprintln!("fault tests restart Kafka and Cassandra: they run in the distributed pass (ORCHESTRATOR_TEST_BACKEND=distributed)");
+        eprintln!(
+            "fault tests restart Kafka and Cassandra: they run in the distributed pass (ORCHESTRATOR_TEST_BACKEND=distributed)"
+        );
         return;
     }
     let dir = tempfile::tempdir().unwrap();

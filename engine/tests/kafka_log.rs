@@ -45,7 +45,8 @@ async fn kafka_log_orders_commits_and_redelivers() {
         group: format!("{name}.engine"),
     };
     let log = KafkaLog::open(config.clone()).await.unwrap();
-    let normal: Vec<Record> = (0..30).map(|i| rec(Priority::Normal, &format!("k{}", i % 3), &format!("n{i}"))).collect();
+    let normal: Vec<Record> =
+        (0..30).map(|i| rec(Priority::Normal, &format!("k{}", i % 3), &format!("n{i}"))).collect();
     log.append(normal).await.unwrap();
     log.append(vec![rec(Priority::Vip, "k9", "v0")]).await.unwrap();
 
@@ -62,7 +63,11 @@ async fn kafka_log_orders_commits_and_redelivers() {
     let first = take(&mut c, Priority::Normal, 30).await;
     // Each key keeps its order.
     for k in 0..3 {
-        let of_key: Vec<usize> = first.iter().filter(|d| d.key == format!("k{k}")).map(|d| bodies(std::slice::from_ref(d))[0][1..].parse().unwrap()).collect();
+        let of_key: Vec<usize> = first
+            .iter()
+            .filter(|d| d.key == format!("k{k}"))
+            .map(|d| bodies(std::slice::from_ref(d))[0][1..].parse().unwrap())
+            .collect();
         assert!(of_key.windows(2).all(|w| w[0] < w[1]), "key k{k} out of order: {of_key:?}");
         assert_eq!(of_key.len(), 10);
     }
@@ -94,7 +99,12 @@ async fn kafka_log_orders_commits_and_redelivers() {
     // Lag: what is not committed, per priority.
     let deadline = Instant::now() + Duration::from_secs(20);
     while log.depth(Priority::Normal) != rest.len() as u64 || log.depth(Priority::Vip) != 0 {
-        assert!(Instant::now() < deadline, "lag normal {} vip {}", log.depth(Priority::Normal), log.depth(Priority::Vip));
+        assert!(
+            Instant::now() < deadline,
+            "lag normal {} vip {}",
+            log.depth(Priority::Normal),
+            log.depth(Priority::Vip)
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(log.healthy());

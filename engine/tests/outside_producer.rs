@@ -18,7 +18,13 @@ const SECRET: &str = "bridge-secret";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
 
 fn kcat(args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new("kcat").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("kcat is installed");
+    let mut child = Command::new("kcat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kcat is installed");
     child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "kcat {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -64,8 +70,12 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
     assert!(letter["reason"].as_str().unwrap().contains("key must be a string"), "{letter}");
     assert!(letter["payload"].as_str().unwrap().contains("not json"));
 
-    let on_topic = kcat(&["-b", &brokers, "-C", "-t", &format!("{prefix}.dlq"), "-o", "beginning", "-e", "-q", "-K", "|"], "");
-    let line = on_topic.lines().find(|l| l.starts_with("kcat-2|")).unwrap_or_else(|| panic!("no dead letter for kcat-2 on the topic: {on_topic}"));
+    let on_topic =
+        kcat(&["-b", &brokers, "-C", "-t", &format!("{prefix}.dlq"), "-o", "beginning", "-e", "-q", "-K", "|"], "");
+    let line = on_topic
+        .lines()
+        .find(|l| l.starts_with("kcat-2|"))
+        .unwrap_or_else(|| panic!("no dead letter for kcat-2 on the topic: {on_topic}"));
     let value: Value = serde_json::from_str(line.trim_start_matches("kcat-2|")).unwrap();
     assert_eq!(value["error_type"], "malformed");
     assert!(value["reason"].as_str().unwrap().contains("key must be a string"));
@@ -109,7 +119,15 @@ async fn the_bridge_runs_as_its_own_process() {
         assert!(Instant::now() < deadline, "the engine never applied the bridged event");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (_, audit) = common::client().get(format!("{base}/webhooks/deliveries")).send().await.unwrap().json::<Value>().await.map(|a| ((), a)).unwrap();
+    let (_, audit) = common::client()
+        .get(format!("{base}/webhooks/deliveries"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .map(|a| ((), a))
+        .unwrap();
     assert_eq!(audit["items"][0]["outcome"], "received");
     bridge.kill().unwrap();
     bridge.wait().unwrap();

@@ -5,10 +5,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, created};
+use common::{Server, created, updated};
 use futures::StreamExt;
 use orchestrator::domain::{OrderEvent, Priority};
-use orchestrator::engine::{Engine, EngineConfig};
+use orchestrator::engine::{Backend, Engine, EngineConfig};
+use orchestrator::store::Outcome;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -20,27 +21,85 @@ fn event(v: Value) -> OrderEvent {
 #[tokio::test]
 async fn queued_vip_goes_first() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::open_embedded(dir.path(), EngineConfig::default()).unwrap();
+    let engine = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await.unwrap();
     for p in Priority::ALL {
-        engine.pauses.set(p, true);
+        engine.pauses().set(p, true);
     }
-    let normal: Vec<_> = (0..10_000).map(|i| event(created(&format!("n-{i}"), &format!("n-{i}"), "BRONZE", 100))).collect();
-    let vip: Vec<_> = (0..1_000).map(|i| event(created(&format!("v-{i}"), &format!("v-{i}"), "DIAMOND", 100))).collect();
+    let normal: Vec<_> =
+        (0..10_000).map(|i| event(created(&format!("n-{i}"), &format!("n-{i}"), "BRONZE", 100))).collect();
+    let vip: Vec<_> =
+        (0..1_000).map(|i| event(created(&format!("v-{i}"), &format!("v-{i}"), "DIAMOND", 100))).collect();
     engine.ingest(&normal).await.unwrap();
     engine.ingest(&vip).await.unwrap();
-    let mut changes = engine.changes.subscribe();
+    let mut changes = engine.changes().subscribe();
     engine.start().await.unwrap();
     for p in Priority::ALL {
-        engine.pauses.set(p, false);
+        engine.pauses().set(p, false);
     }
     let mut order = Vec::with_capacity(11_000);
     while order.len() < 11_000 {
-        let c = tokio::time::timeout(Duration::from_secs(30), changes.recv()).await.expect("changes keep coming").unwrap();
+        let c =
+            tokio::time::timeout(Duration::from_secs(30), changes.recv()).await.expect("changes keep coming").unwrap();
         order.push(c.order.priority);
     }
     let first_normal = order.iter().position(|p| *p == Priority::Normal).unwrap();
     assert_eq!(first_normal, 1_000, "all 1000 VIP events before the first NORMAL one");
     assert!(order[1_000..].iter().all(|p| *p == Priority::Normal));
+    engine.shutdown().await;
+}
+
+/// An order keeps its partition when a later event names another tier: an update that
+/// upgrades a GOLD order to DIAMOND, in the same request as its create or after it, goes
+/// behind the create and applies (it used to overtake it on VIP and be dead-lettered).
+#[tokio::test]
+async fn a_tier_upgrade_follows_its_orders_earlier_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await.unwrap();
+    // Both queues are held until everything is on the log, so VIP would run first.
+    for p in Priority::ALL {
+        engine.pauses().set(p, true);
+    }
+    let upgrade = |id: &str, event: &str, note: &str| {
+        self::event(updated(id, event, serde_json::json!({"tier": "DIAMOND", "note": note})))
+    };
+    let same_request = [event(created("up-1", "up-1-c", "GOLD", 100)), upgrade("up-1", "up-1-u", "upgraded")];
+    engine.ingest(&same_request).await.unwrap();
+    engine.start().await.unwrap();
+    // The second order's create is applied first; its upgrade comes in a later request.
+    engine.pauses().set(Priority::Normal, false);
+    engine.ingest(&[event(created("up-2", "up-2-c", "SILVER", 100))]).await.unwrap();
+    let stored = |id: &'static str| {
+        let engine = engine.clone();
+        async move {
+            for _ in 0..600 {
+                if let Some(o) = engine.order(id).await.unwrap() {
+                    return o;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{id} was never stored");
+        }
+    };
+    stored("up-2").await;
+    engine.pauses().set(Priority::Normal, true);
+    engine.ingest(&[upgrade("up-2", "up-2-u", "later")]).await.unwrap();
+    for p in Priority::ALL {
+        engine.pauses().set(p, false);
+    }
+    for (id, note) in [("up-1", "upgraded"), ("up-2", "later")] {
+        let mut row = stored(id).await;
+        for _ in 0..600 {
+            if row.version == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            row = stored(id).await;
+        }
+        assert_eq!((row.version, row.note.as_str(), row.tier.as_str()), (2, note, "DIAMOND"), "{row:?}");
+        let outcomes: Vec<_> = engine.history(id).await.unwrap().unwrap().iter().map(|h| h.outcome).collect();
+        assert_eq!(outcomes, [Outcome::Applied, Outcome::Applied], "{id}: the create, then the upgrade");
+    }
+    assert!(engine.dead_letters(10, None).await.unwrap().items.is_empty(), "nothing dead-lettered");
     engine.shutdown().await;
 }
 
@@ -51,18 +110,24 @@ async fn vip_preempts_normal_in_flight() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--batch-size", "256"]).await;
     let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
-    let normal: Vec<Value> = (0..10_000).map(|i| created(&format!("n-{i}"), &format!("n-{i}"), "SILVER", 100)).collect();
+    let normal: Vec<Value> =
+        (0..10_000).map(|i| created(&format!("n-{i}"), &format!("n-{i}"), "SILVER", 100)).collect();
     for chunk in normal.chunks(2_000) {
         assert_eq!(s.post_events(&Value::Array(chunk.to_vec())).await.status(), 202);
     }
     let vip: Vec<Value> = (0..1_000).map(|i| created(&format!("v-{i}"), &format!("v-{i}"), "DIAMOND", 100)).collect();
     assert_eq!(s.post_events(&Value::Array(vip)).await.status(), 202);
-    let late: Vec<Value> = (0..1_000).map(|i| created(&format!("late-{i}"), &format!("late-{i}"), "GOLD", 100)).collect();
+    let late: Vec<Value> =
+        (0..1_000).map(|i| created(&format!("late-{i}"), &format!("late-{i}"), "GOLD", 100)).collect();
     assert_eq!(s.post_events(&Value::Array(late)).await.status(), 202);
 
     let mut ids = Vec::with_capacity(12_000);
     while ids.len() < 12_000 {
-        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next()).await.expect("changes keep coming").unwrap().unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("changes keep coming")
+            .unwrap()
+            .unwrap();
         let Message::Text(text) = msg else { continue };
         let v: Value = serde_json::from_str(&text).unwrap();
         match v["type"].as_str() {
@@ -75,8 +140,13 @@ async fn vip_preempts_normal_in_flight() {
     let last_vip = ids.iter().rposition(|id| id.starts_with("v-")).unwrap();
     let first_late = ids.iter().position(|id| id.starts_with("late-")).unwrap();
     let normal_after_vip = ids[last_vip..].iter().filter(|id| id.starts_with("n-")).count();
-    eprintln!("first VIP at {first_vip}, last VIP at {last_vip}, first late NORMAL at {first_late}, {normal_after_vip} early NORMAL after the VIPs");
+    eprintln!(
+        "first VIP at {first_vip}, last VIP at {last_vip}, first late NORMAL at {first_late}, {normal_after_vip} early NORMAL after the VIPs"
+    );
     assert_eq!(last_vip - first_vip, 999, "no NORMAL event between the first and the last VIP");
     assert!(first_late > last_vip, "NORMAL queued after the VIP burst starts only after it");
-    assert!(normal_after_vip > 0, "the VIP burst arrived while NORMAL work was still queued (else this test shows nothing)");
+    assert!(
+        normal_after_vip > 0,
+        "the VIP burst arrived while NORMAL work was still queued (else this test shows nothing)"
+    );
 }

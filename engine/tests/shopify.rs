@@ -21,7 +21,11 @@ fn update(note: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn signed_deliveries_become_events_once() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-secret-previous", OLD, "--shopify-max-body-bytes", "8192"]).await;
+    let s = Server::start_with(
+        dir.path(),
+        &["--shopify-secret", SECRET, "--shopify-secret-previous", OLD, "--shopify-max-body-bytes", "8192"],
+    )
+    .await;
 
     // Unsigned, wrongly signed, truncated and bit-flipped signatures: 401, never 500.
     assert_eq!(deliver(&s, "orders/create", "w-0", CREATE, None).await.status(), 401);
@@ -41,7 +45,10 @@ async fn signed_deliveries_become_events_once() {
     s.drain(Duration::from_secs(10)).await;
     let (status, order) = s.get_json("/orders/shopify-820982911946154508").await;
     assert_eq!(status, 200, "{order}");
-    assert_eq!((order["total_cents"].as_i64(), order["tier"].as_str(), order["status"].as_str()), (Some(59_895), Some("GOLD"), Some("PENDING")));
+    assert_eq!(
+        (order["total_cents"].as_i64(), order["tier"].as_str(), order["status"].as_str()),
+        (Some(59_895), Some("GOLD"), Some("PENDING"))
+    );
     assert_eq!(order["shopify_order_id"], 820982911946154508i64);
 
     // orders/paid, signed with the previous secret during a rotation.
@@ -61,8 +68,24 @@ async fn signed_deliveries_become_events_once() {
     assert_eq!(s.get_json("/orders/shopify-820982911946154508").await.1["status"], "CONFIRMED");
 
     let (_, audit) = s.get_json("/webhooks/deliveries?limit=100").await;
-    let outcomes: Vec<(String, String)> = audit["items"].as_array().unwrap().iter().map(|d| (d["webhook_id"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into())).collect();
-    let expect = [("w-0", "rejected"), ("w-0", "rejected"), ("w-0", "rejected"), ("w-0", "rejected"), ("w-1", "received"), ("w-1", "duplicate"), ("w-2", "received"), ("w-3", "ignored"), ("w-4", "rejected"), ("w-5", "rejected")];
+    let outcomes: Vec<(String, String)> = audit["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["webhook_id"].as_str().unwrap().into(), d["outcome"].as_str().unwrap().into()))
+        .collect();
+    let expect = [
+        ("w-0", "rejected"),
+        ("w-0", "rejected"),
+        ("w-0", "rejected"),
+        ("w-0", "rejected"),
+        ("w-1", "received"),
+        ("w-1", "duplicate"),
+        ("w-2", "received"),
+        ("w-3", "ignored"),
+        ("w-4", "rejected"),
+        ("w-5", "rejected"),
+    ];
     assert_eq!(outcomes, expect.map(|(a, b)| (a.to_string(), b.to_string())));
     assert!(audit["items"][0]["reason"].as_str().unwrap().contains("missing"), "{}", audit["items"][0]);
 }
@@ -75,10 +98,20 @@ async fn chaos_of_duplicate_deliveries() {
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
     assert_eq!(deliver(&s, "orders/create", "c-0", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
     s.drain(Duration::from_secs(10)).await;
-    let deliveries: Vec<(String, Vec<u8>)> = (0..100).map(|i| (format!("c-{}", 1 + i / 2), update(&format!("update {}", i / 2)))).collect();
+    let deliveries: Vec<(String, Vec<u8>)> =
+        (0..100).map(|i| (format!("c-{}", 1 + i / 2), update(&format!("update {}", i / 2)))).collect();
     let answers: Vec<String> = futures::stream::iter(deliveries.iter().map(|(id, body)| {
         let s = &s;
-        async move { deliver(s, "orders/updated", id, body, Some(sign(SECRET, body))).await.json::<Value>().await.unwrap()["status"].as_str().unwrap().to_string() }
+        async move {
+            deliver(s, "orders/updated", id, body, Some(sign(SECRET, body)))
+                        .await
+                        .json::<Value>()
+                        .await
+                        .unwrap()["status"]
+                        .as_str()
+                        .unwrap()
+                        .to_string()
+        }
     }))
     .buffer_unordered(32)
     .collect()
@@ -90,9 +123,10 @@ async fn chaos_of_duplicate_deliveries() {
     let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
     let (_, order) = s.get_json("/orders/shopify-820982911946154508").await;
     assert_eq!(order["version"].as_u64().unwrap() as usize, applied, "version is 1 + the applied updates");
-    // The 50 updates carry one updated_at: the first applies, the rest are stale.
+    // The 50 updates carry one updated_at, and one second holds many changes: none of
+    // them is stale, and each unique delivery (its own note) applies once.
     assert_eq!(h.len(), 51, "the create and each unique delivery, once: {h:#?}");
-    assert_eq!(applied, 2);
+    assert_eq!(applied, 51);
     let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
     let items = audit["items"].as_array().unwrap();
     assert_eq!(items.iter().filter(|d| d["outcome"] == "received").count(), 51);
@@ -125,9 +159,24 @@ async fn the_cli_chaos_mode_is_applied_exactly_once() {
     let ids: std::collections::HashSet<&str> = h.iter().map(|e| e["event_id"].as_str().unwrap()).collect();
     assert_eq!((h.len(), ids.len()), (51, 51), "the create and 50 unique updates, once each");
     let applied = h.iter().filter(|e| e["outcome"] == "applied").count();
-    assert!(h.iter().all(|e| e["outcome"] == "applied" || e["reason"].as_str().unwrap_or("").starts_with("discarded: stale")));
-    assert_eq!(s.get_json("/orders/shopify-42").await.1["version"].as_u64().unwrap() as usize, applied, "version = 1 + applied updates");
-    for topic in ["orders/paid", "orders/fulfilled", "orders/cancelled", "orders/delete", "orders/edited", "orders/partially_fulfilled", "orders/updated"] {
+    assert!(
+        h.iter()
+            .all(|e| e["outcome"] == "applied" || e["reason"].as_str().unwrap_or("").starts_with("discarded: stale"))
+    );
+    assert_eq!(
+        s.get_json("/orders/shopify-42").await.1["version"].as_u64().unwrap() as usize,
+        applied,
+        "version = 1 + applied updates"
+    );
+    for topic in [
+        "orders/paid",
+        "orders/fulfilled",
+        "orders/cancelled",
+        "orders/delete",
+        "orders/edited",
+        "orders/partially_fulfilled",
+        "orders/updated",
+    ] {
         assert!(send(&["--topic", topic]).contains("accepted"), "{topic}");
     }
 }
@@ -155,7 +204,9 @@ async fn stale_deliveries_are_discarded_and_audited() {
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
     assert_eq!(deliver(&s, "orders/create", "s-0", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
     let at = |t: &str, note: &str| {
-        json!({"id": 820982911946154508i64, "updated_at": t, "note": note, "total_price": "598.95", "currency": "USD"}).to_string().into_bytes()
+        json!({"id": 820982911946154508i64, "updated_at": t, "note": note, "total_price": "598.95", "currency": "USD"})
+            .to_string()
+            .into_bytes()
     };
     let newer = at("2026-11-21T13:00:00-05:00", "newer");
     let older = at("2026-11-21T12:30:00-05:00", "older");
@@ -170,4 +221,28 @@ async fn stale_deliveries_are_discarded_and_audited() {
     let last = h.last().unwrap();
     assert_eq!((last["event_id"].as_str(), last["outcome"].as_str()), (Some("shopify:s-1"), Some("skipped")));
     assert!(last["reason"].as_str().unwrap().starts_with("discarded: stale delivery"), "{last}");
+}
+
+/// Shopify's `updated_at` has one-second resolution: `orders/paid` and then
+/// `orders/fulfilled` in the same second are two changes, and both apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_changes_in_the_same_second_both_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    assert_eq!(deliver(&s, "orders/create", "same-1", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let paid = update("");
+    assert_eq!(deliver(&s, "orders/paid", "same-2", &paid, Some(sign(SECRET, &paid))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let mut fulfilled: Value = serde_json::from_slice(&paid).unwrap();
+    fulfilled["fulfillment_status"] = json!("fulfilled");
+    let fulfilled = fulfilled.to_string().into_bytes();
+    let r = deliver(&s, "orders/fulfilled", "same-3", &fulfilled, Some(sign(SECRET, &fulfilled))).await;
+    assert_eq!(r.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let (_, order) = s.get_json("/orders/shopify-820982911946154508").await;
+    let h = history(&s, "shopify-820982911946154508").await;
+    let outcomes: Vec<&str> = h.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["applied", "applied", "applied"], "{h:?}");
+    assert_eq!(order["status"], "SHIPPED", "{order}");
 }

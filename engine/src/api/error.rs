@@ -28,7 +28,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub error: String,
     pub detail: Value,
-    pub current: Option<Order>,
+    /// Boxed: a whole row would make every `Result<_, ApiError>` large.
+    pub current: Option<Box<Order>>,
     /// Seconds for a `Retry-After` header (429, 503).
     pub retry_after: Option<u64>,
 }
@@ -52,7 +53,11 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = %self.status, error = %self.error, detail = %self.detail, "request failed");
         }
-        let mut response = (self.status, Json(ErrorBody { error: self.error, detail: self.detail, current: self.current })).into_response();
+        let mut response = (
+            self.status,
+            Json(ErrorBody { error: self.error, detail: self.detail, current: self.current.map(|c| *c) }),
+        )
+            .into_response();
         if let Some(seconds) = self.retry_after {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, seconds.into());
         }
@@ -64,7 +69,14 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Cursor(m) => Self::bad_request("invalid cursor", m),
-            other => Self::new(StatusCode::SERVICE_UNAVAILABLE, "store unavailable", other.to_string()),
+            other => {
+                let transient = other.is_transient();
+                let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "store unavailable", other.to_string());
+                // An outage passes: say when to come back. Other store failures stay 503
+                // without a hint, since retrying them soon will not help.
+                e.retry_after = transient.then_some(1);
+                e
+            }
         }
     }
 }
@@ -87,7 +99,7 @@ impl From<EditError> for ApiError {
             EditError::NotFound => Self::not_found("order not found"),
             EditError::Stale { expected, current } => {
                 let detail = serde_json::json!({ "expected": expected, "current_version": current.version });
-                Self::new(StatusCode::CONFLICT, "stale version", detail).with_current(*current)
+                Self::new(StatusCode::CONFLICT, "stale version", detail).with_current(current)
             }
             EditError::Invalid(m) => Self::bad_request("invalid edit", m),
             EditError::Store(e) => e.into(),
@@ -96,7 +108,7 @@ impl From<EditError> for ApiError {
 }
 
 impl ApiError {
-    fn with_current(mut self, current: Order) -> Self {
+    fn with_current(mut self, current: Box<Order>) -> Self {
         self.current = Some(current);
         self
     }

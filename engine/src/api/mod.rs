@@ -5,6 +5,7 @@ mod error;
 mod openapi;
 mod plugins;
 mod runs;
+mod webhooks;
 mod ws;
 
 use std::sync::Arc;
@@ -81,8 +82,8 @@ pub fn router(state: AppState) -> Router {
         .route("/queues/{priority}/pause", post(runs::pause))
         .route("/queues/{priority}/resume", post(runs::resume))
         .route("/reset", post(runs::reset))
-        .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(shopify_limit)))
-        .route("/webhooks/deliveries", get(crate::shopify::deliveries))
+        .route("/webhooks/shopify", post(webhooks::receive).layer(DefaultBodyLimit::max(shopify_limit)))
+        .route("/webhooks/deliveries", get(webhooks::deliveries))
         .merge(assets::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -94,8 +95,8 @@ pub fn bridge_router(state: AppState) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
-        .route("/webhooks/shopify", post(crate::shopify::receive).layer(DefaultBodyLimit::max(limit)))
-        .route("/webhooks/deliveries", get(crate::shopify::deliveries))
+        .route("/webhooks/shopify", post(webhooks::receive).layer(DefaultBodyLimit::max(limit)))
+        .route("/webhooks/deliveries", get(webhooks::deliveries))
         .with_state(state)
 }
 
@@ -122,14 +123,15 @@ struct QueueDepth {
 #[utoipa::path(get, path = "/health", responses((status = 200, body = Health), (status = 503, body = Health)))]
 async fn health(State(s): State<AppState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
-    let stats = &s.engine.stats;
-    // Bounded: a store that hangs must read as unhealthy, not hang the probe.
-    let probe = tokio::time::timeout(std::time::Duration::from_secs(2), s.engine.store.get("__health__")).await;
-    let store_ok = matches!(probe, Ok(Ok(_))) && s.engine.log.healthy();
+    let stats = s.engine.stats();
+    let store_ok = s.engine.healthy().await;
     let body = Health {
         status: if store_ok { "ok" } else { "unhealthy" },
         backend: s.engine.backend(),
-        queue_depth: QueueDepth { vip: s.engine.log.depth(Priority::Vip), normal: s.engine.log.depth(Priority::Normal) },
+        queue_depth: QueueDepth {
+            vip: s.engine.queue_depth(Priority::Vip),
+            normal: s.engine.queue_depth(Priority::Normal),
+        },
         applied: stats.applied.load(Relaxed),
         skipped: stats.skipped.load(Relaxed),
         rejected: stats.rejected.load(Relaxed),
@@ -143,7 +145,7 @@ async fn health(State(s): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
 async fn metrics(State(s): State<AppState>) -> Response {
     for p in Priority::ALL {
-        telemetry::queue_depth(p).set(s.engine.log.depth(p) as f64);
+        telemetry::queue_depth(p).set(s.engine.queue_depth(p) as f64);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
@@ -156,14 +158,16 @@ pub struct LogParams {
 }
 
 /// The engine's latest log lines (INFO and above), oldest first.
-#[utoipa::path(get, path = "/logs", params(LogParams), responses((status = 200, body = Vec<crate::logs::LogLine>), (status = 400, body = ErrorBody)))]
-async fn recent_logs(params: Result<Query<LogParams>, QueryRejection>) -> Result<Json<Vec<crate::logs::LogLine>>, ApiError> {
+#[utoipa::path(get, path = "/logs", params(LogParams), responses((status = 200, body = Vec<crate::recent_logs::LogLine>), (status = 400, body = ErrorBody)))]
+async fn recent_logs(
+    params: Result<Query<LogParams>, QueryRejection>,
+) -> Result<Json<Vec<crate::recent_logs::LogLine>>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
     let limit = p.limit.unwrap_or(100);
     if !(1..=500).contains(&limit) {
         return Err(ApiError::bad_request("invalid limit", "limit must be 1..=500"));
     }
-    Ok(Json(crate::logs::recent(limit)))
+    Ok(Json(crate::recent_logs::recent(limit)))
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
@@ -198,7 +202,10 @@ pub struct Accepted {
         (status = 400, body = ErrorBody), (status = 413, body = ErrorBody), (status = 503, body = ErrorBody),
     )
 )]
-async fn post_events(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+async fn post_events(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
     let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     let events: Vec<OrderEvent> =
@@ -228,14 +235,19 @@ pub struct ListParams {
 }
 
 #[utoipa::path(get, path = "/orders", params(ListParams), responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody)))]
-async fn list_orders(State(s): State<AppState>, params: Result<Query<ListParams>, QueryRejection>) -> Result<Json<Page<Order>>, ApiError> {
+async fn list_orders(
+    State(s): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Page<Order>>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
     let status = p
         .status
         .map(|v| Status::parse(&v.to_ascii_uppercase()).ok_or_else(|| ApiError::bad_request("invalid status", v)))
         .transpose()?;
-    let priority =
-        p.priority.map(|v| Priority::parse(&v).ok_or_else(|| ApiError::bad_request("invalid priority", v))).transpose()?;
+    let priority = p
+        .priority
+        .map(|v| Priority::parse(&v).ok_or_else(|| ApiError::bad_request("invalid priority", v)))
+        .transpose()?;
     let sort = match p.sort.as_deref() {
         None => Sort::default(),
         Some(v) => serde_json::from_value(json!(v)).map_err(|_| {
@@ -246,23 +258,20 @@ async fn list_orders(State(s): State<AppState>, params: Result<Query<ListParams>
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
     }
-    let page = s.engine.store.list(ListQuery { limit, cursor: p.cursor, status, priority, q: p.q, sort }).await?;
+    let page = s.engine.orders(ListQuery { limit, cursor: p.cursor, status, priority, q: p.q, sort }).await?;
     Ok(Json(page))
 }
 
 #[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = ErrorBody)))]
 async fn get_order(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let order = s.engine.store.get(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+    let order = s.engine.order(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
     Ok(with_etag(order))
 }
 
 /// Every history entry of the order, oldest first.
 #[utoipa::path(get, path = "/orders/{id}/history", responses((status = 200, body = Vec<HistoryEntry>), (status = 404, body = ErrorBody)))]
 async fn order_history(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
-    let history = s.engine.store.history(&id).await?;
-    if history.is_empty() && s.engine.store.get(&id).await?.is_none() {
-        return Err(ApiError::not_found("order not found"));
-    }
+    let history = s.engine.history(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
     Ok(Json(history))
 }
 
@@ -284,7 +293,11 @@ async fn patch_order(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let raw = headers.get(header::IF_MATCH).ok_or_else(|| {
-        ApiError::new(StatusCode::PRECONDITION_REQUIRED, "If-Match required", "send If-Match: <version> from the row you edited")
+        ApiError::new(
+            StatusCode::PRECONDITION_REQUIRED,
+            "If-Match required",
+            "send If-Match: <version> from the row you edited",
+        )
     })?;
     let expected = raw
         .to_str()

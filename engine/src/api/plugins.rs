@@ -28,12 +28,20 @@ impl FromRequestParts<AppState> for Authorized {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let given = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         match given {
             // Constant time, so the comparison leaks nothing about the token.
             Some(t) if bool::from(t.as_bytes().ct_eq(state.config.api_token.as_bytes())) => Ok(Authorized),
-            Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API token", "the bearer token does not match")),
-            None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "API token required", "send Authorization: Bearer <token>")),
+            Some(_) => {
+                Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API token", "the bearer token does not match"))
+            }
+            None => {
+                Err(ApiError::new(StatusCode::UNAUTHORIZED, "API token required", "send Authorization: Bearer <token>"))
+            }
         }
     }
 }
@@ -49,11 +57,14 @@ impl From<PluginError> for ApiError {
 }
 
 fn registry(s: &AppState) -> Result<&Arc<Registry>, ApiError> {
-    s.engine.plugins.as_ref().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "plugins are disabled", "the engine runs the native rules"))
+    s.engine
+        .plugins()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "plugins are disabled", "the engine runs the native rules"))
 }
 
 fn slot(name: &str) -> Result<Slot, ApiError> {
-    Slot::parse(name).ok_or_else(|| ApiError::not_found(format!("no slot {name:?}; slots are order-rules and conflict-resolver")))
+    Slot::parse(name)
+        .ok_or_else(|| ApiError::not_found(format!("no slot {name:?}; slots are order-rules and conflict-resolver")))
 }
 
 /// Slots with their active and shadow versions, every stored version, and the history.
@@ -94,26 +105,41 @@ pub async fn deploy(
 
 /// Makes the shadow version active.
 #[utoipa::path(post, path = "/plugins/{slot}/promote", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn promote(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
+pub async fn promote(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(registry(&s)?.promote(slot(&name)?).await?))
 }
 
 /// Re-activates the version that was active before the current one.
 #[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn rollback(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
+pub async fn rollback(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(registry(&s)?.rollback(slot(&name)?).await?))
 }
 
 /// Stops the shadow run without promoting it.
 #[utoipa::path(delete, path = "/plugins/{slot}/shadow", responses((status = 204), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn discard(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn discard(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     registry(&s)?.discard_shadow(slot(&name)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// How the shadow version's decisions compare with the active version's.
 #[utoipa::path(get, path = "/plugins/{slot}/shadow-report", responses((status = 200, body = ShadowReport), (status = 409, body = super::ErrorBody)))]
-pub async fn shadow_report(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<ShadowReport>, ApiError> {
+pub async fn shadow_report(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<ShadowReport>, ApiError> {
     Ok(Json(registry(&s)?.shadow_report(slot(&name)?)?))
 }
 
@@ -126,12 +152,15 @@ pub struct PageParams {
 
 /// Dead letters, oldest first.
 #[utoipa::path(get, path = "/dead-letters", params(PageParams), responses((status = 200, body = Page<DeadLetter>)))]
-pub async fn dead_letters(State(s): State<AppState>, Query(p): Query<PageParams>) -> Result<Json<Page<DeadLetter>>, ApiError> {
+pub async fn dead_letters(
+    State(s): State<AppState>,
+    Query(p): Query<PageParams>,
+) -> Result<Json<Page<DeadLetter>>, ApiError> {
     let limit = p.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
     }
-    Ok(Json(s.engine.store.dead_letters(limit, p.cursor).await?))
+    Ok(Json(s.engine.dead_letters(limit, p.cursor).await?))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -146,11 +175,17 @@ pub struct Replayed {
     responses((status = 202, body = Replayed), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody), (status = 400, body = super::ErrorBody)),
     security(("bearer" = []))
 )]
-pub async fn replay(_: Authorized, State(s): State<AppState>, Path(id): Path<String>) -> Result<(StatusCode, Json<Replayed>), ApiError> {
+pub async fn replay(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Replayed>), ApiError> {
     match s.engine.replay(&id).await {
         Ok(event) => Ok((StatusCode::ACCEPTED, Json(Replayed { event_id: event.event_id }))),
         Err(ReplayError::NotFound) => Err(ApiError::not_found("dead letter not found")),
-        Err(ReplayError::AlreadyReplayed(at)) => Err(ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at }))),
+        Err(ReplayError::AlreadyReplayed(at)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at })))
+        }
         Err(ReplayError::NotAnEvent(m)) => Err(ApiError::bad_request("cannot replay", m)),
         Err(ReplayError::Ingest(e)) => Err(e.into()),
         Err(ReplayError::Store(e)) => Err(e.into()),

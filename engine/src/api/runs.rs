@@ -21,8 +21,12 @@ impl From<RunError> for ApiError {
     fn from(e: RunError) -> Self {
         match e {
             RunError::Invalid(m) => ApiError::bad_request("invalid run", m),
-            RunError::Active(id) => ApiError::new(StatusCode::CONFLICT, "a run is already active", json!({ "run_id": id })),
-            RunError::Ended(id) => ApiError::new(StatusCode::CONFLICT, "the run has already ended", json!({ "run_id": id })),
+            RunError::Active(id) => {
+                ApiError::new(StatusCode::CONFLICT, "a run is already active", json!({ "run_id": id }))
+            }
+            RunError::Ended(id) => {
+                ApiError::new(StatusCode::CONFLICT, "the run has already ended", json!({ "run_id": id }))
+            }
             RunError::NotFound => ApiError::not_found("run not found"),
             RunError::Store(e) => e.into(),
         }
@@ -37,7 +41,11 @@ impl From<RunError> for ApiError {
         (status = 409, body = ErrorBody, description = "A run is already active"),
     )
 )]
-pub async fn start(_: Authorized, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<(StatusCode, Json<Run>), ApiError> {
+pub async fn start(
+    _: Authorized,
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Run>), ApiError> {
     let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
     let request: RunRequest = parse_json(&body, "run request")?;
     Ok((StatusCode::CREATED, Json(s.runs.start(request).await?)))
@@ -59,13 +67,16 @@ pub struct RunsParams {
 
 /// Run history, newest first.
 #[utoipa::path(get, path = "/runs", params(RunsParams), responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody)))]
-pub async fn list(State(s): State<AppState>, params: Result<Query<RunsParams>, QueryRejection>) -> Result<Json<Page<Run>>, ApiError> {
+pub async fn list(
+    State(s): State<AppState>,
+    params: Result<Query<RunsParams>, QueryRejection>,
+) -> Result<Json<Page<Run>>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
     let limit = p.limit.unwrap_or(20);
     if !(1..=100).contains(&limit) {
         return Err(ApiError::bad_request("invalid limit", "limit must be 1..=100"));
     }
-    Ok(Json(s.engine.store.runs(limit, p.cursor).await?))
+    Ok(Json(s.runs.list(limit, p.cursor).await?))
 }
 
 #[utoipa::path(get, path = "/runs/{id}", responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
@@ -82,9 +93,18 @@ pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Js
         (status = 409, body = ErrorBody, description = "The run has already ended"),
     )
 )]
-pub async fn cancel(_: Authorized, State(s): State<AppState>, Path(id): Path<String>, body: Result<Bytes, BytesRejection>) -> Result<Json<Run>, ApiError> {
+pub async fn cancel(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Run>, ApiError> {
     let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
-    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) { CancelRequest::default() } else { parse_json(&body, "cancel request")? };
+    let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        parse_json(&body, "cancel request")?
+    };
     Ok(Json(s.runs.cancel(&id, request).await?))
 }
 
@@ -98,21 +118,34 @@ pub struct QueueState {
 }
 
 fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<QueueState>, ApiError> {
-    let priority = Priority::parse(&name.to_ascii_uppercase()).ok_or_else(|| ApiError::not_found(format!("no queue {name:?}; queues are vip and normal")))?;
+    let priority = Priority::parse(&name.to_ascii_uppercase())
+        .ok_or_else(|| ApiError::not_found(format!("no queue {name:?}; queues are vip and normal")))?;
     if let Some(p) = paused {
-        s.engine.pauses.set(priority, p);
+        s.engine.pauses().set(priority, p);
     }
-    Ok(Json(QueueState { priority, paused: s.engine.pauses.operator_paused(priority), held_by_run: s.engine.pauses.held(priority) }))
+    Ok(Json(QueueState {
+        priority,
+        paused: s.engine.pauses().operator_paused(priority),
+        held_by_run: s.engine.pauses().held(priority),
+    }))
 }
 
 /// Stops consuming one priority on this instance; queued events wait on the log.
 #[utoipa::path(post, path = "/queues/{priority}/pause", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn pause(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
+pub async fn pause(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(true))
 }
 
 #[utoipa::path(post, path = "/queues/{priority}/resume", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn resume(_: Authorized, State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
+pub async fn resume(
+    _: Authorized,
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(false))
 }
 
@@ -135,7 +168,11 @@ pub struct ResetRequest {
         (status = 409, body = ErrorBody, description = "A run is active"),
     )
 )]
-pub async fn reset(_: Authorized, State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<serde_json::Value>, ApiError> {
+pub async fn reset(
+    _: Authorized,
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
     let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
     let request: ResetRequest = parse_json(&body, "reset request")?;
     if request.confirm != "reset" {

@@ -23,17 +23,27 @@ const RESYNC: &str = r#"{"type":"resync","reason":"client fell behind; re-fetch 
 pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Response {
     // Subscribe before the upgrade completes, so no change applied after the
     // handshake answer can be missed.
-    let rx = s.engine.changes.subscribe();
-    let notices = s.engine.changes.subscribe_notices();
+    let rx = s.engine.changes().subscribe();
+    let notices = s.engine.changes().subscribe_notices();
     ws.on_upgrade(move |socket| serve(socket, rx, notices))
 }
 
-async fn serve(socket: WebSocket, mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>, mut notices: tokio::sync::broadcast::Receiver<Arc<str>>) {
+async fn serve(
+    socket: WebSocket,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
+    mut notices: tokio::sync::broadcast::Receiver<Arc<str>>,
+) {
     let gauge = metrics::gauge!(telemetry::WS_CLIENTS);
     gauge.increment(1.0);
     let (mut sink, mut stream) = socket.split();
     // The client sends nothing we need; reading notices when it goes away.
-    let mut closed = tokio::spawn(async move { while let Some(Ok(msg)) = stream.next().await { if matches!(msg, Message::Close(_)) { break; } } });
+    let mut closed = tokio::spawn(async move {
+        while let Some(Ok(msg)) = stream.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    });
     let hello = r#"{"type":"hello"}"#;
     if sink.send(Message::Text(hello.into())).await.is_err() {
         gauge.decrement(1.0);

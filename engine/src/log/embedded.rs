@@ -36,10 +36,18 @@ struct Marks {
 }
 
 enum Cmd {
-    Append { records: Vec<Record>, ack: oneshot::Sender<Result<(), LogError>> },
-    Commit { priority: Priority, offset: u64 },
+    Append {
+        records: Vec<Record>,
+        ack: oneshot::Sender<Result<(), LogError>>,
+    },
+    Commit {
+        priority: Priority,
+        offset: u64,
+    },
     /// Answered once everything queued before it is committed.
-    Flush { ack: oneshot::Sender<Result<(), LogError>> },
+    Flush {
+        ack: oneshot::Sender<Result<(), LogError>>,
+    },
 }
 
 pub struct EmbeddedLog {
@@ -154,7 +162,10 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks) {
             match cmd {
                 Cmd::Append { records, .. } => {
                     for r in records {
-                        let sql = format!("INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)", table(r.priority));
+                        let sql = format!(
+                            "INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)",
+                            table(r.priority)
+                        );
                         tx.prepare_cached(&sql)?.execute(params![r.key, r.payload, now])?;
                         last[idx(r.priority)] = Some(tx.last_insert_rowid() as u64);
                     }
@@ -260,7 +271,8 @@ impl LogConsumer for EmbeddedConsumer {
         let after = self.position[idx(p)];
         let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Delivery>> {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
-            let sql = format!("SELECT pos, key, payload, appended_at FROM {} WHERE pos > ?1 ORDER BY pos LIMIT ?2", table(p));
+            let sql =
+                format!("SELECT pos, key, payload, appended_at FROM {} WHERE pos > ?1 ORDER BY pos LIMIT ?2", table(p));
             let mut stmt = conn.prepare_cached(&sql)?;
             stmt.query_map(params![after as i64, max as i64], |r| {
                 Ok(Delivery {
@@ -318,7 +330,14 @@ mod tests {
         let path = dir.path().join("log.sqlite");
         {
             let log = EmbeddedLog::open(&path).unwrap();
-            log.append(vec![rec(Priority::Normal, "n1"), rec(Priority::Vip, "v1"), rec(Priority::Normal, "n2"), rec(Priority::Normal, "n3")]).await.unwrap();
+            log.append(vec![
+                rec(Priority::Normal, "n1"),
+                rec(Priority::Vip, "v1"),
+                rec(Priority::Normal, "n2"),
+                rec(Priority::Normal, "n3"),
+            ])
+            .await
+            .unwrap();
             assert_eq!((log.depth(Priority::Vip), log.depth(Priority::Normal)), (1, 3));
             let mut c = log.consumer().await.unwrap();
             assert!(log.consumer().await.is_err(), "a single consumer");

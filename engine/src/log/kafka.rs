@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
-use crate::domain::{Order, Priority};
+use crate::domain::{Order, PerPriority, Priority};
 use crate::plugin::registry::{Registry, SlotState};
 use crate::stream::{ChangeRelay, ChangeStream};
 
@@ -41,6 +41,20 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Names the five topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq` and `.plugins`.
+    pub fn with_topic_prefix(self, prefix: &str) -> Self {
+        Self {
+            vip_topic: format!("{prefix}.vip"),
+            normal_topic: format!("{prefix}.normal"),
+            changes_topic: format!("{prefix}.changes"),
+            dlq_topic: format!("{prefix}.dlq"),
+            plugins_topic: format!("{prefix}.plugins"),
+            ..self
+        }
+    }
+}
+
+impl KafkaConfig {
     pub fn topic(&self, p: Priority) -> &str {
         match p {
             Priority::Vip => &self.vip_topic,
@@ -60,7 +74,7 @@ fn backend(e: impl std::fmt::Display) -> LogError {
 /// Lag per priority (records not yet committed by the group), kept fresh by a monitor thread.
 #[derive(Default)]
 struct Lag {
-    depth: [AtomicU64; 2],
+    depth: PerPriority<AtomicU64>,
     healthy: AtomicBool,
 }
 
@@ -75,16 +89,19 @@ impl KafkaLog {
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
-        let topics: Vec<NewTopic<'_>> = [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
-            .into_iter()
-            .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
-            .chain(std::iter::once(
-                NewTopic::new(&config.plugins_topic, 1, TopicReplication::Fixed(config.replication))
-                    .set("cleanup.policy", "compact")
-                    .set("max.message.bytes", PLUGIN_RECORD_MAX),
-            ))
-            .collect();
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(15)));
+        let topics: Vec<NewTopic<'_>> =
+            [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
+                .into_iter()
+                .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
+                .chain(std::iter::once(
+                    NewTopic::new(&config.plugins_topic, 1, TopicReplication::Fixed(config.replication))
+                        .set("cleanup.policy", "compact")
+                        .set("max.message.bytes", PLUGIN_RECORD_MAX),
+                ))
+                .collect();
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(Duration::from_secs(10)))
+            .request_timeout(Some(Duration::from_secs(15)));
         let created = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&topics, &opts))
             .await
             .map_err(|_| LogError::Backend(format!("Kafka at {} did not answer in 30 s", config.brokers)))?;
@@ -248,7 +265,8 @@ impl KafkaLog {
         let (producer, topic) = (self.producer.clone(), self.config.plugins_topic.clone());
         Arc::new(move |state: SlotState| {
             let payload = serde_json::to_vec(&state).expect("a slot state always serializes");
-            if let Err((e, _)) = producer.send_result(FutureRecord::to(&topic).key(state.slot.name()).payload(&payload)) {
+            if let Err((e, _)) = producer.send_result(FutureRecord::to(&topic).key(state.slot.name()).payload(&payload))
+            {
                 tracing::error!(error = %e, slot = %state.slot, "could not publish a plugin deployment");
             }
         })
@@ -267,7 +285,8 @@ impl KafkaLog {
             .map_err(backend)?;
         consumer.subscribe(&[&self.config.plugins_topic]).map_err(backend)?;
         let runtime = tokio::runtime::Handle::current();
-        let apply = move |payload: Option<&[u8]>| match serde_json::from_slice::<SlotState>(payload.unwrap_or_default()) {
+        let apply = move |payload: Option<&[u8]>| match serde_json::from_slice::<SlotState>(payload.unwrap_or_default())
+        {
             Ok(state) => {
                 let slot = state.slot;
                 if let Err(e) = runtime.block_on(registry.apply(state)) {
@@ -313,7 +332,7 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
     let (client, topics) = {
         let log = log.upgrade().ok_or(LogError::Closed)?;
         let client: BaseConsumer = log.consumer_config().create().map_err(backend)?;
-        (client, Priority::ALL.map(|p| log.config.topic(p).to_string()))
+        (client, PerPriority::from_fn(|p| log.config.topic(p).to_string()))
     };
     std::thread::Builder::new()
         .name("kafka-lag".into())
@@ -329,10 +348,11 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
     Ok(())
 }
 
-fn measure_lag(client: &BaseConsumer, topics: &[String; 2], lag: &Lag) -> Result<(), LogError> {
+fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -> Result<(), LogError> {
     let timeout = Duration::from_secs(2);
     let metadata = client.fetch_metadata(None, timeout).map_err(backend)?;
-    for (i, topic) in topics.iter().enumerate() {
+    for priority in Priority::ALL {
+        let topic = &topics[priority];
         let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { continue };
         let mut tpl = TopicPartitionList::new();
         for p in t.partitions() {
@@ -348,7 +368,7 @@ fn measure_lag(client: &BaseConsumer, topics: &[String; 2], lag: &Lag) -> Result
             };
             total += (high - done).max(0) as u64;
         }
-        lag.depth[i].store(total, Ordering::Relaxed);
+        lag.depth[priority].store(total, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -363,7 +383,8 @@ impl OrderLog for KafkaLog {
         let now_ms = chrono::Utc::now().timestamp_millis();
         // Queue everything, then wait for every acknowledgement (acks=all).
         let sends = records.iter().map(|r| {
-            let record = FutureRecord::to(self.config.topic(r.priority)).key(&r.key).payload(&r.payload).timestamp(now_ms);
+            let record =
+                FutureRecord::to(self.config.topic(r.priority)).key(&r.key).payload(&r.payload).timestamp(now_ms);
             self.producer.send(record, Duration::from_secs(10))
         });
         for result in futures::future::join_all(sends).await {
@@ -375,13 +396,14 @@ impl OrderLog for KafkaLog {
     async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError> {
         let shared = Arc::new(Buffers::default());
         let context = GroupContext { shared: shared.clone(), config: self.config.clone() };
-        let consumer: BaseConsumer<GroupContext> = self.consumer_config().create_with_context(context).map_err(backend)?;
+        let consumer: BaseConsumer<GroupContext> =
+            self.consumer_config().create_with_context(context).map_err(backend)?;
         consumer.subscribe(&[&self.config.vip_topic, &self.config.normal_topic]).map_err(backend)?;
         Ok(Box::new(KafkaConsumer { consumer, shared, config: self.config.clone(), lag: self.lag.clone() }))
     }
 
     fn depth(&self, p: Priority) -> u64 {
-        self.lag.depth[p as usize].load(Ordering::Relaxed)
+        self.lag.depth[p].load(Ordering::Relaxed)
     }
 
     async fn flush(&self) -> Result<(), LogError> {
@@ -403,7 +425,7 @@ struct Buffers {
 
 #[derive(Default)]
 struct BufferState {
-    queued: [VecDeque<Delivery>; 2],
+    queued: PerPriority<VecDeque<Delivery>>,
     handed: HashMap<(Priority, i32), i64>,
     normal_paused: bool,
     /// Set by a rebalance: the pause must be applied again to the new assignment.
@@ -424,7 +446,7 @@ impl ConsumerContext for GroupContext {
             let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             for e in tpl.elements() {
                 if let Some(p) = self.config.priority_of(e.topic()) {
-                    s.queued[p as usize].retain(|d| d.partition != e.partition());
+                    s.queued[p].retain(|d| d.partition != e.partition());
                     s.handed.remove(&(p, e.partition()));
                 }
             }
@@ -475,8 +497,8 @@ impl KafkaConsumer {
                         appended_at_us,
                     };
                     let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                    s.queued[priority as usize].push_back(d);
-                    if s.queued[priority as usize].len() >= BUFFER_MAX {
+                    s.queued[priority].push_back(d);
+                    if s.queued[priority].len() >= BUFFER_MAX {
                         break;
                     }
                 }
@@ -487,8 +509,9 @@ impl KafkaConsumer {
 
     fn apply_pause(&self) {
         let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let vip_waiting = !s.queued[Priority::Vip as usize].is_empty() || self.lag.depth[Priority::Vip as usize].load(Ordering::Relaxed) > 0;
-        let want_paused = vip_waiting || s.queued[Priority::Normal as usize].len() >= BUFFER_MAX;
+        let vip_waiting =
+            !s.queued[Priority::Vip].is_empty() || self.lag.depth[Priority::Vip].load(Ordering::Relaxed) > 0;
+        let want_paused = vip_waiting || s.queued[Priority::Normal].len() >= BUFFER_MAX;
         if want_paused == s.normal_paused && !s.reapply_pause {
             return;
         }
@@ -511,20 +534,20 @@ impl LogConsumer for KafkaConsumer {
         // Cheap enough to run before every NORMAL event: no network round trip.
         self.pump(Duration::ZERO);
         let s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let queued = s.queued[p as usize].len() as u64;
+        let queued = s.queued[p].len() as u64;
         match p {
             // VIP lag anywhere in the group holds NORMAL back: priority is global.
-            Priority::Vip => queued.max(self.lag.depth[0].load(Ordering::Relaxed)),
+            Priority::Vip => queued.max(self.lag.depth[Priority::Vip].load(Ordering::Relaxed)),
             Priority::Normal => queued,
         }
     }
 
     async fn poll(&mut self, p: Priority, max: usize) -> Result<Vec<Delivery>, LogError> {
-        let empty = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queued[p as usize].is_empty();
+        let empty = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queued[p].is_empty();
         self.pump(if empty { Duration::from_millis(50) } else { Duration::ZERO });
         let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let n = s.queued[p as usize].len().min(max);
-        let out: Vec<Delivery> = s.queued[p as usize].drain(..n).collect();
+        let n = s.queued[p].len().min(max);
+        let out: Vec<Delivery> = s.queued[p].drain(..n).collect();
         for d in &out {
             s.handed.entry((p, d.partition)).or_insert(d.offset as i64);
         }
@@ -555,7 +578,7 @@ impl LogConsumer for KafkaConsumer {
         let mut from: HashMap<i32, i64> = HashMap::new();
         {
             let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-            for d in s.queued[p as usize].drain(..) {
+            for d in s.queued[p].drain(..) {
                 let e = from.entry(d.partition).or_insert(d.offset as i64);
                 *e = (*e).min(d.offset as i64);
             }

@@ -105,9 +105,11 @@ impl Runtime {
         let engine = Engine::new(&config).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
 
         let mut rules_linker = Linker::new(&engine);
-        RulesWorld::add_to_linker::<_, HasSelf<_>>(&mut rules_linker, |s| s).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+        RulesWorld::add_to_linker::<_, HasSelf<_>>(&mut rules_linker, |s| s)
+            .map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
         let mut resolver_linker = Linker::new(&engine);
-        ResolverWorld::add_to_linker::<_, HasSelf<_>>(&mut resolver_linker, |s| s).map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
+        ResolverWorld::add_to_linker::<_, HasSelf<_>>(&mut resolver_linker, |s| s)
+            .map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
 
         let runtime = Arc::new(Self { engine, rules_linker, resolver_linker, limits });
         // A weak handle: the ticker ends with the runtime.
@@ -129,12 +131,13 @@ impl Runtime {
     /// no imports but the host interface (WASI imports that Rust's std links in are
     /// allowed but trap if called: plugins get no ambient access).
     pub fn compile(self: &Arc<Self>, slot: Slot, bytes: &[u8]) -> Result<Compiled, PluginError> {
-        let component = Component::new(&self.engine, bytes).map_err(|e| {
-            PluginError::Invalid(format!("not a valid WebAssembly component: {}", root_cause(&e)))
-        })?;
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| PluginError::Invalid(format!("not a valid WebAssembly component: {}", root_cause(&e))))?;
         let ty = component.component_type();
         for (name, item) in ty.imports(&self.engine) {
-            let allowed = ["orchestrator:rules/host@1.", "orchestrator:rules/types@1.", "wasi:"].iter().any(|p| name.starts_with(p));
+            let allowed = ["orchestrator:rules/host@1.", "orchestrator:rules/types@1.", "wasi:"]
+                .iter()
+                .any(|p| name.starts_with(p));
             if !allowed || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
                 return Err(PluginError::Invalid(format!(
                     "the component imports `{name}`, which the host does not provide; a {} plugin may import only orchestrator:rules/host",
@@ -149,7 +152,9 @@ impl Runtime {
         linker
             .define_unknown_imports_as_traps(&component)
             .map_err(|e| PluginError::Invalid(format!("cannot link the component: {e:#}")))?;
-        let pre = linker.instantiate_pre(&component).map_err(|e| PluginError::Invalid(format!("cannot link the component: {e:#}")))?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Invalid(format!("cannot link the component: {e:#}")))?;
         let world = |e: wasmtime::Error| {
             PluginError::Invalid(format!(
                 "the component does not implement the `{}` world of orchestrator:rules@1.0.0: {}",
@@ -211,8 +216,14 @@ impl Loaded {
         let id = format!("{}@{version}#sha256:{}", slot.name(), &sha256[..12.min(sha256.len())]);
         let labels = [("plugin", slot.name().to_string()), ("version", version.to_string())];
         let metrics = PluginMetrics {
-            ok: counter!(telemetry::PLUGIN_CALLS, &[labels[0].clone(), labels[1].clone(), ("outcome", "ok".to_string())]),
-            failed: counter!(telemetry::PLUGIN_CALLS, &[labels[0].clone(), labels[1].clone(), ("outcome", "error".to_string())]),
+            ok: counter!(
+                telemetry::PLUGIN_CALLS,
+                &[labels[0].clone(), labels[1].clone(), ("outcome", "ok".to_string())]
+            ),
+            failed: counter!(
+                telemetry::PLUGIN_CALLS,
+                &[labels[0].clone(), labels[1].clone(), ("outcome", "error".to_string())]
+            ),
             duration: histogram!(telemetry::PLUGIN_DURATION, &labels),
         };
         Arc::new(Self { id, compiled, idle: Mutex::new(Vec::new()), metrics })
@@ -229,7 +240,12 @@ impl Loaded {
 
     fn instantiate(&self) -> Result<Instance, RuleError> {
         let rt = &self.compiled.runtime;
-        let sandbox = Sandbox { memory_bytes: rt.limits.memory_bytes, hit_memory_cap: false, plugin: self.id.as_str().into(), last_error_log: None };
+        let sandbox = Sandbox {
+            memory_bytes: rt.limits.memory_bytes,
+            hit_memory_cap: false,
+            plugin: self.id.as_str().into(),
+            last_error_log: None,
+        };
         let mut store = Store::new(&rt.engine, sandbox);
         store.limiter(|s| s);
         store.set_epoch_deadline(ticks(rt.limits.deadline));
@@ -314,9 +330,12 @@ impl OrderRules for Loaded {
             Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
         });
         match batch {
-            Ok(decisions) if decisions.len() == inputs.len() => decisions.into_iter().map(|d| Ok(wit::decision_back(d))).collect(),
+            Ok(decisions) if decisions.len() == inputs.len() => {
+                decisions.into_iter().map(|d| Ok(wit::decision_back(d))).collect()
+            }
             Ok(decisions) => {
-                let message = format!("decide-batch returned {} decisions for {} events", decisions.len(), inputs.len());
+                let message =
+                    format!("decide-batch returned {} decisions for {} events", decisions.len(), inputs.len());
                 vec![Err(RuleError { kind: RuleErrorKind::Instantiate, message }); inputs.len()]
             }
             // One event failed the whole call: decide one by one, so only it fails.
@@ -324,7 +343,11 @@ impl OrderRules for Loaded {
                 .into_iter()
                 .map(|input| {
                     self.call(|inst| match &inst.bindings {
-                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(&mut inst.store, &input.event, input.current.as_ref()),
+                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(
+                            &mut inst.store,
+                            &input.event,
+                            input.current.as_ref(),
+                        ),
                         Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
                     })
                     .map(wit::decision_back)
@@ -340,10 +363,17 @@ impl ConflictResolver for Loaded {
         &self.id
     }
 
-    fn resolve(&self, base: Option<&Order>, current: &Order, change: &Order) -> Result<Result<OrderFields, String>, RuleError> {
+    fn resolve(
+        &self,
+        base: Option<&Order>,
+        current: &Order,
+        change: &Order,
+    ) -> Result<Result<OrderFields, String>, RuleError> {
         let (base, current, change) = (base.map(wit::order), wit::order(current), wit::order(change));
         self.call(|inst| match &inst.bindings {
-            Bindings::Resolver(b) => b.orchestrator_rules_resolver().call_resolve(&mut inst.store, base.as_ref(), &current, &change),
+            Bindings::Resolver(b) => {
+                b.orchestrator_rules_resolver().call_resolve(&mut inst.store, base.as_ref(), &current, &change)
+            }
             Bindings::Rules(_) => unreachable!("rules are never loaded as a resolver"),
         })
         .map(|r| r.map(wit::fields_back))

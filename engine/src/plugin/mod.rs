@@ -3,6 +3,7 @@
 
 pub mod convert;
 pub mod host;
+pub mod native;
 pub mod registry;
 
 use std::fmt;

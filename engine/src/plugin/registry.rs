@@ -97,7 +97,18 @@ pub struct Registry {
     changes: tokio::sync::Mutex<()>,
     max_bytes: usize,
     /// Carries each slot's new state to the other engine instances (Kafka mode).
-    replicator: Mutex<Option<Arc<dyn Fn(SlotState) + Send + Sync>>>,
+    replicator: Mutex<Option<Replicator>>,
+}
+
+/// Hands a slot's new state to the other engine instances.
+pub type Replicator = Arc<dyn Fn(SlotState) + Send + Sync>;
+
+/// A slot's row: the active version, the shadow one, and the stack rollback pops.
+struct SlotRow {
+    active: u64,
+    shadow: Option<u64>,
+    /// Versions that were active, oldest first; the last is the active one.
+    stack: Vec<u64>,
 }
 
 /// A slot's active and shadow versions with their bytes: what other instances need to
@@ -128,7 +139,12 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 impl Registry {
     /// Opens the registry, installing the built-in plugins in empty slots, and puts the
     /// active versions (and shadow) into the rulebook.
-    pub fn open(path: &Path, runtime: Arc<Runtime>, rulebook: Arc<Rulebook>, max_bytes: usize) -> Result<Arc<Self>, PluginError> {
+    pub fn open(
+        path: &Path,
+        runtime: Arc<Runtime>,
+        rulebook: Arc<Rulebook>,
+        max_bytes: usize,
+    ) -> Result<Arc<Self>, PluginError> {
         let db = open(path).map_err(repo)?;
         db.execute_batch(SCHEMA).map_err(repo)?;
         let registry = Arc::new(Self {
@@ -141,11 +157,11 @@ impl Registry {
             replicator: Mutex::default(),
         });
         for slot in Slot::ALL {
-            if registry.slot_row(slot)?.is_none() {
+            if registry.find_slot_row(slot)?.is_none() {
                 registry.insert_version(slot, 1, slot.builtin(), "builtin")?;
-                registry.set_slot(slot, 1, None, vec![1], "builtin", 1)?;
+                registry.set_slot(slot, SlotRow { active: 1, shadow: None, stack: vec![1] }, "builtin", 1)?;
             }
-            let (active, shadow, _) = registry.slot_row(slot)?.expect("slot row was just ensured");
+            let SlotRow { active, shadow, .. } = registry.slot_row(slot)?;
             let loaded = registry.load(slot, active)?;
             registry.install_active(slot, loaded);
             if let Some(v) = shadow {
@@ -162,25 +178,34 @@ impl Registry {
         }
     }
 
-    fn slot_row(&self, slot: Slot) -> Result<Option<(u64, Option<u64>, Vec<u64>)>, PluginError> {
+    /// The slot's row, which every slot has once the registry is open.
+    fn slot_row(&self, slot: Slot) -> Result<SlotRow, PluginError> {
+        self.find_slot_row(slot)?.ok_or_else(|| PluginError::Repo(format!("slot {slot} has no row")))
+    }
+
+    fn find_slot_row(&self, slot: Slot) -> Result<Option<SlotRow>, PluginError> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.query_row("SELECT active, shadow, stack FROM slots WHERE slot = ?1", [slot.name()], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(|v| v as u64), r.get::<_, String>(2)?))
-        })
-        .optional()
-        .map_err(repo)?
-        .map(|(a, s, stack)| Ok((a, s, serde_json::from_str(&stack).map_err(|e| PluginError::Repo(e.to_string()))?)))
-        .transpose()
+        let row = db
+            .query_row("SELECT active, shadow, stack FROM slots WHERE slot = ?1", [slot.name()], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(|v| v as u64), r.get::<_, String>(2)?))
+            })
+            .optional()
+            .map_err(repo)?;
+        let Some((active, shadow, stack)) = row else { return Ok(None) };
+        let stack = serde_json::from_str(&stack).map_err(|e| PluginError::Repo(format!("slot {slot}'s stack: {e}")))?;
+        Ok(Some(SlotRow { active, shadow, stack }))
     }
 
     /// Records the slot's new state, and `action` on version `subject` in its history.
-    fn set_slot(&self, slot: Slot, active: u64, shadow: Option<u64>, stack: Vec<u64>, action: &str, subject: u64) -> Result<(), PluginError> {
+    fn set_slot(&self, slot: Slot, row: SlotRow, action: &str, subject: u64) -> Result<(), PluginError> {
+        let SlotRow { active, shadow, stack } = row;
+        let stack = serde_json::to_string(&stack).map_err(|e| PluginError::Repo(e.to_string()))?;
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let tx = db.transaction().map_err(repo)?;
         tx.execute(
             "INSERT INTO slots (slot, active, shadow, stack) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT(slot) DO UPDATE SET active = excluded.active, shadow = excluded.shadow, stack = excluded.stack",
-            params![slot.name(), active as i64, shadow.map(|v| v as i64), serde_json::to_string(&stack).expect("a list of numbers")],
+            params![slot.name(), active as i64, shadow.map(|v| v as i64), stack],
         )
         .map_err(repo)?;
         tx.execute(
@@ -193,9 +218,11 @@ impl Registry {
 
     fn next_version(&self, slot: Slot) -> Result<u64, PluginError> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.query_row("SELECT coalesce(max(version), 0) + 1 FROM versions WHERE slot = ?1", [slot.name()], |r| r.get::<_, i64>(0))
-            .map(|v| v as u64)
-            .map_err(repo)
+        db.query_row("SELECT coalesce(max(version), 0) + 1 FROM versions WHERE slot = ?1", [slot.name()], |r| {
+            r.get::<_, i64>(0)
+        })
+        .map(|v| v as u64)
+        .map_err(repo)
     }
 
     fn insert_version(&self, slot: Slot, version: u64, bytes: &[u8], origin: &str) -> Result<(), PluginError> {
@@ -215,9 +242,11 @@ impl Registry {
         }
         let (bytes, sha): (Vec<u8>, String) = {
             let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            db.query_row("SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2", params![slot.name(), version as i64], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            db.query_row(
+                "SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2",
+                params![slot.name(), version as i64],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(repo)?
         };
         let compiled = self.runtime.compile(slot, &bytes)?;
@@ -230,7 +259,11 @@ impl Registry {
     pub async fn deploy(self: &Arc<Self>, slot: Slot, bytes: Vec<u8>, shadow: bool) -> Result<Deployed, PluginError> {
         let started = Instant::now();
         if bytes.len() > self.max_bytes {
-            return Err(PluginError::Invalid(format!("the module is {} bytes; the limit is {} bytes", bytes.len(), self.max_bytes)));
+            return Err(PluginError::Invalid(format!(
+                "the module is {} bytes; the limit is {} bytes",
+                bytes.len(),
+                self.max_bytes
+            )));
         }
         if shadow && slot != Slot::OrderRules {
             return Err(PluginError::Invalid("shadow mode is available for the order-rules slot only".into()));
@@ -242,16 +275,18 @@ impl Registry {
             // run never becomes a version.
             let (version, sha256) = (me.next_version(slot)?, sha256_hex(&bytes));
             let loaded = Loaded::new(me.runtime.compile(slot, &bytes)?, slot, version, &sha256);
-            loaded.check_instantiates().map_err(|e| PluginError::Invalid(format!("the component does not start: {e}")))?;
+            loaded
+                .check_instantiates()
+                .map_err(|e| PluginError::Invalid(format!("the component does not start: {e}")))?;
             me.insert_version(slot, version, &bytes, "upload")?;
             me.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
-            let (active, current_shadow, mut stack) = me.slot_row(slot)?.expect("every slot has a row");
+            let SlotRow { active, shadow: current_shadow, mut stack } = me.slot_row(slot)?;
             if shadow {
-                me.set_slot(slot, active, Some(version), stack, "shadow", version)?;
+                me.set_slot(slot, SlotRow { active, shadow: Some(version), stack }, "shadow", version)?;
                 me.rulebook.set_shadow(Some(ShadowRun::new(loaded, version)));
             } else {
                 stack.push(version);
-                me.set_slot(slot, version, current_shadow, stack, "deploy", version)?;
+                me.set_slot(slot, SlotRow { active: version, shadow: current_shadow, stack }, "deploy", version)?;
                 me.install_active(slot, loaded);
             }
             Ok(Deployed { slot, version, sha256, shadow, activation_ms: started.elapsed().as_secs_f64() * 1e3 })
@@ -265,11 +300,11 @@ impl Registry {
     /// Makes the shadow version the active one.
     pub async fn promote(&self, slot: Slot) -> Result<VersionInfo, PluginError> {
         let _one_at_a_time = self.changes.lock().await;
-        let (_, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let SlotRow { shadow, mut stack, .. } = self.slot_row(slot)?;
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version to promote")))?;
         let loaded = self.load(slot, version)?;
         stack.push(version);
-        self.set_slot(slot, version, None, stack, "promote", version)?;
+        self.set_slot(slot, SlotRow { active: version, shadow: None, stack }, "promote", version)?;
         self.rulebook.set_shadow(None);
         self.install_active(slot, loaded);
         self.replicate(slot)?;
@@ -279,9 +314,9 @@ impl Registry {
     /// Stops the shadow run without promoting it.
     pub async fn discard_shadow(&self, slot: Slot) -> Result<(), PluginError> {
         let _one_at_a_time = self.changes.lock().await;
-        let (active, shadow, stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let SlotRow { active, shadow, stack } = self.slot_row(slot)?;
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))?;
-        self.set_slot(slot, active, None, stack, "discard", version)?;
+        self.set_slot(slot, SlotRow { active, shadow: None, stack }, "discard", version)?;
         self.rulebook.set_shadow(None);
         self.replicate(slot)
     }
@@ -289,36 +324,50 @@ impl Registry {
     /// Re-activates the version that was active before the current one.
     pub async fn rollback(&self, slot: Slot) -> Result<VersionInfo, PluginError> {
         let _one_at_a_time = self.changes.lock().await;
-        let (_, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let SlotRow { shadow, mut stack, .. } = self.slot_row(slot)?;
         if stack.len() < 2 {
             return Err(PluginError::State(format!("{slot} has no earlier version to roll back to")));
         }
         stack.pop();
-        let version = *stack.last().expect("at least one left");
+        let Some(&version) = stack.last() else {
+            return Err(PluginError::State(format!("{slot} has no earlier version to roll back to")));
+        };
         let loaded = self.load(slot, version)?;
-        self.set_slot(slot, version, shadow, stack, "rollback", version)?;
+        self.set_slot(slot, SlotRow { active: version, shadow, stack }, "rollback", version)?;
         self.install_active(slot, loaded);
         self.replicate(slot)?;
         self.version_info(slot, version)
     }
 
     /// From now on, every change of a slot is handed to `replicate`.
-    pub fn set_replicator(&self, replicate: Arc<dyn Fn(SlotState) + Send + Sync>) {
+    pub fn set_replicator(&self, replicate: Replicator) {
         *self.replicator.lock().unwrap_or_else(|p| p.into_inner()) = Some(replicate);
     }
 
     fn shipped(&self, slot: Slot, version: u64) -> Result<Shipped, PluginError> {
         use base64::Engine as _;
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        db.query_row("SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2", params![slot.name(), version as i64], |r| {
-            Ok(Shipped { version, sha256: r.get(1)?, component: base64::engine::general_purpose::STANDARD.encode(r.get::<_, Vec<u8>>(0)?) })
-        })
+        db.query_row(
+            "SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2",
+            params![slot.name(), version as i64],
+            |r| {
+                Ok(Shipped {
+                    version,
+                    sha256: r.get(1)?,
+                    component: base64::engine::general_purpose::STANDARD.encode(r.get::<_, Vec<u8>>(0)?),
+                })
+            },
+        )
         .map_err(repo)
     }
 
     pub fn state(&self, slot: Slot) -> Result<SlotState, PluginError> {
-        let (active, shadow, _) = self.slot_row(slot)?.expect("every slot has a row");
-        Ok(SlotState { slot, active: self.shipped(slot, active)?, shadow: shadow.map(|v| self.shipped(slot, v)).transpose()? })
+        let SlotRow { active, shadow, .. } = self.slot_row(slot)?;
+        Ok(SlotState {
+            slot,
+            active: self.shipped(slot, active)?,
+            shadow: shadow.map(|v| self.shipped(slot, v)).transpose()?,
+        })
     }
 
     fn replicate(&self, slot: Slot) -> Result<(), PluginError> {
@@ -340,7 +389,10 @@ impl Registry {
                 .decode(&shipped.component)
                 .map_err(|e| PluginError::Invalid(format!("replicated {slot}@{}: {e}", shipped.version)))?;
             if sha256_hex(&bytes) != shipped.sha256 {
-                return Err(PluginError::Invalid(format!("replicated {slot}@{}: the bytes do not match their hash", shipped.version)));
+                return Err(PluginError::Invalid(format!(
+                    "replicated {slot}@{}: the bytes do not match their hash",
+                    shipped.version
+                )));
             }
             match self.versions(slot)?.into_iter().find(|v| v.version == shipped.version) {
                 Some(v) if v.sha256 == shipped.sha256 => {}
@@ -353,16 +405,18 @@ impl Registry {
                 None => self.insert_version(slot, shipped.version, &bytes, "replicated")?,
             }
         }
-        let (active, shadow, mut stack) = self.slot_row(slot)?.expect("every slot has a row");
+        let SlotRow { active, shadow, mut stack } = self.slot_row(slot)?;
         if active != state.active.version {
             let loaded = self.load(slot, state.active.version)?;
             stack.push(state.active.version);
-            self.set_slot(slot, state.active.version, shadow, stack.clone(), "replicated", state.active.version)?;
+            let row = SlotRow { active: state.active.version, shadow, stack: stack.clone() };
+            self.set_slot(slot, row, "replicated", state.active.version)?;
             self.install_active(slot, loaded);
         }
         let wanted = state.shadow.as_ref().map(|s| s.version);
         if shadow != wanted {
-            self.set_slot(slot, state.active.version, wanted, stack, "replicated-shadow", wanted.unwrap_or(state.active.version))?;
+            let row = SlotRow { active: state.active.version, shadow: wanted, stack };
+            self.set_slot(slot, row, "replicated-shadow", wanted.unwrap_or(state.active.version))?;
             let run = wanted.map(|v| self.load(slot, v).map(|l| ShadowRun::new(l, v))).transpose()?;
             self.rulebook.set_shadow(run);
         }
@@ -373,7 +427,10 @@ impl Registry {
         if slot != Slot::OrderRules {
             return Err(PluginError::State("shadow mode is available for the order-rules slot only".into()));
         }
-        self.rulebook.shadow().map(|s| s.report()).ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))
+        self.rulebook
+            .shadow()
+            .map(|s| s.report())
+            .ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))
     }
 
     fn version_info(&self, slot: Slot, version: u64) -> Result<VersionInfo, PluginError> {
@@ -410,16 +467,24 @@ impl Registry {
         Slot::ALL
             .into_iter()
             .map(|slot| {
-                let (active, shadow, _) = self.slot_row(slot)?.expect("every slot has a row");
+                let SlotRow { active, shadow, .. } = self.slot_row(slot)?;
                 let versions = self.versions(slot)?;
                 let find = |v: u64| versions.iter().find(|i| i.version == v).cloned();
                 let history = {
                     let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-                    let mut stmt = db.prepare("SELECT version, action, at FROM activations WHERE slot = ?1 ORDER BY seq").map_err(repo)?;
-                    stmt.query_map([slot.name()], |r| Ok(Activation { version: r.get::<_, i64>(0)? as u64, action: r.get(1)?, at: from_micros(r.get(2)?) }))
-                        .map_err(repo)?
-                        .collect::<rusqlite::Result<Vec<_>>>()
-                        .map_err(repo)?
+                    let mut stmt = db
+                        .prepare("SELECT version, action, at FROM activations WHERE slot = ?1 ORDER BY seq")
+                        .map_err(repo)?;
+                    stmt.query_map([slot.name()], |r| {
+                        Ok(Activation {
+                            version: r.get::<_, i64>(0)? as u64,
+                            action: r.get(1)?,
+                            at: from_micros(r.get(2)?),
+                        })
+                    })
+                    .map_err(repo)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(repo)?
                 };
                 Ok(SlotInfo {
                     slot,

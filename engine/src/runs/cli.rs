@@ -33,25 +33,45 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         println!("{}", run.id);
         return Ok(());
     }
-    let bar = ProgressBar::new(run.quantity);
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg:<18} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")?.progress_chars("=> "));
-    let run = loop {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        let run: Run = client.get(format!("{base}/runs/{}", run.id)).send().await?.error_for_status()?.json().await?;
-        bar.set_message(format!("{:?}", run.phase));
-        bar.set_position(if run.phase == Phase::Generating { run.generated } else { run.vip.processed + run.normal.processed });
-        if run.phase.is_final() {
-            break run;
-        }
-    };
-    bar.finish_and_clear();
+    let id = run.id.clone();
+    let run = follow(run.quantity, || async {
+        Ok(client.get(format!("{base}/runs/{id}")).send().await?.error_for_status()?.json().await?)
+    })
+    .await?;
     println!("{}", serde_json::to_string_pretty(&run)?);
     match (run.phase, run.verification.as_ref()) {
         (Phase::Done, Some(v)) if v.passed => {
             eprintln!("run {} done in {} ms; verification passed", run.id, run.total_ms.unwrap_or(0));
             Ok(())
         }
-        (Phase::Done, Some(v)) => anyhow::bail!("run {} done, but verification failed: {}", run.id, v.failures.join("; ")),
+        (Phase::Done, Some(v)) => {
+            anyhow::bail!("run {} done, but verification failed: {}", run.id, v.failures.join("; "))
+        }
         (phase, _) => anyhow::bail!("run {} ended {phase:?}: {}", run.id, run.error.unwrap_or_default()),
+    }
+}
+
+/// Polls a run every 250 ms behind a progress bar (generated orders, then processed
+/// ones) until it ends, and returns it as it ended.
+pub async fn follow<F, Fut>(quantity: u64, mut poll: F) -> anyhow::Result<Run>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Run>>,
+{
+    let bar = ProgressBar::new(quantity);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:<18} [{bar:40}] {pos}/{len} ({per_sec}, eta {eta})")?
+            .progress_chars("=> "),
+    );
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let run = poll().await?;
+        bar.set_message(format!("{:?}", run.phase));
+        let done = run.vip.processed + run.normal.processed;
+        bar.set_position(if run.phase == Phase::Generating { run.generated } else { done });
+        if run.phase.is_final() {
+            bar.finish_and_clear();
+            return Ok(run);
+        }
     }
 }

@@ -14,10 +14,11 @@ use rand::rngs::SmallRng;
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::domain::{Priority, Status};
+use crate::domain::{PerPriority, Priority, Status};
 use crate::engine::Engine;
 use crate::generator::{self, TierMix};
-use crate::store::{Audit, StoreError};
+use crate::store::{Audit, Page, RunRecord, StoreError};
+use crate::telemetry;
 use model::{CancelReport, CancelRequest, Phase, Run, RunRequest, TierShares, Verification, Window};
 
 /// Limits and pacing of runs.
@@ -112,15 +113,15 @@ impl Runs {
             verification: None,
             cancel: None,
         };
-        self.engine.store.save_run(&run).await?;
+        save(&self.engine, &run).await?;
         // NORMAL waits until the run's VIP orders are drained; VIP flows from the start.
-        self.engine.pauses.hold(Priority::Normal, true);
+        self.engine.pauses().hold(Priority::Normal, true);
         let shared = Arc::new(Mutex::new(run.clone()));
         let (cancel, cancelled) = watch::channel(false);
         let driver = Driver::new(self.engine.clone(), shared.clone(), self.config.clone(), cancelled);
         let task = tokio::spawn(driver.drive());
         *active = Some(Active { run: shared, cancel, task });
-        self.engine.changes.notify(phase_message(&run));
+        self.engine.changes().notify(phase_message(&run));
         Ok(run)
     }
 
@@ -130,11 +131,18 @@ impl Runs {
         active.as_ref().map(|a| a.run.lock().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
+    /// Runs, newest first.
+    pub async fn list(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
+        let page = self.engine.run_store().runs(limit, cursor).await?;
+        let items = page.items.into_iter().map(from_record).collect::<Result<_, _>>()?;
+        Ok(Page { items, next_cursor: page.next_cursor })
+    }
+
     pub async fn get(&self, id: &str) -> Result<Run, RunError> {
         if let Some(run) = self.current().await.filter(|r| r.id == id) {
             return Ok(run);
         }
-        self.engine.store.run(id).await?.ok_or(RunError::NotFound)
+        self.engine.run_store().run(id).await?.map(from_record).transpose()?.ok_or(RunError::NotFound)
     }
 
     /// Stops the run's generator, optionally discards its unprocessed events and
@@ -161,14 +169,14 @@ impl Runs {
             // It finished (or failed) while being cancelled.
             return Err(RunError::Ended(id.to_string()));
         }
-        let store = &self.engine.store;
+        let store = self.engine.run_store();
         if request.purge {
             for vip in [true, false] {
-                self.engine.discards.add(snapshot.prefix(vip));
+                self.engine.discards().add(snapshot.prefix(vip));
             }
             // A batch already in hand was decided before the purge: let it land first,
             // so the PENDING orders it writes are deleted below.
-            self.engine.stats.step_boundary(Duration::from_secs(30)).await;
+            self.engine.stats().step_boundary(Duration::from_secs(30)).await;
         }
         let (vip, normal) = (store.audit(&snapshot.prefix(true)).await?, store.audit(&snapshot.prefix(false)).await?);
         let settled = vip.applied + vip.other + normal.applied + normal.other;
@@ -178,7 +186,7 @@ impl Runs {
                 deleted_pending += store.delete_orders(&snapshot.prefix(v), Status::Pending).await?;
             }
         }
-        self.engine.pauses.hold(Priority::Normal, false);
+        self.engine.pauses().hold(Priority::Normal, false);
         let report = CancelReport {
             produced: snapshot.generated,
             purged: request.purge,
@@ -194,8 +202,8 @@ impl Runs {
             r.cancel = Some(report);
             r.clone()
         };
-        store.save_run(&finished).await?;
-        self.engine.changes.notify(phase_message(&finished));
+        save(&self.engine, &finished).await?;
+        self.engine.changes().notify(phase_message(&finished));
         Ok(finished)
     }
 
@@ -204,11 +212,11 @@ impl Runs {
     /// in Kafka mode another instance may be running them.
     pub async fn fail_interrupted(&self) -> Result<usize, RunError> {
         let mut failed = 0;
-        for mut run in self.engine.store.runs(100, None).await?.items.into_iter().filter(|r| !r.phase.is_final()) {
+        for mut run in self.list(100, None).await?.items.into_iter().filter(|r| !r.phase.is_final()) {
             run.phase = Phase::Failed;
             run.error = Some("the engine stopped during the run; it was not finished".into());
             run.eta_s = None;
-            self.engine.store.save_run(&run).await?;
+            save(&self.engine, &run).await?;
             failed += 1;
         }
         Ok(failed)
@@ -224,7 +232,7 @@ impl Runs {
                 return Err(RunError::Active(run.id.clone()));
             }
         }
-        self.engine.store.reset().await?;
+        self.engine.run_store().reset().await?;
         *active = None;
         Ok(())
     }
@@ -237,19 +245,22 @@ struct Driver {
     config: RunConfig,
     cancelled: watch::Receiver<bool>,
     /// Baselines of the engine's counters when the run began.
-    settled_at_start: [u64; 2],
+    settled_at_start: PerPriority<u64>,
     rejected_at_start: u64,
     latency_at_start: Option<hdrhistogram::Histogram<u64>>,
     /// Orders of each priority put on the log.
-    produced: [u64; 2],
-    last_progress: Instant,
+    produced: PerPriority<u64>,
+    /// The run's own monotonic clock: `run.progress` carries `elapsed_ms` from it, so
+    /// clients and tests see the engine's pacing rather than their delivery jitter.
+    began: Instant,
+    last_progress: Option<Instant>,
     first_settled: Option<Instant>,
 }
 
 impl Driver {
     fn new(engine: Arc<Engine>, run: Arc<Mutex<Run>>, config: RunConfig, cancelled: watch::Receiver<bool>) -> Self {
-        let stats = &engine.stats;
-        let settled_at_start = Priority::ALL.map(|p| stats.settled[p as usize].load(std::sync::atomic::Ordering::Relaxed));
+        let stats = engine.stats();
+        let settled_at_start = PerPriority::from_fn(|p| stats.settled[p].load(std::sync::atomic::Ordering::Relaxed));
         let rejected_at_start = stats.rejected.load(std::sync::atomic::Ordering::Relaxed);
         let latency_at_start = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
         Self {
@@ -260,8 +271,9 @@ impl Driver {
             settled_at_start,
             rejected_at_start,
             latency_at_start,
-            produced: [0; 2],
-            last_progress: Instant::now(),
+            produced: PerPriority::default(),
+            began: Instant::now(),
+            last_progress: None,
             first_settled: None,
         }
     }
@@ -286,17 +298,17 @@ impl Driver {
                 return;
             }
             tracing::error!(error = %e, "run failed");
-            self.engine.pauses.hold(Priority::Normal, false);
+            self.engine.pauses().hold(Priority::Normal, false);
             let run = self.update(|r| {
                 r.phase = Phase::Failed;
                 r.error = Some(e.to_string());
                 r.ended_at = Some(Utc::now());
                 r.eta_s = None;
             });
-            if let Err(e) = self.engine.store.save_run(&run).await {
+            if let Err(e) = save(&self.engine, &run).await {
                 tracing::error!(error = %e, "saving the failed run");
             }
-            self.engine.changes.notify(phase_message(&run));
+            self.engine.changes().notify(phase_message(&run));
         }
     }
 
@@ -310,13 +322,14 @@ impl Driver {
 
         let Some(vip) = self.drained(Priority::Vip).await? else { return Ok(()) };
         self.set_phase(Phase::VipDrained, |r| r.vip = window(&vip, r.vip.count)).await?;
-        self.engine.pauses.hold(Priority::Normal, false);
+        self.engine.pauses().hold(Priority::Normal, false);
         self.set_phase(Phase::NormalProcessing, |_| {}).await?;
 
         let Some(normal) = self.drained(Priority::Normal).await? else { return Ok(()) };
         let verification = verify(&self.snapshot(), &vip, &normal);
         let (p50, p99) = self.latency();
-        let dead_letters = self.engine.stats.rejected.load(std::sync::atomic::Ordering::Relaxed) - self.rejected_at_start;
+        let dead_letters =
+            self.engine.stats().rejected.load(std::sync::atomic::Ordering::Relaxed) - self.rejected_at_start;
         let run = self.update(|r| {
             let now = Utc::now();
             r.phase = Phase::Done;
@@ -334,8 +347,8 @@ impl Driver {
             }
             r.verification = Some(verification);
         });
-        self.engine.store.save_run(&run).await?;
-        self.engine.changes.notify(phase_message(&run));
+        save(&self.engine, &run).await?;
+        self.engine.changes().notify(phase_message(&run));
         tracing::info!(run = %run.id, total_ms = ?run.total_ms, passed = run.verification.as_ref().is_some_and(|v| v.passed), "run done");
         Ok(())
     }
@@ -356,8 +369,8 @@ impl Driver {
                 .map(|_| {
                     let tier = mix.pick(&mut rng);
                     let p = tier.priority();
-                    let seq = self.produced[p as usize];
-                    self.produced[p as usize] += 1;
+                    let seq = self.produced[p];
+                    self.produced[p] += 1;
                     let id = format!("{}{seq:08}", run.prefix(p == Priority::Vip));
                     generator::order(id, tier, &mut rng)
                 })
@@ -366,11 +379,11 @@ impl Driver {
             left -= n;
             let produced = self.produced;
             self.update(|r| {
-                r.generated = produced[0] + produced[1];
-                r.vip.count = produced[Priority::Vip as usize];
-                r.normal.count = produced[Priority::Normal as usize];
+                r.generated = produced.sum();
+                r.vip.count = produced[Priority::Vip];
+                r.normal.count = produced[Priority::Normal];
             });
-            self.progress(false);
+            self.progress();
         }
         Ok(true)
     }
@@ -397,15 +410,15 @@ impl Driver {
     async fn drained(&mut self, priority: Priority) -> anyhow::Result<Option<Audit>> {
         let run = self.snapshot();
         let prefix = run.prefix(priority == Priority::Vip);
-        let expected = self.produced[priority as usize];
+        let expected = self.produced[priority];
         loop {
             if self.is_cancelled() {
                 return Ok(None);
             }
-            self.progress(false);
+            self.progress();
             // The log's own view first (cheap); then the store confirms.
-            if self.engine.log.depth(priority) == 0 {
-                let audit = self.engine.store.audit(&prefix).await?;
+            if self.engine.queue_depth(priority) == 0 {
+                let audit = self.engine.run_store().audit(&prefix).await?;
                 if audit.applied + audit.other >= expected {
                     return Ok(Some(audit));
                 }
@@ -419,42 +432,45 @@ impl Driver {
             r.phase = phase;
             f(r);
         });
-        self.engine.store.save_run(&run).await?;
-        self.engine.changes.notify(phase_message(&run));
+        save(&self.engine, &run).await?;
+        self.engine.changes().notify(phase_message(&run));
         Ok(())
     }
 
-    /// Refreshes the live counters; sends `run.progress` at most every 250 ms (or now, if `force`).
-    fn progress(&mut self, force: bool) {
-        let stats = &self.engine.stats;
-        let processed = Priority::ALL.map(|p| {
-            let now = stats.settled[p as usize].load(std::sync::atomic::Ordering::Relaxed);
-            now.saturating_sub(self.settled_at_start[p as usize]).min(self.produced[p as usize])
+    /// Refreshes the live counters; sends `run.progress` at most once per 250 ms of the
+    /// engine's clock. Phase changes and the end go out as `run.phase`, never as progress.
+    fn progress(&mut self) {
+        let stats = self.engine.stats();
+        let processed = PerPriority::from_fn(|p| {
+            let now = stats.settled[p].load(std::sync::atomic::Ordering::Relaxed);
+            now.saturating_sub(self.settled_at_start[p]).min(self.produced[p])
         });
-        let done = processed[0] + processed[1];
+        let done = processed.sum();
         if done > 0 && self.first_settled.is_none() {
             self.first_settled = Some(Instant::now());
         }
         let first = self.first_settled;
         let run = self.update(|r| {
-            r.vip.processed = processed[Priority::Vip as usize];
-            r.normal.processed = processed[Priority::Normal as usize];
+            r.vip.processed = processed[Priority::Vip];
+            r.normal.processed = processed[Priority::Normal];
             r.progress_percent = (done as f64 * 100.0 / r.quantity.max(1) as f64).min(100.0);
             r.eta_s = first.and_then(|f| {
                 let secs = f.elapsed().as_secs_f64();
                 (secs > 0.0 && done > 0).then(|| (r.quantity.saturating_sub(done)) as f64 / (done as f64 / secs))
             });
         });
-        if force || self.last_progress.elapsed() >= PROGRESS_EVERY {
-            self.last_progress = Instant::now();
-            self.engine.changes.notify(message("run.progress", &run));
-            metrics::gauge!("orchestrator_run_progress_ratio").set(run.progress_percent / 100.0);
+        if self.last_progress.is_none_or(|at| at.elapsed() >= PROGRESS_EVERY) {
+            let now = Instant::now();
+            self.last_progress = Some(now);
+            let elapsed_ms = (now - self.began).as_millis() as u64;
+            self.engine.changes().notify(message("run.progress", &run, Some(elapsed_ms)));
+            metrics::gauge!(telemetry::RUN_PROGRESS).set(run.progress_percent / 100.0);
         }
     }
 
     /// p50 and p99 of append-to-applied over what was applied since the run began.
     fn latency(&self) -> (Option<f64>, Option<f64>) {
-        let now = self.engine.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let now = self.engine.stats().latency_us.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let Some(mut h) = now else { return (None, None) };
         if let Some(start) = &self.latency_at_start {
             let _ = h.subtract(start);
@@ -533,14 +549,28 @@ struct Message<'a> {
     r#type: &'static str,
     run_id: &'a str,
     phase: Phase,
+    /// Progress only: milliseconds since the run began, on the engine's monotonic clock.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    elapsed_ms: Option<u64>,
     run: &'a Run,
 }
 
-fn message(kind: &'static str, run: &Run) -> String {
-    serde_json::to_string(&Message { r#type: kind, run_id: &run.id, phase: run.phase, run }).expect("a run always serializes")
+fn message(kind: &'static str, run: &Run, elapsed_ms: Option<u64>) -> String {
+    let m = Message { r#type: kind, run_id: &run.id, phase: run.phase, elapsed_ms, run };
+    serde_json::to_string(&m).expect("a run always serializes")
 }
 
 fn phase_message(run: &Run) -> String {
-    metrics::counter!("orchestrator_run_phase_changes_total", "phase" => format!("{:?}", run.phase)).increment(1);
-    message("run.phase", run)
+    metrics::counter!(telemetry::RUN_PHASE_CHANGES, "phase" => run.phase.label()).increment(1);
+    message("run.phase", run, None)
+}
+
+/// The store keeps a run as JSON it does not read; this is the one place that writes it.
+async fn save(engine: &Engine, run: &Run) -> Result<(), StoreError> {
+    let body = serde_json::to_string(run).expect("a run always serializes");
+    engine.run_store().save_run(&RunRecord { id: run.id.clone(), started_at: run.started_at, body }).await
+}
+
+fn from_record(record: RunRecord) -> Result<Run, StoreError> {
+    serde_json::from_str(&record.body).map_err(|e| StoreError::Corrupt(format!("run {}: {e}", record.id)))
 }

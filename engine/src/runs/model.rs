@@ -24,6 +24,20 @@ impl Phase {
     pub fn is_final(self) -> bool {
         matches!(self, Phase::Done | Phase::Cancelled | Phase::Failed)
     }
+
+    /// The fixed label value of `orchestrator_run_phase_changes_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Phase::Idle => "Idle",
+            Phase::Generating => "Generating",
+            Phase::VipProcessing => "VipProcessing",
+            Phase::VipDrained => "VipDrained",
+            Phase::NormalProcessing => "NormalProcessing",
+            Phase::Done => "Done",
+            Phase::Cancelled => "Cancelled",
+            Phase::Failed => "Failed",
+        }
+    }
 }
 
 /// Tier shares in percent; they must add up to 100.

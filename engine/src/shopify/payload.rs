@@ -46,7 +46,8 @@ struct Customer {
 }
 
 /// Currencies without minor units (ISO 4217 exponent 0).
-const ZERO_DECIMAL: &[&str] = &["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"];
+const ZERO_DECIMAL: &[&str] =
+    &["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"];
 
 /// `"398.50"` in `currency` → minor units, exactly: digits are read as digits.
 pub fn parse_money(text: &str, currency: &str) -> Result<i64, String> {
@@ -89,13 +90,16 @@ fn tier_from_tags(tags: Option<&str>) -> Tier {
 }
 
 fn time(field: &str, value: &str) -> Result<DateTime<Utc>, String> {
-    DateTime::parse_from_rfc3339(value).map(|t| t.with_timezone(&Utc)).map_err(|e| format!("{field} {value:?} is not a timestamp: {e}"))
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{field} {value:?} is not a timestamp: {e}"))
 }
 
 /// Builds the order event for a delivery. `delivery_id` (the webhook id) makes the event
 /// id, so Shopify's retries of one delivery are one event.
 pub fn to_event(kind: EventKind, body: &[u8], delivery_id: &str) -> Result<OrderEvent, String> {
-    let order: ShopifyOrder = serde_json::from_slice(body).map_err(|e| format!("the body is not a Shopify order: {e}"))?;
+    let order: ShopifyOrder =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not a Shopify order: {e}"))?;
     let id = match order.id {
         Some(serde_json::Value::Number(n)) => n.as_i64().ok_or_else(|| format!("id {n} is not a 64-bit integer"))?,
         Some(other) => return Err(format!("id must be an integer, got {other}")),
@@ -144,7 +148,8 @@ pub fn to_event(kind: EventKind, body: &[u8], delivery_id: &str) -> Result<Order
             shopify_order_id: Some(id),
             customer: if kind == EventKind::Created { customer } else { None },
             // The tier decides the partition: set it on create, keep it after.
-            tier: (kind == EventKind::Created).then(|| tier_from_tags(order.customer.as_ref().and_then(|c| c.tags.as_deref()))),
+            tier: (kind == EventKind::Created)
+                .then(|| tier_from_tags(order.customer.as_ref().and_then(|c| c.tags.as_deref()))),
             financial_status,
             fulfillment_status,
             total_cents,
@@ -192,7 +197,10 @@ mod tests {
     fn a_real_payload_with_extra_fields_maps() {
         let body = include_bytes!("fixtures/orders_create.json");
         let e = to_event(EventKind::Created, body, "wh-1").unwrap();
-        assert_eq!((e.order_id.as_str(), e.event_id.as_str(), e.source.as_str()), ("shopify-820982911946154508", "shopify:wh-1", "shopify"));
+        assert_eq!(
+            (e.order_id.as_str(), e.event_id.as_str(), e.source.as_str()),
+            ("shopify-820982911946154508", "shopify:wh-1", "shopify")
+        );
         assert_eq!(e.payload.shopify_order_id, Some(820982911946154508));
         assert_eq!((e.payload.total_cents, e.payload.currency.as_deref()), (Some(59_895), Some("USD")));
         assert_eq!(e.payload.customer.as_deref(), Some("jon@example.com"));
@@ -205,10 +213,19 @@ mod tests {
     fn missing_or_wrong_fields_say_which() {
         let err = |body: &str, kind| to_event(kind, body.as_bytes(), "w").unwrap_err();
         assert!(err(r#"{"updated_at":"2026-01-01T00:00:00Z"}"#, EventKind::Updated).contains("no id"));
-        assert!(err(r#"{"id":"12","updated_at":"2026-01-01T00:00:00Z"}"#, EventKind::Updated).contains("must be an integer"));
+        assert!(
+            err(r#"{"id":"12","updated_at":"2026-01-01T00:00:00Z"}"#, EventKind::Updated)
+                .contains("must be an integer")
+        );
         assert!(err(r#"{"id":12}"#, EventKind::Updated).contains("no updated_at"));
-        assert!(err(r#"{"id":12,"updated_at":"2026-01-01T00:00:00Z","email":"a@b"}"#, EventKind::Created).contains("needs total_price"));
-        assert!(err(r#"{"id":12,"updated_at":"2026-01-01T00:00:00Z","total_price":12.5}"#, EventKind::Updated).contains("must be a string"));
+        assert!(
+            err(r#"{"id":12,"updated_at":"2026-01-01T00:00:00Z","email":"a@b"}"#, EventKind::Created)
+                .contains("needs total_price")
+        );
+        assert!(
+            err(r#"{"id":12,"updated_at":"2026-01-01T00:00:00Z","total_price":12.5}"#, EventKind::Updated)
+                .contains("must be a string")
+        );
         assert!(err("[1,2]", EventKind::Updated).contains("not a Shopify order"));
     }
 }

@@ -40,7 +40,13 @@ pub fn payload(topic: &str, order_id: i64, note: Option<&str>) -> anyhow::Result
     Ok(order)
 }
 
-async fn deliver(client: &reqwest::Client, args: &WebhookSendArgs, topic: &str, webhook_id: &str, body: &[u8]) -> String {
+async fn deliver(
+    client: &reqwest::Client,
+    args: &WebhookSendArgs,
+    topic: &str,
+    webhook_id: &str,
+    body: &[u8],
+) -> String {
     let sent = client
         .post(&args.url)
         .header("content-type", "application/json")
@@ -72,7 +78,9 @@ async fn load(client: &reqwest::Client, args: &WebhookSendArgs, n: u64) -> anyho
     use std::time::{Duration, Instant};
     let run = uuid::Uuid::new_v4().simple().to_string();
     let bar = indicatif::ProgressBar::new(n).with_style(
-        indicatif::ProgressStyle::with_template("{spinner} webhooks [{bar:40}] {pos}/{len} {per_sec}").expect("template").progress_chars("=> "),
+        indicatif::ProgressStyle::with_template("{spinner} webhooks [{bar:40}] {pos}/{len} {per_sec}")
+            .expect("template")
+            .progress_chars("=> "),
     );
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(n as usize);
@@ -137,14 +145,19 @@ pub async fn run(args: WebhookSendArgs) -> anyhow::Result<()> {
     let deliveries: Vec<(String, Vec<u8>)> = (0..n)
         .map(|i| {
             let unique = i / 2;
-            let body = serde_json::to_vec(&payload("orders/updated", args.order_id, Some(&format!("chaos {run} update {unique}")))?)?;
+            let body = serde_json::to_vec(&payload(
+                "orders/updated",
+                args.order_id,
+                Some(&format!("chaos {run} update {unique}")),
+            )?)?;
             Ok((format!("{run}-{unique}"), body))
         })
         .collect::<anyhow::Result<_>>()?;
-    let answers: Vec<String> = futures::stream::iter(deliveries.iter().map(|(id, body)| deliver(&client, &args, "orders/updated", id, body)))
-        .buffer_unordered(n.max(1))
-        .collect()
-        .await;
+    let answers: Vec<String> =
+        futures::stream::iter(deliveries.iter().map(|(id, body)| deliver(&client, &args, "orders/updated", id, body)))
+            .buffer_unordered(n.max(1))
+            .collect()
+            .await;
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     for a in answers {
         *counts.entry(a).or_default() += 1;

@@ -61,7 +61,12 @@ mod tests {
     /// a literal there, not computed by the test), so our HMAC and base64 match theirs.
     const PUBLISHED: [(&str, &[u8], &str, &str); 4] = [
         // Shopify/shopify-api-php, tests/Webhooks/RegistryTest.php (secret: tests/BaseTestCase.php).
-        ("7008c5f4da4718b9b45d26d3fcbbb157", br#"{"foo":"bar"}"#, "+R9TwYM4mbLTk3hEAOBkpA7zW2lc9vNFmVKs2u2jtyY=", "shopify-api-php"),
+        (
+            "7008c5f4da4718b9b45d26d3fcbbb157",
+            br#"{"foo":"bar"}"#,
+            "+R9TwYM4mbLTk3hEAOBkpA7zW2lc9vNFmVKs2u2jtyY=",
+            "shopify-api-php",
+        ),
         // Shopify/shopify-app-js, packages/apps/shopify-api/lib/webhooks/__tests__/validate.test.ts.
         ("test_secret_key", br#"{"foo": "bar"}"#, "B23tXN681gZ0qIWNRrgtzBE9XSDo5yaUu6wfmhu3a7g=", "shopify-app-js"),
         // Shopify/shopify_app, test/shopify_app/controller_concerns/webhook_verification_test.rb:

@@ -1,11 +1,13 @@
-//! Behaviour every `OrderStore` backend must show, as one reusable check:
-//! insert-if-absent, compare-and-set, idempotency by event id, history, dead letters, paging.
+//! Behaviour every store backend must show, one reusable check per port: insert-if-absent,
+//! compare-and-set, idempotency by event id, history and paging (`Orders`); dead letters
+//! and replay claims; webhook claims and audit; run records, audits and purges (`Runs`).
 
-use std::sync::Arc;
+use chrono::{Duration, Utc};
 
-use chrono::Utc;
-
-use super::{DeadLetter, ListQuery, OrderStore, Outcome, ReplayClaim, Sort, Write, WriteResult};
+use super::{
+    Backend, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery,
+    WebhookLedger, Write, WriteResult,
+};
 use crate::domain::{Order, Priority, Status, Tier};
 
 fn row(id: &str, version: u64, note: &str) -> Order {
@@ -32,36 +34,127 @@ fn apply(event_id: &str, expected: Option<u64>, row: Order) -> Write {
     Write::Apply { event_id: event_id.into(), source: "test".into(), expected, row }
 }
 
-async fn one(store: &dyn OrderStore, w: Write) -> WriteResult {
+async fn one(store: &(impl Orders + ?Sized), w: Write) -> WriteResult {
     store.write(vec![w]).await.expect("store answers").pop().expect("one result").1
 }
 
-/// Panics with a message naming the first behaviour the store gets wrong.
-/// Uses order ids prefixed with `prefix`, so it can share a store with other data.
-pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
-    let s = &*store;
+/// Every port's check. Panics with a message naming the first behaviour the store gets
+/// wrong. Uses order ids prefixed with `prefix`, so it can share a store with other data.
+pub async fn check<B: Backend>(store: &B, prefix: &str) {
+    orders(store, prefix).await;
+    dead_letters(store, prefix).await;
+    webhook_ledger(store, prefix).await;
+    runs(store, prefix).await;
+}
+
+/// `Orders`: leaves `<prefix>-a` at version 2 with three history entries.
+pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
     let id = format!("{prefix}-a");
     let e = |n: &str| format!("{prefix}-{n}");
 
-    assert_eq!(one(s, apply(&e("1"), None, row(&id, 1, "one"))).await, WriteResult::Done, "insert-if-absent on a new row");
+    assert_eq!(
+        one(s, apply(&e("1"), None, row(&id, 1, "one"))).await,
+        WriteResult::Done,
+        "insert-if-absent on a new row"
+    );
     let lost = one(s, apply(&e("2"), None, row(&id, 1, "two"))).await;
-    assert!(matches!(&lost, WriteResult::Conflict(Some(r)) if r.note == "one"), "insert-if-absent on an existing row must conflict with the stored row, got {lost:?}");
+    assert!(
+        matches!(&lost, WriteResult::Conflict(Some(r)) if r.note == "one"),
+        "insert-if-absent on an existing row must conflict with the stored row, got {lost:?}"
+    );
 
-    assert_eq!(one(s, apply(&e("3"), Some(1), row(&id, 2, "three"))).await, WriteResult::Done, "compare-and-set at the stored version");
+    assert_eq!(
+        one(s, apply(&e("3"), Some(1), row(&id, 2, "three"))).await,
+        WriteResult::Done,
+        "compare-and-set at the stored version"
+    );
     let lost = one(s, apply(&e("4"), Some(1), row(&id, 2, "four"))).await;
-    assert!(matches!(&lost, WriteResult::Conflict(Some(r)) if r.version == 2 && r.note == "three"), "stale compare-and-set must conflict, got {lost:?}");
+    assert!(
+        matches!(&lost, WriteResult::Conflict(Some(r)) if r.version == 2 && r.note == "three"),
+        "stale compare-and-set must conflict, got {lost:?}"
+    );
     let missing = one(s, apply(&e("5"), Some(1), row(&format!("{prefix}-none"), 2, "x"))).await;
     assert_eq!(missing, WriteResult::Conflict(None), "compare-and-set on a missing row");
 
     // The same event id again changes nothing, even with a valid version.
-    assert_eq!(one(s, apply(&e("3"), Some(2), row(&id, 3, "again"))).await, WriteResult::Duplicate, "idempotent on event id");
+    assert_eq!(
+        one(s, apply(&e("3"), Some(2), row(&id, 3, "again"))).await,
+        WriteResult::Duplicate,
+        "idempotent on event id"
+    );
     let stored = s.get(&id).await.unwrap().expect("row exists");
     assert_eq!((stored.version, stored.note.as_str()), (2, "three"));
 
-    let skip = Write::Record { event_id: e("6"), source: "test".into(), order_id: id.clone(), outcome: Outcome::Skipped, reason: "no change".into(), decided_by: "rules@1".into(), dead_letter: None };
+    let skip = Write::Record {
+        event_id: e("6"),
+        source: "test".into(),
+        order_id: id.clone(),
+        outcome: Outcome::Skipped,
+        reason: "no change".into(),
+        decided_by: "rules@1".into(),
+        dead_letter: None,
+    };
     assert_eq!(one(s, skip.clone()).await, WriteResult::Done);
     assert_eq!(one(s, skip).await, WriteResult::Duplicate, "a recorded skip is idempotent too");
 
+    let history = s.history(&id).await.unwrap();
+    let got: Vec<_> = history.iter().map(|h| (h.event_id.clone(), h.version, h.outcome)).collect();
+    assert_eq!(
+        got,
+        [(e("1"), 1, Outcome::Applied), (e("3"), 2, Outcome::Applied), (e("6"), 2, Outcome::Skipped)],
+        "history holds every outcome once, oldest first"
+    );
+    assert_eq!(history[2].reason.as_deref(), Some("no change"));
+
+    // A batch: each write is judged on its own.
+    let batch = vec![
+        apply(&e("8"), None, row(&format!("{prefix}-b"), 1, "b")),
+        apply(&e("9"), Some(7), row(&id, 8, "stale")),
+        apply(&e("1"), None, row(&format!("{prefix}-c"), 1, "dup")),
+        apply(&e("3"), Some(2), row(&id, 3, "replayed")),
+    ];
+    let results: Vec<_> = s.write(batch).await.unwrap().into_iter().map(|(_, r)| r).collect();
+    // Event ids are idempotency keys within their order: the same id on another order
+    // is a producer's bug that backends need not catch, so only the same order's replay is checked.
+    assert!(
+        matches!(results.as_slice(), [WriteResult::Done, WriteResult::Conflict(Some(_)), _, WriteResult::Duplicate]),
+        "{results:?}"
+    );
+
+    // Paging walks every row once (the order depends on the backend).
+    for i in 0..25 {
+        one(s, apply(&e(&format!("p{i}")), None, row(&format!("{prefix}-p{i:02}"), 1, "page"))).await;
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = s
+            .list(ListQuery {
+                limit: 10,
+                cursor: cursor.take(),
+                q: Some(format!("{prefix}-p")),
+                sort: Sort::IdAsc,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        seen.extend(page.items.into_iter().map(|o| o.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..25).map(|i| format!("{prefix}-p{i:02}")).collect::<Vec<_>>(), "cursor paging");
+
+    let page_rows = s.stats().await.unwrap();
+    assert!(page_rows.orders >= 27 && page_rows.history >= 28, "row counts: {page_rows:?}");
+}
+
+/// `DeadLetters`: a rejection recorded through `Orders` lands there and is replayed once.
+pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
+    let id = format!("{prefix}-dl");
+    let e = |n: &str| format!("{prefix}-{n}");
     let letter = DeadLetter {
         id: e("7"),
         order_id: Some(id.clone()),
@@ -73,95 +166,118 @@ pub async fn check(store: Arc<dyn OrderStore>, prefix: &str) {
         recorded_at: Utc::now(),
         replayed_at: None,
     };
-    let reject = Write::Record { event_id: e("7"), source: "test".into(), order_id: id.clone(), outcome: Outcome::Rejected, reason: "negative total".into(), decided_by: "rules@1".into(), dead_letter: Some(letter) };
+    let reject = Write::Record {
+        event_id: e("7"),
+        source: "test".into(),
+        order_id: id.clone(),
+        outcome: Outcome::Rejected,
+        reason: "negative total".into(),
+        decided_by: "rules@1".into(),
+        dead_letter: Some(letter),
+    };
     assert_eq!(one(s, reject).await, WriteResult::Done);
 
     let history = s.history(&id).await.unwrap();
-    let got: Vec<_> = history.iter().map(|h| (h.event_id.clone(), h.version, h.outcome)).collect();
-    assert_eq!(
-        got,
-        [(e("1"), 1, Outcome::Applied), (e("3"), 2, Outcome::Applied), (e("6"), 2, Outcome::Skipped), (e("7"), 2, Outcome::Rejected)],
-        "history holds every outcome once, oldest first"
-    );
-    assert_eq!(history[2].reason.as_deref(), Some("no change"));
+    assert_eq!(history.len(), 1, "the rejection is in the order's history");
+    assert_eq!((history[0].outcome, history[0].reason.as_deref()), (Outcome::Rejected, Some("negative total")));
     let letters = s.dead_letters(1000, None).await.unwrap();
-    assert!(letters.items.iter().any(|d| d.id == e("7") && d.reason == "negative total"), "rejection reached the dead letters");
-    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(d) if d.replayed_at.is_some()), "first claim marks it replayed");
-    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::AlreadyReplayed(d) if d.replayed_at.is_some()), "a dead letter is replayed once");
-    assert!(matches!(s.claim_replay(&e("7"), true).await.unwrap(), ReplayClaim::Claimed(d) if d.replayed_at.is_none()), "undo");
-    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)), "claimable again after undo");
+    assert!(
+        letters.items.iter().any(|d| d.id == e("7") && d.reason == "negative total"),
+        "rejection reached the dead letters"
+    );
+    assert!(
+        matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(d) if d.replayed_at.is_some()),
+        "first claim marks it replayed"
+    );
+    assert!(
+        matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::AlreadyReplayed(d) if d.replayed_at.is_some()),
+        "a dead letter is replayed once"
+    );
+    assert!(
+        matches!(s.claim_replay(&e("7"), true).await.unwrap(), ReplayClaim::Claimed(d) if d.replayed_at.is_none()),
+        "undo"
+    );
+    assert!(
+        matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)),
+        "claimable again after undo"
+    );
     assert_eq!(s.claim_replay(&e("none"), false).await.unwrap(), ReplayClaim::NotFound);
+}
 
-    // Webhook deduplication: one claim per key; a released key can be claimed again.
+/// `WebhookLedger`: one claim per key, released keys claimable again, the audit.
+pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
     let key = format!("{prefix}-webhook-1");
     let ttl = std::time::Duration::from_secs(3600);
     assert!(s.claim_delivery(&key, ttl).await.unwrap(), "first claim");
     assert!(!s.claim_delivery(&key, ttl).await.unwrap(), "a duplicate claim");
     s.release_delivery(&key).await.unwrap();
     assert!(s.claim_delivery(&key, ttl).await.unwrap(), "claimable after release");
-    let delivery = super::WebhookDelivery {
+    let delivery = WebhookDelivery {
         webhook_id: Some(key.clone()),
         event_id: None,
         topic: Some("orders/create".into()),
         shop: None,
         outcome: "received".into(),
         reason: None,
-        order_id: Some(id.clone()),
+        order_id: Some(format!("{prefix}-a")),
         received_at: Utc::now(),
     };
     s.record_delivery(delivery.clone()).await.unwrap();
     let audit = s.deliveries(1000, None).await.unwrap();
-    assert!(audit.items.iter().any(|d| d.webhook_id == delivery.webhook_id && d.outcome == "received"), "the delivery audit");
+    assert!(
+        audit.items.iter().any(|d| d.webhook_id == delivery.webhook_id && d.outcome == "received"),
+        "the delivery audit"
+    );
+}
 
-    // A batch: each write is judged on its own.
-    let batch = vec![apply(&e("8"), None, row(&format!("{prefix}-b"), 1, "b")), apply(&e("9"), Some(7), row(&id, 8, "stale")), apply(&e("1"), None, row(&format!("{prefix}-c"), 1, "dup")), apply(&e("3"), Some(2), row(&id, 3, "replayed"))];
-    let results: Vec<_> = s.write(batch).await.unwrap().into_iter().map(|(_, r)| r).collect();
-    // Event ids are idempotency keys within their order: the same id on another order
-    // is a producer's bug that backends need not catch, so only the same order's replay is checked.
-    assert!(matches!(results.as_slice(), [WriteResult::Done, WriteResult::Conflict(Some(_)), _, WriteResult::Duplicate]), "{results:?}");
-
-    // Paging walks every row once (the order depends on the backend).
+/// `Runs`: audits by prefix, purges by status, and run records saved in place.
+pub async fn runs(s: &(impl Orders + Runs), prefix: &str) {
+    let e = |n: &str| format!("{prefix}-{n}");
     for i in 0..25 {
-        one(s, apply(&e(&format!("p{i}")), None, row(&format!("{prefix}-p{i:02}"), 1, "page"))).await;
+        one(s, apply(&e(&format!("r{i}")), None, row(&format!("{prefix}-r{i:02}"), 1, "run"))).await;
     }
-    let mut seen = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = s.list(ListQuery { limit: 10, cursor: cursor.take(), q: Some(format!("{prefix}-p")), sort: Sort::IdAsc, ..Default::default() }).await.unwrap();
-        seen.extend(page.items.into_iter().map(|o| o.id));
-        match page.next_cursor {
-            Some(c) => cursor = Some(c),
-            None => break,
-        }
-    }
-    seen.sort();
-    assert_eq!(seen, (0..25).map(|i| format!("{prefix}-p{i:02}")).collect::<Vec<_>>(), "cursor paging");
-
+    let other = format!("{prefix}-rest");
+    one(s, apply(&e("rest1"), None, row(&other, 1, "one"))).await;
+    one(s, apply(&e("rest2"), Some(1), row(&other, 2, "two"))).await;
     // A run's audit counts exactly the rows and entries under its prefix.
-    let audit = s.audit(&format!("{prefix}-p")).await.unwrap();
-    assert_eq!((audit.orders, audit.not_first_version, audit.applied, audit.other), (25, 0, 25, 0), "audit of a prefix: {audit:?}");
+    let audit = s.audit(&format!("{prefix}-r")).await.unwrap();
+    assert_eq!(
+        (audit.orders, audit.not_first_version, audit.applied, audit.other),
+        (26, 1, 27, 0),
+        "audit of a prefix (25 run rows and -rest at version 2): {audit:?}"
+    );
     assert!(audit.first_applied.is_some() && audit.first_applied <= audit.last_applied, "audit window: {audit:?}");
-    let whole = s.audit(&format!("{prefix}-")).await.unwrap();
-    assert!(whole.orders >= 26 && whole.not_first_version >= 1, "audit of a wider prefix: {whole:?}");
-    assert_eq!(s.delete_orders(&format!("{prefix}-p"), Status::Confirmed).await.unwrap(), 0, "only the named status is deleted");
-    assert_eq!(s.delete_orders(&format!("{prefix}-p"), Status::Pending).await.unwrap(), 25);
-    assert_eq!(s.audit(&format!("{prefix}-p")).await.unwrap(), Default::default(), "deleted with their history");
-    assert!(s.get(&id).await.unwrap().is_some(), "rows outside the prefix stay");
+    let narrow = s.audit(&format!("{prefix}-r0")).await.unwrap();
+    assert_eq!((narrow.orders, narrow.applied), (10, 10), "audit of a narrower prefix: {narrow:?}");
+    assert_eq!(
+        s.delete_orders(&format!("{prefix}-r"), crate::domain::Status::Confirmed).await.unwrap(),
+        0,
+        "only the named status is deleted"
+    );
+    assert_eq!(s.delete_orders(&format!("{prefix}-r0"), crate::domain::Status::Pending).await.unwrap(), 10);
+    assert_eq!(s.audit(&format!("{prefix}-r0")).await.unwrap(), Default::default(), "deleted with their history");
+    assert!(s.get(&format!("{prefix}-r10")).await.unwrap().is_some(), "rows outside the prefix stay");
 
-    // Runs: saved, read back, updated in place.
-    let mut run: crate::runs::model::Run = serde_json::from_value(serde_json::json!({
-        "id": format!("{prefix}-run"), "phase": "GENERATING", "quantity": 10, "tier_mix": {"DIAMOND": 5, "GOLD": 15, "SILVER": 30, "BRONZE": 50},
-        "started_at": Utc::now(), "ended_at": null, "generated": 0, "generation_ms": null,
-        "vip": {"count": 0, "processed": 0, "started_at": null, "ended_at": null, "duration_ms": null, "orders_per_s": null},
-        "normal": {"count": 0, "processed": 0, "started_at": null, "ended_at": null, "duration_ms": null, "orders_per_s": null},
-        "total_ms": null, "progress_percent": 0.0, "eta_s": null, "latency_p50_ms": null, "latency_p99_ms": null,
-        "dead_letters": 0, "error": null, "verification": null, "cancel": null
-    }))
-    .unwrap();
+    // Run records: saved, read back, replaced in place, listed newest first.
+    let at = Utc::now();
+    let older = RunRecord { id: e("run-old"), started_at: at - Duration::hours(1), body: "{\"n\":0}".into() };
+    let mut run = RunRecord { id: e("run"), started_at: at, body: "{\"n\":1}".into() };
+    s.save_run(&older).await.unwrap();
     s.save_run(&run).await.unwrap();
-    run.phase = crate::runs::model::Phase::Done;
+    run.body = "{\"n\":2}".into();
     s.save_run(&run).await.unwrap();
-    assert_eq!(s.run(&run.id).await.unwrap().as_ref(), Some(&run), "a run reads back as saved last");
-    let listed: Vec<_> = s.runs(100, None).await.unwrap().items.into_iter().filter(|r| r.id == run.id).collect();
-    assert_eq!(listed, vec![run], "listed once");
+    let read = s.run(&run.id).await.unwrap().expect("the run reads back");
+    assert_eq!((read.id.as_str(), read.body.as_str()), (run.id.as_str(), run.body.as_str()), "as saved last");
+    assert_eq!(read.started_at.timestamp_micros(), run.started_at.timestamp_micros());
+    assert_eq!(s.run(&e("no-run")).await.unwrap(), None);
+    let listed: Vec<_> = s
+        .runs(100, None)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|r| r.id.starts_with(&e("run")))
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(listed, [e("run"), e("run-old")], "listed once each, newest first");
 }

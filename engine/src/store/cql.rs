@@ -15,16 +15,16 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::ExecutionError;
 use scylla::frame::types::{Consistency, SerialConsistency};
+use scylla::response::query_result::QueryRowsResult;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    Audit, DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
-    WebhookDelivery, Write, WriteResult,
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
+    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
-use crate::runs::model::Run;
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
@@ -37,6 +37,15 @@ pub struct CqlConfig {
     pub keyspace: String,
     pub replication_factor: u32,
 }
+
+/// The row's columns as `UPDATE ... SET` binds them, in the order the writes bind.
+const ROW_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, \
+    shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, \
+    source_updated_at = ?";
+/// A history entry's columns (clustered by `event_id` in the order's partition).
+const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at";
+/// A dead letter's columns, as the reads decode them.
+const LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at";
 
 /// How many single-partition transactions run at once for one batch of writes.
 const CONCURRENCY: usize = 64;
@@ -96,8 +105,13 @@ fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
     v.map_or(MaybeUnset::Unset, MaybeUnset::Set)
 }
 
-fn backend(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// A request the cluster failed to serve (no connection, timeout, an attempt that
+/// failed) may pass later; a bad or unpreparable statement, or a row that does not
+/// decode, will not.
+fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
+    let failed = (&e as &dyn std::any::Any).downcast_ref::<ExecutionError>();
+    let transient = failed.is_some_and(|f| !matches!(f, ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_)));
+    if transient { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
 }
 
 impl CqlStore {
@@ -108,12 +122,15 @@ impl CqlStore {
             .connection_timeout(Duration::from_secs(5))
             .build()
             .await
-            .map_err(|e| StoreError::Backend(format!("connecting to {:?}: {e}", config.nodes)))?;
+            .map_err(|e| StoreError::Unavailable(format!("connecting to {:?}: {e}", config.nodes).into()))?;
         let schema = SCHEMA
             .replace("{keyspace}", &config.keyspace)
             .replace("{replication_factor}", &config.replication_factor.to_string());
         for statement in strip_comments(&schema).split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            session.query_unpaged(statement, ()).await.map_err(|e| StoreError::Backend(format!("applying schema: {e}")))?;
+            session
+                .query_unpaged(statement, ())
+                .await
+                .map_err(|e| StoreError::Backend(format!("applying schema: {e}").into()))?;
         }
         // Columns added after a keyspace was first created: adding one that exists fails, harmlessly.
         for alter in [format!("ALTER TABLE {}.orders ADD source_updated_at bigint static", config.keyspace)] {
@@ -136,7 +153,8 @@ impl CqlStore {
         };
         let mut get_serial = prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?;
         get_serial.set_consistency(Consistency::Serial);
-        let mut event_serial = prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
+        let mut event_serial =
+            prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
         event_serial.set_consistency(Consistency::Serial);
         let mut list = prepare(format!("SELECT DISTINCT {STATICS} FROM {ks}.orders"), false).await?;
         list.set_page_size(200);
@@ -144,45 +162,74 @@ impl CqlStore {
             get: prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?,
             get_serial,
             event_serial,
-            insert_row: prepare(
-                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, source_updated_at = ? WHERE id = ? IF version = null"),
-                true,
-            )
-            .await?,
-            update_row: prepare(
-                format!("UPDATE {ks}.orders SET shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, source_updated_at = ? WHERE id = ? IF version = ?"),
-                true,
-            )
-            .await?,
+            insert_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = null"), true)
+                .await?,
+            update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = ?"), true).await?,
             insert_entry: prepare(
-                format!("INSERT INTO {ks}.orders (id, event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
+                format!("INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
                 true,
             )
             .await?,
-            history: prepare(format!("SELECT event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at FROM {ks}.orders WHERE id = ?"), false).await?,
+            history: prepare(format!("SELECT {ENTRY_COLUMNS} FROM {ks}.orders WHERE id = ?"), false).await?,
             list,
-            letter_claim_id: prepare(format!("INSERT INTO {ks}.dead_letter_ids (id, seq) VALUES (?, ?) IF NOT EXISTS"), true).await?,
+            letter_claim_id: prepare(
+                format!("INSERT INTO {ks}.dead_letter_ids (id, seq) VALUES (?, ?) IF NOT EXISTS"),
+                true,
+            )
+            .await?,
             letter_insert: prepare(
-                format!("INSERT INTO {ks}.dead_letters (bucket, seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at) VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                format!(
+                    "INSERT INTO {ks}.dead_letters (bucket, {LETTER_COLUMNS}) VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                ),
                 false,
             )
             .await?,
-            letters: prepare(format!("SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at FROM {ks}.dead_letters WHERE bucket = 0 AND seq > ? LIMIT ?"), false).await?,
-            letter_by_id: prepare(format!("SELECT seq, replayed_at FROM {ks}.dead_letter_ids WHERE id = ?"), false).await?,
-            letter_by_seq: prepare(format!("SELECT seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at FROM {ks}.dead_letters WHERE bucket = 0 AND seq = ?"), false).await?,
-            replay_claim: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF replayed_at = null"), true).await?,
-            replay_undo: prepare(format!("UPDATE {ks}.dead_letter_ids SET replayed_at = null WHERE id = ? IF EXISTS"), true).await?,
-            claim_delivery: prepare(format!("INSERT INTO {ks}.webhook_claims (key) VALUES (?) IF NOT EXISTS USING TTL ?"), true).await?,
+            letters: prepare(
+                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = 0 AND seq > ? LIMIT ?"),
+                false,
+            )
+            .await?,
+            letter_by_id: prepare(format!("SELECT seq, replayed_at FROM {ks}.dead_letter_ids WHERE id = ?"), false)
+                .await?,
+            letter_by_seq: prepare(
+                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = 0 AND seq = ?"),
+                false,
+            )
+            .await?,
+            replay_claim: prepare(
+                format!("UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF replayed_at = null"),
+                true,
+            )
+            .await?,
+            replay_undo: prepare(
+                format!("UPDATE {ks}.dead_letter_ids SET replayed_at = null WHERE id = ? IF EXISTS"),
+                true,
+            )
+            .await?,
+            claim_delivery: prepare(
+                format!("INSERT INTO {ks}.webhook_claims (key) VALUES (?) IF NOT EXISTS USING TTL ?"),
+                true,
+            )
+            .await?,
             release_delivery: prepare(format!("DELETE FROM {ks}.webhook_claims WHERE key = ? IF EXISTS"), true).await?,
-            record_delivery: prepare(format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"), false).await?,
-            deliveries: prepare(format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"), false).await?,
+            record_delivery: prepare(
+                format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"),
+                false,
+            )
+            .await?,
+            deliveries: prepare(
+                format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"),
+                false,
+            )
+            .await?,
         };
         Ok(Self { session: Arc::new(session), st: Arc::new(st), keyspace: config.keyspace.clone() })
     }
 
     async fn get_with(&self, id: &str, serial: bool) -> Result<Option<Order>, StoreError> {
         let st = if serial { &self.st.get_serial } else { &self.st.get };
-        let rows = self.session.execute_unpaged(st, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let rows =
+            self.session.execute_unpaged(st, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
         match rows.maybe_first_row::<StaticRow>().map_err(backend)? {
             Some(r) => order_from(r),
             None => Ok(None),
@@ -191,12 +238,20 @@ impl CqlStore {
 
     /// Runs one conditional statement or batch; `[applied]` is read dynamically, as
     /// Cassandra and ScyllaDB return different columns beside it.
-    async fn lwt(&self, run: impl std::future::Future<Output = Result<scylla::response::query_result::QueryResult, ExecutionError>>) -> Result<Option<bool>, StoreError> {
+    async fn lwt(
+        &self,
+        run: impl std::future::Future<Output = Result<scylla::response::query_result::QueryResult, ExecutionError>>,
+    ) -> Result<Option<bool>, StoreError> {
         match run.await {
             Ok(result) => {
                 let rows = result.into_rows_result().map_err(backend)?;
                 let first = rows.maybe_first_row::<Row>().map_err(backend)?;
-                Ok(Some(first.and_then(|r| r.columns.first().cloned().flatten()).and_then(|v| v.as_boolean()).unwrap_or(false)))
+                Ok(Some(
+                    first
+                        .and_then(|r| r.columns.first().cloned().flatten())
+                        .and_then(|v| v.as_boolean())
+                        .unwrap_or(false),
+                ))
             }
             // The outcome is unknown (timeout, coordinator trouble): the caller reads back.
             Err(e) if is_uncertain(&e) => {
@@ -220,7 +275,16 @@ impl CqlStore {
                 Write::Apply { event_id, source, expected, row } => {
                     let r = row;
                     // Unset, not null: a null would write a tombstone per entry for nothing.
-                    let entry = (&r.id, event_id, r.version as i64, Outcome::Applied.as_str(), MaybeUnset::<String>::Unset, source, &r.decided_by, now);
+                    let entry = (
+                        &r.id,
+                        event_id,
+                        r.version as i64,
+                        Outcome::Applied.as_str(),
+                        MaybeUnset::<String>::Unset,
+                        source,
+                        &r.decided_by,
+                        now,
+                    );
                     let mut batch = Batch::new(BatchType::Logged);
                     batch.set_serial_consistency(Some(SerialConsistency::Serial));
                     batch.set_consistency(Consistency::Quorum);
@@ -232,14 +296,48 @@ impl CqlStore {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
                             // A new row has nothing to clear: absent columns stay unset.
-                            let (shopify_order_id, source_updated) = (unset_none(r.shopify_order_id), unset_none(source_updated));
-                            let set = (shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id);
+                            let (shopify_order_id, source_updated) =
+                                (unset_none(r.shopify_order_id), unset_none(source_updated));
+                            let set = (
+                                shopify_order_id,
+                                &r.customer,
+                                tier,
+                                priority,
+                                status,
+                                r.total_cents,
+                                r.shipping_fee_cents,
+                                &r.currency,
+                                &r.note,
+                                version,
+                                created,
+                                updated,
+                                &r.decided_by,
+                                source_updated,
+                                &r.id,
+                            );
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
                         }
                         Some(v) => {
                             batch.append_statement(self.st.update_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
-                            let set = (r.shopify_order_id, &r.customer, tier, priority, status, r.total_cents, r.shipping_fee_cents, &r.currency, &r.note, version, created, updated, &r.decided_by, source_updated, &r.id, *v as i64);
+                            let set = (
+                                r.shopify_order_id,
+                                &r.customer,
+                                tier,
+                                priority,
+                                status,
+                                r.total_cents,
+                                r.shipping_fee_cents,
+                                &r.currency,
+                                &r.note,
+                                version,
+                                created,
+                                updated,
+                                &r.decided_by,
+                                source_updated,
+                                &r.id,
+                                *v as i64,
+                            );
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
                         }
                     }
@@ -280,20 +378,47 @@ impl CqlStore {
                 }
             }
         }
-        Err(StoreError::Backend(format!("write of {} failed {MAX_ATTEMPTS} times with an unknown outcome", w.event_id())))
+        let why = format!("write of {} failed {MAX_ATTEMPTS} times with an unknown outcome", w.event_id());
+        Err(StoreError::Unavailable(why.into()))
     }
 
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
-        let claim = self.session.execute_unpaged(&self.st.letter_by_id, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
-        let Some((Some(seq), replayed_at)) = claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)? else { return Ok(None) };
-        let rows = self.session.execute_unpaged(&self.st.letter_by_seq, (seq,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let claim = self
+            .session
+            .execute_unpaged(&self.st.letter_by_id, (id,))
+            .await
+            .map_err(backend)?
+            .into_rows_result()
+            .map_err(backend)?;
+        let Some((Some(seq), replayed_at)) =
+            claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?
+        else {
+            return Ok(None);
+        };
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.letter_by_seq, (seq,))
+            .await
+            .map_err(backend)?
+            .into_rows_result()
+            .map_err(backend)?;
         Ok(rows.maybe_first_row::<LetterRow>().map_err(backend)?.map(|r| letter_from(r, replayed_at)))
     }
 
     async fn put_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
         let seq = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 1]));
         if self.lwt(self.session.execute_unpaged(&self.st.letter_claim_id, (&d.id, seq))).await? == Some(true) {
-            let values = (seq, &d.id, &d.order_id, &d.stage, &d.error_type, &d.reason, &d.decided_by, &d.payload, micros(d.recorded_at));
+            let values = (
+                seq,
+                &d.id,
+                &d.order_id,
+                &d.stage,
+                &d.error_type,
+                &d.reason,
+                &d.decided_by,
+                &d.payload,
+                micros(d.recorded_at),
+            );
             self.session.execute_unpaged(&self.st.letter_insert, values).await.map_err(backend)?;
         }
         Ok(())
@@ -304,7 +429,17 @@ type LetterRow = (CqlTimeuuid, String, Option<String>, String, String, String, O
 
 fn letter_from(r: LetterRow, replayed_at: Option<i64>) -> DeadLetter {
     let (_, id, order_id, stage, error_type, reason, decided_by, payload, at) = r;
-    DeadLetter { id, order_id, stage, error_type, reason, decided_by, payload, recorded_at: from_micros(at), replayed_at: replayed_at.map(from_micros) }
+    DeadLetter {
+        id,
+        order_id,
+        stage,
+        error_type,
+        reason,
+        decided_by,
+        payload,
+        recorded_at: from_micros(at),
+        replayed_at: replayed_at.map(from_micros),
+    }
 }
 
 fn is_uncertain(e: &ExecutionError) -> bool {
@@ -317,7 +452,23 @@ fn strip_comments(s: &str) -> String {
 }
 
 fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
-    let (id, shopify_order_id, customer, tier, priority, status, total, fee, currency, note, version, created, updated, decided_by, source_updated) = r;
+    let (
+        id,
+        shopify_order_id,
+        customer,
+        tier,
+        priority,
+        status,
+        total,
+        fee,
+        currency,
+        note,
+        version,
+        created,
+        updated,
+        decided_by,
+        source_updated,
+    ) = r;
     let Some(version) = version else { return Ok(None) };
     let bad = |what: &str, v: &Option<String>| StoreError::Corrupt(format!("order {id}: bad {what} {v:?}"));
     Ok(Some(Order {
@@ -340,7 +491,7 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
 }
 
 #[async_trait]
-impl OrderStore for CqlStore {
+impl Orders for CqlStore {
     fn backend(&self) -> &'static str {
         "cql"
     }
@@ -352,7 +503,8 @@ impl OrderStore for CqlStore {
     async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
         // A Vec of boxed futures first: a lazy map inside the stream trips the Send check.
         let reads: Vec<_> = ids.iter().map(|id| Box::pin(self.get_with(id, false))).collect();
-        let found: Vec<Result<Option<Order>, StoreError>> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
+        let found: Vec<Result<Option<Order>, StoreError>> =
+            futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
         let mut out = HashMap::new();
         for o in found {
             if let Some(o) = o? {
@@ -366,14 +518,22 @@ impl OrderStore for CqlStore {
         // Writes of one call touch distinct orders (the pipeline guarantees it), so their
         // transactions run concurrently; results keep the input order.
         let pending: Vec<_> = writes.iter().map(|w| Box::pin(self.write_one(w))).collect();
-        let results: Vec<Result<WriteResult, StoreError>> = futures::stream::iter(pending).buffered(CONCURRENCY).collect().await;
+        let results: Vec<Result<WriteResult, StoreError>> =
+            futures::stream::iter(pending).buffered(CONCURRENCY).collect().await;
         let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         Ok(writes.into_iter().zip(results).collect())
     }
 
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        type H = (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
-        let rows = self.session.execute_unpaged(&self.st.history, (order_id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        type H =
+            (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.history, (order_id,))
+            .await
+            .map_err(backend)?
+            .into_rows_result()
+            .map_err(backend)?;
         let mut entries: Vec<HistoryEntry> = rows
             .rows::<H>()
             .map_err(backend)?
@@ -392,7 +552,13 @@ impl OrderStore for CqlStore {
             })
             .collect();
         // Clustered by event id; the history reads in version order, then time.
-        entries.sort_by(|a, b| (a.version, a.recorded_at, a.outcome != Outcome::Applied).cmp(&(b.version, b.recorded_at, b.outcome != Outcome::Applied)));
+        entries.sort_by(|a, b| {
+            (a.version, a.recorded_at, a.outcome != Outcome::Applied).cmp(&(
+                b.version,
+                b.recorded_at,
+                b.outcome != Outcome::Applied,
+            ))
+        });
         Ok(entries)
     }
 
@@ -404,7 +570,9 @@ impl OrderStore for CqlStore {
         // so a page may hold fewer items than the limit, and the cursor carries on.
         let paging = match &q.cursor {
             None => PagingState::start(),
-            Some(c) => PagingState::new_from_raw_bytes(URL_SAFE_NO_PAD.decode(c).map_err(|_| StoreError::Cursor("not a cursor this server issued".into()))?),
+            Some(c) => PagingState::new_from_raw_bytes(
+                URL_SAFE_NO_PAD.decode(c).map_err(|_| StoreError::Cursor("not a cursor this server issued".into()))?,
+            ),
         };
         let mut st = self.st.list.clone();
         st.set_page_size(q.limit.clamp(1, 1000) as i32);
@@ -425,24 +593,53 @@ impl OrderStore for CqlStore {
         Ok(Page { items, next_cursor })
     }
 
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        // Counting a CQL table means reading it all; this is for tests and operators, not
+        // the hot path. A partition holds the row (statics) and its history entries.
+        let cql = format!("SELECT id, version, event_id FROM {}.orders", self.keyspace);
+        let mut rows = self.scan::<(String, Option<i64>, Option<String>)>(cql).await?;
+        let (mut orders, mut history, mut last) = (0u64, 0u64, None::<String>);
+        while let Some(row) = rows.next().await {
+            let (id, version, event_id) = row.map_err(backend)?;
+            if last.as_deref() != Some(id.as_str()) {
+                orders += u64::from(version.is_some());
+                last = Some(id);
+            }
+            history += u64::from(event_id.is_some());
+        }
+        let mut dead_letters = 0u64;
+        let mut letters =
+            self.scan::<(CqlTimeuuid,)>(format!("SELECT seq FROM {}.dead_letters", self.keyspace)).await?;
+        while let Some(row) = letters.next().await {
+            row.map_err(backend)?;
+            dead_letters += 1;
+        }
+        Ok(StoreStats { orders, history, dead_letters })
+    }
+}
+
+#[async_trait]
+impl DeadLetters for CqlStore {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
-        let after = match cursor {
-            // The smallest version-1 uuid: CQL refuses a nil one as a timeuuid.
-            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
-            Some(c) => CqlTimeuuid::from(uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor("bad dead-letter cursor".into()))?),
-        };
         let limit = limit.clamp(1, 1000);
-        let rows = self.session.execute_unpaged(&self.st.letters, (after, limit as i32 + 1)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let rows = self.timeuuid_page(&self.st.letters, cursor, limit, "dead-letter").await?;
         let mut items = Vec::new();
         let mut last = None;
         for r in rows.rows::<LetterRow>().map_err(backend)?.take(limit) {
             let r = r.map_err(backend)?;
-            let claim = self.session.execute_unpaged(&self.st.letter_by_id, (&r.1,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
-            let replayed_at = claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?.and_then(|c| c.1);
+            let claim = self
+                .session
+                .execute_unpaged(&self.st.letter_by_id, (&r.1,))
+                .await
+                .map_err(backend)?
+                .into_rows_result()
+                .map_err(backend)?;
+            let replayed_at =
+                claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?.and_then(|c| c.1);
             last = Some(r.0);
             items.push(letter_from(r, replayed_at));
         }
-        let next_cursor = if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None };
+        let next_cursor = next_cursor(&rows, limit, last);
         Ok(Page { items, next_cursor })
     }
 
@@ -458,14 +655,18 @@ impl OrderStore for CqlStore {
             _ => ReplayClaim::AlreadyReplayed(letter),
         })
     }
+}
 
+#[async_trait]
+impl WebhookLedger for CqlStore {
     async fn claim_delivery(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let claimed = self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, ttl.as_secs() as i32))).await?;
+        let claimed =
+            self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, ttl.as_secs() as i32))).await?;
         match claimed {
             Some(c) => Ok(c),
             // Unknown outcome: the key exists now either way; treat it as ours only if
             // nobody had it, which a SERIAL read cannot tell. Refuse, and let Shopify retry.
-            None => Err(StoreError::Backend("claiming a webhook key timed out".into())),
+            None => Err(StoreError::Unavailable("claiming a webhook key timed out".into())),
         }
     }
 
@@ -481,12 +682,8 @@ impl OrderStore for CqlStore {
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        let after = match cursor {
-            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
-            Some(c) => CqlTimeuuid::from(uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor("bad deliveries cursor".into()))?),
-        };
         let limit = limit.clamp(1, 1000);
-        let rows = self.session.execute_unpaged(&self.st.deliveries, (after, limit as i32 + 1)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        let rows = self.timeuuid_page(&self.st.deliveries, cursor, limit, "deliveries").await?;
         let mut items = Vec::new();
         let mut last = None;
         for r in rows.rows::<(CqlTimeuuid, String)>().map_err(backend)?.take(limit) {
@@ -494,25 +691,13 @@ impl OrderStore for CqlStore {
             last = Some(seq);
             items.push(serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
-        let next_cursor = if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None };
+        let next_cursor = next_cursor(&rows, limit, last);
         Ok(Page { items, next_cursor })
     }
+}
 
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        // Counting a CQL table means reading it all; this is for tests and operators, not the hot path.
-        let mut orders = 0u64;
-        let mut cursor = None;
-        loop {
-            let page = self.list(ListQuery { limit: 1000, cursor, ..Default::default() }).await?;
-            orders += page.items.len() as u64;
-            match page.next_cursor {
-                Some(c) => cursor = Some(c),
-                None => break,
-            }
-        }
-        Ok(StoreStats { orders, history: 0, dead_letters: self.dead_letters(1000, None).await?.items.len() as u64 })
-    }
-
+#[async_trait]
+impl Runs for CqlStore {
     async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
         // A full scan: CQL has no range over partition keys. Runs check once at their end.
         let cql = format!("SELECT id, version, h_outcome, h_recorded_at FROM {}.orders", self.keyspace);
@@ -571,33 +756,29 @@ impl OrderStore for CqlStore {
         Ok(())
     }
 
-    async fn save_run(&self, run: &Run) -> Result<(), StoreError> {
-        let body = serde_json::to_string(run).map_err(backend)?;
+    async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError> {
         let cql = format!("INSERT INTO {}.runs (id, started_at, body) VALUES (?, ?, ?)", self.keyspace);
-        self.session.query_unpaged(cql, (&run.id, micros(run.started_at), body)).await.map_err(backend)?;
+        self.session.query_unpaged(cql, (&run.id, micros(run.started_at), &run.body)).await.map_err(backend)?;
         Ok(())
     }
 
-    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
-        let cql = format!("SELECT body FROM {}.runs WHERE id = ?", self.keyspace);
-        let rows = self.session.query_unpaged(cql, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
-        match rows.maybe_first_row::<(Option<String>,)>().map_err(backend)? {
-            Some((Some(body),)) => serde_json::from_str(&body).map(Some).map_err(|e| StoreError::Corrupt(format!("run {id}: {e}"))),
-            _ => Ok(None),
-        }
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        let cql = format!("SELECT id, started_at, body FROM {}.runs WHERE id = ?", self.keyspace);
+        let rows =
+            self.session.query_unpaged(cql, (id,)).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        Ok(rows.maybe_first_row::<RunRow>().map_err(backend)?.and_then(run_record))
     }
 
-    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
+    /// Runs are few (one per generated run), so they are read whole and sorted here.
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError> {
         let offset: usize = match cursor {
             Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a runs cursor")))?,
             None => 0,
         };
-        let mut rows = self.scan::<(Option<String>,)>(format!("SELECT body FROM {}.runs", self.keyspace)).await?;
+        let mut rows = self.scan::<RunRow>(format!("SELECT id, started_at, body FROM {}.runs", self.keyspace)).await?;
         let mut all = Vec::new();
         while let Some(row) = rows.next().await {
-            if let (Some(body),) = row.map_err(backend)? {
-                all.push(serde_json::from_str::<Run>(&body).map_err(|e| StoreError::Corrupt(format!("run: {e}")))?);
-            }
+            all.extend(run_record(row.map_err(backend)?));
         }
         all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then_with(|| b.id.cmp(&a.id)));
         let next_cursor = (all.len() > offset + limit).then(|| (offset + limit).to_string());
@@ -605,9 +786,47 @@ impl OrderStore for CqlStore {
     }
 }
 
+type RunRow = (String, Option<i64>, Option<String>);
+
+fn run_record((id, started_at, body): RunRow) -> Option<RunRecord> {
+    Some(RunRecord { id, started_at: from_micros(started_at?), body: body? })
+}
+
+/// The cursor after a page of a timeuuid-clustered table: the last key, if more follow.
+fn next_cursor(rows: &QueryRowsResult, limit: usize, last: Option<CqlTimeuuid>) -> Option<String> {
+    if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None }
+}
+
 impl CqlStore {
+    /// Up to `limit + 1` rows of a timeuuid-clustered table after `cursor` (exclusive), so
+    /// the caller can tell whether another page follows. `what` names the cursor's kind.
+    async fn timeuuid_page(
+        &self,
+        statement: &PreparedStatement,
+        cursor: Option<String>,
+        limit: usize,
+        what: &str,
+    ) -> Result<QueryRowsResult, StoreError> {
+        let after = match cursor {
+            // The smallest version-1 uuid: CQL refuses a nil one as a timeuuid.
+            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
+            Some(c) => CqlTimeuuid::from(
+                uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor(format!("bad {what} cursor")))?,
+            ),
+        };
+        self.session
+            .execute_unpaged(statement, (after, limit as i32 + 1))
+            .await
+            .map_err(backend)?
+            .into_rows_result()
+            .map_err(backend)
+    }
+
     /// Every row a query returns, page by page.
-    async fn scan<T>(&self, cql: String) -> Result<impl futures::Stream<Item = Result<T, scylla::errors::NextRowError>> + use<T>, StoreError>
+    async fn scan<T>(
+        &self,
+        cql: String,
+    ) -> Result<impl futures::Stream<Item = Result<T, scylla::errors::NextRowError>> + use<T>, StoreError>
     where
         T: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm> + 'static,
     {

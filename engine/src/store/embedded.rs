@@ -13,11 +13,10 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Audit, DeadLetter, HistoryEntry, ListQuery, OrderStore, Outcome, Page, ReplayClaim, Sort, StoreError, StoreStats,
-    WebhookDelivery, Write, WriteResult, prefix_end,
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
+    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
 };
 use crate::domain::{Order, Priority, Status, Tier};
-use crate::runs::model::Run;
 use crate::sqlite::{ReadPool, from_micros, micros, open};
 
 const SCHEMA: &str = "
@@ -102,9 +101,7 @@ impl EmbeddedStore {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let readers = self.readers.clone();
-        tokio::task::spawn_blocking(move || readers.with(f))
-            .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+        tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(|e| StoreError::Backend(e.into()))?
     }
 }
 
@@ -121,8 +118,14 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
+/// SQLite's busy, locked, I/O and full-disk failures pass; anything else is permanent.
 fn backend(e: rusqlite::Error) -> StoreError {
-    StoreError::Backend(e.to_string())
+    use rusqlite::ErrorCode::*;
+    let transient = matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | OutOfMemory | CannotOpen)
+    );
+    if transient { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
 }
 
 fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
@@ -166,6 +169,7 @@ fn is_recorded(conn: &Connection, event_id: &str) -> rusqlite::Result<bool> {
         .is_some())
 }
 
+#[allow(clippy::too_many_arguments, reason = "one per column of the history row")]
 fn insert_history(
     conn: &Connection,
     event_id: &str,
@@ -180,7 +184,16 @@ fn insert_history(
         "INSERT INTO history (event_id, order_id, version, outcome, reason, source, decided_by, recorded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute(params![event_id, order_id, version as i64, outcome.as_str(), reason, source, decided_by, micros(Utc::now())])?;
+    .execute(params![
+        event_id,
+        order_id,
+        version as i64,
+        outcome.as_str(),
+        reason,
+        source,
+        decided_by,
+        micros(Utc::now())
+    ])?;
     Ok(())
 }
 
@@ -258,7 +271,16 @@ fn insert_dead_letter(conn: &Connection, d: &DeadLetter) -> rusqlite::Result<()>
         "INSERT INTO dead_letters (id, order_id, stage, error_type, reason, decided_by, payload, recorded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT(id) DO NOTHING",
     )?
-    .execute(params![d.id, d.order_id, d.stage, d.error_type, d.reason, d.decided_by, d.payload, micros(d.recorded_at)])?;
+    .execute(params![
+        d.id,
+        d.order_id,
+        d.stage,
+        d.error_type,
+        d.reason,
+        d.decided_by,
+        d.payload,
+        micros(d.recorded_at)
+    ])?;
     Ok(())
 }
 
@@ -335,6 +357,10 @@ fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreErr
     Ok(Page { items, next_cursor })
 }
 
+fn run_from_row(r: &Row<'_>) -> rusqlite::Result<RunRecord> {
+    Ok(RunRecord { id: r.get(0)?, started_at: from_micros(r.get(1)?), body: r.get(2)? })
+}
+
 fn history_from_row(r: &Row<'_>) -> rusqlite::Result<HistoryEntry> {
     let outcome: String = r.get(3)?;
     Ok(HistoryEntry {
@@ -366,10 +392,11 @@ fn dead_letter_from_row(r: &Row<'_>) -> rusqlite::Result<(i64, DeadLetter)> {
     ))
 }
 
-const DEAD_LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at, replayed_at";
+const DEAD_LETTER_COLUMNS: &str =
+    "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at, replayed_at";
 
 #[async_trait]
-impl OrderStore for EmbeddedStore {
+impl Orders for EmbeddedStore {
     fn backend(&self) -> &'static str {
         "embedded"
     }
@@ -393,7 +420,11 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
-        let results = self.write_tx(move |tx| writes.iter().map(|w| apply_one(tx, w)).collect::<rusqlite::Result<Vec<_>>>().map(|r| (writes, r))).await?;
+        let results = self
+            .write_tx(move |tx| {
+                writes.iter().map(|w| apply_one(tx, w)).collect::<rusqlite::Result<Vec<_>>>().map(|r| (writes, r))
+            })
+            .await?;
         let (writes, results) = results;
         Ok(writes.into_iter().zip(results).collect())
     }
@@ -415,6 +446,23 @@ impl OrderStore for EmbeddedStore {
         self.read(move |c| list_orders(c, &query)).await
     }
 
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.read(|c| {
+            let count = |table: &str| -> rusqlite::Result<u64> {
+                c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
+            };
+            Ok(StoreStats {
+                orders: count("orders").map_err(backend)?,
+                history: count("history").map_err(backend)?,
+                dead_letters: count("dead_letters").map_err(backend)?,
+            })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DeadLetters for EmbeddedStore {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
         let after: i64 = match cursor {
             None => 0,
@@ -423,9 +471,9 @@ impl OrderStore for EmbeddedStore {
         let limit = limit.clamp(1, 1000);
         self.read(move |c| {
             let rows: Vec<(i64, DeadLetter)> = c
-                .prepare_cached(
-                    &format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2"),
-                )
+                .prepare_cached(&format!(
+                    "SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))
                 .and_then(|mut s| s.query_map(params![after, limit as i64 + 1], dead_letter_from_row)?.collect())
                 .map_err(backend)?;
             let more = rows.len() > limit;
@@ -461,7 +509,10 @@ impl OrderStore for EmbeddedStore {
         })
         .await
     }
+}
 
+#[async_trait]
+impl WebhookLedger for EmbeddedStore {
     async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
         let key = key.to_string();
         self.with_writer(move |conn| {
@@ -471,7 +522,9 @@ impl OrderStore for EmbeddedStore {
                 .and_then(|mut s| s.execute(params![key, now]))
                 .map_err(backend)?;
             let claimed = conn
-                .prepare_cached("INSERT INTO webhook_claims (key, expires_at) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING")
+                .prepare_cached(
+                    "INSERT INTO webhook_claims (key, expires_at) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING",
+                )
                 .and_then(|mut s| s.execute(params![key, now + ttl.as_micros() as i64]))
                 .map_err(backend)?;
             Ok(claimed == 1)
@@ -504,29 +557,24 @@ impl OrderStore for EmbeddedStore {
         self.read(move |c| {
             let rows: Vec<(i64, String)> = c
                 .prepare_cached("SELECT seq, body FROM webhook_deliveries WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-                .and_then(|mut s| s.query_map(params![after, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .and_then(|mut s| {
+                    s.query_map(params![after, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                })
                 .map_err(backend)?;
             let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
-            let items = rows.into_iter().take(limit).map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string()))).collect::<Result<_, _>>()?;
+            let items = rows
+                .into_iter()
+                .take(limit)
+                .map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<Result<_, _>>()?;
             Ok(Page { items, next_cursor })
         })
         .await
     }
+}
 
-    async fn stats(&self) -> Result<StoreStats, StoreError> {
-        self.read(|c| {
-            let count = |table: &str| -> rusqlite::Result<u64> {
-                c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
-            };
-            Ok(StoreStats {
-                orders: count("orders").map_err(backend)?,
-                history: count("history").map_err(backend)?,
-                dead_letters: count("dead_letters").map_err(backend)?,
-            })
-        })
-        .await
-    }
-
+#[async_trait]
+impl Runs for EmbeddedStore {
     async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
         let (from, to) = (prefix.to_string(), prefix_end(prefix));
         self.read(move |c| {
@@ -565,15 +613,18 @@ impl OrderStore for EmbeddedStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        self.write_tx(|tx| tx.execute_batch("DELETE FROM orders; DELETE FROM history; DELETE FROM dead_letters; DELETE FROM runs;")).await
+        self.write_tx(|tx| {
+            tx.execute_batch("DELETE FROM orders; DELETE FROM history; DELETE FROM dead_letters; DELETE FROM runs;")
+        })
+        .await
     }
 
-    async fn save_run(&self, run: &Run) -> Result<(), StoreError> {
-        let body = serde_json::to_string(run).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let (id, started) = (run.id.clone(), micros(run.started_at));
+    async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        let (id, started, body) = (run.id.clone(), micros(run.started_at), run.body.clone());
         self.write_tx(move |tx| {
             tx.execute(
-                "INSERT INTO runs (id, started_at, body) VALUES (?1, ?2, ?3) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                "INSERT INTO runs (id, started_at, body) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(id) DO UPDATE SET body = excluded.body",
                 params![id, started, body],
             )
             .map(|_| ())
@@ -581,27 +632,30 @@ impl OrderStore for EmbeddedStore {
         .await
     }
 
-    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
         let id = id.to_string();
         self.read(move |c| {
-            let body: Option<String> = c.query_row("SELECT body FROM runs WHERE id = ?1", params![id], |r| r.get(0)).optional().map_err(backend)?;
-            body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(format!("run {id}: {e}")))).transpose()
+            c.query_row("SELECT id, started_at, body FROM runs WHERE id = ?1", params![id], run_from_row)
+                .optional()
+                .map_err(backend)
         })
         .await
     }
 
-    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError> {
         let offset: usize = match cursor {
             Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a runs cursor")))?,
             None => 0,
         };
         self.read(move |c| {
-            let mut stmt = c.prepare("SELECT body FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1 OFFSET ?2").map_err(backend)?;
-            let bodies: Vec<String> = stmt.query_map(params![limit as i64 + 1, offset as i64], |r| r.get(0)).map_err(backend)?.collect::<rusqlite::Result<_>>().map_err(backend)?;
-            let mut items = bodies
-                .iter()
-                .map(|b| serde_json::from_str(b).map_err(|e| StoreError::Corrupt(format!("run: {e}"))))
-                .collect::<Result<Vec<Run>, _>>()?;
+            let mut stmt = c
+                .prepare("SELECT id, started_at, body FROM runs ORDER BY started_at DESC, id DESC LIMIT ?1 OFFSET ?2")
+                .map_err(backend)?;
+            let mut items: Vec<RunRecord> = stmt
+                .query_map(params![limit as i64 + 1, offset as i64], run_from_row)
+                .map_err(backend)?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(backend)?;
             let next_cursor = (items.len() > limit).then(|| (offset + limit).to_string());
             items.truncate(limit);
             Ok(Page { items, next_cursor })
@@ -612,15 +666,21 @@ impl OrderStore for EmbeddedStore {
 
 impl EmbeddedStore {
     /// Runs `f` on the one writer connection, off the async runtime.
-    async fn with_writer<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    async fn with_writer<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
         let writer = self.writer.clone();
         tokio::task::spawn_blocking(move || f(&mut writer.lock().unwrap_or_else(|p| p.into_inner())))
             .await
-            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map_err(|e| StoreError::Backend(e.into()))?
     }
 
     /// Runs `f` in one immediate transaction on the writer connection.
-    async fn write_tx<T: Send + 'static>(&self, f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static) -> Result<T, StoreError> {
+    async fn write_tx<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
         self.with_writer(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
             let out = f(&tx).map_err(backend)?;
@@ -638,8 +698,8 @@ mod tests {
     #[tokio::test]
     async fn embedded_store_conforms() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        super::super::conformance::check(store, "conf").await;
+        let store = EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap();
+        super::super::conformance::check(&store, "conf").await;
     }
 
     #[tokio::test]
@@ -647,11 +707,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sqlite");
         {
-            let store: Arc<dyn OrderStore> = Arc::new(EmbeddedStore::open(&path).unwrap());
-            super::super::conformance::check(store, "first").await;
+            let store = EmbeddedStore::open(&path).unwrap();
+            super::super::conformance::check(&store, "first").await;
         }
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.get("first-a").await.unwrap().unwrap().version, 2);
-        assert_eq!(store.history("first-a").await.unwrap().len(), 4);
+        assert_eq!(store.history("first-a").await.unwrap().len(), 3);
     }
 }

@@ -1,11 +1,15 @@
-//! The versioned order store: insert-if-absent, compare-and-set on `version`,
-//! idempotent apply keyed by `event_id`, and every outcome kept in a history.
+//! The versioned order store, as four ports that each backend implements: `Orders`
+//! (insert-if-absent, compare-and-set on `version`, idempotent apply keyed by `event_id`,
+//! every outcome kept in a history), `DeadLetters`, `WebhookLedger` and `Runs`.
 
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
+#[cfg(test)]
+pub mod memory;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -14,16 +18,30 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{Order, Priority, Status};
-use crate::runs::model::Run;
+
+/// A backend's own error, kept as the source of a [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The backend could not answer now (busy, timed out, unreachable): the same call
+    /// may succeed later, so callers retry with backoff.
+    #[error("store backend unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The backend answered with an error that a retry will not change.
     #[error("store backend: {0}")]
-    Backend(String),
+    Backend(#[source] BoxError),
     #[error("corrupt row in store: {0}")]
     Corrupt(String),
     #[error("bad cursor: {0}")]
     Cursor(String),
+}
+
+impl StoreError {
+    /// Whether retrying the same call may succeed: an outage, not a bad request or row.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
 }
 
 /// What became of one event (or edit), as recorded in the history.
@@ -65,7 +83,15 @@ pub enum Write {
     Apply { event_id: String, source: String, expected: Option<u64>, row: Order },
     /// Record that the event was skipped or rejected, without touching the row.
     /// A rejection also lands in the dead-letter log.
-    Record { event_id: String, source: String, order_id: String, outcome: Outcome, reason: String, decided_by: String, dead_letter: Option<DeadLetter> },
+    Record {
+        event_id: String,
+        source: String,
+        order_id: String,
+        outcome: Outcome,
+        reason: String,
+        decided_by: String,
+        dead_letter: Option<DeadLetter>,
+    },
 }
 
 impl Write {
@@ -213,9 +239,19 @@ pub struct StoreStats {
     pub dead_letters: u64,
 }
 
-/// A versioned order store. Backends: embedded SQLite; ScyllaDB (LWT) later.
+/// A generated run as the store keeps it: its id and start for ordering, and the record
+/// itself as JSON, which only the runs module reads (the store does not know its shape).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunRecord {
+    pub id: String,
+    pub started_at: DateTime<Utc>,
+    pub body: String,
+}
+
+/// Orders and their history: the versioned rows the pipeline decides and writes, and the
+/// reads behind the orders API.
 #[async_trait]
-pub trait OrderStore: Send + Sync + 'static {
+pub trait Orders: Send + Sync + 'static {
     /// A short name for health output: "embedded", "scylla".
     fn backend(&self) -> &'static str;
     async fn get(&self, id: &str) -> Result<Option<Order>, StoreError>;
@@ -226,9 +262,21 @@ pub trait OrderStore: Send + Sync + 'static {
     /// Every history entry of the order, oldest first.
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError>;
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
+    /// Row counts of orders, history and dead letters.
+    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// The dead-letter log that rejected writes land in, and its replay marks.
+#[async_trait]
+pub trait DeadLetters: Send + Sync + 'static {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError>;
     /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
+}
+
+/// Webhook deduplication claims and the delivery audit.
+#[async_trait]
+pub trait WebhookLedger: Send + Sync + 'static {
     /// Claims a webhook deduplication key for `ttl`: false when it is already claimed.
     async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
     /// Gives a claim back (the delivery could not be put on the log, so its retry must pass).
@@ -236,15 +284,42 @@ pub trait OrderStore: Send + Sync + 'static {
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError>;
     /// The delivery audit, oldest first.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError>;
-    async fn stats(&self) -> Result<StoreStats, StoreError>;
+}
+
+/// Generated runs: their records, and the audit, purge and reset they act with.
+#[async_trait]
+pub trait Runs: Send + Sync + 'static {
     /// Counts orders and history entries whose order id starts with `prefix`.
     async fn audit(&self, prefix: &str) -> Result<Audit, StoreError>;
     /// Deletes the orders under `prefix` whose status is `status`, with their history.
     async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError>;
     /// Empties orders, history, dead letters and runs. Webhook deduplication keys stay.
     async fn reset(&self) -> Result<(), StoreError>;
-    async fn save_run(&self, run: &Run) -> Result<(), StoreError>;
-    async fn run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+    /// Inserts the run, or replaces the record of the same id.
+    async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError>;
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError>;
     /// Runs, newest first.
-    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError>;
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError>;
+}
+
+/// A backend that implements every port. Adding one means implementing the four
+/// ports and an arm in `Engine::open`.
+pub trait Backend: Orders + DeadLetters + WebhookLedger + Runs {}
+
+impl<T: Orders + DeadLetters + WebhookLedger + Runs> Backend for T {}
+
+/// The ports of one backend, each behind its own trait object, so every user holds
+/// exactly the port it needs.
+#[derive(Clone)]
+pub struct Stores {
+    pub orders: Arc<dyn Orders>,
+    pub dead_letters: Arc<dyn DeadLetters>,
+    pub webhooks: Arc<dyn WebhookLedger>,
+    pub runs: Arc<dyn Runs>,
+}
+
+impl Stores {
+    pub fn of<B: Backend>(backend: Arc<B>) -> Self {
+        Self { orders: backend.clone(), dead_letters: backend.clone(), webhooks: backend.clone(), runs: backend }
+    }
 }

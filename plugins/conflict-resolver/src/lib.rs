@@ -5,6 +5,8 @@
 //!   field takes the newer side's value (so an operator's later edit wins);
 //! - a create that raced another create of the same order for a different customer is rejected.
 
+#![deny(rust_2018_idioms)]
+
 use orchestrator_sdk::*;
 
 pub struct Resolver;

@@ -5,6 +5,8 @@
 //! - validation: negative amounts are rejected, updates to unknown orders too;
 //! - monotonic status: an event never moves an order back along the status lattice.
 
+#![deny(rust_2018_idioms)]
+
 use orchestrator_sdk::*;
 
 pub struct Rules;
@@ -31,7 +33,9 @@ pub fn mapped_status(financial: Option<FinancialStatus>, fulfillment: Option<Ful
     }
     financial.map(|f| match f {
         FinancialStatus::Pending | FinancialStatus::Authorized => Status::Pending,
-        FinancialStatus::Paid | FinancialStatus::PartiallyPaid | FinancialStatus::PartiallyRefunded => Status::Confirmed,
+        FinancialStatus::Paid | FinancialStatus::PartiallyPaid | FinancialStatus::PartiallyRefunded => {
+            Status::Confirmed
+        }
         FinancialStatus::Refunded | FinancialStatus::Voided => Status::Cancelled,
     })
 }
@@ -42,13 +46,19 @@ impl OrderRules for Rules {
         if event.kind == EventKind::Created && current.is_some() {
             return Decision::Skip("order already exists".into());
         }
-        // Shopify delivers late and out of order: a change not newer than the last one
-        // applied from Shopify is discarded (and kept in the history with this reason).
+        // Shopify delivers late and out of order: a change strictly older than the last
+        // one applied from Shopify is discarded (and kept in the history with this reason).
+        // An equal `updated_at` is a different change in the same second (Shopify's
+        // resolution), not a stale one: true duplicates never get here, since the event-id
+        // ledger absorbs them.
         if event.source == "shopify"
             && let Some(last) = current.as_ref().and_then(|c| c.source_updated_at_ms)
-            && event.occurred_at_ms <= last
+            && event.occurred_at_ms < last
         {
-            return Decision::Skip(format!("discarded: stale delivery (updated_at {} is not newer than {})", event.occurred_at_ms, last));
+            return Decision::Skip(format!(
+                "discarded: stale delivery (updated_at {} is older than {})",
+                event.occurred_at_ms, last
+            ));
         }
         if let Some(total) = p.total_cents.filter(|t| *t < 0) {
             return Decision::Reject(format!("negative total_cents {total}"));
@@ -167,9 +177,13 @@ mod tests {
 
     #[test]
     fn negative_amounts_are_rejected() {
-        assert!(matches!(Rules::decide(created("ada", Tier::Gold, -1), None), Decision::Reject(r) if r.contains("negative total")));
+        assert!(
+            matches!(Rules::decide(created("ada", Tier::Gold, -1), None), Decision::Reject(r) if r.contains("negative total"))
+        );
         let fee = updated(OrderChange { shipping_fee_cents: Some(-5), ..empty_change() });
-        assert!(matches!(Rules::decide(fee, Some(order(1, Status::Pending))), Decision::Reject(r) if r.contains("negative shipping")));
+        assert!(
+            matches!(Rules::decide(fee, Some(order(1, Status::Pending))), Decision::Reject(r) if r.contains("negative shipping"))
+        );
     }
 
     #[test]
@@ -181,7 +195,10 @@ mod tests {
     #[test]
     fn status_never_moves_backwards() {
         let late_paid = updated(OrderChange { financial_status: Some(FinancialStatus::Paid), ..empty_change() });
-        assert_eq!(Rules::decide(late_paid.clone(), Some(order(3, Status::Shipped))), Decision::Skip("no change".into()));
+        assert_eq!(
+            Rules::decide(late_paid.clone(), Some(order(3, Status::Shipped))),
+            Decision::Skip("no change".into())
+        );
         assert_eq!(upsert(Rules::decide(late_paid, Some(order(1, Status::Pending)))).status, Status::Confirmed);
         let cancel = event(EventKind::Cancelled);
         assert_eq!(upsert(Rules::decide(cancel, Some(order(3, Status::Shipped)))).status, Status::Cancelled);
@@ -193,8 +210,13 @@ mod tests {
         row.source_updated_at_ms = Some(2_000);
         let mut e = updated(OrderChange { note: Some("late".into()), ..empty_change() });
         e.source = "shopify".into();
+        e.occurred_at_ms = 1_999;
+        assert!(
+            matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Skip(r) if r.starts_with("discarded: stale"))
+        );
+        // The same second is another change, not a stale one.
         e.occurred_at_ms = 2_000;
-        assert!(matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Skip(r) if r.starts_with("discarded: stale")));
+        assert!(matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Upsert(_)));
         e.occurred_at_ms = 2_001;
         assert!(matches!(Rules::decide(e.clone(), Some(row.clone())), Decision::Upsert(_)));
         // Other sources are not judged by Shopify's clock.

@@ -19,6 +19,8 @@
 //! Plugins are sandboxed: no clock, randomness, filesystem or network. [`log`] is the one
 //! host function. A panic is reported through it and fails only the event at hand.
 
+#![deny(rust_2018_idioms)]
+
 // Lets the generated bindings name this crate the same way from inside and outside.
 extern crate self as orchestrator_sdk;
 
@@ -110,7 +112,7 @@ macro_rules! export_order_rules {
                     <$rules as $crate::OrderRules>::decide_batch(inputs)
                 }
             }
-            $crate::bindings::rules::export_world!(__Export with_types_in $crate::bindings::rules);
+    $crate::bindings::rules::export_world!(__Export with_types_in $crate::bindings::rules);
         };
     };
 }
@@ -132,7 +134,7 @@ macro_rules! export_conflict_resolver {
                     <$resolver as $crate::ConflictResolver>::resolve(base, current, change)
                 }
             }
-            $crate::bindings::resolver::export_world!(__Export with_types_in $crate::bindings::resolver);
+    $crate::bindings::resolver::export_world!(__Export with_types_in $crate::bindings::resolver);
         };
     };
 }

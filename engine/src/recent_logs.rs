@@ -46,7 +46,12 @@ impl<S: Subscriber> tracing_subscriber::Layer<S> for Recent {
         }
         let mut text = Text(String::new());
         event.record(&mut text);
-        let line = LogLine { at: Utc::now(), level: meta.level().to_string(), target: meta.target().to_string(), message: text.0 };
+        let line = LogLine {
+            at: Utc::now(),
+            level: meta.level().to_string(),
+            target: meta.target().to_string(),
+            message: text.0,
+        };
         let mut lines = buffer().lock().unwrap_or_else(|p| p.into_inner());
         if lines.len() == CAPACITY {
             lines.pop_front();

@@ -1,0 +1,124 @@
+//! The Shopify routes: `POST /webhooks/shopify` turns a delivery into an HTTP answer
+//! (and an audit record), `GET /webhooks/deliveries` lists that audit.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+use utoipa::IntoParams;
+
+use super::{ApiError, AppState, ErrorBody};
+use crate::shopify::{self, DeliveryHeaders, LogFailure, WebhookAnswer, WebhookError};
+use crate::store::{Page, WebhookDelivery};
+use crate::telemetry::WEBHOOKS_RECEIVED;
+
+/// Receives a Shopify order webhook. 200 means the event is durably on the log (or was
+/// a duplicate, or a topic we ignore); Shopify retries anything else.
+#[utoipa::path(
+    post, path = "/webhooks/shopify",
+    responses(
+        (status = 200, body = WebhookAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
+    )
+)]
+pub async fn receive(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<WebhookAnswer>, ApiError> {
+    let Some(config) = s.config.shopify.clone() else {
+        let hint = "set --shopify-secret or SHOPIFY_WEBHOOK_SECRET";
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Shopify webhooks are not configured", hint));
+    };
+    let delivery = delivery_headers(&headers);
+    let mut audit = WebhookDelivery {
+        webhook_id: delivery.webhook_id.clone(),
+        event_id: delivery.event_id.clone(),
+        topic: delivery.topic.clone(),
+        shop: delivery.shop.clone(),
+        outcome: "rejected".into(),
+        reason: None,
+        order_id: None,
+        received_at: Utc::now(),
+    };
+    let result = match body {
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            let limit = json!({ "limit_bytes": config.max_body_bytes });
+            Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "webhook body too large", limit))
+        }
+        Err(e) => Err(ApiError::bad_request("unreadable webhook body", e.body_text())),
+        Ok(body) => shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await.map_err(ApiError::from),
+    };
+    metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
+    if let Err(e) = &result {
+        let detail = e.detail.as_str().map_or_else(|| e.detail.to_string(), str::to_string);
+        audit.reason = Some(format!("{}: {detail}", e.error));
+    }
+    if let Err(e) = s.engine.webhooks().record_delivery(audit).await {
+        tracing::warn!(error = %e, "could not record a webhook delivery in the audit");
+    }
+    result.map(Json)
+}
+
+fn delivery_headers(h: &HeaderMap) -> DeliveryHeaders {
+    let get = |name: &str| {
+        h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty()).map(str::to_string)
+    };
+    DeliveryHeaders {
+        hmac: get("x-shopify-hmac-sha256"),
+        webhook_id: get("x-shopify-webhook-id"),
+        event_id: get("x-shopify-event-id"),
+        topic: get("x-shopify-topic"),
+        shop: get("x-shopify-shop-domain"),
+    }
+}
+
+impl From<WebhookError> for ApiError {
+    fn from(e: WebhookError) -> Self {
+        let why = e.to_string();
+        match e {
+            WebhookError::Unsigned | WebhookError::BadSignature => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "invalid webhook signature", why)
+            }
+            WebhookError::RateLimited { retry_after_s } => {
+                let detail = json!({ "retry_after_seconds": retry_after_s });
+                let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many deliveries from this shop", detail);
+                e.retry_after = Some(retry_after_s);
+                e
+            }
+            WebhookError::NoTopic => ApiError::bad_request(why, "every Shopify webhook names its topic"),
+            WebhookError::NoDeliveryId => ApiError::bad_request(why, "deliveries are deduplicated on it"),
+            WebhookError::Payload(m) => ApiError::bad_request("invalid Shopify payload", m),
+            WebhookError::LogUnavailable(failure) => {
+                let reason = match &failure {
+                    LogFailure::Refused(e) => e.to_string(),
+                    LogFailure::NoAckWithin(_) => failure.to_string(),
+                };
+                let mut e =
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the order log is unavailable; retry later", reason);
+                e.retry_after = Some(5);
+                e
+            }
+            WebhookError::Store(e) => e.into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+pub struct DeliveryParams {
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+/// One record per webhook delivery: received, duplicate, ignored or rejected (with why).
+#[utoipa::path(get, path = "/webhooks/deliveries", params(DeliveryParams), responses((status = 200, body = Page<WebhookDelivery>)))]
+pub async fn deliveries(
+    State(s): State<AppState>,
+    Query(p): Query<DeliveryParams>,
+) -> Result<Json<Page<WebhookDelivery>>, ApiError> {
+    Ok(Json(s.engine.webhooks().deliveries(p.limit.unwrap_or(100), p.cursor).await?))
+}

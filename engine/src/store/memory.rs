@@ -1,0 +1,278 @@
+//! A minimal in-memory backend for unit tests: the four ports over plain collections
+//! behind one mutex. Users cannot select it; it shows what a third backend implements.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::Utc;
+
+use super::{
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
+    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+};
+use crate::domain::{Order, Status};
+
+#[derive(Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    orders: BTreeMap<String, Order>,
+    /// Oldest first; doubles as the idempotency ledger, like the real backends' history.
+    history: Vec<HistoryEntry>,
+    recorded: HashSet<String>,
+    letters: Vec<DeadLetter>,
+    claims: HashMap<String, Instant>,
+    deliveries: Vec<WebhookDelivery>,
+    runs: HashMap<String, RunRecord>,
+}
+
+impl MemoryStore {
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Offset paging: the cursor is the index of the next item.
+fn page<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Page<T>, StoreError> {
+    let from: usize = match cursor {
+        Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a memory cursor")))?,
+        None => 0,
+    };
+    let to = (from + limit).min(all.len());
+    let items = all.get(from..to).unwrap_or_default().to_vec();
+    Ok(Page { items, next_cursor: (to < all.len()).then(|| to.to_string()) })
+}
+
+impl State {
+    fn entry(&mut self, order_id: &str, version: u64, event_id: &str, source: &str, outcome: Outcome) -> usize {
+        self.recorded.insert(event_id.to_string());
+        self.history.push(HistoryEntry {
+            order_id: order_id.to_string(),
+            version,
+            event_id: event_id.to_string(),
+            source: source.to_string(),
+            outcome,
+            reason: None,
+            decided_by: String::new(),
+            recorded_at: Utc::now(),
+        });
+        self.history.len() - 1
+    }
+
+    fn apply(&mut self, write: &Write) -> WriteResult {
+        if self.recorded.contains(write.event_id()) {
+            return WriteResult::Duplicate;
+        }
+        match write {
+            Write::Apply { event_id, source, expected, row } => {
+                let current = self.orders.get(&row.id);
+                match (expected, current) {
+                    (None, Some(now)) => return WriteResult::Conflict(Some(now.clone())),
+                    (Some(_), None) => return WriteResult::Conflict(None),
+                    (Some(v), Some(now)) if now.version != *v => return WriteResult::Conflict(Some(now.clone())),
+                    _ => {}
+                }
+                self.orders.insert(row.id.clone(), row.clone());
+                let i = self.entry(&row.id, row.version, event_id, source, Outcome::Applied);
+                self.history[i].decided_by = row.decided_by.clone();
+            }
+            Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+                let version = self.orders.get(order_id).map_or(0, |o| o.version);
+                let i = self.entry(order_id, version, event_id, source, *outcome);
+                self.history[i].reason = Some(reason.clone());
+                self.history[i].decided_by = decided_by.clone();
+                if let Some(letter) = dead_letter
+                    && !self.letters.iter().any(|l| l.id == letter.id)
+                {
+                    self.letters.push(letter.clone());
+                }
+            }
+        }
+        WriteResult::Done
+    }
+}
+
+#[async_trait]
+impl Orders for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
+        Ok(self.state().orders.get(id).cloned())
+    }
+
+    async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
+        let state = self.state();
+        Ok(ids.into_iter().filter_map(|id| state.orders.get(&id).map(|o| (id, o.clone()))).collect())
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+        let mut state = self.state();
+        Ok(writes
+            .into_iter()
+            .map(|w| {
+                let result = state.apply(&w);
+                (w, result)
+            })
+            .collect())
+    }
+
+    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+        Ok(self.state().history.iter().filter(|h| h.order_id == order_id).cloned().collect())
+    }
+
+    async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
+        let state = self.state();
+        let prefix = q.q.as_deref().unwrap_or("");
+        let mut rows: Vec<Order> = state
+            .orders
+            .values()
+            .filter(|o| q.status.is_none_or(|s| o.status == s) && q.priority.is_none_or(|p| o.priority == p))
+            .filter(|o| o.id.starts_with(prefix) || o.customer.starts_with(prefix))
+            .cloned()
+            .collect();
+        match q.sort {
+            Sort::IdAsc => {}
+            Sort::IdDesc => rows.reverse(),
+            Sort::UpdatedAsc => rows.sort_by(|a, b| (a.updated_at, &a.id).cmp(&(b.updated_at, &b.id))),
+            Sort::UpdatedDesc => rows.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))),
+        }
+        page(&rows, q.limit.clamp(1, 1000), q.cursor)
+    }
+
+    async fn stats(&self) -> Result<StoreStats, StoreError> {
+        let state = self.state();
+        let count = |n: usize| n as u64;
+        Ok(StoreStats {
+            orders: count(state.orders.len()),
+            history: count(state.history.len()),
+            dead_letters: count(state.letters.len()),
+        })
+    }
+}
+
+#[async_trait]
+impl DeadLetters for MemoryStore {
+    async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
+        page(&self.state().letters, limit, cursor)
+    }
+
+    async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
+        let mut state = self.state();
+        let Some(letter) = state.letters.iter_mut().find(|l| l.id == id) else { return Ok(ReplayClaim::NotFound) };
+        Ok(match (undo, letter.replayed_at) {
+            (true, _) => {
+                letter.replayed_at = None;
+                ReplayClaim::Claimed(letter.clone())
+            }
+            (false, Some(_)) => ReplayClaim::AlreadyReplayed(letter.clone()),
+            (false, None) => {
+                letter.replayed_at = Some(Utc::now());
+                ReplayClaim::Claimed(letter.clone())
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl WebhookLedger for MemoryStore {
+    async fn claim_delivery(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        if state.claims.get(key).is_some_and(|expires| *expires > now) {
+            return Ok(false);
+        }
+        state.claims.insert(key.to_string(), now + ttl);
+        Ok(true)
+    }
+
+    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
+        self.state().claims.remove(key);
+        Ok(())
+    }
+
+    async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
+        self.state().deliveries.push(delivery);
+        Ok(())
+    }
+
+    async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
+        page(&self.state().deliveries, limit, cursor)
+    }
+}
+
+#[async_trait]
+impl Runs for MemoryStore {
+    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
+        let state = self.state();
+        let mut audit = Audit::default();
+        for o in state.orders.range(prefix.to_string()..).take_while(|(id, _)| id.starts_with(prefix)) {
+            audit.orders += 1;
+            audit.not_first_version += u64::from(o.1.version != 1);
+        }
+        for h in state.history.iter().filter(|h| h.order_id.starts_with(prefix)) {
+            if h.outcome == Outcome::Applied {
+                audit.applied += 1;
+                audit.first_applied = Some(audit.first_applied.map_or(h.recorded_at, |t| t.min(h.recorded_at)));
+                audit.last_applied = Some(audit.last_applied.map_or(h.recorded_at, |t| t.max(h.recorded_at)));
+            } else {
+                audit.other += 1;
+            }
+        }
+        Ok(audit)
+    }
+
+    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let doomed: HashSet<String> = state
+            .orders
+            .values()
+            .filter(|o| o.id.starts_with(prefix) && o.status == status)
+            .map(|o| o.id.clone())
+            .collect();
+        state.orders.retain(|id, _| !doomed.contains(id));
+        let gone: Vec<String> =
+            state.history.iter().filter(|h| doomed.contains(&h.order_id)).map(|h| h.event_id.clone()).collect();
+        state.history.retain(|h| !doomed.contains(&h.order_id));
+        for event_id in gone {
+            state.recorded.remove(&event_id);
+        }
+        Ok(doomed.len() as u64)
+    }
+
+    async fn reset(&self) -> Result<(), StoreError> {
+        let mut state = self.state();
+        let (claims, deliveries) = (std::mem::take(&mut state.claims), std::mem::take(&mut state.deliveries));
+        *state = State { claims, deliveries, ..State::default() };
+        Ok(())
+    }
+
+    async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError> {
+        self.state().runs.insert(run.id.clone(), run.clone());
+        Ok(())
+    }
+
+    async fn run(&self, id: &str) -> Result<Option<RunRecord>, StoreError> {
+        Ok(self.state().runs.get(id).cloned())
+    }
+
+    async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError> {
+        let mut all: Vec<RunRecord> = self.state().runs.values().cloned().collect();
+        all.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
+        page(&all, limit, cursor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn memory_store_conforms() {
+        super::super::conformance::check(&super::MemoryStore::default(), "mem").await;
+    }
+}
