@@ -17,7 +17,9 @@ const EVENTS: usize = 20_000;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {
     if !distributed() {
-        eprintln!("scale-out needs Kafka + CQL: it runs in the distributed pass (ORCHESTRATOR_TEST_BACKEND=distributed)");
+        eprintln!(
+            "scale-out needs Kafka + CQL: it runs in the distributed pass (ORCHESTRATOR_TEST_BACKEND=distributed)"
+        );
         return;
     }
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -43,7 +45,8 @@ async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {
     });
 
     for k in 0..EVENTS / 1000 {
-        let chunk: Vec<Value> = (0..1000).map(|i| created(&format!("sc-{k}-{i}"), &format!("sc-{k}-{i}"), "GOLD", 100)).collect();
+        let chunk: Vec<Value> =
+            (0..1000).map(|i| created(&format!("sc-{k}-{i}"), &format!("sc-{k}-{i}"), "GOLD", 100)).collect();
         assert_eq!(b.post_events(&Value::Array(chunk)).await.status(), 202);
     }
     // Kill A once it has done part of its share.
@@ -61,7 +64,29 @@ async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {
     b.drain(Duration::from_secs(180)).await;
 
     let seen = watcher.await.unwrap();
-    assert_eq!(seen.len(), EVENTS, "the client on the survivor saw every order change");
+    let missed: Vec<String> =
+        (0..EVENTS).map(|n| format!("sc-{}-{}", n / 1000, n % 1000)).filter(|id| !seen.contains(id)).take(20).collect();
+    if !missed.is_empty() {
+        for id in &missed {
+            eprintln!("missed {id}: history {:?}", b.get_json(&format!("/orders/{id}/history")).await);
+        }
+        // Is it on the changelog topic at all? (Diagnosis: publish side or follow side.)
+        if let Some(prefix) = b.kafka_prefix() {
+            let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_default();
+            let topic = format!("{prefix}.changes");
+            let out = std::process::Command::new("kcat")
+                .args(["-C", "-b", &brokers, "-t", &topic, "-o", "beginning", "-e", "-q", "-f", "%k %p %o\n"])
+                .output();
+            if let Ok(out) = out {
+                let text = String::from_utf8_lossy(&out.stdout);
+                for id in &missed {
+                    let hits: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("{id} "))).collect();
+                    eprintln!("changelog records of {id}: {hits:?}");
+                }
+            }
+        }
+    }
+    assert_eq!(seen.len(), EVENTS, "the client on the survivor saw every order change; missed {missed:?}");
     let c = client();
     let ids: Vec<String> = (0..EVENTS).map(|n| format!("sc-{}-{}", n / 1000, n % 1000)).collect();
     let histories = futures::stream::iter(ids.iter().map(|id| {
@@ -105,7 +130,8 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     let on_b = wait_for(&b, 2).await;
     assert_eq!(on_b[0]["active"]["origin"], "replicated");
     // Whichever instance processes it, v2 decides (free shipping from 150.00).
-    let events: Vec<Value> = (0..50).map(|i| created(&format!("rep-{i}"), &format!("rep-{i}"), "GOLD", 16_000)).collect();
+    let events: Vec<Value> =
+        (0..50).map(|i| created(&format!("rep-{i}"), &format!("rep-{i}"), "GOLD", 16_000)).collect();
     assert_eq!(b.post_events(&Value::Array(events)).await.status(), 202);
     b.drain(Duration::from_secs(60)).await;
     for i in 0..50 {

@@ -36,6 +36,10 @@ impl Default for Limits {
 
 /// The epoch ticks once per millisecond; deadlines are counted in ticks.
 const TICK: Duration = Duration::from_millis(1);
+/// How often a call that ran out of time is tried (with twice the deadline each time).
+const TIMEOUT_ATTEMPTS: u32 = 5;
+/// The pause before a retry after a timeout, times the attempt number.
+const TIMEOUT_PAUSE: Duration = Duration::from_millis(5);
 
 /// Per-instance state: the memory cap and what the plugin last logged at error level
 /// (a panic message, through the SDK's panic hook).
@@ -257,26 +261,48 @@ impl Loaded {
         Ok(Instance { store, bindings })
     }
 
-    /// Runs `f` on an idle (or new) instance under the deadline. An instance whose call
-    /// failed is discarded: after a trap a component cannot be entered again.
-    /// One call for one event. A deadline can pass because the machine was busy, not
-    /// because the plugin loops: a timeout gets one more try before it fails the event.
+    /// Runs `f` on an idle (or new) instance under the deadline, for one event. An
+    /// instance whose call failed is discarded: after a trap a component cannot be
+    /// entered again.
+    ///
+    /// A deadline passes when the machine stalls, not only when a plugin loops, so a
+    /// timeout is transient: it is tried again after a pause, with twice the deadline
+    /// each time, [`TIMEOUT_ATTEMPTS`] times in all. Only a plugin that runs out of time
+    /// on every attempt fails the event.
     fn call<T>(&self, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
-        match self.call_for(1, &f) {
-            Err(e) if e.kind == RuleErrorKind::Timeout => self.call_for(1, &f),
-            other => other,
+        let mut attempt = 1;
+        loop {
+            match self.call_for(1, 1 << (attempt - 1), &f) {
+                Err(e) if e.kind == RuleErrorKind::Timeout && attempt < TIMEOUT_ATTEMPTS => {
+                    std::thread::sleep(TIMEOUT_PAUSE * attempt);
+                    attempt += 1;
+                }
+                Err(mut e) if e.kind == RuleErrorKind::Timeout => {
+                    let longest = self.compiled.runtime.limits.deadline * (1 << (TIMEOUT_ATTEMPTS - 1));
+                    e.message = format!("{} ({TIMEOUT_ATTEMPTS} attempts, the last one {longest:?})", e.message);
+                    return Err(e);
+                }
+                other => return other,
+            }
         }
     }
 
     /// A call deciding `events` events: the deadline grows with the batch (one budget
-    /// per 64 events), so a long batch of fast decisions is not mistaken for a loop.
-    fn call_for<T>(&self, events: usize, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+    /// per 64 events), so a long batch of fast decisions is not mistaken for a loop,
+    /// and by `stretch` on a retry.
+    fn call_for<T>(
+        &self,
+        events: usize,
+        stretch: u32,
+        f: impl Fn(&mut Instance) -> wasmtime::Result<T>,
+    ) -> Result<T, RuleError> {
         let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut inst = match taken {
             Some(i) => i,
             None => self.instantiate()?,
         };
-        inst.store.set_epoch_deadline(ticks(self.compiled.runtime.limits.deadline) * events.div_ceil(64).max(1) as u64);
+        let budgets = events.div_ceil(64).max(1) as u64 * u64::from(stretch);
+        inst.store.set_epoch_deadline(ticks(self.compiled.runtime.limits.deadline) * budgets);
         inst.store.data_mut().last_error_log = None;
         let started = Instant::now();
         let result = f(&mut inst);
@@ -325,7 +351,7 @@ impl OrderRules for Loaded {
 
     fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
         let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
-        let batch = self.call_for(inputs.len(), |inst| match &inst.bindings {
+        let batch = self.call_for(inputs.len(), 1, |inst| match &inst.bindings {
             Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs),
             Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
         });
