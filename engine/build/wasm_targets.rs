@@ -17,6 +17,11 @@ pub enum Checked {
 
 /// Installs the missing `targets` with rustup, or explains in one line what to run.
 pub fn ensure(targets: &[&str]) -> Result<Checked, String> {
+    // The rustc that builds is the judge: a target in its sysroot needs nothing more
+    // (and a distro rustc beside some rustup is never "fixed" through the wrong one).
+    if targets.iter().all(|t| in_sysroot(t)) {
+        return Ok(Checked::Present);
+    }
     match installed_by_rustup() {
         Some(installed) => {
             let missing: Vec<String> =

@@ -34,9 +34,19 @@ esac"#,
             installed = dir.path().join("installed").display()
         ),
     );
+    // A rustc whose sysroot holds the dashboard's target only.
+    let sysroot = dir.path().join("sysroot");
+    std::fs::create_dir_all(sysroot.join("lib/rustlib/wasm32-unknown-unknown/lib")).unwrap();
+    script(&bin.join("rustc"), &format!("echo {}", sysroot.display()));
     // The stubs first; the system's tools (cat) after them, but not ~/.cargo/bin.
     // SAFETY: the only test in this binary; nothing else reads the environment meanwhile.
-    unsafe { std::env::set_var("PATH", format!("{}:/usr/bin:/bin", bin.display())) };
+    unsafe {
+        std::env::set_var("PATH", format!("{}:/usr/bin:/bin", bin.display()));
+        std::env::set_var("RUSTC", bin.join("rustc"));
+    }
+    // What the building rustc has needs no rustup at all.
+    assert_eq!(ensure(&["wasm32-unknown-unknown"]), Ok(Checked::Present));
+    assert!(!calls.exists(), "rustup was not asked");
     let targets = ["wasm32-wasip2", "wasm32-unknown-unknown"];
     assert_eq!(ensure(&targets), Ok(Checked::Installed(targets.map(String::from).to_vec())));
     assert_eq!(std::fs::read_to_string(&calls).unwrap(), "add wasm32-wasip2 wasm32-unknown-unknown\n");
@@ -53,11 +63,6 @@ esac"#,
     std::fs::remove_file(bin.join("rustup")).unwrap();
     // SAFETY: as above. Only the stubs' folder, so no system rustup is found either.
     unsafe { std::env::set_var("PATH", &bin) };
-    let sysroot = dir.path().join("sysroot");
-    std::fs::create_dir_all(sysroot.join("lib/rustlib/wasm32-unknown-unknown/lib")).unwrap();
-    script(&bin.join("rustc"), &format!("echo {}", sysroot.display()));
-    // SAFETY: as above.
-    unsafe { std::env::set_var("RUSTC", bin.join("rustc")) };
     let err = ensure(&targets).unwrap_err();
     assert!(!err.contains('\n'), "one line: {err}");
     assert!(err.contains("wasm32-wasip2") && !err.contains("wasm32-unknown-unknown and"), "{err}");

@@ -3,6 +3,7 @@
 //! rule interfaces with a memory cap and a per-call deadline.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, Ordering as AtomicOrdering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,9 @@ const TICK: Duration = Duration::from_millis(1);
 const TIMEOUT_ATTEMPTS: u32 = 5;
 /// The pause before a retry after a timeout, times the attempt number.
 const TIMEOUT_PAUSE: Duration = Duration::from_millis(5);
+/// Events in a row that ran out of time on every attempt before the plugin counts as
+/// looping (one attempt per event from then on, until it decides one again).
+const LOOPING_AFTER: u32 = 3;
 
 /// Per-instance state: the memory cap and what the plugin last logged at error level
 /// (a panic message, through the SDK's panic hook).
@@ -213,6 +217,8 @@ pub struct Loaded {
     /// Idle instances, reused across calls; one that failed is dropped, never reused.
     idle: Mutex<Vec<Instance>>,
     metrics: PluginMetrics,
+    /// Events in a row that timed out on every attempt (see [`Loaded::call`]).
+    timed_out_in_a_row: AtomicU32,
 }
 
 impl Loaded {
@@ -230,7 +236,7 @@ impl Loaded {
             ),
             duration: histogram!(telemetry::PLUGIN_DURATION, &labels),
         };
-        Arc::new(Self { id, compiled, idle: Mutex::new(Vec::new()), metrics })
+        Arc::new(Self { id, compiled, idle: Mutex::new(Vec::new()), metrics, timed_out_in_a_row: AtomicU32::new(0) })
     }
 
     pub fn id(&self) -> &str {
@@ -269,20 +275,32 @@ impl Loaded {
     /// timeout is transient: it is tried again after a pause, with twice the deadline
     /// each time, [`TIMEOUT_ATTEMPTS`] times in all. Only a plugin that runs out of time
     /// on every attempt fails the event.
+    ///
+    /// A plugin that really loops would cost every attempt on every event, so after
+    /// [`LOOPING_AFTER`] events in a row failed all their attempts, each further event
+    /// gets one attempt, until the plugin decides one again.
     fn call<T>(&self, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+        let looping = self.timed_out_in_a_row.load(AtomicOrdering::Relaxed) >= LOOPING_AFTER;
+        let attempts = if looping { 1 } else { TIMEOUT_ATTEMPTS };
         let mut attempt = 1;
         loop {
             match self.call_for(1, 1 << (attempt - 1), &f) {
-                Err(e) if e.kind == RuleErrorKind::Timeout && attempt < TIMEOUT_ATTEMPTS => {
+                Err(e) if e.kind == RuleErrorKind::Timeout && attempt < attempts => {
                     std::thread::sleep(TIMEOUT_PAUSE * attempt);
                     attempt += 1;
                 }
                 Err(mut e) if e.kind == RuleErrorKind::Timeout => {
-                    let longest = self.compiled.runtime.limits.deadline * (1 << (TIMEOUT_ATTEMPTS - 1));
-                    e.message = format!("{} ({TIMEOUT_ATTEMPTS} attempts, the last one {longest:?})", e.message);
+                    self.timed_out_in_a_row.fetch_add(1, AtomicOrdering::Relaxed);
+                    let last = self.compiled.runtime.limits.deadline * (1 << (attempt - 1));
+                    e.message = format!("{} ({attempt} attempts, the last one {last:?})", e.message);
                     return Err(e);
                 }
-                other => return other,
+                other => {
+                    if other.is_ok() {
+                        self.timed_out_in_a_row.store(0, AtomicOrdering::Relaxed);
+                    }
+                    return other;
+                }
             }
         }
     }
@@ -364,8 +382,9 @@ impl OrderRules for Loaded {
                     format!("decide-batch returned {} decisions for {} events", decisions.len(), inputs.len());
                 vec![Err(RuleError { kind: RuleErrorKind::Instantiate, message }); inputs.len()]
             }
-            // One event failed the whole call: decide one by one, so only it fails.
-            Err(_) if inputs.len() > 1 => wit_inputs
+            // One event failed the whole call: decide one by one, so only it fails (and a
+            // lone event's timeout gets its retries too).
+            Err(_) => wit_inputs
                 .into_iter()
                 .map(|input| {
                     self.call(|inst| match &inst.bindings {
@@ -379,7 +398,6 @@ impl OrderRules for Loaded {
                     .map(wit::decision_back)
                 })
                 .collect(),
-            Err(e) => vec![Err(e)],
         }
     }
 }

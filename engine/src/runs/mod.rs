@@ -118,10 +118,12 @@ impl Runs {
         self.engine.pauses().hold(Priority::Normal, true);
         let shared = Arc::new(Mutex::new(run.clone()));
         let (cancel, cancelled) = watch::channel(false);
+        // GENERATING goes out before the driver starts, so no progress message of this
+        // run can reach a client ahead of its first phase.
+        self.engine.changes().notify(phase_message(&run));
         let driver = Driver::new(self.engine.clone(), shared.clone(), self.config.clone(), cancelled);
         let task = tokio::spawn(driver.drive());
         *active = Some(Active { run: shared, cancel, task });
-        self.engine.changes().notify(phase_message(&run));
         Ok(run)
     }
 

@@ -43,7 +43,8 @@ fn page<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Pag
         Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a memory cursor")))?,
         None => 0,
     };
-    let to = (from + limit).min(all.len());
+    // Like the real backends: 1 to 1000 per page, so paging always moves on.
+    let to = from.saturating_add(limit.clamp(1, 1000)).min(all.len());
     let items = all.get(from..to).unwrap_or_default().to_vec();
     Ok(Page { items, next_cursor: (to < all.len()).then(|| to.to_string()) })
 }
@@ -143,7 +144,7 @@ impl Orders for MemoryStore {
             Sort::UpdatedAsc => rows.sort_by(|a, b| (a.updated_at, &a.id).cmp(&(b.updated_at, &b.id))),
             Sort::UpdatedDesc => rows.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))),
         }
-        page(&rows, q.limit.clamp(1, 1000), q.cursor)
+        page(&rows, q.limit, q.cursor)
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
