@@ -248,6 +248,10 @@ pub struct Tuning {
     /// How many times a write that lost a compare-and-set is re-resolved before it is dead-lettered.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONFLICT_RETRIES", default_value_t = 16)]
     pub max_conflict_retries: u32,
+    /// How long an event whose order does not exist yet waits for the order's created
+    /// event before the rules decide it as it is (and most likely dead-letter it).
+    #[arg(long, env = "ORCHESTRATOR_PARK_TIMEOUT_SECS", default_value_t = 300)]
+    pub park_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -314,6 +318,8 @@ impl Tuning {
             batch_max: self.batch_size.max(1),
             starvation_guard: self.starvation_guard,
             max_conflict_retries: self.max_conflict_retries,
+            park_timeout: std::time::Duration::from_secs(self.park_timeout_secs),
+            ..Default::default()
         }
     }
 }

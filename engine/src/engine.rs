@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use crate::domain::{EventKind, Order, OrderEvent, PerPriority, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
-use crate::pipeline::{Discards, Pauses, Pipeline, PipelineConfig, Stats};
+use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::rules::Rulebook;
@@ -237,13 +237,14 @@ impl Engine {
     /// must not stall the API's runtime.
     pub async fn start(&self) -> anyhow::Result<()> {
         let consumer = self.log.consumer().await?;
+        let controls =
+            Controls { stats: self.stats.clone(), pauses: self.pauses.clone(), discards: self.discards.clone() };
         let pipeline = Pipeline::new(
             self.stores.orders.clone(),
+            self.stores.parking.clone(),
             self.rulebook.clone(),
             self.changes.clone(),
-            self.stats.clone(),
-            self.pauses.clone(),
-            self.discards.clone(),
+            controls,
             self.config.pipeline.clone(),
         );
         let shutdown = self.shutdown.subscribe();

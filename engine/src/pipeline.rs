@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::domain::{Order, OrderEvent, OrderFields, PerPriority, Priority};
+use crate::domain::{EventKind, Order, OrderEvent, OrderFields, PerPriority, Priority};
 use crate::log::{Delivery, LogConsumer};
 use crate::rules::{Decision, RuleError, Rulebook};
-use crate::store::{DeadLetter, Orders, Outcome, Write, WriteResult};
+use crate::store::{DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::{self, PipelineMetrics};
 
@@ -25,13 +25,27 @@ pub struct PipelineConfig {
     pub starvation_guard: Option<u32>,
     /// How many times a write that lost a compare-and-set is re-resolved.
     pub max_conflict_retries: u32,
+    /// How long an event parked for its order's create waits before it is decided as is.
+    pub park_timeout: Duration,
+    /// How often parked events are looked at: those whose order appeared meanwhile (a
+    /// create applied elsewhere) are applied, those past `park_timeout` decided.
+    pub sweep_every: Duration,
 }
 
 impl Default for PipelineConfig {
     fn default() -> Self {
-        Self { batch_max: 1024, starvation_guard: None, max_conflict_retries: 16 }
+        Self {
+            batch_max: 1024,
+            starvation_guard: None,
+            max_conflict_retries: 16,
+            park_timeout: Duration::from_secs(300),
+            sweep_every: Duration::from_secs(2),
+        }
     }
 }
+
+/// The most parked events one sweep takes.
+const SWEEP_MAX: usize = 1000;
 
 /// Counters the engine reports on /health and the bench reads.
 #[derive(Default)]
@@ -41,6 +55,9 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Events parked to wait for their order's create, and parked events decided since.
+    pub parked: AtomicU64,
+    pub released: AtomicU64,
     /// Events settled (applied, skipped or rejected) per priority: a run's live progress.
     pub settled: PerPriority<AtomicU64>,
     /// Pipeline steps (poll, process, commit) begun and ended.
@@ -79,6 +96,12 @@ impl Steps {
         self.0.send_modify(|n| *n += 1);
     }
 
+    /// Marks a step begun; the guard ends it on every way out, errors included.
+    fn begin(&self) -> StepGuard<'_> {
+        self.bump();
+        StepGuard(self)
+    }
+
     async fn boundary(&self, timeout: Duration) {
         let mut rx = self.0.subscribe();
         let at = *rx.borrow_and_update();
@@ -87,6 +110,22 @@ impl Steps {
             let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n != at)).await;
         }
     }
+}
+
+struct StepGuard<'a>(&'a Steps);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        self.0.bump();
+    }
+}
+
+/// What the engine shares with its pipeline: counters, pause switches and purges.
+#[derive(Clone, Default)]
+pub struct Controls {
+    pub stats: Arc<Stats>,
+    pub pauses: Arc<Pauses>,
+    pub discards: Arc<Discards>,
 }
 
 /// Per-priority pause switches: one operators set, one a run holds (NORMAL waits while
@@ -137,6 +176,7 @@ impl Discards {
 
 pub struct Pipeline {
     pub store: Arc<dyn Orders>,
+    pub parking: Arc<dyn Parking>,
     pub rulebook: Arc<Rulebook>,
     pub changes: ChangeStream,
     pub stats: Arc<Stats>,
@@ -144,12 +184,21 @@ pub struct Pipeline {
     pub discards: Arc<Discards>,
     pub config: PipelineConfig,
     metrics: PipelineMetrics,
+    /// Whether parked events may exist, so a round that creates orders looks for theirs.
+    /// Set when this pipeline parks, and by each sweep from what it found.
+    maybe_parked: AtomicBool,
 }
 
-/// One event (or undecodable record) within a batch, with what was decided for it.
+/// One event (or undecodable record) within a batch.
 struct Item<'a> {
     delivery: &'a Delivery,
     event: Result<OrderEvent, String>,
+    /// Set for a parked event being decided now: it is never parked again.
+    parked_since: Option<DateTime<Utc>>,
+}
+
+fn decode(d: &Delivery) -> Result<OrderEvent, String> {
+    serde_json::from_slice::<OrderEvent>(&d.payload).map_err(|e| e.to_string()).and_then(|e| e.validate().map(|_| e))
 }
 
 /// What a write needs if it loses a race: the row it was based on and its change.
@@ -163,22 +212,34 @@ struct Pending {
 impl Pipeline {
     pub fn new(
         store: Arc<dyn Orders>,
+        parking: Arc<dyn Parking>,
         rulebook: Arc<Rulebook>,
         changes: ChangeStream,
-        stats: Arc<Stats>,
-        pauses: Arc<Pauses>,
-        discards: Arc<Discards>,
+        controls: Controls,
         config: PipelineConfig,
     ) -> Self {
+        let Controls { stats, pauses, discards } = controls;
         let metrics = PipelineMetrics::new();
-        Self { store, rulebook, changes, stats, pauses, discards, config, metrics }
+        let maybe_parked = AtomicBool::new(true);
+        Self { store, parking, rulebook, changes, stats, pauses, discards, config, metrics, maybe_parked }
     }
 
     /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
     pub async fn run(self, mut consumer: Box<dyn LogConsumer>, mut shutdown: watch::Receiver<bool>) {
         let mut vip_streak = 0u32;
         let mut backoff = Duration::from_millis(50);
+        let mut last_sweep: Option<Instant> = None;
         while !*shutdown.borrow() {
+            if last_sweep.is_none_or(|t| t.elapsed() >= self.config.sweep_every) {
+                last_sweep = Some(Instant::now());
+                let _step = self.stats.steps.begin();
+                if let Err(e) = self.sweep().await {
+                    tracing::warn!(error = %e, "looking at parked events failed; trying again later");
+                }
+            }
+            for p in Priority::ALL {
+                consumer.set_paused(p, self.pauses.is_paused(p));
+            }
             let ready = |c: &dyn LogConsumer, p| !self.pauses.is_paused(p) && c.waiting(p) > 0;
             let (vip, normal) = (ready(&*consumer, Priority::Vip), ready(&*consumer, Priority::Normal));
             let guard_due = self.config.starvation_guard.is_some_and(|g| vip_streak >= g);
@@ -188,7 +249,7 @@ impl Pipeline {
                 (false, true) => (Priority::Normal, true),
                 (false, false) => {
                     tokio::select! {
-                        _ = consumer.wait(Duration::from_millis(100)) => {}
+                        _ = consumer.wait(Duration::from_millis(100).min(self.config.sweep_every)) => {}
                         _ = shutdown.changed() => {}
                     }
                     continue;
@@ -211,15 +272,7 @@ impl Pipeline {
 
     /// Polls one batch of `priority`, processes it and commits what was processed.
     async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
-        // Ends the step on every way out, errors included.
-        struct Step<'a>(&'a Steps);
-        impl Drop for Step<'_> {
-            fn drop(&mut self) {
-                self.0.bump();
-            }
-        }
-        self.stats.steps.bump();
-        let _step = Step(&self.stats.steps);
+        let _step = self.stats.steps.begin();
         let deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
             return Ok(());
@@ -241,20 +294,19 @@ impl Pipeline {
     /// Processes a prefix of `deliveries`, stopping early when `preempt` says so.
     /// Returns how many were processed (and may be committed).
     pub async fn process(&self, deliveries: &[Delivery], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
-        let items: Vec<Item<'_>> = deliveries
-            .iter()
-            .map(|d| Item {
-                delivery: d,
-                event: serde_json::from_slice::<OrderEvent>(&d.payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|e| e.validate().map(|_| e)),
-            })
-            .collect();
+        let items: Vec<Item<'_>> =
+            deliveries.iter().map(|d| Item { delivery: d, event: decode(d), parked_since: None }).collect();
         for d in deliveries {
             self.metrics.consumed[d.priority].increment(1);
         }
-        // Rounds hold each order at most once, so every write in a round is based on
-        // the stored row and no write depends on another's outcome.
+        self.rounds(&items, preempt).await
+    }
+
+    /// Splits items into rounds that hold each order at most once, so every write in a
+    /// round is based on the stored row and no write depends on another's outcome.
+    /// After a round that created orders, their parked events are decided, before any
+    /// later event of those orders.
+    async fn rounds(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
         let mut done = 0;
         while done < items.len() {
             let mut orders = HashSet::new();
@@ -264,8 +316,16 @@ impl Pipeline {
                     .take_while(|it| it.event.as_ref().map_or(true, |e| orders.insert(e.order_id.as_str())))
                     .count()
                     .max(1);
-            let n = self.process_round(&items[done..end], preempt).await?;
+            let (n, created) = self.process_round(&items[done..end], preempt).await?;
             done += n;
+            let releasing = items.first().is_some_and(|it| it.parked_since.is_none());
+            if releasing && !created.is_empty() && self.maybe_parked.load(Ordering::Relaxed) {
+                let parked = self.parking.parked(created).await?;
+                if !parked.is_empty() {
+                    // Boxed: deciding parked events runs these rounds again (never deeper).
+                    Box::pin(self.release(parked)).await?;
+                }
+            }
             if done < end {
                 break;
             }
@@ -273,16 +333,95 @@ impl Pipeline {
         Ok(done)
     }
 
-    async fn process_round(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
+    /// Decides parked events (their order exists now, or their wait ran out), each order's
+    /// in log order, then lets them go.
+    async fn release(&self, parked: Vec<ParkedEvent>) -> anyhow::Result<()> {
+        let deliveries: Vec<Delivery> = parked
+            .iter()
+            .map(|p| Delivery {
+                priority: p.priority,
+                partition: 0,
+                offset: 0,
+                key: p.order_id.clone(),
+                payload: p.payload.clone().into_bytes(),
+                appended_at_us: p.appended_at_us,
+            })
+            .collect();
+        let items: Vec<Item<'_>> = deliveries
+            .iter()
+            .zip(&parked)
+            .map(|(d, p)| Item { delivery: d, event: decode(d), parked_since: Some(p.parked_at) })
+            .collect();
+        self.rounds(&items, &|| false).await?;
+        self.parking.unpark(&parked).await?;
+        for p in &parked {
+            self.metrics.released[p.priority].increment(1);
+        }
+        self.stats.released.fetch_add(parked.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Decides the parked events whose order exists by now (its create was applied by
+    /// another instance, or before a crash let go of them) or whose wait ran out.
+    async fn sweep(&self) -> anyhow::Result<()> {
+        let parked = self.parking.parked_oldest(SWEEP_MAX).await?;
+        self.maybe_parked.store(!parked.is_empty(), Ordering::Relaxed);
+        if parked.is_empty() {
+            return Ok(());
+        }
+        let ids: HashSet<String> = parked.iter().map(|p| p.order_id.clone()).collect();
+        let existing = self.store.get_many(ids.into_iter().collect()).await?;
+        let now = Utc::now();
+        let timeout = chrono::Duration::from_std(self.config.park_timeout).unwrap_or(chrono::Duration::MAX);
+        let mut due: Vec<ParkedEvent> = parked
+            .into_iter()
+            .filter(|p| !self.pauses.is_paused(p.priority))
+            .filter(|p| existing.contains_key(&p.order_id) || now - p.parked_at >= timeout)
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        due.sort_by_key(|p| p.appended_at_us);
+        self.release(due).await
+    }
+
+    async fn process_round(
+        &self,
+        items: &[Item<'_>],
+        preempt: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<(usize, Vec<String>)> {
         // One rules version decides the whole round: a deploy takes effect between rounds.
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
         // Read once, so the decisions below line up with the events they were made for.
         let dropped: Vec<bool> =
             items.iter().map(|it| it.event.as_ref().is_ok_and(|e| self.discards.matches(&e.order_id))).collect();
-        let events: Vec<&OrderEvent> =
-            items.iter().zip(&dropped).filter(|(_, d)| !**d).filter_map(|(it, _)| it.event.as_ref().ok()).collect();
-        let current = self.store.get_many(events.iter().map(|e| e.order_id.clone()).collect()).await?;
+        let wanted: Vec<String> = items
+            .iter()
+            .zip(&dropped)
+            .filter(|(_, d)| !**d)
+            .filter_map(|(it, _)| it.event.as_ref().ok().map(|e| e.order_id.clone()))
+            .collect();
+        let current = self.store.get_many(wanted).await?;
+        // An event other than a create, for an order that does not exist yet, came early:
+        // it waits for the create instead of being decided against nothing.
+        let parks: Vec<bool> = items
+            .iter()
+            .zip(&dropped)
+            .map(|(it, d)| {
+                !*d && it.parked_since.is_none()
+                    && it
+                        .event
+                        .as_ref()
+                        .is_ok_and(|e| e.kind != EventKind::Created && !current.contains_key(&e.order_id))
+            })
+            .collect();
+        let events: Vec<&OrderEvent> = items
+            .iter()
+            .zip(dropped.iter().zip(&parks))
+            .filter(|(_, (d, p))| !**d && !**p)
+            .filter_map(|(it, _)| it.event.as_ref().ok())
+            .collect();
         let inputs: Vec<(&OrderEvent, Option<&Order>)> =
             events.iter().map(|e| (*e, current.get(&e.order_id))).collect();
         let started = Instant::now();
@@ -299,7 +438,8 @@ impl Pipeline {
         // Per write: its priority, append time, and what a conflict needs.
         let mut context: Vec<(Priority, i64, Option<Pending>)> = Vec::with_capacity(items.len());
         let mut taken = 0;
-        for (it, dropped) in items.iter().zip(dropped) {
+        let mut to_park = Vec::new();
+        for ((it, dropped), park) in items.iter().zip(dropped).zip(parks) {
             if preempt() {
                 break;
             }
@@ -309,6 +449,17 @@ impl Pipeline {
                 continue;
             }
             let d = it.delivery;
+            if park && let Ok(e) = &it.event {
+                to_park.push(ParkedEvent {
+                    order_id: e.order_id.clone(),
+                    event_id: e.event_id.clone(),
+                    priority: d.priority,
+                    appended_at_us: d.appended_at_us,
+                    parked_at: Utc::now(),
+                    payload: String::from_utf8_lossy(&d.payload).into_owned(),
+                });
+                continue;
+            }
             let event = match &it.event {
                 Ok(e) => e,
                 Err(reason) => {
@@ -349,6 +500,15 @@ impl Pipeline {
                     None
                 }
                 Ok(Decision::Reject(reason)) => {
+                    let reason = match (it.parked_since, base) {
+                        (Some(since), None) => format!(
+                            "no created event for order {} arrived while this event was parked \
+                             (since {}); then the rules said: {reason}",
+                            event.order_id,
+                            since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                        ),
+                        _ => reason,
+                    };
                     let letter = self.dead_letter(d, Some(event), "rules", "rejected", &reason, Some(rules.id()));
                     writes.push(self.record(event, Outcome::Rejected, reason, rules.id(), Some(letter)));
                     None
@@ -365,8 +525,24 @@ impl Pipeline {
             context.push((d.priority, d.appended_at_us, pending));
         }
 
+        if !to_park.is_empty() {
+            for p in &to_park {
+                self.metrics.parked[p.priority].increment(1);
+            }
+            self.stats.parked.fetch_add(to_park.len() as u64, Ordering::Relaxed);
+            self.parking.park(to_park).await?;
+            self.maybe_parked.store(true, Ordering::Relaxed);
+        }
+        // Orders this round created (or found created, on a redelivery): their parked
+        // events are due.
+        let mut created = Vec::new();
         let results = self.store.write(writes).await?;
         for ((write, result), (priority, appended_at_us, pending)) in results.into_iter().zip(context) {
+            if let Write::Apply { row, expected: None, .. } = &write
+                && result != WriteResult::Conflict(None)
+            {
+                created.push(row.id.clone());
+            }
             match (result, write) {
                 (WriteResult::Duplicate, write) => {
                     let order_id = match &write {
@@ -389,7 +565,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(taken)
+        Ok((taken, created))
     }
 
     /// A write lost its compare-and-set: merge with the stored row and retry, a bounded number of times.
@@ -700,11 +876,10 @@ mod tests {
         let stats = Arc::new(Stats::new());
         let p = Pipeline::new(
             store.clone(),
+            Arc::new(MemoryStore::default()),
             native::rulebook(),
             ChangeStream::new(16),
-            stats.clone(),
-            Default::default(),
-            Default::default(),
+            Controls { stats: stats.clone(), ..Default::default() },
             PipelineConfig::default(),
         );
         let create = event(
@@ -741,17 +916,82 @@ mod tests {
         assert_eq!(stats.duplicates.load(Ordering::Relaxed), 2);
     }
 
+    /// An early event whose create was applied elsewhere (another instance) is found by
+    /// the sweep; one whose wait ran out is decided as it is.
+    #[tokio::test]
+    async fn the_sweep_applies_parked_events_once_their_order_exists_or_their_wait_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
+        let config = PipelineConfig { park_timeout: Duration::from_secs(3600), ..Default::default() };
+        let p = Pipeline::new(
+            store.clone(),
+            store.clone(),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Controls::default(),
+            config,
+        );
+        let note = |id: &str, order: &str| {
+            let mut e = event(id, EventKind::Updated, OrderChange { note: Some(id.into()), ..Default::default() });
+            e.order_id = order.into();
+            e
+        };
+        let full = {
+            let change = OrderChange {
+                customer: Some("bo".into()),
+                tier: Some(Tier::Silver),
+                total_cents: Some(500),
+                ..Default::default()
+            };
+            let mut e = event("full", EventKind::Updated, change);
+            e.order_id = "o2".into();
+            e
+        };
+        let batch = [delivery(1, &note("n1", "o1")), delivery(2, &note("n2", "o1")), delivery(3, &full)];
+        assert_eq!(p.process(&batch, &|| false).await.unwrap(), 3);
+        assert_eq!(store.stats().await.unwrap().parked, 3, "all three wait");
+        assert_eq!(store.stats().await.unwrap().orders, 0);
+
+        // o1's create lands through another writer (another instance): the sweep finds
+        // it and applies n1, then n2.
+        let fields = OrderFields {
+            shopify_order_id: None,
+            customer: "ada".into(),
+            tier: Tier::Gold,
+            status: Status::Pending,
+            total_cents: 100,
+            shipping_fee_cents: 0,
+            currency: "USD".into(),
+            note: String::new(),
+        };
+        let create = event("c", EventKind::Created, OrderChange::default());
+        let row = build_row(&create, None, fields, "elsewhere");
+        let w = Write::Apply { event_id: "c".into(), source: "test".into(), expected: None, row };
+        assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
+        p.sweep().await.unwrap();
+        let row = store.get("o1").await.unwrap().unwrap();
+        assert_eq!((row.version, row.note.as_str()), (3, "n2"), "both applied, in log order");
+        assert_eq!(store.stats().await.unwrap().parked, 1, "o2's event still waits");
+
+        // o2 is never created: once the wait ends, the rules decide the event as it is,
+        // and it carries enough to create the order.
+        let p = Pipeline { config: PipelineConfig { park_timeout: Duration::ZERO, ..Default::default() }, ..p };
+        p.sweep().await.unwrap();
+        let o2 = store.get("o2").await.unwrap().expect("created by the released event");
+        assert_eq!((o2.version, o2.customer.as_str()), (1, "bo"));
+        assert_eq!(store.stats().await.unwrap().parked, 0);
+    }
+
     #[tokio::test]
     async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
         let p = Pipeline::new(
             store.clone(),
+            store.clone(),
             native::rulebook(),
             ChangeStream::new(16),
-            Arc::new(Stats::new()),
-            Default::default(),
-            Default::default(),
+            Controls::default(),
             PipelineConfig::default(),
         );
         let create = event(
@@ -793,11 +1033,10 @@ mod tests {
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
         let p = Pipeline::new(
             store.clone(),
+            store.clone(),
             native::rulebook(),
             ChangeStream::new(16),
-            Arc::new(Stats::new()),
-            Default::default(),
-            Default::default(),
+            Controls::default(),
             PipelineConfig::default(),
         );
         let deliveries: Vec<_> = (0..10)

@@ -28,6 +28,7 @@ pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
 pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
 pub const RUN_PHASE_CHANGES: &str = "orchestrator_run_phase_changes_total";
 pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
+pub const PARKED: &str = "orchestrator_parked_events_total";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -49,6 +50,7 @@ pub const ALL: &[&str] = &[
     RUN_PROGRESS,
     RUN_PHASE_CHANGES,
     WEBHOOKS_RECEIVED,
+    PARKED,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -113,6 +115,10 @@ fn describe() {
         WEBHOOKS_RECEIVED,
         "Shopify webhook deliveries, by outcome (received, duplicate, ignored, rejected)."
     );
+    describe_counter!(
+        PARKED,
+        "Events that came before their order's create, by priority and action (parked; released: decided later)."
+    );
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.
@@ -131,6 +137,8 @@ pub struct PipelineMetrics {
     pub skipped: PerPriority<Counter>,
     pub rejected: PerPriority<Counter>,
     pub duplicate: PerPriority<Counter>,
+    pub parked: PerPriority<Counter>,
+    pub released: PerPriority<Counter>,
     pub conflicts: Counter,
     pub rule_duration: Histogram,
     pub latency: PerPriority<Histogram>,
@@ -147,12 +155,16 @@ impl PipelineMetrics {
         let per = |name: &'static str| PerPriority::from_fn(|p| counter!(name, "priority" => p.label()));
         let outcome =
             |o: &'static str| PerPriority::from_fn(|p| counter!(PROCESSED, "priority" => p.label(), "outcome" => o));
+        let parking =
+            |a: &'static str| PerPriority::from_fn(|p| counter!(PARKED, "priority" => p.label(), "action" => a));
         Self {
             consumed: per(CONSUMED),
             applied: per(APPLIED),
             skipped: outcome("skipped"),
             rejected: outcome("rejected"),
             duplicate: outcome("duplicate"),
+            parked: parking("parked"),
+            released: parking("released"),
             conflicts: counter!(CAS_CONFLICTS),
             rule_duration: histogram!(RULE_DURATION),
             latency: PerPriority::from_fn(|p| histogram!(APPLY_LATENCY, "priority" => p.label())),

@@ -209,12 +209,23 @@ async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback()
 #[tokio::test]
 async fn dead_letters_can_be_replayed_once() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
-    // An update for an order that does not exist yet is rejected...
+    let s = Server::start_with(dir.path(), &["--park-timeout-secs", "1"]).await;
+    // An update for an order that does not exist yet waits for its create; once its wait
+    // runs out, the rules decide it as it is and reject it...
     let update = json!({"event_id": "early", "order_id": "late-order", "kind": "updated", "source": "test", "occurred_at": "2026-11-21T10:00:00Z", "payload": {"note": "hello"}});
     assert_eq!(s.post_events(&update).await.status(), 202);
-    s.drain(Duration::from_secs(10)).await;
-    assert_eq!(dead_letters(&s).await[0]["id"], "early");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let letter = loop {
+        if let Some(l) = dead_letters(&s).await.first() {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "the parked update never reached the dead letters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(letter["id"], "early");
+    let reason = letter["reason"].as_str().unwrap();
+    assert!(reason.contains("no created event for order late-order arrived while this event was parked"), "{reason}");
+    assert!(reason.contains("the updated event lacks customer"), "{reason}");
     // ...and once the order exists, replaying it applies it.
     assert_eq!(s.post_events(&created("late-order", "late-order-c", "GOLD", 100)).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;

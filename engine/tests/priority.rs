@@ -103,6 +103,52 @@ async fn a_tier_upgrade_follows_its_orders_earlier_events() {
     engine.shutdown().await;
 }
 
+/// Events that reach the pipeline before their order's create wait for it, on any
+/// partition: an update that overtook its create (VIP paused, the update routed NORMAL)
+/// and an update produced before its create in one request both apply after the create.
+#[tokio::test]
+async fn an_event_before_its_create_waits_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    assert_eq!(s.post_authorized("/queues/vip/pause").await.status(), 200);
+    assert_eq!(s.post_events(&created("early-1", "early-1-c", "DIAMOND", 100)).await.status(), 202);
+    // No tier and no stored row yet: routed NORMAL, where it overtakes the held create.
+    let paid = updated("early-1", "early-1-paid", serde_json::json!({"financial_status": "paid"}));
+    assert_eq!(s.post_events(&paid).await.status(), 202);
+    let reversed = serde_json::json!([
+        updated("early-2", "early-2-u", serde_json::json!({"note": "before its create"})),
+        created("early-2", "early-2-c", "SILVER", 100),
+    ]);
+    assert_eq!(s.post_events(&reversed).await.status(), 202);
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.health().await["released"].as_u64() < Some(1) || s.get_json("/orders/early-2").await.1["version"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "early-2's update was never applied: {}", s.health().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let h = s.health().await;
+    assert_eq!(h["parked"].as_u64(), Some(2), "both early updates parked: {h}");
+    assert_eq!(s.get_json("/orders/early-1").await.0, 404, "early-1's create is still held");
+    assert_eq!(s.get_json("/orders/early-2").await.1["note"], "before its create");
+
+    assert_eq!(s.post_authorized("/queues/vip/resume").await.status(), 200);
+    while s.get_json("/orders/early-1").await.1["version"] != 2 {
+        assert!(std::time::Instant::now() < deadline, "early-1's update was never applied: {}", s.health().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let row = s.get_json("/orders/early-1").await.1;
+    assert_eq!((row["status"].as_str(), row["priority"].as_str()), (Some("CONFIRMED"), Some("VIP")), "{row}");
+    for (id, events) in [("early-1", ["early-1-c", "early-1-paid"]), ("early-2", ["early-2-c", "early-2-u"])] {
+        let h: Vec<(String, String)> = common::history(&s, id)
+            .await
+            .iter()
+            .map(|e| (e["event_id"].as_str().unwrap().into(), e["outcome"].as_str().unwrap().into()))
+            .collect();
+        assert_eq!(h, events.map(|e| (e.to_string(), "applied".to_string())), "{id}: the create, then the update");
+    }
+    assert_eq!(s.get_json("/dead-letters").await.1["items"], serde_json::json!([]), "nothing dead-lettered");
+}
+
 /// With NORMAL being processed, a burst of VIP preempts it, and NORMAL events queued
 /// after the VIP burst start only after every VIP event is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -112,6 +112,10 @@ pub struct Health {
     rejected: u64,
     duplicates: u64,
     cas_conflicts: u64,
+    /// Events that came before their order's create and were parked, and parked events
+    /// decided since (both since this instance started).
+    parked: u64,
+    released: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -137,6 +141,8 @@ async fn health(State(s): State<AppState>) -> Response {
         rejected: stats.rejected.load(Relaxed),
         duplicates: stats.duplicates.load(Relaxed),
         cas_conflicts: stats.conflicts.load(Relaxed),
+        parked: stats.parked.load(Relaxed),
+        released: stats.released.load(Relaxed),
     };
     let code = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body)).into_response()

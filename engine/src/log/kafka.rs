@@ -428,6 +428,8 @@ struct BufferState {
     queued: PerPriority<VecDeque<Delivery>>,
     handed: HashMap<(Priority, i32), i64>,
     normal_paused: bool,
+    /// VIP paused by the operator: its lag then holds nothing back.
+    vip_paused: bool,
     /// Set by a rebalance: the pause must be applied again to the new assignment.
     reapply_pause: bool,
 }
@@ -509,8 +511,8 @@ impl KafkaConsumer {
 
     fn apply_pause(&self) {
         let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let vip_waiting =
-            !s.queued[Priority::Vip].is_empty() || self.lag.depth[Priority::Vip].load(Ordering::Relaxed) > 0;
+        let vip_waiting = !s.vip_paused
+            && (!s.queued[Priority::Vip].is_empty() || self.lag.depth[Priority::Vip].load(Ordering::Relaxed) > 0);
         let want_paused = vip_waiting || s.queued[Priority::Normal].len() >= BUFFER_MAX;
         if want_paused == s.normal_paused && !s.reapply_pause {
             return;
@@ -536,7 +538,8 @@ impl LogConsumer for KafkaConsumer {
         let s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let queued = s.queued[p].len() as u64;
         match p {
-            // VIP lag anywhere in the group holds NORMAL back: priority is global.
+            // VIP lag anywhere in the group holds NORMAL back (priority is global),
+            // unless VIP is paused.
             Priority::Vip => queued.max(self.lag.depth[Priority::Vip].load(Ordering::Relaxed)),
             Priority::Normal => queued,
         }
@@ -596,6 +599,12 @@ impl LogConsumer for KafkaConsumer {
             if let Err(err) = self.consumer.seek(topic, partition, Offset::Offset(offset), Duration::from_secs(5)) {
                 tracing::warn!(error = %err, topic, partition, "seek after rewind failed");
             }
+        }
+    }
+
+    fn set_paused(&mut self, p: Priority, paused: bool) {
+        if p == Priority::Vip {
+            self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).vip_paused = paused;
         }
     }
 

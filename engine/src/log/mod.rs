@@ -70,4 +70,7 @@ pub trait LogConsumer: Send + Sync {
     fn rewind(&mut self, priority: Priority);
     /// Returns when a record may have arrived, or after `timeout`.
     async fn wait(&mut self, timeout: Duration);
+    /// Tells the consumer whether a priority is paused, so a paused priority's backlog
+    /// does not hold the other one back.
+    fn set_paused(&mut self, _priority: Priority, _paused: bool) {}
 }

@@ -1,12 +1,13 @@
 //! Behaviour every store backend must show, one reusable check per port: insert-if-absent,
 //! compare-and-set, idempotency by event id, history and paging (`Orders`); dead letters
-//! and replay claims; webhook claims and audit; run records, audits and purges (`Runs`).
+//! and replay claims; parked events; webhook claims and audit; run records, audits and
+//! purges (`Runs`).
 
 use chrono::{Duration, Utc};
 
 use super::{
-    Backend, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery,
-    WebhookLedger, Write, WriteResult,
+    Backend, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs,
+    Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 
@@ -43,8 +44,47 @@ async fn one(store: &(impl Orders + ?Sized), w: Write) -> WriteResult {
 pub async fn check<B: Backend>(store: &B, prefix: &str) {
     orders(store, prefix).await;
     dead_letters(store, prefix).await;
+    parking(store, prefix).await;
     webhook_ledger(store, prefix).await;
     runs(store, prefix).await;
+}
+
+/// `Parking`: per-order log order, idempotent parking, oldest first, unparking.
+/// Leaves nothing parked under `prefix`.
+pub async fn parking(s: &(impl Parking + ?Sized), prefix: &str) {
+    let (a, b) = (format!("{prefix}-park-a"), format!("{prefix}-park-b"));
+    // Whole microseconds: what every backend keeps.
+    let at = chrono::DateTime::from_timestamp_micros((Utc::now() - Duration::seconds(60)).timestamp_micros())
+        .expect("a time in range");
+    let event = |order: &str, event_id: &str, appended: i64, parked_after_s: i64| ParkedEvent {
+        order_id: order.into(),
+        event_id: format!("{prefix}-{event_id}"),
+        priority: Priority::Vip,
+        appended_at_us: appended,
+        parked_at: at + Duration::seconds(parked_after_s),
+        payload: format!("{{\"event\":\"{event_id}\"}}"),
+    };
+    // Parked out of log order, and b's event parked before a's.
+    let (a2, a1, b1) = (event(&a, "a2", 20, 2), event(&a, "a1", 10, 3), event(&b, "b1", 5, 1));
+    s.park(vec![a2.clone(), a1.clone()]).await.expect("park");
+    s.park(vec![b1.clone(), a1.clone()]).await.expect("parking again changes nothing");
+
+    let of_a = s.parked(vec![a.clone()]).await.expect("parked of a");
+    assert_eq!(of_a, [a1.clone(), a2.clone()], "one order's parked events in log order, each once");
+    let oldest: Vec<ParkedEvent> = s
+        .parked_oldest(1000)
+        .await
+        .expect("oldest")
+        .into_iter()
+        .filter(|e| e.event_id.starts_with(&format!("{prefix}-")))
+        .collect();
+    assert_eq!(oldest, [b1.clone(), a2.clone(), a1.clone()], "the longest parked first");
+
+    s.unpark(&[a1.clone(), b1.clone()]).await.expect("unpark");
+    let left = s.parked(vec![a.clone(), b.clone()]).await.expect("parked");
+    assert_eq!(left, [a2], "unparked ones are gone");
+    s.unpark(&left).await.expect("unpark the last");
+    assert!(s.parked(vec![a, b]).await.expect("parked").is_empty());
 }
 
 /// `Orders`: leaves `<prefix>-a` at version 2 with three history entries.

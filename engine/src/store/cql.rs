@@ -22,13 +22,15 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
-    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
+    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
-const SCHEMA: &str = include_str!("../../../schemas/cql/001_init.cql");
+/// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
+const MIGRATIONS: [&str; 2] =
+    [include_str!("../../../schemas/cql/001_init.cql"), include_str!("../../../schemas/cql/002_parking.cql")];
 
 /// Where and how to reach the CQL cluster.
 #[derive(Debug, Clone)]
@@ -46,6 +48,23 @@ const ROW_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, priority = 
 const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at";
 /// A dead letter's columns, as the reads decode them.
 const LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at";
+/// A parked event's columns, as `ParkedRow` decodes them.
+const PARKED_COLUMNS: &str = "order_id, appended_at, event_id, priority, parked_at, payload";
+/// The most parked events one sweep reads: the table is small unless something is wrong.
+const PARKED_SCAN_MAX: usize = 10_000;
+
+type ParkedRow = (String, i64, String, Option<String>, Option<i64>, Option<String>);
+
+fn parked_from((order_id, appended_at_us, event_id, priority, parked_at, payload): ParkedRow) -> ParkedEvent {
+    ParkedEvent {
+        order_id,
+        event_id,
+        priority: priority.as_deref().and_then(Priority::parse).unwrap_or(Priority::Normal),
+        appended_at_us,
+        parked_at: from_micros(parked_at.unwrap_or(0)),
+        payload: payload.unwrap_or_default(),
+    }
+}
 
 /// How many single-partition transactions run at once for one batch of writes.
 const CONCURRENCY: usize = 64;
@@ -93,6 +112,9 @@ struct Statements {
     release_delivery: PreparedStatement,
     record_delivery: PreparedStatement,
     deliveries: PreparedStatement,
+    park: PreparedStatement,
+    parked: PreparedStatement,
+    unpark: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -123,14 +145,16 @@ impl CqlStore {
             .build()
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to {:?}: {e}", config.nodes).into()))?;
-        let schema = SCHEMA
-            .replace("{keyspace}", &config.keyspace)
-            .replace("{replication_factor}", &config.replication_factor.to_string());
-        for statement in strip_comments(&schema).split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            session
-                .query_unpaged(statement, ())
-                .await
-                .map_err(|e| StoreError::Backend(format!("applying schema: {e}").into()))?;
+        for (number, file) in MIGRATIONS.iter().enumerate() {
+            let schema = file
+                .replace("{keyspace}", &config.keyspace)
+                .replace("{replication_factor}", &config.replication_factor.to_string());
+            for statement in strip_comments(&schema).split(';').map(str::trim).filter(|s| !s.is_empty()) {
+                session
+                    .query_unpaged(statement, ())
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("applying schema file {:03}: {e}", number + 1).into()))?;
+            }
         }
         // Columns added after a keyspace was first created: adding one that exists fails, harmlessly.
         for alter in [format!("ALTER TABLE {}.orders ADD source_updated_at bigint static", config.keyspace)] {
@@ -219,6 +243,14 @@ impl CqlStore {
             .await?,
             deliveries: prepare(
                 format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"),
+                false,
+            )
+            .await?,
+            park: prepare(format!("INSERT INTO {ks}.parked ({PARKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"), false)
+                .await?,
+            parked: prepare(format!("SELECT {PARKED_COLUMNS} FROM {ks}.parked WHERE order_id = ?"), false).await?,
+            unpark: prepare(
+                format!("DELETE FROM {ks}.parked WHERE order_id = ? AND appended_at = ? AND event_id = ?"),
                 false,
             )
             .await?,
@@ -614,7 +646,63 @@ impl Orders for CqlStore {
             row.map_err(backend)?;
             dead_letters += 1;
         }
-        Ok(StoreStats { orders, history, dead_letters })
+        let parked = self.parked_scan().await?.len() as u64;
+        Ok(StoreStats { orders, history, dead_letters, parked })
+    }
+}
+
+#[async_trait]
+impl Parking for CqlStore {
+    async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError> {
+        let writes: Vec<_> = events
+            .iter()
+            .map(|e| {
+                let values =
+                    (&e.order_id, e.appended_at_us, &e.event_id, e.priority.label(), micros(e.parked_at), &e.payload);
+                Box::pin(self.session.execute_unpaged(&self.st.park, values))
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
+        for r in results {
+            r.map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    async fn parked(&self, order_ids: Vec<String>) -> Result<Vec<ParkedEvent>, StoreError> {
+        let reads: Vec<_> =
+            order_ids.iter().map(|id| Box::pin(self.session.execute_unpaged(&self.st.parked, (id,)))).collect();
+        let results: Vec<_> = futures::stream::iter(reads).buffered(CONCURRENCY).collect().await;
+        let mut out = Vec::new();
+        for r in results {
+            let rows = r.map_err(backend)?.into_rows_result().map_err(backend)?;
+            for row in rows.rows::<ParkedRow>().map_err(backend)? {
+                out.push(parked_from(row.map_err(backend)?));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+        let mut all = self.parked_scan().await?;
+        all.sort_by_key(|e| (e.parked_at, e.appended_at_us));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    async fn unpark(&self, events: &[ParkedEvent]) -> Result<(), StoreError> {
+        let deletes: Vec<_> = events
+            .iter()
+            .map(|e| {
+                let key = (&e.order_id, e.appended_at_us, &e.event_id);
+                Box::pin(self.session.execute_unpaged(&self.st.unpark, key))
+            })
+            .collect();
+        let results: Vec<_> = futures::stream::iter(deletes).buffer_unordered(CONCURRENCY).collect().await;
+        for r in results {
+            r.map_err(backend)?;
+        }
+        Ok(())
     }
 }
 
@@ -750,7 +838,7 @@ impl Runs for CqlStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        for table in ["orders", "dead_letters", "dead_letter_ids", "runs"] {
+        for table in ["orders", "parked", "dead_letters", "dead_letter_ids", "runs"] {
             self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
         }
         Ok(())
@@ -820,6 +908,20 @@ impl CqlStore {
             .map_err(backend)?
             .into_rows_result()
             .map_err(backend)
+    }
+
+    /// The parked table, read whole up to [`PARKED_SCAN_MAX`] rows (it holds few).
+    async fn parked_scan(&self) -> Result<Vec<ParkedEvent>, StoreError> {
+        let cql = format!("SELECT {PARKED_COLUMNS} FROM {}.parked", self.keyspace);
+        let mut rows = self.scan::<ParkedRow>(cql).await?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().await {
+            out.push(parked_from(row.map_err(backend)?));
+            if out.len() >= PARKED_SCAN_MAX {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Every row a query returns, page by page.

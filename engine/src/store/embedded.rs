@@ -13,8 +13,8 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
-    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
+    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -73,6 +73,18 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 CREATE TABLE IF NOT EXISTS webhook_claims (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+
+-- Events that came before their order's created event, in log order per order.
+CREATE TABLE IF NOT EXISTS parked (
+    event_id TEXT PRIMARY KEY,
+    order_id TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    appended_at INTEGER NOT NULL,
+    parked_at INTEGER NOT NULL,
+    payload TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parked_order ON parked(order_id, appended_at);
+CREATE INDEX IF NOT EXISTS parked_age ON parked(parked_at, appended_at);
 
 -- Generated runs, as JSON: they are few and always read whole.
 CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, body TEXT NOT NULL);
@@ -455,7 +467,79 @@ impl Orders for EmbeddedStore {
                 orders: count("orders").map_err(backend)?,
                 history: count("history").map_err(backend)?,
                 dead_letters: count("dead_letters").map_err(backend)?,
+                parked: count("parked").map_err(backend)?,
             })
+        })
+        .await
+    }
+}
+
+const PARKED_COLUMNS: &str = "order_id, event_id, priority, appended_at, parked_at, payload";
+
+fn parked_from_row(r: &Row<'_>) -> rusqlite::Result<ParkedEvent> {
+    let priority: String = r.get(2)?;
+    Ok(ParkedEvent {
+        order_id: r.get(0)?,
+        event_id: r.get(1)?,
+        priority: Priority::parse(&priority).unwrap_or(Priority::Normal),
+        appended_at_us: r.get(3)?,
+        parked_at: from_micros(r.get(4)?),
+        payload: r.get(5)?,
+    })
+}
+
+#[async_trait]
+impl Parking for EmbeddedStore {
+    async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError> {
+        self.write_tx(move |tx| {
+            let mut insert = tx.prepare_cached(&format!(
+                "INSERT OR IGNORE INTO parked ({PARKED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))?;
+            for e in &events {
+                let at = micros(e.parked_at);
+                insert.execute(params![e.order_id, e.event_id, e.priority.label(), e.appended_at_us, at, e.payload])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn parked(&self, order_ids: Vec<String>) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(&format!(
+                    "SELECT {PARKED_COLUMNS} FROM parked WHERE order_id = ?1 ORDER BY appended_at, event_id"
+                ))
+                .map_err(backend)?;
+            let mut out = Vec::new();
+            for id in order_ids {
+                let rows = stmt.query_map([id], parked_from_row).map_err(backend)?;
+                out.extend(rows.collect::<rusqlite::Result<Vec<_>>>().map_err(backend)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached(&format!(
+                "SELECT {PARKED_COLUMNS} FROM parked ORDER BY parked_at, appended_at, event_id LIMIT ?1"
+            ))
+            .and_then(|mut s| s.query_map([limit as i64], parked_from_row)?.collect())
+            .map_err(backend)
+        })
+        .await
+    }
+
+    async fn unpark(&self, events: &[ParkedEvent]) -> Result<(), StoreError> {
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        self.write_tx(move |tx| {
+            let mut delete = tx.prepare_cached("DELETE FROM parked WHERE event_id = ?1")?;
+            for id in &ids {
+                delete.execute([id])?;
+            }
+            Ok(())
         })
         .await
     }
@@ -614,7 +698,10 @@ impl Runs for EmbeddedStore {
 
     async fn reset(&self) -> Result<(), StoreError> {
         self.write_tx(|tx| {
-            tx.execute_batch("DELETE FROM orders; DELETE FROM history; DELETE FROM dead_letters; DELETE FROM runs;")
+            tx.execute_batch(
+                "DELETE FROM orders; DELETE FROM history; DELETE FROM parked; DELETE FROM dead_letters; \
+                 DELETE FROM runs;",
+            )
         })
         .await
     }

@@ -1,4 +1,4 @@
-//! A minimal in-memory backend for unit tests: the four ports over plain collections
+//! A minimal in-memory backend for unit tests: the five ports over plain collections
 //! behind one mutex. Users cannot select it; it shows what a third backend implements.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ReplayClaim, RunRecord, Runs, Sort,
-    StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
+    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Status};
 
@@ -29,6 +29,8 @@ struct State {
     claims: HashMap<String, Instant>,
     deliveries: Vec<WebhookDelivery>,
     runs: HashMap<String, RunRecord>,
+    /// Keyed like the CQL table: by order, then log position and event id.
+    parked: BTreeMap<(String, i64, String), ParkedEvent>,
 }
 
 impl MemoryStore {
@@ -154,7 +156,44 @@ impl Orders for MemoryStore {
             orders: count(state.orders.len()),
             history: count(state.history.len()),
             dead_letters: count(state.letters.len()),
+            parked: count(state.parked.len()),
         })
+    }
+}
+
+fn parked_key(e: &ParkedEvent) -> (String, i64, String) {
+    (e.order_id.clone(), e.appended_at_us, e.event_id.clone())
+}
+
+#[async_trait]
+impl Parking for MemoryStore {
+    async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for e in events {
+            state.parked.entry(parked_key(&e)).or_insert(e);
+        }
+        Ok(())
+    }
+
+    async fn parked(&self, order_ids: Vec<String>) -> Result<Vec<ParkedEvent>, StoreError> {
+        let state = self.state();
+        let wanted: HashSet<String> = order_ids.into_iter().collect();
+        Ok(state.parked.values().filter(|e| wanted.contains(&e.order_id)).cloned().collect())
+    }
+
+    async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
+        let mut all: Vec<ParkedEvent> = self.state().parked.values().cloned().collect();
+        all.sort_by_key(|e| (e.parked_at, e.appended_at_us));
+        all.truncate(limit);
+        Ok(all)
+    }
+
+    async fn unpark(&self, events: &[ParkedEvent]) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for e in events {
+            state.parked.remove(&parked_key(e));
+        }
+        Ok(())
     }
 }
 

@@ -1,6 +1,6 @@
-//! The versioned order store, as four ports that each backend implements: `Orders`
+//! The versioned order store, as five ports that each backend implements: `Orders`
 //! (insert-if-absent, compare-and-set on `version`, idempotent apply keyed by `event_id`,
-//! every outcome kept in a history), `DeadLetters`, `WebhookLedger` and `Runs`.
+//! every outcome kept in a history), `Parking`, `DeadLetters`, `WebhookLedger` and `Runs`.
 
 pub mod conformance;
 pub mod cql;
@@ -237,6 +237,9 @@ pub struct StoreStats {
     pub orders: u64,
     pub history: u64,
     pub dead_letters: u64,
+    /// Events parked until their order's created event lands.
+    #[serde(default)]
+    pub parked: u64,
 }
 
 /// A generated run as the store keeps it: its id and start for ordering, and the record
@@ -266,6 +269,33 @@ pub trait Orders: Send + Sync + 'static {
     async fn stats(&self) -> Result<StoreStats, StoreError>;
 }
 
+/// An event held back because its order did not exist when it came off the log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParkedEvent {
+    pub order_id: String,
+    pub event_id: String,
+    pub priority: Priority,
+    /// When the event was appended to the log (µs): one order's parked events apply in
+    /// this order, and a redelivery parks it under the same key.
+    pub appended_at_us: i64,
+    pub parked_at: DateTime<Utc>,
+    /// The event as it was on the log (JSON).
+    pub payload: String,
+}
+
+/// Events that arrived before their order's created event, held durably until it lands.
+#[async_trait]
+pub trait Parking: Send + Sync + 'static {
+    /// Holds these events; parking one that is already parked changes nothing.
+    async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError>;
+    /// The parked events of these orders, each order's in log order.
+    async fn parked(&self, order_ids: Vec<String>) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Up to `limit` parked events, the longest parked first.
+    async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError>;
+    /// Lets go of events once they were decided.
+    async fn unpark(&self, events: &[ParkedEvent]) -> Result<(), StoreError>;
+}
+
 /// The dead-letter log that rejected writes land in, and its replay marks.
 #[async_trait]
 pub trait DeadLetters: Send + Sync + 'static {
@@ -293,7 +323,7 @@ pub trait Runs: Send + Sync + 'static {
     async fn audit(&self, prefix: &str) -> Result<Audit, StoreError>;
     /// Deletes the orders under `prefix` whose status is `status`, with their history.
     async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError>;
-    /// Empties orders, history, dead letters and runs. Webhook deduplication keys stay.
+    /// Empties orders, history, parked events, dead letters and runs. Webhook deduplication keys stay.
     async fn reset(&self) -> Result<(), StoreError>;
     /// Inserts the run, or replaces the record of the same id.
     async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError>;
@@ -302,17 +332,18 @@ pub trait Runs: Send + Sync + 'static {
     async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError>;
 }
 
-/// A backend that implements every port. Adding one means implementing the four
+/// A backend that implements every port. Adding one means implementing the five
 /// ports and an arm in `Engine::open`.
-pub trait Backend: Orders + DeadLetters + WebhookLedger + Runs {}
+pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs {}
 
-impl<T: Orders + DeadLetters + WebhookLedger + Runs> Backend for T {}
+impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs> Backend for T {}
 
 /// The ports of one backend, each behind its own trait object, so every user holds
 /// exactly the port it needs.
 #[derive(Clone)]
 pub struct Stores {
     pub orders: Arc<dyn Orders>,
+    pub parking: Arc<dyn Parking>,
     pub dead_letters: Arc<dyn DeadLetters>,
     pub webhooks: Arc<dyn WebhookLedger>,
     pub runs: Arc<dyn Runs>,
@@ -320,6 +351,12 @@ pub struct Stores {
 
 impl Stores {
     pub fn of<B: Backend>(backend: Arc<B>) -> Self {
-        Self { orders: backend.clone(), dead_letters: backend.clone(), webhooks: backend.clone(), runs: backend }
+        Self {
+            orders: backend.clone(),
+            parking: backend.clone(),
+            dead_letters: backend.clone(),
+            webhooks: backend.clone(),
+            runs: backend,
+        }
     }
 }

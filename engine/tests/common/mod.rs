@@ -203,7 +203,8 @@ impl Server {
                 return;
             }
             // Movement is events settling, or the queue changing while its depth is known.
-            let settled = ["applied", "skipped", "rejected", "duplicates"].map(|k| h[k].as_u64().unwrap_or(0));
+            let settled = ["applied", "skipped", "rejected", "duplicates", "parked", "released"]
+                .map(|k| h[k].as_u64().unwrap_or(0));
             let known_depth = (h["status"] == "ok").then_some(depth);
             if last.is_none_or(|(s, d)| s != settled || (known_depth.is_some() && d != known_depth)) {
                 (last, moved_at) = (Some((settled, known_depth)), Instant::now());

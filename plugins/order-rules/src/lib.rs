@@ -73,9 +73,14 @@ impl OrderRules for Rules {
                 // An update may arrive before (or without) its create; it can only
                 // create the row when it carries everything a create needs.
                 let (Some(customer), Some(tier), Some(total)) = (p.customer.clone(), p.tier, p.total_cents) else {
+                    let kind = match event.kind {
+                        EventKind::Created => "created",
+                        EventKind::Updated => "updated",
+                        EventKind::Cancelled => "cancelled",
+                    };
                     return Decision::Reject(format!(
-                        "order {} does not exist and the {:?} event lacks customer, tier or total_cents",
-                        event.order_id, event.kind
+                        "order {} does not exist and the {kind} event lacks customer, tier or total_cents",
+                        event.order_id
                     ));
                 };
                 OrderFields {
