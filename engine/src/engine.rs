@@ -273,8 +273,27 @@ impl Engine {
 
     /// Validates and appends events; `Ok` means all of them are durable, `Err` that none is.
     pub async fn ingest(&self, events: &[OrderEvent]) -> Result<usize, IngestError> {
+        let mut ids: HashMap<&str, &str> = HashMap::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
             e.validate().map_err(|reason| IngestError::Invalid { index, reason })?;
+            if let Some(other) = ids.insert(&e.event_id, &e.order_id)
+                && other != e.order_id
+            {
+                let reason = format!("event_id {} is used for order {other} earlier in this request", e.event_id);
+                return Err(IngestError::Invalid { index, reason });
+            }
+        }
+        // An event id names one event of one order. Where the ledger is global (the
+        // embedded store), an id already recorded for another order is refused here.
+        let recorded = self.stores.orders.recorded_for(ids.keys().map(|id| id.to_string()).collect()).await?;
+        for (index, e) in events.iter().enumerate() {
+            if let Some(other) = recorded.as_ref().and_then(|r| r.get(&e.event_id))
+                && *other != e.order_id
+            {
+                let reason =
+                    format!("event_id {} is already used by order {other}; event ids must be unique", e.event_id);
+                return Err(IngestError::Invalid { index, reason });
+            }
         }
         // An order keeps its partition, whatever tier a later event names, so its events
         // apply in the order they were produced: an earlier event of this request decides,
@@ -353,7 +372,7 @@ impl Engine {
             }
             Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: Box::new(now) }),
             Some(WriteResult::Conflict(None)) => Err(EditError::NotFound),
-            Some(WriteResult::Duplicate) | None => {
+            Some(WriteResult::Duplicate | WriteResult::IdTaken(_)) | None => {
                 Err(EditError::Store(StoreError::Backend("the store did not record the edit".into())))
             }
         }
@@ -386,11 +405,17 @@ impl Engine {
         format!("log={} store={}", self.log.backend(), self.stores.orders.backend())
     }
 
-    /// Whether the log answers and the store reads a row within 2 s (a store that hangs
-    /// reads as unhealthy rather than hanging the probe).
-    pub async fn healthy(&self) -> bool {
+    /// Whether the log can write and the store reads a row within 2 s (a store that hangs
+    /// reads as failing rather than hanging the probe); else what is wrong.
+    pub async fn health(&self) -> Result<(), String> {
         let probe = tokio::time::timeout(std::time::Duration::from_secs(2), self.stores.orders.get("__health__")).await;
-        matches!(probe, Ok(Ok(_))) && self.log.healthy()
+        let store = match probe {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("the store failed a read: {e}")),
+            Err(_) => Some("the store did not answer a read in 2 s".to_string()),
+        };
+        let problems: Vec<String> = self.log.problem().into_iter().chain(store).collect();
+        if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
 
     /// Records of this priority on the log, not yet applied.

@@ -436,7 +436,7 @@ impl Pipeline {
 
         let mut writes = Vec::with_capacity(items.len());
         // Per write: its priority, append time, and what a conflict needs.
-        let mut context: Vec<(Priority, i64, Option<Pending>)> = Vec::with_capacity(items.len());
+        let mut context: Vec<(Priority, i64, Option<Pending>, Option<&OrderEvent>)> = Vec::with_capacity(items.len());
         let mut taken = 0;
         let mut to_park = Vec::new();
         for ((it, dropped), park) in items.iter().zip(dropped).zip(parks) {
@@ -473,7 +473,7 @@ impl Pipeline {
                         decided_by: "decoder".into(),
                         dead_letter: Some(self.dead_letter(d, None, "decode", "malformed", reason, None)),
                     });
-                    context.push((d.priority, d.appended_at_us, None));
+                    context.push((d.priority, d.appended_at_us, None, None));
                     continue;
                 }
             };
@@ -522,7 +522,7 @@ impl Pipeline {
                     None
                 }
             };
-            context.push((d.priority, d.appended_at_us, pending));
+            context.push((d.priority, d.appended_at_us, pending, Some(event)));
         }
 
         if !to_park.is_empty() {
@@ -537,19 +537,17 @@ impl Pipeline {
         // events are due.
         let mut created = Vec::new();
         let results = self.store.write(writes).await?;
-        for ((write, result), (priority, appended_at_us, pending)) in results.into_iter().zip(context) {
+        for ((write, result), (priority, appended_at_us, pending, event)) in results.into_iter().zip(context) {
             if let Write::Apply { row, expected: None, .. } = &write
                 && result != WriteResult::Conflict(None)
             {
                 created.push(row.id.clone());
             }
             match (result, write) {
-                (WriteResult::Duplicate, write) => {
-                    let order_id = match &write {
-                        Write::Apply { row, .. } => &row.id,
-                        Write::Record { order_id, .. } => order_id,
-                    };
-                    self.duplicate(order_id, priority).await?;
+                (WriteResult::Duplicate, write) => self.duplicate(write.order_id(), priority).await?,
+                (WriteResult::IdTaken(holder), _) => {
+                    let event = event.ok_or_else(|| anyhow::anyhow!("a reused id on an undecodable record"))?;
+                    self.id_taken(event, holder, priority).await?;
                 }
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
                 (WriteResult::Done, Write::Record { outcome, dead_letter, .. }) => {
@@ -652,6 +650,7 @@ impl Pipeline {
                     self.duplicate(&row.id, priority).await?;
                     return Ok(());
                 }
+                Some(WriteResult::IdTaken(holder)) => return self.id_taken(&p.event, holder, priority).await,
                 Some(WriteResult::Conflict(again)) => {
                     p.base = now;
                     p.fields = merged;
@@ -667,6 +666,40 @@ impl Pipeline {
         self.changes.dead_letter(&letter);
         self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter))]).await?;
         self.counted(Outcome::Rejected, priority);
+        Ok(())
+    }
+
+    /// An event whose id another order holds already: a producer's bug, never dropped.
+    /// It is recorded under an id of its own (`<event id>@<order id>`) and dead-lettered,
+    /// so a replay (which takes a fresh id) can still apply it.
+    async fn id_taken(&self, event: &OrderEvent, holder: String, priority: Priority) -> anyhow::Result<()> {
+        telemetry::error("event_id_reused", "store");
+        let reason = format!(
+            "event id {} is already used by order {holder}; event ids must be unique, so this event for order {} \
+             was not applied",
+            event.event_id, event.order_id
+        );
+        let own_id = format!("{}@{}", event.event_id, event.order_id);
+        let mut letter = self.dead_letter_for_event(event, "store", "event_id_reused", &reason, None);
+        letter.id = own_id.clone();
+        let record = Write::Record {
+            event_id: own_id,
+            source: event.source.clone(),
+            order_id: event.order_id.clone(),
+            outcome: Outcome::Rejected,
+            reason,
+            decided_by: "store".into(),
+            dead_letter: Some(letter.clone()),
+        };
+        match self.store.write(vec![record]).await?.pop().map(|(_, r)| r) {
+            Some(WriteResult::Done) => {
+                self.changes.dead_letter(&letter);
+                self.counted(Outcome::Rejected, priority);
+            }
+            // Recorded before (a redelivery); or the derived id is itself taken, which
+            // only a producer reusing ids on purpose gets: it stays a duplicate.
+            _ => self.duplicate(&event.order_id, priority).await?,
+        }
         Ok(())
     }
 

@@ -153,6 +153,44 @@ async fn rules_decide_rows_and_rejections_land_in_dead_letters() {
     assert_eq!(s.get_json("/orders/r-ghost").await.0, 404);
 }
 
+/// An event id names one event of one order. On the embedded default an id already
+/// recorded for another order is refused at ingest; one that gets past (both still on
+/// the log) is dead-lettered with the reason, never dropped.
+#[tokio::test]
+async fn an_event_id_reused_for_another_order_is_refused_or_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    assert_eq!(s.post_events(&created("id-1", "same", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    let refused = s.post_events(&created("id-2", "same", "GOLD", 100)).await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body.to_string().contains("event_id same is already used by order id-1"), "{body}");
+    let both = json!([created("id-3", "twice", "GOLD", 100), created("id-4", "twice", "GOLD", 100)]);
+    let refused = s.post_events(&both).await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("used for order id-3 earlier in this request"));
+
+    // Both on the log before either is applied: the second is dead-lettered.
+    assert_eq!(s.post_authorized("/queues/normal/pause").await.status(), 200);
+    assert_eq!(s.post_events(&created("id-5", "window", "SILVER", 100)).await.status(), 202);
+    assert_eq!(s.post_events(&created("id-6", "window", "SILVER", 100)).await.status(), 202);
+    assert_eq!(s.post_authorized("/queues/normal/resume").await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/id-5").await.1["version"], 1);
+    assert_eq!(s.get_json("/orders/id-6").await.0, 404);
+    let h = history(&s, "id-6").await;
+    assert_eq!((h[0]["event_id"].as_str(), h[0]["outcome"].as_str()), (Some("window@id-6"), Some("rejected")));
+    let letters = s.get_json("/dead-letters").await.1;
+    let letter = &letters["items"][0];
+    assert_eq!((letter["id"].as_str(), letter["error_type"].as_str()), (Some("window@id-6"), Some("event_id_reused")));
+    assert!(letter["reason"].as_str().unwrap().contains("already used by order id-5"), "{letter}");
+    // A replay takes a fresh id, so the operator can still apply it.
+    assert_eq!(s.post_authorized("/dead-letters/window@id-6/replay").await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/id-6").await.1["version"], 1);
+}
+
 #[tokio::test]
 async fn listing_pages_with_cursors_and_filters() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,6 @@
-//! Faults on Kafka + CQL: Kafka restarts mid-run, then Cassandra does. The engine says
-//! it is unhealthy while a service is down, recovers by itself, and every accepted
-//! event is applied exactly once.
+//! Faults: on Kafka + CQL, Kafka restarts mid-run, then Cassandra does; on the embedded
+//! log, its writes fail for a while. The engine says it is degraded while it cannot
+//! write, recovers by itself, and every accepted event is applied exactly once.
 
 mod common;
 
@@ -23,6 +23,11 @@ async fn restart_watching(s: &Server, service: &'static str) -> bool {
                 if let Ok(r) = client().get(&url).timeout(Duration::from_secs(5)).send().await
                     && r.status() == 503
                 {
+                    // A probe sees why, and when to look again.
+                    assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
+                    let body: serde_json::Value = r.json().await.unwrap();
+                    assert_eq!(body["status"], "degraded", "{body}");
+                    assert!(body["reason"].as_str().is_some_and(|r| !r.is_empty()), "{body}");
                     saw_unhealthy = true;
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -106,4 +111,45 @@ async fn service_restarts_lose_and_double_nothing() {
         assert_eq!(h.len(), 1, "{url}: applied exactly once: {h:?}");
         assert_eq!(h[0]["outcome"], "applied", "{url}");
     }
+}
+
+/// The embedded log refuses writes for a while (a SQLite trigger aborts every offset
+/// commit, as a full disk would): /health says degraded with the reason, and once the
+/// log can write again the failed commit is retried by itself, so the queue drains.
+#[tokio::test]
+async fn a_failed_log_commit_is_retried_and_health_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    assert_eq!(s.post_events(&created("lc-1", "lc-1", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+
+    let log = rusqlite::Connection::open(dir.path().join("log.sqlite")).unwrap();
+    log.busy_timeout(Duration::from_secs(10)).unwrap();
+    log.execute_batch(
+        "CREATE TRIGGER refuse_commit_insert BEFORE INSERT ON offsets BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;
+         CREATE TRIGGER refuse_commit_update BEFORE UPDATE ON offsets BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;",
+    )
+    .unwrap();
+    assert_eq!(s.post_events(&created("lc-2", "lc-2", "GOLD", 100)).await.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let degraded = loop {
+        let r = client().get(s.url("/health")).send().await.unwrap();
+        if r.status() == 503 {
+            assert_eq!(r.headers().get("retry-after").map(|v| v.to_str().unwrap()), Some("5"));
+            break r.json::<Value>().await.unwrap();
+        }
+        assert!(Instant::now() < deadline, "/health never said degraded while commits failed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(degraded["status"], "degraded");
+    assert!(degraded["reason"].as_str().unwrap().contains("injected: disk full"), "{degraded}");
+    assert_eq!(s.get_json("/orders/lc-2").await.1["version"], 1, "applied; only its commit failed");
+    assert_eq!(degraded["queue_depth"]["normal"], 1, "{degraded}");
+
+    log.execute_batch("DROP TRIGGER refuse_commit_insert; DROP TRIGGER refuse_commit_update;").unwrap();
+    // Nothing new arrives: the retry alone must bring the depth to zero.
+    s.drain(Duration::from_secs(60)).await;
+    let h = s.health().await;
+    assert_eq!((h["status"].as_str(), h["reason"].as_str()), (Some("ok"), None), "{h}");
+    assert_eq!(h["applied"], 2, "nothing applied twice: {h}");
 }

@@ -102,8 +102,11 @@ pub fn bridge_router(state: AppState) -> Router {
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
-    /// "ok" when the log and the store answer, else "unhealthy" (with 503).
+    /// "ok" when the log and the store answer, else "degraded" (with 503 and Retry-After).
     status: &'static str,
+    /// What is wrong, when degraded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
     backend: String,
     /// Events in the log not yet applied, per priority.
     queue_depth: QueueDepth,
@@ -128,9 +131,10 @@ struct QueueDepth {
 async fn health(State(s): State<AppState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let stats = s.engine.stats();
-    let store_ok = s.engine.healthy().await;
+    let problem = s.engine.health().await.err();
     let body = Health {
-        status: if store_ok { "ok" } else { "unhealthy" },
+        status: if problem.is_none() { "ok" } else { "degraded" },
+        reason: problem.clone(),
         backend: s.engine.backend(),
         queue_depth: QueueDepth {
             vip: s.engine.queue_depth(Priority::Vip),
@@ -144,8 +148,11 @@ async fn health(State(s): State<AppState>) -> Response {
         parked: stats.parked.load(Relaxed),
         released: stats.released.load(Relaxed),
     };
-    let code = if store_ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(body)).into_response()
+    match problem {
+        None => (StatusCode::OK, Json(body)).into_response(),
+        // Probes and load balancers should look again soon, not hammer.
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "5")], Json(body)).into_response(),
+    }
 }
 
 #[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]

@@ -33,6 +33,8 @@ struct Marks {
     /// Highest offset committed durably, per priority.
     committed: [AtomicU64; 2],
     arrived: Notify,
+    /// Why the last group commit failed; cleared by the next one that succeeds.
+    failure: Mutex<Option<String>>,
 }
 
 enum Cmd {
@@ -105,14 +107,28 @@ const TRUNCATE_EVERY: Duration = Duration::from_secs(2);
 /// Most records one truncation deletes, so appends never stall long behind it.
 const TRUNCATE_MAX: u64 = 50_000;
 
+/// The first retry of commits that failed to write comes after this, then twice as long
+/// each time, up to `TRUNCATE_EVERY`.
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>) {
     let mut last_truncate = Instant::now();
     let mut truncated = [0u64; 2];
+    // Commits not yet durable: a failed group commit keeps them for the next attempt,
+    // which comes by itself (with backoff) even if nothing else is queued.
+    let mut pending = [None::<u64>; 2];
+    let mut retry = RETRY_FIRST;
     loop {
-        let first = match rx.recv_timeout(TRUNCATE_EVERY) {
+        let wait = if pending.iter().any(Option::is_some) { retry } else { TRUNCATE_EVERY };
+        let first = match rx.recv_timeout(wait) {
             Ok(cmd) => Some(cmd),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if pending.iter().any(Option::is_some) {
+                    group_commit(&mut conn, Vec::new(), &marks, &mut pending);
+                }
+                return;
+            }
         };
         let mut batch: Vec<Cmd> = first.into_iter().collect();
         let mut count = batch.iter().map(cmd_len).sum::<usize>();
@@ -125,8 +141,9 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
                 Err(_) => break,
             }
         }
-        if !batch.is_empty() {
-            group_commit(&mut conn, batch, &marks);
+        if !batch.is_empty() || pending.iter().any(Option::is_some) {
+            let ok = group_commit(&mut conn, batch, &marks, &mut pending);
+            retry = if ok { RETRY_FIRST } else { (retry * 2).min(TRUNCATE_EVERY) };
         }
         if last_truncate.elapsed() >= TRUNCATE_EVERY {
             last_truncate = Instant::now();
@@ -151,11 +168,18 @@ fn cmd_len(cmd: &Cmd) -> usize {
     }
 }
 
-/// Writes every queued append and commit in one transaction, then acknowledges them.
-fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks) {
+/// Writes every queued append and commit (with the commits still pending from a failed
+/// attempt) in one transaction, then acknowledges them. True when it was written.
+fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: &mut [Option<u64>; 2]) -> bool {
     let now = micros(chrono::Utc::now());
     let mut last = [None::<u64>; 2];
-    let mut commits = [None::<u64>; 2];
+    for cmd in &batch {
+        if let Cmd::Commit { priority, offset } = cmd {
+            let c = &mut pending[idx(*priority)];
+            *c = Some(c.map_or(*offset, |c| c.max(*offset)));
+        }
+    }
+    let commits = *pending;
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for cmd in &batch {
@@ -170,11 +194,7 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks) {
                         last[idx(r.priority)] = Some(tx.last_insert_rowid() as u64);
                     }
                 }
-                Cmd::Commit { priority, offset } => {
-                    let c = &mut commits[idx(*priority)];
-                    *c = Some(c.map_or(*offset, |c| c.max(*offset)));
-                }
-                Cmd::Flush { .. } => {}
+                Cmd::Commit { .. } | Cmd::Flush { .. } => {}
             }
         }
         for p in Priority::ALL {
@@ -198,12 +218,19 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks) {
             }
         }
         marks.arrived.notify_one();
+        *pending = [None; 2];
     }
+    let failure = result.as_ref().err().map(|e| format!("the embedded log cannot write: {e}"));
+    if let Some(f) = &failure {
+        tracing::warn!(error = %f, "group commit failed; appends refused, commits kept for a retry");
+    }
+    *marks.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
     for cmd in batch {
         if let Cmd::Append { ack, .. } | Cmd::Flush { ack } = cmd {
             let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| LogError::Backend(e.to_string())));
         }
     }
+    result.is_ok()
 }
 
 #[async_trait]
@@ -247,6 +274,10 @@ impl OrderLog for EmbeddedLog {
     fn depth(&self, p: Priority) -> u64 {
         let appended = self.marks.appended[idx(p)].load(Ordering::SeqCst);
         appended.saturating_sub(self.marks.committed[idx(p)].load(Ordering::SeqCst))
+    }
+
+    fn problem(&self) -> Option<String> {
+        self.marks.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

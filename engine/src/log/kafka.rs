@@ -411,8 +411,9 @@ impl OrderLog for KafkaLog {
         self.producer.flush(Duration::from_secs(10)).map_err(backend)
     }
 
-    fn healthy(&self) -> bool {
-        self.lag.healthy.load(Ordering::Relaxed)
+    fn problem(&self) -> Option<String> {
+        let ok = self.lag.healthy.load(Ordering::Relaxed);
+        (!ok).then(|| format!("kafka at {} did not answer the last offset check", self.config.brokers))
     }
 }
 

@@ -1,5 +1,5 @@
 //! The order log: durable appends partitioned by priority, consumed at least once
-//! with commits after the store write. Backends: embedded SQLite; Kafka later.
+//! with commits after the store write. Backends: embedded SQLite and Kafka.
 
 pub mod embedded;
 pub mod kafka;
@@ -52,9 +52,9 @@ pub trait OrderLog: Send + Sync + 'static {
     fn depth(&self, priority: Priority) -> u64;
     /// Waits until every commit made so far is durable (for a clean shutdown).
     async fn flush(&self) -> Result<(), LogError>;
-    /// Whether the backend answered its last check.
-    fn healthy(&self) -> bool {
-        true
+    /// Why the log cannot serve now (its last write or check failed), if it cannot.
+    fn problem(&self) -> Option<String> {
+        None
     }
 }
 

@@ -54,6 +54,8 @@ pub enum RunError {
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often the drain of a priority is checked.
 const TICK: Duration = Duration::from_millis(25);
+/// A drain fails the run when nothing moves for this long.
+const DRAIN_STALL: Duration = Duration::from_secs(120);
 
 struct Active {
     run: Arc<Mutex<Run>>,
@@ -408,16 +410,33 @@ impl Driver {
     }
 
     /// Waits until the log holds no more `priority` records and the store has an outcome
-    /// for every one of the run's orders of that priority. None when cancelled.
+    /// for every one of the run's orders of that priority. None when cancelled. Fails
+    /// when nothing moves (no event settles, the depth stays) for `DRAIN_STALL`.
     async fn drained(&mut self, priority: Priority) -> anyhow::Result<Option<Audit>> {
         let run = self.snapshot();
         let prefix = run.prefix(priority == Priority::Vip);
         let expected = self.produced[priority];
+        let mut last = None;
+        let mut moved_at = Instant::now();
         loop {
             if self.is_cancelled() {
                 return Ok(None);
             }
             self.progress();
+            let settled = self.engine.stats().settled[priority].load(std::sync::atomic::Ordering::Relaxed);
+            let now = (settled, self.engine.queue_depth(priority));
+            // An operator's pause is not a stall.
+            if last != Some(now) || self.engine.pauses().operator_paused(priority) {
+                (last, moved_at) = (Some(now), Instant::now());
+            } else if moved_at.elapsed() >= DRAIN_STALL {
+                let why = self.engine.health().await.err().unwrap_or_else(|| "no fault reported".into());
+                anyhow::bail!(
+                    "the {} drain stalled: {} events still queued and none settled for {} s ({why})",
+                    priority.as_str(),
+                    now.1,
+                    DRAIN_STALL.as_secs()
+                );
+            }
             // The log's own view first (cheap); then the store confirms.
             if self.engine.queue_depth(priority) == 0 {
                 let audit = self.engine.run_store().audit(&prefix).await?;

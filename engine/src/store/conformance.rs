@@ -154,12 +154,20 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
         apply(&e("3"), Some(2), row(&id, 3, "replayed")),
     ];
     let results: Vec<_> = s.write(batch).await.unwrap().into_iter().map(|(_, r)| r).collect();
-    // Event ids are idempotency keys within their order: the same id on another order
-    // is a producer's bug that backends need not catch, so only the same order's replay is checked.
     assert!(
         matches!(results.as_slice(), [WriteResult::Done, WriteResult::Conflict(Some(_)), _, WriteResult::Duplicate]),
         "{results:?}"
     );
+    // The same event id on another order: a backend with a global ledger names the order
+    // that holds it and changes nothing; one whose ledger is per order applies it there.
+    match s.recorded_for(vec![e("1"), e("never")]).await.expect("recorded_for") {
+        Some(found) => {
+            assert_eq!(found, [(e("1"), id.clone())].into(), "each recorded id with its order, and only those");
+            assert_eq!(results[2], WriteResult::IdTaken(id.clone()), "a reused id names its order");
+            assert_eq!(s.get(&format!("{prefix}-c")).await.unwrap(), None, "a reused id changes nothing");
+        }
+        None => assert_eq!(results[2], WriteResult::Done, "a per-order ledger applies it to its own order"),
+    }
 
     // Paging walks every row once (the order depends on the backend).
     for i in 0..25 {

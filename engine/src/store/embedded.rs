@@ -173,12 +173,11 @@ fn get_order(conn: &Connection, id: &str) -> rusqlite::Result<Option<Order>> {
         .optional()
 }
 
-fn is_recorded(conn: &Connection, event_id: &str) -> rusqlite::Result<bool> {
-    Ok(conn
-        .prepare_cached("SELECT 1 FROM history WHERE event_id = ?1")?
-        .query_row([event_id], |_| Ok(()))
-        .optional()?
-        .is_some())
+/// The order an event id was recorded for, if it was.
+fn recorded_for(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<String>> {
+    conn.prepare_cached("SELECT order_id FROM history WHERE event_id = ?1")?
+        .query_row([event_id], |r| r.get(0))
+        .optional()
 }
 
 #[allow(clippy::too_many_arguments, reason = "one per column of the history row")]
@@ -253,8 +252,10 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
 }
 
 fn apply_one(conn: &Connection, w: &Write) -> rusqlite::Result<WriteResult> {
-    if is_recorded(conn, w.event_id())? {
-        return Ok(WriteResult::Duplicate);
+    match recorded_for(conn, w.event_id())? {
+        Some(order) if order == w.order_id() => return Ok(WriteResult::Duplicate),
+        Some(order) => return Ok(WriteResult::IdTaken(order)),
+        None => {}
     }
     match w {
         Write::Apply { event_id, source, expected, row } => {
@@ -439,6 +440,19 @@ impl Orders for EmbeddedStore {
             .await?;
         let (writes, results) = results;
         Ok(writes.into_iter().zip(results).collect())
+    }
+
+    async fn recorded_for(&self, event_ids: Vec<String>) -> Result<Option<HashMap<String, String>>, StoreError> {
+        self.read(move |c| {
+            let mut out = HashMap::new();
+            for id in event_ids {
+                if let Some(order) = recorded_for(c, &id).map_err(backend)? {
+                    out.insert(id, order);
+                }
+            }
+            Ok(Some(out))
+        })
+        .await
     }
 
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {

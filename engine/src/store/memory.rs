@@ -24,7 +24,8 @@ struct State {
     orders: BTreeMap<String, Order>,
     /// Oldest first; doubles as the idempotency ledger, like the real backends' history.
     history: Vec<HistoryEntry>,
-    recorded: HashSet<String>,
+    /// Event id → the order it was recorded for.
+    recorded: HashMap<String, String>,
     letters: Vec<DeadLetter>,
     claims: HashMap<String, Instant>,
     deliveries: Vec<WebhookDelivery>,
@@ -53,7 +54,7 @@ fn page<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Pag
 
 impl State {
     fn entry(&mut self, order_id: &str, version: u64, event_id: &str, source: &str, outcome: Outcome) -> usize {
-        self.recorded.insert(event_id.to_string());
+        self.recorded.insert(event_id.to_string(), order_id.to_string());
         self.history.push(HistoryEntry {
             order_id: order_id.to_string(),
             version,
@@ -68,8 +69,10 @@ impl State {
     }
 
     fn apply(&mut self, write: &Write) -> WriteResult {
-        if self.recorded.contains(write.event_id()) {
-            return WriteResult::Duplicate;
+        match self.recorded.get(write.event_id()) {
+            Some(order) if order == write.order_id() => return WriteResult::Duplicate,
+            Some(order) => return WriteResult::IdTaken(order.clone()),
+            None => {}
         }
         match write {
             Write::Apply { event_id, source, expected, row } => {
@@ -124,6 +127,11 @@ impl Orders for MemoryStore {
                 (w, result)
             })
             .collect())
+    }
+
+    async fn recorded_for(&self, event_ids: Vec<String>) -> Result<Option<HashMap<String, String>>, StoreError> {
+        let state = self.state();
+        Ok(Some(event_ids.into_iter().filter_map(|id| state.recorded.get(&id).map(|o| (id, o.clone()))).collect()))
     }
 
     async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {

@@ -100,6 +100,13 @@ impl Write {
             Write::Apply { event_id, .. } | Write::Record { event_id, .. } => event_id,
         }
     }
+
+    pub fn order_id(&self) -> &str {
+        match self {
+            Write::Apply { row, .. } => &row.id,
+            Write::Record { order_id, .. } => order_id,
+        }
+    }
 }
 
 /// The result of one [`Write`].
@@ -109,6 +116,9 @@ pub enum WriteResult {
     Done,
     /// This event id was already recorded; nothing changed.
     Duplicate,
+    /// This event id was already recorded for another order (named here); nothing
+    /// changed. Only a backend whose ledger is global can tell (the embedded one).
+    IdTaken(String),
     /// The compare-and-set lost: this is the row now stored (`None` if absent).
     Conflict(Option<Order>),
 }
@@ -267,6 +277,11 @@ pub trait Orders: Send + Sync + 'static {
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
     /// Row counts of orders, history and dead letters.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// The order each of these event ids was recorded for, when the backend's ledger is
+    /// global; `None` from a backend whose ledger is per order (CQL), which cannot tell.
+    async fn recorded_for(&self, _event_ids: Vec<String>) -> Result<Option<HashMap<String, String>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// An event held back because its order did not exist when it came off the log.
