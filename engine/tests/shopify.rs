@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::{Server, deliver, history};
 use futures::StreamExt;
@@ -245,4 +245,51 @@ async fn two_changes_in_the_same_second_both_apply() {
     let outcomes: Vec<&str> = h.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["applied", "applied", "applied"], "{h:?}");
     assert_eq!(order["status"], "SHIPPED", "{order}");
+}
+
+/// A delivery whose append fails and whose claim cannot be given back (the store refuses
+/// the release) must not come back as a "duplicate": the claim was never confirmed, so
+/// Shopify's retry takes it over once its lease ends, and the order is created.
+#[tokio::test]
+async fn a_claim_whose_event_never_reached_the_log_is_not_a_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    let faults = [
+        ("log.sqlite", "refuse_normal_appends", "BEFORE INSERT ON records_normal"),
+        ("log.sqlite", "refuse_vip_appends", "BEFORE INSERT ON records_vip"),
+        ("store.sqlite", "refuse_releases", "BEFORE DELETE ON webhook_claims"),
+    ];
+    let open = |file: &str| {
+        let c = rusqlite::Connection::open(dir.path().join(file)).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    };
+    for (file, name, on) in faults {
+        let sql = format!("CREATE TRIGGER {name} {on} BEGIN SELECT RAISE(ABORT, 'injected: {name}'); END;");
+        open(file).execute_batch(&sql).unwrap();
+    }
+    let r = deliver(&s, "orders/create", "lost-1", CREATE, Some(sign(SECRET, CREATE))).await;
+    assert_eq!(r.status(), 503, "the log refused the event");
+    for (file, name, _) in faults {
+        open(file).execute_batch(&format!("DROP TRIGGER {name};")).unwrap();
+    }
+    // Shopify retries the same delivery until it gets a 2xx.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let r = deliver(&s, "orders/create", "lost-1", CREATE, Some(sign(SECRET, CREATE))).await;
+        if r.status() != 503 {
+            break (r.status(), r.json::<Value>().await.unwrap());
+        }
+        assert!(r.headers().contains_key("retry-after"), "a 503 says when to come back");
+        assert!(Instant::now() < deadline, "the retry was refused for a minute");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(answer.0, 200);
+    assert_eq!(answer.1["status"], "accepted", "not a duplicate: {}", answer.1);
+    s.drain(Duration::from_secs(10)).await;
+    let order = answer.1["order_id"].as_str().unwrap().to_string();
+    assert_eq!(s.get_json(&format!("/orders/{order}")).await.1["version"], 1);
+    // Once durable, the claim does make a duplicate.
+    let again = deliver(&s, "orders/create", "lost-1", CREATE, Some(sign(SECRET, CREATE))).await;
+    assert_eq!(again.json::<Value>().await.unwrap()["status"], "duplicate");
 }

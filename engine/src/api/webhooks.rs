@@ -90,6 +90,12 @@ impl From<WebhookError> for ApiError {
                 e.retry_after = Some(retry_after_s);
                 e
             }
+            WebhookError::InFlight { retry_after_s } => {
+                let detail = json!({ "retry_after_seconds": retry_after_s });
+                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "delivery in flight; retry later", detail);
+                e.retry_after = Some(retry_after_s);
+                e
+            }
             WebhookError::NoTopic => ApiError::bad_request(why, "every Shopify webhook names its topic"),
             WebhookError::NoDeliveryId => ApiError::bad_request(why, "deliveries are deduplicated on it"),
             WebhookError::Payload(m) => ApiError::bad_request("invalid Shopify payload", m),

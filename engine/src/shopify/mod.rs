@@ -11,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::{Engine, IngestError};
-use crate::store::{StoreError, WebhookDelivery};
+use crate::store::{Claim, StoreError, WebhookDelivery};
 use payload::TopicAction;
 use signature::Secrets;
 
@@ -29,6 +29,9 @@ pub struct ShopifyConfig {
 
 /// Shopify waits about 5 s for an answer: a log that takes longer gets a 503 (and a retry).
 pub const APPEND_BUDGET: Duration = Duration::from_secs(4);
+/// How long an unconfirmed dedup claim holds off other attempts: past it, the attempt
+/// that took it is taken to have died (its append was bounded by `APPEND_BUDGET`).
+pub const CLAIM_LEASE: Duration = Duration::from_secs(10);
 
 /// A token bucket per shop: `per_second` refill, a burst of as many.
 #[derive(Debug)]
@@ -72,6 +75,9 @@ pub enum WebhookError {
     NoTopic,
     #[error("X-Shopify-Webhook-Id is missing")]
     NoDeliveryId,
+    /// Another attempt at the same delivery is putting it on the log right now.
+    #[error("this delivery is being accepted by another attempt; retry in {retry_after_s} s")]
+    InFlight { retry_after_s: u64 },
     #[error("invalid Shopify payload: {0}")]
     Payload(String),
     /// The log refused the event or did not acknowledge it within [`APPEND_BUDGET`].
@@ -146,19 +152,30 @@ pub async fn accept(
     .into_iter()
     .flatten()
     .collect();
+    // A claim counts as a duplicate only once its event is durable (confirmed below);
+    // a claim left unconfirmed by a failed or crashed attempt is taken over after its lease.
     let mut claimed = Vec::new();
     for key in &keys {
-        if engine.webhooks().claim_delivery(key, config.dedup_ttl).await? {
-            claimed.push(key.clone());
-        } else {
-            for k in &claimed {
-                engine.webhooks().release_delivery(k).await?;
+        let held = match claim(engine, config, key).await {
+            Ok(Claim::Claimed) => {
+                claimed.push(key.clone());
+                continue;
             }
+            Ok(held) => held,
+            Err(e) => {
+                release(engine, &claimed).await;
+                return Err(e.into());
+            }
+        };
+        release(engine, &claimed).await;
+        if held == Claim::Done {
             audit.outcome = "duplicate".into();
             return Ok(WebhookAnswer { status: "duplicate", order_id: Some(event.order_id) });
         }
+        return Err(WebhookError::InFlight { retry_after_s: CLAIM_LEASE.as_secs() });
     }
-    // Durable on the log before the 200; otherwise no mark is kept, so Shopify's retry passes.
+    // Durable on the log before the 200; otherwise the claims are given back (or, if that
+    // fails, run out their lease), so Shopify's retry passes.
     let appended = match tokio::time::timeout(APPEND_BUDGET, engine.ingest(std::slice::from_ref(&event))).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(LogFailure::Refused(e)),
@@ -166,11 +183,44 @@ pub async fn accept(
         Err(_) => Err(LogFailure::NoAckWithin(APPEND_BUDGET)),
     };
     if let Err(failure) = appended {
-        for k in &claimed {
-            let _ = engine.webhooks().release_delivery(k).await;
-        }
+        release(engine, &claimed).await;
         return Err(WebhookError::LogUnavailable(failure));
+    }
+    for key in &claimed {
+        // The event is durable, so the answer is 200 either way. An unconfirmed claim
+        // lets a retry append it again after the lease, which the event ledger absorbs.
+        if let Err(e) = engine.webhooks().confirm_delivery(key, config.dedup_ttl).await {
+            tracing::warn!(error = %e, key, "confirming a webhook claim failed; a retry may append it again");
+        }
     }
     audit.outcome = "received".into();
     Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
+}
+
+/// How long a delivery waits for another attempt at it to finish before it gets 503:
+/// well inside the 5 s Shopify waits for an answer.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(3);
+
+/// Claims one key. While another attempt holds it (a concurrent copy of the delivery),
+/// waits a little for that attempt to confirm or give it back.
+async fn claim(engine: &Engine, config: &ShopifyConfig, key: &str) -> Result<Claim, StoreError> {
+    let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let held = engine.webhooks().claim_delivery(key, config.dedup_ttl, CLAIM_LEASE).await?;
+        if held != Claim::InFlight || tokio::time::Instant::now() + pause > deadline {
+            return Ok(held);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Gives unconfirmed claims back, best effort: one that stays runs out its lease.
+async fn release(engine: &Engine, keys: &[String]) {
+    for key in keys {
+        if let Err(e) = engine.webhooks().release_delivery(key).await {
+            tracing::warn!(error = %e, key, "releasing a webhook claim failed; it runs out its lease");
+        }
+    }
 }

@@ -6,8 +6,8 @@
 use chrono::{Duration, Utc};
 
 use super::{
-    Backend, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs,
-    Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Backend, Claim, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord,
+    Runs, Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 
@@ -256,10 +256,19 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
 pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
     let key = format!("{prefix}-webhook-1");
     let ttl = std::time::Duration::from_secs(3600);
-    assert!(s.claim_delivery(&key, ttl).await.unwrap(), "first claim");
-    assert!(!s.claim_delivery(&key, ttl).await.unwrap(), "a duplicate claim");
+    let (long, short) = (std::time::Duration::from_secs(600), std::time::Duration::from_millis(1));
+    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::Claimed, "first claim");
+    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::InFlight, "held, not yet durable");
     s.release_delivery(&key).await.unwrap();
-    assert!(s.claim_delivery(&key, ttl).await.unwrap(), "claimable after release");
+    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::Claimed, "claimable after release");
+    // An attempt that never confirmed (it crashed, or its release failed): once its
+    // lease runs out, the next attempt takes the key over.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Claimed, "a stale claim is taken over");
+    s.confirm_delivery(&key, ttl).await.unwrap();
+    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Done, "confirmed: a duplicate");
+    s.release_delivery(&key).await.unwrap();
+    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Done, "a confirmed claim stays");
     let delivery = WebhookDelivery {
         webhook_id: Some(key.clone()),
         event_id: None,

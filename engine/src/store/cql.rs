@@ -22,15 +22,18 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
-    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 2] =
-    [include_str!("../../../schemas/cql/001_init.cql"), include_str!("../../../schemas/cql/002_parking.cql")];
+const MIGRATIONS: [&str; 3] = [
+    include_str!("../../../schemas/cql/001_init.cql"),
+    include_str!("../../../schemas/cql/002_parking.cql"),
+    include_str!("../../../schemas/cql/003_delivery_claims.cql"),
+];
 
 /// Where and how to reach the CQL cluster.
 #[derive(Debug, Clone)]
@@ -109,6 +112,10 @@ struct Statements {
     replay_claim: PreparedStatement,
     replay_undo: PreparedStatement,
     claim_delivery: PreparedStatement,
+    claim_read: PreparedStatement,
+    claim_takeover: PreparedStatement,
+    confirm_update: PreparedStatement,
+    confirm_insert: PreparedStatement,
     release_delivery: PreparedStatement,
     record_delivery: PreparedStatement,
     deliveries: PreparedStatement,
@@ -180,6 +187,9 @@ impl CqlStore {
         let mut event_serial =
             prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
         event_serial.set_consistency(Consistency::Serial);
+        let mut claim_read =
+            prepare(format!("SELECT state, claimed_at FROM {ks}.delivery_claims WHERE key = ?"), false).await?;
+        claim_read.set_consistency(Consistency::Serial);
         let mut list = prepare(format!("SELECT DISTINCT {STATICS} FROM {ks}.orders"), false).await?;
         list.set_page_size(200);
         let st = Statements {
@@ -231,11 +241,40 @@ impl CqlStore {
             )
             .await?,
             claim_delivery: prepare(
-                format!("INSERT INTO {ks}.webhook_claims (key) VALUES (?) IF NOT EXISTS USING TTL ?"),
+                format!(
+                    "INSERT INTO {ks}.delivery_claims (key, state, claimed_at) VALUES (?, 'pending', ?) \
+                     IF NOT EXISTS USING TTL ?"
+                ),
                 true,
             )
             .await?,
-            release_delivery: prepare(format!("DELETE FROM {ks}.webhook_claims WHERE key = ? IF EXISTS"), true).await?,
+            claim_read,
+            claim_takeover: prepare(
+                format!(
+                    "UPDATE {ks}.delivery_claims USING TTL ? SET state = 'pending', claimed_at = ? \
+                     WHERE key = ? IF claimed_at = ?"
+                ),
+                true,
+            )
+            .await?,
+            confirm_update: prepare(
+                format!("UPDATE {ks}.delivery_claims USING TTL ? SET state = 'done' WHERE key = ? IF EXISTS"),
+                true,
+            )
+            .await?,
+            confirm_insert: prepare(
+                format!(
+                    "INSERT INTO {ks}.delivery_claims (key, state, claimed_at) VALUES (?, 'done', ?) \
+                     IF NOT EXISTS USING TTL ?"
+                ),
+                true,
+            )
+            .await?,
+            release_delivery: prepare(
+                format!("DELETE FROM {ks}.delivery_claims WHERE key = ? IF state = 'pending'"),
+                true,
+            )
+            .await?,
             record_delivery: prepare(
                 format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"),
                 false,
@@ -747,14 +786,49 @@ impl DeadLetters for CqlStore {
 
 #[async_trait]
 impl WebhookLedger for CqlStore {
-    async fn claim_delivery(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let claimed =
-            self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, ttl.as_secs() as i32))).await?;
-        match claimed {
-            Some(c) => Ok(c),
-            // Unknown outcome: the key exists now either way; treat it as ours only if
-            // nobody had it, which a SERIAL read cannot tell. Refuse, and let Shopify retry.
-            None => Err(StoreError::Unavailable("claiming a webhook key timed out".into())),
+    async fn claim_delivery(&self, key: &str, ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
+        let (ttl_s, now) = (ttl.as_secs() as i32, micros(Utc::now()));
+        let fresh = self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, now, ttl_s))).await?;
+        match fresh {
+            Some(true) => return Ok(Claim::Claimed),
+            // Unknown outcome: the key may be ours or another's; refuse, and let Shopify
+            // retry. If it was ours, the lease lets that retry take it over.
+            None => return Ok(Claim::InFlight),
+            Some(false) => {}
+        }
+        let rows = self.session.execute_unpaged(&self.st.claim_read, (key,)).await.map_err(backend)?;
+        let held = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<String>, Option<i64>)>();
+        let (state, claimed_at) = match held.map_err(backend)? {
+            Some((state, claimed_at)) => (state.unwrap_or_default(), claimed_at.unwrap_or(0)),
+            // Expired or released between the two statements: the retry will claim it.
+            None => return Ok(Claim::InFlight),
+        };
+        if state == "done" {
+            return Ok(Claim::Done);
+        }
+        if claimed_at + lease.as_micros() as i64 > now {
+            return Ok(Claim::InFlight);
+        }
+        // Left unconfirmed past its lease: take it over, unless another attempt just did.
+        let taken =
+            self.lwt(self.session.execute_unpaged(&self.st.claim_takeover, (ttl_s, now, key, claimed_at))).await?;
+        Ok(if taken == Some(true) { Claim::Claimed } else { Claim::InFlight })
+    }
+
+    async fn confirm_delivery(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let ttl_s = ttl.as_secs() as i32;
+        let unknown = || StoreError::Unavailable(format!("confirming webhook key {key}: outcome unknown").into());
+        match self.lwt(self.session.execute_unpaged(&self.st.confirm_update, (ttl_s, key))).await? {
+            Some(true) => Ok(()),
+            // Gone (expired or released): write it confirmed.
+            Some(false) => {
+                let values = (key, micros(Utc::now()), ttl_s);
+                match self.lwt(self.session.execute_unpaged(&self.st.confirm_insert, values)).await? {
+                    Some(_) => Ok(()),
+                    None => Err(unknown()),
+                }
+            }
+            None => Err(unknown()),
         }
     }
 

@@ -13,8 +13,9 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
-    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
+    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    prefix_end,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -71,7 +72,13 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     replayed_at INTEGER
 );
 
-CREATE TABLE IF NOT EXISTS webhook_claims (key TEXT PRIMARY KEY, expires_at INTEGER NOT NULL);
+-- A claim is 'pending' until its event is durable on the log, then 'done'.
+CREATE TABLE IF NOT EXISTS webhook_claims (
+    key TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'done',
+    claimed_at INTEGER NOT NULL DEFAULT 0
+);
 CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
 
 -- Events that came before their order's created event, in log order per order.
@@ -126,6 +133,13 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     };
     if !has("orders", "source_updated_at")? {
         conn.execute_batch("ALTER TABLE orders ADD COLUMN source_updated_at INTEGER")?;
+    }
+    // Claims of earlier versions were only kept once their event was on the log.
+    if !has("webhook_claims", "state")? {
+        conn.execute_batch(
+            "ALTER TABLE webhook_claims ADD COLUMN state TEXT NOT NULL DEFAULT 'done';
+             ALTER TABLE webhook_claims ADD COLUMN claimed_at INTEGER NOT NULL DEFAULT 0;",
+        )?;
     }
     Ok(())
 }
@@ -611,29 +625,56 @@ impl DeadLetters for EmbeddedStore {
 
 #[async_trait]
 impl WebhookLedger for EmbeddedStore {
-    async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError> {
+    async fn claim_delivery(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+        lease: std::time::Duration,
+    ) -> Result<Claim, StoreError> {
         let key = key.to_string();
-        self.with_writer(move |conn| {
+        self.write_tx(move |tx| {
             let now = micros(Utc::now());
-            // An expired claim no longer counts: drop it, then claim atomically.
-            conn.prepare_cached("DELETE FROM webhook_claims WHERE key = ?1 AND expires_at < ?2")
-                .and_then(|mut s| s.execute(params![key, now]))
-                .map_err(backend)?;
-            let claimed = conn
-                .prepare_cached(
-                    "INSERT INTO webhook_claims (key, expires_at) VALUES (?1, ?2) ON CONFLICT(key) DO NOTHING",
-                )
-                .and_then(|mut s| s.execute(params![key, now + ttl.as_micros() as i64]))
-                .map_err(backend)?;
-            Ok(claimed == 1)
+            let held: Option<(String, i64, i64)> = tx
+                .prepare_cached("SELECT state, claimed_at, expires_at FROM webhook_claims WHERE key = ?1")?
+                .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .optional()?;
+            match held {
+                Some((state, _, expires)) if expires >= now && state == "done" => return Ok(Claim::Done),
+                Some((_, claimed_at, expires)) if expires >= now && claimed_at + lease.as_micros() as i64 > now => {
+                    return Ok(Claim::InFlight);
+                }
+                // Absent, expired, or left unconfirmed past its lease: ours now.
+                _ => {}
+            }
+            tx.prepare_cached(
+                "INSERT INTO webhook_claims (key, expires_at, state, claimed_at) VALUES (?1, ?2, 'pending', ?3)
+                 ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at, state = 'pending',
+                 claimed_at = excluded.claimed_at",
+            )?
+            .execute(params![key, now + ttl.as_micros() as i64, now])?;
+            Ok(Claim::Claimed)
+        })
+        .await
+    }
+
+    async fn confirm_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.write_tx(move |tx| {
+            let now = micros(Utc::now());
+            tx.prepare_cached(
+                "INSERT INTO webhook_claims (key, expires_at, state, claimed_at) VALUES (?1, ?2, 'done', ?3)
+                 ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at, state = 'done'",
+            )?
+            .execute(params![key, now + ttl.as_micros() as i64, now])
+            .map(|_| ())
         })
         .await
     }
 
     async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
         let key = key.to_string();
-        self.with_writer(move |conn| {
-            conn.execute("DELETE FROM webhook_claims WHERE key = ?1", [key]).map(|_| ()).map_err(backend)
+        self.write_tx(move |tx| {
+            tx.execute("DELETE FROM webhook_claims WHERE key = ?1 AND state = 'pending'", [key]).map(|_| ())
         })
         .await
     }

@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::{
-    Audit, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim,
-    RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Status};
 
@@ -27,11 +27,20 @@ struct State {
     /// Event id → the order it was recorded for.
     recorded: HashMap<String, String>,
     letters: Vec<DeadLetter>,
-    claims: HashMap<String, Instant>,
+    claims: HashMap<String, Held>,
     deliveries: Vec<WebhookDelivery>,
     runs: HashMap<String, RunRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
     parked: BTreeMap<(String, i64, String), ParkedEvent>,
+}
+
+/// A webhook claim: until when it counts, when its attempt took it, and whether its
+/// event is durable.
+#[derive(Clone, Copy)]
+struct Held {
+    expires: Instant,
+    claimed_at: Instant,
+    confirmed: bool,
 }
 
 impl MemoryStore {
@@ -230,18 +239,30 @@ impl DeadLetters for MemoryStore {
 
 #[async_trait]
 impl WebhookLedger for MemoryStore {
-    async fn claim_delivery(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+    async fn claim_delivery(&self, key: &str, ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
         let mut state = self.state();
         let now = Instant::now();
-        if state.claims.get(key).is_some_and(|expires| *expires > now) {
-            return Ok(false);
+        match state.claims.get(key) {
+            Some(c) if c.expires > now && c.confirmed => return Ok(Claim::Done),
+            Some(c) if c.expires > now && c.claimed_at + lease > now => return Ok(Claim::InFlight),
+            _ => {}
         }
-        state.claims.insert(key.to_string(), now + ttl);
-        Ok(true)
+        state.claims.insert(key.to_string(), Held { expires: now + ttl, claimed_at: now, confirmed: false });
+        Ok(Claim::Claimed)
+    }
+
+    async fn confirm_delivery(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+        let now = Instant::now();
+        let held = Held { expires: now + ttl, claimed_at: now, confirmed: true };
+        self.state().claims.insert(key.to_string(), held);
+        Ok(())
     }
 
     async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
-        self.state().claims.remove(key);
+        let mut state = self.state();
+        if state.claims.get(key).is_some_and(|c| !c.confirmed) {
+            state.claims.remove(key);
+        }
         Ok(())
     }
 

@@ -319,12 +319,34 @@ pub trait DeadLetters: Send + Sync + 'static {
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
 }
 
-/// Webhook deduplication claims and the delivery audit.
+/// What claiming a webhook deduplication key found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// The key is this attempt's until its lease runs out: put the event on the log,
+    /// then confirm.
+    Claimed,
+    /// A delivery with this key is durably on the log: this one is a duplicate.
+    Done,
+    /// Another attempt holds the key and its lease has not run out: try again later.
+    InFlight,
+}
+
+/// Webhook deduplication claims and the delivery audit. A claim counts as a duplicate
+/// only once it is confirmed (its event is durable); an unconfirmed claim whose lease
+/// ran out (its attempt crashed or failed) is taken over by the next attempt.
 #[async_trait]
 pub trait WebhookLedger: Send + Sync + 'static {
-    /// Claims a webhook deduplication key for `ttl`: false when it is already claimed.
-    async fn claim_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<bool, StoreError>;
-    /// Gives a claim back (the delivery could not be put on the log, so its retry must pass).
+    /// Claims a key, kept for `ttl` once confirmed; an unconfirmed claim older than
+    /// `lease` is taken over.
+    async fn claim_delivery(
+        &self,
+        key: &str,
+        ttl: std::time::Duration,
+        lease: std::time::Duration,
+    ) -> Result<Claim, StoreError>;
+    /// The claimed delivery's event is durable on the log: the key is a duplicate now.
+    async fn confirm_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<(), StoreError>;
+    /// Gives an unconfirmed claim back early (its event did not reach the log).
     async fn release_delivery(&self, key: &str) -> Result<(), StoreError>;
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError>;
     /// The delivery audit, oldest first.
