@@ -287,6 +287,31 @@ pub struct OrderEvent {
 
 /// Longest accepted identifier (event or order id).
 pub const MAX_ID_LEN: usize = 128;
+/// Longest order note, in bytes: a row must always fit one changelog record (Kafka's
+/// default limit is 1 MB), so no change of an order can become unpublishable.
+pub const MAX_NOTE_BYTES: usize = 16 * 1024;
+/// Longest customer (an email or a name), in bytes.
+pub const MAX_CUSTOMER_BYTES: usize = 320;
+
+/// Checks a note against [`MAX_NOTE_BYTES`].
+pub fn check_note(note: &str) -> Result<(), String> {
+    if note.len() > MAX_NOTE_BYTES {
+        return Err(format!("note must be at most {MAX_NOTE_BYTES} bytes, got {}", note.len()));
+    }
+    Ok(())
+}
+
+/// Cuts a note from outside (Shopify) to [`MAX_NOTE_BYTES`], at a character boundary.
+pub fn truncate_note(mut note: String) -> String {
+    if note.len() > MAX_NOTE_BYTES {
+        let mut end = MAX_NOTE_BYTES;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    note
+}
 
 impl OrderEvent {
     /// Checks what serde cannot: identifiers and amounts.
@@ -295,6 +320,12 @@ impl OrderEvent {
         check_id("order_id", &self.order_id)?;
         if self.source.is_empty() || self.source.len() > 64 {
             return Err("source must be 1..=64 characters".into());
+        }
+        if let Some(note) = &self.payload.note {
+            check_note(note)?;
+        }
+        if let Some(customer) = self.payload.customer.as_ref().filter(|c| c.len() > MAX_CUSTOMER_BYTES) {
+            return Err(format!("customer must be at most {MAX_CUSTOMER_BYTES} bytes, got {}", customer.len()));
         }
         if let Some(currency) = &self.payload.currency
             && (currency.len() != 3 || !currency.chars().all(|c| c.is_ascii_uppercase()))

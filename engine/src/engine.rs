@@ -338,6 +338,9 @@ impl Engine {
         {
             return Err(EditError::Invalid(format!("shipping_fee_cents must not be negative, got {fee}")));
         }
+        if let Some(note) = &edit.note {
+            crate::domain::check_note(note).map_err(EditError::Invalid)?;
+        }
         let current = self.stores.orders.get(id).await?.ok_or(EditError::NotFound)?;
         if current.version != expected {
             return Err(EditError::Stale { expected, current: Box::new(current) });
@@ -368,6 +371,11 @@ impl Engine {
             Some(WriteResult::Done) => {
                 metrics::counter!(telemetry::APPLIED, "priority" => row.priority.label()).increment(1);
                 self.changes.publish(row.clone());
+                // The edit is committed either way; other instances' clients see it once
+                // the changelog has it, or at their next resync.
+                if let Err(e) = self.changes.flush().await {
+                    tracing::warn!(error = %e, order = %row.id, "relaying an edit failed");
+                }
                 Ok(row)
             }
             Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: Box::new(now) }),

@@ -621,12 +621,13 @@ impl Pipeline {
                             let letter = error_type.map(|t| {
                                 self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id()))
                             });
-                            if let Some(l) = &letter {
+                            let record = self.record(&p.event, outcome, reason, resolver.id(), letter.clone());
+                            // Relayed only once the store holds it.
+                            if let Some(WriteResult::Done) = self.store.write(vec![record]).await?.pop().map(|(_, r)| r)
+                                && let Some(l) = &letter
+                            {
                                 self.changes.dead_letter(l);
                             }
-                            self.store
-                                .write(vec![self.record(&p.event, outcome, reason, resolver.id(), letter)])
-                                .await?;
                             self.counted(outcome, priority);
                             return Ok(());
                         }
@@ -663,8 +664,10 @@ impl Pipeline {
         telemetry::error("conflict_retries_exhausted", "store");
         let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
         let letter = self.dead_letter_for_event(&p.event, "store", "conflict_retries_exhausted", &reason, None);
-        self.changes.dead_letter(&letter);
-        self.store.write(vec![self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter))]).await?;
+        let record = self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter.clone()));
+        if let Some(WriteResult::Done) = self.store.write(vec![record]).await?.pop().map(|(_, r)| r) {
+            self.changes.dead_letter(&letter);
+        }
         self.counted(Outcome::Rejected, priority);
         Ok(())
     }

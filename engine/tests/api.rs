@@ -53,6 +53,15 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["detail"]["limit_bytes"], 65536, "{body}");
 
+    // A note over the limit: every row must fit one changelog record, so it is refused
+    // at the edge instead of blocking its order later.
+    let mut e = created("o-note", "e-note", "GOLD", 100);
+    e["payload"]["note"] = json!("n".repeat(20_000));
+    let r = s.post_events(&e).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("note must be at most 16384 bytes, got 20000"), "{body}");
+
     // An empty array.
     assert_eq!(s.post_events(&json!([])).await.status(), 400);
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use std::time::Instant;
 
-use common::{Server, created, distributed, service};
+use common::{Server, created, distributed, service, updated};
 use orchestrator::shopify::signature::sign;
 use serde_json::Value;
 
@@ -47,6 +47,12 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
     let good = created("kcat-1", "kcat-1-created", "DIAMOND", 4_200).to_string();
     kcat(&["-b", &brokers, "-P", "-t", &vip, "-k", "kcat-1"], &good);
     kcat(&["-b", &brokers, "-P", "-t", &normal, "-k", "kcat-2"], "{\"event_id\": \"oops\", not json");
+    // A 200 KB note from outside the API: dead-lettered with the reason, and the order's
+    // next event still applies (it used to block the order's changelog forever).
+    let huge = updated("kcat-1", "kcat-1-huge", serde_json::json!({"note": "n".repeat(200_000)}));
+    let next = updated("kcat-1", "kcat-1-after", serde_json::json!({"note": "after"})).to_string();
+    kcat(&["-b", &brokers, "-P", "-t", &vip, "-k", "kcat-1"], &huge.to_string());
+    kcat(&["-b", &brokers, "-P", "-t", &vip, "-k", "kcat-1"], &next);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -69,6 +75,13 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
     assert_eq!((letter["stage"].as_str(), letter["error_type"].as_str()), (Some("decode"), Some("malformed")));
     assert!(letter["reason"].as_str().unwrap().contains("key must be a string"), "{letter}");
     assert!(letter["payload"].as_str().unwrap().contains("not json"));
+    while s.get_json("/orders/kcat-1").await.1["note"] != "after" {
+        assert!(Instant::now() < deadline, "the event after the oversized one never applied");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, page) = s.get_json("/dead-letters").await;
+    let huge = page["items"].as_array().unwrap().iter().find(|l| l["order_id"] == "kcat-1").expect("a letter");
+    assert!(huge["reason"].as_str().unwrap().contains("note must be at most 16384 bytes"), "{huge}");
 
     let on_topic =
         kcat(&["-b", &brokers, "-C", "-t", &format!("{prefix}.dlq"), "-o", "beginning", "-e", "-q", "-K", "|"], "");

@@ -133,6 +133,7 @@ impl KafkaLog {
             topic: self.config.changes_topic.clone(),
             dlq_topic: self.config.dlq_topic.clone(),
             pending: Mutex::default(),
+            failed: Mutex::default(),
         })
     }
 
@@ -208,6 +209,19 @@ pub struct KafkaChangelog {
     topic: String,
     dlq_topic: String,
     pending: Mutex<Vec<rdkafka::producer::DeliveryFuture>>,
+    /// A record that could not even be queued for a reason that may pass: the next
+    /// `flush` fails, so the batch is not committed and comes again.
+    failed: Mutex<Option<String>>,
+}
+
+/// Errors the same record always gets again: it can never be published, so retrying
+/// would stall its partition forever. Anything else (a broker away, a timeout) may pass.
+fn never_publishable(e: &rdkafka::error::KafkaError) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(MessageSizeTooLarge | InvalidMessageSize | InvalidMessage | InvalidRecord | BadMessage)
+    )
 }
 
 impl KafkaChangelog {
@@ -223,13 +237,25 @@ impl KafkaChangelog {
                 Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     std::thread::sleep(Duration::from_millis(1))
                 }
+                Err((e, _)) if never_publishable(&e) => {
+                    unpublishable(&e, topic, key);
+                    return;
+                }
                 Err((e, _)) => {
-                    tracing::warn!(error = %e, topic, key, "could not queue a record");
+                    let why = format!("queueing a record for {topic}: {e}");
+                    *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     return;
                 }
             }
         }
     }
+}
+
+/// The store holds the change; only its relay is lost. Said loudly and counted, and the
+/// pipeline goes on (the other instances' clients see the row at their next resync).
+fn unpublishable(e: &rdkafka::error::KafkaError, topic: &str, key: &str) {
+    crate::telemetry::error("unpublishable", "publish");
+    tracing::error!(error = %e, topic, key, "a record can never be published; skipped");
 }
 
 #[async_trait]
@@ -245,14 +271,20 @@ impl ChangeRelay for KafkaChangelog {
 
     async fn flush(&self) -> Result<(), String> {
         let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut failure = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Every acknowledgement is awaited, so none is left behind for the next batch.
         for delivery in pending {
             match delivery.await {
                 Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(e.to_string()),
-                Err(_) => return Err("the producer dropped a change".into()),
+                Ok(Err((e, record))) if never_publishable(&e) => {
+                    let key = record.key().map(String::from_utf8_lossy).unwrap_or_default();
+                    unpublishable(&e, record.topic(), &key);
+                }
+                Ok(Err((e, _))) => failure = failure.or(Some(e.to_string())),
+                Err(_) => failure = failure.or(Some("the producer dropped a change".into())),
             }
         }
-        Ok(())
+        failure.map_or(Ok(()), Err)
     }
 }
 

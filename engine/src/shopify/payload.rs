@@ -154,7 +154,9 @@ pub fn to_event(kind: EventKind, body: &[u8], delivery_id: &str) -> Result<Order
             fulfillment_status,
             total_cents,
             currency: order.total_price.as_ref().map(|_| currency),
-            note: order.note.filter(|n| !n.is_empty()),
+            // Shopify's notes may be longer than ours: the rest is cut, never refused
+            // (a refusal would make Shopify retry the delivery for two days).
+            note: order.note.filter(|n| !n.is_empty()).map(crate::domain::truncate_note),
             ..Default::default()
         },
     })
