@@ -188,8 +188,8 @@ fn plugins_view(app: App) -> View {
             .into_iter()
             .map(|(slot, r)| {
                 let text = format!(
-                    "{slot} shadow v{}: {} compared, {} agree, {} differ",
-                    r["version"], r["compared"], r["agreed"], r["differed"]
+                    "{slot} shadow v{}: {} compared, {} agree, {} differ, {} skipped (candidate behind)",
+                    r["version"], r["compared"], r["agreed"], r["differed"], r["skipped"]
                 );
                 let samples: Vec<View> = r["samples"]
                     .as_array()

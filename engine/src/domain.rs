@@ -352,7 +352,7 @@ impl OrderEvent {
     }
 }
 
-fn check_id(name: &str, value: &str) -> Result<(), String> {
+pub fn check_id(name: &str, value: &str) -> Result<(), String> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
         return Err(format!("{name} must be 1..={MAX_ID_LEN} characters"));
     }

@@ -428,10 +428,10 @@ impl Pipeline {
         let mut decisions = rules.decide_batch(&inputs).into_iter();
         self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
         if let Some(shadow) = &shadow {
-            let candidate = shadow.rules.decide_batch(&inputs);
-            for ((e, _), (active, cand)) in inputs.iter().zip(decisions.as_slice().iter().zip(&candidate)) {
-                shadow.compare(e, active, cand);
-            }
+            // Off the hot path: the candidate decides on its own thread, or not at all.
+            let batch =
+                inputs.iter().zip(decisions.as_slice()).map(|((e, o), d)| ((*e).clone(), o.cloned(), d.clone()));
+            shadow.offer(batch.collect());
         }
 
         let mut writes = Vec::with_capacity(items.len());
@@ -467,7 +467,7 @@ impl Pipeline {
                     writes.push(Write::Record {
                         event_id: record_id(d),
                         source: "log".into(),
-                        order_id: d.key.clone(),
+                        order_id: record_owner(d),
                         outcome: Outcome::Rejected,
                         reason: reason.clone(),
                         decided_by: "decoder".into(),
@@ -760,7 +760,7 @@ impl Pipeline {
     ) -> DeadLetter {
         DeadLetter {
             id: event.map_or_else(|| record_id(d), |e| e.event_id.clone()),
-            order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(d.key.clone())),
+            order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(record_owner(d))),
             stage: stage.into(),
             error_type: error_type.into(),
             reason: reason.into(),
@@ -796,6 +796,16 @@ impl Pipeline {
 /// Names an undecodable record by its place in the log.
 fn record_id(d: &Delivery) -> String {
     format!("log:{}:{}:{}", d.priority.label(), d.partition, d.offset)
+}
+
+/// The order an undecodable record is filed under: its key when that is a usable order
+/// id, else its own place in the log (a keyless record from an outside producer must
+/// still land somewhere, or it would stall its partition).
+fn record_owner(d: &Delivery) -> String {
+    match crate::domain::check_id("key", &d.key) {
+        Ok(()) => d.key.clone(),
+        Err(_) => record_id(d),
+    }
 }
 
 /// The next version of a row from decided fields.

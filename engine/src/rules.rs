@@ -127,14 +127,33 @@ impl Rulebook {
 
 /// Most differences a shadow run keeps as samples.
 const SHADOW_SAMPLES: usize = 50;
+/// Batches waiting for the shadow worker; beyond this the live path drops them.
+const SHADOW_QUEUE: usize = 64;
+
+/// One live batch for the candidate: each event, the row it was decided against, and the
+/// active rules' decision.
+pub type ShadowBatch = Vec<(OrderEvent, Option<Order>, Result<Decision, RuleError>)>;
 
 /// A candidate rules version deciding live events beside the active one. Its decisions
-/// are only compared, never written.
+/// are only compared, never written. It runs on a thread of its own, fed through a
+/// bounded queue: a slow or looping candidate never delays the live path; batches it
+/// cannot keep up with are dropped and counted.
 pub struct ShadowRun {
     pub rules: Arc<dyn OrderRules>,
     pub version: u64,
+    queue: std::sync::mpsc::SyncSender<ShadowBatch>,
+    tally: Arc<Tally>,
+}
+
+/// What the shadow worker found, shared with the report.
+#[derive(Default)]
+struct Tally {
     agree: AtomicU64,
     differ: AtomicU64,
+    /// Events dropped because the worker was behind.
+    skipped: AtomicU64,
+    /// Events offered and not yet compared or dropped.
+    queued: AtomicU64,
     samples: Mutex<Vec<ShadowDiff>>,
 }
 
@@ -157,6 +176,11 @@ pub struct ShadowReport {
     pub compared: u64,
     pub agreed: u64,
     pub differed: u64,
+    /// Live events the candidate did not see, because it was behind (a slow candidate
+    /// never delays the live path).
+    pub skipped: u64,
+    /// Live events waiting for the candidate right now.
+    pub queued: u64,
     /// Up to 50 differences, the earliest first.
     pub samples: Vec<ShadowDiff>,
 }
@@ -170,17 +194,57 @@ fn outcome_json(r: &Result<Decision, RuleError>) -> serde_json::Value {
 
 impl ShadowRun {
     pub fn new(rules: Arc<dyn OrderRules>, version: u64) -> Arc<Self> {
-        Arc::new(Self {
-            rules,
-            version,
-            agree: AtomicU64::new(0),
-            differ: AtomicU64::new(0),
-            samples: Mutex::new(Vec::new()),
-        })
+        let (queue, batches) = std::sync::mpsc::sync_channel::<ShadowBatch>(SHADOW_QUEUE);
+        let tally = Arc::new(Tally::default());
+        let (worker_rules, worker_tally) = (rules.clone(), tally.clone());
+        // Ends when the run is dropped (its sender with it) and the queue is empty.
+        let spawned = std::thread::Builder::new().name(format!("shadow-v{version}")).spawn(move || {
+            for batch in batches {
+                let inputs: Vec<(&OrderEvent, Option<&Order>)> =
+                    batch.iter().map(|(e, o, _)| (e, o.as_ref())).collect();
+                let candidate = worker_rules.decide_batch(&inputs);
+                for ((event, _, active), cand) in batch.iter().zip(&candidate) {
+                    worker_tally.compare(event, active, cand);
+                }
+                worker_tally.queued.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "no thread for the shadow run; it will skip every batch");
+        }
+        Arc::new(Self { rules, version, queue, tally })
     }
 
+    /// Hands a live batch to the candidate without waiting: when the worker is behind,
+    /// the batch is dropped and counted as skipped.
+    pub fn offer(&self, batch: ShadowBatch) {
+        let n = batch.len() as u64;
+        self.tally.queued.fetch_add(n, Ordering::Relaxed);
+        if self.queue.try_send(batch).is_err() {
+            self.tally.queued.fetch_sub(n, Ordering::Relaxed);
+            self.tally.skipped.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn report(&self) -> ShadowReport {
+        let t = &self.tally;
+        let (agreed, differed) = (t.agree.load(Ordering::Relaxed), t.differ.load(Ordering::Relaxed));
+        ShadowReport {
+            candidate: self.rules.id().to_string(),
+            version: self.version,
+            compared: agreed + differed,
+            agreed,
+            differed,
+            skipped: t.skipped.load(Ordering::Relaxed),
+            queued: t.queued.load(Ordering::Relaxed),
+            samples: t.samples.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+}
+
+impl Tally {
     /// Compares the candidate's decision on `event` with the active one.
-    pub fn compare(
+    fn compare(
         &self,
         event: &OrderEvent,
         active: &Result<Decision, RuleError>,
@@ -199,18 +263,6 @@ impl ShadowRun {
                 active: outcome_json(active),
                 candidate: outcome_json(candidate),
             });
-        }
-    }
-
-    pub fn report(&self) -> ShadowReport {
-        let (agreed, differed) = (self.agree.load(Ordering::Relaxed), self.differ.load(Ordering::Relaxed));
-        ShadowReport {
-            candidate: self.rules.id().to_string(),
-            version: self.version,
-            compared: agreed + differed,
-            agreed,
-            differed,
-            samples: self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 }

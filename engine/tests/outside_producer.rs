@@ -44,6 +44,11 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
     let vip = format!("{prefix}.vip");
     let normal = format!("{prefix}.normal");
 
+    // A keyless, undecodable record on VIP first: it must reach the dead letters, or
+    // NORMAL (which waits for VIP) would never run.
+    kcat(&["-b", &brokers, "-P", "-t", &vip], "poison without a key");
+    let normal_event = created("kcat-3", "kcat-3-created", "SILVER", 100).to_string();
+    kcat(&["-b", &brokers, "-P", "-t", &normal, "-k", "kcat-3"], &normal_event);
     let good = created("kcat-1", "kcat-1-created", "DIAMOND", 4_200).to_string();
     kcat(&["-b", &brokers, "-P", "-t", &vip, "-k", "kcat-1"], &good);
     kcat(&["-b", &brokers, "-P", "-t", &normal, "-k", "kcat-2"], "{\"event_id\": \"oops\", not json");
@@ -79,7 +84,15 @@ async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {
         assert!(Instant::now() < deadline, "the event after the oversized one never applied");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    while s.get_json("/orders/kcat-3").await.0 != 200 {
+        assert!(Instant::now() < deadline, "NORMAL never ran after a keyless poison record on VIP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let (_, page) = s.get_json("/dead-letters").await;
+    let poison = page["items"].as_array().unwrap().iter().find(|l| l["payload"] == "poison without a key");
+    let poison = poison.expect("the keyless record is dead-lettered");
+    assert!(poison["id"].as_str().unwrap().starts_with("log:vip:"), "{poison}");
+    assert_eq!(poison["order_id"], poison["id"], "filed under its place in the log: {poison}");
     let huge = page["items"].as_array().unwrap().iter().find(|l| l["order_id"] == "kcat-1").expect("a letter");
     assert!(huge["reason"].as_str().unwrap().contains("note must be at most 16384 bytes"), "{huge}");
 

@@ -124,6 +124,44 @@ async fn a_memory_hog_is_stopped_by_the_cap() {
     contained("fixture_hog", "memory_limit", "past 16777216 bytes").await;
 }
 
+/// The shadow report once the candidate has caught up with every live event offered.
+async fn settled_shadow_report(s: &Server) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, report) = s.get_json("/plugins/order-rules/shadow-report").await;
+        assert_eq!(status, 200, "{report}");
+        if report["queued"] == 0 {
+            return report;
+        }
+        assert!(Instant::now() < deadline, "the shadow candidate never caught up: {report}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A looping candidate in shadow never delays the live path: every live event is applied
+/// while the candidate is still far behind, and the report accounts for every event.
+#[tokio::test]
+async fn a_looping_shadow_candidate_does_not_slow_live_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    // The candidate loops on every `poison*` order; the active rules decide them at once.
+    assert_eq!(s.deploy("order-rules", plugin("fixture_spin"), true).await.status(), 201);
+    let events: Vec<Value> =
+        (0..300).map(|i| created(&format!("poison-{i}"), &format!("poison-{i}"), "SILVER", 1_000 + i)).collect();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    s.drain(Duration::from_secs(20)).await;
+    assert_eq!(s.health().await["applied"], 300, "the live rules applied every event");
+    let (_, early) = s.get_json("/plugins/order-rules/shadow-report").await;
+    let count = |r: &Value, k: &str| r[k].as_u64().unwrap();
+    assert_eq!(count(&early, "compared") + count(&early, "skipped") + count(&early, "queued"), 300, "{early}");
+    // Each candidate call runs into its deadline: had the live path waited for it, every
+    // event would be compared by now.
+    assert!(count(&early, "compared") < 300, "the live path waited for the candidate: {early}");
+    let done = settled_shadow_report(&s).await;
+    assert_eq!(count(&done, "compared") + count(&done, "skipped"), 300, "{done}");
+    assert_eq!(count(&done, "agreed"), 0, "a candidate that never answers agrees with nothing: {done}");
+}
+
 #[tokio::test]
 async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback() {
     let dir = tempfile::tempdir().unwrap();
@@ -150,9 +188,8 @@ async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback()
     assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
     s.drain(Duration::from_secs(20)).await;
 
-    let (status, report) = s.get_json("/plugins/order-rules/shadow-report").await;
-    assert_eq!(status, 200, "{report}");
-    assert_eq!(report["compared"], 200);
+    let report = settled_shadow_report(&s).await;
+    assert_eq!((report["compared"].as_u64(), report["skipped"].as_u64()), (Some(200), Some(0)), "{report}");
     assert_eq!(report["differed"].as_u64().unwrap() as usize, differing.len(), "{report}");
     assert_eq!(report["agreed"].as_u64().unwrap() as usize, 200 - differing.len());
     let mut sampled: Vec<String> =

@@ -139,8 +139,32 @@ fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
 /// decode, will not.
 fn backend<E: std::error::Error + Send + Sync + 'static>(e: E) -> StoreError {
     let failed = (&e as &dyn std::any::Any).downcast_ref::<ExecutionError>();
-    let transient = failed.is_some_and(|f| !matches!(f, ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_)));
-    if transient { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
+    if failed.is_some_and(may_pass) { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
+}
+
+/// Whether a failed request may succeed if sent again (the cluster was busy, away or
+/// slow), classified by the driver's error types: a request the cluster refuses as
+/// invalid, unauthorized or malformed gets the same answer every time.
+fn may_pass(e: &ExecutionError) -> bool {
+    use scylla::errors::{DbError, RequestAttemptError};
+    match e {
+        ExecutionError::BadQuery(_) | ExecutionError::PrepareError(_) | ExecutionError::UseKeyspaceError(_) => false,
+        ExecutionError::LastAttemptError(attempt) => match attempt {
+            RequestAttemptError::DbError(db, _) => !matches!(
+                db,
+                DbError::SyntaxError
+                    | DbError::Invalid
+                    | DbError::AlreadyExists { .. }
+                    | DbError::FunctionFailure { .. }
+                    | DbError::AuthenticationError
+                    | DbError::Unauthorized
+                    | DbError::ConfigError
+            ),
+            RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => false,
+            _ => true,
+        },
+        _ => true,
+    }
 }
 
 impl CqlStore {
@@ -513,9 +537,10 @@ fn letter_from(r: LetterRow, replayed_at: Option<i64>) -> DeadLetter {
     }
 }
 
+/// Whether a conditional write may or may not have been applied: anything but a refusal
+/// (see [`may_pass`]) is read back, which costs a read where the write surely failed.
 fn is_uncertain(e: &ExecutionError) -> bool {
-    let text = e.to_string().to_ascii_lowercase();
-    ["timeout", "timed out", "unavailable", "overloaded", "broken", "connection"].iter().any(|w| text.contains(w))
+    may_pass(e)
 }
 
 fn strip_comments(s: &str) -> String {
