@@ -220,6 +220,7 @@ impl Backends {
             changes_topic: String::new(),
             dlq_topic: String::new(),
             plugins_topic: String::new(),
+            control_topic: String::new(),
             partitions: self.kafka_partitions,
             replication: self.kafka_replication,
             group: self.kafka_group.clone(),

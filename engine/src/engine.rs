@@ -3,8 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::Utc;
 use schemars::JsonSchema;
@@ -12,6 +11,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
+use crate::cluster::{Cluster, PauseFile, PauseState};
 use crate::domain::{EventKind, Order, OrderEvent, PerPriority, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
@@ -149,6 +149,18 @@ pub struct Engine {
     config: EngineConfig,
     shutdown: watch::Sender<bool>,
     pipeline: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+    /// Where operator pauses are kept: the cluster (Kafka), or a file (embedded).
+    cluster: OnceLock<Arc<dyn Cluster>>,
+    pause_file: OnceLock<PauseFile>,
+}
+
+/// Why an operator's pause or resume was not kept.
+#[derive(Debug, thiserror::Error)]
+pub enum PauseError {
+    #[error("the cluster did not take the switch: {0}")]
+    Cluster(#[source] LogError),
+    #[error("saving the switch in the data dir: {0}")]
+    File(#[source] std::io::Error),
 }
 
 impl Engine {
@@ -172,7 +184,15 @@ impl Engine {
             Backend::Embedded => {
                 let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
                 let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
-                Ok(Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config))
+                let engine = Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config);
+                // Operator pauses outlive the process.
+                let file = PauseFile::new(data_dir);
+                let saved = file.load().map_err(|e| anyhow::anyhow!("reading saved queue pauses: {e}"))?;
+                for p in Priority::ALL {
+                    engine.pauses.set(p, saved[p]);
+                }
+                let _ = engine.pause_file.set(file);
+                Ok(engine)
             }
             Backend::Distributed { kafka, cql } => {
                 let log = crate::log::kafka::KafkaLog::open(kafka).await?;
@@ -185,15 +205,20 @@ impl Engine {
                     tokio::task::spawn_blocking(move || follower.follow_plugins(reg)).await??;
                     registry.set_replicator(publisher);
                 }
-                if !config.follow_changes {
-                    return Ok(Self::new(log, stores, rulebook, plugins, config));
-                }
-                // Changes go round the changelog topic, so every instance's clients see all of them.
-                let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
-                let follower = log.clone();
-                let stream = changes.clone();
-                tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
-                Ok(Self::with_changes(log, stores, rulebook, plugins, config, changes))
+                let engine = if config.follow_changes {
+                    // Changes go round the changelog topic, so every instance's clients see all of them.
+                    let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
+                    let (follower, stream) = (log.clone(), changes.clone());
+                    tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
+                    Self::with_changes(log.clone(), stores, rulebook, plugins, config, changes)
+                } else {
+                    Self::new(log.clone(), stores, rulebook, plugins, config)
+                };
+                // Pauses are cluster-wide: catch up on the control topic before consuming.
+                let (follower, pauses) = (log.clone(), engine.pauses.clone());
+                tokio::task::spawn_blocking(move || follower.follow_control(pauses)).await??;
+                let _ = engine.cluster.set(log.cluster());
+                Ok(engine)
             }
         }
     }
@@ -230,7 +255,25 @@ impl Engine {
             config,
             shutdown: watch::channel(false).0,
             pipeline: Mutex::new(None),
+            cluster: OnceLock::new(),
+            pause_file: OnceLock::new(),
         })
+    }
+
+    /// An operator's pause or resume of a priority. Where instances share a log it goes
+    /// round the cluster, so every instance follows it; on the embedded default it is
+    /// saved in the data dir. Either way it survives restarts.
+    pub async fn set_pause(&self, priority: Priority, paused: bool) -> Result<(), PauseError> {
+        if let Some(cluster) = self.cluster.get() {
+            cluster.publish_pause(PauseState { priority, paused }).await.map_err(PauseError::Cluster)?;
+        } else if let Some(file) = self.pause_file.get() {
+            let mut all = PerPriority::from_fn(|p| self.pauses.operator_paused(p));
+            all[priority] = paused;
+            file.save(all).map_err(PauseError::File)?;
+        }
+        // Now here too; the cluster's copy comes round to this instance as well.
+        self.pauses.set(priority, paused);
+        Ok(())
     }
 
     /// Starts consuming the log on a thread of its own: rule calls are CPU work that

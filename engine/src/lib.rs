@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod engine;

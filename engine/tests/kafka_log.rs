@@ -40,6 +40,7 @@ async fn kafka_log_orders_commits_and_redelivers() {
         changes_topic: format!("{name}.changes"),
         dlq_topic: format!("{name}.dlq"),
         plugins_topic: format!("{name}.plugins"),
+        control_topic: format!("{name}.control"),
         partitions: 3,
         replication: 1,
         group: format!("{name}.engine"),

@@ -149,6 +149,36 @@ async fn an_event_before_its_create_waits_for_it() {
     assert_eq!(s.get_json("/dead-letters").await.1["items"], serde_json::json!([]), "nothing dead-lettered");
 }
 
+/// An operator's pause holds its priority across a restart, and never holds the other
+/// priority back.
+#[tokio::test]
+async fn a_pause_survives_a_restart_and_leaves_the_other_priority_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path()).await;
+    assert_eq!(s.post_authorized("/queues/vip/pause").await.status(), 200);
+    assert_eq!(s.post_events(&created("held-v", "held-v", "DIAMOND", 100)).await.status(), 202);
+    assert_eq!(s.post_events(&created("free-n", "free-n", "BRONZE", 100)).await.status(), 202);
+    applied(&s, "free-n").await;
+    assert_eq!(s.get_json("/orders/held-v").await.0, 404, "VIP is paused");
+
+    s.restart().await;
+    assert_eq!(s.get_json("/queues/vip").await.1["paused"], true, "the pause outlived the restart");
+    assert_eq!(s.post_events(&created("free-n2", "free-n2", "BRONZE", 100)).await.status(), 202);
+    applied(&s, "free-n2").await;
+    assert_eq!(s.get_json("/orders/held-v").await.0, 404, "still paused after the restart");
+    assert_eq!(s.post_authorized("/queues/vip/resume").await.status(), 200);
+    applied(&s, "held-v").await;
+}
+
+/// Waits until the order is stored.
+async fn applied(s: &Server, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while s.get_json(&format!("/orders/{id}")).await.0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "{id} was never applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// With NORMAL being processed, a burst of VIP preempts it, and NORMAL events queued
 /// after the VIP burst start only after every VIP event is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

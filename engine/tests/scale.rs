@@ -104,6 +104,59 @@ async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pause_on_one_instance_holds_every_instance() {
+    if !distributed() {
+        eprintln!("a cluster-wide pause needs two instances on Kafka: it runs in the distributed pass");
+        return;
+    }
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(dir_a.path()).await;
+    let b = Server::start_beside(dir_b.path(), &a).await;
+    // Both instances hold partitions: each has applied some of these.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut round = 0;
+    loop {
+        let warm: Vec<Value> =
+            (0..40).map(|i| created(&format!("warm-{round}-{i}"), &format!("warm-{round}-{i}"), "GOLD", 100)).collect();
+        assert_eq!(a.post_events(&Value::Array(warm)).await.status(), 202);
+        a.drain(Duration::from_secs(60)).await;
+        let applied = |h: Value| h["applied"].as_u64().unwrap_or(0);
+        if applied(a.health().await) > 0 && applied(b.health().await) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the two instances never shared the partitions");
+        round += 1;
+    }
+    assert_eq!(a.post_authorized("/queues/vip/pause").await.status(), 200);
+    // B follows A's switch.
+    while b.get_json("/queues/vip").await.1["paused"] != true {
+        assert!(Instant::now() < deadline, "the pause never reached the other instance");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let vip: Vec<Value> = (0..20).map(|i| created(&format!("pv-{i}"), &format!("pv-{i}"), "DIAMOND", 100)).collect();
+    let normal: Vec<Value> = (0..20).map(|i| created(&format!("pn-{i}"), &format!("pn-{i}"), "SILVER", 100)).collect();
+    assert_eq!(b.post_events(&Value::Array(vip)).await.status(), 202);
+    assert_eq!(b.post_events(&Value::Array(normal)).await.status(), 202);
+    // NORMAL, queued after the VIP events, runs on both instances; VIP waits on both.
+    for i in 0..20 {
+        while a.get_json(&format!("/orders/pn-{i}")).await.0 != 200 {
+            assert!(Instant::now() < deadline, "NORMAL was held back by the paused VIP queue");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    for i in 0..20 {
+        assert_eq!(a.get_json(&format!("/orders/pv-{i}")).await.0, 404, "pv-{i} ran although VIP was paused");
+    }
+    assert_eq!(b.post_authorized("/queues/vip/resume").await.status(), 200);
+    for i in 0..20 {
+        while a.get_json(&format!("/orders/pv-{i}")).await.0 != 200 {
+            assert!(Instant::now() < deadline, "VIP never ran after the resume");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_deploy_on_one_instance_reaches_the_other() {
     if !distributed() {
         eprintln!("plugin replication needs Kafka: it runs in the distributed pass");

@@ -117,11 +117,16 @@ pub struct QueueState {
     held_by_run: bool,
 }
 
-fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<QueueState>, ApiError> {
+async fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<QueueState>, ApiError> {
     let priority = Priority::parse(&name.to_ascii_uppercase())
         .ok_or_else(|| ApiError::not_found(format!("no queue {name:?}; queues are vip and normal")))?;
     if let Some(p) = paused {
-        s.engine.pauses().set(priority, p);
+        s.engine.set_pause(priority, p).await.map_err(|e| {
+            let mut err =
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the pause was not kept; retry", e.to_string());
+            err.retry_after = Some(5);
+            err
+        })?;
     }
     Ok(Json(QueueState {
         priority,
@@ -130,14 +135,15 @@ fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<QueueSta
     }))
 }
 
-/// Stops consuming one priority on this instance; queued events wait on the log.
+/// Stops consuming one priority on every instance, until resumed (restarts included);
+/// queued events wait on the log, and the other priority goes on.
 #[utoipa::path(post, path = "/queues/{priority}/pause", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn pause(
     _: Authorized,
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<QueueState>, ApiError> {
-    queue(&s, &name, Some(true))
+    queue(&s, &name, Some(true)).await
 }
 
 #[utoipa::path(post, path = "/queues/{priority}/resume", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
@@ -146,12 +152,12 @@ pub async fn resume(
     State(s): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<QueueState>, ApiError> {
-    queue(&s, &name, Some(false))
+    queue(&s, &name, Some(false)).await
 }
 
 #[utoipa::path(get, path = "/queues/{priority}", responses((status = 200, body = QueueState), (status = 404, body = ErrorBody)))]
 pub async fn queue_state(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
-    queue(&s, &name, None)
+    queue(&s, &name, None).await
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -18,6 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
+use crate::cluster::{Cluster, PauseState};
 use crate::domain::{Order, PerPriority, Priority};
 use crate::plugin::registry::{Registry, SlotState};
 use crate::stream::{ChangeRelay, ChangeStream};
@@ -34,6 +35,8 @@ pub struct KafkaConfig {
     pub dlq_topic: String,
     /// Plugin deployments (compacted, keyed by slot): how a deploy reaches every instance.
     pub plugins_topic: String,
+    /// Operator switches such as queue pauses (compacted, keyed by switch).
+    pub control_topic: String,
     pub partitions: i32,
     pub replication: i32,
     /// The consumer group the engine instances share.
@@ -41,7 +44,8 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// Names the five topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq` and `.plugins`.
+    /// Names the six topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq`, `.plugins` and
+    /// `.control`.
     pub fn with_topic_prefix(self, prefix: &str) -> Self {
         Self {
             vip_topic: format!("{prefix}.vip"),
@@ -49,6 +53,7 @@ impl KafkaConfig {
             changes_topic: format!("{prefix}.changes"),
             dlq_topic: format!("{prefix}.dlq"),
             plugins_topic: format!("{prefix}.plugins"),
+            control_topic: format!("{prefix}.control"),
             ..self
         }
     }
@@ -93,11 +98,13 @@ impl KafkaLog {
             [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
                 .into_iter()
                 .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
-                .chain(std::iter::once(
+                .chain([
                     NewTopic::new(&config.plugins_topic, 1, TopicReplication::Fixed(config.replication))
                         .set("cleanup.policy", "compact")
                         .set("max.message.bytes", PLUGIN_RECORD_MAX),
-                ))
+                    NewTopic::new(&config.control_topic, 1, TopicReplication::Fixed(config.replication))
+                        .set("cleanup.policy", "compact"),
+                ])
                 .collect();
         let opts = AdminOptions::new()
             .operation_timeout(Some(Duration::from_secs(10)))
@@ -307,18 +314,8 @@ impl KafkaLog {
     /// Applies every deployment on the plugins topic to `registry`: first all that are
     /// there (before the engine starts consuming orders), then new ones as they come.
     pub fn follow_plugins(&self, registry: Arc<Registry>) -> Result<(), LogError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", format!("{}.plugins.{}", self.config.group, uuid::Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
-            .create()
-            .map_err(backend)?;
-        consumer.subscribe(&[&self.config.plugins_topic]).map_err(backend)?;
         let runtime = tokio::runtime::Handle::current();
-        let apply = move |payload: Option<&[u8]>| match serde_json::from_slice::<SlotState>(payload.unwrap_or_default())
-        {
+        let apply = move |payload: &[u8]| match serde_json::from_slice::<SlotState>(payload) {
             Ok(state) => {
                 let slot = state.slot;
                 if let Err(e) = runtime.block_on(registry.apply(state)) {
@@ -327,34 +324,87 @@ impl KafkaLog {
             }
             Err(e) => tracing::warn!(error = %e, "unreadable record on the plugins topic"),
         };
-        // Catch up: until assigned, then until the topic is quiet for a moment.
+        self.follow_compacted(&self.config.plugins_topic, "plugins", apply)
+    }
+
+    /// Applies every operator switch on the control topic to `pauses`: those there now
+    /// (so a restarted instance starts paused if the cluster is), then new ones.
+    pub fn follow_control(&self, pauses: Arc<crate::pipeline::Pauses>) -> Result<(), LogError> {
+        let apply = move |payload: &[u8]| match serde_json::from_slice::<PauseState>(payload) {
+            Ok(state) => pauses.set(state.priority, state.paused),
+            Err(e) => tracing::warn!(error = %e, "unreadable record on the control topic"),
+        };
+        self.follow_compacted(&self.config.control_topic, "control", apply)
+    }
+
+    /// Reads a compacted topic from its start into `apply`: until caught up (assigned,
+    /// then quiet for a moment, within 30 s), then on a thread of its own as records come.
+    fn follow_compacted(
+        &self,
+        topic: &str,
+        name: &str,
+        mut apply: impl FnMut(&[u8]) + Send + 'static,
+    ) -> Result<(), LogError> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.brokers)
+            .set("group.id", format!("{}.{name}.{}", self.config.group, uuid::Uuid::new_v4().simple()))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
+            .create()
+            .map_err(backend)?;
+        consumer.subscribe(&[topic]).map_err(backend)?;
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let mut quiet = 0;
         while quiet < 5 {
             if std::time::Instant::now() > deadline {
-                return Err(LogError::Backend("the plugins topic did not catch up in 30 s".into()));
+                return Err(LogError::Backend(format!("the {name} topic did not catch up in 30 s")));
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    apply(m.payload());
+                    apply(m.payload().unwrap_or_default());
                     quiet = 0;
                 }
                 _ if consumer.assignment().map(|a| a.count()).unwrap_or(0) > 0 => quiet += 1,
                 _ => {}
             }
         }
+        let name = name.to_string();
         std::thread::Builder::new()
-            .name("kafka-plugins".into())
+            .name(format!("kafka-{name}"))
             .spawn(move || {
                 loop {
                     match consumer.poll(Duration::from_millis(200)) {
-                        Some(Ok(m)) => apply(m.payload()),
-                        Some(Err(e)) => tracing::warn!(error = %e, "plugins consumer"),
+                        Some(Ok(m)) => apply(m.payload().unwrap_or_default()),
+                        Some(Err(e)) => tracing::warn!(error = %e, topic = %name, "compacted topic consumer"),
                         None => {}
                     }
                 }
             })
             .map_err(backend)?;
+        Ok(())
+    }
+
+    /// The cluster port on this log: operator switches on the control topic.
+    pub fn cluster(&self) -> Arc<dyn Cluster> {
+        Arc::new(KafkaCluster { producer: self.producer.clone(), topic: self.config.control_topic.clone() })
+    }
+}
+
+/// Operator switches on a compacted topic, keyed by switch, so the latest of each is
+/// what a restarted instance reads back.
+struct KafkaCluster {
+    producer: FutureProducer,
+    topic: String,
+}
+
+#[async_trait]
+impl Cluster for KafkaCluster {
+    async fn publish_pause(&self, state: PauseState) -> Result<(), LogError> {
+        let key = format!("pause:{}", state.priority.label());
+        let payload = serde_json::to_vec(&state).expect("a pause state always serializes");
+        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| backend(e))?;
         Ok(())
     }
 }
