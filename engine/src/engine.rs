@@ -19,8 +19,8 @@ use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::rules::Rulebook;
 use crate::store::{
-    self, DeadLetter, HistoryEntry, ListQuery, Page, ReplayClaim, StoreError, Stores, WebhookLedger, Write,
-    WriteResult, embedded::EmbeddedStore,
+    self, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
+    embedded::EmbeddedStore,
 };
 use crate::stream::ChangeStream;
 use crate::telemetry;
@@ -430,26 +430,24 @@ impl Engine {
     }
 
     /// Sends a dead-lettered event through the pipeline again, as a new event
-    /// (`<event_id>#replay-<ms>`) so the original rejection stays in the history.
+    /// (`<event_id>#replay`), so the original rejection stays in the history. The event
+    /// goes on the log first and the letter is marked after: a replay that fails or
+    /// crashes in between can be sent again, and its fixed id makes the second copy a
+    /// duplicate. Once marked, a letter is not replayed again.
     pub async fn replay(&self, id: &str) -> Result<OrderEvent, ReplayError> {
-        let letter = match self.stores.dead_letters.claim_replay(id, false).await? {
-            ReplayClaim::NotFound => return Err(ReplayError::NotFound),
-            ReplayClaim::AlreadyReplayed(l) => return Err(ReplayError::AlreadyReplayed(l.replayed_at)),
-            ReplayClaim::Claimed(l) => l,
-        };
-        let result = async {
-            let mut event: OrderEvent = serde_json::from_str(&letter.payload).map_err(|e| {
-                ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again"))
-            })?;
-            event.event_id = format!("{}#replay-{}", event.event_id, Utc::now().timestamp_millis());
-            self.ingest(std::slice::from_ref(&event)).await?;
-            Ok(event)
+        let letter = self.stores.dead_letters.dead_letter(id).await?.ok_or(ReplayError::NotFound)?;
+        if letter.replayed_at.is_some() {
+            return Err(ReplayError::AlreadyReplayed(letter.replayed_at));
         }
-        .await;
-        if result.is_err() {
-            self.stores.dead_letters.claim_replay(id, true).await?;
-        }
-        result
+        let mut event: OrderEvent = serde_json::from_str(&letter.payload).map_err(|e| {
+            ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again"))
+        })?;
+        event.event_id = format!("{}#replay", event.event_id);
+        self.ingest(std::slice::from_ref(&event)).await?;
+        // A concurrent replay of the same letter marked it first: the same event went on
+        // the log twice, and the ledger applies it once.
+        self.stores.dead_letters.claim_replay(id, false).await?;
+        Ok(event)
     }
 
     pub fn backend(&self) -> String {

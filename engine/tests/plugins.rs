@@ -270,7 +270,7 @@ async fn dead_letters_can_be_replayed_once() {
     let r = s.post_authorized("/dead-letters/early/replay").await;
     assert_eq!(r.status(), 202);
     let replayed = r.json::<Value>().await.unwrap()["event_id"].as_str().unwrap().to_string();
-    assert!(replayed.starts_with("early#replay-"));
+    assert_eq!(replayed, "early#replay");
     s.drain(Duration::from_secs(10)).await;
     let row = s.get_json("/orders/late-order").await.1;
     assert_eq!((row["note"].as_str(), row["version"].as_u64()), (Some("hello"), Some(2)));
@@ -387,4 +387,49 @@ async fn hot_swap_under_load_loses_and_duplicates_nothing() {
         }
     }
     assert_eq!(runs, ["order-rules@1", "order-rules@2", "order-rules@1", "order-rules@3"]);
+}
+
+/// A replay whose event never reached the log (the log refused it) is not lost: the
+/// letter is marked only once the event is on the log, so the operator can send it
+/// again, and it applies once.
+#[tokio::test]
+async fn a_failed_replay_can_be_sent_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let bad = created("rp-1", "rp-1", "GOLD", -5);
+    assert_eq!(s.post_events(&bad).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(dead_letters(&s).await[0]["id"], "rp-1");
+    // The log refuses appends, and the store refuses to un-mark a letter: what a full
+    // disk, or a crash between marking and appending, leaves behind.
+    let open = |file: &str| {
+        let c = rusqlite::Connection::open(dir.path().join(file)).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        c
+    };
+    open("log.sqlite")
+        .execute_batch(
+            "CREATE TRIGGER refuse_vip BEFORE INSERT ON records_vip BEGIN SELECT RAISE(ABORT, 'injected'); END;
+             CREATE TRIGGER refuse_normal BEFORE INSERT ON records_normal BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .unwrap();
+    open("store.sqlite")
+        .execute_batch(
+            "CREATE TRIGGER refuse_unmark BEFORE UPDATE ON dead_letters WHEN NEW.replayed_at IS NULL
+             BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .unwrap();
+    let r = s.post_authorized("/dead-letters/rp-1/replay").await;
+    assert!(r.status().is_server_error(), "the log refused the replay: {}", r.status());
+    open("log.sqlite").execute_batch("DROP TRIGGER refuse_vip; DROP TRIGGER refuse_normal;").unwrap();
+    open("store.sqlite").execute_batch("DROP TRIGGER refuse_unmark;").unwrap();
+
+    let r = s.post_authorized("/dead-letters/rp-1/replay").await;
+    assert_eq!(r.status(), 202, "the failed replay is not counted as done");
+    assert_eq!(s.post_authorized("/dead-letters/rp-1/replay").await.status(), 409, "once it went through, only once");
+    s.drain(Duration::from_secs(10)).await;
+    let h = history(&s, "rp-1").await;
+    let ids: Vec<&str> = h.iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    // (Still a negative total: the replay is rejected again, and decided once.)
+    assert_eq!(ids, ["rp-1", "rp-1#replay"], "the replay was decided exactly once");
 }

@@ -250,6 +250,40 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
         "claimable again after undo"
     );
     assert_eq!(s.claim_replay(&e("none"), false).await.unwrap(), ReplayClaim::NotFound);
+    assert_eq!(s.dead_letter(&e("none")).await.unwrap(), None);
+    assert_eq!(s.dead_letter(&e("7")).await.unwrap().map(|d| d.reason), Some("negative total".into()));
+
+    // A rejection of an event the ledger already holds as applied (a redelivery decided
+    // differently) is a duplicate, and leaves no letter: replaying one would apply the
+    // event twice.
+    let applied = apply(&e("dl8"), None, row(&format!("{prefix}-dl2"), 1, "applied"));
+    assert_eq!(one(s, applied).await, WriteResult::Done);
+    let phantom = DeadLetter { id: e("dl8"), order_id: Some(format!("{prefix}-dl2")), ..letter_template(&e("dl8")) };
+    let late_reject = Write::Record {
+        event_id: e("dl8"),
+        source: "test".into(),
+        order_id: format!("{prefix}-dl2"),
+        outcome: Outcome::Rejected,
+        reason: "decided differently".into(),
+        decided_by: "rules@2".into(),
+        dead_letter: Some(phantom),
+    };
+    assert_eq!(one(s, late_reject).await, WriteResult::Duplicate);
+    assert_eq!(s.dead_letter(&e("dl8")).await.unwrap(), None, "no letter for an applied event");
+}
+
+fn letter_template(id: &str) -> DeadLetter {
+    DeadLetter {
+        id: id.into(),
+        order_id: None,
+        stage: "rules".into(),
+        error_type: "rejected".into(),
+        reason: "decided differently".into(),
+        decided_by: Some("rules@2".into()),
+        payload: "{}".into(),
+        recorded_at: Utc::now(),
+        replayed_at: None,
+    }
 }
 
 /// `WebhookLedger`: one claim per key, released keys claimable again, the audit.

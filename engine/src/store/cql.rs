@@ -99,6 +99,8 @@ struct Statements {
     get: PreparedStatement,
     get_serial: PreparedStatement,
     event_serial: PreparedStatement,
+    outcome_serial: PreparedStatement,
+    letter_seq_serial: PreparedStatement,
     insert_row: PreparedStatement,
     update_row: PreparedStatement,
     insert_entry: PreparedStatement,
@@ -211,6 +213,12 @@ impl CqlStore {
         let mut event_serial =
             prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
         event_serial.set_consistency(Consistency::Serial);
+        let mut outcome_serial =
+            prepare(format!("SELECT h_outcome FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
+        outcome_serial.set_consistency(Consistency::Serial);
+        let mut letter_seq_serial =
+            prepare(format!("SELECT seq FROM {ks}.dead_letter_ids WHERE id = ?"), false).await?;
+        letter_seq_serial.set_consistency(Consistency::Serial);
         let mut claim_read =
             prepare(format!("SELECT state, claimed_at FROM {ks}.delivery_claims WHERE key = ?"), false).await?;
         claim_read.set_consistency(Consistency::Serial);
@@ -220,6 +228,8 @@ impl CqlStore {
             get: prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?,
             get_serial,
             event_serial,
+            outcome_serial,
+            letter_seq_serial,
             insert_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = null"), true)
                 .await?,
             update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = ?"), true).await?,
@@ -438,14 +448,24 @@ impl CqlStore {
                     }
                 }
                 Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
-                    // The dead letter first: if we crash before the ledger entry, the
-                    // redelivered event finds it already there (it is keyed by id).
-                    if let Some(letter) = dead_letter {
-                        self.put_dead_letter(letter).await?;
-                    }
+                    // The ledger entry first, then the letter: a letter never exists for
+                    // an event the ledger holds as applied (a replay would apply it twice).
+                    // A crash between the two is repaired by the redelivery (below).
                     let version = self.get_with(order_id, false).await?.map_or(0, |o| o.version as i64);
                     let entry = (order_id, event_id, version, outcome.as_str(), Some(reason), source, decided_by, now);
-                    self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?
+                    let applied = self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?;
+                    if let Some(letter) = dead_letter {
+                        let recorded = match applied {
+                            Some(true) => Some(*outcome),
+                            _ => self.recorded_outcome(order_id, event_id).await?,
+                        };
+                        // Ours, or an earlier attempt's rejection whose letter a crash may
+                        // have kept from being written: the letter is idempotent by id.
+                        if recorded == Some(Outcome::Rejected) {
+                            self.put_dead_letter(letter).await?;
+                        }
+                    }
+                    applied
                 }
             };
             let order_id = match w {
@@ -477,7 +497,7 @@ impl CqlStore {
         Err(StoreError::Unavailable(why.into()))
     }
 
-    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+    async fn letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         let claim = self
             .session
             .execute_unpaged(&self.st.letter_by_id, (id,))
@@ -500,23 +520,44 @@ impl CqlStore {
         Ok(rows.maybe_first_row::<LetterRow>().map_err(backend)?.map(|r| letter_from(r, replayed_at)))
     }
 
+    /// Writes a dead letter once per id, whatever earlier attempts did: the id claims a
+    /// place in arrival order, and the letter is (re)written at the place the id holds,
+    /// so a claim whose outcome was unknown, or whose letter a crash kept from being
+    /// written, still ends with exactly one letter.
     async fn put_dead_letter(&self, d: &DeadLetter) -> Result<(), StoreError> {
-        let seq = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 1]));
-        if self.lwt(self.session.execute_unpaged(&self.st.letter_claim_id, (&d.id, seq))).await? == Some(true) {
-            let values = (
-                seq,
-                &d.id,
-                &d.order_id,
-                &d.stage,
-                &d.error_type,
-                &d.reason,
-                &d.decided_by,
-                &d.payload,
-                micros(d.recorded_at),
-            );
-            self.session.execute_unpaged(&self.st.letter_insert, values).await.map_err(backend)?;
-        }
+        let mine = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 1]));
+        let claimed = self.lwt(self.session.execute_unpaged(&self.st.letter_claim_id, (&d.id, mine))).await?;
+        let seq = if claimed == Some(true) {
+            mine
+        } else {
+            let rows = self.session.execute_unpaged(&self.st.letter_seq_serial, (&d.id,)).await.map_err(backend)?;
+            let held = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<CqlTimeuuid>,)>();
+            match held.map_err(backend)? {
+                Some((Some(seq),)) => seq,
+                _ => return Err(StoreError::Unavailable(format!("dead letter {}: its place is unknown", d.id).into())),
+            }
+        };
+        let values = (
+            seq,
+            &d.id,
+            &d.order_id,
+            &d.stage,
+            &d.error_type,
+            &d.reason,
+            &d.decided_by,
+            &d.payload,
+            micros(d.recorded_at),
+        );
+        self.session.execute_unpaged(&self.st.letter_insert, values).await.map_err(backend)?;
         Ok(())
+    }
+
+    /// The outcome the ledger holds for an event, read at SERIAL.
+    async fn recorded_outcome(&self, order_id: &str, event_id: &str) -> Result<Option<Outcome>, StoreError> {
+        let rows =
+            self.session.execute_unpaged(&self.st.outcome_serial, (order_id, event_id)).await.map_err(backend)?;
+        let row = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<String>,)>();
+        Ok(row.map_err(backend)?.and_then(|(o,)| o.as_deref().and_then(Outcome::parse)))
     }
 }
 
@@ -795,13 +836,17 @@ impl DeadLetters for CqlStore {
         Ok(Page { items, next_cursor })
     }
 
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        self.letter_by_id(id).await
+    }
+
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
         let applied = if undo {
             self.lwt(self.session.execute_unpaged(&self.st.replay_undo, (id,))).await?
         } else {
             self.lwt(self.session.execute_unpaged(&self.st.replay_claim, (micros(Utc::now()), id))).await?
         };
-        let Some(letter) = self.dead_letter(id).await? else { return Ok(ReplayClaim::NotFound) };
+        let Some(letter) = self.letter_by_id(id).await? else { return Ok(ReplayClaim::NotFound) };
         Ok(match applied {
             Some(true) => ReplayClaim::Claimed(letter),
             _ => ReplayClaim::AlreadyReplayed(letter),

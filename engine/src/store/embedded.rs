@@ -596,6 +596,17 @@ impl DeadLetters for EmbeddedStore {
         .await
     }
 
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached(&format!("SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters WHERE id = ?1"))
+                .and_then(|mut s| s.query_row([&id], dead_letter_from_row).optional())
+                .map(|r| r.map(|r| r.1))
+                .map_err(backend)
+        })
+        .await
+    }
+
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
         let id = id.to_string();
         self.with_writer(move |conn| {

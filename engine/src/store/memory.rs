@@ -220,6 +220,10 @@ impl DeadLetters for MemoryStore {
         page(&self.state().letters, limit, cursor)
     }
 
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
+        Ok(self.state().letters.iter().find(|l| l.id == id).cloned())
+    }
+
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
         let mut state = self.state();
         let Some(letter) = state.letters.iter_mut().find(|l| l.id == id) else { return Ok(ReplayClaim::NotFound) };

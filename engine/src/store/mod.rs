@@ -315,6 +315,8 @@ pub trait Parking: Send + Sync + 'static {
 #[async_trait]
 pub trait DeadLetters: Send + Sync + 'static {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError>;
+    /// One dead letter by id, with its replay mark.
+    async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
 }
