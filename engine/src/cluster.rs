@@ -26,7 +26,7 @@ pub trait Cluster: Send + Sync {
 }
 
 /// The embedded default's pauses: `pauses.json` in the data dir, private to the
-/// engine's user, written whole and renamed into place.
+/// engine's user, written whole, synced and renamed into place. Callers serialise saves.
 pub struct PauseFile(PathBuf);
 
 impl PauseFile {
@@ -54,12 +54,22 @@ impl PauseFile {
         let states: Vec<PauseState> =
             Priority::ALL.into_iter().map(|priority| PauseState { priority, paused: paused[priority] }).collect();
         let tmp = self.0.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&states).expect("pause states always serialize"))?;
-        #[cfg(unix)]
         {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+            use std::io::Write as _;
+            let mut file = std::fs::File::create(&tmp)?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            file.write_all(&serde_json::to_vec(&states).expect("pause states always serialize"))?;
+            file.sync_all()?;
         }
-        std::fs::rename(&tmp, &self.0)
+        std::fs::rename(&tmp, &self.0)?;
+        // The rename itself is durable only once the directory is.
+        if let Some(dir) = self.0.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }

@@ -152,6 +152,8 @@ pub struct Engine {
     /// Where operator pauses are kept: the cluster (Kafka), or a file (embedded).
     cluster: OnceLock<Arc<dyn Cluster>>,
     pause_file: OnceLock<PauseFile>,
+    /// One pause change at a time, so none is saved from a stale copy.
+    pausing: tokio::sync::Mutex<()>,
 }
 
 /// Why an operator's pause or resume was not kept.
@@ -187,9 +189,14 @@ impl Engine {
                 let engine = Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config);
                 // Operator pauses outlive the process.
                 let file = PauseFile::new(data_dir);
-                let saved = file.load().map_err(|e| anyhow::anyhow!("reading saved queue pauses: {e}"))?;
-                for p in Priority::ALL {
-                    engine.pauses.set(p, saved[p]);
+                match file.load() {
+                    Ok(saved) => {
+                        for p in Priority::ALL {
+                            engine.pauses.set(p, saved[p]);
+                        }
+                    }
+                    // Starting beats not starting: say so loudly; the operator pauses again.
+                    Err(e) => tracing::error!(error = %e, "saved queue pauses are unreadable; starting unpaused"),
                 }
                 let _ = engine.pause_file.set(file);
                 Ok(engine)
@@ -257,6 +264,7 @@ impl Engine {
             pipeline: Mutex::new(None),
             cluster: OnceLock::new(),
             pause_file: OnceLock::new(),
+            pausing: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -264,6 +272,7 @@ impl Engine {
     /// round the cluster, so every instance follows it; on the embedded default it is
     /// saved in the data dir. Either way it survives restarts.
     pub async fn set_pause(&self, priority: Priority, paused: bool) -> Result<(), PauseError> {
+        let _one_at_a_time = self.pausing.lock().await;
         if let Some(cluster) = self.cluster.get() {
             cluster.publish_pause(PauseState { priority, paused }).await.map_err(PauseError::Cluster)?;
         } else if let Some(file) = self.pause_file.get() {
@@ -413,10 +422,9 @@ impl Engine {
         match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {
             Some(WriteResult::Done) => {
                 metrics::counter!(telemetry::APPLIED, "priority" => row.priority.label()).increment(1);
-                self.changes.publish(row.clone());
                 // The edit is committed either way; other instances' clients see it once
                 // the changelog has it, or at their next resync.
-                if let Err(e) = self.changes.flush().await {
+                if let Err(e) = self.changes.publish_now(row.clone()).await {
                     tracing::warn!(error = %e, order = %row.id, "relaying an edit failed");
                 }
                 Ok(row)

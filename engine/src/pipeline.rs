@@ -320,7 +320,9 @@ impl Pipeline {
             done += n;
             let releasing = items.first().is_some_and(|it| it.parked_since.is_none());
             if releasing && !created.is_empty() && self.maybe_parked.load(Ordering::Relaxed) {
-                let parked = self.parking.parked(created).await?;
+                // A paused priority's parked events wait for the sweep after its resume.
+                let mut parked = self.parking.parked(created).await?;
+                parked.retain(|p| !self.pauses.is_paused(p.priority));
                 if !parked.is_empty() {
                     // Boxed: deciding parked events runs these rounds again (never deeper).
                     Box::pin(self.release(parked)).await?;
@@ -341,7 +343,7 @@ impl Pipeline {
             .map(|p| Delivery {
                 priority: p.priority,
                 partition: 0,
-                offset: 0,
+                offset: p.offset,
                 key: p.order_id.clone(),
                 payload: p.payload.clone().into_bytes(),
                 appended_at_us: p.appended_at_us,
@@ -353,6 +355,8 @@ impl Pipeline {
             .map(|(d, p)| Item { delivery: d, event: decode(d), parked_since: Some(p.parked_at) })
             .collect();
         self.rounds(&items, &|| false).await?;
+        // Their changes are relayed before they are let go: nothing redelivers them.
+        self.changes.flush().await.map_err(|e| anyhow::anyhow!("relaying changes: {e}"))?;
         self.parking.unpark(&parked).await?;
         for p in &parked {
             self.metrics.released[p.priority].increment(1);
@@ -381,7 +385,7 @@ impl Pipeline {
         if due.is_empty() {
             return Ok(());
         }
-        due.sort_by_key(|p| p.appended_at_us);
+        due.sort_by_key(|p| (p.appended_at_us, p.offset));
         self.release(due).await
     }
 
@@ -455,6 +459,7 @@ impl Pipeline {
                     event_id: e.event_id.clone(),
                     priority: d.priority,
                     appended_at_us: d.appended_at_us,
+                    offset: d.offset,
                     parked_at: Utc::now(),
                     payload: String::from_utf8_lossy(&d.payload).into_owned(),
                 });
@@ -539,16 +544,22 @@ impl Pipeline {
         let results = self.store.write(writes).await?;
         for ((write, result), (priority, appended_at_us, pending, event)) in results.into_iter().zip(context) {
             if let Write::Apply { row, expected: None, .. } = &write
-                && result != WriteResult::Conflict(None)
+                && matches!(result, WriteResult::Done | WriteResult::Duplicate | WriteResult::Conflict(Some(_)))
             {
                 created.push(row.id.clone());
             }
             match (result, write) {
                 (WriteResult::Duplicate, write) => self.duplicate(write.order_id(), priority).await?,
-                (WriteResult::IdTaken(holder), _) => {
-                    let event = event.ok_or_else(|| anyhow::anyhow!("a reused id on an undecodable record"))?;
-                    self.id_taken(event, holder, priority).await?;
-                }
+                (WriteResult::IdTaken(holder), write) => match event {
+                    Some(event) => self.id_taken(event, holder, priority).await?,
+                    // An undecodable record's id is its log position: taken only when the
+                    // log was recreated beside an older store. Its letter exists already.
+                    None => {
+                        telemetry::error("record_id_reused", "decode");
+                        tracing::warn!(record = write.event_id(), %holder, "an undecodable record's id is taken");
+                        self.duplicate(write.order_id(), priority).await?;
+                    }
+                },
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
                 (WriteResult::Done, Write::Record { outcome, dead_letter, .. }) => {
                     if let Some(letter) = &dead_letter {

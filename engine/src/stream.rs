@@ -39,6 +39,9 @@ pub trait ChangeRelay: Send + Sync {
     fn dead_letter(&self, letter: &crate::store::DeadLetter);
     /// Waits until every change sent so far is durably relayed.
     async fn flush(&self) -> Result<(), String>;
+    /// Relays one change and waits for that one only (an operator's edit, outside the
+    /// pipeline's batches).
+    async fn send_now(&self, order: &Order) -> Result<(), String>;
 }
 
 #[derive(Clone)]
@@ -66,6 +69,17 @@ impl ChangeStream {
         match &self.relay {
             Some(relay) => relay.send(&order),
             None => self.deliver(order),
+        }
+    }
+
+    /// Publishes one change and, where it is relayed, waits until it is durable there.
+    pub async fn publish_now(&self, order: Order) -> Result<(), String> {
+        match &self.relay {
+            Some(relay) => relay.send_now(&order).await,
+            None => {
+                self.deliver(order);
+                Ok(())
+            }
         }
     }
 

@@ -119,7 +119,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
     let mut pending = [None::<u64>; 2];
     let mut retry = RETRY_FIRST;
     loop {
-        let wait = if pending.iter().any(Option::is_some) { retry } else { TRUNCATE_EVERY };
+        // Commits waiting, or a failure not yet cleared: try again soon, by itself.
+        let failing = marks.failure.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let retrying = failing || pending.iter().any(Option::is_some);
+        let wait = if retrying { retry } else { TRUNCATE_EVERY };
         let first = match rx.recv_timeout(wait) {
             Ok(cmd) => Some(cmd),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
@@ -141,7 +144,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
                 Err(_) => break,
             }
         }
-        if !batch.is_empty() || pending.iter().any(Option::is_some) {
+        if !batch.is_empty() || retrying {
             let ok = group_commit(&mut conn, batch, &marks, &mut pending);
             retry = if ok { RETRY_FIRST } else { (retry * 2).min(TRUNCATE_EVERY) };
         }
@@ -196,6 +199,14 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
                 }
                 Cmd::Commit { .. } | Cmd::Flush { .. } => {}
             }
+        }
+        if batch.is_empty() && commits.iter().all(Option::is_none) {
+            // A probe after a failure: a real write, so a full disk still reads as failing.
+            tx.prepare_cached(
+                "INSERT INTO offsets (partition, committed) VALUES ('probe', ?1)
+                 ON CONFLICT(partition) DO UPDATE SET committed = excluded.committed",
+            )?
+            .execute([now])?;
         }
         for p in Priority::ALL {
             if let Some(offset) = commits[idx(p)] {

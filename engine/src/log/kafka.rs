@@ -225,10 +225,7 @@ pub struct KafkaChangelog {
 /// would stall its partition forever. Anything else (a broker away, a timeout) may pass.
 fn never_publishable(e: &rdkafka::error::KafkaError) -> bool {
     use RDKafkaErrorCode::*;
-    matches!(
-        e.rdkafka_error_code(),
-        Some(MessageSizeTooLarge | InvalidMessageSize | InvalidMessage | InvalidRecord | BadMessage)
-    )
+    matches!(e.rdkafka_error_code(), Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | BadMessage))
 }
 
 impl KafkaChangelog {
@@ -292,6 +289,19 @@ impl ChangeRelay for KafkaChangelog {
             }
         }
         failure.map_or(Ok(()), Err)
+    }
+
+    async fn send_now(&self, order: &Order) -> Result<(), String> {
+        let payload = serde_json::to_vec(order).expect("an order always serializes");
+        let record = FutureRecord::to(&self.topic).key(&order.id).payload(&payload);
+        match self.producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => Ok(()),
+            Err((e, _)) if never_publishable(&e) => {
+                unpublishable(&e, &self.topic, &order.id);
+                Ok(())
+            }
+            Err((e, _)) => Err(e.to_string()),
+        }
     }
 }
 

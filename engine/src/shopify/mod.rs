@@ -197,8 +197,9 @@ pub async fn accept(
     Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
 }
 
-/// How long a delivery waits for another attempt at it to finish before it gets 503:
-/// well inside the 5 s Shopify waits for an answer.
+/// How long a delivery waits for another attempt at it to finish before it gets 503.
+/// With the append's own budget this can pass Shopify's 5 s; Shopify then retries, which
+/// is what a 503 asks for anyway.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(3);
 
 /// Claims one key. While another attempt holds it (a concurrent copy of the delivery),

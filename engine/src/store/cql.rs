@@ -52,18 +52,19 @@ const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source,
 /// A dead letter's columns, as the reads decode them.
 const LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at";
 /// A parked event's columns, as `ParkedRow` decodes them.
-const PARKED_COLUMNS: &str = "order_id, appended_at, event_id, priority, parked_at, payload";
+const PARKED_COLUMNS: &str = "order_id, appended_at, log_offset, event_id, priority, parked_at, payload";
 /// The most parked events one sweep reads: the table is small unless something is wrong.
 const PARKED_SCAN_MAX: usize = 10_000;
 
-type ParkedRow = (String, i64, String, Option<String>, Option<i64>, Option<String>);
+type ParkedRow = (String, i64, i64, String, Option<String>, Option<i64>, Option<String>);
 
-fn parked_from((order_id, appended_at_us, event_id, priority, parked_at, payload): ParkedRow) -> ParkedEvent {
+fn parked_from((order_id, appended_at_us, offset, event_id, priority, parked_at, payload): ParkedRow) -> ParkedEvent {
     ParkedEvent {
         order_id,
         event_id,
         priority: priority.as_deref().and_then(Priority::parse).unwrap_or(Priority::Normal),
         appended_at_us,
+        offset: offset as u64,
         parked_at: from_micros(parked_at.unwrap_or(0)),
         payload: payload.unwrap_or_default(),
     }
@@ -161,8 +162,12 @@ fn may_pass(e: &ExecutionError) -> bool {
                     | DbError::AuthenticationError
                     | DbError::Unauthorized
                     | DbError::ConfigError
+                    | DbError::ProtocolError
             ),
-            RequestAttemptError::SerializationError(_) | RequestAttemptError::CqlRequestSerialization(_) => false,
+            RequestAttemptError::SerializationError(_)
+            | RequestAttemptError::CqlRequestSerialization(_)
+            | RequestAttemptError::CqlResultParseError(_)
+            | RequestAttemptError::UnexpectedResponse(_) => false,
             _ => true,
         },
         _ => true,
@@ -319,11 +324,14 @@ impl CqlStore {
                 false,
             )
             .await?,
-            park: prepare(format!("INSERT INTO {ks}.parked ({PARKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"), false)
+            park: prepare(format!("INSERT INTO {ks}.parked ({PARKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"), false)
                 .await?,
             parked: prepare(format!("SELECT {PARKED_COLUMNS} FROM {ks}.parked WHERE order_id = ?"), false).await?,
             unpark: prepare(
-                format!("DELETE FROM {ks}.parked WHERE order_id = ? AND appended_at = ? AND event_id = ?"),
+                format!(
+                    "DELETE FROM {ks}.parked WHERE order_id = ? AND appended_at = ? AND log_offset = ? \
+                     AND event_id = ?"
+                ),
                 false,
             )
             .await?,
@@ -762,8 +770,16 @@ impl Parking for CqlStore {
         let writes: Vec<_> = events
             .iter()
             .map(|e| {
-                let values =
-                    (&e.order_id, e.appended_at_us, &e.event_id, e.priority.label(), micros(e.parked_at), &e.payload);
+                let offset = e.offset as i64;
+                let values = (
+                    &e.order_id,
+                    e.appended_at_us,
+                    offset,
+                    &e.event_id,
+                    e.priority.label(),
+                    micros(e.parked_at),
+                    &e.payload,
+                );
                 Box::pin(self.session.execute_unpaged(&self.st.park, values))
             })
             .collect();
@@ -790,7 +806,7 @@ impl Parking for CqlStore {
 
     async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
         let mut all = self.parked_scan().await?;
-        all.sort_by_key(|e| (e.parked_at, e.appended_at_us));
+        all.sort_by_key(|e| (e.parked_at, e.appended_at_us, e.offset));
         all.truncate(limit);
         Ok(all)
     }
@@ -799,7 +815,7 @@ impl Parking for CqlStore {
         let deletes: Vec<_> = events
             .iter()
             .map(|e| {
-                let key = (&e.order_id, e.appended_at_us, &e.event_id);
+                let key = (&e.order_id, e.appended_at_us, e.offset as i64, &e.event_id);
                 Box::pin(self.session.execute_unpaged(&self.st.unpark, key))
             })
             .collect();

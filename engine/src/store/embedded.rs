@@ -83,14 +83,16 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEX
 
 -- Events that came before their order's created event, in log order per order.
 CREATE TABLE IF NOT EXISTS parked (
-    event_id TEXT PRIMARY KEY,
     order_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
     priority TEXT NOT NULL,
     appended_at INTEGER NOT NULL,
+    log_offset INTEGER NOT NULL,
     parked_at INTEGER NOT NULL,
-    payload TEXT NOT NULL
+    payload TEXT NOT NULL,
+    PRIMARY KEY (order_id, event_id)
 );
-CREATE INDEX IF NOT EXISTS parked_order ON parked(order_id, appended_at);
+CREATE INDEX IF NOT EXISTS parked_order ON parked(order_id, appended_at, log_offset);
 CREATE INDEX IF NOT EXISTS parked_age ON parked(parked_at, appended_at);
 
 -- Generated runs, as JSON: they are few and always read whole.
@@ -502,7 +504,7 @@ impl Orders for EmbeddedStore {
     }
 }
 
-const PARKED_COLUMNS: &str = "order_id, event_id, priority, appended_at, parked_at, payload";
+const PARKED_COLUMNS: &str = "order_id, event_id, priority, appended_at, log_offset, parked_at, payload";
 
 fn parked_from_row(r: &Row<'_>) -> rusqlite::Result<ParkedEvent> {
     let priority: String = r.get(2)?;
@@ -511,8 +513,9 @@ fn parked_from_row(r: &Row<'_>) -> rusqlite::Result<ParkedEvent> {
         event_id: r.get(1)?,
         priority: Priority::parse(&priority).unwrap_or(Priority::Normal),
         appended_at_us: r.get(3)?,
-        parked_at: from_micros(r.get(4)?),
-        payload: r.get(5)?,
+        offset: r.get::<_, i64>(4)? as u64,
+        parked_at: from_micros(r.get(5)?),
+        payload: r.get(6)?,
     })
 }
 
@@ -521,11 +524,12 @@ impl Parking for EmbeddedStore {
     async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError> {
         self.write_tx(move |tx| {
             let mut insert = tx.prepare_cached(&format!(
-                "INSERT OR IGNORE INTO parked ({PARKED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                "INSERT OR IGNORE INTO parked ({PARKED_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
             ))?;
             for e in &events {
-                let at = micros(e.parked_at);
-                insert.execute(params![e.order_id, e.event_id, e.priority.label(), e.appended_at_us, at, e.payload])?;
+                let (at, offset) = (micros(e.parked_at), e.offset as i64);
+                let p = e.priority.label();
+                insert.execute(params![e.order_id, e.event_id, p, e.appended_at_us, offset, at, e.payload])?;
             }
             Ok(())
         })
@@ -536,7 +540,7 @@ impl Parking for EmbeddedStore {
         self.read(move |c| {
             let mut stmt = c
                 .prepare_cached(&format!(
-                    "SELECT {PARKED_COLUMNS} FROM parked WHERE order_id = ?1 ORDER BY appended_at, event_id"
+                    "SELECT {PARKED_COLUMNS} FROM parked WHERE order_id = ?1 ORDER BY appended_at, log_offset"
                 ))
                 .map_err(backend)?;
             let mut out = Vec::new();
@@ -552,7 +556,7 @@ impl Parking for EmbeddedStore {
     async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
         self.read(move |c| {
             c.prepare_cached(&format!(
-                "SELECT {PARKED_COLUMNS} FROM parked ORDER BY parked_at, appended_at, event_id LIMIT ?1"
+                "SELECT {PARKED_COLUMNS} FROM parked ORDER BY parked_at, appended_at, log_offset LIMIT ?1"
             ))
             .and_then(|mut s| s.query_map([limit as i64], parked_from_row)?.collect())
             .map_err(backend)
@@ -561,11 +565,11 @@ impl Parking for EmbeddedStore {
     }
 
     async fn unpark(&self, events: &[ParkedEvent]) -> Result<(), StoreError> {
-        let ids: Vec<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        let keys: Vec<(String, String)> = events.iter().map(|e| (e.order_id.clone(), e.event_id.clone())).collect();
         self.write_tx(move |tx| {
-            let mut delete = tx.prepare_cached("DELETE FROM parked WHERE event_id = ?1")?;
-            for id in &ids {
-                delete.execute([id])?;
+            let mut delete = tx.prepare_cached("DELETE FROM parked WHERE order_id = ?1 AND event_id = ?2")?;
+            for (order, event) in &keys {
+                delete.execute([order, event])?;
             }
             Ok(())
         })

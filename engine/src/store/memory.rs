@@ -31,7 +31,7 @@ struct State {
     deliveries: Vec<WebhookDelivery>,
     runs: HashMap<String, RunRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
-    parked: BTreeMap<(String, i64, String), ParkedEvent>,
+    parked: BTreeMap<(String, i64, u64, String), ParkedEvent>,
 }
 
 /// A webhook claim: until when it counts, when its attempt took it, and whether its
@@ -178,8 +178,8 @@ impl Orders for MemoryStore {
     }
 }
 
-fn parked_key(e: &ParkedEvent) -> (String, i64, String) {
-    (e.order_id.clone(), e.appended_at_us, e.event_id.clone())
+fn parked_key(e: &ParkedEvent) -> (String, i64, u64, String) {
+    (e.order_id.clone(), e.appended_at_us, e.offset, e.event_id.clone())
 }
 
 #[async_trait]
@@ -200,7 +200,7 @@ impl Parking for MemoryStore {
 
     async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError> {
         let mut all: Vec<ParkedEvent> = self.state().parked.values().cloned().collect();
-        all.sort_by_key(|e| (e.parked_at, e.appended_at_us));
+        all.sort_by_key(|e| (e.parked_at, e.appended_at_us, e.offset));
         all.truncate(limit);
         Ok(all)
     }

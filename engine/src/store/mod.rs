@@ -290,9 +290,11 @@ pub struct ParkedEvent {
     pub order_id: String,
     pub event_id: String,
     pub priority: Priority,
-    /// When the event was appended to the log (µs): one order's parked events apply in
-    /// this order, and a redelivery parks it under the same key.
+    /// When the event was appended to the log (µs), then its offset there: one order's
+    /// parked events apply in this order (records appended together share a time), and
+    /// a redelivery parks it under the same key.
     pub appended_at_us: i64,
+    pub offset: u64,
     pub parked_at: DateTime<Utc>,
     /// The event as it was on the log (JSON).
     pub payload: String,
@@ -303,7 +305,8 @@ pub struct ParkedEvent {
 pub trait Parking: Send + Sync + 'static {
     /// Holds these events; parking one that is already parked changes nothing.
     async fn park(&self, events: Vec<ParkedEvent>) -> Result<(), StoreError>;
-    /// The parked events of these orders, each order's in log order.
+    /// The parked events of these orders, each order's in log order (append time,
+    /// then offset). Events are keyed by order and event id.
     async fn parked(&self, order_ids: Vec<String>) -> Result<Vec<ParkedEvent>, StoreError>;
     /// Up to `limit` parked events, the longest parked first.
     async fn parked_oldest(&self, limit: usize) -> Result<Vec<ParkedEvent>, StoreError>;
