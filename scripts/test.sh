@@ -66,6 +66,8 @@ fi
 
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
-  --test chaos --test crash --test priority --test api --test scale --test faults --test outside_producer --test webhook_outage --test runs --test plugins -- \
-  concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance service_restarts kcat_records \
-  log_outage the_bridge_runs a_small_run cancel_then an_event_before dead_letters_can a_pause
+  --test chaos --test crash --test priority --test api --test scale --test faults \
+  --test outside_producer --test webhook_outage --test runs --test plugins -- \
+  concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance \
+  service_restarts kcat_records log_outage the_bridge_runs a_small_run cancel_then \
+  an_event_before dead_letters_can a_pause

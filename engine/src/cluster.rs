@@ -1,6 +1,6 @@
 //! Operator state that every engine instance on one log must share and keep across
-//! restarts (a queue pause, for now): the `Cluster` port, which the Kafka log implements
-//! with a compacted topic, and the embedded default's file in the data dir.
+//! restarts (queue pauses and a cancelled run's purge): the `Cluster` port, which the
+//! Kafka log implements with a compacted topic, and the embedded default's file.
 
 use std::path::{Path, PathBuf};
 
@@ -10,11 +10,24 @@ use serde::{Deserialize, Serialize};
 use crate::domain::{PerPriority, Priority};
 use crate::log::LogError;
 
-/// An operator's pause switch of one priority, as it goes round the cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PauseState {
-    pub priority: Priority,
-    pub paused: bool,
+/// One operator switch, as it goes round the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "switch", rename_all = "snake_case")]
+pub enum Control {
+    /// An operator's pause or resume of one priority.
+    Pause { priority: Priority, paused: bool },
+    /// Events of orders under this id prefix are dropped unprocessed (a cancelled run).
+    Purge { prefix: String },
+}
+
+impl Control {
+    /// The compaction key: the latest switch per key is what a restart reads back.
+    pub fn key(&self) -> String {
+        match self {
+            Control::Pause { priority, .. } => format!("pause:{}", priority.label()),
+            Control::Purge { prefix } => format!("purge:{prefix}"),
+        }
+    }
 }
 
 /// Replicated operator state. Present only where several instances share a log.
@@ -22,37 +35,45 @@ pub struct PauseState {
 pub trait Cluster: Send + Sync {
     /// Puts the switch on the replicated log, acknowledged: every instance (this one
     /// too) applies it when it comes round, and a restarted one reads it back.
-    async fn publish_pause(&self, state: PauseState) -> Result<(), LogError>;
+    async fn publish(&self, control: Control) -> Result<(), LogError>;
 }
 
-/// The embedded default's pauses: `pauses.json` in the data dir, private to the
+/// What the embedded default keeps of its switches.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    #[serde(default)]
+    pub paused: Vec<Priority>,
+    #[serde(default)]
+    pub purged: Vec<String>,
+}
+
+impl Saved {
+    pub fn paused(&self) -> PerPriority<bool> {
+        PerPriority::from_fn(|p| self.paused.contains(&p))
+    }
+}
+
+/// The embedded default's switches: `control.json` in the data dir, private to the
 /// engine's user, written whole, synced and renamed into place. Callers serialise saves.
-pub struct PauseFile(PathBuf);
+pub struct ControlFile(PathBuf);
 
-impl PauseFile {
+impl ControlFile {
     pub fn new(data_dir: &Path) -> Self {
-        Self(data_dir.join("pauses.json"))
+        Self(data_dir.join("control.json"))
     }
 
-    /// The pauses saved by an earlier run; none when there is no file yet.
-    pub fn load(&self) -> std::io::Result<PerPriority<bool>> {
-        let text = match std::fs::read_to_string(&self.0) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(PerPriority::default()),
-            Err(e) => return Err(e),
-        };
-        let states: Vec<PauseState> = serde_json::from_str(&text)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.0.display())))?;
-        let mut paused = PerPriority::default();
-        for s in states {
-            paused[s.priority] = s.paused;
+    /// The switches saved by an earlier run; none when there is no file yet.
+    pub fn load(&self) -> std::io::Result<Saved> {
+        match std::fs::read_to_string(&self.0) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", self.0.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Saved::default()),
+            Err(e) => Err(e),
         }
-        Ok(paused)
     }
 
-    pub fn save(&self, paused: PerPriority<bool>) -> std::io::Result<()> {
-        let states: Vec<PauseState> =
-            Priority::ALL.into_iter().map(|priority| PauseState { priority, paused: paused[priority] }).collect();
+    pub fn save(&self, saved: &Saved) -> std::io::Result<()> {
         let tmp = self.0.with_extension("json.tmp");
         {
             use std::io::Write as _;
@@ -62,7 +83,7 @@ impl PauseFile {
                 use std::os::unix::fs::PermissionsExt;
                 file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
             }
-            file.write_all(&serde_json::to_vec(&states).expect("pause states always serialize"))?;
+            file.write_all(&serde_json::to_vec(saved).expect("saved switches always serialize"))?;
             file.sync_all()?;
         }
         std::fs::rename(&tmp, &self.0)?;

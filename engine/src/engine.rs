@@ -11,7 +11,7 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
-use crate::cluster::{Cluster, PauseFile, PauseState};
+use crate::cluster::{Cluster, Control, ControlFile, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, PerPriority, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
@@ -151,14 +151,14 @@ pub struct Engine {
     pipeline: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// Where operator pauses are kept: the cluster (Kafka), or a file (embedded).
     cluster: OnceLock<Arc<dyn Cluster>>,
-    pause_file: OnceLock<PauseFile>,
-    /// One pause change at a time, so none is saved from a stale copy.
-    pausing: tokio::sync::Mutex<()>,
+    control_file: OnceLock<ControlFile>,
+    /// One switch at a time, so none is saved from a stale copy.
+    switching: tokio::sync::Mutex<()>,
 }
 
 /// Why an operator's pause or resume was not kept.
 #[derive(Debug, thiserror::Error)]
-pub enum PauseError {
+pub enum SwitchError {
     #[error("the cluster did not take the switch: {0}")]
     Cluster(#[source] LogError),
     #[error("saving the switch in the data dir: {0}")]
@@ -187,18 +187,22 @@ impl Engine {
                 let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
                 let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
                 let engine = Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config);
-                // Operator pauses outlive the process.
-                let file = PauseFile::new(data_dir);
+                // Operator switches outlive the process.
+                let file = ControlFile::new(data_dir);
                 match file.load() {
                     Ok(saved) => {
+                        let paused = saved.paused();
                         for p in Priority::ALL {
-                            engine.pauses.set(p, saved[p]);
+                            engine.pauses.set(p, paused[p]);
+                        }
+                        for prefix in saved.purged {
+                            engine.discards.add(prefix);
                         }
                     }
-                    // Starting beats not starting: say so loudly; the operator pauses again.
-                    Err(e) => tracing::error!(error = %e, "saved queue pauses are unreadable; starting unpaused"),
+                    // Starting beats not starting: say so loudly; the operator acts again.
+                    Err(e) => tracing::error!(error = %e, "saved pauses and purges are unreadable; starting without"),
                 }
-                let _ = engine.pause_file.set(file);
+                let _ = engine.control_file.set(file);
                 Ok(engine)
             }
             Backend::Distributed { kafka, cql } => {
@@ -222,8 +226,8 @@ impl Engine {
                     Self::new(log.clone(), stores, rulebook, plugins, config)
                 };
                 // Pauses are cluster-wide: catch up on the control topic before consuming.
-                let (follower, pauses) = (log.clone(), engine.pauses.clone());
-                tokio::task::spawn_blocking(move || follower.follow_control(pauses)).await??;
+                let (follower, pauses, discards) = (log.clone(), engine.pauses.clone(), engine.discards.clone());
+                tokio::task::spawn_blocking(move || follower.follow_control(pauses, discards)).await??;
                 let _ = engine.cluster.set(log.cluster());
                 Ok(engine)
             }
@@ -263,25 +267,51 @@ impl Engine {
             shutdown: watch::channel(false).0,
             pipeline: Mutex::new(None),
             cluster: OnceLock::new(),
-            pause_file: OnceLock::new(),
-            pausing: tokio::sync::Mutex::new(()),
+            control_file: OnceLock::new(),
+            switching: tokio::sync::Mutex::new(()),
         })
     }
 
     /// An operator's pause or resume of a priority. Where instances share a log it goes
     /// round the cluster, so every instance follows it; on the embedded default it is
     /// saved in the data dir. Either way it survives restarts.
-    pub async fn set_pause(&self, priority: Priority, paused: bool) -> Result<(), PauseError> {
-        let _one_at_a_time = self.pausing.lock().await;
-        if let Some(cluster) = self.cluster.get() {
-            cluster.publish_pause(PauseState { priority, paused }).await.map_err(PauseError::Cluster)?;
-        } else if let Some(file) = self.pause_file.get() {
-            let mut all = PerPriority::from_fn(|p| self.pauses.operator_paused(p));
-            all[priority] = paused;
-            file.save(all).map_err(PauseError::File)?;
-        }
+    pub async fn set_pause(&self, priority: Priority, paused: bool) -> Result<(), SwitchError> {
+        self.switch(Control::Pause { priority, paused }).await?;
         // Now here too; the cluster's copy comes round to this instance as well.
         self.pauses.set(priority, paused);
+        Ok(())
+    }
+
+    /// Drops every later event of orders under `prefix` unprocessed (a cancelled run's
+    /// purge), on every instance and across restarts, like a pause.
+    pub async fn purge(&self, prefix: String) -> Result<(), SwitchError> {
+        self.switch(Control::Purge { prefix: prefix.clone() }).await?;
+        self.discards.add(prefix);
+        Ok(())
+    }
+
+    /// Keeps a switch where it outlives this process: the cluster, or the data dir.
+    async fn switch(&self, control: Control) -> Result<(), SwitchError> {
+        let _one_at_a_time = self.switching.lock().await;
+        if let Some(cluster) = self.cluster.get() {
+            cluster.publish(control).await.map_err(SwitchError::Cluster)?;
+        } else if let Some(file) = self.control_file.get() {
+            let mut saved = Saved {
+                paused: Priority::ALL.into_iter().filter(|p| self.pauses.operator_paused(*p)).collect(),
+                purged: self.discards.prefixes(),
+            };
+            match control {
+                Control::Pause { priority, paused } => {
+                    saved.paused.retain(|p| *p != priority);
+                    if paused {
+                        saved.paused.push(priority);
+                    }
+                }
+                Control::Purge { prefix } if !saved.purged.contains(&prefix) => saved.purged.push(prefix),
+                Control::Purge { .. } => {}
+            }
+            file.save(&saved).map_err(SwitchError::File)?;
+        }
         Ok(())
     }
 

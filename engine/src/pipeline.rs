@@ -166,7 +166,14 @@ pub struct Discards {
 
 impl Discards {
     pub fn add(&self, prefix: String) {
-        self.prefixes.write().unwrap_or_else(|p| p.into_inner()).push(prefix);
+        let mut prefixes = self.prefixes.write().unwrap_or_else(|p| p.into_inner());
+        if !prefixes.contains(&prefix) {
+            prefixes.push(prefix);
+        }
+    }
+
+    pub fn prefixes(&self) -> Vec<String> {
+        self.prefixes.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
     pub fn matches(&self, order_id: &str) -> bool {
         let prefixes = self.prefixes.read().unwrap_or_else(|p| p.into_inner());

@@ -296,3 +296,31 @@ async fn a_run_cut_short_by_a_crash_is_marked_failed_and_does_not_block() {
     let next = wait_final(&s, next["id"].as_str().unwrap(), Duration::from_secs(120)).await;
     assert_eq!(next["verification"]["passed"], true, "{next}");
 }
+
+/// A cancelled run's purge and an operator's pause are kept in the data dir: after a
+/// restart the purged run's events still on the log are dropped, not applied.
+#[tokio::test]
+async fn a_purge_and_a_pause_outlive_a_restart() {
+    use orchestrator::domain::{OrderEvent, Priority};
+    use orchestrator::engine::{Backend, Engine, EngineConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await.unwrap();
+    engine.purge("run-gone-".into()).await.unwrap();
+    engine.set_pause(Priority::Vip, true).await.unwrap();
+    let event = |id: &str| -> OrderEvent { serde_json::from_value(common::created(id, id, "SILVER", 100)).unwrap() };
+    engine.ingest(&[event("run-gone-normal-1"), event("kept-1")]).await.unwrap();
+    engine.shutdown().await;
+    drop(engine);
+
+    let again = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await.unwrap();
+    assert!(again.pauses().operator_paused(Priority::Vip), "the pause was kept");
+    again.start().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while again.order("kept-1").await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the event after the purged one was never applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(again.order("run-gone-normal-1").await.unwrap(), None, "the purged run's event was dropped");
+    assert_eq!(again.discards().dropped.load(std::sync::atomic::Ordering::Relaxed), 1);
+    again.shutdown().await;
+}

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
-use crate::cluster::{Cluster, PauseState};
+use crate::cluster::{Cluster, Control};
 use crate::domain::{Order, PerPriority, Priority};
 use crate::plugin::registry::{Registry, SlotState};
 use crate::stream::{ChangeRelay, ChangeStream};
@@ -337,11 +337,16 @@ impl KafkaLog {
         self.follow_compacted(&self.config.plugins_topic, "plugins", apply)
     }
 
-    /// Applies every operator switch on the control topic to `pauses`: those there now
-    /// (so a restarted instance starts paused if the cluster is), then new ones.
-    pub fn follow_control(&self, pauses: Arc<crate::pipeline::Pauses>) -> Result<(), LogError> {
-        let apply = move |payload: &[u8]| match serde_json::from_slice::<PauseState>(payload) {
-            Ok(state) => pauses.set(state.priority, state.paused),
+    /// Applies every operator switch on the control topic: those there now (so a
+    /// restarted instance starts paused if the cluster is), then new ones.
+    pub fn follow_control(
+        &self,
+        pauses: Arc<crate::pipeline::Pauses>,
+        discards: Arc<crate::pipeline::Discards>,
+    ) -> Result<(), LogError> {
+        let apply = move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
+            Ok(Control::Pause { priority, paused }) => pauses.set(priority, paused),
+            Ok(Control::Purge { prefix }) => discards.add(prefix),
             Err(e) => tracing::warn!(error = %e, "unreadable record on the control topic"),
         };
         self.follow_compacted(&self.config.control_topic, "control", apply)
@@ -410,9 +415,9 @@ struct KafkaCluster {
 
 #[async_trait]
 impl Cluster for KafkaCluster {
-    async fn publish_pause(&self, state: PauseState) -> Result<(), LogError> {
-        let key = format!("pause:{}", state.priority.label());
-        let payload = serde_json::to_vec(&state).expect("a pause state always serializes");
+    async fn publish(&self, control: Control) -> Result<(), LogError> {
+        let key = control.key();
+        let payload = serde_json::to_vec(&control).expect("a switch always serializes");
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
         self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| backend(e))?;
         Ok(())

@@ -48,6 +48,9 @@ pub enum RunError {
     NotFound,
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The purge could not be kept (the cluster or the data dir refused it).
+    #[error("the purge was not kept: {0}")]
+    Switch(#[from] crate::engine::SwitchError),
 }
 
 /// Clients get at most this many progress messages per second (one per 250 ms).
@@ -175,8 +178,10 @@ impl Runs {
         }
         let store = self.engine.run_store();
         if request.purge {
+            // Kept beside the pauses: other instances, and this one after a restart,
+            // drop the run's remaining events too.
             for vip in [true, false] {
-                self.engine.discards().add(snapshot.prefix(vip));
+                self.engine.purge(snapshot.prefix(vip)).await?;
             }
             // A batch already in hand was decided before the purge: let it land first,
             // so the PENDING orders it writes are deleted below.

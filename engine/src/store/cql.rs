@@ -989,6 +989,8 @@ impl Runs for CqlStore {
                 doomed.push(id);
             }
         }
+        // Unconditional: CQL refuses a condition on a whole-partition delete (the history
+        // rows go with it). An event landing between the scan and here is lost with it.
         let delete = format!("DELETE FROM {}.orders WHERE id = ?", self.keyspace);
         let delete = self.session.prepare(delete).await.map_err(backend)?;
         for id in &doomed {
