@@ -55,6 +55,9 @@ async function waitFor(what, fn, timeoutMs = 20000) {
   throw new Error(`timed out waiting for ${what} (last: ${last})`);
 }
 
+// An update that comes before its order is parked; after 1 s it is dead-lettered, which
+// the dead-letter test uses.
+const serveArgs = (port) => ['serve', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`, '--api-token', TOKEN, '--park-timeout-secs', '1'];
 const generate = (n) => execFileSync(bin, ['generate', '--quantity', String(n), '--url', base, '--api-token', TOKEN], { stdio: 'ignore', timeout: 600000 });
 
 // Every order in one sort, paged by cursor the way the table pages (for comparing rows).
@@ -89,7 +92,7 @@ before(async () => {
   dataDir = mkdtempSync(join(tmpdir(), 'dashboard-test-'));
   const port = await freePort();
   base = `http://127.0.0.1:${port}`;
-  engine = spawn(bin, ['serve', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`, '--api-token', TOKEN], { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
+  engine = spawn(bin, serveArgs(port), { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
   await waitFor('engine health', async () => (await fetch(base + '/health')).ok, 60000);
   // The generator goes through the normal pipeline and verifies the result.
   const t0 = Date.now();
@@ -419,7 +422,7 @@ test('after the engine restarts, the page reconnects and resyncs the rows it sho
   await new Promise((r) => engine.once('exit', r));
   await page.locator('[data-testid=conn]').filter({ hasText: 'reconnecting' }).waitFor();
   const port = new URL(base).port;
-  engine = spawn(bin, ['serve', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`, '--api-token', TOKEN], { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
+  engine = spawn(bin, serveArgs(port), { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
   await waitFor('engine health after restart', async () => (await fetch(base + '/health')).ok, 60000);
   assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'while away' }, ifMatch: v0 })).status, 200);
   release();

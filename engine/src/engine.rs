@@ -105,6 +105,8 @@ pub enum ReplayError {
     NotFound,
     #[error("already replayed at {0:?}")]
     AlreadyReplayed(Option<chrono::DateTime<Utc>>),
+    #[error("event {0} was applied after all; replaying it would apply it twice")]
+    AlreadyApplied(String),
     #[error("{0}")]
     NotAnEvent(String),
     #[error(transparent)]
@@ -276,25 +278,31 @@ impl Engine {
     /// round the cluster, so every instance follows it; on the embedded default it is
     /// saved in the data dir. Either way it survives restarts.
     pub async fn set_pause(&self, priority: Priority, paused: bool) -> Result<(), SwitchError> {
-        self.switch(Control::Pause { priority, paused }).await?;
-        // Now here too; the cluster's copy comes round to this instance as well.
-        self.pauses.set(priority, paused);
-        Ok(())
+        self.switch(Control::Pause { priority, paused }).await
     }
 
     /// Drops every later event of orders under `prefix` unprocessed (a cancelled run's
     /// purge), on every instance and across restarts, like a pause.
     pub async fn purge(&self, prefix: String) -> Result<(), SwitchError> {
-        self.switch(Control::Purge { prefix: prefix.clone() }).await?;
-        self.discards.add(prefix);
+        self.switch(Control::Purge { prefix }).await
+    }
+
+    /// Keeps a switch where it outlives this process (the cluster, or the data dir), then
+    /// applies it here, all under one lock so no save starts from a stale copy.
+    async fn switch(&self, control: Control) -> Result<(), SwitchError> {
+        let _one_at_a_time = self.switching.lock().await;
+        self.keep(&control).await?;
+        // Now here too; the cluster's copy comes round to this instance as well.
+        match control {
+            Control::Pause { priority, paused } => self.pauses.set(priority, paused),
+            Control::Purge { prefix } => self.discards.add(prefix),
+        }
         Ok(())
     }
 
-    /// Keeps a switch where it outlives this process: the cluster, or the data dir.
-    async fn switch(&self, control: Control) -> Result<(), SwitchError> {
-        let _one_at_a_time = self.switching.lock().await;
+    async fn keep(&self, control: &Control) -> Result<(), SwitchError> {
         if let Some(cluster) = self.cluster.get() {
-            cluster.publish(control).await.map_err(SwitchError::Cluster)?;
+            cluster.publish(control.clone()).await.map_err(SwitchError::Cluster)?;
         } else if let Some(file) = self.control_file.get() {
             let mut saved = Saved {
                 paused: Priority::ALL.into_iter().filter(|p| self.pauses.operator_paused(*p)).collect(),
@@ -302,12 +310,12 @@ impl Engine {
             };
             match control {
                 Control::Pause { priority, paused } => {
-                    saved.paused.retain(|p| *p != priority);
-                    if paused {
-                        saved.paused.push(priority);
+                    saved.paused.retain(|p| p != priority);
+                    if *paused {
+                        saved.paused.push(*priority);
                     }
                 }
-                Control::Purge { prefix } if !saved.purged.contains(&prefix) => saved.purged.push(prefix),
+                Control::Purge { prefix } if !saved.purged.contains(prefix) => saved.purged.push(prefix.clone()),
                 Control::Purge { .. } => {}
             }
             file.save(&saved).map_err(SwitchError::File)?;
@@ -468,7 +476,7 @@ impl Engine {
     }
 
     /// Sends a dead-lettered event through the pipeline again, as a new event
-    /// (`<event_id>#replay`), so the original rejection stays in the history. The event
+    /// (`<letter id>#replay`), so the original rejection stays in the history. The event
     /// goes on the log first and the letter is marked after: a replay that fails or
     /// crashes in between can be sent again, and its fixed id makes the second copy a
     /// duplicate. Once marked, a letter is not replayed again.
@@ -480,7 +488,20 @@ impl Engine {
         let mut event: OrderEvent = serde_json::from_str(&letter.payload).map_err(|e| {
             ReplayError::NotAnEvent(format!("the dead letter holds no valid event ({e}); fix it and send it again"))
         })?;
-        event.event_id = format!("{}#replay", event.event_id);
+        // A letter left by a crash for an event a redelivery then applied: replaying it
+        // would apply the event twice.
+        let applied = self
+            .stores
+            .orders
+            .history(&event.order_id)
+            .await?
+            .into_iter()
+            .any(|h| h.event_id == event.event_id && h.outcome == crate::store::Outcome::Applied);
+        if applied {
+            return Err(ReplayError::AlreadyApplied(event.event_id));
+        }
+        // From the letter's id, which is unique (`<event id>@<order>` for a reused id).
+        event.event_id = format!("{}#replay", letter.id);
         self.ingest(std::slice::from_ref(&event)).await?;
         // A concurrent replay of the same letter marked it first: the same event went on
         // the log twice, and the ledger applies it once.

@@ -400,8 +400,8 @@ async fn a_failed_replay_can_be_sent_again() {
     assert_eq!(s.post_events(&bad).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;
     assert_eq!(dead_letters(&s).await[0]["id"], "rp-1");
-    // The log refuses appends, and the store refuses to un-mark a letter: what a full
-    // disk, or a crash between marking and appending, leaves behind.
+    // The log refuses appends (a full disk). The old order (mark, append, un-mark on
+    // failure) lost the replay when the un-mark failed too; refuse that as well.
     let open = |file: &str| {
         let c = rusqlite::Connection::open(dir.path().join(file)).unwrap();
         c.busy_timeout(Duration::from_secs(10)).unwrap();

@@ -165,7 +165,7 @@ pub async fn dead_letters(
 
 #[derive(Serialize, ToSchema)]
 pub struct Replayed {
-    /// The id the replayed event got: the original, suffixed `#replay-<ms>`.
+    /// The id the replayed event got: the dead letter's id, suffixed `#replay`.
     event_id: String,
 }
 
@@ -185,6 +185,9 @@ pub async fn replay(
         Err(ReplayError::NotFound) => Err(ApiError::not_found("dead letter not found")),
         Err(ReplayError::AlreadyReplayed(at)) => {
             Err(ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at })))
+        }
+        Err(e @ ReplayError::AlreadyApplied(_)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "already applied", json!({ "reason": e.to_string() })))
         }
         Err(ReplayError::NotAnEvent(m)) => Err(ApiError::bad_request("cannot replay", m)),
         Err(ReplayError::Ingest(e)) => Err(e.into()),

@@ -200,8 +200,10 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
                 Cmd::Commit { .. } | Cmd::Flush { .. } => {}
             }
         }
-        if batch.is_empty() && commits.iter().all(Option::is_none) {
-            // A probe after a failure: a real write, so a full disk still reads as failing.
+        let writes = batch.iter().any(|c| matches!(c, Cmd::Append { .. })) || commits.iter().any(Option::is_some);
+        if !writes {
+            // Nothing to write (a probe after a failure, or a flush): write something real,
+            // so a full disk still reads as failing.
             tx.prepare_cached(
                 "INSERT INTO offsets (partition, committed) VALUES ('probe', ?1)
                  ON CONFLICT(partition) DO UPDATE SET committed = excluded.committed",

@@ -168,6 +168,18 @@ impl Runs {
             };
         }
         let a = active.as_mut().expect("checked above");
+        if request.purge {
+            // Kept beside the pauses: other instances, and this one after a restart,
+            // drop the run's remaining events too. Before the driver stops, so a purge
+            // that cannot be kept leaves the run as it was, and the cancel can be retried.
+            let prefixes = {
+                let run = a.run.lock().unwrap_or_else(|p| p.into_inner());
+                [run.prefix(true), run.prefix(false)]
+            };
+            for prefix in prefixes {
+                self.engine.purge(prefix).await?;
+            }
+        }
         let _ = a.cancel.send(true);
         let _ = (&mut a.task).await;
         let run = a.run.clone();
@@ -178,11 +190,6 @@ impl Runs {
         }
         let store = self.engine.run_store();
         if request.purge {
-            // Kept beside the pauses: other instances, and this one after a restart,
-            // drop the run's remaining events too.
-            for vip in [true, false] {
-                self.engine.purge(snapshot.prefix(vip)).await?;
-            }
             // A batch already in hand was decided before the purge: let it land first,
             // so the PENDING orders it writes are deleted below.
             self.engine.stats().step_boundary(Duration::from_secs(30)).await;

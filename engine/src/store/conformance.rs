@@ -276,6 +276,27 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
     };
     assert_eq!(one(s, late_reject).await, WriteResult::Duplicate);
     assert_eq!(s.dead_letter(&e("dl8")).await.unwrap(), None, "no letter for an applied event");
+
+    // Where event ids are per order (the ledger is not global), one id rejected for two
+    // orders keeps both letters: the second under `<id>@<order>`.
+    if s.recorded_for(Vec::new()).await.unwrap().is_none() {
+        let reject_for = |order: String| Write::Record {
+            event_id: e("dl9"),
+            source: "test".into(),
+            order_id: order.clone(),
+            outcome: Outcome::Rejected,
+            reason: "decided differently".into(),
+            decided_by: "rules@2".into(),
+            dead_letter: Some(DeadLetter { order_id: Some(order), ..letter_template(&e("dl9")) }),
+        };
+        let (first, second) = (format!("{prefix}-dl9a"), format!("{prefix}-dl9b"));
+        assert_eq!(one(s, reject_for(first.clone())).await, WriteResult::Done);
+        assert_eq!(one(s, reject_for(second.clone())).await, WriteResult::Done);
+        let kept = s.dead_letter(&e("dl9")).await.unwrap().and_then(|d| d.order_id);
+        assert_eq!(kept, Some(first), "the first order's letter is not overwritten");
+        let own = s.dead_letter(&format!("{}@{second}", e("dl9"))).await.unwrap().and_then(|d| d.order_id);
+        assert_eq!(own, Some(second), "the second under an id of its own");
+    }
 }
 
 fn letter_template(id: &str) -> DeadLetter {

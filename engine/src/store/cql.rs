@@ -456,24 +456,18 @@ impl CqlStore {
                     }
                 }
                 Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
-                    // The ledger entry first, then the letter: a letter never exists for
-                    // an event the ledger holds as applied (a replay would apply it twice).
-                    // A crash between the two is repaired by the redelivery (below).
+                    // The letter before the ledger entry, so no rejection ever lacks its
+                    // letter; but none for an event the ledger holds already (applied, or
+                    // rejected with its letter). A crash between the two can leave a
+                    // letter for an event a redelivery then applies: replay refuses those.
+                    if let Some(letter) = dead_letter
+                        && self.recorded_outcome(order_id, event_id).await?.is_none()
+                    {
+                        self.put_dead_letter(letter).await?;
+                    }
                     let version = self.get_with(order_id, false).await?.map_or(0, |o| o.version as i64);
                     let entry = (order_id, event_id, version, outcome.as_str(), Some(reason), source, decided_by, now);
-                    let applied = self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?;
-                    if let Some(letter) = dead_letter {
-                        let recorded = match applied {
-                            Some(true) => Some(*outcome),
-                            _ => self.recorded_outcome(order_id, event_id).await?,
-                        };
-                        // Ours, or an earlier attempt's rejection whose letter a crash may
-                        // have kept from being written: the letter is idempotent by id.
-                        if recorded == Some(Outcome::Rejected) {
-                            self.put_dead_letter(letter).await?;
-                        }
-                    }
-                    applied
+                    self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?
                 }
             };
             let order_id = match w {
@@ -540,10 +534,19 @@ impl CqlStore {
         } else {
             let rows = self.session.execute_unpaged(&self.st.letter_seq_serial, (&d.id,)).await.map_err(backend)?;
             let held = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<CqlTimeuuid>,)>();
-            match held.map_err(backend)? {
+            let seq = match held.map_err(backend)? {
                 Some((Some(seq),)) => seq,
                 _ => return Err(StoreError::Unavailable(format!("dead letter {}: its place is unknown", d.id).into())),
+            };
+            // Event ids are per order here: the id may hold another order's letter. This
+            // one is then filed under an id of its own, never over the other.
+            if let Some(other) = self.letter_by_id(&d.id).await?
+                && other.order_id != d.order_id
+            {
+                let own = format!("{}@{}", d.id, d.order_id.as_deref().unwrap_or("none"));
+                return Box::pin(self.put_dead_letter(&DeadLetter { id: own, ..d.clone() })).await;
             }
+            seq
         };
         let values = (
             seq,
