@@ -145,7 +145,7 @@ async fn a_looping_shadow_candidate_does_not_slow_live_events() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path()).await;
     // The candidate loops on every `poison*` order; the active rules decide them at once.
-    assert_eq!(s.deploy("order-rules", plugin("fixture_spin"), true).await.status(), 201);
+    s.deploy_ok("order-rules", plugin("fixture_spin"), true).await;
     let events: Vec<Value> =
         (0..300).map(|i| created(&format!("poison-{i}"), &format!("poison-{i}"), "SILVER", 1_000 + i)).collect();
     assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
@@ -233,7 +233,7 @@ async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback()
     assert_eq!(s.get_json("/orders/after-rollback").await.1["shipping_fee_cents"], 599);
 
     // A shadow can be discarded too.
-    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), true).await.status(), 201);
+    s.deploy_ok("order-rules", plugin("fixture_rules_v2"), true).await;
     let r = client().delete(s.url("/plugins/order-rules/shadow")).bearer_auth(TOKEN).send().await.unwrap();
     assert_eq!(r.status(), 204);
     let (_, slots) = s.get_json("/plugins").await;
@@ -328,11 +328,11 @@ async fn hot_swap_under_load_loses_and_duplicates_nothing() {
         }
     };
     flowed(3_000).await;
-    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), false).await.status(), 201);
+    s.deploy_ok("order-rules", plugin("fixture_rules_v2"), false).await;
     flowed(3_000).await;
     assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
     flowed(3_000).await;
-    assert_eq!(s.deploy("order-rules", plugin("fixture_rules_v2"), false).await.status(), 201);
+    s.deploy_ok("order-rules", plugin("fixture_rules_v2"), false).await;
     flowed(3_000).await;
     stop.store(true, Ordering::Relaxed);
     let rate = producer.await.unwrap();

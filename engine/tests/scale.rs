@@ -165,7 +165,7 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Server::start(dir_a.path()).await;
     let b = Server::start_beside(dir_b.path(), &a).await;
-    assert_eq!(a.deploy("order-rules", common::plugin("fixture_rules_v2"), false).await.status(), 201);
+    a.deploy_ok("order-rules", common::plugin("fixture_rules_v2"), false).await;
     let wait_for = |s: &Server, version: u64| {
         let s = s.url("/plugins");
         async move {

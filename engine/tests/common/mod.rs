@@ -273,6 +273,15 @@ impl Server {
         client().put(url).bearer_auth(TOKEN).body(bytes).send().await.unwrap()
     }
 
+    /// Deploys and expects 201, showing the engine's answer if it is anything else.
+    pub async fn deploy_ok(&self, slot: &str, bytes: Vec<u8>, shadow: bool) -> Value {
+        let r = self.deploy(slot, bytes, shadow).await;
+        let status = r.status();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 201, "deploy {slot}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
     pub async fn post_authorized(&self, path: &str) -> reqwest::Response {
         client().post(self.url(path)).bearer_auth(TOKEN).send().await.unwrap()
     }
