@@ -44,7 +44,8 @@ impl Reply {
     /// The engine's error message, for showing to the operator as is.
     pub fn error_text(&self) -> String {
         let v: serde_json::Value = serde_json::from_str(&self.body).unwrap_or_default();
-        let msg = [v["detail"].as_str(), v["error"].as_str()].into_iter().flatten().collect::<Vec<_>>().join(": ");
+        let detail = v["detail"]["message"].as_str().or(v["detail"].as_str());
+        let msg = [detail, v["error"].as_str()].into_iter().flatten().collect::<Vec<_>>().join(": ");
         if msg.is_empty() {
             format!("HTTP {}: {}", self.status, self.body)
         } else {

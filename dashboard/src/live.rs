@@ -17,6 +17,9 @@ thread_local! {
     static ATTEMPTS: Cell<u32> = const { Cell::new(0) };
     static CONNECTED_BEFORE: Cell<bool> = const { Cell::new(false) };
     static SOCKET: RefCell<Option<web_sys::WebSocket>> = const { RefCell::new(None) };
+    /// Offer the API token on the next socket: after one closed without opening, as
+    /// an engine off loopback closes a socket that brings none.
+    static OFFER_TOKEN: Cell<bool> = const { Cell::new(false) };
     /// Set when the queue overflowed: the next frame re-fetches instead of applying.
     static OVERFLOWED: Cell<bool> = const { Cell::new(false) };
 }
@@ -37,7 +40,17 @@ pub fn connect(app: App) {
     let loc = window.location();
     let scheme = if loc.protocol().unwrap_or_default() == "https:" { "wss" } else { "ws" };
     let url = format!("{scheme}://{}/ws", loc.host().unwrap_or_default());
-    let ws = match web_sys::WebSocket::new(&url) {
+    // Headers cannot go on a WebSocket, so the token (needed off loopback) rides as a
+    // subprotocol beside the one the engine selects. It is offered only after a socket
+    // without it was refused: on loopback the feed is open and none is needed.
+    let token = crate::api::load_token();
+    let opened = if token.is_empty() || !OFFER_TOKEN.get() {
+        web_sys::WebSocket::new(&url)
+    } else {
+        let protocols = js_sys::Array::of2(&"orchestrator".into(), &format!("bearer.{token}").into());
+        web_sys::WebSocket::new_with_str_sequence(&url, &protocols).or_else(|_| web_sys::WebSocket::new(&url))
+    };
+    let ws = match opened {
         Ok(ws) => ws,
         Err(_) => return retry(app),
     };
@@ -48,8 +61,18 @@ pub fn connect(app: App) {
     });
     ws.set_onmessage(Some(on_message.as_ref().unchecked_ref()));
     on_message.forget();
+    let was_open = std::rc::Rc::new(Cell::new(false));
+    let on_open = Closure::<dyn FnMut(web_sys::Event)>::new({
+        let was_open = was_open.clone();
+        move |_e: web_sys::Event| was_open.set(true)
+    });
+    ws.set_onopen(Some(on_open.as_ref().unchecked_ref()));
+    on_open.forget();
     let on_close = Closure::<dyn FnMut(web_sys::Event)>::new(move |_e: web_sys::Event| {
         SOCKET.with_borrow_mut(|s| *s = None);
+        if !was_open.get() {
+            OFFER_TOKEN.set(!OFFER_TOKEN.get());
+        }
         retry(app);
     });
     // An error is always followed by close; reconnecting on close alone avoids doing it twice.

@@ -219,7 +219,7 @@ test('scrolling far loads more pages and renders the row at index 10000', async 
 test('a PATCH from outside appears in the visible row without a reload', async () => {
   const id = await page.locator('[data-testid=order-row][data-index="3"]').getAttribute('data-order-id');
   const before = (await api('GET', `/orders/${id}`)).json;
-  const r = await api('PATCH', `/orders/${id}`, { body: { shipping_fee_cents: 1234, note: 'from outside' }, ifMatch: before.version });
+  const r = await api('PATCH', `/orders/${id}`, { body: { shipping_fee_cents: 1234, note: 'from outside' }, ifMatch: before.version, auth: true });
   assert.equal(r.status, 200);
   await row(id).locator('[data-testid=cell-version]').filter({ hasText: String(before.version + 1) }).waitFor();
   assert.match(await row(id).locator('[data-testid=cell-fee]').textContent(), /^12\.34/);
@@ -235,7 +235,7 @@ test('unsaved edits under a newer version open the conflict dialog; each choice 
 
   // Take server: my unsaved note is dropped for the server's row.
   await page.locator('[data-testid=edit-note]').fill('mine');
-  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'theirs', shipping_fee_cents: 555 }, ifMatch: v0 })).status, 200);
+  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'theirs', shipping_fee_cents: 555 }, ifMatch: v0, auth: true })).status, 200);
   const dialog = page.locator('[data-testid=conflict-dialog]');
   await dialog.waitFor();
   assert.equal(await dialog.locator('[data-testid=conflict-note] [data-testid=mine]').textContent(), 'mine');
@@ -248,7 +248,7 @@ test('unsaved edits under a newer version open the conflict dialog; each choice 
 
   // Re-apply mine: my note goes on top of the server's row, keeping its new fee.
   await page.locator('[data-testid=edit-note]').fill('mine again');
-  assert.equal((await api('PATCH', `/orders/${id}`, { body: { shipping_fee_cents: 777 }, ifMatch: v0 + 1 })).status, 200);
+  assert.equal((await api('PATCH', `/orders/${id}`, { body: { shipping_fee_cents: 777 }, ifMatch: v0 + 1, auth: true })).status, 200);
   await dialog.waitFor();
   await page.locator('[data-testid=reapply-mine]').click();
   await page.locator('[data-testid=detail-version]').filter({ hasText: String(v0 + 3) }).waitFor();
@@ -259,7 +259,7 @@ test('unsaved edits under a newer version open the conflict dialog; each choice 
   // Merge: keep my fee, take the server's note.
   await page.locator('[data-testid=edit-fee]').fill('4242');
   await page.locator('[data-testid=edit-note]').fill('my note, dropped in the merge');
-  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'server note' }, ifMatch: v0 + 3 })).status, 200);
+  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'server note' }, ifMatch: v0 + 3, auth: true })).status, 200);
   await dialog.waitFor();
   await page.locator('[data-testid=keep-mine-note]').uncheck();
   await page.locator('[data-testid=merge]').click();
@@ -424,7 +424,7 @@ test('after the engine restarts, the page reconnects and resyncs the rows it sho
   const port = new URL(base).port;
   engine = spawn(bin, serveArgs(port), { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
   await waitFor('engine health after restart', async () => (await fetch(base + '/health')).ok, 60000);
-  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'while away' }, ifMatch: v0 })).status, 200);
+  assert.equal((await api('PATCH', `/orders/${id}`, { body: { note: 'while away' }, ifMatch: v0, auth: true })).status, 200);
   release();
   await page.locator('[data-testid=conn]').filter({ hasText: 'live' }).waitFor({ timeout: 30000 });
   await row(id).locator('[data-testid=cell-version]').filter({ hasText: String(v0 + 1) }).waitFor();

@@ -92,6 +92,27 @@ pub struct WebhookSendArgs {
     pub out: Option<std::path::PathBuf>,
 }
 
+/// The API's tokens. Prefer the environment or a file to `--api-token`: a flag's value
+/// shows in the process list.
+#[derive(Debug, Clone, Args)]
+pub struct AccessArgs {
+    /// The admin token (named "admin"). Without any, `serve` makes one up on a loopback
+    /// bind (written to <data-dir>/api-token) and refuses to start otherwise.
+    #[arg(long, env = "ORCHESTRATOR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// A file holding the admin token (its first line), instead of --api-token.
+    #[arg(long, env = "ORCHESTRATOR_API_TOKEN_FILE", conflicts_with = "api_token")]
+    pub api_token_file: Option<PathBuf>,
+    /// More tokens, one per line: `<name> <role> <token>`, role producer, operator or
+    /// admin. The file must be private to the engine's user (chmod 600).
+    #[arg(long, env = "ORCHESTRATOR_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Host names a loopback-bound engine answers to besides loopback ones (comma-separated),
+    /// as when a proxy forwards `orders.example.com` to it. Other hosts get 403.
+    #[arg(long, env = "ORCHESTRATOR_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address the HTTP server binds.
@@ -107,10 +128,8 @@ pub struct ServeArgs {
     /// Largest accepted request body in bytes; larger ones get 413.
     #[arg(long, env = "ORCHESTRATOR_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
-    /// Bearer token for mutating plugin and dead-letter calls. Without one, the engine
-    /// makes one up (and logs it) when it listens on loopback, and refuses to start otherwise.
-    #[arg(long, env = "ORCHESTRATOR_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    #[command(flatten)]
+    pub access: AccessArgs,
     /// Per-call deadline of a rule plugin, in milliseconds.
     #[arg(long, env = "ORCHESTRATOR_PLUGIN_DEADLINE_MS", default_value_t = 10)]
     pub plugin_deadline_ms: u64,
@@ -174,6 +193,8 @@ pub struct BridgeArgs {
     pub backends: Backends,
     #[command(flatten)]
     pub shopify: ShopifyArgs,
+    #[command(flatten)]
+    pub access: AccessArgs,
 }
 
 /// Kafka and a CQL store (ScyllaDB) instead of the embedded default. Both or neither.

@@ -315,6 +315,12 @@ pub fn truncate_note(mut note: String) -> String {
 
 impl OrderEvent {
     /// Checks what serde cannot: identifiers and amounts.
+    /// Whether the event says it came from Shopify: by its source, or by an event id in
+    /// the space of Shopify's webhook ids. Only the signed webhook path may say so.
+    pub fn claims_shopify(&self) -> bool {
+        self.source.eq_ignore_ascii_case("shopify") || self.event_id.starts_with("shopify:")
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         check_id("event_id", &self.event_id)?;
         check_id("order_id", &self.order_id)?;

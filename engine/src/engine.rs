@@ -167,15 +167,38 @@ pub enum SwitchError {
     File(#[source] std::io::Error),
 }
 
+/// The data dir holds customer emails and tokens: mode 0700, its files 0600, once the
+/// engine has opened them (SQLite gives the files it makes later its database's mode).
+fn make_private(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Opens the backend's log and store, with plugin deployments in
     /// `data_dir/plugins.sqlite` (on every backend), ready to [`start`](Self::start).
     /// The data dir is created only when something goes into it.
     pub async fn open(backend: Backend, data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
-        if backend.is_embedded() || config.plugins.is_some() {
+        let keeps_files = backend.is_embedded() || config.plugins.is_some();
+        if keeps_files {
             std::fs::create_dir_all(data_dir)
                 .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", data_dir.display()))?;
         }
+        let engine = Self::open_in(backend, data_dir, config).await?;
+        if keeps_files {
+            make_private(data_dir).map_err(|e| anyhow::anyhow!("cannot make {} private: {e}", data_dir.display()))?;
+        }
+        Ok(engine)
+    }
+
+    async fn open_in(backend: Backend, data_dir: &Path, config: EngineConfig) -> anyhow::Result<Arc<Self>> {
         let rulebook = crate::plugin::native::rulebook();
         let plugins = match &config.plugins {
             Some(p) => {
@@ -560,6 +583,11 @@ impl Engine {
     /// Webhook deduplication claims and the delivery audit.
     pub fn webhooks(&self) -> &dyn WebhookLedger {
         &*self.stores.webhooks
+    }
+
+    /// The audit of operator and admin actions.
+    pub fn action_log(&self) -> &dyn store::ActionLog {
+        &*self.stores.actions
     }
 
     /// Generated runs' records, audit, purge and reset.

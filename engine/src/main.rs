@@ -7,8 +7,10 @@
 
 use anyhow::Context;
 use clap::Parser;
+use orchestrator::api::auth::{self, Access};
+use orchestrator::api::origin::Hosts;
 use orchestrator::api::{self, ApiConfig, AppState};
-use orchestrator::config::{BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
+use orchestrator::config::{AccessArgs, BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
 use orchestrator::engine::{Backend, Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
 use orchestrator::runs::{RunConfig, Runs};
@@ -43,7 +45,8 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let api_token = api_token(&args)?;
+    let access = access(&args.access, args.listen, Some(&args.data_dir))?;
+    let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
     let metrics = telemetry::install();
     let plugins = PluginConfig {
         limits: Limits {
@@ -82,7 +85,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine: engine.clone(),
         runs,
         metrics,
-        config: ApiConfig { max_body_bytes: args.max_body_bytes, api_token, shopify },
+        config: ApiConfig { max_body_bytes: args.max_body_bytes, access, hosts, shopify },
     };
     axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
@@ -103,6 +106,8 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         .shopify
         .config()
         .ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
+    let access = access(&args.access, args.listen, None)?;
+    let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
     let metrics = telemetry::install();
     // No pipeline, no plugins, no WebSocket clients: webhooks in, events on the log out.
     let config = EngineConfig { plugins: None, follow_changes: false, ..Default::default() };
@@ -112,37 +117,64 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "Shopify bridge ready: POST /webhooks/shopify");
-    // No token is needed: the bridge has no mutating endpoint but the signed webhook.
+    // The bridge's only write is the signed webhook; tokens guard its audit off loopback.
     let runs = Runs::new(engine.clone(), RunConfig::default());
     let state = AppState {
         engine: engine.clone(),
         runs,
         metrics,
-        config: ApiConfig { max_body_bytes: 1 << 20, api_token: String::new(), shopify: Some(shopify) },
+        config: ApiConfig { max_body_bytes: 1 << 20, access, hosts, shopify: Some(shopify) },
     };
     axum::serve(listener, api::bridge_router(state)).with_graceful_shutdown(shutdown_signal()).await?;
     engine.flush_log().await?;
     Ok(())
 }
 
-/// The configured token; or, on loopback only, a fresh one written to `<data-dir>/api-token`.
-fn api_token(args: &ServeArgs) -> anyhow::Result<String> {
-    if let Some(t) = args.api_token.as_ref().filter(|t| !t.is_empty()) {
-        return Ok(t.clone());
-    }
-    if !args.listen.ip().is_loopback() {
-        anyhow::bail!(
-            "refusing to expose plugin deployment on {} without a token: set --api-token or ORCHESTRATOR_API_TOKEN",
-            args.listen
-        );
-    }
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    std::fs::create_dir_all(&args.data_dir)?;
-    let path = args.data_dir.join("api-token");
-    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    tracing::warn!(path = %path.display(), "no API token configured: generated one for this loopback-only engine (set ORCHESTRATOR_API_TOKEN to choose)");
-    Ok(token)
+/// The API's tokens: the admin token (configured; or, on loopback only, made up and
+/// written to `<data-dir>/api-token`), and those of the tokens file.
+fn access(
+    args: &AccessArgs,
+    listen: std::net::SocketAddr,
+    data_dir: Option<&std::path::Path>,
+) -> anyhow::Result<Access> {
+    let others = match &args.tokens_file {
+        Some(path) => auth::read_tokens_file(path)?,
+        None => Vec::new(),
+    };
+    let configured = match (&args.api_token, &args.api_token_file) {
+        (Some(t), _) if !t.is_empty() => Some(t.clone()),
+        (_, Some(path)) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_string();
+            Some(token).filter(|t| !t.is_empty())
+        }
+        _ => None,
+    };
+    let loopback = listen.ip().is_loopback();
+    let admin = match (configured, data_dir) {
+        (Some(t), _) if t.len() < auth::MIN_TOKEN_LEN && !loopback => {
+            anyhow::bail!(
+                "the API token is shorter than {} characters: too easy to guess off loopback",
+                auth::MIN_TOKEN_LEN
+            )
+        }
+        (Some(t), _) => t,
+        (None, _) if !loopback => anyhow::bail!(
+            "refusing to serve on {listen} without an admin token: set ORCHESTRATOR_API_TOKEN or --api-token-file"
+        ),
+        // Nobody knows this one: only the tokens file's tokens work.
+        (None, None) => uuid::Uuid::new_v4().simple().to_string(),
+        (None, Some(dir)) => {
+            let token = uuid::Uuid::new_v4().simple().to_string();
+            std::fs::create_dir_all(dir)?;
+            let path = dir.join("api-token");
+            std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            tracing::warn!(path = %path.display(), "no API token configured: generated one for this loopback-only engine (set ORCHESTRATOR_API_TOKEN to choose)");
+            token
+        }
+    };
+    Ok(Access::new(&admin, others, loopback))
 }
 
 async fn shutdown_signal() {

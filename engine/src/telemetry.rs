@@ -29,6 +29,8 @@ pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
 pub const RUN_PHASE_CHANGES: &str = "orchestrator_run_phase_changes_total";
 pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
 pub const PARKED: &str = "orchestrator_parked_events_total";
+pub const AUTH_REFUSED: &str = "orchestrator_auth_refused_total";
+pub const DEGRADED: &str = "orchestrator_degraded";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -51,6 +53,25 @@ pub const ALL: &[&str] = &[
     RUN_PHASE_CHANGES,
     WEBHOOKS_RECEIVED,
     PARKED,
+    AUTH_REFUSED,
+    DEGRADED,
+];
+
+/// The (stage, error_type) pairs the engine counts, registered at zero on start so that
+/// alerts and dashboards see the series before the first error.
+const ERROR_KINDS: &[(&str, &str)] = &[
+    ("decode", "malformed"),
+    ("decode", "record_id_reused"),
+    ("rules", "trap"),
+    ("rules", "timeout"),
+    ("rules", "memory_limit"),
+    ("rules", "instantiate"),
+    ("resolver", "trap"),
+    ("resolver", "timeout"),
+    ("store", "conflict_retries_exhausted"),
+    ("store", "event_id_reused"),
+    ("publish", "unpublishable"),
+    ("audit", "store"),
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -67,6 +88,7 @@ pub fn install() -> PrometheusHandle {
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
             describe();
+            register_at_zero();
             handle
         })
         .clone()
@@ -119,6 +141,41 @@ fn describe() {
         PARKED,
         "Events that came before their order's create, by priority and action (parked; released: decided later)."
     );
+    describe_gauge!(DEGRADED, "1 while the log or the store fails (GET /health answers 503), else 0.");
+    describe_counter!(
+        AUTH_REFUSED,
+        "Requests refused by the access policy, by reason (unauthenticated: no or unknown token; forbidden: role too low)."
+    );
+}
+
+/// Registers the series the README lists at zero, so `/metrics` shows each (with its
+/// help text) from the start, not after its first increment.
+fn register_at_zero() {
+    for p in Priority::ALL {
+        for name in [RECEIVED, CONSUMED, APPLIED] {
+            counter!(name, "priority" => p.label()).absolute(0);
+        }
+        for outcome in ["applied", "skipped", "rejected", "duplicate"] {
+            counter!(PROCESSED, "priority" => p.label(), "outcome" => outcome).absolute(0);
+        }
+        for action in ["parked", "released"] {
+            counter!(PARKED, "priority" => p.label(), "action" => action).absolute(0);
+        }
+        gauge!(QUEUE_DEPTH, "priority" => p.label()).set(0.0);
+    }
+    for (stage, error_type) in ERROR_KINDS {
+        counter!(ERRORS, "error_type" => *error_type, "stage" => *stage).absolute(0);
+    }
+    for reason in ["unauthenticated", "forbidden"] {
+        counter!(AUTH_REFUSED, "reason" => reason).absolute(0);
+    }
+    for outcome in ["received", "duplicate", "ignored", "rejected"] {
+        counter!(WEBHOOKS_RECEIVED, "outcome" => outcome).absolute(0);
+    }
+    counter!(CAS_CONFLICTS).absolute(0);
+    counter!(WS_RESYNCS).absolute(0);
+    gauge!(WS_CLIENTS).set(0.0);
+    gauge!(DEGRADED).set(0.0);
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Server, client, created, history, updated};
+use common::{Server, TOKEN, client, created, history, updated};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -13,15 +13,16 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--max-body-bytes", "65536"]).await;
     let c = client();
-    let post_raw =
-        |body: String| c.post(s.url("/orders/events")).header("content-type", "application/json").body(body).send();
+    let post_raw = |body: String| {
+        c.post(s.url("/orders/events")).bearer_auth(TOKEN).header("content-type", "application/json").body(body).send()
+    };
 
     // Malformed JSON.
     let r = post_raw("{\"event_id\": ".into()).await.unwrap();
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "malformed event");
-    assert!(body["detail"].as_str().unwrap().contains("EOF"), "{body}");
+    assert!(body["detail"]["message"].as_str().unwrap().contains("EOF"), "{body}");
 
     // A wrong type.
     let mut e = created("o-bad", "e-bad", "GOLD", 100);
@@ -29,7 +30,7 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let r = s.post_events(&e).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("invalid type"), "{body}");
+    assert!(body["detail"]["message"].as_str().unwrap().contains("invalid type"), "{body}");
 
     // An unknown kind.
     let mut e = created("o-bad", "e-bad", "GOLD", 100);
@@ -37,7 +38,7 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let r = s.post_events(&e).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("unknown variant `exploded`"), "{body}");
+    assert!(body["detail"]["message"].as_str().unwrap().contains("unknown variant `exploded`"), "{body}");
 
     // A semantically invalid event inside an array: nothing of the array is written.
     let batch = json!([created("o-half", "e-half-1", "GOLD", 100), {"event_id": "", "order_id": "o-half", "kind": "updated", "source": "t", "occurred_at": "2026-11-21T10:00:00Z"}]);
@@ -75,7 +76,7 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
 
     // PATCH without If-Match, with a garbage one, with a stale one, and on a missing order.
     let patch = |id: &str, if_match: Option<&str>, body: Value| {
-        let mut req = c.patch(s.url(&format!("/orders/{id}"))).json(&body);
+        let mut req = c.patch(s.url(&format!("/orders/{id}"))).bearer_auth(TOKEN).json(&body);
         if let Some(v) = if_match {
             req = req.header("if-match", v);
         }
@@ -265,6 +266,29 @@ async fn listing_pages_with_cursors_and_filters() {
     }
 }
 
+/// Before any event, every series the README lists is on `/metrics` with its help text,
+/// so alerts and dashboards see zeros instead of gaps; promtool accepts the page.
+#[tokio::test]
+async fn a_fresh_engine_exports_every_listed_series_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let text = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for needle in [
+        "# HELP orchestrator_errors_total",
+        "orchestrator_errors_total{error_type=\"timeout\",stage=\"rules\"} 0",
+        "orchestrator_processed_events_total{priority=\"vip\",outcome=\"rejected\"} 0",
+        "orchestrator_cas_conflicts_total 0",
+        "orchestrator_parked_events_total{priority=\"normal\",action=\"parked\"} 0",
+        "orchestrator_auth_refused_total{reason=\"forbidden\"} 0",
+        "orchestrator_webhooks_received_total{outcome=\"received\"} 0",
+        "# HELP orchestrator_degraded",
+        "orchestrator_degraded 0",
+    ] {
+        assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
+    }
+    check_with_promtool(&text);
+}
+
 #[tokio::test]
 async fn metrics_pass_promtool_and_openapi_lists_the_routes() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,7 +375,7 @@ fn refuses_to_expose_plugin_deployment_beyond_loopback_without_a_token() {
         common::orchestrator().args(["serve", "--listen", "0.0.0.0:0", "--data-dir"]).arg(dir.path()).output().unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("without a token") && stderr.contains("ORCHESTRATOR_API_TOKEN"), "{stderr}");
+    assert!(stderr.contains("without an admin token") && stderr.contains("ORCHESTRATOR_API_TOKEN"), "{stderr}");
 }
 
 #[tokio::test]

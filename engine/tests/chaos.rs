@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::{Server, client, created, history, updated};
+use common::{Server, TOKEN, client, created, history, updated};
 use serde_json::{Value, json};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -22,7 +22,7 @@ async fn concurrent_events_and_edits_apply_exactly_once() {
     for e in events.clone() {
         let url = s.url("/orders/events");
         tasks.push(tokio::spawn(async move {
-            let r = client().post(url).json(&e).send().await.unwrap();
+            let r = client().post(url).bearer_auth(TOKEN).json(&e).send().await.unwrap();
             assert_eq!(r.status(), 202);
             0u32
         }));
@@ -38,6 +38,7 @@ async fn concurrent_events_and_edits_apply_exactly_once() {
             for attempt in 0..10_000u32 {
                 let r = c
                     .patch(format!("{base}/orders/chaos-1"))
+                    .bearer_auth(TOKEN)
                     .header("if-match", version.to_string())
                     // Edits touch the fee, events the note: every change survives the merge.
                     .json(&json!({"shipping_fee_cents": 100 + j}))

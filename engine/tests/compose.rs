@@ -37,17 +37,48 @@ fn dashboard_queries_only_metrics_the_engine_exports() {
     assert!(checked >= 8, "the dashboard queries the engine's metrics");
 }
 
+/// Runs promtool with `args`; where it is missing, a failure on CI and a note elsewhere.
+fn promtool(args: &[&str]) -> Option<std::process::Output> {
+    match Command::new("promtool").args(args).current_dir(compose_dir().join("prometheus")).output() {
+        Ok(o) => Some(o),
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("promtool not installed ({e}); not checked");
+            None
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    }
+}
+
 #[test]
 fn prometheus_config_passes_promtool() {
-    let out =
-        match Command::new("promtool").args(["check", "config"]).arg(compose_dir().join("prometheus.yml")).output() {
-            Ok(o) => o,
-            Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-                return eprintln!("promtool not installed ({e}); not checked");
-            }
-            Err(e) => panic!("promtool is required in CI: {e}"),
-        };
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    if let Some(out) = promtool(&["check", "config", "prometheus.yml"]) {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Each alert fires on its symptom and stays quiet on a healthy engine.
+#[test]
+fn alert_rules_pass_their_promtool_tests() {
+    if let Some(out) = promtool(&["test", "rules", "alerts.test.yml"]) {
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The rules query only metrics the engine exports.
+    let rules = std::fs::read_to_string(compose_dir().join("prometheus/alerts.yml")).unwrap();
+    for word in
+        rules.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).filter(|w| w.starts_with("orchestrator_"))
+    {
+        assert!(telemetry::ALL.contains(&word), "alerts.yml queries {word}, which the engine does not export");
+    }
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, created, updated};
+use common::{Server, authorized, client, created, updated};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -33,7 +33,7 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
     let poster = {
         let (url, acked) = (s.url("/orders/events"), acked.clone());
         tokio::spawn(async move {
-            let c = client();
+            let c = authorized();
             let mut chunks = chunks.into_iter().enumerate();
             let (k, creates) = chunks.next().unwrap();
             assert_eq!(c.post(&url).json(&creates).send().await.unwrap().status(), 202);

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, client, created, distributed};
+use common::{Server, authorized, client, created, distributed};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -67,7 +67,7 @@ async fn service_restarts_lose_and_double_nothing() {
     let producer = {
         let (url, accepted, stop) = (s.url("/orders/events"), accepted.clone(), stop.clone());
         tokio::spawn(async move {
-            let c = client();
+            let c = authorized();
             let mut n = 0;
             let mut refused = 0;
             while !stop.load(Ordering::Relaxed) {

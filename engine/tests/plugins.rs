@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, TOKEN, client, created, history, plugin};
+use common::{Server, TOKEN, authorized, client, created, history, plugin};
 use serde_json::{Value, json};
 
 async fn dead_letters(s: &Server) -> Vec<Value> {
@@ -37,18 +37,21 @@ async fn deploy_errors_leave_the_active_version_alone() {
     let r = s.deploy("order-rules", b"\0asm garbage that is not wasm".to_vec(), false).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("not a valid WebAssembly component"), "{body}");
+    assert!(body["detail"]["message"].as_str().unwrap().contains("not a valid WebAssembly component"), "{body}");
     assert_eq!(s.deploy("order-rules", Vec::new(), false).await.status(), 400);
     let r = s.deploy("order-rules", plugin("fixture_wrong_world"), false).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("does not implement the `order-rules` world"), "{body}");
+    assert!(
+        body["detail"]["message"].as_str().unwrap().contains("does not implement the `order-rules` world"),
+        "{body}"
+    );
     let r = s.deploy("conflict-resolver", plugin("order_rules"), false).await;
     assert_eq!(r.status(), 400, "rules deployed as a resolver");
     let r = s.deploy("order-rules", vec![0u8; 300_000], false).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
-    assert!(body["detail"].as_str().unwrap().contains("the limit is 200000 bytes"), "{body}");
+    assert!(body["detail"]["message"].as_str().unwrap().contains("the limit is 200000 bytes"), "{body}");
     assert_eq!(s.deploy("pricing", plugin("order_rules"), false).await.status(), 404);
     assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 409, "nothing to roll back to");
     assert_eq!(s.post_authorized("/plugins/order-rules/promote").await.status(), 409, "no shadow to promote");
@@ -299,7 +302,7 @@ async fn hot_swap_under_load_loses_and_duplicates_nothing() {
     let producer = {
         let (url, sent, stop) = (s.url("/orders/events"), sent.clone(), stop.clone());
         tokio::spawn(async move {
-            let c = client();
+            let c = authorized();
             let started = Instant::now();
             let mut tick = tokio::time::interval(Duration::from_millis(25));
             while !stop.load(Ordering::Relaxed) {

@@ -253,9 +253,16 @@ async fn bad_run_requests_get_clear_statuses() {
         assert!(err["error"].as_str().is_some_and(|e| !e.is_empty()), "a clear error for {body}: {err}");
     }
     let (code, err) = post(&s, "/runs", json!({"quantity": 1001}), true).await;
-    assert!(err["detail"].as_str().unwrap().contains("1000"), "{code} {err}");
+    assert!(err["detail"]["message"].as_str().unwrap().contains("1000"), "{code} {err}");
     assert_eq!(post(&s, "/runs", json!({"quantity": 10}), false).await.0, 401);
-    let raw = client().post(s.url("/runs")).bearer_auth(TOKEN).body("{not json").send().await.unwrap();
+    let raw = client()
+        .post(s.url("/runs"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(raw.status(), 400);
     assert_eq!(s.get_json("/runs/run-missing").await.0, 404);
     assert_eq!(s.get_json("/runs?limit=0").await.0, 400);

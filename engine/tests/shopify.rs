@@ -61,7 +61,7 @@ async fn signed_deliveries_become_events_once() {
     let no_id = br#"{"updated_at": "2026-11-21T12:00:00Z"}"#;
     let r = deliver(&s, "orders/updated", "w-4", no_id, Some(sign(SECRET, no_id))).await;
     assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["detail"].as_str().unwrap().contains("no id"));
+    assert!(r.json::<Value>().await.unwrap()["detail"]["message"].as_str().unwrap().contains("no id"));
     let big = vec![b' '; 9000];
     assert_eq!(deliver(&s, "orders/updated", "w-5", &big, Some(sign(SECRET, &big))).await.status(), 413);
     s.drain(Duration::from_secs(10)).await;
@@ -221,6 +221,37 @@ async fn stale_deliveries_are_discarded_and_audited() {
     let last = h.last().unwrap();
     assert_eq!((last["event_id"].as_str(), last["outcome"].as_str()), (Some("shopify:s-1"), Some("skipped")));
     assert!(last["reason"].as_str().unwrap().starts_with("discarded: stale delivery"), "{last}");
+}
+
+/// An unsigned request may not pose as Shopify: a `shopify` source dated 2099 made every
+/// genuine delivery of that order stale, and a `shopify:<webhook id>` event id made the
+/// genuine delivery a silent duplicate. Both are refused, and the genuine ones apply.
+#[tokio::test]
+async fn the_api_cannot_forge_shopify_provenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    assert_eq!(deliver(&s, "orders/create", "f-0", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    let order = "shopify-820982911946154508";
+    let mut future = common::updated(order, "forged-1", json!({ "note": "forged" }));
+    future["source"] = json!("shopify");
+    future["occurred_at"] = json!("2099-01-01T00:00:00Z");
+    let mut borrowed = common::updated(order, "shopify:f-1", json!({ "note": "borrowed" }));
+    borrowed["source"] = json!("api");
+    for (forged, what) in [(future, "a shopify source"), (borrowed, "a webhook's event id")] {
+        let r = s.post_events(&json!([forged])).await;
+        assert_eq!(r.status(), 400, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["detail"]["index"], 0);
+        assert!(body["detail"]["reason"].as_str().unwrap().contains("signed webhook"), "{body}");
+    }
+    let genuine = update("genuine");
+    assert_eq!(deliver(&s, "orders/updated", "f-1", &genuine, Some(sign(SECRET, &genuine))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let (_, row) = s.get_json(&format!("/orders/{order}")).await;
+    assert_eq!(row["note"], "genuine", "{row}");
+    let h = history(&s, order).await;
+    let outcomes: Vec<&str> = h.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["applied", "applied"], "{h:?}");
 }
 
 /// Shopify's `updated_at` has one-second resolution: `orders/paid` and then

@@ -33,7 +33,7 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     eprintln!("503 after {waited:?}: {body}");
     assert_eq!(status, 503, "the log is down: {body}");
     assert_eq!(body["error"], "the order log is unavailable; retry later", "{body}");
-    assert!(body["detail"].as_str().is_some_and(|d| !d.is_empty()), "the answer says why: {body}");
+    assert!(body["detail"]["message"].as_str().is_some_and(|d| !d.is_empty()), "the answer says why: {body}");
     assert_eq!(retry_after.as_deref(), Some("5"));
 
     // Shopify retries with the same delivery id until it gets a 2xx.

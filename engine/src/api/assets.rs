@@ -10,11 +10,14 @@ const JS: &str = include_str!(concat!(env!("OUT_DIR"), "/dashboard/dashboard.js"
 const WASM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/dashboard/dashboard_bg.wasm"));
 const CSS: &str = include_str!(concat!(env!("OUT_DIR"), "/dashboard/style.css"));
 
-/// `/` and `/dashboard/*`; generic over the state so it merges into any router.
+/// `/`, `/ui/*` and `/dashboard/*`; generic over the state so it merges into any router.
 pub fn routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new()
         .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX.as_bytes()) }))
         .route("/dashboard", get(|| async { asset("text/html; charset=utf-8", INDEX.as_bytes()) }))
+        // The dashboard's own pages: every /ui path loads the app, which reads the path.
+        .route("/ui", get(|| async { asset("text/html; charset=utf-8", INDEX.as_bytes()) }))
+        .route("/ui/{*page}", get(|| async { asset("text/html; charset=utf-8", INDEX.as_bytes()) }))
         .route("/dashboard/dashboard.js", get(|| async { asset("text/javascript; charset=utf-8", JS.as_bytes()) }))
         .route("/dashboard/dashboard_bg.wasm", get(|| async { asset("application/wasm", WASM) }))
         .route("/dashboard/style.css", get(|| async { asset("text/css; charset=utf-8", CSS.as_bytes()) }))

@@ -15,8 +15,9 @@ use crate::store::StoreError;
 pub struct ErrorBody {
     /// A short human-readable summary.
     pub error: String,
-    /// Specifics: the parser's message, the offending index, the current row, ...
-    #[schema(value_type = Object)]
+    /// Specifics, an object or null: `message` (the parser's words), the offending
+    /// `index`, the `limit_bytes`, ...
+    #[schema(value_type = Option<Object>)]
     pub detail: Value,
     /// On 409 for a stale version: the row as it is now.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -35,8 +36,14 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A `detail` that is not an object or null becomes `{"message": detail}`, so clients
+    /// read one shape.
     pub fn new(status: StatusCode, error: impl Into<String>, detail: impl Into<Value>) -> Self {
-        Self { status, error: error.into(), detail: detail.into(), current: None, retry_after: None }
+        let detail = match detail.into() {
+            d @ (Value::Object(_) | Value::Null) => d,
+            other => serde_json::json!({ "message": other }),
+        };
+        Self { status, error: error.into(), detail, current: None, retry_after: None }
     }
 
     pub fn bad_request(error: impl Into<String>, detail: impl Into<Value>) -> Self {
@@ -112,4 +119,39 @@ impl ApiError {
         self.current = Some(current);
         self
     }
+}
+
+/// Answers that did not come from a handler (no route: 404, wrong method: 405, an
+/// extractor's plain-text rejection) become JSON like every other error, keeping their
+/// status and headers (`Allow` on 405).
+pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let path = req.uri().path().to_string();
+    let response = next.run(req).await;
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let status = response.status();
+    if status.as_u16() < 400 || is_json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Rejection texts are short; anything longer is cut rather than buffered.
+    let text = match axum::body::to_bytes(body, 4096).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let error = status.canonical_reason().unwrap_or("error").to_ascii_lowercase();
+    let detail = match (status, text.is_empty()) {
+        (StatusCode::NOT_FOUND, _) => {
+            serde_json::json!({ "path": path, "message": "no such route; see /openapi.json" })
+        }
+        (_, true) => Value::Null,
+        (_, false) => serde_json::json!({ "message": text }),
+    };
+    let body = ErrorBody { error, detail, current: None };
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    parts.headers.insert(axum::http::header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/json"));
+    Response::from_parts(parts, axum::body::Body::from(serde_json::to_vec(&body).unwrap_or_default()))
 }

@@ -1,8 +1,10 @@
 //! The HTTP API: routes, shared state, and the handlers for health, metrics and orders.
 
 mod assets;
+pub mod auth;
 mod error;
 mod openapi;
+pub mod origin;
 mod plugins;
 mod runs;
 mod webhooks;
@@ -35,15 +37,17 @@ pub struct ApiConfig {
     /// Largest request body accepted; larger ones get 413. Plugin uploads have their
     /// own limit, checked by the registry.
     pub max_body_bytes: usize,
-    /// Bearer token required on mutating plugin and dead-letter calls.
-    pub api_token: String,
+    /// The tokens, and whether reads are open: see `auth.rs`.
+    pub access: auth::Access,
+    /// The host names a loopback engine answers to: see `origin.rs`.
+    pub hosts: origin::Hosts,
     /// The Shopify bridge, when a webhook secret is configured.
     pub shopify: Option<crate::shopify::ShopifyConfig>,
 }
 
 /// Plugin uploads beyond the registry's limit still reach it (and get its clear 400)
 /// up to this size.
-const PLUGIN_BODY_LIMIT: usize = 64 << 20;
+pub(crate) const PLUGIN_BODY_LIMIT: usize = 64 << 20;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -84,8 +88,12 @@ pub fn router(state: AppState) -> Router {
         .route("/reset", post(runs::reset))
         .route("/webhooks/shopify", post(webhooks::receive).layer(DefaultBodyLimit::max(shopify_limit)))
         .route("/webhooks/deliveries", get(webhooks::deliveries))
+        .route("/audit", get(audit))
         .merge(assets::routes())
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::check))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 
@@ -97,6 +105,9 @@ pub fn bridge_router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .route("/webhooks/shopify", post(webhooks::receive).layer(DefaultBodyLimit::max(limit)))
         .route("/webhooks/deliveries", get(webhooks::deliveries))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::guard))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), origin::check))
+        .layer(axum::middleware::from_fn(error::json_errors))
         .with_state(state)
 }
 
@@ -160,6 +171,8 @@ async fn metrics(State(s): State<AppState>) -> Response {
     for p in Priority::ALL {
         telemetry::queue_depth(p).set(s.engine.queue_depth(p) as f64);
     }
+    let degraded = s.engine.health().await.is_err();
+    metrics::gauge!(telemetry::DEGRADED).set(if degraded { 1.0 } else { 0.0 });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 
@@ -167,24 +180,77 @@ async fn metrics(State(s): State<AppState>) -> Response {
 #[into_params(parameter_in = Query)]
 pub struct LogParams {
     /// How many of the latest lines, 1..=500 (default 100).
-    limit: Option<usize>,
+    limit: Option<u64>,
 }
 
 /// The engine's latest log lines (INFO and above), oldest first.
 #[utoipa::path(get, path = "/logs", params(LogParams), responses((status = 200, body = Vec<crate::recent_logs::LogLine>), (status = 400, body = ErrorBody)))]
-async fn recent_logs(
-    params: Result<Query<LogParams>, QueryRejection>,
-) -> Result<Json<Vec<crate::recent_logs::LogLine>>, ApiError> {
-    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
-    let limit = p.limit.unwrap_or(100);
-    if !(1..=500).contains(&limit) {
-        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=500"));
-    }
-    Ok(Json(crate::recent_logs::recent(limit)))
+async fn recent_logs(ApiQuery(p): ApiQuery<LogParams>) -> Result<Json<Vec<crate::recent_logs::LogLine>>, ApiError> {
+    Ok(Json(crate::recent_logs::recent(page_limit(p.limit, 100, 500)?)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AuditParams {
+    /// Page size, 1..=1000 (default 100).
+    limit: Option<u64>,
+    /// `next_cursor` from the previous page.
+    cursor: Option<String>,
+}
+
+/// Operator and admin actions, newest first: who (the token's name), what, on which
+/// path, when, and how it ended.
+#[utoipa::path(get, path = "/audit", params(AuditParams), responses((status = 200, body = Page<crate::store::ActionRecord>), (status = 400, body = ErrorBody)))]
+async fn audit(
+    State(s): State<AppState>,
+    ApiQuery(p): ApiQuery<AuditParams>,
+) -> Result<Json<Page<crate::store::ActionRecord>>, ApiError> {
+    Ok(Json(s.engine.action_log().actions(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     Json(openapi::ApiDoc::openapi())
+}
+
+/// Query parameters; a query that does not parse gets a JSON 400 naming the parameter.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<AppState> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state)
+            .await
+            .map_err(|e: QueryRejection| ApiError::bad_request("invalid query", e.body_text()))?;
+        Ok(ApiQuery(value))
+    }
+}
+
+/// A page size from the query: `default` when absent, else 1..=`max`, or a 400 that
+/// names the range.
+pub fn page_limit(given: Option<u64>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match given {
+        None => Ok(default),
+        Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
+        Some(n) => Err(ApiError::bad_request(
+            "invalid limit",
+            json!({ "limit": n, "allowed": format!("1..={max}"), "message": format!("limit must be 1..={max}") }),
+        )),
+    }
+}
+
+/// A request body declared as JSON, read whole: a body of another type is refused with
+/// 415 (see `origin.rs`), one too large with 413.
+pub struct JsonBytes(pub Bytes);
+
+impl axum::extract::FromRequest<AppState> for JsonBytes {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
+        origin::json_body_required(req.headers())?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| body_error(e, state.config.max_body_bytes))?;
+        Ok(JsonBytes(bytes))
+    }
 }
 
 /// Maps a body that could not be read (too large, broken stream) to a JSON error.
@@ -217,14 +283,21 @@ pub struct Accepted {
 )]
 async fn post_events(
     State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBytes(body): JsonBytes,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
     let is_array = body.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
     let events: Vec<OrderEvent> =
         if is_array { parse_json(&body, "event array")? } else { vec![parse_json(&body, "event")?] };
     if events.is_empty() {
         return Err(ApiError::bad_request("no events", "the array is empty"));
+    }
+    // Shopify's clock decides staleness and its webhook ids deduplicate deliveries, so an
+    // unsigned request may not borrow either: it could make genuine deliveries stale or
+    // duplicates forever.
+    if let Some(index) = events.iter().position(OrderEvent::claims_shopify) {
+        let reason = "source \"shopify\" and event ids starting with \"shopify:\" belong to the signed \
+                      webhook (POST /webhooks/shopify)";
+        return Err(ApiError::bad_request("invalid event", json!({ "index": index, "reason": reason })));
     }
     let accepted = s.engine.ingest(&events).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted })))
@@ -234,7 +307,7 @@ async fn post_events(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Page size, 1..=1000 (default 50).
-    limit: Option<usize>,
+    limit: Option<u64>,
     /// `next_cursor` from the previous page.
     cursor: Option<String>,
     /// PENDING, CONFIRMED, PROCESSING, SHIPPED, DELIVERED or CANCELLED.
@@ -250,9 +323,8 @@ pub struct ListParams {
 #[utoipa::path(get, path = "/orders", params(ListParams), responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody)))]
 async fn list_orders(
     State(s): State<AppState>,
-    params: Result<Query<ListParams>, QueryRejection>,
+    ApiQuery(p): ApiQuery<ListParams>,
 ) -> Result<Json<Page<Order>>, ApiError> {
-    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
     let status = p
         .status
         .map(|v| Status::parse(&v.to_ascii_uppercase()).ok_or_else(|| ApiError::bad_request("invalid status", v)))
@@ -267,10 +339,7 @@ async fn list_orders(
             ApiError::bad_request("invalid sort", format!("{v:?}; use -updated_at, updated_at, id or -id"))
         })?,
     };
-    let limit = p.limit.unwrap_or(50);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
-    }
+    let limit = page_limit(p.limit, 50, 1000)?;
     let page = s.engine.orders(ListQuery { limit, cursor: p.cursor, status, priority, q: p.q, sort }).await?;
     Ok(Json(page))
 }
@@ -296,6 +365,7 @@ async fn order_history(State(s): State<AppState>, Path(id): Path<String>) -> Res
     responses(
         (status = 200, body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "Stale version; `current` holds the row"),
+        (status = 412, body = ErrorBody, description = "If-Match is a weak tag"),
         (status = 428, body = ErrorBody, description = "If-Match missing"),
     )
 )]
@@ -303,7 +373,7 @@ async fn patch_order(
     State(s): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    JsonBytes(body): JsonBytes,
 ) -> Result<Response, ApiError> {
     let raw = headers.get(header::IF_MATCH).ok_or_else(|| {
         ApiError::new(
@@ -312,13 +382,17 @@ async fn patch_order(
             "send If-Match: <version> from the row you edited",
         )
     })?;
-    let expected = raw
-        .to_str()
-        .ok()
-        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
-        .and_then(|v| v.parse::<u64>().ok())
-        .ok_or_else(|| ApiError::bad_request("invalid If-Match", "If-Match must be the order's version, a number"))?;
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let raw = raw.to_str().unwrap_or("").trim();
+    // RFC 9110 compares If-Match strongly: a weak tag never matches.
+    if raw.starts_with("W/") {
+        let detail = json!({ "if_match": raw, "message": "If-Match needs a strong tag: send the ETag as given" });
+        return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "weak entity tag", detail));
+    }
+    // The ETag is the quoted version; a bare version is taken too.
+    let unquoted = raw.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(raw);
+    let expected = unquoted
+        .parse::<u64>()
+        .map_err(|_| ApiError::bad_request("invalid If-Match", "If-Match must be the order's version, a number"))?;
     let edit: OrderEdit = parse_json(&body, "edit")?;
     let order = s.engine.edit(&id, expected, edit).await?;
     Ok(with_etag(order))

@@ -19,7 +19,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::get_order, super::order_history, super::patch_order,
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
-        super::webhooks::receive, super::webhooks::deliveries,
+        super::webhooks::receive, super::webhooks::deliveries, super::audit,
         super::runs::start, super::runs::current, super::runs::list, super::runs::get, super::runs::cancel,
         super::runs::pause, super::runs::resume, super::runs::queue_state, super::runs::reset,
     ),
@@ -27,6 +27,7 @@ use crate::store::{HistoryEntry, Outcome};
     components(schemas(
         Order, OrderEvent, OrderChange, OrderEdit, HistoryEntry, Outcome, Tier, Priority, Status,
         EventKind, FinancialStatus, FulfillmentStatus, super::ErrorBody, super::Accepted, super::Health,
+        crate::store::ActionRecord,
     ))
 )]
 pub struct ApiDoc;

@@ -1,50 +1,23 @@
-//! Plugin deployment (deploy, shadow, promote, rollback) and dead letters. Every
-//! mutating call needs the API token.
+//! Plugin deployment (deploy, shadow, promote, rollback) and dead letters. The access
+//! policy (`auth.rs`) says who may call each.
 
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{FromRequestParts, Path, Query, State};
-use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, AppState, body_error};
+use super::{ApiError, ApiQuery, AppState, body_error, page_limit};
 use crate::engine::ReplayError;
 use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
 use crate::plugin::{PluginError, Slot};
 use crate::rules::ShadowReport;
 use crate::store::{DeadLetter, Page};
-
-/// Proof that the request carried the API token (`Authorization: Bearer <token>`).
-pub struct Authorized;
-
-impl FromRequestParts<AppState> for Authorized {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            // Constant time, so the comparison leaks nothing about the token.
-            Some(t) if bool::from(t.as_bytes().ct_eq(state.config.api_token.as_bytes())) => Ok(Authorized),
-            Some(_) => {
-                Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid API token", "the bearer token does not match"))
-            }
-            None => {
-                Err(ApiError::new(StatusCode::UNAUTHORIZED, "API token required", "send Authorization: Bearer <token>"))
-            }
-        }
-    }
-}
 
 impl From<PluginError> for ApiError {
     fn from(e: PluginError) -> Self {
@@ -87,14 +60,13 @@ pub struct DeployParams {
     security(("bearer" = []))
 )]
 pub async fn deploy(
-    _: Authorized,
     State(s): State<AppState>,
     Path(name): Path<String>,
-    Query(p): Query<DeployParams>,
+    ApiQuery(p): ApiQuery<DeployParams>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Deployed>), ApiError> {
     let slot = slot(&name)?;
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+    let body = body.map_err(|e| body_error(e, super::PLUGIN_BODY_LIMIT))?;
     if body.is_empty() {
         return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
     }
@@ -105,31 +77,19 @@ pub async fn deploy(
 
 /// Makes the shadow version active.
 #[utoipa::path(post, path = "/plugins/{slot}/promote", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn promote(
-    _: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<VersionInfo>, ApiError> {
+pub async fn promote(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(registry(&s)?.promote(slot(&name)?).await?))
 }
 
 /// Re-activates the version that was active before the current one.
 #[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn rollback(
-    _: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<VersionInfo>, ApiError> {
+pub async fn rollback(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(registry(&s)?.rollback(slot(&name)?).await?))
 }
 
 /// Stops the shadow run without promoting it.
 #[utoipa::path(delete, path = "/plugins/{slot}/shadow", responses((status = 204), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
-pub async fn discard(
-    _: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<StatusCode, ApiError> {
+pub async fn discard(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     registry(&s)?.discard_shadow(slot(&name)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -146,7 +106,7 @@ pub async fn shadow_report(
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct PageParams {
     /// 1..=1000 (default 100).
-    limit: Option<usize>,
+    limit: Option<u64>,
     cursor: Option<String>,
 }
 
@@ -154,13 +114,9 @@ pub struct PageParams {
 #[utoipa::path(get, path = "/dead-letters", params(PageParams), responses((status = 200, body = Page<DeadLetter>)))]
 pub async fn dead_letters(
     State(s): State<AppState>,
-    Query(p): Query<PageParams>,
+    ApiQuery(p): ApiQuery<PageParams>,
 ) -> Result<Json<Page<DeadLetter>>, ApiError> {
-    let limit = p.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=1000"));
-    }
-    Ok(Json(s.engine.dead_letters(limit, p.cursor).await?))
+    Ok(Json(s.engine.dead_letters(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -176,7 +132,6 @@ pub struct Replayed {
     security(("bearer" = []))
 )]
 pub async fn replay(
-    _: Authorized,
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {

@@ -2,16 +2,13 @@
 //! call needs the API token.
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use super::plugins::Authorized;
-use super::{ApiError, AppState, ErrorBody, body_error, parse_json};
+use super::{ApiError, ApiQuery, AppState, ErrorBody, JsonBytes, page_limit, parse_json};
 use crate::domain::Priority;
 use crate::runs::RunError;
 use crate::runs::model::{CancelRequest, Run, RunRequest};
@@ -47,12 +44,7 @@ impl From<RunError> for ApiError {
         (status = 409, body = ErrorBody, description = "A run is already active"),
     )
 )]
-pub async fn start(
-    _: Authorized,
-    State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Run>), ApiError> {
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+pub async fn start(State(s): State<AppState>, JsonBytes(body): JsonBytes) -> Result<(StatusCode, Json<Run>), ApiError> {
     let request: RunRequest = parse_json(&body, "run request")?;
     Ok((StatusCode::CREATED, Json(s.runs.start(request).await?)))
 }
@@ -67,22 +59,14 @@ pub async fn current(State(s): State<AppState>) -> Result<Json<Run>, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct RunsParams {
     /// Page size, 1..=100 (default 20).
-    limit: Option<usize>,
+    limit: Option<u64>,
     cursor: Option<String>,
 }
 
 /// Run history, newest first.
 #[utoipa::path(get, path = "/runs", params(RunsParams), responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody)))]
-pub async fn list(
-    State(s): State<AppState>,
-    params: Result<Query<RunsParams>, QueryRejection>,
-) -> Result<Json<Page<Run>>, ApiError> {
-    let Query(p) = params.map_err(|e| ApiError::bad_request("invalid query", e.body_text()))?;
-    let limit = p.limit.unwrap_or(20);
-    if !(1..=100).contains(&limit) {
-        return Err(ApiError::bad_request("invalid limit", "limit must be 1..=100"));
-    }
-    Ok(Json(s.runs.list(limit, p.cursor).await?))
+pub async fn list(State(s): State<AppState>, ApiQuery(p): ApiQuery<RunsParams>) -> Result<Json<Page<Run>>, ApiError> {
+    Ok(Json(s.runs.list(page_limit(p.limit, 20, 100)?, p.cursor).await?))
 }
 
 #[utoipa::path(get, path = "/runs/{id}", responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]
@@ -100,12 +84,10 @@ pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Js
     )
 )]
 pub async fn cancel(
-    _: Authorized,
     State(s): State<AppState>,
     Path(id): Path<String>,
-    body: Result<Bytes, BytesRejection>,
+    JsonBytes(body): JsonBytes,
 ) -> Result<Json<Run>, ApiError> {
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
     let request: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CancelRequest::default()
     } else {
@@ -144,20 +126,12 @@ async fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<Qu
 /// Stops consuming one priority on every instance, until resumed (restarts included);
 /// queued events wait on the log, and the other priority goes on.
 #[utoipa::path(post, path = "/queues/{priority}/pause", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn pause(
-    _: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<QueueState>, ApiError> {
+pub async fn pause(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(true)).await
 }
 
 #[utoipa::path(post, path = "/queues/{priority}/resume", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
-pub async fn resume(
-    _: Authorized,
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> Result<Json<QueueState>, ApiError> {
+pub async fn resume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(false)).await
 }
 
@@ -180,12 +154,7 @@ pub struct ResetRequest {
         (status = 409, body = ErrorBody, description = "A run is active"),
     )
 )]
-pub async fn reset(
-    _: Authorized,
-    State(s): State<AppState>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let body = body.map_err(|e| body_error(e, s.config.max_body_bytes))?;
+pub async fn reset(State(s): State<AppState>, JsonBytes(body): JsonBytes) -> Result<Json<serde_json::Value>, ApiError> {
     let request: ResetRequest = parse_json(&body, "reset request")?;
     if request.confirm != "reset" {
         return Err(ApiError::bad_request("reset not confirmed", r#"send {"confirm": "reset"}"#));

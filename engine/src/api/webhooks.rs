@@ -3,15 +3,15 @@
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
-use super::{ApiError, AppState, ErrorBody};
+use super::{ApiError, ApiQuery, AppState, ErrorBody, page_limit};
 use crate::shopify::{self, DeliveryHeaders, LogFailure, WebhookAnswer, WebhookError};
 use crate::store::{Page, WebhookDelivery};
 use crate::telemetry::WEBHOOKS_RECEIVED;
@@ -116,7 +116,8 @@ impl From<WebhookError> for ApiError {
 
 #[derive(Debug, Deserialize, IntoParams)]
 pub struct DeliveryParams {
-    limit: Option<usize>,
+    /// 1..=1000 (default 100).
+    limit: Option<u64>,
     cursor: Option<String>,
 }
 
@@ -124,7 +125,7 @@ pub struct DeliveryParams {
 #[utoipa::path(get, path = "/webhooks/deliveries", params(DeliveryParams), responses((status = 200, body = Page<WebhookDelivery>)))]
 pub async fn deliveries(
     State(s): State<AppState>,
-    Query(p): Query<DeliveryParams>,
+    ApiQuery(p): ApiQuery<DeliveryParams>,
 ) -> Result<Json<Page<WebhookDelivery>>, ApiError> {
-    Ok(Json(s.engine.webhooks().deliveries(p.limit.unwrap_or(100), p.cursor).await?))
+    Ok(Json(s.engine.webhooks().deliveries(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
 }

@@ -25,7 +25,8 @@ pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Respons
     // handshake answer can be missed.
     let rx = s.engine.changes().subscribe();
     let notices = s.engine.changes().subscribe_notices();
-    ws.on_upgrade(move |socket| serve(socket, rx, notices))
+    // Selecting the dashboard's subprotocol lets it offer its token beside it.
+    ws.protocols([super::auth::WS_PROTOCOL]).on_upgrade(move |socket| serve(socket, rx, notices))
 }
 
 async fn serve(

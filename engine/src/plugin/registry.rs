@@ -260,7 +260,7 @@ impl Registry {
         let started = Instant::now();
         if bytes.len() > self.max_bytes {
             return Err(PluginError::Invalid(format!(
-                "the module is {} bytes; the limit is {} bytes",
+                "the module is {} bytes; the limit is {} bytes (raise it with --max-plugin-bytes)",
                 bytes.len(),
                 self.max_bytes
             )));

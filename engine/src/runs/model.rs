@@ -62,7 +62,8 @@ impl Default for TierShares {
 
 impl TierShares {
     pub fn validate(&self) -> Result<(), String> {
-        let sum = self.diamond + self.gold + self.silver + self.bronze;
+        // Summed wide: shares near u32::MAX must not wrap round to 100.
+        let sum: u64 = [self.diamond, self.gold, self.silver, self.bronze].into_iter().map(u64::from).sum();
         if sum != 100 {
             return Err(format!("tier_mix shares must add up to 100, they add up to {sum}"));
         }

@@ -6,8 +6,8 @@
 use chrono::{Duration, Utc};
 
 use super::{
-    Backend, Claim, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord,
-    Runs, Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ActionLog, ActionRecord, Backend, Claim, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking,
+    ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 
@@ -47,6 +47,37 @@ pub async fn check<B: Backend>(store: &B, prefix: &str) {
     parking(store, prefix).await;
     webhook_ledger(store, prefix).await;
     runs(store, prefix).await;
+    action_log(store, prefix).await;
+}
+
+/// `ActionLog`: newest first, paged by cursor. Other tests may record actions in the same
+/// store, so it looks for its own (the token named `prefix`).
+pub async fn action_log(s: &(impl ActionLog + ?Sized), prefix: &str) {
+    let at = Utc::now();
+    for (i, target) in ["/a", "/b", "/c"].into_iter().enumerate() {
+        let action = ActionRecord {
+            at: at + chrono::Duration::milliseconds(i as i64),
+            token: prefix.to_string(),
+            role: "operator".into(),
+            action: "POST /x".into(),
+            target: target.into(),
+            status: 200,
+            outcome: "done".into(),
+        };
+        s.record_action(action).await.unwrap();
+    }
+    let (mut mine, mut cursor, mut pages) = (Vec::new(), None, 0);
+    loop {
+        let page = s.actions(2, cursor).await.unwrap();
+        assert!(page.items.len() <= 2, "a page holds at most its limit");
+        mine.extend(page.items.into_iter().filter(|a| a.token == prefix).map(|a| a.target));
+        pages += 1;
+        match page.next_cursor {
+            Some(c) if mine.len() < 3 && pages < 100 => cursor = Some(c),
+            _ => break,
+        }
+    }
+    assert_eq!(mine, ["/c", "/b", "/a"], "actions newest first, across pages");
 }
 
 /// `Parking`: per-order log order, idempotent parking, oldest first, unparking.

@@ -22,17 +22,19 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
+    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
+    include_str!("../../../schemas/cql/004_actions.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -122,6 +124,10 @@ struct Statements {
     release_delivery: PreparedStatement,
     record_delivery: PreparedStatement,
     deliveries: PreparedStatement,
+    record_action: PreparedStatement,
+    note_action_day: PreparedStatement,
+    action_days: PreparedStatement,
+    actions: PreparedStatement,
     park: PreparedStatement,
     parked: PreparedStatement,
     unpark: PreparedStatement,
@@ -324,6 +330,11 @@ impl CqlStore {
                 false,
             )
             .await?,
+            record_action: prepare(format!("INSERT INTO {ks}.actions (day, at, body) VALUES (?, ?, ?)"), false).await?,
+            note_action_day: prepare(format!("INSERT INTO {ks}.action_days (k, day) VALUES (0, ?)"), false).await?,
+            action_days: prepare(format!("SELECT day FROM {ks}.action_days WHERE k = 0 AND day <= ?"), false).await?,
+            actions: prepare(format!("SELECT at, body FROM {ks}.actions WHERE day = ? AND at < ? LIMIT ?"), false)
+                .await?,
             park: prepare(format!("INSERT INTO {ks}.parked ({PARKED_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"), false)
                 .await?,
             parked: prepare(format!("SELECT {PARKED_COLUMNS} FROM {ks}.parked WHERE order_id = ?"), false).await?,
@@ -944,6 +955,67 @@ impl WebhookLedger for CqlStore {
         }
         let next_cursor = next_cursor(&rows, limit, last);
         Ok(Page { items, next_cursor })
+    }
+}
+
+#[async_trait]
+impl ActionLog for CqlStore {
+    async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError> {
+        let day = action.at.timestamp().div_euclid(86_400) as i32;
+        let at = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 3]));
+        let body = serde_json::to_string(&action).map_err(backend)?;
+        self.session.execute_unpaged(&self.st.note_action_day, (day,)).await.map_err(backend)?;
+        self.session.execute_unpaged(&self.st.record_action, (day, at, body)).await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// Newest first, day by day; the cursor is `<day>/<timeuuid>` of the last item.
+    async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
+        let limit = limit.clamp(1, 1000);
+        let bad = || StoreError::Cursor("bad audit cursor".into());
+        // The largest timeuuid of any time: CQL compares timeuuids by time first.
+        let newest = uuid::Uuid::from_u128(0xffff_ffff_ffff_1fff_bfff_ffff_ffff_ffff);
+        let (mut day, mut before) = match cursor {
+            None => (i32::MAX, newest),
+            Some(c) => {
+                let (d, u) = c.split_once('/').ok_or_else(bad)?;
+                (d.parse().map_err(|_| bad())?, uuid::Uuid::try_parse(u).map_err(|_| bad())?)
+            }
+        };
+        let days = self.session.execute_unpaged(&self.st.action_days, (day,)).await.map_err(backend)?;
+        let days: Vec<i32> = days
+            .into_rows_result()
+            .map_err(backend)?
+            .rows::<(i32,)>()
+            .map_err(backend)?
+            .map(|r| r.map(|(d,)| d).map_err(backend))
+            .collect::<Result<_, _>>()?;
+        let mut items: Vec<(i32, CqlTimeuuid, ActionRecord)> = Vec::new();
+        for d in days {
+            if d != day {
+                (day, before) = (d, newest);
+            }
+            let want = (limit + 1 - items.len()) as i32;
+            let rows = self
+                .session
+                .execute_unpaged(&self.st.actions, (d, CqlTimeuuid::from(before), want))
+                .await
+                .map_err(backend)?
+                .into_rows_result()
+                .map_err(backend)?;
+            for r in rows.rows::<(CqlTimeuuid, String)>().map_err(backend)? {
+                let (at, body) = r.map_err(backend)?;
+                items.push((d, at, serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?));
+            }
+            if items.len() > limit {
+                break;
+            }
+        }
+        let next_cursor = (items.len() > limit).then(|| {
+            let (d, at, _) = &items[limit - 1];
+            format!("{d}/{}", uuid::Uuid::from(*at))
+        });
+        Ok(Page { items: items.into_iter().take(limit).map(|(_, _, a)| a).collect(), next_cursor })
     }
 }
 

@@ -13,9 +13,9 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
-    prefix_end,
+    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
+    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult, prefix_end,
 };
 use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -80,6 +80,9 @@ CREATE TABLE IF NOT EXISTS webhook_claims (
     claimed_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+
+-- Operator and admin actions (the audit behind GET /audit), as JSON.
+CREATE TABLE IF NOT EXISTS actions (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
 
 -- Events that came before their order's created event, in log order per order.
 CREATE TABLE IF NOT EXISTS parked (
@@ -633,6 +636,41 @@ impl DeadLetters for EmbeddedStore {
                 (Some(l), 1) => ReplayClaim::Claimed(l),
                 (Some(l), _) => ReplayClaim::AlreadyReplayed(l),
             })
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ActionLog for EmbeddedStore {
+    async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError> {
+        let body = serde_json::to_string(&action).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.with_writer(move |conn| {
+            conn.execute("INSERT INTO actions (body) VALUES (?1)", [body]).map(|_| ()).map_err(backend)
+        })
+        .await
+    }
+
+    async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
+        let before: i64 = match cursor {
+            None => i64::MAX,
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor("bad audit cursor".into()))?,
+        };
+        let limit = limit.clamp(1, 1000);
+        self.read(move |c| {
+            let rows: Vec<(i64, String)> = c
+                .prepare_cached("SELECT seq, body FROM actions WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2")
+                .and_then(|mut s| {
+                    s.query_map(params![before, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                })
+                .map_err(backend)?;
+            let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
+            let items = rows
+                .into_iter()
+                .take(limit)
+                .map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            Ok(Page { items, next_cursor })
         })
         .await
     }

@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use chrono::Utc;
 
 use super::{
-    Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
+    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult,
 };
 use crate::domain::{Order, Status};
 
@@ -30,6 +31,8 @@ struct State {
     claims: HashMap<String, Held>,
     deliveries: Vec<WebhookDelivery>,
     runs: HashMap<String, RunRecord>,
+    /// Oldest first.
+    actions: Vec<ActionRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
     parked: BTreeMap<(String, i64, u64, String), ParkedEvent>,
 }
@@ -339,6 +342,19 @@ impl Runs for MemoryStore {
         let mut all: Vec<RunRecord> = self.state().runs.values().cloned().collect();
         all.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
         page(&all, limit, cursor)
+    }
+}
+
+#[async_trait]
+impl ActionLog for MemoryStore {
+    async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError> {
+        self.state().actions.push(action);
+        Ok(())
+    }
+
+    async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
+        let newest_first: Vec<ActionRecord> = self.state().actions.iter().rev().cloned().collect();
+        page(&newest_first, limit, cursor)
     }
 }
 

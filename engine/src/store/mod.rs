@@ -220,6 +220,24 @@ pub struct WebhookDelivery {
     pub received_at: DateTime<Utc>,
 }
 
+/// One operator or admin action, as the audit keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionRecord {
+    pub at: DateTime<Utc>,
+    /// The name of the token that acted.
+    pub token: String,
+    /// The token's role: operator or admin.
+    pub role: String,
+    /// The route, as in `POST /plugins/{slot}/promote`.
+    pub action: String,
+    /// The path acted on, as in `/plugins/order-rules/promote`.
+    pub target: String,
+    /// The answer's HTTP status.
+    pub status: u16,
+    /// done (2xx), refused (4xx) or failed (5xx).
+    pub outcome: String,
+}
+
 /// Orders and history entries under one order-id prefix: how a run is verified.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Audit {
@@ -374,11 +392,19 @@ pub trait Runs: Send + Sync + 'static {
     async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError>;
 }
 
-/// A backend that implements every port. Adding one means implementing the five
-/// ports and an arm in `Engine::open`.
-pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs {}
+/// The audit of operator and admin actions.
+#[async_trait]
+pub trait ActionLog: Send + Sync + 'static {
+    async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError>;
+    /// Actions, newest first.
+    async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError>;
+}
 
-impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs> Backend for T {}
+/// A backend that implements every port. Adding one means implementing the six
+/// ports and an arm in `Engine::open`.
+pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog {}
+
+impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog> Backend for T {}
 
 /// The ports of one backend, each behind its own trait object, so every user holds
 /// exactly the port it needs.
@@ -389,6 +415,7 @@ pub struct Stores {
     pub dead_letters: Arc<dyn DeadLetters>,
     pub webhooks: Arc<dyn WebhookLedger>,
     pub runs: Arc<dyn Runs>,
+    pub actions: Arc<dyn ActionLog>,
 }
 
 impl Stores {
@@ -398,7 +425,8 @@ impl Stores {
             parking: backend.clone(),
             dead_letters: backend.clone(),
             webhooks: backend.clone(),
-            runs: backend,
+            runs: backend.clone(),
+            actions: backend,
         }
     }
 }

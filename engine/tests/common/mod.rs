@@ -168,7 +168,7 @@ impl Server {
     }
 
     pub async fn post_events(&self, events: &Value) -> reqwest::Response {
-        client().post(self.url("/orders/events")).json(events).send().await.unwrap()
+        client().post(self.url("/orders/events")).bearer_auth(TOKEN).json(events).send().await.unwrap()
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
@@ -229,6 +229,13 @@ unsafe extern "C" {
 
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder().pool_max_idle_per_host(64).build().unwrap()
+}
+
+/// A client that sends the admin token on every request.
+pub fn authorized() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {TOKEN}").parse().unwrap());
+    reqwest::Client::builder().pool_max_idle_per_host(64).default_headers(headers).build().unwrap()
 }
 
 pub fn created(order_id: &str, event_id: &str, tier: &str, total_cents: i64) -> Value {

@@ -1,0 +1,144 @@
+//! The API's edges: every error is JSON with an object or null `detail`, page sizes are
+//! bounded, `If-Match` is compared strongly, run mixes cannot wrap, upload limits name
+//! themselves, and the data files are private.
+
+mod common;
+
+use common::{Server, TOKEN, authorized, client, created};
+use serde_json::{Value, json};
+
+async fn answer(r: reqwest::Response) -> (u16, Option<String>, Value) {
+    let status = r.status().as_u16();
+    let content_type = r.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+    let text = r.text().await.unwrap();
+    let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{status}: not JSON: {text:?}"));
+    (status, content_type, body)
+}
+
+/// The answer is a JSON error: `error` a string, `detail` an object or null.
+fn assert_error(what: &str, (status, content_type, body): &(u16, Option<String>, Value), expected: u16) {
+    assert_eq!(*status, expected, "{what}: {body}");
+    assert!(content_type.as_deref().is_some_and(|c| c.starts_with("application/json")), "{what}: {content_type:?}");
+    assert!(body["error"].is_string(), "{what}: {body}");
+    assert!(body["detail"].is_object() || body["detail"].is_null(), "{what}: detail {body}");
+}
+
+/// Each of these answered plain text or an empty body before.
+#[tokio::test]
+async fn every_error_is_json_with_an_object_detail() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let c = authorized();
+    let get = |path: &str| c.get(s.url(path)).send();
+    for path in ["/dead-letters?limit=abc", "/webhooks/deliveries?limit=abc", "/orders/%FF%FE", "/ws"] {
+        assert_error(path, &answer(get(path).await.unwrap()).await, 400);
+    }
+    let shadow = c.put(s.url("/plugins/order-rules?shadow=maybe")).body(vec![0u8; 8]).send().await.unwrap();
+    assert_error("shadow=maybe", &answer(shadow).await, 400);
+    let missing = answer(get("/no/such/route").await.unwrap()).await;
+    assert_error("an unknown route", &missing, 404);
+    assert_eq!(missing.2["detail"]["path"], "/no/such/route");
+    let wrong_method = c.delete(s.url("/orders")).send().await.unwrap();
+    assert!(wrong_method.headers().contains_key("allow"), "405 keeps its Allow header");
+    assert_error("DELETE /orders", &answer(wrong_method).await, 405);
+    // Errors the handlers raise with a message carry it as detail.message.
+    let bad = c.post(s.url("/orders/events")).header("content-type", "application/json").body("{").send().await;
+    let bad = answer(bad.unwrap()).await;
+    assert_error("malformed JSON", &bad, 400);
+    assert!(bad.2["detail"]["message"].as_str().unwrap().contains("EOF"), "{}", bad.2);
+    // The dashboard's pages load the app.
+    let page = client().get(s.url("/ui/orders/o-1")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<html"));
+}
+
+/// `limit=0` and `limit=99999999999` were accepted; now every page size outside its
+/// range is refused, and the answer says the range.
+#[tokio::test]
+async fn page_sizes_outside_their_range_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let c = authorized();
+    let routes =
+        [("/orders", 1000), ("/dead-letters", 1000), ("/webhooks/deliveries", 1000), ("/audit", 1000), ("/runs", 100)];
+    for (path, max) in routes.into_iter().chain([("/logs", 500)]) {
+        for limit in ["0", "99999999999", &(max + 1).to_string()] {
+            let r = answer(c.get(s.url(&format!("{path}?limit={limit}"))).send().await.unwrap()).await;
+            assert_error(&format!("{path}?limit={limit}"), &r, 400);
+            assert_eq!(r.2["detail"]["allowed"], format!("1..={max}"), "{path}");
+        }
+        let ok = c.get(s.url(&format!("{path}?limit={max}"))).send().await.unwrap();
+        assert_eq!(ok.status(), 200, "{path}?limit={max}");
+    }
+}
+
+/// `If-Match: W/"1"` was accepted; RFC 9110 compares If-Match strongly, so a weak tag
+/// never matches (412). The ETag as given, and a bare version, do.
+#[tokio::test]
+async fn if_match_is_compared_strongly() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    assert_eq!(s.post_events(&created("m-1", "m-1", "GOLD", 100)).await.status(), 202);
+    s.drain(std::time::Duration::from_secs(30)).await;
+    let patch = |tag: &'static str, note: &'static str| {
+        authorized().patch(s.url("/orders/m-1")).header("if-match", tag).json(&json!({ "note": note })).send()
+    };
+    assert_error("a weak tag", &answer(patch("W/\"1\"", "weak").await.unwrap()).await, 412);
+    let strong = patch("\"1\"", "strong").await.unwrap();
+    assert_eq!(strong.status(), 200);
+    assert_eq!(strong.headers()["etag"], "\"2\"");
+    assert_eq!(patch("2", "bare").await.unwrap().status(), 200);
+}
+
+/// A tier mix whose shares wrap round to 100 in 32 bits got 201; now it is refused.
+#[tokio::test]
+async fn a_tier_mix_cannot_wrap_round_to_100() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let mix = json!({ "DIAMOND": 4294967295u64, "GOLD": 101, "SILVER": 0, "BRONZE": 0 });
+    let r = authorized().post(s.url("/runs")).json(&json!({ "quantity": 10, "tier_mix": mix })).send().await;
+    let r = answer(r.unwrap()).await;
+    assert_error("a wrapping mix", &r, 400);
+    assert!(r.2.to_string().contains("4294967396"), "the real sum is named: {}", r.2);
+    assert_eq!(s.get_json("/runs").await.1["items"], json!([]), "no run started");
+}
+
+/// An upload over the engine's plugin limit names the flag that raises it; one over the
+/// route's body limit gets 413 with that route's limit, not the global one.
+#[tokio::test]
+async fn plugin_upload_limits_name_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let put =
+        |bytes: usize| client().put(s.url("/plugins/order-rules")).bearer_auth(TOKEN).body(vec![0u8; bytes]).send();
+    let over_plugin_limit = answer(put(9 << 20).await.unwrap()).await;
+    assert_error("over --max-plugin-bytes", &over_plugin_limit, 400);
+    assert!(over_plugin_limit.2["detail"]["message"].as_str().unwrap().contains("--max-plugin-bytes"));
+    let over_route_limit = answer(put((64 << 20) + 1).await.unwrap()).await;
+    assert_error("over the route's limit", &over_route_limit, 413);
+    assert_eq!(over_route_limit.2["detail"]["limit_bytes"], 64 << 20);
+}
+
+/// The data dir held customer emails readable by any local user (0755, files 0644).
+#[tokio::test]
+async fn the_data_files_are_private_to_the_engine_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let s = Server::start(&data).await;
+    assert_eq!(s.post_events(&created("p-1", "p-1", "GOLD", 100)).await.status(), 202);
+    s.drain(std::time::Duration::from_secs(30)).await;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "the data dir");
+    let mut files = 0;
+    for entry in std::fs::read_dir(&data).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+            files += 1;
+        }
+    }
+    assert!(files >= 4, "log, store, plugins and their WAL files: {files}");
+}
