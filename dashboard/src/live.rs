@@ -47,7 +47,9 @@ pub fn connect(app: App) {
     let opened = if token.is_empty() || !OFFER_TOKEN.get() {
         web_sys::WebSocket::new(&url)
     } else {
-        let protocols = js_sys::Array::of2(&"orchestrator".into(), &format!("bearer.{token}").into());
+        // Hex: a subprotocol takes only token characters, and a token may hold others.
+        let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+        let protocols = js_sys::Array::of2(&"orchestrator".into(), &format!("bearer.{hex}").into());
         web_sys::WebSocket::new_with_str_sequence(&url, &protocols).or_else(|_| web_sys::WebSocket::new(&url))
     };
     let ws = match opened {

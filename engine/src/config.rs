@@ -92,6 +92,35 @@ pub struct WebhookSendArgs {
     pub out: Option<std::path::PathBuf>,
 }
 
+/// Bounds on the HTTP connections of `serve` and `bridge`.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionArgs {
+    /// Seconds a client has to send a request's headers; an idle keep-alive connection
+    /// gets the same to start its next request, then closes.
+    #[arg(long, env = "ORCHESTRATOR_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+    /// Seconds a client has to send a whole request body (408 past it).
+    #[arg(long, env = "ORCHESTRATOR_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    pub body_timeout_secs: u64,
+    /// Open connections at most; one more gets 503 and is closed. Lowered to fit the
+    /// open-file limit, which the engine raises to its hard limit at start.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+    /// WebSocket clients of `/ws` at most; one more gets 503.
+    #[arg(long, env = "ORCHESTRATOR_MAX_WS_CLIENTS", default_value_t = 256)]
+    pub max_ws_clients: usize,
+}
+
+impl ConnectionArgs {
+    pub fn limits(&self) -> crate::api::listener::ConnectionLimits {
+        crate::api::listener::ConnectionLimits {
+            header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
+            body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
+            max_connections: crate::api::listener::fit_connection_cap(self.max_connections.max(1)),
+        }
+    }
+}
+
 /// The API's tokens. Prefer the environment or a file to `--api-token`: a flag's value
 /// shows in the process list.
 #[derive(Debug, Clone, Args)]
@@ -130,6 +159,8 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// Per-call deadline of a rule plugin, in milliseconds.
     #[arg(long, env = "ORCHESTRATOR_PLUGIN_DEADLINE_MS", default_value_t = 10)]
     pub plugin_deadline_ms: u64,
@@ -195,6 +226,8 @@ pub struct BridgeArgs {
     pub shopify: ShopifyArgs,
     #[command(flatten)]
     pub access: AccessArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
 }
 
 /// Kafka and a CQL store (ScyllaDB) instead of the embedded default. Both or neither.

@@ -298,11 +298,26 @@ pub fn check_note(note: &str) -> Result<(), String> {
     if note.len() > MAX_NOTE_BYTES {
         return Err(format!("note must be at most {MAX_NOTE_BYTES} bytes, got {}", note.len()));
     }
-    Ok(())
+    check_text("note", note, &['\n', '\r', '\t'])
 }
 
-/// Cuts a note from outside (Shopify) to [`MAX_NOTE_BYTES`], at a character boundary.
+/// Refuses control characters (NUL and the like) in free text, but for `allowed`:
+/// they break terminals, logs and CSV exports downstream.
+pub fn check_text(field: &str, text: &str, allowed: &[char]) -> Result<(), String> {
+    match text.char_indices().find(|(_, c)| c.is_control() && !allowed.contains(c)) {
+        Some((at, c)) => {
+            Err(format!("{field} must not hold control characters; found U+{:04X} at byte {at}", c as u32))
+        }
+        None => Ok(()),
+    }
+}
+
+/// Cuts a note from outside (Shopify) to [`MAX_NOTE_BYTES`], at a character boundary,
+/// without the control characters [`check_note`] refuses.
 pub fn truncate_note(mut note: String) -> String {
+    if note.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
+        note.retain(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t'));
+    }
     if note.len() > MAX_NOTE_BYTES {
         let mut end = MAX_NOTE_BYTES;
         while !note.is_char_boundary(end) {
@@ -329,6 +344,9 @@ impl OrderEvent {
         }
         if let Some(note) = &self.payload.note {
             check_note(note)?;
+        }
+        if let Some(customer) = &self.payload.customer {
+            check_text("customer", customer, &[])?;
         }
         if let Some(customer) = self.payload.customer.as_ref().filter(|c| c.len() > MAX_CUSTOMER_BYTES) {
             return Err(format!("customer must be at most {MAX_CUSTOMER_BYTES} bytes, got {}", customer.len()));

@@ -445,6 +445,24 @@ impl Engine {
     }
 
     /// Applies an operator's edit if the order is still at `expected` version.
+    /// Files a delivery that can never become a valid event (a signed webhook with a bad
+    /// field) as a dead letter, with a rejected entry in its order's history, and relays
+    /// the letter to the dashboards. The letter's id is its event id.
+    pub async fn reject_delivery(&self, letter: DeadLetter) -> Result<(), StoreError> {
+        let record = Write::Record {
+            event_id: letter.id.clone(),
+            source: "shopify".into(),
+            order_id: letter.order_id.clone().unwrap_or_else(|| "shopify-unknown".into()),
+            outcome: store::Outcome::Rejected,
+            reason: letter.reason.clone(),
+            decided_by: "webhook".into(),
+            dead_letter: Some(letter.clone()),
+        };
+        self.stores.orders.write(vec![record]).await?;
+        self.changes.dead_letter(&letter);
+        Ok(())
+    }
+
     pub async fn edit(&self, id: &str, expected: u64, edit: OrderEdit) -> Result<Order, EditError> {
         if let Some(fee) = edit.shipping_fee_cents
             && fee < 0

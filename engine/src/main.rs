@@ -8,7 +8,9 @@
 use anyhow::Context;
 use clap::Parser;
 use orchestrator::api::auth::{self, Access};
+use orchestrator::api::listener;
 use orchestrator::api::origin::Hosts;
+use orchestrator::api::ws::WsLimits;
 use orchestrator::api::{self, ApiConfig, AppState};
 use orchestrator::config::{AccessArgs, BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
 use orchestrator::engine::{Backend, Engine, EngineConfig, PluginConfig};
@@ -81,13 +83,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::warn!(failed, "runs interrupted by the last stop are marked FAILED");
         }
     }
-    let state = AppState {
-        engine: engine.clone(),
-        runs,
-        metrics,
-        config: ApiConfig { max_body_bytes: args.max_body_bytes, access, hosts, shopify },
+    let limits = args.connections.limits();
+    let config = ApiConfig {
+        max_body_bytes: args.max_body_bytes,
+        access,
+        hosts,
+        body_timeout: limits.body_timeout,
+        ws: WsLimits::new(args.connections.max_ws_clients),
+        shopify,
     };
-    axum::serve(listener, api::router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let state = AppState { engine: engine.clone(), runs, metrics, config };
+    listener::serve(listener, api::router(state), &limits, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
     tracing::info!("stopped cleanly");
@@ -119,13 +125,17 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "Shopify bridge ready: POST /webhooks/shopify");
     // The bridge's only write is the signed webhook; tokens guard its audit off loopback.
     let runs = Runs::new(engine.clone(), RunConfig::default());
-    let state = AppState {
-        engine: engine.clone(),
-        runs,
-        metrics,
-        config: ApiConfig { max_body_bytes: 1 << 20, access, hosts, shopify: Some(shopify) },
+    let limits = args.connections.limits();
+    let config = ApiConfig {
+        max_body_bytes: 1 << 20,
+        access,
+        hosts,
+        body_timeout: limits.body_timeout,
+        ws: WsLimits::new(0),
+        shopify: Some(shopify),
     };
-    axum::serve(listener, api::bridge_router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    let state = AppState { engine: engine.clone(), runs, metrics, config };
+    listener::serve(listener, api::bridge_router(state), &limits, shutdown_signal()).await?;
     engine.flush_log().await?;
     Ok(())
 }
@@ -144,6 +154,7 @@ fn access(
     let configured = match (&args.api_token, &args.api_token_file) {
         (Some(t), _) if !t.is_empty() => Some(t.clone()),
         (_, Some(path)) => {
+            auth::check_private(path)?;
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             let token = text.lines().next().unwrap_or_default().trim().to_string();
             Some(token).filter(|t| !t.is_empty())
@@ -165,15 +176,23 @@ fn access(
         // Nobody knows this one: only the tokens file's tokens work.
         (None, None) => uuid::Uuid::new_v4().simple().to_string(),
         (None, Some(dir)) => {
+            use std::io::Write;
+            use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
             let token = uuid::Uuid::new_v4().simple().to_string();
-            std::fs::create_dir_all(dir)?;
+            // Private from the first byte: never readable by another user, not even briefly.
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
             let path = dir.join("api-token");
-            std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
-            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            let _ = std::fs::remove_file(&path);
+            let writing = || format!("writing {}", path.display());
+            let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
+            file.as_mut().map_err(|e| anyhow::anyhow!("{e}")).with_context(writing)?.write_all(token.as_bytes())?;
             tracing::warn!(path = %path.display(), "no API token configured: generated one for this loopback-only engine (set ORCHESTRATOR_API_TOKEN to choose)");
             token
         }
     };
+    if let Some(name) = auth::reuses_admin(&admin, &others) {
+        anyhow::bail!("the tokens file gives {name} the admin token; each token names one caller");
+    }
     Ok(Access::new(&admin, others, loopback))
 }
 

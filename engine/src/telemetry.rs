@@ -31,6 +31,9 @@ pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
 pub const PARKED: &str = "orchestrator_parked_events_total";
 pub const AUTH_REFUSED: &str = "orchestrator_auth_refused_total";
 pub const DEGRADED: &str = "orchestrator_degraded";
+pub const HTTP_CONNECTIONS: &str = "orchestrator_http_connections";
+pub const CONNECTIONS_REFUSED: &str = "orchestrator_connections_refused_total";
+pub const WS_DROPPED: &str = "orchestrator_ws_dropped_total";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -55,6 +58,9 @@ pub const ALL: &[&str] = &[
     PARKED,
     AUTH_REFUSED,
     DEGRADED,
+    HTTP_CONNECTIONS,
+    CONNECTIONS_REFUSED,
+    WS_DROPPED,
 ];
 
 /// The (stage, error_type) pairs the engine counts, registered at zero on start so that
@@ -141,6 +147,15 @@ fn describe() {
         PARKED,
         "Events that came before their order's create, by priority and action (parked; released: decided later)."
     );
+    describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections (WebSocket clients included).");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused, by reason (cap: --max-connections; accept_failed: out of file descriptors; ws_cap: --max-ws-clients)."
+    );
+    describe_counter!(
+        WS_DROPPED,
+        "WebSocket clients dropped, by reason (not_reading: sends blocked past the timeout)."
+    );
     describe_gauge!(DEGRADED, "1 while the log or the store fails (GET /health answers 503), else 0.");
     describe_counter!(
         AUTH_REFUSED,
@@ -176,6 +191,11 @@ fn register_at_zero() {
     counter!(WS_RESYNCS).absolute(0);
     gauge!(WS_CLIENTS).set(0.0);
     gauge!(DEGRADED).set(0.0);
+    gauge!(HTTP_CONNECTIONS).set(0.0);
+    for reason in ["cap", "accept_failed", "ws_cap"] {
+        counter!(CONNECTIONS_REFUSED, "reason" => reason).absolute(0);
+    }
+    counter!(WS_DROPPED, "reason" => "not_reading").absolute(0);
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.

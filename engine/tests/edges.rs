@@ -142,3 +142,130 @@ async fn the_data_files_are_private_to_the_engine_user() {
     }
     assert!(files >= 4, "log, store, plugins and their WAL files: {files}");
 }
+
+/// Reads from `conn` until it closes or `within` passes; returns what came and whether
+/// the server closed the connection.
+async fn read_until_closed(conn: &mut tokio::net::TcpStream, within: std::time::Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&got).into(), false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Half-sent headers and trickled bodies held connections open for over a minute; now a
+/// client that is too slow is cut off, and one over the connection cap gets a clear 503.
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_the_connection_cap_answers_503() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--header-timeout-secs", "1", "--body-timeout-secs", "1", "--max-connections", "3"];
+    let s = Server::start_with(dir.path(), &args).await;
+    let connect = || TcpStream::connect(("127.0.0.1", s.port));
+    let window = std::time::Duration::from_secs(10);
+
+    let mut half = connect().await.unwrap();
+    half.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
+    let (_, closed) = read_until_closed(&mut half, window).await;
+    assert!(closed, "half-sent headers are cut off");
+
+    let mut trickle = connect().await.unwrap();
+    let head = format!(
+        "POST /orders/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n["
+    );
+    trickle.write_all(head.as_bytes()).await.unwrap();
+    let (answer, _) = read_until_closed(&mut trickle, window).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "a trickled body gets 408: {answer:?}");
+    assert!(answer.contains("request body too slow"), "{answer}");
+
+    // Three idle connections fill the cap (their header timer is 1 s, so the fourth
+    // comes at once); the fourth is refused with a readable answer.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect().await.unwrap());
+    }
+    let mut fourth = connect().await.unwrap();
+    let (answer, closed) = read_until_closed(&mut fourth, window).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer:?}");
+    assert!(answer.contains("too many connections") && closed, "{answer}");
+    drop(idle);
+    // Once the idle ones are gone, the engine serves again.
+    let deadline = std::time::Instant::now() + window;
+    while client().get(s.url("/health")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "the engine serves again after the cap");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(!metrics.contains("orchestrator_connections_refused_total{reason=\"cap\"} 0"), "{metrics}");
+}
+
+/// Each `/ws` client could pin about 64 MiB with an unfinished fragmented message, and
+/// clients were not limited. Now inbound messages are capped at a few KiB, and the
+/// clients past `--max-ws-clients` get 503.
+#[tokio::test]
+async fn websocket_clients_are_bounded() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--max-ws-clients", "1"]).await;
+    let (mut first, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    match tokio_tungstenite::connect_async(s.ws_url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            assert_eq!(r.status(), 503);
+            let body: Value = serde_json::from_slice(r.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["error"], "too many feed clients");
+        }
+        other => panic!("a second client is refused: {other:?}"),
+    }
+    // A 64 KiB message closes the socket instead of being buffered.
+    first.send(Message::Text("x".repeat(64 << 10).into())).await.unwrap();
+    let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while let Some(m) = first.next().await {
+            match m {
+                Ok(Message::Close(_)) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+        true
+    })
+    .await
+    .unwrap_or(false);
+    assert!(closed, "an oversized message closes the socket");
+    // Its place is free again.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while tokio_tungstenite::connect_async(s.ws_url()).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the place is given back");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// NUL characters were accepted in notes; control characters are refused in notes (but
+/// for newlines and tabs) and customers, by events and by edits, naming the field.
+#[tokio::test]
+async fn control_characters_are_refused_in_free_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let mut nul = created("c-1", "c-1", "GOLD", 100);
+    nul["payload"]["note"] = json!("gift\u{0}wrap");
+    let r = answer(s.post_events(&nul).await).await;
+    assert_error("a NUL in a note", &r, 400);
+    assert!(r.2["detail"]["reason"].as_str().unwrap().contains("U+0000"), "{}", r.2);
+    let mut bell = created("c-2", "c-2", "GOLD", 100);
+    bell["payload"]["customer"] = json!("ada\u{7}@example.com");
+    assert_error("a BEL in a customer", &answer(s.post_events(&bell).await).await, 400);
+    let mut lines = created("c-3", "c-3", "GOLD", 100);
+    lines["payload"]["note"] = json!("line one\nline two\tend");
+    assert_eq!(s.post_events(&lines).await.status(), 202);
+    s.drain(std::time::Duration::from_secs(30)).await;
+    let edit = authorized().patch(s.url("/orders/c-3")).header("if-match", "1").json(&json!({ "note": "a\u{0}b" }));
+    let r = answer(edit.send().await.unwrap()).await;
+    assert_error("a NUL in an edit", &r, 400);
+    assert!(r.2["detail"]["message"].as_str().unwrap().contains("control characters"), "{}", r.2);
+}

@@ -59,9 +59,19 @@ async fn signed_deliveries_become_events_once() {
     let r = deliver(&s, "products/update", "w-3", product, Some(sign(SECRET, product))).await;
     assert_eq!(r.json::<Value>().await.unwrap()["status"], "ignored");
     let no_id = br#"{"updated_at": "2026-11-21T12:00:00Z"}"#;
+    // Signed but unusable: 200 (a retry would fail the same way) and a dead letter.
     let r = deliver(&s, "orders/updated", "w-4", no_id, Some(sign(SECRET, no_id))).await;
-    assert_eq!(r.status(), 400);
-    assert!(r.json::<Value>().await.unwrap()["detail"]["message"].as_str().unwrap().contains("no id"));
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["status"], "rejected");
+    let (_, letters) = s.get_json("/dead-letters").await;
+    assert!(
+        letters["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["id"] == "shopify:w-4" && l["reason"].as_str().unwrap().contains("no id")),
+        "{letters}"
+    );
     let big = vec![b' '; 9000];
     assert_eq!(deliver(&s, "orders/updated", "w-5", &big, Some(sign(SECRET, &big))).await.status(), 413);
     s.drain(Duration::from_secs(10)).await;
@@ -252,6 +262,43 @@ async fn the_api_cannot_forge_shopify_provenance() {
     let h = history(&s, order).await;
     let outcomes: Vec<&str> = h.iter().map(|e| e["outcome"].as_str().unwrap()).collect();
     assert_eq!(outcomes, ["applied", "applied"], "{h:?}");
+}
+
+/// Signed deliveries with one bad field got 503 "the order log is unavailable", so Shopify
+/// retried them for hours and alerts blamed the log. Now each is answered 200, audited
+/// as rejected, and dead-lettered with the field and the reason.
+#[tokio::test]
+async fn a_signed_delivery_with_a_bad_field_is_dead_lettered_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    let long_id = "w".repeat(130);
+    let mut euro: Value = serde_json::from_slice(CREATE).unwrap();
+    euro["currency"] = json!("EU");
+    euro["presentment_currency"] = json!("EU");
+    let euro = euro.to_string().into_bytes();
+    let cases: [(&str, &[u8], &str); 3] =
+        [(&long_id, CREATE, "event_id"), ("tab\there", CREATE, "event_id"), ("bad-currency", &euro, "currency")];
+    for (id, body, field) in cases {
+        let r = deliver(&s, "orders/create", id, body, Some(sign(SECRET, body))).await;
+        assert_eq!(r.status(), 200, "{id}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(answer["status"], "rejected", "{id}: {answer}");
+        let (_, letters) = s.get_json("/dead-letters?limit=1000").await;
+        let letter = letters["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["error_type"] == "invalid_delivery" && l["reason"].as_str().unwrap().contains(field));
+        assert!(letter.is_some(), "{id}: a letter naming {field}: {letters}");
+    }
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
+    let rejected = audit["items"].as_array().unwrap().iter().filter(|d| d["outcome"] == "rejected").count();
+    assert_eq!(rejected, 3, "{audit}");
+    assert_eq!(s.health().await["status"], "ok", "no outage is reported");
+    // The same order, delivered well, still applies.
+    assert_eq!(deliver(&s, "orders/create", "good-1", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    assert_eq!(s.get_json("/orders/shopify-820982911946154508").await.0, 200);
 }
 
 /// Shopify's `updated_at` has one-second resolution: `orders/paid` and then

@@ -12,7 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
@@ -139,6 +139,11 @@ pub struct Access {
 /// Tokens shorter than this are refused: a guessable token is no token.
 pub const MIN_TOKEN_LEN: usize = 16;
 
+/// The name in `others` whose token is also `admin`'s: one token cannot be two callers.
+pub fn reuses_admin<'a>(admin: &str, others: &'a [(String, Role, String)]) -> Option<&'a str> {
+    others.iter().find(|(_, _, t)| t == admin).map(|(n, _, _)| n.as_str())
+}
+
 /// Names and roles only: a token never reaches a log line.
 impl std::fmt::Debug for Access {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -148,7 +153,9 @@ impl std::fmt::Debug for Access {
 }
 
 impl Access {
-    /// `admin` is the token named "admin"; `others` come from a tokens file.
+    /// `admin` is the token named "admin"; `others` come from a tokens file (which
+    /// [`read_tokens_file`] checked, but for the admin token: callers check that with
+    /// [`Access::reuses_admin`]).
     pub fn new(admin: &str, others: Vec<(String, Role, String)>, open_reads: bool) -> Self {
         let all = std::iter::once(("admin".to_string(), Role::Admin, admin.to_string())).chain(others);
         let tokens = all.map(|(name, role, token)| Token { name, role, digest: digest(&token) }).collect();
@@ -171,12 +178,16 @@ impl Access {
             // A browser cannot set headers on a WebSocket; the dashboard offers its token
             // as a subprotocol instead.
             None => match websocket_token(headers) {
-                Some(token) => token,
+                Some(token) => return Ok(Some(self.find(&token)?)),
                 None => return Ok(None),
             },
         };
-        // Digests compared in constant time against every token, so neither the length
-        // nor the bytes of a token leak through timing.
+        self.find(given).map(Some)
+    }
+
+    /// The token's caller. Digests are compared in constant time against every token,
+    /// so neither the length nor the bytes of a token leak through timing.
+    fn find(&self, given: &str) -> Result<Caller, ApiError> {
         let given = digest(given);
         let mut found = None;
         for t in self.tokens.iter() {
@@ -184,17 +195,24 @@ impl Access {
                 found = Some(Caller { name: t.name.clone(), role: t.role });
             }
         }
-        found.map(Some).ok_or_else(|| unauthorized("invalid API token", "the bearer token matches no token"))
+        found.ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "invalid API token", json!("the bearer token matches no token"))
+        })
     }
 }
 
 /// The subprotocol the dashboard names itself by on `/ws`; the engine selects it.
 pub const WS_PROTOCOL: &str = "orchestrator";
 
-/// The token in a `Sec-WebSocket-Protocol: orchestrator, bearer.<token>` offer.
-fn websocket_token(headers: &HeaderMap) -> Option<&str> {
+/// The token in a `Sec-WebSocket-Protocol: orchestrator, bearer.<token as hex>` offer:
+/// hex, because a subprotocol allows only token characters and a token may hold others.
+fn websocket_token(headers: &HeaderMap) -> Option<String> {
     let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL)?.to_str().ok()?;
-    offered.split(',').map(str::trim).find_map(|p| p.strip_prefix("bearer."))
+    let hex = offered.split(',').map(str::trim).find_map(|p| p.strip_prefix("bearer."))?;
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    // Malformed hex is passed on as is, so it is refused as an unknown token.
+    Some(bytes.and_then(|b| String::from_utf8(b).ok()).unwrap_or_else(|| hex.to_string()))
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -212,17 +230,25 @@ pub enum TokensFileError {
     Line { path: String, line: usize, reason: String },
 }
 
+/// Refuses a secrets file that other users can read.
+pub fn check_private(path: &Path) -> Result<(), TokensFileError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| TokensFileError::Read { path: shown.clone(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(TokensFileError::Exposed { path: shown, mode });
+    }
+    Ok(())
+}
+
 /// Reads a tokens file: one token per line, `<name> <role> <token>`, where role is
 /// producer, operator or admin; blank lines and lines starting with `#` are skipped.
 /// The file must be private to the engine's user.
 pub fn read_tokens_file(path: &Path) -> Result<Vec<(String, Role, String)>, TokensFileError> {
-    use std::os::unix::fs::PermissionsExt;
+    check_private(path)?;
     let shown = path.display().to_string();
     let read = |source| TokensFileError::Read { path: shown.clone(), source };
-    let mode = std::fs::metadata(path).map_err(read)?.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(TokensFileError::Exposed { path: shown, mode });
-    }
     let text = std::fs::read_to_string(path).map_err(read)?;
     let (mut names, mut tokens, mut out) = (HashSet::new(), HashSet::new(), Vec::new());
     for (i, line) in text.lines().enumerate() {
@@ -279,61 +305,96 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
         )
         .into_response();
     };
+    let action = format!("{} {route}", req.method());
     let access = &s.config.access;
-    let caller = match access.caller(req.headers()) {
-        Ok(c) => c,
-        Err(e) => {
-            metrics::counter!(telemetry::AUTH_REFUSED, "reason" => "unauthenticated").increment(1);
-            return e.into_response();
-        }
-    };
     let needed = match need {
         Need::Open => None,
         Need::Read if access.open_reads => None,
         Need::Read => Some(Role::Operator),
         Need::Role(r) => Some(r),
     };
-    let audited = matches!(need, Need::Role(r) if r >= Role::Operator);
-    let action = format!("{} {route}", req.method());
-    let target = req.uri().path().to_string();
-    let response = match (needed, &caller) {
-        (None, _) => return next.run(req).await,
-        (Some(_), None) => {
+    // Where nothing is needed, a credential is not looked at: a stale dashboard token or
+    // a proxy's Basic header must not close /health, /metrics or open reads.
+    let Some(needed) = needed else { return next.run(req).await };
+    let caller = match access.caller(req.headers()) {
+        Ok(Some(c)) => c,
+        Ok(None) => {
             metrics::counter!(telemetry::AUTH_REFUSED, "reason" => "unauthenticated").increment(1);
-            let detail = json!({ "needs": needed.map(Role::as_str), "send": "Authorization: Bearer <token>" });
-            return ApiError::new(StatusCode::UNAUTHORIZED, "API token required", detail).into_response();
+            let detail = json!({ "needs": needed.as_str(), "send": "Authorization: Bearer <token>" });
+            return challenge(ApiError::new(StatusCode::UNAUTHORIZED, "API token required", detail));
         }
-        (Some(r), Some(c)) if c.role < r => {
-            metrics::counter!(telemetry::AUTH_REFUSED, "reason" => "forbidden").increment(1);
-            let detail = json!({ "token": c.name, "role": c.role.as_str(), "needs": r.as_str() });
-            ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail).into_response()
+        Err(e) => {
+            metrics::counter!(telemetry::AUTH_REFUSED, "reason" => "unauthenticated").increment(1);
+            return challenge(e);
         }
-        (Some(_), Some(_)) => next.run(req).await,
     };
-    if let (true, Some(c)) = (audited, caller) {
-        let status = response.status();
-        let outcome = match status.as_u16() {
-            200..=299 => "done",
-            500.. => "failed",
-            _ => "refused",
-        };
-        let record = ActionRecord {
-            at: Utc::now(),
-            token: c.name,
-            role: c.role.as_str().into(),
-            action,
-            target,
-            status: status.as_u16(),
-            outcome: outcome.into(),
-        };
-        // The action has happened; an audit that cannot be written is loud, not fatal.
-        if let Err(e) = s.engine.action_log().record_action(record.clone()).await {
-            metrics::counter!(telemetry::ERRORS, "stage" => "audit", "error_type" => "store").increment(1);
-            tracing::error!(error = %e, action = record.action, target = record.target, token = record.token,
-                "an operator action could not be audited");
+    if caller.role < needed {
+        metrics::counter!(telemetry::AUTH_REFUSED, "reason" => "forbidden").increment(1);
+        let detail = json!({ "token": caller.name, "role": caller.role.as_str(), "needs": needed.as_str() });
+        let refused = ApiError::new(StatusCode::FORBIDDEN, "forbidden", detail).into_response();
+        // A refusal is audited only for a token that could have done operator work: a
+        // producer token probing admin routes must not grow the audit (the metric counts it).
+        if caller.role >= Role::Operator {
+            audit(&s, &caller, &action, req.uri().path(), refused.status()).await;
+        }
+        return refused;
+    }
+    if !matches!(need, Need::Role(r) if r >= Role::Operator) {
+        return next.run(req).await;
+    }
+    // The action and its audit run as their own task: a client that hangs up mid-request
+    // must not leave an action done and unaudited.
+    let target = req.uri().path().to_string();
+    let task = tokio::spawn(async move {
+        let response = next.run(req).await;
+        audit(&s, &caller, &action, &target, response.status()).await;
+        response
+    });
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "an operator action's task failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error", Value::Null).into_response()
         }
     }
-    response
+}
+
+/// A 401 with the scheme the client should use (RFC 9110).
+fn challenge(e: ApiError) -> Response {
+    let mut answer = e.into_response();
+    answer.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+    answer
+}
+
+/// The longest path the audit keeps; longer ones are cut (the route names the action).
+const MAX_TARGET_BYTES: usize = 256;
+
+/// Records one operator or admin action. The action has happened: an audit that cannot
+/// be written is loud, not fatal.
+async fn audit(s: &AppState, caller: &Caller, action: &str, target: &str, status: StatusCode) {
+    let mut end = target.len().min(MAX_TARGET_BYTES);
+    while !target.is_char_boundary(end) {
+        end -= 1;
+    }
+    let outcome = match status.as_u16() {
+        200..=299 => "done",
+        500.. => "failed",
+        _ => "refused",
+    };
+    let record = ActionRecord {
+        at: Utc::now(),
+        token: caller.name.clone(),
+        role: caller.role.as_str().into(),
+        action: action.to_string(),
+        target: target[..end].to_string(),
+        status: status.as_u16(),
+        outcome: outcome.into(),
+    };
+    if let Err(e) = s.engine.action_log().record_action(record.clone()).await {
+        metrics::counter!(telemetry::ERRORS, "stage" => "audit", "error_type" => "store").increment(1);
+        tracing::error!(error = %e, action = record.action, target = record.target, token = record.token,
+            "an operator action could not be audited");
+    }
 }
 
 #[cfg(test)]

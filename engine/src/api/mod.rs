@@ -3,17 +3,18 @@
 mod assets;
 pub mod auth;
 mod error;
+pub mod listener;
 mod openapi;
 pub mod origin;
 mod plugins;
 mod runs;
 mod webhooks;
-mod ws;
+pub mod ws;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -41,6 +42,10 @@ pub struct ApiConfig {
     pub access: auth::Access,
     /// The host names a loopback engine answers to: see `origin.rs`.
     pub hosts: origin::Hosts,
+    /// How long a client may take to send a request body (408 past it).
+    pub body_timeout: std::time::Duration,
+    /// How many `/ws` clients, and how long one may go without reading.
+    pub ws: ws::WsLimits,
     /// The Shopify bridge, when a webhook secret is configured.
     pub shopify: Option<crate::shopify::ShopifyConfig>,
 }
@@ -248,17 +253,53 @@ impl axum::extract::FromRequest<AppState> for JsonBytes {
 
     async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, ApiError> {
         origin::json_body_required(req.headers())?;
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| body_error(e, state.config.max_body_bytes))?;
-        Ok(JsonBytes(bytes))
+        let RawBody(read) = RawBody::from_request(req, state).await.unwrap_or_else(|never| match never {});
+        read.map(JsonBytes).map_err(|e| e.into_error(state.config.max_body_bytes))
     }
 }
 
-/// Maps a body that could not be read (too large, broken stream) to a JSON error.
-fn body_error(e: BytesRejection, limit: usize) -> ApiError {
-    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", json!({ "limit_bytes": limit }))
-    } else {
-        ApiError::bad_request("unreadable request body", e.body_text())
+/// A request body read whole within the body timeout. The handler answers a failure,
+/// since the size limit differs per route.
+pub struct RawBody(pub Result<Bytes, BodyFailure>);
+
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyFailure {
+    TooLarge,
+    /// The client sent it too slowly: it took longer than this.
+    TooSlow(std::time::Duration),
+    Unreadable(String),
+}
+
+impl BodyFailure {
+    /// The answer, with `limit` the route's body limit.
+    pub fn into_error(self, limit: usize) -> ApiError {
+        match self {
+            BodyFailure::TooLarge => {
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body too large", json!({ "limit_bytes": limit }))
+            }
+            BodyFailure::TooSlow(t) => ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request body too slow",
+                json!({ "timeout_secs": t.as_secs_f64(), "message": "send the whole body within the body timeout" }),
+            ),
+            BodyFailure::Unreadable(m) => ApiError::bad_request("unreadable request body", m),
+        }
+    }
+}
+
+impl axum::extract::FromRequest<AppState> for RawBody {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(req: axum::extract::Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let timeout = state.config.body_timeout;
+        let read = match tokio::time::timeout(timeout, Bytes::from_request(req, state)).await {
+            Err(_) => Err(BodyFailure::TooSlow(timeout)),
+            Ok(Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(BodyFailure::TooLarge),
+            Ok(Err(e)) => Err(BodyFailure::Unreadable(e.body_text())),
+            Ok(Ok(bytes)) => Ok(bytes),
+        };
+        Ok(RawBody(read))
     }
 }
 

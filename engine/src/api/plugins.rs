@@ -4,15 +4,13 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiQuery, AppState, body_error, page_limit};
+use super::{ApiError, ApiQuery, AppState, RawBody, page_limit};
 use crate::engine::ReplayError;
 use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
 use crate::plugin::{PluginError, Slot};
@@ -63,10 +61,10 @@ pub async fn deploy(
     State(s): State<AppState>,
     Path(name): Path<String>,
     ApiQuery(p): ApiQuery<DeployParams>,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<(StatusCode, Json<Deployed>), ApiError> {
     let slot = slot(&name)?;
-    let body = body.map_err(|e| body_error(e, super::PLUGIN_BODY_LIMIT))?;
+    let body = body.map_err(|e| e.into_error(super::PLUGIN_BODY_LIMIT))?;
     if body.is_empty() {
         return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
     }

@@ -2,16 +2,14 @@
 //! (and an audit record), `GET /webhooks/deliveries` lists that audit.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::IntoParams;
 
-use super::{ApiError, ApiQuery, AppState, ErrorBody, page_limit};
+use super::{ApiError, ApiQuery, AppState, BodyFailure, ErrorBody, RawBody, page_limit};
 use crate::shopify::{self, DeliveryHeaders, LogFailure, WebhookAnswer, WebhookError};
 use crate::store::{Page, WebhookDelivery};
 use crate::telemetry::WEBHOOKS_RECEIVED;
@@ -28,7 +26,7 @@ use crate::telemetry::WEBHOOKS_RECEIVED;
 pub async fn receive(
     State(s): State<AppState>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    RawBody(body): RawBody,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
     let Some(config) = s.config.shopify.clone() else {
         let hint = "set --shopify-secret or SHOPIFY_WEBHOOK_SECRET";
@@ -46,16 +44,16 @@ pub async fn receive(
         received_at: Utc::now(),
     };
     let result = match body {
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+        Err(BodyFailure::TooLarge) => {
             let limit = json!({ "limit_bytes": config.max_body_bytes });
             Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "webhook body too large", limit))
         }
-        Err(e) => Err(ApiError::bad_request("unreadable webhook body", e.body_text())),
+        Err(e) => Err(e.into_error(config.max_body_bytes)),
         Ok(body) => shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await.map_err(ApiError::from),
     };
     metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
     if let Err(e) = &result {
-        let detail = e.detail.as_str().map_or_else(|| e.detail.to_string(), str::to_string);
+        let detail = e.detail["message"].as_str().map_or_else(|| e.detail.to_string(), str::to_string);
         audit.reason = Some(format!("{}: {detail}", e.error));
     }
     if let Err(e) = s.engine.webhooks().record_delivery(audit).await {
@@ -98,7 +96,6 @@ impl From<WebhookError> for ApiError {
             }
             WebhookError::NoTopic => ApiError::bad_request(why, "every Shopify webhook names its topic"),
             WebhookError::NoDeliveryId => ApiError::bad_request(why, "deliveries are deduplicated on it"),
-            WebhookError::Payload(m) => ApiError::bad_request("invalid Shopify payload", m),
             WebhookError::LogUnavailable(failure) => {
                 let reason = match &failure {
                     LogFailure::Refused(e) => e.to_string(),

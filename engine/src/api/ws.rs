@@ -4,13 +4,17 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::response::Response;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::AppState;
+use super::{ApiError, AppState};
 use crate::stream::Change;
 use crate::telemetry;
 
@@ -20,13 +24,57 @@ use crate::telemetry;
 const DRAIN_MAX: usize = 1024;
 const RESYNC: &str = r#"{"type":"resync","reason":"client fell behind; re-fetch the orders you show"}"#;
 
+/// Inbound messages larger than this close the socket: clients send nothing we read, so
+/// a few KiB bound what an unfinished fragmented message can pin.
+const MAX_INBOUND_BYTES: usize = 4096;
+/// How long one send may wait on a client that does not read before it is dropped.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many clients `/ws` serves at once, and how many it serves now.
+#[derive(Debug, Clone)]
+pub struct WsLimits {
+    max_clients: usize,
+    clients: Arc<AtomicUsize>,
+}
+
+impl WsLimits {
+    pub fn new(max_clients: usize) -> Self {
+        Self { max_clients, clients: Arc::default() }
+    }
+}
+
+/// One client's place, given back when its task ends.
+struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    let limits = &s.config.ws;
+    if limits.clients.fetch_add(1, Ordering::Relaxed) >= limits.max_clients {
+        limits.clients.fetch_sub(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::CONNECTIONS_REFUSED, "reason" => "ws_cap").increment(1);
+        let detail = serde_json::json!({ "max_ws_clients": limits.max_clients, "message": "retry shortly" });
+        let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many feed clients", detail);
+        e.retry_after = Some(5);
+        return e.into_response();
+    }
+    let place = Place(limits.clients.clone());
     // Subscribe before the upgrade completes, so no change applied after the
     // handshake answer can be missed.
     let rx = s.engine.changes().subscribe();
     let notices = s.engine.changes().subscribe_notices();
     // Selecting the dashboard's subprotocol lets it offer its token beside it.
-    ws.protocols([super::auth::WS_PROTOCOL]).on_upgrade(move |socket| serve(socket, rx, notices))
+    ws.protocols([super::auth::WS_PROTOCOL])
+        .max_message_size(MAX_INBOUND_BYTES)
+        .max_frame_size(MAX_INBOUND_BYTES)
+        .on_upgrade(move |socket| async move {
+            serve(socket, rx, notices).await;
+            drop(place);
+        })
 }
 
 async fn serve(
@@ -46,7 +94,7 @@ async fn serve(
         }
     });
     let hello = r#"{"type":"hello"}"#;
-    if sink.send(Message::Text(hello.into())).await.is_err() {
+    if !send(&mut sink, hello.to_string()).await {
         gauge.decrement(1.0);
         return;
     }
@@ -63,7 +111,7 @@ async fn serve(
                     Err(RecvError::Lagged(_)) => RESYNC.to_string(),
                     Err(RecvError::Closed) => break,
                 };
-                if sink.send(Message::Text(text.into())).await.is_err() {
+                if !send(&mut sink, text).await {
                     break;
                 }
                 continue;
@@ -103,17 +151,30 @@ async fn serve(
         }
         if lagged {
             metrics::counter!(telemetry::WS_RESYNCS).increment(1);
-            if sink.send(Message::Text(RESYNC.into())).await.is_err() {
+            if !send(&mut sink, RESYNC.to_string()).await {
                 break;
             }
             continue;
         }
         for change in batch {
-            if sink.send(Message::Text(change.message.clone().into())).await.is_err() {
+            if !send(&mut sink, change.message.clone()).await {
                 break 'outer;
             }
         }
     }
     closed.abort();
     gauge.decrement(1.0);
+}
+
+/// Sends one text message; false when the client is gone or has not read for
+/// [`SEND_TIMEOUT`] (then it is dropped: a client that never reads would otherwise hold
+/// its buffers for ever).
+async fn send(sink: &mut futures::stream::SplitSink<WebSocket, Message>, text: String) -> bool {
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(Message::Text(text.into()))).await {
+        Ok(sent) => sent.is_ok(),
+        Err(_) => {
+            metrics::counter!(telemetry::WS_DROPPED, "reason" => "not_reading").increment(1);
+            false
+        }
+    }
 }

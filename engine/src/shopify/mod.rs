@@ -78,8 +78,6 @@ pub enum WebhookError {
     /// Another attempt at the same delivery is putting it on the log right now.
     #[error("this delivery is being accepted by another attempt; retry in {retry_after_s} s")]
     InFlight { retry_after_s: u64 },
-    #[error("invalid Shopify payload: {0}")]
-    Payload(String),
     /// The log refused the event or did not acknowledge it within [`APPEND_BUDGET`].
     #[error("the order log is unavailable: {0}")]
     LogUnavailable(#[source] LogFailure),
@@ -108,7 +106,8 @@ pub struct DeliveryHeaders {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WebhookAnswer {
-    /// accepted, duplicate or ignored.
+    /// accepted, duplicate, ignored, or rejected (dead-lettered: the delivery is signed
+    /// but a field is invalid; `GET /dead-letters` says which).
     pub status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_id: Option<String>,
@@ -141,8 +140,18 @@ pub async fn accept(
         }
     };
     let delivery_id = headers.webhook_id.clone().or(headers.event_id.clone()).ok_or(WebhookError::NoDeliveryId)?;
-    let event = payload::to_event(kind, body, &delivery_id).map_err(WebhookError::Payload)?;
+    // A signed delivery that can never become a valid event is answered 200 and
+    // dead-lettered with the reason: a retry would fail the same way, and Shopify
+    // removes subscriptions that keep failing.
+    let event = match payload::to_event(kind, body, &delivery_id) {
+        Ok(event) => event,
+        Err(reason) => return reject(engine, audit, &delivery_id, None, body, format!("payload: {reason}")).await,
+    };
     audit.order_id = Some(event.order_id.clone());
+    if let Err(reason) = event.validate() {
+        let order = Some(event.order_id.as_str());
+        return reject(engine, audit, &delivery_id, order, body, reason).await;
+    }
 
     // Claim every id the delivery carries; a claim already held means a duplicate.
     let keys: Vec<String> = [
@@ -195,6 +204,42 @@ pub async fn accept(
     }
     audit.outcome = "received".into();
     Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
+}
+
+/// The longest delivery id a dead letter keeps (Shopify's are uuids).
+const MAX_LETTER_ID: usize = 100;
+/// The most of a rejected body a dead letter keeps.
+const MAX_LETTER_PAYLOAD: usize = 64 << 10;
+
+/// Dead-letters a signed delivery whose content is invalid, and answers it 200
+/// ("rejected"). Only a store that cannot take the letter makes it a 503.
+async fn reject(
+    engine: &Engine,
+    audit: &mut WebhookDelivery,
+    delivery_id: &str,
+    order_id: Option<&str>,
+    body: &[u8],
+    reason: String,
+) -> Result<WebhookAnswer, WebhookError> {
+    // The id as a letter can hold it: printable, bounded (the bad field may be the id).
+    let id: String = delivery_id.chars().filter(|c| c.is_ascii_graphic()).take(MAX_LETTER_ID).collect();
+    let payload = String::from_utf8_lossy(&body[..body.len().min(MAX_LETTER_PAYLOAD)]).into_owned();
+    let letter = crate::store::DeadLetter {
+        id: format!("shopify:{id}"),
+        order_id: order_id.map(str::to_string),
+        stage: "webhook".into(),
+        error_type: "invalid_delivery".into(),
+        reason: format!("a signed delivery that cannot become an event: {reason}"),
+        decided_by: None,
+        payload,
+        recorded_at: chrono::Utc::now(),
+        replayed_at: None,
+    };
+    engine.reject_delivery(letter).await?;
+    tracing::warn!(delivery = id, reason, "a signed Shopify delivery was dead-lettered");
+    audit.outcome = "rejected".into();
+    audit.reason = Some(reason);
+    Ok(WebhookAnswer { status: "rejected", order_id: order_id.map(str::to_string) })
 }
 
 /// How long a delivery waits for another attempt at it to finish before it gets 503.

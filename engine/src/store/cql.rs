@@ -979,7 +979,8 @@ impl ActionLog for CqlStore {
             None => (i32::MAX, newest),
             Some(c) => {
                 let (d, u) = c.split_once('/').ok_or_else(bad)?;
-                (d.parse().map_err(|_| bad())?, uuid::Uuid::try_parse(u).map_err(|_| bad())?)
+                let at = uuid::Uuid::try_parse(u).ok().filter(|u| u.get_version_num() == 1).ok_or_else(bad)?;
+                (d.parse().map_err(|_| bad())?, at)
             }
         };
         let days = self.session.execute_unpaged(&self.st.action_days, (day,)).await.map_err(backend)?;

@@ -324,8 +324,11 @@ impl Runs for MemoryStore {
 
     async fn reset(&self) -> Result<(), StoreError> {
         let mut state = self.state();
+        // Like the real backends: deduplication keys, the webhook audit and the operator
+        // audit outlive a reset.
         let (claims, deliveries) = (std::mem::take(&mut state.claims), std::mem::take(&mut state.deliveries));
-        *state = State { claims, deliveries, ..State::default() };
+        let actions = std::mem::take(&mut state.actions);
+        *state = State { claims, deliveries, actions, ..State::default() };
         Ok(())
     }
 

@@ -1,0 +1,130 @@
+//! The HTTP listener: every connection is timed out and counted. A client gets a bounded
+//! time to send its request headers (and an idle keep-alive connection the same to send
+//! its next request), a bounded time for a body, and past the connection cap a new
+//! connection gets a clear 503 and is closed instead of starving the ones being served.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::telemetry;
+
+/// What one connection may take.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// To send a request's headers, and for an idle keep-alive connection to start its
+    /// next request; past it the connection is closed.
+    pub header_timeout: Duration,
+    /// To send a whole request body (see `BoundedBytes`): 408 past it.
+    pub body_timeout: Duration,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self { header_timeout: Duration::from_secs(10), body_timeout: Duration::from_secs(30), max_connections: 4096 }
+    }
+}
+
+/// File descriptors kept back from the connection cap for the engine's own files.
+const FDS_RESERVED: u64 = 256;
+/// How long the server waits for requests in flight once asked to stop.
+const DRAIN: Duration = Duration::from_secs(10);
+const REFUSAL: &str = "{\"error\":\"too many connections\",\"detail\":{\"message\":\"the engine is at its connection \
+    cap (--max-connections); retry shortly\"}}";
+
+/// Raises the soft limit on open files to the hard limit (where allowed), and returns the
+/// connection cap that fits under it.
+pub fn fit_connection_cap(wanted: usize) -> usize {
+    let fds = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the open-file limit; the connection cap stays as configured");
+            return wanted;
+        }
+    };
+    let fits = fds.saturating_sub(FDS_RESERVED).max(16) as usize;
+    if fits < wanted {
+        tracing::warn!(open_files = fds, cap = fits, wanted, "the open-file limit lowers the connection cap");
+    }
+    wanted.min(fits)
+}
+
+/// Serves `app` on `listener` until `shutdown` completes, then lets requests in flight
+/// finish for up to [`DRAIN`].
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: &ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    // HTTP/1.1 only: the Host check reads the Host header, which HTTP/2 does not send.
+    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let builder = Arc::new(builder);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = metrics::gauge!(telemetry::HTTP_CONNECTIONS);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors, most likely: say so, and give the
+                    // connections being served a moment to finish.
+                    metrics::counter!(telemetry::CONNECTIONS_REFUSED, "reason" => "accept_failed").increment(1);
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics::counter!(telemetry::CONNECTIONS_REFUSED, "reason" => "cap").increment(1);
+            tokio::spawn(refuse(stream));
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        let open = open.clone();
+        open.increment(1.0);
+        tokio::spawn(async move {
+            // Errors here are clients that went away or timed out: nothing to report.
+            let _ = connection.await;
+            open.decrement(1.0);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+        tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
+    }
+    Ok(())
+}
+
+/// The answer past the cap: a complete 503 the client can read, then the connection closes.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{REFUSAL}",
+        REFUSAL.len()
+    );
+    let write = async {
+        stream.write_all(answer.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+}
