@@ -26,6 +26,16 @@ if [ ${#packages[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
+# schemathesis (from PyPI, pinned) fuzzes the API against its OpenAPI document; it lives
+# in a virtualenv outside the clone, made once.
+venv="$HOME/.cache/atomic-orchestrator/venv"
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  echo "==> installing schemathesis into $venv"
+  python3 -m venv "$venv" || { as_root apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q 'schemathesis==4.32.5'
+fi
+export SCHEMATHESIS="$venv/bin/schemathesis"
+
 # The wasm targets for the rule plugins and the dashboard, and the lint tools
 # (rust-toolchain.toml asks for them too; engine/build.rs adds missing targets itself).
 rustup target add wasm32-wasip2 wasm32-unknown-unknown >/dev/null

@@ -185,6 +185,7 @@ async fn metrics(State(s): State<AppState>) -> Response {
 #[into_params(parameter_in = Query)]
 pub struct LogParams {
     /// How many of the latest lines, 1..=500 (default 100).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u64>,
 }
 
@@ -198,6 +199,7 @@ async fn recent_logs(ApiQuery(p): ApiQuery<LogParams>) -> Result<Json<Vec<crate:
 #[into_params(parameter_in = Query)]
 pub struct AuditParams {
     /// Page size, 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
     /// `next_cursor` from the previous page.
     cursor: Option<String>,
@@ -348,6 +350,7 @@ async fn post_events(
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Page size, 1..=1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
     /// `next_cursor` from the previous page.
     cursor: Option<String>,

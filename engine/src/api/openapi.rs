@@ -23,7 +23,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::runs::start, super::runs::current, super::runs::list, super::runs::get, super::runs::cancel,
         super::runs::pause, super::runs::resume, super::runs::queue_state, super::runs::reset,
     ),
-    modifiers(&BearerToken),
+    modifiers(&BearerToken, &EdgeAnswers),
     components(schemas(
         Order, OrderEvent, OrderChange, OrderEdit, HistoryEntry, Outcome, Tier, Priority, Status,
         EventKind, FinancialStatus, FulfillmentStatus, super::ErrorBody, super::Accepted, super::Health,
@@ -43,4 +43,78 @@ impl Modify for BearerToken {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
     }
+}
+
+/// What the edges add to every operation, so generated clients see every answer:
+/// path parameters declared, the access policy's 401 and 403 (and the bearer scheme) where
+/// a token can be needed, 400 where input is parsed, 404 where a path names something,
+/// 413 and 415 where a body is read, and 503 when the log or the store fails.
+struct EdgeAnswers;
+
+impl Modify for EdgeAnswers {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use axum::http::Method;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn};
+        use utoipa::openapi::{ObjectBuilder, Required, Type};
+
+        use super::auth::{Need, need};
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let names: Vec<&str> =
+                path.split('/').filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}'))).collect();
+            let ops = [
+                (Method::GET, &mut item.get),
+                (Method::POST, &mut item.post),
+                (Method::PUT, &mut item.put),
+                (Method::PATCH, &mut item.patch),
+                (Method::DELETE, &mut item.delete),
+            ];
+            for (method, op) in ops {
+                let Some(op) = op.as_mut() else { continue };
+                let params = op.parameters.get_or_insert_with(Vec::new);
+                for name in &names {
+                    if !params.iter().any(|p| p.name == *name && p.parameter_in == ParameterIn::Path) {
+                        let schema = ObjectBuilder::new().schema_type(Type::String).build();
+                        let param = ParameterBuilder::new()
+                            .name(*name)
+                            .parameter_in(ParameterIn::Path)
+                            .required(Required::True)
+                            .schema(Some(schema))
+                            .build();
+                        params.push(param);
+                    }
+                }
+                let needs = need(&method, path);
+                let mut add = |code: &str, why: &str| {
+                    op.responses.responses.entry(code.to_string()).or_insert_with(|| error_answer(why));
+                };
+                if matches!(needs, Some(Need::Role(_) | Need::Read)) {
+                    add("401", "No token, or one that matches none (reads: off a loopback bind only)");
+                    add("403", "The token's role is too low");
+                }
+                add("400", "Invalid input; `detail` says which");
+                if !names.is_empty() {
+                    add("404", "Nothing by that name");
+                }
+                if op.request_body.is_some() || method == Method::PUT {
+                    add("408", "The body came too slowly");
+                    add("413", "The body is too large");
+                }
+                if op.request_body.is_some() {
+                    add("415", "The body is not declared `application/json`");
+                }
+                add("503", "The log or the store is unavailable");
+                if matches!(needs, Some(Need::Role(_))) && op.security.is_none() {
+                    let bearer = utoipa::openapi::security::SecurityRequirement::new("bearer", Vec::<String>::new());
+                    op.security = Some(vec![bearer]);
+                }
+            }
+        }
+    }
+}
+
+/// A response whose body is the API's error.
+fn error_answer(description: &str) -> utoipa::openapi::RefOr<utoipa::openapi::Response> {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorBody"))).build();
+    ResponseBuilder::new().description(description).content("application/json", content).build().into()
 }

@@ -45,6 +45,7 @@ pub async fn list(State(s): State<AppState>) -> Result<Json<Vec<SlotInfo>>, ApiE
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeployParams {
     /// Run the upload beside the active version, comparing decisions, instead of activating it.
     shadow: Option<bool>,
@@ -102,8 +103,10 @@ pub async fn shadow_report(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageParams {
     /// 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
     cursor: Option<String>,
 }

@@ -59,6 +59,7 @@ pub async fn current(State(s): State<AppState>) -> Result<Json<Run>, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct RunsParams {
     /// Page size, 1..=100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     limit: Option<u64>,
     cursor: Option<String>,
 }

@@ -112,8 +112,10 @@ impl From<WebhookError> for ApiError {
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct DeliveryParams {
     /// 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u64>,
     cursor: Option<String>,
 }

@@ -77,6 +77,8 @@ impl TierShares {
 pub struct RunRequest {
     /// How many orders to generate: 1 to the engine's maximum (1,500,000 by default).
     /// Signed so that a negative number gets a clear answer instead of a parse error.
+    #[schema(minimum = 1)]
+    #[schemars(range(min = 1))]
     pub quantity: i64,
     #[serde(default)]
     pub tier_mix: Option<TierShares>,
