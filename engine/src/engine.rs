@@ -181,6 +181,9 @@ fn make_private(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How often the engine prunes what webhooks leave behind.
+const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl Engine {
     /// Opens the backend's log and store, with plugin deployments in
     /// `data_dir/plugins.sqlite` (on every backend), ready to [`start`](Self::start).
@@ -369,7 +372,29 @@ impl Engine {
             let _ = done.send(());
         })?;
         *self.pipeline.lock().unwrap_or_else(|p| p.into_inner()) = Some(finished);
+        self.spawn_housekeeping();
         Ok(())
+    }
+
+    /// Prunes the webhook delivery audit and expired claims every [`HOUSEKEEPING_EVERY`],
+    /// until shutdown: nothing a webhook leaves behind grows without bound.
+    fn spawn_housekeeping(&self) {
+        let webhooks = self.stores.webhooks.clone();
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let before = chrono::Utc::now() - store::DELIVERY_RETENTION;
+                match webhooks.prune_deliveries(before).await {
+                    Ok(0) => {}
+                    Ok(gone) => tracing::info!(gone, "pruned the webhook audit and expired claims"),
+                    Err(e) => tracing::warn!(error = %e, "pruning the webhook audit failed; trying again later"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
     }
 
     /// Finishes the batch in hand, commits it, and makes the commits durable.

@@ -90,6 +90,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         hosts,
         body_timeout: limits.body_timeout,
         ws: WsLimits::new(args.connections.max_ws_clients),
+        refusals: Default::default(),
         shopify,
     };
     let state = AppState { engine: engine.clone(), runs, metrics, config };
@@ -132,6 +133,7 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         hosts,
         body_timeout: limits.body_timeout,
         ws: WsLimits::new(0),
+        refusals: Default::default(),
         shopify: Some(shopify),
     };
     let state = AppState { engine: engine.clone(), runs, metrics, config };

@@ -301,6 +301,44 @@ async fn a_signed_delivery_with_a_bad_field_is_dead_lettered_not_retried() {
     assert_eq!(s.get_json("/orders/shopify-820982911946154508").await.0, 200);
 }
 
+/// 1,000 unsigned posts with 32 KB headers grew the data dir by 31 MB. Now an address's
+/// refusals are audited ten a minute, with each header value cut to 128 characters, and
+/// the rest are only counted.
+#[tokio::test]
+async fn unsigned_posts_cannot_fill_the_audit() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    let long = "x".repeat(8 << 10);
+    for i in 0..50 {
+        let r = common::client()
+            .post(s.url("/webhooks/shopify"))
+            .header("content-type", "application/json")
+            .header("x-shopify-topic", &long)
+            .header("x-shopify-shop-domain", &long)
+            .header("x-shopify-webhook-id", format!("{i}-{long}"))
+            .header("x-shopify-hmac-sha256", "forged")
+            .body(CREATE.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    }
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
+    let items = audit["items"].as_array().unwrap();
+    assert_eq!(items.len(), 10, "ten a minute from one address");
+    for d in items {
+        for field in ["webhook_id", "topic", "shop"] {
+            assert!(d[field].as_str().unwrap().chars().count() <= 128, "{field} is cut");
+        }
+    }
+    let metrics = common::client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("orchestrator_webhooks_received_total{outcome=\"rejected\"} 50"), "all counted");
+    // A genuine delivery is still audited.
+    assert_eq!(deliver(&s, "orders/create", "real-1", CREATE, Some(sign(SECRET, CREATE))).await.status(), 200);
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
+    assert_eq!(audit["items"].as_array().unwrap().len(), 11);
+}
+
 /// Shopify's `updated_at` has one-second resolution: `orders/paid` and then
 /// `orders/fulfilled` in the same second are two changes, and both apply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ mod openapi;
 pub mod origin;
 mod plugins;
 mod runs;
-mod webhooks;
+pub mod webhooks;
 pub mod ws;
 
 use std::sync::Arc;
@@ -46,6 +46,8 @@ pub struct ApiConfig {
     pub body_timeout: std::time::Duration,
     /// How many `/ws` clients, and how long one may go without reading.
     pub ws: ws::WsLimits,
+    /// How many refused, unsigned webhook posts each address may leave in the audit.
+    pub refusals: Arc<webhooks::RefusalBudget>,
     /// The Shopify bridge, when a webhook secret is configured.
     pub shopify: Option<crate::shopify::ShopifyConfig>,
 }

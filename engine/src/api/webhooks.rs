@@ -2,7 +2,7 @@
 //! (and an audit record), `GET /webhooks/deliveries` lists that audit.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::Utc;
 use serde::Deserialize;
@@ -25,6 +25,7 @@ use crate::telemetry::WEBHOOKS_RECEIVED;
 )]
 pub async fn receive(
     State(s): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
@@ -33,33 +34,79 @@ pub async fn receive(
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Shopify webhooks are not configured", hint));
     };
     let delivery = delivery_headers(&headers);
+    // Header values are the sender's: the audit keeps a bounded part of each.
+    let cut = |v: &Option<String>| v.as_deref().map(|v| v.chars().take(AUDIT_HEADER_CHARS).collect::<String>());
     let mut audit = WebhookDelivery {
-        webhook_id: delivery.webhook_id.clone(),
-        event_id: delivery.event_id.clone(),
-        topic: delivery.topic.clone(),
-        shop: delivery.shop.clone(),
+        webhook_id: cut(&delivery.webhook_id),
+        event_id: cut(&delivery.event_id),
+        topic: cut(&delivery.topic),
+        shop: cut(&delivery.shop),
         outcome: "rejected".into(),
         reason: None,
         order_id: None,
         received_at: Utc::now(),
     };
+    // Whether the sender was never shown to hold the secret: its refusals are audited
+    // within a budget per address, so unsigned posts cannot fill the disk.
+    let mut unverified = true;
     let result = match body {
         Err(BodyFailure::TooLarge) => {
             let limit = json!({ "limit_bytes": config.max_body_bytes });
             Err(ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "webhook body too large", limit))
         }
         Err(e) => Err(e.into_error(config.max_body_bytes)),
-        Ok(body) => shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await.map_err(ApiError::from),
+        Ok(body) => {
+            let accepted = shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await;
+            unverified = matches!(accepted, Err(WebhookError::Unsigned | WebhookError::BadSignature));
+            accepted.map_err(ApiError::from)
+        }
     };
     metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
     if let Err(e) = &result {
         let detail = e.detail["message"].as_str().map_or_else(|| e.detail.to_string(), str::to_string);
         audit.reason = Some(format!("{}: {detail}", e.error));
     }
+    if unverified && !s.config.refusals.allows(peer.ip()) {
+        return result.map(Json);
+    }
     if let Err(e) = s.engine.webhooks().record_delivery(audit).await {
         tracing::warn!(error = %e, "could not record a webhook delivery in the audit");
     }
     result.map(Json)
+}
+
+/// The most of each delivery header the audit keeps.
+const AUDIT_HEADER_CHARS: usize = 128;
+
+/// How many refused, unverified deliveries each sender address may leave in the audit per
+/// minute; past it they are only counted (`orchestrator_webhooks_received_total`).
+#[derive(Debug, Default)]
+pub struct RefusalBudget {
+    seen: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+}
+
+impl RefusalBudget {
+    const PER_MINUTE: u32 = 10;
+    /// Addresses tracked at most; past it, unknown addresses get no audit record.
+    const ADDRESSES: usize = 10_000;
+
+    pub fn allows(&self, address: std::net::IpAddr) -> bool {
+        let now = std::time::Instant::now();
+        let minute = std::time::Duration::from_secs(60);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if seen.len() >= Self::ADDRESSES {
+            seen.retain(|_, (since, _)| now.duration_since(*since) < minute);
+        }
+        if seen.len() >= Self::ADDRESSES && !seen.contains_key(&address) {
+            return false;
+        }
+        let (since, count) = seen.entry(address).or_insert((now, 0));
+        if now.duration_since(*since) >= minute {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        *count <= Self::PER_MINUTE
+    }
 }
 
 fn delivery_headers(h: &HeaderMap) -> DeliveryHeaders {

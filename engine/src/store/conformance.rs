@@ -372,11 +372,26 @@ pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
         received_at: Utc::now(),
     };
     s.record_delivery(delivery.clone()).await.unwrap();
-    let audit = s.deliveries(1000, None).await.unwrap();
-    assert!(
-        audit.items.iter().any(|d| d.webhook_id == delivery.webhook_id && d.outcome == "received"),
-        "the delivery audit"
-    );
+    // A record past the retention goes (pruned, or never kept under a TTL); a new one stays.
+    let old_id = format!("{prefix}-webhook-old");
+    let old = WebhookDelivery {
+        webhook_id: Some(old_id.clone()),
+        received_at: Utc::now() - chrono::Duration::days(40),
+        ..delivery.clone()
+    };
+    s.record_delivery(old).await.unwrap();
+    s.prune_deliveries(Utc::now() - super::DELIVERY_RETENTION).await.unwrap();
+    let (mut seen, mut cursor) = (Vec::new(), None);
+    loop {
+        let page = s.deliveries(1000, cursor).await.unwrap();
+        seen.extend(page.items.into_iter().filter_map(|d| d.webhook_id.map(|w| (w, d.outcome))));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert!(seen.contains(&(key.clone(), "received".into())), "the delivery audit");
+    assert!(!seen.iter().any(|(w, _)| *w == old_id), "a delivery past the retention is gone");
 }
 
 /// `Runs`: audits by prefix, purges by status, and run records saved in place.

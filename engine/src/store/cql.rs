@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
@@ -30,11 +30,12 @@ use crate::domain::{Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
     include_str!("../../../schemas/cql/004_actions.cql"),
+    include_str!("../../../schemas/cql/005_delivery_days.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -123,6 +124,8 @@ struct Statements {
     confirm_insert: PreparedStatement,
     release_delivery: PreparedStatement,
     record_delivery: PreparedStatement,
+    note_delivery_day: PreparedStatement,
+    delivery_days: PreparedStatement,
     deliveries: PreparedStatement,
     record_action: PreparedStatement,
     note_action_day: PreparedStatement,
@@ -321,12 +324,15 @@ impl CqlStore {
             )
             .await?,
             record_delivery: prepare(
-                format!("INSERT INTO {ks}.webhook_deliveries (bucket, seq, body) VALUES (0, ?, ?)"),
+                format!("INSERT INTO {ks}.deliveries (day, seq, body) VALUES (?, ?, ?) USING TTL ?"),
                 false,
             )
             .await?,
+            note_delivery_day: prepare(format!("INSERT INTO {ks}.delivery_days (k, day) VALUES (0, ?)"), false).await?,
+            delivery_days: prepare(format!("SELECT day FROM {ks}.delivery_days WHERE k = 0 AND day >= ?"), false)
+                .await?,
             deliveries: prepare(
-                format!("SELECT seq, body FROM {ks}.webhook_deliveries WHERE bucket = 0 AND seq > ? LIMIT ?"),
+                format!("SELECT seq, body FROM {ks}.deliveries WHERE day = ? AND seq > ? LIMIT ?"),
                 false,
             )
             .await?,
@@ -937,24 +943,31 @@ impl WebhookLedger for CqlStore {
     }
 
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
+        // Kept for the retention counted from when it was received, like the embedded
+        // store's pruning: a record already past it is not kept at all.
+        let age = (Utc::now() - delivery.received_at).num_seconds().max(0);
+        let ttl = super::DELIVERY_RETENTION.as_secs() as i64 - age;
+        if ttl <= 0 {
+            return Ok(());
+        }
+        let day = delivery.received_at.timestamp().div_euclid(86_400) as i32;
         let seq = CqlTimeuuid::from(uuid::Uuid::now_v1(&[0, 0, 0, 0, 0, 2]));
         let body = serde_json::to_string(&delivery).map_err(backend)?;
-        self.session.execute_unpaged(&self.st.record_delivery, (seq, body)).await.map_err(backend)?;
+        self.session.execute_unpaged(&self.st.note_delivery_day, (day,)).await.map_err(backend)?;
+        self.session.execute_unpaged(&self.st.record_delivery, (day, seq, body, ttl as i32)).await.map_err(backend)?;
         Ok(())
     }
 
+    /// Oldest first, day by day.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        let limit = limit.clamp(1, 1000);
-        let rows = self.timeuuid_page(&self.st.deliveries, cursor, limit, "deliveries").await?;
-        let mut items = Vec::new();
-        let mut last = None;
-        for r in rows.rows::<(CqlTimeuuid, String)>().map_err(backend)?.take(limit) {
-            let (seq, body) = r.map_err(backend)?;
-            last = Some(seq);
-            items.push(serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?);
-        }
-        let next_cursor = next_cursor(&rows, limit, last);
-        Ok(Page { items, next_cursor })
+        let oldest = uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000);
+        let by_day = ByDay { days: &self.st.delivery_days, rows: &self.st.deliveries, edge: oldest, first: i32::MIN };
+        self.by_day_page(by_day, cursor, limit, "deliveries").await
+    }
+
+    async fn prune_deliveries(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
+        // The tables' TTLs expire records and claims.
+        Ok(0)
     }
 }
 
@@ -969,21 +982,46 @@ impl ActionLog for CqlStore {
         Ok(())
     }
 
-    /// Newest first, day by day; the cursor is `<day>/<timeuuid>` of the last item.
+    /// Newest first, day by day.
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
-        let limit = limit.clamp(1, 1000);
-        let bad = || StoreError::Cursor("bad audit cursor".into());
         // The largest timeuuid of any time: CQL compares timeuuids by time first.
         let newest = uuid::Uuid::from_u128(0xffff_ffff_ffff_1fff_bfff_ffff_ffff_ffff);
-        let (mut day, mut before) = match cursor {
-            None => (i32::MAX, newest),
+        let by_day = ByDay { days: &self.st.action_days, rows: &self.st.actions, edge: newest, first: i32::MAX };
+        self.by_day_page(by_day, cursor, limit, "audit").await
+    }
+}
+
+/// A table partitioned by day, with its index of days: read in the order the statements
+/// give (`days` lists days from a bound, `rows` reads one day past a timeuuid).
+struct ByDay<'a> {
+    days: &'a PreparedStatement,
+    rows: &'a PreparedStatement,
+    /// The timeuuid bound that takes a whole day.
+    edge: uuid::Uuid,
+    /// The day bound that takes every day.
+    first: i32,
+}
+
+impl CqlStore {
+    /// One page of a [`ByDay`] table; the cursor is `<day>/<timeuuid>` of the last item.
+    async fn by_day_page<T: serde::de::DeserializeOwned>(
+        &self,
+        table: ByDay<'_>,
+        cursor: Option<String>,
+        limit: usize,
+        what: &str,
+    ) -> Result<Page<T>, StoreError> {
+        let limit = limit.clamp(1, 1000);
+        let bad = || StoreError::Cursor(format!("bad {what} cursor"));
+        let (mut day, mut bound) = match cursor {
+            None => (table.first, table.edge),
             Some(c) => {
                 let (d, u) = c.split_once('/').ok_or_else(bad)?;
                 let at = uuid::Uuid::try_parse(u).ok().filter(|u| u.get_version_num() == 1).ok_or_else(bad)?;
                 (d.parse().map_err(|_| bad())?, at)
             }
         };
-        let days = self.session.execute_unpaged(&self.st.action_days, (day,)).await.map_err(backend)?;
+        let days = self.session.execute_unpaged(table.days, (day,)).await.map_err(backend)?;
         let days: Vec<i32> = days
             .into_rows_result()
             .map_err(backend)?
@@ -991,15 +1029,15 @@ impl ActionLog for CqlStore {
             .map_err(backend)?
             .map(|r| r.map(|(d,)| d).map_err(backend))
             .collect::<Result<_, _>>()?;
-        let mut items: Vec<(i32, CqlTimeuuid, ActionRecord)> = Vec::new();
+        let mut items: Vec<(i32, CqlTimeuuid, T)> = Vec::new();
         for d in days {
             if d != day {
-                (day, before) = (d, newest);
+                (day, bound) = (d, table.edge);
             }
             let want = (limit + 1 - items.len()) as i32;
             let rows = self
                 .session
-                .execute_unpaged(&self.st.actions, (d, CqlTimeuuid::from(before), want))
+                .execute_unpaged(table.rows, (d, CqlTimeuuid::from(bound), want))
                 .await
                 .map_err(backend)?
                 .into_rows_result()

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 
 use super::{
     ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
@@ -280,6 +280,15 @@ impl WebhookLedger for MemoryStore {
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
         page(&self.state().deliveries, limit, cursor)
+    }
+
+    async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        let (deliveries, claims) = (state.deliveries.len(), state.claims.len());
+        state.deliveries.retain(|d| d.received_at >= before);
+        state.claims.retain(|_, c| c.expires > now);
+        Ok((deliveries - state.deliveries.len() + claims - state.claims.len()) as u64)
     }
 }
 

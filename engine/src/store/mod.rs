@@ -354,6 +354,9 @@ pub enum Claim {
     InFlight,
 }
 
+/// How long the webhook delivery audit is kept: pruned on the embedded store, a TTL on CQL.
+pub const DELIVERY_RETENTION: std::time::Duration = std::time::Duration::from_secs(30 * 86_400);
+
 /// Webhook deduplication claims and the delivery audit. A claim counts as a duplicate
 /// only once it is confirmed (its event is durable); an unconfirmed claim whose lease
 /// ran out (its attempt crashed or failed) is taken over by the next attempt.
@@ -374,6 +377,9 @@ pub trait WebhookLedger: Send + Sync + 'static {
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError>;
     /// The delivery audit, oldest first.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError>;
+    /// Deletes delivery records received before `before` and claims whose time ran out;
+    /// returns how many rows went. A backend with TTLs (CQL) expires them itself.
+    async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
 }
 
 /// Generated runs: their records, and the audit, purge and reset they act with.
