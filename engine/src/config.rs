@@ -116,7 +116,7 @@ impl ConnectionArgs {
         crate::api::listener::ConnectionLimits {
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
-            max_connections: crate::api::listener::fit_connection_cap(self.max_connections.max(1)),
+            max_connections: crate::api::listener::fit_connection_cap(self.max_connections.max(1), self.max_ws_clients),
         }
     }
 }

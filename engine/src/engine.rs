@@ -483,8 +483,11 @@ impl Engine {
             decided_by: "webhook".into(),
             dead_letter: Some(letter.clone()),
         };
-        self.stores.orders.write(vec![record]).await?;
-        self.changes.dead_letter(&letter);
+        let written = self.stores.orders.write(vec![record]).await?;
+        // A letter under this id exists already (a retry of the same delivery): nothing new to relay.
+        if matches!(written.first(), Some((_, WriteResult::Done))) {
+            self.changes.dead_letter(&letter);
+        }
         Ok(())
     }
 

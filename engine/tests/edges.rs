@@ -170,6 +170,11 @@ async fn slow_clients_are_cut_off_and_the_connection_cap_answers_503() {
     let connect = || TcpStream::connect(("127.0.0.1", s.port));
     let window = std::time::Duration::from_secs(10);
 
+    // A connection that never sends a byte held its slot for ever.
+    let mut silent = connect().await.unwrap();
+    let (_, closed) = read_until_closed(&mut silent, window).await;
+    assert!(closed, "a silent connection is cut off");
+
     let mut half = connect().await.unwrap();
     half.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n").await.unwrap();
     let (_, closed) = read_until_closed(&mut half, window).await;
@@ -185,8 +190,8 @@ async fn slow_clients_are_cut_off_and_the_connection_cap_answers_503() {
     assert!(answer.starts_with("HTTP/1.1 408"), "a trickled body gets 408: {answer:?}");
     assert!(answer.contains("request body too slow"), "{answer}");
 
-    // Three idle connections fill the cap (their header timer is 1 s, so the fourth
-    // comes at once); the fourth is refused with a readable answer.
+    // Three idle connections fill the cap (until their 1 s header timer closes them; the
+    // fourth comes at once); the fourth is refused with a readable answer.
     let mut idle = Vec::new();
     for _ in 0..3 {
         idle.push(connect().await.unwrap());

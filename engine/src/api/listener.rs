@@ -11,8 +11,8 @@ use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::Request;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
@@ -47,16 +47,17 @@ const REFUSAL: &str = "{\"error\":\"too many connections\",\"detail\":{\"message
     cap (--max-connections); retry shortly\"}}";
 
 /// Raises the soft limit on open files to the hard limit (where allowed), and returns the
-/// connection cap that fits under it.
-pub fn fit_connection_cap(wanted: usize) -> usize {
+/// connection cap that fits under it beside `ws_clients` WebSockets (an upgraded socket
+/// leaves the cap's count, not the file table).
+pub fn fit_connection_cap(wanted: usize, ws_clients: usize) -> usize {
     let fds = match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => n,
         Err(e) => {
-            tracing::warn!(error = %e, "cannot raise the open-file limit; the connection cap stays as configured");
-            return wanted;
+            tracing::warn!(error = %e, "cannot raise the open-file limit; the cap fits the current one");
+            rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(1024, |(soft, _)| soft)
         }
     };
-    let fits = fds.saturating_sub(FDS_RESERVED).max(16) as usize;
+    let fits = fds.saturating_sub(FDS_RESERVED + ws_clients as u64).max(16) as usize;
     if fits < wanted {
         tracing::warn!(open_files = fds, cap = fits, wanted, "the open-file limit lowers the connection cap");
     }
@@ -71,12 +72,17 @@ pub async fn serve(
     limits: &ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    // HTTP/1.1 only: the Host check reads the Host header, which HTTP/2 does not send.
-    let mut builder = Builder::new(TokioExecutor::new()).http1_only();
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-    let builder = Arc::new(builder);
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // HTTP/1.1 only, so the header timer runs from the first byte a connection owes us
+    // (an auto-detecting server waits for a protocol preface with no timer) and the Host
+    // check always has a Host header to read.
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        // hyper's default (about 400 KB) times thousands of connections is too much memory.
+        .max_buf_size(64 << 10);
+    let slots = Arc::new(Semaphore::new(limits.max_connections.min(Semaphore::MAX_PERMITS)));
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let open = metrics::gauge!(telemetry::HTTP_CONNECTIONS);
     tokio::pin!(shutdown);
     loop {
@@ -105,19 +111,28 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo(peer));
             req
         }));
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
-        let open = open.clone();
+        let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let (open, mut stopping) = (open.clone(), stopping.clone());
         open.increment(1.0);
         tokio::spawn(async move {
+            tokio::pin!(connection);
             // Errors here are clients that went away or timed out: nothing to report.
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = stopping.changed() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
             open.decrement(1.0);
             drop(slot);
         });
     }
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown()).await.is_err() {
+    let _ = stop.send(true);
+    // Every connection gives its slot back when it ends: all slots back, all done.
+    let all = u32::try_from(limits.max_connections.min(Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+    if tokio::time::timeout(DRAIN, slots.acquire_many(all)).await.is_err() {
         tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
     }
     Ok(())

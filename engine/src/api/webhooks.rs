@@ -78,34 +78,47 @@ pub async fn receive(
 /// The most of each delivery header the audit keeps.
 const AUDIT_HEADER_CHARS: usize = 128;
 
-/// How many refused, unverified deliveries each sender address may leave in the audit per
-/// minute; past it they are only counted (`orchestrator_webhooks_received_total`).
+/// How many refused, unverified deliveries may go into the audit per minute: ten per
+/// sender (an IPv6 sender counted by its /64, which one host can hold whole), and a few
+/// hundred in all, so many senders cannot fill the disk either. Past either they are
+/// only counted (`orchestrator_webhooks_received_total`).
 #[derive(Debug, Default)]
 pub struct RefusalBudget {
-    seen: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (std::time::Instant, u32)>>,
+    window: std::sync::Mutex<Window>,
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    started: Option<std::time::Instant>,
+    total: u32,
+    per_sender: std::collections::HashMap<u64, u32>,
 }
 
 impl RefusalBudget {
-    const PER_MINUTE: u32 = 10;
-    /// Addresses tracked at most; past it, unknown addresses get no audit record.
-    const ADDRESSES: usize = 10_000;
+    const PER_SENDER: u32 = 10;
+    const TOTAL: u32 = 300;
 
     pub fn allows(&self, address: std::net::IpAddr) -> bool {
+        let sender = match address {
+            std::net::IpAddr::V4(a) => u64::from(u32::from(a)),
+            std::net::IpAddr::V6(a) => (u128::from(a) >> 64) as u64 | 1 << 63,
+        };
         let now = std::time::Instant::now();
-        let minute = std::time::Duration::from_secs(60);
-        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-        if seen.len() >= Self::ADDRESSES {
-            seen.retain(|_, (since, _)| now.duration_since(*since) < minute);
+        let mut w = self.window.lock().unwrap_or_else(|p| p.into_inner());
+        // One window a minute for everyone: the map never outgrows TOTAL senders.
+        if w.started.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60)) {
+            *w = Window { started: Some(now), ..Window::default() };
         }
-        if seen.len() >= Self::ADDRESSES && !seen.contains_key(&address) {
+        if w.total >= Self::TOTAL {
             return false;
         }
-        let (since, count) = seen.entry(address).or_insert((now, 0));
-        if now.duration_since(*since) >= minute {
-            (*since, *count) = (now, 0);
+        let count = w.per_sender.entry(sender).or_insert(0);
+        if *count >= Self::PER_SENDER {
+            return false;
         }
         *count += 1;
-        *count <= Self::PER_MINUTE
+        w.total += 1;
+        true
     }
 }
 

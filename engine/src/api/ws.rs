@@ -95,6 +95,7 @@ async fn serve(
     });
     let hello = r#"{"type":"hello"}"#;
     if !send(&mut sink, hello.to_string()).await {
+        closed.abort();
         gauge.decrement(1.0);
         return;
     }

@@ -765,28 +765,34 @@ impl WebhookLedger for EmbeddedStore {
     }
 
     async fn prune_deliveries(&self, before: chrono::DateTime<Utc>) -> Result<u64, StoreError> {
-        let (before, now) = (before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), micros(Utc::now()));
-        self.with_writer(move |conn| {
-            // Records are in time order by seq: delete old ones from the front, a batch a
-            // transaction, so the writer is never held long.
-            let mut gone = 0u64;
-            loop {
-                let n = conn
-                    .execute(
-                        "DELETE FROM webhook_deliveries WHERE seq IN (SELECT seq FROM webhook_deliveries ORDER BY seq \
-                         LIMIT 1000) AND julianday(json_extract(body, '$.received_at')) < julianday(?1)",
+        let before = before.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        // Records are in time order by seq: old ones go from the front, a batch per turn
+        // of the writer, so pipeline writes wait at most one batch.
+        let mut gone = 0u64;
+        loop {
+            let before = before.clone();
+            let n = self
+                .with_writer(move |conn| {
+                    conn.execute(
+                        "DELETE FROM webhook_deliveries WHERE seq IN (SELECT seq FROM webhook_deliveries \
+                         WHERE julianday(json_extract(body, '$.received_at')) < julianday(?1) ORDER BY seq LIMIT 1000)",
                         [&before],
                     )
-                    .map_err(backend)?;
-                gone += n as u64;
-                if n < 1000 {
-                    break;
-                }
+                    .map_err(backend)
+                })
+                .await?;
+            gone += n as u64;
+            if n < 1000 {
+                break;
             }
-            gone += conn.execute("DELETE FROM webhook_claims WHERE expires_at < ?1", [now]).map_err(backend)? as u64;
-            Ok(gone)
-        })
-        .await
+        }
+        let now = micros(Utc::now());
+        let claims = self
+            .with_writer(move |conn| {
+                conn.execute("DELETE FROM webhook_claims WHERE expires_at < ?1", [now]).map_err(backend)
+            })
+            .await?;
+        Ok(gone + claims as u64)
     }
 }
 
