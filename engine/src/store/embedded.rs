@@ -652,27 +652,11 @@ impl ActionLog for EmbeddedStore {
     }
 
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
-        let before: i64 = match cursor {
+        let before = match cursor {
             None => i64::MAX,
             Some(c) => c.parse().map_err(|_| StoreError::Cursor("bad audit cursor".into()))?,
         };
-        let limit = limit.clamp(1, 1000);
-        self.read(move |c| {
-            let rows: Vec<(i64, String)> = c
-                .prepare_cached("SELECT seq, body FROM actions WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2")
-                .and_then(|mut s| {
-                    s.query_map(params![before, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
-                })
-                .map_err(backend)?;
-            let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
-            let items = rows
-                .into_iter()
-                .take(limit)
-                .map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect::<Result<_, _>>()?;
-            Ok(Page { items, next_cursor })
-        })
-        .await
+        self.json_page("SELECT seq, body FROM actions WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2", before, limit).await
     }
 }
 
@@ -741,27 +725,12 @@ impl WebhookLedger for EmbeddedStore {
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        let after: i64 = match cursor {
+        let after = match cursor {
             None => 0,
             Some(c) => c.parse().map_err(|_| StoreError::Cursor("bad deliveries cursor".into()))?,
         };
-        let limit = limit.clamp(1, 1000);
-        self.read(move |c| {
-            let rows: Vec<(i64, String)> = c
-                .prepare_cached("SELECT seq, body FROM webhook_deliveries WHERE seq > ?1 ORDER BY seq LIMIT ?2")
-                .and_then(|mut s| {
-                    s.query_map(params![after, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
-                })
-                .map_err(backend)?;
-            let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
-            let items = rows
-                .into_iter()
-                .take(limit)
-                .map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
-                .collect::<Result<_, _>>()?;
-            Ok(Page { items, next_cursor })
-        })
-        .await
+        let sql = "SELECT seq, body FROM webhook_deliveries WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+        self.json_page(sql, after, limit).await
     }
 
     async fn prune_deliveries(&self, before: chrono::DateTime<Utc>) -> Result<u64, StoreError> {
@@ -892,6 +861,33 @@ impl Runs for EmbeddedStore {
 
 impl EmbeddedStore {
     /// Runs `f` on the one writer connection, off the async runtime.
+    /// One page of a table of JSON bodies keyed by `seq`: `sql` takes the cursor's seq
+    /// and a row count, and its order decides the direction.
+    async fn json_page<T: serde::de::DeserializeOwned + Send + 'static>(
+        &self,
+        sql: &'static str,
+        bound: i64,
+        limit: usize,
+    ) -> Result<Page<T>, StoreError> {
+        let limit = limit.clamp(1, 1000);
+        self.read(move |c| {
+            let rows: Vec<(i64, String)> = c
+                .prepare_cached(sql)
+                .and_then(|mut s| {
+                    s.query_map(params![bound, limit as i64 + 1], |r| Ok((r.get(0)?, r.get(1)?)))?.collect()
+                })
+                .map_err(backend)?;
+            let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
+            let items = rows
+                .into_iter()
+                .take(limit)
+                .map(|(_, b)| serde_json::from_str(&b).map_err(|e| StoreError::Corrupt(e.to_string())))
+                .collect::<Result<_, _>>()?;
+            Ok(Page { items, next_cursor })
+        })
+        .await
+    }
+
     async fn with_writer<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
