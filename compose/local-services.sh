@@ -6,6 +6,7 @@
 #   compose/local-services.sh stop  [kafka|cassandra|all]
 #   compose/local-services.sh restart kafka|cassandra
 #   compose/local-services.sh status
+#   compose/local-services.sh wipe  [kafka|cassandra|all]   # stopped services: delete their data
 #   eval "$(compose/local-services.sh env)"                  # KAFKA_BROKERS, CQL_NODES
 #
 # Kafka listens on 127.0.0.1:9092 (controller 9093), Cassandra's native transport on
@@ -207,11 +208,19 @@ case "$cmd" in
   start) for s in $(which_services "${2:-all}"); do "start_$s"; done ;;
   stop) for s in $(which_services "${2:-all}"); do stop_one "$s" "$HOME_DIR/$s/$s.pid"; done ;;
   restart) for s in $(which_services "${2:?restart which service?}"); do stop_one "$s" "$HOME_DIR/$s/$s.pid"; "start_$s"; done ;;
+  # Test data only: every test makes its own topics and keyspace, and hundreds of
+  # keyspaces outgrow Cassandra's 1 GB heap.
+  wipe)
+    for s in $(which_services "${2:-all}"); do
+      pid_alive "$HOME_DIR/$s/$s.pid" && die "$s is running; stop it first"
+      rm -rf "${HOME_DIR:?}/$s/data"
+      say "$s: data deleted"
+    done ;;
   status)
     for s in kafka cassandra; do
       port=$([ $s = kafka ] && echo $KAFKA_PORT || echo $CQL_PORT)
       if pid_alive "$HOME_DIR/$s/$s.pid" && port_open "$port"; then echo "$s: running (pid $(cat "$HOME_DIR/$s/$s.pid"), 127.0.0.1:$port)"; else echo "$s: stopped"; fi
     done ;;
   env) echo "export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT CQL_NODES=127.0.0.1:$CQL_PORT" ;;
-  *) die "usage: $0 start|stop|restart|status|env [kafka|cassandra|all]" ;;
+  *) die "usage: $0 start|stop|restart|status|wipe|env [kafka|cassandra|all]" ;;
 esac

@@ -52,6 +52,9 @@ services=compose/local-services.sh
 status=$("$services" status)
 if [[ $status != *"kafka: running"* || $status != *"cassandra: running"* ]]; then
   trap '"$services" stop' EXIT
+  # Started here, so they start empty: earlier runs' keyspaces would crowd Cassandra's heap.
+  "$services" stop
+  "$services" wipe
 fi
 "$services" start
 eval "$("$services" env)"

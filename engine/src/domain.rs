@@ -180,9 +180,86 @@ pub struct Order {
     pub source_updated_at: Option<DateTime<Utc>>,
     /// Which rule (and its version) produced this row.
     pub decided_by: String,
+    /// Per field, the place of the change that last set it (see [`ChangedAt`]).
+    #[serde(default)]
+    pub changed_at: ChangedAt,
+}
+
+/// Per field, the place of the change that last set it: when the engine first accepted
+/// that change, in µs since the epoch. A change never overwrites a field that a
+/// later-placed change set, so a row depends only on its changes, never on the order in
+/// which they were applied (README, Semantics). Zero means "as the create set it".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ChangedAt {
+    /// The place of the order's created event.
+    pub created: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shopify_order_id: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub customer: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tier: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub status: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub total_cents: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shipping_fee_cents: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub currency: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub note: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+impl ChangedAt {
+    /// The latest place of any field: an operator's edit goes after it.
+    pub fn latest(&self) -> i64 {
+        [
+            self.created,
+            self.shopify_order_id,
+            self.customer,
+            self.tier,
+            self.status,
+            self.total_cents,
+            self.shipping_fee_cents,
+            self.currency,
+            self.note,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0)
+    }
+
+    /// How the stores keep it: one JSON text column.
+    pub fn to_column(&self) -> String {
+        serde_json::to_string(self).expect("plain integers serialize")
+    }
+
+    /// A missing or unreadable column (a row of an earlier version) reads as all zero:
+    /// any change may set its fields.
+    pub fn from_column(text: Option<&str>) -> Self {
+        text.and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default()
+    }
 }
 
 impl Order {
+    /// Sets the business fields (and the priority their tier gives).
+    pub fn set_fields(&mut self, f: OrderFields) {
+        self.shopify_order_id = f.shopify_order_id;
+        self.customer = f.customer;
+        self.priority = f.tier.priority();
+        self.tier = f.tier;
+        self.status = f.status;
+        self.total_cents = f.total_cents;
+        self.shipping_fee_cents = f.shipping_fee_cents;
+        self.currency = f.currency;
+        self.note = f.note;
+    }
+
     /// The mutable business fields, for comparing two rows regardless of bookkeeping.
     pub fn fields(&self) -> OrderFields {
         OrderFields {
@@ -283,6 +360,10 @@ pub struct OrderEvent {
     pub occurred_at: DateTime<Utc>,
     #[serde(default)]
     pub payload: OrderChange,
+    /// The event's place: when the engine first accepted it. The engine sets it (from
+    /// the log) and keeps it when a dead letter is replayed; the API refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accepted_at: Option<DateTime<Utc>>,
 }
 
 /// Longest accepted identifier (event or order id).

@@ -156,6 +156,18 @@ pub struct Engine {
     control_file: OnceLock<ControlFile>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
+    /// Appends share it; a reset takes it whole, so no append is half done when the log
+    /// is cleared (its events would be gone after a 202).
+    appending: tokio::sync::RwLock<()>,
+}
+
+/// Why a reset did not finish. It can be sent again: each part empties what is left.
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("clearing the log: {0}")]
+    Log(#[source] LogError),
+    #[error("emptying the store: {0}")]
+    Store(#[source] StoreError),
 }
 
 /// Why an operator's pause or resume was not kept.
@@ -297,6 +309,7 @@ impl Engine {
             cluster: OnceLock::new(),
             control_file: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
+            appending: tokio::sync::RwLock::new(()),
         })
     }
 
@@ -462,6 +475,7 @@ impl Engine {
             })
             .collect();
         let counts = PerPriority::from_fn(|p| records.iter().filter(|r| r.priority == p).count() as u64);
+        let _appending = self.appending.read().await;
         self.log.append(records).await?;
         for p in Priority::ALL {
             metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(counts[p]);
@@ -504,22 +518,27 @@ impl Engine {
         if current.version != expected {
             return Err(EditError::Stale { expected, current: Box::new(current) });
         }
-        let mut row = current.clone();
+        let named = crate::ordering::Named {
+            status: edit.status.is_some(),
+            note: edit.note.is_some(),
+            shipping_fee_cents: edit.shipping_fee_cents.is_some(),
+            ..Default::default()
+        };
+        let mut fields = current.fields();
         if let Some(s) = edit.status {
-            row.status = s;
+            fields.status = s;
         }
         if let Some(n) = edit.note {
-            row.note = n;
+            fields.note = n;
         }
         if let Some(f) = edit.shipping_fee_cents {
-            row.shipping_fee_cents = f;
+            fields.shipping_fee_cents = f;
         }
-        if row.fields() == current.fields() {
+        if fields == current.fields() {
             return Ok(current);
         }
-        row.version = current.version + 1;
-        row.updated_at = Utc::now();
-        row.decided_by = "operator".into();
+        // The edit takes its place at its commit, after every change the row holds.
+        let row = crate::ordering::edited(&current, fields, named, crate::ordering::edit_place(&current));
         let write = Write::Apply {
             event_id: format!("edit:{}", uuid::Uuid::now_v7()),
             source: "operator".into(),
@@ -536,7 +555,7 @@ impl Engine {
                 }
                 Ok(row)
             }
-            Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: Box::new(now) }),
+            Some(WriteResult::Conflict(Some(now))) => Err(EditError::Stale { expected, current: now }),
             Some(WriteResult::Conflict(None)) => Err(EditError::NotFound),
             Some(WriteResult::Duplicate | WriteResult::IdTaken(_)) | None => {
                 Err(EditError::Store(StoreError::Backend("the store did not record the edit".into())))
@@ -576,6 +595,22 @@ impl Engine {
         // the log twice, and the ledger applies it once.
         self.stores.dead_letters.claim_replay(id, false).await?;
         Ok(event)
+    }
+
+    /// Empties the engine: the log's records (so nothing queued before is applied
+    /// after), then the store's orders, history, runs and dead letters. The pipeline
+    /// stops meanwhile, and the step in hand ends first. The audit stays.
+    pub async fn reset(&self) -> Result<(), ResetError> {
+        self.pauses.resetting(true);
+        let result = async {
+            let _appending = self.appending.write().await;
+            self.stats.step_boundary(std::time::Duration::from_secs(30)).await;
+            self.log.clear().await.map_err(ResetError::Log)?;
+            self.stores.runs.reset().await.map_err(ResetError::Store)
+        }
+        .await;
+        self.pauses.resetting(false);
+        result
     }
 
     pub fn backend(&self) -> String {

@@ -70,6 +70,7 @@ pub fn order(order_id: String, tier: Tier, rng: &mut impl Rng) -> OrderEvent {
         kind: EventKind::Created,
         source: "generator".into(),
         occurred_at: Utc::now(),
+        accepted_at: None,
         payload: OrderChange {
             customer: Some(customer),
             tier: Some(tier),

@@ -14,6 +14,7 @@ pub mod domain;
 pub mod engine;
 pub mod generator;
 pub mod log;
+pub mod ordering;
 pub mod pipeline;
 pub mod plugin;
 pub mod recent_logs;

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
-use crate::domain::{EventKind, Order, OrderEvent, OrderFields, PerPriority, Priority};
+use crate::domain::{ChangedAt, EventKind, Order, OrderEvent, OrderFields, PerPriority, Priority};
 use crate::log::{Delivery, LogConsumer};
+use crate::ordering;
 use crate::rules::{Decision, RuleError, Rulebook};
 use crate::store::{DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
 use crate::stream::ChangeStream;
@@ -134,6 +135,8 @@ pub struct Controls {
 pub struct Pauses {
     operator: PerPriority<AtomicBool>,
     run: PerPriority<AtomicBool>,
+    /// Both priorities stop while a reset clears the log and the store.
+    resetting: AtomicBool,
 }
 
 impl Pauses {
@@ -145,8 +148,14 @@ impl Pauses {
     pub fn hold(&self, p: Priority, held: bool) {
         self.run[p].store(held, Ordering::SeqCst);
     }
+    /// A reset's stop of everything, independent of the other two.
+    pub fn resetting(&self, on: bool) {
+        self.resetting.store(on, Ordering::SeqCst);
+    }
     pub fn is_paused(&self, p: Priority) -> bool {
-        self.operator[p].load(Ordering::SeqCst) || self.run[p].load(Ordering::SeqCst)
+        self.operator[p].load(Ordering::SeqCst)
+            || self.run[p].load(Ordering::SeqCst)
+            || self.resetting.load(Ordering::SeqCst)
     }
     pub fn operator_paused(&self, p: Priority) -> bool {
         self.operator[p].load(Ordering::SeqCst)
@@ -204,8 +213,16 @@ struct Item<'a> {
     parked_since: Option<DateTime<Utc>>,
 }
 
+/// The event on a record, placed where the log accepted it unless it keeps an earlier
+/// place (a replayed dead letter).
 fn decode(d: &Delivery) -> Result<OrderEvent, String> {
-    serde_json::from_slice::<OrderEvent>(&d.payload).map_err(|e| e.to_string()).and_then(|e| e.validate().map(|_| e))
+    let mut e = serde_json::from_slice::<OrderEvent>(&d.payload).map_err(|e| e.to_string())?;
+    e.validate()?;
+    e.accepted_at.get_or_insert_with(|| match d.appended_at_us {
+        us if us > 0 => crate::sqlite::from_micros(us),
+        _ => Utc::now(),
+    });
+    Ok(e)
 }
 
 /// What a write needs if it loses a race: the row it was based on and its change.
@@ -280,6 +297,11 @@ impl Pipeline {
     /// Polls one batch of `priority`, processes it and commits what was processed.
     async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
         let _step = self.stats.steps.begin();
+        // Checked again inside the step: a reset that stopped everything between the
+        // scheduler's look and here has seen no step running, and must see none.
+        if self.pauses.is_paused(priority) {
+            return Ok(());
+        }
         let deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
             return Ok(());
@@ -492,6 +514,11 @@ impl Pipeline {
             let base = current.get(&event.order_id);
             let decision = decisions.next().expect("one decision per decodable event");
             let pending = match decision {
+                Ok(Decision::Upsert(fields)) if superseded(base, &fields, event) => {
+                    let reason = SUPERSEDED.to_string();
+                    writes.push(self.record(event, Outcome::Skipped, reason, rules.id(), None));
+                    None
+                }
                 Ok(Decision::Upsert(fields)) => {
                     let row = build_row(event, base, fields.clone(), rules.id());
                     writes.push(Write::Apply {
@@ -577,7 +604,7 @@ impl Pipeline {
                 (WriteResult::Conflict(now), _) => {
                     let pending =
                         pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
-                    self.resolve(pending, now, priority, appended_at_us).await?;
+                    self.resolve(pending, now.map(|b| *b), priority, appended_at_us).await?;
                 }
             }
         }
@@ -613,14 +640,23 @@ impl Pipeline {
                 Some(current) => {
                     // The change as a row dated when it happened, so the resolver can
                     // tell which side is newer.
-                    let mut change = build_row(&p.event, p.base.as_ref(), p.fields.clone(), &p.decided_by);
-                    change.updated_at = p.event.occurred_at;
+                    // The resolver sees the change as newer than the stored row, once the
+                    // fields that a later-placed change set are taken out of it: "the
+                    // newer side wins" is then the ordering rule, field by field.
+                    let place = ordering::place(&p.event);
+                    let fields = ordering::without_overridden(current, p.base.as_ref(), p.fields.clone(), place);
+                    let mut change = build_row(&p.event, p.base.as_ref(), fields, &p.decided_by);
+                    change.updated_at = crate::sqlite::from_micros(place);
+                    let stored = Order { updated_at: crate::sqlite::from_micros(place - 1_000), ..current.clone() };
                     let started = Instant::now();
-                    let merged = resolver.resolve(p.base.as_ref(), current, &change);
+                    let merged = resolver.resolve(p.base.as_ref(), &stored, &change);
                     self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
                     let outcome = match merged {
                         Ok(Ok(merged)) if merged == current.fields() => {
                             Err((Outcome::Skipped, "no change after merge".to_string(), None))
+                        }
+                        Ok(Ok(merged)) if superseded(Some(current), &merged, &p.event) => {
+                            Err((Outcome::Skipped, SUPERSEDED.to_string(), None))
                         }
                         Ok(Ok(merged)) => Ok(merged),
                         Ok(Err(reason)) => Err((Outcome::Rejected, reason, Some("conflict_rejected"))),
@@ -674,7 +710,7 @@ impl Pipeline {
                     p.base = now;
                     p.fields = merged;
                     p.decided_by = resolver.id().to_string();
-                    now = again;
+                    now = again.map(|b| *b);
                 }
                 None => anyhow::bail!("store returned no result for a write"),
             }
@@ -783,7 +819,11 @@ impl Pipeline {
             error_type: error_type.into(),
             reason: reason.into(),
             decided_by: decided_by.map(str::to_string),
-            payload: String::from_utf8_lossy(&d.payload).into_owned(),
+            // An event keeps its place, so that a replay cannot overwrite later changes.
+            payload: match event {
+                Some(e) => serde_json::to_string(e).unwrap_or_default(),
+                None => String::from_utf8_lossy(&d.payload).into_owned(),
+            },
             recorded_at: Utc::now(),
             replayed_at: None,
         }
@@ -826,8 +866,28 @@ fn record_owner(d: &Delivery) -> String {
     }
 }
 
-/// The next version of a row from decided fields.
+/// Why an event whose every change came too late is skipped.
+const SUPERSEDED: &str = "superseded: a later change (an operator's edit, or an event accepted after this one) \
+                          set every field this event changes";
+
+/// Whether the ordering rule leaves nothing of `fields`: each field they change was set by
+/// a change placed after `event`.
+fn superseded(base: Option<&Order>, fields: &OrderFields, event: &OrderEvent) -> bool {
+    base.is_some_and(|b| {
+        let now = b.fields();
+        let named = ordering::Named::of(&event.payload);
+        *fields != now && ordering::settle(b, fields.clone(), named, ordering::place(event)).0 == now
+    })
+}
+
+/// The next version of a row from decided fields, settled field by field against `base`
+/// by the ordering rule.
 pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, decided_by: &str) -> Order {
+    let place = ordering::place(event);
+    let (fields, changed_at) = match base {
+        Some(b) => ordering::settle(b, fields, ordering::Named::of(&event.payload), place),
+        None => (fields, ChangedAt { created: place, ..ChangedAt::default() }),
+    };
     Order {
         id: event.order_id.clone(),
         shopify_order_id: fields.shopify_order_id,
@@ -849,6 +909,7 @@ pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, 
             base.and_then(|b| b.source_updated_at)
         },
         decided_by: decided_by.to_string(),
+        changed_at,
     }
 }
 
@@ -865,10 +926,37 @@ mod tests {
     use crate::store::memory::MemoryStore;
     use crate::store::{DeadLetters, ListQuery, Page, StoreError, StoreStats};
 
-    /// Lets an operator edit land between the pipeline's read and its write, once.
+    /// An operator's edit of one order: the row it makes from the stored one.
+    type Edit = Box<dyn Fn(&Order) -> Order + Send + Sync>;
+
+    /// Lets an operator edit land between the pipeline's read and its write, once: in the
+    /// write of its order that comes after `skip` others.
     struct Racing {
         inner: MemoryStore,
-        raced: std::sync::Mutex<bool>,
+        edit: std::sync::Mutex<Option<(usize, String, Edit)>>,
+    }
+
+    impl Racing {
+        fn new(skip: usize, order_id: &str, edit: Edit) -> Self {
+            Self { inner: MemoryStore::default(), edit: std::sync::Mutex::new(Some((skip, order_id.into(), edit))) }
+        }
+
+        /// The edit, if it has not landed, for the caller to apply itself.
+        fn take(&self) -> Option<Edit> {
+            self.edit.lock().unwrap().take().map(|(_, _, e)| e)
+        }
+    }
+
+    /// Commits an operator's edit as `Engine::edit` does.
+    async fn commit_edit(store: &MemoryStore, order_id: &str, edit: &Edit) {
+        let current = store.get(order_id).await.unwrap().unwrap();
+        let w = Write::Apply {
+            event_id: format!("edit-{}", current.version),
+            source: "operator".into(),
+            expected: Some(current.version),
+            row: edit(&current),
+        };
+        assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
     }
 
     #[async_trait]
@@ -883,21 +971,22 @@ mod tests {
             self.inner.get_many(ids).await
         }
         async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
-            let race = writes.iter().any(|w| matches!(w, Write::Apply { expected: Some(_), .. }));
-            if race && !std::mem::replace(&mut *self.raced.lock().unwrap(), true) {
-                let Write::Apply { row, expected: Some(v), .. } = &writes[0] else { unreachable!() };
-                let mut edit = self.inner.get(&row.id).await?.unwrap();
-                assert_eq!(edit.version, *v);
-                edit.version += 1;
-                edit.note = "operator note".into();
-                edit.decided_by = "operator".into();
-                let w = Write::Apply {
-                    event_id: "edit-1".into(),
-                    source: "operator".into(),
-                    expected: Some(*v),
-                    row: edit,
-                };
-                assert_eq!(self.inner.write(vec![w]).await?[0].1, WriteResult::Done);
+            let landing = {
+                let mut slot = self.edit.lock().unwrap();
+                let ours = slot.as_ref().is_some_and(|(_, order, _)| {
+                    writes.iter().any(|w| matches!(w, Write::Apply { row, expected: Some(_), .. } if row.id == *order))
+                });
+                match slot.as_mut() {
+                    Some((skip, _, _)) if ours && *skip > 0 => {
+                        *skip -= 1;
+                        None
+                    }
+                    _ if ours => slot.take(),
+                    _ => None,
+                }
+            };
+            if let Some((_, order, edit)) = landing {
+                commit_edit(&self.inner, &order, &edit).await;
             }
             self.inner.write(writes).await
         }
@@ -930,13 +1019,19 @@ mod tests {
             kind,
             source: "test".into(),
             occurred_at: Utc::now(),
+            accepted_at: None,
             payload,
         }
     }
 
     #[tokio::test]
     async fn a_lost_race_is_merged_and_retried() {
-        let store = Arc::new(Racing { inner: MemoryStore::default(), raced: Default::default() });
+        let edit: Edit = Box::new(|o| {
+            let fields = OrderFields { note: "operator note".into(), ..o.fields() };
+            let named = ordering::Named { note: true, ..Default::default() };
+            ordering::edited(o, fields, named, ordering::edit_place(o))
+        });
+        let store = Arc::new(Racing::new(0, "o1", edit));
         let stats = Arc::new(Stats::new());
         let p = Pipeline::new(
             store.clone(),
@@ -973,11 +1068,108 @@ mod tests {
         let versions: Vec<_> =
             store.history("o1").await.unwrap().iter().map(|h| (h.event_id.clone(), h.version)).collect();
         assert_eq!(versions, [("c".to_string(), 1), ("edit-1".to_string(), 2), ("u".to_string(), 3)]);
+        assert!(store.take().is_none(), "the edit landed inside the pipeline's write");
 
         // Redelivery of both (a crash before the commit) changes nothing.
         assert_eq!(p.process(&deliveries, &|| false).await.unwrap(), 2);
         assert_eq!(store.get("o1").await.unwrap().unwrap(), row);
         assert_eq!(stats.duplicates.load(Ordering::Relaxed), 2);
+    }
+
+    /// The ordering rule (README, Semantics): one set of changes makes one row, whatever
+    /// the batch sizes and wherever an operator's edit lands among the pipeline's steps.
+    #[tokio::test]
+    async fn one_set_of_changes_makes_one_row_whatever_the_interleaving() {
+        let t0 = Utc::now().timestamp_micros() - 3_600_000_000;
+        let on =
+            |order: &str, id: &str, kind, payload| OrderEvent { order_id: order.into(), ..event(id, kind, payload) };
+        let created = |customer: &str| OrderChange {
+            customer: Some(customer.into()),
+            tier: Some(Tier::Gold),
+            total_cents: Some(1_000),
+            ..Default::default()
+        };
+        let note = |n: &str| OrderChange { note: Some(n.into()), ..Default::default() };
+        let total = |t| OrderChange { total_cents: Some(t), ..Default::default() };
+        // Two orders interleaved, so that a batch of several events holds both.
+        let events = [
+            on("o1", "c1", EventKind::Created, created("ada")),
+            on("o2", "c2", EventKind::Created, created("bob")),
+            on("o1", "n1", EventKind::Updated, note("n1")),
+            on("o2", "m1", EventKind::Updated, note("m1")),
+            on("o1", "t1", EventKind::Updated, total(6_000)),
+            on("o1", "n3", EventKind::Updated, note("n3")),
+            // The operator's edit of o1 is accepted here, after these six.
+            on("o1", "t2", EventKind::Updated, total(12_000)),
+            on("o2", "t3", EventKind::Updated, total(5_000)),
+        ];
+        let deliveries: Vec<Delivery> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| Delivery { appended_at_us: t0 + 1_000 * i as i64, ..delivery(i as u64, e) })
+            .collect();
+        let edit_place = t0 + 5_500;
+        let edit = move || -> Edit {
+            Box::new(move |o| {
+                let fields = OrderFields { note: "op".into(), shipping_fee_cents: 50, ..o.fields() };
+                let named = ordering::Named { note: true, shipping_fee_cents: true, ..Default::default() };
+                ordering::edited(o, fields, named, edit_place)
+            })
+        };
+
+        // Where the edit lands: after the first `n` deliveries were processed, or inside
+        // the pipeline's write of o1 that comes after `n` others (its conflict path).
+        #[derive(Debug, Clone, Copy)]
+        enum Lands {
+            After(usize),
+            Inside(usize),
+        }
+        let run = async |batch: usize, lands: Lands| -> [(OrderFields, ChangedAt); 2] {
+            let skip = match lands {
+                Lands::Inside(n) => n,
+                Lands::After(_) => usize::MAX,
+            };
+            let store = Arc::new(Racing::new(skip, "o1", edit()));
+            let p = Pipeline::new(
+                store.clone(),
+                Arc::new(MemoryStore::default()),
+                native::rulebook(),
+                ChangeStream::new(64),
+                Controls::default(),
+                PipelineConfig::default(),
+            );
+            let process = async |from: usize, to: usize| {
+                for chunk in deliveries[from..to].chunks(batch) {
+                    assert_eq!(p.process(chunk, &|| false).await.unwrap(), chunk.len());
+                }
+            };
+            // Nothing accepted after the edit can be processed before it lands.
+            let before = match lands {
+                Lands::After(n) => n,
+                Lands::Inside(_) => 6,
+            };
+            process(0, before).await;
+            if let Some(edit) = store.take() {
+                commit_edit(&store.inner, "o1", &edit).await;
+            }
+            process(before, deliveries.len()).await;
+            let row = async |id| {
+                let o: Order = store.get(id).await.unwrap().unwrap();
+                (o.fields(), o.changed_at)
+            };
+            [row("o1").await, row("o2").await]
+        };
+
+        let sequential = run(1, Lands::After(6)).await;
+        let (o1, o2) = (&sequential[0].0, &sequential[1].0);
+        assert_eq!((o1.note.as_str(), o1.total_cents, o1.shipping_fee_cents), ("op", 12_000, 599));
+        assert_eq!((o2.note.as_str(), o2.total_cents, o2.shipping_fee_cents), ("m1", 5_000, 799));
+        assert_eq!(sequential[0].1.note, edit_place);
+        for batch in [1, 2, 3, 8] {
+            for lands in (1..=6).map(Lands::After).chain((0..4).map(Lands::Inside)) {
+                assert_eq!(run(batch, lands).await, sequential, "batches of {batch}, the edit landing {lands:?}");
+            }
+        }
     }
 
     /// An early event whose create was applied elsewhere (another instance) is found by

@@ -48,6 +48,7 @@ fn order(rng: &mut SmallRng, id: &str) -> Order {
             None
         },
         decided_by: "x".into(),
+        changed_at: ChangedAt::default(),
     }
 }
 
@@ -58,6 +59,7 @@ fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
         kind: pick(rng, &[EventKind::Created, EventKind::Updated, EventKind::Updated, EventKind::Cancelled]),
         source: pick(rng, &["shopify", "api"]).into(),
         occurred_at: at(1_700_000_000_000) + Duration::milliseconds(rng.random_range(0..1_000_000)),
+        accepted_at: None,
         payload: OrderChange {
             shopify_order_id: maybe(rng, |r| r.random_range(1..1_000_000_000)),
             customer: maybe(rng, |r| format!("c{}@example.com", r.random_range(0..50))),

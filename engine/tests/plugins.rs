@@ -290,6 +290,43 @@ async fn dead_letters_can_be_replayed_once() {
     );
 }
 
+/// A replayed dead letter keeps its place (README, Semantics): it cannot overwrite a
+/// change accepted after it, and sets what nothing later changed.
+#[tokio::test]
+async fn dead_letters_can_be_replayed_without_overwriting_later_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--park-timeout-secs", "1"]).await;
+    let update = |id: &str, payload: Value| {
+        json!({"event_id": id, "order_id": "kept-order", "kind": "updated", "source": "test",
+               "occurred_at": "2026-11-21T10:00:00Z", "payload": payload})
+    };
+    let early = update("kept-early", json!({"note": "early", "shipping_fee_cents": 123}));
+    assert_eq!(s.post_events(&early).await.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dead_letters(&s).await.is_empty() {
+        assert!(Instant::now() < deadline, "the parked update never reached the dead letters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(s.post_events(&created("kept-order", "kept-order-c", "GOLD", 100)).await.status(), 202);
+    assert_eq!(s.post_events(&update("kept-later", json!({"note": "later"}))).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    let r = s.post_authorized("/dead-letters/kept-early/replay").await;
+    assert_eq!(r.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    let row = s.get_json("/orders/kept-order").await.1;
+    assert_eq!(row["note"], "later", "the replay was accepted before the later note: {row}");
+    assert_eq!(row["shipping_fee_cents"], 123, "nothing later set the fee: {row}");
+    assert_eq!(row["version"], 3, "{row}");
+    // The API keeps places for the engine to set.
+    let placed = json!({"event_id": "placed", "order_id": "kept-order", "kind": "updated", "source": "test",
+                        "occurred_at": "2026-11-21T10:00:00Z", "accepted_at": "2030-01-01T00:00:00Z",
+                        "payload": {"note": "mine for ever"}});
+    let r = s.post_events(&placed).await;
+    assert_eq!(r.status(), 400);
+    let body = r.json::<Value>().await.unwrap();
+    assert!(body["detail"]["reason"].as_str().unwrap().contains("accepted_at"), "{body}");
+}
+
 /// Under load (10k events/s offered): deploy, roll back, deploy again. Every event is applied exactly
 /// once, by a version that was active when it ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::{Server, TOKEN, client};
+use common::{Server, TOKEN, client, created};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
@@ -234,6 +234,30 @@ async fn cancel_then_a_new_run_then_reset() {
     let (_, letters) = s.get_json("/dead-letters").await;
     assert_eq!(letters["items"].as_array().unwrap().len(), 0, "{letters}");
     assert_eq!(s.get_json("/runs/current").await.0, 404);
+}
+
+/// A reset empties the log too: events queued behind a pause when it came are never
+/// applied after it, and the engine takes new events at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_drops_what_is_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    for q in ["vip", "normal"] {
+        assert_eq!(s.post_authorized(&format!("/queues/{q}/pause")).await.status(), 200);
+    }
+    let queued = json!([created("queued-1", "q1", "GOLD", 100), created("queued-2", "q2", "DIAMOND", 100)]);
+    assert_eq!(s.post_events(&queued).await.status(), 202);
+    let (code, body) = post(&s, "/reset", json!({"confirm": "reset"}), true).await;
+    assert_eq!(code, 200, "{body}");
+    for q in ["vip", "normal"] {
+        assert_eq!(s.post_authorized(&format!("/queues/{q}/resume")).await.status(), 200);
+    }
+    assert_eq!(s.post_events(&created("after-reset", "a1", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(60)).await;
+    assert_eq!(s.get_json("/orders/after-reset").await.0, 200, "an event after the reset is applied");
+    for id in ["queued-1", "queued-2"] {
+        assert_eq!(s.get_json(&format!("/orders/{id}")).await.0, 404, "{id} was queued before the reset");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -344,6 +344,12 @@ async fn post_events(
                       webhook (POST /webhooks/shopify)";
         return Err(ApiError::bad_request("invalid event", json!({ "index": index, "reason": reason })));
     }
+    // An event's place decides which change of a field wins: a client could make its
+    // change unbeatable (or void) by naming one.
+    if let Some(index) = events.iter().position(|e| e.accepted_at.is_some()) {
+        let reason = "accepted_at is set by the engine (when it accepts the event); leave it out";
+        return Err(ApiError::bad_request("invalid event", json!({ "index": index, "reason": reason })));
+    }
     let accepted = s.engine.ingest(&events).await?;
     Ok((StatusCode::ACCEPTED, Json(Accepted { accepted })))
 }

@@ -10,6 +10,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiQuery, AppState, ErrorBody, JsonBytes, page_limit, parse_json};
 use crate::domain::Priority;
+use crate::engine::ResetError;
 use crate::runs::RunError;
 use crate::runs::model::{CancelRequest, Run, RunRequest};
 use crate::store::Page;
@@ -29,6 +30,13 @@ impl From<RunError> for ApiError {
             RunError::Switch(e) => {
                 let mut err =
                     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the purge was not kept; retry", e.to_string());
+                err.retry_after = Some(5);
+                err
+            }
+            RunError::Reset(ResetError::Store(e)) => e.into(),
+            RunError::Reset(e @ ResetError::Log(_)) => {
+                let mut err =
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the reset did not finish; retry", e.to_string());
                 err.retry_after = Some(5);
                 err
             }
@@ -147,7 +155,7 @@ pub struct ResetRequest {
     confirm: String,
 }
 
-/// Deletes every order, history entry, run and dead letter. Refused while a run is active.
+/// Deletes every queued event, order, history entry, run and dead letter. Refused while a run is active.
 #[utoipa::path(
     post, path = "/reset", request_body = ResetRequest,
     responses(

@@ -32,6 +32,8 @@ struct Marks {
     appended: [AtomicU64; 2],
     /// Highest offset committed durably, per priority.
     committed: [AtomicU64; 2],
+    /// Highest offset a reset dropped, per priority: consumers skip to it.
+    cleared: [AtomicU64; 2],
     arrived: Notify,
     /// Why the last group commit failed; cleared by the next one that succeeds.
     failure: Mutex<Option<String>>,
@@ -261,6 +263,18 @@ impl OrderLog for EmbeddedLog {
         done.await.map_err(|_| LogError::Closed)?
     }
 
+    async fn clear(&self) -> Result<(), LogError> {
+        // Everything appended so far counts as consumed: committed durably (truncation
+        // then deletes it), and skipped by the consumer from its next poll.
+        self.flush().await?;
+        for p in Priority::ALL {
+            let end = self.marks.appended[idx(p)].load(Ordering::SeqCst);
+            self.marks.cleared[idx(p)].fetch_max(end, Ordering::SeqCst);
+            self.cmds.send(Cmd::Commit { priority: p, offset: end }).map_err(|_| LogError::Closed)?;
+        }
+        self.flush().await
+    }
+
     async fn flush(&self) -> Result<(), LogError> {
         let (ack, done) = oneshot::channel();
         self.cmds.send(Cmd::Flush { ack }).map_err(|_| LogError::Closed)?;
@@ -304,13 +318,24 @@ struct EmbeddedConsumer {
     committed: [u64; 2],
 }
 
+impl EmbeddedConsumer {
+    /// Moves past what a reset dropped.
+    fn skip_cleared(&mut self, p: Priority) {
+        let cleared = self.marks.cleared[idx(p)].load(Ordering::SeqCst);
+        self.position[idx(p)] = self.position[idx(p)].max(cleared);
+        self.committed[idx(p)] = self.committed[idx(p)].max(cleared);
+    }
+}
+
 #[async_trait]
 impl LogConsumer for EmbeddedConsumer {
     fn waiting(&self, p: Priority) -> u64 {
-        self.marks.appended[idx(p)].load(Ordering::SeqCst).saturating_sub(self.position[idx(p)])
+        let from = self.position[idx(p)].max(self.marks.cleared[idx(p)].load(Ordering::SeqCst));
+        self.marks.appended[idx(p)].load(Ordering::SeqCst).saturating_sub(from)
     }
 
     async fn poll(&mut self, p: Priority, max: usize) -> Result<Vec<Delivery>, LogError> {
+        self.skip_cleared(p);
         let conn = self.conn.clone();
         let after = self.position[idx(p)];
         let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Delivery>> {
@@ -353,6 +378,7 @@ impl LogConsumer for EmbeddedConsumer {
 
     fn rewind(&mut self, p: Priority) {
         self.position[idx(p)] = self.committed[idx(p)];
+        self.skip_cleared(p);
     }
 
     async fn wait(&mut self, timeout: Duration) {

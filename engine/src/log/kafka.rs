@@ -17,6 +17,7 @@ use rdkafka::message::{Message, Timestamp};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::kafka_appender::Appender;
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
 use crate::cluster::{Cluster, Control};
 use crate::domain::{Order, PerPriority, Priority};
@@ -72,6 +73,14 @@ impl KafkaConfig {
     }
 }
 
+/// Whether every broker is on this machine (a local setup, where one replica is expected).
+fn only_loopback(brokers: &str) -> bool {
+    brokers.split(',').all(|b| {
+        let host = b.trim().rsplit_once(':').map_or(b.trim(), |(h, _)| h).trim_matches(['[', ']']);
+        host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
 fn backend(e: impl std::fmt::Display) -> LogError {
     LogError::Backend(e.to_string())
 }
@@ -83,21 +92,45 @@ struct Lag {
     healthy: AtomicBool,
 }
 
+/// Where a reset left each partition's log start: consumers move past it.
+#[derive(Default)]
+struct Cleared {
+    epoch: AtomicU64,
+    starts: Mutex<HashMap<(Priority, i32), i64>>,
+}
+
 pub struct KafkaLog {
     config: KafkaConfig,
+    cleared: Arc<Cleared>,
+    /// Relays and switches: idempotent, outside transactions.
     producer: FutureProducer,
+    /// Order events: transactional.
+    appender: Appender,
     lag: Arc<Lag>,
 }
 
 impl KafkaLog {
     /// Connects, creates the topics if missing, and starts the lag monitor.
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
+        if config.replication < 3 && !only_loopback(&config.brokers) {
+            tracing::warn!(
+                replication = config.replication,
+                brokers = %config.brokers,
+                "the topics get fewer than 3 replicas: one broker lost can lose acknowledged events \
+                 (production: --kafka-replication 3, which also sets min.insync.replicas=2)"
+            );
+        }
+        // With 3 replicas or more, an append waits for 2 of them (acks=all).
+        let min_insync = if config.replication >= 3 { "2" } else { "1" };
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
         let topics: Vec<NewTopic<'_>> =
             [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
                 .into_iter()
-                .map(|t| NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication)))
+                .map(|t| {
+                    NewTopic::new(t, config.partitions, TopicReplication::Fixed(config.replication))
+                        .set("min.insync.replicas", min_insync)
+                })
                 .chain([
                     NewTopic::new(&config.plugins_topic, 1, TopicReplication::Fixed(config.replication))
                         .set("cleanup.policy", "compact")
@@ -118,17 +151,26 @@ impl KafkaLog {
                 Err((topic, code)) => return Err(LogError::Backend(format!("creating topic {topic}: {code}"))),
             }
         }
-        let producer: FutureProducer = ClientConfig::new()
+        let mut producer_config = ClientConfig::new();
+        producer_config
             .set("bootstrap.servers", &config.brokers)
             // Exactly one copy of each record per partition, in order, even across retries.
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.max.bytes", PLUGIN_RECORD_MAX)
-            .set("message.timeout.ms", "10000")
-            .create()
-            .map_err(backend)?;
-        let log = Arc::new(Self { config, producer, lag: Arc::default() });
+            .set("message.timeout.ms", "10000");
+        let producer: FutureProducer = producer_config.create().map_err(backend)?;
+        // Order events go in transactions, so a request is on the log whole or not at
+        // all. The id is this process's own: nothing else writes under it.
+        let mut appends = producer_config.clone();
+        appends
+            .set("transactional.id", format!("{}.append.{}", config.group, uuid::Uuid::now_v7()))
+            // A crashed instance's open transaction holds its partitions' readers back
+            // until the broker aborts it: at most this long.
+            .set("transaction.timeout.ms", "15000");
+        let appender = Appender::start(config.clone(), appends)?;
+        let log = Arc::new(Self { config, cleared: Arc::default(), producer, appender, lag: Arc::default() });
         spawn_lag_monitor(Arc::downgrade(&log))?;
         Ok(log)
     }
@@ -153,6 +195,8 @@ impl KafkaLog {
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", format!("{}.changes.{}", self.config.group, uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
+            // Only committed transactions: a failed append leaves nothing to consume.
+            .set("isolation.level", "read_committed")
             .set("fetch.wait.max.ms", "10")
             .create()
             .map_err(backend)?;
@@ -194,6 +238,8 @@ impl KafkaLog {
         c.set("bootstrap.servers", &self.config.brokers)
             .set("group.id", &self.config.group)
             .set("enable.auto.commit", "false")
+            // Only committed transactions: a failed append leaves nothing to consume.
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             .set("fetch.wait.max.ms", "20")
@@ -364,6 +410,8 @@ impl KafkaLog {
             .set("bootstrap.servers", &self.config.brokers)
             .set("group.id", format!("{}.{name}.{}", self.config.group, uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
+            // Only committed transactions: a failed append leaves nothing to consume.
+            .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
             .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
             .create()
@@ -459,8 +507,9 @@ fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -
         let mut total = 0u64;
         for e in committed.elements() {
             let (low, high) = client.fetch_watermarks(topic, e.partition(), timeout).map_err(backend)?;
+            // Below the log start (a reset deleted the records): nothing is left there.
             let done = match e.offset() {
-                Offset::Offset(o) => o,
+                Offset::Offset(o) => o.max(low),
                 _ => low,
             };
             total += (high - done).max(0) as u64;
@@ -477,17 +526,8 @@ impl OrderLog for KafkaLog {
     }
 
     async fn append(&self, records: Vec<Record>) -> Result<(), LogError> {
-        let now_ms = chrono::Utc::now().timestamp_millis();
-        // Queue everything, then wait for every acknowledgement (acks=all).
-        let sends = records.iter().map(|r| {
-            let record =
-                FutureRecord::to(self.config.topic(r.priority)).key(&r.key).payload(&r.payload).timestamp(now_ms);
-            self.producer.send(record, Duration::from_secs(10))
-        });
-        for result in futures::future::join_all(sends).await {
-            result.map_err(|(e, _)| LogError::Backend(format!("kafka produce: {e}")))?;
-        }
-        Ok(())
+        // Acknowledged by every in-sync replica (acks=all) once the transaction commits.
+        self.appender.append(records).await
     }
 
     async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError> {
@@ -496,11 +536,62 @@ impl OrderLog for KafkaLog {
         let consumer: BaseConsumer<GroupContext> =
             self.consumer_config().create_with_context(context).map_err(backend)?;
         consumer.subscribe(&[&self.config.vip_topic, &self.config.normal_topic]).map_err(backend)?;
-        Ok(Box::new(KafkaConsumer { consumer, shared, config: self.config.clone(), lag: self.lag.clone() }))
+        Ok(Box::new(KafkaConsumer {
+            consumer,
+            shared,
+            config: self.config.clone(),
+            lag: self.lag.clone(),
+            cleared: self.cleared.clone(),
+            cleared_seen: AtomicU64::new(self.cleared.epoch.load(Ordering::SeqCst)),
+        }))
     }
 
     fn depth(&self, p: Priority) -> u64 {
         self.lag.depth[p].load(Ordering::Relaxed)
+    }
+
+    async fn clear(&self) -> Result<(), LogError> {
+        // DeleteRecords up to each partition's end: the topics stay (with their
+        // configuration and the group's offsets); only their records go.
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &self.config.brokers).create().map_err(backend)?;
+        let timeout = Duration::from_secs(10);
+        let admin = Arc::new(admin);
+        let (meta_admin, config) = (admin.clone(), self.config.clone());
+        // The metadata call blocks: off the async workers.
+        let upto = tokio::task::spawn_blocking(move || -> Result<TopicPartitionList, LogError> {
+            let mut upto = TopicPartitionList::new();
+            for p in Priority::ALL {
+                let topic = config.topic(p);
+                let metadata = meta_admin.inner().fetch_metadata(Some(topic), timeout).map_err(backend)?;
+                for t in metadata.topics() {
+                    for partition in t.partitions() {
+                        upto.add_partition_offset(topic, partition.id(), Offset::End).map_err(backend)?;
+                    }
+                }
+            }
+            Ok(upto)
+        })
+        .await
+        .map_err(backend)??;
+        let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
+        let deleted = tokio::time::timeout(Duration::from_secs(30), admin.delete_records(&upto, &opts))
+            .await
+            .map_err(|_| LogError::Backend("Kafka did not delete the records in 30 s".into()))?
+            .map_err(backend)?;
+        let mut starts = HashMap::new();
+        for e in deleted.elements() {
+            if let Err(err) = e.error() {
+                return Err(LogError::Backend(format!("deleting {}[{}]: {err}", e.topic(), e.partition())));
+            }
+            if let (Some(p), Offset::Offset(start)) = (self.config.priority_of(e.topic()), e.offset()) {
+                starts.insert((p, e.partition()), start);
+            }
+        }
+        let mut cleared = self.cleared.starts.lock().unwrap_or_else(|p| p.into_inner());
+        cleared.extend(starts);
+        self.cleared.epoch.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     async fn flush(&self) -> Result<(), LogError> {
@@ -525,6 +616,13 @@ struct Buffers {
 struct BufferState {
     queued: PerPriority<VecDeque<Delivery>>,
     handed: HashMap<(Priority, i32), i64>,
+    /// The highest offset handed out per partition: a commit of it may step over the
+    /// transaction markers after it.
+    last_handed: HashMap<(Priority, i32), i64>,
+    /// What this member committed last, per partition.
+    committed: HashMap<(Priority, i32), i64>,
+    /// Where a reset left each partition: records before it are never handed out.
+    cleared_starts: HashMap<(Priority, i32), i64>,
     normal_paused: bool,
     /// VIP paused by the operator: its lag then holds nothing back.
     vip_paused: bool,
@@ -548,6 +646,8 @@ impl ConsumerContext for GroupContext {
                 if let Some(p) = self.config.priority_of(e.topic()) {
                     s.queued[p].retain(|d| d.partition != e.partition());
                     s.handed.remove(&(p, e.partition()));
+                    s.last_handed.remove(&(p, e.partition()));
+                    s.committed.remove(&(p, e.partition()));
                 }
             }
         }
@@ -563,6 +663,9 @@ struct KafkaConsumer {
     shared: Arc<Buffers>,
     config: KafkaConfig,
     lag: Arc<Lag>,
+    cleared: Arc<Cleared>,
+    /// The reset this consumer last moved past.
+    cleared_seen: AtomicU64,
 }
 
 /// Most records buffered per priority before fetching pauses.
@@ -572,6 +675,7 @@ impl KafkaConsumer {
     /// Moves fetched records into the buffers (waiting up to `timeout` for the first),
     /// then pauses NORMAL partitions while VIP work waits, and resumes them after.
     fn pump(&self, timeout: Duration) {
+        self.skip_cleared();
         let mut first = true;
         loop {
             let t = if first { timeout } else { Duration::ZERO };
@@ -597,6 +701,9 @@ impl KafkaConsumer {
                         appended_at_us,
                     };
                     let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                    if s.cleared_starts.get(&(priority, d.partition)).is_some_and(|start| (d.offset as i64) < *start) {
+                        continue;
+                    }
                     s.queued[priority].push_back(d);
                     if s.queued[priority].len() >= BUFFER_MAX {
                         break;
@@ -605,6 +712,107 @@ impl KafkaConsumer {
             }
         }
         self.apply_pause();
+    }
+
+    /// After a reset: drops what was fetched from before it and seeks every assigned
+    /// partition to its new start. (The engine stops the pipeline first, so nothing
+    /// handed out is in process.)
+    fn skip_cleared(&self) {
+        let epoch = self.cleared.epoch.load(Ordering::SeqCst);
+        if self.cleared_seen.load(Ordering::SeqCst) == epoch {
+            return;
+        }
+        let starts = self.cleared.starts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let before = |p: Priority, d: &Delivery| starts.get(&(p, d.partition)).is_some_and(|s| (d.offset as i64) < *s);
+        {
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            for p in Priority::ALL {
+                s.queued[p].retain(|d| !before(p, d));
+            }
+            s.handed.retain(|k, o| starts.get(k).is_none_or(|s| *o >= *s));
+            s.last_handed.retain(|k, o| starts.get(k).is_none_or(|s| *o >= *s));
+            s.cleared_starts = starts.clone();
+        }
+        let Ok(positions) = self.consumer.position() else { return };
+        for e in positions.elements() {
+            let Some(p) = self.config.priority_of(e.topic()) else { continue };
+            let Some(start) = starts.get(&(p, e.partition())) else { continue };
+            // A fetch from a deleted offset resets to the log start by itself
+            // (auto.offset.reset=earliest); the seek only saves the round trip.
+            let behind = match e.offset() {
+                Offset::Offset(o) => o < *start,
+                _ => false,
+            };
+            if behind
+                && let Err(err) =
+                    self.consumer.seek(e.topic(), e.partition(), Offset::Offset(*start), Duration::from_secs(5))
+            {
+                tracing::warn!(error = %err, topic = e.topic(), "seek past a reset failed");
+            }
+        }
+        self.cleared_seen.store(epoch, Ordering::SeqCst);
+    }
+
+    /// A transaction's commit marker takes an offset that is never handed out. Where a
+    /// commit covers everything fetched from a partition, it goes to the consumer's
+    /// position instead, past such markers, so that the group's lag can reach zero.
+    fn step_over_markers(&self, next: &mut HashMap<(Priority, i32), i64>) {
+        let s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let drained = |(p, part): (Priority, i32), offset: i64| {
+            s.last_handed.get(&(p, part)) == Some(&(offset - 1)) && !s.queued[p].iter().any(|d| d.partition == part)
+        };
+        if !next.iter().any(|(k, o)| drained(*k, *o)) {
+            return;
+        }
+        let Ok(positions) = self.consumer.position() else { return };
+        for ((p, part), offset) in next.iter_mut() {
+            if !drained((*p, *part), *offset) {
+                continue;
+            }
+            if let Some(Offset::Offset(position)) =
+                positions.find_partition(self.config.topic(*p), *part).map(|e| e.offset())
+                && position > *offset
+            {
+                *offset = position;
+            }
+        }
+    }
+
+    /// While idle: a marker the consumer reached only after the last commit (it came in
+    /// a later fetch), or a partition that holds nothing but markers (an aborted append),
+    /// is stepped over now, or the group's lag would never read zero.
+    fn commit_past_markers(&self) {
+        let Ok(positions) = self.consumer.position() else { return };
+        let moved: Vec<((Priority, i32), i64)> = {
+            let s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            positions
+                .elements()
+                .iter()
+                .filter_map(|e| {
+                    let (Some(p), Offset::Offset(position)) = (self.config.priority_of(e.topic()), e.offset()) else {
+                        return None;
+                    };
+                    let k = (p, e.partition());
+                    let committed = s.committed.get(&k).copied();
+                    // Something handed out and not committed yet: the pipeline commits it.
+                    let outstanding = s.last_handed.get(&k).is_some_and(|last| committed.is_none_or(|c| c <= *last));
+                    let queued = s.queued[p].iter().any(|d| d.partition == e.partition());
+                    (!outstanding && !queued && committed.is_none_or(|c| position > c)).then_some((k, position))
+                })
+                .collect()
+        };
+        if moved.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for ((p, partition), offset) in &moved {
+            if tpl.add_partition_offset(self.config.topic(*p), *partition, Offset::Offset(*offset)).is_err() {
+                return;
+            }
+        }
+        if self.consumer.commit(&tpl, CommitMode::Async).is_ok() {
+            self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).committed.extend(moved);
+        }
     }
 
     fn apply_pause(&self) {
@@ -648,9 +856,17 @@ impl LogConsumer for KafkaConsumer {
         self.pump(if empty { Duration::from_millis(50) } else { Duration::ZERO });
         let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let n = s.queued[p].len().min(max);
+        if n == 0 {
+            // Lag with nothing to hand out: markers this member may step over (the
+            // pipeline keeps polling VIP while the group's VIP lag is not zero).
+            drop(s);
+            self.commit_past_markers();
+            return Ok(Vec::new());
+        }
         let out: Vec<Delivery> = s.queued[p].drain(..n).collect();
         for d in &out {
             s.handed.entry((p, d.partition)).or_insert(d.offset as i64);
+            s.last_handed.insert((p, d.partition), d.offset as i64);
         }
         Ok(out)
     }
@@ -661,6 +877,7 @@ impl LogConsumer for KafkaConsumer {
             let e = next.entry((d.priority, d.partition)).or_insert(0);
             *e = (*e).max(d.offset as i64 + 1);
         }
+        self.step_over_markers(&mut next);
         let mut tpl = TopicPartitionList::new();
         for ((p, partition), offset) in &next {
             tpl.add_partition_offset(self.config.topic(*p), *partition, Offset::Offset(*offset)).map_err(backend)?;
@@ -669,6 +886,7 @@ impl LogConsumer for KafkaConsumer {
             let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
             for (k, offset) in &next {
                 s.handed.insert(*k, *offset);
+                s.committed.insert(*k, *offset);
             }
         }
         self.consumer.commit(&tpl, CommitMode::Async).map_err(backend)
@@ -709,5 +927,19 @@ impl LogConsumer for KafkaConsumer {
     async fn wait(&mut self, timeout: Duration) {
         // The pipeline has a thread of its own, so blocking here stalls nothing else.
         self.pump(timeout);
+        self.commit_past_markers();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_loopback;
+
+    #[test]
+    fn only_brokers_on_this_machine_count_as_local() {
+        assert!(only_loopback("127.0.0.1:9092"));
+        assert!(only_loopback("localhost:9092,[::1]:9093"));
+        assert!(!only_loopback("127.0.0.1:9092,kafka-2:9092"));
+        assert!(!only_loopback("10.0.0.5:9092"));
     }
 }

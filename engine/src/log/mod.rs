@@ -3,6 +3,7 @@
 
 pub mod embedded;
 pub mod kafka;
+mod kafka_appender;
 
 use std::time::Duration;
 
@@ -52,6 +53,9 @@ pub trait OrderLog: Send + Sync + 'static {
     fn depth(&self, priority: Priority) -> u64;
     /// Waits until every commit made so far is durable (for a clean shutdown).
     async fn flush(&self) -> Result<(), LogError>;
+    /// Drops every record appended so far, so that nothing of it is ever consumed (a
+    /// reset). Records appended later are consumed as usual.
+    async fn clear(&self) -> Result<(), LogError>;
     /// Why the log cannot serve now (its last write or check failed), if it cannot.
     fn problem(&self) -> Option<String> {
         None

@@ -51,6 +51,8 @@ pub enum RunError {
     /// The purge could not be kept (the cluster or the data dir refused it).
     #[error("the purge was not kept: {0}")]
     Switch(#[from] crate::engine::SwitchError),
+    #[error(transparent)]
+    Reset(#[from] crate::engine::ResetError),
 }
 
 /// Clients get at most this many progress messages per second (one per 250 ms).
@@ -238,8 +240,8 @@ impl Runs {
         Ok(failed)
     }
 
-    /// Refuses while a run is active; otherwise empties the store's orders, history,
-    /// runs and dead letters.
+    /// Refuses while a run is active; otherwise empties the log and the store's orders,
+    /// history, runs and dead letters (`Engine::reset`).
     pub async fn reset(&self) -> Result<(), RunError> {
         let mut active = self.active.lock().await;
         if let Some(a) = active.as_ref() {
@@ -248,7 +250,7 @@ impl Runs {
                 return Err(RunError::Active(run.id.clone()));
             }
         }
-        self.engine.run_store().reset().await?;
+        self.engine.reset().await?;
         *active = None;
         Ok(())
     }

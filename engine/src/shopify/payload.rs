@@ -144,6 +144,7 @@ pub fn to_event(kind: EventKind, body: &[u8], delivery_id: &str) -> Result<Order
         kind,
         source: "shopify".into(),
         occurred_at,
+        accepted_at: None,
         payload: OrderChange {
             shopify_order_id: Some(id),
             customer: if kind == EventKind::Created { customer } else { None },

@@ -9,7 +9,7 @@ use super::{
     ActionLog, ActionRecord, Backend, Claim, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking,
     ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
-use crate::domain::{Order, Priority, Status, Tier};
+use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 
 fn row(id: &str, version: u64, note: &str) -> Order {
     Order {
@@ -28,6 +28,8 @@ fn row(id: &str, version: u64, note: &str) -> Order {
         updated_at: Utc::now(),
         source_updated_at: Some(Utc::now()),
         decided_by: "conformance".into(),
+        // Distinct per version, so a store that drops or mixes them up fails the reads.
+        changed_at: ChangedAt { created: 1_000, note: 2_000 + version as i64, ..ChangedAt::default() },
     }
 }
 

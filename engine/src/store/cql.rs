@@ -26,7 +26,7 @@ use super::{
     ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
     Write, WriteResult,
 };
-use crate::domain::{Order, Priority, Status, Tier};
+use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
@@ -46,10 +46,14 @@ pub struct CqlConfig {
     pub replication_factor: u32,
 }
 
-/// The row's columns as `UPDATE ... SET` binds them, in the order the writes bind.
+/// The row's columns as an insert's `UPDATE ... SET` binds them, in the order the writes bind.
 const ROW_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, \
     shipping_fee_cents = ?, currency = ?, note = ?, version = ?, created_at = ?, updated_at = ?, decided_by = ?, \
-    source_updated_at = ?";
+    source_updated_at = ?, changed_at = ?";
+/// The same for a later version: `created_at` never changes (and a bound row holds at most 16 values).
+const ROW_UPDATE_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, \
+    total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, updated_at = ?, decided_by = ?, \
+    source_updated_at = ?, changed_at = ?";
 /// A history entry's columns (clustered by `event_id` in the order's partition).
 const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at";
 /// A dead letter's columns, as the reads decode them.
@@ -79,7 +83,7 @@ const CONCURRENCY: usize = 64;
 const MAX_ATTEMPTS: u32 = 5;
 
 const STATICS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, shipping_fee_cents, \
-    currency, note, version, created_at, updated_at, decided_by, source_updated_at";
+    currency, note, version, created_at, updated_at, decided_by, source_updated_at, changed_at";
 
 type StaticRow = (
     String,
@@ -97,6 +101,7 @@ type StaticRow = (
     Option<i64>,
     Option<String>,
     Option<i64>,
+    Option<String>,
 );
 
 struct Statements {
@@ -204,13 +209,17 @@ impl CqlStore {
             }
         }
         // Columns added after a keyspace was first created: adding one that exists fails, harmlessly.
-        for alter in [format!("ALTER TABLE {}.orders ADD source_updated_at bigint static", config.keyspace)] {
+        let ks = &config.keyspace;
+        let alters = [
+            format!("ALTER TABLE {ks}.orders ADD source_updated_at bigint static"),
+            format!("ALTER TABLE {ks}.orders ADD changed_at text static"),
+        ];
+        for alter in alters {
             if let Err(e) = session.query_unpaged(alter, ()).await {
                 tracing::debug!(error = %e, "schema migration step skipped");
             }
         }
         session.await_schema_agreement().await.map_err(backend)?;
-        let ks = &config.keyspace;
         let prepare = |cql: String, serial: bool| {
             let session = &session;
             async move {
@@ -246,7 +255,8 @@ impl CqlStore {
             letter_seq_serial,
             insert_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = null"), true)
                 .await?,
-            update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_SET} WHERE id = ? IF version = ?"), true).await?,
+            update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_UPDATE_SET} WHERE id = ? IF version = ?"), true)
+                .await?,
             insert_entry: prepare(
                 format!("INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
                 true,
@@ -421,6 +431,7 @@ impl CqlStore {
                     let (tier, priority, status) = (r.tier.as_str(), r.priority.as_str(), r.status.as_str());
                     let (version, created, updated) = (r.version as i64, micros(r.created_at), micros(r.updated_at));
                     let source_updated = r.source_updated_at.map(micros);
+                    let changed_at = r.changed_at.to_column();
                     match expected {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
@@ -443,6 +454,7 @@ impl CqlStore {
                                 updated,
                                 &r.decided_by,
                                 source_updated,
+                                &changed_at,
                                 &r.id,
                             );
                             self.lwt(self.session.batch(&batch, (set, entry))).await?
@@ -461,10 +473,10 @@ impl CqlStore {
                                 &r.currency,
                                 &r.note,
                                 version,
-                                created,
                                 updated,
                                 &r.decided_by,
                                 source_updated,
+                                &changed_at,
                                 &r.id,
                                 *v as i64,
                             );
@@ -497,7 +509,7 @@ impl CqlStore {
                     if self.event_recorded(order_id, w.event_id()).await? {
                         return Ok(WriteResult::Duplicate);
                     }
-                    return Ok(WriteResult::Conflict(self.get_with(order_id, true).await?));
+                    return Ok(WriteResult::Conflict(self.get_with(order_id, true).await?.map(Box::new)));
                 }
                 None => {
                     // Unknown outcome: if the entry exists, this write (or an earlier
@@ -633,6 +645,7 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
         updated,
         decided_by,
         source_updated,
+        changed_at,
     ) = r;
     let Some(version) = version else { return Ok(None) };
     let bad = |what: &str, v: &Option<String>| StoreError::Corrupt(format!("order {id}: bad {what} {v:?}"));
@@ -652,6 +665,7 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
         updated_at: from_micros(updated.unwrap_or_default()),
         decided_by: decided_by.unwrap_or_default(),
         source_updated_at: source_updated.map(from_micros),
+        changed_at: ChangedAt::from_column(changed_at.as_deref()),
     }))
 }
 

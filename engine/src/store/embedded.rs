@@ -17,7 +17,7 @@ use super::{
     ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
     Write, WriteResult, prefix_end,
 };
-use crate::domain::{Order, Priority, Status, Tier};
+use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
 
 const SCHEMA: &str = "
@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at INTEGER NOT NULL,
     updated_at INTEGER NOT NULL,
     decided_by TEXT NOT NULL,
-    source_updated_at INTEGER
+    source_updated_at INTEGER,
+    changed_at TEXT
 ) WITHOUT ROWID;
 -- Each list filter has an index ending in the sort key, so cursor paging is a range scan.
 CREATE INDEX IF NOT EXISTS orders_updated ON orders(updated_at, id);
@@ -104,7 +105,8 @@ CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at, id);
 ";
 
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
-    shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at";
+    shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at, \
+    changed_at";
 
 pub struct EmbeddedStore {
     writer: Arc<Mutex<Connection>>,
@@ -138,6 +140,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     };
     if !has("orders", "source_updated_at")? {
         conn.execute_batch("ALTER TABLE orders ADD COLUMN source_updated_at INTEGER")?;
+    }
+    if !has("orders", "changed_at")? {
+        conn.execute_batch("ALTER TABLE orders ADD COLUMN changed_at TEXT")?;
     }
     // Claims of earlier versions were only kept once their event was on the log.
     if !has("webhook_claims", "state")? {
@@ -183,6 +188,7 @@ fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
         updated_at: from_micros(r.get(12)?),
         decided_by: text(13)?,
         source_updated_at: r.get::<_, Option<i64>>(14)?.map(from_micros),
+        changed_at: ChangedAt::from_column(r.get::<_, Option<String>>(15)?.as_deref()),
     })
 }
 
@@ -246,11 +252,12 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
         micros(row.updated_at),
         row.decided_by,
         row.source_updated_at.map(micros),
+        row.changed_at.to_column(),
     ];
     let changed = match expected {
         None => conn
             .prepare_cached(&format!(
-                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15)
+                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)
                  ON CONFLICT(id) DO NOTHING"
             ))?
             .execute(values)?,
@@ -258,8 +265,8 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
             let mut stmt = conn.prepare_cached(
                 "UPDATE orders SET shopify_order_id=?2, customer=?3, tier=?4, priority=?5, status=?6,
                  total_cents=?7, shipping_fee_cents=?8, currency=?9, note=?10, version=?11,
-                 created_at=?12, updated_at=?13, decided_by=?14, source_updated_at=?15
-                 WHERE id=?1 AND version=?16",
+                 created_at=?12, updated_at=?13, decided_by=?14, source_updated_at=?15,
+                 changed_at=?16 WHERE id=?1 AND version=?17",
             )?;
             let mut all: Vec<&dyn rusqlite::ToSql> = values.to_vec();
             let expected = expected as i64;
@@ -279,7 +286,7 @@ fn apply_one(conn: &Connection, w: &Write) -> rusqlite::Result<WriteResult> {
     match w {
         Write::Apply { event_id, source, expected, row } => {
             if !put_order(conn, row, *expected)? {
-                return Ok(WriteResult::Conflict(get_order(conn, &row.id)?));
+                return Ok(WriteResult::Conflict(get_order(conn, &row.id)?.map(Box::new)));
             }
             insert_history(conn, event_id, &row.id, row.version, Outcome::Applied, None, source, &row.decided_by)?;
         }

@@ -90,9 +90,11 @@ impl State {
             Write::Apply { event_id, source, expected, row } => {
                 let current = self.orders.get(&row.id);
                 match (expected, current) {
-                    (None, Some(now)) => return WriteResult::Conflict(Some(now.clone())),
+                    (None, Some(now)) => return WriteResult::Conflict(Some(Box::new(now.clone()))),
                     (Some(_), None) => return WriteResult::Conflict(None),
-                    (Some(v), Some(now)) if now.version != *v => return WriteResult::Conflict(Some(now.clone())),
+                    (Some(v), Some(now)) if now.version != *v => {
+                        return WriteResult::Conflict(Some(Box::new(now.clone())));
+                    }
                     _ => {}
                 }
                 self.orders.insert(row.id.clone(), row.clone());

@@ -120,7 +120,7 @@ pub enum WriteResult {
     /// changed. Only a backend whose ledger is global can tell (the embedded one).
     IdTaken(String),
     /// The compare-and-set lost: this is the row now stored (`None` if absent).
-    Conflict(Option<Order>),
+    Conflict(Option<Box<Order>>),
 }
 
 /// One history entry: an applied change, or a skipped or rejected event.
