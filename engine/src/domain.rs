@@ -247,11 +247,10 @@ impl ChangedAt {
 }
 
 impl Order {
-    /// Sets the business fields (and the priority their tier gives).
+    /// Sets the business fields. The priority stays: it is the order's from its creation.
     pub fn set_fields(&mut self, f: OrderFields) {
         self.shopify_order_id = f.shopify_order_id;
         self.customer = f.customer;
-        self.priority = f.tier.priority();
         self.tier = f.tier;
         self.status = f.status;
         self.total_cents = f.total_cents;

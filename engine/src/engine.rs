@@ -247,7 +247,9 @@ impl Engine {
             }
             Backend::Distributed { kafka, cql } => {
                 let log = crate::log::kafka::KafkaLog::open(kafka).await?;
-                let stores = Stores::of(Arc::new(crate::store::cql::CqlStore::open(cql).await?));
+                let cql = Arc::new(crate::store::cql::CqlStore::open(cql).await?);
+                log.set_route_book(cql.clone());
+                let stores = Stores::of(cql);
                 // Deployments go round a compacted topic: catch up before consuming orders.
                 if let Some(registry) = plugins.clone() {
                     let follower = log.clone();
@@ -447,9 +449,11 @@ impl Engine {
             }
         }
         // An order keeps its partition, whatever tier a later event names, so its events
-        // apply in the order they were produced: an earlier event of this request decides,
-        // else the stored row, else the event's own tier. A create names its order's tier
-        // and needs no lookup (a second create of a stored order is skipped anyway).
+        // apply in the order they were produced. The log has the last word: an order with
+        // events still queued has a route, which every record of it follows. Without one,
+        // an earlier event of this request decides, else the stored row (its priority from
+        // creation), else the event's own tier. A create names its order's tier and needs
+        // no row lookup (a second create of a stored order is skipped anyway).
         let lookup: Vec<String> = events
             .iter()
             .filter(|e| e.kind != EventKind::Created || e.priority_hint().is_none())

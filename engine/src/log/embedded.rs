@@ -73,7 +73,10 @@ impl EmbeddedLog {
                  pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS records_normal (
                  pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS offsets (partition TEXT PRIMARY KEY, committed INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS offsets (partition TEXT PRIMARY KEY, committed INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS routes (
+                 key TEXT PRIMARY KEY, priority TEXT NOT NULL, last_pos INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS routes_by_last_pos ON routes (priority, last_pos);",
         )
         .map_err(backend)?;
         let marks = Arc::new(Marks::default());
@@ -155,8 +158,14 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
             for p in Priority::ALL {
                 let upto = marks.committed[idx(p)].load(Ordering::SeqCst).min(truncated[idx(p)] + TRUNCATE_MAX);
                 if upto > truncated[idx(p)] {
-                    let sql = format!("DELETE FROM {} WHERE pos <= ?1", table(p));
-                    match conn.execute(&sql, [upto as i64]) {
+                    // A route lapses with its key's last record: nothing of the order is
+                    // queued there any more, so its next record may go by its own priority.
+                    let records = format!("DELETE FROM {} WHERE pos <= ?1", table(p));
+                    let routes = "DELETE FROM routes WHERE priority = ?1 AND last_pos <= ?2";
+                    let deleted = conn
+                        .execute(&records, [upto as i64])
+                        .and_then(|_| conn.execute(routes, params![p.label(), upto as i64]));
+                    match deleted {
                         Ok(_) => truncated[idx(p)] = upto,
                         Err(e) => tracing::warn!(error = %e, "log truncation failed"),
                     }
@@ -191,12 +200,17 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
             match cmd {
                 Cmd::Append { records, .. } => {
                     for r in records {
-                        let sql = format!(
-                            "INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)",
-                            table(r.priority)
-                        );
+                        let priority = route(&tx, &r.key)?.unwrap_or(r.priority);
+                        let sql =
+                            format!("INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)", table(priority));
                         tx.prepare_cached(&sql)?.execute(params![r.key, r.payload, now])?;
-                        last[idx(r.priority)] = Some(tx.last_insert_rowid() as u64);
+                        let pos = tx.last_insert_rowid();
+                        last[idx(priority)] = Some(pos as u64);
+                        tx.prepare_cached(
+                            "INSERT INTO routes (key, priority, last_pos) VALUES (?1, ?2, ?3)
+                             ON CONFLICT(key) DO UPDATE SET last_pos = excluded.last_pos",
+                        )?
+                        .execute(params![r.key, priority.label(), pos])?;
                     }
                 }
                 Cmd::Commit { .. } | Cmd::Flush { .. } => {}
@@ -246,6 +260,13 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
         }
     }
     result.is_ok()
+}
+
+/// The route of `key`, if it has one: where its records still queued are.
+fn route(tx: &rusqlite::Transaction<'_>, key: &str) -> rusqlite::Result<Option<Priority>> {
+    let label: Option<String> =
+        tx.prepare_cached("SELECT priority FROM routes WHERE key = ?1")?.query_row([key], |r| r.get(0)).optional()?;
+    Ok(label.as_deref().and_then(Priority::parse))
 }
 
 #[async_trait]
@@ -430,6 +451,26 @@ mod tests {
         assert_eq!(got.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(), ["n2", "n3"]);
         let vip = c.poll(Priority::Vip, 10).await.unwrap();
         assert_eq!(vip.len(), 1);
+    }
+
+    /// An order's records follow its first queued one, whatever priority they ask for,
+    /// until nothing of it is left to consume; then the next one goes where it asks.
+    #[tokio::test]
+    async fn an_order_keeps_its_route_while_anything_of_it_is_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
+        log.append(vec![rec(Priority::Vip, "a")]).await.unwrap();
+        log.append(vec![rec(Priority::Normal, "a"), rec(Priority::Normal, "b")]).await.unwrap();
+        assert_eq!((log.depth(Priority::Vip), log.depth(Priority::Normal)), (2, 1), "a's second record went VIP");
+        let mut c = log.consumer().await.unwrap();
+        let got = c.poll(Priority::Vip, 10).await.unwrap();
+        assert_eq!(got.iter().map(|d| d.key.as_str()).collect::<Vec<_>>(), ["a", "a"]);
+        c.commit(&got).await.unwrap();
+        log.flush().await.unwrap();
+        // The route lapses with the periodic truncation of its last record.
+        tokio::time::sleep(TRUNCATE_EVERY * 2 + Duration::from_millis(500)).await;
+        log.append(vec![rec(Priority::Normal, "a")]).await.unwrap();
+        assert_eq!((log.depth(Priority::Vip), log.depth(Priority::Normal)), (0, 2), "a goes NORMAL now");
     }
 
     #[tokio::test]

@@ -107,9 +107,17 @@ pub struct KafkaLog {
     /// Order events: transactional.
     appender: Appender,
     lag: Arc<Lag>,
+    /// Where each order's records go (shared by the instances); without one, a record
+    /// goes by its own priority.
+    routes: std::sync::OnceLock<Arc<dyn super::RouteBook>>,
 }
 
 impl KafkaLog {
+    /// From now on, records follow their order's route in `book` (see `OrderLog::append`).
+    pub fn set_route_book(&self, book: Arc<dyn super::RouteBook>) {
+        let _ = self.routes.set(book);
+    }
+
     /// Connects, creates the topics if missing, and starts the lag monitor.
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
         if config.replication < 3 && !only_loopback(&config.brokers) {
@@ -170,7 +178,14 @@ impl KafkaLog {
             // until the broker aborts it: at most this long.
             .set("transaction.timeout.ms", "15000");
         let appender = Appender::start(config.clone(), appends)?;
-        let log = Arc::new(Self { config, cleared: Arc::default(), producer, appender, lag: Arc::default() });
+        let log = Arc::new(Self {
+            config,
+            cleared: Arc::default(),
+            producer,
+            appender,
+            lag: Arc::default(),
+            routes: std::sync::OnceLock::new(),
+        });
         spawn_lag_monitor(Arc::downgrade(&log))?;
         Ok(log)
     }
@@ -525,7 +540,25 @@ impl OrderLog for KafkaLog {
         "kafka"
     }
 
-    async fn append(&self, records: Vec<Record>) -> Result<(), LogError> {
+    async fn append(&self, mut records: Vec<Record>) -> Result<(), LogError> {
+        if let Some(book) = self.routes.get() {
+            let mut keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
+            keys.sort_unstable();
+            keys.dedup();
+            let mut routes = book.routes(keys).await?;
+            let mut fresh = Vec::new();
+            for r in &mut records {
+                match routes.get(&r.key) {
+                    Some(p) => r.priority = *p,
+                    None => {
+                        routes.insert(r.key.clone(), r.priority);
+                        fresh.push((r.key.clone(), r.priority));
+                    }
+                }
+            }
+            // Before the append: a failed append leaves a route that its retry follows.
+            book.set_routes(fresh).await?;
+        }
         // Acknowledged by every in-sync replica (acks=all) once the transaction commits.
         self.appender.append(records).await
     }

@@ -22,6 +22,7 @@ pub enum LogError {
 /// One record to append: keyed by order id so an order keeps its order.
 #[derive(Debug, Clone)]
 pub struct Record {
+    /// Where the record goes unless its key has a route already (see [`OrderLog::append`]).
     pub priority: Priority,
     pub key: String,
     pub payload: Vec<u8>,
@@ -41,11 +42,30 @@ pub struct Delivery {
     pub appended_at_us: i64,
 }
 
+/// Where routes are kept when the log itself cannot keep them atomically with its
+/// appends (Kafka): a table shared by every instance.
+#[async_trait]
+pub trait RouteBook: Send + Sync + 'static {
+    /// The routes known for `keys`.
+    async fn routes(&self, keys: Vec<String>) -> Result<std::collections::HashMap<String, Priority>, LogError>;
+    /// Records the routes of keys that had none. Two instances racing on one key's first
+    /// records may both write; the later write wins (README, "One partition per order").
+    async fn set_routes(&self, routes: Vec<(String, Priority)>) -> Result<(), LogError>;
+}
+
 #[async_trait]
 pub trait OrderLog: Send + Sync + 'static {
     /// A short name for health output: "embedded", "kafka".
     fn backend(&self) -> &'static str;
     /// Appends all records atomically; `Ok` means they are durable.
+    ///
+    /// Each key has a *route*: the priority of its first record still routed. A record
+    /// goes where its key's route says, whatever its own `priority`, so that one order's
+    /// records never sit in two partitions at once and are consumed in the order they
+    /// were appended. A key without a route takes the record's priority as its route.
+    /// A route lapses once nothing of its key is left to consume (embedded), or after
+    /// a day from its key's first record (Kafka, where consumption is spread over the
+    /// group: the route book's TTL).
     async fn append(&self, records: Vec<Record>) -> Result<(), LogError>;
     /// The consumer of this engine instance.
     async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError>;

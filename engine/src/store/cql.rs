@@ -30,12 +30,13 @@ use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 5] = [
+const MIGRATIONS: [&str; 6] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
     include_str!("../../../schemas/cql/004_actions.cql"),
     include_str!("../../../schemas/cql/005_delivery_days.cql"),
+    include_str!("../../../schemas/cql/006_routes.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -139,6 +140,8 @@ struct Statements {
     park: PreparedStatement,
     parked: PreparedStatement,
     unpark: PreparedStatement,
+    route: PreparedStatement,
+    set_route: PreparedStatement,
 }
 
 pub struct CqlStore {
@@ -362,6 +365,8 @@ impl CqlStore {
                 false,
             )
             .await?,
+            route: prepare(format!("SELECT priority FROM {ks}.routes WHERE order_id = ?"), false).await?,
+            set_route: prepare(format!("INSERT INTO {ks}.routes (order_id, priority) VALUES (?, ?)"), false).await?,
         };
         Ok(Self { session: Arc::new(session), st: Arc::new(st), keyspace: config.keyspace.clone() })
     }
@@ -1128,7 +1133,7 @@ impl Runs for CqlStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        for table in ["orders", "parked", "dead_letters", "dead_letter_ids", "runs"] {
+        for table in ["orders", "parked", "dead_letters", "dead_letter_ids", "runs", "routes"] {
             self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
         }
         Ok(())
@@ -1228,4 +1233,35 @@ impl CqlStore {
         let pager = self.session.query_iter(statement, ()).await.map_err(backend)?;
         pager.rows_stream::<T>().map_err(backend)
     }
+}
+
+/// Routes for the Kafka log, shared by every instance (see `log::RouteBook`).
+#[async_trait]
+impl crate::log::RouteBook for CqlStore {
+    async fn routes(&self, keys: Vec<String>) -> Result<HashMap<String, Priority>, crate::log::LogError> {
+        let read = |id: String| async move {
+            let rows = self.session.execute_unpaged(&self.st.route, (&id,)).await.map_err(route_error)?;
+            let rows = rows.into_rows_result().map_err(route_error)?;
+            let label = rows.maybe_first_row::<(Option<String>,)>().map_err(route_error)?.and_then(|(p,)| p);
+            Ok::<_, crate::log::LogError>(label.as_deref().and_then(Priority::parse).map(|p| (id, p)))
+        };
+        let reads: Vec<_> = keys.into_iter().map(|k| Box::pin(read(k))).collect();
+        let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
+        found.into_iter().filter_map(Result::transpose).collect()
+    }
+
+    async fn set_routes(&self, routes: Vec<(String, Priority)>) -> Result<(), crate::log::LogError> {
+        let write = |(id, p): (String, Priority)| async move {
+            self.session.execute_unpaged(&self.st.set_route, (id, p.label())).await.map(|_| ()).map_err(route_error)
+        };
+        let writes: Vec<_> = routes.into_iter().map(|r| Box::pin(write(r))).collect();
+        let done: Vec<_> = futures::stream::iter(writes).buffer_unordered(CONCURRENCY).collect().await;
+        done.into_iter().collect()
+    }
+}
+
+/// A route that cannot be read or written fails the append: it is refused as a whole
+/// (503), and the producer retries.
+fn route_error<E: std::error::Error>(e: E) -> crate::log::LogError {
+    crate::log::LogError::Backend(format!("order routes (CQL): {e}"))
 }

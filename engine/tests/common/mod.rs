@@ -109,7 +109,7 @@ impl Server {
             .args(&self.extra_args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(engine_log(self.port))
             .spawn()
             .expect("the orchestrator binary starts");
         self.child = Some(child);
@@ -220,6 +220,15 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The engine's log lines: to the test's stderr, or appended to a file per engine in
+/// `ORCHESTRATOR_TEST_ENGINE_LOGS` (a suite with many expected errors keeps them there).
+fn engine_log(port: u16) -> Stdio {
+    let Some(dir) = std::env::var_os("ORCHESTRATOR_TEST_ENGINE_LOGS") else { return Stdio::inherit() };
+    let path = Path::new(&dir).join(format!("engine-{port}.log"));
+    let file = std::fs::OpenOptions::new().create(true).append(true).open(&path);
+    file.map(Stdio::from).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 unsafe extern "C" {

@@ -1,0 +1,146 @@
+//! The fault suite, in the spirit of Jepsen: a seeded, randomized workload from several
+//! clients at once (API producers, Shopify webhooks, kcat, operator edits, runs) against
+//! real engines while a nemesis injects faults (kill -9, service restarts, pauses, a
+//! plugin hot swap and rollback, a full disk). Afterwards a checker compares what the
+//! engines hold with what the clients were told. TESTING.md describes it.
+//!
+//! `cargo test -p orchestrator --test fault_suite -- --seed 42 --duration 10m`
+//! (`ORCHESTRATOR_TEST_BACKEND=distributed` for Kafka + CQL with two engines).
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod checker;
+mod clients;
+mod journal;
+mod nemesis;
+mod rng;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Server, distributed};
+
+use crate::journal::Journal;
+use crate::nemesis::Disk;
+use crate::rng::Rng;
+
+/// How long a CI run injects faults, per backend (the budget is 4 minutes in all).
+const CI_DURATION: Duration = Duration::from_secs(60);
+/// Events parked longer than this are dead-lettered; short, so that a run sees it happen.
+const PARK_TIMEOUT_SECS: &str = "20";
+/// Shopify's signing secret in the suite.
+pub const SECRET: &str = "shpss_fault_suite";
+
+struct Args {
+    seed: u64,
+    duration: Duration,
+}
+
+fn main() {
+    let Some(args) = parse_args() else { return };
+    // The faults make the engines log many expected errors: keep them out of the way.
+    let logs = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("fault-suite-{}-engines", args.seed));
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).unwrap();
+    eprintln!("fault suite: the engines log to {}", logs.display());
+    // SAFETY: no other thread runs yet (the runtime starts below).
+    unsafe { std::env::set_var("ORCHESTRATOR_TEST_ENGINE_LOGS", &logs) };
+    let backend = if distributed() { "Kafka + CQL with two engines" } else { "the embedded default" };
+    eprintln!("fault suite: seed {} for {:?} on {backend}", args.seed, args.duration);
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let findings = runtime.block_on(run(&args));
+    if findings.is_empty() {
+        eprintln!("fault suite: PASS (seed {})", args.seed);
+        return;
+    }
+    for f in findings.iter().take(50) {
+        eprintln!("  - {f}");
+    }
+    eprintln!(
+        "fault suite: FAIL with {} findings; rerun with `cargo test -p orchestrator --test fault_suite -- --seed {}`",
+        findings.len(),
+        args.seed
+    );
+    std::process::exit(1);
+}
+
+async fn run(args: &Args) -> Vec<String> {
+    let disk = Disk::prepare();
+    let extra = ["--shopify-secret", SECRET, "--park-timeout-secs", PARK_TIMEOUT_SECS];
+    let mut engines = vec![Server::start_with(&disk.engine_dir(0), &extra).await];
+    if distributed() {
+        let second = Server::start_beside(&disk.engine_dir(1), &engines[0]).await;
+        engines.push(second);
+    }
+    let bases: Vec<String> = engines.iter().map(|s| s.base.clone()).collect();
+    let kafka_prefix = engines[0].kafka_prefix();
+    let journal = Arc::new(Journal::new());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rng = Rng::new(args.seed);
+
+    let clients = clients::spawn_all(&mut rng, &bases, kafka_prefix, &journal, &stop);
+    let nemesis = tokio::spawn(nemesis::run(rng.fork(), engines, disk, journal.clone(), args.duration));
+    let (engines, disk) = nemesis.await.expect("the nemesis ran to its end");
+    stop.store(true, Ordering::Relaxed);
+    let stopped = Instant::now();
+    for c in clients {
+        c.await.expect("a client ran to its end");
+    }
+    eprintln!("fault suite: clients finished {:.1} s after the faults stopped", stopped.elapsed().as_secs_f64());
+
+    let findings = checker::check(&engines, &journal).await;
+    journal.save(args.seed);
+    drop(engines);
+    drop(disk);
+    findings
+}
+
+/// What the suite is told: `--seed N`, `--duration 90s|10m|1h` (or `FAULT_SEED`,
+/// `FAULT_DURATION`). Other libtest flags are ignored; name filters are honoured, so
+/// `cargo test -- some_other_test` does not run the suite.
+fn parse_args() -> Option<Args> {
+    let mut seed = std::env::var("FAULT_SEED").ok().map(|s| s.parse().expect("FAULT_SEED is a number"));
+    let mut duration = std::env::var("FAULT_DURATION").ok().map(|d| parse_duration(&d));
+    let mut filters = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seed" => seed = Some(args.next().and_then(|s| s.parse().ok()).expect("--seed takes a number")),
+            "--duration" => duration = Some(parse_duration(&args.next().expect("--duration takes a value"))),
+            "--list" => {
+                println!("fault_suite: test");
+                return None;
+            }
+            "--ignored" => return None,
+            "--test-threads" | "--color" | "--format" | "--skip" | "-Z" => {
+                args.next();
+            }
+            flag if flag.starts_with('-') => {}
+            _ => filters.push(a),
+        }
+    }
+    if !filters.is_empty() && !filters.iter().any(|f| "fault_suite".contains(f.as_str())) {
+        println!("fault_suite: filtered out");
+        return None;
+    }
+    let seed = seed.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        now.as_nanos() as u64 % 1_000_000_000
+    });
+    Some(Args { seed, duration: duration.unwrap_or(CI_DURATION) })
+}
+
+/// `90`, `90s`, `10m` or `2h`.
+fn parse_duration(text: &str) -> Duration {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("--duration {text:?}: expected a number and s, m or h"));
+    match unit {
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => panic!("--duration {text:?}: the unit is s, m or h"),
+    }
+}
