@@ -175,6 +175,12 @@ pub struct ServeArgs {
     /// Largest quantity a generated run may ask for.
     #[arg(long, env = "ORCHESTRATOR_MAX_RUN_QUANTITY", default_value_t = 1_500_000)]
     pub max_run_quantity: u64,
+    /// A run that its instance has not recorded for this long is reported FAILED by any
+    /// instance (its instance stopped). The running instance records it every ninth of
+    /// this, and fails the run itself when it cannot for two thirds of it.
+    #[arg(long, env = "ORCHESTRATOR_RUN_LEASE_SECS", default_value_t = 90,
+          value_parser = clap::value_parser!(u64).range(9..=3600))]
+    pub run_lease_secs: u64,
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,

@@ -76,7 +76,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
     let shopify = args.shopify.config();
-    let runs = Runs::new(engine.clone(), RunConfig { max_quantity: args.max_run_quantity, ..Default::default() });
+    let runs = Runs::new(
+        engine.clone(),
+        RunConfig {
+            max_quantity: args.max_run_quantity,
+            lease: Duration::from_secs(args.run_lease_secs),
+            ..Default::default()
+        },
+    );
     if embedded {
         let failed = runs.fail_interrupted().await?;
         if failed > 0 {

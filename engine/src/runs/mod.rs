@@ -28,11 +28,14 @@ pub struct RunConfig {
     pub max_quantity: u64,
     /// Orders per append to the log.
     pub batch: usize,
+    /// A run its instance has not recorded for this long is reported FAILED by every
+    /// instance; see [`Lease`].
+    pub lease: Duration,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { max_quantity: 1_500_000, batch: 5_000 }
+        Self { max_quantity: 1_500_000, batch: 5_000, lease: Duration::from_secs(90) }
     }
 }
 
@@ -61,6 +64,28 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 const TICK: Duration = Duration::from_millis(25);
 /// A drain fails the run when nothing moves for this long.
 const DRAIN_STALL: Duration = Duration::from_secs(120);
+
+/// The promise an instance keeps while it runs a run, so that a run whose instance died
+/// (kill -9, a lost machine) ends FAILED everywhere instead of staying live for ever:
+/// the running instance records the run every [`Lease::beat`], rides out a store outage
+/// for up to [`Lease::patience`] and fails the run itself past that; every instance
+/// reports a run not recorded for the whole lease as FAILED. The margin between the two
+/// absorbs clock skew between instances.
+#[derive(Debug, Clone, Copy)]
+struct Lease(Duration);
+
+impl Lease {
+    fn beat(self) -> Duration {
+        self.0 / 9
+    }
+    fn patience(self) -> Duration {
+        self.0 * 2 / 3
+    }
+    /// Whether a run last recorded at `at` has outlived the lease.
+    fn lapsed(self, at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
+        now.signed_duration_since(at).to_std().is_ok_and(|d| d > self.0)
+    }
+}
 
 struct Active {
     run: Arc<Mutex<Run>>,
@@ -99,12 +124,13 @@ impl Runs {
                 return Err(RunError::Active(run.id.clone()));
             }
         }
+        let now = Utc::now();
         let run = Run {
             id: format!("run-{}", &uuid::Uuid::now_v7().simple().to_string()[..16]),
             phase: Phase::Generating,
             quantity: request.quantity as u64,
             tier_mix: mix,
-            started_at: Utc::now(),
+            started_at: now,
             ended_at: None,
             generated: 0,
             generation_ms: None,
@@ -119,6 +145,7 @@ impl Runs {
             error: None,
             verification: None,
             cancel: None,
+            heartbeat_at: Some(now),
         };
         save(&self.engine, &run).await?;
         // NORMAL waits until the run's VIP orders are drained; VIP flows from the start.
@@ -143,7 +170,12 @@ impl Runs {
     /// Runs, newest first.
     pub async fn list(&self, limit: usize, cursor: Option<String>) -> Result<Page<Run>, StoreError> {
         let page = self.engine.run_store().runs(limit, cursor).await?;
-        let items = page.items.into_iter().map(from_record).collect::<Result<_, _>>()?;
+        let mine = self.current().await.filter(|r| !r.phase.is_final()).map(|r| r.id);
+        let mut items = Vec::with_capacity(page.items.len());
+        for record in page.items {
+            let run = from_record(record)?;
+            items.push(if mine.as_ref() == Some(&run.id) { run } else { self.judged(run).await });
+        }
         Ok(Page { items, next_cursor: page.next_cursor })
     }
 
@@ -151,7 +183,29 @@ impl Runs {
         if let Some(run) = self.current().await.filter(|r| r.id == id) {
             return Ok(run);
         }
-        self.engine.run_store().run(id).await?.map(from_record).transpose()?.ok_or(RunError::NotFound)
+        let run = self.engine.run_store().run(id).await?.map(from_record).transpose()?.ok_or(RunError::NotFound)?;
+        Ok(self.judged(run).await)
+    }
+
+    /// A stored run as it stands: one that is not final and has not been recorded for
+    /// the lease lost its instance, so it is FAILED (and recorded so, if the store can).
+    async fn judged(&self, mut run: Run) -> Run {
+        let lease = Lease(self.config.lease);
+        let last = run.heartbeat_at.unwrap_or(run.started_at);
+        if run.phase.is_final() || !lease.lapsed(last, Utc::now()) {
+            return run;
+        }
+        run.phase = Phase::Failed;
+        run.eta_s = None;
+        run.error = Some(format!(
+            "the instance running it stopped recording it at {} (the run lease is {} s); it was not finished",
+            last.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            lease.0.as_secs()
+        ));
+        if let Err(e) = save(&self.engine, &run).await {
+            tracing::warn!(run = %run.id, error = %e, "recording a run whose instance stopped as FAILED");
+        }
+        run
     }
 
     /// Stops the run's generator, optionally discards its unprocessed events and
@@ -273,6 +327,8 @@ struct Driver {
     began: Instant,
     last_progress: Option<Instant>,
     first_settled: Option<Instant>,
+    /// When the run was last recorded in the store.
+    recorded: Instant,
 }
 
 impl Driver {
@@ -293,6 +349,7 @@ impl Driver {
             began: Instant::now(),
             last_progress: None,
             first_settled: None,
+            recorded: Instant::now(),
         }
     }
 
@@ -323,9 +380,14 @@ impl Driver {
                 r.ended_at = Some(Utc::now());
                 r.eta_s = None;
             });
-            if let Err(e) = save(&self.engine, &run).await {
-                tracing::error!(error = %e, "saving the failed run");
-            }
+            let run = match self.record().await {
+                Ok(run) => run,
+                Err(e) => {
+                    // Other instances report it FAILED once its lease lapses.
+                    tracing::error!(run = %run.id, error = %e, "recording the failed run");
+                    run
+                }
+            };
             self.engine.changes().notify(phase_message(&run));
         }
     }
@@ -348,7 +410,7 @@ impl Driver {
         let (p50, p99) = self.latency();
         let dead_letters =
             self.engine.stats().rejected.load(std::sync::atomic::Ordering::Relaxed) - self.rejected_at_start;
-        let run = self.update(|r| {
+        self.update(|r| {
             let now = Utc::now();
             r.phase = Phase::Done;
             r.ended_at = Some(now);
@@ -365,7 +427,7 @@ impl Driver {
             }
             r.verification = Some(verification);
         });
-        save(&self.engine, &run).await?;
+        let run = self.record().await?;
         self.engine.changes().notify(phase_message(&run));
         tracing::info!(run = %run.id, total_ms = ?run.total_ms, passed = run.verification.as_ref().is_some_and(|v| v.passed), "run done");
         Ok(())
@@ -394,6 +456,7 @@ impl Driver {
                 })
                 .collect();
             self.append(&events).await?;
+            self.beat().await?;
             left -= n;
             let produced = self.produced;
             self.update(|r| {
@@ -437,6 +500,7 @@ impl Driver {
                 return Ok(None);
             }
             self.progress();
+            self.beat().await?;
             let settled = self.engine.stats().settled[priority].load(std::sync::atomic::Ordering::Relaxed);
             let now = (settled, self.engine.queue_depth(priority));
             // An operator's pause is not a stall.
@@ -463,12 +527,55 @@ impl Driver {
     }
 
     async fn set_phase(&mut self, phase: Phase, f: impl FnOnce(&mut Run)) -> anyhow::Result<()> {
-        let run = self.update(|r| {
+        self.update(|r| {
             r.phase = phase;
             f(r);
         });
-        save(&self.engine, &run).await?;
+        let run = self.record().await?;
         self.engine.changes().notify(phase_message(&run));
+        Ok(())
+    }
+
+    /// Records the run with a fresh heartbeat, riding out a store outage for the lease's
+    /// patience (from the last time it was recorded); returns what it recorded.
+    async fn record(&mut self) -> Result<Run, StoreError> {
+        let lease = Lease(self.config.lease);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let run = self.update(|r| r.heartbeat_at = Some(Utc::now()));
+            match save(&self.engine, &run).await {
+                Ok(()) => {
+                    self.recorded = Instant::now();
+                    return Ok(run);
+                }
+                Err(e) if e.is_transient() && self.recorded.elapsed() + backoff < lease.patience() => {
+                    tracing::warn!(run = %run.id, error = %e, "recording the run failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The heartbeat: records the run when a beat has passed. A store that refuses it
+    /// for the lease's patience fails the run, before other instances call it dead.
+    async fn beat(&mut self) -> anyhow::Result<()> {
+        let lease = Lease(self.config.lease);
+        if self.recorded.elapsed() < lease.beat() {
+            return Ok(());
+        }
+        let run = self.update(|r| r.heartbeat_at = Some(Utc::now()));
+        match save(&self.engine, &run).await {
+            Ok(()) => self.recorded = Instant::now(),
+            Err(e) if self.recorded.elapsed() < lease.patience() => {
+                tracing::warn!(run = %run.id, error = %e, "the run's heartbeat was not recorded");
+            }
+            Err(e) => anyhow::bail!(
+                "the run could not be recorded for {} s, so other instances would call it lost: {e}",
+                self.recorded.elapsed().as_secs()
+            ),
+        }
         Ok(())
     }
 

@@ -141,7 +141,8 @@ pub struct CancelRequest {
     pub delete_pending: bool,
 }
 
-/// One generated run: live while it is going, persisted at every phase change and at the end.
+/// One generated run: live while it is going, persisted at every phase change, every
+/// few seconds while it goes (its heartbeat), and at the end.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct Run {
     pub id: String,
@@ -168,6 +169,10 @@ pub struct Run {
     pub error: Option<String>,
     pub verification: Option<Verification>,
     pub cancel: Option<CancelReport>,
+    /// When the instance running it last recorded it. A run not recorded for the run
+    /// lease (`--run-lease-secs`) is reported FAILED: its instance stopped.
+    #[serde(default)]
+    pub heartbeat_at: Option<DateTime<Utc>>,
 }
 
 impl Run {
