@@ -18,6 +18,9 @@ pub enum Control {
     Pause { priority: Priority, paused: bool },
     /// Events of orders under this id prefix are dropped unprocessed (a cancelled run).
     Purge { prefix: String },
+    /// A run holds one priority on every instance until `until` (renewed while the run
+    /// goes, so that a dead instance's hold lapses by itself); `None` releases it.
+    Hold { priority: Priority, until: Option<chrono::DateTime<chrono::Utc>> },
 }
 
 impl Control {
@@ -26,6 +29,7 @@ impl Control {
         match self {
             Control::Pause { priority, .. } => format!("pause:{}", priority.label()),
             Control::Purge { prefix } => format!("purge:{prefix}"),
+            Control::Hold { priority, .. } => format!("hold:{}", priority.label()),
         }
     }
 }

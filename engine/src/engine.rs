@@ -322,6 +322,19 @@ impl Engine {
         self.switch(Control::Pause { priority, paused }).await
     }
 
+    /// A run's hold of a priority (NORMAL while its VIP orders go first), or its release.
+    /// Here at once; where instances share a log, also on every other instance until
+    /// `lease` from now, so a run renews it while it goes and a dead instance's hold
+    /// lapses. Not kept across restarts: a run does not outlive its process.
+    pub async fn hold(&self, priority: Priority, held: bool, lease: std::time::Duration) -> Result<(), SwitchError> {
+        self.pauses.hold(priority, held);
+        if let Some(cluster) = self.cluster.get() {
+            let until = held.then(|| chrono::Utc::now() + lease);
+            cluster.publish(Control::Hold { priority, until }).await.map_err(SwitchError::Cluster)?;
+        }
+        Ok(())
+    }
+
     /// Drops every later event of orders under `prefix` unprocessed (a cancelled run's
     /// purge), on every instance and across restarts, like a pause.
     pub async fn purge(&self, prefix: String) -> Result<(), SwitchError> {
@@ -337,6 +350,7 @@ impl Engine {
         match control {
             Control::Pause { priority, paused } => self.pauses.set(priority, paused),
             Control::Purge { prefix } => self.discards.add(prefix),
+            Control::Hold { priority, until } => self.pauses.hold_until(priority, until),
         }
         Ok(())
     }
@@ -357,7 +371,7 @@ impl Engine {
                     }
                 }
                 Control::Purge { prefix } if !saved.purged.contains(prefix) => saved.purged.push(prefix.clone()),
-                Control::Purge { .. } => {}
+                Control::Purge { .. } | Control::Hold { .. } => {}
             }
             file.save(&saved).map_err(SwitchError::File)?;
         }

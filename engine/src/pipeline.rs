@@ -130,11 +130,14 @@ pub struct Controls {
 }
 
 /// Per-priority pause switches: one operators set, one a run holds (NORMAL waits while
-/// a run's VIP orders go first). Either one stops the priority.
+/// a run's VIP orders go first), here or, until a deadline, from another instance. Any
+/// one stops the priority.
 #[derive(Default)]
 pub struct Pauses {
     operator: PerPriority<AtomicBool>,
     run: PerPriority<AtomicBool>,
+    /// A run's hold from the cluster: until this time (unix microseconds; 0 for none).
+    run_until: PerPriority<std::sync::atomic::AtomicI64>,
     /// Both priorities stop while a reset clears the log and the store.
     resetting: AtomicBool,
 }
@@ -148,20 +151,23 @@ impl Pauses {
     pub fn hold(&self, p: Priority, held: bool) {
         self.run[p].store(held, Ordering::SeqCst);
     }
+    /// A run's hold from the cluster, until the time given (`None` releases it).
+    pub fn hold_until(&self, p: Priority, until: Option<chrono::DateTime<chrono::Utc>>) {
+        self.run_until[p].store(until.map_or(0, |t| t.timestamp_micros()), Ordering::SeqCst);
+    }
     /// A reset's stop of everything, independent of the other two.
     pub fn resetting(&self, on: bool) {
         self.resetting.store(on, Ordering::SeqCst);
     }
     pub fn is_paused(&self, p: Priority) -> bool {
-        self.operator[p].load(Ordering::SeqCst)
-            || self.run[p].load(Ordering::SeqCst)
-            || self.resetting.load(Ordering::SeqCst)
+        self.operator[p].load(Ordering::SeqCst) || self.held(p) || self.resetting.load(Ordering::SeqCst)
     }
     pub fn operator_paused(&self, p: Priority) -> bool {
         self.operator[p].load(Ordering::SeqCst)
     }
     pub fn held(&self, p: Priority) -> bool {
         self.run[p].load(Ordering::SeqCst)
+            || self.run_until[p].load(Ordering::SeqCst) > chrono::Utc::now().timestamp_micros()
     }
 }
 

@@ -408,6 +408,7 @@ impl KafkaLog {
         let apply = move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
             Ok(Control::Pause { priority, paused }) => pauses.set(priority, paused),
             Ok(Control::Purge { prefix }) => discards.add(prefix),
+            Ok(Control::Hold { priority, until }) => pauses.hold_until(priority, until),
             Err(e) => tracing::warn!(error = %e, "unreadable record on the control topic"),
         };
         self.follow_compacted(&self.config.control_topic, "control", apply)

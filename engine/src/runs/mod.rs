@@ -147,9 +147,13 @@ impl Runs {
             cancel: None,
             heartbeat_at: Some(now),
         };
-        save(&self.engine, &run).await?;
-        // NORMAL waits until the run's VIP orders are drained; VIP flows from the start.
-        self.engine.pauses().hold(Priority::Normal, true);
+        // NORMAL waits, on every instance, until the run's VIP orders are drained; VIP
+        // flows from the start.
+        let held = self.engine.hold(Priority::Normal, true, self.config.lease).await.map_err(RunError::from);
+        if let Err(e) = held.and(save(&self.engine, &run).await.map_err(RunError::from)) {
+            release(&self.engine, self.config.lease).await;
+            return Err(e);
+        }
         let shared = Arc::new(Mutex::new(run.clone()));
         let (cancel, cancelled) = watch::channel(false);
         // GENERATING goes out before the driver starts, so no progress message of this
@@ -258,7 +262,7 @@ impl Runs {
                 deleted_pending += store.delete_orders(&snapshot.prefix(v), Status::Pending).await?;
             }
         }
-        self.engine.pauses().hold(Priority::Normal, false);
+        release(&self.engine, self.config.lease).await;
         let report = CancelReport {
             produced: snapshot.generated,
             purged: request.purge,
@@ -329,6 +333,8 @@ struct Driver {
     first_settled: Option<Instant>,
     /// When the run was last recorded in the store.
     recorded: Instant,
+    /// Whether the run still holds NORMAL (renewed with each heartbeat).
+    holding: bool,
 }
 
 impl Driver {
@@ -350,6 +356,7 @@ impl Driver {
             last_progress: None,
             first_settled: None,
             recorded: Instant::now(),
+            holding: true,
         }
     }
 
@@ -373,7 +380,7 @@ impl Driver {
                 return;
             }
             tracing::error!(error = %e, "run failed");
-            self.engine.pauses().hold(Priority::Normal, false);
+            self.release().await;
             let run = self.update(|r| {
                 r.phase = Phase::Failed;
                 r.error = Some(e.to_string());
@@ -402,7 +409,7 @@ impl Driver {
 
         let Some(vip) = self.drained(Priority::Vip).await? else { return Ok(()) };
         self.set_phase(Phase::VipDrained, |r| r.vip = window(&vip, r.vip.count)).await?;
-        self.engine.pauses().hold(Priority::Normal, false);
+        self.release().await;
         self.set_phase(Phase::NormalProcessing, |_| {}).await?;
 
         let Some(normal) = self.drained(Priority::Normal).await? else { return Ok(()) };
@@ -536,6 +543,11 @@ impl Driver {
         Ok(())
     }
 
+    async fn release(&mut self) {
+        release(&self.engine, self.config.lease).await;
+        self.holding = false;
+    }
+
     /// Records the run with a fresh heartbeat, riding out a store outage for the lease's
     /// patience (from the last time it was recorded); returns what it recorded.
     async fn record(&mut self) -> Result<Run, StoreError> {
@@ -564,6 +576,11 @@ impl Driver {
         let lease = Lease(self.config.lease);
         if self.recorded.elapsed() < lease.beat() {
             return Ok(());
+        }
+        if self.holding
+            && let Err(e) = self.engine.hold(Priority::Normal, true, lease.0).await
+        {
+            tracing::warn!(error = %e, "the run's hold of NORMAL was not renewed; other instances may start NORMAL");
         }
         let run = self.update(|r| r.heartbeat_at = Some(Utc::now()));
         match save(&self.engine, &run).await {
@@ -705,6 +722,14 @@ fn message(kind: &'static str, run: &Run, elapsed_ms: Option<u64>) -> String {
 fn phase_message(run: &Run) -> String {
     metrics::counter!(telemetry::RUN_PHASE_CHANGES, "phase" => run.phase.label()).increment(1);
     message("run.phase", run, None)
+}
+
+/// Ends a run's hold of NORMAL. A release that cannot go round the cluster is not
+/// retried: the hold lapses by itself at the end of its lease.
+async fn release(engine: &Engine, lease: Duration) {
+    if let Err(e) = engine.hold(Priority::Normal, false, lease).await {
+        tracing::warn!(error = %e, "a run's hold of NORMAL could not be released; it lapses with its lease");
+    }
 }
 
 /// The store keeps a run as JSON it does not read; this is the one place that writes it.

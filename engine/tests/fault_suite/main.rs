@@ -30,6 +30,10 @@ use crate::rng::Rng;
 const CI_DURATION: Duration = Duration::from_secs(60);
 /// Events parked longer than this are dead-lettered; short, so that a run sees it happen.
 const PARK_TIMEOUT_SECS: &str = "20";
+/// A killed engine's run holds NORMAL on the others until its lease lapses: shorter than
+/// the default 90 s so the suite spends less time waiting, longer than a Cassandra
+/// restart (about 23 s here) so a run rides one out.
+const RUN_LEASE_SECS: &str = "45";
 /// Shopify's signing secret in the suite.
 pub const SECRET: &str = "shpss_fault_suite";
 
@@ -68,7 +72,8 @@ fn main() {
 
 async fn run(args: &Args) -> Vec<String> {
     let disk = Disk::prepare();
-    let extra = ["--shopify-secret", SECRET, "--park-timeout-secs", PARK_TIMEOUT_SECS];
+    let extra =
+        ["--shopify-secret", SECRET, "--park-timeout-secs", PARK_TIMEOUT_SECS, "--run-lease-secs", RUN_LEASE_SECS];
     let mut engines = vec![Server::start_with(&disk.engine_dir(0), &extra).await];
     if distributed() {
         let second = Server::start_beside(&disk.engine_dir(1), &engines[0]).await;
