@@ -333,6 +333,8 @@ struct Driver {
     first_settled: Option<Instant>,
     /// When the run was last recorded in the store.
     recorded: Instant,
+    /// When the last heartbeat was tried (it may have failed).
+    beaten: Instant,
     /// Whether the run still holds NORMAL (renewed with each heartbeat).
     holding: bool,
 }
@@ -356,6 +358,7 @@ impl Driver {
             last_progress: None,
             first_settled: None,
             recorded: Instant::now(),
+            beaten: Instant::now(),
             holding: true,
         }
     }
@@ -574,9 +577,10 @@ impl Driver {
     /// for the lease's patience fails the run, before other instances call it dead.
     async fn beat(&mut self) -> anyhow::Result<()> {
         let lease = Lease(self.config.lease);
-        if self.recorded.elapsed() < lease.beat() {
+        if self.beaten.elapsed() < lease.beat() {
             return Ok(());
         }
+        self.beaten = Instant::now();
         if self.holding
             && let Err(e) = self.engine.hold(Priority::Normal, true, lease.0).await
         {
