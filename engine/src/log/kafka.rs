@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -433,10 +433,10 @@ impl KafkaLog {
             .create()
             .map_err(backend)?;
         consumer.subscribe(&[topic]).map_err(backend)?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut quiet = 0;
         while quiet < 5 {
-            if std::time::Instant::now() > deadline {
+            if Instant::now() > deadline {
                 return Err(LogError::Backend(format!("the {name} topic did not catch up in 30 s")));
             }
             match consumer.poll(Duration::from_millis(200)) {
@@ -490,7 +490,10 @@ impl Cluster for KafkaCluster {
 
 /// Every 200 ms: lag = high watermark − the group's committed offset, per priority.
 fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
-    let (client, topics) = {
+    // A client that keeps failing is made anew: after a broker restart, librdkafka's idle
+    // client has been seen to fail its offset checks for minutes while a new one works.
+    const REBUILD_AFTER: Duration = Duration::from_secs(10);
+    let (mut client, topics) = {
         let log = log.upgrade().ok_or(LogError::Closed)?;
         let client: BaseConsumer = log.consumer_config().create().map_err(backend)?;
         (client, PerPriority::from_fn(|p| log.config.topic(p).to_string()))
@@ -498,9 +501,26 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
     std::thread::Builder::new()
         .name("kafka-lag".into())
         .spawn(move || {
+            let mut failing_since: Option<Instant> = None;
             while let Some(log) = log.upgrade() {
-                let ok = measure_lag(&client, &topics, &log.lag).is_ok();
-                log.lag.healthy.store(ok, Ordering::Relaxed);
+                let result = measure_lag(&client, &topics, &log.lag);
+                log.lag.healthy.store(result.is_ok(), Ordering::Relaxed);
+                match (result, failing_since) {
+                    (Ok(()), _) => failing_since = None,
+                    (Err(e), None) => {
+                        tracing::warn!(error = %e, "the Kafka offset check failed; health says degraded until it answers");
+                        failing_since = Some(Instant::now());
+                    }
+                    (Err(e), Some(since)) if since.elapsed() >= REBUILD_AFTER => {
+                        tracing::warn!(error = %e, "the Kafka offset check keeps failing; making its client anew");
+                        match log.consumer_config().create() {
+                            Ok(fresh) => client = fresh,
+                            Err(e) => tracing::warn!(error = %e, "could not make a new offset-check client"),
+                        }
+                        failing_since = Some(Instant::now());
+                    }
+                    (Err(_), Some(_)) => {}
+                }
                 drop(log);
                 std::thread::sleep(Duration::from_millis(200));
             }

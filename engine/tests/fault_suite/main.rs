@@ -33,7 +33,7 @@ const PARK_TIMEOUT_SECS: &str = "20";
 /// A killed engine's run holds NORMAL on the others until its lease lapses: shorter than
 /// the default 90 s so the suite spends less time waiting, longer than a Cassandra
 /// restart (about 23 s here) so a run rides one out.
-const RUN_LEASE_SECS: &str = "45";
+const RUN_LEASE_SECS: &str = "60";
 /// Shopify's signing secret in the suite.
 pub const SECRET: &str = "shpss_fault_suite";
 
