@@ -492,11 +492,11 @@ impl Engine {
                 }
             })
             .collect();
-        let counts = PerPriority::from_fn(|p| records.iter().filter(|r| r.priority == p).count() as u64);
         let _appending = self.appending.read().await;
-        self.log.append(records).await?;
+        // Counted where the records went: a route may differ from the priority asked for.
+        let routed = self.log.append(records).await?;
         for p in Priority::ALL {
-            metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(counts[p]);
+            metrics::counter!(telemetry::RECEIVED, "priority" => p.label()).increment(routed[p]);
         }
         Ok(events.len())
     }

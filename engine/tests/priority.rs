@@ -103,6 +103,14 @@ async fn a_tier_upgrade_follows_its_orders_earlier_events() {
     engine.shutdown().await;
 }
 
+/// `orchestrator_received_events_total` of one priority, read from `/metrics`.
+async fn received(s: &Server, priority: &str) -> u64 {
+    let text = common::client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let series = format!("orchestrator_received_events_total{{priority=\"{priority}\"}} ");
+    let line = text.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("no {series} in:\n{text}"));
+    line[series.len()..].trim().parse().unwrap()
+}
+
 /// An order's events follow its first one: an update with no tier, sent while the
 /// order's DIAMOND create still waits on a paused VIP, queues behind the create on VIP.
 /// It used to go NORMAL (no stored row yet), and once the create was applied a later
@@ -117,6 +125,8 @@ async fn an_update_follows_its_create_while_the_create_is_queued() {
     assert_eq!(s.post_events(&created("route-1", "route-1-c", "DIAMOND", 100)).await.status(), 202);
     let first = updated("route-1", "route-1-a", serde_json::json!({"note": "first"}));
     assert_eq!(s.post_events(&first).await.status(), 202);
+    // The metric counts where the events went, not the priority they asked for.
+    assert_eq!((received(&s, "vip").await, received(&s, "normal").await), (2, 0), "both went VIP");
     assert_eq!(s.post_authorized("/queues/vip/resume").await.status(), 200);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while s.get_json("/orders/route-1").await.0 != 200 {

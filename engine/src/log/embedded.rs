@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{Notify, oneshot};
 
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
-use crate::domain::Priority;
+use crate::domain::{PerPriority, Priority};
 use crate::sqlite::{micros, open};
 
 fn table(p: Priority) -> &'static str {
@@ -42,7 +42,7 @@ struct Marks {
 enum Cmd {
     Append {
         records: Vec<Record>,
-        ack: oneshot::Sender<Result<(), LogError>>,
+        ack: oneshot::Sender<Result<PerPriority<u64>, LogError>>,
     },
     Commit {
         priority: Priority,
@@ -194,13 +194,17 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
         }
     }
     let commits = *pending;
+    // Per append, how many of its records went to each partition (their routes decide).
+    let mut routed: Vec<PerPriority<u64>> = Vec::new();
     let result = (|| -> rusqlite::Result<()> {
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for cmd in &batch {
             match cmd {
                 Cmd::Append { records, .. } => {
+                    let mut counts = PerPriority::<u64>::default();
                     for r in records {
                         let priority = route(&tx, &r.key)?.unwrap_or(r.priority);
+                        counts[priority] += 1;
                         let sql =
                             format!("INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)", table(priority));
                         tx.prepare_cached(&sql)?.execute(params![r.key, r.payload, now])?;
@@ -212,6 +216,7 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
                         )?
                         .execute(params![r.key, priority.label(), pos])?;
                     }
+                    routed.push(counts);
                 }
                 Cmd::Commit { .. } | Cmd::Flush { .. } => {}
             }
@@ -254,9 +259,17 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
         tracing::warn!(error = %f, "group commit failed; appends refused, commits kept for a retry");
     }
     *marks.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    let outcome = || result.as_ref().map(|_| ()).map_err(|e| LogError::Backend(e.to_string()));
+    let mut routed = routed.into_iter();
     for cmd in batch {
-        if let Cmd::Append { ack, .. } | Cmd::Flush { ack } = cmd {
-            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|e| LogError::Backend(e.to_string())));
+        match cmd {
+            Cmd::Append { ack, .. } => {
+                let _ = ack.send(outcome().map(|()| routed.next().unwrap_or_default()));
+            }
+            Cmd::Flush { ack } => {
+                let _ = ack.send(outcome());
+            }
+            Cmd::Commit { .. } => {}
         }
     }
     result.is_ok()
@@ -275,9 +288,9 @@ impl OrderLog for EmbeddedLog {
         "embedded"
     }
 
-    async fn append(&self, records: Vec<Record>) -> Result<(), LogError> {
+    async fn append(&self, records: Vec<Record>) -> Result<PerPriority<u64>, LogError> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(PerPriority::default());
         }
         let (ack, done) = oneshot::channel();
         self.cmds.send(Cmd::Append { records, ack }).map_err(|_| LogError::Closed)?;

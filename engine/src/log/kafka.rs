@@ -561,7 +561,7 @@ impl OrderLog for KafkaLog {
         "kafka"
     }
 
-    async fn append(&self, mut records: Vec<Record>) -> Result<(), LogError> {
+    async fn append(&self, mut records: Vec<Record>) -> Result<PerPriority<u64>, LogError> {
         if let Some(book) = self.routes.get() {
             let mut keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
             keys.sort_unstable();
@@ -580,8 +580,12 @@ impl OrderLog for KafkaLog {
             // Before the append: a failed append leaves a route that its retry follows.
             book.set_routes(fresh).await?;
         }
+        let mut routed = PerPriority::<u64>::default();
+        for r in &records {
+            routed[r.priority] += 1;
+        }
         // Acknowledged by every in-sync replica (acks=all) once the transaction commits.
-        self.appender.append(records).await
+        self.appender.append(records).await.map(|()| routed)
     }
 
     async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError> {

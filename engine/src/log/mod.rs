@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::domain::Priority;
+use crate::domain::{PerPriority, Priority};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
@@ -57,7 +57,8 @@ pub trait RouteBook: Send + Sync + 'static {
 pub trait OrderLog: Send + Sync + 'static {
     /// A short name for health output: "embedded", "kafka".
     fn backend(&self) -> &'static str;
-    /// Appends all records atomically; `Ok` means they are durable.
+    /// Appends all records atomically; `Ok` means they are durable, and says how many
+    /// went to each partition.
     ///
     /// Each key has a *route*: the priority of its first record still routed. A record
     /// goes where its key's route says, whatever its own `priority`, so that one order's
@@ -66,7 +67,7 @@ pub trait OrderLog: Send + Sync + 'static {
     /// A route lapses once nothing of its key is left to consume (embedded), or after
     /// a day from its key's first record (Kafka, where consumption is spread over the
     /// group: the route book's TTL).
-    async fn append(&self, records: Vec<Record>) -> Result<(), LogError>;
+    async fn append(&self, records: Vec<Record>) -> Result<PerPriority<u64>, LogError>;
     /// The consumer of this engine instance.
     async fn consumer(&self) -> Result<Box<dyn LogConsumer>, LogError>;
     /// Records appended but not yet committed, per priority.
