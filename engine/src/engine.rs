@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use utoipa::ToSchema;
 
 use crate::cluster::{Cluster, Control, ControlFile, Saved};
-use crate::domain::{EventKind, Order, OrderEvent, PerPriority, Priority, Status};
+use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
