@@ -73,7 +73,8 @@ async fn page_sizes_outside_their_range_are_refused() {
 }
 
 /// `If-Match: W/"1"` was accepted; RFC 9110 compares If-Match strongly, so a weak tag
-/// never matches (412). The ETag as given, and a bare version, do.
+/// never matches (412). The ETag as given, and a bare version, do; so does a list that
+/// names the current version, and `*` (refused with 400 before).
 #[tokio::test]
 async fn if_match_is_compared_strongly() {
     let dir = tempfile::tempdir().unwrap();
@@ -88,6 +89,20 @@ async fn if_match_is_compared_strongly() {
     assert_eq!(strong.status(), 200);
     assert_eq!(strong.headers()["etag"], "\"2\"");
     assert_eq!(patch("2", "bare").await.unwrap().status(), 200);
+    // A list matches when it names the current version (RFC 9110): here 3.
+    let listed = patch("\"9\", \"3\"", "listed").await.unwrap();
+    assert_eq!((listed.status().as_u16(), listed.headers()["etag"].to_str().unwrap()), (200, "\"4\""));
+    let stale = answer(patch("\"1\", \"2\"", "stale list").await.unwrap()).await;
+    assert_error("a list without the current version", &stale, 409);
+    assert_eq!(stale.2["current"]["version"], 4, "{}", stale.2);
+    assert_error("a weak tag in a list", &answer(patch("\"4\", W/\"4\"", "weak").await.unwrap()).await, 412);
+    // `*` matches any version of an existing order, and no missing one.
+    let any = patch("*", "any").await.unwrap();
+    assert_eq!((any.status().as_u16(), any.headers()["etag"].to_str().unwrap()), (200, "\"5\""));
+    let missing = authorized().patch(s.url("/orders/nope")).header("if-match", "*").json(&json!({"note": "x"}));
+    assert_error("* on a missing order", &answer(missing.send().await.unwrap()).await, 404);
+    let (_, row) = s.get_json("/orders/m-1").await;
+    assert_eq!((row["note"].as_str(), row["version"].as_u64()), (Some("any"), Some(5)), "{row}");
 }
 
 /// A tier mix whose shares wrap round to 100 in 32 bits got 201; now it is refused.

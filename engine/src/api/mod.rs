@@ -413,7 +413,9 @@ async fn order_history(State(s): State<AppState>, Path(id): Path<String>) -> Res
 #[utoipa::path(
     patch, path = "/orders/{id}",
     request_body = OrderEdit,
-    params(("If-Match" = String, Header, description = "The version the edit is based on")),
+    params(("If-Match" = String, Header,
+        description = "The version the edit is based on (the ETag, or a bare version); a list of versions, any of \
+                       which may be current; or `*`, any version of an existing order")),
     responses(
         (status = 200, body = Order), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "Stale version; `current` holds the row"),
@@ -435,19 +437,53 @@ async fn patch_order(
         )
     })?;
     let raw = raw.to_str().unwrap_or("").trim();
-    // RFC 9110 compares If-Match strongly: a weak tag never matches.
-    if raw.starts_with("W/") {
-        let detail = json!({ "if_match": raw, "message": "If-Match needs a strong tag: send the ETag as given" });
-        return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "weak entity tag", detail));
-    }
-    // The ETag is the quoted version; a bare version is taken too.
-    let unquoted = raw.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(raw);
-    let expected = unquoted
-        .parse::<u64>()
-        .map_err(|_| ApiError::bad_request("invalid If-Match", "If-Match must be the order's version, a number"))?;
     let edit: OrderEdit = parse_json(&body, "edit")?;
+    let expected = match if_match(raw)? {
+        IfMatch::Version(v) => v,
+        // `*` or a list: the row as it is now decides. A list without its version is
+        // stale (the edit below answers 409 with the row); a race with another writer
+        // is still caught by the compare-and-set.
+        other => {
+            let current = s.engine.order(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+            match other {
+                IfMatch::Versions(listed) if !listed.contains(&current.version) => listed[0],
+                _ => current.version,
+            }
+        }
+    };
     let order = s.engine.edit(&id, expected, edit).await?;
     Ok(with_etag(order))
+}
+
+/// What an `If-Match` header asks for (RFC 9110, 13.1.1).
+enum IfMatch {
+    Version(u64),
+    Versions(Vec<u64>),
+    Any,
+}
+
+fn if_match(raw: &str) -> Result<IfMatch, ApiError> {
+    if raw == "*" {
+        return Ok(IfMatch::Any);
+    }
+    let mut versions = Vec::new();
+    for tag in raw.split(',').map(str::trim) {
+        // RFC 9110 compares If-Match strongly: a weak tag never matches.
+        if tag.starts_with("W/") {
+            let detail = json!({ "if_match": raw, "message": "If-Match needs strong tags: send the ETag as given" });
+            return Err(ApiError::new(StatusCode::PRECONDITION_FAILED, "weak entity tag", detail));
+        }
+        // The ETag is the quoted version; a bare version is taken too.
+        let unquoted = tag.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(tag);
+        let version = unquoted.parse::<u64>().map_err(|_| {
+            ApiError::bad_request("invalid If-Match", "If-Match must be the order's version (a number), a list, or *")
+        })?;
+        versions.push(version);
+    }
+    Ok(match versions[..] {
+        [one] => IfMatch::Version(one),
+        _ => IfMatch::Versions(versions),
+    })
 }
 
 fn with_etag(order: Order) -> Response {
