@@ -322,6 +322,12 @@ async fn metrics_pass_promtool_and_openapi_lists_the_routes() {
         assert!(doc["paths"][path].is_object(), "{path} missing from OpenAPI");
     }
     assert!(doc["paths"]["/orders/{id}"]["patch"]["responses"]["428"].is_object());
+    // Every answer a route can give is listed, and none it cannot: the webhook's body
+    // timeout (408), and 415 only where the body must be JSON (not a plugin upload).
+    let answers = |path: &str, method: &str| doc["paths"][path][method]["responses"].clone();
+    assert!(answers("/webhooks/shopify", "post")["408"].is_object(), "{}", answers("/webhooks/shopify", "post"));
+    assert!(answers("/orders/events", "post")["415"].is_object());
+    assert!(answers("/plugins/{slot}", "put")["415"].is_null(), "{}", answers("/plugins/{slot}", "put"));
     assert!(doc["components"]["schemas"]["OrderEvent"].is_object());
 }
 

@@ -99,7 +99,8 @@ impl Modify for EdgeAnswers {
                     add("408", "The body came too slowly");
                     add("413", "The body is too large");
                 }
-                if op.request_body.is_some() {
+                // Only JSON bodies are checked for their type (a plugin upload is not).
+                if op.request_body.as_ref().is_some_and(|b| b.content.contains_key("application/json")) {
                     add("415", "The body is not declared `application/json`");
                 }
                 add("503", "The log or the store is unavailable");

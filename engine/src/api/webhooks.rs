@@ -20,6 +20,7 @@ use crate::telemetry::WEBHOOKS_RECEIVED;
     post, path = "/webhooks/shopify",
     responses(
         (status = 200, body = WebhookAnswer), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "The body came too slowly"),
         (status = 413, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody),
     )
 )]
