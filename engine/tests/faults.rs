@@ -125,26 +125,14 @@ async fn service_restarts_lose_and_double_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_made_while_kafka_is_down_still_lands() {
     use orchestrator::domain::Priority;
-    use orchestrator::log::kafka::{KafkaConfig, KafkaLog};
+    use orchestrator::log::kafka::KafkaLog;
     use orchestrator::log::{OrderLog, Record};
     if !distributed() {
         return;
     }
     let _turn = SERVICES.lock().await;
-    let name = common::unique("lost-commit");
-    let config = KafkaConfig {
-        brokers: common::service("KAFKA_BROKERS").unwrap(),
-        vip_topic: format!("{name}.vip"),
-        normal_topic: format!("{name}.normal"),
-        changes_topic: format!("{name}.changes"),
-        dlq_topic: format!("{name}.dlq"),
-        plugins_topic: format!("{name}.plugins"),
-        control_topic: format!("{name}.control"),
-        partitions: 1,
-        replication: 1,
-        group: format!("{name}.engine"),
-    };
-    let log = KafkaLog::open(config).await.unwrap();
+    let brokers = common::service("KAFKA_BROKERS").unwrap();
+    let log = KafkaLog::open(common::kafka_config(brokers, &common::unique("lost-commit"), 1)).await.unwrap();
     let mut consumer = log.consumer().await.unwrap();
     let record = Record { priority: Priority::Vip, key: "k".into(), payload: b"v".to_vec() };
     log.append(vec![record]).await.unwrap();

@@ -30,19 +30,7 @@ fn bodies(ds: &[Delivery]) -> Vec<String> {
 }
 
 fn config(brokers: String) -> KafkaConfig {
-    let name = unique("t");
-    KafkaConfig {
-        brokers,
-        vip_topic: format!("{name}.vip"),
-        normal_topic: format!("{name}.normal"),
-        changes_topic: format!("{name}.changes"),
-        dlq_topic: format!("{name}.dlq"),
-        plugins_topic: format!("{name}.plugins"),
-        control_topic: format!("{name}.control"),
-        partitions: 3,
-        replication: 1,
-        group: format!("{name}.engine"),
-    }
+    common::kafka_config(brokers, &unique("t"), 3)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -360,3 +360,19 @@ pub fn local_services(action: &str, service: &str) {
     let out = Command::new("bash").args([script, action, service]).output().unwrap();
     assert!(out.status.success(), "{action} {service}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A Kafka log of its own for a test: topics and group named after `name`.
+pub fn kafka_config(brokers: String, name: &str, partitions: i32) -> orchestrator::log::kafka::KafkaConfig {
+    orchestrator::log::kafka::KafkaConfig {
+        brokers,
+        vip_topic: format!("{name}.vip"),
+        normal_topic: format!("{name}.normal"),
+        changes_topic: format!("{name}.changes"),
+        dlq_topic: format!("{name}.dlq"),
+        plugins_topic: format!("{name}.plugins"),
+        control_topic: format!("{name}.control"),
+        partitions,
+        replication: 1,
+        group: format!("{name}.engine"),
+    }
+}
