@@ -15,7 +15,8 @@ use std::process::Command;
 
 /// Plugins the binary embeds, then test fixtures.
 const PACKAGES: &[&str] = &["order-rules", "conflict-resolver"];
-const FIXTURES: &[&str] = &["fixture-trap", "fixture-spin", "fixture-hog", "fixture-wrong-world", "fixture-rules-v2"];
+const FIXTURES: &[&str] =
+    &["fixture-trap", "fixture-spin", "fixture-hog", "fixture-wrong-world", "fixture-rules-v2", "fixture-wasi"];
 const TARGET: &str = "wasm32-wasip2";
 const DASHBOARD_TARGET: &str = "wasm32-unknown-unknown";
 
@@ -32,12 +33,10 @@ fn main() {
     }
     let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = manifest_dir.parent().unwrap().to_path_buf();
-    for dir in ["plugins", "schemas/wit"] {
-        // Relative to engine/, never absolute: clones at other paths share this build
-        // script's output through the target dir, and an absolute path would keep
-        // watching the clone that ran it first (and embed its stale plugins).
-        println!("cargo:rerun-if-changed=../{dir}");
-    }
+    // Relative to engine/, never absolute: clones at other paths share this build
+    // script's output through the target dir, and an absolute path would keep watching
+    // the clone that ran it first (and embed its stale plugins). The WIT is in the SDK.
+    println!("cargo:rerun-if-changed=../plugins");
     println!("cargo:rerun-if-changed=../Cargo.lock");
 
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").unwrap());
@@ -54,8 +53,11 @@ fn main() {
         let file = format!("{}.wasm", p.replace('-', "_"));
         copy(&built.join(&file), &out_dir.join(&file));
     }
-    build(&root, &target_dir, FIXTURES);
-    println!("cargo:rustc-env=ORCHESTRATOR_PLUGIN_FIXTURES={}", built.display());
+    // The hostile fixtures are for the tests (the `testing` feature) only.
+    if std::env::var_os("CARGO_FEATURE_TESTING").is_some() {
+        build(&root, &target_dir, FIXTURES);
+        println!("cargo:rustc-env=ORCHESTRATOR_PLUGIN_FIXTURES={}", built.display());
+    }
 
     let dashboard_target = target_dir.with_file_name("wasm-dashboard");
     build_dashboard(&root, &dashboard_target, &out_dir);

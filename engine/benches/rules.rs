@@ -8,7 +8,7 @@ use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_mai
 use orchestrator::domain::{Order, OrderEvent};
 use orchestrator::generator::{self, TierMix};
 use orchestrator::plugin::Slot;
-use orchestrator::plugin::host::{Limits, Loaded, Runtime};
+use orchestrator::plugin::host::{Handle, Limits, Runtime};
 use orchestrator::plugin::native::NativeRules;
 use orchestrator::rules::OrderRules;
 use rand::SeedableRng;
@@ -21,12 +21,8 @@ fn events(n: u64) -> Vec<OrderEvent> {
 
 fn decisions(c: &mut Criterion) {
     let runtime = Runtime::new(Limits::default()).unwrap();
-    let plugin = Loaded::new(
-        runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap(),
-        Slot::OrderRules,
-        1,
-        "bench00000000",
-    );
+    let compiled = runtime.compile(Slot::OrderRules, Slot::OrderRules.builtin()).unwrap();
+    let Handle::Rules(plugin) = compiled.load(1, "bench00000000") else { panic!("order rules load as rules") };
     let evs = events(100);
     let inputs: Vec<(&OrderEvent, Option<&Order>)> = evs.iter().map(|e| (e, None)).collect();
 

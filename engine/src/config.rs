@@ -34,6 +34,9 @@ pub enum Command {
     /// Run the Shopify bridge alone: signed webhooks in, order events to Kafka out
     /// (deduplicated in the CQL store). Needs --kafka-brokers, --cql-nodes and a secret.
     Bridge(BridgeArgs),
+    /// Rule plugins on a running engine: status, deploy, promote, rollback, discard.
+    #[command(subcommand)]
+    Plugin(crate::devkit::PluginCommand),
 }
 
 #[derive(Debug, Clone, Args)]

@@ -92,6 +92,11 @@ impl<T> PerPriority<T> {
     pub fn map<U>(&self, mut f: impl FnMut(&T) -> U) -> PerPriority<U> {
         PerPriority::from_fn(|p| f(&self[p]))
     }
+
+    /// Each priority's value, VIP first.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.0.iter()
+    }
 }
 
 impl<T: Copy + std::ops::Add<Output = T>> PerPriority<T> {
@@ -365,6 +370,26 @@ pub struct OrderEvent {
     pub accepted_at: Option<DateTime<Utc>>,
 }
 
+/// The field names of `OrderEvent` and `OrderChange`, read from their JSON schema once,
+/// so a new field is known the moment it is declared.
+struct KnownFields {
+    event: std::collections::HashSet<String>,
+    change: std::collections::HashSet<String>,
+}
+
+fn known_fields() -> &'static KnownFields {
+    static KNOWN: std::sync::OnceLock<KnownFields> = std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        let schema = serde_json::to_value(schemars::schema_for!(OrderEvent)).unwrap_or_default();
+        let names =
+            |props: &serde_json::Value| props.as_object().map(|p| p.keys().cloned().collect()).unwrap_or_default();
+        KnownFields {
+            event: names(&schema["properties"]),
+            change: names(&schema["$defs"]["OrderChange"]["properties"]),
+        }
+    })
+}
+
 /// Longest accepted identifier (event or order id).
 pub const MAX_ID_LEN: usize = 128;
 /// Longest order note, in bytes: a row must always fit one changelog record (Kafka's
@@ -416,6 +441,26 @@ impl OrderEvent {
         self.source.eq_ignore_ascii_case("shopify") || self.event_id.starts_with("shopify:")
     }
 
+    /// Reads an event off the log. Records only ever gain optional fields (ARCHITECTURE.md,
+    /// versioning), so fields that a newer engine wrote and this one does not know are
+    /// dropped, and a rolling upgrade goes on. Producers at the API are still held to the
+    /// exact schema.
+    pub fn from_log(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+        let strict = match serde_json::from_slice(bytes) {
+            Ok(event) => return Ok(event),
+            Err(e) => e,
+        };
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Err(strict) };
+        let known = known_fields();
+        let Some(event) = value.as_object_mut() else { return Err(strict) };
+        event.retain(|k, _| known.event.contains(k));
+        if let Some(payload) = event.get_mut("payload").and_then(|p| p.as_object_mut()) {
+            payload.retain(|k, _| known.change.contains(k));
+        }
+        // Still wrong without the unknown fields: the strict error says what is.
+        serde_json::from_value(value).map_err(|_| strict)
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         check_id("event_id", &self.event_id)?;
         check_id("order_id", &self.order_id)?;
@@ -464,4 +509,28 @@ pub fn check_id(name: &str, value: &str) -> Result<(), String> {
         return Err(format!("{name} must not contain control characters"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_from_a_newer_engine_is_read_without_the_fields_it_added() {
+        let event = serde_json::json!({
+            "event_id": "e1", "order_id": "o1", "kind": "updated", "source": "api",
+            "occurred_at": "2026-12-01T10:00:00Z", "payload": {"note": "gift", "gift_wrap": true},
+            "format": 2,
+        });
+        let bytes = serde_json::to_vec(&event).unwrap();
+        assert!(serde_json::from_slice::<OrderEvent>(&bytes).is_err(), "the API's schema stays exact");
+        let read = OrderEvent::from_log(&bytes).unwrap();
+        assert_eq!((read.event_id.as_str(), read.payload.note.as_deref()), ("e1", Some("gift")));
+
+        // What is wrong besides the new fields is still an error, and says what.
+        let bad = serde_json::json!({"event_id": "e1", "order_id": "o1", "kind": "teleported", "source": "api",
+            "occurred_at": "2026-12-01T10:00:00Z", "format": 2});
+        let err = OrderEvent::from_log(&serde_json::to_vec(&bad).unwrap()).unwrap_err().to_string();
+        assert!(err.contains("format") || err.contains("teleported"), "{err}");
+    }
 }

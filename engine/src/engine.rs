@@ -11,12 +11,15 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
-use crate::cluster::{Cluster, Control, ControlFile, Saved};
+use crate::cluster::file::ControlFile;
+use crate::cluster::kafka::KafkaCluster;
+use crate::cluster::{Channel, Cluster, Control, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
+use crate::plugin::replication;
 use crate::rules::Rulebook;
 use crate::store::{
     self, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
@@ -179,6 +182,15 @@ pub enum SwitchError {
     File(#[source] std::io::Error),
 }
 
+/// Applies an operator switch to this instance.
+fn apply_switch(pauses: &Pauses, discards: &Discards, control: Control) {
+    match control {
+        Control::Pause { priority, paused } => pauses.set(priority, paused),
+        Control::Purge { prefix } => discards.add(prefix),
+        Control::Hold { priority, until } => pauses.hold_until(priority, until),
+    }
+}
+
 /// The data dir holds customer emails and tokens: mode 0700, its files 0600, once the
 /// engine has opened them (SQLite gives the files it makes later its database's mode).
 fn make_private(dir: &Path) -> std::io::Result<()> {
@@ -217,7 +229,7 @@ impl Engine {
         let rulebook = crate::plugin::native::rulebook();
         let plugins = match &config.plugins {
             Some(p) => {
-                let runtime = Runtime::new(p.limits.clone())?;
+                let runtime = Runtime::with_cache(p.limits.clone(), &data_dir.join("plugin-cache"))?;
                 Some(Registry::open(&data_dir.join("plugins.sqlite"), runtime, rulebook.clone(), p.max_bytes)?)
             }
             None => None,
@@ -246,31 +258,36 @@ impl Engine {
                 Ok(engine)
             }
             Backend::Distributed { kafka, cql } => {
-                let log = crate::log::kafka::KafkaLog::open(kafka).await?;
+                let log = crate::log::kafka::KafkaLog::open(kafka.clone()).await?;
+                let cluster: Arc<dyn Cluster> = Arc::new(KafkaCluster::open(kafka)?);
                 let cql = Arc::new(crate::store::cql::CqlStore::open(cql).await?);
                 log.set_route_book(cql.clone());
                 let stores = Stores::of(cql);
-                // Deployments go round a compacted topic: catch up before consuming orders.
+                // Deployments go round the cluster: catch up before consuming orders.
                 if let Some(registry) = plugins.clone() {
-                    let follower = log.clone();
-                    let publisher = log.plugin_publisher();
-                    let reg = registry.clone();
-                    tokio::task::spawn_blocking(move || follower.follow_plugins(reg)).await??;
-                    registry.set_replicator(publisher);
+                    let cluster = cluster.clone();
+                    tokio::task::spawn_blocking(move || replication::start(registry, cluster)).await??;
                 }
                 let engine = if config.follow_changes {
-                    // Changes go round the changelog topic, so every instance's clients see all of them.
-                    let changes = ChangeStream::new(config.change_buffer).with_relay(log.changelog());
-                    let (follower, stream) = (log.clone(), changes.clone());
-                    tokio::task::spawn_blocking(move || follower.follow_changelog(stream)).await??;
-                    Self::with_changes(log.clone(), stores, rulebook, plugins, config, changes)
+                    // Changes go round the cluster, so every instance's clients see all of them.
+                    let changes = ChangeStream::new(config.change_buffer).with_relay(cluster.clone());
+                    let stream = changes.clone();
+                    let deliver = Box::new(move |payload: &[u8]| stream.deliver_json(payload));
+                    let follower = cluster.clone();
+                    tokio::task::spawn_blocking(move || follower.follow(Channel::Changes, deliver)).await??;
+                    Self::with_changes(log, stores, rulebook, plugins, config, changes)
                 } else {
-                    Self::new(log.clone(), stores, rulebook, plugins, config)
+                    Self::new(log, stores, rulebook, plugins, config)
                 };
-                // Pauses are cluster-wide: catch up on the control topic before consuming.
-                let (follower, pauses, discards) = (log.clone(), engine.pauses.clone(), engine.discards.clone());
-                tokio::task::spawn_blocking(move || follower.follow_control(pauses, discards)).await??;
-                let _ = engine.cluster.set(log.cluster());
+                // Pauses are cluster-wide: catch up on the switches before consuming.
+                let (pauses, discards) = (engine.pauses.clone(), engine.discards.clone());
+                let apply = Box::new(move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
+                    Ok(control) => apply_switch(&pauses, &discards, control),
+                    Err(e) => tracing::warn!(error = %e, "unreadable record on the control channel"),
+                });
+                let follower = cluster.clone();
+                tokio::task::spawn_blocking(move || follower.follow(Channel::Control, apply)).await??;
+                let _ = engine.cluster.set(cluster);
                 Ok(engine)
             }
         }
@@ -347,11 +364,7 @@ impl Engine {
         let _one_at_a_time = self.switching.lock().await;
         self.keep(&control).await?;
         // Now here too; the cluster's copy comes round to this instance as well.
-        match control {
-            Control::Pause { priority, paused } => self.pauses.set(priority, paused),
-            Control::Purge { prefix } => self.discards.add(prefix),
-            Control::Hold { priority, until } => self.pauses.hold_until(priority, until),
-        }
+        apply_switch(&self.pauses, &self.discards, control);
         Ok(())
     }
 
@@ -435,6 +448,11 @@ impl Engine {
         }
         if let Err(e) = self.log.flush().await {
             tracing::warn!(error = %e, "flushing the log on shutdown failed");
+        }
+        if let Some(cluster) = self.cluster.get()
+            && let Err(e) = cluster.flush().await
+        {
+            tracing::warn!(error = %e, "relaying the last changes on shutdown failed");
         }
     }
 

@@ -43,13 +43,14 @@ fn main() -> anyhow::Result<()> {
         Command::Webhook(WebhookCommand::Send(args)) => runtime.block_on(orchestrator::shopify::send::run(args)),
         Command::Bridge(args) => runtime.block_on(bridge(args)),
         Command::Generate(args) => runtime.block_on(orchestrator::runs::cli::generate(args)),
+        Command::Plugin(command) => runtime.block_on(orchestrator::devkit::run(command)),
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let access = access(&args.access, args.listen, Some(&args.data_dir))?;
     let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
-    let metrics = telemetry::install();
+    let metrics = install_metrics();
     let plugins = PluginConfig {
         limits: Limits {
             deadline: Duration::from_millis(args.plugin_deadline_ms.max(1)),
@@ -122,7 +123,7 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
     let access = access(&args.access, args.listen, None)?;
     let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
-    let metrics = telemetry::install();
+    let metrics = install_metrics();
     // No pipeline, no plugins, no WebSocket clients: webhooks in, events on the log out.
     let config = EngineConfig { plugins: None, follow_changes: false, ..Default::default() };
     // Nothing is kept on disk, so no data dir is made.
@@ -238,4 +239,11 @@ fn write_schemas(args: SchemaArgs) -> anyhow::Result<()> {
         anyhow::bail!("out of date (run `orchestrator schema`): {}", stale.join(", "));
     }
     Ok(())
+}
+
+/// The Prometheus recorder, with every error series counted from zero.
+fn install_metrics() -> metrics_exporter_prometheus::PrometheusHandle {
+    let handle = telemetry::install();
+    orchestrator::failure::count_from_zero();
+    handle
 }

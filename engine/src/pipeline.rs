@@ -10,12 +10,13 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::domain::{ChangedAt, EventKind, Order, OrderEvent, OrderFields, PerPriority, Priority};
+use crate::failure::{Failure, FailureKind, Stage};
 use crate::log::{Delivery, LogConsumer};
 use crate::ordering;
 use crate::rules::{Decision, RuleError, Rulebook};
 use crate::store::{DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
 use crate::stream::ChangeStream;
-use crate::telemetry::{self, PipelineMetrics};
+use crate::telemetry::PipelineMetrics;
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -222,13 +223,35 @@ struct Item<'a> {
 /// The event on a record, placed where the log accepted it unless it keeps an earlier
 /// place (a replayed dead letter).
 fn decode(d: &Delivery) -> Result<OrderEvent, String> {
-    let mut e = serde_json::from_slice::<OrderEvent>(&d.payload).map_err(|e| e.to_string())?;
+    let mut e = OrderEvent::from_log(&d.payload).map_err(|e| e.to_string())?;
     e.validate()?;
     e.accepted_at.get_or_insert_with(|| match d.appended_at_us {
         us if us > 0 => crate::sqlite::from_micros(us),
         _ => Utc::now(),
     });
     Ok(e)
+}
+
+/// A round's decisions, before anything is written.
+struct Plan<'a> {
+    /// How many items the round took (a preempted round takes fewer).
+    taken: usize,
+    writes: Vec<Write>,
+    /// One per write, in the same order.
+    slots: Vec<Slot<'a>>,
+    to_park: Vec<ParkedEvent>,
+}
+
+/// What settling one write needs besides its result.
+struct Slot<'a> {
+    priority: Priority,
+    appended_at_us: i64,
+    /// For an apply: what a lost race needs.
+    pending: Option<Pending>,
+    /// The decoded event (none for an undecodable record).
+    event: Option<&'a OrderEvent>,
+    /// For a refusal: counted and logged once the store holds its record.
+    failure: Option<Failure>,
 }
 
 /// What a write needs if it loses a race: the row it was based on and its change.
@@ -424,11 +447,22 @@ impl Pipeline {
         self.release(due).await
     }
 
+    /// A round reads as plan, write, settle: decide every event against the stored rows,
+    /// write all the outcomes at once, then count, relay and resolve lost races.
     async fn process_round(
         &self,
         items: &[Item<'_>],
         preempt: &(dyn Fn() -> bool + Sync),
     ) -> anyhow::Result<(usize, Vec<String>)> {
+        let plan = self.plan(items, preempt).await?;
+        self.park(plan.to_park).await?;
+        let results = self.store.write(plan.writes).await?;
+        let created = self.settle(results, plan.slots).await?;
+        Ok((plan.taken, created))
+    }
+
+    /// Decides a round's events, writing nothing.
+    async fn plan<'a>(&self, items: &'a [Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<Plan<'a>> {
         // One rules version decides the whole round: a deploy takes effect between rounds.
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
@@ -473,77 +507,72 @@ impl Pipeline {
             shadow.offer(batch.collect());
         }
 
-        let mut writes = Vec::with_capacity(items.len());
-        // Per write: its priority, append time, and what a conflict needs.
-        let mut context: Vec<(Priority, i64, Option<Pending>, Option<&OrderEvent>)> = Vec::with_capacity(items.len());
-        let mut taken = 0;
-        let mut to_park = Vec::new();
+        let mut plan = Plan { taken: 0, writes: Vec::new(), slots: Vec::new(), to_park: Vec::new() };
         for ((it, dropped), park) in items.iter().zip(dropped).zip(parks) {
             if preempt() {
                 break;
             }
-            taken += 1;
+            plan.taken += 1;
             if dropped {
                 self.discards.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             let d = it.delivery;
-            if park && let Ok(e) = &it.event {
-                to_park.push(ParkedEvent {
-                    order_id: e.order_id.clone(),
-                    event_id: e.event_id.clone(),
-                    priority: d.priority,
-                    appended_at_us: d.appended_at_us,
-                    offset: d.offset,
-                    parked_at: Utc::now(),
-                    payload: String::from_utf8_lossy(&d.payload).into_owned(),
-                });
-                continue;
-            }
+            let slot = Slot {
+                priority: d.priority,
+                appended_at_us: d.appended_at_us,
+                pending: None,
+                event: None,
+                failure: None,
+            };
             let event = match &it.event {
+                Ok(e) if park => {
+                    plan.to_park.push(ParkedEvent {
+                        order_id: e.order_id.clone(),
+                        event_id: e.event_id.clone(),
+                        priority: d.priority,
+                        appended_at_us: d.appended_at_us,
+                        offset: d.offset,
+                        parked_at: Utc::now(),
+                        payload: String::from_utf8_lossy(&d.payload).into_owned(),
+                    });
+                    continue;
+                }
                 Ok(e) => e,
                 Err(reason) => {
-                    telemetry::error("malformed", "decode");
-                    writes.push(Write::Record {
+                    let failure = Failure::new(Stage::Decode, FailureKind::Malformed, reason.clone());
+                    let payload = String::from_utf8_lossy(&d.payload).into_owned();
+                    let letter = failure.letter(record_id(d), Some(record_owner(d)), payload);
+                    plan.writes.push(Write::Record {
                         event_id: record_id(d),
                         source: "log".into(),
                         order_id: record_owner(d),
                         outcome: Outcome::Rejected,
-                        reason: reason.clone(),
+                        reason: failure.reason.clone(),
                         decided_by: "decoder".into(),
-                        dead_letter: Some(self.dead_letter(d, None, "decode", "malformed", reason, None)),
+                        dead_letter: Some(letter),
                     });
-                    context.push((d.priority, d.appended_at_us, None, None));
+                    plan.slots.push(Slot { failure: Some(failure), ..slot });
                     continue;
                 }
             };
             let base = current.get(&event.order_id);
+            let slot = Slot { event: Some(event), ..slot };
             let decision = decisions.next().expect("one decision per decodable event");
-            let pending = match decision {
+            let refused = |failure: Failure| (refusal(event, &failure, rules.id()), Some(failure));
+            let (write, pending, failure) = match decision {
                 Ok(Decision::Upsert(fields)) if superseded(base, &fields, event) => {
-                    let reason = SUPERSEDED.to_string();
-                    writes.push(self.record(event, Outcome::Skipped, reason, rules.id(), None));
-                    None
+                    (record(event, Outcome::Skipped, SUPERSEDED.to_string(), rules.id(), None), None, None)
                 }
                 Ok(Decision::Upsert(fields)) => {
                     let row = build_row(event, base, fields.clone(), rules.id());
-                    writes.push(Write::Apply {
-                        event_id: event.event_id.clone(),
-                        source: event.source.clone(),
-                        expected: base.map(|b| b.version),
-                        row,
-                    });
-                    Some(Pending {
-                        base: base.cloned(),
-                        fields,
-                        event: event.clone(),
-                        decided_by: rules.id().to_string(),
-                    })
+                    let expected = base.map(|b| b.version);
+                    let write =
+                        Write::Apply { event_id: event.event_id.clone(), source: event.source.clone(), expected, row };
+                    let decided_by = rules.id().to_string();
+                    (write, Some(Pending { base: base.cloned(), fields, event: event.clone(), decided_by }), None)
                 }
-                Ok(Decision::Skip(reason)) => {
-                    writes.push(self.record(event, Outcome::Skipped, reason, rules.id(), None));
-                    None
-                }
+                Ok(Decision::Skip(reason)) => (record(event, Outcome::Skipped, reason, rules.id(), None), None, None),
                 Ok(Decision::Reject(reason)) => {
                     let reason = match (it.parked_since, base) {
                         (Some(since), None) => format!(
@@ -554,35 +583,45 @@ impl Pipeline {
                         ),
                         _ => reason,
                     };
-                    let letter = self.dead_letter(d, Some(event), "rules", "rejected", &reason, Some(rules.id()));
-                    writes.push(self.record(event, Outcome::Rejected, reason, rules.id(), Some(letter)));
-                    None
+                    let (write, failure) =
+                        refused(Failure::new(Stage::Rules, FailureKind::Rejected, reason).decided_by(rules.id()));
+                    (write, None, failure)
                 }
                 Err(RuleError { kind, message }) => {
                     // The plugin failed on this event: it alone goes to the dead letters.
-                    telemetry::error(kind.as_str(), "rules");
                     let reason = format!("{} failed ({kind}): {message}", rules.id());
-                    let letter = self.dead_letter(d, Some(event), "rules", kind.as_str(), &reason, Some(rules.id()));
-                    writes.push(self.record(event, Outcome::Rejected, reason, rules.id(), Some(letter)));
-                    None
+                    let (write, failure) =
+                        refused(Failure::new(Stage::Rules, kind.into(), reason).decided_by(rules.id()));
+                    (write, None, failure)
                 }
             };
-            context.push((d.priority, d.appended_at_us, pending, Some(event)));
+            plan.writes.push(write);
+            plan.slots.push(Slot { pending, failure, ..slot });
         }
+        Ok(plan)
+    }
 
-        if !to_park.is_empty() {
-            for p in &to_park {
-                self.metrics.parked[p.priority].increment(1);
-            }
-            self.stats.parked.fetch_add(to_park.len() as u64, Ordering::Relaxed);
-            self.parking.park(to_park).await?;
-            self.maybe_parked.store(true, Ordering::Relaxed);
+    /// Parks the events that came before their order's create.
+    async fn park(&self, to_park: Vec<ParkedEvent>) -> anyhow::Result<()> {
+        if to_park.is_empty() {
+            return Ok(());
         }
-        // Orders this round created (or found created, on a redelivery): their parked
-        // events are due.
+        for p in &to_park {
+            self.metrics.parked[p.priority].increment(1);
+        }
+        self.stats.parked.fetch_add(to_park.len() as u64, Ordering::Relaxed);
+        self.parking.park(to_park).await?;
+        self.maybe_parked.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts and relays what the store now holds, and resolves the lost races. Returns
+    /// the orders this round created (or found created, on a redelivery): their parked
+    /// events are due.
+    async fn settle(&self, results: Vec<(Write, WriteResult)>, slots: Vec<Slot<'_>>) -> anyhow::Result<Vec<String>> {
         let mut created = Vec::new();
-        let results = self.store.write(writes).await?;
-        for ((write, result), (priority, appended_at_us, pending, event)) in results.into_iter().zip(context) {
+        for ((write, result), slot) in results.into_iter().zip(slots) {
+            let Slot { priority, appended_at_us, pending, event, failure } = slot;
             if let Write::Apply { row, expected: None, .. } = &write
                 && matches!(result, WriteResult::Done | WriteResult::Duplicate | WriteResult::Conflict(Some(_)))
             {
@@ -595,18 +634,13 @@ impl Pipeline {
                     // An undecodable record's id is its log position: taken only when the
                     // log was recreated beside an older store. Its letter exists already.
                     None => {
-                        telemetry::error("record_id_reused", "decode");
-                        tracing::warn!(record = write.event_id(), %holder, "an undecodable record's id is taken");
+                        let why = format!("the id of an undecodable record is held by {holder}");
+                        Failure::new(Stage::Decode, FailureKind::RecordIdReused, why).emit(write.event_id());
                         self.duplicate(write.order_id(), priority).await?;
                     }
                 },
                 (WriteResult::Done, Write::Apply { row, .. }) => self.applied(row, priority, appended_at_us),
-                (WriteResult::Done, Write::Record { outcome, dead_letter, .. }) => {
-                    if let Some(letter) = &dead_letter {
-                        self.changes.dead_letter(letter);
-                    }
-                    self.counted(outcome, priority)
-                }
+                (WriteResult::Done, record) => self.recorded(record, failure, priority),
                 (WriteResult::Conflict(now), _) => {
                     let pending =
                         pending.ok_or_else(|| anyhow::anyhow!("store reported a conflict on a record-only write"))?;
@@ -614,10 +648,9 @@ impl Pipeline {
                 }
             }
         }
-        Ok((taken, created))
+        Ok(created)
     }
 
-    /// A write lost its compare-and-set: merge with the stored row and retry, a bounded number of times.
     /// A redelivered event after a crash: its change may never have been published,
     /// so publish the row as it is now (clients keep the newest version).
     async fn duplicate(&self, order_id: &str, priority: Priority) -> anyhow::Result<()> {
@@ -629,6 +662,8 @@ impl Pipeline {
         Ok(())
     }
 
+    /// A write lost its compare-and-set: merge with the stored row and retry, a bounded
+    /// number of times.
     async fn resolve(
         &self,
         mut p: Pending,
@@ -644,11 +679,10 @@ impl Pipeline {
                 // The row vanished under us: write the change as a fresh insert.
                 None => (None, p.fields.clone()),
                 Some(current) => {
-                    // The change as a row dated when it happened, so the resolver can
-                    // tell which side is newer.
-                    // The resolver sees the change as newer than the stored row, once the
-                    // fields that a later-placed change set are taken out of it: "the
-                    // newer side wins" is then the ordering rule, field by field.
+                    // The resolver sees the change as newer than the stored row (each
+                    // dated when it happened), once the fields that a later-placed change
+                    // set are taken out of it: "the newer side wins" is then the ordering
+                    // rule, field by field.
                     let place = ordering::place(&p.event);
                     let fields = ordering::without_overridden(current, p.base.as_ref(), p.fields.clone(), place);
                     let mut change = build_row(&p.event, p.base.as_ref(), fields, &p.decided_by);
@@ -657,39 +691,30 @@ impl Pipeline {
                     let started = Instant::now();
                     let merged = resolver.resolve(p.base.as_ref(), &stored, &change);
                     self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
-                    let outcome = match merged {
+                    let refused = |kind: FailureKind, reason: String| {
+                        Failure::new(Stage::Resolver, kind, reason).decided_by(resolver.id())
+                    };
+                    let settled = match merged {
                         Ok(Ok(merged)) if merged == current.fields() => {
-                            Err((Outcome::Skipped, "no change after merge".to_string(), None))
+                            let reason = "no change after merge".to_string();
+                            Err(Ok(record(&p.event, Outcome::Skipped, reason, resolver.id(), None)))
                         }
                         Ok(Ok(merged)) if superseded(Some(current), &merged, &p.event) => {
-                            Err((Outcome::Skipped, SUPERSEDED.to_string(), None))
+                            Err(Ok(record(&p.event, Outcome::Skipped, SUPERSEDED.into(), resolver.id(), None)))
                         }
                         Ok(Ok(merged)) => Ok(merged),
-                        Ok(Err(reason)) => Err((Outcome::Rejected, reason, Some("conflict_rejected"))),
+                        Ok(Err(reason)) => Err(Err(refused(FailureKind::ConflictRejected, reason))),
                         Err(RuleError { kind, message }) => {
-                            telemetry::error(kind.as_str(), "resolver");
-                            Err((
-                                Outcome::Rejected,
-                                format!("{} failed ({kind}): {message}", resolver.id()),
-                                Some(kind.as_str()),
-                            ))
+                            let reason = format!("{} failed ({kind}): {message}", resolver.id());
+                            Err(Err(refused(kind.into(), reason)))
                         }
                     };
-                    match outcome {
+                    match settled {
                         Ok(merged) => (Some(current.version), merged),
-                        Err((outcome, reason, error_type)) => {
-                            let letter = error_type.map(|t| {
-                                self.dead_letter_for_event(&p.event, "resolver", t, &reason, Some(resolver.id()))
-                            });
-                            let record = self.record(&p.event, outcome, reason, resolver.id(), letter.clone());
-                            // Relayed only once the store holds it.
-                            if let Some(WriteResult::Done) = self.store.write(vec![record]).await?.pop().map(|(_, r)| r)
-                                && let Some(l) = &letter
-                            {
-                                self.changes.dead_letter(l);
-                            }
-                            self.counted(outcome, priority);
-                            return Ok(());
+                        Err(Ok(skip)) => return self.write_record(skip, None, priority).await,
+                        Err(Err(failure)) => {
+                            let record = refusal(&p.event, &failure, resolver.id());
+                            return self.write_record(record, Some(failure), priority).await;
                         }
                     }
                 }
@@ -721,49 +746,62 @@ impl Pipeline {
                 None => anyhow::bail!("store returned no result for a write"),
             }
         }
-        telemetry::error("conflict_retries_exhausted", "store");
         let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
-        let letter = self.dead_letter_for_event(&p.event, "store", "conflict_retries_exhausted", &reason, None);
-        let record = self.record(&p.event, Outcome::Rejected, reason, resolver.id(), Some(letter.clone()));
-        if let Some(WriteResult::Done) = self.store.write(vec![record]).await?.pop().map(|(_, r)| r) {
-            self.changes.dead_letter(&letter);
-        }
-        self.counted(Outcome::Rejected, priority);
-        Ok(())
+        let failure = Failure::new(Stage::Store, FailureKind::ConflictRetriesExhausted, reason);
+        let record = refusal(&p.event, &failure, resolver.id());
+        self.write_record(record, Some(failure), priority).await
     }
 
     /// An event whose id another order holds already: a producer's bug, never dropped.
     /// It is recorded under an id of its own (`<event id>@<order id>`) and dead-lettered,
     /// so a replay (which takes a fresh id) can still apply it.
     async fn id_taken(&self, event: &OrderEvent, holder: String, priority: Priority) -> anyhow::Result<()> {
-        telemetry::error("event_id_reused", "store");
         let reason = format!(
             "event id {} is already used by order {holder}; event ids must be unique, so this event for order {} \
              was not applied",
             event.event_id, event.order_id
         );
         let own_id = format!("{}@{}", event.event_id, event.order_id);
-        let mut letter = self.dead_letter_for_event(event, "store", "event_id_reused", &reason, None);
+        let failure = Failure::new(Stage::Store, FailureKind::EventIdReused, reason);
+        let mut letter = failure.letter_for(event);
         letter.id = own_id.clone();
         let record = Write::Record {
             event_id: own_id,
             source: event.source.clone(),
             order_id: event.order_id.clone(),
             outcome: Outcome::Rejected,
-            reason,
+            reason: failure.reason.clone(),
             decided_by: "store".into(),
-            dead_letter: Some(letter.clone()),
+            dead_letter: Some(letter),
         };
-        match self.store.write(vec![record]).await?.pop().map(|(_, r)| r) {
-            Some(WriteResult::Done) => {
-                self.changes.dead_letter(&letter);
-                self.counted(Outcome::Rejected, priority);
-            }
-            // Recorded before (a redelivery); or the derived id is itself taken, which
-            // only a producer reusing ids on purpose gets: it stays a duplicate.
-            _ => self.duplicate(&event.order_id, priority).await?,
+        // Recorded before (a redelivery); or the derived id is itself taken, which only a
+        // producer reusing ids on purpose gets: either way it stays a duplicate.
+        self.write_record(record, Some(failure), priority).await
+    }
+
+    /// Writes one record on its own (an outcome found after a lost race) and settles it.
+    /// A record the store holds already is a redelivery's.
+    async fn write_record(&self, record: Write, failure: Option<Failure>, priority: Priority) -> anyhow::Result<()> {
+        match self.store.write(vec![record]).await?.pop() {
+            Some((record, WriteResult::Done)) => self.recorded(record, failure, priority),
+            Some((record, _)) => self.duplicate(record.order_id(), priority).await?,
+            None => anyhow::bail!("store returned no result for a write"),
         }
         Ok(())
+    }
+
+    /// A skip or refusal the store now holds: its failure is counted and logged, and its
+    /// dead letter relayed, only now, so a write retried after an outage counts once.
+    fn recorded(&self, record: Write, failure: Option<Failure>, priority: Priority) {
+        if let Write::Record { event_id, outcome, dead_letter, .. } = record {
+            if let Some(f) = failure {
+                f.emit(&event_id);
+            }
+            if let Some(letter) = &dead_letter {
+                self.changes.dead_letter(letter);
+            }
+            self.counted(outcome, priority);
+        }
     }
 
     fn counted(&self, outcome: Outcome, priority: Priority) {
@@ -788,73 +826,24 @@ impl Pipeline {
         }
         self.changes.publish(row);
     }
+}
 
-    fn record(
-        &self,
-        event: &OrderEvent,
-        outcome: Outcome,
-        reason: String,
-        decided_by: &str,
-        dead_letter: Option<DeadLetter>,
-    ) -> Write {
-        let decided_by = decided_by.to_string();
-        Write::Record {
-            event_id: event.event_id.clone(),
-            source: event.source.clone(),
-            order_id: event.order_id.clone(),
-            outcome,
-            reason,
-            decided_by,
-            dead_letter,
-        }
+/// The record of a skip or a refusal: no new row, but the event's outcome in the history.
+fn record(event: &OrderEvent, outcome: Outcome, reason: String, decided_by: &str, letter: Option<DeadLetter>) -> Write {
+    Write::Record {
+        event_id: event.event_id.clone(),
+        source: event.source.clone(),
+        order_id: event.order_id.clone(),
+        outcome,
+        reason,
+        decided_by: decided_by.to_string(),
+        dead_letter: letter,
     }
+}
 
-    fn dead_letter(
-        &self,
-        d: &Delivery,
-        event: Option<&OrderEvent>,
-        stage: &str,
-        error_type: &str,
-        reason: &str,
-        decided_by: Option<&str>,
-    ) -> DeadLetter {
-        DeadLetter {
-            id: event.map_or_else(|| record_id(d), |e| e.event_id.clone()),
-            order_id: event.map(|e| e.order_id.clone()).or_else(|| Some(record_owner(d))),
-            stage: stage.into(),
-            error_type: error_type.into(),
-            reason: reason.into(),
-            decided_by: decided_by.map(str::to_string),
-            // An event keeps its place, so that a replay cannot overwrite later changes.
-            payload: match event {
-                Some(e) => serde_json::to_string(e).unwrap_or_default(),
-                None => String::from_utf8_lossy(&d.payload).into_owned(),
-            },
-            recorded_at: Utc::now(),
-            replayed_at: None,
-        }
-    }
-
-    fn dead_letter_for_event(
-        &self,
-        e: &OrderEvent,
-        stage: &str,
-        error_type: &str,
-        reason: &str,
-        decided_by: Option<&str>,
-    ) -> DeadLetter {
-        DeadLetter {
-            id: e.event_id.clone(),
-            order_id: Some(e.order_id.clone()),
-            stage: stage.into(),
-            error_type: error_type.into(),
-            reason: reason.into(),
-            decided_by: decided_by.map(str::to_string),
-            payload: serde_json::to_string(e).unwrap_or_default(),
-            recorded_at: Utc::now(),
-            replayed_at: None,
-        }
-    }
+/// The record of a refused event, with its dead letter.
+fn refusal(event: &OrderEvent, failure: &Failure, decided_by: &str) -> Write {
+    record(event, Outcome::Rejected, failure.reason.clone(), decided_by, Some(failure.letter_for(event)))
 }
 
 /// Names an undecodable record by its place in the log.
@@ -1288,6 +1277,39 @@ mod tests {
             "{}",
             letters[0].reason
         );
+    }
+
+    /// A record written by a newer engine, with a field this one does not know, is
+    /// applied without it (on main it was dead-lettered as malformed, which breaks a
+    /// rolling upgrade).
+    #[tokio::test]
+    async fn a_record_from_a_newer_engine_is_applied_without_its_new_fields() {
+        let store = Arc::new(MemoryStore::default());
+        let p = Pipeline::new(
+            store.clone(),
+            store.clone(),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Controls::default(),
+            PipelineConfig::default(),
+        );
+        let create = event(
+            "c",
+            EventKind::Created,
+            OrderChange {
+                customer: Some("ada".into()),
+                tier: Some(Tier::Gold),
+                total_cents: Some(100),
+                ..Default::default()
+            },
+        );
+        let mut newer = serde_json::to_value(&create).unwrap();
+        newer["format"] = serde_json::json!(2);
+        newer["payload"]["gift_wrap"] = serde_json::json!(true);
+        let record = Delivery { payload: serde_json::to_vec(&newer).unwrap(), ..delivery(1, &create) };
+        assert_eq!(p.process(&[record], &|| false).await.unwrap(), 1);
+        assert_eq!(store.get("o1").await.unwrap().expect("applied").customer, "ada");
+        assert!(store.dead_letters(10, None).await.unwrap().items.is_empty());
     }
 
     #[tokio::test]

@@ -55,6 +55,18 @@ impl RuleErrorKind {
     }
 }
 
+impl From<RuleErrorKind> for crate::failure::FailureKind {
+    fn from(kind: RuleErrorKind) -> Self {
+        use crate::failure::FailureKind;
+        match kind {
+            RuleErrorKind::Trap => FailureKind::Trap,
+            RuleErrorKind::Timeout => FailureKind::Timeout,
+            RuleErrorKind::MemoryLimit => FailureKind::MemoryLimit,
+            RuleErrorKind::Instantiate => FailureKind::Instantiate,
+        }
+    }
+}
+
 impl fmt::Display for RuleErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -185,7 +197,8 @@ pub struct ShadowReport {
     pub samples: Vec<ShadowDiff>,
 }
 
-fn outcome_json(r: &Result<Decision, RuleError>) -> serde_json::Value {
+/// A decision (or the failure to make one) as the JSON that reports show.
+pub fn outcome_json(r: &Result<Decision, RuleError>) -> serde_json::Value {
     match r {
         Ok(d) => serde_json::to_value(d).unwrap_or_default(),
         Err(e) => serde_json::json!({ "decision": "error", "value": e.to_string() }),

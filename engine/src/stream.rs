@@ -6,7 +6,14 @@ use std::sync::Arc;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::cluster::{Channel, Cluster};
 use crate::domain::Order;
+use crate::failure::DeadLetter;
+use crate::log::LogError;
+
+fn to_json(order: &Order) -> Vec<u8> {
+    serde_json::to_vec(order).expect("an order always serializes")
+}
 
 /// One applied change, with its wire message rendered once for all clients.
 #[derive(Debug)]
@@ -30,24 +37,12 @@ impl Change {
     }
 }
 
-/// Carries applied changes to every engine instance (Kafka's changelog topic), which
-/// hand them back through [`ChangeStream::deliver`].
-#[async_trait::async_trait]
-pub trait ChangeRelay: Send + Sync {
-    fn send(&self, order: &Order);
-    /// Dead letters travel too (Kafka's dead-letter topic), for tools outside the engine.
-    fn dead_letter(&self, letter: &crate::store::DeadLetter);
-    /// Waits until every change sent so far is durably relayed.
-    async fn flush(&self) -> Result<(), String>;
-    /// Relays one change and waits for that one only (an operator's edit, outside the
-    /// pipeline's batches).
-    async fn send_now(&self, order: &Order) -> Result<(), String>;
-}
-
 #[derive(Clone)]
 pub struct ChangeStream {
     tx: broadcast::Sender<Arc<Change>>,
-    relay: Option<Arc<dyn ChangeRelay>>,
+    /// Where instances share a log, changes go round the cluster and come back to every
+    /// instance through [`ChangeStream::deliver_json`].
+    relay: Option<Arc<dyn Cluster>>,
     /// Engine notices for clients (`run.phase`, `run.progress`): few, and never coalesced.
     notices: broadcast::Sender<Arc<str>>,
 }
@@ -60,22 +55,22 @@ impl ChangeStream {
 
     /// Changes go through `relay` (and come back to every instance) instead of straight
     /// to this instance's subscribers.
-    pub fn with_relay(mut self, relay: Arc<dyn ChangeRelay>) -> Self {
+    pub fn with_relay(mut self, relay: Arc<dyn Cluster>) -> Self {
         self.relay = Some(relay);
         self
     }
 
     pub fn publish(&self, order: Order) {
         match &self.relay {
-            Some(relay) => relay.send(&order),
+            Some(relay) => relay.send(Channel::Changes, &order.id, &to_json(&order)),
             None => self.deliver(order),
         }
     }
 
     /// Publishes one change and, where it is relayed, waits until it is durable there.
-    pub async fn publish_now(&self, order: Order) -> Result<(), String> {
+    pub async fn publish_now(&self, order: Order) -> Result<(), LogError> {
         match &self.relay {
-            Some(relay) => relay.send_now(&order).await,
+            Some(relay) => relay.send_now(Channel::Changes, &order.id, &to_json(&order)).await,
             None => {
                 self.deliver(order);
                 Ok(())
@@ -84,9 +79,19 @@ impl ChangeStream {
     }
 
     /// Relays a dead letter beside the changes, where the backend has a place for them.
-    pub fn dead_letter(&self, letter: &crate::store::DeadLetter) {
+    pub fn dead_letter(&self, letter: &DeadLetter) {
         if let Some(relay) = &self.relay {
-            relay.dead_letter(letter);
+            let key = letter.order_id.as_deref().unwrap_or(&letter.id);
+            let payload = serde_json::to_vec(letter).expect("a dead letter always serializes");
+            relay.send(Channel::DeadLetters, key, &payload);
+        }
+    }
+
+    /// Hands a change that came round the cluster to this instance's subscribers.
+    pub fn deliver_json(&self, payload: &[u8]) {
+        match serde_json::from_slice::<Order>(payload) {
+            Ok(order) => self.deliver(order),
+            Err(e) => tracing::warn!(error = %e, "unreadable record on the changelog"),
         }
     }
 
@@ -99,7 +104,7 @@ impl ChangeStream {
     }
 
     /// Before the log commit: the changes of the batch must not be lost with the process.
-    pub async fn flush(&self) -> Result<(), String> {
+    pub async fn flush(&self) -> Result<(), LogError> {
         match &self.relay {
             Some(relay) => relay.flush().await,
             None => Ok(()),

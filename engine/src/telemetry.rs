@@ -23,6 +23,7 @@ pub const WS_CLIENTS: &str = "orchestrator_ws_clients";
 pub const WS_RESYNCS: &str = "orchestrator_ws_resyncs_total";
 pub const PLUGIN_CALLS: &str = "orchestrator_plugin_invocations_total";
 pub const PLUGIN_ERRORS: &str = "orchestrator_plugin_errors_total";
+pub const PLUGIN_COMPILES: &str = "orchestrator_plugin_compilations_total";
 pub const PLUGIN_DURATION: &str = "orchestrator_plugin_call_duration_seconds";
 pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
 pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
@@ -50,6 +51,7 @@ pub const ALL: &[&str] = &[
     WS_RESYNCS,
     PLUGIN_CALLS,
     PLUGIN_ERRORS,
+    PLUGIN_COMPILES,
     PLUGIN_DURATION,
     SHADOW_DECISIONS,
     RUN_PROGRESS,
@@ -61,23 +63,6 @@ pub const ALL: &[&str] = &[
     HTTP_CONNECTIONS,
     CONNECTIONS_REFUSED,
     WS_DROPPED,
-];
-
-/// The (stage, error_type) pairs the engine counts, registered at zero on start so that
-/// alerts and dashboards see the series before the first error.
-const ERROR_KINDS: &[(&str, &str)] = &[
-    ("decode", "malformed"),
-    ("decode", "record_id_reused"),
-    ("rules", "trap"),
-    ("rules", "timeout"),
-    ("rules", "memory_limit"),
-    ("rules", "instantiate"),
-    ("resolver", "trap"),
-    ("resolver", "timeout"),
-    ("store", "conflict_retries_exhausted"),
-    ("store", "event_id_reused"),
-    ("publish", "unpublishable"),
-    ("audit", "store"),
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -127,6 +112,10 @@ fn describe() {
     describe_counter!(
         PLUGIN_ERRORS,
         "Failed plugin calls, by plugin (slot@version#hash) and error_type (trap, timeout, memory_limit, instantiate)."
+    );
+    describe_counter!(
+        PLUGIN_COMPILES,
+        "Components made ready to run, by source: compiled, or loaded from the compile cache on disk."
     );
     describe_histogram!(
         PLUGIN_DURATION,
@@ -178,14 +167,14 @@ fn register_at_zero() {
         }
         gauge!(QUEUE_DEPTH, "priority" => p.label()).set(0.0);
     }
-    for (stage, error_type) in ERROR_KINDS {
-        counter!(ERRORS, "error_type" => *error_type, "stage" => *stage).absolute(0);
-    }
     for reason in ["unauthenticated", "forbidden"] {
         counter!(AUTH_REFUSED, "reason" => reason).absolute(0);
     }
     for outcome in ["received", "duplicate", "ignored", "rejected"] {
         counter!(WEBHOOKS_RECEIVED, "outcome" => outcome).absolute(0);
+    }
+    for source in ["compiled", "cache"] {
+        counter!(PLUGIN_COMPILES, "source" => source).absolute(0);
     }
     counter!(CAS_CONFLICTS).absolute(0);
     counter!(WS_RESYNCS).absolute(0);
@@ -199,10 +188,6 @@ fn register_at_zero() {
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.
-pub fn error(error_type: &'static str, stage: &'static str) {
-    counter!(ERRORS, "error_type" => error_type, "stage" => stage).increment(1);
-}
-
 pub fn queue_depth(p: Priority) -> Gauge {
     gauge!(QUEUE_DEPTH, "priority" => p.label())
 }

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Duration, Utc};
 use orchestrator::domain::*;
 use orchestrator::plugin::Slot;
-use orchestrator::plugin::host::{Limits, Loaded, Runtime};
+use orchestrator::plugin::host::{Handle, Limits, Runtime};
 use orchestrator::plugin::native::{NativeResolver, NativeRules};
 use orchestrator::rules::{ConflictResolver, OrderRules};
 use rand::rngs::SmallRng;
@@ -90,14 +90,14 @@ fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
     }
 }
 
-fn load(slot: Slot) -> std::sync::Arc<Loaded> {
+fn load(slot: Slot) -> Handle {
     let runtime = Runtime::new(Limits::default()).unwrap();
-    Loaded::new(runtime.compile(slot, slot.builtin()).unwrap(), slot, 1, "conformance00")
+    runtime.compile(slot, slot.builtin()).unwrap().load(1, "conformance00")
 }
 
 #[test]
 fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
-    let plugin = load(Slot::OrderRules);
+    let Handle::Rules(plugin) = load(Slot::OrderRules) else { panic!("order rules load as rules") };
     let mut rng = SmallRng::seed_from_u64(2026);
     let events: Vec<OrderEvent> = (0..10_000).map(|i| event(&mut rng, i)).collect();
     let rows: Vec<Option<Order>> =
@@ -126,7 +126,7 @@ fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
 
 #[test]
 fn conflict_resolver_plugin_matches_the_native_resolver_on_10k_races() {
-    let plugin = load(Slot::ConflictResolver);
+    let Handle::Resolver(plugin) = load(Slot::ConflictResolver) else { panic!("a resolver loads as one") };
     let mut rng = SmallRng::seed_from_u64(7);
     let mut outcomes = std::collections::HashMap::new();
     for i in 0..10_000 {

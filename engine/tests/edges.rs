@@ -156,6 +156,14 @@ async fn the_data_files_are_private_to_the_engine_user() {
         }
     }
     assert!(files >= 4, "log, store, plugins and their WAL files: {files}");
+    // The compiled plugins too (the two built-in ones at least).
+    let cache = data.join("plugin-cache");
+    assert_eq!(mode(&cache), 0o700, "the compile cache");
+    let compiled: Vec<_> = std::fs::read_dir(&cache).unwrap().map(|e| e.unwrap().path()).collect();
+    assert!(compiled.len() >= 2, "{compiled:?}");
+    for path in compiled {
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
 }
 
 /// Reads from `conn` until it closes or `within` passes; returns what came and whether

@@ -1,5 +1,7 @@
 //! The Shopify bridge with the log down (Kafka stopped): deliveries get 503 in time and
-//! leave no deduplication mark; Shopify's retries after recovery are applied once.
+//! leave no deduplication mark; Shopify's retries after recovery are applied once. A run
+//! started meanwhile cannot hold NORMAL on every instance: it gets 503 and is not
+//! recorded.
 
 mod common;
 
@@ -7,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::{Server, deliver, distributed, history};
 use orchestrator::shopify::signature::sign;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const SECRET: &str = "outage-secret";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
@@ -27,7 +29,15 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     let status = r.status();
     let retry_after = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
     let body: Value = r.json().await.unwrap();
+    // On main the run was saved although its hold failed: a GENERATING phantom until its
+    // lease ran out.
+    let run = common::client().post(s.url("/runs")).bearer_auth(common::TOKEN).json(&json!({"quantity": 10}));
+    let run = run.send().await.unwrap();
+    let (run_status, run_body) = (run.status(), run.json::<Value>().await.unwrap());
+    let (_, runs) = s.get_json("/runs").await;
     tokio::task::spawn_blocking(|| common::local_services("start", "kafka")).await.unwrap();
+    assert_eq!(run_status, 503, "a run cannot hold NORMAL with the log down: {run_body}");
+    assert_eq!(runs["items"], json!([]), "a run that never held NORMAL is not recorded: {runs}");
     // Shopify's 5 s are kept by the engine's 4 s append budget (or a quicker log error):
     // the answer names which, and the wall time is logged, not asserted (a busy machine).
     eprintln!("503 after {waited:?}: {body}");

@@ -18,6 +18,7 @@ use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
 use super::{ApiError, AppState};
+use crate::failure::{Failure, FailureKind, Stage};
 use crate::store::ActionRecord;
 use crate::telemetry;
 
@@ -104,6 +105,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     ("PUT", "/plugins/{slot}", Need::Role(Role::Admin)),
     ("POST", "/plugins/{slot}/promote", Need::Role(Role::Admin)),
     ("POST", "/plugins/{slot}/rollback", Need::Role(Role::Admin)),
+    ("POST", "/plugins/{slot}/versions/{version}/activate", Need::Role(Role::Admin)),
     ("DELETE", "/plugins/{slot}/shadow", Need::Role(Role::Admin)),
     ("POST", "/reset", Need::Role(Role::Admin)),
 ];
@@ -391,9 +393,8 @@ async fn audit(s: &AppState, caller: &Caller, action: &str, target: &str, status
         outcome: outcome.into(),
     };
     if let Err(e) = s.engine.action_log().record_action(record.clone()).await {
-        metrics::counter!(telemetry::ERRORS, "stage" => "audit", "error_type" => "store").increment(1);
-        tracing::error!(error = %e, action = record.action, target = record.target, token = record.token,
-            "an operator action could not be audited");
+        let why = format!("auditing {} by {}: {e}", record.action, record.token);
+        Failure::new(Stage::Audit, FailureKind::Store, why).emit(&record.target);
     }
 }
 

@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/plugins/{slot}", put(plugins::deploy).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
         .route("/plugins/{slot}/promote", post(plugins::promote))
         .route("/plugins/{slot}/rollback", post(plugins::rollback))
+        .route("/plugins/{slot}/versions/{version}/activate", post(plugins::activate))
         .route("/plugins/{slot}/shadow", axum::routing::delete(plugins::discard))
         .route("/plugins/{slot}/shadow-report", get(plugins::shadow_report))
         .route("/dead-letters", get(plugins::dead_letters))

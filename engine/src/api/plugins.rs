@@ -22,6 +22,7 @@ impl From<PluginError> for ApiError {
         match e {
             PluginError::Invalid(m) => ApiError::bad_request("invalid plugin", m),
             PluginError::State(m) => ApiError::new(StatusCode::CONFLICT, "not possible in the slot's state", m),
+            PluginError::NoVersion(m) => ApiError::not_found(m),
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin registry failed", other.to_string()),
         }
     }
@@ -55,7 +56,11 @@ pub struct DeployParams {
 #[utoipa::path(
     put, path = "/plugins/{slot}", params(DeployParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
-    responses((status = 201, body = Deployed), (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody)),
+    responses(
+        (status = 201, body = Deployed, description = "A new version"),
+        (status = 200, body = Deployed, description = "The bytes of a stored version, which is now active (or shadowed)"),
+        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+    ),
     security(("bearer" = []))
 )]
 pub async fn deploy(
@@ -70,8 +75,10 @@ pub async fn deploy(
         return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
     }
     let deployed = registry(&s)?.deploy(slot, body.to_vec(), p.shadow.unwrap_or(false)).await?;
-    tracing::info!(slot = %slot, version = deployed.version, shadow = deployed.shadow, ms = deployed.activation_ms, "plugin deployed");
-    Ok((StatusCode::CREATED, Json(deployed)))
+    tracing::info!(slot = %slot, version = deployed.version, shadow = deployed.shadow, reused = deployed.reused,
+        ms = deployed.activation_ms, "plugin deployed");
+    let status = if deployed.reused { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(deployed)))
 }
 
 /// Makes the shadow version active.
@@ -84,6 +91,19 @@ pub async fn promote(State(s): State<AppState>, Path(name): Path<String>) -> Res
 #[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
 pub async fn rollback(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
     Ok(Json(registry(&s)?.rollback(slot(&name)?).await?))
+}
+
+/// Makes any stored version of the slot active.
+#[utoipa::path(
+    post, path = "/plugins/{slot}/versions/{version}/activate",
+    responses((status = 200, body = VersionInfo), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn activate(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, u64)>,
+) -> Result<Json<VersionInfo>, ApiError> {
+    Ok(Json(registry(&s)?.activate(slot(&name)?, version).await?))
 }
 
 /// Stops the shadow run without promoting it.

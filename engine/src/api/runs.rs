@@ -28,8 +28,8 @@ impl From<RunError> for ApiError {
             RunError::NotFound => ApiError::not_found("run not found"),
             RunError::Store(e) => e.into(),
             RunError::Switch(e) => {
-                let mut err =
-                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the purge was not kept; retry", e.to_string());
+                let what = "a switch every instance must see (a run's hold or purge) was not kept; retry";
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, what, e.to_string());
                 err.retry_after = Some(5);
                 err
             }

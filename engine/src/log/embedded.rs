@@ -21,19 +21,15 @@ fn table(p: Priority) -> &'static str {
     }
 }
 
-fn idx(p: Priority) -> usize {
-    p as usize
-}
-
 /// Positions every party can see without touching the database.
 #[derive(Default)]
 struct Marks {
     /// Highest offset appended durably, per priority.
-    appended: [AtomicU64; 2],
+    appended: PerPriority<AtomicU64>,
     /// Highest offset committed durably, per priority.
-    committed: [AtomicU64; 2],
+    committed: PerPriority<AtomicU64>,
     /// Highest offset a reset dropped, per priority: consumers skip to it.
-    cleared: [AtomicU64; 2],
+    cleared: PerPriority<AtomicU64>,
     arrived: Notify,
     /// Why the last group commit failed; cleared by the next one that succeeds.
     failure: Mutex<Option<String>>,
@@ -92,8 +88,8 @@ impl EmbeddedLog {
                 .optional()
                 .map_err(backend)?
                 .unwrap_or(0);
-            marks.appended[idx(p)].store(appended as u64, Ordering::SeqCst);
-            marks.committed[idx(p)].store(committed as u64, Ordering::SeqCst);
+            marks.appended[p].store(appended as u64, Ordering::SeqCst);
+            marks.committed[p].store(committed as u64, Ordering::SeqCst);
         }
         let (cmds, rx) = mpsc::channel();
         let writer_marks = marks.clone();
@@ -118,10 +114,10 @@ const RETRY_FIRST: Duration = Duration::from_millis(50);
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>) {
     let mut last_truncate = Instant::now();
-    let mut truncated = [0u64; 2];
+    let mut truncated = PerPriority::<u64>::default();
     // Commits not yet durable: a failed group commit keeps them for the next attempt,
     // which comes by itself (with backoff) even if nothing else is queued.
-    let mut pending = [None::<u64>; 2];
+    let mut pending = PerPriority::<Option<u64>>::default();
     let mut retry = RETRY_FIRST;
     loop {
         // Commits waiting, or a failure not yet cleared: try again soon, by itself.
@@ -156,8 +152,8 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
         if last_truncate.elapsed() >= TRUNCATE_EVERY {
             last_truncate = Instant::now();
             for p in Priority::ALL {
-                let upto = marks.committed[idx(p)].load(Ordering::SeqCst).min(truncated[idx(p)] + TRUNCATE_MAX);
-                if upto > truncated[idx(p)] {
+                let upto = marks.committed[p].load(Ordering::SeqCst).min(truncated[p] + TRUNCATE_MAX);
+                if upto > truncated[p] {
                     // A route lapses with its key's last record: nothing of the order is
                     // queued there any more, so its next record may go by its own priority.
                     let records = format!("DELETE FROM {} WHERE pos <= ?1", table(p));
@@ -166,7 +162,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, marks: Arc<Marks>)
                         .execute(&records, [upto as i64])
                         .and_then(|_| conn.execute(routes, params![p.label(), upto as i64]));
                     match deleted {
-                        Ok(_) => truncated[idx(p)] = upto,
+                        Ok(_) => truncated[p] = upto,
                         Err(e) => tracing::warn!(error = %e, "log truncation failed"),
                     }
                 }
@@ -184,12 +180,12 @@ fn cmd_len(cmd: &Cmd) -> usize {
 
 /// Writes every queued append and commit (with the commits still pending from a failed
 /// attempt) in one transaction, then acknowledges them. True when it was written.
-fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: &mut [Option<u64>; 2]) -> bool {
+fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: &mut PerPriority<Option<u64>>) -> bool {
     let now = micros(chrono::Utc::now());
-    let mut last = [None::<u64>; 2];
+    let mut last = PerPriority::<Option<u64>>::default();
     for cmd in &batch {
         if let Cmd::Commit { priority, offset } = cmd {
-            let c = &mut pending[idx(*priority)];
+            let c = &mut pending[*priority];
             *c = Some(c.map_or(*offset, |c| c.max(*offset)));
         }
     }
@@ -209,7 +205,7 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
                             format!("INSERT INTO {} (key, payload, appended_at) VALUES (?1, ?2, ?3)", table(priority));
                         tx.prepare_cached(&sql)?.execute(params![r.key, r.payload, now])?;
                         let pos = tx.last_insert_rowid();
-                        last[idx(priority)] = Some(pos as u64);
+                        last[priority] = Some(pos as u64);
                         tx.prepare_cached(
                             "INSERT INTO routes (key, priority, last_pos) VALUES (?1, ?2, ?3)
                              ON CONFLICT(key) DO UPDATE SET last_pos = excluded.last_pos",
@@ -232,7 +228,7 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
             .execute([now])?;
         }
         for p in Priority::ALL {
-            if let Some(offset) = commits[idx(p)] {
+            if let Some(offset) = commits[p] {
                 tx.prepare_cached(
                     "INSERT INTO offsets (partition, committed) VALUES (?1, ?2)
                      ON CONFLICT(partition) DO UPDATE SET committed = max(committed, excluded.committed)",
@@ -244,15 +240,15 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
     })();
     if result.is_ok() {
         for p in Priority::ALL {
-            if let Some(o) = last[idx(p)] {
-                marks.appended[idx(p)].fetch_max(o, Ordering::SeqCst);
+            if let Some(o) = last[p] {
+                marks.appended[p].fetch_max(o, Ordering::SeqCst);
             }
-            if let Some(o) = commits[idx(p)] {
-                marks.committed[idx(p)].fetch_max(o, Ordering::SeqCst);
+            if let Some(o) = commits[p] {
+                marks.committed[p].fetch_max(o, Ordering::SeqCst);
             }
         }
         marks.arrived.notify_one();
-        *pending = [None; 2];
+        *pending = PerPriority::default();
     }
     let failure = result.as_ref().err().map(|e| format!("the embedded log cannot write: {e}"));
     if let Some(f) = &failure {
@@ -302,8 +298,8 @@ impl OrderLog for EmbeddedLog {
         // then deletes it), and skipped by the consumer from its next poll.
         self.flush().await?;
         for p in Priority::ALL {
-            let end = self.marks.appended[idx(p)].load(Ordering::SeqCst);
-            self.marks.cleared[idx(p)].fetch_max(end, Ordering::SeqCst);
+            let end = self.marks.appended[p].load(Ordering::SeqCst);
+            self.marks.cleared[p].fetch_max(end, Ordering::SeqCst);
             self.cmds.send(Cmd::Commit { priority: p, offset: end }).map_err(|_| LogError::Closed)?;
         }
         self.flush().await
@@ -322,7 +318,7 @@ impl OrderLog for EmbeddedLog {
         }
         *taken = true;
         let conn = open(&self.path).map_err(backend)?;
-        let committed = [0, 1].map(|i| self.marks.committed[i].load(Ordering::SeqCst));
+        let committed = self.marks.committed.map(|c| c.load(Ordering::SeqCst));
         Ok(Box::new(EmbeddedConsumer {
             conn: Arc::new(Mutex::new(conn)),
             cmds: self.cmds.clone(),
@@ -333,8 +329,8 @@ impl OrderLog for EmbeddedLog {
     }
 
     fn depth(&self, p: Priority) -> u64 {
-        let appended = self.marks.appended[idx(p)].load(Ordering::SeqCst);
-        appended.saturating_sub(self.marks.committed[idx(p)].load(Ordering::SeqCst))
+        let appended = self.marks.appended[p].load(Ordering::SeqCst);
+        appended.saturating_sub(self.marks.committed[p].load(Ordering::SeqCst))
     }
 
     fn problem(&self) -> Option<String> {
@@ -347,31 +343,31 @@ struct EmbeddedConsumer {
     cmds: mpsc::Sender<Cmd>,
     marks: Arc<Marks>,
     /// Last offset handed out by poll.
-    position: [u64; 2],
+    position: PerPriority<u64>,
     /// Last offset this consumer committed.
-    committed: [u64; 2],
+    committed: PerPriority<u64>,
 }
 
 impl EmbeddedConsumer {
     /// Moves past what a reset dropped.
     fn skip_cleared(&mut self, p: Priority) {
-        let cleared = self.marks.cleared[idx(p)].load(Ordering::SeqCst);
-        self.position[idx(p)] = self.position[idx(p)].max(cleared);
-        self.committed[idx(p)] = self.committed[idx(p)].max(cleared);
+        let cleared = self.marks.cleared[p].load(Ordering::SeqCst);
+        self.position[p] = self.position[p].max(cleared);
+        self.committed[p] = self.committed[p].max(cleared);
     }
 }
 
 #[async_trait]
 impl LogConsumer for EmbeddedConsumer {
     fn waiting(&self, p: Priority) -> u64 {
-        let from = self.position[idx(p)].max(self.marks.cleared[idx(p)].load(Ordering::SeqCst));
-        self.marks.appended[idx(p)].load(Ordering::SeqCst).saturating_sub(from)
+        let from = self.position[p].max(self.marks.cleared[p].load(Ordering::SeqCst));
+        self.marks.appended[p].load(Ordering::SeqCst).saturating_sub(from)
     }
 
     async fn poll(&mut self, p: Priority, max: usize) -> Result<Vec<Delivery>, LogError> {
         self.skip_cleared(p);
         let conn = self.conn.clone();
-        let after = self.position[idx(p)];
+        let after = self.position[p];
         let rows = tokio::task::spawn_blocking(move || -> rusqlite::Result<Vec<Delivery>> {
             let conn = conn.lock().unwrap_or_else(|p| p.into_inner());
             let sql =
@@ -393,7 +389,7 @@ impl LogConsumer for EmbeddedConsumer {
         .map_err(|e| LogError::Backend(e.to_string()))?
         .map_err(backend)?;
         if let Some(last) = rows.last() {
-            self.position[idx(p)] = last.offset;
+            self.position[p] = last.offset;
         }
         Ok(rows)
     }
@@ -403,7 +399,7 @@ impl LogConsumer for EmbeddedConsumer {
         // store's idempotent apply absorbs. It rides on the next group commit.
         for p in Priority::ALL {
             if let Some(offset) = done.iter().filter(|d| d.priority == p).map(|d| d.offset).max() {
-                self.committed[idx(p)] = self.committed[idx(p)].max(offset);
+                self.committed[p] = self.committed[p].max(offset);
                 self.cmds.send(Cmd::Commit { priority: p, offset }).map_err(|_| LogError::Closed)?;
             }
         }
@@ -411,7 +407,7 @@ impl LogConsumer for EmbeddedConsumer {
     }
 
     fn rewind(&mut self, p: Priority) {
-        self.position[idx(p)] = self.committed[idx(p)];
+        self.position[p] = self.committed[p];
         self.skip_cleared(p);
     }
 

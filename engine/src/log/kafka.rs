@@ -14,15 +14,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Message, Timestamp};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::kafka_appender::Appender;
 use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
-use crate::cluster::{Cluster, Control};
-use crate::domain::{Order, PerPriority, Priority};
-use crate::plugin::registry::{Registry, SlotState};
-use crate::stream::{ChangeRelay, ChangeStream};
+use crate::domain::{PerPriority, Priority};
 
 /// Where and how to reach Kafka.
 #[derive(Debug, Clone)]
@@ -81,8 +77,21 @@ fn only_loopback(brokers: &str) -> bool {
     })
 }
 
-fn backend(e: impl std::fmt::Display) -> LogError {
+pub(crate) fn backend(e: impl std::fmt::Display) -> LogError {
     LogError::Backend(e.to_string())
+}
+
+/// The producer settings the order log and the cluster channels share.
+pub(crate) fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.brokers)
+        // Exactly one copy of each record per partition, in order, even across retries.
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "2")
+        .set("message.max.bytes", PLUGIN_RECORD_MAX)
+        .set("message.timeout.ms", "10000");
+    c
 }
 
 /// Lag per priority (records not yet committed by the group), kept fresh by a monitor thread.
@@ -102,8 +111,6 @@ struct Cleared {
 pub struct KafkaLog {
     config: KafkaConfig,
     cleared: Arc<Cleared>,
-    /// Relays and switches: idempotent, outside transactions.
-    producer: FutureProducer,
     /// Order events: transactional.
     appender: Appender,
     lag: Arc<Lag>,
@@ -159,19 +166,9 @@ impl KafkaLog {
                 Err((topic, code)) => return Err(LogError::Backend(format!("creating topic {topic}: {code}"))),
             }
         }
-        let mut producer_config = ClientConfig::new();
-        producer_config
-            .set("bootstrap.servers", &config.brokers)
-            // Exactly one copy of each record per partition, in order, even across retries.
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "2")
-            .set("message.max.bytes", PLUGIN_RECORD_MAX)
-            .set("message.timeout.ms", "10000");
-        let producer: FutureProducer = producer_config.create().map_err(backend)?;
         // Order events go in transactions, so a request is on the log whole or not at
         // all. The id is this process's own: nothing else writes under it.
-        let mut appends = producer_config.clone();
+        let mut appends = producer_config(&config);
         appends
             .set("transactional.id", format!("{}.append.{}", config.group, uuid::Uuid::now_v7()))
             // A crashed instance's open transaction holds its partitions' readers back
@@ -181,71 +178,12 @@ impl KafkaLog {
         let log = Arc::new(Self {
             config,
             cleared: Arc::default(),
-            producer,
             appender,
             lag: Arc::default(),
             routes: std::sync::OnceLock::new(),
         });
         spawn_lag_monitor(Arc::downgrade(&log))?;
         Ok(log)
-    }
-
-    /// The relay that puts applied changes on the changelog topic.
-    pub fn changelog(&self) -> Arc<KafkaChangelog> {
-        Arc::new(KafkaChangelog {
-            producer: self.producer.clone(),
-            topic: self.config.changes_topic.clone(),
-            dlq_topic: self.config.dlq_topic.clone(),
-            pending: Mutex::default(),
-            failed: Mutex::default(),
-        })
-    }
-
-    /// Follows every partition of the changelog from its end as of now, so this
-    /// instance sees every instance's later changes, and hands them to `stream`.
-    /// Partitions are assigned with explicit offsets (no group, no lazy "latest"
-    /// reset), so a change published right after this returns is never skipped.
-    pub fn follow_changelog(&self, stream: ChangeStream) -> Result<(), LogError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", format!("{}.changes.{}", self.config.group, uuid::Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            // Only committed transactions: a failed append leaves nothing to consume.
-            .set("isolation.level", "read_committed")
-            .set("fetch.wait.max.ms", "10")
-            .create()
-            .map_err(backend)?;
-        let timeout = Duration::from_secs(10);
-        let topic = &self.config.changes_topic;
-        let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(backend)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .filter(|t| t.name() == topic)
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
-        if partitions.is_empty() {
-            return Err(LogError::Backend(format!("the changelog topic {topic} has no partitions")));
-        }
-        let mut tpl = TopicPartitionList::new();
-        for p in partitions {
-            let (_, high) = consumer.fetch_watermarks(topic, p, timeout).map_err(backend)?;
-            tpl.add_partition_offset(topic, p, Offset::Offset(high)).map_err(backend)?;
-        }
-        consumer.assign(&tpl).map_err(backend)?;
-        std::thread::Builder::new()
-            .name("kafka-changelog".into())
-            .spawn(move || {
-                loop {
-                    match consumer.poll(Duration::from_millis(100)) {
-                        Some(Ok(m)) => deliver(&stream, m.payload()),
-                        Some(Err(e)) => tracing::warn!(error = %e, "changelog consumer"),
-                        None => {}
-                    }
-                }
-            })
-            .map_err(backend)?;
-        Ok(())
     }
 
     fn consumer_config(&self) -> ClientConfig {
@@ -264,229 +202,8 @@ impl KafkaLog {
     }
 }
 
-fn deliver(stream: &ChangeStream, payload: Option<&[u8]>) {
-    match serde_json::from_slice::<Order>(payload.unwrap_or_default()) {
-        Ok(order) => stream.deliver(order),
-        Err(e) => tracing::warn!(error = %e, "unreadable record on the changelog"),
-    }
-}
-
-/// Puts applied changes on the changelog topic; `flush` waits for the acknowledgements.
-pub struct KafkaChangelog {
-    producer: FutureProducer,
-    topic: String,
-    dlq_topic: String,
-    pending: Mutex<Vec<rdkafka::producer::DeliveryFuture>>,
-    /// A record that could not even be queued for a reason that may pass: the next
-    /// `flush` fails, so the batch is not committed and comes again.
-    failed: Mutex<Option<String>>,
-}
-
-/// Errors the same record always gets again: it can never be published, so retrying
-/// would stall its partition forever. Anything else (a broker away, a timeout) may pass.
-fn never_publishable(e: &rdkafka::error::KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(e.rdkafka_error_code(), Some(MessageSizeTooLarge | InvalidMessageSize | InvalidRecord | BadMessage))
-}
-
-impl KafkaChangelog {
-    /// Queues a record; `flush` waits for its acknowledgement.
-    fn queue(&self, topic: &str, key: &str, payload: &[u8]) {
-        loop {
-            match self.producer.send_result(FutureRecord::to(topic).key(key).payload(payload)) {
-                Ok(delivery) => {
-                    self.pending.lock().unwrap_or_else(|p| p.into_inner()).push(delivery);
-                    return;
-                }
-                // The producer's queue is full: wait for it to drain a little.
-                Err((rdkafka::error::KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err((e, _)) if never_publishable(&e) => {
-                    unpublishable(&e, topic, key);
-                    return;
-                }
-                Err((e, _)) => {
-                    let why = format!("queueing a record for {topic}: {e}");
-                    *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// The store holds the change; only its relay is lost. Said loudly and counted, and the
-/// pipeline goes on (the other instances' clients see the row at their next resync).
-fn unpublishable(e: &rdkafka::error::KafkaError, topic: &str, key: &str) {
-    crate::telemetry::error("unpublishable", "publish");
-    tracing::error!(error = %e, topic, key, "a record can never be published; skipped");
-}
-
-#[async_trait]
-impl ChangeRelay for KafkaChangelog {
-    fn send(&self, order: &Order) {
-        self.queue(&self.topic, &order.id, &serde_json::to_vec(order).expect("an order always serializes"));
-    }
-
-    fn dead_letter(&self, letter: &crate::store::DeadLetter) {
-        let key = letter.order_id.as_deref().unwrap_or(&letter.id);
-        self.queue(&self.dlq_topic, key, &serde_json::to_vec(letter).expect("a dead letter always serializes"));
-    }
-
-    async fn flush(&self) -> Result<(), String> {
-        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
-        let mut failure = self.failed.lock().unwrap_or_else(|p| p.into_inner()).take();
-        // Every acknowledgement is awaited, so none is left behind for the next batch.
-        for delivery in pending {
-            match delivery.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, record))) if never_publishable(&e) => {
-                    let key = record.key().map(String::from_utf8_lossy).unwrap_or_default();
-                    unpublishable(&e, record.topic(), &key);
-                }
-                Ok(Err((e, _))) => failure = failure.or(Some(e.to_string())),
-                Err(_) => failure = failure.or(Some("the producer dropped a change".into())),
-            }
-        }
-        failure.map_or(Ok(()), Err)
-    }
-
-    async fn send_now(&self, order: &Order) -> Result<(), String> {
-        let payload = serde_json::to_vec(order).expect("an order always serializes");
-        let record = FutureRecord::to(&self.topic).key(&order.id).payload(&payload);
-        match self.producer.send(record, Duration::from_secs(10)).await {
-            Ok(_) => Ok(()),
-            Err((e, _)) if never_publishable(&e) => {
-                unpublishable(&e, &self.topic, &order.id);
-                Ok(())
-            }
-            Err((e, _)) => Err(e.to_string()),
-        }
-    }
-}
-
 /// Plugin records carry the component (base64): room for the largest upload.
-const PLUGIN_RECORD_MAX: &str = "16777216";
-
-impl KafkaLog {
-    /// Publishes a slot's new state on the plugins topic (latest per slot survives compaction).
-    pub fn plugin_publisher(&self) -> Arc<dyn Fn(SlotState) + Send + Sync> {
-        let (producer, topic) = (self.producer.clone(), self.config.plugins_topic.clone());
-        Arc::new(move |state: SlotState| {
-            let payload = serde_json::to_vec(&state).expect("a slot state always serializes");
-            if let Err((e, _)) = producer.send_result(FutureRecord::to(&topic).key(state.slot.name()).payload(&payload))
-            {
-                tracing::error!(error = %e, slot = %state.slot, "could not publish a plugin deployment");
-            }
-        })
-    }
-
-    /// Applies every deployment on the plugins topic to `registry`: first all that are
-    /// there (before the engine starts consuming orders), then new ones as they come.
-    pub fn follow_plugins(&self, registry: Arc<Registry>) -> Result<(), LogError> {
-        let runtime = tokio::runtime::Handle::current();
-        let apply = move |payload: &[u8]| match serde_json::from_slice::<SlotState>(payload) {
-            Ok(state) => {
-                let slot = state.slot;
-                if let Err(e) = runtime.block_on(registry.apply(state)) {
-                    tracing::error!(error = %e, %slot, "could not apply a plugin deployment from another instance");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "unreadable record on the plugins topic"),
-        };
-        self.follow_compacted(&self.config.plugins_topic, "plugins", apply)
-    }
-
-    /// Applies every operator switch on the control topic: those there now (so a
-    /// restarted instance starts paused if the cluster is), then new ones.
-    pub fn follow_control(
-        &self,
-        pauses: Arc<crate::pipeline::Pauses>,
-        discards: Arc<crate::pipeline::Discards>,
-    ) -> Result<(), LogError> {
-        let apply = move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
-            Ok(Control::Pause { priority, paused }) => pauses.set(priority, paused),
-            Ok(Control::Purge { prefix }) => discards.add(prefix),
-            Ok(Control::Hold { priority, until }) => pauses.hold_until(priority, until),
-            Err(e) => tracing::warn!(error = %e, "unreadable record on the control topic"),
-        };
-        self.follow_compacted(&self.config.control_topic, "control", apply)
-    }
-
-    /// Reads a compacted topic from its start into `apply`: until caught up (assigned,
-    /// then quiet for a moment, within 30 s), then on a thread of its own as records come.
-    fn follow_compacted(
-        &self,
-        topic: &str,
-        name: &str,
-        mut apply: impl FnMut(&[u8]) + Send + 'static,
-    ) -> Result<(), LogError> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", format!("{}.{name}.{}", self.config.group, uuid::Uuid::new_v4().simple()))
-            .set("enable.auto.commit", "false")
-            // Only committed transactions: a failed append leaves nothing to consume.
-            .set("isolation.level", "read_committed")
-            .set("auto.offset.reset", "earliest")
-            .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
-            .create()
-            .map_err(backend)?;
-        consumer.subscribe(&[topic]).map_err(backend)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut quiet = 0;
-        while quiet < 5 {
-            if Instant::now() > deadline {
-                return Err(LogError::Backend(format!("the {name} topic did not catch up in 30 s")));
-            }
-            match consumer.poll(Duration::from_millis(200)) {
-                Some(Ok(m)) => {
-                    apply(m.payload().unwrap_or_default());
-                    quiet = 0;
-                }
-                _ if consumer.assignment().map(|a| a.count()).unwrap_or(0) > 0 => quiet += 1,
-                _ => {}
-            }
-        }
-        let name = name.to_string();
-        std::thread::Builder::new()
-            .name(format!("kafka-{name}"))
-            .spawn(move || {
-                loop {
-                    match consumer.poll(Duration::from_millis(200)) {
-                        Some(Ok(m)) => apply(m.payload().unwrap_or_default()),
-                        Some(Err(e)) => tracing::warn!(error = %e, topic = %name, "compacted topic consumer"),
-                        None => {}
-                    }
-                }
-            })
-            .map_err(backend)?;
-        Ok(())
-    }
-
-    /// The cluster port on this log: operator switches on the control topic.
-    pub fn cluster(&self) -> Arc<dyn Cluster> {
-        Arc::new(KafkaCluster { producer: self.producer.clone(), topic: self.config.control_topic.clone() })
-    }
-}
-
-/// Operator switches on a compacted topic, keyed by switch, so the latest of each is
-/// what a restarted instance reads back.
-struct KafkaCluster {
-    producer: FutureProducer,
-    topic: String,
-}
-
-#[async_trait]
-impl Cluster for KafkaCluster {
-    async fn publish(&self, control: Control) -> Result<(), LogError> {
-        let key = control.key();
-        let payload = serde_json::to_vec(&control).expect("a switch always serializes");
-        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
-        self.producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| backend(e))?;
-        Ok(())
-    }
-}
+pub(crate) const PLUGIN_RECORD_MAX: &str = "16777216";
 
 /// Every 200 ms: lag = high watermark − the group's committed offset, per priority.
 fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
@@ -653,8 +370,9 @@ impl OrderLog for KafkaLog {
     }
 
     async fn flush(&self) -> Result<(), LogError> {
-        use rdkafka::producer::Producer;
-        self.producer.flush(Duration::from_secs(10)).map_err(backend)
+        // Appends are acknowledged before they return, and commits go to the group's
+        // coordinator as they are made: nothing is held here.
+        Ok(())
     }
 
     fn problem(&self) -> Option<String> {

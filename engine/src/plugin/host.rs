@@ -14,6 +14,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 use super::bindings::resolver::{ConflictResolver as ResolverWorld, ConflictResolverPre};
 use super::bindings::rules::orchestrator::rules::host::{Host, Level};
 use super::bindings::rules::{OrderRules as RulesWorld, OrderRulesPre};
+use super::cache::CompileCache;
 use super::convert::host as wit;
 use super::{PluginError, Slot};
 use crate::domain::{Order, OrderEvent, OrderFields};
@@ -94,10 +95,23 @@ pub struct Runtime {
     rules_linker: Linker<Sandbox>,
     resolver_linker: Linker<Sandbox>,
     pub limits: Limits,
+    /// Compiled components kept across restarts, where the engine has a data dir.
+    cache: Option<CompileCache>,
 }
 
 impl Runtime {
+    /// A runtime that compiles every component it is given.
     pub fn new(limits: Limits) -> Result<Arc<Self>, PluginError> {
+        Self::build(limits, None)
+    }
+
+    /// A runtime that keeps compiled components in `dir`, so a restart loads them
+    /// instead of compiling them again.
+    pub fn with_cache(limits: Limits, dir: &std::path::Path) -> Result<Arc<Self>, PluginError> {
+        Self::build(limits, Some(dir))
+    }
+
+    fn build(limits: Limits, cache_dir: Option<&std::path::Path>) -> Result<Arc<Self>, PluginError> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
@@ -119,7 +133,15 @@ impl Runtime {
         ResolverWorld::add_to_linker::<_, HasSelf<_>>(&mut resolver_linker, |s| s)
             .map_err(|e| PluginError::Runtime(format!("{e:#}")))?;
 
-        let runtime = Arc::new(Self { engine, rules_linker, resolver_linker, limits });
+        // Without its cache the engine still runs; it compiles on every start.
+        let cache = cache_dir.and_then(|dir| {
+            CompileCache::open(dir, &engine)
+                .inspect_err(
+                    |e| tracing::warn!(dir = %dir.display(), error = %e, "no compile cache; compiling on start"),
+                )
+                .ok()
+        });
+        let runtime = Arc::new(Self { engine, rules_linker, resolver_linker, limits, cache });
         // A weak handle: the ticker ends with the runtime.
         let weak: Weak<Self> = Arc::downgrade(&runtime);
         std::thread::Builder::new()
@@ -139,8 +161,7 @@ impl Runtime {
     /// no imports but the host interface (WASI imports that Rust's std links in are
     /// allowed but trap if called: plugins get no ambient access).
     pub fn compile(self: &Arc<Self>, slot: Slot, bytes: &[u8]) -> Result<Compiled, PluginError> {
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| PluginError::Invalid(format!("not a valid WebAssembly component: {}", root_cause(&e))))?;
+        let component = self.component(bytes)?;
         let ty = component.component_type();
         for (name, item) in ty.imports(&self.engine) {
             let allowed = ["orchestrator:rules/host@1.", "orchestrator:rules/types@1.", "wasi:"]
@@ -170,11 +191,38 @@ impl Runtime {
                 root_cause(&e)
             ))
         };
-        let pre = match slot {
-            Slot::OrderRules => PreKind::Rules(OrderRulesPre::new(pre).map_err(world)?),
-            Slot::ConflictResolver => PreKind::Resolver(ConflictResolverPre::new(pre).map_err(world)?),
-        };
-        Ok(Compiled { runtime: self.clone(), pre })
+        Ok(match slot {
+            Slot::OrderRules => Compiled::Rules(Typed::new(self, OrderRulesPre::new(pre).map_err(world)?)),
+            Slot::ConflictResolver => {
+                Compiled::Resolver(Typed::new(self, ConflictResolverPre::new(pre).map_err(world)?))
+            }
+        })
+    }
+}
+
+impl Runtime {
+    /// What a component imports, by name: a plugin author's check that a build asks for
+    /// nothing but `orchestrator:rules/*` (and WASI, which traps).
+    pub fn imports(&self, bytes: &[u8]) -> Result<Vec<String>, PluginError> {
+        let component = self.component(bytes)?;
+        Ok(component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect())
+    }
+
+    /// The compiled component: from the cache when it holds it, else compiled (and
+    /// kept there).
+    fn component(&self, bytes: &[u8]) -> Result<Component, PluginError> {
+        let sha256 = super::sha256_hex(bytes);
+        if let Some(component) = self.cache.as_ref().and_then(|c| c.load(&self.engine, &sha256)) {
+            counter!(telemetry::PLUGIN_COMPILES, "source" => "cache").increment(1);
+            return Ok(component);
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| PluginError::Invalid(format!("not a valid WebAssembly component: {}", root_cause(&e))))?;
+        counter!(telemetry::PLUGIN_COMPILES, "source" => "compiled").increment(1);
+        if let Some(cache) = &self.cache {
+            cache.store(&sha256, &component);
+        }
+        Ok(component)
     }
 }
 
@@ -182,25 +230,135 @@ fn root_cause(e: &wasmtime::Error) -> String {
     format!("{e:#}")
 }
 
-enum PreKind {
-    Rules(OrderRulesPre<Sandbox>),
-    Resolver(ConflictResolverPre<Sandbox>),
+/// One of the two worlds a plugin implements, and how an instance of it starts.
+pub trait World: Sized + Send + 'static {
+    type Pre: Send + Sync + 'static;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self>;
 }
 
-/// A compiled, contract-checked plugin, ready to instantiate.
-pub struct Compiled {
+impl World for RulesWorld {
+    type Pre = OrderRulesPre<Sandbox>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+}
+
+impl World for ResolverWorld {
+    type Pre = ConflictResolverPre<Sandbox>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self> {
+        pre.instantiate(store)
+    }
+}
+
+/// A compiled, contract-checked plugin of one world, ready to instantiate.
+pub struct Typed<W: World> {
     runtime: Arc<Runtime>,
-    pre: PreKind,
+    pre: W::Pre,
 }
 
-enum Bindings {
-    Rules(RulesWorld),
-    Resolver(ResolverWorld),
+impl<W: World> Typed<W> {
+    fn new(runtime: &Arc<Runtime>, pre: W::Pre) -> Self {
+        Self { runtime: runtime.clone(), pre }
+    }
 }
 
-struct Instance {
+/// A compiled plugin, typed by the world its slot asked for.
+pub enum Compiled {
+    Rules(Typed<RulesWorld>),
+    Resolver(Typed<ResolverWorld>),
+}
+
+impl Compiled {
+    /// Loads it for calls: `id` is `slot@version#sha256:<12 hex>`.
+    pub fn load(self, version: u64, sha256: &str) -> Handle {
+        match self {
+            Compiled::Rules(t) => Handle::Rules(Loaded::new(t, Slot::OrderRules, version, sha256)),
+            Compiled::Resolver(t) => Handle::Resolver(Loaded::new(t, Slot::ConflictResolver, version, sha256)),
+        }
+    }
+}
+
+/// A loaded plugin version of either world: what the registry keeps per version.
+#[derive(Clone)]
+pub enum Handle {
+    Rules(Arc<Loaded<RulesWorld>>),
+    Resolver(Arc<Loaded<ResolverWorld>>),
+}
+
+impl Handle {
+    pub fn id(&self) -> &str {
+        match self {
+            Handle::Rules(l) => l.id(),
+            Handle::Resolver(l) => l.id(),
+        }
+    }
+
+    /// Starts the component and calls it once on a sample (a new order; a race on it
+    /// for a resolver): a component that reaches for an import the host does not give
+    /// (WASI) traps here, at upload, instead of on every event once it is live. What it
+    /// decides does not matter, only that it decides.
+    pub fn smoke_check(&self) -> Result<(), RuleError> {
+        let event = sample_event();
+        match self {
+            Handle::Rules(l) => {
+                l.check_instantiates()?;
+                let none = || RuleError { kind: RuleErrorKind::Instantiate, message: "no decision".into() };
+                l.decide_batch(&[(&event, None)]).pop().unwrap_or_else(|| Err(none())).map(drop)
+            }
+            Handle::Resolver(l) => {
+                l.check_instantiates()?;
+                let row = sample_row(&event);
+                let change = Order { note: "smoke check".into(), version: 2, ..row.clone() };
+                l.resolve(Some(&row), &row, &change).map(drop)
+            }
+        }
+    }
+}
+
+/// The order a smoke check decides: a plain new order, as any source sends one.
+fn sample_event() -> OrderEvent {
+    OrderEvent {
+        event_id: "smoke-check-1".into(),
+        order_id: "smoke-check".into(),
+        kind: crate::domain::EventKind::Created,
+        source: "smoke-check".into(),
+        occurred_at: chrono::Utc::now(),
+        payload: crate::domain::OrderChange {
+            customer: Some("smoke@example.com".into()),
+            tier: Some(crate::domain::Tier::Gold),
+            total_cents: Some(12_345),
+            currency: Some("USD".into()),
+            ..Default::default()
+        },
+        accepted_at: None,
+    }
+}
+
+/// The row the sample event makes.
+fn sample_row(event: &OrderEvent) -> Order {
+    Order {
+        id: event.order_id.clone(),
+        shopify_order_id: None,
+        customer: "smoke@example.com".into(),
+        tier: crate::domain::Tier::Gold,
+        priority: crate::domain::Priority::Normal,
+        status: crate::domain::Status::Pending,
+        total_cents: 12_345,
+        shipping_fee_cents: 0,
+        currency: "USD".into(),
+        note: String::new(),
+        version: 1,
+        created_at: event.occurred_at,
+        updated_at: event.occurred_at,
+        source_updated_at: None,
+        decided_by: "smoke-check".into(),
+        changed_at: Default::default(),
+    }
+}
+
+struct Instance<W> {
     store: Store<Sandbox>,
-    bindings: Bindings,
+    bindings: W,
 }
 
 /// Metric handles of one loaded plugin version.
@@ -210,19 +368,19 @@ struct PluginMetrics {
     duration: Histogram,
 }
 
-/// A plugin version loaded for calls: `id` is `slot@version#sha256:<12 hex>`.
-pub struct Loaded {
+/// A plugin version of world `W`, loaded for calls: `id` is `slot@version#sha256:<12 hex>`.
+pub struct Loaded<W: World> {
     id: String,
-    compiled: Compiled,
+    compiled: Typed<W>,
     /// Idle instances, reused across calls; one that failed is dropped, never reused.
-    idle: Mutex<Vec<Instance>>,
+    idle: Mutex<Vec<Instance<W>>>,
     metrics: PluginMetrics,
     /// Events in a row that timed out on every attempt (see [`Loaded::call`]).
     timed_out_in_a_row: AtomicU32,
 }
 
-impl Loaded {
-    pub fn new(compiled: Compiled, slot: Slot, version: u64, sha256: &str) -> Arc<Self> {
+impl<W: World> Loaded<W> {
+    fn new(compiled: Typed<W>, slot: Slot, version: u64, sha256: &str) -> Arc<Self> {
         let id = format!("{}@{version}#sha256:{}", slot.name(), &sha256[..12.min(sha256.len())]);
         let labels = [("plugin", slot.name().to_string()), ("version", version.to_string())];
         let metrics = PluginMetrics {
@@ -261,7 +419,7 @@ impl Loaded {
     }
 
     /// A fresh instance; its start runs under `stretch` times the deadline.
-    fn instantiate(&self, stretch: u64) -> Result<Instance, RuleError> {
+    fn instantiate(&self, stretch: u64) -> Result<Instance<W>, RuleError> {
         let rt = &self.compiled.runtime;
         let sandbox = Sandbox {
             memory_bytes: rt.limits.memory_bytes,
@@ -272,11 +430,8 @@ impl Loaded {
         let mut store = Store::new(&rt.engine, sandbox);
         store.limiter(|s| s);
         store.set_epoch_deadline(ticks(rt.limits.deadline) * stretch);
-        let bindings = match &self.compiled.pre {
-            PreKind::Rules(pre) => pre.instantiate(&mut store).map(Bindings::Rules),
-            PreKind::Resolver(pre) => pre.instantiate(&mut store).map(Bindings::Resolver),
-        };
-        let bindings = bindings.map_err(|e| classify(&e, store.data(), "instantiating"))?;
+        let bindings =
+            W::instantiate(&self.compiled.pre, &mut store).map_err(|e| classify(&e, store.data(), "instantiating"))?;
         Ok(Instance { store, bindings })
     }
 
@@ -292,7 +447,7 @@ impl Loaded {
     /// A plugin that really loops would cost every attempt on every event, so after
     /// [`LOOPING_AFTER`] events in a row failed all their attempts, each further event
     /// gets one attempt, until the plugin decides one again.
-    fn call<T>(&self, f: impl Fn(&mut Instance) -> wasmtime::Result<T>) -> Result<T, RuleError> {
+    fn call<T>(&self, f: impl Fn(&mut Instance<W>) -> wasmtime::Result<T>) -> Result<T, RuleError> {
         let looping = self.timed_out_in_a_row.load(AtomicOrdering::Relaxed) >= LOOPING_AFTER;
         let attempts = if looping { 1 } else { TIMEOUT_ATTEMPTS };
         let mut attempt = 1;
@@ -325,7 +480,7 @@ impl Loaded {
         &self,
         events: usize,
         stretch: u32,
-        f: impl Fn(&mut Instance) -> wasmtime::Result<T>,
+        f: impl Fn(&mut Instance<W>) -> wasmtime::Result<T>,
     ) -> Result<T, RuleError> {
         let taken = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut inst = match taken {
@@ -375,16 +530,15 @@ fn classify(e: &wasmtime::Error, sandbox: &Sandbox, doing: &str) -> RuleError {
     RuleError { kind, message: format!("{message}{said}") }
 }
 
-impl OrderRules for Loaded {
+impl OrderRules for Loaded<RulesWorld> {
     fn id(&self) -> &str {
         &self.id
     }
 
     fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
         let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
-        let batch = self.call_for(inputs.len(), 1, |inst| match &inst.bindings {
-            Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs),
-            Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+        let batch = self.call_for(inputs.len(), 1, |inst| {
+            inst.bindings.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs)
         });
         match batch {
             Ok(decisions) if decisions.len() == inputs.len() => {
@@ -400,13 +554,9 @@ impl OrderRules for Loaded {
             Err(_) => wit_inputs
                 .into_iter()
                 .map(|input| {
-                    self.call(|inst| match &inst.bindings {
-                        Bindings::Rules(b) => b.orchestrator_rules_rules().call_decide(
-                            &mut inst.store,
-                            &input.event,
-                            input.current.as_ref(),
-                        ),
-                        Bindings::Resolver(_) => unreachable!("a resolver is never loaded as rules"),
+                    self.call(|inst| {
+                        let rules = inst.bindings.orchestrator_rules_rules();
+                        rules.call_decide(&mut inst.store, &input.event, input.current.as_ref())
                     })
                     .map(wit::decision_back)
                 })
@@ -415,7 +565,7 @@ impl OrderRules for Loaded {
     }
 }
 
-impl ConflictResolver for Loaded {
+impl ConflictResolver for Loaded<ResolverWorld> {
     fn id(&self) -> &str {
         &self.id
     }
@@ -427,11 +577,9 @@ impl ConflictResolver for Loaded {
         change: &Order,
     ) -> Result<Result<OrderFields, String>, RuleError> {
         let (base, current, change) = (base.map(wit::order), wit::order(current), wit::order(change));
-        self.call(|inst| match &inst.bindings {
-            Bindings::Resolver(b) => {
-                b.orchestrator_rules_resolver().call_resolve(&mut inst.store, base.as_ref(), &current, &change)
-            }
-            Bindings::Rules(_) => unreachable!("rules are never loaded as a resolver"),
+        self.call(|inst| {
+            let resolver = inst.bindings.orchestrator_rules_resolver();
+            resolver.call_resolve(&mut inst.store, base.as_ref(), &current, &change)
         })
         .map(|r| r.map(wit::fields_back))
     }

@@ -1,25 +1,33 @@
 //! Rule plugins: the host bindings of the WIT contract, the Wasm sandbox, conversions
 //! to and from the domain types, and the registry of deployed versions per slot.
 
+pub mod cache;
 pub mod convert;
 pub mod host;
 pub mod native;
 pub mod registry;
+pub mod replication;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Host bindings generated from `schemas/wit`.
+/// A component's identity: the hex sha256 of its bytes.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Host bindings generated from the WIT the SDK bundles (`plugins/sdk/wit`).
 pub mod bindings {
     pub mod rules {
-        wasmtime::component::bindgen!({ world: "order-rules", path: "../schemas/wit" });
+        wasmtime::component::bindgen!({ world: "order-rules", path: "../plugins/sdk/wit" });
     }
     pub mod resolver {
         wasmtime::component::bindgen!({
             world: "conflict-resolver",
-            path: "../schemas/wit",
+            path: "../plugins/sdk/wit",
             with: {
                 "orchestrator:rules/types": super::rules::orchestrator::rules::types,
                 "orchestrator:rules/host": super::rules::orchestrator::rules::host,
@@ -35,6 +43,7 @@ pub mod builtin {
 }
 
 /// Where the test fixtures (hostile and variant plugins) were built.
+#[cfg(feature = "testing")]
 pub const FIXTURES_DIR: &str = env!("ORCHESTRATOR_PLUGIN_FIXTURES");
 
 /// A named place for a plugin; each holds one active version (and maybe a shadow).
@@ -47,6 +56,11 @@ pub enum Slot {
 
 impl Slot {
     pub const ALL: [Slot; 2] = [Slot::OrderRules, Slot::ConflictResolver];
+
+    /// Its place in [`Slot::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -81,6 +95,9 @@ pub enum PluginError {
     /// The request does not fit the slot's state (no shadow to promote, nothing to roll back to).
     #[error("{0}")]
     State(String),
+    /// No such version is stored.
+    #[error("{0}")]
+    NoVersion(String),
     #[error("plugin runtime: {0}")]
     Runtime(String),
     #[error("plugin repository: {0}")]

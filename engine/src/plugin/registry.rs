@@ -9,11 +9,10 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
-use super::host::{Loaded, Runtime};
-use super::{PluginError, Slot};
+use super::host::{Handle, Runtime};
+use super::{PluginError, Slot, sha256_hex};
 use crate::rules::{Rulebook, ShadowReport, ShadowRun};
 use crate::sqlite::{from_micros, micros, open};
 
@@ -85,23 +84,36 @@ pub struct Deployed {
     pub shadow: bool,
     /// From request to active (or shadowing), including compilation.
     pub activation_ms: f64,
+    /// The bytes were a stored version's: that version was made active (or shadowed)
+    /// again, and nothing was compiled or stored.
+    pub reused: bool,
 }
+
+/// Why an upload failed its first call, with what usually causes it.
+fn failed_smoke_check(e: &crate::rules::RuleError) -> String {
+    format!(
+        "the component failed its first call ({e}). The host gives plugins no WASI: a component that \
+         reaches for it (a clock, the environment, files) traps. Build Python with `componentize-py \
+         ... --stub-wasi` and JavaScript with `componentize-js ... -d all`; in Rust, leave out std's \
+         clock, env and fs"
+    )
+}
+
+const SHADOW_RULES_ONLY: &str = "shadow mode is available for the order-rules slot only";
 
 pub struct Registry {
     runtime: Arc<Runtime>,
     rulebook: Arc<Rulebook>,
     db: Mutex<Connection>,
     /// Loaded versions by (slot, version): compiled once, reused on rollback.
-    loaded: Mutex<HashMap<(Slot, u64), Arc<Loaded>>>,
+    loaded: Mutex<HashMap<(Slot, u64), Handle>>,
     /// Deploys, promotions and rollbacks happen one at a time.
     changes: tokio::sync::Mutex<()>,
     max_bytes: usize,
-    /// Carries each slot's new state to the other engine instances (Kafka mode).
-    replicator: Mutex<Option<Replicator>>,
+    /// Bumped per slot on every local change of its state, for `replication` to carry
+    /// to the other instances (a change applied from another instance is not bumped).
+    changed: tokio::sync::watch::Sender<[u64; 2]>,
 }
-
-/// Hands a slot's new state to the other engine instances.
-pub type Replicator = Arc<dyn Fn(SlotState) + Send + Sync>;
 
 /// A slot's row: the active version, the shadow one, and the stack rollback pops.
 struct SlotRow {
@@ -132,10 +144,6 @@ fn repo(e: rusqlite::Error) -> PluginError {
     PluginError::Repo(e.to_string())
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl Registry {
     /// Opens the registry, installing the built-in plugins in empty slots, and puts the
     /// active versions (and shadow) into the rulebook.
@@ -154,7 +162,7 @@ impl Registry {
             loaded: Mutex::default(),
             changes: Default::default(),
             max_bytes,
-            replicator: Mutex::default(),
+            changed: tokio::sync::watch::Sender::new([0; 2]),
         });
         for slot in Slot::ALL {
             if registry.find_slot_row(slot)?.is_none() {
@@ -163,19 +171,30 @@ impl Registry {
             }
             let SlotRow { active, shadow, .. } = registry.slot_row(slot)?;
             let loaded = registry.load(slot, active)?;
-            registry.install_active(slot, loaded);
+            registry.install_active(loaded);
             if let Some(v) = shadow {
-                registry.rulebook.set_shadow(Some(ShadowRun::new(registry.load(slot, v)?, v)));
+                registry.install_shadow(Some(registry.load(slot, v)?), v)?;
             }
         }
         Ok(registry)
     }
 
-    fn install_active(&self, slot: Slot, loaded: Arc<Loaded>) {
-        match slot {
-            Slot::OrderRules => self.rulebook.set_rules(loaded),
-            Slot::ConflictResolver => self.rulebook.set_resolver(loaded),
+    fn install_active(&self, loaded: Handle) {
+        match loaded {
+            Handle::Rules(rules) => self.rulebook.set_rules(rules),
+            Handle::Resolver(resolver) => self.rulebook.set_resolver(resolver),
         }
+    }
+
+    /// Runs `loaded` beside the active rules; only order rules have a shadow.
+    fn install_shadow(&self, loaded: Option<Handle>, version: u64) -> Result<(), PluginError> {
+        let run = match loaded {
+            None => None,
+            Some(Handle::Rules(rules)) => Some(ShadowRun::new(rules, version)),
+            Some(Handle::Resolver(_)) => return Err(PluginError::State(SHADOW_RULES_ONLY.into())),
+        };
+        self.rulebook.set_shadow(run);
+        Ok(())
     }
 
     /// The slot's row, which every slot has once the registry is open.
@@ -236,7 +255,7 @@ impl Registry {
     }
 
     /// The loaded version, compiling it from the repository on first use.
-    fn load(&self, slot: Slot, version: u64) -> Result<Arc<Loaded>, PluginError> {
+    fn load(&self, slot: Slot, version: u64) -> Result<Handle, PluginError> {
         if let Some(l) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&(slot, version)) {
             return Ok(l.clone());
         }
@@ -249,8 +268,7 @@ impl Registry {
             )
             .map_err(repo)?
         };
-        let compiled = self.runtime.compile(slot, &bytes)?;
-        let loaded = Loaded::new(compiled, slot, version, &sha);
+        let loaded = self.runtime.compile(slot, &bytes)?.load(version, &sha);
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
         Ok(loaded)
     }
@@ -266,48 +284,85 @@ impl Registry {
             )));
         }
         if shadow && slot != Slot::OrderRules {
-            return Err(PluginError::Invalid("shadow mode is available for the order-rules slot only".into()));
+            return Err(PluginError::Invalid(SHADOW_RULES_ONLY.into()));
         }
         let _one_at_a_time = self.changes.lock().await;
         let me = self.clone();
         let deployed = tokio::task::spawn_blocking(move || {
-            // Compile and instantiate before storing anything: a component that cannot
-            // run never becomes a version.
-            let (version, sha256) = (me.next_version(slot)?, sha256_hex(&bytes));
-            let loaded = Loaded::new(me.runtime.compile(slot, &bytes)?, slot, version, &sha256);
-            loaded
-                .check_instantiates()
-                .map_err(|e| PluginError::Invalid(format!("the component does not start: {e}")))?;
-            me.insert_version(slot, version, &bytes, "upload")?;
-            me.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
-            let SlotRow { active, shadow: current_shadow, mut stack } = me.slot_row(slot)?;
-            if shadow {
-                me.set_slot(slot, SlotRow { active, shadow: Some(version), stack }, "shadow", version)?;
-                me.rulebook.set_shadow(Some(ShadowRun::new(loaded, version)));
-            } else {
-                stack.push(version);
-                me.set_slot(slot, SlotRow { active: version, shadow: current_shadow, stack }, "deploy", version)?;
-                me.install_active(slot, loaded);
+            let sha256 = sha256_hex(&bytes);
+            let took = || started.elapsed().as_secs_f64() * 1e3;
+            // The bytes of a stored version: that version again, nothing compiled or stored.
+            if let Some(v) = me.versions(slot)?.into_iter().find(|v| v.sha256 == sha256) {
+                me.install_version(slot, v.version, shadow, "deploy")?;
+                let version = v.version;
+                return Ok(Deployed { slot, version, sha256, shadow, reused: true, activation_ms: took() });
             }
-            Ok(Deployed { slot, version, sha256, shadow, activation_ms: started.elapsed().as_secs_f64() * 1e3 })
+            // Compile and call once before storing anything: a component that cannot run
+            // never becomes a version.
+            let version = me.next_version(slot)?;
+            let loaded = me.runtime.compile(slot, &bytes)?.load(version, &sha256);
+            loaded.smoke_check().map_err(|e| PluginError::Invalid(failed_smoke_check(&e)))?;
+            me.insert_version(slot, version, &bytes, "upload")?;
+            me.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded);
+            me.install_version(slot, version, shadow, "deploy")?;
+            Ok(Deployed { slot, version, sha256, shadow, reused: false, activation_ms: took() })
         })
         .await
         .map_err(|e| PluginError::Runtime(e.to_string()))??;
-        self.replicate(slot)?;
+        self.replicate(slot);
         Ok(deployed)
+    }
+
+    /// Makes a stored version active, or (`shadow`) runs it beside the active one.
+    fn install_version(&self, slot: Slot, version: u64, shadow: bool, action: &str) -> Result<(), PluginError> {
+        let SlotRow { active, shadow: shadowed, mut stack } = self.slot_row(slot)?;
+        if shadow {
+            if version == active {
+                let why = format!("{slot}@{version} is the active version; a shadow runs a different one");
+                return Err(PluginError::State(why));
+            }
+            if shadowed != Some(version) {
+                let loaded = self.load(slot, version)?;
+                self.set_slot(slot, SlotRow { active, shadow: Some(version), stack }, "shadow", version)?;
+                self.install_shadow(Some(loaded), version)?;
+            }
+            return Ok(());
+        }
+        if version == active {
+            return Ok(());
+        }
+        let loaded = self.load(slot, version)?;
+        stack.push(version);
+        // Activating the shadow version ends its shadow run.
+        let still_shadowed = shadowed.filter(|v| *v != version);
+        self.set_slot(slot, SlotRow { active: version, shadow: still_shadowed, stack }, action, version)?;
+        if still_shadowed != shadowed {
+            self.rulebook.set_shadow(None);
+        }
+        self.install_active(loaded);
+        Ok(())
     }
 
     /// Makes the shadow version the active one.
     pub async fn promote(&self, slot: Slot) -> Result<VersionInfo, PluginError> {
         let _one_at_a_time = self.changes.lock().await;
-        let SlotRow { shadow, mut stack, .. } = self.slot_row(slot)?;
+        let SlotRow { shadow, .. } = self.slot_row(slot)?;
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version to promote")))?;
-        let loaded = self.load(slot, version)?;
-        stack.push(version);
-        self.set_slot(slot, SlotRow { active: version, shadow: None, stack }, "promote", version)?;
-        self.rulebook.set_shadow(None);
-        self.install_active(slot, loaded);
-        self.replicate(slot)?;
+        self.install_version(slot, version, false, "promote")?;
+        self.replicate(slot);
+        self.version_info(slot, version)
+    }
+
+    /// Makes any stored version active (`plugin rollback --to VERSION`).
+    pub async fn activate(&self, slot: Slot, version: u64) -> Result<VersionInfo, PluginError> {
+        let _one_at_a_time = self.changes.lock().await;
+        let stored: Vec<u64> = self.versions(slot)?.iter().map(|v| v.version).collect();
+        if !stored.contains(&version) {
+            let list = stored.iter().map(u64::to_string).collect::<Vec<_>>().join(", ");
+            return Err(PluginError::NoVersion(format!("{slot} has no version {version}; it keeps {list}")));
+        }
+        self.install_version(slot, version, false, "activate")?;
+        self.replicate(slot);
         self.version_info(slot, version)
     }
 
@@ -318,7 +373,8 @@ impl Registry {
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))?;
         self.set_slot(slot, SlotRow { active, shadow: None, stack }, "discard", version)?;
         self.rulebook.set_shadow(None);
-        self.replicate(slot)
+        self.replicate(slot);
+        Ok(())
     }
 
     /// Re-activates the version that was active before the current one.
@@ -334,14 +390,14 @@ impl Registry {
         };
         let loaded = self.load(slot, version)?;
         self.set_slot(slot, SlotRow { active: version, shadow, stack }, "rollback", version)?;
-        self.install_active(slot, loaded);
-        self.replicate(slot)?;
+        self.install_active(loaded);
+        self.replicate(slot);
         self.version_info(slot, version)
     }
 
-    /// From now on, every change of a slot is handed to `replicate`.
-    pub fn set_replicator(&self, replicate: Replicator) {
-        *self.replicator.lock().unwrap_or_else(|p| p.into_inner()) = Some(replicate);
+    /// Watches local changes: the generation of each slot's state, in `Slot::ALL` order.
+    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<[u64; 2]> {
+        self.changed.subscribe()
     }
 
     fn shipped(&self, slot: Slot, version: u64) -> Result<Shipped, PluginError> {
@@ -370,12 +426,9 @@ impl Registry {
         })
     }
 
-    fn replicate(&self, slot: Slot) -> Result<(), PluginError> {
-        let replicator = self.replicator.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        if let Some(replicate) = replicator {
-            replicate(self.state(slot)?);
-        }
-        Ok(())
+    /// Marks the slot's state changed here, for the other instances.
+    fn replicate(&self, slot: Slot) {
+        self.changed.send_modify(|generations| generations[slot.index()] += 1);
     }
 
     /// Makes this instance run what another instance deployed: the same version
@@ -411,21 +464,21 @@ impl Registry {
             stack.push(state.active.version);
             let row = SlotRow { active: state.active.version, shadow, stack: stack.clone() };
             self.set_slot(slot, row, "replicated", state.active.version)?;
-            self.install_active(slot, loaded);
+            self.install_active(loaded);
         }
         let wanted = state.shadow.as_ref().map(|s| s.version);
         if shadow != wanted {
             let row = SlotRow { active: state.active.version, shadow: wanted, stack };
             self.set_slot(slot, row, "replicated-shadow", wanted.unwrap_or(state.active.version))?;
-            let run = wanted.map(|v| self.load(slot, v).map(|l| ShadowRun::new(l, v))).transpose()?;
-            self.rulebook.set_shadow(run);
+            let loaded = wanted.map(|v| self.load(slot, v)).transpose()?;
+            self.install_shadow(loaded, wanted.unwrap_or_default())?;
         }
         Ok(())
     }
 
     pub fn shadow_report(&self, slot: Slot) -> Result<ShadowReport, PluginError> {
         if slot != Slot::OrderRules {
-            return Err(PluginError::State("shadow mode is available for the order-rules slot only".into()));
+            return Err(PluginError::State(SHADOW_RULES_ONLY.into()));
         }
         self.rulebook
             .shadow()

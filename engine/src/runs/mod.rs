@@ -149,8 +149,12 @@ impl Runs {
         };
         // NORMAL waits, on every instance, until the run's VIP orders are drained; VIP
         // flows from the start.
-        let held = self.engine.hold(Priority::Normal, true, self.config.lease).await.map_err(RunError::from);
-        if let Err(e) = held.and(save(&self.engine, &run).await.map_err(RunError::from)) {
+        // Saved only once held: a run recorded without its hold would be a phantom.
+        let started = match self.engine.hold(Priority::Normal, true, self.config.lease).await {
+            Ok(()) => save(&self.engine, &run).await.map_err(RunError::from),
+            Err(e) => Err(RunError::from(e)),
+        };
+        if let Err(e) = started {
             release(&self.engine, self.config.lease).await;
             return Err(e);
         }

@@ -11,6 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::engine::{Engine, IngestError};
+use crate::failure::{Failure, FailureKind, Stage};
 use crate::store::{Claim, StoreError, WebhookDelivery};
 use payload::TopicAction;
 use signature::Secrets;
@@ -224,19 +225,11 @@ async fn reject(
     // The id as a letter can hold it: printable, bounded (the bad field may be the id).
     let id: String = delivery_id.chars().filter(|c| c.is_ascii_graphic()).take(MAX_LETTER_ID).collect();
     let payload = String::from_utf8_lossy(&body[..body.len().min(MAX_LETTER_PAYLOAD)]).into_owned();
-    let letter = crate::store::DeadLetter {
-        id: format!("shopify:{id}"),
-        order_id: order_id.map(str::to_string),
-        stage: "webhook".into(),
-        error_type: "invalid_delivery".into(),
-        reason: format!("a signed delivery that cannot become an event: {reason}"),
-        decided_by: None,
-        payload,
-        recorded_at: chrono::Utc::now(),
-        replayed_at: None,
-    };
+    let why = format!("a signed delivery that cannot become an event: {reason}");
+    let failure = Failure::new(Stage::Webhook, FailureKind::InvalidDelivery, why);
+    let letter = failure.letter(format!("shopify:{id}"), order_id.map(str::to_string), payload);
     engine.reject_delivery(letter).await?;
-    tracing::warn!(delivery = id, reason, "a signed Shopify delivery was dead-lettered");
+    failure.emit(&id);
     audit.outcome = "rejected".into();
     audit.reason = Some(reason);
     Ok(WebhookAnswer { status: "rejected", order_id: order_id.map(str::to_string) })

@@ -2,6 +2,7 @@
 //! (insert-if-absent, compare-and-set on `version`, idempotent apply keyed by `event_id`,
 //! every outcome kept in a history), `Parking`, `DeadLetters`, `WebhookLedger` and `Runs`.
 
+#[cfg(any(test, feature = "testing"))]
 pub mod conformance;
 pub mod cql;
 pub mod embedded;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::{Order, Priority, Status};
+pub use crate::failure::DeadLetter;
 
 /// A backend's own error, kept as the source of a [`StoreError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -136,29 +138,6 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
     pub decided_by: String,
     pub recorded_at: DateTime<Utc>,
-}
-
-/// An event that could not be processed, with why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
-pub struct DeadLetter {
-    /// Unique per failed record: the event id, or the log position of an undecodable record.
-    pub id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub order_id: Option<String>,
-    /// The stage that failed: decode, rules, store.
-    pub stage: String,
-    /// A short machine-readable kind: malformed, rejected, conflict_retries_exhausted, ...
-    pub error_type: String,
-    pub reason: String,
-    /// Which rule refused it, when a rule did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub decided_by: Option<String>,
-    /// The raw record, as it was on the log.
-    pub payload: String,
-    pub recorded_at: DateTime<Utc>,
-    /// When an operator sent it through the pipeline again, if they did.
-    #[serde(default)]
-    pub replayed_at: Option<DateTime<Utc>>,
 }
 
 /// The answer to claiming a dead letter for replay.

@@ -120,16 +120,42 @@ fn cancel(o: &mut Open) -> (Value, Sent) {
     (event(&o.id, &id, "cancelled", json!({})), Sent { event_id: id, change: Change::Cancel, ack: Ack::Unknown })
 }
 
+/// Pauses between tries, doubling up to 2 s, until [`GIVE_UP`].
+struct Backoff {
+    deadline: Instant,
+    pause: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self { deadline: Instant::now() + GIVE_UP, pause: Duration::from_millis(100) }
+    }
+
+    /// Waits before the next try; false once the time is up.
+    async fn wait(&mut self) -> bool {
+        if Instant::now() > self.deadline {
+            return false;
+        }
+        tokio::time::sleep(self.pause).await;
+        self.pause = (self.pause * 2).min(Duration::from_secs(2));
+        true
+    }
+}
+
+/// An answer an outage gives, worth another try.
+fn outage(status: u16) -> bool {
+    [503, 408, 429].contains(&status)
+}
+
 /// POSTs one request until it is acknowledged, retrying what an outage refuses (503,
 /// timeouts, a dead engine) with backoff, the way Shopify and good producers do.
 async fn post_until_acked(http: &Http, rng: &mut Rng, journal: &Journal, path: &str, body: &Value) -> Ack {
-    let deadline = Instant::now() + GIVE_UP;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         journal.count("api: POST /orders/events");
         match http.client.post(http.url(rng, path)).bearer_auth(TOKEN).json(body).send().await {
             Ok(r) if r.status() == 202 => return Ack::Acked,
-            Ok(r) if [503, 408, 429].contains(&r.status().as_u16()) => {}
+            Ok(r) if outage(r.status().as_u16()) => {}
             Ok(r) => {
                 let status = r.status();
                 journal.problem(format!("POST {path} answered {status}: {}", r.text().await.unwrap_or_default()));
@@ -137,11 +163,9 @@ async fn post_until_acked(http: &Http, rng: &mut Rng, journal: &Journal, path: &
             }
             Err(_) => {}
         }
-        if Instant::now() > deadline {
+        if !backoff.wait().await {
             return Ack::Unknown;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -221,8 +245,7 @@ async fn api_producer(k: usize, mut rng: Rng, http: Http, journal: Arc<Journal>,
 
 /// Delivers one Shopify webhook until it is answered 200, as Shopify retries.
 async fn deliver(http: &Http, rng: &mut Rng, journal: &Journal, topic: &str, webhook_id: &str, body: &[u8]) -> Ack {
-    let deadline = Instant::now() + GIVE_UP;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         journal.count("shopify: delivery");
         let sent = http
@@ -246,7 +269,7 @@ async fn deliver(http: &Http, rng: &mut Rng, journal: &Journal, topic: &str, web
                 journal.problem(format!("webhook {webhook_id} ({topic}) answered 200 {answer}"));
                 return Ack::Unknown;
             }
-            Ok(r) if [503, 408, 429].contains(&r.status().as_u16()) => {}
+            Ok(r) if outage(r.status().as_u16()) => {}
             Ok(r) => {
                 let status = r.status();
                 journal
@@ -255,11 +278,9 @@ async fn deliver(http: &Http, rng: &mut Rng, journal: &Journal, topic: &str, web
             }
             Err(_) => {}
         }
-        if Instant::now() > deadline {
+        if !backoff.wait().await {
             return Ack::Unknown;
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
     }
 }
 

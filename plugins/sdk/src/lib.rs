@@ -31,7 +31,7 @@ pub mod bindings {
     pub mod rules {
         wit_bindgen::generate!({
             world: "order-rules",
-            path: "../../schemas/wit",
+            path: "wit",
             pub_export_macro: true,
             export_macro_name: "export_world",
             default_bindings_module: "orchestrator_sdk::bindings::rules",
@@ -42,7 +42,7 @@ pub mod bindings {
     pub mod resolver {
         wit_bindgen::generate!({
             world: "conflict-resolver",
-            path: "../../schemas/wit",
+            path: "wit",
             with: {
                 "orchestrator:rules/types@1.0.0": super::rules::orchestrator::rules::types,
                 "orchestrator:rules/host@1.0.0": super::rules::orchestrator::rules::host,

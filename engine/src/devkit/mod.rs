@@ -1,0 +1,191 @@
+//! `orchestrator plugin`: the plugin author's commands. `new` and `build` make and
+//! build a project, `test` runs a component here under the engine's sandbox; the others (status, deploy, promote, rollback, discard)
+//! speak a running engine's HTTP API, with a timeout on every call and the engine's
+//! JSON errors shown as they came.
+
+pub mod client;
+pub mod new;
+pub mod test;
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use client::Engine;
+
+/// Where the engine is and how to prove who we are.
+#[derive(Debug, Clone, Args)]
+pub struct Target {
+    /// The engine's base URL.
+    #[arg(long, env = "ORCHESTRATOR_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// An admin token. Without one, the token a loopback engine wrote to
+    /// <data-dir>/api-token is used.
+    #[arg(long, env = "ORCHESTRATOR_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// The engine's data dir, for its token file.
+    #[arg(long, env = "ORCHESTRATOR_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Print the engine's JSON answer instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PluginCommand {
+    /// Make a plugin project in ./NAME that builds anywhere (the SDK and WIT come with it).
+    New(new::NewArgs),
+    /// Build the project into a component, and show its size and imports.
+    Build(new::BuildArgs),
+    /// Slots, their active and shadow versions, every stored version, and how the
+    /// shadow compares.
+    Status(SlotArgs),
+    /// Upload a component (a `.wasm` file) to a slot; the same bytes as a stored version
+    /// make that version active again.
+    Deploy(DeployArgs),
+    /// Make the shadow version active.
+    Promote(SlotArgs),
+    /// Go back to the version active before this one, or (`--to`) to any stored version.
+    Rollback(RollbackArgs),
+    /// Stop the shadow run without promoting it.
+    Discard(SlotArgs),
+    /// Decide events with an order-rules component here, under the engine's sandbox;
+    /// fails when the plugin fails on any event. Needs no engine.
+    Test(test::TestArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SlotArgs {
+    /// order-rules or conflict-resolver.
+    #[arg(long, default_value = "order-rules")]
+    pub slot: String,
+    #[command(flatten)]
+    pub target: Target,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeployArgs {
+    /// The component to upload.
+    pub component: PathBuf,
+    /// Run it beside the active version, comparing decisions, instead of activating it.
+    #[arg(long)]
+    pub shadow: bool,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RollbackArgs {
+    /// Activate this stored version instead of the previous one.
+    #[arg(long)]
+    pub to: Option<u64>,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+}
+
+pub async fn run(command: PluginCommand) -> anyhow::Result<()> {
+    match command {
+        PluginCommand::Status(a) => status(a).await,
+        PluginCommand::Deploy(a) => deploy(a).await,
+        PluginCommand::Promote(a) => {
+            let engine = Engine::connect(&a.target)?;
+            let version = engine.post(&format!("/plugins/{}/promote", a.slot)).await?;
+            report(&a.target, &version, |v| format!("{} is now active", version_line(v)))
+        }
+        PluginCommand::Rollback(a) => {
+            let engine = Engine::connect(&a.slot.target)?;
+            let path = match a.to {
+                Some(n) => format!("/plugins/{}/versions/{n}/activate", a.slot.slot),
+                None => format!("/plugins/{}/rollback", a.slot.slot),
+            };
+            let version = engine.post(&path).await?;
+            report(&a.slot.target, &version, |v| format!("{} is now active", version_line(v)))
+        }
+        PluginCommand::New(a) => new::new(a),
+        PluginCommand::Build(a) => tokio::task::spawn_blocking(move || new::build(a)).await?,
+        PluginCommand::Test(a) => tokio::task::spawn_blocking(move || test::run(a)).await?,
+        PluginCommand::Discard(a) => {
+            let engine = Engine::connect(&a.target)?;
+            engine.delete(&format!("/plugins/{}/shadow", a.slot)).await?;
+            eprintln!("the shadow run of {} is stopped", a.slot);
+            Ok(())
+        }
+    }
+}
+
+async fn status(a: SlotArgs) -> anyhow::Result<()> {
+    let engine = Engine::connect(&a.target)?;
+    let slots = engine.get("/plugins").await?;
+    let slot = slots
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["slot"] == a.slot.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("the engine has no slot {:?}", a.slot))?;
+    let report = if slot["shadow"].is_null() {
+        None
+    } else {
+        Some(engine.get(&format!("/plugins/{}/shadow-report", a.slot)).await?)
+    };
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "slot": slot, "shadow_report": report }))?);
+        return Ok(());
+    }
+    println!("{}", a.slot);
+    println!("  active  {}", version_line(&slot["active"]));
+    if !slot["shadow"].is_null() {
+        println!("  shadow  {}", version_line(&slot["shadow"]));
+    }
+    if let Some(r) = &report {
+        println!(
+            "  shadow report: {} compared, {} agreed, {} differed, {} skipped, {} queued",
+            r["compared"], r["agreed"], r["differed"], r["skipped"], r["queued"]
+        );
+    }
+    println!("  stored versions:");
+    for v in slot["versions"].as_array().into_iter().flatten() {
+        println!("    {}", version_line(v));
+    }
+    Ok(())
+}
+
+async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&a.component)
+        .map_err(|e| anyhow::anyhow!("cannot read the component {}: {e}", a.component.display()))?;
+    let engine = Engine::connect(&a.slot.target)?;
+    let path = format!("/plugins/{}{}", a.slot.slot, if a.shadow { "?shadow=true" } else { "" });
+    eprintln!("uploading {} ({} bytes) to {}...", a.component.display(), bytes.len(), a.slot.slot);
+    let deployed = engine.put(&path, bytes).await?;
+    report(&a.slot.target, &deployed, |d| {
+        let role = if d["shadow"] == true { "shadowing the active version" } else { "active" };
+        let how = if d["reused"] == true { "the same bytes as stored version" } else { "new version" };
+        format!(
+            "{how} {} of {} is {role} ({:.0} ms)",
+            d["version"],
+            a.slot.slot,
+            d["activation_ms"].as_f64().unwrap_or(0.0)
+        )
+    })
+}
+
+/// `version 3  sha256:0123…  upload  1.2 MB  2026-12-02T10:00:00Z  decided_by …`
+fn version_line(v: &Value) -> String {
+    let sha = v["sha256"].as_str().unwrap_or("");
+    format!(
+        "version {}  sha256:{}  {}  {} bytes  {}",
+        v["version"],
+        &sha[..sha.len().min(12)],
+        v["origin"].as_str().unwrap_or(""),
+        v["size_bytes"],
+        v["created_at"].as_str().unwrap_or("")
+    )
+}
+
+/// Prints the answer as JSON (`--json`) or as one line for people.
+fn report(target: &Target, answer: &Value, line: impl Fn(&Value) -> String) -> anyhow::Result<()> {
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(answer)?);
+    } else {
+        println!("{}", line(answer));
+    }
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! A plugin author's first hour, scripted: `plugin new` in a directory outside the
+//! repository, `cargo test`, `plugin build`, `plugin test`, then deploy as a shadow to a
+//! real engine, promote, check the rows it decides, and roll back.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Server, TOKEN, created};
+
+/// Runs `orchestrator plugin ARGS` in `dir`; its success and both outputs.
+fn plugin(dir: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = common::orchestrator().current_dir(dir).arg("plugin").args(args).output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+/// Builds outside the temp dir, so a second CI run finds the dependencies compiled.
+fn build_dir(name: &str) -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    base.join("plugin-newcomer").join(name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_plugin_from_new_to_rollback() {
+    let home = tempfile::tempdir().unwrap();
+    let (ok, _, err) = plugin(home.path(), &["new", "free-gold", "--lang", "rust"]);
+    assert!(ok, "{err}");
+    let project = home.path().join("free-gold");
+    let (ok, _, err) = plugin(home.path(), &["new", "free-gold", "--lang", "rust"]);
+    assert!(!ok && err.contains("exists already"), "{err}");
+
+    // The project's own tests pass, natively.
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tested = Command::new(&cargo)
+        .args(["test", "--quiet", "--target-dir"])
+        .arg(build_dir("host"))
+        .current_dir(&project)
+        .env_remove("CARGO_TARGET_DIR")
+        .output()
+        .unwrap();
+    assert!(tested.status.success(), "{}", String::from_utf8_lossy(&tested.stderr));
+
+    let target = build_dir("wasm");
+    let (ok, out, err) = plugin(&project, &["build", ".", "--target-dir", target.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let component = out.trim().to_string();
+    assert!(component.ends_with("free_gold.wasm") && err.contains("imports: "), "{out}{err}");
+    assert!(err.contains("orchestrator:rules/host@1.0.0"), "the imports are listed: {err}");
+
+    let (ok, _, err) = plugin(&project, &["test", &component, "--generated", "300"]);
+    assert!(ok && err.contains("300 events: 300 upsert"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let url = s.url("");
+    let remote = |args: &[&str]| plugin(&project, &[args, &["--url", &url, "--api-token", TOKEN]].concat());
+    let (ok, out, err) = remote(&["deploy", &component, "--shadow"]);
+    assert!(ok && out.contains("new version 2"), "{out}{err}");
+    let (ok, out, err) = remote(&["promote"]);
+    assert!(ok && out.contains("version 2"), "{out}{err}");
+    let events = serde_json::json!([
+        created("gold-1", "gold-1", "GOLD", 15_000),
+        created("bronze-1", "bronze-1", "BRONZE", 15_000),
+    ]);
+    assert_eq!(s.post_events(&events).await.status(), 202);
+    s.drain(Duration::from_secs(20)).await;
+    for (id, fee) in [("gold-1", 0), ("bronze-1", 499)] {
+        let row = s.get_json(&format!("/orders/{id}")).await.1;
+        assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"), "{row}");
+        assert_eq!(row["shipping_fee_cents"], fee, "the new rule's fee: {row}");
+    }
+    let (ok, out, err) = remote(&["rollback"]);
+    assert!(ok && out.contains("version 1"), "{out}{err}");
+    assert_eq!(s.active("order-rules").await.0, 1);
+}
+
+#[test]
+fn a_project_from_the_default_rules_is_a_copy_of_them() {
+    let home = tempfile::tempdir().unwrap();
+    let (ok, _, err) = plugin(home.path(), &["new", "house-rules", "--from-default"]);
+    assert!(ok, "{err}");
+    let lib = std::fs::read_to_string(home.path().join("house-rules/src/lib.rs")).unwrap();
+    assert!(lib.contains("pub fn shipping_fee_cents") && lib.contains("export_order_rules!(Rules);"), "{lib}");
+    assert!(!lib.contains("cfg(feature = \"export\")"), "a copy always exports");
+    let sdk = home.path().join("house-rules/orchestrator-sdk");
+    assert!(sdk.join("wit/orchestrator.wit").is_file() && sdk.join("src/lib.rs").is_file());
+    let manifest = std::fs::read_to_string(sdk.join("Cargo.toml")).unwrap();
+    assert!(!manifest.contains(".workspace"), "the SDK stands alone: {manifest}");
+    let (ok, _, err) = plugin(home.path(), &["new", "9lives"]);
+    assert!(!ok && err.contains("must start with a letter"), "{err}");
+}
