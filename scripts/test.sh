@@ -26,15 +26,26 @@ if [ ${#packages[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-# schemathesis (from PyPI, pinned) fuzzes the API against its OpenAPI document; it lives
-# in a virtualenv outside the clone, made once.
+# schemathesis (from PyPI, pinned) fuzzes the API against its OpenAPI document, and
+# componentize-py builds the Python plugin of the newcomer test; they live in a
+# virtualenv outside the clone, made once.
 venv="$HOME/.cache/atomic-orchestrator/venv"
-if [ ! -x "$venv/bin/schemathesis" ]; then
-  echo "==> installing schemathesis into $venv"
-  python3 -m venv "$venv" || { as_root apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q 'schemathesis==4.32.5'
+if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/componentize-py" ]; then
+  echo "==> installing schemathesis and componentize-py into $venv"
+  [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
+    || { as_root apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"; }
+  "$venv/bin/pip" install -q 'schemathesis==4.32.5' 'componentize-py==0.25.1'
 fi
-export SCHEMATHESIS="$venv/bin/schemathesis"
+export SCHEMATHESIS="$venv/bin/schemathesis" COMPONENTIZE_PY="$venv/bin/componentize-py"
+
+# componentize-js (npm, pinned) builds the JavaScript plugin of the newcomer test, into
+# a directory outside the clone, once.
+node_tools="$HOME/.cache/atomic-orchestrator/node-tools"
+if [ ! -x "$node_tools/node_modules/.bin/componentize-js" ] && command -v npm >/dev/null; then
+  echo "==> installing componentize-js into $node_tools"
+  npm install --prefix "$node_tools" --no-audit --no-fund --silent '@bytecodealliance/componentize-js@0.23.0'
+fi
+export COMPONENTIZE_JS="$node_tools/node_modules/.bin/componentize-js"
 
 # The wasm targets for the rule plugins and the dashboard, and the lint tools
 # (rust-toolchain.toml asks for them too; engine/build.rs adds missing targets itself).

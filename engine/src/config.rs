@@ -170,8 +170,9 @@ pub struct ServeArgs {
     /// Memory cap of one plugin instance, in MiB.
     #[arg(long, env = "ORCHESTRATOR_PLUGIN_MEMORY_MIB", default_value_t = 16)]
     pub plugin_memory_mib: usize,
-    /// Largest accepted plugin upload, in bytes.
-    #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 8 << 20)]
+    /// Largest accepted plugin upload, in bytes: room for a Python component (about
+    /// 18 MB from componentize-py) or a JavaScript one (about 12 MB).
+    #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 32 << 20)]
     pub max_plugin_bytes: usize,
     #[command(flatten)]
     pub shopify: ShopifyArgs,

@@ -1,6 +1,8 @@
-//! A plugin author's first hour, scripted: `plugin new` in a directory outside the
-//! repository, `cargo test`, `plugin build`, `plugin test`, then deploy as a shadow to a
-//! real engine, promote, check the rows it decides, and roll back.
+//! A plugin author's first hour, scripted in Rust, Python and JavaScript: `plugin new`
+//! in a directory outside the repository, (`cargo test`), `plugin build`, `plugin test`,
+//! then deploy as a shadow to a real engine, promote, check the rows it decides, and roll
+//! back. Python and JS need componentize-py and componentize-js (COMPONENTIZE_PY,
+//! COMPONENTIZE_JS; scripts/test.sh installs both).
 
 mod common;
 
@@ -75,6 +77,61 @@ async fn a_rust_plugin_from_new_to_rollback() {
     let (ok, out, err) = remote(&["rollback"]);
     assert!(ok && out.contains("version 1"), "{out}{err}");
     assert_eq!(s.active("order-rules").await.0, 1);
+}
+
+/// The same first hour in Python (componentize-py, WASI stubbed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_from_new_to_rollback() {
+    if common::tool("COMPONENTIZE_PY").is_some() {
+        componentized_flow("python", "py-gold").await;
+    }
+}
+
+/// The same first hour in JavaScript (componentize-js, WASI features disabled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_javascript_plugin_from_new_to_rollback() {
+    if common::tool("COMPONENTIZE_JS").is_some() {
+        componentized_flow("js", "js-gold").await;
+    }
+}
+
+/// new, build (no WASI left), test, then deploy as a shadow to a real engine, promote,
+/// check that it decides like the Rust template, and roll back.
+async fn componentized_flow(lang: &str, name: &str) {
+    let home = tempfile::tempdir().unwrap();
+    let (ok, _, err) = plugin(home.path(), &["new", name, "--lang", lang]);
+    assert!(ok, "{err}");
+    let project = home.path().join(name);
+    let (ok, out, err) = plugin(&project, &["build"]);
+    assert!(ok, "{err}");
+    let component = out.trim().to_string();
+    assert!(component.ends_with(&format!("{}.wasm", name.replace('-', "_"))), "{out}");
+    let imports = err.lines().last().unwrap_or_default();
+    assert!(imports.contains("orchestrator:rules/") && !imports.contains("wasi:"), "WASI is left out: {imports}");
+
+    let (ok, _, err) = plugin(&project, &["test", &component, "--generated", "200"]);
+    assert!(ok && err.contains("200 events: 200 upsert"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let url = s.url("");
+    let remote = |args: &[&str]| plugin(&project, &[args, &["--url", &url, "--api-token", TOKEN]].concat());
+    let (ok, out, err) = remote(&["deploy", &component, "--shadow"]);
+    assert!(ok && out.contains("new version 2"), "{out}{err}");
+    let (ok, out, err) = remote(&["promote"]);
+    assert!(ok && out.contains("version 2"), "{out}{err}");
+    let (gold, bronze) = (format!("{lang}-gold-1"), format!("{lang}-bronze-1"));
+    let events =
+        serde_json::json!([created(&gold, &gold, "GOLD", 15_000), created(&bronze, &bronze, "BRONZE", 15_000)]);
+    assert_eq!(s.post_events(&events).await.status(), 202);
+    s.drain(Duration::from_secs(30)).await;
+    for (id, fee) in [(gold, 0), (bronze, 499)] {
+        let row = s.get_json(&format!("/orders/{id}")).await.1;
+        assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"), "{row}");
+        assert_eq!(row["shipping_fee_cents"], fee, "the {lang} rule's fee: {row}");
+    }
+    let (ok, out, err) = remote(&["rollback"]);
+    assert!(ok && out.contains("version 1"), "{out}{err}");
 }
 
 #[test]

@@ -8,14 +8,19 @@ use std::process::Command;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::plugin::Slot;
-use crate::plugin::host::Runtime;
-
-/// The plugin's language. Only Rust is made here so far.
+/// The plugin's language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Lang {
     Rust,
+    Python,
+    Js,
 }
+
+/// The componentize-py and componentize-js releases the templates are built and tested with.
+pub const COMPONENTIZE_PY: &str = "0.25.1";
+pub const COMPONENTIZE_JS: &str = "0.23.0";
+/// The WASI features a JavaScript build leaves out: the engine gives plugins none.
+const JS_WITHOUT: &[&str] = &["stdio", "random", "clocks", "http", "fetch-event"];
 
 #[derive(Debug, Clone, Args)]
 pub struct NewArgs {
@@ -43,8 +48,9 @@ const SDK: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../../../plugins/sdk/Cargo.toml")),
     ("src/lib.rs", include_str!("../../../plugins/sdk/src/lib.rs")),
     ("src/testing.rs", include_str!("../../../plugins/sdk/src/testing.rs")),
-    ("wit/orchestrator.wit", include_str!("../../../plugins/sdk/wit/orchestrator.wit")),
+    ("wit/orchestrator.wit", WIT),
 ];
+const WIT: &str = include_str!("../../../plugins/sdk/wit/orchestrator.wit");
 const DEFAULT_RULES: &str = include_str!("../../../plugins/order-rules/src/lib.rs");
 /// The engine's own lockfile: cargo keeps the versions the SDK was tested with and
 /// drops the rest, so a new project builds with known dependencies.
@@ -61,7 +67,39 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     anyhow::ensure!(!dir.exists(), "{} exists already; pick another name or remove it", dir.display());
     let crate_name = name.replace('-', "_");
     let fill = |t: &str| t.replace("{{name}}", name).replace("{{crate}}", &crate_name);
-    let rules = if args.from_default {
+    let files = match args.lang {
+        Lang::Rust => rust_project(&fill, args.from_default),
+        Lang::Python => {
+            anyhow::ensure!(!args.from_default, "--from-default makes Rust projects only, for now");
+            vec![
+                ("app.py".to_string(), fill(include_str!("templates/python/app.py"))),
+                ("README.md".to_string(), fill(include_str!("templates/python/README.md"))),
+                (".gitignore".to_string(), "/*.wasm\n/__pycache__\n".to_string()),
+                ("wit/orchestrator.wit".to_string(), WIT.to_string()),
+            ]
+        }
+        Lang::Js => {
+            anyhow::ensure!(!args.from_default, "--from-default makes Rust projects only, for now");
+            vec![
+                ("app.js".to_string(), fill(include_str!("templates/js/app.js"))),
+                ("package.json".to_string(), fill(include_str!("templates/js/package.json"))),
+                ("README.md".to_string(), fill(include_str!("templates/js/README.md"))),
+                (".gitignore".to_string(), "/*.wasm\n/node_modules\n".to_string()),
+                ("wit/orchestrator.wit".to_string(), WIT.to_string()),
+            ]
+        }
+    };
+    for (path, text) in &files {
+        let path = dir.join(path);
+        std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!("made {} ({} files); build it with `cd {name} && orchestrator plugin build`", dir.display(), files.len());
+    Ok(())
+}
+
+fn rust_project(fill: &dyn Fn(&str) -> String, from_default: bool) -> Vec<(String, String)> {
+    let rules = if from_default {
         // The default rules export only with their `export` feature; a copy always does.
         DEFAULT_RULES.replace("#[cfg(feature = \"export\")]\n", "")
     } else {
@@ -74,25 +112,42 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
         ("Cargo.lock".to_string(), LOCKFILE.to_string()),
         ("src/lib.rs".to_string(), rules),
     ];
-    if !args.from_default {
+    if !from_default {
         files.push(("tests/rules.rs".to_string(), fill(include_str!("templates/rust/rules_test.rs"))));
     }
     files.extend(SDK.iter().map(|(path, text)| (format!("orchestrator-sdk/{path}"), text.to_string())));
-    for (path, text) in &files {
-        let path = dir.join(path);
-        std::fs::create_dir_all(path.parent().unwrap_or(&dir))?;
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
-    }
-    eprintln!("made {} ({} files): `cd {name} && cargo test && orchestrator plugin build`", dir.display(), files.len());
-    Ok(())
+    files
 }
 
 pub fn build(args: BuildArgs) -> anyhow::Result<()> {
-    let manifest = args.dir.join("Cargo.toml");
-    anyhow::ensure!(manifest.is_file(), "{} has no Cargo.toml: is it a plugin project?", args.dir.display());
+    // Rust's std links WASI in and never calls it; the other toolchains must leave it out.
+    let (component, wasi_linked) = if args.dir.join("Cargo.toml").is_file() {
+        (build_rust(&args)?, true)
+    } else if args.dir.join("app.py").is_file() {
+        (build_python(&args.dir)?, false)
+    } else if args.dir.join("app.js").is_file() {
+        (build_js(&args.dir)?, false)
+    } else {
+        anyhow::bail!("{} holds no Cargo.toml, app.py or app.js: is it a plugin project?", args.dir.display());
+    };
+    let bytes = std::fs::read(&component)?;
+    let imports = imports(&bytes)?;
+    let given = |i: &&String| i.starts_with("orchestrator:rules/") || (wasi_linked && i.starts_with("wasi:"));
+    let outside: Vec<&String> = imports.iter().filter(|i| !given(i)).collect();
+    anyhow::ensure!(
+        outside.is_empty(),
+        "the component imports {outside:?}; the engine gives only orchestrator:rules/*"
+    );
+    println!("{}", component.display());
+    eprintln!("{} bytes; imports: {}", bytes.len(), imports.join(", "));
+    Ok(())
+}
+
+fn build_rust(args: &BuildArgs) -> anyhow::Result<PathBuf> {
     if let Err(why) = wasm_targets::ensure(&[TARGET]) {
         anyhow::bail!("{why}");
     }
+    let manifest = args.dir.join("Cargo.toml");
     let target_dir = args.target_dir.clone().unwrap_or_else(|| args.dir.join("target"));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(["build", "--release", "--target", TARGET, "--manifest-path"])
@@ -103,15 +158,68 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         .status()
         .context("could not run cargo")?;
     anyhow::ensure!(status.success(), "cargo build failed ({status}); see above");
-    let component = built_component(&manifest, &target_dir)?;
-    let bytes = std::fs::read(&component)?;
-    let runtime = Runtime::new(Default::default())?;
-    let imports = runtime.imports(&bytes)?;
-    // The contract check an upload gets, so a build that the engine refuses fails here.
-    runtime.compile(Slot::OrderRules, &bytes).context("the engine would refuse it")?;
-    println!("{}", component.display());
-    eprintln!("{} bytes; imports: {}", bytes.len(), imports.join(", "));
-    Ok(())
+    built_component(&manifest, &target_dir)
+}
+
+/// `componentize-py` with WASI stubbed (the engine gives none).
+fn build_python(dir: &Path) -> anyhow::Result<PathBuf> {
+    let tool = std::env::var("COMPONENTIZE_PY").unwrap_or_else(|_| "componentize-py".into());
+    let install = format!("pip install componentize-py=={COMPONENTIZE_PY}");
+    let args = ["-d", "wit", "-w", "order-rules", "componentize", "app", "--stub-wasi", "-o"];
+    componentize(dir, &tool, &install, "COMPONENTIZE_PY", &args)
+}
+
+/// `componentize-js` with every WASI feature disabled (the engine gives none). The
+/// project's own install (`npm install`) comes first, then COMPONENTIZE_JS, then PATH.
+fn build_js(dir: &Path) -> anyhow::Result<PathBuf> {
+    let local = dir.join("node_modules/.bin/componentize-js");
+    let tool = match std::env::var("COMPONENTIZE_JS") {
+        _ if local.is_file() => local.to_string_lossy().into_owned(),
+        Ok(tool) => tool,
+        Err(_) => "componentize-js".into(),
+    };
+    let install = format!("npm install (package.json pins @bytecodealliance/componentize-js {COMPONENTIZE_JS})");
+    let mut args = vec!["app.js", "--wit", "wit", "-n", "order-rules"];
+    for feature in JS_WITHOUT {
+        args.extend(["-d", feature]);
+    }
+    args.push("-o");
+    componentize(dir, &tool, &install, "COMPONENTIZE_JS", &args)
+}
+
+/// Runs a componentize tool in `dir` with `args` and the output `<dir name>.wasm` last.
+fn componentize(dir: &Path, tool: &str, install: &str, var: &str, args: &[&str]) -> anyhow::Result<PathBuf> {
+    let name = dir.canonicalize()?.file_name().map(|n| n.to_string_lossy().replace('-', "_")).unwrap_or_default();
+    let out = format!("{name}.wasm");
+    // Its chatter goes to stderr: stdout is the component's path alone, for scripts.
+    let status = Command::new(tool)
+        .current_dir(dir)
+        .args(args)
+        .arg(&out)
+        .stdout(std::io::stderr())
+        .status()
+        .map_err(|e| anyhow::anyhow!("could not run {tool} ({e}): {install}, or name the tool in {var}"))?;
+    anyhow::ensure!(status.success(), "{tool} failed ({status}); see above");
+    Ok(dir.join(out))
+}
+
+/// The names a component imports, read without compiling it.
+fn imports(bytes: &[u8]) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    let mut depth = 0;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        match payload.context("not a WebAssembly component")? {
+            wasmparser::Payload::Version { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth -= 1,
+            wasmparser::Payload::ComponentImportSection(section) if depth == 1 => {
+                for import in section {
+                    names.push(import?.name.name.to_string());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(names)
 }
 
 const TARGET: &str = "wasm32-wasip2";

@@ -67,7 +67,12 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
         deadline: std::time::Duration::from_millis(args.plugin_deadline_ms.max(1)),
         memory_bytes: args.plugin_memory_mib.max(1) << 20,
     };
-    let runtime = Runtime::new(limits)?;
+    // Compiled once per component and kept, as the engine does: a Python component
+    // takes seconds to compile.
+    let runtime = match cache_dir() {
+        Some(dir) => Runtime::with_cache(limits, &dir)?,
+        None => Runtime::new(limits)?,
+    };
     let handle = runtime.compile(Slot::OrderRules, &bytes)?.load(0, &crate::plugin::sha256_hex(&bytes));
     handle.smoke_check().map_err(|e| anyhow::anyhow!("the engine would refuse this component: {e}"))?;
     let Handle::Rules(rules) = handle else { anyhow::bail!("the component is not order rules") };
@@ -141,6 +146,14 @@ fn read_events(path: &std::path::Path) -> anyhow::Result<Vec<Input>> {
         inputs.push(input);
     }
     Ok(inputs)
+}
+
+/// `$XDG_CACHE_HOME/orchestrator/plugin-cache`, or under `~/.cache`.
+fn cache_dir() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("orchestrator").join("plugin-cache"))
 }
 
 /// New orders as the load generator makes them, the same ones on every run.

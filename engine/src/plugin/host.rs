@@ -201,13 +201,6 @@ impl Runtime {
 }
 
 impl Runtime {
-    /// What a component imports, by name: a plugin author's check that a build asks for
-    /// nothing but `orchestrator:rules/*` (and WASI, which traps).
-    pub fn imports(&self, bytes: &[u8]) -> Result<Vec<String>, PluginError> {
-        let component = self.component(bytes)?;
-        Ok(component.component_type().imports(&self.engine).map(|(name, _)| name.to_string()).collect())
-    }
-
     /// The compiled component: from the cache when it holds it, else compiled (and
     /// kept there).
     fn component(&self, bytes: &[u8]) -> Result<Component, PluginError> {

@@ -327,6 +327,22 @@ pub fn service(var: &str) -> Option<String> {
     }
 }
 
+/// A command-line tool the tests drive, named by `var` (`SCHEMATHESIS`, `COMPONENTIZE_PY`)
+/// or found on PATH under its default name. Missing on CI is a failure, never a skip.
+pub fn tool(var: &str) -> Option<String> {
+    let default = var.to_ascii_lowercase().replace('_', "-");
+    let bin = std::env::var(var).unwrap_or(default);
+    if std::process::Command::new(&bin).arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Some(bin);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{bin} ({var}) is required on CI; scripts/test.sh installs it"
+    );
+    eprintln!("{bin} is not installed ({var}); the README's test command installs it. Not checked here.");
+    None
+}
+
 /// A name no other test run uses (topics, groups, keyspaces).
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
