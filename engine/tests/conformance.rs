@@ -1,5 +1,9 @@
 //! Conformance: the default plugins, run in the Wasm sandbox, decide exactly as their
-//! code run natively (the reference rules) on 10k generated events and 10k races.
+//! code run natively (the reference rules) on 10k generated events and 10k races; and
+//! their ports to Python and JavaScript (`plugins/ports`), built and run through
+//! `orchestrator plugin build` and `plugin test`, decide exactly alike on 2,000 events.
+
+mod common;
 
 use chrono::{DateTime, Duration, Utc};
 use orchestrator::domain::*;
@@ -160,4 +164,64 @@ fn conflict_resolver_plugin_matches_the_native_resolver_on_10k_races() {
     }
     eprintln!("conformance: 10k identical merges (ok/rejected): {outcomes:?}");
     assert_eq!(outcomes.len(), 2, "both merges and rejections occur");
+}
+
+/// Copies a port and the WIT into a project of its own, builds it with `plugin build`,
+/// and returns the component's path.
+fn build_port(lang: &str, dir: &std::path::Path) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let project = dir.join(format!("{lang}-port"));
+    std::fs::create_dir_all(project.join("wit")).unwrap();
+    let app = if lang == "python" { "app.py" } else { "app.js" };
+    std::fs::copy(root.join("plugins/ports").join(lang).join(app), project.join(app)).unwrap();
+    std::fs::copy(root.join("plugins/sdk/wit/orchestrator.wit"), project.join("wit/orchestrator.wit")).unwrap();
+    let out = common::orchestrator().current_dir(&project).args(["plugin", "build"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "building the {lang} port: {err}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn ports_of_the_default_rules_decide_like_the_reference() {
+    let mut rng = SmallRng::seed_from_u64(2027);
+    let mut inputs: Vec<(OrderEvent, Option<Order>)> = Vec::new();
+    let mut i = 0;
+    while inputs.len() < 2_000 {
+        i += 1;
+        let e = event(&mut rng, i);
+        // What the engine would never hand to rules (a negative total, say) is left out.
+        if e.validate().is_err() {
+            continue;
+        }
+        let current = if rng.random_bool(0.7) { Some(order(&mut rng, &e.order_id)) } else { None };
+        inputs.push((e, current));
+    }
+    let refs: Vec<(&OrderEvent, Option<&Order>)> = inputs.iter().map(|(e, c)| (e, c.as_ref())).collect();
+    let expected: Vec<serde_json::Value> =
+        NativeRules.decide_batch(&refs).iter().map(orchestrator::rules::outcome_json).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events.jsonl");
+    let lines: Vec<String> =
+        inputs.iter().map(|(e, c)| serde_json::json!({ "event": e, "current": c }).to_string()).collect();
+    std::fs::write(&events, lines.join("\n")).unwrap();
+
+    for (lang, tool) in [("python", "COMPONENTIZE_PY"), ("js", "COMPONENTIZE_JS")] {
+        if common::tool(tool).is_none() {
+            continue;
+        }
+        let component = build_port(lang, dir.path());
+        let out = common::orchestrator()
+            .args(["plugin", "test", &component, "--events", events.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{lang}: {err}");
+        let decided: Vec<serde_json::Value> =
+            String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(decided.len(), expected.len(), "{lang}: one decision per event");
+        for (n, (got, want)) in decided.iter().zip(&expected).enumerate() {
+            assert_eq!(&got["outcome"], want, "{lang} differs on {:?} with {:?}", inputs[n].0, inputs[n].1);
+        }
+        eprintln!("{lang} port: {} identical decisions; {}", decided.len(), err.lines().last().unwrap_or_default());
+    }
 }

@@ -138,7 +138,8 @@ pub fn build(args: BuildArgs) -> anyhow::Result<()> {
         outside.is_empty(),
         "the component imports {outside:?}; the engine gives only orchestrator:rules/*"
     );
-    println!("{}", component.display());
+    // The full path, so that scripts can hand it on from anywhere.
+    println!("{}", component.canonicalize().unwrap_or(component).display());
     eprintln!("{} bytes; imports: {}", bytes.len(), imports.join(", "));
     Ok(())
 }
