@@ -165,6 +165,12 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Server::start(dir_a.path()).await;
     let b = Server::start_beside(dir_b.path(), &a).await;
+    // What one record cannot carry to the other instance is refused, with why (an 18 MB
+    // Python component would otherwise be active here and missing there).
+    let r = a.deploy("order-rules", vec![0u8; 7 << 20], false).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("deployments reach the other instances as one record"), "{body}");
     a.deploy_ok("order-rules", common::plugin("fixture_rules_v2"), false).await;
     let wait_for = |s: &Server, version: u64| {
         let s = s.url("/plugins");

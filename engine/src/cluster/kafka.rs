@@ -203,6 +203,10 @@ impl Cluster for KafkaCluster {
         }
     }
 
+    fn max_record_bytes(&self) -> usize {
+        PLUGIN_RECORD_MAX.parse().unwrap_or(1 << 20)
+    }
+
     fn follow(&self, channel: Channel, apply: Apply) -> Result<(), LogError> {
         match channel {
             Channel::Changes => self.follow_from_now(apply),

@@ -66,6 +66,9 @@ pub trait Cluster: Send + Sync {
     /// Sends one record and waits for its acknowledgement only.
     async fn send_now(&self, channel: Channel, key: &str, payload: &[u8]) -> Result<(), LogError>;
 
+    /// The largest record a channel takes, in bytes.
+    fn max_record_bytes(&self) -> usize;
+
     /// Hands `channel`'s records to `apply`, on a thread of its own: a kept channel's
     /// from its start, caught up before this returns; the changes' from now on. Blocks
     /// while it catches up.

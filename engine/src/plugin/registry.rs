@@ -110,6 +110,9 @@ pub struct Registry {
     /// Deploys, promotions and rollbacks happen one at a time.
     changes: tokio::sync::Mutex<()>,
     max_bytes: usize,
+    /// The largest component the cluster can carry to the other instances (no limit
+    /// without a cluster).
+    replicable: std::sync::atomic::AtomicUsize,
     /// Bumped per slot on every local change of its state, for `replication` to carry
     /// to the other instances (a change applied from another instance is not bumped).
     changed: tokio::sync::watch::Sender<[u64; 2]>,
@@ -163,6 +166,7 @@ impl Registry {
             changes: Default::default(),
             max_bytes,
             changed: tokio::sync::watch::Sender::new([0; 2]),
+            replicable: std::sync::atomic::AtomicUsize::new(usize::MAX),
         });
         for slot in Slot::ALL {
             if registry.find_slot_row(slot)?.is_none() {
@@ -283,6 +287,15 @@ impl Registry {
                 self.max_bytes
             )));
         }
+        let replicable = self.replicable.load(std::sync::atomic::Ordering::Relaxed);
+        if bytes.len() > replicable {
+            return Err(PluginError::Invalid(format!(
+                "the module is {} bytes; deployments reach the other instances as one record, which holds \
+                 components of at most {replicable} bytes here (Python and JavaScript components need the \
+                 embedded default until replication in chunks is built)",
+                bytes.len()
+            )));
+        }
         if shadow && slot != Slot::OrderRules {
             return Err(PluginError::Invalid(SHADOW_RULES_ONLY.into()));
         }
@@ -393,6 +406,11 @@ impl Registry {
         self.install_active(loaded);
         self.replicate(slot);
         self.version_info(slot, version)
+    }
+
+    /// Refuses uploads over `bytes` from now on: what the cluster can replicate.
+    pub fn limit_to_replicable(&self, bytes: usize) {
+        self.replicable.store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Watches local changes: the generation of each slot's state, in `Slot::ALL` order.

@@ -10,6 +10,9 @@ use super::registry::{Registry, SlotState};
 use crate::cluster::{Channel, Cluster};
 use crate::log::LogError;
 
+/// Room in a slot's record for what is not a component: the JSON around them.
+const STATE_OVERHEAD: usize = 64 << 10;
+
 /// Attempts to publish one state before it is given up (a later change publishes anew).
 const ATTEMPTS: u32 = 6;
 
@@ -17,6 +20,9 @@ const ATTEMPTS: u32 = 6;
 /// (before the engine consumes orders), then new ones as they come. Then carries this
 /// instance's own changes to the others. Blocks while it catches up.
 pub fn start(registry: Arc<Registry>, cluster: Arc<dyn Cluster>) -> Result<(), LogError> {
+    // A slot's state carries its active and its shadow component, base64 (4/3 the bytes).
+    let room = cluster.max_record_bytes().saturating_sub(STATE_OVERHEAD);
+    registry.limit_to_replicable(room / 2 / 4 * 3);
     let runtime = tokio::runtime::Handle::current();
     let applier = registry.clone();
     let apply = move |payload: &[u8]| match serde_json::from_slice::<SlotState>(payload) {
