@@ -143,8 +143,23 @@ async fn the_plugin_command_deploys_promotes_and_rolls_back() {
     let (ok, out, err) = cli(&["rollback", "--to", "1"]);
     assert!(ok && out.contains("version 1"), "{out}{err}");
     assert_eq!(s.active("order-rules").await.0, 1);
+    // A plugin's own words (here a panic's) come back through `plugin logs`.
+    let (ok, out, err) = cli(&["deploy", &{
+        let trap = dir.path().join("trap.wasm");
+        std::fs::write(&trap, plugin("fixture_trap")).unwrap();
+        trap.to_str().unwrap().to_string()
+    }]);
+    assert!(ok && out.contains("new version 3"), "{out}{err}");
+    assert_eq!(s.post_events(&created("poison-cli", "poison-cli", "GOLD", 100)).await.status(), 202);
+    s.drain(Duration::from_secs(20)).await;
+    let (ok, out, err) = cli(&["logs"]);
+    assert!(ok && out.contains("plugin=order-rules@3") && out.contains("poison order poison-cli"), "{out}{err}");
+    let (ok, out, err) = cli(&["logs", "--slot", "conflict-resolver"]);
+    assert!(ok && out.is_empty() && err.contains("no log lines"), "{out}{err}");
+    let (ok, out, err) = cli(&["rollback", "--to", "1"]);
+    assert!(ok && out.contains("version 1"), "{out}{err}");
     let (ok, _, err) = cli(&["rollback", "--to", "9"]);
-    assert!(!ok && err.contains("404") && err.contains("it keeps 1, 2"), "{err}");
+    assert!(!ok && err.contains("404") && err.contains("it keeps 1, 2, 3"), "{err}");
     let (ok, _, err) = cli(&["deploy", "/nonexistent.wasm"]);
     assert!(!ok && err.contains("cannot read the component /nonexistent.wasm"), "{err}");
 

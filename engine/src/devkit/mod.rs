@@ -50,6 +50,9 @@ pub enum PluginCommand {
     Rollback(RollbackArgs),
     /// Stop the shadow run without promoting it.
     Discard(SlotArgs),
+    /// The slot's plugins' recent log lines (INFO and above; a panic's message too),
+    /// from the engine's in-memory log, oldest first.
+    Logs(LogsArgs),
     /// Decide events with an order-rules component here, under the engine's sandbox;
     /// fails when the plugin fails on any event. Needs no engine.
     Test(test::TestArgs),
@@ -71,6 +74,15 @@ pub struct DeployArgs {
     /// Run it beside the active version, comparing decisions, instead of activating it.
     #[arg(long)]
     pub shadow: bool,
+    #[command(flatten)]
+    pub slot: SlotArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct LogsArgs {
+    /// How many of the engine's recent lines to look through (1..=500).
+    #[arg(long, default_value_t = 500)]
+    pub limit: u32,
     #[command(flatten)]
     pub slot: SlotArgs,
 }
@@ -105,6 +117,7 @@ pub async fn run(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::New(a) => new::new(a),
         PluginCommand::Build(a) => tokio::task::spawn_blocking(move || new::build(a)).await?,
         PluginCommand::Test(a) => tokio::task::spawn_blocking(move || test::run(a)).await?,
+        PluginCommand::Logs(a) => logs(a).await,
         PluginCommand::Discard(a) => {
             let engine = Engine::connect(&a.target)?;
             engine.delete(&format!("/plugins/{}/shadow", a.slot)).await?;
@@ -165,6 +178,31 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             d["activation_ms"].as_f64().unwrap_or(0.0)
         )
     })
+}
+
+async fn logs(a: LogsArgs) -> anyhow::Result<()> {
+    let engine = Engine::connect(&a.slot.target)?;
+    let lines = engine.get(&format!("/logs?limit={}", a.limit)).await?;
+    // The sandbox tags each line a plugin logs with the plugin's id, `slot@version#sha`.
+    let tag = format!("plugin={}@", a.slot.slot);
+    let mine: Vec<&Value> = lines
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(&tag)))
+        .collect();
+    if a.slot.target.json {
+        println!("{}", serde_json::to_string_pretty(&mine)?);
+        return Ok(());
+    }
+    for line in &mine {
+        let text = |k: &str| line[k].as_str().unwrap_or_default().to_string();
+        println!("{}  {:<5}  {}", text("at"), text("level"), text("message"));
+    }
+    if mine.is_empty() {
+        eprintln!("no log lines from {} plugins among the engine's last {}", a.slot.slot, a.limit);
+    }
+    Ok(())
 }
 
 /// `version 3  sha256:0123…  upload  1.2 MB  2026-12-02T10:00:00Z  decided_by …`
