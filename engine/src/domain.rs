@@ -370,6 +370,21 @@ pub struct OrderEvent {
     pub accepted_at: Option<DateTime<Utc>>,
 }
 
+/// The format of the records this engine writes and reads on the log (implicit: records
+/// carry `format` only from the first change that is not additive).
+pub const LOG_FORMAT: u64 = 1;
+
+/// Says which fields a log record had that this engine does not know, once a second at
+/// most: a newer engine's additions during a rolling upgrade, or an outside producer's
+/// typo.
+fn unknown_fields_dropped(fields: &[String]) {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(-1);
+    let second = Utc::now().timestamp();
+    if LAST.swap(second, std::sync::atomic::Ordering::Relaxed) != second {
+        tracing::warn!(?fields, "a log record had fields this engine does not know; applied without them");
+    }
+}
+
 /// The field names of `OrderEvent` and `OrderChange`, read from their JSON schema once,
 /// so a new field is known the moment it is declared.
 struct KnownFields {
@@ -445,20 +460,35 @@ impl OrderEvent {
     /// versioning), so fields that a newer engine wrote and this one does not know are
     /// dropped, and a rolling upgrade goes on. Producers at the API are still held to the
     /// exact schema.
-    pub fn from_log(bytes: &[u8]) -> Result<Self, serde_json::Error> {
+    pub fn from_log(bytes: &[u8]) -> Result<Self, String> {
         let strict = match serde_json::from_slice(bytes) {
             Ok(event) => return Ok(event),
             Err(e) => e,
         };
-        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Err(strict) };
+        let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(bytes) else { return Err(strict.to_string()) };
+        // A change that is not additive says so with a format number this engine reads.
+        if let Some(format) = value.get("format").and_then(|f| f.as_u64()).filter(|f| *f > LOG_FORMAT) {
+            return Err(format!(
+                "written in format {format}; this engine reads format {LOG_FORMAT}: upgrade it, then replay this"
+            ));
+        }
         let known = known_fields();
-        let Some(event) = value.as_object_mut() else { return Err(strict) };
+        let Some(event) = value.as_object_mut().filter(|_| !known.change.is_empty()) else {
+            return Err(strict.to_string());
+        };
+        let mut dropped: Vec<String> = event.keys().filter(|k| !known.event.contains(*k)).cloned().collect();
         event.retain(|k, _| known.event.contains(k));
         if let Some(payload) = event.get_mut("payload").and_then(|p| p.as_object_mut()) {
+            dropped.extend(payload.keys().filter(|k| !known.change.contains(*k)).map(|k| format!("payload.{k}")));
             payload.retain(|k, _| known.change.contains(k));
         }
-        // Still wrong without the unknown fields: the strict error says what is.
-        serde_json::from_value(value).map_err(|_| strict)
+        // Nothing unknown (a duplicate key, a bad value): the strict error says what is wrong.
+        if dropped.is_empty() {
+            return Err(strict.to_string());
+        }
+        let event: Self = serde_json::from_value(value).map_err(|_| strict.to_string())?;
+        unknown_fields_dropped(&dropped);
+        Ok(event)
     }
 
     pub fn validate(&self) -> Result<(), String> {
@@ -520,7 +550,7 @@ mod tests {
         let event = serde_json::json!({
             "event_id": "e1", "order_id": "o1", "kind": "updated", "source": "api",
             "occurred_at": "2026-12-01T10:00:00Z", "payload": {"note": "gift", "gift_wrap": true},
-            "format": 2,
+            "trace_id": "t-1",
         });
         let bytes = serde_json::to_vec(&event).unwrap();
         assert!(serde_json::from_slice::<OrderEvent>(&bytes).is_err(), "the API's schema stays exact");
@@ -529,8 +559,16 @@ mod tests {
 
         // What is wrong besides the new fields is still an error, and says what.
         let bad = serde_json::json!({"event_id": "e1", "order_id": "o1", "kind": "teleported", "source": "api",
+            "occurred_at": "2026-12-01T10:00:00Z", "trace_id": "t-1"});
+        let err = OrderEvent::from_log(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
+        assert!(err.contains("teleported") || err.contains("trace_id"), "{err}");
+        // A duplicate key is not forgiven: nothing unknown was dropped.
+        let twice = br#"{"event_id":"e1","event_id":"e2","order_id":"o1","kind":"updated","source":"api","occurred_at":"2026-12-01T10:00:00Z"}"#;
+        assert!(OrderEvent::from_log(twice).unwrap_err().contains("duplicate"));
+        // A format this engine does not read is refused with what to do.
+        let newer = serde_json::json!({"event_id": "e1", "order_id": "o1", "kind": "updated", "source": "api",
             "occurred_at": "2026-12-01T10:00:00Z", "format": 2});
-        let err = OrderEvent::from_log(&serde_json::to_vec(&bad).unwrap()).unwrap_err().to_string();
-        assert!(err.contains("format") || err.contains("teleported"), "{err}");
+        let err = OrderEvent::from_log(&serde_json::to_vec(&newer).unwrap()).unwrap_err();
+        assert!(err.contains("format 2") && err.contains("upgrade"), "{err}");
     }
 }

@@ -19,7 +19,8 @@ use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
-use crate::plugin::replication;
+use crate::plugin::replication::Replication;
+use crate::plugin::{PluginError, Slot};
 use crate::rules::Rulebook;
 use crate::store::{
     self, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
@@ -156,6 +157,11 @@ pub struct Engine {
     pipeline: Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
     /// Where operator pauses are kept: the cluster (Kafka), or a file (embedded).
     cluster: OnceLock<Arc<dyn Cluster>>,
+    /// Carries plugin deployments to the other instances, where there are any.
+    replication: OnceLock<Arc<Replication>>,
+    /// Plugin changes one at a time, each with its replication, so the cluster sees
+    /// them in the order they were made here.
+    plugin_changes: Arc<tokio::sync::Mutex<()>>,
     control_file: OnceLock<ControlFile>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
@@ -264,10 +270,13 @@ impl Engine {
                 log.set_route_book(cql.clone());
                 let stores = Stores::of(cql);
                 // Deployments go round the cluster: catch up before consuming orders.
-                if let Some(registry) = plugins.clone() {
-                    let cluster = cluster.clone();
-                    tokio::task::spawn_blocking(move || replication::start(registry, cluster)).await??;
-                }
+                let replication = match plugins.clone() {
+                    Some(registry) => {
+                        let cluster = cluster.clone();
+                        Some(tokio::task::spawn_blocking(move || Replication::start(registry, cluster)).await??)
+                    }
+                    None => None,
+                };
                 let engine = if config.follow_changes {
                     // Changes go round the cluster, so every instance's clients see all of them.
                     let changes = ChangeStream::new(config.change_buffer).with_relay(cluster.clone());
@@ -288,6 +297,9 @@ impl Engine {
                 let follower = cluster.clone();
                 tokio::task::spawn_blocking(move || follower.follow(Channel::Control, apply)).await??;
                 let _ = engine.cluster.set(cluster);
+                if let Some(replication) = replication {
+                    let _ = engine.replication.set(replication);
+                }
                 Ok(engine)
             }
         }
@@ -326,6 +338,8 @@ impl Engine {
             shutdown: watch::channel(false).0,
             pipeline: Mutex::new(None),
             cluster: OnceLock::new(),
+            replication: OnceLock::new(),
+            plugin_changes: Arc::default(),
             control_file: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
@@ -735,5 +749,30 @@ impl Engine {
     /// Deployed plugin versions; `None` when the engine runs the native rules.
     pub fn plugins(&self) -> Option<&Arc<Registry>> {
         self.plugins.as_ref()
+    }
+
+    /// Runs one change of `slot`'s plugins, then carries the slot's state to the other
+    /// instances before answering. It runs to the end on a task of its own, even when
+    /// the caller goes away, so no change is left half made.
+    pub async fn change_plugins<T, F>(
+        &self,
+        slot: Slot,
+        change: impl FnOnce(Arc<Registry>) -> F + Send + 'static,
+    ) -> Result<T, PluginError>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, PluginError>> + Send,
+    {
+        let registry = self.plugins.clone().ok_or(PluginError::Disabled)?;
+        let (lock, replication) = (self.plugin_changes.clone(), self.replication.get().cloned());
+        let task = tokio::spawn(async move {
+            let _one_at_a_time = lock.lock().await;
+            let done = change(registry).await?;
+            if let Some(replication) = replication {
+                replication.publish(slot).await?;
+            }
+            Ok(done)
+        });
+        task.await.map_err(|e| PluginError::Runtime(format!("the plugin change stopped: {e}")))?
     }
 }

@@ -223,7 +223,7 @@ struct Item<'a> {
 /// The event on a record, placed where the log accepted it unless it keeps an earlier
 /// place (a replayed dead letter).
 fn decode(d: &Delivery) -> Result<OrderEvent, String> {
-    let mut e = OrderEvent::from_log(&d.payload).map_err(|e| e.to_string())?;
+    let mut e = OrderEvent::from_log(&d.payload)?;
     e.validate()?;
     e.accepted_at.get_or_insert_with(|| match d.appended_at_us {
         us if us > 0 => crate::sqlite::from_micros(us),
@@ -1304,7 +1304,7 @@ mod tests {
             },
         );
         let mut newer = serde_json::to_value(&create).unwrap();
-        newer["format"] = serde_json::json!(2);
+        newer["trace_id"] = serde_json::json!("t-1");
         newer["payload"]["gift_wrap"] = serde_json::json!(true);
         let record = Delivery { payload: serde_json::to_vec(&newer).unwrap(), ..delivery(1, &create) };
         assert_eq!(p.process(&[record], &|| false).await.unwrap(), 1);

@@ -198,7 +198,10 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
         assert_eq!(row["shipping_fee_cents"], 0, "{row}");
         assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"));
     }
-    // A rollback on B reaches A.
+    // A rollback on B reaches A, with B's rollback stack: A has nothing earlier than v1
+    // either (on main A pushed v1 on top of its own [1, 2] and rolled back to v2 next).
     assert_eq!(b.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
     wait_for(&a, 1).await;
+    assert_eq!(a.post_authorized("/plugins/order-rules/rollback").await.status(), 409);
+    assert_eq!(b.active("order-rules").await.0, 1, "B's own state, come back round, changed nothing");
 }

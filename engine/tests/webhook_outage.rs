@@ -1,7 +1,7 @@
 //! The Shopify bridge with the log down (Kafka stopped): deliveries get 503 in time and
 //! leave no deduplication mark; Shopify's retries after recovery are applied once. A run
 //! started meanwhile cannot hold NORMAL on every instance: it gets 503 and is not
-//! recorded.
+//! recorded, and a plugin deployment is not reported done.
 
 mod common;
 
@@ -35,7 +35,13 @@ async fn deliveries_during_a_log_outage_get_503_and_their_retries_apply_once() {
     let run = run.send().await.unwrap();
     let (run_status, run_body) = (run.status(), run.json::<Value>().await.unwrap());
     let (_, runs) = s.get_json("/runs").await;
+    // A deployment that cannot reach the other instances is not reported done (on main
+    // it was 201, and the other instances never got it).
+    let deployed = s.deploy("order-rules", common::plugin("fixture_rules_v2"), false).await;
+    let (deploy_status, deploy_body) = (deployed.status(), deployed.text().await.unwrap());
     tokio::task::spawn_blocking(|| common::local_services("start", "kafka")).await.unwrap();
+    assert_eq!(deploy_status, 503, "{deploy_body}");
+    assert!(deploy_body.contains("did not get it"), "{deploy_body}");
     assert_eq!(run_status, 503, "a run cannot hold NORMAL with the log down: {run_body}");
     assert_eq!(runs["items"], json!([]), "a run that never held NORMAL is not recorded: {runs}");
     // Shopify's 5 s are kept by the engine's 4 s append budget (or a quicker log error):

@@ -20,9 +20,17 @@ use crate::store::{DeadLetter, Page};
 impl From<PluginError> for ApiError {
     fn from(e: PluginError) -> Self {
         match e {
+            PluginError::Disabled => {
+                ApiError::new(StatusCode::NOT_FOUND, "plugins are disabled", "the engine runs the native rules")
+            }
             PluginError::Invalid(m) => ApiError::bad_request("invalid plugin", m),
             PluginError::State(m) => ApiError::new(StatusCode::CONFLICT, "not possible in the slot's state", m),
             PluginError::NoVersion(m) => ApiError::not_found(m),
+            PluginError::Unreplicated(m) => {
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not replicated; retry", m);
+                err.retry_after = Some(5);
+                err
+            }
             other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin registry failed", other.to_string()),
         }
     }
@@ -74,7 +82,8 @@ pub async fn deploy(
     if body.is_empty() {
         return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
     }
-    let deployed = registry(&s)?.deploy(slot, body.to_vec(), p.shadow.unwrap_or(false)).await?;
+    let (bytes, shadow) = (body.to_vec(), p.shadow.unwrap_or(false));
+    let deployed = s.engine.change_plugins(slot, move |r| async move { r.deploy(slot, bytes, shadow).await }).await?;
     tracing::info!(slot = %slot, version = deployed.version, shadow = deployed.shadow, reused = deployed.reused,
         ms = deployed.activation_ms, "plugin deployed");
     let status = if deployed.reused { StatusCode::OK } else { StatusCode::CREATED };
@@ -84,13 +93,15 @@ pub async fn deploy(
 /// Makes the shadow version active.
 #[utoipa::path(post, path = "/plugins/{slot}/promote", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
 pub async fn promote(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
-    Ok(Json(registry(&s)?.promote(slot(&name)?).await?))
+    let slot = slot(&name)?;
+    Ok(Json(s.engine.change_plugins(slot, move |r| async move { r.promote(slot).await }).await?))
 }
 
 /// Re-activates the version that was active before the current one.
 #[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
 pub async fn rollback(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
-    Ok(Json(registry(&s)?.rollback(slot(&name)?).await?))
+    let slot = slot(&name)?;
+    Ok(Json(s.engine.change_plugins(slot, move |r| async move { r.rollback(slot).await }).await?))
 }
 
 /// Makes any stored version of the slot active.
@@ -103,13 +114,15 @@ pub async fn activate(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, u64)>,
 ) -> Result<Json<VersionInfo>, ApiError> {
-    Ok(Json(registry(&s)?.activate(slot(&name)?, version).await?))
+    let slot = slot(&name)?;
+    Ok(Json(s.engine.change_plugins(slot, move |r| async move { r.activate(slot, version).await }).await?))
 }
 
 /// Stops the shadow run without promoting it.
 #[utoipa::path(delete, path = "/plugins/{slot}/shadow", responses((status = 204), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
 pub async fn discard(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    registry(&s)?.discard_shadow(slot(&name)?).await?;
+    let slot = slot(&name)?;
+    s.engine.change_plugins(slot, move |r| async move { r.discard_shadow(slot).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

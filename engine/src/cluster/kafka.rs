@@ -195,7 +195,9 @@ impl Cluster for KafkaCluster {
         let record = FutureRecord::to(topic).key(key).payload(payload);
         match self.producer.send(record, Duration::from_secs(10)).await {
             Ok(_) => Ok(()),
-            Err((e, _)) if never_publishable(&e) => {
+            // A change's relay may be lost (the store holds it); a switch or a deployment
+            // that cannot go round must fail its request instead.
+            Err((e, _)) if never_publishable(&e) && channel == Channel::Changes => {
                 unpublishable(&e, topic, key);
                 Ok(())
             }

@@ -61,7 +61,7 @@ pub enum PluginCommand {
 #[derive(Debug, Clone, Args)]
 pub struct SlotArgs {
     /// order-rules or conflict-resolver.
-    #[arg(long, default_value = "order-rules")]
+    #[arg(long, default_value = "order-rules", value_parser = ["order-rules", "conflict-resolver"])]
     pub slot: String,
     #[command(flatten)]
     pub target: Target,
@@ -80,8 +80,8 @@ pub struct DeployArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct LogsArgs {
-    /// How many of the engine's recent lines to look through (1..=500).
-    #[arg(long, default_value_t = 500)]
+    /// How many of the engine's recent lines to look through.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub limit: u32,
     #[command(flatten)]
     pub slot: SlotArgs,

@@ -173,7 +173,8 @@ fn build_python(dir: &Path) -> anyhow::Result<PathBuf> {
 /// `componentize-js` with every WASI feature disabled (the engine gives none). The
 /// project's own install (`npm install`) comes first, then COMPONENTIZE_JS, then PATH.
 fn build_js(dir: &Path) -> anyhow::Result<PathBuf> {
-    let local = dir.join("node_modules/.bin/componentize-js");
+    // Absolute: the tool runs with the project as its working directory.
+    let local = dir.canonicalize()?.join("node_modules/.bin/componentize-js");
     let tool = match std::env::var("COMPONENTIZE_JS") {
         _ if local.is_file() => local.to_string_lossy().into_owned(),
         Ok(tool) => tool,
@@ -231,9 +232,12 @@ mod wasm_targets;
 /// `target/wasm32-wasip2/release/<crate>.wasm`, the crate named in the manifest.
 fn built_component(manifest: &Path, target_dir: &Path) -> anyhow::Result<PathBuf> {
     let text = std::fs::read_to_string(manifest)?;
+    // The first `name` key: the [package] table comes first in every manifest we make.
     let name = text
         .lines()
-        .find_map(|l| l.trim().strip_prefix("name = ").map(|n| n.trim_matches('"').replace('-', "_")))
+        .filter_map(|l| l.split('#').next()?.split_once('='))
+        .find(|(key, _)| key.trim() == "name")
+        .map(|(_, value)| value.trim().trim_matches('"').replace('-', "_"))
         .context("the manifest names no package")?;
     let path = target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
     anyhow::ensure!(path.is_file(), "cargo built no {}", path.display());

@@ -33,7 +33,7 @@ pub struct TestArgs {
     #[arg(long, conflicts_with = "generated")]
     pub events: Option<PathBuf>,
     /// Decide this many new orders from the load generator instead, and print a summary.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub generated: Option<u64>,
     /// The per-call deadline, as the engine's --plugin-deadline-ms.
     #[arg(long, default_value_t = 10)]
@@ -41,6 +41,11 @@ pub struct TestArgs {
     /// The memory cap, as the engine's --plugin-memory-mib.
     #[arg(long, default_value_t = 16)]
     pub plugin_memory_mib: usize,
+    /// Also decide the same events with the engine's default rules run natively: their
+    /// cost is the yardstick (the summary gives the ratio), and a port of the default
+    /// rules sees every decision that differs.
+    #[arg(long)]
+    pub against_native: bool,
 }
 
 /// One line of an events file.
@@ -108,19 +113,58 @@ pub fn run(args: TestArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let n = inputs.len().max(1) as f64;
+    let per_event = started.elapsed().as_secs_f64() * 1e6 / n;
     eprintln!(
-        "{} events: {} upsert, {} skip, {} reject, {} failed; {:.1} µs per event",
+        "{} events: {} upsert, {} skip, {} reject, {} failed; {per_event:.2} µs per event",
         inputs.len(),
         tally.upsert,
         tally.skip,
         tally.reject,
         tally.failed,
-        started.elapsed().as_secs_f64() * 1e6 / n
     );
+    if args.against_native {
+        against_native(&*rules, &inputs, per_event);
+    }
     if tally.failed > 0 {
         anyhow::bail!("the plugin failed on {} event(s): the engine would dead-letter them", tally.failed);
     }
     Ok(())
+}
+
+/// Decides `inputs` again with the native default rules: the cost yardstick, and the
+/// decisions that differ from the plugin's.
+fn against_native(plugin: &dyn OrderRules, inputs: &[Input], per_event: f64) {
+    let native = crate::plugin::native::NativeRules;
+    let started = Instant::now();
+    let mut reference = Vec::with_capacity(inputs.len());
+    for chunk in inputs.chunks(BATCH) {
+        let batch: Vec<(&OrderEvent, Option<&Order>)> = chunk.iter().map(|i| (&i.event, i.current.as_ref())).collect();
+        reference.extend(native.decide_batch(&batch));
+    }
+    let native_per_event = started.elapsed().as_secs_f64() * 1e6 / inputs.len().max(1) as f64;
+    let mut differ = 0;
+    for (chunk, expected) in inputs.chunks(BATCH).zip(reference.chunks(BATCH)) {
+        let batch: Vec<(&OrderEvent, Option<&Order>)> = chunk.iter().map(|i| (&i.event, i.current.as_ref())).collect();
+        for ((input, got), want) in chunk.iter().zip(plugin.decide_batch(&batch)).zip(expected) {
+            if outcome_json(&got) != outcome_json(want) {
+                differ += 1;
+                if differ <= 5 {
+                    eprintln!(
+                        "event {}: the plugin {}, the default rules {}",
+                        input.event.event_id,
+                        outcome_json(&got),
+                        outcome_json(want)
+                    );
+                }
+            }
+        }
+    }
+    eprintln!(
+        "native default rules: {native_per_event:.2} µs per event; this plugin costs {:.1}x that; \
+         {differ} of {} decisions differ from theirs",
+        per_event / native_per_event.max(1e-3),
+        inputs.len()
+    );
 }
 
 fn read_events(path: &std::path::Path) -> anyhow::Result<Vec<Input>> {

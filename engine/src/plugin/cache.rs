@@ -75,7 +75,8 @@ impl CompileCache {
 
     fn write(path: &Path, component: &Component) -> anyhow::Result<()> {
         let code = component.serialize()?;
-        let tmp = path.with_extension("tmp");
+        // Its own temporary name: engines or `plugin test` runs may share the directory.
+        let tmp = path.with_extension(format!("{}.tmp", uuid::Uuid::new_v4().simple()));
         let mut options = std::fs::OpenOptions::new();
         options.write(true).create(true).truncate(true);
         #[cfg(unix)]

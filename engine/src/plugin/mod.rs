@@ -98,6 +98,12 @@ pub enum PluginError {
     /// No such version is stored.
     #[error("{0}")]
     NoVersion(String),
+    /// The change holds here but did not reach the other instances.
+    #[error("{0}")]
+    Unreplicated(String),
+    /// The engine runs its rules natively (the bridge).
+    #[error("plugins are disabled: the engine runs the native rules")]
+    Disabled,
     #[error("plugin runtime: {0}")]
     Runtime(String),
     #[error("plugin repository: {0}")]

@@ -113,9 +113,6 @@ pub struct Registry {
     /// The largest component the cluster can carry to the other instances (no limit
     /// without a cluster).
     replicable: std::sync::atomic::AtomicUsize,
-    /// Bumped per slot on every local change of its state, for `replication` to carry
-    /// to the other instances (a change applied from another instance is not bumped).
-    changed: tokio::sync::watch::Sender<[u64; 2]>,
 }
 
 /// A slot's row: the active version, the shadow one, and the stack rollback pops.
@@ -133,6 +130,16 @@ pub struct SlotState {
     pub slot: Slot,
     pub active: Shipped,
     pub shadow: Option<Shipped>,
+    /// The versions activated in turn (what rollback pops), so every instance rolls
+    /// back alike. Empty from engines before it: then the active version is pushed.
+    #[serde(default)]
+    pub stack: Vec<u64>,
+    /// The instance that published it, which skips its own echo.
+    #[serde(default)]
+    pub origin: String,
+    /// Per slot, later states have higher numbers; an instance skips older ones.
+    #[serde(default)]
+    pub seq: u64,
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -165,7 +172,6 @@ impl Registry {
             loaded: Mutex::default(),
             changes: Default::default(),
             max_bytes,
-            changed: tokio::sync::watch::Sender::new([0; 2]),
             replicable: std::sync::atomic::AtomicUsize::new(usize::MAX),
         });
         for slot in Slot::ALL {
@@ -322,7 +328,6 @@ impl Registry {
         })
         .await
         .map_err(|e| PluginError::Runtime(e.to_string()))??;
-        self.replicate(slot);
         Ok(deployed)
     }
 
@@ -342,6 +347,10 @@ impl Registry {
             return Ok(());
         }
         if version == active {
+            if shadowed == Some(version) {
+                self.set_slot(slot, SlotRow { active, shadow: None, stack }, action, version)?;
+                self.rulebook.set_shadow(None);
+            }
             return Ok(());
         }
         let loaded = self.load(slot, version)?;
@@ -362,7 +371,6 @@ impl Registry {
         let SlotRow { shadow, .. } = self.slot_row(slot)?;
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version to promote")))?;
         self.install_version(slot, version, false, "promote")?;
-        self.replicate(slot);
         self.version_info(slot, version)
     }
 
@@ -375,7 +383,6 @@ impl Registry {
             return Err(PluginError::NoVersion(format!("{slot} has no version {version}; it keeps {list}")));
         }
         self.install_version(slot, version, false, "activate")?;
-        self.replicate(slot);
         self.version_info(slot, version)
     }
 
@@ -386,7 +393,6 @@ impl Registry {
         let version = shadow.ok_or_else(|| PluginError::State(format!("{slot} has no shadow version")))?;
         self.set_slot(slot, SlotRow { active, shadow: None, stack }, "discard", version)?;
         self.rulebook.set_shadow(None);
-        self.replicate(slot);
         Ok(())
     }
 
@@ -402,20 +408,19 @@ impl Registry {
             return Err(PluginError::State(format!("{slot} has no earlier version to roll back to")));
         };
         let loaded = self.load(slot, version)?;
-        self.set_slot(slot, SlotRow { active: version, shadow, stack }, "rollback", version)?;
+        // The version rolled back to may be the one in shadow: it runs live now instead.
+        let still_shadowed = shadow.filter(|v| *v != version);
+        self.set_slot(slot, SlotRow { active: version, shadow: still_shadowed, stack }, "rollback", version)?;
+        if still_shadowed != shadow {
+            self.rulebook.set_shadow(None);
+        }
         self.install_active(loaded);
-        self.replicate(slot);
         self.version_info(slot, version)
     }
 
     /// Refuses uploads over `bytes` from now on: what the cluster can replicate.
     pub fn limit_to_replicable(&self, bytes: usize) {
         self.replicable.store(bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Watches local changes: the generation of each slot's state, in `Slot::ALL` order.
-    pub fn watch_changes(&self) -> tokio::sync::watch::Receiver<[u64; 2]> {
-        self.changed.subscribe()
     }
 
     fn shipped(&self, slot: Slot, version: u64) -> Result<Shipped, PluginError> {
@@ -435,18 +440,18 @@ impl Registry {
         .map_err(repo)
     }
 
+    /// The slot's state as it goes round the cluster; `replication` fills in its origin
+    /// and number.
     pub fn state(&self, slot: Slot) -> Result<SlotState, PluginError> {
-        let SlotRow { active, shadow, .. } = self.slot_row(slot)?;
+        let SlotRow { active, shadow, stack } = self.slot_row(slot)?;
         Ok(SlotState {
             slot,
             active: self.shipped(slot, active)?,
             shadow: shadow.map(|v| self.shipped(slot, v)).transpose()?,
+            stack,
+            origin: String::new(),
+            seq: 0,
         })
-    }
-
-    /// Marks the slot's state changed here, for the other instances.
-    fn replicate(&self, slot: Slot) {
-        self.changed.send_modify(|generations| generations[slot.index()] += 1);
     }
 
     /// Makes this instance run what another instance deployed: the same version
@@ -477,19 +482,31 @@ impl Registry {
             }
         }
         let SlotRow { active, shadow, mut stack } = self.slot_row(slot)?;
-        if active != state.active.version {
-            let loaded = self.load(slot, state.active.version)?;
+        // Loaded before the row names them: a row naming a version that cannot load here
+        // would stop the next start.
+        let wanted = state.shadow.as_ref().map(|s| s.version);
+        let active_loaded =
+            (active != state.active.version).then(|| self.load(slot, state.active.version)).transpose()?;
+        let shadow_loaded = (shadow != wanted).then(|| wanted.map(|v| self.load(slot, v)).transpose()).transpose()?;
+        if state.stack.last() == Some(&state.active.version) {
+            stack = state.stack.clone();
+        } else if active != state.active.version {
             stack.push(state.active.version);
+        }
+        if let Some(loaded) = active_loaded {
             let row = SlotRow { active: state.active.version, shadow, stack: stack.clone() };
             self.set_slot(slot, row, "replicated", state.active.version)?;
             self.install_active(loaded);
         }
-        let wanted = state.shadow.as_ref().map(|s| s.version);
-        if shadow != wanted {
-            let row = SlotRow { active: state.active.version, shadow: wanted, stack };
+        if let Some(loaded) = shadow_loaded {
+            let row = SlotRow { active: state.active.version, shadow: wanted, stack: stack.clone() };
             self.set_slot(slot, row, "replicated-shadow", wanted.unwrap_or(state.active.version))?;
-            let loaded = wanted.map(|v| self.load(slot, v)).transpose()?;
             self.install_shadow(loaded, wanted.unwrap_or_default())?;
+        }
+        // The stack alone may differ (a rollback elsewhere that landed on this version).
+        let row = self.slot_row(slot)?;
+        if row.stack != stack {
+            self.set_slot(slot, SlotRow { stack, ..row }, "replicated-stack", state.active.version)?;
         }
         Ok(())
     }
