@@ -126,7 +126,8 @@ async fn plugin_upload_limits_name_themselves() {
     let s = Server::start(dir.path()).await;
     let put =
         |bytes: usize| client().put(s.url("/plugins/order-rules")).bearer_auth(TOKEN).body(vec![0u8; bytes]).send();
-    let over_plugin_limit = answer(put(9 << 20).await.unwrap()).await;
+    // Over the 32 MiB default, under the route's 64 MiB.
+    let over_plugin_limit = answer(put(33 << 20).await.unwrap()).await;
     assert_error("over --max-plugin-bytes", &over_plugin_limit, 400);
     assert!(over_plugin_limit.2["detail"]["message"].as_str().unwrap().contains("--max-plugin-bytes"));
     let over_route_limit = answer(put((64 << 20) + 1).await.unwrap()).await;
