@@ -1008,6 +1008,23 @@ mod tests {
         }
     }
 
+    /// A pipeline with the native rules over one store for its rows and parked events.
+    fn native_pipeline<S: Orders + Parking>(store: Arc<S>, config: PipelineConfig) -> Pipeline {
+        let parking: Arc<dyn Parking> = store.clone();
+        Pipeline::new(store, parking, native::rulebook(), ChangeStream::new(16), Controls::default(), config)
+    }
+
+    /// Order o1 created for Ada, GOLD, 1.00.
+    fn ada_created() -> OrderEvent {
+        let change = OrderChange {
+            customer: Some("ada".into()),
+            tier: Some(Tier::Gold),
+            total_cents: Some(100),
+            ..Default::default()
+        };
+        event("c", EventKind::Created, change)
+    }
+
     fn event(id: &str, kind: EventKind, payload: OrderChange) -> OrderEvent {
         OrderEvent {
             event_id: id.into(),
@@ -1037,16 +1054,7 @@ mod tests {
             Controls { stats: stats.clone(), ..Default::default() },
             PipelineConfig::default(),
         );
-        let create = event(
-            "c",
-            EventKind::Created,
-            OrderChange {
-                customer: Some("ada".into()),
-                tier: Some(Tier::Gold),
-                total_cents: Some(100),
-                ..Default::default()
-            },
-        );
+        let create = ada_created();
         let paid = event(
             "u",
             EventKind::Updated,
@@ -1175,14 +1183,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
         let config = PipelineConfig { park_timeout: Duration::from_secs(3600), ..Default::default() };
-        let p = Pipeline::new(
-            store.clone(),
-            store.clone(),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            config,
-        );
+        let p = native_pipeline(store.clone(), config);
         let note = |id: &str, order: &str| {
             let mut e = event(id, EventKind::Updated, OrderChange { note: Some(id.into()), ..Default::default() });
             e.order_id = order.into();
@@ -1238,24 +1239,8 @@ mod tests {
     async fn undecodable_records_are_dead_lettered_and_processing_goes_on() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(
-            store.clone(),
-            store.clone(),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            PipelineConfig::default(),
-        );
-        let create = event(
-            "c",
-            EventKind::Created,
-            OrderChange {
-                customer: Some("ada".into()),
-                tier: Some(Tier::Gold),
-                total_cents: Some(100),
-                ..Default::default()
-            },
-        );
+        let p = native_pipeline(store.clone(), PipelineConfig::default());
+        let create = ada_created();
         let garbage = Delivery {
             priority: Priority::Normal,
             partition: 0,
@@ -1285,24 +1270,8 @@ mod tests {
     #[tokio::test]
     async fn a_record_from_a_newer_engine_is_applied_without_its_new_fields() {
         let store = Arc::new(MemoryStore::default());
-        let p = Pipeline::new(
-            store.clone(),
-            store.clone(),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            PipelineConfig::default(),
-        );
-        let create = event(
-            "c",
-            EventKind::Created,
-            OrderChange {
-                customer: Some("ada".into()),
-                tier: Some(Tier::Gold),
-                total_cents: Some(100),
-                ..Default::default()
-            },
-        );
+        let p = native_pipeline(store.clone(), PipelineConfig::default());
+        let create = ada_created();
         let mut newer = serde_json::to_value(&create).unwrap();
         newer["trace_id"] = serde_json::json!("t-1");
         newer["payload"]["gift_wrap"] = serde_json::json!(true);
@@ -1316,14 +1285,7 @@ mod tests {
     async fn a_normal_batch_yields_when_vip_arrives() {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap());
-        let p = Pipeline::new(
-            store.clone(),
-            store.clone(),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            PipelineConfig::default(),
-        );
+        let p = native_pipeline(store.clone(), PipelineConfig::default());
         let deliveries: Vec<_> = (0..10)
             .map(|i| {
                 let mut e = event(
