@@ -174,6 +174,16 @@ pub struct ServeArgs {
     /// 18 MB from componentize-py) or a JavaScript one (about 12 MB).
     #[arg(long, env = "ORCHESTRATOR_MAX_PLUGIN_BYTES", default_value_t = 32 << 20)]
     pub max_plugin_bytes: usize,
+    /// How long decided events (each with the row it met) are kept for what-if runs
+    /// (`plugin replay`); 0 keeps none.
+    #[arg(long, env = "ORCHESTRATOR_CASE_RETENTION_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(0..=720))]
+    pub case_retention_hours: u64,
+    /// Most decided events the embedded store keeps for what-if runs (the oldest go
+    /// first); on CQL the retention alone bounds them.
+    #[arg(long, env = "ORCHESTRATOR_MAX_CASES", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_cases: u64,
     #[command(flatten)]
     pub shopify: ShopifyArgs,
     /// Largest quantity a generated run may ask for.
@@ -188,6 +198,16 @@ pub struct ServeArgs {
     /// Log output format.
     #[arg(long, env = "ORCHESTRATOR_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
     pub log_format: String,
+}
+
+impl ServeArgs {
+    /// What the engine keeps for what-if runs, from the flags.
+    pub fn case_retention(&self) -> Option<crate::store::CaseRetention> {
+        (self.case_retention_hours > 0).then(|| crate::store::CaseRetention {
+            keep_for: std::time::Duration::from_secs(self.case_retention_hours * 3_600),
+            max_cases: self.max_cases,
+        })
+    }
 }
 
 /// The Shopify bridge's settings, shared by `serve` and `bridge`.

@@ -28,6 +28,7 @@ use crate::store::{
 };
 use crate::stream::ChangeStream;
 use crate::telemetry;
+use crate::whatif::{self, WhatIfReport, recorder::Recorder};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -39,6 +40,8 @@ pub struct EngineConfig {
     /// Whether this instance follows the cluster's changelog for its WebSocket clients
     /// (the default); the bridge, which serves none, does not.
     pub follow_changes: bool,
+    /// How long decided events are kept for what-if runs; `None` records none.
+    pub cases: Option<store::CaseRetention>,
 }
 
 /// Where the order log and the store live: the one switch between backends. A new
@@ -89,6 +92,7 @@ impl Default for EngineConfig {
             change_buffer: 16_384,
             plugins: Some(PluginConfig::default()),
             follow_changes: true,
+            cases: Some(store::CaseRetention::default()),
         }
     }
 }
@@ -115,6 +119,19 @@ pub enum ReplayError {
     NotAnEvent(String),
     #[error(transparent)]
     Ingest(#[from] IngestError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why a what-if run did not report.
+#[derive(Debug, thiserror::Error)]
+pub enum WhatIfError {
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
+    #[error("this engine keeps no decided events (--case-retention-hours 0)")]
+    NotRecorded,
+    #[error("a what-if run is going on this instance; one at a time")]
+    Busy,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -162,6 +179,8 @@ pub struct Engine {
     /// Plugin changes one at a time, each with its replication, so the cluster sees
     /// them in the order they were made here.
     plugin_changes: Arc<tokio::sync::Mutex<()>>,
+    /// What-if runs one at a time: each takes a core while it lasts.
+    what_ifs: tokio::sync::Mutex<()>,
     control_file: OnceLock<ControlFile>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
@@ -340,6 +359,7 @@ impl Engine {
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
             plugin_changes: Arc::default(),
+            what_ifs: tokio::sync::Mutex::new(()),
             control_file: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
@@ -411,7 +431,7 @@ impl Engine {
         let consumer = self.log.consumer().await?;
         let controls =
             Controls { stats: self.stats.clone(), pauses: self.pauses.clone(), discards: self.discards.clone() };
-        let pipeline = Pipeline::new(
+        let mut pipeline = Pipeline::new(
             self.stores.orders.clone(),
             self.stores.parking.clone(),
             self.rulebook.clone(),
@@ -419,6 +439,10 @@ impl Engine {
             controls,
             self.config.pipeline.clone(),
         );
+        if let Some(retention) = self.config.cases {
+            let shutdown = self.shutdown.subscribe();
+            pipeline = pipeline.with_recorder(Recorder::start(self.stores.cases.clone(), retention, shutdown));
+        }
         let shutdown = self.shutdown.subscribe();
         let (done, finished) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name("pipeline".into()).spawn(move || {
@@ -749,6 +773,35 @@ impl Engine {
     /// Deployed plugin versions; `None` when the engine runs the native rules.
     pub fn plugins(&self) -> Option<&Arc<Registry>> {
         self.plugins.as_ref()
+    }
+
+    /// A what-if run: `candidate` (order rules) and the active rules decide the events
+    /// recorded since `since`, up to `limit`, and the report compares them. Writes nothing.
+    pub async fn what_if(
+        &self,
+        candidate: Vec<u8>,
+        since: chrono::DateTime<Utc>,
+        limit: usize,
+    ) -> Result<WhatIfReport, WhatIfError> {
+        let registry = self.plugins.clone().ok_or(PluginError::Disabled)?;
+        if self.config.cases.is_none() {
+            return Err(WhatIfError::NotRecorded);
+        }
+        let _one_at_a_time = self.what_ifs.try_lock().map_err(|_| WhatIfError::Busy)?;
+        let sha256 = crate::plugin::sha256_hex(&candidate);
+        let candidate = registry.candidate(candidate).await?;
+        let limit = limit.clamp(1, whatif::MAX_CASES);
+        // One more than asked: whether the window held more than the limit let in.
+        let mut cases = self.stores.cases.cases_since(since, limit + 1).await?;
+        let limited = cases.len() > limit;
+        cases.truncate(limit);
+        let active = self.rulebook.rules();
+        let report = tokio::task::spawn_blocking(move || {
+            whatif::compare(&*active, &*candidate, &sha256, since, &cases, limited, whatif::DEADLINE)
+        })
+        .await
+        .map_err(|e| PluginError::Runtime(format!("the what-if run stopped: {e}")))?;
+        Ok(report)
     }
 
     /// Runs one change of `slot`'s plugins, then carries the slot's state to the other

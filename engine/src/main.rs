@@ -58,7 +58,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         max_bytes: args.max_plugin_bytes,
     };
-    let config = EngineConfig { pipeline: args.tuning.pipeline(), plugins: Some(plugins), ..Default::default() };
+    let config = EngineConfig {
+        pipeline: args.tuning.pipeline(),
+        plugins: Some(plugins),
+        cases: args.case_retention(),
+        ..Default::default()
+    };
     let backend = args.backends.backend()?;
     let where_ = match &backend {
         Backend::Embedded => format!("opening the embedded log and store in {}", args.data_dir.display()),

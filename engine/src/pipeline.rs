@@ -17,6 +17,7 @@ use crate::rules::{Decision, RuleError, Rulebook};
 use crate::store::{DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::PipelineMetrics;
+use crate::whatif::recorder::Recorder;
 
 #[derive(Debug, Clone)]
 pub struct PipelineConfig {
@@ -210,6 +211,8 @@ pub struct Pipeline {
     /// Whether parked events may exist, so a round that creates orders looks for theirs.
     /// Set when this pipeline parks, and by each sweep from what it found.
     maybe_parked: AtomicBool,
+    /// Keeps decided events for what-if runs, where the engine records them.
+    recorder: Option<Recorder>,
 }
 
 /// One event (or undecodable record) within a batch.
@@ -274,7 +277,13 @@ impl Pipeline {
         let Controls { stats, pauses, discards } = controls;
         let metrics = PipelineMetrics::new();
         let maybe_parked = AtomicBool::new(true);
-        Self { store, parking, rulebook, changes, stats, pauses, discards, config, metrics, maybe_parked }
+        let recorder = None;
+        Self { store, parking, rulebook, changes, stats, pauses, discards, config, metrics, maybe_parked, recorder }
+    }
+
+    /// Keeps each decided event with the row it met, for what-if runs.
+    pub fn with_recorder(self, recorder: Recorder) -> Self {
+        Self { recorder: Some(recorder), ..self }
     }
 
     /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
@@ -500,6 +509,9 @@ impl Pipeline {
         let started = Instant::now();
         let mut decisions = rules.decide_batch(&inputs).into_iter();
         self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
+        if let Some(recorder) = &self.recorder {
+            recorder.offer(&inputs);
+        }
         if let Some(shadow) = &shadow {
             // Off the hot path: the candidate decides on its own thread, or not at all.
             let batch =

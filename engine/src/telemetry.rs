@@ -35,6 +35,7 @@ pub const DEGRADED: &str = "orchestrator_degraded";
 pub const HTTP_CONNECTIONS: &str = "orchestrator_http_connections";
 pub const CONNECTIONS_REFUSED: &str = "orchestrator_connections_refused_total";
 pub const WS_DROPPED: &str = "orchestrator_ws_dropped_total";
+pub const WHATIF_CASES: &str = "orchestrator_whatif_cases_total";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -63,6 +64,7 @@ pub const ALL: &[&str] = &[
     HTTP_CONNECTIONS,
     CONNECTIONS_REFUSED,
     WS_DROPPED,
+    WHATIF_CASES,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -145,6 +147,10 @@ fn describe() {
         WS_DROPPED,
         "WebSocket clients dropped, by reason (not_reading: sends blocked past the timeout)."
     );
+    describe_counter!(
+        WHATIF_CASES,
+        "Decided events kept for what-if runs, by outcome (recorded; dropped: the recorder was behind; failed: the store refused them)."
+    );
     describe_gauge!(DEGRADED, "1 while the log or the store fails (GET /health answers 503), else 0.");
     describe_counter!(
         AUTH_REFUSED,
@@ -185,6 +191,9 @@ fn register_at_zero() {
         counter!(CONNECTIONS_REFUSED, "reason" => reason).absolute(0);
     }
     counter!(WS_DROPPED, "reason" => "not_reading").absolute(0);
+    for outcome in ["recorded", "dropped", "failed"] {
+        counter!(WHATIF_CASES, "outcome" => outcome).absolute(0);
+    }
 }
 
 /// Counts an error; `error_type` and `stage` are short fixed words.

@@ -56,7 +56,7 @@ async fn a_rust_plugin_from_new_to_rollback() {
 }
 
 /// The second half of the first hour, alike in every language: `plugin test`, then a
-/// shadow deploy to a real engine, promote, the new rule's fees on new rows (free from
+/// what-if run over a real engine's history (`plugin replay`), a shadow deploy, promote, the new rule's fees on new rows (free from
 /// 100.00 for GOLD, 4.99 for BRONZE), and a rollback.
 async fn live(project: &Path, component: &str, lang: &str) {
     let (ok, _, err) = plugin(project, &["test", component, "--generated", "200"]);
@@ -66,6 +66,26 @@ async fn live(project: &Path, component: &str, lang: &str) {
     let s = Server::start(dir.path()).await;
     let url = s.url("");
     let remote = |args: &[&str]| plugin(project, &[args, &["--url", &url, "--api-token", TOKEN]].concat());
+    // History first, decided by the default rules (5.99 under 200.00); then a what-if
+    // run of the new rule over it, before anything is deployed.
+    let (gold, bronze) = (format!("{lang}-gold-0"), format!("{lang}-bronze-0"));
+    let events =
+        serde_json::json!([created(&gold, &gold, "GOLD", 15_000), created(&bronze, &bronze, "BRONZE", 15_000)]);
+    assert_eq!(s.post_events(&events).await.status(), 202);
+    s.drain(Duration::from_secs(30)).await;
+    let mut out = String::new();
+    for _ in 0..100 {
+        let (ok, o, err) = remote(&["replay", component, "--since", "10m"]);
+        assert!(ok, "{err}");
+        out = o;
+        if out.starts_with("2 recorded events") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(out.starts_with("2 recorded events") && out.contains("agreed 0, differed 2"), "{out}");
+    assert!(out.contains(&format!("{gold}): shipping_fee_cents: 599 -> 0")), "{out}");
+    assert!(out.contains(&format!("{bronze}): shipping_fee_cents: 599 -> 499")), "{out}");
     let (ok, out, err) = remote(&["deploy", component, "--shadow"]);
     assert!(ok && out.contains("new version 2"), "{out}{err}");
     let (ok, out, err) = remote(&["promote"]);

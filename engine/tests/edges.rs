@@ -157,6 +157,7 @@ async fn the_data_files_are_private_to_the_engine_user() {
         }
     }
     assert!(files >= 4, "log, store, plugins and their WAL files: {files}");
+    assert_eq!(mode(&data.join("store.cases.sqlite")), 0o600, "the cases kept for what-if runs");
     // The compiled plugins too (the two built-in ones at least).
     let cache = data.join("plugin-cache");
     assert_eq!(mode(&cache), 0o700, "the compile cache");

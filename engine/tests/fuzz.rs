@@ -24,6 +24,7 @@ async fn schemathesis_finds_no_server_error_and_no_undocumented_answer() {
         .args(["-H", &format!("Authorization: Bearer {TOKEN}")])
         // Reset would empty the store mid-run; uploads are Wasm bytes, which it cannot make.
         .args(["--exclude-path", "/reset", "--exclude-path", "/plugins/{slot}"])
+        .args(["--exclude-path", "/plugins/{slot}/replay"])
         .args(["--max-examples", "30", "--no-color"])
         .args(["--checks", CHECKS])
         // A file, not a pipe: a long report must not block the fuzzer on a full pipe.

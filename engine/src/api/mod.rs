@@ -79,6 +79,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ws", get(ws::upgrade))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{slot}", put(plugins::deploy).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
+        .route("/plugins/{slot}/replay", post(plugins::what_if).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
         .route("/plugins/{slot}/promote", post(plugins::promote))
         .route("/plugins/{slot}/rollback", post(plugins::rollback))
         .route("/plugins/{slot}/versions/{version}/activate", post(plugins::activate))

@@ -18,7 +18,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::health, super::metrics, super::recent_logs, super::post_events, super::list_orders,
         super::get_order, super::order_history, super::patch_order,
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
-        super::plugins::activate,
+        super::plugins::activate, super::plugins::what_if,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
         super::webhooks::receive, super::webhooks::deliveries, super::audit,
         super::runs::start, super::runs::current, super::runs::list, super::runs::get, super::runs::cancel,

@@ -11,11 +11,12 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiQuery, AppState, RawBody, page_limit};
-use crate::engine::ReplayError;
+use crate::engine::{ReplayError, WhatIfError};
 use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
 use crate::plugin::{PluginError, Slot};
 use crate::rules::ShadowReport;
 use crate::store::{DeadLetter, Page};
+use crate::whatif::{self, WhatIfReport};
 
 impl From<PluginError> for ApiError {
     fn from(e: PluginError) -> Self {
@@ -88,6 +89,53 @@ pub async fn deploy(
         ms = deployed.activation_ms, "plugin deployed");
     let status = if deployed.reused { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(deployed)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct WhatIfParams {
+    /// How far back: a duration from now (`90s`, `30m`, `1h`, `2d`) or an RFC 3339 time.
+    since: String,
+    /// Most recorded events decided, oldest first: 1..=100000 (default 10000).
+    #[param(minimum = 1, maximum = 100000)]
+    limit: Option<u64>,
+}
+
+/// A what-if run: the component (the request body) and the active rules decide the
+/// events recorded since `since`, each with the row it met; the report compares them.
+/// Nothing is written or deployed.
+#[utoipa::path(
+    post, path = "/plugins/{slot}/replay", params(WhatIfParams),
+    request_body(content = Vec<u8>, content_type = "application/wasm"),
+    responses(
+        (status = 200, body = WhatIfReport),
+        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn what_if(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(p): ApiQuery<WhatIfParams>,
+    RawBody(body): RawBody,
+) -> Result<Json<WhatIfReport>, ApiError> {
+    if slot(&name)? != Slot::OrderRules {
+        return Err(ApiError::bad_request("cannot replay", "what-if runs are for the order-rules slot"));
+    }
+    let since = whatif::parse_since(&p.since, chrono::Utc::now()).map_err(|m| ApiError::bad_request("bad since", m))?;
+    let limit = page_limit(p.limit, whatif::DEFAULT_CASES, whatif::MAX_CASES)?;
+    let body = body.map_err(|e| e.into_error(super::PLUGIN_BODY_LIMIT))?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("invalid plugin", "the request body is empty; send the component's bytes"));
+    }
+    match s.engine.what_if(body.to_vec(), since, limit).await {
+        Ok(report) => Ok(Json(report)),
+        Err(WhatIfError::Plugin(e)) => Err(e.into()),
+        Err(WhatIfError::Store(e)) => Err(e.into()),
+        Err(e @ (WhatIfError::Busy | WhatIfError::NotRecorded)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "not possible now", e.to_string()))
+        }
+    }
 }
 
 /// Makes the shadow version active.

@@ -46,8 +46,9 @@ impl Engine {
         self.send(self.http.post(self.url(path)), path).await
     }
 
-    pub async fn put(&self, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
-        let request = self.http.put(self.url(path)).header("content-type", "application/wasm").body(body);
+    /// Sends a component: `PUT` deploys it, `POST` asks a question of it (a what-if run).
+    pub async fn send_component(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
+        let request = self.http.request(method, self.url(path)).header("content-type", "application/wasm").body(body);
         self.send(request, path).await
     }
 

@@ -1,7 +1,7 @@
 //! `orchestrator plugin`: the plugin author's commands. `new` and `build` make and
-//! build a project, `test` runs a component here under the engine's sandbox; the others (status, deploy, promote, rollback, discard)
-//! speak a running engine's HTTP API, with a timeout on every call and the engine's
-//! JSON errors shown as they came.
+//! build a project, `test` runs a component here under the engine's sandbox; the others
+//! (replay, status, deploy, promote, rollback, discard, logs) speak a running engine's
+//! HTTP API, with a timeout on every call and the engine's JSON errors shown as they came.
 
 pub mod client;
 pub mod new;
@@ -56,6 +56,24 @@ pub enum PluginCommand {
     /// Decide events with an order-rules component here, under the engine's sandbox;
     /// fails when the plugin fails on any event. Needs no engine.
     Test(test::TestArgs),
+    /// A what-if run on the engine: the component and the active rules decide the events
+    /// the engine recorded (each with the row it met); shows where they differ and what
+    /// each costs. Nothing is written or deployed.
+    Replay(ReplayArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReplayArgs {
+    /// The order-rules component to try.
+    pub component: PathBuf,
+    /// How far back: a duration (`90s`, `30m`, `1h`, `2d`) or an RFC 3339 time.
+    #[arg(long, default_value = "1h")]
+    pub since: String,
+    /// Most recorded events to decide, oldest first.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub limit: u64,
+    #[command(flatten)]
+    pub target: Target,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -118,6 +136,7 @@ pub async fn run(command: PluginCommand) -> anyhow::Result<()> {
         PluginCommand::Build(a) => tokio::task::spawn_blocking(move || new::build(a)).await?,
         PluginCommand::Test(a) => tokio::task::spawn_blocking(move || test::run(a)).await?,
         PluginCommand::Logs(a) => logs(a).await,
+        PluginCommand::Replay(a) => replay(a).await,
         PluginCommand::Discard(a) => {
             let engine = Engine::connect(&a.target)?;
             engine.delete(&format!("/plugins/{}/shadow", a.slot)).await?;
@@ -167,7 +186,7 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
     let engine = Engine::connect(&a.slot.target)?;
     let path = format!("/plugins/{}{}", a.slot.slot, if a.shadow { "?shadow=true" } else { "" });
     eprintln!("uploading {} ({} bytes) to {}...", a.component.display(), bytes.len(), a.slot.slot);
-    let deployed = engine.put(&path, bytes).await?;
+    let deployed = engine.send_component(reqwest::Method::PUT, &path, bytes).await?;
     report(&a.slot.target, &deployed, |d| {
         let role = if d["shadow"] == true { "shadowing the active version" } else { "active" };
         let how = if d["reused"] == true { "the same bytes as stored version" } else { "new version" };
@@ -178,6 +197,59 @@ async fn deploy(a: DeployArgs) -> anyhow::Result<()> {
             d["activation_ms"].as_f64().unwrap_or(0.0)
         )
     })
+}
+
+async fn replay(a: ReplayArgs) -> anyhow::Result<()> {
+    let bytes = std::fs::read(&a.component)
+        .map_err(|e| anyhow::anyhow!("cannot read the component {}: {e}", a.component.display()))?;
+    let engine = Engine::connect(&a.target)?;
+    // The query encoded by the URL type: an RFC 3339 time holds `+` and `:`.
+    let mut url = reqwest::Url::parse("http://engine/plugins/order-rules/replay")?;
+    url.query_pairs_mut().append_pair("since", &a.since).append_pair("limit", &a.limit.to_string());
+    let path = format!("{}?{}", url.path(), url.query().unwrap_or_default());
+    let spinner = indicatif::ProgressBar::new_spinner();
+    spinner.set_message(format!("the engine decides up to {} recorded events with both versions...", a.limit));
+    spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+    let answer = engine.send_component(reqwest::Method::POST, &path, bytes).await;
+    spinner.finish_and_clear();
+    let r = answer?;
+    if a.target.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(());
+    }
+    let limited = if r["limited"] == true { " (the limit left newer ones out)" } else { "" };
+    let cut = if r["cut_short"] == true { "; the engine's deadline cut the run short" } else { "" };
+    println!("{} recorded events since {}{limited}{cut}", r["cases"], r["since"].as_str().unwrap_or(""));
+    println!("  agreed {}, differed {}", r["agreed"], r["differed"]);
+    println!("  errors: active {}, candidate {}", r["errors"]["active"], r["errors"]["candidate"]);
+    println!("  decisions: active {}, candidate {}", r["decisions"]["active"], r["decisions"]["candidate"]);
+    let (active, candidate) = (
+        r["cost_us_per_event"]["active"].as_f64().unwrap_or(0.0),
+        r["cost_us_per_event"]["candidate"].as_f64().unwrap_or(0.0),
+    );
+    println!(
+        "  cost: active {active:.2} µs per event, candidate {candidate:.2} µs ({:.1}x)",
+        candidate / active.max(1e-3)
+    );
+    let samples = r["samples"].as_array().cloned().unwrap_or_default();
+    if !samples.is_empty() {
+        println!("  differences (the first {} of {}):", samples.len().min(10), r["differed"]);
+    }
+    for d in samples.iter().take(10) {
+        let fields: Vec<String> = d["fields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| format!("{}: {} -> {}", f["field"].as_str().unwrap_or(""), f["active"], f["candidate"]))
+            .collect();
+        println!(
+            "    {} (order {}): {}",
+            d["event_id"].as_str().unwrap_or(""),
+            d["order_id"].as_str().unwrap_or(""),
+            fields.join(", ")
+        );
+    }
+    Ok(())
 }
 
 async fn logs(a: LogsArgs) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use super::host::{Handle, Runtime};
 use super::{PluginError, Slot, sha256_hex};
-use crate::rules::{Rulebook, ShadowReport, ShadowRun};
+use crate::rules::{OrderRules, Rulebook, ShadowReport, ShadowRun};
 use crate::sqlite::{from_micros, micros, open};
 
 const SCHEMA: &str = "
@@ -329,6 +329,30 @@ impl Registry {
         .await
         .map_err(|e| PluginError::Runtime(e.to_string()))??;
         Ok(deployed)
+    }
+
+    /// Compiles order rules for a what-if run, under the same size limit and first call
+    /// as a deploy, storing nothing. Compiled code goes to the cache, so deploying the
+    /// same bytes next compiles nothing.
+    pub async fn candidate(&self, bytes: Vec<u8>) -> Result<Arc<dyn OrderRules>, PluginError> {
+        if bytes.len() > self.max_bytes {
+            return Err(PluginError::Invalid(format!(
+                "the module is {} bytes; the limit is {} bytes (raise it with --max-plugin-bytes)",
+                bytes.len(),
+                self.max_bytes
+            )));
+        }
+        let runtime = self.runtime.clone();
+        tokio::task::spawn_blocking(move || {
+            let handle = runtime.compile(Slot::OrderRules, &bytes)?.load(0, &sha256_hex(&bytes));
+            handle.smoke_check().map_err(|e| PluginError::Invalid(failed_smoke_check(&e)))?;
+            match handle {
+                Handle::Rules(rules) => Ok(rules as Arc<dyn OrderRules>),
+                Handle::Resolver(_) => Err(PluginError::Invalid("the component is not order rules".into())),
+            }
+        })
+        .await
+        .map_err(|e| PluginError::Runtime(e.to_string()))?
     }
 
     /// Makes a stored version active, or (`shadow`) runs it beside the active one.

@@ -1,13 +1,14 @@
 //! Behaviour every store backend must show, one reusable check per port: insert-if-absent,
 //! compare-and-set, idempotency by event id, history and paging (`Orders`); dead letters
 //! and replay claims; parked events; webhook claims and audit; run records, audits and
-//! purges (`Runs`).
+//! purges (`Runs`); recorded cases (`Cases`).
 
 use chrono::{Duration, Utc};
 
 use super::{
-    ActionLog, ActionRecord, Backend, Claim, DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking,
-    ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ActionLog, ActionRecord, Backend, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, ListQuery, Orders,
+    Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery, WebhookLedger, Write,
+    WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 
@@ -50,6 +51,46 @@ pub async fn check<B: Backend>(store: &B, prefix: &str) {
     webhook_ledger(store, prefix).await;
     runs(store, prefix).await;
     action_log(store, prefix).await;
+    cases(store, prefix).await;
+}
+
+/// `Cases`: oldest first from a time, one case per event id, bounded by the limit, and
+/// pruned once past the retention. Its cases are two hours old, so other tests' cases
+/// (recorded now) are not in its window.
+pub async fn cases(s: &(impl Cases + ?Sized), prefix: &str) {
+    let t0 = Utc::now() - Duration::hours(2) - Duration::seconds(prefix.len() as i64);
+    let t0 = chrono::DateTime::from_timestamp_micros(t0.timestamp_micros()).unwrap();
+    let case = |i: i64, note: &str| {
+        let mut current = row(&format!("{prefix}-case-{i}"), 1, note);
+        current.created_at = t0;
+        let event = crate::domain::OrderEvent {
+            event_id: format!("{prefix}-case-e{i}"),
+            order_id: current.id.clone(),
+            kind: crate::domain::EventKind::Updated,
+            source: "test".into(),
+            occurred_at: t0,
+            payload: crate::domain::OrderChange { note: Some(note.into()), ..Default::default() },
+            accepted_at: None,
+        };
+        Case { event, current: Some(current), recorded_at: t0 + Duration::milliseconds(i) }
+    };
+    let keep = std::time::Duration::from_secs(86_400);
+    let first = case(0, "a");
+    s.record_cases(vec![first.clone(), case(1, "b"), case(2, "c")], keep).await.unwrap();
+    // Recorded again (a retried batch): still one case, the second recording's.
+    s.record_cases(vec![case(1, "b2")], keep).await.unwrap();
+    let mine =
+        |all: Vec<Case>| -> Vec<Case> { all.into_iter().filter(|c| c.event.event_id.starts_with(prefix)).collect() };
+    let all = mine(s.cases_since(t0, 100).await.unwrap());
+    let notes: Vec<_> = all.iter().filter_map(|c| c.event.payload.note.clone()).collect();
+    assert_eq!(notes, ["a", "b2", "c"], "cases oldest first, one per event id");
+    assert_eq!(all[0], first, "a case reads back as it was recorded (event, row met, time)");
+    let later = mine(s.cases_since(t0 + Duration::milliseconds(1), 100).await.unwrap());
+    assert_eq!(later.len(), 2, "cases before `since` are left out");
+    assert_eq!(s.cases_since(t0, 2).await.unwrap().len(), 2, "at most `limit` cases");
+    let retention = CaseRetention { keep_for: std::time::Duration::from_secs(3_600), max_cases: u64::MAX };
+    s.prune_cases(retention).await.unwrap();
+    assert!(mine(s.cases_since(t0, 100).await.unwrap()).is_empty(), "cases past the retention are pruned");
 }
 
 /// `ActionLog`: newest first, paged by cursor. Other tests may record actions in the same

@@ -22,21 +22,22 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
-    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
+    WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 6] = [
+const MIGRATIONS: [&str; 7] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
     include_str!("../../../schemas/cql/004_actions.cql"),
     include_str!("../../../schemas/cql/005_delivery_days.cql"),
     include_str!("../../../schemas/cql/006_routes.cql"),
+    include_str!("../../../schemas/cql/007_cases.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -142,7 +143,16 @@ struct Statements {
     unpark: PreparedStatement,
     route: PreparedStatement,
     set_route: PreparedStatement,
+    record_case: PreparedStatement,
+    note_case_minute: PreparedStatement,
+    case_minutes: PreparedStatement,
+    cases: PreparedStatement,
+    drop_case_shard: PreparedStatement,
+    drop_case_minute: PreparedStatement,
 }
+
+/// Shards per minute of cases: spreads one busy minute over several partitions.
+const CASE_SHARDS: i32 = 8;
 
 pub struct CqlStore {
     session: Arc<Session>,
@@ -367,6 +377,28 @@ impl CqlStore {
             .await?,
             route: prepare(format!("SELECT priority FROM {ks}.routes WHERE order_id = ?"), false).await?,
             set_route: prepare(format!("INSERT INTO {ks}.routes (order_id, priority) VALUES (?, ?)"), false).await?,
+            record_case: prepare(
+                format!(
+                    "INSERT INTO {ks}.cases (minute, shard, at, event_id, body) VALUES (?, ?, ?, ?, ?) USING TTL ?"
+                ),
+                false,
+            )
+            .await?,
+            note_case_minute: prepare(format!("INSERT INTO {ks}.case_minutes (k, minute) VALUES (0, ?)"), false)
+                .await?,
+            case_minutes: prepare(
+                format!("SELECT minute FROM {ks}.case_minutes WHERE k = 0 AND minute >= ? AND minute < ?"),
+                false,
+            )
+            .await?,
+            cases: prepare(
+                format!("SELECT at, body FROM {ks}.cases WHERE minute = ? AND shard = ? AND at >= ? LIMIT ?"),
+                false,
+            )
+            .await?,
+            drop_case_shard: prepare(format!("DELETE FROM {ks}.cases WHERE minute = ? AND shard = ?"), false).await?,
+            drop_case_minute: prepare(format!("DELETE FROM {ks}.case_minutes WHERE k = 0 AND minute = ?"), false)
+                .await?,
         };
         Ok(Self { session: Arc::new(session), st: Arc::new(st), keyspace: config.keyspace.clone() })
     }
@@ -990,6 +1022,97 @@ impl WebhookLedger for CqlStore {
     }
 }
 
+/// The minute (since the epoch) a time falls in.
+fn minute_of(t: DateTime<Utc>) -> i32 {
+    t.timestamp().div_euclid(60) as i32
+}
+
+/// The shard of an order's cases: a stable hash, the same on every instance.
+fn case_shard(order_id: &str) -> i32 {
+    let h = order_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    (h % CASE_SHARDS as u64) as i32
+}
+
+impl CqlStore {
+    async fn record_case(&self, c: &Case, ttl: i32) -> Result<(), StoreError> {
+        let body = serde_json::to_string(c).map_err(backend)?;
+        let at = c.recorded_at;
+        let values = (minute_of(at), case_shard(&c.event.order_id), micros(at), &c.event.event_id, body, ttl);
+        self.session.execute_unpaged(&self.st.record_case, values).await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// The minutes in `from..until` that hold cases, oldest first.
+    async fn case_minutes(&self, from: i32, until: i32) -> Result<Vec<i32>, StoreError> {
+        let rows = self
+            .session
+            .execute_unpaged(&self.st.case_minutes, (from, until))
+            .await
+            .map_err(backend)?
+            .into_rows_result()
+            .map_err(backend)?;
+        rows.rows::<(i32,)>().map_err(backend)?.map(|r| r.map(|(m,)| m).map_err(backend)).collect()
+    }
+}
+
+#[async_trait]
+impl Cases for CqlStore {
+    async fn record_cases(&self, cases: Vec<Case>, keep_for: Duration) -> Result<(), StoreError> {
+        let ttl = keep_for.as_secs().clamp(1, i32::MAX as u64) as i32;
+        let minutes: std::collections::BTreeSet<i32> = cases.iter().map(|c| minute_of(c.recorded_at)).collect();
+        for minute in minutes {
+            self.session.execute_unpaged(&self.st.note_case_minute, (minute,)).await.map_err(backend)?;
+        }
+        let pending: Vec<_> = cases.iter().map(|c| Box::pin(self.record_case(c, ttl))).collect();
+        let results: Vec<_> = futures::stream::iter(pending).buffer_unordered(CONCURRENCY).collect().await;
+        results.into_iter().collect()
+    }
+
+    /// Minute by minute; within a minute, the shards merged by time.
+    async fn cases_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError> {
+        let minutes = self.case_minutes(minute_of(since), minute_of(Utc::now()) + 2).await?;
+        let mut out = Vec::new();
+        for minute in minutes {
+            let want = (limit - out.len()) as i32;
+            let mut found: Vec<(i64, Case)> = Vec::new();
+            for shard in 0..CASE_SHARDS {
+                let rows = self
+                    .session
+                    .execute_unpaged(&self.st.cases, (minute, shard, micros(since), want))
+                    .await
+                    .map_err(backend)?
+                    .into_rows_result()
+                    .map_err(backend)?;
+                for r in rows.rows::<(i64, String)>().map_err(backend)? {
+                    let (at, body) = r.map_err(backend)?;
+                    let case: Case = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                    found.push((at, Case { recorded_at: from_micros(at), ..case }));
+                }
+            }
+            found.sort_by(|a, b| (a.0, &a.1.event.event_id).cmp(&(b.0, &b.1.event.event_id)));
+            out.extend(found.into_iter().map(|(_, c)| c).take(limit - out.len()));
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Drops whole minutes past the retention (the rows' TTL would expire them too).
+    async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError> {
+        let cutoff = minute_of(Utc::now() - retention.keep_for);
+        let minutes = self.case_minutes(i32::MIN, cutoff).await?;
+        for &minute in &minutes {
+            for shard in 0..CASE_SHARDS {
+                self.session.execute_unpaged(&self.st.drop_case_shard, (minute, shard)).await.map_err(backend)?;
+            }
+            self.session.execute_unpaged(&self.st.drop_case_minute, (minute,)).await.map_err(backend)?;
+        }
+        // CQL does not count what a partition delete removed: the count is of minutes.
+        Ok(minutes.len() as u64)
+    }
+}
+
 #[async_trait]
 impl ActionLog for CqlStore {
     async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError> {
@@ -1133,7 +1256,8 @@ impl Runs for CqlStore {
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        for table in ["orders", "parked", "dead_letters", "dead_letter_ids", "runs", "routes"] {
+        let tables = ["orders", "parked", "dead_letters", "dead_letter_ids", "runs", "routes", "cases", "case_minutes"];
+        for table in tables {
             self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
         }
         Ok(())

@@ -1,5 +1,6 @@
 //! The embedded store on SQLite: one writer connection, a pool of readers, and
-//! each `write` batch committed in one transaction.
+//! each `write` batch committed in one transaction. Cases for what-if runs live in a
+//! database of their own beside it, so recording them never waits on the order writer.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,9 +14,9 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
-    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult, prefix_end,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
+    WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -108,9 +109,23 @@ const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, sta
     shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at, \
     changed_at";
 
+/// Decided events for what-if runs: the case as JSON (`{"event", "current"}`), keyed by
+/// event id so a retried batch records once, and pruned by age and count.
+const CASES_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS cases (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    recorded_at INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cases_at ON cases(recorded_at);
+";
+
 pub struct EmbeddedStore {
     writer: Arc<Mutex<Connection>>,
     readers: Arc<ReadPool>,
+    /// `<store>.cases.sqlite`: written off the pipeline's path, read by what-if runs.
+    cases: Arc<Mutex<Connection>>,
 }
 
 impl EmbeddedStore {
@@ -119,7 +134,23 @@ impl EmbeddedStore {
         writer.execute_batch(SCHEMA).map_err(backend)?;
         migrate(&writer).map_err(backend)?;
         let readers = ReadPool::open(path, 4).map_err(backend)?;
-        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers) })
+        let cases = open(&path.with_extension("cases.sqlite")).map_err(backend)?;
+        // A case lost in a power cut costs a what-if run one sample, not an order: no
+        // fsync per commit here.
+        cases.execute_batch("PRAGMA synchronous = NORMAL;").map_err(backend)?;
+        cases.execute_batch(CASES_SCHEMA).map_err(backend)?;
+        let cases = Arc::new(Mutex::new(cases));
+        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers), cases })
+    }
+
+    async fn with_cases<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.cases.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner())).map_err(backend))
+            .await
+            .map_err(|e| StoreError::Backend(e.into()))?
     }
 
     async fn read<T: Send + 'static>(
@@ -649,6 +680,60 @@ impl DeadLetters for EmbeddedStore {
 }
 
 #[async_trait]
+impl Cases for EmbeddedStore {
+    async fn record_cases(&self, cases: Vec<Case>, _keep_for: std::time::Duration) -> Result<(), StoreError> {
+        let rows = cases
+            .iter()
+            .map(|c| Ok((c.event.event_id.clone(), micros(c.recorded_at), serde_json::to_string(c)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        self.with_cases(move |conn| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            {
+                let mut insert = tx
+                    .prepare_cached("INSERT OR REPLACE INTO cases (event_id, recorded_at, body) VALUES (?1, ?2, ?3)")?;
+                for (event_id, at, body) in &rows {
+                    insert.execute(params![event_id, at, body])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn cases_since(&self, since: chrono::DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError> {
+        let since = micros(since);
+        let rows: Vec<(i64, String)> = self
+            .with_cases(move |conn| {
+                conn.prepare_cached(
+                    "SELECT recorded_at, body FROM cases WHERE recorded_at >= ?1 ORDER BY recorded_at, seq LIMIT ?2",
+                )?
+                .query_map(params![since, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(at, body)| {
+                let case: Case = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                Ok(Case { recorded_at: from_micros(at), ..case })
+            })
+            .collect()
+    }
+
+    async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError> {
+        let before = micros(Utc::now() - retention.keep_for);
+        let keep = retention.max_cases.min(i64::MAX as u64) as i64;
+        self.with_cases(move |conn| {
+            let old = conn.execute("DELETE FROM cases WHERE recorded_at < ?1", [before])?;
+            // Sequence numbers only grow, so the newest `keep` are the highest ones.
+            let over = conn.execute("DELETE FROM cases WHERE seq <= (SELECT MAX(seq) FROM cases) - ?1", [keep])?;
+            Ok((old + over) as u64)
+        })
+        .await
+    }
+}
+
+#[async_trait]
 impl ActionLog for EmbeddedStore {
     async fn record_action(&self, action: ActionRecord) -> Result<(), StoreError> {
         let body = serde_json::to_string(&action).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -818,7 +903,8 @@ impl Runs for EmbeddedStore {
                  DELETE FROM runs;",
             )
         })
-        .await
+        .await?;
+        self.with_cases(|conn| conn.execute_batch("DELETE FROM cases;")).await
     }
 
     async fn save_run(&self, run: &RunRecord) -> Result<(), StoreError> {
@@ -929,6 +1015,30 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap();
         super::super::conformance::check(&store, "conf").await;
+    }
+
+    /// The count bound keeps the newest cases; the time bound is in the conformance check.
+    #[tokio::test]
+    async fn cases_beyond_the_count_bound_go_oldest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let event = |i: u64| {
+            let mut e = crate::generator::created("cap", i, "test", &Default::default(), &mut rand::rng());
+            e.event_id = format!("cap-{i}");
+            Case { event: e, current: None, recorded_at: Utc::now() }
+        };
+        let keep = std::time::Duration::from_secs(3_600);
+        store.record_cases((0..5).map(event).collect(), keep).await.unwrap();
+        let retention = CaseRetention { keep_for: keep, max_cases: 2 };
+        assert_eq!(store.prune_cases(retention).await.unwrap(), 3);
+        let left: Vec<String> = store
+            .cases_since(Utc::now() - chrono::Duration::hours(1), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.event.event_id)
+            .collect();
+        assert_eq!(left, ["cap-3", "cap-4"]);
     }
 
     #[tokio::test]

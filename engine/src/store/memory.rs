@@ -1,4 +1,4 @@
-//! A minimal in-memory backend for unit tests: the five ports over plain collections
+//! A minimal in-memory backend for unit tests: the ports over plain collections
 //! behind one mutex. Users cannot select it; it shows what a third backend implements.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Claim, DeadLetter, DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page,
-    ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
+    WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{Order, Status};
 
@@ -35,6 +35,8 @@ struct State {
     actions: Vec<ActionRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
     parked: BTreeMap<(String, i64, u64, String), ParkedEvent>,
+    /// Oldest first; a case recorded again replaces the first.
+    cases: Vec<Case>,
 }
 
 /// A webhook claim: until when it counts, when its attempt took it, and whether its
@@ -369,6 +371,36 @@ impl ActionLog for MemoryStore {
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
         let newest_first: Vec<ActionRecord> = self.state().actions.iter().rev().cloned().collect();
         page(&newest_first, limit, cursor)
+    }
+}
+
+#[async_trait]
+impl Cases for MemoryStore {
+    async fn record_cases(&self, cases: Vec<Case>, _keep_for: Duration) -> Result<(), StoreError> {
+        let mut state = self.state();
+        for case in cases {
+            state.cases.retain(|c| c.event.event_id != case.event.event_id);
+            state.cases.push(case);
+        }
+        state.cases.sort_by_key(|c| c.recorded_at);
+        Ok(())
+    }
+
+    async fn cases_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError> {
+        let mut found: Vec<Case> = self.state().cases.iter().filter(|c| c.recorded_at >= since).cloned().collect();
+        found.sort_by_key(|c| c.recorded_at);
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError> {
+        let before = Utc::now() - retention.keep_for;
+        let mut state = self.state();
+        let was = state.cases.len();
+        state.cases.retain(|c| c.recorded_at >= before);
+        let over = state.cases.len().saturating_sub(retention.max_cases as usize);
+        state.cases.drain(..over);
+        Ok((was - state.cases.len()) as u64)
     }
 }
 

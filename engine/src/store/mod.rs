@@ -1,6 +1,7 @@
-//! The versioned order store, as five ports that each backend implements: `Orders`
+//! The versioned order store, as ports that each backend implements: `Orders`
 //! (insert-if-absent, compare-and-set on `version`, idempotent apply keyed by `event_id`,
-//! every outcome kept in a history), `Parking`, `DeadLetters`, `WebhookLedger` and `Runs`.
+//! every outcome kept in a history), `Parking`, `DeadLetters`, `WebhookLedger`, `Runs`,
+//! `ActionLog` and `Cases` (decided events kept for what-if runs).
 
 #[cfg(any(test, feature = "testing"))]
 pub mod conformance;
@@ -18,7 +19,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::domain::{Order, Priority, Status};
+use crate::domain::{Order, OrderEvent, Priority, Status};
 pub use crate::failure::DeadLetter;
 
 /// A backend's own error, kept as the source of a [`StoreError`].
@@ -385,11 +386,49 @@ pub trait ActionLog: Send + Sync + 'static {
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError>;
 }
 
-/// A backend that implements every port. Adding one means implementing the six
-/// ports and an arm in `Engine::open`.
-pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog {}
+/// One decided event as the rules met it: the event as it came off the log and the row
+/// it was decided against (`None` for a new order). What a what-if run feeds a candidate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Case {
+    pub event: OrderEvent,
+    pub current: Option<Order>,
+    #[serde(skip)]
+    pub recorded_at: DateTime<Utc>,
+}
 
-impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog> Backend for T {}
+/// How long cases are kept, and (where the backend counts rows) how many at most.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CaseRetention {
+    pub keep_for: std::time::Duration,
+    /// The embedded store deletes the oldest beyond this; CQL has no cheap count, and
+    /// relies on its TTL alone.
+    pub max_cases: u64,
+}
+
+impl Default for CaseRetention {
+    fn default() -> Self {
+        Self { keep_for: std::time::Duration::from_secs(86_400), max_cases: 1_000_000 }
+    }
+}
+
+/// Decided events kept for a while, for what-if runs of candidate rules.
+#[async_trait]
+pub trait Cases: Send + Sync + 'static {
+    /// Keeps these cases for `keep_for`; a case recorded again under the same event id
+    /// replaces the first (a batch retried after an outage is recorded once).
+    async fn record_cases(&self, cases: Vec<Case>, keep_for: std::time::Duration) -> Result<(), StoreError>;
+    /// Up to `limit` cases recorded at or after `since`, oldest first (by minute on CQL).
+    async fn cases_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError>;
+    /// Deletes what `retention` no longer keeps; returns how many went. A backend with
+    /// TTLs (CQL) expires them itself.
+    async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError>;
+}
+
+/// A backend that implements every port. Adding one means implementing the seven
+/// ports and an arm in `Engine::open`.
+pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases {}
+
+impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases> Backend for T {}
 
 /// The ports of one backend, each behind its own trait object, so every user holds
 /// exactly the port it needs.
@@ -401,6 +440,7 @@ pub struct Stores {
     pub webhooks: Arc<dyn WebhookLedger>,
     pub runs: Arc<dyn Runs>,
     pub actions: Arc<dyn ActionLog>,
+    pub cases: Arc<dyn Cases>,
 }
 
 impl Stores {
@@ -411,7 +451,8 @@ impl Stores {
             dead_letters: backend.clone(),
             webhooks: backend.clone(),
             runs: backend.clone(),
-            actions: backend,
+            actions: backend.clone(),
+            cases: backend,
         }
     }
 }
