@@ -41,6 +41,22 @@ pub struct BenchReport {
     /// From a deploy request to the new version deciding (compile, check, persist, swap).
     pub deploy_to_active_ms: f64,
     pub peak_rss_mib: f64,
+    /// The plugins pipeline again, keeping no cases for what-if runs: what recording costs.
+    pub plugins_without_cases: PipelineRun,
+    pub with_cases_vs_without: f64,
+    /// A what-if run of the default rules over the cases the plugins run recorded.
+    pub what_if: WhatIfRun,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WhatIfRun {
+    /// Cases decided (by both versions), at most the route's limit.
+    pub cases: u64,
+    /// Cases/s from reading them to the report: the read, and both versions deciding.
+    pub events_per_s: f64,
+    /// Microseconds per event of each side's rules alone.
+    pub active_us_per_event: f64,
+    pub candidate_us_per_event: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +84,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     eprintln!("pipeline with plugins: {plugins:?}, peak RSS {peak_rss:.0} MiB");
     let native = pipeline(&dir.join("native"), &args, false).await?;
     eprintln!("pipeline with native rules: {native:?}");
+    let what_if = what_if_run(&dir.join("plugins")).await?;
+    eprintln!("what-if run over the recorded cases: {what_if:?}");
+    let config = EngineConfig { pipeline: args.tuning.pipeline(), cases: None, ..Default::default() };
+    let engine = Engine::open(Backend::Embedded, &dir.join("no-cases"), config).await?;
+    let without_cases = drive(engine, &args, "no cases").await?;
+    eprintln!("pipeline with plugins, no cases kept: {without_cases:?}");
 
     let raw = raw_store(&dir.join("raw"), args.events).await?;
     eprintln!("raw store: {raw:.0} rows/s");
@@ -77,6 +99,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let deploy_ms = deploy_to_active(&dir.join("deploy")).await?;
     eprintln!("deploy to active: {deploy_ms:.1} ms");
+    let plugins_run_rate = plugins.events_per_s;
     let report = BenchReport {
         events: args.events,
         offered_rate: args.rate,
@@ -89,6 +112,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         native_rule_ns_per_event: rule_ns,
         deploy_to_active_ms: deploy_ms,
         peak_rss_mib: peak_rss,
+        with_cases_vs_without: plugins_run_rate / without_cases.events_per_s,
+        plugins_without_cases: without_cases,
+        what_if,
     };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
@@ -157,6 +183,23 @@ async fn raw_writes(store: &dyn Orders, n: u64) -> anyhow::Result<f64> {
         busy += started.elapsed();
     }
     Ok(n as f64 / busy.as_secs_f64())
+}
+
+/// The default rules as the candidate, over the cases a pipeline run in `dir` recorded.
+async fn what_if_run(dir: &Path) -> anyhow::Result<WhatIfRun> {
+    let engine = Engine::open(Backend::Embedded, dir, EngineConfig::default()).await?;
+    let since = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    let report = engine
+        .what_if(Slot::OrderRules.builtin().to_vec(), since, crate::whatif::MAX_CASES)
+        .await
+        .map_err(|e| anyhow::anyhow!("the what-if run failed: {e}"))?;
+    anyhow::ensure!(report.differed == 0, "the default rules differ from themselves: {report:?}");
+    Ok(WhatIfRun {
+        cases: report.cases,
+        events_per_s: report.cases as f64 / (report.took_ms / 1e3),
+        active_us_per_event: report.cost_us_per_event.active,
+        candidate_us_per_event: report.cost_us_per_event.candidate,
+    })
 }
 
 /// Deploys the default order rules as a new version and reports how long until active.

@@ -179,8 +179,11 @@ pub struct Engine {
     /// Plugin changes one at a time, each with its replication, so the cluster sees
     /// them in the order they were made here.
     plugin_changes: Arc<tokio::sync::Mutex<()>>,
-    /// What-if runs one at a time: each takes a core while it lasts.
-    what_ifs: tokio::sync::Mutex<()>,
+    /// What-if runs one at a time: each takes a core while it lasts, to its end even
+    /// when its caller goes away.
+    what_ifs: Arc<tokio::sync::Mutex<()>>,
+    /// Where decided events go for what-if runs, and its writer; set by `start`.
+    recorder: Mutex<Option<(Recorder, tokio::task::JoinHandle<()>)>>,
     control_file: OnceLock<ControlFile>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
@@ -359,7 +362,8 @@ impl Engine {
             cluster: OnceLock::new(),
             replication: OnceLock::new(),
             plugin_changes: Arc::default(),
-            what_ifs: tokio::sync::Mutex::new(()),
+            what_ifs: Arc::default(),
+            recorder: Mutex::new(None),
             control_file: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
@@ -439,9 +443,23 @@ impl Engine {
             controls,
             self.config.pipeline.clone(),
         );
-        if let Some(retention) = self.config.cases {
-            let shutdown = self.shutdown.subscribe();
-            pipeline = pipeline.with_recorder(Recorder::start(self.stores.cases.clone(), retention, shutdown));
+        match self.config.cases {
+            Some(retention) => {
+                let shutdown = self.shutdown.subscribe();
+                let (recorder, writer) = Recorder::start(self.stores.cases.clone(), retention, shutdown);
+                pipeline = pipeline.with_recorder(recorder.clone());
+                *self.recorder.lock().unwrap_or_else(|p| p.into_inner()) = Some((recorder, writer));
+            }
+            // Cases an earlier run kept hold customer data: none is kept now, so they go.
+            None => {
+                let cases = self.stores.cases.clone();
+                tokio::spawn(async move {
+                    let none = store::CaseRetention { keep_for: std::time::Duration::ZERO, max_cases: 0 };
+                    if let Err(e) = cases.prune_cases(none).await {
+                        tracing::warn!(error = %e, "deleting the cases an earlier run kept failed");
+                    }
+                });
+            }
         }
         let shutdown = self.shutdown.subscribe();
         let (done, finished) = tokio::sync::oneshot::channel();
@@ -481,8 +499,16 @@ impl Engine {
     pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
         let finished = self.pipeline.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // The recorder's writer ends once the pipeline's batch in hand is recorded.
+        let recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(finished) = finished {
             let _ = finished.await;
+        }
+        if let Some((recorder, writer)) = recorder {
+            drop(recorder);
+            if tokio::time::timeout(std::time::Duration::from_secs(10), writer).await.is_err() {
+                tracing::warn!("the last recorded cases were not written within 10 s; leaving them");
+            }
         }
         if let Err(e) = self.log.flush().await {
             tracing::warn!(error = %e, "flushing the log on shutdown failed");
@@ -680,6 +706,11 @@ impl Engine {
             let _appending = self.appending.write().await;
             self.stats.step_boundary(std::time::Duration::from_secs(30)).await;
             self.log.clear().await.map_err(ResetError::Log)?;
+            // Cases still queued would outlive the reset (customer data included).
+            let recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.0.clone());
+            if let Some(recorder) = recorder {
+                recorder.flush().await;
+            }
             self.stores.runs.reset().await.map_err(ResetError::Store)
         }
         .await;
@@ -787,21 +818,27 @@ impl Engine {
         if self.config.cases.is_none() {
             return Err(WhatIfError::NotRecorded);
         }
-        let _one_at_a_time = self.what_ifs.try_lock().map_err(|_| WhatIfError::Busy)?;
-        let sha256 = crate::plugin::sha256_hex(&candidate);
-        let candidate = registry.candidate(candidate).await?;
-        let limit = limit.clamp(1, whatif::MAX_CASES);
-        // One more than asked: whether the window held more than the limit let in.
-        let mut cases = self.stores.cases.cases_since(since, limit + 1).await?;
-        let limited = cases.len() > limit;
-        cases.truncate(limit);
-        let active = self.rulebook.rules();
-        let report = tokio::task::spawn_blocking(move || {
-            whatif::compare(&*active, &*candidate, &sha256, since, &cases, limited, whatif::DEADLINE)
-        })
-        .await
-        .map_err(|e| PluginError::Runtime(format!("the what-if run stopped: {e}")))?;
-        Ok(report)
+        let one_at_a_time = self.what_ifs.clone().try_lock_owned().map_err(|_| WhatIfError::Busy)?;
+        let (cases, live_id) = (self.stores.cases.clone(), self.rulebook.rules().id().to_string());
+        // On a task of its own, holding the lock to the end: a caller that goes away
+        // does not free the core for a second run while this one still decides.
+        let run = tokio::spawn(async move {
+            let _one_at_a_time = one_at_a_time;
+            let sha256 = crate::plugin::sha256_hex(&candidate);
+            let (active, candidate) = registry.what_if_pair(candidate).await?;
+            let started = std::time::Instant::now();
+            let limit = limit.clamp(1, whatif::MAX_CASES);
+            // One more than asked: whether the window held more than the limit let in.
+            let mut cases = cases.cases_since(since, limit + 1).await?;
+            let limited = cases.len() > limit;
+            cases.truncate(limit);
+            let run = whatif::Run { active_id: live_id, candidate_sha256: sha256, since, limited, started };
+            let compared = tokio::task::spawn_blocking(move || {
+                whatif::compare(&*active, &*candidate, run, &cases, whatif::DEADLINE)
+            });
+            compared.await.map_err(|e| PluginError::Runtime(format!("the what-if run stopped: {e}")).into())
+        });
+        run.await.map_err(|e| PluginError::Runtime(format!("the what-if run stopped: {e}")))?
     }
 
     /// Runs one change of `slot`'s plugins, then carries the slot's state to the other

@@ -509,9 +509,6 @@ impl Pipeline {
         let started = Instant::now();
         let mut decisions = rules.decide_batch(&inputs).into_iter();
         self.metrics.rule_duration.record(started.elapsed().as_secs_f64());
-        if let Some(recorder) = &self.recorder {
-            recorder.offer(&inputs);
-        }
         if let Some(shadow) = &shadow {
             // Off the hot path: the candidate decides on its own thread, or not at all.
             let batch =
@@ -520,6 +517,8 @@ impl Pipeline {
         }
 
         let mut plan = Plan { taken: 0, writes: Vec::new(), slots: Vec::new(), to_park: Vec::new() };
+        // The events this round takes, with the rows they met: kept for what-if runs.
+        let mut decided = Vec::with_capacity(inputs.len());
         for ((it, dropped), park) in items.iter().zip(dropped).zip(parks) {
             if preempt() {
                 break;
@@ -571,6 +570,7 @@ impl Pipeline {
             let base = current.get(&event.order_id);
             let slot = Slot { event: Some(event), ..slot };
             let decision = decisions.next().expect("one decision per decodable event");
+            decided.push((event, base));
             let refused = |failure: Failure| (refusal(event, &failure, rules.id()), Some(failure));
             let (write, pending, failure) = match decision {
                 Ok(Decision::Upsert(fields)) if superseded(base, &fields, event) => {
@@ -609,6 +609,9 @@ impl Pipeline {
             };
             plan.writes.push(write);
             plan.slots.push(Slot { pending, failure, ..slot });
+        }
+        if let Some(recorder) = &self.recorder {
+            recorder.offer(&decided);
         }
         Ok(plan)
     }

@@ -405,7 +405,7 @@ async fn what_if(s: &Server, query: &str, bytes: Vec<u8>) -> (u16, Value) {
 #[tokio::test]
 async fn a_what_if_run_replays_recorded_events_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path()).await;
+    let mut s = Server::start(dir.path()).await;
     // As in the shadow test: v2 differs exactly on new orders with totals in [150, 200).
     let prefix = common::unique("w");
     let totals: Vec<i64> = (0..200).map(|i| 1_000 + i * 137).collect();
@@ -463,6 +463,8 @@ async fn a_what_if_run_replays_recorded_events_and_writes_nothing() {
     assert_eq!((same["cases"].as_u64(), same["differed"].as_u64()), (Some(210), Some(0)), "{same}");
     let (_, few) = what_if(&s, "since=1h&limit=5", plugin("fixture_rules_v2")).await;
     assert_eq!((few["cases"].as_u64(), few["limited"].as_bool()), (Some(5), Some(true)), "{few}");
+    let (_, all) = what_if(&s, "since=1h&limit=210", plugin("fixture_rules_v2")).await;
+    assert_eq!((all["cases"].as_u64(), all["limited"].as_bool()), (Some(210), Some(false)), "{all}");
     let later = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let (_, none) = what_if(&s, &format!("since={later}"), plugin("fixture_rules_v2")).await;
     assert_eq!(none["cases"], 0, "{none}");
@@ -493,6 +495,26 @@ async fn a_what_if_run_replays_recorded_events_and_writes_nothing() {
     assert_eq!(after.0["shipping_fee_cents"], 599);
     let (_, slots) = s.get_json("/plugins").await;
     assert_eq!(slots[0]["versions"].as_array().unwrap().len(), 1, "no version was stored: {slots}");
+
+    // The candidates' compiled code is not kept past a restart, only stored versions'.
+    let cache = dir.path().join("plugin-cache");
+    let files = || std::fs::read_dir(&cache).unwrap().count();
+    assert!(files() > 2, "the candidates were compiled into the cache");
+    s.restart().await;
+    assert_eq!(files(), 2, "the built-in rules and resolver");
+
+    // A reset empties the cases with the orders (they hold customer emails).
+    let r = client().post(s.url("/reset")).bearer_auth(TOKEN).json(&json!({"confirm": "reset"})).send().await;
+    assert_eq!(r.unwrap().status(), 200);
+    let (_, gone) = what_if(&s, "since=1h", plugin("fixture_rules_v2")).await;
+    assert_eq!(gone["cases"], 0, "{gone}");
+
+    // An engine that keeps no cases says so.
+    let other = tempfile::tempdir().unwrap();
+    let off = Server::start_with(other.path(), &["--case-retention-hours", "0"]).await;
+    let (status, refused) = what_if(&off, "since=1h", plugin("fixture_rules_v2")).await;
+    assert_eq!(status, 409, "{refused}");
+    assert!(refused["detail"]["message"].as_str().unwrap().contains("--case-retention-hours 0"), "{refused}");
 }
 
 #[tokio::test]

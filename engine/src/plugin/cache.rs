@@ -73,6 +73,22 @@ impl CompileCache {
         }
     }
 
+    /// Deletes every file but the compiled `keep` of this wasmtime and settings: other
+    /// uploads (what-if candidates, versions no longer stored), older wasmtimes, and
+    /// temporary files a crash left. Returns how many went.
+    pub fn prune(&self, keep: &std::collections::HashSet<String>) -> std::io::Result<usize> {
+        let mut gone = 0;
+        for entry in std::fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            if !keep.iter().any(|sha| name == self.path(sha).file_name().and_then(|n| n.to_str()).unwrap_or_default()) {
+                std::fs::remove_file(&path)?;
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
     fn write(path: &Path, component: &Component) -> anyhow::Result<()> {
         let code = component.serialize()?;
         // Its own temporary name: engines or `plugin test` runs may share the directory.
@@ -115,5 +131,12 @@ mod tests {
         bytes[last] ^= 1;
         std::fs::write(&path, bytes).unwrap();
         assert!(cache.load(&engine, "abc").is_none(), "a flipped bit is caught by the digest");
+
+        cache.store("abc", &component);
+        cache.store("def", &component);
+        std::fs::write(dir.path().join("abc-0000000000000000.cwasm"), b"an older wasmtime's").unwrap();
+        let keep = ["abc".to_string()].into_iter().collect();
+        assert_eq!(cache.prune(&keep).unwrap(), 2, "def and the older wasmtime's file go");
+        assert!(cache.load(&engine, "abc").is_some() && cache.load(&engine, "def").is_none());
     }
 }

@@ -201,6 +201,19 @@ impl Runtime {
 }
 
 impl Runtime {
+    /// Deletes compiled code on disk for anything but `keep` (sha256s); nothing without
+    /// a cache.
+    pub fn prune_cache(&self, keep: &std::collections::HashSet<String>) {
+        let Some(cache) = &self.cache else { return };
+        match cache.prune(keep) {
+            Ok(0) => {}
+            Ok(gone) => tracing::info!(gone, "deleted compiled plugins no stored version needs"),
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the compile cache failed; it is tried again at the next start")
+            }
+        }
+    }
+
     /// The compiled component: from the cache when it holds it, else compiled (and
     /// kept there).
     fn component(&self, bytes: &[u8]) -> Result<Component, PluginError> {
@@ -265,8 +278,18 @@ impl Compiled {
     /// Loads it for calls: `id` is `slot@version#sha256:<12 hex>`.
     pub fn load(self, version: u64, sha256: &str) -> Handle {
         match self {
-            Compiled::Rules(t) => Handle::Rules(Loaded::new(t, Slot::OrderRules, version, sha256)),
-            Compiled::Resolver(t) => Handle::Resolver(Loaded::new(t, Slot::ConflictResolver, version, sha256)),
+            Compiled::Rules(t) => Handle::Rules(Loaded::new(t, Slot::OrderRules, Some(version), sha256)),
+            Compiled::Resolver(t) => Handle::Resolver(Loaded::new(t, Slot::ConflictResolver, Some(version), sha256)),
+        }
+    }
+
+    /// Loads it apart from the live versions, for a what-if run: its own instances, and
+    /// no plugin metrics (its calls and failures are not the live path's). The id reads
+    /// `slot@what-if#sha256:<12 hex>`.
+    pub fn load_apart(self, sha256: &str) -> Handle {
+        match self {
+            Compiled::Rules(t) => Handle::Rules(Loaded::new(t, Slot::OrderRules, None, sha256)),
+            Compiled::Resolver(t) => Handle::Resolver(Loaded::new(t, Slot::ConflictResolver, None, sha256)),
         }
     }
 }
@@ -373,8 +396,15 @@ pub struct Loaded<W: World> {
 }
 
 impl<W: World> Loaded<W> {
-    fn new(compiled: Typed<W>, slot: Slot, version: u64, sha256: &str) -> Arc<Self> {
-        let id = format!("{}@{version}#sha256:{}", slot.name(), &sha256[..12.min(sha256.len())]);
+    fn new(compiled: Typed<W>, slot: Slot, version: Option<u64>, sha256: &str) -> Arc<Self> {
+        let sha = &sha256[..12.min(sha256.len())];
+        let Some(version) = version else {
+            let id = format!("{}@what-if#sha256:{sha}", slot.name());
+            let metrics = PluginMetrics { ok: Counter::noop(), failed: Counter::noop(), duration: Histogram::noop() };
+            let idle = Mutex::new(Vec::new());
+            return Arc::new(Self { id, compiled, idle, metrics, timed_out_in_a_row: AtomicU32::new(0) });
+        };
+        let id = format!("{}@{version}#sha256:{sha}", slot.name());
         let labels = [("plugin", slot.name().to_string()), ("version", version.to_string())];
         let metrics = PluginMetrics {
             ok: counter!(

@@ -186,6 +186,12 @@ impl Registry {
                 registry.install_shadow(Some(registry.load(slot, v)?), v)?;
             }
         }
+        // Compiled code of what no stored version is (what-if candidates, say) goes.
+        let mut keep = std::collections::HashSet::new();
+        for slot in Slot::ALL {
+            keep.extend(registry.versions(slot)?.into_iter().map(|v| v.sha256));
+        }
+        registry.runtime.prune_cache(&keep);
         Ok(registry)
     }
 
@@ -269,18 +275,21 @@ impl Registry {
         if let Some(l) = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).get(&(slot, version)) {
             return Ok(l.clone());
         }
-        let (bytes, sha): (Vec<u8>, String) = {
-            let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-            db.query_row(
-                "SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2",
-                params![slot.name(), version as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(repo)?
-        };
+        let (bytes, sha) = self.version_bytes(slot, version)?;
         let loaded = self.runtime.compile(slot, &bytes)?.load(version, &sha);
         self.loaded.lock().unwrap_or_else(|p| p.into_inner()).insert((slot, version), loaded.clone());
         Ok(loaded)
+    }
+
+    /// A stored version's component and its sha256.
+    fn version_bytes(&self, slot: Slot, version: u64) -> Result<(Vec<u8>, String), PluginError> {
+        let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        db.query_row(
+            "SELECT bytes, sha256 FROM versions WHERE slot = ?1 AND version = ?2",
+            params![slot.name(), version as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(repo)
     }
 
     /// Checks, stores and activates (or shadows) an uploaded component.
@@ -331,25 +340,33 @@ impl Registry {
         Ok(deployed)
     }
 
-    /// Compiles order rules for a what-if run, under the same size limit and first call
-    /// as a deploy, storing nothing. Compiled code goes to the cache, so deploying the
-    /// same bytes next compiles nothing.
-    pub async fn candidate(&self, bytes: Vec<u8>) -> Result<Arc<dyn OrderRules>, PluginError> {
-        if bytes.len() > self.max_bytes {
+    /// The two sides of a what-if run, each loaded apart from the live versions (own
+    /// instances, no plugin metrics): the active order rules, and `candidate` under the
+    /// same size limit and first call as a deploy. Nothing is stored; compiled code goes
+    /// to the cache, so deploying the same bytes next compiles nothing.
+    pub async fn what_if_pair(
+        self: &Arc<Self>,
+        candidate: Vec<u8>,
+    ) -> Result<(Arc<dyn OrderRules>, Arc<dyn OrderRules>), PluginError> {
+        if candidate.len() > self.max_bytes {
             return Err(PluginError::Invalid(format!(
                 "the module is {} bytes; the limit is {} bytes (raise it with --max-plugin-bytes)",
-                bytes.len(),
+                candidate.len(),
                 self.max_bytes
             )));
         }
-        let runtime = self.runtime.clone();
+        let me = self.clone();
         tokio::task::spawn_blocking(move || {
-            let handle = runtime.compile(Slot::OrderRules, &bytes)?.load(0, &sha256_hex(&bytes));
-            handle.smoke_check().map_err(|e| PluginError::Invalid(failed_smoke_check(&e)))?;
-            match handle {
+            let rules = |handle: Handle| match handle {
                 Handle::Rules(rules) => Ok(rules as Arc<dyn OrderRules>),
                 Handle::Resolver(_) => Err(PluginError::Invalid("the component is not order rules".into())),
-            }
+            };
+            let slot = Slot::OrderRules;
+            let handle = me.runtime.compile(slot, &candidate)?.load_apart(&sha256_hex(&candidate));
+            handle.smoke_check().map_err(|e| PluginError::Invalid(failed_smoke_check(&e)))?;
+            let (bytes, sha) = me.version_bytes(slot, me.slot_row(slot)?.active)?;
+            let active = me.runtime.compile(slot, &bytes)?.load_apart(&sha);
+            Ok((rules(active)?, rules(handle)?))
         })
         .await
         .map_err(|e| PluginError::Runtime(e.to_string()))?

@@ -77,13 +77,13 @@ pub async fn cases(s: &(impl Cases + ?Sized), prefix: &str) {
     let keep = std::time::Duration::from_secs(86_400);
     let first = case(0, "a");
     s.record_cases(vec![first.clone(), case(1, "b"), case(2, "c")], keep).await.unwrap();
-    // Recorded again (a retried batch): still one case, the second recording's.
-    s.record_cases(vec![case(1, "b2")], keep).await.unwrap();
+    // Recorded again, later (a retried round): still one case, as first recorded.
+    s.record_cases(vec![Case { recorded_at: t0 + Duration::milliseconds(5), ..case(1, "b2") }], keep).await.unwrap();
     let mine =
         |all: Vec<Case>| -> Vec<Case> { all.into_iter().filter(|c| c.event.event_id.starts_with(prefix)).collect() };
     let all = mine(s.cases_since(t0, 100).await.unwrap());
     let notes: Vec<_> = all.iter().filter_map(|c| c.event.payload.note.clone()).collect();
-    assert_eq!(notes, ["a", "b2", "c"], "cases oldest first, one per event id");
+    assert_eq!(notes, ["a", "b", "c"], "cases oldest first, one per event id, as first recorded");
     assert_eq!(all[0], first, "a case reads back as it was recorded (event, row met, time)");
     let later = mine(s.cases_since(t0 + Duration::milliseconds(1), 100).await.unwrap());
     assert_eq!(later.len(), 2, "cases before `since` are left out");

@@ -391,11 +391,12 @@ impl CqlStore {
                 false,
             )
             .await?,
-            cases: prepare(
-                format!("SELECT at, body FROM {ks}.cases WHERE minute = ? AND shard = ? AND at >= ? LIMIT ?"),
-                false,
-            )
-            .await?,
+            cases: {
+                let cql = format!("SELECT at, body FROM {ks}.cases WHERE minute = ? AND shard = ? AND at >= ?");
+                let mut p = prepare(cql, false).await?;
+                p.set_page_size(500);
+                p
+            },
             drop_case_shard: prepare(format!("DELETE FROM {ks}.cases WHERE minute = ? AND shard = ?"), false).await?,
             drop_case_minute: prepare(format!("DELETE FROM {ks}.case_minutes WHERE k = 0 AND minute = ?"), false)
                 .await?,
@@ -1024,7 +1025,7 @@ impl WebhookLedger for CqlStore {
 
 /// The minute (since the epoch) a time falls in.
 fn minute_of(t: DateTime<Utc>) -> i32 {
-    t.timestamp().div_euclid(60) as i32
+    t.timestamp().div_euclid(60).clamp(i32::MIN as i64, i32::MAX as i64) as i32
 }
 
 /// The shard of an order's cases: a stable hash, the same on every instance.
@@ -1068,31 +1069,45 @@ impl Cases for CqlStore {
         results.into_iter().collect()
     }
 
-    /// Minute by minute; within a minute, the shards merged by time.
+    /// Minute by minute; within a minute, the shards' pages merged by time, so at most
+    /// a page per shard is held besides what is returned.
     async fn cases_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError> {
         let minutes = self.case_minutes(minute_of(since), minute_of(Utc::now()) + 2).await?;
-        let mut out = Vec::new();
+        let (mut out, mut seen) = (Vec::new(), std::collections::HashSet::new());
         for minute in minutes {
-            let want = (limit - out.len()) as i32;
-            let mut found: Vec<(i64, Case)> = Vec::new();
+            let mut shards = Vec::new();
             for shard in 0..CASE_SHARDS {
-                let rows = self
+                let pager = self
                     .session
-                    .execute_unpaged(&self.st.cases, (minute, shard, micros(since), want))
+                    .execute_iter(self.st.cases.clone(), (minute, shard, micros(since)))
                     .await
-                    .map_err(backend)?
-                    .into_rows_result()
                     .map_err(backend)?;
-                for r in rows.rows::<(i64, String)>().map_err(backend)? {
-                    let (at, body) = r.map_err(backend)?;
-                    let case: Case = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-                    found.push((at, Case { recorded_at: from_micros(at), ..case }));
-                }
+                shards.push(Box::pin(pager.rows_stream::<(i64, String)>().map_err(backend)?.peekable()));
             }
-            found.sort_by(|a, b| (a.0, &a.1.event.event_id).cmp(&(b.0, &b.1.event.event_id)));
-            out.extend(found.into_iter().map(|(_, c)| c).take(limit - out.len()));
-            if out.len() >= limit {
-                break;
+            loop {
+                // The shard whose next case is the oldest (an error first, to surface it).
+                let mut next: Option<(usize, i64)> = None;
+                for (i, shard) in shards.iter_mut().enumerate() {
+                    let at = match shard.as_mut().peek().await {
+                        Some(Ok((at, _))) => *at,
+                        Some(Err(_)) => i64::MIN,
+                        None => continue,
+                    };
+                    if next.is_none_or(|(_, best)| at < best) {
+                        next = Some((i, at));
+                    }
+                }
+                let Some((i, _)) = next else { break };
+                let Some(row) = shards[i].next().await else { break };
+                let (at, body) = row.map_err(backend)?;
+                let case: Case = serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                // An event recorded again (a retried round) reads back once, as first recorded.
+                if seen.insert(case.event.event_id.clone()) {
+                    out.push(Case { recorded_at: from_micros(at), ..case });
+                    if out.len() >= limit {
+                        return Ok(out);
+                    }
+                }
             }
         }
         Ok(out)

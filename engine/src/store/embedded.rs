@@ -690,8 +690,8 @@ impl Cases for EmbeddedStore {
         self.with_cases(move |conn| {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             {
-                let mut insert = tx
-                    .prepare_cached("INSERT OR REPLACE INTO cases (event_id, recorded_at, body) VALUES (?1, ?2, ?3)")?;
+                let mut insert =
+                    tx.prepare_cached("INSERT OR IGNORE INTO cases (event_id, recorded_at, body) VALUES (?1, ?2, ?3)")?;
                 for (event_id, at, body) in &rows {
                     insert.execute(params![event_id, at, body])?;
                 }
@@ -720,16 +720,28 @@ impl Cases for EmbeddedStore {
             .collect()
     }
 
+    /// In chunks, each its own transaction, so the recorder's writes go on in between.
     async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError> {
+        const CHUNK: i64 = 10_000;
         let before = micros(Utc::now() - retention.keep_for);
         let keep = retention.max_cases.min(i64::MAX as u64) as i64;
-        self.with_cases(move |conn| {
-            let old = conn.execute("DELETE FROM cases WHERE recorded_at < ?1", [before])?;
-            // Sequence numbers only grow, so the newest `keep` are the highest ones.
-            let over = conn.execute("DELETE FROM cases WHERE seq <= (SELECT MAX(seq) FROM cases) - ?1", [keep])?;
-            Ok((old + over) as u64)
-        })
-        .await
+        let mut gone = 0u64;
+        loop {
+            let deleted = self
+                .with_cases(move |conn| {
+                    // Sequence numbers only grow, so the newest `keep` are the highest ones.
+                    conn.execute(
+                        "DELETE FROM cases WHERE seq IN (SELECT seq FROM cases \
+                         WHERE recorded_at < ?1 OR seq <= (SELECT MAX(seq) FROM cases) - ?2 LIMIT ?3)",
+                        params![before, keep, CHUNK],
+                    )
+                })
+                .await?;
+            gone += deleted as u64;
+            if (deleted as i64) < CHUNK {
+                return Ok(gone);
+            }
+        }
     }
 }
 

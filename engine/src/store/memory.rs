@@ -35,7 +35,7 @@ struct State {
     actions: Vec<ActionRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
     parked: BTreeMap<(String, i64, u64, String), ParkedEvent>,
-    /// Oldest first; a case recorded again replaces the first.
+    /// Oldest first; an event id recorded again is kept as first recorded.
     cases: Vec<Case>,
 }
 
@@ -379,8 +379,9 @@ impl Cases for MemoryStore {
     async fn record_cases(&self, cases: Vec<Case>, _keep_for: Duration) -> Result<(), StoreError> {
         let mut state = self.state();
         for case in cases {
-            state.cases.retain(|c| c.event.event_id != case.event.event_id);
-            state.cases.push(case);
+            if !state.cases.iter().any(|c| c.event.event_id == case.event.event_id) {
+                state.cases.push(case);
+            }
         }
         state.cases.sort_by_key(|c| c.recorded_at);
         Ok(())

@@ -414,8 +414,8 @@ impl Default for CaseRetention {
 /// Decided events kept for a while, for what-if runs of candidate rules.
 #[async_trait]
 pub trait Cases: Send + Sync + 'static {
-    /// Keeps these cases for `keep_for`; a case recorded again under the same event id
-    /// replaces the first (a batch retried after an outage is recorded once).
+    /// Keeps these cases for `keep_for`. An event id recorded again (a batch retried
+    /// after an outage, a redelivery) reads back once, as first recorded.
     async fn record_cases(&self, cases: Vec<Case>, keep_for: std::time::Duration) -> Result<(), StoreError>;
     /// Up to `limit` cases recorded at or after `since`, oldest first (by minute on CQL).
     async fn cases_since(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Case>, StoreError>;

@@ -42,6 +42,8 @@ pub struct WhatIfReport {
     pub since: DateTime<Utc>,
     /// Recorded cases decided by both.
     pub cases: u64,
+    /// From reading the cases to the report (compiling the candidate not included).
+    pub took_ms: f64,
     /// The window held more cases than the limit let in: the newest were left out.
     pub limited: bool,
     /// The deadline stopped the run before every case in hand was decided.
@@ -89,24 +91,34 @@ pub struct FieldDiff {
     pub candidate: Value,
 }
 
-/// Decides `cases` with both versions and compares, until `deadline` passes. `limited`
-/// says whether the store held more cases than were read.
+/// What a report says about the run besides the decisions.
+pub struct Run {
+    /// The live active version's id (its copy for the run is loaded apart).
+    pub active_id: String,
+    pub candidate_sha256: String,
+    pub since: DateTime<Utc>,
+    /// The store held more cases than were read.
+    pub limited: bool,
+    /// When reading the cases began: `took_ms` counts from here.
+    pub started: Instant,
+}
+
+/// Decides `cases` with both versions and compares, until `deadline` passes.
 pub fn compare(
     active: &dyn OrderRules,
     candidate: &dyn OrderRules,
-    candidate_sha256: &str,
-    since: DateTime<Utc>,
+    run: Run,
     cases: &[Case],
-    limited: bool,
     deadline: Duration,
 ) -> WhatIfReport {
     let started = Instant::now();
     let mut report = WhatIfReport {
-        active: active.id().to_string(),
-        candidate: candidate_sha256.to_string(),
-        since,
+        active: run.active_id,
+        candidate: run.candidate_sha256,
+        since: run.since,
         cases: 0,
-        limited,
+        took_ms: 0.0,
+        limited: run.limited,
         cut_short: false,
         first_recorded_at: cases.first().map(|c| c.recorded_at),
         last_recorded_at: None,
@@ -154,6 +166,7 @@ pub fn compare(
     }
     let per_event = |d: Duration| d.as_secs_f64() * 1e6 / report.cases.max(1) as f64;
     report.cost_us_per_event = Sides { active: per_event(active_time), candidate: per_event(candidate_time) };
+    report.took_ms = run.started.elapsed().as_secs_f64() * 1e3;
     report
 }
 

@@ -1,6 +1,6 @@
 //! Records each decided event with the row it met, off the pipeline's path: the
-//! pipeline hands cases over a bounded queue, and a task writes them in batches and
-//! prunes what the retention no longer keeps.
+//! pipeline hands cases over a bounded queue, a writer task writes them in batches, and
+//! a pruner deletes what the retention no longer keeps.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -8,21 +8,33 @@ use std::time::Duration;
 
 use chrono::Utc;
 use metrics::counter;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
 
 use crate::domain::{Order, OrderEvent};
 use crate::store::{Case, CaseRetention, Cases};
 use crate::telemetry;
 
-/// Batches of cases waiting for the writer; beyond this, cases are dropped and counted.
-const QUEUE: usize = 256;
-/// How often the writer prunes.
+/// Batches waiting for the writer (a round's worth each, at most the pipeline's batch
+/// size); beyond this, cases are dropped and counted, so the queue holds at most a few
+/// tens of thousands of cases.
+const QUEUE: usize = 32;
+/// How often the pruner looks.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+/// How often a batch is tried in all when the store is out.
+const ATTEMPTS: u32 = 4;
 
-/// The pipeline's end of the recorder. Cloning shares the one queue.
+enum Message {
+    Cases(Vec<Case>),
+    /// Answered once every batch queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
+/// The pipeline's end of the recorder. Cloning shares the one queue; the writer ends
+/// once every clone is dropped and the queue is written.
 #[derive(Clone)]
 pub struct Recorder {
-    queue: mpsc::Sender<Vec<Case>>,
+    queue: mpsc::Sender<Message>,
 }
 
 /// Why cases did not reach the store, as one event: its log line (once a second at
@@ -50,50 +62,69 @@ impl Lost {
 }
 
 impl Recorder {
-    /// Starts the writer on the current runtime; it ends at `shutdown`, once the queue
-    /// is written.
-    pub fn start(store: Arc<dyn Cases>, retention: CaseRetention, mut shutdown: watch::Receiver<bool>) -> Self {
-        let (queue, mut batches) = mpsc::channel::<Vec<Case>>(QUEUE);
-        tokio::spawn(async move {
-            let mut prune = tokio::time::interval(PRUNE_EVERY);
-            loop {
-                tokio::select! {
-                    batch = batches.recv() => match batch {
-                        Some(batch) => write(&*store, batch, retention).await,
-                        None => return,
-                    },
-                    _ = prune.tick() => match store.prune_cases(retention).await {
-                        Ok(0) => {}
-                        Ok(gone) => tracing::debug!(gone, "pruned recorded cases"),
-                        Err(e) => tracing::warn!(error = %e, "pruning recorded cases failed; trying again later"),
-                    },
-                    _ = shutdown.changed() => {
-                        batches.close();
-                        while let Some(batch) = batches.recv().await {
-                            write(&*store, batch, retention).await;
-                        }
-                        return;
+    /// Starts the writer and the pruner on the current runtime. The writer's handle
+    /// finishes once every `Recorder` is dropped and what was queued is written; the
+    /// pruner ends at `shutdown`.
+    pub fn start(
+        store: Arc<dyn Cases>,
+        retention: CaseRetention,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> (Self, JoinHandle<()>) {
+        let (queue, mut messages) = mpsc::channel::<Message>(QUEUE);
+        let writer_store = store.clone();
+        let writer = tokio::spawn(async move {
+            while let Some(message) = messages.recv().await {
+                match message {
+                    Message::Cases(batch) => write(&*writer_store, batch, retention).await,
+                    Message::Flush(done) => {
+                        let _ = done.send(());
                     }
                 }
             }
         });
-        Self { queue }
+        tokio::spawn(async move {
+            loop {
+                match store.prune_cases(retention).await {
+                    Ok(0) => {}
+                    Ok(gone) => tracing::debug!(gone, "pruned recorded cases"),
+                    Err(e) => tracing::warn!(error = %e, "pruning recorded cases failed; trying again later"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(PRUNE_EVERY) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+        (Self { queue }, writer)
     }
 
-    /// Hands a round's decided events to the writer; never waits.
-    pub fn offer(&self, inputs: &[(&OrderEvent, Option<&Order>)]) {
-        if inputs.is_empty() {
+    /// Hands the events a round decided to the writer; never waits.
+    pub fn offer(&self, decided: &[(&OrderEvent, Option<&Order>)]) {
+        if decided.is_empty() {
             return;
+        }
+        // Checked first, so a full queue costs no copies.
+        if self.queue.capacity() == 0 {
+            return Lost::Dropped.emit(decided.len(), &"the recorder is behind");
         }
         let now = Utc::now();
         let cases: Vec<Case> =
-            inputs.iter().map(|(e, o)| Case { event: (*e).clone(), current: o.cloned(), recorded_at: now }).collect();
-        if let Err(e) = self.queue.try_send(cases) {
-            let (why, cases) = match e {
-                mpsc::error::TrySendError::Full(c) => ("the recorder is behind", c),
-                mpsc::error::TrySendError::Closed(c) => ("the recorder stopped", c),
+            decided.iter().map(|(e, o)| Case { event: (*e).clone(), current: o.cloned(), recorded_at: now }).collect();
+        let n = cases.len();
+        if let Err(e) = self.queue.try_send(Message::Cases(cases)) {
+            let why = match e {
+                mpsc::error::TrySendError::Full(_) => "the recorder is behind",
+                mpsc::error::TrySendError::Closed(_) => "the recorder stopped",
             };
-            Lost::Dropped.emit(cases.len(), &why);
+            Lost::Dropped.emit(n, &why);
+        }
+    }
+
+    /// Waits until every case offered before this call is written (or given up on).
+    pub async fn flush(&self) {
+        let (done, written) = oneshot::channel();
+        if self.queue.send(Message::Flush(done)).await.is_ok() {
+            let _ = written.await;
         }
     }
 }
@@ -103,13 +134,13 @@ impl Recorder {
 async fn write(store: &dyn Cases, batch: Vec<Case>, retention: CaseRetention) {
     let n = batch.len();
     let mut backoff = Duration::from_millis(100);
-    for attempt in 1..=4 {
+    for attempt in 1..=ATTEMPTS {
         match store.record_cases(batch.clone(), retention.keep_for).await {
             Ok(()) => {
                 counter!(telemetry::WHATIF_CASES, "outcome" => "recorded").increment(n as u64);
                 return;
             }
-            Err(e) if e.is_transient() && attempt < 4 => {
+            Err(e) if e.is_transient() && attempt < ATTEMPTS => {
                 tokio::time::sleep(backoff).await;
                 backoff *= 4;
             }
