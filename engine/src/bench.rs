@@ -65,6 +65,8 @@ pub struct PipelineRun {
     pub events_per_s: f64,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
+    /// Decided events the run could not keep for what-if runs (its recorder was behind).
+    pub cases_lost: u64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -259,7 +261,9 @@ async fn drive(engine: Arc<Engine>, args: &BenchArgs, label: &'static str) -> an
         h.as_ref()
             .map_or((0.0, 0.0), |h| (h.value_at_quantile(0.5) as f64 / 1e3, h.value_at_quantile(0.99) as f64 / 1e3))
     };
-    Ok(PipelineRun { events_per_s: args.events as f64 / elapsed.as_secs_f64(), latency_p50_ms, latency_p99_ms })
+    let cases_lost = engine.stats().cases_lost.load(Ordering::Relaxed);
+    let events_per_s = args.events as f64 / elapsed.as_secs_f64();
+    Ok(PipelineRun { events_per_s, latency_p50_ms, latency_p99_ms, cases_lost })
 }
 
 /// Appends `n` created events in batches, paced to `rate` events/s when non-zero.

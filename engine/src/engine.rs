@@ -446,7 +446,8 @@ impl Engine {
         match self.config.cases {
             Some(retention) => {
                 let shutdown = self.shutdown.subscribe();
-                let (recorder, writer) = Recorder::start(self.stores.cases.clone(), retention, shutdown);
+                let stats = self.stats.clone();
+                let (recorder, writer) = Recorder::start(self.stores.cases.clone(), retention, stats, shutdown);
                 pipeline = pipeline.with_recorder(recorder.clone());
                 *self.recorder.lock().unwrap_or_else(|p| p.into_inner()) = Some((recorder, writer));
             }

@@ -63,6 +63,9 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Events settled (applied, skipped or rejected) per priority: a run's live progress.
     pub settled: PerPriority<AtomicU64>,
+    /// Decided events the what-if recorder could not keep (it was behind, or the store
+    /// refused them).
+    pub cases_lost: AtomicU64,
     /// Pipeline steps (poll, process, commit) begun and ended.
     pub steps: Steps,
     /// Append-to-applied latency in µs.

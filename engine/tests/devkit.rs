@@ -150,6 +150,16 @@ fn a_project_from_the_default_rules_is_a_copy_of_them() {
     assert!(sdk.join("wit/orchestrator.wit").is_file() && sdk.join("src/lib.rs").is_file());
     let manifest = std::fs::read_to_string(sdk.join("Cargo.toml")).unwrap();
     assert!(!manifest.contains(".workspace"), "the SDK stands alone: {manifest}");
+    // Python and JavaScript start from the ports the conformance suite holds to the
+    // native reference (engine/tests/conformance.rs builds and runs them).
+    let ports = concat!(env!("CARGO_MANIFEST_DIR"), "/../plugins/ports");
+    for (lang, file) in [("python", "python/app.py"), ("js", "js/app.js")] {
+        let name = format!("house-{lang}");
+        let (ok, _, err) = plugin(home.path(), &["new", &name, "--lang", lang, "--from-default"]);
+        assert!(ok, "{err}");
+        let app = std::fs::read_to_string(home.path().join(&name).join(file.split('/').nth(1).unwrap())).unwrap();
+        assert_eq!(app, std::fs::read_to_string(format!("{ports}/{file}")).unwrap(), "{lang}");
+    }
     let (ok, _, err) = plugin(home.path(), &["new", "9lives"]);
     assert!(!ok && err.contains("must start with a letter"), "{err}");
 }

@@ -52,6 +52,10 @@ const SDK: &[(&str, &str)] = &[
 ];
 const WIT: &str = include_str!("../../../plugins/sdk/wit/orchestrator.wit");
 const DEFAULT_RULES: &str = include_str!("../../../plugins/order-rules/src/lib.rs");
+/// The default rules ported line for line, which the conformance suite holds to the
+/// native reference: what `--from-default` starts a Python or JavaScript project from.
+const PYTHON_DEFAULT: &str = include_str!("../../../plugins/ports/python/app.py");
+const JS_DEFAULT: &str = include_str!("../../../plugins/ports/js/app.js");
 /// The engine's own lockfile: cargo keeps the versions the SDK was tested with and
 /// drops the rest, so a new project builds with known dependencies.
 const LOCKFILE: &str = include_str!("../../../Cargo.lock");
@@ -70,18 +74,23 @@ pub fn new(args: NewArgs) -> anyhow::Result<()> {
     let files = match args.lang {
         Lang::Rust => rust_project(&fill, args.from_default),
         Lang::Python => {
-            anyhow::ensure!(!args.from_default, "--from-default makes Rust projects only, for now");
+            let app = if args.from_default {
+                PYTHON_DEFAULT.to_string()
+            } else {
+                fill(include_str!("templates/python/app.py"))
+            };
             vec![
-                ("app.py".to_string(), fill(include_str!("templates/python/app.py"))),
+                ("app.py".to_string(), app),
                 ("README.md".to_string(), fill(include_str!("templates/python/README.md"))),
                 (".gitignore".to_string(), "/*.wasm\n/__pycache__\n".to_string()),
                 ("wit/orchestrator.wit".to_string(), WIT.to_string()),
             ]
         }
         Lang::Js => {
-            anyhow::ensure!(!args.from_default, "--from-default makes Rust projects only, for now");
+            let app =
+                if args.from_default { JS_DEFAULT.to_string() } else { fill(include_str!("templates/js/app.js")) };
             vec![
-                ("app.js".to_string(), fill(include_str!("templates/js/app.js"))),
+                ("app.js".to_string(), app),
                 ("package.json".to_string(), fill(include_str!("templates/js/package.json"))),
                 ("README.md".to_string(), fill(include_str!("templates/js/README.md"))),
                 (".gitignore".to_string(), "/*.wasm\n/node_modules\n".to_string()),

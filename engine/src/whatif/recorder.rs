@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::domain::{Order, OrderEvent};
+use crate::pipeline::Stats;
 use crate::store::{Case, CaseRetention, Cases};
 use crate::telemetry;
 
@@ -35,6 +36,7 @@ enum Message {
 #[derive(Clone)]
 pub struct Recorder {
     queue: mpsc::Sender<Message>,
+    stats: Arc<Stats>,
 }
 
 /// Why cases did not reach the store, as one event: its log line (once a second at
@@ -47,7 +49,8 @@ enum Lost {
 }
 
 impl Lost {
-    fn emit(self, cases: usize, why: &dyn std::fmt::Display) {
+    fn emit(self, cases: usize, why: &dyn std::fmt::Display, stats: &Stats) {
+        stats.cases_lost.fetch_add(cases as u64, Ordering::Relaxed);
         static LAST: AtomicI64 = AtomicI64::new(-1);
         let outcome = match self {
             Lost::Dropped => "dropped",
@@ -68,14 +71,15 @@ impl Recorder {
     pub fn start(
         store: Arc<dyn Cases>,
         retention: CaseRetention,
+        stats: Arc<Stats>,
         mut shutdown: watch::Receiver<bool>,
     ) -> (Self, JoinHandle<()>) {
         let (queue, mut messages) = mpsc::channel::<Message>(QUEUE);
-        let writer_store = store.clone();
+        let (writer_store, writer_stats) = (store.clone(), stats.clone());
         let writer = tokio::spawn(async move {
             while let Some(message) = messages.recv().await {
                 match message {
-                    Message::Cases(batch) => write(&*writer_store, batch, retention).await,
+                    Message::Cases(batch) => write(&*writer_store, batch, retention, &writer_stats).await,
                     Message::Flush(done) => {
                         let _ = done.send(());
                     }
@@ -95,7 +99,7 @@ impl Recorder {
                 }
             }
         });
-        (Self { queue }, writer)
+        (Self { queue, stats }, writer)
     }
 
     /// Hands the events a round decided to the writer; never waits.
@@ -105,7 +109,7 @@ impl Recorder {
         }
         // Checked first, so a full queue costs no copies.
         if self.queue.capacity() == 0 {
-            return Lost::Dropped.emit(decided.len(), &"the recorder is behind");
+            return Lost::Dropped.emit(decided.len(), &"the recorder is behind", &self.stats);
         }
         let now = Utc::now();
         let cases: Vec<Case> =
@@ -116,7 +120,7 @@ impl Recorder {
                 mpsc::error::TrySendError::Full(_) => "the recorder is behind",
                 mpsc::error::TrySendError::Closed(_) => "the recorder stopped",
             };
-            Lost::Dropped.emit(n, &why);
+            Lost::Dropped.emit(n, &why, &self.stats);
         }
     }
 
@@ -131,7 +135,7 @@ impl Recorder {
 
 /// Writes one batch; an outage is tried again a few times with backoff, then the batch
 /// is counted as lost (cases are samples for what-if runs, not orders).
-async fn write(store: &dyn Cases, batch: Vec<Case>, retention: CaseRetention) {
+async fn write(store: &dyn Cases, batch: Vec<Case>, retention: CaseRetention, stats: &Stats) {
     let n = batch.len();
     let mut backoff = Duration::from_millis(100);
     for attempt in 1..=ATTEMPTS {
@@ -144,7 +148,7 @@ async fn write(store: &dyn Cases, batch: Vec<Case>, retention: CaseRetention) {
                 tokio::time::sleep(backoff).await;
                 backoff *= 4;
             }
-            Err(e) => return Lost::Failed.emit(n, &e),
+            Err(e) => return Lost::Failed.emit(n, &e, stats),
         }
     }
 }
