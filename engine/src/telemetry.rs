@@ -36,6 +36,7 @@ pub const HTTP_CONNECTIONS: &str = "orchestrator_http_connections";
 pub const CONNECTIONS_REFUSED: &str = "orchestrator_connections_refused_total";
 pub const WS_DROPPED: &str = "orchestrator_ws_dropped_total";
 pub const WHATIF_CASES: &str = "orchestrator_whatif_cases_total";
+pub const PLUGIN_MEMORY: &str = "orchestrator_plugin_memory_bytes";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -65,6 +66,7 @@ pub const ALL: &[&str] = &[
     CONNECTIONS_REFUSED,
     WS_DROPPED,
     WHATIF_CASES,
+    PLUGIN_MEMORY,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -146,6 +148,10 @@ fn describe() {
     describe_counter!(
         WS_DROPPED,
         "WebSocket clients dropped, by reason (not_reading: sends blocked past the timeout)."
+    );
+    describe_gauge!(
+        PLUGIN_MEMORY,
+        "Memory a loaded plugin version holds on this instance, by plugin, version and kind (code: compiled code; instances: the linear memory of its idle instances)."
     );
     describe_counter!(
         WHATIF_CASES,

@@ -100,6 +100,23 @@ async fn live(project: &Path, component: &str, lang: &str) {
         assert!(row["decided_by"].as_str().unwrap().starts_with("order-rules@2#"), "{row}");
         assert_eq!(row["shipping_fee_cents"], fee, "the {lang} rule's fee: {row}");
     }
+    // The loaded version's memory, in `plugin status` and /metrics: its code, and its
+    // instances' linear memory within the cap (16 MiB each).
+    let (ok, out, err) = remote(&["status"]);
+    assert!(ok && out.contains("active  version 2") && out.contains("loaded: code"), "{out}{err}");
+    let (_, slots) = s.get_json("/plugins").await;
+    let memory = &slots[0]["active"]["memory"];
+    let (code, instances, bytes) = (
+        memory["code_bytes"].as_u64().unwrap(),
+        memory["instances"].as_u64().unwrap(),
+        memory["instance_bytes"].as_u64().unwrap(),
+    );
+    assert!(code > 0 && instances >= 1 && bytes > 0 && bytes <= instances * (16 << 20), "{lang}: {memory}");
+    eprintln!("{lang}: code {code} bytes, {instances} instances, {bytes} bytes of linear memory");
+    let metrics = common::client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let series = "orchestrator_plugin_memory_bytes{plugin=\"order-rules\",version=\"2\",kind=\"instances\"} ";
+    let value = metrics.lines().find_map(|l| l.strip_prefix(series)).unwrap_or_else(|| panic!("no {series}"));
+    assert!(value.parse::<f64>().unwrap() > 0.0, "{series}{value}");
     let (ok, out, err) = remote(&["rollback"]);
     assert!(ok && out.contains("version 1"), "{out}{err}");
     assert_eq!(s.active("order-rules").await.0, 1);

@@ -182,6 +182,9 @@ async fn metrics(State(s): State<AppState>) -> Response {
     }
     let degraded = s.engine.health().await.is_err();
     metrics::gauge!(telemetry::DEGRADED).set(if degraded { 1.0 } else { 0.0 });
+    if let Some(plugins) = s.engine.plugins() {
+        plugins.report_memory();
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render()).into_response()
 }
 

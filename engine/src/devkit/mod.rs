@@ -280,8 +280,18 @@ async fn logs(a: LogsArgs) -> anyhow::Result<()> {
 /// `version 3  sha256:0123…  upload  1.2 MB  2026-12-02T10:00:00Z  decided_by …`
 fn version_line(v: &Value) -> String {
     let sha = v["sha256"].as_str().unwrap_or("");
+    let mib = |k: &str| v["memory"][k].as_f64().unwrap_or(0.0) / (1 << 20) as f64;
+    let memory = match v["memory"].is_object() {
+        true => format!(
+            "  loaded: code {:.1} MiB, {} idle instances {:.1} MiB",
+            mib("code_bytes"),
+            v["memory"]["instances"],
+            mib("instance_bytes")
+        ),
+        false => String::new(),
+    };
     format!(
-        "version {}  sha256:{}  {}  {} bytes  {}",
+        "version {}  sha256:{}  {}  {} bytes  {}{memory}",
         v["version"],
         &sha[..sha.len().min(12)],
         v["origin"].as_str().unwrap_or(""),

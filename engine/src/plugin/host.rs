@@ -50,17 +50,21 @@ const LOOPING_AFTER: u32 = 3;
 /// (a panic message, through the SDK's panic hook).
 pub struct Sandbox {
     memory_bytes: usize,
+    /// Linear memory this instance holds now (the limiter sees its first allocation
+    /// and every growth).
+    memory_in_use: usize,
     hit_memory_cap: bool,
     plugin: Arc<str>,
     last_error_log: Option<String>,
 }
 
 impl ResourceLimiter for Sandbox {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
         if desired > self.memory_bytes {
             self.hit_memory_cap = true;
             return Ok(false);
         }
+        self.memory_in_use += desired.saturating_sub(current);
         Ok(true)
     }
 
@@ -240,12 +244,17 @@ fn root_cause(e: &wasmtime::Error) -> String {
 pub trait World: Sized + Send + 'static {
     type Pre: Send + Sync + 'static;
     fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self>;
+    /// Where the compiled code lies in memory.
+    fn code_range(pre: &Self::Pre) -> std::ops::Range<*const u8>;
 }
 
 impl World for RulesWorld {
     type Pre = OrderRulesPre<Sandbox>;
     fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self> {
         pre.instantiate(store)
+    }
+    fn code_range(pre: &Self::Pre) -> std::ops::Range<*const u8> {
+        pre.instance_pre().component().image_range()
     }
 }
 
@@ -254,6 +263,20 @@ impl World for ResolverWorld {
     fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self> {
         pre.instantiate(store)
     }
+    fn code_range(pre: &Self::Pre) -> std::ops::Range<*const u8> {
+        pre.instance_pre().component().image_range()
+    }
+}
+
+/// What one loaded plugin version holds in memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct LoadedMemory {
+    /// Its compiled code (shared by its instances).
+    pub code_bytes: u64,
+    /// Idle instances kept for the next calls (one per thread that called it).
+    pub instances: u64,
+    /// Their linear memory, each at most the memory cap.
+    pub instance_bytes: u64,
 }
 
 /// A compiled, contract-checked plugin of one world, ready to instantiate.
@@ -306,6 +329,13 @@ impl Handle {
         match self {
             Handle::Rules(l) => l.id(),
             Handle::Resolver(l) => l.id(),
+        }
+    }
+
+    pub fn memory(&self) -> LoadedMemory {
+        match self {
+            Handle::Rules(l) => l.memory(),
+            Handle::Resolver(l) => l.memory(),
         }
     }
 
@@ -424,6 +454,17 @@ impl<W: World> Loaded<W> {
         &self.id
     }
 
+    /// What this loaded version holds in memory now.
+    pub fn memory(&self) -> LoadedMemory {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let code = W::code_range(&self.compiled.pre);
+        LoadedMemory {
+            code_bytes: (code.end as usize).saturating_sub(code.start as usize) as u64,
+            instances: idle.len() as u64,
+            instance_bytes: idle.iter().map(|i| i.store.data().memory_in_use as u64).sum(),
+        }
+    }
+
     /// Instantiates once and drops the instance: proves the component starts.
     ///
     /// A start that runs past the deadline is tried again with twice the deadline, like
@@ -446,6 +487,7 @@ impl<W: World> Loaded<W> {
         let rt = &self.compiled.runtime;
         let sandbox = Sandbox {
             memory_bytes: rt.limits.memory_bytes,
+            memory_in_use: 0,
             hit_memory_cap: false,
             plugin: self.id.as_str().into(),
             last_error_log: None,

@@ -11,7 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::host::{Handle, Runtime};
+use super::host::{Handle, LoadedMemory, Runtime};
 use super::{PluginError, Slot, sha256_hex};
 use crate::rules::{OrderRules, Rulebook, ShadowReport, ShadowRun};
 use crate::sqlite::{from_micros, micros, open};
@@ -54,6 +54,10 @@ pub struct VersionInfo {
     pub created_at: DateTime<Utc>,
     /// What rows record as `decided_by` when this version decides.
     pub decided_by: String,
+    /// What it holds in memory, while it is loaded on this instance (active, shadow,
+    /// or kept since).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<LoadedMemory>,
 }
 
 /// One change of a slot's active or shadow version.
@@ -585,11 +589,33 @@ impl Registry {
                 origin: r.get(2)?,
                 size_bytes: r.get::<_, i64>(3)? as u64,
                 created_at: from_micros(r.get(4)?),
+                memory: None,
             })
         })
         .map_err(repo)?
-        .collect::<rusqlite::Result<_>>()
+        .collect::<rusqlite::Result<Vec<_>>>()
         .map_err(repo)
+        .map(|mut versions| {
+            let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+            for v in &mut versions {
+                v.memory = loaded.get(&(slot, v.version)).map(Handle::memory);
+            }
+            versions
+        })
+    }
+
+    /// Sets `orchestrator_plugin_memory_bytes` for every loaded version, so a scrape
+    /// reads what they hold now.
+    pub fn report_memory(&self) {
+        let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        for ((slot, version), handle) in loaded.iter() {
+            let m = handle.memory();
+            for (kind, bytes) in [("code", m.code_bytes), ("instances", m.instance_bytes)] {
+                let labels =
+                    [("plugin", slot.name().to_string()), ("version", version.to_string()), ("kind", kind.into())];
+                metrics::gauge!(crate::telemetry::PLUGIN_MEMORY, &labels).set(bytes as f64);
+            }
+        }
     }
 
     pub fn describe(&self) -> Result<Vec<SlotInfo>, PluginError> {
