@@ -114,9 +114,6 @@ pub struct Registry {
     /// Deploys, promotions and rollbacks happen one at a time.
     changes: tokio::sync::Mutex<()>,
     max_bytes: usize,
-    /// The largest component the cluster can carry to the other instances (no limit
-    /// without a cluster).
-    replicable: std::sync::atomic::AtomicUsize,
 }
 
 /// A slot's row: the active version, the shadow one, and the stack rollback pops.
@@ -150,8 +147,15 @@ pub struct SlotState {
 pub struct Shipped {
     pub version: u64,
     pub sha256: String,
-    /// The component, base64.
+    /// The component, base64; empty when it went round in `chunks` records before the
+    /// state (see `replication.rs`).
     pub component: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub chunks: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn repo(e: rusqlite::Error) -> PluginError {
@@ -176,7 +180,6 @@ impl Registry {
             loaded: Mutex::default(),
             changes: Default::default(),
             max_bytes,
-            replicable: std::sync::atomic::AtomicUsize::new(usize::MAX),
         });
         for slot in Slot::ALL {
             if registry.find_slot_row(slot)?.is_none() {
@@ -304,15 +307,6 @@ impl Registry {
                 "the module is {} bytes; the limit is {} bytes (raise it with --max-plugin-bytes)",
                 bytes.len(),
                 self.max_bytes
-            )));
-        }
-        let replicable = self.replicable.load(std::sync::atomic::Ordering::Relaxed);
-        if bytes.len() > replicable {
-            return Err(PluginError::Invalid(format!(
-                "the module is {} bytes; deployments reach the other instances as one record, which holds \
-                 components of at most {replicable} bytes here (Python and JavaScript components need the \
-                 embedded default until replication in chunks is built)",
-                bytes.len()
             )));
         }
         if shadow && slot != Slot::OrderRules {
@@ -463,11 +457,6 @@ impl Registry {
         self.version_info(slot, version)
     }
 
-    /// Refuses uploads over `bytes` from now on: what the cluster can replicate.
-    pub fn limit_to_replicable(&self, bytes: usize) {
-        self.replicable.store(bytes, std::sync::atomic::Ordering::Relaxed);
-    }
-
     fn shipped(&self, slot: Slot, version: u64) -> Result<Shipped, PluginError> {
         use base64::Engine as _;
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,6 +468,7 @@ impl Registry {
                     version,
                     sha256: r.get(1)?,
                     component: base64::engine::general_purpose::STANDARD.encode(r.get::<_, Vec<u8>>(0)?),
+                    chunks: 0,
                 })
             },
         )
