@@ -209,7 +209,8 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     wait_for(&b, 2).await;
     let dir_c = tempfile::tempdir().unwrap();
     let c = Server::start_beside(dir_c.path(), &a).await;
-    wait_for(&c, 2).await;
+    let on_c = wait_for(&c, 2).await;
+    assert_eq!(on_c[0]["active"]["sha256"], deployed["sha256"], "the same bytes on C");
 }
 
 /// `wasm` with a custom section of `size` bytes: a valid component as large as a Python

@@ -53,6 +53,8 @@ pub struct Sandbox {
     /// Linear memory this instance holds now (the limiter sees its first allocation
     /// and every growth).
     memory_in_use: usize,
+    /// The growth last allowed, taken back if it then fails.
+    growing: usize,
     hit_memory_cap: bool,
     plugin: Arc<str>,
     last_error_log: Option<String>,
@@ -64,8 +66,16 @@ impl ResourceLimiter for Sandbox {
             self.hit_memory_cap = true;
             return Ok(false);
         }
-        self.memory_in_use += desired.saturating_sub(current);
+        self.growing = desired.saturating_sub(current);
+        self.memory_in_use += self.growing;
         Ok(true)
+    }
+
+    /// A growth allowed above can still fail (past the module's own maximum, or the
+    /// allocation): it is not in use then.
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_in_use -= std::mem::take(&mut self.growing);
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -275,7 +285,7 @@ pub struct LoadedMemory {
     pub code_bytes: u64,
     /// Idle instances kept for the next calls (one per thread that called it).
     pub instances: u64,
-    /// Their linear memory, each at most the memory cap.
+    /// Their linear memory (each memory of an instance is at most the memory cap).
     pub instance_bytes: u64,
 }
 
@@ -488,6 +498,7 @@ impl<W: World> Loaded<W> {
         let sandbox = Sandbox {
             memory_bytes: rt.limits.memory_bytes,
             memory_in_use: 0,
+            growing: 0,
             hit_memory_cap: false,
             plugin: self.id.as_str().into(),
             last_error_log: None,

@@ -288,6 +288,11 @@ impl Registry {
         Ok(loaded)
     }
 
+    /// Whether this instance stores `version` of `slot` with these bytes.
+    pub fn holds(&self, slot: Slot, version: u64, sha256: &str) -> bool {
+        self.versions(slot).is_ok_and(|vs| vs.iter().any(|v| v.version == version && v.sha256 == sha256))
+    }
+
     /// A stored version's component and its sha256.
     fn version_bytes(&self, slot: Slot, version: u64) -> Result<(Vec<u8>, String), PluginError> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
@@ -496,16 +501,8 @@ impl Registry {
         let _one_at_a_time = self.changes.lock().await;
         let slot = state.slot;
         for shipped in std::iter::once(&state.active).chain(state.shadow.as_ref()) {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(&shipped.component)
-                .map_err(|e| PluginError::Invalid(format!("replicated {slot}@{}: {e}", shipped.version)))?;
-            if sha256_hex(&bytes) != shipped.sha256 {
-                return Err(PluginError::Invalid(format!(
-                    "replicated {slot}@{}: the bytes do not match their hash",
-                    shipped.version
-                )));
-            }
             match self.versions(slot)?.into_iter().find(|v| v.version == shipped.version) {
+                // Held here already: a state may then come without the bytes.
                 Some(v) if v.sha256 == shipped.sha256 => {}
                 Some(v) => {
                     return Err(PluginError::State(format!(
@@ -513,7 +510,18 @@ impl Registry {
                         shipped.version, v.sha256, shipped.sha256
                     )));
                 }
-                None => self.insert_version(slot, shipped.version, &bytes, "replicated")?,
+                None => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(&shipped.component)
+                        .map_err(|e| PluginError::Invalid(format!("replicated {slot}@{}: {e}", shipped.version)))?;
+                    if sha256_hex(&bytes) != shipped.sha256 {
+                        return Err(PluginError::Invalid(format!(
+                            "replicated {slot}@{}: the bytes do not match their hash",
+                            shipped.version
+                        )));
+                    }
+                    self.insert_version(slot, shipped.version, &bytes, "replicated")?
+                }
             }
         }
         let SlotRow { active, shadow, mut stack } = self.slot_row(slot)?;

@@ -5,9 +5,10 @@
 //! as they come back, and states older than one it has seen.
 //!
 //! A component larger than [`INLINE_MAX`] (Python and JavaScript ones are 12-18 MB) goes
-//! round in chunks, each a record keyed by its hash and place, sent before every state
-//! that names it: the state then refers to it by hash. A reader that catches up from the
-//! channel's start meets a state's chunks before the state.
+//! round in chunks sent before every state that names it: the state then refers to it
+//! by hash. Chunks are keyed by slot, role (active or shadow) and place, so compaction
+//! keeps only the latest of each. A state whose chunks are not all there yet waits for
+//! them (one per slot); one naming a version this instance already holds needs none.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ const HELD_MAX: usize = 512 << 20;
 struct Chunk {
     /// The instance that sent it (which skips its own).
     origin: String,
+    slot: Slot,
     sha256: String,
     index: u32,
     count: u32,
@@ -44,11 +46,13 @@ struct ChunkRecord {
     chunk: Chunk,
 }
 
-/// Chunks that came, by the component's hash, until a state names them.
+/// Chunks that came, by slot and the component's hash, and the state of each slot that
+/// waits for some, until they make whole components.
 #[derive(Default)]
 struct Held {
-    parts: HashMap<String, Vec<Option<Vec<u8>>>>,
+    parts: HashMap<(Slot, String), Vec<Option<Vec<u8>>>>,
     bytes: usize,
+    waiting: [Option<SlotState>; 2],
 }
 
 impl Held {
@@ -58,11 +62,14 @@ impl Held {
             return Err(format!("chunk {} of {} for {}", chunk.index, chunk.count, chunk.sha256));
         }
         if self.bytes + data.len() > HELD_MAX {
-            // A flood of chunks no state named: start over rather than grow.
+            // Chunks no state named piled up: the oldest slot's go (a state still
+            // waiting for them falls back to the versions held here).
             tracing::warn!(held = self.bytes, "plugin chunks held past {HELD_MAX} bytes; dropping them");
-            *self = Held::default();
+            self.parts.clear();
+            self.bytes = 0;
         }
-        let parts = self.parts.entry(chunk.sha256).or_insert_with(|| vec![None; chunk.count as usize]);
+        let key = (chunk.slot, chunk.sha256);
+        let parts = self.parts.entry(key).or_insert_with(|| vec![None; chunk.count as usize]);
         if parts.len() != chunk.count as usize {
             return Err("chunks of one component disagree on their count".into());
         }
@@ -73,28 +80,40 @@ impl Held {
         Ok(())
     }
 
-    /// Puts the component back into a state that ships it in chunks.
-    fn fill(&mut self, shipped: &mut Shipped) -> Result<(), String> {
-        if shipped.chunks == 0 {
-            return Ok(());
+    /// Puts the component back into a state that ships it in chunks; `Ok(false)` while
+    /// some are still to come.
+    fn fill(&self, slot: Slot, shipped: &mut Shipped) -> Result<bool, String> {
+        if shipped.chunks == 0 || !shipped.component.is_empty() {
+            return Ok(true);
         }
-        let parts = self.parts.get(&shipped.sha256).ok_or_else(|| format!("no chunks of {}", shipped.sha256))?;
+        let Some(parts) = self.parts.get(&(slot, shipped.sha256.clone())) else { return Ok(false) };
         if parts.len() != shipped.chunks as usize || parts.iter().any(Option::is_none) {
-            let have = parts.iter().flatten().count();
-            return Err(format!("{have} of {} chunks of {}", shipped.chunks, shipped.sha256));
+            return Ok(false);
         }
         let bytes: Vec<u8> = parts.iter().flatten().flatten().copied().collect();
         if sha256_hex(&bytes) != shipped.sha256 {
             return Err(format!("the chunks of {} do not match their hash", shipped.sha256));
         }
         shipped.component = BASE64.encode(&bytes);
-        Ok(())
+        Ok(true)
     }
 
-    fn forget(&mut self, sha256: &str) {
-        if let Some(parts) = self.parts.remove(sha256) {
-            self.bytes -= parts.iter().flatten().map(Vec::len).sum::<usize>();
+    /// The slot's state, once every component it names is here, or held already.
+    fn ready(&mut self, mut state: SlotState, holds: &dyn Fn(&Shipped) -> bool) -> Result<Option<SlotState>, String> {
+        let slot = state.slot;
+        let mut whole = true;
+        for shipped in std::iter::once(&mut state.active).chain(state.shadow.as_mut()) {
+            whole &= holds(shipped) || self.fill(slot, shipped)?;
         }
+        if !whole {
+            self.waiting[slot.index()] = Some(state);
+            return Ok(None);
+        }
+        // Every chunk of the slot is used now, or of a version no later state needs.
+        self.parts.retain(|(s, _), _| *s != slot);
+        self.bytes = self.parts.values().flatten().flatten().map(Vec::len).sum();
+        self.waiting[slot.index()] = None;
+        Ok(Some(state))
     }
 }
 
@@ -117,42 +136,50 @@ impl Replication {
         let runtime = tokio::runtime::Handle::current();
         let (applier, me, last) = (registry.clone(), origin.clone(), seen.clone());
         let mut held = Held::default();
+        let holder = registry.clone();
+        let holds = move |slot: Slot, shipped: &Shipped| holder.holds(slot, shipped.version, &shipped.sha256);
         let apply = move |payload: &[u8]| {
-            if let Ok(ChunkRecord { chunk }) = serde_json::from_slice::<ChunkRecord>(payload) {
-                if chunk.origin != me
-                    && let Err(e) = held.add(chunk)
-                {
-                    tracing::warn!(error = %e, "unusable plugin chunk on the plugins channel");
-                }
-                return;
-            }
-            let mut state = match serde_json::from_slice::<SlotState>(payload) {
-                Ok(state) if state.origin == me => return,
-                Ok(state) => state,
-                Err(e) => return tracing::warn!(error = %e, "unreadable record on the plugins channel"),
-            };
-            let slot = state.slot;
-            let filled = held.fill(&mut state.active).and_then(|()| match state.shadow.as_mut() {
-                Some(shadow) => held.fill(shadow),
-                None => Ok(()),
-            });
-            if let Err(e) = filled {
-                // A later state of the slot comes with its chunks again.
-                return tracing::warn!(error = %e, %slot, "a plugin deployment came without its chunks; skipped");
-            }
-            for sha in std::iter::once(&state.active).chain(state.shadow.as_ref()).map(|s| s.sha256.clone()) {
-                held.forget(&sha);
-            }
-            {
-                let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                // Equal numbers come from two instances that published at once: the
-                // later one on the log wins, as compaction keeps it.
-                if state.seq != 0 && state.seq < last[slot.index()] {
+            let state = if let Ok(ChunkRecord { chunk }) = serde_json::from_slice::<ChunkRecord>(payload) {
+                if chunk.origin == me {
                     return;
                 }
-                last[slot.index()] = last[slot.index()].max(state.seq);
-            }
-            if let Err(e) = runtime.block_on(applier.apply(state)) {
+                let slot = chunk.slot;
+                if let Err(e) = held.add(chunk) {
+                    return tracing::warn!(error = %e, "unusable plugin chunk on the plugins channel");
+                }
+                // The chunk may complete the state that waits for it.
+                match held.waiting[slot.index()].take() {
+                    Some(state) => state,
+                    None => return,
+                }
+            } else {
+                match serde_json::from_slice::<SlotState>(payload) {
+                    Ok(state) if state.origin == me => return,
+                    Ok(state) => {
+                        let slot = state.slot;
+                        let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
+                        // Equal numbers come from two instances that published at once:
+                        // the later one on the log wins, as compaction keeps it. Counted
+                        // before its chunks are whole, so this instance's next state
+                        // numbers above it.
+                        if state.seq != 0 && state.seq < last[slot.index()] {
+                            return;
+                        }
+                        last[slot.index()] = last[slot.index()].max(state.seq);
+                        state
+                    }
+                    Err(e) => return tracing::warn!(error = %e, "unreadable record on the plugins channel"),
+                }
+            };
+            let slot = state.slot;
+            let ready = match held.ready(state, &|shipped| holds(slot, shipped)) {
+                Ok(Some(state)) => state,
+                Ok(None) => return,
+                Err(e) => {
+                    return tracing::error!(error = %e, %slot, "a plugin deployment from another instance is damaged");
+                }
+            };
+            if let Err(e) = runtime.block_on(applier.apply(ready)) {
                 tracing::error!(error = %e, %slot, "could not apply a plugin deployment from another instance");
             }
         };
@@ -173,7 +200,8 @@ impl Replication {
             ))
         };
         let chunk_size = INLINE_MAX.min(self.cluster.max_record_bytes() / 2);
-        for shipped in std::iter::once(&mut state.active).chain(state.shadow.as_mut()) {
+        let roles = std::iter::once(("active", &mut state.active)).chain(state.shadow.as_mut().map(|s| ("shadow", s)));
+        for (role, shipped) in roles {
             let bytes = BASE64.decode(&shipped.component).map_err(|e| PluginError::Repo(e.to_string()))?;
             if bytes.len() <= INLINE_MAX {
                 continue;
@@ -182,13 +210,15 @@ impl Replication {
             for (index, part) in bytes.chunks(chunk_size).enumerate() {
                 let chunk = Chunk {
                     origin: self.origin.clone(),
+                    slot,
                     sha256: shipped.sha256.clone(),
                     index: index as u32,
                     count,
                     data: BASE64.encode(part),
                 };
                 let payload = serde_json::to_vec(&ChunkRecord { chunk }).expect("a chunk always serializes");
-                let key = format!("chunk:{}:{index}", shipped.sha256);
+                // Per slot, role and place: compaction keeps the latest of each.
+                let key = format!("chunk:{slot}:{role}:{index}");
                 self.cluster.send_now(Channel::Plugins, &key, &payload).await.map_err(unreplicated)?;
             }
             shipped.component = String::new();
@@ -213,6 +243,7 @@ mod tests {
             .enumerate()
             .map(|(i, part)| Chunk {
                 origin: "a".into(),
+                slot: Slot::OrderRules,
                 sha256: sha256_hex(bytes),
                 index: i as u32,
                 count,
@@ -221,10 +252,15 @@ mod tests {
             .collect()
     }
 
+    fn state(bytes: &[u8], chunks: u32) -> SlotState {
+        let active = Shipped { version: 2, sha256: sha256_hex(bytes), component: String::new(), chunks };
+        SlotState { slot: Slot::OrderRules, active, shadow: None, stack: vec![1, 2], origin: "a".into(), seq: 1 }
+    }
+
     #[test]
-    fn chunks_come_back_whole_in_any_order_and_only_whole() {
+    fn a_state_waits_for_its_chunks_in_any_order_and_takes_only_whole_ones() {
         let bytes: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
-        let mut shipped = Shipped { version: 2, sha256: sha256_hex(&bytes), component: String::new(), chunks: 4 };
+        let none = |_: &Shipped| false;
         let mut held = Held::default();
         let mut chunks = chunks_of(&bytes, 2_500);
         let last = chunks.pop().unwrap();
@@ -232,12 +268,17 @@ mod tests {
         for c in chunks {
             held.add(c).unwrap();
         }
-        assert!(held.fill(&mut shipped).unwrap_err().contains("3 of 4 chunks"));
+        // The state came first (a publish cut short, then compaction): it waits.
+        assert!(held.ready(state(&bytes, 4), &none).unwrap().is_none());
         held.add(last).unwrap();
-        held.fill(&mut shipped).unwrap();
-        assert_eq!(BASE64.decode(&shipped.component).unwrap(), bytes);
-        held.forget(&shipped.sha256);
-        assert_eq!(held.bytes, 0);
+        let waiting = held.waiting[0].take().expect("the state waits for its last chunk");
+        let ready = held.ready(waiting, &none).unwrap().expect("whole now");
+        assert_eq!(BASE64.decode(&ready.active.component).unwrap(), bytes);
+        assert_eq!((held.bytes, held.parts.len()), (0, 0), "the chunks are let go");
+
+        // A version this instance holds needs no chunks.
+        let ready = held.ready(state(&bytes, 4), &|_| true).unwrap().expect("held here");
+        assert!(ready.active.component.is_empty());
 
         // A damaged chunk fails the hash check instead of loading something else.
         let mut bad = chunks_of(&bytes, 2_500);
@@ -245,7 +286,6 @@ mod tests {
         for c in bad {
             held.add(c).unwrap();
         }
-        let mut shipped = Shipped { component: String::new(), ..shipped };
-        assert!(held.fill(&mut shipped).unwrap_err().contains("do not match their hash"));
+        assert!(held.ready(state(&bytes, 4), &none).unwrap_err().contains("do not match their hash"));
     }
 }
