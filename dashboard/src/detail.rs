@@ -99,12 +99,14 @@ pub fn refetch(app: App) {
 }
 
 async fn load_history(app: App, id: String) {
-    if let Ok(r) = api::get(&format!("/orders/{}/history", api::enc(&id))).await
+    // The first 1000 entries: an order's journey, in practice whole.
+    if let Ok(r) = api::get(&format!("/orders/{}/history?limit=1000", api::enc(&id))).await
         && r.ok()
-        && let Ok(items) = r.json::<Vec<Value>>()
+        && let Ok(page) = r.json::<Value>()
+        && let Some(items) = page["items"].as_array()
         && app.detail.selected.get_clone_untracked().as_deref() == Some(id.as_str())
     {
-        app.detail.history.set(items);
+        app.detail.history.set(items.clone());
     }
 }
 

@@ -268,7 +268,7 @@ test('unsaved edits under a newer version open the conflict dialog; each choice 
   assert.equal(server.note, 'server note');
   assert.equal(server.shipping_fee_cents, 4242);
 
-  const history = (await api('GET', `/orders/${id}/history`)).json;
+  const history = (await api('GET', `/orders/${id}/history?limit=1000`)).json.items;
   assert.ok(history.length >= 6, `history entries: ${history.length}`);
   await page.locator('[data-testid=history-entry]').nth(5).waitFor();
   await shot('05-conflict-resolved');
@@ -306,7 +306,7 @@ test('two pages edit one order: the second save gets 409, the dialog, and re-app
   const server = (await api('GET', `/orders/${id}`)).json;
   assert.equal(server.note, 'edit from page A');
   assert.equal(server.shipping_fee_cents, 9999);
-  const sources = (await api('GET', `/orders/${id}/history`)).json.filter((h) => h.version > v0);
+  const sources = (await api('GET', `/orders/${id}/history?limit=1000`)).json.items.filter((h) => h.version > v0);
   assert.equal(sources.length, 2, JSON.stringify(sources));
   // Page A, which did see the feed, shows B's edit in its form and in the row.
   await page.locator('[data-testid=detail-version]').filter({ hasText: String(v0 + 2) }).waitFor();

@@ -679,14 +679,7 @@ impl Engine {
         })?;
         // A letter left by a crash for an event a redelivery then applied: replaying it
         // would apply the event twice.
-        let applied = self
-            .stores
-            .orders
-            .history(&event.order_id)
-            .await?
-            .into_iter()
-            .any(|h| h.event_id == event.event_id && h.outcome == crate::store::Outcome::Applied);
-        if applied {
+        if self.was_applied(&event.order_id, &event.event_id).await? {
             return Err(ReplayError::AlreadyApplied(event.event_id));
         }
         // From the letter's id, which is unique (`<event id>@<order>` for a reused id).
@@ -755,12 +748,33 @@ impl Engine {
     }
 
     /// The order's history, oldest first; `None` when no such order was ever seen.
-    pub async fn history(&self, id: &str) -> Result<Option<Vec<HistoryEntry>>, StoreError> {
-        let history = self.stores.orders.history(id).await?;
-        if history.is_empty() && self.stores.orders.get(id).await?.is_none() {
+    /// A page of the order's history; `None` when the order does not exist.
+    pub async fn history(
+        &self,
+        id: &str,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Option<Page<HistoryEntry>>, StoreError> {
+        let history = self.stores.orders.history(id, limit, cursor).await?;
+        if history.items.is_empty() && self.stores.orders.get(id).await?.is_none() {
             return Ok(None);
         }
         Ok(Some(history))
+    }
+
+    /// Whether the order's history holds `event_id` as applied, page by page.
+    async fn was_applied(&self, order_id: &str, event_id: &str) -> Result<bool, StoreError> {
+        let mut cursor = None;
+        loop {
+            let page = self.stores.orders.history(order_id, 1000, cursor).await?;
+            if page.items.iter().any(|h| h.event_id == event_id && h.outcome == crate::store::Outcome::Applied) {
+                return Ok(true);
+            }
+            match page.next_cursor {
+                Some(next) => cursor = Some(next),
+                None => return Ok(false),
+            }
+        }
     }
 
     pub async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {

@@ -1004,8 +1004,13 @@ mod tests {
             }
             self.inner.write(writes).await
         }
-        async fn history(&self, id: &str) -> Result<Vec<crate::store::HistoryEntry>, StoreError> {
-            self.inner.history(id).await
+        async fn history(
+            &self,
+            id: &str,
+            limit: usize,
+            cursor: Option<String>,
+        ) -> Result<Page<crate::store::HistoryEntry>, StoreError> {
+            self.inner.history(id, limit, cursor).await
         }
         async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
             self.inner.list(q).await
@@ -1087,8 +1092,14 @@ mod tests {
         assert_eq!((row.status, row.note.as_str()), (Status::Confirmed, "operator note"), "both changes kept");
         assert_eq!(row.decided_by, NativeResolver::ID);
         assert_eq!(stats.conflicts.load(Ordering::Relaxed), 1);
-        let versions: Vec<_> =
-            store.history("o1").await.unwrap().iter().map(|h| (h.event_id.clone(), h.version)).collect();
+        let versions: Vec<_> = store
+            .history("o1", 100, None)
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|h| (h.event_id.clone(), h.version))
+            .collect();
         assert_eq!(versions, [("c".to_string(), 1), ("edit-1".to_string(), 2), ("u".to_string(), 3)]);
         assert!(store.take().is_none(), "the edit landed inside the pipeline's write");
 

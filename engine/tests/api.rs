@@ -109,6 +109,15 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     let h = history(&s, "o-good").await;
     assert_eq!(h.len(), 2);
     assert_eq!((h[0]["source"].as_str(), h[1]["source"].as_str()), (Some("test"), Some("operator")));
+    // A page at a time (on main the whole history came as one array, however long).
+    let (_, first) = s.get_json("/orders/o-good/history?limit=1").await;
+    assert_eq!(first["items"].as_array().unwrap().len(), 1, "{first}");
+    assert_eq!(first["items"][0], h[0]);
+    let cursor = first["next_cursor"].as_str().expect("a second page");
+    let (_, second) = s.get_json(&format!("/orders/o-good/history?limit=1&cursor={cursor}")).await;
+    assert_eq!((second["items"][0].clone(), second["next_cursor"].clone()), (h[1].clone(), Value::Null));
+    assert_eq!(s.get_json("/orders/o-good/history?limit=0").await.0, 400);
+    assert_eq!(s.get_json("/orders/o-good/history?cursor=nonsense").await.0, 400);
     assert_eq!(s.health().await["status"], "ok");
 }
 

@@ -80,9 +80,11 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
     let c = client();
     let mut total_applied = 0;
     for o in 0..ORDERS {
-        let h: Vec<Value> = c.get(s.url(&format!("/orders/c-{o}/history"))).send().await.unwrap().json().await.unwrap();
+        let url = s.url(&format!("/orders/c-{o}/history?limit=1000"));
+        let page: Value = c.get(url).send().await.unwrap().json().await.unwrap();
+        let h = page["items"].as_array().unwrap();
         let mut seen: HashMap<String, usize> = HashMap::new();
-        for e in &h {
+        for e in h {
             assert_eq!(e["outcome"], "applied", "c-{o}: {e}");
             *seen.entry(e["event_id"].as_str().unwrap().to_string()).or_default() += 1;
         }

@@ -106,7 +106,10 @@ async fn service_restarts_lose_and_double_nothing() {
     let c = client();
     let histories = futures::stream::iter(ids.iter().map(|id| {
         let (c, url) = (c.clone(), s.url(&format!("/orders/{id}/history")));
-        async move { (url.clone(), c.get(url).send().await.unwrap().json::<Vec<Value>>().await.unwrap()) }
+        async move {
+            let page = c.get(&url).send().await.unwrap().json::<Value>().await.unwrap();
+            (url, page["items"].as_array().unwrap().clone())
+        }
     }))
     .buffer_unordered(16)
     .collect::<Vec<_>>()

@@ -96,7 +96,8 @@ async fn a_tier_upgrade_follows_its_orders_earlier_events() {
             row = stored(id).await;
         }
         assert_eq!((row.version, row.note.as_str(), row.tier.as_str()), (2, note, "DIAMOND"), "{row:?}");
-        let outcomes: Vec<_> = engine.history(id).await.unwrap().unwrap().iter().map(|h| h.outcome).collect();
+        let outcomes: Vec<_> =
+            engine.history(id, 100, None).await.unwrap().unwrap().items.iter().map(|h| h.outcome).collect();
         assert_eq!(outcomes, [Outcome::Applied, Outcome::Applied], "{id}: the create, then the upgrade");
     }
     assert!(engine.dead_letters(10, None).await.unwrap().items.is_empty(), "nothing dead-lettered");

@@ -407,10 +407,28 @@ async fn get_order(State(s): State<AppState>, Path(id): Path<String>) -> Result<
     Ok(with_etag(order))
 }
 
-/// Every history entry of the order, oldest first.
-#[utoipa::path(get, path = "/orders/{id}/history", responses((status = 200, body = Vec<HistoryEntry>), (status = 404, body = ErrorBody)))]
-async fn order_history(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Vec<HistoryEntry>>, ApiError> {
-    let history = s.engine.history(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HistoryParams {
+    /// 1..=1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u64>,
+    cursor: Option<String>,
+}
+
+/// The order's history, oldest first, a page at a time: every outcome of every event.
+#[utoipa::path(
+    get, path = "/orders/{id}/history", params(HistoryParams),
+    responses((status = 200, body = Page<HistoryEntry>), (status = 404, body = ErrorBody))
+)]
+async fn order_history(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ApiQuery(p): ApiQuery<HistoryParams>,
+) -> Result<Json<Page<HistoryEntry>>, ApiError> {
+    let limit = page_limit(p.limit, 100, 1000)?;
+    let history =
+        s.engine.history(&id, limit, p.cursor).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
     Ok(Json(history))
 }
 

@@ -217,7 +217,7 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
     assert_eq!(one(s, skip.clone()).await, WriteResult::Done);
     assert_eq!(one(s, skip).await, WriteResult::Duplicate, "a recorded skip is idempotent too");
 
-    let history = s.history(&id).await.unwrap();
+    let history = s.history(&id, 100, None).await.unwrap().items;
     let got: Vec<_> = history.iter().map(|h| (h.event_id.clone(), h.version, h.outcome)).collect();
     assert_eq!(
         got,
@@ -225,6 +225,13 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
         "history holds every outcome once, oldest first"
     );
     assert_eq!(history[2].reason.as_deref(), Some("no change"));
+    // Paged, in the same order.
+    let first = s.history(&id, 2, None).await.unwrap();
+    assert_eq!(first.items, history[..2], "the first page");
+    let rest = s.history(&id, 2, first.next_cursor.clone()).await.unwrap();
+    assert!(first.next_cursor.is_some() && rest.next_cursor.is_none(), "two pages: {:?}", rest.next_cursor);
+    assert_eq!(rest.items, history[2..], "the second page");
+    assert!(s.history(&id, 2, Some("no cursor".into())).await.is_err(), "a cursor it did not issue");
 
     // A batch: each write is judged on its own.
     let batch = vec![
@@ -305,7 +312,7 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
     };
     assert_eq!(one(s, reject).await, WriteResult::Done);
 
-    let history = s.history(&id).await.unwrap();
+    let history = s.history(&id, 100, None).await.unwrap().items;
     assert_eq!(history.len(), 1, "the rejection is in the order's history");
     assert_eq!((history[0].outcome, history[0].reason.as_deref()), (Outcome::Rejected, Some("negative total")));
     let letters = s.dead_letters(1000, None).await.unwrap();

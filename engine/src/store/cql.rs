@@ -151,6 +151,10 @@ struct Statements {
     drop_case_minute: PreparedStatement,
 }
 
+/// Most history entries of one order a read takes (an order's whole history, in practice:
+/// the generator and Shopify give an order a handful of events).
+const HISTORY_READ_MAX: usize = 10_000;
+
 /// Shards per minute of cases: spreads one busy minute over several partitions.
 const CASE_SHARDS: i32 = 8;
 
@@ -275,7 +279,11 @@ impl CqlStore {
                 true,
             )
             .await?,
-            history: prepare(format!("SELECT {ENTRY_COLUMNS} FROM {ks}.orders WHERE id = ?"), false).await?,
+            history: prepare(
+                format!("SELECT {ENTRY_COLUMNS} FROM {ks}.orders WHERE id = ? LIMIT {HISTORY_READ_MAX}"),
+                false,
+            )
+            .await?,
             list,
             letter_claim_id: prepare(
                 format!("INSERT INTO {ks}.dead_letter_ids (id, seq) VALUES (?, ?) IF NOT EXISTS"),
@@ -741,7 +749,18 @@ impl Orders for CqlStore {
         Ok(writes.into_iter().zip(results).collect())
     }
 
-    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
+    /// The partition is clustered by event id, and the history reads in version order:
+    /// the first [`HISTORY_READ_MAX`] entries are read and sorted, then paged by place.
+    async fn history(
+        &self,
+        order_id: &str,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Page<HistoryEntry>, StoreError> {
+        let from: usize = match cursor {
+            None => 0,
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor("not a history cursor this server issued".into()))?,
+        };
         type H =
             (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
         let rows = self
@@ -776,7 +795,9 @@ impl Orders for CqlStore {
                 b.outcome != Outcome::Applied,
             ))
         });
-        Ok(entries)
+        let to = from.saturating_add(limit.clamp(1, 1000)).min(entries.len());
+        let next_cursor = (to < entries.len()).then(|| to.to_string());
+        Ok(Page { items: entries.get(from..to).unwrap_or_default().to_vec(), next_cursor })
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {

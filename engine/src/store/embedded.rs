@@ -512,17 +512,33 @@ impl Orders for EmbeddedStore {
         .await
     }
 
-    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        let id = order_id.to_string();
-        self.read(move |c| {
-            c.prepare_cached(
-                "SELECT order_id, version, event_id, outcome, reason, source, decided_by, recorded_at
-                 FROM history WHERE order_id = ?1 ORDER BY seq",
-            )
-            .and_then(|mut s| s.query_map([id], history_from_row)?.collect())
-            .map_err(backend)
-        })
-        .await
+    /// Paged by the history's sequence number, which is the order of the writes.
+    async fn history(
+        &self,
+        order_id: &str,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Page<HistoryEntry>, StoreError> {
+        let after: i64 = match cursor {
+            None => 0,
+            Some(c) => c.parse().map_err(|_| StoreError::Cursor("not a history cursor this server issued".into()))?,
+        };
+        let (id, limit) = (order_id.to_string(), limit.clamp(1, 1000));
+        let rows: Vec<(i64, HistoryEntry)> = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT order_id, version, event_id, outcome, reason, source, decided_by, recorded_at, seq
+                     FROM history WHERE order_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![id, after, limit as i64 + 1], |r| Ok((r.get(8)?, history_from_row(r)?)))?
+                        .collect()
+                })
+                .map_err(backend)
+            })
+            .await?;
+        let next_cursor = (rows.len() > limit).then(|| rows[limit - 1].0.to_string());
+        Ok(Page { items: rows.into_iter().take(limit).map(|(_, h)| h).collect(), next_cursor })
     }
 
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError> {
@@ -1063,6 +1079,6 @@ mod tests {
         }
         let store = EmbeddedStore::open(&path).unwrap();
         assert_eq!(store.get("first-a").await.unwrap().unwrap().version, 2);
-        assert_eq!(store.history("first-a").await.unwrap().len(), 3);
+        assert_eq!(store.history("first-a", 100, None).await.unwrap().items.len(), 3);
     }
 }

@@ -150,8 +150,14 @@ impl Orders for MemoryStore {
         Ok(Some(event_ids.into_iter().filter_map(|id| state.recorded.get(&id).map(|o| (id, o.clone()))).collect()))
     }
 
-    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError> {
-        Ok(self.state().history.iter().filter(|h| h.order_id == order_id).cloned().collect())
+    async fn history(
+        &self,
+        order_id: &str,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Page<HistoryEntry>, StoreError> {
+        let mine: Vec<HistoryEntry> = self.state().history.iter().filter(|h| h.order_id == order_id).cloned().collect();
+        page(&mine, limit, cursor)
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {

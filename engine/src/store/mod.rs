@@ -270,8 +270,13 @@ pub trait Orders: Send + Sync + 'static {
     /// Performs the writes in order. Each is atomic and idempotent on its event id;
     /// the batch as a whole need not be. Hands each write back with its result.
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError>;
-    /// Every history entry of the order, oldest first.
-    async fn history(&self, order_id: &str) -> Result<Vec<HistoryEntry>, StoreError>;
+    /// The order's history, oldest first: up to `limit` entries after `cursor`.
+    async fn history(
+        &self,
+        order_id: &str,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<Page<HistoryEntry>, StoreError>;
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
     /// Row counts of orders, history and dead letters.
     async fn stats(&self) -> Result<StoreStats, StoreError>;

@@ -269,11 +269,12 @@ pub fn updated(order_id: &str, event_id: &str, payload: Value) -> Value {
     })
 }
 
-/// All history entries of an order.
+/// All history entries of an order (one page of up to 1000: the tests' orders hold fewer).
 pub async fn history(server: &Server, order_id: &str) -> Vec<Value> {
-    let (status, body) = server.get_json(&format!("/orders/{order_id}/history")).await;
+    let (status, body) = server.get_json(&format!("/orders/{order_id}/history?limit=1000")).await;
     assert_eq!(status, 200, "history of {order_id}: {body}");
-    body.as_array().unwrap().clone()
+    assert!(body["next_cursor"].is_null(), "more than one page of history for {order_id}");
+    body["items"].as_array().unwrap().clone()
 }
 
 /// A built plugin fixture or default plugin, by file stem (`fixture_trap`, `order_rules`).

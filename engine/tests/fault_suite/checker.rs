@@ -150,8 +150,8 @@ async fn check_runs(s: &Server, journal: &Journal, findings: &mut Vec<String>) {
 async fn read_order(s: &Server, id: &str) -> (String, (Option<Value>, Vec<Value>)) {
     let (status, row) = s.get_json(&format!("/orders/{id}")).await;
     let row = (status == 200).then_some(row);
-    let (status, history) = s.get_json(&format!("/orders/{id}/history")).await;
-    let history = if status == 200 { history.as_array().cloned().unwrap_or_default() } else { Vec::new() };
+    let (status, history) = s.get_json(&format!("/orders/{id}/history?limit=1000")).await;
+    let history = if status == 200 { history["items"].as_array().cloned().unwrap_or_default() } else { Vec::new() };
     (id.to_string(), (row, history))
 }
 
