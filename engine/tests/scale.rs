@@ -206,14 +206,25 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     wait_for(&a, 1).await;
     assert_eq!(a.post_authorized("/plugins/order-rules/rollback").await.status(), 409);
     assert_eq!(b.active("order-rules").await.0, 1, "B's own state, come back round, changed nothing");
-    // Activating the large version again sends its chunks again: a third instance that
-    // catches up from the channel's start gets it too.
+    // A version deployed and replaced since (v3), then the large one again, which sends
+    // its chunks again.
+    a.deploy_ok("order-rules", common::plugin("fixture_rules_v2"), false).await;
+    wait_for(&b, 3).await;
     assert_eq!(a.post_authorized("/plugins/order-rules/versions/2/activate").await.status(), 200);
     wait_for(&b, 2).await;
+    // A third instance catches up from the channel's start: it runs v2, keeps v3 for
+    // `--to 3`, and compiles only what it runs (the built-in rules and resolver, and v2).
     let dir_c = tempfile::tempdir().unwrap();
     let c = Server::start_beside(dir_c.path(), &a).await;
     let on_c = wait_for(&c, 2).await;
     assert_eq!(on_c[0]["active"]["sha256"], deployed["sha256"], "the same bytes on C");
+    let versions: Vec<u64> =
+        on_c[0]["versions"].as_array().unwrap().iter().map(|v| v["version"].as_u64().unwrap()).collect();
+    assert_eq!(versions, [1, 2, 3], "{on_c}");
+    let metrics = client().get(c.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let compiled =
+        metrics.lines().find_map(|l| l.strip_prefix("orchestrator_plugin_compilations_total{source=\"compiled\"} "));
+    assert_eq!(compiled, Some("3"), "C compiled the versions it runs only");
 }
 
 /// `wasm` with a custom section of `size` bytes: a valid component as large as a Python

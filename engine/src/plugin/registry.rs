@@ -497,8 +497,15 @@ impl Registry {
     /// Makes this instance run what another instance deployed: the same version
     /// numbers, bytes checked against their hashes.
     pub async fn apply(&self, state: SlotState) -> Result<(), PluginError> {
-        use base64::Engine as _;
         let _one_at_a_time = self.changes.lock().await;
+        self.keep(&state)?;
+        self.apply_row(state).await
+    }
+
+    /// Stores the versions a state ships that this instance does not hold, checked
+    /// against their hashes, without loading them: what `--to VERSION` can activate here.
+    pub fn keep(&self, state: &SlotState) -> Result<(), PluginError> {
+        use base64::Engine as _;
         let slot = state.slot;
         for shipped in std::iter::once(&state.active).chain(state.shadow.as_ref()) {
             match self.versions(slot)?.into_iter().find(|v| v.version == shipped.version) {
@@ -524,6 +531,12 @@ impl Registry {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Applies the versions another instance deployed (after [`Registry::keep`]).
+    async fn apply_row(&self, state: SlotState) -> Result<(), PluginError> {
+        let slot = state.slot;
         let SlotRow { active, shadow, mut stack } = self.slot_row(slot)?;
         // Loaded before the row names them: a row naming a version that cannot load here
         // would stop the next start.

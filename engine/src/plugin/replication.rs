@@ -136,6 +136,11 @@ impl Replication {
         let runtime = tokio::runtime::Handle::current();
         let (applier, me, last) = (registry.clone(), origin.clone(), seen.clone());
         let mut held = Held::default();
+        // While the channel is read from its start, each slot's states are only kept (their
+        // versions stored, not compiled) and the latest is applied once caught up: a
+        // Python version deployed and replaced since costs no compile at start.
+        let catching_up: Arc<Mutex<Option<[Option<SlotState>; 2]>>> = Arc::new(Mutex::new(Some([None, None])));
+        let deferred = catching_up.clone();
         let holder = registry.clone();
         let holds = move |slot: Slot, shipped: &Shipped| holder.holds(slot, shipped.version, &shipped.sha256);
         let apply = move |payload: &[u8]| {
@@ -179,11 +184,28 @@ impl Replication {
                     return tracing::error!(error = %e, %slot, "a plugin deployment from another instance is damaged");
                 }
             };
+            // Held while applying, so the catch-up's last states cannot land after newer ones.
+            let mut catching_up = deferred.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(latest) = catching_up.as_mut() {
+                match applier.keep(&ready) {
+                    Ok(()) => latest[slot.index()] = Some(ready),
+                    Err(e) => tracing::error!(error = %e, %slot, "could not keep a replicated plugin version"),
+                }
+                return;
+            }
             if let Err(e) = runtime.block_on(applier.apply(ready)) {
                 tracing::error!(error = %e, %slot, "could not apply a plugin deployment from another instance");
             }
         };
         cluster.follow(Channel::Plugins, Box::new(apply))?;
+        let mut caught_up = catching_up.lock().unwrap_or_else(|p| p.into_inner());
+        for state in caught_up.take().into_iter().flatten().flatten() {
+            let slot = state.slot;
+            if let Err(e) = tokio::runtime::Handle::current().block_on(registry.apply(state)) {
+                tracing::error!(error = %e, %slot, "could not apply the cluster's plugin deployment");
+            }
+        }
+        drop(caught_up);
         Ok(Arc::new(Self { registry, cluster, origin, seen }))
     }
 
