@@ -757,10 +757,6 @@ impl Orders for CqlStore {
         limit: usize,
         cursor: Option<String>,
     ) -> Result<Page<HistoryEntry>, StoreError> {
-        let from: usize = match cursor {
-            None => 0,
-            Some(c) => c.parse().map_err(|_| StoreError::Cursor("not a history cursor this server issued".into()))?,
-        };
         type H =
             (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
         let rows = self
@@ -795,9 +791,7 @@ impl Orders for CqlStore {
                 b.outcome != Outcome::Applied,
             ))
         });
-        let to = from.saturating_add(limit.clamp(1, 1000)).min(entries.len());
-        let next_cursor = (to < entries.len()).then(|| to.to_string());
-        Ok(Page { items: entries.get(from..to).unwrap_or_default().to_vec(), next_cursor })
+        super::page_by_place(&entries, limit, cursor)
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
     ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
-    WebhookDelivery, WebhookLedger, Write, WriteResult,
+    WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
 
@@ -52,18 +52,6 @@ impl MemoryStore {
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Offset paging: the cursor is the index of the next item.
-fn page<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Page<T>, StoreError> {
-    let from: usize = match cursor {
-        Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a memory cursor")))?,
-        None => 0,
-    };
-    // Like the real backends: 1 to 1000 per page, so paging always moves on.
-    let to = from.saturating_add(limit.clamp(1, 1000)).min(all.len());
-    let items = all.get(from..to).unwrap_or_default().to_vec();
-    Ok(Page { items, next_cursor: (to < all.len()).then(|| to.to_string()) })
 }
 
 impl State {
@@ -157,7 +145,7 @@ impl Orders for MemoryStore {
         cursor: Option<String>,
     ) -> Result<Page<HistoryEntry>, StoreError> {
         let mine: Vec<HistoryEntry> = self.state().history.iter().filter(|h| h.order_id == order_id).cloned().collect();
-        page(&mine, limit, cursor)
+        page_by_place(&mine, limit, cursor)
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
@@ -176,7 +164,7 @@ impl Orders for MemoryStore {
             Sort::UpdatedAsc => rows.sort_by(|a, b| (a.updated_at, &a.id).cmp(&(b.updated_at, &b.id))),
             Sort::UpdatedDesc => rows.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))),
         }
-        page(&rows, q.limit, q.cursor)
+        page_by_place(&rows, q.limit, q.cursor)
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -230,7 +218,7 @@ impl Parking for MemoryStore {
 #[async_trait]
 impl DeadLetters for MemoryStore {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
-        page(&self.state().letters, limit, cursor)
+        page_by_place(&self.state().letters, limit, cursor)
     }
 
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
@@ -289,7 +277,7 @@ impl WebhookLedger for MemoryStore {
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        page(&self.state().deliveries, limit, cursor)
+        page_by_place(&self.state().deliveries, limit, cursor)
     }
 
     async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -363,7 +351,7 @@ impl Runs for MemoryStore {
     async fn runs(&self, limit: usize, cursor: Option<String>) -> Result<Page<RunRecord>, StoreError> {
         let mut all: Vec<RunRecord> = self.state().runs.values().cloned().collect();
         all.sort_by(|a, b| (b.started_at, &b.id).cmp(&(a.started_at, &a.id)));
-        page(&all, limit, cursor)
+        page_by_place(&all, limit, cursor)
     }
 }
 
@@ -376,7 +364,7 @@ impl ActionLog for MemoryStore {
 
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
         let newest_first: Vec<ActionRecord> = self.state().actions.iter().rev().cloned().collect();
-        page(&newest_first, limit, cursor)
+        page_by_place(&newest_first, limit, cursor)
     }
 }
 

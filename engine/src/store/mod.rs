@@ -231,6 +231,18 @@ pub struct Audit {
     pub last_applied: Option<DateTime<Utc>>,
 }
 
+/// One page of `all`, for a backend that pages a list it holds whole: the cursor is the
+/// index of the next item; 1 to 1000 items a page, so paging always moves on.
+pub fn page_by_place<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Page<T>, StoreError> {
+    let from: usize = match cursor {
+        Some(c) => c.parse().map_err(|_| StoreError::Cursor(format!("{c:?} is not a cursor this server issued")))?,
+        None => 0,
+    };
+    let to = from.saturating_add(limit.clamp(1, 1000)).min(all.len());
+    let items = all.get(from..to).unwrap_or_default().to_vec();
+    Ok(Page { items, next_cursor: (to < all.len()).then(|| to.to_string()) })
+}
+
 /// The end of the key range of ids starting with `prefix` (exclusive).
 pub fn prefix_end(prefix: &str) -> String {
     let mut end = prefix.to_string();
