@@ -1,33 +1,11 @@
-//! Calls to the engine's HTTP API (same origin) and the order type the table shows.
+//! Calls to the engine's HTTP API (same origin).
 
-use serde::{Deserialize, Serialize};
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 
-/// One order row, read leniently: fields the dashboard does not show are ignored.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-pub struct Order {
-    pub id: String,
-    pub customer: String,
-    pub tier: String,
-    pub priority: String,
-    pub status: String,
-    pub total_cents: i64,
-    pub shipping_fee_cents: i64,
-    pub currency: String,
-    pub note: String,
-    pub version: u64,
-    pub updated_at: String,
-    pub decided_by: String,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(default)]
-pub struct Page {
-    pub items: Vec<Order>,
-    pub next_cursor: Option<String>,
-}
+// The engine's own row and page types (`types/`), so a renamed field or a new status
+// fails this build instead of reading as empty.
+pub use orchestrator_types::{Order, Page};
 
 pub struct Reply {
     pub status: u16,

@@ -5,16 +5,17 @@
 use serde_json::Value;
 use sycamore::prelude::*;
 
+use orchestrator_types::Status;
+
 use crate::App;
 use crate::api::{self, Order};
 
 /// The editable fields, in form order.
 const FIELDS: [&str; 3] = ["status", "note", "shipping_fee_cents"];
-const STATUSES: [&str; 6] = ["PENDING", "CONFIRMED", "PROCESSING", "SHIPPED", "DELIVERED", "CANCELLED"];
 
 fn field_of(o: &Order, f: &str) -> String {
     match f {
-        "status" => o.status.clone(),
+        "status" => o.status.as_str().to_string(),
         "note" => o.note.clone(),
         _ => o.shipping_fee_cents.to_string(),
     }
@@ -237,7 +238,12 @@ fn conflict_view(app: App) -> View {
                     td { (name) }
                     td(data-testid="mine") { (mine) }
                     td(data-testid="server") { (server) }
-                    td { label { input(r#type="checkbox", data-testid=format!("keep-mine-{name}"), bind:checked=keep) " keep mine" } }
+                    td {
+                        label {
+                            input(r#type="checkbox", data-testid=format!("keep-mine-{name}"), bind:checked=keep)
+                            " keep mine"
+                        }
+                    }
                 }
             }
         })
@@ -253,8 +259,14 @@ fn conflict_view(app: App) -> View {
             }
             div(class="buttons") {
                 button(data-testid="take-server", on:click=move |_| resolve(app, Resolve::TakeServer)) { "Take server" }
-                button(data-testid="reapply-mine", disabled=no_token, on:click=move |_| resolve(app, Resolve::ReapplyMine)) { "Re-apply mine on top" }
-                button(data-testid="merge", disabled=no_token, on:click=move |_| resolve(app, Resolve::Merge)) { "Merge field by field" }
+                button(
+                    data-testid="reapply-mine",
+                    disabled=no_token,
+                    on:click=move |_| resolve(app, Resolve::ReapplyMine)
+                ) { "Re-apply mine on top" }
+                button(data-testid="merge", disabled=no_token, on:click=move |_| resolve(app, Resolve::Merge)) {
+                    "Merge field by field"
+                }
                 (crate::need_token(app, "save your side of the conflict"))
             }
         }
@@ -292,12 +304,16 @@ pub fn view(app: App) -> View {
         };
         let version = move || d.base.with(|b| b.as_ref().map(|b| b.version.to_string()).unwrap_or_default());
         let [status, note, fee] = d.form;
-        let options: Vec<View> = STATUSES.iter().map(|s| view! { option(value=*s) { (*s) } }).collect();
+        let options = crate::orders::options(Status::ALL.map(|s| (s.as_str(), s.as_str())));
         let message = move || d.message.get_clone();
         let dialog = move || if d.conflict.with(|c| c.is_some()) { conflict_view(app) } else { View::default() };
         view! {
             h2 { "Order " span(data-testid="detail-id") { (id) } " v" span(data-testid="detail-version") { (version) } }
-            form(class="edit", data-testid="edit-form", on:submit=move |e: web_sys::SubmitEvent| { e.prevent_default(); save(app) }) {
+            form(
+                class="edit",
+                data-testid="edit-form",
+                on:submit=move |e: web_sys::SubmitEvent| { e.prevent_default(); save(app) }
+            ) {
                 label { "status " select(data-testid="edit-status", bind:value=status) { (options) } }
                 label { "note " input(data-testid="edit-note", bind:value=note) }
                 label { "shipping fee (cents) " input(data-testid="edit-fee", bind:value=fee) }

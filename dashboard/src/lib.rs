@@ -77,7 +77,8 @@ fn root(app: App) -> View {
     let conn_text = move || conn.get();
     let no_token = move || {
         if token.with(|t| t.is_empty()) {
-            "No API token: saving edits, runs, queues, reset, plugins and replay are disabled until you enter it (kept for this tab session only)."
+            "No API token: saving edits, runs, queues, reset, plugins and replay are disabled until you enter it \
+             (kept for this tab session only)."
         } else {
             ""
         }

@@ -171,9 +171,39 @@ fn plugins_view(app: App) -> View {
                         td(data-testid="plugin-active") { (active) }
                         td(data-testid="plugin-shadow") { (shadow) }
                         td {
-                            button(data-testid="plugin-promote", disabled=no_token, on:click=move |_| act(app, "POST", path(&n1, "promote"), None, format!("{n1}: shadow promoted"))) { "Promote" }
-                            button(data-testid="plugin-rollback", disabled=no_token, on:click=move |_| act(app, "POST", path(&n2, "rollback"), None, format!("{n2}: rolled back"))) { "Roll back" }
-                            button(data-testid="plugin-discard", disabled=no_token, on:click=move |_| act(app, "DELETE", path(&n3, "shadow"), None, format!("{n3}: shadow discarded"))) { "Discard shadow" }
+                            button(
+                                data-testid="plugin-promote",
+                                disabled=no_token,
+                                on:click=move |_| act(
+                                    app,
+                                    "POST",
+                                    path(&n1, "promote"),
+                                    None,
+                                    format!("{n1}: shadow promoted")
+                                )
+                            ) { "Promote" }
+                            button(
+                                data-testid="plugin-rollback",
+                                disabled=no_token,
+                                on:click=move |_| act(
+                                    app,
+                                    "POST",
+                                    path(&n2, "rollback"),
+                                    None,
+                                    format!("{n2}: rolled back")
+                                )
+                            ) { "Roll back" }
+                            button(
+                                data-testid="plugin-discard",
+                                disabled=no_token,
+                                on:click=move |_| act(
+                                    app,
+                                    "DELETE",
+                                    path(&n3, "shadow"),
+                                    None,
+                                    format!("{n3}: shadow discarded")
+                                )
+                            ) { "Discard shadow" }
                         }
                     }
                 }
@@ -254,7 +284,11 @@ fn dead_letters_view(app: App) -> View {
                 view! {
                     li(data-testid="dead-letter", data-id=id) {
                         (text) " "
-                        button(data-testid="dead-letter-replay", disabled=disabled, on:click=move |_| act(app, "POST", path.clone(), None, done.clone())) {
+                        button(
+                            data-testid="dead-letter-replay",
+                            disabled=disabled,
+                            on:click=move |_| act(app, "POST", path.clone(), None, done.clone())
+                        ) {
                             (if replayed { "replayed" } else { "Replay" })
                         }
                     }
@@ -265,7 +299,10 @@ fn dead_letters_view(app: App) -> View {
     };
     view! {
         section(class="panel dead", data-testid="dead-letters") {
-            h2 { "Dead letters " button(data-testid="dead-letters-refresh", on:click=move |_| refresh(app)) { "Refresh" } }
+            h2 {
+                "Dead letters "
+                button(data-testid="dead-letters-refresh", on:click=move |_| refresh(app)) { "Refresh" }
+            }
             (crate::need_token(app, "replay dead letters"))
             ul(class="dead-list") { (rows) }
         }
@@ -281,7 +318,8 @@ fn health_view(app: App) -> View {
     let lag_normal = get(|h| h["queue_depth"]["normal"].to_string());
     let text = get(|h| {
         format!(
-            "{} · backend {} · queue VIP {} / NORMAL {} · applied {} · skipped {} · rejected {} · CAS conflicts {}",
+            "{} · backend {} · queue VIP {} / NORMAL {} · applied {} · \
+             skipped {} · rejected {} · CAS conflicts {}",
             h["status"].as_str().unwrap_or("?"),
             h["backend"].as_str().unwrap_or("?"),
             h["queue_depth"]["vip"],
@@ -318,8 +356,18 @@ fn health_view(app: App) -> View {
             h2 { "Engine" }
             div(data-testid="health-text") { (text) }
             table(class="health-table") {
-                tr { th { "status" } td(data-testid="health-status") { (status) } th { "backend" } td(data-testid="health-backend") { (backend) } }
-                tr { th { "consumer lag VIP" } td(data-testid="lag-vip") { (lag_vip) } th { "consumer lag NORMAL" } td(data-testid="lag-normal") { (lag_normal) } }
+                tr {
+                    th { "status" }
+                    td(data-testid="health-status") { (status) }
+                    th { "backend" }
+                    td(data-testid="health-backend") { (backend) }
+                }
+                tr {
+                    th { "consumer lag VIP" }
+                    td(data-testid="lag-vip") { (lag_vip) }
+                    th { "consumer lag NORMAL" }
+                    td(data-testid="lag-normal") { (lag_normal) }
+                }
             }
             h3 { "Recent logs (newest first)" }
             div(class="muted", data-testid="logs-error") { (move || logs_error.get_clone()) }

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use sycamore::prelude::*;
 use wasm_bindgen::JsCast;
 
+use orchestrator_types::{Priority, Sort, Status};
+
 use crate::App;
 use crate::api::{self, Order, Page};
 
@@ -70,15 +72,15 @@ impl Filter {
             status: app.f_status.get_clone_untracked().trim().to_string(),
             priority: app.f_priority.get_clone_untracked().trim().to_string(),
             query: app.f_query.get_clone_untracked().trim().to_string(),
-            newest_first: app.f_sort.with_untracked(|s| s == "-updated_at"),
+            newest_first: app.f_sort.with_untracked(|s| s == Sort::UpdatedDesc.as_str()),
         }
     }
 
     /// The engine's rules: exact status and priority, prefix of the id or the customer.
     fn admits(&self, o: &Order) -> bool {
         self.newest_first
-            && (self.status.is_empty() || o.status.eq_ignore_ascii_case(&self.status))
-            && (self.priority.is_empty() || o.priority.eq_ignore_ascii_case(&self.priority))
+            && (self.status.is_empty() || o.status.as_str() == self.status)
+            && (self.priority.is_empty() || o.priority.as_str() == self.priority)
             && (self.query.is_empty() || o.id.starts_with(&self.query) || o.customer.starts_with(&self.query))
     }
 }
@@ -137,7 +139,7 @@ pub fn load_more(app: App) {
     let url = query_url(app, cursor.as_deref());
     wasm_bindgen_futures::spawn_local(async move {
         let page = match api::get(&url).await {
-            Ok(r) if r.ok() => r.json::<Page>(),
+            Ok(r) if r.ok() => r.json::<Page<Order>>(),
             Ok(r) => Err(r.error_text()),
             Err(e) => Err(e),
         };
@@ -276,13 +278,18 @@ fn row_view(app: App, slot: usize) -> View {
     let id_attr = field(|o| o.id.clone());
     let id = field(|o| o.id.clone());
     let customer = field(|o| o.customer.clone());
-    let tier = field(|o| if o.id.is_empty() { String::new() } else { format!("{} / {}", o.tier, o.priority) });
-    let status = field(|o| o.status.clone());
-    let badge = field(|o| format!("badge st-{}", o.status.to_lowercase()));
+    let tier =
+        field(
+            |o| {
+                if o.id.is_empty() { String::new() } else { format!("{} / {}", o.tier.as_str(), o.priority.as_str()) }
+            },
+        );
+    let status = field(|o| o.status.as_str().to_string());
+    let badge = field(|o| format!("badge st-{}", o.status.as_str().to_lowercase()));
     let total = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.total_cents, &o.currency) });
     let fee = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.shipping_fee_cents, &o.currency) });
     let version = field(|o| o.version.to_string());
-    let updated = field(|o| o.updated_at.replace('T', " ").chars().take(19).collect());
+    let updated = field(|o| o.updated_at.format("%Y-%m-%d %H:%M:%S").to_string());
     let decided = field(|o| o.decided_by.clone());
     let on_click = move |_| {
         let id = TABLE.with_borrow(|t| t.get(idx.get_untracked()).map(|o| o.id.clone()));
@@ -291,7 +298,14 @@ fn row_view(app: App, slot: usize) -> View {
         }
     };
     view! {
-        div(class=class, style=style, data-testid="order-row", data-index=index_attr, data-order-id=id_attr, on:click=on_click) {
+        div(
+            class=class,
+            style=style,
+            data-testid="order-row",
+            data-index=index_attr,
+            data-order-id=id_attr,
+            on:click=on_click
+        ) {
             span(class="c c-id", data-testid="cell-id") { (id) }
             span(class="c c-customer") { (customer) }
             span(class="c c-tier") { (tier) }
@@ -332,23 +346,14 @@ pub fn view(app: App) -> View {
         div(class="filters") {
             select(data-testid="filter-status", bind:value=f_status, on:change=changed) {
                 option(value="") { "any status" }
-                option(value="PENDING") { "PENDING" }
-                option(value="CONFIRMED") { "CONFIRMED" }
-                option(value="PROCESSING") { "PROCESSING" }
-                option(value="SHIPPED") { "SHIPPED" }
-                option(value="DELIVERED") { "DELIVERED" }
-                option(value="CANCELLED") { "CANCELLED" }
+                (options(Status::ALL.map(|s| (s.as_str(), s.as_str()))))
             }
             select(data-testid="filter-priority", bind:value=f_priority, on:change=changed) {
                 option(value="") { "any priority" }
-                option(value="VIP") { "VIP" }
-                option(value="NORMAL") { "NORMAL" }
+                (options(Priority::ALL.map(|p| (p.as_str(), p.as_str()))))
             }
             select(data-testid="sort", bind:value=f_sort, on:change=changed) {
-                option(value="-updated_at") { "newest update first" }
-                option(value="updated_at") { "oldest update first" }
-                option(value="id") { "id ascending" }
-                option(value="-id") { "id descending" }
+                (options(Sort::ALL.map(|o| (o.as_str(), o.label()))))
             }
             input(data-testid="search", placeholder="id or customer prefix", bind:value=f_query, on:change=changed)
             span(class="count", data-testid="row-count") { (count) }
@@ -367,8 +372,17 @@ pub fn view(app: App) -> View {
         }
         div(class="scroll", data-testid="orders-scroll", on:scroll=on_scroll) {
             div(class="spacer", style=spacer) {
-                div(class="window", style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)) { (rows) }
+                div(
+                    class="window",
+                    style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)
+                ) { (rows) }
             }
         }
     }
+}
+
+/// `<option>`s of a picker, as (value, text) pairs.
+pub fn options<const N: usize>(pairs: [(&'static str, &'static str); N]) -> View {
+    let options: Vec<View> = pairs.into_iter().map(|(value, text)| view! { option(value=value) { (text) } }).collect();
+    View::from(options)
 }

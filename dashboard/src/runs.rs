@@ -118,7 +118,17 @@ fn chart_svg(rates: &[(f64, f64, f64)]) -> String {
             .join(" ")
     };
     format!(
-        r##"<svg viewBox="0 0 {W} {h}" preserveAspectRatio="none" width="100%" height="{h}"><line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#ccd"/><polyline class="tp-vip" fill="none" stroke="#d97706" stroke-width="1.5" points="{vip}"/><polyline class="tp-normal" fill="none" stroke="#2563eb" stroke-width="1.5" points="{normal}"/><text x="2" y="10" font-size="9" fill="#555">peak {peak:.0}/s</text></svg>"##,
+        // Named explicitly: `format!` captures no variables from a `concat!` format string.
+        concat!(
+            r##"<svg viewBox="0 0 {W} {h}" preserveAspectRatio="none" width="100%" height="{h}">"##,
+            r##"<line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#ccd"/>"##,
+            r##"<polyline class="tp-vip" fill="none" stroke="#d97706" stroke-width="1.5" points="{vip}"/>"##,
+            r##"<polyline class="tp-normal" fill="none" stroke="#2563eb" stroke-width="1.5" points="{normal}"/>"##,
+            r##"<text x="2" y="10" font-size="9" fill="#555">peak {peak:.0}/s</text></svg>"##,
+        ),
+        W = W,
+        H = H,
+        peak = peak,
         h = H + 2.0,
         vip = line(|r| r.1),
         normal = line(|r| r.2),
@@ -143,7 +153,13 @@ fn chart_view(app: App) -> View {
     };
     view! {
         div(class="throughput", data-testid="throughput", data-points=count) {
-            div(class="legend") { span(class="lg-vip") { "VIP" } " " span(class="lg-normal") { "NORMAL" } " orders/s · " span(data-testid="throughput-text") { (caption) } }
+            div(class="legend") {
+                span(class="lg-vip") { "VIP" }
+                " "
+                span(class="lg-normal") { "NORMAL" }
+                " orders/s · "
+                span(data-testid="throughput-text") { (caption) }
+            }
             div(class="chart", r#ref=node) {}
         }
     }
@@ -275,11 +291,21 @@ pub fn view(app: App) -> View {
         if reset_confirm.get() {
             view! {
                 span(class="warn") { "Delete every order, run and dead letter? " }
-                button(data-testid="reset-confirm", on:click=move |_| { reset_confirm.set(false); act(app, "/reset".into(), json!({"confirm": "reset"}), "reset done") }) { "Yes, reset" }
+                button(
+                    data-testid="reset-confirm",
+                    on:click=move |_| {
+                        reset_confirm.set(false);
+                        act(app, "/reset".into(), json!({"confirm": "reset"}), "reset done")
+                    }
+                ) { "Yes, reset" }
                 button(data-testid="reset-abort", on:click=move |_| reset_confirm.set(false)) { "Keep everything" }
             }
         } else {
-            view! { button(data-testid="reset", disabled=no_token, on:click=move |_| reset_confirm.set(true)) { "Reset…" } }
+            view! {
+                button(data-testid="reset", disabled=no_token, on:click=move |_| reset_confirm.set(true)) {
+                    "Reset…"
+                }
+            }
         }
     };
     let history = move || {
@@ -293,9 +319,19 @@ pub fn view(app: App) -> View {
                     Some(false) => "failed",
                     None => "–",
                 };
-                let text = format!("{} · {} · {} orders · {} ms", h["id"].as_str().unwrap_or(""), h["phase"].as_str().unwrap_or(""), num(&h["quantity"]), num(&h["total_ms"]));
+                let text = format!(
+                    "{} · {} · {} orders · {} ms",
+                    h["id"].as_str().unwrap_or(""),
+                    h["phase"].as_str().unwrap_or(""),
+                    num(&h["quantity"]),
+                    num(&h["total_ms"])
+                );
                 let class = format!("verdict v-{verdict}");
-                view! { li(data-testid="run-history-row") { (text) " · " span(class=class, data-testid="run-verification") { (verdict) } } }
+                view! {
+                    li(data-testid="run-history-row") {
+                        (text) " · " span(class=class, data-testid="run-verification") { (verdict) }
+                    }
+                }
             })
             .collect();
         View::from(rows)
@@ -310,23 +346,40 @@ pub fn view(app: App) -> View {
             h2 { "Runs" }
             div(class="controls") {
                 input(data-testid="run-quantity", r#type="number", min="1", bind:value=quantity)
-                input(data-testid="run-tier-mix", title="tier mix in percent: DIAMOND,GOLD,SILVER,BRONZE", bind:value=tier_mix)
+                input(
+                    data-testid="run-tier-mix",
+                    title="tier mix in percent: DIAMOND,GOLD,SILVER,BRONZE",
+                    bind:value=tier_mix
+                )
                 button(data-testid="run-start", disabled=no_token, on:click=start) { "Start run" }
                 button(data-testid="run-cancel", disabled=no_token, on:click=cancel) { "Cancel" }
-                label { input(r#type="checkbox", data-testid="cancel-purge", bind:checked=purge) " purge its queued events" }
-                label { input(r#type="checkbox", data-testid="cancel-delete-pending", bind:checked=delete_pending) " delete its PENDING orders" }
+                label {
+                    input(r#type="checkbox", data-testid="cancel-purge", bind:checked=purge)
+                    " purge its queued events"
+                }
+                label {
+                    input(r#type="checkbox", data-testid="cancel-delete-pending", bind:checked=delete_pending)
+                    " delete its PENDING orders"
+                }
                 (crate::need_token(app, "start or cancel a run"))
             }
             div(class="controls") {
                 button(data-testid="pause-vip", disabled=no_token, on:click=queue("vip", "pause")) { "Pause VIP" }
                 button(data-testid="resume-vip", disabled=no_token, on:click=queue("vip", "resume")) { "Resume VIP" }
-                button(data-testid="pause-normal", disabled=no_token, on:click=queue("normal", "pause")) { "Pause NORMAL" }
-                button(data-testid="resume-normal", disabled=no_token, on:click=queue("normal", "resume")) { "Resume NORMAL" }
+                button(data-testid="pause-normal", disabled=no_token, on:click=queue("normal", "pause")) {
+                    "Pause NORMAL"
+                }
+                button(data-testid="resume-normal", disabled=no_token, on:click=queue("normal", "resume")) {
+                    "Resume NORMAL"
+                }
                 (reset_area)
                 (crate::need_token(app, "pause or resume queues and reset"))
             }
             div(class="msg", data-testid="run-message") { (message) }
-            div(class="phase") { "phase " strong(data-testid="run-phase") { (phase) } " · " span(data-testid="run-progress") { (progress) } }
+            div(class="phase") {
+                "phase " strong(data-testid="run-phase") { (phase) }
+                " · " span(data-testid="run-progress") { (progress) }
+            }
             div(class="bar") { div(class="fill", style=bar) }
             (timeline)
             div(class="cards") { (cards) }

@@ -201,7 +201,11 @@ fn access(
             let writing = || format!("writing {}", path.display());
             let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path);
             file.as_mut().map_err(|e| anyhow::anyhow!("{e}")).with_context(writing)?.write_all(token.as_bytes())?;
-            tracing::warn!(path = %path.display(), "no API token configured: generated one for this loopback-only engine (set ORCHESTRATOR_API_TOKEN to choose)");
+            tracing::warn!(
+                path = %path.display(),
+                "no API token configured: generated one for this loopback-only engine \
+                 (set ORCHESTRATOR_API_TOKEN to choose)"
+            );
             token
         }
     };

@@ -41,7 +41,10 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     assert!(body["detail"]["message"].as_str().unwrap().contains("unknown variant `exploded`"), "{body}");
 
     // A semantically invalid event inside an array: nothing of the array is written.
-    let batch = json!([created("o-half", "e-half-1", "GOLD", 100), {"event_id": "", "order_id": "o-half", "kind": "updated", "source": "t", "occurred_at": "2026-11-21T10:00:00Z"}]);
+    let batch = json!([
+        created("o-half", "e-half-1", "GOLD", 100),
+        {"event_id": "", "order_id": "o-half", "kind": "updated", "source": "t", "occurred_at": "2026-11-21T10:00:00Z"}
+    ]);
     let r = s.post_events(&batch).await;
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
@@ -221,7 +224,18 @@ async fn listing_pages_with_cursors_and_filters() {
     assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;
     // Cancel every fifth order so the status filter has something to find.
-    let cancels: Vec<Value> = (0..250).step_by(5).map(|i| json!({"event_id": format!("p-{i:03}-x"), "order_id": format!("p-{i:03}"), "kind": "cancelled", "source": "test", "occurred_at": "2026-11-21T11:00:00Z"})).collect();
+    let cancels: Vec<Value> = (0..250)
+        .step_by(5)
+        .map(|i| {
+            json!({
+                "event_id": format!("p-{i:03}-x"),
+                "order_id": format!("p-{i:03}"),
+                "kind": "cancelled",
+                "source": "test",
+                "occurred_at": "2026-11-21T11:00:00Z"
+            })
+        })
+        .collect();
     assert_eq!(s.post_events(&Value::Array(cancels)).await.status(), 202);
     s.drain(Duration::from_secs(10)).await;
 

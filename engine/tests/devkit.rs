@@ -56,8 +56,9 @@ async fn a_rust_plugin_from_new_to_rollback() {
 }
 
 /// The second half of the first hour, alike in every language: `plugin test`, then a
-/// what-if run over a real engine's history (`plugin replay`), a shadow deploy, promote, the new rule's fees on new rows (free from
-/// 100.00 for GOLD, 4.99 for BRONZE), and a rollback.
+/// what-if run over a real engine's history (`plugin replay`), a shadow deploy, promote,
+/// the new rule's fees on new rows (free from 100.00 for GOLD, 4.99 for BRONZE), and a
+/// rollback.
 async fn live(project: &Path, component: &str, lang: &str) {
     let (ok, _, err) = plugin(project, &["test", component, "--generated", "200"]);
     assert!(ok && err.contains("200 events: 200 upsert"), "{err}");

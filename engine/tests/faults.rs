@@ -58,7 +58,8 @@ static SERVICES: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 async fn service_restarts_lose_and_double_nothing() {
     if !distributed() {
         eprintln!(
-            "fault tests restart Kafka and Cassandra: they run in the distributed pass (ORCHESTRATOR_TEST_BACKEND=distributed)"
+            "fault tests restart Kafka and Cassandra: they run in the distributed pass \
+             (ORCHESTRATOR_TEST_BACKEND=distributed)"
         );
         return;
     }
@@ -184,8 +185,10 @@ async fn a_failed_log_commit_is_retried_and_health_says_why() {
     let log = rusqlite::Connection::open(dir.path().join("log.sqlite")).unwrap();
     log.busy_timeout(Duration::from_secs(10)).unwrap();
     log.execute_batch(
-        "CREATE TRIGGER refuse_commit_insert BEFORE INSERT ON offsets BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;
-         CREATE TRIGGER refuse_commit_update BEFORE UPDATE ON offsets BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;",
+        "CREATE TRIGGER refuse_commit_insert BEFORE INSERT ON offsets \
+         BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;
+         CREATE TRIGGER refuse_commit_update BEFORE UPDATE ON offsets \
+         BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;",
     )
     .unwrap();
     assert_eq!(s.post_events(&created("lc-2", "lc-2", "GOLD", 100)).await.status(), 202);

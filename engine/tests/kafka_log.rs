@@ -130,3 +130,41 @@ async fn a_failed_append_leaves_nothing_on_the_log() {
         c.wait(Duration::from_millis(100)).await;
     }
 }
+
+/// A crash leaves the instance's transaction open, and readers (who read committed) wait
+/// behind it until the broker gives up on it. The same instance, restarted, fences its
+/// earlier self at once: the open transaction is aborted and what follows is read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_instance_aborts_the_transaction_its_crash_left_open() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let Some(brokers) = service("KAFKA_BROKERS") else { return };
+    let config = common::kafka_config(brokers.clone(), &unique("fence"), 1);
+    let instance = "instance-under-test";
+    let log = KafkaLog::open_as(config.clone(), instance).await.unwrap();
+    log.append(vec![rec(Priority::Normal, "k", "before")]).await.unwrap();
+    drop(log);
+
+    // The crash: the instance's transaction is open, with a record in it, and the
+    // broker would wait 10 minutes before aborting it.
+    let crashed: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("transactional.id", config.transactional_id(instance))
+        .set("transaction.timeout.ms", "600000")
+        .create()
+        .unwrap();
+    crashed.init_transactions(Duration::from_secs(30)).unwrap();
+    crashed.begin_transaction().unwrap();
+    crashed.send(BaseRecord::to(&config.normal_topic).key("k").payload("never committed")).unwrap();
+    crashed.flush(Duration::from_secs(30)).unwrap();
+    std::mem::forget(crashed);
+
+    // The restart, which appends nothing itself. Another instance's record after the
+    // crash is read (within `take`'s 30 s, not the crashed transaction's 10 minutes);
+    // the open one never is.
+    let restarted = KafkaLog::open_as(config.clone(), instance).await.unwrap();
+    let other = KafkaLog::open(config.clone()).await.unwrap();
+    other.append(vec![rec(Priority::Normal, "k", "after")]).await.unwrap();
+    let mut c = restarted.consumer().await.unwrap();
+    assert_eq!(bodies(&take(&mut c, Priority::Normal, 2).await), ["before", "after"]);
+}

@@ -523,7 +523,10 @@ async fn dead_letters_can_be_replayed_once() {
     let s = Server::start_with(dir.path(), &["--park-timeout-secs", "1"]).await;
     // An update for an order that does not exist yet waits for its create; once its wait
     // runs out, the rules decide it as it is and reject it...
-    let update = json!({"event_id": "early", "order_id": "late-order", "kind": "updated", "source": "test", "occurred_at": "2026-11-21T10:00:00Z", "payload": {"note": "hello"}});
+    let update = json!({
+        "event_id": "early", "order_id": "late-order", "kind": "updated", "source": "test",
+        "occurred_at": "2026-11-21T10:00:00Z", "payload": {"note": "hello"}
+    });
     assert_eq!(s.post_events(&update).await.status(), 202);
     let deadline = Instant::now() + Duration::from_secs(60);
     let letter = loop {

@@ -266,7 +266,8 @@ async fn vip_preempts_normal_in_flight() {
     let first_late = ids.iter().position(|id| id.starts_with("late-")).unwrap();
     let normal_after_vip = ids[last_vip..].iter().filter(|id| id.starts_with("n-")).count();
     eprintln!(
-        "first VIP at {first_vip}, last VIP at {last_vip}, first late NORMAL at {first_late}, {normal_after_vip} early NORMAL after the VIPs"
+        "first VIP at {first_vip}, last VIP at {last_vip}, first late NORMAL at {first_late}, \
+         {normal_after_vip} early NORMAL after the VIPs"
     );
     assert_eq!(last_vip - first_vip, 999, "no NORMAL event between the first and the last VIP");
     assert!(first_late > last_vip, "NORMAL queued after the VIP burst starts only after it");

@@ -15,7 +15,18 @@ const OLD: &str = "shpss_previous";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
 
 fn update(note: &str) -> Vec<u8> {
-    json!({"id": 820982911946154508i64, "updated_at": "2026-11-21T12:00:00-05:00", "note": note, "financial_status": "paid", "total_price": "598.95", "currency": "USD", "line_items": [], "admin_graphql_api_id": "gid://shopify/Order/820982911946154508"}).to_string().into_bytes()
+    json!({
+        "id": 820982911946154508i64,
+        "updated_at": "2026-11-21T12:00:00-05:00",
+        "note": note,
+        "financial_status": "paid",
+        "total_price": "598.95",
+        "currency": "USD",
+        "line_items": [],
+        "admin_graphql_api_id": "gid://shopify/Order/820982911946154508"
+    })
+    .to_string()
+    .into_bytes()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

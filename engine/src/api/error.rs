@@ -76,14 +76,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Cursor(m) => Self::bad_request("invalid cursor", m),
-            other => {
-                let transient = other.is_transient();
-                let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "store unavailable", other.to_string());
-                // An outage passes: say when to come back. Other store failures stay 503
-                // without a hint, since retrying them soon will not help.
-                e.retry_after = transient.then_some(1);
-                e
-            }
+            other => Self::unavailable("store unavailable", other.to_string(), other.is_transient()),
         }
     }
 }
@@ -94,7 +87,7 @@ impl From<IngestError> for ApiError {
             IngestError::Invalid { index, reason } => {
                 Self::bad_request("invalid event", serde_json::json!({ "index": index, "reason": reason }))
             }
-            IngestError::Log(e) => Self::new(StatusCode::SERVICE_UNAVAILABLE, "log unavailable", e.to_string()),
+            IngestError::Log(e) => Self::unavailable("log unavailable", e.to_string(), e.is_transient()),
             IngestError::Store(e) => e.into(),
         }
     }
@@ -115,6 +108,14 @@ impl From<EditError> for ApiError {
 }
 
 impl ApiError {
+    /// 503 for a backend that failed. An outage passes: say when to come back. Other
+    /// failures stay 503 without a hint, since retrying them soon will not help.
+    fn unavailable(error: &str, detail: String, outage: bool) -> Self {
+        let mut e = Self::new(StatusCode::SERVICE_UNAVAILABLE, error, detail);
+        e.retry_after = outage.then_some(1);
+        e
+    }
+
     fn with_current(mut self, current: Box<Order>) -> Self {
         self.current = Some(current);
         self

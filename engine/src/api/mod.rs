@@ -175,7 +175,10 @@ async fn health(State(s): State<AppState>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain")))]
+#[utoipa::path(
+    get, path = "/metrics",
+    responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain"))
+)]
 async fn metrics(State(s): State<AppState>) -> Response {
     for p in Priority::ALL {
         telemetry::queue_depth(p).set(s.engine.queue_depth(p) as f64);
@@ -197,7 +200,10 @@ pub struct LogParams {
 }
 
 /// The engine's latest log lines (INFO and above), oldest first.
-#[utoipa::path(get, path = "/logs", params(LogParams), responses((status = 200, body = Vec<crate::recent_logs::LogLine>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/logs", params(LogParams),
+    responses((status = 200, body = Vec<crate::recent_logs::LogLine>), (status = 400, body = ErrorBody))
+)]
 async fn recent_logs(ApiQuery(p): ApiQuery<LogParams>) -> Result<Json<Vec<crate::recent_logs::LogLine>>, ApiError> {
     Ok(Json(crate::recent_logs::recent(page_limit(p.limit, 100, 500)?)))
 }
@@ -214,7 +220,10 @@ pub struct AuditParams {
 
 /// Operator and admin actions, newest first: who (the token's name), what, on which
 /// path, when, and how it ended.
-#[utoipa::path(get, path = "/audit", params(AuditParams), responses((status = 200, body = Page<crate::store::ActionRecord>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/audit", params(AuditParams),
+    responses((status = 200, body = Page<crate::store::ActionRecord>), (status = 400, body = ErrorBody))
+)]
 async fn audit(
     State(s): State<AppState>,
     ApiQuery(p): ApiQuery<AuditParams>,
@@ -377,7 +386,10 @@ pub struct ListParams {
     sort: Option<String>,
 }
 
-#[utoipa::path(get, path = "/orders", params(ListParams), responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/orders", params(ListParams),
+    responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody))
+)]
 async fn list_orders(
     State(s): State<AppState>,
     ApiQuery(p): ApiQuery<ListParams>,

@@ -11,9 +11,14 @@ use crate::store::{HistoryEntry, Outcome};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Atomic Order Orchestrator", description = "Priority order pipeline with versioned, idempotent storage. \
-        WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
-        {\"type\":\"run.progress\",\"elapsed_ms\":N,\"run\":{...}} at most once per 250 ms of the engine clock while it goes, and {\"type\":\"resync\"} when a client fell behind."),
+    info(
+        title = "Atomic Order Orchestrator",
+        description = "Priority order pipeline with versioned, idempotent storage. \
+            WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, \
+            {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
+            {\"type\":\"run.progress\",\"elapsed_ms\":N,\"run\":{...}} at most once per 250 ms of the engine clock \
+            while it goes, and {\"type\":\"resync\"} when a client fell behind."
+    ),
     paths(
         super::health, super::metrics, super::recent_logs, super::post_events, super::list_orders,
         super::get_order, super::order_history, super::patch_order,

@@ -67,8 +67,12 @@ pub struct DeployParams {
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses(
         (status = 201, body = Deployed, description = "A new version"),
-        (status = 200, body = Deployed, description = "The bytes of a stored version, which is now active (or shadowed)"),
-        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+        (
+            status = 200, body = Deployed,
+            description = "The bytes of a stored version, which is now active (or shadowed)"
+        ),
+        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -109,7 +113,8 @@ pub struct WhatIfParams {
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses(
         (status = 200, body = WhatIfReport),
-        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+        (status = 400, body = super::ErrorBody), (status = 401, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -139,14 +144,22 @@ pub async fn what_if(
 }
 
 /// Makes the shadow version active.
-#[utoipa::path(post, path = "/plugins/{slot}/promote", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(
+    post, path = "/plugins/{slot}/promote",
+    responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn promote(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
     let slot = slot(&name)?;
     Ok(Json(s.engine.change_plugins(slot, move |r| async move { r.promote(slot).await }).await?))
 }
 
 /// Re-activates the version that was active before the current one.
-#[utoipa::path(post, path = "/plugins/{slot}/rollback", responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(
+    post, path = "/plugins/{slot}/rollback",
+    responses((status = 200, body = VersionInfo), (status = 409, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn rollback(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<VersionInfo>, ApiError> {
     let slot = slot(&name)?;
     Ok(Json(s.engine.change_plugins(slot, move |r| async move { r.rollback(slot).await }).await?))
@@ -155,7 +168,10 @@ pub async fn rollback(State(s): State<AppState>, Path(name): Path<String>) -> Re
 /// Makes any stored version of the slot active.
 #[utoipa::path(
     post, path = "/plugins/{slot}/versions/{version}/activate",
-    responses((status = 200, body = VersionInfo), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody)),
+    responses(
+        (status = 200, body = VersionInfo), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 pub async fn activate(
@@ -167,7 +183,11 @@ pub async fn activate(
 }
 
 /// Stops the shadow run without promoting it.
-#[utoipa::path(delete, path = "/plugins/{slot}/shadow", responses((status = 204), (status = 409, body = super::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(
+    delete, path = "/plugins/{slot}/shadow",
+    responses((status = 204), (status = 409, body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
 pub async fn discard(State(s): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
     let slot = slot(&name)?;
     s.engine.change_plugins(slot, move |r| async move { r.discard_shadow(slot).await }).await?;
@@ -175,7 +195,10 @@ pub async fn discard(State(s): State<AppState>, Path(name): Path<String>) -> Res
 }
 
 /// How the shadow version's decisions compare with the active version's.
-#[utoipa::path(get, path = "/plugins/{slot}/shadow-report", responses((status = 200, body = ShadowReport), (status = 409, body = super::ErrorBody)))]
+#[utoipa::path(
+    get, path = "/plugins/{slot}/shadow-report",
+    responses((status = 200, body = ShadowReport), (status = 409, body = super::ErrorBody))
+)]
 pub async fn shadow_report(
     State(s): State<AppState>,
     Path(name): Path<String>,
@@ -210,7 +233,10 @@ pub struct Replayed {
 /// Sends a dead-lettered event through the pipeline again, once.
 #[utoipa::path(
     post, path = "/dead-letters/{id}/replay",
-    responses((status = 202, body = Replayed), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody), (status = 400, body = super::ErrorBody)),
+    responses(
+        (status = 202, body = Replayed), (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody), (status = 400, body = super::ErrorBody)
+    ),
     security(("bearer" = []))
 )]
 pub async fn replay(

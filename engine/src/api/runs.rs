@@ -73,7 +73,10 @@ pub struct RunsParams {
 }
 
 /// Run history, newest first.
-#[utoipa::path(get, path = "/runs", params(RunsParams), responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/runs", params(RunsParams),
+    responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody))
+)]
 pub async fn list(State(s): State<AppState>, ApiQuery(p): ApiQuery<RunsParams>) -> Result<Json<Page<Run>>, ApiError> {
     Ok(Json(s.runs.list(page_limit(p.limit, 20, 100)?, p.cursor).await?))
 }
@@ -134,17 +137,26 @@ async fn queue(s: &AppState, name: &str, paused: Option<bool>) -> Result<Json<Qu
 
 /// Stops consuming one priority on every instance, until resumed (restarts included);
 /// queued events wait on the log, and the other priority goes on.
-#[utoipa::path(post, path = "/queues/{priority}/pause", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/queues/{priority}/pause",
+    responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
 pub async fn pause(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(true)).await
 }
 
-#[utoipa::path(post, path = "/queues/{priority}/resume", responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+#[utoipa::path(
+    post, path = "/queues/{priority}/resume",
+    responses((status = 200, body = QueueState), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody))
+)]
 pub async fn resume(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, Some(false)).await
 }
 
-#[utoipa::path(get, path = "/queues/{priority}", responses((status = 200, body = QueueState), (status = 404, body = ErrorBody)))]
+#[utoipa::path(
+    get, path = "/queues/{priority}",
+    responses((status = 200, body = QueueState), (status = 404, body = ErrorBody))
+)]
 pub async fn queue_state(State(s): State<AppState>, Path(name): Path<String>) -> Result<Json<QueueState>, ApiError> {
     queue(&s, &name, None).await
 }

@@ -182,7 +182,10 @@ pub struct DeliveryParams {
 }
 
 /// One record per webhook delivery: received, duplicate, ignored or rejected (with why).
-#[utoipa::path(get, path = "/webhooks/deliveries", params(DeliveryParams), responses((status = 200, body = Page<WebhookDelivery>)))]
+#[utoipa::path(
+    get, path = "/webhooks/deliveries", params(DeliveryParams),
+    responses((status = 200, body = Page<WebhookDelivery>))
+)]
 pub async fn deliveries(
     State(s): State<AppState>,
     ApiQuery(p): ApiQuery<DeliveryParams>,

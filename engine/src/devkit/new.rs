@@ -235,7 +235,7 @@ fn imports(bytes: &[u8]) -> anyhow::Result<Vec<String>> {
 
 const TARGET: &str = "wasm32-wasip2";
 
-#[path = "../../build/wasm_targets.rs"]
+#[path = "../../../core/build/wasm_targets.rs"]
 mod wasm_targets;
 
 /// `target/wasm32-wasip2/release/<crate>.wasm`, the crate named in the manifest.

@@ -443,7 +443,12 @@ impl Driver {
         });
         let run = self.record().await?;
         self.engine.changes().notify(phase_message(&run));
-        tracing::info!(run = %run.id, total_ms = ?run.total_ms, passed = run.verification.as_ref().is_some_and(|v| v.passed), "run done");
+        tracing::info!(
+            run = %run.id,
+            total_ms = ?run.total_ms,
+            passed = run.verification.as_ref().is_some_and(|v| v.passed),
+            "run done"
+        );
         Ok(())
     }
 

@@ -251,8 +251,17 @@ mod fuzz {
 
         /// JSON-shaped bodies with hostile values never panic either.
         #[test]
-        fn hostile_json_never_panics(id in any::<i64>(), price in ".{0,24}", updated in ".{0,40}", currency in "[A-Za-z]{0,4}", tags in ".{0,30}") {
-            let body = serde_json::json!({"id": id, "total_price": price, "updated_at": updated, "currency": currency, "email": "x@y", "customer": {"tags": tags}});
+        fn hostile_json_never_panics(
+            id in any::<i64>(),
+            price in ".{0,24}",
+            updated in ".{0,40}",
+            currency in "[A-Za-z]{0,4}",
+            tags in ".{0,30}"
+        ) {
+            let body = serde_json::json!({
+                "id": id, "total_price": price, "updated_at": updated, "currency": currency, "email": "x@y",
+                "customer": {"tags": tags}
+            });
             let _ = to_event(EventKind::Created, body.to_string().as_bytes(), "fuzz");
             let _ = parse_money(&price, &currency);
         }

@@ -118,7 +118,11 @@ async fn load(client: &reqwest::Client, args: &WebhookSendArgs, n: u64) -> anyho
     bar.finish();
     let report = json!({
         "deliveries": n, "offered_per_s": args.rate, "accepted": accepted, "accepted_per_s": accepted as f64 / elapsed,
-        "time_to_200_ms": { "p50": latencies.value_at_quantile(0.5) as f64 / 1e3, "p99": latencies.value_at_quantile(0.99) as f64 / 1e3, "max": latencies.max() as f64 / 1e3 },
+        "time_to_200_ms": {
+            "p50": latencies.value_at_quantile(0.5) as f64 / 1e3,
+            "p99": latencies.value_at_quantile(0.99) as f64 / 1e3,
+            "max": latencies.max() as f64 / 1e3
+        },
         "other_answers": other,
     });
     let text = serde_json::to_string_pretty(&report)?;
@@ -137,7 +141,8 @@ pub async fn run(args: WebhookSendArgs) -> anyhow::Result<()> {
     let Some(n) = args.chaos else {
         let body = serde_json::to_vec(&payload(&args.topic, args.order_id, None)?)?;
         let webhook_id = uuid::Uuid::new_v4().to_string();
-        println!("{} {} → {}", args.topic, webhook_id, deliver(&client, &args, &args.topic, &webhook_id, &body).await);
+        let answer = deliver(&client, &args, &args.topic, &webhook_id, &body).await;
+        println!("{} {} → {}", args.topic, webhook_id, answer);
         return Ok(());
     };
     // N deliveries: N/2 unique updates, each delivered twice, all at once.

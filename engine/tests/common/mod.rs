@@ -254,7 +254,12 @@ pub fn created(order_id: &str, event_id: &str, tier: &str, total_cents: i64) -> 
         "kind": "created",
         "source": "test",
         "occurred_at": "2026-11-21T10:00:00Z",
-        "payload": {"customer": format!("{order_id}@example.com"), "tier": tier, "total_cents": total_cents, "currency": "USD"}
+        "payload": {
+            "customer": format!("{order_id}@example.com"),
+            "tier": tier,
+            "total_cents": total_cents,
+            "currency": "USD"
+        }
     })
 }
 
@@ -318,7 +323,8 @@ pub fn service(var: &str) -> Option<String> {
         Ok(v) if !v.is_empty() => Some(v),
         _ if std::env::var("CI").as_deref() == Ok("true") => {
             panic!(
-                "{var} is not set: CI runs integration tests against real services (start them with compose/local-services.sh)"
+                "{var} is not set: CI runs integration tests against real services \
+                 (start them with compose/local-services.sh)"
             )
         }
         _ => {

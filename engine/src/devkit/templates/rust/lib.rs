@@ -28,7 +28,8 @@ impl OrderRules for Rules {
             }
             Some(order) => order.fields,
             None => {
-                let (Some(customer), Some(tier), Some(total)) = (change.customer.clone(), change.tier, change.total_cents)
+                let (Some(customer), Some(tier), Some(total)) =
+                    (change.customer.clone(), change.tier, change.total_cents)
                 else {
                     return Decision::Reject("a new order needs a customer, a tier and a total".into());
                 };

@@ -38,7 +38,7 @@ impl Appender {
         std::thread::Builder::new()
             .name("kafka-append".into())
             .spawn(move || run(config, producer_config, rx))
-            .map_err(|e| LogError::Backend(format!("starting the append thread: {e}")))?;
+            .map_err(|e| LogError::Unavailable(format!("starting the append thread: {e}").into()))?;
         Ok(Self { queue })
     }
 
@@ -53,6 +53,11 @@ impl Appender {
 
 fn run(config: KafkaConfig, producer_config: ClientConfig, mut rx: mpsc::Receiver<Request>) {
     let mut txn = Transactions { config, producer_config, producer: None };
+    // At once, not at the first append: registering the transactional id fences this
+    // instance's earlier self and aborts the transaction a crash left open.
+    if let Err(f) = txn.ensure_producer() {
+        tracing::warn!(error = %f.error, "kafka appends: no transactional producer yet; trying at the first append");
+    }
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         let mut records = group[0].records.len();
@@ -79,8 +84,10 @@ fn run(config: KafkaConfig, producer_config: ClientConfig, mut rx: mpsc::Receive
             // Kafka is away: everyone gets the same answer now, not one timeout each.
             Err(f) => {
                 let reason = f.error.to_string();
+                let outage = f.error.is_transient();
                 for r in group {
-                    let _ = r.done.send(Err(LogError::Backend(reason.clone())));
+                    let e = reason.clone().into();
+                    let _ = r.done.send(Err(if outage { LogError::Unavailable(e) } else { LogError::Backend(e) }));
                 }
             }
         }
@@ -103,13 +110,19 @@ struct Failure {
 }
 
 impl Transactions {
-    fn commit(&mut self, records: &[&Record]) -> Result<(), Failure> {
+    /// Makes the producer (registering its transactional id) if there is none.
+    fn ensure_producer(&mut self) -> Result<(), Failure> {
         let away = |e| Failure { error: txn_error(e), refused: false };
         if self.producer.is_none() {
             let producer: BaseProducer = self.producer_config.create().map_err(away)?;
             producer.init_transactions(COMMIT_TIMEOUT).map_err(away)?;
             self.producer = Some(producer);
         }
+        Ok(())
+    }
+
+    fn commit(&mut self, records: &[&Record]) -> Result<(), Failure> {
+        self.ensure_producer()?;
         let producer = self.producer.as_ref().expect("made above");
         let result = transact(producer, &self.config, records);
         if let Err(e) = &result {
@@ -149,5 +162,5 @@ fn transact(producer: &BaseProducer, config: &KafkaConfig, records: &[&Record]) 
 }
 
 fn txn_error(e: KafkaError) -> LogError {
-    LogError::Backend(format!("kafka transaction: {e}"))
+    super::kafka::backend_while("kafka transaction", e)
 }

@@ -16,7 +16,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::{Apply, Channel, Cluster};
 use crate::failure::{Failure, FailureKind, Stage};
 use crate::log::LogError;
-use crate::log::kafka::{KafkaConfig, PLUGIN_RECORD_MAX, backend, producer_config};
+use crate::log::kafka::{KafkaConfig, PLUGIN_RECORD_MAX, backend, backend_while, producer_config};
 
 /// How long a kept channel may take to catch up at start.
 const CATCH_UP: Duration = Duration::from_secs(30);
@@ -28,7 +28,7 @@ pub struct KafkaCluster {
     pending: Mutex<Vec<DeliveryFuture>>,
     /// A record that could not even be queued for a reason that may pass: the next
     /// `flush` fails, so the batch is not committed and comes again.
-    failed: Mutex<Option<String>>,
+    failed: Mutex<Option<LogError>>,
 }
 
 impl KafkaCluster {
@@ -77,7 +77,7 @@ impl KafkaCluster {
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect();
         if partitions.is_empty() {
-            return Err(LogError::Backend(format!("the changelog topic {topic} has no partitions")));
+            return Err(LogError::Backend(format!("the changelog topic {topic} has no partitions").into()));
         }
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
@@ -101,7 +101,7 @@ impl KafkaCluster {
         let mut quiet = 0;
         while quiet < 5 {
             if Instant::now() > deadline {
-                return Err(LogError::Backend(format!("the {name} topic did not catch up in {CATCH_UP:?}")));
+                return Err(LogError::Unavailable(format!("the {name} topic did not catch up in {CATCH_UP:?}").into()));
             }
             match consumer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
@@ -128,7 +128,7 @@ fn spawn_follower(consumer: BaseConsumer, name: &'static str, mut apply: Apply) 
                 }
             }
         })
-        .map_err(backend)?;
+        .map_err(|e| LogError::Unavailable(e.into()))?;
     Ok(())
 }
 
@@ -164,7 +164,7 @@ impl Cluster for KafkaCluster {
                     return;
                 }
                 Err((e, _)) => {
-                    let why = format!("queueing a record for {topic}: {e}");
+                    let why = backend_while(format!("queueing a record for {topic}"), e);
                     *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
                     return;
                 }
@@ -183,11 +183,11 @@ impl Cluster for KafkaCluster {
                     let key = record.key().map(String::from_utf8_lossy).unwrap_or_default();
                     unpublishable(&e, record.topic(), &key);
                 }
-                Ok(Err((e, _))) => failure = failure.or(Some(e.to_string())),
-                Err(_) => failure = failure.or(Some("the producer dropped a record".into())),
+                Ok(Err((e, _))) => failure = failure.or(Some(backend(e))),
+                Err(_) => failure = failure.or(Some(LogError::Unavailable("the producer dropped a record".into()))),
             }
         }
-        failure.map_or(Ok(()), |why| Err(LogError::Backend(why)))
+        failure.map_or(Ok(()), Err)
     }
 
     async fn send_now(&self, channel: Channel, key: &str, payload: &[u8]) -> Result<(), LogError> {

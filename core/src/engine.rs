@@ -16,7 +16,7 @@ use crate::cluster::kafka::KafkaCluster;
 use crate::cluster::{Channel, Cluster, Control, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
-use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, Stats};
+use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, RetryCause, Stats};
 use crate::plugin::host::{Limits, Runtime};
 use crate::plugin::registry::Registry;
 use crate::plugin::replication::Replication;
@@ -236,6 +236,25 @@ fn make_private(dir: &Path) -> std::io::Result<()> {
 /// How often the engine prunes what webhooks leave behind.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
+/// This instance's name, kept in its data dir so that it outlives restarts (the Kafka
+/// appender's transactional id is made from it). Two live instances never share a data dir.
+fn instance_name(data_dir: &Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let path = data_dir.join("instance-id");
+    match std::fs::read_to_string(&path) {
+        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let name = uuid::Uuid::now_v7().to_string();
+    let written = path.with_extension("new");
+    std::fs::write(&written, &name)
+        .and_then(|()| std::fs::rename(&written, &path))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(name)
+}
+
 impl Engine {
     /// Opens the backend's log and store, with plugin deployments in
     /// `data_dir/plugins.sqlite` (on every backend), ready to [`start`](Self::start).
@@ -286,7 +305,12 @@ impl Engine {
                 Ok(engine)
             }
             Backend::Distributed { kafka, cql } => {
-                let log = crate::log::kafka::KafkaLog::open(kafka.clone()).await?;
+                // An instance that keeps a data dir has a name that outlives its restarts;
+                // one that keeps none (the bridge) is new at every start.
+                let log = match config.plugins {
+                    Some(_) => crate::log::kafka::KafkaLog::open_as(kafka.clone(), &instance_name(data_dir)?).await?,
+                    None => crate::log::kafka::KafkaLog::open(kafka.clone()).await?,
+                };
                 let cluster: Arc<dyn Cluster> = Arc::new(KafkaCluster::open(kafka)?);
                 let cql = Arc::new(crate::store::cql::CqlStore::open(cql).await?);
                 log.set_route_book(cql.clone());
@@ -725,7 +749,11 @@ impl Engine {
             Ok(Err(e)) => Some(format!("the store failed a read: {e}")),
             Err(_) => Some("the store did not answer a read in 2 s".to_string()),
         };
-        let problems: Vec<String> = self.log.problem().into_iter().chain(store).collect();
+        // An outage shows in the probes above; a fault only here.
+        let stuck = self.stats.stall().filter(|s| s.cause == RetryCause::Fault).map(|s| {
+            format!("the pipeline cannot process {} events ({} attempts): {}", s.priority.as_str(), s.attempts, s.error)
+        });
+        let problems: Vec<String> = self.log.problem().into_iter().chain(store).chain(stuck).collect();
         if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
     }
 

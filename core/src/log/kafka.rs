@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, Timestamp};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
@@ -41,6 +41,11 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// The transactional id of `instance`'s appends.
+    pub fn transactional_id(&self, instance: &str) -> String {
+        format!("{}.append.{instance}", self.group)
+    }
+
     /// Names the six topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq`, `.plugins` and
     /// `.control`.
     pub fn with_topic_prefix(self, prefix: &str) -> Self {
@@ -77,8 +82,64 @@ fn only_loopback(brokers: &str) -> bool {
     })
 }
 
-pub(crate) fn backend(e: impl std::fmt::Display) -> LogError {
-    LogError::Backend(e.to_string())
+/// Kafka's error as a [`LogError`]: an outage when the cluster was away, slow or moving
+/// leaders (a retry may pass), else a refusal.
+pub(crate) fn backend(e: KafkaError) -> LogError {
+    if is_outage(&e) { LogError::Unavailable(e.into()) } else { LogError::Backend(e.into()) }
+}
+
+/// Kafka's error with what was being done, classified as [`backend`] does.
+pub(crate) fn backend_while(doing: impl Into<String>, e: KafkaError) -> LogError {
+    let outage = is_outage(&e);
+    let e = Box::new(KafkaFailed { doing: doing.into(), source: e });
+    if outage { LogError::Unavailable(e) } else { LogError::Backend(e) }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {source}")]
+pub(crate) struct KafkaFailed {
+    doing: String,
+    #[source]
+    source: KafkaError,
+}
+
+fn is_outage(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(t) => t.is_retriable(),
+        other => other.rdkafka_error_code().is_some_and(code_is_outage),
+    }
+}
+
+/// The codes of a cluster that is away or busy, not of a request it will never take.
+fn code_is_outage(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode::*;
+    matches!(
+        code,
+        BrokerTransportFailure
+            | Resolve
+            | MessageTimedOut
+            | AllBrokersDown
+            | OperationTimedOut
+            | QueueFull
+            | TimedOutQueue
+            | LeaderNotAvailable
+            | NotLeaderForPartition
+            | RequestTimedOut
+            | NetworkException
+            | CoordinatorLoadInProgress
+            | CoordinatorNotAvailable
+            | NotCoordinator
+            | NotEnoughReplicas
+            | NotEnoughReplicasAfterAppend
+            | RebalanceInProgress
+            | KafkaStorageError
+    )
+}
+
+/// A refused or failed admin step on one topic, classified by its code.
+fn admin_error(what: String, code: RDKafkaErrorCode) -> LogError {
+    let e = format!("{what}: {code}").into();
+    if code_is_outage(code) { LogError::Unavailable(e) } else { LogError::Backend(e) }
 }
 
 /// The producer settings the order log and the cluster channels share.
@@ -125,8 +186,17 @@ impl KafkaLog {
         let _ = self.routes.set(book);
     }
 
-    /// Connects, creates the topics if missing, and starts the lag monitor.
+    /// [`KafkaLog::open_as`] a new instance, known to no one (tests and tools).
     pub async fn open(config: KafkaConfig) -> Result<Arc<Self>, LogError> {
+        Self::open_as(config, &uuid::Uuid::now_v7().to_string()).await
+    }
+
+    /// Connects, creates the topics if missing, and starts the lag monitor, as
+    /// `instance`: a name that stays the same across the instance's restarts. Appends go
+    /// in transactions under an id made from it, so the restarted instance fences its
+    /// earlier self at start, and the broker aborts a transaction a crash left open at
+    /// once, instead of holding its partitions' readers back until it times out.
+    pub async fn open_as(config: KafkaConfig, instance: &str) -> Result<Arc<Self>, LogError> {
         if config.replication < 3 && !only_loopback(&config.brokers) {
             tracing::warn!(
                 replication = config.replication,
@@ -159,20 +229,20 @@ impl KafkaLog {
             .request_timeout(Some(Duration::from_secs(15)));
         let created = tokio::time::timeout(Duration::from_secs(30), admin.create_topics(&topics, &opts))
             .await
-            .map_err(|_| LogError::Backend(format!("Kafka at {} did not answer in 30 s", config.brokers)))?;
+            .map_err(|_| LogError::Unavailable(format!("Kafka at {} did not answer in 30 s", config.brokers).into()))?;
         for result in created.map_err(backend)? {
             match result {
                 Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                Err((topic, code)) => return Err(LogError::Backend(format!("creating topic {topic}: {code}"))),
+                Err((topic, code)) => return Err(admin_error(format!("creating topic {topic}"), code)),
             }
         }
         // Order events go in transactions, so a request is on the log whole or not at
-        // all. The id is this process's own: nothing else writes under it.
+        // all. The id is this instance's own: nothing else writes under it.
         let mut appends = producer_config(&config);
         appends
-            .set("transactional.id", format!("{}.append.{}", config.group, uuid::Uuid::now_v7()))
-            // A crashed instance's open transaction holds its partitions' readers back
-            // until the broker aborts it: at most this long.
+            .set("transactional.id", config.transactional_id(instance))
+            // An instance that crashed and does not come back holds its partitions'
+            // readers back until the broker aborts its open transaction: at most this long.
             .set("transaction.timeout.ms", "15000");
         let appender = Appender::start(config.clone(), appends)?;
         let log = Arc::new(Self {
@@ -225,7 +295,8 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
                 match (result, failing_since) {
                     (Ok(()), _) => failing_since = None,
                     (Err(e), None) => {
-                        tracing::warn!(error = %e, "the Kafka offset check failed; health says degraded until it answers");
+                        let why = "the Kafka offset check failed; health says degraded until it answers";
+                        tracing::warn!(error = %e, "{why}");
                         failing_since = Some(Instant::now());
                     }
                     (Err(e), Some(since)) if since.elapsed() >= REBUILD_AFTER => {
@@ -242,7 +313,7 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
                 std::thread::sleep(Duration::from_millis(200));
             }
         })
-        .map_err(backend)?;
+        .map_err(|e| LogError::Unavailable(e.into()))?;
     Ok(())
 }
 
@@ -348,16 +419,16 @@ impl OrderLog for KafkaLog {
             Ok(upto)
         })
         .await
-        .map_err(backend)??;
+        .map_err(|e| LogError::Backend(e.into()))??;
         let opts = AdminOptions::new().operation_timeout(Some(timeout)).request_timeout(Some(timeout));
         let deleted = tokio::time::timeout(Duration::from_secs(30), admin.delete_records(&upto, &opts))
             .await
-            .map_err(|_| LogError::Backend("Kafka did not delete the records in 30 s".into()))?
+            .map_err(|_| LogError::Unavailable("Kafka did not delete the records in 30 s".into()))?
             .map_err(backend)?;
         let mut starts = HashMap::new();
         for e in deleted.elements() {
             if let Err(err) = e.error() {
-                return Err(LogError::Backend(format!("deleting {}[{}]: {err}", e.topic(), e.partition())));
+                return Err(backend_while(format!("deleting {}[{}]", e.topic(), e.partition()), err));
             }
             if let (Some(p), Offset::Offset(start)) = (self.config.priority_of(e.topic()), e.offset()) {
                 starts.insert((p, e.partition()), start);
@@ -397,6 +468,8 @@ struct BufferState {
     last_handed: HashMap<(Priority, i32), i64>,
     /// What this member committed last, per partition.
     committed: HashMap<(Priority, i32), i64>,
+    /// Commits the broker failed, tried again until one passes.
+    retries: CommitRetries,
     /// Where a reset left each partition: records before it are never handed out.
     cleared_starts: HashMap<(Priority, i32), i64>,
     normal_paused: bool,
@@ -404,6 +477,48 @@ struct BufferState {
     vip_paused: bool,
     /// Set by a rebalance: the pause must be applied again to the new assignment.
     reapply_pause: bool,
+}
+
+/// Offset commits are asynchronous: the broker's answer comes later, through the
+/// consumer's callback. A failed one must be sent again, or the group's committed offset
+/// (and so its lag, which holds NORMAL back while VIP has some) stays behind for good
+/// when no new record comes to commit. Kept per partition, the highest offset failed.
+#[derive(Default)]
+struct CommitRetries {
+    failed: HashMap<(Priority, i32), i64>,
+    next_try: Option<Instant>,
+}
+
+/// How often failed commits are sent again.
+const COMMIT_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+impl CommitRetries {
+    /// The broker's answer to a commit of `offset` on partition `k`.
+    fn answered(&mut self, k: (Priority, i32), offset: i64, ok: bool, now: Instant) {
+        if ok {
+            if self.failed.get(&k).is_some_and(|f| *f <= offset) {
+                self.failed.remove(&k);
+            }
+        } else {
+            let f = self.failed.entry(k).or_insert(offset);
+            *f = (*f).max(offset);
+            self.next_try.get_or_insert(now + COMMIT_RETRY_EVERY);
+        }
+    }
+
+    /// The partitions to commit again now, if a retry is due.
+    fn due(&mut self, now: Instant) -> Vec<(Priority, i32)> {
+        if self.failed.is_empty() || self.next_try.is_some_and(|t| now < t) {
+            return Vec::new();
+        }
+        self.next_try = Some(now + COMMIT_RETRY_EVERY);
+        self.failed.keys().copied().collect()
+    }
+
+    /// A revoked partition's commits are its new owner's.
+    fn forget(&mut self, k: (Priority, i32)) {
+        self.failed.remove(&k);
+    }
 }
 
 struct GroupContext {
@@ -424,6 +539,7 @@ impl ConsumerContext for GroupContext {
                     s.handed.remove(&(p, e.partition()));
                     s.last_handed.remove(&(p, e.partition()));
                     s.committed.remove(&(p, e.partition()));
+                    s.retries.forget((p, e.partition()));
                 }
             }
         }
@@ -431,6 +547,19 @@ impl ConsumerContext for GroupContext {
 
     fn post_rebalance(&self, _: &BaseConsumer<Self>, _: &Rebalance<'_>) {
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).reapply_pause = true;
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "a Kafka offset commit failed; it is sent again");
+        }
+        let now = Instant::now();
+        let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        for e in offsets.elements() {
+            if let (Some(p), Offset::Offset(offset)) = (self.config.priority_of(e.topic()), e.offset()) {
+                s.retries.answered((p, e.partition()), offset, result.is_ok() && e.error().is_ok(), now);
+            }
+        }
     }
 }
 
@@ -591,6 +720,27 @@ impl KafkaConsumer {
         }
     }
 
+    /// Sends again, with what this member committed last, the commits the broker failed.
+    fn retry_failed_commits(&self) {
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+            for k in s.retries.due(Instant::now()) {
+                let Some(offset) = s.committed.get(&k).copied() else {
+                    s.retries.forget(k);
+                    continue;
+                };
+                if tpl.add_partition_offset(self.config.topic(k.0), k.1, Offset::Offset(offset)).is_err() {
+                    return;
+                }
+            }
+        }
+        if tpl.count() > 0 {
+            // Its answer comes through the callback again.
+            let _ = self.consumer.commit(&tpl, CommitMode::Async);
+        }
+    }
+
     fn apply_pause(&self) {
         let mut s = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let vip_waiting = !s.vip_paused
@@ -637,6 +787,7 @@ impl LogConsumer for KafkaConsumer {
             // pipeline keeps polling VIP while the group's VIP lag is not zero).
             drop(s);
             self.commit_past_markers();
+            self.retry_failed_commits();
             return Ok(Vec::new());
         }
         let out: Vec<Delivery> = s.queued[p].drain(..n).collect();
@@ -704,12 +855,34 @@ impl LogConsumer for KafkaConsumer {
         // The pipeline has a thread of its own, so blocking here stalls nothing else.
         self.pump(timeout);
         self.commit_past_markers();
+        self.retry_failed_commits();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::only_loopback;
+    use super::*;
+
+    #[test]
+    fn a_failed_commit_is_sent_again_until_one_passes() {
+        let (mut r, t0, k) = (CommitRetries::default(), Instant::now(), (Priority::Vip, 0));
+        r.answered(k, 10, true, t0);
+        assert!(r.due(t0 + COMMIT_RETRY_EVERY).is_empty(), "nothing failed");
+        r.answered(k, 12, false, t0);
+        assert!(r.due(t0).is_empty(), "not before its time");
+        assert_eq!(r.due(t0 + COMMIT_RETRY_EVERY), [k]);
+        assert!(r.due(t0 + COMMIT_RETRY_EVERY).is_empty(), "once a period");
+        assert_eq!(r.due(t0 + 2 * COMMIT_RETRY_EVERY), [k], "and again while it fails");
+        // An older offset passing leaves the failed one owed; a commit at or past it settles it.
+        r.answered(k, 11, true, t0);
+        assert_eq!(r.due(t0 + 3 * COMMIT_RETRY_EVERY), [k]);
+        r.answered(k, 14, true, t0);
+        assert!(r.due(t0 + 4 * COMMIT_RETRY_EVERY).is_empty());
+        // A revoked partition is its new owner's to commit.
+        r.answered(k, 20, false, t0);
+        r.forget(k);
+        assert!(r.due(t0 + 5 * COMMIT_RETRY_EVERY).is_empty());
+    }
 
     #[test]
     fn only_brokers_on_this_machine_count_as_local() {

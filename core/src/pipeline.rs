@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
@@ -68,6 +69,8 @@ pub struct Stats {
     pub cases_lost: AtomicU64,
     /// Pipeline steps (poll, process, commit) begun and ended.
     pub steps: Steps,
+    /// The step being retried, while one is (the next step that passes clears it).
+    pub stall: std::sync::Mutex<Option<Stall>>,
     /// Append-to-applied latency in µs.
     pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -79,11 +82,90 @@ impl Stats {
         self.steps.boundary(timeout).await
     }
 
+    /// Notes a failed step (one more attempt, if the same priority failed before).
+    fn stalled(&self, cause: RetryCause, priority: Priority, e: &anyhow::Error) {
+        let mut stall = self.stall.lock().unwrap_or_else(|p| p.into_inner());
+        let attempts = stall.as_ref().filter(|s| s.priority == priority).map_or(0, |s| s.attempts) + 1;
+        *stall = Some(Stall { cause, priority, error: format!("{e:#}"), attempts });
+    }
+
+    /// The step being retried, if one is.
+    pub fn stall(&self) -> Option<Stall> {
+        self.stall.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub fn new() -> Self {
         Self {
             latency_us: std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
             ..Default::default()
         }
+    }
+}
+
+/// Why the pipeline retries a step, told by the error's type ([`crate::error::is_outage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    /// The log or the store is away or slow: waited out briskly.
+    Outage,
+    /// Anything else (a refused statement, corrupt data, a bug): it will not pass by
+    /// waiting, so it is tried less often and shown on `/health` until it passes.
+    Fault,
+}
+
+impl RetryCause {
+    fn of(e: &anyhow::Error) -> Self {
+        if crate::error::is_outage(e.as_ref()) { RetryCause::Outage } else { RetryCause::Fault }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCause::Outage => "outage",
+            RetryCause::Fault => "fault",
+        }
+    }
+
+    fn max_backoff(self) -> Duration {
+        match self {
+            RetryCause::Outage => Duration::from_secs(5),
+            RetryCause::Fault => Duration::from_secs(30),
+        }
+    }
+}
+
+/// A step the pipeline keeps retrying: nothing of it was committed, so its records come
+/// again, in order, once it passes.
+#[derive(Debug, Clone)]
+pub struct Stall {
+    pub cause: RetryCause,
+    pub priority: Priority,
+    /// The error with its sources.
+    pub error: String,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+}
+
+/// One failed step: its log line and its count by cause, emitted together.
+struct StepFailed<'a> {
+    cause: RetryCause,
+    priority: Priority,
+    error: &'a anyhow::Error,
+    retry_in: Duration,
+}
+
+impl StepFailed<'_> {
+    fn emit(&self) {
+        let (priority, retry_in_ms) = (self.priority.label(), self.retry_in.as_millis() as u64);
+        match self.cause {
+            RetryCause::Outage => {
+                let error = format!("{:#}", self.error);
+                tracing::warn!(error, priority, retry_in_ms, "pipeline step failed: outage")
+            }
+            RetryCause::Fault => {
+                let error = format!("{:#}", self.error);
+                tracing::error!(error, priority, retry_in_ms, "pipeline step failed: fault")
+            }
+        }
+        metrics::counter!(crate::telemetry::PIPELINE_RETRIES, "cause" => self.cause.as_str()).increment(1);
     }
 }
 
@@ -322,14 +404,21 @@ impl Pipeline {
             };
             vip_streak = if priority == Priority::Vip && normal { vip_streak + 1 } else { 0 };
             match self.step(&mut *consumer, priority, preemptible).await {
-                Ok(()) => backoff = Duration::from_millis(50),
+                Ok(()) => {
+                    backoff = Duration::from_millis(50);
+                    *self.stats.stall.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                }
                 Err(e) => {
-                    // The store or log is unavailable: nothing was committed, so the
-                    // same records come again once it recovers.
-                    tracing::warn!(error = %e, ?priority, "pipeline step failed; retrying");
+                    // Nothing was committed, so the same records come again.
+                    let cause = RetryCause::of(&e);
+                    StepFailed { cause, priority, error: &e, retry_in: backoff }.emit();
+                    self.stats.stalled(cause, priority, &e);
                     consumer.rewind(priority);
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(cause.max_backoff());
                 }
             }
         }
@@ -352,7 +441,7 @@ impl Pipeline {
             |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
         let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
         if done > 0 {
-            self.changes.flush().await.map_err(|e| anyhow::anyhow!("relaying changes: {e}"))?;
+            self.changes.flush().await.context("relaying changes")?;
             consumer.commit(&deliveries[..done]).await?;
         }
         if done < deliveries.len() {
@@ -426,7 +515,7 @@ impl Pipeline {
             .collect();
         self.rounds(&items, &|| false).await?;
         // Their changes are relayed before they are let go: nothing redelivers them.
-        self.changes.flush().await.map_err(|e| anyhow::anyhow!("relaying changes: {e}"))?;
+        self.changes.flush().await.context("relaying changes")?;
         self.parking.unpark(&parked).await?;
         for p in &parked {
             self.metrics.released[p.priority].increment(1);
@@ -943,21 +1032,28 @@ mod tests {
     /// An operator's edit of one order: the row it makes from the stored one.
     type Edit = Box<dyn Fn(&Order) -> Order + Send + Sync>;
 
-    /// Lets an operator edit land between the pipeline's read and its write, once: in the
-    /// write of its order that comes after `skip` others.
-    struct Racing {
+    /// A memory store with two scripts: an operator edit that lands between the
+    /// pipeline's read and its write, once (in the write of its order that comes after
+    /// `skip` others); and an error every write fails with, while it is set.
+    #[derive(Default)]
+    struct Scripted {
         inner: MemoryStore,
         edit: std::sync::Mutex<Option<(usize, String, Edit)>>,
+        fail: std::sync::Mutex<Option<fn() -> StoreError>>,
     }
 
-    impl Racing {
-        fn new(skip: usize, order_id: &str, edit: Edit) -> Self {
-            Self { inner: MemoryStore::default(), edit: std::sync::Mutex::new(Some((skip, order_id.into(), edit))) }
+    impl Scripted {
+        fn racing(skip: usize, order_id: &str, edit: Edit) -> Self {
+            Self { edit: std::sync::Mutex::new(Some((skip, order_id.into(), edit))), ..Default::default() }
         }
 
         /// The edit, if it has not landed, for the caller to apply itself.
         fn take(&self) -> Option<Edit> {
             self.edit.lock().unwrap().take().map(|(_, _, e)| e)
+        }
+
+        fn fail_writes(&self, fail: Option<fn() -> StoreError>) {
+            *self.fail.lock().unwrap() = fail;
         }
     }
 
@@ -974,9 +1070,9 @@ mod tests {
     }
 
     #[async_trait]
-    impl Orders for Racing {
+    impl Orders for Scripted {
         fn backend(&self) -> &'static str {
-            "racing"
+            "scripted"
         }
         async fn get(&self, id: &str) -> Result<Option<Order>, StoreError> {
             self.inner.get(id).await
@@ -985,6 +1081,10 @@ mod tests {
             self.inner.get_many(ids).await
         }
         async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+            let fail = *self.fail.lock().unwrap();
+            if let Some(fail) = fail {
+                return Err(fail());
+            }
             let landing = {
                 let mut slot = self.edit.lock().unwrap();
                 let ours = slot.as_ref().is_some_and(|(_, order, _)| {
@@ -1067,7 +1167,7 @@ mod tests {
             let named = ordering::Named { note: true, ..Default::default() };
             ordering::edited(o, fields, named, ordering::edit_place(o))
         });
-        let store = Arc::new(Racing::new(0, "o1", edit));
+        let store = Arc::new(Scripted::racing(0, "o1", edit));
         let stats = Arc::new(Stats::new());
         let p = Pipeline::new(
             store.clone(),
@@ -1162,7 +1262,7 @@ mod tests {
                 Lands::Inside(n) => n,
                 Lands::After(_) => usize::MAX,
             };
-            let store = Arc::new(Racing::new(skip, "o1", edit()));
+            let store = Arc::new(Scripted::racing(skip, "o1", edit()));
             let p = Pipeline::new(
                 store.clone(),
                 Arc::new(MemoryStore::default()),
@@ -1336,5 +1436,50 @@ mod tests {
         let done = p.process(&deliveries, &|| calls.fetch_add(1, Ordering::SeqCst) >= 4).await.unwrap();
         assert_eq!(done, 4);
         assert_eq!(store.stats().await.unwrap().orders, 4);
+    }
+
+    async fn until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_step_is_retried_as_an_outage_or_a_fault_told_by_its_type() {
+        use crate::log::{OrderLog, Record, embedded::EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
+        let e = ada_created();
+        let payload = serde_json::to_vec(&e).unwrap();
+        log.append(vec![Record { priority: Priority::Normal, key: e.order_id.clone(), payload }]).await.unwrap();
+        let store = Arc::new(Scripted::default());
+        store.fail_writes(Some(|| StoreError::Backend("no such column: nope".into())));
+        let controls = Controls::default();
+        let stats = controls.stats.clone();
+        let parking: Arc<dyn Parking> = Arc::new(MemoryStore::default());
+        let changes = ChangeStream::new(16);
+        let p = Pipeline::new(store.clone(), parking, native::rulebook(), changes, controls, Default::default());
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(p.run(log.consumer().await.unwrap(), shutdown));
+
+        // A fault: retried, the attempts counted, shown for /health, nothing applied.
+        let retried = |cause| stats.stall().is_some_and(|s| s.cause == cause && s.attempts >= 2);
+        until("a fault is retried", || retried(RetryCause::Fault)).await;
+        let stall = stats.stall().unwrap();
+        assert_eq!(stall.priority, Priority::Normal);
+        assert!(stall.error.contains("no such column: nope"), "{}", stall.error);
+        assert!(store.inner.get("o1").await.unwrap().is_none());
+        // An outage is told by its type, whatever its words say.
+        store.fail_writes(Some(|| StoreError::Unavailable("a fault, this text says".into())));
+        until("the outage is seen", || stats.stall().is_some_and(|s| s.cause == RetryCause::Outage)).await;
+        // Healed: the event is applied once, in its turn, and the stall is gone.
+        store.fail_writes(None);
+        until("the stall clears", || stats.stall().is_none()).await;
+        let row = store.inner.get("o1").await.unwrap().expect("applied after the store healed");
+        assert_eq!((row.version, row.customer.as_str()), (1, "ada"));
+        stop.send(true).unwrap();
+        running.await.unwrap();
     }
 }

@@ -5,79 +5,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-/// Customer tier. DIAMOND customers are VIP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Tier {
-    Bronze,
-    Silver,
-    Gold,
-    Diamond,
-}
-
-impl Tier {
-    pub fn priority(self) -> Priority {
-        match self {
-            Tier::Diamond => Priority::Vip,
-            _ => Priority::Normal,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Bronze => "BRONZE",
-            Tier::Silver => "SILVER",
-            Tier::Gold => "GOLD",
-            Tier::Diamond => "DIAMOND",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "BRONZE" => Tier::Bronze,
-            "SILVER" => Tier::Silver,
-            "GOLD" => Tier::Gold,
-            "DIAMOND" => Tier::Diamond,
-            _ => return None,
-        })
-    }
-}
-
-/// Processing priority; the log is partitioned by it and VIP always goes first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Priority {
-    Vip,
-    Normal,
-}
-
-impl Priority {
-    /// In scheduling order: VIP first.
-    pub const ALL: [Priority; 2] = [Priority::Vip, Priority::Normal];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Vip => "VIP",
-            Priority::Normal => "NORMAL",
-        }
-    }
-
-    /// Lower-case label used in metrics and log partition names.
-    pub fn label(self) -> &'static str {
-        match self {
-            Priority::Vip => "vip",
-            Priority::Normal => "normal",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s.to_ascii_uppercase().as_str() {
-            "VIP" => Some(Priority::Vip),
-            "NORMAL" => Some(Priority::Normal),
-            _ => None,
-        }
-    }
-}
+// The row and its names are wire types the dashboard shares.
+pub use orchestrator_types::{ChangedAt, Order, OrderFields, Priority, Status, Tier};
 
 /// One `T` per priority, indexed by [`Priority`] (no casts to array positions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -117,179 +46,6 @@ impl<T> std::ops::IndexMut<Priority> for PerPriority<T> {
     fn index_mut(&mut self, p: Priority) -> &mut T {
         &mut self.0[p as usize]
     }
-}
-
-/// Order lifecycle status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum Status {
-    Pending,
-    Confirmed,
-    Processing,
-    Shipped,
-    Delivered,
-    Cancelled,
-}
-
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "PENDING",
-            Status::Confirmed => "CONFIRMED",
-            Status::Processing => "PROCESSING",
-            Status::Shipped => "SHIPPED",
-            Status::Delivered => "DELIVERED",
-            Status::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "PENDING" => Status::Pending,
-            "CONFIRMED" => Status::Confirmed,
-            "PROCESSING" => Status::Processing,
-            "SHIPPED" => Status::Shipped,
-            "DELIVERED" => Status::Delivered,
-            "CANCELLED" => Status::Cancelled,
-            _ => return None,
-        })
-    }
-}
-
-/// A stored order row.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
-pub struct Order {
-    pub id: String,
-    #[serde(default)]
-    pub shopify_order_id: Option<i64>,
-    pub customer: String,
-    pub tier: Tier,
-    /// Derived from `tier`: DIAMOND is VIP.
-    pub priority: Priority,
-    pub status: Status,
-    /// Order total in minor units (cents).
-    pub total_cents: i64,
-    /// Shipping fee in minor units (cents).
-    pub shipping_fee_cents: i64,
-    /// ISO 4217 currency code.
-    pub currency: String,
-    #[serde(default)]
-    pub note: String,
-    /// Starts at 1 and grows by exactly one per applied change.
-    pub version: u64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// When the source system (Shopify) last changed the order, as of the last change
-    /// applied from it. Deliveries not newer than this are stale.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_updated_at: Option<DateTime<Utc>>,
-    /// Which rule (and its version) produced this row.
-    pub decided_by: String,
-    /// Per field, the place of the change that last set it (see [`ChangedAt`]).
-    #[serde(default)]
-    pub changed_at: ChangedAt,
-}
-
-/// Per field, the place of the change that last set it: when the engine first accepted
-/// that change, in µs since the epoch. A change never overwrites a field that a
-/// later-placed change set, so a row depends only on its changes, never on the order in
-/// which they were applied (README, Semantics). Zero means "as the create set it".
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
-pub struct ChangedAt {
-    /// The place of the order's created event.
-    pub created: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub shopify_order_id: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub customer: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub tier: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub status: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub total_cents: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub shipping_fee_cents: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub currency: i64,
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub note: i64,
-}
-
-fn is_zero(v: &i64) -> bool {
-    *v == 0
-}
-
-impl ChangedAt {
-    /// The latest place of any field: an operator's edit goes after it.
-    pub fn latest(&self) -> i64 {
-        [
-            self.created,
-            self.shopify_order_id,
-            self.customer,
-            self.tier,
-            self.status,
-            self.total_cents,
-            self.shipping_fee_cents,
-            self.currency,
-            self.note,
-        ]
-        .into_iter()
-        .max()
-        .unwrap_or(0)
-    }
-
-    /// How the stores keep it: one JSON text column.
-    pub fn to_column(&self) -> String {
-        serde_json::to_string(self).expect("plain integers serialize")
-    }
-
-    /// A missing or unreadable column (a row of an earlier version) reads as all zero:
-    /// any change may set its fields.
-    pub fn from_column(text: Option<&str>) -> Self {
-        text.and_then(|t| serde_json::from_str(t).ok()).unwrap_or_default()
-    }
-}
-
-impl Order {
-    /// Sets the business fields. The priority stays: it is the order's from its creation.
-    pub fn set_fields(&mut self, f: OrderFields) {
-        self.shopify_order_id = f.shopify_order_id;
-        self.customer = f.customer;
-        self.tier = f.tier;
-        self.status = f.status;
-        self.total_cents = f.total_cents;
-        self.shipping_fee_cents = f.shipping_fee_cents;
-        self.currency = f.currency;
-        self.note = f.note;
-    }
-
-    /// The mutable business fields, for comparing two rows regardless of bookkeeping.
-    pub fn fields(&self) -> OrderFields {
-        OrderFields {
-            shopify_order_id: self.shopify_order_id,
-            customer: self.customer.clone(),
-            tier: self.tier,
-            status: self.status,
-            total_cents: self.total_cents,
-            shipping_fee_cents: self.shipping_fee_cents,
-            currency: self.currency.clone(),
-            note: self.note.clone(),
-        }
-    }
-}
-
-/// The business fields of an order, as rules decide them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OrderFields {
-    pub shopify_order_id: Option<i64>,
-    pub customer: String,
-    pub tier: Tier,
-    pub status: Status,
-    pub total_cents: i64,
-    pub shipping_fee_cents: i64,
-    pub currency: String,
-    pub note: String,
 }
 
 /// What kind of change an event describes.
@@ -563,8 +319,11 @@ mod tests {
         let err = OrderEvent::from_log(&serde_json::to_vec(&bad).unwrap()).unwrap_err();
         assert!(err.contains("teleported") || err.contains("trace_id"), "{err}");
         // A duplicate key is not forgiven: nothing unknown was dropped.
-        let twice = br#"{"event_id":"e1","event_id":"e2","order_id":"o1","kind":"updated","source":"api","occurred_at":"2026-12-01T10:00:00Z"}"#;
-        assert!(OrderEvent::from_log(twice).unwrap_err().contains("duplicate"));
+        let twice = concat!(
+            r#"{"event_id":"e1","event_id":"e2","order_id":"o1","kind":"updated","source":"api","#,
+            r#""occurred_at":"2026-12-01T10:00:00Z"}"#
+        );
+        assert!(OrderEvent::from_log(twice.as_bytes()).unwrap_err().contains("duplicate"));
         // A format this engine does not read is refused with what to do.
         let newer = serde_json::json!({"event_id": "e1", "order_id": "o1", "kind": "updated", "source": "api",
             "occurred_at": "2026-12-01T10:00:00Z", "format": 2});

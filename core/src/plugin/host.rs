@@ -183,7 +183,8 @@ impl Runtime {
                 .any(|p| name.starts_with(p));
             if !allowed || !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
                 return Err(PluginError::Invalid(format!(
-                    "the component imports `{name}`, which the host does not provide; a {} plugin may import only orchestrator:rules/host",
+                    "the component imports `{name}`, which the host does not provide; \
+                     a {} plugin may import only orchestrator:rules/host",
                     slot.name()
                 )));
             }

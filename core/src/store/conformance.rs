@@ -325,7 +325,10 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
         "first claim marks it replayed"
     );
     assert!(
-        matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::AlreadyReplayed(d) if d.replayed_at.is_some()),
+        matches!(
+            s.claim_replay(&e("7"), false).await.unwrap(),
+            ReplayClaim::AlreadyReplayed(d) if d.replayed_at.is_some()
+        ),
         "a dead letter is replayed once"
     );
     assert!(

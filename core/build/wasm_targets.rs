@@ -1,7 +1,7 @@
 //! Makes sure the wasm targets the build needs are installed, before a nested cargo
 //! fails on them: rustup installs a missing target itself when it is present (with
 //! `RUSTUP_AUTO_INSTALL=0` it will not do so on first use); otherwise one clear line
-//! says what to run. Shared by `build.rs` and the test that drives it with a stub rustup.
+//! says what to run. Shared by both build scripts, `plugin new`, and the test that drives it with a stub rustup.
 
 use std::path::PathBuf;
 use std::process::Command;

@@ -58,7 +58,7 @@ pub struct EmbeddedLog {
 }
 
 fn backend(e: rusqlite::Error) -> LogError {
-    LogError::Backend(e.to_string())
+    if crate::sqlite::is_transient(&e) { LogError::Unavailable(e.into()) } else { LogError::Backend(e.into()) }
 }
 
 impl EmbeddedLog {
@@ -66,9 +66,11 @@ impl EmbeddedLog {
         let conn = open(path).map_err(backend)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS records_vip (
-                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
+                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL,
+                 appended_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS records_normal (
-                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL, appended_at INTEGER NOT NULL);
+                 pos INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, payload BLOB NOT NULL,
+                 appended_at INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS offsets (partition TEXT PRIMARY KEY, committed INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS routes (
                  key TEXT PRIMARY KEY, priority TEXT NOT NULL, last_pos INTEGER NOT NULL) WITHOUT ROWID;
@@ -96,7 +98,7 @@ impl EmbeddedLog {
         std::thread::Builder::new()
             .name("log-writer".into())
             .spawn(move || writer_loop(conn, rx, writer_marks))
-            .map_err(|e| LogError::Backend(e.to_string()))?;
+            .map_err(|e| LogError::Unavailable(e.into()))?;
         Ok(Self { path: path.to_path_buf(), cmds, marks, consumer_taken: Mutex::new(false) })
     }
 }
@@ -255,7 +257,13 @@ fn group_commit(conn: &mut Connection, batch: Vec<Cmd>, marks: &Marks, pending: 
         tracing::warn!(error = %f, "group commit failed; appends refused, commits kept for a retry");
     }
     *marks.failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
-    let outcome = || result.as_ref().map(|_| ()).map_err(|e| LogError::Backend(e.to_string()));
+    // Every waiting append gets the same answer; the source is shared as its text.
+    let outcome = || {
+        result.as_ref().map(|_| ()).map_err(|e| {
+            let text = e.to_string().into();
+            if crate::sqlite::is_transient(e) { LogError::Unavailable(text) } else { LogError::Backend(text) }
+        })
+    };
     let mut routed = routed.into_iter();
     for cmd in batch {
         match cmd {
@@ -386,7 +394,7 @@ impl LogConsumer for EmbeddedConsumer {
             .collect()
         })
         .await
-        .map_err(|e| LogError::Backend(e.to_string()))?
+        .map_err(|e| LogError::Backend(e.into()))?
         .map_err(backend)?;
         if let Some(last) = rows.last() {
             self.position[p] = last.offset;

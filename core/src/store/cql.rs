@@ -1415,7 +1415,17 @@ impl crate::log::RouteBook for CqlStore {
 }
 
 /// A route that cannot be read or written fails the append: it is refused as a whole
-/// (503), and the producer retries.
-fn route_error<E: std::error::Error>(e: E) -> crate::log::LogError {
-    crate::log::LogError::Backend(format!("order routes (CQL): {e}"))
+/// (503), and the producer retries. Classified as the store's own errors are.
+fn route_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> crate::log::LogError {
+    use crate::log::LogError;
+    match backend(e) {
+        StoreError::Unavailable(e) => LogError::Unavailable(Box::new(RoutesFailed(e))),
+        StoreError::Backend(e) => LogError::Backend(Box::new(RoutesFailed(e))),
+        other => LogError::Backend(other.into()),
+    }
 }
+
+/// The store failed the order routes the log keeps in it.
+#[derive(Debug, thiserror::Error)]
+#[error("order routes (CQL): {0}")]
+struct RoutesFailed(#[source] crate::error::BoxError);

@@ -187,12 +187,7 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 
 /// SQLite's busy, locked, I/O and full-disk failures pass; anything else is permanent.
 fn backend(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::*;
-    let transient = matches!(
-        e.sqlite_error_code(),
-        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | OutOfMemory | CannotOpen)
-    );
-    if transient { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
+    if crate::sqlite::is_transient(&e) { StoreError::Unavailable(e.into()) } else { StoreError::Backend(e.into()) }
 }
 
 fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
@@ -900,13 +895,18 @@ impl Runs for EmbeddedStore {
             let (applied, other, first, last) = c
                 .query_row(
                     "SELECT coalesce(sum(outcome = 'applied'), 0), coalesce(sum(outcome != 'applied'), 0), \
-                     min(CASE WHEN outcome = 'applied' THEN recorded_at END), max(CASE WHEN outcome = 'applied' THEN recorded_at END) \
+                     min(CASE WHEN outcome = 'applied' THEN recorded_at END), \
+                     max(CASE WHEN outcome = 'applied' THEN recorded_at END) \
                      FROM history WHERE order_id >= ?1 AND order_id < ?2",
                     params![from, to],
-                    |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64, r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?)),
+                    |r| {
+                        let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
+                        Ok((count(0)?, count(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?))
+                    },
                 )
                 .map_err(backend)?;
-            Ok(Audit { orders, not_first_version, applied, other, first_applied: first.map(from_micros), last_applied: last.map(from_micros) })
+            let (first_applied, last_applied) = (first.map(from_micros), last.map(from_micros));
+            Ok(Audit { orders, not_first_version, applied, other, first_applied, last_applied })
         })
         .await
     }
@@ -915,10 +915,14 @@ impl Runs for EmbeddedStore {
         let (from, to) = (prefix.to_string(), prefix_end(prefix));
         self.write_tx(move |tx| {
             tx.execute(
-                "DELETE FROM history WHERE order_id IN (SELECT id FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3)",
+                "DELETE FROM history WHERE order_id IN \
+                 (SELECT id FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3)",
                 params![from, to, status.as_str()],
             )?;
-            let n = tx.execute("DELETE FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3", params![from, to, status.as_str()])?;
+            let n = tx.execute(
+                "DELETE FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3",
+                params![from, to, status.as_str()],
+            )?;
             Ok(n as u64)
         })
         .await

@@ -24,6 +24,16 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Whether a SQLite error may pass by waiting (busy, locked, an I/O failure, a full
+/// disk, no memory, a file it could not open), as opposed to a bad statement or row.
+pub fn is_transient(e: &rusqlite::Error) -> bool {
+    use rusqlite::ErrorCode::*;
+    matches!(
+        e.sqlite_error_code(),
+        Some(DatabaseBusy | DatabaseLocked | SystemIoFailure | DiskFull | OutOfMemory | CannotOpen)
+    )
+}
+
 /// Read connections handed out round-robin. WAL lets them read while a writer commits.
 pub struct ReadPool {
     conns: Vec<Mutex<Connection>>,

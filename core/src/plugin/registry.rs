@@ -246,7 +246,8 @@ impl Registry {
         let tx = db.transaction().map_err(repo)?;
         tx.execute(
             "INSERT INTO slots (slot, active, shadow, stack) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT(slot) DO UPDATE SET active = excluded.active, shadow = excluded.shadow, stack = excluded.stack",
+             ON CONFLICT(slot) DO UPDATE
+             SET active = excluded.active, shadow = excluded.shadow, stack = excluded.stack",
             params![slot.name(), active as i64, shadow.map(|v| v as i64), stack],
         )
         .map_err(repo)?;
@@ -587,7 +588,10 @@ impl Registry {
     fn versions(&self, slot: Slot) -> Result<Vec<VersionInfo>, PluginError> {
         let db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let mut stmt = db
-            .prepare("SELECT version, sha256, origin, length(bytes), created_at FROM versions WHERE slot = ?1 ORDER BY version")
+            .prepare(
+                "SELECT version, sha256, origin, length(bytes), created_at FROM versions \
+                 WHERE slot = ?1 ORDER BY version",
+            )
             .map_err(repo)?;
         stmt.query_map([slot.name()], |r| {
             let version = r.get::<_, i64>(0)? as u64;

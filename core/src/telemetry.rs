@@ -37,6 +37,7 @@ pub const CONNECTIONS_REFUSED: &str = "orchestrator_connections_refused_total";
 pub const WS_DROPPED: &str = "orchestrator_ws_dropped_total";
 pub const WHATIF_CASES: &str = "orchestrator_whatif_cases_total";
 pub const PLUGIN_MEMORY: &str = "orchestrator_plugin_memory_bytes";
+pub const PIPELINE_RETRIES: &str = "orchestrator_pipeline_retries_total";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -67,6 +68,7 @@ pub const ALL: &[&str] = &[
     WS_DROPPED,
     WHATIF_CASES,
     PLUGIN_MEMORY,
+    PIPELINE_RETRIES,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -143,7 +145,8 @@ fn describe() {
     describe_gauge!(HTTP_CONNECTIONS, "Open HTTP connections (WebSocket clients included).");
     describe_counter!(
         CONNECTIONS_REFUSED,
-        "Connections refused, by reason (cap: --max-connections; accept_failed: out of file descriptors; ws_cap: --max-ws-clients)."
+        "Connections refused, by reason (cap: --max-connections; accept_failed: out of file descriptors; \
+         ws_cap: --max-ws-clients)."
     );
     describe_counter!(
         WS_DROPPED,
@@ -151,16 +154,23 @@ fn describe() {
     );
     describe_gauge!(
         PLUGIN_MEMORY,
-        "Memory a loaded plugin version holds on this instance, by plugin, version and kind (code: compiled code; instances: the linear memory of its idle instances)."
+        "Memory a loaded plugin version holds on this instance, by plugin, version and kind \
+         (code: compiled code; instances: the linear memory of its idle instances)."
     );
     describe_counter!(
         WHATIF_CASES,
-        "Decided events kept for what-if runs, by outcome (recorded; dropped: the recorder was behind; failed: the store refused them)."
+        "Decided events kept for what-if runs, by outcome \
+         (recorded; dropped: the recorder was behind; failed: the store refused them)."
+    );
+    describe_counter!(
+        PIPELINE_RETRIES,
+        "Pipeline steps retried, by cause (outage: the log or store was away; fault: anything else, shown on /health)."
     );
     describe_gauge!(DEGRADED, "1 while the log or the store fails (GET /health answers 503), else 0.");
     describe_counter!(
         AUTH_REFUSED,
-        "Requests refused by the access policy, by reason (unauthenticated: no or unknown token; forbidden: role too low)."
+        "Requests refused by the access policy, by reason \
+         (unauthenticated: no or unknown token; forbidden: role too low)."
     );
 }
 
@@ -200,9 +210,12 @@ fn register_at_zero() {
     for outcome in ["recorded", "dropped", "failed"] {
         counter!(WHATIF_CASES, "outcome" => outcome).absolute(0);
     }
+    for cause in ["outage", "fault"] {
+        counter!(PIPELINE_RETRIES, "cause" => cause).absolute(0);
+    }
 }
 
-/// Counts an error; `error_type` and `stage` are short fixed words.
+/// The queue-depth gauge of one priority.
 pub fn queue_depth(p: Priority) -> Gauge {
     gauge!(QUEUE_DEPTH, "priority" => p.label())
 }

@@ -21,9 +21,9 @@ use utoipa::ToSchema;
 
 use crate::domain::{Order, OrderEvent, Priority, Status};
 pub use crate::failure::DeadLetter;
+pub use orchestrator_types::{Page, Sort};
 
-/// A backend's own error, kept as the source of a [`StoreError`].
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub use crate::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -149,21 +149,6 @@ pub enum ReplayClaim {
     NotFound,
 }
 
-/// Sort orders for listing. Each is paged by an opaque cursor.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, JsonSchema, ToSchema)]
-pub enum Sort {
-    /// Most recently updated first (the default).
-    #[default]
-    #[serde(rename = "-updated_at")]
-    UpdatedDesc,
-    #[serde(rename = "updated_at")]
-    UpdatedAsc,
-    #[serde(rename = "id")]
-    IdAsc,
-    #[serde(rename = "-id")]
-    IdDesc,
-}
-
 /// A page request for orders.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -174,12 +159,6 @@ pub struct ListQuery {
     /// Prefix of the order id or the customer.
     pub q: Option<String>,
     pub sort: Sort,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct Page<T> {
-    pub items: Vec<T>,
-    pub next_cursor: Option<String>,
 }
 
 /// One webhook delivery, as the bridge saw it.

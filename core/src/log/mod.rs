@@ -10,13 +10,27 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::domain::{PerPriority, Priority};
+use crate::error::BoxError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
+    /// The backend could not take or give records now (unreachable, timed out, busy):
+    /// the same call may succeed later, so callers retry with backoff.
+    #[error("log unavailable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The backend refused, and a retry will not change that (a record too large, a
+    /// topic without partitions, a second consumer of the embedded log).
     #[error("log backend: {0}")]
-    Backend(String),
+    Backend(#[source] BoxError),
     #[error("log is shut down")]
     Closed,
+}
+
+impl LogError {
+    /// Whether retrying the same call may succeed: an outage, not a refusal.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LogError::Unavailable(_))
+    }
 }
 
 /// One record to append: keyed by order id so an order keeps its order.
