@@ -185,6 +185,8 @@ pub struct Engine {
     /// Where decided events go for what-if runs, and its writer; set by `start`.
     recorder: Mutex<Option<(Recorder, tokio::task::JoinHandle<()>)>>,
     control_file: OnceLock<ControlFile>,
+    /// `instance-id`, locked for as long as this engine runs (see [`instance_name`]).
+    instance_lock: OnceLock<std::fs::File>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
     /// Appends share it; a reset takes it whole, so no append is half done when the log
@@ -237,22 +239,31 @@ fn make_private(dir: &Path) -> std::io::Result<()> {
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// This instance's name, kept in its data dir so that it outlives restarts (the Kafka
-/// appender's transactional id is made from it). Two live instances never share a data dir.
-fn instance_name(data_dir: &Path) -> anyhow::Result<String> {
-    use anyhow::Context as _;
+/// appender's transactional id is made from it), and the file that holds it, locked:
+/// two live instances with one data dir would fence each other's appends for ever, so
+/// the second refuses to start.
+fn instance_name(data_dir: &Path) -> anyhow::Result<(String, std::fs::File)> {
+    use std::io::{Read as _, Seek as _, Write as _};
     let path = data_dir.join("instance-id");
-    match std::fs::read_to_string(&path) {
-        Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    let failed = |e: std::io::Error| anyhow::anyhow!("{}: {e}", path.display());
+    let mut file =
+        std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(failed)?;
+    if let Err(e) = file.try_lock() {
+        anyhow::bail!(
+            "another engine runs with the data dir {} (it holds {}: {e}); give each instance its own --data-dir",
+            data_dir.display(),
+            path.display()
+        );
+    }
+    let mut name = String::new();
+    file.read_to_string(&mut name).map_err(failed)?;
+    let name = name.trim().to_string();
+    if !name.is_empty() {
+        return Ok((name, file));
     }
     let name = uuid::Uuid::now_v7().to_string();
-    let written = path.with_extension("new");
-    std::fs::write(&written, &name)
-        .and_then(|()| std::fs::rename(&written, &path))
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(name)
+    file.rewind().and_then(|()| file.write_all(name.as_bytes())).and_then(|()| file.sync_all()).map_err(failed)?;
+    Ok((name, file))
 }
 
 impl Engine {
@@ -307,9 +318,12 @@ impl Engine {
             Backend::Distributed { kafka, cql } => {
                 // An instance that keeps a data dir has a name that outlives its restarts;
                 // one that keeps none (the bridge) is new at every start.
-                let log = match config.plugins {
-                    Some(_) => crate::log::kafka::KafkaLog::open_as(kafka.clone(), &instance_name(data_dir)?).await?,
-                    None => crate::log::kafka::KafkaLog::open(kafka.clone()).await?,
+                let (log, instance_lock) = match config.plugins {
+                    Some(_) => {
+                        let (name, lock) = instance_name(data_dir)?;
+                        (crate::log::kafka::KafkaLog::open_as(kafka.clone(), &name).await?, Some(lock))
+                    }
+                    None => (crate::log::kafka::KafkaLog::open(kafka.clone()).await?, None),
                 };
                 let cluster: Arc<dyn Cluster> = Arc::new(KafkaCluster::open(kafka)?);
                 let cql = Arc::new(crate::store::cql::CqlStore::open(cql).await?);
@@ -343,6 +357,9 @@ impl Engine {
                 let follower = cluster.clone();
                 tokio::task::spawn_blocking(move || follower.follow(Channel::Control, apply)).await??;
                 let _ = engine.cluster.set(cluster);
+                if let Some(lock) = instance_lock {
+                    let _ = engine.instance_lock.set(lock);
+                }
                 if let Some(replication) = replication {
                     let _ = engine.replication.set(replication);
                 }
@@ -389,6 +406,7 @@ impl Engine {
             what_ifs: Arc::default(),
             recorder: Mutex::new(None),
             control_file: OnceLock::new(),
+            instance_lock: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
         })
@@ -750,7 +768,7 @@ impl Engine {
             Err(_) => Some("the store did not answer a read in 2 s".to_string()),
         };
         // An outage shows in the probes above; a fault only here.
-        let stuck = self.stats.stall().filter(|s| s.cause == RetryCause::Fault).map(|s| {
+        let stuck = self.stats.stalls().into_iter().filter(|s| s.cause == RetryCause::Fault).map(|s| {
             format!("the pipeline cannot process {} events ({} attempts): {}", s.priority.as_str(), s.attempts, s.error)
         });
         let problems: Vec<String> = self.log.problem().into_iter().chain(store).chain(stuck).collect();
@@ -907,5 +925,21 @@ impl Engine {
             Ok(done)
         });
         task.await.map_err(|e| PluginError::Runtime(format!("the plugin change stopped: {e}")))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::instance_name;
+
+    #[test]
+    fn an_instance_keeps_its_name_and_a_second_one_in_its_data_dir_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (name, held) = instance_name(dir.path()).unwrap();
+        let refused = instance_name(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains("give each instance its own --data-dir"), "{refused}");
+        drop(held);
+        let (again, _held) = instance_name(dir.path()).unwrap();
+        assert_eq!(again, name, "the name outlives a restart");
     }
 }

@@ -21,6 +21,22 @@ pub fn is_outage(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// `e` and its sources on one line, each cause said once: a port's error already names
+/// its source in its own words, which `{:#}` would say again.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        next = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,8 +69,9 @@ pub struct Stats {
     pub cases_lost: AtomicU64,
     /// Pipeline steps (poll, process, commit) begun and ended.
     pub steps: Steps,
-    /// The step being retried, while one is (the next step that passes clears it).
-    pub stall: std::sync::Mutex<Option<Stall>>,
+    /// Per priority, the step being retried, while one is (the next step of that
+    /// priority that gets work done clears it).
+    pub stall: std::sync::Mutex<PerPriority<Option<Stall>>>,
     /// Append-to-applied latency in µs.
     pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
@@ -82,16 +83,21 @@ impl Stats {
         self.steps.boundary(timeout).await
     }
 
-    /// Notes a failed step (one more attempt, if the same priority failed before).
+    /// Notes a failed step of `priority` (one more attempt, if it failed before).
     fn stalled(&self, cause: RetryCause, priority: Priority, e: &anyhow::Error) {
         let mut stall = self.stall.lock().unwrap_or_else(|p| p.into_inner());
-        let attempts = stall.as_ref().filter(|s| s.priority == priority).map_or(0, |s| s.attempts) + 1;
-        *stall = Some(Stall { cause, priority, error: format!("{e:#}"), attempts });
+        let attempts = stall[priority].as_ref().map_or(0, |s| s.attempts) + 1;
+        let error = crate::error::describe(e.as_ref());
+        stall[priority] = Some(Stall { cause, priority, error, attempts });
     }
 
-    /// The step being retried, if one is.
-    pub fn stall(&self) -> Option<Stall> {
-        self.stall.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    fn unstalled(&self, priority: Priority) {
+        self.stall.lock().unwrap_or_else(|p| p.into_inner())[priority] = None;
+    }
+
+    /// The steps being retried, VIP's first.
+    pub fn stalls(&self) -> Vec<Stall> {
+        self.stall.lock().unwrap_or_else(|p| p.into_inner()).iter().flatten().cloned().collect()
     }
 
     pub fn new() -> Self {
@@ -155,15 +161,10 @@ struct StepFailed<'a> {
 impl StepFailed<'_> {
     fn emit(&self) {
         let (priority, retry_in_ms) = (self.priority.label(), self.retry_in.as_millis() as u64);
+        let error = crate::error::describe(self.error.as_ref());
         match self.cause {
-            RetryCause::Outage => {
-                let error = format!("{:#}", self.error);
-                tracing::warn!(error, priority, retry_in_ms, "pipeline step failed: outage")
-            }
-            RetryCause::Fault => {
-                let error = format!("{:#}", self.error);
-                tracing::error!(error, priority, retry_in_ms, "pipeline step failed: fault")
-            }
+            RetryCause::Outage => tracing::warn!(error, priority, retry_in_ms, "pipeline step failed: outage"),
+            RetryCause::Fault => tracing::error!(error, priority, retry_in_ms, "pipeline step failed: fault"),
         }
         metrics::counter!(crate::telemetry::PIPELINE_RETRIES, "cause" => self.cause.as_str()).increment(1);
     }
@@ -374,7 +375,11 @@ impl Pipeline {
     /// Consumes until `shutdown` turns true; the batch in hand is finished and committed first.
     pub async fn run(self, mut consumer: Box<dyn LogConsumer>, mut shutdown: watch::Receiver<bool>) {
         let mut vip_streak = 0u32;
-        let mut backoff = Duration::from_millis(50);
+        // Per priority: a failed step's records wait out their backoff while the other
+        // priority's may run (NORMAL's never overtake VIP's, see below).
+        const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+        let mut backoff = PerPriority::from_fn(|_| FIRST_BACKOFF);
+        let mut retry_at: PerPriority<Option<Instant>> = PerPriority::default();
         let mut last_sweep: Option<Instant> = None;
         while !*shutdown.borrow() {
             if last_sweep.is_none_or(|t| t.elapsed() >= self.config.sweep_every) {
@@ -387,54 +392,74 @@ impl Pipeline {
             for p in Priority::ALL {
                 consumer.set_paused(p, self.pauses.is_paused(p));
             }
-            let ready = |c: &dyn LogConsumer, p| !self.pauses.is_paused(p) && c.waiting(p) > 0;
-            let (vip, normal) = (ready(&*consumer, Priority::Vip), ready(&*consumer, Priority::Normal));
+            let now = Instant::now();
+            let waits = |c: &dyn LogConsumer, p| !self.pauses.is_paused(p) && c.waiting(p) > 0;
+            let due = |p: Priority| retry_at[p].is_none_or(|t| now >= t);
+            let (vip_waits, normal_waits) = (waits(&*consumer, Priority::Vip), waits(&*consumer, Priority::Normal));
+            let (vip, normal) = (vip_waits && due(Priority::Vip), normal_waits && due(Priority::Normal));
             let guard_due = self.config.starvation_guard.is_some_and(|g| vip_streak >= g);
             let (priority, preemptible) = match (vip, normal) {
                 (true, true) if guard_due => (Priority::Normal, false),
                 (true, _) => (Priority::Vip, false),
-                (false, true) => (Priority::Normal, true),
-                (false, false) => {
-                    tokio::select! {
-                        _ = consumer.wait(Duration::from_millis(100).min(self.config.sweep_every)) => {}
-                        _ = shutdown.changed() => {}
+                // NORMAL never overtakes VIP work, not even work waiting out a retry.
+                (false, true) if !vip_waits => (Priority::Normal, true),
+                _ => {
+                    let nap = Duration::from_millis(100).min(self.config.sweep_every);
+                    // Work is waiting out a retry: sleep until then, not on the log.
+                    let retry = Priority::ALL.into_iter().filter_map(|p| retry_at[p]).filter(|t| *t > now).min();
+                    match retry {
+                        Some(t) => tokio::select! {
+                            _ = tokio::time::sleep(nap.min(t - now)) => {}
+                            _ = shutdown.changed() => {}
+                        },
+                        None => tokio::select! {
+                            _ = consumer.wait(nap) => {}
+                            _ = shutdown.changed() => {}
+                        },
                     }
                     continue;
                 }
             };
             vip_streak = if priority == Priority::Vip && normal { vip_streak + 1 } else { 0 };
             match self.step(&mut *consumer, priority, preemptible).await {
-                Ok(()) => {
-                    backoff = Duration::from_millis(50);
-                    *self.stats.stall.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                // An empty poll proves nothing about a failure: only work done clears it.
+                Ok(worked) if worked || consumer.waiting(priority) == 0 => {
+                    backoff[priority] = FIRST_BACKOFF;
+                    retry_at[priority] = None;
+                    self.stats.unstalled(priority);
                 }
+                Ok(_) => {}
                 Err(e) => {
-                    // Nothing was committed, so the same records come again.
+                    // Nothing was committed, so the same records come again, in order.
                     let cause = RetryCause::of(&e);
-                    StepFailed { cause, priority, error: &e, retry_in: backoff }.emit();
+                    let wait = backoff[priority].min(cause.max_backoff());
+                    StepFailed { cause, priority, error: &e, retry_in: wait }.emit();
                     self.stats.stalled(cause, priority, &e);
                     consumer.rewind(priority);
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    backoff = (backoff * 2).min(cause.max_backoff());
+                    retry_at[priority] = Some(Instant::now() + wait);
+                    backoff[priority] = (wait * 2).min(cause.max_backoff());
                 }
             }
         }
     }
 
     /// Polls one batch of `priority`, processes it and commits what was processed.
-    async fn step(&self, consumer: &mut dyn LogConsumer, priority: Priority, preemptible: bool) -> anyhow::Result<()> {
+    /// Returns whether it got any work done.
+    async fn step(
+        &self,
+        consumer: &mut dyn LogConsumer,
+        priority: Priority,
+        preemptible: bool,
+    ) -> anyhow::Result<bool> {
         let _step = self.stats.steps.begin();
         // Checked again inside the step: a reset that stopped everything between the
         // scheduler's look and here has seen no step running, and must see none.
         if self.pauses.is_paused(priority) {
-            return Ok(());
+            return Ok(false);
         }
         let deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         // A NORMAL batch yields as soon as a VIP record is waiting (and VIP is not paused).
         let vip_waiting =
@@ -447,7 +472,7 @@ impl Pipeline {
         if done < deliveries.len() {
             consumer.rewind(priority);
         }
-        Ok(())
+        Ok(done > 0)
     }
 
     /// Processes a prefix of `deliveries`, stopping early when `preempt` says so.
@@ -1465,18 +1490,20 @@ mod tests {
         let running = tokio::spawn(p.run(log.consumer().await.unwrap(), shutdown));
 
         // A fault: retried, the attempts counted, shown for /health, nothing applied.
-        let retried = |cause| stats.stall().is_some_and(|s| s.cause == cause && s.attempts >= 2);
+        let stall = || stats.stalls().into_iter().next();
+        let retried = |cause| stall().is_some_and(|s| s.cause == cause && s.attempts >= 2);
         until("a fault is retried", || retried(RetryCause::Fault)).await;
-        let stall = stats.stall().unwrap();
-        assert_eq!(stall.priority, Priority::Normal);
-        assert!(stall.error.contains("no such column: nope"), "{}", stall.error);
+        let stalled = stall().unwrap();
+        assert_eq!(stalled.priority, Priority::Normal);
+        // The cause is said once, though the store's error names its source too.
+        assert_eq!(stalled.error.matches("no such column: nope").count(), 1, "{}", stalled.error);
         assert!(store.inner.get("o1").await.unwrap().is_none());
         // An outage is told by its type, whatever its words say.
         store.fail_writes(Some(|| StoreError::Unavailable("a fault, this text says".into())));
-        until("the outage is seen", || stats.stall().is_some_and(|s| s.cause == RetryCause::Outage)).await;
+        until("the outage is seen", || stall().is_some_and(|s| s.cause == RetryCause::Outage)).await;
         // Healed: the event is applied once, in its turn, and the stall is gone.
         store.fail_writes(None);
-        until("the stall clears", || stats.stall().is_none()).await;
+        until("the stall clears", || stall().is_none()).await;
         let row = store.inner.get("o1").await.unwrap().expect("applied after the store healed");
         assert_eq!((row.version, row.customer.as_str()), (1, "ada"));
         stop.send(true).unwrap();

@@ -166,7 +166,10 @@ fn describe() {
         PIPELINE_RETRIES,
         "Pipeline steps retried, by cause (outage: the log or store was away; fault: anything else, shown on /health)."
     );
-    describe_gauge!(DEGRADED, "1 while the log or the store fails (GET /health answers 503), else 0.");
+    describe_gauge!(
+        DEGRADED,
+        "1 while the log or the store fails, or the pipeline retries a fault (GET /health answers 503), else 0."
+    );
     describe_counter!(
         AUTH_REFUSED,
         "Requests refused by the access policy, by reason \

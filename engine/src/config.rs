@@ -105,6 +105,10 @@ pub struct ConnectionArgs {
     /// Seconds a client has to send a whole request body (408 past it).
     #[arg(long, env = "ORCHESTRATOR_BODY_TIMEOUT_SECS", default_value_t = 30)]
     pub body_timeout_secs: u64,
+    /// Seconds a write of an answer (or of a WebSocket frame) may wait for the client to
+    /// take any of it; a client that stops reading is disconnected past it.
+    #[arg(long, env = "ORCHESTRATOR_WRITE_TIMEOUT_SECS", default_value_t = 30)]
+    pub write_timeout_secs: u64,
     /// Open connections at most; one more gets 503 and is closed. Lowered to fit the
     /// open-file limit, which the engine raises to its hard limit at start.
     #[arg(long, env = "ORCHESTRATOR_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -119,6 +123,7 @@ impl ConnectionArgs {
         crate::api::listener::ConnectionLimits {
             header_timeout: std::time::Duration::from_secs(self.header_timeout_secs.max(1)),
             body_timeout: std::time::Duration::from_secs(self.body_timeout_secs.max(1)),
+            write_timeout: std::time::Duration::from_secs(self.write_timeout_secs.max(1)),
             max_connections: crate::api::listener::fit_connection_cap(self.max_connections.max(1), self.max_ws_clients),
         }
     }

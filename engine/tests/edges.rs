@@ -236,6 +236,34 @@ async fn slow_clients_are_cut_off_and_the_connection_cap_answers_503() {
     assert!(!metrics.contains("orchestrator_connections_refused_total{reason=\"cap\"} 0"), "{metrics}");
 }
 
+/// A client that sent requests and then stopped reading the answers held its connection
+/// (and a slot of the cap) until the kernel gave up on it. Now a write that makes no
+/// progress for the write timeout closes the connection.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answers_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--write-timeout-secs", "1"]).await;
+    let events: Vec<Value> = (0..1000).map(|i| created(&format!("w{i}"), &format!("w{i}"), "GOLD", 1_000)).collect();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    s.drain(std::time::Duration::from_secs(10)).await;
+
+    // 200 pipelined pages of 1000 orders (tens of MB), from a socket with a small window.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(([127, 0, 0, 1], s.port).into()).await.unwrap();
+    let page = "GET /orders?limit=1000 HTTP/1.1\r\nHost: localhost\r\n\r\n";
+    stalled.write_all(page.repeat(200).as_bytes()).await.unwrap();
+    // Past the write timeout without reading: the engine gave up on the connection, so
+    // what is read now is what the kernel held, then the end.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    let (answers, closed) = read_until_closed(&mut stalled, std::time::Duration::from_secs(30)).await;
+    let pages = answers.matches("HTTP/1.1 200").count();
+    assert!(closed && pages < 200, "closed: {closed}, pages answered: {pages} of 200");
+    // Other clients are served as before.
+    assert_eq!(client().get(s.url("/health")).send().await.unwrap().status(), 200);
+}
+
 /// Each `/ws` client could pin about 64 MiB with an unfinished fragmented message, and
 /// clients were not limited. Now inbound messages are capped at a few KiB, and the
 /// clients past `--max-ws-clients` get 503.

@@ -392,6 +392,50 @@ async fn counter(s: &Server, series: &str) -> u64 {
     value.unwrap_or_else(|| panic!("no {series} in /metrics")).parse().unwrap()
 }
 
+/// The order-rules versions loaded on `s` (those `GET /plugins` gives a `memory`).
+async fn loaded_versions(s: &Server) -> Vec<u64> {
+    let (_, slots) = s.get_json("/plugins").await;
+    let versions = slots[0]["versions"].as_array().unwrap().clone();
+    versions.iter().filter(|v| v["memory"].is_object()).map(|v| v["version"].as_u64().unwrap()).collect()
+}
+
+/// Each loaded version holds its compiled code and idle instances (tens of MiB for a
+/// Python plugin). Only the active and shadow versions, and the one a rollback goes to
+/// first, stay loaded; one needed again loads from the compile cache, not the compiler.
+/// On main every version activated since the start stayed loaded.
+#[tokio::test]
+async fn only_running_versions_and_the_rollback_target_stay_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    // v2, v3 and v4 go live in turn; v5 shadows v4. Each is the v2 fixture with other bytes.
+    for pad in 1..=3 {
+        s.deploy_ok("order-rules", common::padded(plugin("fixture_rules_v2"), pad), false).await;
+    }
+    s.deploy_ok("order-rules", common::padded(plugin("fixture_rules_v2"), 4), true).await;
+    assert_eq!(loaded_versions(&s).await, [3, 4, 5], "v3 is where a rollback goes; v4 is active, v5 its shadow");
+    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let code_bytes = |v: u64| -> f64 {
+        let labels = ["kind=\"code\"".to_string(), "plugin=\"order-rules\"".into(), format!("version=\"{v}\"")];
+        let line = metrics.lines().find(|l| {
+            l.starts_with("orchestrator_plugin_memory_bytes{") && labels.iter().all(|label| l.contains(label.as_str()))
+        });
+        line.and_then(|l| l.rsplit(' ').next()).unwrap_or_else(|| panic!("no memory series of v{v}")).parse().unwrap()
+    };
+    assert_eq!(code_bytes(1), 0.0, "an unloaded version's series reads zero");
+    assert!(code_bytes(4) > 0.0);
+
+    // Rolling back to v3 drops v4; rolling back again brings v2 back from the cache.
+    let compiled = r#"orchestrator_plugin_compilations_total{source="compiled"}"#;
+    let cached = r#"orchestrator_plugin_compilations_total{source="cache"}"#;
+    let (compiles, from_cache) = (counter(&s, compiled).await, counter(&s, cached).await);
+    assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
+    assert_eq!(loaded_versions(&s).await, [3, 5]);
+    assert_eq!(s.post_authorized("/plugins/order-rules/rollback").await.status(), 200);
+    assert_eq!(loaded_versions(&s).await, [2, 5]);
+    assert_eq!(counter(&s, compiled).await, compiles, "nothing compiled again");
+    assert_eq!(counter(&s, cached).await, from_cache + 1);
+}
+
 /// `POST /plugins/order-rules/replay` with a component, as the admin.
 async fn what_if(s: &Server, query: &str, bytes: Vec<u8>) -> (u16, Value) {
     let url = s.url(&format!("/plugins/order-rules/replay?{query}"));

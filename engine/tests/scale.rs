@@ -184,7 +184,7 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     };
     // A component larger than a record (as Python's and JS's are) goes round in chunks.
     // On main it was refused on Kafka: one record carried at most about 6 MB.
-    let large = padded(common::plugin("fixture_rules_v2"), 20 << 20);
+    let large = common::padded(common::plugin("fixture_rules_v2"), 20 << 20);
     let size = large.len() as u64;
     let deployed = a.deploy_ok("order-rules", large, false).await;
     let on_b = wait_for(&b, 2).await;
@@ -225,28 +225,4 @@ async fn a_deploy_on_one_instance_reaches_the_other() {
     let compiled =
         metrics.lines().find_map(|l| l.strip_prefix("orchestrator_plugin_compilations_total{source=\"compiled\"} "));
     assert_eq!(compiled, Some("3"), "C compiled the versions it runs only");
-}
-
-/// `wasm` with a custom section of `size` bytes: a valid component as large as a Python
-/// one, deciding as `wasm` does.
-fn padded(mut wasm: Vec<u8>, size: usize) -> Vec<u8> {
-    let leb = |mut n: usize| {
-        let mut out = Vec::new();
-        loop {
-            let byte = (n & 0x7f) as u8;
-            n >>= 7;
-            out.push(if n == 0 { byte } else { byte | 0x80 });
-            if n == 0 {
-                return out;
-            }
-        }
-    };
-    let name = b"padding";
-    let mut payload = leb(name.len());
-    payload.extend(name);
-    payload.extend(std::iter::repeat_n(7u8, size));
-    wasm.push(0);
-    wasm.extend(leb(payload.len()));
-    wasm.extend(payload);
-    wasm
 }

@@ -105,13 +105,15 @@ pub(crate) struct KafkaFailed {
 
 fn is_outage(e: &KafkaError) -> bool {
     match e {
-        KafkaError::Transaction(t) => t.is_retriable(),
+        // A transaction whose records timed out (brokers away) must be aborted and is
+        // not "retriable" as such, but a new one may pass: the code tells.
+        KafkaError::Transaction(t) => t.is_retriable() || code_is_outage(t.code()),
         other => other.rdkafka_error_code().is_some_and(code_is_outage),
     }
 }
 
 /// The codes of a cluster that is away or busy, not of a request it will never take.
-fn code_is_outage(code: RDKafkaErrorCode) -> bool {
+pub(crate) fn code_is_outage(code: RDKafkaErrorCode) -> bool {
     use RDKafkaErrorCode::*;
     matches!(
         code,
@@ -498,6 +500,9 @@ impl CommitRetries {
         if ok {
             if self.failed.get(&k).is_some_and(|f| *f <= offset) {
                 self.failed.remove(&k);
+            }
+            if self.failed.is_empty() {
+                self.next_try = None;
             }
         } else {
             let f = self.failed.entry(k).or_insert(offset);

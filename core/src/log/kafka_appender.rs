@@ -83,7 +83,9 @@ fn run(config: KafkaConfig, producer_config: ClientConfig, mut rx: mpsc::Receive
             }
             // Kafka is away: everyone gets the same answer now, not one timeout each.
             Err(f) => {
-                let reason = f.error.to_string();
+                // The cause's own words: the answers are made anew from it (LogError
+                // cannot be cloned), and its prefix would be said twice.
+                let reason = std::error::Error::source(&f.error).map_or_else(|| f.error.to_string(), |s| s.to_string());
                 let outage = f.error.is_transient();
                 for r in group {
                     let e = reason.clone().into();
@@ -130,7 +132,9 @@ impl Transactions {
         }
         result.map_err(|e| {
             let refused = match &e {
-                KafkaError::Transaction(t) => t.txn_requires_abort() && !t.is_retriable(),
+                KafkaError::Transaction(t) => {
+                    t.txn_requires_abort() && !t.is_retriable() && !super::kafka::code_is_outage(t.code())
+                }
                 KafkaError::MessageProduction(_) => true,
                 _ => false,
             };

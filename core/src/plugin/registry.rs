@@ -54,8 +54,8 @@ pub struct VersionInfo {
     pub created_at: DateTime<Utc>,
     /// What rows record as `decided_by` when this version decides.
     pub decided_by: String,
-    /// What it holds in memory, while it is loaded on this instance (active, shadow,
-    /// or kept since).
+    /// What it holds in memory, while it is loaded on this instance: the active and
+    /// shadow versions, and the one a rollback goes to first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<LoadedMemory>,
 }
@@ -158,6 +158,12 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// `orchestrator_plugin_memory_bytes` of one version and kind (`code`, `instances`).
+fn memory_gauge(slot: Slot, version: u64, kind: &'static str) -> metrics::Gauge {
+    let labels = [("plugin", slot.name().to_string()), ("version", version.to_string()), ("kind", kind.into())];
+    metrics::gauge!(crate::telemetry::PLUGIN_MEMORY, &labels)
+}
+
 fn repo(e: rusqlite::Error) -> PluginError {
     PluginError::Repo(e.to_string())
 }
@@ -241,6 +247,7 @@ impl Registry {
     /// Records the slot's new state, and `action` on version `subject` in its history.
     fn set_slot(&self, slot: Slot, row: SlotRow, action: &str, subject: u64) -> Result<(), PluginError> {
         let SlotRow { active, shadow, stack } = row;
+        let rollback_target = stack.len().checked_sub(2).map(|i| stack[i]);
         let stack = serde_json::to_string(&stack).map_err(|e| PluginError::Repo(e.to_string()))?;
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
         let tx = db.transaction().map_err(repo)?;
@@ -256,7 +263,26 @@ impl Registry {
             params![slot.name(), subject as i64, action, micros(Utc::now())],
         )
         .map_err(repo)?;
-        tx.commit().map_err(repo)
+        tx.commit().map_err(repo)?;
+        drop(db);
+        self.unload_idle(slot, [Some(active), shadow, rollback_target]);
+        Ok(())
+    }
+
+    /// Drops the loaded versions of `slot` other than `keep` (what runs, and the version
+    /// a rollback goes to first): each holds its compiled code and idle instances, tens
+    /// of MiB for a Python plugin. One needed again loads from the compile cache.
+    fn unload_idle(&self, slot: Slot, keep: [Option<u64>; 3]) {
+        let mut loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
+        let idle: Vec<u64> =
+            loaded.keys().filter(|(s, v)| *s == slot && !keep.contains(&Some(*v))).map(|(_, v)| *v).collect();
+        for version in idle {
+            loaded.remove(&(slot, version));
+            // Its series read zero from now on, not what it held when last reported.
+            for kind in ["code", "instances"] {
+                memory_gauge(slot, version, kind).set(0.0);
+            }
+        }
     }
 
     fn next_version(&self, slot: Slot) -> Result<u64, PluginError> {
@@ -626,9 +652,7 @@ impl Registry {
         for ((slot, version), handle) in loaded.iter() {
             let m = handle.memory();
             for (kind, bytes) in [("code", m.code_bytes), ("instances", m.instance_bytes)] {
-                let labels =
-                    [("plugin", slot.name().to_string()), ("version", version.to_string()), ("kind", kind.into())];
-                metrics::gauge!(crate::telemetry::PLUGIN_MEMORY, &labels).set(bytes as f64);
+                memory_gauge(*slot, *version, kind).set(bytes as f64);
             }
         }
     }

@@ -1,10 +1,14 @@
 //! The HTTP listener: every connection is timed out and counted. A client gets a bounded
 //! time to send its request headers (and an idle keep-alive connection the same to send
-//! its next request), a bounded time for a body, and past the connection cap a new
-//! connection gets a clear 503 and is closed instead of starving the ones being served.
+//! its next request), a bounded time for a body, a bounded time to take each part of an
+//! answer, and past the connection cap a new connection gets a clear 503 and is closed
+//! instead of starving the ones being served.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -14,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt;
@@ -29,13 +33,21 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// To send a whole request body (see `BoundedBytes`): 408 past it.
     pub body_timeout: Duration,
+    /// For a write of the answer (or of a WebSocket frame) to make progress: a client
+    /// that stops reading is disconnected past it.
+    pub write_timeout: Duration,
     /// Open connections at most; one more is answered 503 and closed.
     pub max_connections: usize,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        Self { header_timeout: Duration::from_secs(10), body_timeout: Duration::from_secs(30), max_connections: 4096 }
+        Self {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+        }
     }
 }
 
@@ -111,6 +123,7 @@ pub async fn serve(
             req.extensions_mut().insert(ConnectInfo(peer));
             req
         }));
+        let stream = WriteTimeout::new(stream, limits.write_timeout);
         let connection = builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
         let (open, mut stopping) = (open.clone(), stopping.clone());
         open.increment(1.0);
@@ -136,6 +149,85 @@ pub async fn serve(
         tracing::warn!("requests still in flight after {DRAIN:?}; stopping anyway");
     }
     Ok(())
+}
+
+/// A stream whose writes fail once one has made no progress for `limit`: the peer's
+/// window stayed shut (it stopped reading), so its connection is freed instead of held
+/// while its answer waits. Reads, and a connection with nothing to send, are untouched.
+struct WriteTimeout<S> {
+    inner: S,
+    limit: Duration,
+    /// Running while a write is blocked; reset by any progress.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self { inner, limit, stalled: None }
+    }
+
+    /// After the inner stream said Pending: Pending until the limit, then an error.
+    fn blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the client took nothing for {limit:?} (--write-timeout-secs)"),
+            ))),
+        }
+    }
+
+    fn progressed<T>(&mut self, result: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => self.blocked(cx),
+            ready => {
+                self.stalled = None;
+                ready
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteTimeout<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.progressed(result, cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.progressed(result, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_flush(cx);
+        this.progressed(result, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.inner).poll_shutdown(cx);
+        this.progressed(result, cx)
+    }
 }
 
 /// The answer past the cap: a complete 503 the client can read, then the connection closes.

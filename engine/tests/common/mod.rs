@@ -288,6 +288,30 @@ pub fn plugin(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// `wasm` with a custom section of `size` bytes: another valid component (as large as
+/// a Python one, if need be) that decides as `wasm` does.
+pub fn padded(mut wasm: Vec<u8>, size: usize) -> Vec<u8> {
+    let leb = |mut n: usize| {
+        let mut out = Vec::new();
+        loop {
+            let byte = (n & 0x7f) as u8;
+            n >>= 7;
+            out.push(if n == 0 { byte } else { byte | 0x80 });
+            if n == 0 {
+                return out;
+            }
+        }
+    };
+    let name = b"padding";
+    let mut payload = leb(name.len());
+    payload.extend(name);
+    payload.extend(std::iter::repeat_n(7u8, size));
+    wasm.push(0);
+    wasm.extend(leb(payload.len()));
+    wasm.extend(payload);
+    wasm
+}
+
 impl Server {
     /// PUT /plugins/{slot}, with the token.
     pub async fn deploy(&self, slot: &str, bytes: Vec<u8>, shadow: bool) -> reqwest::Response {
