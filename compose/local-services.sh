@@ -7,10 +7,14 @@
 #   compose/local-services.sh restart kafka|cassandra
 #   compose/local-services.sh status
 #   compose/local-services.sh wipe  [kafka|cassandra|all]   # stopped services: delete their data
-#   eval "$(compose/local-services.sh env)"                  # KAFKA_BROKERS, CQL_NODES
+#   eval "$(compose/local-services.sh env)"                  # KAFKA_BROKERS, CQL_NODES, ...
 #
-# Kafka listens on 127.0.0.1:9092 (controller 9093), Cassandra's native transport on
-# 127.0.0.1:9042. State, logs and pid files live in $ORCHESTRATOR_SERVICES_DIR.
+# Kafka listens on 127.0.0.1:9092 in plaintext and on 9094 with TLS and SASL
+# (SCRAM-SHA-512, user `orchestrator`); its controller on 9093. Cassandra's native
+# transport is on 127.0.0.1:9042, with password authentication (the default superuser,
+# cassandra/cassandra) and optional TLS. One local CA signs both services' certificates
+# (for 127.0.0.1). State, logs, pid files and the certificates live in
+# $ORCHESTRATOR_SERVICES_DIR.
 set -euo pipefail
 
 KAFKA_VERSION=${KAFKA_VERSION:-4.1.1}
@@ -19,7 +23,15 @@ LOG4J_VERSION=2.24.3
 DEPENDENCY_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.6.1
 HOME_DIR=${ORCHESTRATOR_SERVICES_DIR:-$HOME/.cache/atomic-orchestrator/services}
 KAFKA_PORT=9092
+KAFKA_SASL_SSL_PORT=9094
 CQL_PORT=9042
+TLS_DIR=$HOME_DIR/tls
+# Local test credentials only: these services listen on loopback.
+STORE_PASSWORD=orchestrator-local
+KAFKA_SASL_USER=orchestrator
+KAFKA_SASL_PASSWORD=orchestrator-local
+CQL_USER=cassandra
+CQL_PASSWORD=cassandra
 
 say() { printf '[local-services] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
@@ -88,6 +100,43 @@ stop_one() {
   rm -f "$pidfile"
 }
 
+# A local CA and a certificate for 127.0.0.1 signed by it, once: PEM for clients,
+# PKCS12 key and trust stores for the JVM services.
+tls_material() {
+  [ -f "$TLS_DIR/.complete" ] && return 0
+  command -v openssl >/dev/null || die "openssl is needed to make the local certificates"
+  command -v keytool >/dev/null || die "keytool (Java 17) is needed to make the local trust store"
+  say "making a local CA and a certificate for 127.0.0.1 in $TLS_DIR (once)"
+  rm -rf "$TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  chmod 700 "$TLS_DIR"
+  (
+    cd "$TLS_DIR"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=orchestrator local CA" \
+        -keyout ca.key -out ca.pem
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >san.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 \
+        -extfile san.ext -out server.pem
+    openssl pkcs12 -export -in server.pem -inkey server.key -certfile ca.pem -name server \
+        -passout "pass:$STORE_PASSWORD" -out server.p12
+    keytool -importcert -noprompt -alias ca -file ca.pem -keystore trust.p12 -storetype PKCS12 \
+        -storepass "$STORE_PASSWORD"
+  ) >"$HOME_DIR/tls.log" 2>&1 || { cat "$HOME_DIR/tls.log" >&2; die "making the local certificates failed"; }
+  touch "$TLS_DIR/.complete"
+}
+
+# The SCRAM user of the SASL listener, once per log dir (idempotent anyway).
+kafka_scram_user() {
+  local dir=$1
+  [ -f "$dir/data/.scram-user" ] && return 0
+  java -cp "$dir/lib/*" kafka.admin.ConfigCommand --bootstrap-server 127.0.0.1:$KAFKA_PORT --alter \
+      --add-config "SCRAM-SHA-512=[iterations=4096,password=$KAFKA_SASL_PASSWORD]" \
+      --entity-type users --entity-name "$KAFKA_SASL_USER" >"$dir/scram.log" 2>&1 \
+    || { cat "$dir/scram.log" >&2; die "adding Kafka's SCRAM user failed"; }
+  touch "$dir/data/.scram-user"
+}
+
 start_kafka() {
   local dir=$HOME_DIR/kafka pidfile=$HOME_DIR/kafka/kafka.pid
   if pid_alive "$pidfile" && port_open $KAFKA_PORT; then say "kafka already running"; return 0; fi
@@ -95,16 +144,24 @@ start_kafka() {
   fetch "$dir" "$(pom "org.apache.kafka:kafka_2.13:$KAFKA_VERSION" \
       "org.apache.logging.log4j:log4j-api:$LOG4J_VERSION" "org.apache.logging.log4j:log4j-core:$LOG4J_VERSION" \
       "org.apache.logging.log4j:log4j-slf4j-impl:$LOG4J_VERSION")"
+  port_open $KAFKA_SASL_SSL_PORT && die "port $KAFKA_SASL_SSL_PORT is taken by another process"
+  tls_material
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<EOF
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:9093
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:9093
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:9093,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_SSL://127.0.0.1:$KAFKA_SASL_SSL_PORT
 inter.broker.listener.name=PLAINTEXT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/server.p12
+ssl.keystore.password=$STORE_PASSWORD
+ssl.key.password=$STORE_PASSWORD
 log.dirs=$dir/data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -137,6 +194,7 @@ EOF
       -cp "$dir/lib/*" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   wait_ready kafka $KAFKA_PORT "$pidfile" "$dir/stdout.log" "" 90
+  kafka_scram_user "$dir"
 }
 
 start_cassandra() {
@@ -144,6 +202,10 @@ start_cassandra() {
   if pid_alive "$pidfile" && port_open $CQL_PORT; then say "cassandra already running"; return 0; fi
   port_open $CQL_PORT && die "port $CQL_PORT is taken by another process"
   fetch "$dir" "$(pom "org.apache.cassandra:cassandra-all:$CASSANDRA_VERSION")"
+  tls_material
+  # A fresh data dir gets its default superuser during this start: wait for it then.
+  local role_line=""
+  [ -d "$dir/data" ] || role_line="Created default superuser role"
   mkdir -p "$dir/data" "$dir/tmp"
   cat >"$dir/cassandra.yaml" <<EOF
 cluster_name: orchestrator-local
@@ -161,6 +223,18 @@ seed_provider:
 commitlog_sync: periodic
 commitlog_sync_period: 10s
 auto_snapshot: false
+authenticator: PasswordAuthenticator
+authorizer: AllowAllAuthorizer
+role_manager: CassandraRoleManager
+client_encryption_options:
+  enabled: true
+  optional: true
+  keystore: $TLS_DIR/server.p12
+  keystore_password: $STORE_PASSWORD
+  truststore: $TLS_DIR/trust.p12
+  truststore_password: $STORE_PASSWORD
+  store_type: PKCS12
+  require_client_auth: false
 EOF
   cat >"$dir/logback.xml" <<EOF
 <configuration>
@@ -199,6 +273,7 @@ EOF
       -cp "$dir/lib/*" org.apache.cassandra.service.CassandraDaemon >"$dir/stdout.log" 2>&1 &
   echo $! >"$pidfile"
   wait_ready cassandra $CQL_PORT "$pidfile" "$dir/cassandra.log" "Startup complete" 180
+  [ -z "$role_line" ] || wait_ready cassandra $CQL_PORT "$pidfile" "$dir/cassandra.log" "$role_line" 60
 }
 
 which_services() { case "${1:-all}" in all) echo "kafka cassandra";; kafka|cassandra) echo "$1";; *) die "unknown service $1";; esac; }
@@ -221,6 +296,11 @@ case "$cmd" in
       port=$([ $s = kafka ] && echo $KAFKA_PORT || echo $CQL_PORT)
       if pid_alive "$HOME_DIR/$s/$s.pid" && port_open "$port"; then echo "$s: running (pid $(cat "$HOME_DIR/$s/$s.pid"), 127.0.0.1:$port)"; else echo "$s: stopped"; fi
     done ;;
-  env) echo "export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT CQL_NODES=127.0.0.1:$CQL_PORT" ;;
+  env)
+    echo "export KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT CQL_NODES=127.0.0.1:$CQL_PORT"
+    echo "export ORCHESTRATOR_CQL_USERNAME=$CQL_USER ORCHESTRATOR_CQL_PASSWORD=$CQL_PASSWORD"
+    # For the tests of the encrypted, authenticated connections (SECURITY.md).
+    echo "export KAFKA_SASL_SSL_BROKERS=127.0.0.1:$KAFKA_SASL_SSL_PORT SERVICES_CA_FILE=$TLS_DIR/ca.pem"
+    echo "export KAFKA_SASL_USERNAME=$KAFKA_SASL_USER KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD" ;;
   *) die "usage: $0 start|stop|restart|status|wipe|env [kafka|cassandra|all]" ;;
 esac

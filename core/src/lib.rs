@@ -19,6 +19,7 @@ pub mod ordering;
 pub mod pipeline;
 pub mod plugin;
 pub mod rules;
+pub mod secret;
 pub mod sqlite;
 pub mod store;
 pub mod stream;

@@ -3,7 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+
+use crate::log::kafka::{KafkaProtocol, KafkaSecurity, SaslLogin};
+use crate::secret::Secret;
+use crate::store::cql::{CqlLogin, CqlTls};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -116,6 +121,11 @@ pub struct ConnectionArgs {
     /// WebSocket clients of `/ws` at most; one more gets 503.
     #[arg(long, env = "ORCHESTRATOR_MAX_WS_CLIENTS", default_value_t = 256)]
     pub max_ws_clients: usize,
+    /// Largest list answer (a page of orders, history, dead letters, ...) in bytes: a page
+    /// that would be larger holds fewer items than its `limit`, and `next_cursor` goes on.
+    #[arg(long, env = "ORCHESTRATOR_MAX_PAGE_BYTES", default_value_t = 2 << 20,
+          value_parser = clap::value_parser!(u64).range(16_384..=(256 << 20)))]
+    pub max_page_bytes: u64,
 }
 
 impl ConnectionArgs {
@@ -289,6 +299,87 @@ pub struct Backends {
     pub cql_keyspace: String,
     #[arg(long, env = "ORCHESTRATOR_CQL_REPLICATION", default_value_t = 1)]
     pub cql_replication: u32,
+    #[command(flatten)]
+    pub secure: SecureBackends,
+}
+
+/// Encryption and credentials for Kafka and the CQL nodes. Passwords come from a file or
+/// the environment, never from a flag (a flag's value shows in the process list).
+#[derive(Debug, Clone, Args)]
+pub struct SecureBackends {
+    /// plaintext, ssl, sasl_plaintext or sasl_ssl.
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_SECURITY_PROTOCOL", default_value = "plaintext",
+          value_parser = clap::builder::PossibleValuesParser::new(KafkaProtocol::NAMES))]
+    pub kafka_security_protocol: String,
+    /// PEM certificates of the CAs that sign the brokers' (the system's by default).
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<PathBuf>,
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_SASL_MECHANISM", default_value = "SCRAM-SHA-512",
+          value_parser = ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"])]
+    pub kafka_sasl_mechanism: String,
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_SASL_USERNAME")]
+    pub kafka_sasl_username: Option<String>,
+    /// A file whose first line is the SASL password (or ORCHESTRATOR_KAFKA_SASL_PASSWORD).
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_SASL_PASSWORD_FILE")]
+    pub kafka_sasl_password_file: Option<PathBuf>,
+    /// The CQL role, for a cluster with password authentication.
+    #[arg(long, env = "ORCHESTRATOR_CQL_USERNAME")]
+    pub cql_username: Option<String>,
+    /// A file whose first line is the CQL password (or ORCHESTRATOR_CQL_PASSWORD).
+    #[arg(long, env = "ORCHESTRATOR_CQL_PASSWORD_FILE")]
+    pub cql_password_file: Option<PathBuf>,
+    /// TLS to the CQL nodes (each must show a certificate for its IP address).
+    #[arg(long, env = "ORCHESTRATOR_CQL_TLS")]
+    pub cql_tls: bool,
+    /// PEM certificates of the CAs that sign the CQL nodes' (implies --cql-tls).
+    #[arg(long, env = "ORCHESTRATOR_CQL_CA_FILE")]
+    pub cql_ca_file: Option<PathBuf>,
+}
+
+impl SecureBackends {
+    pub fn kafka(&self) -> anyhow::Result<KafkaSecurity> {
+        let protocol = KafkaProtocol::parse(&self.kafka_security_protocol)
+            .with_context(|| format!("unknown Kafka security protocol {:?}", self.kafka_security_protocol))?;
+        let sasl = match (&self.kafka_sasl_username, protocol.is_sasl()) {
+            (Some(username), true) => Some(SaslLogin {
+                mechanism: self.kafka_sasl_mechanism.clone(),
+                username: username.clone(),
+                password: password(self.kafka_sasl_password_file.as_deref(), "ORCHESTRATOR_KAFKA_SASL_PASSWORD")?
+                    .context("SASL needs a password: --kafka-sasl-password-file or ORCHESTRATOR_KAFKA_SASL_PASSWORD")?,
+            }),
+            (None, true) => {
+                anyhow::bail!("--kafka-security-protocol {} needs --kafka-sasl-username", protocol.as_str())
+            }
+            (Some(_), false) => {
+                anyhow::bail!("a SASL username needs --kafka-security-protocol sasl_ssl (or sasl_plaintext)")
+            }
+            (None, false) => None,
+        };
+        Ok(KafkaSecurity { protocol, ca_file: self.kafka_ca_file.clone(), sasl })
+    }
+
+    pub fn cql(&self) -> anyhow::Result<(Option<CqlLogin>, Option<CqlTls>)> {
+        let login = match &self.cql_username {
+            Some(username) => Some(CqlLogin {
+                username: username.clone(),
+                password: password(self.cql_password_file.as_deref(), "ORCHESTRATOR_CQL_PASSWORD")?
+                    .context("--cql-username needs a password: --cql-password-file or ORCHESTRATOR_CQL_PASSWORD")?,
+            }),
+            None => None,
+        };
+        let tls = (self.cql_tls || self.cql_ca_file.is_some()).then(|| CqlTls { ca_file: self.cql_ca_file.clone() });
+        Ok((login, tls))
+    }
+}
+
+/// A password from its file, else from the environment variable `var`.
+fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Option<Secret>> {
+    if let Some(file) = file {
+        let secret =
+            Secret::from_file(file).with_context(|| format!("cannot read the password file {}", file.display()))?;
+        return Ok(Some(secret));
+    }
+    Ok(std::env::var(var).ok().filter(|p| !p.is_empty()).map(Secret::new))
 }
 
 impl Backends {
@@ -313,13 +404,17 @@ impl Backends {
             partitions: self.kafka_partitions,
             replication: self.kafka_replication,
             group: self.kafka_group.clone(),
+            security: self.secure.kafka()?,
         };
+        let (login, tls) = self.secure.cql()?;
         Ok(crate::engine::Backend::Distributed {
             kafka: kafka.with_topic_prefix(&self.kafka_topic_prefix),
             cql: crate::store::cql::CqlConfig {
                 nodes: nodes.split(',').map(|s| s.trim().to_string()).collect(),
                 keyspace: self.cql_keyspace.clone(),
                 replication_factor: self.cql_replication,
+                login,
+                tls,
             },
         })
     }

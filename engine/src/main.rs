@@ -99,6 +99,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let limits = args.connections.limits();
     let config = ApiConfig {
         max_body_bytes: args.max_body_bytes,
+        max_page_bytes: args.connections.max_page_bytes as usize,
         access,
         hosts,
         body_timeout: limits.body_timeout,
@@ -142,6 +143,7 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
     let limits = args.connections.limits();
     let config = ApiConfig {
         max_body_bytes: 1 << 20,
+        max_page_bytes: args.connections.max_page_bytes as usize,
         access,
         hosts,
         body_timeout: limits.body_timeout,

@@ -4,17 +4,13 @@
 mod common;
 
 use common::{service, unique};
-use orchestrator::store::cql::{CqlConfig, CqlStore};
+use orchestrator::store::cql::CqlStore;
 use orchestrator::store::{Orders, conformance};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cql_store_conforms() {
     let Some(nodes) = service("CQL_NODES") else { return };
-    let config = CqlConfig {
-        nodes: nodes.split(',').map(str::to_string).collect(),
-        keyspace: unique("conf"),
-        replication_factor: 1,
-    };
+    let config = common::cql_config(&nodes, &unique("conf"));
     let store = CqlStore::open(config.clone()).await.unwrap();
     conformance::check(&store, "c").await;
     // Reopening applies the schema again without harm, and sees the same rows.

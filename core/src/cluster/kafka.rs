@@ -6,7 +6,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
@@ -48,8 +47,8 @@ impl KafkaCluster {
     }
 
     fn consumer(&self, name: &str) -> Result<BaseConsumer, LogError> {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.config.brokers)
+        self.config
+            .client()
             .set("group.id", format!("{}.{name}.{}", self.config.group, uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
             // Only committed transactions: a failed append leaves nothing to consume.

@@ -38,6 +38,54 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// The consumer group the engine instances share.
     pub group: String,
+    /// Encryption and authentication of every connection to the brokers.
+    pub security: KafkaSecurity,
+}
+
+/// How the engine's Kafka clients reach the brokers: the protocol, the CA that verifies
+/// them, and SASL credentials.
+#[derive(Debug, Clone, Default)]
+pub struct KafkaSecurity {
+    pub protocol: KafkaProtocol,
+    /// PEM certificates of the CAs that sign the brokers' (TLS); the system's by default.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Needed by the SASL protocols.
+    pub sasl: Option<SaslLogin>,
+}
+
+/// Kafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum KafkaProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl KafkaProtocol {
+    pub const NAMES: [&'static str; 4] = ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"];
+
+    pub fn parse(name: &str) -> Option<Self> {
+        let all = [Self::Plaintext, Self::Ssl, Self::SaslPlaintext, Self::SaslSsl];
+        all.into_iter().find(|p| p.as_str().eq_ignore_ascii_case(name))
+    }
+
+    pub fn as_str(self) -> &'static str {
+        Self::NAMES[self as usize]
+    }
+
+    pub fn is_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+}
+
+/// A SASL login: SCRAM-SHA-512 unless told otherwise.
+#[derive(Debug, Clone)]
+pub struct SaslLogin {
+    pub mechanism: String,
+    pub username: String,
+    pub password: crate::secret::Secret,
 }
 
 impl KafkaConfig {
@@ -62,6 +110,22 @@ impl KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Every Kafka client of the engine starts from this: the brokers and how to reach
+    /// them securely.
+    pub(crate) fn client(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers).set("security.protocol", self.security.protocol.as_str());
+        if let Some(ca) = &self.security.ca_file {
+            c.set("ssl.ca.location", ca.display().to_string());
+        }
+        if let Some(login) = &self.security.sasl {
+            c.set("sasl.mechanisms", &login.mechanism)
+                .set("sasl.username", &login.username)
+                .set("sasl.password", login.password.expose());
+        }
+        c
+    }
+
     pub fn topic(&self, p: Priority) -> &str {
         match p {
             Priority::Vip => &self.vip_topic,
@@ -71,6 +135,61 @@ impl KafkaConfig {
 
     fn priority_of(&self, topic: &str) -> Option<Priority> {
         Priority::ALL.into_iter().find(|p| self.topic(*p) == topic)
+    }
+}
+
+/// Keeps the first error that no retry can fix (the brokers refused the login, or TLS
+/// failed), so that opening the log fails at once naming it instead of timing out.
+#[derive(Clone, Default)]
+struct Refusals(Arc<Mutex<Option<String>>>);
+
+impl ClientContext for Refusals {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!("librdkafka: {error}: {reason}");
+        use RDKafkaErrorCode::{Authentication, SSL, SaslAuthenticationFailed};
+        if matches!(error.rdkafka_error_code(), Some(Authentication | SaslAuthenticationFailed | SSL)) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.to_string());
+        }
+    }
+}
+
+impl rdkafka::producer::ProducerContext for Refusals {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+impl Refusals {
+    /// Asks the brokers for their metadata through a client whose errors are served (an
+    /// admin client's are not), so that a refused login or certificate stops the engine
+    /// at start, named, instead of ending as a timeout.
+    async fn check(config: &KafkaConfig) -> Result<(), LogError> {
+        let refusals = Refusals::default();
+        let probe: rdkafka::producer::ThreadedProducer<Refusals> =
+            config.client().create_with_context(refusals.clone()).map_err(backend)?;
+        let brokers = config.brokers.clone();
+        // Short tries, so that a refusal ends the wait within one of them.
+        let checked = tokio::task::spawn_blocking(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let tried =
+                    rdkafka::producer::Producer::client(&probe).fetch_metadata(None, Duration::from_millis(500));
+                let Err(e) = tried else { return Ok(()) };
+                if let Some(refused) = refusals.reason(&brokers) {
+                    return Err(refused);
+                }
+                if Instant::now() >= deadline {
+                    return Err(LogError::Unavailable(
+                        format!("Kafka at {brokers} did not answer in 30 s: {e}").into(),
+                    ));
+                }
+            }
+        });
+        checked.await.map_err(|e| LogError::Backend(Box::new(e)))?
+    }
+
+    fn reason(&self, brokers: &str) -> Option<LogError> {
+        let reason = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(LogError::Backend(format!("Kafka at {brokers} refused the connection: {reason}").into()))
     }
 }
 
@@ -146,10 +265,9 @@ fn admin_error(what: String, code: RDKafkaErrorCode) -> LogError {
 
 /// The producer settings the order log and the cluster channels share.
 pub(crate) fn producer_config(config: &KafkaConfig) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers)
-        // Exactly one copy of each record per partition, in order, even across retries.
-        .set("enable.idempotence", "true")
+    let mut c = config.client();
+    // Exactly one copy of each record per partition, in order, even across retries.
+    c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "2")
         .set("message.max.bytes", PLUGIN_RECORD_MAX)
@@ -209,8 +327,8 @@ impl KafkaLog {
         }
         // With 3 replicas or more, an append waits for 2 of them (acks=all).
         let min_insync = if config.replication >= 3 { "2" } else { "1" };
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &config.brokers).create().map_err(backend)?;
+        Refusals::check(&config).await?;
+        let admin: AdminClient<DefaultClientContext> = config.client().create().map_err(backend)?;
         let topics: Vec<NewTopic<'_>> =
             [config.topic(Priority::Vip), config.topic(Priority::Normal), &config.changes_topic, &config.dlq_topic]
                 .into_iter()
@@ -259,9 +377,8 @@ impl KafkaLog {
     }
 
     fn consumer_config(&self) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.config.brokers)
-            .set("group.id", &self.config.group)
+        let mut c = self.config.client();
+        c.set("group.id", &self.config.group)
             .set("enable.auto.commit", "false")
             // Only committed transactions: a failed append leaves nothing to consume.
             .set("isolation.level", "read_committed")
@@ -401,8 +518,7 @@ impl OrderLog for KafkaLog {
     async fn clear(&self) -> Result<(), LogError> {
         // DeleteRecords up to each partition's end: the topics stay (with their
         // configuration and the group's offsets); only their records go.
-        let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &self.config.brokers).create().map_err(backend)?;
+        let admin: AdminClient<DefaultClientContext> = self.config.client().create().map_err(backend)?;
         let timeout = Duration::from_secs(10);
         let admin = Arc::new(admin);
         let (meta_admin, config) = (admin.clone(), self.config.clone());

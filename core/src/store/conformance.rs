@@ -447,6 +447,37 @@ pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
     assert!(!seen.iter().any(|(w, _)| *w == old_id), "a delivery past the retention is gone");
 }
 
+/// A purge racing updates deletes only what still has the status when it goes: an update
+/// that was applied is never lost with its order.
+async fn purge_races_writes(s: &(impl Orders + Runs), prefix: &str) {
+    const N: usize = 200;
+    let id = |i: usize| format!("{prefix}-race{i:03}");
+    for i in 0..N {
+        one(s, apply(&format!("{prefix}-race-c{i}"), None, row(&id(i), 1, "new"))).await;
+    }
+    let confirm = async {
+        let mut applied = Vec::new();
+        for i in (0..N).rev() {
+            let confirmed = Order { status: Status::Confirmed, ..row(&id(i), 2, "paid") };
+            if one(s, apply(&format!("{prefix}-race-u{i}"), Some(1), confirmed)).await == WriteResult::Done {
+                applied.push(id(i));
+            }
+        }
+        applied
+    };
+    let race = format!("{prefix}-race");
+    let (deleted, applied) = tokio::join!(s.delete_orders(&race, Status::Pending), confirm);
+    let deleted = deleted.unwrap();
+    for id in &applied {
+        let row = s.get(id).await.unwrap();
+        assert!(
+            matches!(&row, Some(r) if r.status == Status::Confirmed && r.version == 2),
+            "{id}: its update was applied, then the purge of PENDING orders took it: {row:?}"
+        );
+    }
+    assert_eq!(deleted as usize + applied.len(), N, "each order was either deleted or confirmed");
+}
+
 /// `Runs`: audits by prefix, purges by status, and run records saved in place.
 pub async fn runs(s: &(impl Orders + Runs), prefix: &str) {
     let e = |n: &str| format!("{prefix}-{n}");
@@ -474,6 +505,7 @@ pub async fn runs(s: &(impl Orders + Runs), prefix: &str) {
     assert_eq!(s.delete_orders(&format!("{prefix}-r0"), crate::domain::Status::Pending).await.unwrap(), 10);
     assert_eq!(s.audit(&format!("{prefix}-r0")).await.unwrap(), Default::default(), "deleted with their history");
     assert!(s.get(&format!("{prefix}-r10")).await.unwrap().is_some(), "rows outside the prefix stay");
+    purge_races_writes(s, prefix).await;
 
     // Run records: saved, read back, replaced in place, listed newest first.
     let at = Utc::now();

@@ -46,7 +46,43 @@ pub struct CqlConfig {
     pub nodes: Vec<String>,
     pub keyspace: String,
     pub replication_factor: u32,
+    /// For a cluster with password authentication.
+    pub login: Option<CqlLogin>,
+    /// TLS to every node, which must show a certificate for its IP address.
+    pub tls: Option<CqlTls>,
 }
+
+/// A role and its password (PasswordAuthenticator).
+#[derive(Debug, Clone)]
+pub struct CqlLogin {
+    pub username: String,
+    pub password: crate::secret::Secret,
+}
+
+/// Encrypted connections to the nodes.
+#[derive(Debug, Clone, Default)]
+pub struct CqlTls {
+    /// PEM certificates of the CAs that sign the nodes'; the system's by default.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+impl CqlTls {
+    fn connector(&self) -> Result<scylla::client::session::OpenSsl010Config, StoreError> {
+        let failed = |e: openssl::error::ErrorStack| StoreError::Backend(Box::new(TlsSetup(e)));
+        let mut builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).map_err(failed)?;
+        if let Some(ca) = &self.ca_file {
+            builder
+                .set_ca_file(ca)
+                .map_err(|e| StoreError::Backend(format!("reading the CQL CA file {}: {e}", ca.display()).into()))?;
+        }
+        Ok(scylla::client::session::OpenSsl010Config::new(builder))
+    }
+}
+
+/// OpenSSL could not set up the TLS context for the CQL connections.
+#[derive(Debug, thiserror::Error)]
+#[error("setting up TLS to the CQL nodes")]
+struct TlsSetup(#[source] openssl::error::ErrorStack);
 
 /// The row's columns as an insert's `UPDATE ... SET` binds them, in the order the writes bind.
 const ROW_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, priority = ?, status = ?, total_cents = ?, \
@@ -208,9 +244,14 @@ fn may_pass(e: &ExecutionError) -> bool {
 impl CqlStore {
     /// Connects, applies the schema, and prepares every statement.
     pub async fn open(config: CqlConfig) -> Result<Self, StoreError> {
-        let session = SessionBuilder::new()
-            .known_nodes(&config.nodes)
-            .connection_timeout(Duration::from_secs(5))
+        let mut builder = SessionBuilder::new().known_nodes(&config.nodes).connection_timeout(Duration::from_secs(5));
+        if let Some(login) = &config.login {
+            builder = builder.user(&login.username, login.password.expose());
+        }
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_context(Some(tls.connector()?));
+        }
+        let session = builder
             .build()
             .await
             .map_err(|e| StoreError::Unavailable(format!("connecting to {:?}: {e}", config.nodes).into()))?;
@@ -1265,8 +1306,13 @@ impl Runs for CqlStore {
         Ok(audit)
     }
 
+    /// Each order goes only if it still has the status: a conditional delete of its row
+    /// (CQL allows a condition there, on static columns only) decides, so an event applied
+    /// after the scan keeps its order. Its history then goes by a delete stamped with the
+    /// newest write seen before, so an entry written after the decision stays.
     async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
-        let cql = format!("SELECT DISTINCT id, status FROM {}.orders", self.keyspace);
+        let ks = &self.keyspace;
+        let cql = format!("SELECT DISTINCT id, status FROM {ks}.orders");
         let mut rows = self.scan::<(String, Option<String>)>(cql).await?;
         let mut doomed = Vec::new();
         while let Some(row) = rows.next().await {
@@ -1275,14 +1321,40 @@ impl Runs for CqlStore {
                 doomed.push(id);
             }
         }
-        // Unconditional: CQL refuses a condition on a whole-partition delete (the history
-        // rows go with it). An event landing between the scan and here is lost with it.
-        let delete = format!("DELETE FROM {}.orders WHERE id = ?", self.keyspace);
-        let delete = self.session.prepare(delete).await.map_err(backend)?;
+        let prepare = |cql: String| async move {
+            let mut p = self.session.prepare(cql).await.map_err(backend)?;
+            p.set_consistency(Consistency::Quorum);
+            p.set_serial_consistency(Some(SerialConsistency::Serial));
+            Ok::<_, StoreError>(p)
+        };
+        let stamps = "version, WRITETIME(version), WRITETIME(h_outcome)";
+        let stamps = prepare(format!("SELECT {stamps} FROM {ks}.orders WHERE id = ?"));
+        let statics = STATICS.trim_start_matches("id, ");
+        let fence = prepare(format!("DELETE {statics} FROM {ks}.orders WHERE id = ? IF version = ? AND status = ?"));
+        let history = prepare(format!("DELETE FROM {ks}.orders USING TIMESTAMP ? WHERE id = ?"));
+        let (stamps, fence, history) = (stamps.await?, fence.await?, history.await?);
+        let mut deleted = 0;
         for id in &doomed {
-            self.session.execute_unpaged(&delete, (id,)).await.map_err(backend)?;
+            let rows = self.session.execute_unpaged(&stamps, (id,)).await.map_err(backend)?;
+            let rows = rows.into_rows_result().map_err(backend)?;
+            let (mut version, mut newest) = (None, i64::MIN);
+            for row in rows.rows::<(Option<i64>, Option<i64>, Option<i64>)>().map_err(backend)? {
+                let (v, row_at, entry_at) = row.map_err(backend)?;
+                version = version.or(v);
+                newest = newest.max(row_at.unwrap_or(i64::MIN)).max(entry_at.unwrap_or(i64::MIN));
+            }
+            let Some(version) = version else { continue };
+            let gone = match self.lwt(self.session.execute_unpaged(&fence, (id, version, status.as_str()))).await? {
+                Some(applied) => applied,
+                // Unknown: it went if the row is absent now (nothing else deletes rows).
+                None => self.get_with(id, true).await?.is_none(),
+            };
+            if gone {
+                self.session.execute_unpaged(&history, (newest, id)).await.map_err(backend)?;
+                deleted += 1;
+            }
         }
-        Ok(doomed.len() as u64)
+        Ok(deleted)
     }
 
     async fn reset(&self) -> Result<(), StoreError> {

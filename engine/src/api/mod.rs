@@ -6,6 +6,7 @@ mod error;
 pub mod listener;
 mod openapi;
 pub mod origin;
+mod pages;
 mod plugins;
 mod runs;
 pub mod webhooks;
@@ -26,6 +27,7 @@ use serde_json::json;
 use utoipa::{IntoParams, OpenApi, ToSchema};
 
 pub use error::{ApiError, ErrorBody};
+pub use pages::page_limit;
 
 use crate::domain::{Order, OrderEvent, Priority, Status};
 use crate::engine::{Engine, OrderEdit};
@@ -38,6 +40,8 @@ pub struct ApiConfig {
     /// Largest request body accepted; larger ones get 413. Plugin uploads have their
     /// own limit, checked by the registry.
     pub max_body_bytes: usize,
+    /// Largest list answer in bytes (see `pages::capped`).
+    pub max_page_bytes: usize,
     /// The tokens, and whether reads are open: see `auth.rs`.
     pub access: auth::Access,
     /// The host names a loopback engine answers to: see `origin.rs`.
@@ -224,11 +228,9 @@ pub struct AuditParams {
     get, path = "/audit", params(AuditParams),
     responses((status = 200, body = Page<crate::store::ActionRecord>), (status = 400, body = ErrorBody))
 )]
-async fn audit(
-    State(s): State<AppState>,
-    ApiQuery(p): ApiQuery<AuditParams>,
-) -> Result<Json<Page<crate::store::ActionRecord>>, ApiError> {
-    Ok(Json(s.engine.action_log().actions(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
+async fn audit(State(s): State<AppState>, ApiQuery(p): ApiQuery<AuditParams>) -> Result<Response, ApiError> {
+    let limit = page_limit(p.limit, 100, 1000)?;
+    pages::capped(s.config.max_page_bytes, limit, |n| s.engine.action_log().actions(n, p.cursor.clone())).await
 }
 
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
@@ -246,19 +248,6 @@ impl<T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<AppS
             .await
             .map_err(|e: QueryRejection| ApiError::bad_request("invalid query", e.body_text()))?;
         Ok(ApiQuery(value))
-    }
-}
-
-/// A page size from the query: `default` when absent, else 1..=`max`, or a 400 that
-/// names the range.
-pub fn page_limit(given: Option<u64>, default: usize, max: usize) -> Result<usize, ApiError> {
-    match given {
-        None => Ok(default),
-        Some(n) if (1..=max as u64).contains(&n) => Ok(n as usize),
-        Some(n) => Err(ApiError::bad_request(
-            "invalid limit",
-            json!({ "limit": n, "allowed": format!("1..={max}"), "message": format!("limit must be 1..={max}") }),
-        )),
     }
 }
 
@@ -390,10 +379,7 @@ pub struct ListParams {
     get, path = "/orders", params(ListParams),
     responses((status = 200, body = Page<Order>), (status = 400, body = ErrorBody))
 )]
-async fn list_orders(
-    State(s): State<AppState>,
-    ApiQuery(p): ApiQuery<ListParams>,
-) -> Result<Json<Page<Order>>, ApiError> {
+async fn list_orders(State(s): State<AppState>, ApiQuery(p): ApiQuery<ListParams>) -> Result<Response, ApiError> {
     let status = p
         .status
         .map(|v| Status::parse(&v.to_ascii_uppercase()).ok_or_else(|| ApiError::bad_request("invalid status", v)))
@@ -409,8 +395,10 @@ async fn list_orders(
         })?,
     };
     let limit = page_limit(p.limit, 50, 1000)?;
-    let page = s.engine.orders(ListQuery { limit, cursor: p.cursor, status, priority, q: p.q, sort }).await?;
-    Ok(Json(page))
+    pages::capped(s.config.max_page_bytes, limit, |limit| {
+        s.engine.orders(ListQuery { limit, cursor: p.cursor.clone(), status, priority, q: p.q.clone(), sort })
+    })
+    .await
 }
 
 #[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = ErrorBody)))]
@@ -437,11 +425,14 @@ async fn order_history(
     State(s): State<AppState>,
     Path(id): Path<String>,
     ApiQuery(p): ApiQuery<HistoryParams>,
-) -> Result<Json<Page<HistoryEntry>>, ApiError> {
+) -> Result<Response, ApiError> {
     let limit = page_limit(p.limit, 100, 1000)?;
-    let history =
-        s.engine.history(&id, limit, p.cursor).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
-    Ok(Json(history))
+    let (engine, id, cursor) = (&s.engine, &id, &p.cursor);
+    pages::capped(s.config.max_page_bytes, limit, |limit| async move {
+        let page = engine.history(id, limit, cursor.clone()).await?;
+        page.ok_or_else(|| ApiError::not_found("order not found"))
+    })
+    .await
 }
 
 /// An operator's edit, applied only if `If-Match` names the current version.

@@ -220,8 +220,9 @@ pub struct PageParams {
 pub async fn dead_letters(
     State(s): State<AppState>,
     ApiQuery(p): ApiQuery<PageParams>,
-) -> Result<Json<Page<DeadLetter>>, ApiError> {
-    Ok(Json(s.engine.dead_letters(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
+) -> Result<axum::response::Response, ApiError> {
+    let limit = page_limit(p.limit, 100, 1000)?;
+    super::pages::capped(s.config.max_page_bytes, limit, |n| s.engine.dead_letters(n, p.cursor.clone())).await
 }
 
 #[derive(Serialize, ToSchema)]

@@ -77,8 +77,12 @@ pub struct RunsParams {
     get, path = "/runs", params(RunsParams),
     responses((status = 200, body = Page<Run>), (status = 400, body = ErrorBody))
 )]
-pub async fn list(State(s): State<AppState>, ApiQuery(p): ApiQuery<RunsParams>) -> Result<Json<Page<Run>>, ApiError> {
-    Ok(Json(s.runs.list(page_limit(p.limit, 20, 100)?, p.cursor).await?))
+pub async fn list(
+    State(s): State<AppState>,
+    ApiQuery(p): ApiQuery<RunsParams>,
+) -> Result<axum::response::Response, ApiError> {
+    let limit = page_limit(p.limit, 20, 100)?;
+    super::pages::capped(s.config.max_page_bytes, limit, |n| s.runs.list(n, p.cursor.clone())).await
 }
 
 #[utoipa::path(get, path = "/runs/{id}", responses((status = 200, body = Run), (status = 404, body = ErrorBody)))]

@@ -189,6 +189,8 @@ pub struct DeliveryParams {
 pub async fn deliveries(
     State(s): State<AppState>,
     ApiQuery(p): ApiQuery<DeliveryParams>,
-) -> Result<Json<Page<WebhookDelivery>>, ApiError> {
-    Ok(Json(s.engine.webhooks().deliveries(page_limit(p.limit, 100, 1000)?, p.cursor).await?))
+) -> Result<axum::response::Response, ApiError> {
+    let limit = page_limit(p.limit, 100, 1000)?;
+    let ledger = s.engine.webhooks();
+    super::pages::capped(s.config.max_page_bytes, limit, |n| ledger.deliveries(n, p.cursor.clone())).await
 }

@@ -29,7 +29,7 @@ pub fn distributed() -> bool {
 }
 
 /// Fresh topics, group and keyspace for one engine (kept across its restarts).
-fn backend_args() -> Vec<String> {
+pub fn backend_args() -> Vec<String> {
     if !distributed() {
         return Vec::new();
     }
@@ -90,6 +90,11 @@ impl Server {
         };
         s.spawn().await;
         s
+    }
+
+    /// An engine on the backends `backend_args` name (see `backend_args`).
+    pub async fn start_on(data_dir: &Path, backend_args: Vec<String>) -> Self {
+        Self::launch(data_dir, Vec::new(), backend_args).await
     }
 
     /// Another engine on the same Kafka topics, group and keyspace as `other`.
@@ -421,5 +426,22 @@ pub fn kafka_config(brokers: String, name: &str, partitions: i32) -> orchestrato
         partitions,
         replication: 1,
         group: format!("{name}.engine"),
+        security: Default::default(),
+    }
+}
+
+/// A keyspace of its own on the CQL nodes, with the login the local services print
+/// (`compose/local-services.sh env`), as the engine reads it from the environment.
+pub fn cql_config(nodes: &str, keyspace: &str) -> orchestrator::store::cql::CqlConfig {
+    let login = std::env::var("ORCHESTRATOR_CQL_USERNAME").ok().map(|username| orchestrator::store::cql::CqlLogin {
+        username,
+        password: orchestrator::secret::Secret::new(std::env::var("ORCHESTRATOR_CQL_PASSWORD").unwrap_or_default()),
+    });
+    orchestrator::store::cql::CqlConfig {
+        nodes: nodes.split(',').map(str::to_string).collect(),
+        keyspace: keyspace.to_string(),
+        replication_factor: 1,
+        login,
+        tls: None,
     }
 }
