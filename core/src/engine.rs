@@ -565,6 +565,16 @@ impl Engine {
 
     /// Validates and appends events; `Ok` means all of them are durable, `Err` that none is.
     pub async fn ingest(&self, events: &[OrderEvent]) -> Result<usize, IngestError> {
+        self.ingest_from(events, false).await
+    }
+
+    /// `ingest` for a generated run, the only producer of its orders: their routes need
+    /// no claim (on Kafka, a conditional write per new order).
+    pub async fn ingest_generated(&self, events: &[OrderEvent]) -> Result<usize, IngestError> {
+        self.ingest_from(events, true).await
+    }
+
+    async fn ingest_from(&self, events: &[OrderEvent], sole_producer: bool) -> Result<usize, IngestError> {
         let mut ids: HashMap<&str, &str> = HashMap::with_capacity(events.len());
         for (index, e) in events.iter().enumerate() {
             e.validate().map_err(|reason| IngestError::Invalid { index, reason })?;
@@ -614,6 +624,7 @@ impl Engine {
                     priority,
                     key: e.order_id.clone(),
                     payload: serde_json::to_vec(e).expect("an event always serializes"),
+                    sole_producer,
                 }
             })
             .collect();

@@ -1478,7 +1478,7 @@ mod tests {
         let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
         let e = ada_created();
         let payload = serde_json::to_vec(&e).unwrap();
-        log.append(vec![Record { priority: Priority::Normal, key: e.order_id.clone(), payload }]).await.unwrap();
+        log.append(vec![Record::new(Priority::Normal, e.order_id.clone(), payload)]).await.unwrap();
         let store = Arc::new(Scripted::default());
         store.fail_writes(Some(|| StoreError::Backend("no such column: nope".into())));
         let controls = Controls::default();

@@ -307,8 +307,8 @@ pub struct Backends {
 /// the environment, never from a flag (a flag's value shows in the process list).
 #[derive(Debug, Clone, Args)]
 pub struct SecureBackends {
-    /// plaintext, ssl, sasl_plaintext or sasl_ssl.
-    #[arg(long, env = "ORCHESTRATOR_KAFKA_SECURITY_PROTOCOL", default_value = "plaintext",
+    /// plaintext, ssl, sasl_plaintext or sasl_ssl (any case).
+    #[arg(long, env = "ORCHESTRATOR_KAFKA_SECURITY_PROTOCOL", default_value = "plaintext", ignore_case = true,
           value_parser = clap::builder::PossibleValuesParser::new(KafkaProtocol::NAMES))]
     pub kafka_security_protocol: String,
     /// PEM certificates of the CAs that sign the brokers' (the system's by default).
@@ -355,6 +355,9 @@ impl SecureBackends {
             }
             (None, false) => None,
         };
+        if self.kafka_ca_file.is_some() && !matches!(protocol, KafkaProtocol::Ssl | KafkaProtocol::SaslSsl) {
+            anyhow::bail!("--kafka-ca-file is for TLS: give --kafka-security-protocol ssl or sasl_ssl");
+        }
         Ok(KafkaSecurity { protocol, ca_file: self.kafka_ca_file.clone(), sasl })
     }
 
@@ -365,6 +368,7 @@ impl SecureBackends {
                 password: password(self.cql_password_file.as_deref(), "ORCHESTRATOR_CQL_PASSWORD")?
                     .context("--cql-username needs a password: --cql-password-file or ORCHESTRATOR_CQL_PASSWORD")?,
             }),
+            None if self.cql_password_file.is_some() => anyhow::bail!("--cql-password-file needs --cql-username"),
             None => None,
         };
         let tls = (self.cql_tls || self.cql_ca_file.is_some()).then(|| CqlTls { ca_file: self.cql_ca_file.clone() });
@@ -506,5 +510,43 @@ impl Tuning {
             park_timeout: std::time::Duration::from_secs(self.park_timeout_secs),
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backends(args: &[&str]) -> anyhow::Result<crate::engine::Backend> {
+        let base = ["orchestrator", "serve", "--kafka-brokers", "k:9093", "--cql-nodes", "c:9042"];
+        let cli = Cli::try_parse_from(base.iter().chain(args))?;
+        let Command::Serve(serve) = cli.command else { unreachable!("serve parses as serve") };
+        serve.backends.backend()
+    }
+
+    #[test]
+    fn settings_that_would_quietly_not_apply_are_refused() {
+        let ca = backends(&["--kafka-ca-file", "/ca.pem"]).unwrap_err().to_string();
+        assert!(ca.contains("ssl or sasl_ssl"), "a CA file on plaintext: {ca}");
+        let sasl = backends(&["--kafka-security-protocol", "SASL_SSL"]).unwrap_err().to_string();
+        assert!(sasl.contains("--kafka-sasl-username"), "any case, and SASL needs a user: {sasl}");
+        let user = backends(&["--kafka-sasl-username", "u"]).unwrap_err().to_string();
+        assert!(user.contains("sasl_ssl"), "a SASL user on plaintext: {user}");
+        // Built whole, as the CQL login may be in this process's environment.
+        let cql = |password_file: Option<&str>, ca_file: Option<&str>| SecureBackends {
+            kafka_security_protocol: "plaintext".into(),
+            kafka_ca_file: None,
+            kafka_sasl_mechanism: "SCRAM-SHA-512".into(),
+            kafka_sasl_username: None,
+            kafka_sasl_password_file: None,
+            cql_username: None,
+            cql_password_file: password_file.map(PathBuf::from),
+            cql_tls: false,
+            cql_ca_file: ca_file.map(PathBuf::from),
+        };
+        let lone = cql(Some("/p"), None).cql().unwrap_err().to_string();
+        assert!(lone.contains("--cql-username"), "a CQL password without a user: {lone}");
+        let (_, tls) = cql(None, Some("/ca.pem")).cql().unwrap();
+        assert!(tls.is_some(), "a CQL CA file turns TLS on");
     }
 }

@@ -138,7 +138,7 @@ async fn a_commit_made_while_kafka_is_down_still_lands() {
     let brokers = common::service("KAFKA_BROKERS").unwrap();
     let log = KafkaLog::open(common::kafka_config(brokers, &common::unique("lost-commit"), 1)).await.unwrap();
     let mut consumer = log.consumer().await.unwrap();
-    let record = Record { priority: Priority::Vip, key: "k".into(), payload: b"v".to_vec() };
+    let record = Record::new(Priority::Vip, "k", b"v".to_vec());
     log.append(vec![record]).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut got = Vec::new();

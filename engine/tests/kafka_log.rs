@@ -11,7 +11,7 @@ use orchestrator::log::kafka::{KafkaConfig, KafkaLog};
 use orchestrator::log::{Delivery, LogConsumer, OrderLog, Record};
 
 fn rec(p: Priority, key: &str, body: &str) -> Record {
-    Record { priority: p, key: key.into(), payload: body.as_bytes().to_vec() }
+    Record::new(p, key, body.as_bytes().to_vec())
 }
 
 /// Polls until `n` records of `p` arrived (or panics after 30 s).
@@ -167,4 +167,36 @@ async fn a_restarted_instance_aborts_the_transaction_its_crash_left_open() {
     other.append(vec![rec(Priority::Normal, "k", "after")]).await.unwrap();
     let mut c = restarted.consumer().await.unwrap();
     assert_eq!(bodies(&take(&mut c, Priority::Normal, 2).await), ["before", "after"]);
+}
+
+/// Two instances append the first records of the same orders at once, one asking for
+/// VIP and the other for NORMAL. Each order's records must still go to one partition,
+/// so that they are consumed in order. Routes were plain writes (the later won, after
+/// both instances had sent records their own way); now the first claim wins for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_racing_on_new_orders_send_each_order_one_way() {
+    let Some(brokers) = service("KAFKA_BROKERS") else { return };
+    let Some(nodes) = service("CQL_NODES") else { return };
+    let name = unique("race");
+    let config = common::kafka_config(brokers, &name, 2);
+    let book =
+        std::sync::Arc::new(orchestrator::store::cql::CqlStore::open(common::cql_config(&nodes, &name)).await.unwrap());
+    let (a, b) = (KafkaLog::open_as(config.clone(), "a").await.unwrap(), KafkaLog::open_as(config, "b").await.unwrap());
+    a.set_route_book(book.clone());
+    b.set_route_book(book);
+    const ORDERS: usize = 100;
+    let batch = |p: Priority, tag: &str| -> Vec<Record> {
+        (0..ORDERS).map(|i| rec(p, &format!("o{i}"), &format!("{tag}{i}"))).collect()
+    };
+    let (va, nb) = tokio::join!(a.append(batch(Priority::Vip, "a")), b.append(batch(Priority::Normal, "b")));
+    let (va, nb) = (va.unwrap(), nb.unwrap());
+    assert_eq!(va[Priority::Vip] + va[Priority::Normal] + nb[Priority::Vip] + nb[Priority::Normal], 2 * ORDERS as u64);
+
+    let mut c = a.consumer().await.unwrap();
+    let vip = take(&mut c, Priority::Vip, (va[Priority::Vip] + nb[Priority::Vip]) as usize).await;
+    // NORMAL is fetched once nothing of VIP is left uncommitted.
+    c.commit(&vip).await.unwrap();
+    let normal = take(&mut c, Priority::Normal, (va[Priority::Normal] + nb[Priority::Normal]) as usize).await;
+    let split: Vec<&String> = vip.iter().map(|d| &d.key).filter(|k| normal.iter().any(|d| &d.key == *k)).collect();
+    assert!(split.is_empty(), "{} orders have records in both priorities: {split:?}", split.len());
 }

@@ -145,6 +145,7 @@ fn a_wrong_credential_or_ca_stops_the_engine_naming_it() {
 
     let said = refused(dir.path(), &with(good.clone(), "--kafka-sasl-password-file", &wrong));
     assert!(said.contains("refused") && said.to_lowercase().contains("authentication"), "Kafka login: {said}");
+    assert!(!said.contains("not-the-password-7f3a"), "the password is never printed: {said}");
     let said = refused(dir.path(), &with(good.clone(), "--kafka-ca-file", &stranger));
     assert!(said.contains("refused") && said.contains("certificate verify failed"), "Kafka CA: {said}");
     let said = refused(dir.path(), &with(good.clone(), "--cql-password-file", &wrong));

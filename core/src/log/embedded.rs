@@ -429,7 +429,7 @@ mod tests {
     use super::*;
 
     fn rec(p: Priority, key: &str) -> Record {
-        Record { priority: p, key: key.into(), payload: key.as_bytes().to_vec() }
+        Record::new(p, key, key.as_bytes().to_vec())
     }
 
     #[tokio::test]

@@ -138,17 +138,22 @@ impl KafkaConfig {
     }
 }
 
-/// Keeps the first error that no retry can fix (the brokers refused the login, or TLS
-/// failed), so that opening the log fails at once naming it instead of timing out.
+/// Keeps the brokers' refusals (of the login, or of TLS), so that opening the log fails
+/// at once naming one instead of timing out. librdkafka also files a connection reset
+/// during a handshake under these codes, so only a refusal that repeats counts.
 #[derive(Clone, Default)]
-struct Refusals(Arc<Mutex<Option<String>>>);
+struct Refusals(Arc<Mutex<(u32, String)>>);
+
+/// Refusals in a row that stop the start: a passing reset does not repeat so soon.
+const REFUSALS_TO_STOP: u32 = 3;
 
 impl ClientContext for Refusals {
     fn error(&self, error: KafkaError, reason: &str) {
         tracing::error!("librdkafka: {error}: {reason}");
         use RDKafkaErrorCode::{Authentication, SSL, SaslAuthenticationFailed};
         if matches!(error.rdkafka_error_code(), Some(Authentication | SaslAuthenticationFailed | SSL)) {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| reason.to_string());
+            let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            *seen = (seen.0 + 1, reason.to_string());
         }
     }
 }
@@ -188,8 +193,9 @@ impl Refusals {
     }
 
     fn reason(&self, brokers: &str) -> Option<LogError> {
-        let reason = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
-        Some(LogError::Backend(format!("Kafka at {brokers} refused the connection: {reason}").into()))
+        let (times, reason) = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let refused = format!("Kafka at {brokers} refused the connection {times} times: {reason}");
+        (times >= REFUSALS_TO_STOP).then(|| LogError::Backend(refused.into()))
     }
 }
 
@@ -474,18 +480,24 @@ impl OrderLog for KafkaLog {
             keys.sort_unstable();
             keys.dedup();
             let mut routes = book.routes(keys).await?;
-            let mut fresh = Vec::new();
-            for r in &mut records {
-                match routes.get(&r.key) {
-                    Some(p) => r.priority = *p,
-                    None => {
-                        routes.insert(r.key.clone(), r.priority);
-                        fresh.push((r.key.clone(), r.priority));
-                    }
+            // A new key's first record here asks for its route: claimed, unless this
+            // producer alone appends the key.
+            let (mut claims, mut sole) = (Vec::new(), Vec::new());
+            for r in &records {
+                if !routes.contains_key(&r.key) {
+                    routes.insert(r.key.clone(), r.priority);
+                    let asks = if r.sole_producer { &mut sole } else { &mut claims };
+                    asks.push((r.key.clone(), r.priority));
                 }
             }
             // Before the append: a failed append leaves a route that its retry follows.
-            book.set_routes(fresh).await?;
+            book.set_routes(sole).await?;
+            if !claims.is_empty() {
+                routes.extend(book.claim_routes(claims).await?);
+            }
+            for r in &mut records {
+                r.priority = routes[&r.key];
+            }
         }
         let mut routed = PerPriority::<u64>::default();
         for r in &records {

@@ -40,6 +40,15 @@ pub struct Record {
     pub priority: Priority,
     pub key: String,
     pub payload: Vec<u8>,
+    /// This producer alone appends this key (a generated run's orders), so a new key's
+    /// route is recorded without a claim (see [`RouteBook`]).
+    pub sole_producer: bool,
+}
+
+impl Record {
+    pub fn new(priority: Priority, key: impl Into<String>, payload: Vec<u8>) -> Self {
+        Self { priority, key: key.into(), payload, sole_producer: false }
+    }
 }
 
 /// One record handed to the consumer.
@@ -62,8 +71,14 @@ pub struct Delivery {
 pub trait RouteBook: Send + Sync + 'static {
     /// The routes known for `keys`.
     async fn routes(&self, keys: Vec<String>) -> Result<std::collections::HashMap<String, Priority>, LogError>;
-    /// Records the routes of keys that had none. Two instances racing on one key's first
-    /// records may both write; the later write wins (README, "One partition per order").
+    /// Claims routes for keys that had none: of two instances racing on one key's first
+    /// records, the first claim wins (a conditional write) and both send the key's
+    /// records where it says. Returns the route each key has now.
+    async fn claim_routes(
+        &self,
+        routes: Vec<(String, Priority)>,
+    ) -> Result<std::collections::HashMap<String, Priority>, LogError>;
+    /// Records routes without a claim, for keys no other producer appends (cheaper).
     async fn set_routes(&self, routes: Vec<(String, Priority)>) -> Result<(), LogError>;
 }
 

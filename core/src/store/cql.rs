@@ -178,7 +178,9 @@ struct Statements {
     parked: PreparedStatement,
     unpark: PreparedStatement,
     route: PreparedStatement,
+    route_serial: PreparedStatement,
     set_route: PreparedStatement,
+    claim_route: PreparedStatement,
     record_case: PreparedStatement,
     note_case_minute: PreparedStatement,
     case_minutes: PreparedStatement,
@@ -290,6 +292,8 @@ impl CqlStore {
             }
         };
         let mut get_serial = prepare(format!("SELECT {STATICS} FROM {ks}.orders WHERE id = ? LIMIT 1"), false).await?;
+        let mut route_serial = prepare(format!("SELECT priority FROM {ks}.routes WHERE order_id = ?"), false).await?;
+        route_serial.set_consistency(Consistency::Serial);
         get_serial.set_consistency(Consistency::Serial);
         let mut event_serial =
             prepare(format!("SELECT event_id FROM {ks}.orders WHERE id = ? AND event_id = ?"), false).await?;
@@ -425,7 +429,13 @@ impl CqlStore {
             )
             .await?,
             route: prepare(format!("SELECT priority FROM {ks}.routes WHERE order_id = ?"), false).await?,
+            route_serial,
             set_route: prepare(format!("INSERT INTO {ks}.routes (order_id, priority) VALUES (?, ?)"), false).await?,
+            claim_route: prepare(
+                format!("INSERT INTO {ks}.routes (order_id, priority) VALUES (?, ?) IF NOT EXISTS"),
+                true,
+            )
+            .await?,
             record_case: prepare(
                 format!(
                     "INSERT INTO {ks}.cases (minute, shard, at, event_id, body) VALUES (?, ?, ?, ?, ?) USING TTL ?"
@@ -1333,9 +1343,9 @@ impl Runs for CqlStore {
         let fence = prepare(format!("DELETE {statics} FROM {ks}.orders WHERE id = ? IF version = ? AND status = ?"));
         let history = prepare(format!("DELETE FROM {ks}.orders USING TIMESTAMP ? WHERE id = ?"));
         let (stamps, fence, history) = (stamps.await?, fence.await?, history.await?);
-        let mut deleted = 0;
-        for id in &doomed {
-            let rows = self.session.execute_unpaged(&stamps, (id,)).await.map_err(backend)?;
+        let (stamps, fence, history) = (&stamps, &fence, &history);
+        let purge = |id: String| async move {
+            let rows = self.session.execute_unpaged(stamps, (&id,)).await.map_err(backend)?;
             let rows = rows.into_rows_result().map_err(backend)?;
             let (mut version, mut newest) = (None, i64::MIN);
             for row in rows.rows::<(Option<i64>, Option<i64>, Option<i64>)>().map_err(backend)? {
@@ -1343,16 +1353,31 @@ impl Runs for CqlStore {
                 version = version.or(v);
                 newest = newest.max(row_at.unwrap_or(i64::MIN)).max(entry_at.unwrap_or(i64::MIN));
             }
-            let Some(version) = version else { continue };
-            let gone = match self.lwt(self.session.execute_unpaged(&fence, (id, version, status.as_str()))).await? {
+            let Some(version) = version else { return Ok(false) };
+            let gone = match self.lwt(self.session.execute_unpaged(fence, (&id, version, status.as_str()))).await? {
                 Some(applied) => applied,
                 // Unknown: it went if the row is absent now (nothing else deletes rows).
-                None => self.get_with(id, true).await?.is_none(),
+                None => self.get_with(&id, true).await?.is_none(),
             };
             if gone {
-                self.session.execute_unpaged(&history, (newest, id)).await.map_err(backend)?;
-                deleted += 1;
+                // Safe to repeat; tried again, since a row gone without its history would
+                // leave entries that no later purge finds (it looks for the status).
+                let mut tries = 0;
+                while let Err(e) = self.session.execute_unpaged(history, (newest, &id)).await {
+                    tries += 1;
+                    if tries == 3 {
+                        return Err(backend(e));
+                    }
+                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
+                }
             }
+            Ok::<_, StoreError>(gone)
+        };
+        let purges: Vec<_> = doomed.into_iter().map(|id| Box::pin(purge(id))).collect();
+        let done: Vec<_> = futures::stream::iter(purges).buffer_unordered(CONCURRENCY).collect().await;
+        let mut deleted = 0;
+        for gone in done {
+            deleted += u64::from(gone?);
         }
         Ok(deleted)
     }
@@ -1465,15 +1490,31 @@ impl CqlStore {
 #[async_trait]
 impl crate::log::RouteBook for CqlStore {
     async fn routes(&self, keys: Vec<String>) -> Result<HashMap<String, Priority>, crate::log::LogError> {
-        let read = |id: String| async move {
-            let rows = self.session.execute_unpaged(&self.st.route, (&id,)).await.map_err(route_error)?;
-            let rows = rows.into_rows_result().map_err(route_error)?;
-            let label = rows.maybe_first_row::<(Option<String>,)>().map_err(route_error)?.and_then(|(p,)| p);
-            Ok::<_, crate::log::LogError>(label.as_deref().and_then(Priority::parse).map(|p| (id, p)))
-        };
-        let reads: Vec<_> = keys.into_iter().map(|k| Box::pin(read(k))).collect();
+        let reads: Vec<_> = keys.into_iter().map(|k| Box::pin(self.route_of(k, false))).collect();
         let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
         found.into_iter().filter_map(Result::transpose).collect()
+    }
+
+    async fn claim_routes(
+        &self,
+        routes: Vec<(String, Priority)>,
+    ) -> Result<HashMap<String, Priority>, crate::log::LogError> {
+        let claim = |(id, p): (String, Priority)| async move {
+            let insert = self.session.execute_unpaged(&self.st.claim_route, (&id, p.label()));
+            if self.lwt(insert).await.map_err(routes_failed)? == Some(true) {
+                return Ok((id, p));
+            }
+            // Lost, or the outcome is unknown: the route is whichever claim won.
+            match self.route_of(id.clone(), true).await? {
+                Some(won) => Ok(won),
+                None => Err(crate::log::LogError::Unavailable(
+                    format!("the route claim of {id} has an unknown outcome and none is recorded").into(),
+                )),
+            }
+        };
+        let claims: Vec<_> = routes.into_iter().map(|r| Box::pin(claim(r))).collect();
+        let done: Vec<_> = futures::stream::iter(claims).buffer_unordered(CONCURRENCY).collect().await;
+        done.into_iter().collect()
     }
 
     async fn set_routes(&self, routes: Vec<(String, Priority)>) -> Result<(), crate::log::LogError> {
@@ -1486,11 +1527,26 @@ impl crate::log::RouteBook for CqlStore {
     }
 }
 
+impl CqlStore {
+    /// The route of one key, at SERIAL when it must see every claim that won.
+    async fn route_of(&self, id: String, serial: bool) -> Result<Option<(String, Priority)>, crate::log::LogError> {
+        let st = if serial { &self.st.route_serial } else { &self.st.route };
+        let rows = self.session.execute_unpaged(st, (&id,)).await.map_err(route_error)?;
+        let rows = rows.into_rows_result().map_err(route_error)?;
+        let label = rows.maybe_first_row::<(Option<String>,)>().map_err(route_error)?.and_then(|(p,)| p);
+        Ok(label.as_deref().and_then(Priority::parse).map(|p| (id, p)))
+    }
+}
+
 /// A route that cannot be read or written fails the append: it is refused as a whole
 /// (503), and the producer retries. Classified as the store's own errors are.
 fn route_error<E: std::error::Error + Send + Sync + 'static>(e: E) -> crate::log::LogError {
+    routes_failed(backend(e))
+}
+
+fn routes_failed(e: StoreError) -> crate::log::LogError {
     use crate::log::LogError;
-    match backend(e) {
+    match e {
         StoreError::Unavailable(e) => LogError::Unavailable(Box::new(RoutesFailed(e))),
         StoreError::Backend(e) => LogError::Backend(Box::new(RoutesFailed(e))),
         other => LogError::Backend(other.into()),

@@ -39,21 +39,26 @@ where
     ApiError: From<E>,
 {
     let mut page = fetch(limit).await?;
-    let mut body = encode(&page)?;
+    // Measured item by item up to the budget, so a page far too large is never encoded whole.
     for _ in 0..REFITS {
-        if body.len() <= budget || page.items.len() <= 1 {
+        let fit = fitting(&page, budget)?;
+        if fit == page.items.len() {
             break;
         }
-        page = fetch(fitting(&page, budget)?).await?;
-        body = encode(&page)?;
+        page = fetch(fit).await?;
     }
+    let body = encode(&page)?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// How many of the page's first items fit in `budget` with the page around them.
+/// Room kept for the envelope's cursor: a shorter page carries a cursor of its own,
+/// which may be longer than the one measured (a CQL paging state, say).
+const CURSOR_ROOM: usize = 1024;
+
+/// How many of the page's first items fit in `budget` with the page around them (at
+/// least one).
 fn fitting<T: Serialize>(page: &Page<T>, budget: usize) -> Result<usize, ApiError> {
-    // The envelope with the longest cursor the page could carry: its own.
-    let mut used = encode(&Page::<T> { items: Vec::new(), next_cursor: page.next_cursor.clone() })?.len();
+    let mut used = encode(&Page::<T> { items: Vec::new(), next_cursor: None })?.len() + CURSOR_ROOM;
     for (n, item) in page.items.iter().enumerate() {
         used += encode(item)?.len() + 1;
         if used > budget {
@@ -83,15 +88,18 @@ mod tests {
 
     #[test]
     fn as_many_items_fit_as_the_budget_holds() {
-        // Each item is `"0000000000"` (12 bytes) plus a comma; the envelope is about 40.
+        // Each item is `"0000000000"` (12 bytes) plus a comma; the envelope about 40
+        // bytes and the room for its cursor.
+        let budget = CURSOR_ROOM + 300;
         let p = page(100, 10);
-        let n = fitting(&p, 300).unwrap();
-        let fitted = Page { items: p.items[..n].to_vec(), next_cursor: p.next_cursor.clone() };
-        assert!(encode(&fitted).unwrap().len() <= 300, "{n} items fit");
-        let more = Page { items: p.items[..=n].to_vec(), next_cursor: p.next_cursor.clone() };
-        assert!(encode(&more).unwrap().len() > 300, "one more would not");
-        assert_eq!(fitting(&page(1, 1000), 300).unwrap(), 1, "an item larger than the budget comes alone");
-        assert_eq!(fitting(&page(3, 1), 300).unwrap(), 3, "a small page is whole");
+        let n = fitting(&p, budget).unwrap();
+        let long_cursor = Some("c".repeat(CURSOR_ROOM - 10));
+        let fitted = Page { items: p.items[..n].to_vec(), next_cursor: long_cursor.clone() };
+        assert!(encode(&fitted).unwrap().len() <= budget, "{n} items fit, whatever the cursor");
+        let more = Page { items: p.items[..=n].to_vec(), next_cursor: None };
+        assert!(encode(&more).unwrap().len() + CURSOR_ROOM > budget, "one more would not");
+        assert_eq!(fitting(&page(1, 5000), budget).unwrap(), 1, "an item larger than the budget comes alone");
+        assert_eq!(fitting(&page(3, 1), budget).unwrap(), 3, "a small page is whole");
     }
 
     #[tokio::test]
@@ -101,9 +109,9 @@ mod tests {
             asked.lock().unwrap().push(limit);
             async move { Ok::<_, ApiError>(page(limit, 10)) }
         };
-        let answer = capped(300, 100, fetch).await.unwrap();
+        let answer = capped(CURSOR_ROOM + 300, 100, fetch).await.unwrap();
         let body = axum::body::to_bytes(answer.into_body(), usize::MAX).await.unwrap();
-        assert!(body.len() <= 300, "{} bytes", body.len());
+        assert!(body.len() <= CURSOR_ROOM + 300, "{} bytes", body.len());
         let asked = asked.lock().unwrap().clone();
         assert_eq!(asked.len(), 2, "asked once more: {asked:?}");
         assert!(asked[1] < 100 && asked[1] > 10, "with what fits: {asked:?}");

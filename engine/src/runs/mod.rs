@@ -493,7 +493,7 @@ impl Driver {
         let mut backoff = Duration::from_millis(100);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.engine.ingest(events).await {
+            match self.engine.ingest_generated(events).await {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() < deadline && !self.is_cancelled() => {
                     tracing::warn!(error = %e, "run: appending a batch failed; retrying");
