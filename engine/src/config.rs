@@ -379,6 +379,8 @@ impl SecureBackends {
 /// A password from its file, else from the environment variable `var`.
 fn password(file: Option<&std::path::Path>, var: &str) -> anyhow::Result<Option<Secret>> {
     if let Some(file) = file {
+        // As the tokens file: a secret others can read is refused.
+        crate::api::auth::check_private(file)?;
         let secret =
             Secret::from_file(file).with_context(|| format!("cannot read the password file {}", file.display()))?;
         return Ok(Some(secret));

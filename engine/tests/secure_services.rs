@@ -151,6 +151,15 @@ fn a_wrong_credential_or_ca_stops_the_engine_naming_it() {
     let said = refused(dir.path(), &with(good.clone(), "--cql-password-file", &wrong));
     assert!(said.to_lowercase().contains("authentic") || said.contains("credentials"), "CQL login: {said}");
     assert!(!said.contains("not-the-password-7f3a"), "the password is never printed: {said}");
-    let said = refused(dir.path(), &with(good, "--cql-ca-file", &stranger));
+    let said = refused(dir.path(), &with(good.clone(), "--cql-ca-file", &stranger));
     assert!(said.contains("certificate verify failed"), "CQL CA: {said}");
+
+    // A password file other users can read is refused, as a tokens file is.
+    let exposed = secret_file(dir.path(), "exposed", &secure.kafka_password);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exposed, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let said = refused(dir.path(), &with(good, "--kafka-sasl-password-file", &exposed));
+    assert!(said.contains("chmod 600"), "an exposed password file: {said}");
 }

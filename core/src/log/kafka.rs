@@ -138,14 +138,16 @@ impl KafkaConfig {
     }
 }
 
-/// Keeps the brokers' refusals (of the login, or of TLS), so that opening the log fails
-/// at once naming one instead of timing out. librdkafka also files a connection reset
-/// during a handshake under these codes, so only a refusal that repeats counts.
+/// Keeps the brokers' last refusal (of the login, or of TLS) and when the first came, so
+/// that opening the log fails soon naming it instead of timing out. librdkafka also files
+/// a connection reset during a handshake under these codes, so a refusal stops the start
+/// only while the brokers still cannot be reached a while after it.
 #[derive(Clone, Default)]
-struct Refusals(Arc<Mutex<(u32, String)>>);
+struct Refusals(Arc<Mutex<Option<(Instant, String)>>>);
 
-/// Refusals in a row that stop the start: a passing reset does not repeat so soon.
-const REFUSALS_TO_STOP: u32 = 3;
+/// How long the brokers may stay unreachable after a refusal before the start stops: a
+/// passing reset is retried and answered well within it.
+const REFUSAL_GRACE: Duration = Duration::from_secs(3);
 
 impl ClientContext for Refusals {
     fn error(&self, error: KafkaError, reason: &str) {
@@ -153,7 +155,8 @@ impl ClientContext for Refusals {
         use RDKafkaErrorCode::{Authentication, SSL, SaslAuthenticationFailed};
         if matches!(error.rdkafka_error_code(), Some(Authentication | SaslAuthenticationFailed | SSL)) {
             let mut seen = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            *seen = (seen.0 + 1, reason.to_string());
+            let first = seen.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+            *seen = Some((first, reason.to_string()));
         }
     }
 }
@@ -192,10 +195,12 @@ impl Refusals {
         checked.await.map_err(|e| LogError::Backend(Box::new(e)))?
     }
 
+    /// A refusal that has stood for the grace period, while the brokers still cannot be
+    /// reached.
     fn reason(&self, brokers: &str) -> Option<LogError> {
-        let (times, reason) = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let refused = format!("Kafka at {brokers} refused the connection {times} times: {reason}");
-        (times >= REFUSALS_TO_STOP).then(|| LogError::Backend(refused.into()))
+        let (first, reason) = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        let refused = format!("Kafka at {brokers} refused the connection: {reason}");
+        (first.elapsed() >= REFUSAL_GRACE).then(|| LogError::Backend(refused.into()))
     }
 }
 

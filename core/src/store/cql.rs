@@ -71,9 +71,19 @@ impl CqlTls {
         let failed = |e: openssl::error::ErrorStack| StoreError::Backend(Box::new(TlsSetup(e)));
         let mut builder = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).map_err(failed)?;
         if let Some(ca) = &self.ca_file {
-            builder
-                .set_ca_file(ca)
-                .map_err(|e| StoreError::Backend(format!("reading the CQL CA file {}: {e}", ca.display()).into()))?;
+            // The file's CAs alone (the builder starts from the system's), as
+            // librdkafka's `ssl.ca.location` does for Kafka.
+            let unreadable = |e: String| StoreError::Backend(format!("the CQL CA file {}: {e}", ca.display()).into());
+            let pem = std::fs::read(ca).map_err(|e| unreadable(e.to_string()))?;
+            let certs = openssl::x509::X509::stack_from_pem(&pem).map_err(|e| unreadable(e.to_string()))?;
+            if certs.is_empty() {
+                return Err(unreadable("it holds no PEM certificate".into()));
+            }
+            let mut store = openssl::x509::store::X509StoreBuilder::new().map_err(failed)?;
+            for cert in certs {
+                store.add_cert(cert).map_err(failed)?;
+            }
+            builder.set_cert_store(store.build());
         }
         Ok(scylla::client::session::OpenSsl010Config::new(builder))
     }
