@@ -13,7 +13,7 @@ use utoipa::ToSchema;
 
 use crate::cluster::file::ControlFile;
 use crate::cluster::kafka::KafkaCluster;
-use crate::cluster::{Channel, Cluster, Control, Saved};
+use crate::cluster::{Channel, Cluster, Control, ResetStage, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, RetryCause, Stats};
@@ -192,6 +192,8 @@ pub struct Engine {
     /// Appends share it; a reset takes it whole, so no append is half done when the log
     /// is cleared (its events would be gone after a 202).
     appending: tokio::sync::RwLock<()>,
+    /// Per instance, the last reset it stopped for (from the control channel).
+    reset_stops: Arc<Mutex<HashMap<String, String>>>,
 }
 
 /// Why a reset did not finish. It can be sent again: each part empties what is left.
@@ -201,7 +203,17 @@ pub enum ResetError {
     Log(#[source] LogError),
     #[error("emptying the store: {0}")]
     Store(#[source] StoreError),
+    #[error("telling the other instances: {0}")]
+    Cluster(#[source] LogError),
+    #[error("instances that did not stop within {RESET_STOP_WAIT:?}: {}", .0.join(", "))]
+    NotStopped(Vec<String>),
 }
+
+/// How long a reset waits for every instance to stop before it gives up.
+const RESET_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long every instance stays stopped for a reset at most: a resetter that dies
+/// midway holds the cluster this long.
+const RESET_LEASE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Why an operator's pause or resume was not kept.
 #[derive(Debug, thiserror::Error)]
@@ -218,6 +230,8 @@ fn apply_switch(pauses: &Pauses, discards: &Discards, control: Control) {
         Control::Pause { priority, paused } => pauses.set(priority, paused),
         Control::Purge { prefix } => discards.add(prefix),
         Control::Hold { priority, until } => pauses.hold_until(priority, until),
+        // Resets go round the cluster only, with work to do: `Engine::follow_controls`.
+        Control::Reset { .. } | Control::Stopped { .. } => {}
     }
 }
 
@@ -349,13 +363,7 @@ impl Engine {
                     Self::new(log, stores, rulebook, plugins, config)
                 };
                 // Pauses are cluster-wide: catch up on the switches before consuming.
-                let (pauses, discards) = (engine.pauses.clone(), engine.discards.clone());
-                let apply = Box::new(move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
-                    Ok(control) => apply_switch(&pauses, &discards, control),
-                    Err(e) => tracing::warn!(error = %e, "unreadable record on the control channel"),
-                });
-                let follower = cluster.clone();
-                tokio::task::spawn_blocking(move || follower.follow(Channel::Control, apply)).await??;
+                engine.follow_controls(&cluster).await?;
                 let _ = engine.cluster.set(cluster);
                 if let Some(lock) = instance_lock {
                     let _ = engine.instance_lock.set(lock);
@@ -365,6 +373,59 @@ impl Engine {
                 }
                 Ok(engine)
             }
+        }
+    }
+
+    /// Applies the cluster's switches here as they come round (those made before, first).
+    async fn follow_controls(self: &Arc<Self>, cluster: &Arc<dyn Cluster>) -> anyhow::Result<()> {
+        let (pauses, discards, log) = (self.pauses.clone(), self.discards.clone(), self.log.clone());
+        let (stops, engine, runtime) =
+            (self.reset_stops.clone(), Arc::downgrade(self), tokio::runtime::Handle::current());
+        let apply = Box::new(move |payload: &[u8]| match serde_json::from_slice::<Control>(payload) {
+            Ok(Control::Reset { id, stage: ResetStage::Stop { until } }) if until > Utc::now() => {
+                pauses.resetting_until(Some(until));
+                let engine = engine.clone();
+                runtime.spawn(async move {
+                    if let Some(engine) = engine.upgrade() {
+                        engine.stop_for_reset(id).await;
+                    }
+                });
+            }
+            Ok(Control::Reset { stage: ResetStage::Stop { .. }, .. }) => {}
+            Ok(Control::Reset { stage: ResetStage::Done { starts }, .. }) => {
+                // Before going on: what was fetched from before the reset is dropped.
+                log.cleared_elsewhere(&starts);
+                pauses.resetting_until(None);
+            }
+            Ok(Control::Reset { stage: ResetStage::Abandoned, .. }) => pauses.resetting_until(None),
+            Ok(Control::Stopped { id, instance }) => {
+                stops.lock().unwrap_or_else(|p| p.into_inner()).insert(instance, id);
+            }
+            Ok(control) => apply_switch(&pauses, &discards, control),
+            Err(e) => tracing::warn!(error = %e, "unreadable record on the control channel"),
+        });
+        let follower = cluster.clone();
+        tokio::task::spawn_blocking(move || follower.follow(Channel::Control, apply)).await??;
+        Ok(())
+    }
+
+    /// This instance's part in another's (or its own) reset: the appends under way and
+    /// the step in hand end, then it says so round the cluster. Its pipeline and its
+    /// appends stay stopped until the reset is done (or its lease lapses).
+    async fn stop_for_reset(&self, id: String) {
+        let stopped = {
+            let _appending = self.appending.write().await;
+            self.stats.step_boundary(RESET_STOP_WAIT).await
+        };
+        let (Some(cluster), Some(instance)) = (self.cluster.get(), self.log.member_name()) else { return };
+        if !stopped {
+            tracing::warn!(reset = %id, "the step in hand did not end in time; not confirming the reset");
+            return;
+        }
+        let payload = serde_json::to_vec(&Control::Stopped { id: id.clone(), instance: instance.clone() })
+            .expect("a switch always serializes");
+        if let Err(e) = cluster.send_now(Channel::Control, &format!("stopped:{instance}"), &payload).await {
+            tracing::warn!(reset = %id, error = %e, "could not confirm the reset's stop");
         }
     }
 
@@ -409,6 +470,7 @@ impl Engine {
             instance_lock: OnceLock::new(),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
+            reset_stops: Arc::default(),
         })
     }
 
@@ -464,7 +526,7 @@ impl Engine {
                     }
                 }
                 Control::Purge { prefix } if !saved.purged.contains(prefix) => saved.purged.push(prefix.clone()),
-                Control::Purge { .. } | Control::Hold { .. } => {}
+                Control::Purge { .. } | Control::Hold { .. } | Control::Reset { .. } | Control::Stopped { .. } => {}
             }
             file.save(&saved).map_err(SwitchError::File)?;
         }
@@ -629,6 +691,11 @@ impl Engine {
             })
             .collect();
         let _appending = self.appending.read().await;
+        // A reset here holds `appending` whole; one from the cluster stops by its hold.
+        if self.cluster.get().is_some() && self.pauses.is_resetting() {
+            let why = "a reset is under way on the cluster; send the events again once it ends";
+            return Err(LogError::Unavailable(why.into()).into());
+        }
         // Counted where the records went: a route may differ from the priority asked for.
         let routed = self.log.append(records).await?;
         for p in Priority::ALL {
@@ -745,24 +812,85 @@ impl Engine {
     }
 
     /// Empties the engine: the log's records (so nothing queued before is applied
-    /// after), then the store's orders, history, runs and dead letters. The pipeline
-    /// stops meanwhile, and the step in hand ends first. The audit stays.
+    /// after), then the store's orders, history, runs and dead letters. The audit stays.
+    /// Every instance's pipeline stops meanwhile, and its step in hand ends first; where
+    /// instances share the log, their appends and steps in hand too (see
+    /// [`Engine::reset_cluster`]).
     pub async fn reset(&self) -> Result<(), ResetError> {
+        if let Some(cluster) = self.cluster.get() {
+            return self.reset_cluster(cluster).await;
+        }
         self.pauses.resetting(true);
         let result = async {
             let _appending = self.appending.write().await;
-            self.stats.step_boundary(std::time::Duration::from_secs(30)).await;
+            self.stats.step_boundary(RESET_STOP_WAIT).await;
             self.log.clear().await.map_err(ResetError::Log)?;
-            // Cases still queued would outlive the reset (customer data included).
-            let recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.0.clone());
-            if let Some(recorder) = recorder {
-                recorder.flush().await;
-            }
-            self.stores.runs.reset().await.map_err(ResetError::Store)
+            self.empty_store().await
         }
         .await;
         self.pauses.resetting(false);
         result
+    }
+
+    /// A reset of every instance on the log, in three stages round the cluster:
+    /// 1. *stop*: each instance ends its appends under way and its step in hand, stops
+    ///    both (until a lease), and confirms; this waits for every member of the
+    ///    consumer group, or gives up naming those that did not answer;
+    /// 2. the log is cleared and the store emptied, here;
+    /// 3. *done*, with where the log starts now: each instance drops what it fetched
+    ///    from before and goes on (or *abandoned*, when nothing was cleared).
+    async fn reset_cluster(&self, cluster: &Arc<dyn Cluster>) -> Result<(), ResetError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let until = Utc::now() + RESET_LEASE;
+        let stop = Control::Reset { id: id.clone(), stage: ResetStage::Stop { until } };
+        cluster.publish(stop).await.map_err(ResetError::Cluster)?;
+        let cleared = async {
+            self.await_stopped(&id).await?;
+            self.log.clear().await.map_err(ResetError::Log)
+        }
+        .await;
+        let emptied = match &cleared {
+            Ok(_) => self.empty_store().await,
+            Err(_) => Ok(()),
+        };
+        let stage = match &cleared {
+            Ok(starts) => ResetStage::Done { starts: starts.clone() },
+            Err(_) => ResetStage::Abandoned,
+        };
+        let released = cluster.publish(Control::Reset { id, stage }).await;
+        cleared?;
+        emptied?;
+        // Unreleased, the instances go on when the lease lapses.
+        released.map_err(ResetError::Cluster)
+    }
+
+    /// Waits until every instance consuming the log has stopped for reset `id`.
+    async fn await_stopped(&self, id: &str) -> Result<(), ResetError> {
+        let deadline = tokio::time::Instant::now() + RESET_STOP_WAIT;
+        loop {
+            let members = self.log.members().await.map_err(ResetError::Log)?.unwrap_or_default();
+            let missing: Vec<String> = {
+                let stops = self.reset_stops.lock().unwrap_or_else(|p| p.into_inner());
+                members.into_iter().filter(|m| stops.get(m).is_none_or(|stopped| stopped != id)).collect()
+            };
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ResetError::NotStopped(missing));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The store's part of a reset.
+    async fn empty_store(&self) -> Result<(), ResetError> {
+        // Cases still queued would outlive the reset (customer data included).
+        let recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.0.clone());
+        if let Some(recorder) = recorder {
+            recorder.flush().await;
+        }
+        self.stores.runs.reset().await.map_err(ResetError::Store)
     }
 
     pub fn backend(&self) -> String {

@@ -79,7 +79,7 @@ pub struct Stats {
 impl Stats {
     /// Returns once the step under way (if any) has ended, so every later step sees
     /// a change made before this call (a purge, say). Gives up after `timeout`.
-    pub async fn step_boundary(&self, timeout: Duration) {
+    pub async fn step_boundary(&self, timeout: Duration) -> bool {
         self.steps.boundary(timeout).await
     }
 
@@ -191,13 +191,12 @@ impl Steps {
         StepGuard(self)
     }
 
-    async fn boundary(&self, timeout: Duration) {
+    /// Whether the boundary came before the timeout.
+    async fn boundary(&self, timeout: Duration) -> bool {
         let mut rx = self.0.subscribe();
         let at = *rx.borrow_and_update();
-        if at % 2 == 1 {
-            // The sender lives as long as `self`, so this ends by a change or the timeout.
-            let _ = tokio::time::timeout(timeout, rx.wait_for(|n| *n != at)).await;
-        }
+        // The sender lives as long as `self`, so this ends by a change or the timeout.
+        at.is_multiple_of(2) || tokio::time::timeout(timeout, rx.wait_for(|n| *n != at)).await.is_ok()
     }
 }
 
@@ -226,8 +225,9 @@ pub struct Pauses {
     run: PerPriority<AtomicBool>,
     /// A run's hold from the cluster: until this time (unix microseconds; 0 for none).
     run_until: PerPriority<std::sync::atomic::AtomicI64>,
-    /// Both priorities stop while a reset clears the log and the store.
-    resetting: AtomicBool,
+    /// Both priorities stop while a reset clears the log and the store: until this
+    /// time (unix microseconds; 0 for none, `i64::MAX` for a reset on this instance).
+    resetting: std::sync::atomic::AtomicI64,
 }
 
 impl Pauses {
@@ -245,10 +245,17 @@ impl Pauses {
     }
     /// A reset's stop of everything, independent of the other two.
     pub fn resetting(&self, on: bool) {
-        self.resetting.store(on, Ordering::SeqCst);
+        self.resetting.store(if on { i64::MAX } else { 0 }, Ordering::SeqCst);
+    }
+    /// Another instance's reset, until the time given (`None` ends it).
+    pub fn resetting_until(&self, until: Option<chrono::DateTime<chrono::Utc>>) {
+        self.resetting.store(until.map_or(0, |t| t.timestamp_micros()), Ordering::SeqCst);
+    }
+    pub fn is_resetting(&self) -> bool {
+        self.resetting.load(Ordering::SeqCst) > chrono::Utc::now().timestamp_micros()
     }
     pub fn is_paused(&self, p: Priority) -> bool {
-        self.operator[p].load(Ordering::SeqCst) || self.held(p) || self.resetting.load(Ordering::SeqCst)
+        self.operator[p].load(Ordering::SeqCst) || self.held(p) || self.is_resetting()
     }
     pub fn operator_paused(&self, p: Priority) -> bool {
         self.operator[p].load(Ordering::SeqCst)

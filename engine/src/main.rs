@@ -214,7 +214,10 @@ fn access(
     if let Some(name) = auth::reuses_admin(&admin, &others) {
         anyhow::bail!("the tokens file gives {name} the admin token; each token names one caller");
     }
-    Ok(Access::new(&admin, others, loopback))
+    // Reads are open only to this machine's users: not where a proxy brings others in
+    // (it makes `--allowed-hosts` necessary on a loopback bind).
+    let open_reads = loopback && args.allowed_hosts.is_empty();
+    Ok(Access::new(&admin, others, open_reads))
 }
 
 async fn shutdown_signal() {

@@ -238,7 +238,9 @@ async fn raw(s: &Server, request: String) -> String {
 }
 
 /// Cross-site writes and DNS rebinding on the default loopback bind: a text/plain or form
-/// post, a foreign `Host`, and a WebSocket from a foreign `Origin` are all refused.
+/// post, a foreign `Host`, and a WebSocket from a foreign `Origin` are all refused. With
+/// `--allowed-hosts` (a reverse proxy brings others in) reads need a token, as they do
+/// when a proxy says it forwarded the request (on main both were open).
 #[tokio::test]
 async fn a_web_page_cannot_reach_a_loopback_engine() {
     let dir = tempfile::tempdir().unwrap();
@@ -257,15 +259,19 @@ async fn a_web_page_cannot_reach_a_loopback_engine() {
         let answer: Value = r.json().await.unwrap();
         assert_eq!(answer["error"], "JSON body required");
     }
-    let get = |host: &str| format!("GET /orders HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    assert!(raw(&s, get("evil.example")).await.contains("403"), "a rebound name");
-    assert!(raw(&s, get("evil.example:80")).await.contains("403"));
-    assert!(raw(&s, get(&format!("localhost:{}", s.port))).await.contains("200"));
-    assert!(raw(&s, get("orders.example.com")).await.contains("200"), "an allowed host");
+    let bearer = format!("Authorization: Bearer {TOKEN}\r\n");
+    let get =
+        |host: &str, token: &str| format!("GET /orders HTTP/1.1\r\nHost: {host}\r\n{token}Connection: close\r\n\r\n");
+    assert!(raw(&s, get("evil.example", &bearer)).await.contains("403"), "a rebound name");
+    assert!(raw(&s, get("evil.example:80", &bearer)).await.contains("403"));
+    assert!(raw(&s, get(&format!("localhost:{}", s.port), &bearer)).await.contains("200"));
+    assert!(raw(&s, get("orders.example.com", &bearer)).await.contains("200"), "an allowed host");
+    assert!(raw(&s, get("orders.example.com", "")).await.contains("401"), "a read through the proxy");
+    assert!(raw(&s, get("localhost", "")).await.contains("401"), "reads need a token once a proxy is set up");
     let upgrade = |origin: Option<&str>| {
         let origin = origin.map(|o| format!("Origin: {o}\r\n")).unwrap_or_default();
         format!(
-            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{origin}Connection: Upgrade\r\nUpgrade: websocket\r\n\
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\n{origin}{bearer}Connection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
             s.port
         )
@@ -274,4 +280,14 @@ async fn a_web_page_cannot_reach_a_loopback_engine() {
     assert!(raw(&s, upgrade(Some("null"))).await.contains("403"), "a sandboxed page's socket");
     assert!(raw(&s, upgrade(Some(&format!("http://127.0.0.1:{}", s.port)))).await.contains("101"), "the dashboard");
     assert!(raw(&s, upgrade(None)).await.contains("101"), "a client that is not a browser");
+
+    // Without --allowed-hosts reads are open on loopback, but not to what a proxy forwarded.
+    let plain_dir = tempfile::tempdir().unwrap();
+    let plain = Server::start(plain_dir.path()).await;
+    let read =
+        |forwarded: &str| format!("GET /orders HTTP/1.1\r\nHost: localhost\r\n{forwarded}Connection: close\r\n\r\n");
+    assert!(raw(&plain, read("")).await.contains("200"), "a local user's read");
+    for header in ["X-Forwarded-For: 203.0.113.9\r\n", "Forwarded: for=203.0.113.9\r\n", "X-Real-IP: 203.0.113.9\r\n"] {
+        assert!(raw(&plain, read(header)).await.contains("401"), "{header}");
+    }
 }

@@ -94,7 +94,14 @@ async fn service_restarts_lose_and_double_nothing() {
     let kafka_unhealthy = restart_watching(&s, "kafka").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let cassandra_unhealthy = restart_watching(&s, "cassandra").await;
+    // Ingest needs both services (routes are claimed in CQL), so how much is accepted
+    // during the restarts depends on how long they take: produce on until the volume
+    // the checks below rely on is reached, with a bound.
+    let enough = tokio::time::Instant::now() + Duration::from_secs(90);
     tokio::time::sleep(Duration::from_secs(2)).await;
+    while accepted.lock().unwrap().len() < 1_000 && tokio::time::Instant::now() < enough {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let refused = producer.await.unwrap();
     s.drain(Duration::from_secs(180)).await;

@@ -4,32 +4,14 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use std::time::Instant;
-
-use common::{Server, created, distributed, service, updated};
+use common::{Server, created, distributed, kcat, service, updated};
 use orchestrator::shopify::signature::sign;
 use serde_json::Value;
 
 const SECRET: &str = "bridge-secret";
 const CREATE: &[u8] = include_bytes!("../src/shopify/fixtures/orders_create.json");
-
-fn kcat(args: &[&str], stdin: &str) -> String {
-    let mut child = Command::new("kcat")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kcat is installed");
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kcat {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kcat_records_are_applied_and_malformed_ones_dead_lettered() {

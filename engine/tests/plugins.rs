@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Server, TOKEN, authorized, client, created, history, plugin};
+use common::{Server, TOKEN, authorized, client, counter, created, history, plugin};
 use serde_json::{Value, json};
 
 async fn dead_letters(s: &Server) -> Vec<Value> {
@@ -383,13 +383,6 @@ async fn shadow_reports_exactly_the_differing_events_then_promote_and_rollback()
     let actions: Vec<&str> =
         slots[0]["history"].as_array().unwrap().iter().map(|a| a["action"].as_str().unwrap()).collect();
     assert_eq!(actions, ["builtin", "shadow", "promote", "rollback", "shadow", "discard"]);
-}
-
-/// A counter's value in `/metrics`, by its series (`name{labels}`).
-async fn counter(s: &Server, series: &str) -> u64 {
-    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_string));
-    value.unwrap_or_else(|| panic!("no {series} in /metrics")).parse().unwrap()
 }
 
 /// The order-rules versions loaded on `s` (those `GET /plugins` gives a `memory`).

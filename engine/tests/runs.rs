@@ -260,6 +260,51 @@ async fn a_reset_drops_what_is_queued() {
     }
 }
 
+/// A reset stops every instance on the log before it empties the store, and each drops
+/// what it fetched from before the reset. On main only the instance that took the reset
+/// stopped: the other went on applying its share of the backlog into the emptied store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_stops_every_instance_first() {
+    if !common::distributed() {
+        return; // One instance: `a_reset_drops_what_is_queued`.
+    }
+    let brokers = common::service("KAFKA_BROKERS").unwrap();
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(a_dir.path()).await;
+    let b = Server::start_beside(b_dir.path(), &a).await;
+    // A backlog for both, produced from outside (kcat: key, tab, event).
+    let normal = format!("{}.normal", a.kafka_prefix().unwrap());
+    let lines: String = (0..40_000)
+        .map(|i| format!("r{i}\t{}\n", created(&format!("r{i}"), &format!("r{i}-c"), "SILVER", 100)))
+        .collect();
+    common::kcat(&["-b", &brokers, "-P", "-t", &normal, "-K", "\t"], &lines);
+    let applied = r#"orchestrator_applied_events_total{priority="normal"}"#;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::counter(&a, applied).await == 0 || common::counter(&b, applied).await == 0 {
+        assert!(Instant::now() < deadline, "both instances never took a share of the backlog");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (code, body) = post(&a, "/reset", json!({"confirm": "reset"}), true).await;
+    assert_eq!(code, 200, "{body}");
+    let counts = (common::counter(&a, applied).await, common::counter(&b, applied).await);
+    assert!(counts.0 + counts.1 < 40_000, "the reset came before the backlog's end: {counts:?}");
+    // Nothing from before the reset is applied after it, by either instance.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, page) = a.get_json("/orders?limit=5").await;
+    assert_eq!(page["items"], json!([]), "rows from before the reset came back");
+    // Both go on: events after the reset are applied, sent to either instance.
+    for (s, id) in [(&a, "after-a"), (&b, "after-b")] {
+        assert_eq!(s.post_events(&created(id, id, "GOLD", 100)).await.status(), 202);
+    }
+    for id in ["after-a", "after-b"] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.get_json(&format!("/orders/{id}")).await.0 != 200 {
+            assert!(Instant::now() < deadline, "{id}, sent after the reset, was never applied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_run_requests_get_clear_statuses() {
     let dir = tempfile::tempdir().unwrap();

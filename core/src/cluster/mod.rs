@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{PerPriority, Priority};
-use crate::log::LogError;
+use crate::log::{LogError, LogStart};
 
 /// One operator switch, as it goes round the cluster.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,6 +23,24 @@ pub enum Control {
     /// A run holds one priority on every instance until `until` (renewed while the run
     /// goes, so that a dead instance's hold lapses by itself); `None` releases it.
     Hold { priority: Priority, until: Option<chrono::DateTime<chrono::Utc>> },
+    /// A reset in its stages (see `Engine::reset`).
+    Reset { id: String, stage: ResetStage },
+    /// `instance` has stopped for reset `id`: its appends and its step in hand are done.
+    Stopped { id: String, instance: String },
+}
+
+/// How far a cluster-wide reset has gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "snake_case")]
+pub enum ResetStage {
+    /// Every instance stops consuming and appending until `until` (a lease, so that a
+    /// resetter that dies does not stop the cluster for good) and says it stopped.
+    Stop { until: chrono::DateTime<chrono::Utc> },
+    /// The log starts at `starts` now and the store is empty: records fetched from
+    /// before the starts are dropped, and every instance goes on.
+    Done { starts: Vec<LogStart> },
+    /// The reset failed before clearing anything: every instance goes on as it was.
+    Abandoned,
 }
 
 impl Control {
@@ -32,6 +50,8 @@ impl Control {
             Control::Pause { priority, .. } => format!("pause:{}", priority.label()),
             Control::Purge { prefix } => format!("purge:{prefix}"),
             Control::Hold { priority, .. } => format!("hold:{}", priority.label()),
+            Control::Reset { .. } => "reset".to_string(),
+            Control::Stopped { instance, .. } => format!("stopped:{instance}"),
         }
     }
 }

@@ -301,7 +301,7 @@ impl OrderLog for EmbeddedLog {
         done.await.map_err(|_| LogError::Closed)?
     }
 
-    async fn clear(&self) -> Result<(), LogError> {
+    async fn clear(&self) -> Result<Vec<super::LogStart>, LogError> {
         // Everything appended so far counts as consumed: committed durably (truncation
         // then deletes it), and skipped by the consumer from its next poll.
         self.flush().await?;
@@ -310,7 +310,8 @@ impl OrderLog for EmbeddedLog {
             self.marks.cleared[p].fetch_max(end, Ordering::SeqCst);
             self.cmds.send(Cmd::Commit { priority: p, offset: end }).map_err(|_| LogError::Closed)?;
         }
-        self.flush().await
+        self.flush().await?;
+        Ok(Vec::new())
     }
 
     async fn flush(&self) -> Result<(), LogError> {

@@ -17,7 +17,7 @@ use rdkafka::message::{Message, Timestamp};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::kafka_appender::Appender;
-use super::{Delivery, LogConsumer, LogError, OrderLog, Record};
+use super::{Delivery, LogConsumer, LogError, LogStart, OrderLog, Record};
 use crate::domain::{PerPriority, Priority};
 
 /// Where and how to reach Kafka.
@@ -302,6 +302,9 @@ struct Cleared {
 
 pub struct KafkaLog {
     config: KafkaConfig,
+    /// This instance's name: its consumer's `client.id`, so the group's members say
+    /// which instances they are (a reset waits for each of them).
+    instance: String,
     cleared: Arc<Cleared>,
     /// Order events: transactional.
     appender: Appender,
@@ -378,6 +381,7 @@ impl KafkaLog {
         let appender = Appender::start(config.clone(), appends)?;
         let log = Arc::new(Self {
             config,
+            instance: instance.to_string(),
             cleared: Arc::default(),
             appender,
             lag: Arc::default(),
@@ -390,6 +394,7 @@ impl KafkaLog {
     fn consumer_config(&self) -> ClientConfig {
         let mut c = self.config.client();
         c.set("group.id", &self.config.group)
+            .set("client.id", &self.instance)
             .set("enable.auto.commit", "false")
             // Only committed transactions: a failed append leaves nothing to consume.
             .set("isolation.level", "read_committed")
@@ -532,7 +537,7 @@ impl OrderLog for KafkaLog {
         self.lag.depth[p].load(Ordering::Relaxed)
     }
 
-    async fn clear(&self) -> Result<(), LogError> {
+    async fn clear(&self) -> Result<Vec<LogStart>, LogError> {
         // DeleteRecords up to each partition's end: the topics stay (with their
         // configuration and the group's offsets); only their records go.
         let admin: AdminClient<DefaultClientContext> = self.config.client().create().map_err(backend)?;
@@ -560,19 +565,44 @@ impl OrderLog for KafkaLog {
             .await
             .map_err(|_| LogError::Unavailable("Kafka did not delete the records in 30 s".into()))?
             .map_err(backend)?;
-        let mut starts = HashMap::new();
+        let mut starts = Vec::new();
         for e in deleted.elements() {
             if let Err(err) = e.error() {
                 return Err(backend_while(format!("deleting {}[{}]", e.topic(), e.partition()), err));
             }
-            if let (Some(p), Offset::Offset(start)) = (self.config.priority_of(e.topic()), e.offset()) {
-                starts.insert((p, e.partition()), start);
+            if let (Some(priority), Offset::Offset(offset)) = (self.config.priority_of(e.topic()), e.offset()) {
+                starts.push(LogStart { priority, partition: e.partition(), offset });
             }
         }
+        self.cleared_elsewhere(&starts);
+        Ok(starts)
+    }
+
+    fn cleared_elsewhere(&self, starts: &[LogStart]) {
         let mut cleared = self.cleared.starts.lock().unwrap_or_else(|p| p.into_inner());
-        cleared.extend(starts);
+        for s in starts {
+            let start = cleared.entry((s.priority, s.partition)).or_insert(s.offset);
+            *start = (*start).max(s.offset);
+        }
         self.cleared.epoch.fetch_add(1, Ordering::SeqCst);
-        Ok(())
+    }
+
+    async fn members(&self) -> Result<Option<Vec<String>>, LogError> {
+        let client: BaseConsumer = self.config.client().create().map_err(backend)?;
+        let group = self.config.group.clone();
+        // The group call blocks: off the async workers.
+        let members = tokio::task::spawn_blocking(move || {
+            let list = client.fetch_group_list(Some(&group), Duration::from_secs(10)).map_err(backend)?;
+            let members = list.groups().iter().flat_map(|g| g.members().iter().map(|m| m.client_id().to_string()));
+            Ok::<_, LogError>(members.collect::<Vec<_>>())
+        })
+        .await
+        .map_err(|e| LogError::Backend(e.into()))??;
+        Ok(Some(members))
+    }
+
+    fn member_name(&self) -> Option<String> {
+        Some(self.instance.clone())
     }
 
     async fn flush(&self) -> Result<(), LogError> {

@@ -65,6 +65,14 @@ pub struct Delivery {
     pub appended_at_us: i64,
 }
 
+/// Where a reset left one partition's log: records before `offset` are gone.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LogStart {
+    pub priority: Priority,
+    pub partition: i32,
+    pub offset: i64,
+}
+
 /// Where routes are kept when the log itself cannot keep them atomically with its
 /// appends (Kafka): a table shared by every instance.
 #[async_trait]
@@ -104,8 +112,21 @@ pub trait OrderLog: Send + Sync + 'static {
     /// Waits until every commit made so far is durable (for a clean shutdown).
     async fn flush(&self) -> Result<(), LogError>;
     /// Drops every record appended so far, so that nothing of it is ever consumed (a
-    /// reset). Records appended later are consumed as usual.
-    async fn clear(&self) -> Result<(), LogError>;
+    /// reset), and says where each partition starts now (nothing, where the log is not
+    /// shared). Records appended later are consumed as usual.
+    async fn clear(&self) -> Result<Vec<LogStart>, LogError>;
+    /// Another instance's reset left the log at `starts`: records before them that
+    /// this instance fetched already are dropped, not handed out.
+    fn cleared_elsewhere(&self, _starts: &[LogStart]) {}
+    /// The instances consuming this log (by [`OrderLog::member_name`]), or `None` where
+    /// no other instance can (the embedded log).
+    async fn members(&self) -> Result<Option<Vec<String>>, LogError> {
+        Ok(None)
+    }
+    /// This instance's name among the [`OrderLog::members`].
+    fn member_name(&self) -> Option<String> {
+        None
+    }
     /// Why the log cannot serve now (its last write or check failed), if it cannot.
     fn problem(&self) -> Option<String> {
         None

@@ -61,7 +61,8 @@ pub enum Need {
     /// Shopify webhook (its HMAC is checked by the handler).
     Open,
     /// A read of orders, history, dead letters, runs or the feed: open on a loopback
-    /// bind, an operator token otherwise (rows hold customer emails).
+    /// bind without `--allowed-hosts` to requests no proxy forwarded, an operator token
+    /// otherwise (rows hold customer emails).
     Read,
     /// A write: a token of at least this role. Operator and admin writes are audited.
     Role(Role),
@@ -204,6 +205,12 @@ impl Access {
     }
 }
 
+/// Whether a proxy says it forwarded the request: its client is not on this machine,
+/// whatever `Host` the proxy sent (nginx sends the upstream's, a loopback name).
+fn forwarded(headers: &HeaderMap) -> bool {
+    ["forwarded", "x-forwarded-for", "x-real-ip"].iter().any(|h| headers.contains_key(*h))
+}
+
 /// The subprotocol the dashboard names itself by on `/ws`; the engine selects it.
 pub const WS_PROTOCOL: &str = "orchestrator";
 
@@ -312,7 +319,7 @@ pub async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Respo
     let access = &s.config.access;
     let needed = match need {
         Need::Open => None,
-        Need::Read if access.open_reads => None,
+        Need::Read if access.open_reads && !forwarded(req.headers()) => None,
         Need::Read => Some(Role::Operator),
         Need::Role(r) => Some(r),
     };

@@ -34,7 +34,7 @@ impl From<RunError> for ApiError {
                 err
             }
             RunError::Reset(ResetError::Store(e)) => e.into(),
-            RunError::Reset(e @ ResetError::Log(_)) => {
+            RunError::Reset(e @ (ResetError::Log(_) | ResetError::Cluster(_) | ResetError::NotStopped(_))) => {
                 let mut err =
                     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the reset did not finish; retry", e.to_string());
                 err.retry_after = Some(5);

@@ -445,3 +445,26 @@ pub fn cql_config(nodes: &str, keyspace: &str) -> orchestrator::store::cql::CqlC
         tls: None,
     }
 }
+
+/// Runs kcat with `stdin` (records to produce, say); its stdout.
+pub fn kcat(args: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new("kcat")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kcat is installed");
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "kcat {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A counter's value in `/metrics`, by its series (`name{labels}`).
+pub async fn counter(s: &Server, series: &str) -> u64 {
+    let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_string));
+    value.unwrap_or_else(|| panic!("no {series} in /metrics")).parse().unwrap()
+}
