@@ -99,11 +99,11 @@ fi
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
 ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
   --test chaos --test crash --test priority --test api --test scale --test faults \
-  --test outside_producer --test webhook_outage --test runs --test plugins -- \
+  --test outside_producer --test webhook_outage --test runs --test plugins --test reconcile --test shopify -- \
   concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance \
   service_restarts kcat_records log_outage the_bridge_runs a_small_run cancel_then \
-  an_event_before dead_letters_can a_pause a_reset_drops an_update_follows a_run_whose_instance \
-  a_commit_made a_what_if_run
+  an_event_before dead_letters_can a_pause a_reset_drops a_reset_stops an_update_follows \
+  a_run_whose_instance a_commit_made a_what_if_run reconciliation_closes shops_sign
 
 # The fault suite (TESTING.md) ran on the embedded default inside `cargo test` above;
 # here it runs on Kafka + Cassandra with two engines. It prints its seed.

@@ -38,6 +38,7 @@ pub const WS_DROPPED: &str = "orchestrator_ws_dropped_total";
 pub const WHATIF_CASES: &str = "orchestrator_whatif_cases_total";
 pub const PLUGIN_MEMORY: &str = "orchestrator_plugin_memory_bytes";
 pub const PIPELINE_RETRIES: &str = "orchestrator_pipeline_retries_total";
+pub const SHOPIFY_RECONCILED: &str = "orchestrator_shopify_reconciled_orders_total";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -69,6 +70,7 @@ pub const ALL: &[&str] = &[
     WHATIF_CASES,
     PLUGIN_MEMORY,
     PIPELINE_RETRIES,
+    SHOPIFY_RECONCILED,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -136,7 +138,11 @@ fn describe() {
     describe_counter!(RUN_PHASE_CHANGES, "Phase changes of generated runs, by phase.");
     describe_counter!(
         WEBHOOKS_RECEIVED,
-        "Shopify webhook deliveries, by outcome (received, duplicate, ignored, rejected)."
+        "Shopify webhook deliveries, by outcome (received, duplicate, ignored, rejected, uninstalled, shop_inactive)."
+    );
+    describe_counter!(
+        SHOPIFY_RECONCILED,
+        "Orders read from Shopify's Admin API by reconciliation, by outcome (applied, up_to_date, failed)."
     );
     describe_counter!(
         PARKED,
@@ -195,8 +201,11 @@ fn register_at_zero() {
     for reason in ["unauthenticated", "forbidden"] {
         counter!(AUTH_REFUSED, "reason" => reason).absolute(0);
     }
-    for outcome in ["received", "duplicate", "ignored", "rejected"] {
+    for outcome in ["received", "duplicate", "ignored", "rejected", "uninstalled", "shop_inactive"] {
         counter!(WEBHOOKS_RECEIVED, "outcome" => outcome).absolute(0);
+    }
+    for outcome in ["applied", "up_to_date", "failed"] {
+        counter!(SHOPIFY_RECONCILED, "outcome" => outcome).absolute(0);
     }
     for source in ["compiled", "cache"] {
         counter!(PLUGIN_COMPILES, "source" => source).absolute(0);

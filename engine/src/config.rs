@@ -42,6 +42,31 @@ pub enum Command {
     /// Rule plugins on a running engine: status, deploy, promote, rollback, discard.
     #[command(subcommand)]
     Plugin(crate::devkit::PluginCommand),
+    /// Shopify tools for a running engine.
+    #[command(subcommand)]
+    Shopify(ShopifyCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ShopifyCommand {
+    /// Read the orders a shop updated since a time from the Admin API and send on what
+    /// the engine missed (the engine holds the access token).
+    Reconcile(ReconcileArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    /// The shop's domain (example.myshopify.com).
+    #[arg(long)]
+    pub shop: String,
+    /// Orders updated since: an RFC 3339 time, or a span back from now (90m, 24h, 7d).
+    #[arg(long)]
+    pub since: String,
+    /// And until (the same forms): a window of a large shop at a time.
+    #[arg(long)]
+    pub until: Option<String>,
+    #[command(flatten)]
+    pub target: crate::devkit::Target,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -243,20 +268,86 @@ pub struct ShopifyArgs {
     /// Deliveries per second per shop before 429 (with Retry-After). Off by default.
     #[arg(long, env = "ORCHESTRATOR_SHOPIFY_RATE_LIMIT")]
     pub shopify_rate_limit: Option<u32>,
+    /// Secrets per shop, for one custom app per shop: a file (mode 600) of lines
+    /// `<shop-domain> <secret> [<previous secret>]`. A shop not in it uses --shopify-secret.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_SECRETS_FILE")]
+    pub shopify_secrets_file: Option<std::path::PathBuf>,
+    /// A file holding the Admin API access token (first line, mode 0600), for
+    /// reconciliation; or the environment's SHOPIFY_ADMIN_TOKEN. Never a flag's value.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_ADMIN_TOKEN_FILE")]
+    pub shopify_admin_token_file: Option<std::path::PathBuf>,
+    /// The Admin API's base URL; `{shop}` is replaced by the shop's domain.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_ADMIN_URL", default_value = DEFAULT_ADMIN_URL)]
+    pub shopify_admin_url: String,
+    /// Reconcile this shop periodically (with --shopify-reconcile-every-mins).
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_SHOP")]
+    pub shopify_shop: Option<String>,
+    /// Minutes between periodic reconciliations of --shopify-shop; 0 (the default) is off.
+    #[arg(long, env = "ORCHESTRATOR_SHOPIFY_RECONCILE_EVERY_MINS", default_value_t = 0)]
+    pub shopify_reconcile_every_mins: u64,
 }
 
+const DEFAULT_ADMIN_URL: &str = "https://{shop}/admin/api/2025-10";
+
 impl ShopifyArgs {
-    pub fn config(&self) -> Option<crate::shopify::ShopifyConfig> {
-        let current = self.shopify_secret.clone().filter(|s| !s.is_empty())?;
-        Some(crate::shopify::ShopifyConfig {
-            secrets: crate::shopify::signature::Secrets {
+    /// The Admin API settings, if an access token is given; an error for a token file
+    /// others can read, or a periodic mode without its shop.
+    pub fn admin(&self) -> anyhow::Result<Option<crate::shopify::AdminSettings>> {
+        let token = match &self.shopify_admin_token_file {
+            Some(path) => {
+                crate::api::auth::check_private(path)?;
+                let token = Secret::from_file(path).with_context(|| format!("reading {}", path.display()))?;
+                anyhow::ensure!(!token.expose().trim().is_empty(), "{} holds no token", path.display());
+                Some(token)
+            }
+            None => std::env::var("SHOPIFY_ADMIN_TOKEN").ok().filter(|t| !t.is_empty()).map(Secret::new),
+        };
+        anyhow::ensure!(
+            self.shopify_reconcile_every_mins <= 7 * 24 * 60,
+            "--shopify-reconcile-every-mins is at most a week (10080)"
+        );
+        let periodic = match (self.shopify_reconcile_every_mins, &self.shopify_shop) {
+            (0, _) => None,
+            (mins, Some(shop)) => {
+                Some((crate::shopify::reconcile::checked_shop(shop)?, std::time::Duration::from_secs(mins * 60)))
+            }
+            (_, None) => anyhow::bail!("--shopify-reconcile-every-mins needs --shopify-shop"),
+        };
+        anyhow::ensure!(
+            token.is_some() || periodic.is_none(),
+            "periodic reconciliation needs an Admin API token (--shopify-admin-token-file or SHOPIFY_ADMIN_TOKEN)"
+        );
+        anyhow::ensure!(
+            self.shopify_admin_url.contains("{shop}"),
+            "--shopify-admin-url needs {{shop}} where the shop's domain goes"
+        );
+        crate::shopify::admin::check_base(&self.shopify_admin_url.replace("{shop}", "example.myshopify.com"))?;
+        Ok(token.map(|token| crate::shopify::AdminSettings { url: self.shopify_admin_url.clone(), token, periodic }))
+    }
+
+    /// The bridge's settings, if a secret (or a secrets file) is given; an error for a
+    /// secrets file that others can read or that is malformed.
+    pub fn config(&self) -> anyhow::Result<Option<crate::shopify::ShopifyConfig>> {
+        let secrets =
+            self.shopify_secret.clone().filter(|s| !s.is_empty()).map(|current| crate::shopify::signature::Secrets {
                 current,
                 previous: self.shopify_secret_previous.clone().filter(|s| !s.is_empty()),
-            },
+            });
+        let shop_secrets = match &self.shopify_secrets_file {
+            Some(path) => crate::shopify::signature::read_secrets_file(path)?,
+            None => Default::default(),
+        };
+        if secrets.is_none() && shop_secrets.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(crate::shopify::ShopifyConfig {
+            secrets,
+            shop_secrets: std::sync::Arc::new(shop_secrets),
             dedup_ttl: std::time::Duration::from_secs(self.shopify_dedup_hours * 3600),
             max_body_bytes: self.shopify_max_body_bytes,
             rate_limit: self.shopify_rate_limit.map(|n| std::sync::Arc::new(crate::shopify::RateLimit::new(n))),
-        })
+            admin: None,
+        }))
     }
 }
 

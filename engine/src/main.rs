@@ -12,7 +12,9 @@ use orchestrator::api::listener;
 use orchestrator::api::origin::Hosts;
 use orchestrator::api::ws::WsLimits;
 use orchestrator::api::{self, ApiConfig, AppState};
-use orchestrator::config::{AccessArgs, BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, WebhookCommand};
+use orchestrator::config::{
+    AccessArgs, BridgeArgs, Cli, Command, SchemaArgs, ServeArgs, ShopifyCommand, WebhookCommand,
+};
 use orchestrator::engine::{Backend, Engine, EngineConfig, PluginConfig};
 use orchestrator::plugin::host::Limits;
 use orchestrator::runs::{RunConfig, Runs};
@@ -44,11 +46,19 @@ fn main() -> anyhow::Result<()> {
         Command::Bridge(args) => runtime.block_on(bridge(args)),
         Command::Generate(args) => runtime.block_on(orchestrator::runs::cli::generate(args)),
         Command::Plugin(command) => runtime.block_on(orchestrator::devkit::run(command)),
+        Command::Shopify(ShopifyCommand::Reconcile(args)) => {
+            runtime.block_on(orchestrator::shopify::reconcile::run_cli(args))
+        }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let access = access(&args.access, args.listen, Some(&args.data_dir))?;
+    let admin = args.shopify.admin()?;
+    let shopify = args.shopify.config()?.map(|c| orchestrator::shopify::ShopifyConfig { admin: admin.clone(), ..c });
+    if admin.is_some() && shopify.is_none() {
+        anyhow::bail!("reconciliation delivers through the webhook path: it needs --shopify-secret too");
+    }
     let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
     let metrics = install_metrics();
     let plugins = PluginConfig {
@@ -81,7 +91,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen = %listener.local_addr()?, data_dir = %args.data_dir.display(), backend = %engine.backend(),
         "engine ready: API at http://{}/ (see /openapi.json), metrics at /metrics", listener.local_addr()?
     );
-    let shopify = args.shopify.config();
+    if let Some(config) = &shopify {
+        orchestrator::shopify::reconcile::spawn_periodic(engine.clone(), config.clone());
+    }
     let runs = Runs::new(
         engine.clone(),
         RunConfig {
@@ -123,10 +135,9 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
             "the bridge produces to Kafka and deduplicates in the CQL store: give --kafka-brokers and --cql-nodes"
         );
     }
-    let shopify = args
-        .shopify
-        .config()
-        .ok_or_else(|| anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET)"))?;
+    let shopify = args.shopify.config()?.ok_or_else(|| {
+        anyhow::anyhow!("the bridge needs --shopify-secret (SHOPIFY_WEBHOOK_SECRET) or --shopify-secrets-file")
+    })?;
     let access = access(&args.access, args.listen, None)?;
     let hosts = Hosts::new(args.listen.ip().is_loopback(), &args.access.allowed_hosts);
     let metrics = install_metrics();

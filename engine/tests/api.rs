@@ -65,6 +65,14 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     assert_eq!(r.status(), 400);
     let body: Value = r.json().await.unwrap();
     assert!(body.to_string().contains("note must be at most 16384 bytes, got 20000"), "{body}");
+    // A customer (an email) over its limit (a 3 MB one was accepted on main; this engine's
+    // body limit is 64 KiB).
+    let mut e = created("o-customer", "e-customer", "GOLD", 100);
+    e["payload"]["customer"] = json!(format!("{}@example.com", "c".repeat(10_000)));
+    let r = s.post_events(&e).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("customer must be at most 320 bytes"), "{body}");
 
     // An empty array.
     assert_eq!(s.post_events(&json!([])).await.status(), 400);
@@ -92,6 +100,11 @@ async fn bad_input_gets_clear_errors_and_the_engine_keeps_serving() {
     assert_eq!(patch("o-good", Some("1"), json!({"colour": "red"})).await.unwrap().status(), 400);
     assert_eq!(patch("o-good", Some("1"), json!({"shipping_fee_cents": -5})).await.unwrap().status(), 400);
     assert_eq!(patch("o-missing", Some("1"), json!({"note": "x"})).await.unwrap().status(), 404);
+    // An edit's note has the events' limit (a 200 KB one was accepted on main).
+    let r = patch("o-good", Some("1"), json!({"note": "n".repeat(20_000)})).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(body.to_string().contains("note must be at most 16384 bytes"), "{body}");
 
     let r = patch("o-good", Some("1"), json!({"note": "first edit"})).await.unwrap();
     assert_eq!(r.status(), 200);

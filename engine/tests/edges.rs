@@ -205,6 +205,12 @@ async fn slow_clients_are_cut_off_and_the_connection_cap_answers_503() {
     let (_, closed) = read_until_closed(&mut half, window).await;
     assert!(closed, "half-sent headers are cut off");
 
+    // A keep-alive connection that goes quiet after its first answer is cut off too.
+    let mut kept = connect().await.unwrap();
+    kept.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n").await.unwrap();
+    let (answer, closed) = read_until_closed(&mut kept, window).await;
+    assert!(answer.starts_with("HTTP/1.1 200") && closed, "answered, then closed when idle: {answer:?}");
+
     let mut trickle = connect().await.unwrap();
     let head = format!(
         "POST /orders/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\
@@ -282,6 +288,8 @@ async fn websocket_clients_are_bounded() {
         }
         other => panic!("a second client is refused: {other:?}"),
     }
+    let refused = r#"orchestrator_connections_refused_total{reason="ws_cap"}"#;
+    assert_eq!(common::counter(&s, refused).await, 1, "the refusal is counted");
     // A 64 KiB message closes the socket instead of being buffered.
     first.send(Message::Text("x".repeat(64 << 10).into())).await.unwrap();
     let closed = tokio::time::timeout(std::time::Duration::from_secs(10), async {

@@ -420,3 +420,75 @@ async fn a_claim_whose_event_never_reached_the_log_is_not_a_duplicate() {
     let again = deliver(&s, "orders/create", "lost-1", CREATE, Some(sign(SECRET, CREATE))).await;
     assert_eq!(again.json::<Value>().await.unwrap()["status"], "duplicate");
 }
+
+/// Many shops in one engine: each signs with its own secret (rotation per shop), a shop
+/// without one is refused, and `app/uninstalled` makes the shop's later deliveries
+/// refused and audited until an operator activates it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
+    use common::deliver_from;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("shop-secrets");
+    std::fs::write(&secrets, "# shop secret [previous]\na.myshopify.com secret-a\nB.myshopify.com secret-b old-b\n")
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let path = secrets.display().to_string();
+    let s = Server::start_with(&dir.path().join("data"), &["--shopify-secrets-file", &path]).await;
+    let order = |id: i64| {
+        let mut o: Value = serde_json::from_slice(CREATE).unwrap();
+        o["id"] = json!(id);
+        o.to_string().into_bytes()
+    };
+    let status = |r: reqwest::Response| async move {
+        let code = r.status().as_u16();
+        (code, r.json::<Value>().await.unwrap_or_default()["status"].as_str().unwrap_or_default().to_string())
+    };
+    let (a, b) = ("a.myshopify.com", "b.myshopify.com");
+    let body = order(1);
+    assert_eq!(
+        status(deliver_from(&s, a, "orders/create", "a-1", &body, Some(sign("secret-a", &body))).await).await,
+        (200, "accepted".into())
+    );
+    assert_eq!(deliver_from(&s, a, "orders/create", "a-x", &body, Some(sign("secret-b", &body))).await.status(), 401);
+    let body = order(2);
+    assert_eq!(deliver_from(&s, b, "orders/create", "b-2", &body, Some(sign("old-b", &body))).await.status(), 200);
+    let r = deliver_from(&s, "c.myshopify.com", "orders/create", "c-3", &body, Some(sign("secret-a", &body))).await;
+    assert_eq!(r.status(), 401, "a shop with no secret");
+
+    // The uninstall: A's later deliveries are refused (200, so Shopify stops) and audited.
+    let gone = br#"{"id": 1, "name": "A", "domain": "a.myshopify.com"}"#;
+    assert_eq!(
+        status(deliver_from(&s, a, "app/uninstalled", "a-bye", gone, Some(sign("secret-a", gone))).await).await,
+        (200, "uninstalled".into())
+    );
+    let body = order(4);
+    assert_eq!(
+        status(deliver_from(&s, a, "orders/create", "a-4", &body, Some(sign("secret-a", &body))).await).await,
+        (200, "refused".into())
+    );
+    let body = order(5);
+    assert_eq!(
+        status(deliver_from(&s, b, "orders/create", "b-5", &body, Some(sign("secret-b", &body))).await).await,
+        (200, "accepted".into()),
+        "another shop goes on"
+    );
+    s.drain(Duration::from_secs(30)).await;
+    assert_eq!(s.get_json("/orders/shopify-4").await.0, 404, "nothing of the refused delivery");
+    assert_eq!(s.get_json("/orders/shopify-5").await.0, 200);
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=100").await;
+    let refused = audit["items"].as_array().unwrap().iter().find(|d| d["webhook_id"] == "a-4").cloned().unwrap();
+    assert_eq!(refused["outcome"], "shop_inactive", "{refused}");
+    assert!(refused["reason"].as_str().unwrap().contains("uninstalled"), "{refused}");
+    let (_, shop) = s.get_json("/shopify/shops/a.myshopify.com").await;
+    assert_eq!((shop["active"].as_bool(), shop["reason"].as_str()), (Some(false), Some("app/uninstalled")));
+
+    // Activated again (after a reinstall), its deliveries are taken.
+    let r = common::authorized().post(s.url("/shopify/shops/a.myshopify.com/activate")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = order(6);
+    assert_eq!(
+        status(deliver_from(&s, a, "orders/create", "a-6", &body, Some(sign("secret-a", &body))).await).await,
+        (200, "accepted".into())
+    );
+}

@@ -445,6 +445,21 @@ pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
     }
     assert!(seen.contains(&(key.clone(), "received".into())), "the delivery audit");
     assert!(!seen.iter().any(|(w, _)| *w == old_id), "a delivery past the retention is gone");
+
+    // A shop's standing: none until it changes, then the latest.
+    let domain = format!("{prefix}-shop.myshopify.com");
+    assert_eq!(s.shop(&domain).await.unwrap(), None);
+    let mut shop = super::ShopRecord {
+        domain: domain.clone(),
+        active: false,
+        reason: "app/uninstalled".into(),
+        changed_at: Utc::now(),
+    };
+    s.set_shop(&shop).await.unwrap();
+    assert_eq!(s.shop(&domain).await.unwrap().map(|s| s.active), Some(false));
+    shop.active = true;
+    s.set_shop(&shop).await.unwrap();
+    assert_eq!(s.shop(&domain).await.unwrap(), Some(shop));
 }
 
 /// A purge racing updates deletes only what still has the status when it goes: an update

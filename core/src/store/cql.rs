@@ -23,14 +23,14 @@ use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
-    WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
+    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 7] = [
+const MIGRATIONS: [&str; 8] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
@@ -38,6 +38,7 @@ const MIGRATIONS: [&str; 7] = [
     include_str!("../../../schemas/cql/005_delivery_days.cql"),
     include_str!("../../../schemas/cql/006_routes.cql"),
     include_str!("../../../schemas/cql/007_cases.cql"),
+    include_str!("../../../schemas/cql/008_shops.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -1096,6 +1097,21 @@ impl WebhookLedger for CqlStore {
     async fn prune_deliveries(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
         // The tables' TTLs expire records and claims.
         Ok(0)
+    }
+
+    async fn shop(&self, domain: &str) -> Result<Option<ShopRecord>, StoreError> {
+        let cql = format!("SELECT body FROM {}.shops WHERE domain = ?", self.keyspace);
+        let rows = self.session.query_unpaged(cql, (domain,)).await.map_err(backend)?;
+        let row = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<String>,)>().map_err(backend)?;
+        let body = row.and_then(|(b,)| b);
+        body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Backend(e.into()))).transpose()
+    }
+
+    async fn set_shop(&self, shop: &ShopRecord) -> Result<(), StoreError> {
+        let cql = format!("INSERT INTO {}.shops (domain, body) VALUES (?, ?)", self.keyspace);
+        let body = serde_json::to_string(shop).expect("a shop serializes");
+        self.session.query_unpaged(cql, (&shop.domain, body)).await.map_err(backend)?;
+        Ok(())
     }
 }
 

@@ -15,8 +15,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
-    WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
+    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -82,6 +82,9 @@ CREATE TABLE IF NOT EXISTS webhook_claims (
     claimed_at INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS webhook_deliveries (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
+
+-- Each shop's standing with the app (a ShopRecord as JSON); a shop never seen is active.
+CREATE TABLE IF NOT EXISTS shops (domain TEXT PRIMARY KEY, body TEXT NOT NULL);
 
 -- Operator and admin actions (the audit behind GET /audit), as JSON.
 CREATE TABLE IF NOT EXISTS actions (seq INTEGER PRIMARY KEY, body TEXT NOT NULL);
@@ -878,6 +881,28 @@ impl WebhookLedger for EmbeddedStore {
             .await?;
         Ok(gone + claims as u64)
     }
+
+    async fn shop(&self, domain: &str) -> Result<Option<ShopRecord>, StoreError> {
+        let domain = domain.to_string();
+        let body: Option<String> = self
+            .read(move |c| {
+                c.query_row("SELECT body FROM shops WHERE domain = ?1", [domain], |r| r.get(0))
+                    .optional()
+                    .map_err(backend)
+            })
+            .await?;
+        body.map(|b| serde_json::from_str(&b).map_err(|e| StoreError::Backend(e.into()))).transpose()
+    }
+
+    async fn set_shop(&self, shop: &ShopRecord) -> Result<(), StoreError> {
+        let (domain, body) = (shop.domain.clone(), serde_json::to_string(shop).expect("a shop serializes"));
+        self.with_writer(move |conn| {
+            conn.execute("INSERT OR REPLACE INTO shops (domain, body) VALUES (?1, ?2)", [domain, body])
+                .map(|_| ())
+                .map_err(backend)
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -1071,6 +1096,31 @@ mod tests {
             .map(|c| c.event.event_id)
             .collect();
         assert_eq!(left, ["cap-3", "cap-4"]);
+    }
+
+    /// Expired claims were deleted only when their key came back: pruning takes them all.
+    #[tokio::test]
+    async fn pruning_takes_expired_claims_and_keeps_live_ones() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap();
+        let (lease, short, long) = (Duration::from_secs(60), Duration::from_millis(1), Duration::from_secs(3_600));
+        for i in 0..3 {
+            store.claim_delivery(&format!("gone-{i}"), short, lease).await.unwrap();
+            store.confirm_delivery(&format!("gone-{i}"), short).await.unwrap();
+        }
+        store.claim_delivery("kept", long, lease).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(store.prune_deliveries(Utc::now() - super::super::DELIVERY_RETENTION).await.unwrap(), 3);
+        let left: Vec<String> = store
+            .read(|c| {
+                let mut stmt = c.prepare("SELECT key FROM webhook_claims").map_err(backend)?;
+                let keys = stmt.query_map([], |r| r.get(0)).map_err(backend)?;
+                keys.collect::<rusqlite::Result<_>>().map_err(backend)
+            })
+            .await
+            .unwrap();
+        assert_eq!(left, ["kept"]);
     }
 
     #[tokio::test]

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, StoreError, StoreStats,
-    WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
+    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
+    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
 
@@ -30,6 +30,7 @@ struct State {
     letters: Vec<DeadLetter>,
     claims: HashMap<String, Held>,
     deliveries: Vec<WebhookDelivery>,
+    shops: HashMap<String, ShopRecord>,
     runs: HashMap<String, RunRecord>,
     /// Oldest first.
     actions: Vec<ActionRecord>,
@@ -287,6 +288,15 @@ impl WebhookLedger for MemoryStore {
         state.deliveries.retain(|d| d.received_at >= before);
         state.claims.retain(|_, c| c.expires > now);
         Ok((deliveries - state.deliveries.len() + claims - state.claims.len()) as u64)
+    }
+
+    async fn shop(&self, domain: &str) -> Result<Option<ShopRecord>, StoreError> {
+        Ok(self.state().shops.get(domain).cloned())
+    }
+
+    async fn set_shop(&self, shop: &ShopRecord) -> Result<(), StoreError> {
+        self.state().shops.insert(shop.domain.clone(), shop.clone());
+        Ok(())
     }
 }
 

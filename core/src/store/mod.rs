@@ -161,6 +161,18 @@ pub struct ListQuery {
     pub sort: Sort,
 }
 
+/// A shop's standing with the app: active unless it uninstalled the app (a shop never
+/// seen is active).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
+pub struct ShopRecord {
+    /// Its `X-Shopify-Shop-Domain`, in lower case.
+    pub domain: String,
+    pub active: bool,
+    /// What changed it last: the `app/uninstalled` webhook, or who activated it again.
+    pub reason: String,
+    pub changed_at: DateTime<Utc>,
+}
+
 /// One webhook delivery, as the bridge saw it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, ToSchema)]
 pub struct WebhookDelivery {
@@ -356,6 +368,9 @@ pub trait WebhookLedger: Send + Sync + 'static {
     /// Deletes delivery records received before `before` and claims whose time ran out;
     /// returns how many rows went. A backend with TTLs (CQL) expires them itself.
     async fn prune_deliveries(&self, before: DateTime<Utc>) -> Result<u64, StoreError>;
+    /// A shop's standing, if it ever changed.
+    async fn shop(&self, domain: &str) -> Result<Option<ShopRecord>, StoreError>;
+    async fn set_shop(&self, shop: &ShopRecord) -> Result<(), StoreError>;
 }
 
 /// Generated runs: their records, and the audit, purge and reset they act with.

@@ -31,7 +31,7 @@ pub async fn receive(
     RawBody(body): RawBody,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
     let Some(config) = s.config.shopify.clone() else {
-        let hint = "set --shopify-secret or SHOPIFY_WEBHOOK_SECRET";
+        let hint = "set --shopify-secret (SHOPIFY_WEBHOOK_SECRET) or --shopify-secrets-file";
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Shopify webhooks are not configured", hint));
     };
     let delivery = delivery_headers(&headers);
@@ -58,12 +58,18 @@ pub async fn receive(
         Err(e) => Err(e.into_error(config.max_body_bytes)),
         Ok(body) => {
             let accepted = shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await;
-            unverified = matches!(accepted, Err(WebhookError::Unsigned | WebhookError::BadSignature));
+            let refused = matches!(accepted, Err(WebhookError::Unsigned | WebhookError::BadSignature));
+            unverified = refused || matches!(accepted, Err(WebhookError::UnknownShop));
+            if let Err(e @ WebhookError::UnknownShop) = &accepted {
+                audit.reason = Some(e.to_string());
+            }
             accepted.map_err(ApiError::from)
         }
     };
     metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
-    if let Err(e) = &result {
+    if let Err(e) = &result
+        && audit.reason.is_none()
+    {
         let detail = e.detail["message"].as_str().map_or_else(|| e.detail.to_string(), str::to_string);
         audit.reason = Some(format!("{}: {detail}", e.error));
     }
@@ -143,6 +149,13 @@ impl From<WebhookError> for ApiError {
             WebhookError::Unsigned | WebhookError::BadSignature => {
                 ApiError::new(StatusCode::UNAUTHORIZED, "invalid webhook signature", why)
             }
+            // Answered like a bad signature, so that callers cannot tell which shops are set
+            // up; the audit keeps the difference.
+            WebhookError::UnknownShop => ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid webhook signature",
+                WebhookError::BadSignature.to_string(),
+            ),
             WebhookError::RateLimited { retry_after_s } => {
                 let detail = json!({ "retry_after_seconds": retry_after_s });
                 let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many deliveries from this shop", detail);
@@ -193,4 +206,107 @@ pub async fn deliveries(
     let limit = page_limit(p.limit, 100, 1000)?;
     let ledger = s.engine.webhooks();
     super::pages::capped(s.config.max_page_bytes, limit, |n| ledger.deliveries(n, p.cursor.clone())).await
+}
+
+/// What to reconcile: one shop's orders updated since a time.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// The shop's domain (example.myshopify.com).
+    pub shop: String,
+    /// Orders updated at or after this time (RFC 3339) are read.
+    pub since: chrono::DateTime<Utc>,
+    /// And at or before this one, if given.
+    #[serde(default)]
+    pub until: Option<chrono::DateTime<Utc>>,
+}
+
+/// Reads the shop's orders updated since `since` from Shopify's Admin API and sends on,
+/// through the webhook path, those the store lacks or has older. Answers when done.
+#[utoipa::path(
+    post, path = "/shopify/reconcile", request_body = ReconcileRequest,
+    responses(
+        (status = 200, body = shopify::reconcile::ReconcileReport), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "No Admin API token, or no webhook secret, is configured"),
+        (status = 502, body = ErrorBody, description = "The Admin API refused or kept failing"),
+    )
+)]
+pub async fn reconcile(
+    State(s): State<AppState>,
+    super::JsonBytes(body): super::JsonBytes,
+) -> Result<Json<shopify::reconcile::ReconcileReport>, ApiError> {
+    let request: ReconcileRequest = super::parse_json(&body, "reconcile request")?;
+    let not_set_up = |hint: &str| ApiError::new(StatusCode::CONFLICT, "reconciliation is not configured", json!(hint));
+    let config = s.config.shopify.clone().ok_or_else(|| not_set_up("set --shopify-secret"))?;
+    let admin = config
+        .admin
+        .clone()
+        .ok_or_else(|| not_set_up("give the Admin API token: --shopify-admin-token-file or SHOPIFY_ADMIN_TOKEN"))?;
+    let shop = shopify::reconcile::checked_shop(&request.shop)
+        .map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    if request.since > Utc::now() || request.until.is_some_and(|u| u < request.since) {
+        return Err(ApiError::bad_request("invalid window", "since must be past, and until after it"));
+    }
+    if config.secrets_for(Some(&shop)).is_none() {
+        return Err(not_set_up("no webhook secret for this shop: --shopify-secret or --shopify-secrets-file"));
+    }
+    if s.engine.webhooks().shop(&shop).await?.is_some_and(|r| !r.active) {
+        return Err(not_set_up("the shop uninstalled the app: POST /shopify/shops/{shop}/activate first"));
+    }
+    let upstream = |e: String| ApiError::new(StatusCode::BAD_GATEWAY, "the Shopify Admin API failed", json!(e));
+    let api =
+        shopify::admin::AdminApi::new(&admin.url, &shop, admin.token.clone()).map_err(|e| upstream(e.to_string()))?;
+    let window = (request.since, request.until);
+    let report = shopify::reconcile::reconcile(&s.engine, &config, &api, &shop, window, |r| {
+        tracing::info!(shop = %r.shop, pages = r.pages, fetched = r.fetched, "reconciling");
+    })
+    .await
+    .map_err(|e| upstream(e.to_string()))?;
+    Ok(Json(report))
+}
+
+/// A shop's standing with the app: active unless an `app/uninstalled` delivery came.
+#[utoipa::path(
+    get, path = "/shopify/shops/{shop}", params(("shop" = String, Path, description = "The shop's domain")),
+    responses(
+        (status = 200, body = crate::store::ShopRecord), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    )
+)]
+pub async fn shop(
+    State(s): State<AppState>,
+    axum::extract::Path(shop): axum::extract::Path<String>,
+) -> Result<Json<crate::store::ShopRecord>, ApiError> {
+    let domain =
+        shopify::reconcile::checked_shop(&shop).map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    let record = s.engine.webhooks().shop(&domain).await?;
+    Ok(Json(record.unwrap_or_else(|| crate::store::ShopRecord {
+        domain,
+        active: true,
+        reason: "never uninstalled".into(),
+        changed_at: chrono::DateTime::<Utc>::UNIX_EPOCH,
+    })))
+}
+
+/// Takes a shop's deliveries again after it reinstalled the app.
+#[utoipa::path(
+    post, path = "/shopify/shops/{shop}/activate", params(("shop" = String, Path, description = "The shop's domain")),
+    responses(
+        (status = 200, body = crate::store::ShopRecord), (status = 400, body = ErrorBody),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    )
+)]
+pub async fn activate_shop(
+    State(s): State<AppState>,
+    axum::extract::Path(shop): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<crate::store::ShopRecord>, ApiError> {
+    let domain =
+        shopify::reconcile::checked_shop(&shop).map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    let by = s.config.access.caller(&headers).ok().flatten().map_or_else(|| "an operator".to_string(), |c| c.name);
+    let record =
+        crate::store::ShopRecord { domain, active: true, reason: format!("activated by {by}"), changed_at: Utc::now() };
+    s.engine.webhooks().set_shop(&record).await?;
+    Ok(Json(record))
 }

@@ -46,6 +46,11 @@ impl Engine {
         self.send(self.http.post(self.url(path)), path).await
     }
 
+    /// A POST with a JSON body, for work that may take longer than a usual call.
+    pub async fn post_json(&self, path: &str, body: &Value, timeout: Duration) -> anyhow::Result<Value> {
+        self.send(self.http.post(self.url(path)).json(body).timeout(timeout), path).await
+    }
+
     /// Sends a component: `PUT` deploys it, `POST` asks a question of it (a what-if run).
     pub async fn send_component(&self, method: reqwest::Method, path: &str, body: Vec<u8>) -> anyhow::Result<Value> {
         let request = self.http.request(method, self.url(path)).header("content-type", "application/wasm").body(body);

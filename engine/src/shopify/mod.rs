@@ -1,7 +1,9 @@
 //! The Shopify bridge: signed order webhooks in, order events on the log out, with
 //! durable deduplication and an audit record per delivery.
 
+pub mod admin;
 pub mod payload;
+pub mod reconcile;
 pub mod send;
 pub mod signature;
 
@@ -12,20 +14,44 @@ use utoipa::ToSchema;
 
 use crate::engine::{Engine, IngestError};
 use crate::failure::{Failure, FailureKind, Stage};
-use crate::store::{Claim, StoreError, WebhookDelivery};
+use crate::store::{Claim, ShopRecord, StoreError, WebhookDelivery};
 use payload::TopicAction;
 use signature::Secrets;
 
 /// The bridge's settings.
 #[derive(Debug, Clone)]
 pub struct ShopifyConfig {
-    pub secrets: Secrets,
+    /// The app's secret, for shops without one of their own; `None` when every shop
+    /// has its own.
+    pub secrets: Option<Secrets>,
+    /// Per shop (by domain, lower case), for agencies running one custom app per shop.
+    pub shop_secrets: std::sync::Arc<std::collections::HashMap<String, Secrets>>,
     /// How long a delivery id is remembered for deduplication.
     pub dedup_ttl: Duration,
     /// Largest accepted webhook body; larger ones get 413.
     pub max_body_bytes: usize,
     /// Deliveries per second each shop may send; `None` (the default) is unlimited.
     pub rate_limit: Option<std::sync::Arc<RateLimit>>,
+    /// How to read the Admin API, for reconciliation; `None` without an access token.
+    pub admin: Option<AdminSettings>,
+}
+
+impl ShopifyConfig {
+    /// The secrets a delivery from `shop` must be signed with: its own, else the app's.
+    pub fn secrets_for(&self, shop: Option<&str>) -> Option<&Secrets> {
+        let own = shop.and_then(|s| self.shop_secrets.get(&s.trim().to_ascii_lowercase()));
+        own.or(self.secrets.as_ref())
+    }
+}
+
+/// Where the Admin API is and the access token that reads it.
+#[derive(Debug, Clone)]
+pub struct AdminSettings {
+    /// The API's base URL, with `{shop}` where the shop's domain goes.
+    pub url: String,
+    pub token: crate::secret::Secret,
+    /// Reconcile `shop` every `every` in `serve` (the periodic mode), if set.
+    pub periodic: Option<(String, Duration)>,
 }
 
 /// Shopify waits about 5 s for an answer: a log that takes longer gets a 503 (and a retry).
@@ -68,6 +94,8 @@ impl RateLimit {
 pub enum WebhookError {
     #[error("X-Shopify-Hmac-Sha256 is missing")]
     Unsigned,
+    #[error("no secret is configured for this shop (X-Shopify-Shop-Domain)")]
+    UnknownShop,
     #[error("X-Shopify-Hmac-Sha256 does not sign this body")]
     BadSignature,
     #[error("too many deliveries from this shop; retry in {retry_after_s} s")]
@@ -124,7 +152,8 @@ pub async fn accept(
     audit: &mut WebhookDelivery,
 ) -> Result<WebhookAnswer, WebhookError> {
     let signature = headers.hmac.as_deref().ok_or(WebhookError::Unsigned)?;
-    if !signature::verify(&config.secrets, body, signature) {
+    let secrets = config.secrets_for(headers.shop.as_deref()).ok_or(WebhookError::UnknownShop)?;
+    if !signature::verify(secrets, body, signature) {
         return Err(WebhookError::BadSignature);
     }
     if let Some(limit) = &config.rate_limit
@@ -133,6 +162,9 @@ pub async fn accept(
         return Err(WebhookError::RateLimited { retry_after_s });
     }
     let topic = headers.topic.as_deref().ok_or(WebhookError::NoTopic)?;
+    if let Some(answer) = shop_standing(engine, headers, topic, audit).await? {
+        return Ok(answer);
+    }
     let kind = match payload::topic_action(topic) {
         TopicAction::Event(kind) => kind,
         TopicAction::Ignored => {
@@ -205,6 +237,40 @@ pub async fn accept(
     }
     audit.outcome = "received".into();
     Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
+}
+
+/// An `app/uninstalled` delivery marks its shop inactive; a delivery from an inactive
+/// shop is refused (200, so that Shopify does not retry it, and audited). `None` lets
+/// the delivery go on.
+async fn shop_standing(
+    engine: &Engine,
+    headers: &DeliveryHeaders,
+    topic: &str,
+    audit: &mut WebhookDelivery,
+) -> Result<Option<WebhookAnswer>, WebhookError> {
+    let Some(shop) = headers.shop.as_deref().map(|s| s.trim().to_ascii_lowercase()) else { return Ok(None) };
+    if topic == "app/uninstalled" {
+        let record = ShopRecord {
+            domain: shop,
+            active: false,
+            reason: "app/uninstalled".into(),
+            changed_at: chrono::Utc::now(),
+        };
+        engine.webhooks().set_shop(&record).await?;
+        audit.outcome = "uninstalled".into();
+        return Ok(Some(WebhookAnswer { status: "uninstalled", order_id: None }));
+    }
+    match engine.webhooks().shop(&shop).await? {
+        Some(record) if !record.active => {
+            audit.outcome = "shop_inactive".into();
+            audit.reason = Some(format!(
+                "the shop uninstalled the app at {}; POST /shopify/shops/{shop}/activate after a reinstall",
+                record.changed_at.to_rfc3339()
+            ));
+            Ok(Some(WebhookAnswer { status: "refused", order_id: None }))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The longest delivery id a dead letter keeps (Shopify's are uuids).

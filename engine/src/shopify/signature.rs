@@ -20,6 +20,31 @@ impl std::fmt::Debug for Secrets {
     }
 }
 
+/// Reads a secrets file: one shop per line, `<shop-domain> <secret> [<previous secret>]`
+/// (blank lines and `#` comments skipped). It must be private to the engine's user.
+pub fn read_secrets_file(path: &std::path::Path) -> anyhow::Result<std::collections::HashMap<String, Secrets>> {
+    crate::api::auth::check_private(path)?;
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+    let mut shops = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at = || format!("{} line {}", path.display(), i + 1);
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (shop, current, previous) = match fields[..] {
+            [shop, current] => (shop, current, None),
+            [shop, current, previous] => (shop, current, Some(previous.to_string())),
+            _ => anyhow::bail!("{}: give <shop-domain> <secret> [<previous secret>]", at()),
+        };
+        let shop = crate::shopify::reconcile::checked_shop(shop).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        let secrets = Secrets { current: current.to_string(), previous };
+        anyhow::ensure!(shops.insert(shop.clone(), secrets).is_none(), "{}: {shop} is given twice", at());
+    }
+    Ok(shops)
+}
+
 /// The `X-Shopify-Hmac-Sha256` value for `body` under `secret`.
 pub fn sign(secret: &str, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");

@@ -61,6 +61,7 @@ pub fn backend_args() -> Vec<String> {
 pub fn orchestrator() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_orchestrator"));
     c.env_remove("KAFKA_BROKERS").env_remove("CQL_NODES").env_remove("ORCHESTRATOR_API_TOKEN");
+    c.env_remove("SHOPIFY_WEBHOOK_SECRET").env_remove("SHOPIFY_ADMIN_TOKEN");
     c
 }
 
@@ -392,11 +393,23 @@ pub async fn deliver(
     body: &[u8],
     signature: Option<String>,
 ) -> reqwest::Response {
+    deliver_from(s, "example.myshopify.com", topic, webhook_id, body, signature).await
+}
+
+/// [`deliver`] from a shop of its own.
+pub async fn deliver_from(
+    s: &Server,
+    shop: &str,
+    topic: &str,
+    webhook_id: &str,
+    body: &[u8],
+    signature: Option<String>,
+) -> reqwest::Response {
     let mut req = client()
         .post(s.url("/webhooks/shopify"))
         .header("content-type", "application/json")
         .header("x-shopify-topic", topic)
-        .header("x-shopify-shop-domain", "example.myshopify.com")
+        .header("x-shopify-shop-domain", shop)
         .header("x-shopify-webhook-id", webhook_id)
         .header("x-shopify-api-version", "2025-10")
         .body(body.to_vec());
