@@ -312,6 +312,47 @@ async fn websocket_clients_are_bounded() {
     }
 }
 
+/// A `/ws` client that never reads holds its buffers only until its sends have been
+/// blocked for 10 s; then it is dropped and counted (#13 finding 5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_client_that_never_reads_is_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", s.port)).await.unwrap();
+    let upgrade = format!(
+        "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        s.port
+    );
+    idle.write_all(upgrade.as_bytes()).await.unwrap();
+    let mut head = [0u8; 256];
+    let n = idle.read(&mut head).await.unwrap();
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 101"), "the feed opens");
+    // Changes enough to fill the socket's buffers many times over, and never read.
+    let dropped = r#"orchestrator_ws_dropped_total{reason="not_reading"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    let mut k = 0;
+    while common::counter(&s, dropped).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "a client that never reads is never dropped");
+        if k < 60 {
+            let note = "n".repeat(2_000);
+            let chunk: Vec<Value> = (0..500)
+                .map(|i| {
+                    let mut e = created(&format!("w-{k}-{i}"), &format!("w-{k}-{i}"), "GOLD", 100);
+                    e["payload"]["note"] = json!(note);
+                    e
+                })
+                .collect();
+            assert_eq!(s.post_events(&Value::Array(chunk)).await.status(), 202);
+            k += 1;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(s.health().await["status"], "ok");
+    drop(idle);
+}
+
 /// NUL characters were accepted in notes; control characters are refused in notes (but
 /// for newlines and tabs) and customers, by events and by edits, naming the field.
 #[tokio::test]

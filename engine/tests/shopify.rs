@@ -492,3 +492,32 @@ async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
         (200, "accepted".into())
     );
 }
+
+/// A signed delivery the log refuses for what it holds (its webhook id, so its event id,
+/// was taken by another order once the dedup window let it through again) is answered
+/// 200 and dead-lettered with the reason; on main it got 503 "the order log is
+/// unavailable" and Shopify would retry it for days. (The embedded ledger refuses such
+/// an id at ingest; CQL's, per order, dead-letters it in the pipeline.)
+#[tokio::test]
+async fn a_delivery_the_log_refuses_for_its_content_is_dead_lettered_not_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-dedup-hours", "0"]).await;
+    let order = |id: i64| {
+        let mut o: Value = serde_json::from_slice(CREATE).unwrap();
+        o["id"] = json!(id);
+        o.to_string().into_bytes()
+    };
+    let first = order(11);
+    assert_eq!(deliver(&s, "orders/create", "same-id", &first, Some(sign(SECRET, &first))).await.status(), 200);
+    s.drain(Duration::from_secs(10)).await;
+    let second = order(12);
+    let r = deliver(&s, "orders/create", "same-id", &second, Some(sign(SECRET, &second))).await;
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["status"], "rejected", "{answer}");
+    let (_, letters) = s.get_json("/dead-letters?limit=100").await;
+    let letter = letters["items"].as_array().unwrap().iter().find(|l| l["error_type"] == "invalid_delivery").cloned();
+    let letter = letter.unwrap_or_else(|| panic!("a dead letter: {letters}"));
+    assert!(letter["reason"].as_str().unwrap().contains("already used"), "{letter}");
+    assert_eq!(s.health().await["status"], "ok", "no outage is reported");
+}

@@ -220,6 +220,15 @@ pub async fn accept(
     // fails, run out their lease), so Shopify's retry passes.
     let appended = match tokio::time::timeout(APPEND_BUDGET, engine.ingest(std::slice::from_ref(&event))).await {
         Ok(Ok(_)) => Ok(()),
+        // Refused for what it holds (an event id another order took): no outage, and a
+        // retry would be refused the same way.
+        Ok(Err(IngestError::Invalid { reason, .. })) => {
+            release(engine, &claimed).await;
+            // The letter's id names the order too: the event id alone is the other order's.
+            let letter_id = format!("{delivery_id}@{}", event.order_id);
+            let order = Some(event.order_id.as_str());
+            return reject(engine, audit, &letter_id, order, body, reason).await;
+        }
         Ok(Err(e)) => Err(LogFailure::Refused(e)),
         // The record may still land later; the retry then is a duplicate the store absorbs.
         Err(_) => Err(LogFailure::NoAckWithin(APPEND_BUDGET)),
