@@ -312,6 +312,38 @@ async fn websocket_clients_are_bounded() {
     }
 }
 
+/// 1,100 idle sockets exhausted a 1024 open-file soft limit: the engine raises its soft
+/// limit to the hard one at start (#13 finding 4). Started here with a soft limit of 512.
+#[tokio::test]
+async fn the_engine_raises_its_open_file_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.path().display().to_string();
+    let mut engine = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 512 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_orchestrator")])
+        .args(["serve", "--listen", &listen, "--data-dir", &data])
+        .env_remove("KAFKA_BROKERS")
+        .env_remove("CQL_NODES")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while reqwest::get(format!("http://{listen}/health")).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the engine did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", engine.id())).unwrap();
+    let _ = engine.kill();
+    let _ = engine.wait();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "512", "the soft limit was raised: {line}");
+    assert_eq!(soft, hard, "to the hard limit: {line}");
+}
+
 /// A `/ws` client that never reads holds its buffers only until its sends have been
 /// blocked for 10 s; then it is dropped and counted (#13 finding 5).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
