@@ -243,8 +243,7 @@ pub async fn reconcile(
         .admin
         .clone()
         .ok_or_else(|| not_set_up("give the Admin API token: --shopify-admin-token-file or SHOPIFY_ADMIN_TOKEN"))?;
-    let shop = shopify::reconcile::checked_shop(&request.shop)
-        .map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    let shop = shop_param(&request.shop)?;
     if request.since > Utc::now() || request.until.is_some_and(|u| u < request.since) {
         return Err(ApiError::bad_request("invalid window", "since must be past, and until after it"));
     }
@@ -266,6 +265,11 @@ pub async fn reconcile(
     Ok(Json(report))
 }
 
+/// A shop's domain as a request gave it, checked (400 otherwise).
+fn shop_param(shop: &str) -> Result<String, ApiError> {
+    shopify::reconcile::checked_shop(shop).map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))
+}
+
 /// A shop's standing with the app: active unless an `app/uninstalled` delivery came.
 #[utoipa::path(
     get, path = "/shopify/shops/{shop}", params(("shop" = String, Path, description = "The shop's domain")),
@@ -278,8 +282,7 @@ pub async fn shop(
     State(s): State<AppState>,
     axum::extract::Path(shop): axum::extract::Path<String>,
 ) -> Result<Json<crate::store::ShopRecord>, ApiError> {
-    let domain =
-        shopify::reconcile::checked_shop(&shop).map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    let domain = shop_param(&shop)?;
     let record = s.engine.webhooks().shop(&domain).await?;
     Ok(Json(record.unwrap_or_else(|| crate::store::ShopRecord {
         domain,
@@ -302,8 +305,7 @@ pub async fn activate_shop(
     axum::extract::Path(shop): axum::extract::Path<String>,
     headers: HeaderMap,
 ) -> Result<Json<crate::store::ShopRecord>, ApiError> {
-    let domain =
-        shopify::reconcile::checked_shop(&shop).map_err(|e| ApiError::bad_request("invalid shop", e.to_string()))?;
+    let domain = shop_param(&shop)?;
     let by = s.config.access.caller(&headers).ok().flatten().map_or_else(|| "an operator".to_string(), |c| c.name);
     let record =
         crate::store::ShopRecord { domain, active: true, reason: format!("activated by {by}"), changed_at: Utc::now() };
