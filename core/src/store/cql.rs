@@ -1342,10 +1342,10 @@ impl Runs for CqlStore {
         Ok(audit)
     }
 
-    /// Each order goes only if it still has the status: a conditional delete of its row
-    /// (CQL allows a condition there, on static columns only) decides, so an event applied
-    /// after the scan keeps its order. Its history then goes by a delete stamped with the
-    /// newest write seen before, so an entry written after the decision stays.
+    /// Each order goes only if it still has the status and the version the scan saw: one
+    /// conditional batch fences on the row (CQL allows a condition on static columns only)
+    /// and deletes the whole partition, row and history together. It is a Paxos write, so
+    /// an entry written after it (every write here is one) has a later timestamp and stays.
     async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
         let ks = &self.keyspace;
         let cql = format!("SELECT DISTINCT id, status FROM {ks}.orders");
@@ -1363,41 +1363,24 @@ impl Runs for CqlStore {
             p.set_serial_consistency(Some(SerialConsistency::Serial));
             Ok::<_, StoreError>(p)
         };
-        let stamps = "version, WRITETIME(version), WRITETIME(h_outcome)";
-        let stamps = prepare(format!("SELECT {stamps} FROM {ks}.orders WHERE id = ?"));
         let statics = STATICS.trim_start_matches("id, ");
         let fence = prepare(format!("DELETE {statics} FROM {ks}.orders WHERE id = ? IF version = ? AND status = ?"));
-        let history = prepare(format!("DELETE FROM {ks}.orders USING TIMESTAMP ? WHERE id = ?"));
-        let (stamps, fence, history) = (stamps.await?, fence.await?, history.await?);
-        let (stamps, fence, history) = (&stamps, &fence, &history);
+        let partition = prepare(format!("DELETE FROM {ks}.orders WHERE id = ?"));
+        let (fence, partition) = (fence.await?, partition.await?);
+        let mut batch = Batch::new(BatchType::Logged);
+        batch.set_consistency(Consistency::Quorum);
+        batch.set_serial_consistency(Some(SerialConsistency::Serial));
+        batch.append_statement(fence);
+        batch.append_statement(partition);
+        let batch = &batch;
         let purge = |id: String| async move {
-            let rows = self.session.execute_unpaged(stamps, (&id,)).await.map_err(backend)?;
-            let rows = rows.into_rows_result().map_err(backend)?;
-            let (mut version, mut newest) = (None, i64::MIN);
-            for row in rows.rows::<(Option<i64>, Option<i64>, Option<i64>)>().map_err(backend)? {
-                let (v, row_at, entry_at) = row.map_err(backend)?;
-                version = version.or(v);
-                newest = newest.max(row_at.unwrap_or(i64::MIN)).max(entry_at.unwrap_or(i64::MIN));
-            }
-            let Some(version) = version else { return Ok(false) };
-            let gone = match self.lwt(self.session.execute_unpaged(fence, (&id, version, status.as_str()))).await? {
+            let Some(row) = self.get_with(&id, true).await? else { return Ok(false) };
+            let fenced = ((&id, row.version as i64, status.as_str()), (&id,));
+            Ok::<_, StoreError>(match self.lwt(self.session.batch(batch, fenced)).await? {
                 Some(applied) => applied,
                 // Unknown: it went if the row is absent now (nothing else deletes rows).
                 None => self.get_with(&id, true).await?.is_none(),
-            };
-            if gone {
-                // Safe to repeat; tried again, since a row gone without its history would
-                // leave entries that no later purge finds (it looks for the status).
-                let mut tries = 0;
-                while let Err(e) = self.session.execute_unpaged(history, (newest, &id)).await {
-                    tries += 1;
-                    if tries == 3 {
-                        return Err(backend(e));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100 * tries)).await;
-                }
-            }
-            Ok::<_, StoreError>(gone)
+            })
         };
         let purges: Vec<_> = doomed.into_iter().map(|id| Box::pin(purge(id))).collect();
         let done: Vec<_> = futures::stream::iter(purges).buffer_unordered(CONCURRENCY).collect().await;

@@ -126,7 +126,9 @@ impl Runs {
         }
         let now = Utc::now();
         let run = Run {
-            id: format!("run-{}", &uuid::Uuid::now_v7().simple().to_string()[..16]),
+            // The whole v7 uuid: its time sorts runs, and its 74 random bits keep outside
+            // producers from guessing the prefix that the run's audit and purge act on.
+            id: format!("run-{}", uuid::Uuid::now_v7().simple()),
             phase: Phase::Generating,
             quantity: request.quantity as u64,
             tier_mix: mix,
