@@ -26,17 +26,18 @@ if [ ${#packages[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
-# schemathesis (from PyPI, pinned) fuzzes the API against its OpenAPI document, and
-# componentize-py builds the Python plugin of the newcomer test; they live in a
+# schemathesis (from PyPI, pinned) fuzzes the API against its OpenAPI document,
+# componentize-py builds the Python plugin of the newcomer test, and cqlsh (Cassandra's
+# own client) reads the CQL tables a redaction must leave clean; they live in a
 # virtualenv outside the clone, made once.
 venv="$HOME/.cache/atomic-orchestrator/venv"
-if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/componentize-py" ]; then
-  echo "==> installing schemathesis and componentize-py into $venv"
+if [ ! -x "$venv/bin/schemathesis" ] || [ ! -x "$venv/bin/componentize-py" ] || [ ! -x "$venv/bin/cqlsh" ]; then
+  echo "==> installing schemathesis, componentize-py and cqlsh into $venv"
   [ -x "$venv/bin/pip" ] || python3 -m venv "$venv" \
     || { as_root apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"; }
-  "$venv/bin/pip" install -q 'schemathesis==4.32.5' 'componentize-py==0.25.1'
+  "$venv/bin/pip" install -q 'schemathesis==4.32.5' 'componentize-py==0.25.1' 'cqlsh==6.2.2'
 fi
-export SCHEMATHESIS="$venv/bin/schemathesis" COMPONENTIZE_PY="$venv/bin/componentize-py"
+export SCHEMATHESIS="$venv/bin/schemathesis" COMPONENTIZE_PY="$venv/bin/componentize-py" CQLSH="$venv/bin/cqlsh"
 
 # componentize-js (npm, pinned) builds the JavaScript plugin of the newcomer test, into
 # a directory outside the clone, once.
@@ -103,7 +104,7 @@ ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
   concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance \
   service_restarts kcat_records log_outage the_bridge_runs a_small_run cancel_then \
   an_event_before dead_letters_can a_pause a_reset_drops a_reset_stops an_update_follows \
-  a_run_whose_instance a_commit_made a_what_if_run reconciliation_closes shops_sign
+  a_run_whose_instance a_commit_made a_what_if_run reconciliation_closes shops_sign a_customer_redaction
 
 # The fault suite (TESTING.md) ran on the embedded default inside `cargo test` above;
 # here it runs on Kafka + Cassandra with two engines. It prints its seed.

@@ -161,8 +161,8 @@ pub struct OrderEdit {
 /// the operations below, so each invariant has one owner.
 pub struct Engine {
     log: Arc<dyn OrderLog>,
-    stores: Stores,
-    changes: ChangeStream,
+    pub(crate) stores: Stores,
+    pub(crate) changes: ChangeStream,
     stats: Arc<Stats>,
     pauses: Arc<Pauses>,
     discards: Arc<Discards>,

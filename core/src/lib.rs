@@ -9,6 +9,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod cluster;
+pub mod compliance;
 pub mod domain;
 pub mod engine;
 pub mod error;

@@ -10,6 +10,8 @@ use rusqlite::Connection;
 /// Opens a connection in WAL mode with full fsync on commit, so that a commit
 /// that returned is durable: the log acknowledges appends only after it, and the
 /// store must never be less durable than the log offsets committed after it.
+/// `secure_delete` zeroes what a delete or update frees inside a page, so erased
+/// personal data does not linger in the file (at no extra I/O in FAST mode).
 pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))?;
@@ -18,7 +20,8 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
          PRAGMA synchronous = FULL;
          PRAGMA foreign_keys = OFF;
          PRAGMA temp_store = MEMORY;
-         PRAGMA cache_size = -65536;",
+         PRAGMA cache_size = -65536;
+         PRAGMA secure_delete = FAST;",
     )?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)

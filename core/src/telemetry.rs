@@ -39,6 +39,8 @@ pub const WHATIF_CASES: &str = "orchestrator_whatif_cases_total";
 pub const PLUGIN_MEMORY: &str = "orchestrator_plugin_memory_bytes";
 pub const PIPELINE_RETRIES: &str = "orchestrator_pipeline_retries_total";
 pub const SHOPIFY_RECONCILED: &str = "orchestrator_shopify_reconciled_orders_total";
+pub const COMPLIANCE_REQUESTS: &str = "orchestrator_compliance_requests_total";
+pub const COMPLIANCE_OPEN: &str = "orchestrator_compliance_open_requests";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -71,6 +73,8 @@ pub const ALL: &[&str] = &[
     PLUGIN_MEMORY,
     PIPELINE_RETRIES,
     SHOPIFY_RECONCILED,
+    COMPLIANCE_REQUESTS,
+    COMPLIANCE_OPEN,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -145,6 +149,12 @@ fn describe() {
         "Orders read from Shopify's Admin API by reconciliation, by outcome (applied, up_to_date, failed)."
     );
     describe_counter!(
+        COMPLIANCE_REQUESTS,
+        "Shopify compliance requests (customers/redact, customers/data_request), by topic and outcome \
+         (received; done; retried: a store error, tried again; failed: given up after 5 tries)."
+    );
+    describe_gauge!(COMPLIANCE_OPEN, "Compliance requests received and not yet done on this instance's last look.");
+    describe_counter!(
         PARKED,
         "Events that came before their order's create, by priority and action (parked; released: decided later)."
     );
@@ -207,6 +217,12 @@ fn register_at_zero() {
     for outcome in ["applied", "up_to_date", "failed"] {
         counter!(SHOPIFY_RECONCILED, "outcome" => outcome).absolute(0);
     }
+    for topic in ["customers/redact", "customers/data_request"] {
+        for outcome in ["received", "done", "retried", "failed"] {
+            counter!(COMPLIANCE_REQUESTS, "topic" => topic, "outcome" => outcome).absolute(0);
+        }
+    }
+    gauge!(COMPLIANCE_OPEN).set(0.0);
     for source in ["compiled", "cache"] {
         counter!(PLUGIN_COMPILES, "source" => source).absolute(0);
     }

@@ -347,6 +347,7 @@ impl ShopifyArgs {
             max_body_bytes: self.shopify_max_body_bytes,
             rate_limit: self.shopify_rate_limit.map(|n| std::sync::Arc::new(crate::shopify::RateLimit::new(n))),
             admin: None,
+            compliance: Default::default(),
         }))
     }
 }

@@ -93,6 +93,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     if let Some(config) = &shopify {
         orchestrator::shopify::reconcile::spawn_periodic(engine.clone(), config.clone());
+        orchestrator::shopify::compliance::spawn_worker(engine.clone(), config.compliance.clone());
     }
     let runs = Runs::new(
         engine.clone(),

@@ -521,3 +521,122 @@ async fn a_delivery_the_log_refuses_for_its_content_is_dead_lettered_not_retried
     assert!(letter["reason"].as_str().unwrap().contains("already used"), "{letter}");
     assert_eq!(s.health().await["status"], "ok", "no outage is reported");
 }
+
+/// Shopify's compliance webhooks: a data request exports what the engine holds about a
+/// customer (to an operator token only); a redaction then erases the customer's email
+/// and notes from the rows, the dead letters and the export, keeping the business facts,
+/// and nothing the store holds, read through the API or straight from its files (SQLite)
+/// or tables (cqlsh), still has the email.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_customer_redaction_leaves_no_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(&dir.path().join("data"), &["--shopify-secret", SECRET]).await;
+    let (ada, bob) = ("ada.lovelace@example.com", "bob@example.com");
+    let order = |id: i64, email: &str, currency: &str| {
+        let mut o: Value = serde_json::from_slice(CREATE).unwrap();
+        o["id"] = json!(id);
+        o["email"] = json!(email);
+        o["customer"]["email"] = json!(email);
+        o["note"] = json!(format!("ring {email} before delivery"));
+        o["currency"] = json!(currency);
+        o["presentment_currency"] = json!(currency);
+        o.to_string().into_bytes()
+    };
+    let send = |topic: &'static str, id: String, body: Vec<u8>| {
+        let s = &s;
+        async move {
+            let r = deliver(s, topic, &id, &body, Some(sign(SECRET, &body))).await;
+            assert_eq!(r.status(), 200, "{topic} {id}");
+            r.json::<Value>().await.unwrap()["status"].as_str().unwrap().to_string()
+        }
+    };
+    for id in 1..=3 {
+        assert_eq!(send("orders/create", format!("c-{id}"), order(id, ada, "USD")).await, "accepted");
+    }
+    assert_eq!(send("orders/create", "c-4".into(), order(4, bob, "USD")).await, "accepted");
+    // A delivery that never became an event: its dead letter keeps the raw body.
+    assert_eq!(send("orders/create", "c-5".into(), order(5, ada, "EU")).await, "rejected");
+    s.drain(Duration::from_secs(10)).await;
+
+    let authed = |path: &str| common::client().get(s.url(path)).bearer_auth(common::TOKEN).send();
+    let request = |id: &str| {
+        let path = format!("/shopify/compliance/{id}");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let r: Value = authed(&path).await.unwrap().json().await.unwrap();
+                if r["state"] == "done" || Instant::now() > deadline {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let customer = json!({ "id": 191167, "email": ada, "phone": "+1 555 0100" });
+    let ask = json!({
+        "shop_id": 954889, "shop_domain": "shop.myshopify.com", "customer": customer,
+        "orders_requested": [1, 2, 3, 5], "data_request": { "id": 9999 },
+    });
+    assert_eq!(send("customers/data_request", "dr-1".into(), ask.to_string().into_bytes()).await, "accepted");
+    let asked = request("dr-1").await;
+    assert_eq!(asked["state"], "done", "{asked}");
+    let exported: Vec<&str> =
+        asked["export"]["orders"].as_array().unwrap().iter().map(|o| o["customer"].as_str().unwrap()).collect();
+    assert_eq!(exported, [ada, ada, ada], "the export holds the customer's orders: {asked}");
+    assert!(asked["export"]["dead_letters"].as_array().unwrap().len() == 1, "and the letter: {asked}");
+    assert_eq!(s.get_json("/shopify/compliance/dr-1").await.0, 401, "an export needs a token, even on loopback");
+
+    let redact = json!({
+        "shop_id": 954889, "shop_domain": "shop.myshopify.com", "customer": customer,
+        "orders_to_redact": [1, 2, 3],
+    });
+    assert_eq!(send("customers/redact", "rd-1".into(), redact.to_string().into_bytes()).await, "accepted");
+    assert_eq!(send("customers/redact", "rd-1".into(), redact.to_string().into_bytes()).await, "duplicate");
+    let done = request("rd-1").await;
+    assert_eq!(done["state"], "done", "{done}");
+    assert_eq!(done["erasure"]["orders_redacted"], 3, "{done}");
+
+    // The business facts stay; the personal fields are gone, as a new version.
+    let (_, row) = s.get_json("/orders/shopify-1").await;
+    assert_eq!((row["customer"].as_str(), row["note"].as_str()), (Some("[redacted]"), Some("")), "{row}");
+    assert_eq!((row["version"].as_u64(), row["total_cents"].as_i64()), (Some(2), Some(59895)), "{row}");
+    let (_, history) = s.get_json("/orders/shopify-1/history").await;
+    assert!(history["items"].as_array().unwrap().iter().any(|h| h["source"] == "redaction"), "{history}");
+    let (_, other) = s.get_json("/orders/shopify-4").await;
+    assert_eq!(other["customer"], bob, "another customer's order stays");
+
+    // Nothing read back through the API holds the email any more.
+    let mut seen = String::new();
+    for path in
+        ["/orders?limit=100", "/dead-letters?limit=1000", "/webhooks/deliveries?limit=1000", "/audit?limit=1000"]
+    {
+        seen.push_str(&authed(path).await.unwrap().text().await.unwrap());
+    }
+    for id in 1..=5 {
+        seen.push_str(&s.get_json(&format!("/orders/shopify-{id}/history")).await.1.to_string());
+    }
+    for id in ["dr-1", "rd-1"] {
+        seen.push_str(&authed(&format!("/shopify/compliance/{id}")).await.unwrap().text().await.unwrap());
+    }
+    seen.push_str(&authed("/shopify/compliance").await.unwrap().text().await.unwrap());
+    assert!(seen.contains(bob), "the reads cover the other customer's data");
+    assert!(!seen.contains(ada) && !seen.contains("555 0100"), "the API still returns the customer's data");
+
+    // Nor does the store itself. The embedded log deletes applied records every 2 s.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let raw = loop {
+        let raw = match s.keyspace() {
+            Some(keyspace) => common::cql_dump(&keyspace),
+            None => common::sqlite_dump(&s.data_dir),
+        };
+        if !raw.contains(ada) || Instant::now() > deadline {
+            break raw;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(raw.contains(bob), "the dump covers the store");
+    if let Some(at) = raw.find(ada) {
+        let around: String = raw[at.saturating_sub(300)..].chars().take(400).collect();
+        panic!("the store still holds the customer's email: …{around}…");
+    }
+}

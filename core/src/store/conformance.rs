@@ -6,9 +6,9 @@
 use chrono::{Duration, Utc};
 
 use super::{
-    ActionLog, ActionRecord, Backend, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, ListQuery, Orders,
-    Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery, WebhookLedger, Write,
-    WriteResult,
+    ActionLog, ActionRecord, Backend, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
+    DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, Sort, WebhookDelivery,
+    WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 
@@ -52,6 +52,91 @@ pub async fn check<B: Backend>(store: &B, prefix: &str) {
     runs(store, prefix).await;
     action_log(store, prefix).await;
     cases(store, prefix).await;
+    compliance(store, prefix).await;
+}
+
+/// `Compliance`: dead letters redacted by order or by what their payload holds, parked
+/// events by order, cases forgotten by order, and requests saved, replaced and listed.
+pub async fn compliance(s: &(impl Orders + DeadLetters + Parking + Cases + Compliance), prefix: &str) {
+    let e = |n: &str| format!("{prefix}-gdpr-{n}");
+    let (mine, other) = (e("o1"), e("o2"));
+    let email = format!("{prefix}-ada@example.com");
+    let redact: super::Redact = |p| if p.contains("@") { "{\"x\":1}".to_string() } else { p.to_string() };
+    let letter = |id: &str, order: &str, payload: String| {
+        let letter = DeadLetter { order_id: Some(order.into()), payload, ..letter_template(id) };
+        Write::Record {
+            event_id: id.into(),
+            source: "test".into(),
+            order_id: order.into(),
+            outcome: Outcome::Rejected,
+            reason: "r".into(),
+            decided_by: "t".into(),
+            dead_letter: Some(letter),
+        }
+    };
+    let (by_order, by_payload, untouched) = (e("l1"), e("l2"), e("l3"));
+    one(s, letter(&by_order, &mine, format!("{{\"c\":\"{email}\"}}"))).await;
+    one(s, letter(&by_payload, &other, format!("{{\"raw\":\"{email}\"}}"))).await;
+    one(s, letter(&untouched, &other, "{\"c\":\"bob@example.com\"}".into())).await;
+    let changed = s.redact_dead_letters(std::slice::from_ref(&mine), std::slice::from_ref(&email), redact).await;
+    assert_eq!(changed.unwrap(), 2, "letters of the order and letters holding the needle");
+    for (id, payload) in [(&by_order, "{\"x\":1}"), (&by_payload, "{\"x\":1}")] {
+        assert_eq!(s.dead_letter(id).await.unwrap().unwrap().payload, payload, "{id} redacted");
+    }
+    let kept = s.dead_letter(&untouched).await.unwrap().unwrap().payload;
+    assert!(kept.contains("bob@"), "another customer's letter stays: {kept}");
+
+    let parked = |order: &str, n: &str| ParkedEvent {
+        order_id: order.into(),
+        event_id: e(n),
+        priority: Priority::Normal,
+        appended_at_us: 1,
+        offset: 1,
+        parked_at: Utc::now(),
+        payload: format!("{{\"c\":\"{email}\"}}"),
+    };
+    s.park(vec![parked(&mine, "p1"), parked(&other, "p2")]).await.unwrap();
+    assert_eq!(s.redact_parked(std::slice::from_ref(&mine), redact).await.unwrap(), 1);
+    let left = s.parked(vec![mine.clone(), other.clone()]).await.unwrap();
+    let payload = |order: &str| left.iter().find(|p| p.order_id == order).unwrap().payload.clone();
+    assert_eq!((payload(&mine).as_str(), payload(&other).contains("@")), ("{\"x\":1}", true));
+    s.unpark(&left).await.unwrap();
+
+    let case = |order: &str, n: &str| Case {
+        event: crate::domain::OrderEvent {
+            event_id: e(n),
+            order_id: order.into(),
+            kind: crate::domain::EventKind::Updated,
+            source: "test".into(),
+            occurred_at: Utc::now(),
+            payload: Default::default(),
+            accepted_at: None,
+        },
+        current: Some(row(order, 1, "n")),
+        recorded_at: Utc::now(),
+    };
+    let keep = std::time::Duration::from_secs(3_600);
+    s.record_cases(vec![case(&mine, "c1"), case(&mine, "c2"), case(&other, "c3")], keep).await.unwrap();
+    assert_eq!(s.forget_cases(std::slice::from_ref(&mine)).await.unwrap(), 2, "the order's cases go");
+    let since = Utc::now() - Duration::minutes(5);
+    let orders: Vec<String> =
+        s.cases_since(since, 100_000).await.unwrap().into_iter().map(|c| c.event.order_id).collect();
+    assert!(!orders.contains(&mine) && orders.contains(&other), "only the order's cases go: {orders:?}");
+
+    let at = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
+    let request = |id: &str, secs: i64, body: &str| ComplianceRecord {
+        id: e(id),
+        received_at: at + Duration::seconds(secs),
+        body: body.into(),
+    };
+    s.save_request(&request("r1", 0, "{\"state\":\"pending\"}")).await.unwrap();
+    s.save_request(&request("r2", 1, "{}")).await.unwrap();
+    s.save_request(&request("r1", 0, "{\"state\":\"done\"}")).await.unwrap();
+    assert_eq!(s.request(&e("r1")).await.unwrap(), Some(request("r1", 0, "{\"state\":\"done\"}")), "replaced");
+    assert_eq!(s.request(&e("none")).await.unwrap(), None);
+    let listed: Vec<String> =
+        s.requests(1000).await.unwrap().into_iter().map(|r| r.id).filter(|id| id.starts_with(prefix)).collect();
+    assert_eq!(listed, [e("r2"), e("r1")], "newest first");
 }
 
 /// `Cases`: oldest first from a time, one case per event id, bounded by the limit, and

@@ -22,15 +22,15 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
-    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
+    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
+    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     include_str!("../../../schemas/cql/001_init.cql"),
     include_str!("../../../schemas/cql/002_parking.cql"),
     include_str!("../../../schemas/cql/003_delivery_claims.cql"),
@@ -39,6 +39,7 @@ const MIGRATIONS: [&str; 8] = [
     include_str!("../../../schemas/cql/006_routes.cql"),
     include_str!("../../../schemas/cql/007_cases.cql"),
     include_str!("../../../schemas/cql/008_shops.cql"),
+    include_str!("../../../schemas/cql/009_compliance.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -1113,6 +1114,112 @@ impl WebhookLedger for CqlStore {
         self.session.query_unpaged(cql, (&shop.domain, body)).await.map_err(backend)?;
         Ok(())
     }
+}
+
+/// Redaction and requests are rare and run off any request path: plain statements, and
+/// scans where the tables have no index for the question (dead letters by payload, cases
+/// by order, both bounded by their retention).
+#[async_trait]
+impl Compliance for CqlStore {
+    async fn redact_dead_letters(
+        &self,
+        order_ids: &[String],
+        needles: &[String],
+        redact: Redact,
+    ) -> Result<u64, StoreError> {
+        let ks = &self.keyspace;
+        let mut rows = self
+            .scan::<(i32, CqlTimeuuid, Option<String>, Option<String>)>(format!(
+                "SELECT bucket, seq, order_id, payload FROM {ks}.dead_letters"
+            ))
+            .await?;
+        let update = format!("UPDATE {ks}.dead_letters SET payload = ? WHERE bucket = ? AND seq = ?");
+        let mut changed = 0;
+        while let Some(row) = rows.next().await {
+            let (bucket, seq, order_id, payload) = row.map_err(backend)?;
+            let payload = payload.unwrap_or_default();
+            let named = order_id.is_some_and(|o| order_ids.contains(&o));
+            if !named && !needles.iter().any(|n| !n.is_empty() && payload.contains(n.as_str())) {
+                continue;
+            }
+            let redacted = redact(&payload);
+            if redacted != payload {
+                self.session.query_unpaged(update.as_str(), (redacted, bucket, seq)).await.map_err(backend)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError> {
+        let update = format!(
+            "UPDATE {}.parked SET payload = ? WHERE order_id = ? AND appended_at = ? AND log_offset = ? \
+             AND event_id = ?",
+            self.keyspace
+        );
+        let mut changed = 0;
+        for e in self.parked(order_ids.to_vec()).await? {
+            let redacted = redact(&e.payload);
+            if redacted != e.payload {
+                let key = (&e.order_id, e.appended_at_us, e.offset as i64, &e.event_id);
+                self.session
+                    .query_unpaged(update.as_str(), (redacted, key.0, key.1, key.2, key.3))
+                    .await
+                    .map_err(backend)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+        let ks = &self.keyspace;
+        let cql = format!("SELECT minute, shard, at, event_id, body FROM {ks}.cases");
+        let mut rows = self.scan::<(i32, i32, i64, String, Option<String>)>(cql).await?;
+        let delete = format!("DELETE FROM {ks}.cases WHERE minute = ? AND shard = ? AND at = ? AND event_id = ?");
+        let mut gone = 0;
+        while let Some(row) = rows.next().await {
+            let (minute, shard, at, event_id, body) = row.map_err(backend)?;
+            let case: Option<Case> = body.and_then(|b| serde_json::from_str(&b).ok());
+            if case.is_some_and(|c| order_ids.contains(&c.event.order_id)) {
+                self.session.query_unpaged(delete.as_str(), (minute, shard, at, event_id)).await.map_err(backend)?;
+                gone += 1;
+            }
+        }
+        Ok(gone)
+    }
+
+    async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {
+        let cql = format!("INSERT INTO {}.compliance (id, received_at, body) VALUES (?, ?, ?)", self.keyspace);
+        let values = (&request.id, micros(request.received_at), &request.body);
+        self.session.query_unpaged(cql, values).await.map_err(backend)?;
+        Ok(())
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<ComplianceRecord>, StoreError> {
+        let cql = format!("SELECT id, received_at, body FROM {}.compliance WHERE id = ?", self.keyspace);
+        let rows = self.session.query_unpaged(cql, (id,)).await.map_err(backend)?;
+        let row = rows.into_rows_result().map_err(backend)?.maybe_first_row::<RequestRow>().map_err(backend)?;
+        Ok(row.and_then(request_record))
+    }
+
+    async fn requests(&self, limit: usize) -> Result<Vec<ComplianceRecord>, StoreError> {
+        let cql = format!("SELECT id, received_at, body FROM {}.compliance", self.keyspace);
+        let mut rows = self.scan::<RequestRow>(cql).await?;
+        let mut all = Vec::new();
+        while let Some(row) = rows.next().await {
+            all.extend(request_record(row.map_err(backend)?));
+        }
+        all.sort_by(|a, b| b.received_at.cmp(&a.received_at).then_with(|| b.id.cmp(&a.id)));
+        all.truncate(limit);
+        Ok(all)
+    }
+}
+
+type RequestRow = (String, Option<i64>, Option<String>);
+
+fn request_record((id, received_at, body): RequestRow) -> Option<ComplianceRecord> {
+    Some(ComplianceRecord { id, received_at: from_micros(received_at?), body: body? })
 }
 
 /// The minute (since the epoch) a time falls in.

@@ -14,9 +14,9 @@ use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
-    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
+    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
+    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -105,6 +105,9 @@ CREATE INDEX IF NOT EXISTS parked_age ON parked(parked_at, appended_at);
 
 -- Generated runs, as JSON: they are few and always read whole.
 CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, started_at INTEGER NOT NULL, body TEXT NOT NULL);
+
+-- Data subject requests (Shopify's compliance webhooks), as the engine's JSON.
+CREATE TABLE IF NOT EXISTS compliance (id TEXT PRIMARY KEY, received_at INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at, id);
 ";
 
@@ -691,6 +694,115 @@ impl DeadLetters for EmbeddedStore {
         })
         .await
     }
+}
+
+#[async_trait]
+impl Compliance for EmbeddedStore {
+    async fn redact_dead_letters(
+        &self,
+        order_ids: &[String],
+        needles: &[String],
+        redact: Redact,
+    ) -> Result<u64, StoreError> {
+        let (ids, needles) = (order_ids.to_vec(), needles.to_vec());
+        self.write_tx(move |tx| {
+            let mut found: Vec<(i64, String)> = Vec::new();
+            let mut by_order = tx.prepare_cached("SELECT seq, payload FROM dead_letters WHERE order_id = ?1")?;
+            for id in &ids {
+                found.extend(by_order.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?);
+            }
+            // A scan, once per request: letters are few, and a payload may name the
+            // customer without naming the order (a delivery that never became an event).
+            let mut holding =
+                tx.prepare_cached("SELECT seq, payload FROM dead_letters WHERE instr(payload, ?1) > 0")?;
+            for needle in needles.iter().filter(|n| !n.is_empty()) {
+                found.extend(
+                    holding.query_map([needle], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?,
+                );
+            }
+            found.sort_unstable();
+            found.dedup_by_key(|(seq, _)| *seq);
+            let mut update = tx.prepare_cached("UPDATE dead_letters SET payload = ?2 WHERE seq = ?1")?;
+            let mut changed = 0;
+            for (seq, payload) in found {
+                let redacted = redact(&payload);
+                if redacted != payload {
+                    changed += update.execute(params![seq, redacted])? as u64;
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError> {
+        let ids = order_ids.to_vec();
+        self.write_tx(move |tx| {
+            let mut select = tx.prepare_cached("SELECT event_id, payload FROM parked WHERE order_id = ?1")?;
+            let mut update =
+                tx.prepare_cached("UPDATE parked SET payload = ?3 WHERE order_id = ?1 AND event_id = ?2")?;
+            let mut changed = 0;
+            for id in &ids {
+                let rows: Vec<(String, String)> =
+                    select.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+                for (event_id, payload) in rows {
+                    let redacted = redact(&payload);
+                    if redacted != payload {
+                        changed += update.execute(params![id, event_id, redacted])? as u64;
+                    }
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+        let ids = order_ids.to_vec();
+        self.with_cases(move |conn| {
+            let mut delete =
+                conn.prepare_cached("DELETE FROM cases WHERE json_extract(body, '$.event.order_id') = ?1")?;
+            let mut gone = 0;
+            for id in &ids {
+                gone += delete.execute([id])? as u64;
+            }
+            Ok(gone)
+        })
+        .await
+    }
+
+    async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {
+        let (id, at, body) = (request.id.clone(), micros(request.received_at), request.body.clone());
+        self.write_tx(move |tx| {
+            tx.prepare_cached("INSERT OR REPLACE INTO compliance (id, received_at, body) VALUES (?1, ?2, ?3)")?
+                .execute(params![id, at, body])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<ComplianceRecord>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            c.prepare_cached("SELECT id, received_at, body FROM compliance WHERE id = ?1")
+                .and_then(|mut s| s.query_row([&id], compliance_from_row).optional())
+                .map_err(backend)
+        })
+        .await
+    }
+
+    async fn requests(&self, limit: usize) -> Result<Vec<ComplianceRecord>, StoreError> {
+        self.read(move |c| {
+            c.prepare_cached("SELECT id, received_at, body FROM compliance ORDER BY received_at DESC, id DESC LIMIT ?1")
+                .and_then(|mut s| s.query_map([limit as i64], compliance_from_row)?.collect())
+                .map_err(backend)
+        })
+        .await
+    }
+}
+
+fn compliance_from_row(r: &Row<'_>) -> rusqlite::Result<ComplianceRecord> {
+    Ok(ComplianceRecord { id: r.get(0)?, received_at: from_micros(r.get(1)?), body: r.get(2)? })
 }
 
 #[async_trait]

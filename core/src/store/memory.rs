@@ -9,9 +9,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, DeadLetter, DeadLetters, HistoryEntry,
-    ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunRecord, Runs, ShopRecord, Sort, StoreError,
-    StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
+    ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
+    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
+    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
 
@@ -36,6 +36,7 @@ struct State {
     actions: Vec<ActionRecord>,
     /// Keyed like the CQL table: by order, then log position and event id.
     parked: BTreeMap<(String, i64, u64, String), ParkedEvent>,
+    compliance: HashMap<String, ComplianceRecord>,
     /// Oldest first; an event id recorded again is kept as first recorded.
     cases: Vec<Case>,
 }
@@ -375,6 +376,60 @@ impl ActionLog for MemoryStore {
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
         let newest_first: Vec<ActionRecord> = self.state().actions.iter().rev().cloned().collect();
         page_by_place(&newest_first, limit, cursor)
+    }
+}
+
+#[async_trait]
+impl Compliance for MemoryStore {
+    async fn redact_dead_letters(
+        &self,
+        order_ids: &[String],
+        needles: &[String],
+        redact: Redact,
+    ) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        for letter in self.state().letters.iter_mut() {
+            let named = letter.order_id.as_ref().is_some_and(|o| order_ids.contains(o));
+            if named || needles.iter().any(|n| !n.is_empty() && letter.payload.contains(n.as_str())) {
+                let redacted = redact(&letter.payload);
+                changed += u64::from(redacted != letter.payload);
+                letter.payload = redacted;
+            }
+        }
+        Ok(changed)
+    }
+
+    async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError> {
+        let mut changed = 0;
+        for e in self.state().parked.values_mut().filter(|e| order_ids.contains(&e.order_id)) {
+            let redacted = redact(&e.payload);
+            changed += u64::from(redacted != e.payload);
+            e.payload = redacted;
+        }
+        Ok(changed)
+    }
+
+    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let was = state.cases.len();
+        state.cases.retain(|c| !order_ids.contains(&c.event.order_id));
+        Ok((was - state.cases.len()) as u64)
+    }
+
+    async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {
+        self.state().compliance.insert(request.id.clone(), request.clone());
+        Ok(())
+    }
+
+    async fn request(&self, id: &str) -> Result<Option<ComplianceRecord>, StoreError> {
+        Ok(self.state().compliance.get(id).cloned())
+    }
+
+    async fn requests(&self, limit: usize) -> Result<Vec<ComplianceRecord>, StoreError> {
+        let mut all: Vec<ComplianceRecord> = self.state().compliance.values().cloned().collect();
+        all.sort_by(|a, b| b.received_at.cmp(&a.received_at).then_with(|| b.id.cmp(&a.id)));
+        all.truncate(limit);
+        Ok(all)
     }
 }
 

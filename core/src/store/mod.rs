@@ -435,11 +435,47 @@ pub trait Cases: Send + Sync + 'static {
     async fn prune_cases(&self, retention: CaseRetention) -> Result<u64, StoreError>;
 }
 
-/// A backend that implements every port. Adding one means implementing the seven
-/// ports and an arm in `Engine::open`.
-pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases {}
+/// A data subject request (Shopify's compliance webhooks) as the engine tracks it: its
+/// body is the engine's JSON, which the store keeps as it is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComplianceRecord {
+    pub id: String,
+    pub received_at: DateTime<Utc>,
+    pub body: String,
+}
 
-impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases> Backend for T {}
+/// Erases the personal fields of a stored payload (`compliance::redact_payload`).
+pub type Redact = for<'a> fn(&'a str) -> String;
+
+/// Erasure of a customer's personal data where the store keeps copies of it outside
+/// the order rows (those go through the engine's write path, to get a version and a
+/// history entry), and the requests that ask for it.
+#[async_trait]
+pub trait Compliance: Send + Sync + 'static {
+    /// Rewrites the payload of each dead letter of `order_ids`, or whose payload holds
+    /// one of `needles`, with `redact(payload)`; returns how many changed.
+    async fn redact_dead_letters(
+        &self,
+        order_ids: &[String],
+        needles: &[String],
+        redact: Redact,
+    ) -> Result<u64, StoreError>;
+    /// The same for the events parked for `order_ids`.
+    async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError>;
+    /// Deletes the what-if cases of `order_ids`; returns how many went.
+    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError>;
+    /// Saves a request, replacing the one under its id.
+    async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError>;
+    async fn request(&self, id: &str) -> Result<Option<ComplianceRecord>, StoreError>;
+    /// The newest `limit` requests, newest first.
+    async fn requests(&self, limit: usize) -> Result<Vec<ComplianceRecord>, StoreError>;
+}
+
+/// A backend that implements every port. Adding one means implementing the eight
+/// ports and an arm in `Engine::open`.
+pub trait Backend: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases + Compliance {}
+
+impl<T: Orders + Parking + DeadLetters + WebhookLedger + Runs + ActionLog + Cases + Compliance> Backend for T {}
 
 /// The ports of one backend, each behind its own trait object, so every user holds
 /// exactly the port it needs.
@@ -452,6 +488,7 @@ pub struct Stores {
     pub runs: Arc<dyn Runs>,
     pub actions: Arc<dyn ActionLog>,
     pub cases: Arc<dyn Cases>,
+    pub compliance: Arc<dyn Compliance>,
 }
 
 impl Stores {
@@ -463,7 +500,8 @@ impl Stores {
             webhooks: backend.clone(),
             runs: backend.clone(),
             actions: backend.clone(),
-            cases: backend,
+            cases: backend.clone(),
+            compliance: backend,
         }
     }
 }

@@ -84,6 +84,9 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     ("POST", "/webhooks/shopify", Need::Open),
     ("POST", "/shopify/reconcile", Need::Role(Role::Operator)),
     ("GET", "/shopify/shops/{shop}", Need::Read),
+    // Exports hold what customers asked about: a token always, and each read audited.
+    ("GET", "/shopify/compliance", Need::Role(Role::Operator)),
+    ("GET", "/shopify/compliance/{id}", Need::Role(Role::Operator)),
     ("POST", "/shopify/shops/{shop}/activate", Need::Role(Role::Operator)),
     ("GET", "/logs", Need::Read),
     ("GET", "/orders", Need::Read),

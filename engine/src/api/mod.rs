@@ -103,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/deliveries", get(webhooks::deliveries))
         .route("/shopify/reconcile", post(webhooks::reconcile))
         .route("/shopify/shops/{shop}", get(webhooks::shop))
+        .route("/shopify/compliance", get(webhooks::compliance_requests))
+        .route("/shopify/compliance/{id}", get(webhooks::compliance_request))
         .route("/shopify/shops/{shop}/activate", post(webhooks::activate_shop))
         .route("/audit", get(audit))
         .merge(assets::routes())
@@ -146,6 +148,8 @@ pub struct Health {
     /// decided since (both since this instance started).
     parked: u64,
     released: u64,
+    /// Shopify compliance requests received and not yet done (`GET /shopify/compliance`).
+    compliance_open: u64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -174,6 +178,7 @@ async fn health(State(s): State<AppState>) -> Response {
         cas_conflicts: stats.conflicts.load(Relaxed),
         parked: stats.parked.load(Relaxed),
         released: stats.released.load(Relaxed),
+        compliance_open: s.config.shopify.as_ref().map_or(0, |c| c.compliance.open()),
     };
     match problem {
         None => (StatusCode::OK, Json(body)).into_response(),

@@ -10,6 +10,7 @@ use serde_json::json;
 use utoipa::IntoParams;
 
 use super::{ApiError, ApiQuery, AppState, BodyFailure, ErrorBody, RawBody, page_limit};
+use crate::shopify::compliance::ComplianceRequest;
 use crate::shopify::{self, DeliveryHeaders, LogFailure, WebhookAnswer, WebhookError};
 use crate::store::{Page, WebhookDelivery};
 use crate::telemetry::WEBHOOKS_RECEIVED;
@@ -311,4 +312,44 @@ pub async fn activate_shop(
         crate::store::ShopRecord { domain, active: true, reason: format!("activated by {by}"), changed_at: Utc::now() };
     s.engine.webhooks().set_shop(&record).await?;
     Ok(Json(record))
+}
+
+/// The compliance requests, newest first, without their exports (`GET
+/// /shopify/compliance/{id}` has those).
+#[utoipa::path(
+    get, path = "/shopify/compliance",
+    responses(
+        (status = 200, body = Vec<ComplianceRequest>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody),
+    )
+)]
+pub async fn compliance_requests(State(s): State<AppState>) -> Result<Json<Vec<ComplianceRequest>>, ApiError> {
+    let mut shown = Vec::new();
+    for record in s.engine.compliance().requests(COMPLIANCE_LISTED).await? {
+        let request = ComplianceRequest::from_record(&record)?;
+        shown.push(ComplianceRequest { export: None, ..request.shown() });
+    }
+    Ok(Json(shown))
+}
+
+/// How many requests `GET /shopify/compliance` lists.
+const COMPLIANCE_LISTED: usize = 500;
+
+/// One compliance request with its progress, and for a data request its export: what
+/// the merchant passes on to the customer. An operator token is needed even on loopback,
+/// and each read is audited.
+#[utoipa::path(
+    get, path = "/shopify/compliance/{id}", params(("id" = String, Path, description = "The delivery's webhook id")),
+    responses(
+        (status = 200, body = ComplianceRequest), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+    )
+)]
+pub async fn compliance_request(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ComplianceRequest>, ApiError> {
+    let record = s.engine.compliance().request(&id).await?;
+    let record = record.ok_or_else(|| ApiError::not_found(format!("no compliance request {id}")))?;
+    Ok(Json(ComplianceRequest::from_record(&record)?.shown()))
 }

@@ -2,6 +2,7 @@
 //! durable deduplication and an audit record per delivery.
 
 pub mod admin;
+pub mod compliance;
 pub mod payload;
 pub mod reconcile;
 pub mod send;
@@ -34,6 +35,8 @@ pub struct ShopifyConfig {
     pub rate_limit: Option<std::sync::Arc<RateLimit>>,
     /// How to read the Admin API, for reconciliation; `None` without an access token.
     pub admin: Option<AdminSettings>,
+    /// Runs the compliance requests (`serve` starts it).
+    pub compliance: std::sync::Arc<compliance::Worker>,
 }
 
 impl ShopifyConfig {
@@ -162,6 +165,13 @@ pub async fn accept(
         return Err(WebhookError::RateLimited { retry_after_s });
     }
     let topic = headers.topic.as_deref().ok_or(WebhookError::NoTopic)?;
+    // Before the shop's standing: a shop that uninstalled the app still has its
+    // customers' requests honoured.
+    if let Some(compliance) = compliance::Topic::of(topic) {
+        let id = headers.webhook_id.as_deref().or(headers.event_id.as_deref()).ok_or(WebhookError::NoDeliveryId)?;
+        let shop = headers.shop.as_deref();
+        return compliance::receive(engine, &config.compliance, compliance, id, shop, body, audit).await;
+    }
     if let Some(answer) = shop_standing(engine, headers, topic, audit).await? {
         return Ok(answer);
     }

@@ -165,6 +165,12 @@ impl Server {
         self.backend_args.iter().position(|a| a == "--kafka-topic-prefix").map(|i| self.backend_args[i + 1].clone())
     }
 
+    /// The CQL keyspace this engine writes, when it runs on Kafka + CQL.
+    pub fn keyspace(&self) -> Option<String> {
+        let at = self.backend_args.iter().position(|a| a == "--cql-keyspace")?;
+        self.backend_args.get(at + 1).cloned()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
@@ -480,4 +486,67 @@ pub async fn counter(s: &Server, series: &str) -> u64 {
     let metrics = client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let value = metrics.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ').map(str::to_string));
     value.unwrap_or_else(|| panic!("no {series} in /metrics")).parse().unwrap()
+}
+
+/// Every value of every table in the SQLite files under `data_dir` (store, cases, log),
+/// as text: what a redaction test searches for what must be gone.
+pub fn sqlite_dump(data_dir: &Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(data_dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "sqlite") {
+            continue;
+        }
+        let conn = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        let mut tables = conn.prepare("SELECT name FROM sqlite_master WHERE type = 'table'").unwrap();
+        let names: Vec<String> = tables.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        for table in names {
+            let mut rows = conn.prepare(&format!("SELECT * FROM \"{table}\"")).unwrap();
+            let columns = rows.column_count();
+            let mut rows = rows.query([]).unwrap();
+            while let Some(row) = rows.next().unwrap() {
+                for i in 0..columns {
+                    match row.get_ref(i).unwrap() {
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            out.push_str(&String::from_utf8_lossy(t));
+                        }
+                        other => out.push_str(&format!("{other:?}")),
+                    }
+                    out.push('\t');
+                }
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// Every row of every table in `keyspace`, read by cqlsh (Apache Cassandra's own client,
+/// `CQLSH`), as it prints them.
+pub fn cql_dump(keyspace: &str) -> String {
+    let cqlsh = std::env::var("CQLSH").expect("CQLSH names cqlsh (scripts/test.sh installs it)");
+    let node = std::env::var("CQL_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
+    let node = node.split(',').next().unwrap().to_string();
+    let (host, port) = node.rsplit_once(':').unwrap_or((&node, "9042"));
+    let run = |cql: &str| {
+        let mut cmd = Command::new(&cqlsh);
+        if let (Ok(user), Ok(password)) =
+            (std::env::var("ORCHESTRATOR_CQL_USERNAME"), std::env::var("ORCHESTRATOR_CQL_PASSWORD"))
+        {
+            cmd.args(["-u", &user, "-p", &password]);
+        }
+        let out = cmd.args([host, port, "--request-timeout", "60", "-e", cql]).output().expect("cqlsh runs");
+        assert!(out.status.success(), "cqlsh {cql}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let listed = run(&format!("SELECT table_name FROM system_schema.tables WHERE keyspace_name = '{keyspace}'"));
+    let tables: Vec<&str> = listed
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|l| *l != "table_name")
+        .collect();
+    assert!(tables.contains(&"orders"), "cqlsh lists the keyspace's tables: {listed}");
+    let dump: Vec<String> = tables.iter().map(|t| format!("SELECT * FROM {keyspace}.{t};")).collect();
+    run(&format!("PAGING OFF; {}", dump.join(" ")))
 }

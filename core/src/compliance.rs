@@ -1,0 +1,208 @@
+//! Erasure and export of a customer's personal data, for data subject requests (Shopify's
+//! compliance webhooks). Personal here means the order's `customer` (an email address)
+//! and its `note` (free text an operator or a shop may fill with anything); the business
+//! facts (amounts, statuses, tiers, versions, times) stay.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::{Order, OrderEvent};
+use crate::engine::Engine;
+use crate::failure::DeadLetter;
+use crate::ordering::{self, Named};
+use crate::store::{HistoryEntry, StoreError, Write, WriteResult};
+
+/// What erasure leaves where the customer was.
+pub const REDACTED: &str = "[redacted]";
+
+/// How often an erasure tries an order that keeps changing under it.
+const ATTEMPTS: u32 = 10;
+/// How many history entries an export holds per order.
+const EXPORT_HISTORY: usize = 1000;
+/// How many dead letters an export reads through, oldest first.
+const LETTERS_READ_MAX: usize = 100_000;
+
+/// An event (a dead letter's or a parked event's payload) with its personal fields
+/// erased. A payload that is not an event (a raw delivery that never became one) is
+/// replaced whole, since it may hold anything.
+pub fn redact_payload(payload: &str) -> String {
+    match serde_json::from_str::<OrderEvent>(payload) {
+        Ok(mut event) => {
+            let change = &mut event.payload;
+            if change.customer.is_some() {
+                change.customer = Some(REDACTED.into());
+            }
+            if change.note.is_some() {
+                change.note = Some(String::new());
+            }
+            serde_json::to_string(&event).unwrap_or_else(|_| redacted_marker())
+        }
+        Err(_) if payload.contains(REDACTED) && payload.len() < 64 => payload.to_string(),
+        Err(_) => redacted_marker(),
+    }
+}
+
+fn redacted_marker() -> String {
+    serde_json::json!({ "redacted": REDACTED }).to_string()
+}
+
+/// Whose data a request is about: the orders the shop names, and the contact details
+/// that may also appear in payloads the store kept whole.
+#[derive(Debug, Clone, Default)]
+pub struct Subject {
+    pub order_ids: Vec<String>,
+    pub needles: Vec<String>,
+}
+
+/// What one erasure changed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Erasure {
+    /// Rows that got a redacted version.
+    pub orders_redacted: u64,
+    /// Rows already redacted, or never stored.
+    pub orders_untouched: u64,
+    pub dead_letters: u64,
+    pub parked: u64,
+    /// What-if cases deleted.
+    pub cases: u64,
+}
+
+/// Everything the engine holds about a subject.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Export {
+    pub orders: Vec<Order>,
+    /// Each order's history, oldest first (at most 1000 entries per order).
+    pub history: Vec<HistoryEntry>,
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+enum Row {
+    Redacted,
+    Untouched,
+}
+
+impl Engine {
+    /// Erases the subject's personal data from its rows, each as a new version with a
+    /// `redaction` entry in its history. Safe to run again: what is erased stays erased.
+    pub async fn erase_rows(&self, request_id: &str, subject: &Subject) -> Result<Erasure, StoreError> {
+        let mut report = Erasure::default();
+        for id in &subject.order_ids {
+            match self.redact_row(request_id, id).await? {
+                Row::Redacted => report.orders_redacted += 1,
+                Row::Untouched => report.orders_untouched += 1,
+            }
+        }
+        Ok(report)
+    }
+
+    /// Erases the copies outside the rows: dead letters of the orders or holding the
+    /// contact details, parked events, and what-if cases (deleted).
+    pub async fn erase_copies(&self, subject: &Subject) -> Result<Erasure, StoreError> {
+        let store = &self.stores.compliance;
+        let (ids, needles) = (&subject.order_ids, &subject.needles);
+        Ok(Erasure {
+            dead_letters: store.redact_dead_letters(ids, needles, redact_payload).await?,
+            parked: store.redact_parked(ids, redact_payload).await?,
+            cases: store.forget_cases(ids).await?,
+            ..Erasure::default()
+        })
+    }
+
+    /// The store's compliance port: requests and the copies redaction reaches.
+    pub fn compliance(&self) -> &dyn crate::store::Compliance {
+        self.stores.compliance.as_ref()
+    }
+
+    /// One row's redaction, as an edit placed after every change the row holds, so no
+    /// earlier-placed event applied later (a replay) brings the data back.
+    async fn redact_row(&self, request_id: &str, id: &str) -> Result<Row, StoreError> {
+        for attempt in 0..ATTEMPTS {
+            let Some(current) = self.stores.orders.get(id).await? else { return Ok(Row::Untouched) };
+            let mut fields = current.fields();
+            fields.customer = REDACTED.into();
+            fields.note.clear();
+            if fields == current.fields() {
+                return Ok(Row::Untouched);
+            }
+            let named = Named { customer: true, note: true, ..Default::default() };
+            let mut row = ordering::edited(&current, fields, named, ordering::edit_place(&current));
+            row.decided_by = "redaction".into();
+            let write = Write::Apply {
+                // One id per request and version: a resumed request is a duplicate.
+                event_id: format!("redaction:{request_id}:{id}@{}", current.version),
+                source: "redaction".into(),
+                expected: Some(current.version),
+                row: row.clone(),
+            };
+            match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {
+                Some(WriteResult::Done) => {
+                    if let Err(e) = self.changes.publish_now(row).await {
+                        tracing::warn!(error = %e, order = id, "relaying a redacted row failed");
+                    }
+                    return Ok(Row::Redacted);
+                }
+                Some(WriteResult::Conflict(_) | WriteResult::Duplicate) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10 << attempt.min(6))).await;
+                }
+                Some(WriteResult::IdTaken(_)) | None => {
+                    return Err(StoreError::Backend(format!("the store did not record the redaction of {id}").into()));
+                }
+            }
+        }
+        Err(StoreError::Backend(
+            format!("order {id} kept changing; its redaction gave up after {ATTEMPTS} tries").into(),
+        ))
+    }
+
+    /// Everything held about the subject: its rows with their history, and the dead
+    /// letters of its orders or holding its contact details.
+    pub async fn export(&self, subject: &Subject) -> Result<Export, StoreError> {
+        let mut export = Export::default();
+        for id in &subject.order_ids {
+            if let Some(row) = self.stores.orders.get(id).await? {
+                export.orders.push(row);
+            }
+            export.history.extend(self.stores.orders.history(id, EXPORT_HISTORY, None).await?.items);
+        }
+        let (mut cursor, mut read) = (None, 0);
+        loop {
+            let page = self.stores.dead_letters.dead_letters(1000, cursor).await?;
+            read += page.items.len();
+            export.dead_letters.extend(page.items.into_iter().filter(|l| {
+                let named = l.order_id.as_ref().is_some_and(|o| subject.order_ids.contains(o));
+                named || subject.needles.iter().any(|n| !n.is_empty() && l.payload.contains(n.as_str()))
+            }));
+            match page.next_cursor {
+                Some(next) if read < LETTERS_READ_MAX => cursor = Some(next),
+                _ => return Ok(export),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_keeps_its_facts_and_loses_its_personal_fields() {
+        let event = serde_json::json!({
+            "event_id": "e1", "order_id": "o1", "kind": "created", "source": "shopify",
+            "occurred_at": "2026-01-01T00:00:00Z",
+            "payload": { "customer": "ada@example.com", "note": "call 555-0100", "total_cents": 1200, "tier": "GOLD" }
+        });
+        let redacted: OrderEvent = serde_json::from_str(&redact_payload(&event.to_string())).unwrap();
+        assert_eq!(redacted.payload.customer.as_deref(), Some(REDACTED));
+        assert_eq!(redacted.payload.note.as_deref(), Some(""));
+        assert_eq!(redacted.payload.total_cents, Some(1200));
+        assert_eq!(redacted.order_id, "o1");
+    }
+
+    #[test]
+    fn a_payload_that_is_no_event_is_replaced_whole() {
+        let raw = r#"{"id": 7, "email": "ada@example.com", "customer": {"phone": "+1 555 0100"}}"#;
+        let redacted = redact_payload(raw);
+        assert!(!redacted.contains("ada@example.com") && !redacted.contains("555"), "{redacted}");
+        assert_eq!(redact_payload(&redacted), redacted, "redacting twice changes nothing");
+    }
+}
