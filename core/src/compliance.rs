@@ -42,6 +42,61 @@ pub fn redact_payload(payload: &str) -> String {
     }
 }
 
+/// Whether a stored payload names one of `contact`: an email (ignoring case) standing
+/// as a whole word in any of its strings (`bob@x.com` is not in `jimbob@x.com`), or a
+/// phone with the same digits (7 or more) as a whole string. A payload that is not
+/// JSON is searched as one string, for emails only.
+pub fn holds_contact(payload: &str, contact: &[String]) -> bool {
+    let emails: Vec<String> =
+        contact.iter().filter(|c| c.contains('@')).map(|c| c.trim().to_ascii_lowercase()).collect();
+    let phones: Vec<String> =
+        contact.iter().filter(|c| !c.contains('@')).map(|c| digits(c)).filter(|d| d.len() >= 7).collect();
+    if emails.is_empty() && phones.is_empty() {
+        return false;
+    }
+    let names = |text: &str| {
+        let lower = text.to_ascii_lowercase();
+        emails.iter().any(|e| holds_word(&lower, e)) || {
+            let d = digits(text);
+            d.len() >= 7 && phones.contains(&d)
+        }
+    };
+    match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(value) => any_string(&value, &names),
+        Err(_) => emails.iter().any(|e| holds_word(&payload.to_ascii_lowercase(), e)),
+    }
+}
+
+fn digits(s: &str) -> String {
+    s.chars().filter(char::is_ascii_digit).collect()
+}
+
+fn any_string(value: &serde_json::Value, f: &dyn Fn(&str) -> bool) -> bool {
+    match value {
+        serde_json::Value::String(s) => f(s),
+        serde_json::Value::Array(items) => items.iter().any(|v| any_string(v, f)),
+        serde_json::Value::Object(map) => map.values().any(|v| any_string(v, f)),
+        _ => false,
+    }
+}
+
+/// `needle` in `haystack` with no address character glued to either side.
+fn holds_word(haystack: &str, needle: &str) -> bool {
+    let glued_before = |c: char| c.is_ascii_alphanumeric() || "._%+-".contains(c);
+    haystack.match_indices(needle).any(|(at, _)| {
+        let before = haystack[..at].chars().next_back();
+        let mut after = haystack[at + needle.len()..].chars();
+        let next = after.next();
+        // A sentence's full stop may follow an address; a longer domain may not.
+        let glued_after = match next {
+            Some('.') => after.next().is_some_and(|c| c.is_ascii_alphanumeric()),
+            Some(c) => c.is_ascii_alphanumeric() || c == '-',
+            None => false,
+        };
+        !before.is_some_and(glued_before) && !glued_after
+    })
+}
+
 fn redacted_marker() -> String {
     serde_json::json!({ "redacted": REDACTED }).to_string()
 }
@@ -170,7 +225,7 @@ impl Engine {
             read += page.items.len();
             export.dead_letters.extend(page.items.into_iter().filter(|l| {
                 let named = l.order_id.as_ref().is_some_and(|o| subject.order_ids.contains(o));
-                named || subject.needles.iter().any(|n| !n.is_empty() && l.payload.contains(n.as_str()))
+                named || holds_contact(&l.payload, &subject.needles)
             }));
             match page.next_cursor {
                 Some(next) if read < LETTERS_READ_MAX => cursor = Some(next),
@@ -196,6 +251,20 @@ mod tests {
         assert_eq!(redacted.payload.note.as_deref(), Some(""));
         assert_eq!(redacted.payload.total_cents, Some(1200));
         assert_eq!(redacted.order_id, "o1");
+    }
+
+    #[test]
+    fn contact_details_are_found_whole_and_only_whole() {
+        let ada = ["Ada@Example.com".to_string(), "+1 (555) 010-0100".to_string()];
+        let found = |payload: &str| holds_contact(payload, &ada);
+        assert!(found(r#"{"email": "ada@example.com"}"#), "any case");
+        assert!(found(r#"{"note": "ring ada@example.com. thanks"}"#), "inside a sentence");
+        assert!(found(r#"{"customer": {"phone": "15550100100"}}"#), "a phone by its digits");
+        assert!(found("not json, ada@example.com"), "a raw payload");
+        assert!(!found(r#"{"email": "jimbada@example.com"}"#), "another address that ends the same");
+        assert!(!found(r#"{"email": "ada@example.com.au"}"#), "another domain");
+        assert!(!found(r#"{"total": "5550100100155"}"#), "other digits");
+        assert!(!holds_contact(r#"{"email": "ada@example.com"}"#, &["12".to_string()]), "too short to tell");
     }
 
     #[test]

@@ -596,6 +596,21 @@ async fn a_customer_redaction_leaves_no_trace() {
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["erasure"]["orders_redacted"], 3, "{done}");
 
+    // A payload that cannot be read: 200 (Shopify would only send it again), kept as a
+    // failed request with the reason, and not sent round again.
+    let unreadable = br#"{"customer": 5}"#.to_vec();
+    assert_eq!(send("customers/redact", "rd-bad".into(), unreadable).await, "rejected");
+    let bad: Value = authed("/shopify/compliance/rd-bad").await.unwrap().json().await.unwrap();
+    assert_eq!(bad["state"], "failed", "{bad}");
+    assert!(bad["error"].as_str().unwrap().contains("cannot be read"), "{bad}");
+    let retry = common::client()
+        .post(s.url("/shopify/compliance/rd-bad/retry"))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), 409, "an unreadable request is failed for good");
+
     // The business facts stay; the personal fields are gone, as a new version.
     let (_, row) = s.get_json("/orders/shopify-1").await;
     assert_eq!((row["customer"].as_str(), row["note"].as_str()), (Some("[redacted]"), Some("")), "{row}");

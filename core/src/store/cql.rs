@@ -1124,28 +1124,31 @@ impl Compliance for CqlStore {
     async fn redact_dead_letters(
         &self,
         order_ids: &[String],
-        needles: &[String],
+        contact: &[String],
         redact: Redact,
     ) -> Result<u64, StoreError> {
+        let ids: std::collections::HashSet<&String> = order_ids.iter().collect();
         let ks = &self.keyspace;
         let mut rows = self
             .scan::<(i32, CqlTimeuuid, Option<String>, Option<String>)>(format!(
                 "SELECT bucket, seq, order_id, payload FROM {ks}.dead_letters"
             ))
             .await?;
-        let update = format!("UPDATE {ks}.dead_letters SET payload = ? WHERE bucket = ? AND seq = ?");
+        // IF EXISTS: a blind update of a row deleted meanwhile (a reset) would bring
+        // back a ghost of it.
+        let update = format!("UPDATE {ks}.dead_letters SET payload = ? WHERE bucket = ? AND seq = ? IF EXISTS");
         let mut changed = 0;
         while let Some(row) = rows.next().await {
             let (bucket, seq, order_id, payload) = row.map_err(backend)?;
             let payload = payload.unwrap_or_default();
-            let named = order_id.is_some_and(|o| order_ids.contains(&o));
-            if !named && !needles.iter().any(|n| !n.is_empty() && payload.contains(n.as_str())) {
+            let named = order_id.is_some_and(|o| ids.contains(&o));
+            if !named && !crate::compliance::holds_contact(&payload, contact) {
                 continue;
             }
             let redacted = redact(&payload);
             if redacted != payload {
-                self.session.query_unpaged(update.as_str(), (redacted, bucket, seq)).await.map_err(backend)?;
-                changed += 1;
+                let applied = self.lwt(self.session.query_unpaged(update.as_str(), (redacted, bucket, seq))).await?;
+                changed += u64::from(applied == Some(true));
             }
         }
         Ok(changed)
@@ -1154,7 +1157,7 @@ impl Compliance for CqlStore {
     async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError> {
         let update = format!(
             "UPDATE {}.parked SET payload = ? WHERE order_id = ? AND appended_at = ? AND log_offset = ? \
-             AND event_id = ?",
+             AND event_id = ? IF EXISTS",
             self.keyspace
         );
         let mut changed = 0;
@@ -1162,11 +1165,9 @@ impl Compliance for CqlStore {
             let redacted = redact(&e.payload);
             if redacted != e.payload {
                 let key = (&e.order_id, e.appended_at_us, e.offset as i64, &e.event_id);
-                self.session
-                    .query_unpaged(update.as_str(), (redacted, key.0, key.1, key.2, key.3))
-                    .await
-                    .map_err(backend)?;
-                changed += 1;
+                let values = (redacted, key.0, key.1, key.2, key.3);
+                let applied = self.lwt(self.session.query_unpaged(update.as_str(), values)).await?;
+                changed += u64::from(applied == Some(true));
             }
         }
         Ok(changed)
@@ -1177,11 +1178,11 @@ impl Compliance for CqlStore {
         let cql = format!("SELECT minute, shard, at, event_id, body FROM {ks}.cases");
         let mut rows = self.scan::<(i32, i32, i64, String, Option<String>)>(cql).await?;
         let delete = format!("DELETE FROM {ks}.cases WHERE minute = ? AND shard = ? AND at = ? AND event_id = ?");
+        let ids: std::collections::HashSet<&String> = order_ids.iter().collect();
         let mut gone = 0;
         while let Some(row) = rows.next().await {
             let (minute, shard, at, event_id, body) = row.map_err(backend)?;
-            let case: Option<Case> = body.and_then(|b| serde_json::from_str(&b).ok());
-            if case.is_some_and(|c| order_ids.contains(&c.event.order_id)) {
+            if body.and_then(|b| super::embedded::case_order(&b)).is_some_and(|o| ids.contains(&o)) {
                 self.session.query_unpaged(delete.as_str(), (minute, shard, at, event_id)).await.map_err(backend)?;
                 gone += 1;
             }

@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     recorded_at INTEGER NOT NULL,
     replayed_at INTEGER
 );
+CREATE INDEX IF NOT EXISTS dead_letters_order ON dead_letters(order_id);
 
 -- A claim is 'pending' until its event is durable on the log, then 'done'.
 CREATE TABLE IF NOT EXISTS webhook_claims (
@@ -701,38 +702,67 @@ impl Compliance for EmbeddedStore {
     async fn redact_dead_letters(
         &self,
         order_ids: &[String],
-        needles: &[String],
+        contact: &[String],
         redact: Redact,
     ) -> Result<u64, StoreError> {
-        let (ids, needles) = (order_ids.to_vec(), needles.to_vec());
-        self.write_tx(move |tx| {
-            let mut found: Vec<(i64, String)> = Vec::new();
-            let mut by_order = tx.prepare_cached("SELECT seq, payload FROM dead_letters WHERE order_id = ?1")?;
-            for id in &ids {
-                found.extend(by_order.query_map([id], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?);
+        const CHUNK: i64 = 1000;
+        let ids: Arc<std::collections::HashSet<String>> = Arc::new(order_ids.iter().cloned().collect());
+        let contact: Arc<Vec<String>> = Arc::new(contact.to_vec());
+        let (mut after, mut changed) = (0i64, 0u64);
+        loop {
+            // Read in chunks on a reader, so the pipeline's writes go on in between.
+            let (ids, contact) = (ids.clone(), contact.clone());
+            let (found, last) = self
+                .read(move |c| {
+                    let mut stmt = c
+                        .prepare_cached(
+                            "SELECT seq, order_id, payload FROM dead_letters WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                        )
+                        .map_err(backend)?;
+                    let rows = stmt
+                        .query_map(params![after, CHUNK], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?))
+                        })
+                        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<_>>>())
+                        .map_err(backend)?;
+                    let last = rows.last().map(|r| r.0);
+                    let found: Vec<(i64, String)> = rows
+                        .into_iter()
+                        .filter(|(_, order, payload)| {
+                            order.as_ref().is_some_and(|o| ids.contains(o))
+                                || crate::compliance::holds_contact(payload, &contact)
+                        })
+                        .map(|(seq, _, payload)| (seq, payload))
+                        .collect();
+                    Ok((found, last))
+                })
+                .await?;
+            let rewrites: Vec<(i64, String, String)> = found
+                .into_iter()
+                .filter_map(|(seq, payload)| {
+                    let redacted = redact(&payload);
+                    (redacted != payload).then_some((seq, payload, redacted))
+                })
+                .collect();
+            if !rewrites.is_empty() {
+                changed += self
+                    .write_tx(move |tx| {
+                        // Only if unchanged since the read: a replay's mark does not touch it.
+                        let mut update =
+                            tx.prepare_cached("UPDATE dead_letters SET payload = ?3 WHERE seq = ?1 AND payload = ?2")?;
+                        let mut n = 0;
+                        for (seq, before, after) in &rewrites {
+                            n += update.execute(params![seq, before, after])? as u64;
+                        }
+                        Ok(n)
+                    })
+                    .await?;
             }
-            // A scan, once per request: letters are few, and a payload may name the
-            // customer without naming the order (a delivery that never became an event).
-            let mut holding =
-                tx.prepare_cached("SELECT seq, payload FROM dead_letters WHERE instr(payload, ?1) > 0")?;
-            for needle in needles.iter().filter(|n| !n.is_empty()) {
-                found.extend(
-                    holding.query_map([needle], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<Vec<_>, _>>()?,
-                );
+            match last {
+                Some(seq) => after = seq,
+                None => return Ok(changed),
             }
-            found.sort_unstable();
-            found.dedup_by_key(|(seq, _)| *seq);
-            let mut update = tx.prepare_cached("UPDATE dead_letters SET payload = ?2 WHERE seq = ?1")?;
-            let mut changed = 0;
-            for (seq, payload) in found {
-                let redacted = redact(&payload);
-                if redacted != payload {
-                    changed += update.execute(params![seq, redacted])? as u64;
-                }
-            }
-            Ok(changed)
-        })
-        .await
+        }
     }
 
     async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError> {
@@ -757,18 +787,37 @@ impl Compliance for EmbeddedStore {
         .await
     }
 
+    /// In chunks, each its own short hold of the cases connection, so the recorder's
+    /// writes go on in between.
     async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
-        let ids = order_ids.to_vec();
-        self.with_cases(move |conn| {
-            let mut delete =
-                conn.prepare_cached("DELETE FROM cases WHERE json_extract(body, '$.event.order_id') = ?1")?;
-            let mut gone = 0;
-            for id in &ids {
-                gone += delete.execute([id])? as u64;
+        const CHUNK: i64 = 5000;
+        let ids: Arc<std::collections::HashSet<String>> = Arc::new(order_ids.iter().cloned().collect());
+        let (mut after, mut gone) = (0i64, 0u64);
+        loop {
+            let ids = ids.clone();
+            let (deleted, last) = self
+                .with_cases(move |conn| {
+                    let rows: Vec<(i64, String)> = conn
+                        .prepare_cached("SELECT seq, body FROM cases WHERE seq > ?1 ORDER BY seq LIMIT ?2")?
+                        .query_map(params![after, CHUNK], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let last = rows.last().map(|r| r.0);
+                    let mut delete = conn.prepare_cached("DELETE FROM cases WHERE seq = ?1")?;
+                    let mut deleted = 0;
+                    for (seq, body) in rows {
+                        if case_order(&body).is_some_and(|o| ids.contains(&o)) {
+                            deleted += delete.execute([seq])? as u64;
+                        }
+                    }
+                    Ok((deleted, last))
+                })
+                .await?;
+            gone += deleted;
+            match last {
+                Some(seq) => after = seq,
+                None => return Ok(gone),
             }
-            Ok(gone)
-        })
-        .await
+        }
     }
 
     async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {
@@ -799,6 +848,13 @@ impl Compliance for EmbeddedStore {
         })
         .await
     }
+}
+
+/// The order a recorded case is about, read loosely (a case the current schema cannot
+/// read whole is still found).
+pub(crate) fn case_order(body: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(body).ok()?;
+    value["event"]["order_id"].as_str().map(str::to_string)
 }
 
 fn compliance_from_row(r: &Row<'_>) -> rusqlite::Result<ComplianceRecord> {

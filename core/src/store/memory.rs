@@ -384,13 +384,13 @@ impl Compliance for MemoryStore {
     async fn redact_dead_letters(
         &self,
         order_ids: &[String],
-        needles: &[String],
+        contact: &[String],
         redact: Redact,
     ) -> Result<u64, StoreError> {
         let mut changed = 0;
         for letter in self.state().letters.iter_mut() {
             let named = letter.order_id.as_ref().is_some_and(|o| order_ids.contains(o));
-            if named || needles.iter().any(|n| !n.is_empty() && letter.payload.contains(n.as_str())) {
+            if named || crate::compliance::holds_contact(&letter.payload, contact) {
                 let redacted = redact(&letter.payload);
                 changed += u64::from(redacted != letter.payload);
                 letter.payload = redacted;

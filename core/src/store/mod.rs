@@ -452,12 +452,13 @@ pub type Redact = for<'a> fn(&'a str) -> String;
 /// history entry), and the requests that ask for it.
 #[async_trait]
 pub trait Compliance: Send + Sync + 'static {
-    /// Rewrites the payload of each dead letter of `order_ids`, or whose payload holds
-    /// one of `needles`, with `redact(payload)`; returns how many changed.
+    /// Rewrites the payload of each dead letter of `order_ids`, or whose payload names
+    /// one of `contact` (`compliance::holds_contact`), with `redact(payload)`; returns
+    /// how many changed. One pass over the letters, off the writer's critical path.
     async fn redact_dead_letters(
         &self,
         order_ids: &[String],
-        needles: &[String],
+        contact: &[String],
         redact: Redact,
     ) -> Result<u64, StoreError>;
     /// The same for the events parked for `order_ids`.

@@ -87,6 +87,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     // Exports hold what customers asked about: a token always, and each read audited.
     ("GET", "/shopify/compliance", Need::Role(Role::Operator)),
     ("GET", "/shopify/compliance/{id}", Need::Role(Role::Operator)),
+    ("POST", "/shopify/compliance/{id}/retry", Need::Role(Role::Operator)),
     ("POST", "/shopify/shops/{shop}/activate", Need::Role(Role::Operator)),
     ("GET", "/logs", Need::Read),
     ("GET", "/orders", Need::Read),

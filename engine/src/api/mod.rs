@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
         .route("/shopify/shops/{shop}", get(webhooks::shop))
         .route("/shopify/compliance", get(webhooks::compliance_requests))
         .route("/shopify/compliance/{id}", get(webhooks::compliance_request))
+        .route("/shopify/compliance/{id}/retry", post(webhooks::retry_compliance_request))
         .route("/shopify/shops/{shop}/activate", post(webhooks::activate_shop))
         .route("/audit", get(audit))
         .merge(assets::routes())

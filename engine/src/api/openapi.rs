@@ -27,7 +27,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
         super::webhooks::receive, super::webhooks::deliveries, super::webhooks::reconcile,
         super::webhooks::shop, super::webhooks::activate_shop, super::webhooks::compliance_requests,
-        super::webhooks::compliance_request, super::audit,
+        super::webhooks::compliance_request, super::webhooks::retry_compliance_request, super::audit,
         super::runs::start, super::runs::current, super::runs::list, super::runs::get, super::runs::cancel,
         super::runs::pause, super::runs::resume, super::runs::queue_state, super::runs::reset,
     ),

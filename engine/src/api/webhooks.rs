@@ -353,3 +353,31 @@ pub async fn compliance_request(
     let record = record.ok_or_else(|| ApiError::not_found(format!("no compliance request {id}")))?;
     Ok(Json(ComplianceRequest::from_record(&record)?.shown()))
 }
+
+/// Sends a failed compliance request round again (after the store outage that failed
+/// it is over).
+#[utoipa::path(
+    post, path = "/shopify/compliance/{id}/retry",
+    params(("id" = String, Path, description = "The delivery's webhook id")),
+    responses(
+        (status = 200, body = ComplianceRequest), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+    )
+)]
+pub async fn retry_compliance_request(
+    State(s): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ComplianceRequest>, ApiError> {
+    use crate::shopify::compliance::{RetryError, retry};
+    let Some(config) = s.config.shopify.as_ref() else {
+        return Err(ApiError::not_found(format!("no compliance request {id}: Shopify is not configured")));
+    };
+    match retry(&s.engine, &config.compliance, &id).await {
+        Ok(request) => Ok(Json(request)),
+        Err(e @ RetryError::NotFound(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ RetryError::NotFailed(..)) => {
+            Err(ApiError::new(StatusCode::CONFLICT, "the request is not failed", e.to_string()))
+        }
+        Err(RetryError::Store(e)) => Err(e.into()),
+    }
+}

@@ -21,8 +21,17 @@ use crate::telemetry;
 const IDLE: Duration = Duration::from_secs(30);
 /// How many orders an export holds at most; the request says when it was cut.
 const EXPORT_ORDERS_MAX: usize = 10_000;
-/// How often a failed request is tried again in all, with the worker's next looks.
-const ATTEMPTS_MAX: u32 = 5;
+/// How many times a request meeting store errors is tried, 30 s apart at first and
+/// doubling to an hour (about 15 hours in all), before it is marked failed.
+const ATTEMPTS_MAX: u32 = 20;
+const RETRY_FIRST: Duration = Duration::from_secs(30);
+const RETRY_MAX: Duration = Duration::from_secs(3600);
+/// After a redaction is done, its copies are erased once more this much later: events
+/// already on the log when it ran may since have been dead-lettered or parked, and
+/// each instance's what-if recorder may since have written cases it held.
+const SETTLE: Duration = Duration::from_secs(60);
+/// How long a data request's export is kept.
+const EXPORT_KEPT: chrono::TimeDelta = chrono::TimeDelta::days(30);
 /// Progress is saved after this many orders.
 const SAVE_EVERY: usize = 100;
 
@@ -90,8 +99,18 @@ pub struct ComplianceRequest {
     pub orders_done: usize,
     pub attempts: u32,
     pub received_at: DateTime<Utc>,
+    /// When a request that met an error is tried next.
+    #[serde(default)]
+    pub next_attempt_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// When a redaction's second pass over the copies ran ([`SETTLE`] after it was done).
+    #[serde(default)]
+    pub settled_at: Option<DateTime<Utc>>,
+    /// Why the last attempt failed, while it is retried or once it failed.
     pub error: Option<String>,
+    /// What else to know: order ids left out, an export expired or erased.
+    #[serde(default)]
+    pub note: Option<String>,
     pub erasure: Option<Erasure>,
     /// For a data request: everything held about the customer.
     pub export: Option<Export>,
@@ -103,6 +122,19 @@ pub struct ComplianceRequest {
 impl ComplianceRequest {
     fn is_open(&self) -> bool {
         matches!(self.state.as_str(), "pending" | "running")
+    }
+
+    fn is_due(&self, now: DateTime<Utc>) -> bool {
+        self.is_open() && self.next_attempt_at.is_none_or(|t| t <= now)
+    }
+
+    /// A redaction done at least [`SETTLE`] ago whose second pass has not run.
+    fn needs_settling(&self, now: DateTime<Utc>) -> bool {
+        let settle = chrono::TimeDelta::from_std(SETTLE).unwrap_or_default();
+        self.topic == Topic::Redact.as_str()
+            && self.state == "done"
+            && self.settled_at.is_none()
+            && self.finished_at.is_some_and(|t| t + settle <= now)
     }
 
     fn record(&self) -> ComplianceRecord {
@@ -121,15 +153,18 @@ impl ComplianceRequest {
     }
 }
 
+/// The longest email or phone a request keeps (RFC 5321 caps an address at 254).
+const MAX_CONTACT_CHARS: usize = 254;
+
 /// The parts of a compliance payload the engine uses (Shopify sends ids as numbers).
 #[derive(Debug, Deserialize)]
 struct Payload {
     #[serde(default)]
     customer: Option<Customer>,
     #[serde(default)]
-    orders_to_redact: Vec<Id>,
+    orders_to_redact: Option<Vec<Id>>,
     #[serde(default)]
-    orders_requested: Vec<Id>,
+    orders_requested: Option<Vec<Id>>,
     #[serde(default)]
     data_request: Option<DataRequest>,
 }
@@ -174,52 +209,67 @@ pub async fn receive(
     body: &[u8],
     audit: &mut WebhookDelivery,
 ) -> Result<WebhookAnswer, WebhookError> {
-    let payload: Payload = match serde_json::from_slice(body) {
-        Ok(p) => p,
-        Err(e) => {
-            audit.outcome = "rejected".into();
-            audit.reason = Some(format!("a {} payload that cannot be read: {e}", topic.as_str()));
-            return Ok(WebhookAnswer { status: "rejected", order_id: None });
-        }
-    };
     let store = engine.compliance();
     if store.request(delivery_id).await?.is_some() {
         audit.outcome = "duplicate".into();
         return Ok(WebhookAnswer { status: "duplicate", order_id: None });
     }
-    let orders = match topic {
-        Topic::Redact => &payload.orders_to_redact,
-        Topic::DataRequest => &payload.orders_requested,
-    };
-    let mut order_ids: Vec<String> = orders.iter().map(|id| format!("shopify-{id}")).collect();
-    order_ids.sort_unstable();
-    order_ids.dedup();
-    let customer = payload.customer.as_ref();
-    let contact = customer
-        .into_iter()
-        .flat_map(|c| [c.email.clone(), c.phone.clone()])
-        .flatten()
-        .map(|c| c.trim().to_string())
-        .filter(|c| c.len() >= 3)
-        .collect();
-    let request = ComplianceRequest {
+    let mut request = ComplianceRequest {
         id: delivery_id.to_string(),
         topic: topic.as_str().into(),
         shop: shop.map(str::to_string),
-        customer_id: customer.and_then(|c| c.id.as_ref()).map(Id::to_string),
-        data_request_id: payload.data_request.and_then(|d| d.id).map(|id| id.to_string()),
-        order_ids,
-        contact,
+        customer_id: None,
+        data_request_id: None,
+        order_ids: Vec::new(),
+        contact: Vec::new(),
         state: "pending".into(),
         orders_done: 0,
         attempts: 0,
         received_at: Utc::now(),
+        next_attempt_at: None,
         finished_at: None,
+        settled_at: None,
         error: None,
+        note: None,
         erasure: None,
         export: None,
         export_cut: false,
     };
+    match serde_json::from_slice::<Payload>(body) {
+        Ok(payload) => {
+            let orders = match topic {
+                Topic::Redact => payload.orders_to_redact,
+                Topic::DataRequest => payload.orders_requested,
+            };
+            let named: Vec<String> = orders.unwrap_or_default().iter().map(|id| format!("shopify-{id}")).collect();
+            let (mut valid, invalid): (Vec<String>, Vec<String>) =
+                named.into_iter().partition(|id| crate::domain::check_id("order_id", id).is_ok());
+            valid.sort_unstable();
+            valid.dedup();
+            if !invalid.is_empty() {
+                request.note = Some(format!("{} order ids are not Shopify order ids and were left out", invalid.len()));
+            }
+            request.order_ids = valid;
+            let customer = payload.customer.as_ref();
+            request.contact = customer
+                .into_iter()
+                .flat_map(|c| [c.email.clone(), c.phone.clone()])
+                .flatten()
+                .map(|c| c.trim().chars().take(MAX_CONTACT_CHARS).collect::<String>())
+                .filter(|c| !c.is_empty())
+                .collect();
+            request.customer_id = customer.and_then(|c| c.id.as_ref()).map(Id::to_string);
+            request.data_request_id = payload.data_request.and_then(|d| d.id).map(|id| id.to_string());
+        }
+        // Kept as a failed request, where an operator sees it: Shopify does not send
+        // a delivery it got a 200 for again.
+        Err(e) => {
+            request.state = "failed".into();
+            request.finished_at = Some(request.received_at);
+            request.error = Some(format!("a {} payload that cannot be read: {e}", topic.as_str()));
+            audit.reason = request.error.clone();
+        }
+    }
     store.save_request(&request.record()).await?;
     // The audit trail an operator reads in `GET /audit`: who asked for what, and when.
     let action = ActionRecord {
@@ -234,54 +284,88 @@ pub async fn receive(
     if let Err(e) = engine.action_log().record_action(action).await {
         tracing::warn!(error = %e, request = %request.id, "could not audit a compliance request");
     }
-    metrics::counter!(telemetry::COMPLIANCE_REQUESTS, "topic" => topic.as_str(), "outcome" => "received").increment(1);
-    worker.set_open(worker.open() + 1);
+    let outcome = if request.state == "failed" { "failed" } else { "received" };
+    metrics::counter!(telemetry::COMPLIANCE_REQUESTS, "topic" => topic.as_str(), "outcome" => outcome).increment(1);
     worker.wake.notify_one();
-    audit.outcome = "received".into();
-    Ok(WebhookAnswer { status: "accepted", order_id: None })
+    audit.outcome = if outcome == "failed" { "rejected".into() } else { "received".into() };
+    Ok(WebhookAnswer { status: if outcome == "failed" { "rejected" } else { "accepted" }, order_id: None })
 }
 
-/// Runs the open requests, oldest first, whenever woken and every [`IDLE`]. Requests
-/// are idempotent, so two instances that both take one only repeat each other.
+/// Runs the due requests, oldest first, whenever woken and every [`IDLE`]; settles
+/// redactions; drops expired exports. Requests are idempotent, and a request another
+/// instance finished is not run again, so instances sharing a store only repeat work.
 pub fn spawn_worker(engine: Arc<Engine>, worker: Arc<Worker>) {
     tokio::spawn(async move {
         loop {
-            match open_requests(&engine).await {
-                Ok(open) => {
-                    let mut left = open.len() as u64;
-                    worker.set_open(left);
-                    for request in open {
-                        run(&engine, request).await;
-                        left -= 1;
-                        worker.set_open(left);
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not read the open compliance requests"),
+            if let Err(e) = look(&engine, &worker).await {
+                tracing::warn!(error = %e, "could not read the compliance requests; looking again soon");
             }
             let _ = tokio::time::timeout(IDLE, worker.wake.notified()).await;
         }
     });
 }
 
-async fn open_requests(engine: &Engine) -> Result<Vec<ComplianceRequest>, StoreError> {
-    let mut open = Vec::new();
+async fn look(engine: &Engine, worker: &Worker) -> Result<(), StoreError> {
+    let now = Utc::now();
+    let mut requests = Vec::new();
     for record in engine.compliance().requests(10_000).await? {
-        let request = ComplianceRequest::from_record(&record)?;
-        if request.is_open() {
-            open.push(request);
+        match ComplianceRequest::from_record(&record) {
+            Ok(r) => requests.push(r),
+            // One unreadable record must not stop the others.
+            Err(e) => tracing::warn!(error = %e, "a compliance request cannot be read; skipped"),
         }
     }
-    open.reverse();
-    Ok(open)
+    requests.reverse();
+    worker.set_open(requests.iter().filter(|r| r.is_open()).count() as u64);
+    for mut request in requests {
+        if request.is_due(now) {
+            run(engine, request).await;
+            worker.set_open(worker.open().saturating_sub(1));
+        } else if request.needs_settling(now) {
+            settle(engine, request).await;
+        } else if request.export.is_some() && request.finished_at.is_some_and(|t| t + EXPORT_KEPT <= now) {
+            request.export = None;
+            request.note = Some("the export expired 30 days after it was made".into());
+            engine.compliance().save_request(&request.record()).await?;
+        }
+    }
+    Ok(())
 }
 
-/// One request to its end (done or failed), saving progress as it goes. A store error
-/// leaves it open for the next look, up to [`ATTEMPTS_MAX`] tries.
+/// The second pass over a redaction's copies (see [`SETTLE`]).
+async fn settle(engine: &Engine, mut request: ComplianceRequest) {
+    // The contact details are gone by now: letters are found by their orders.
+    let subject = Subject { order_ids: request.order_ids.clone(), needles: Vec::new() };
+    match engine.erase_copies(&subject).await {
+        Ok(more) => {
+            if let Some(e) = request.erasure.as_mut() {
+                e.dead_letters += more.dead_letters;
+                e.parked += more.parked;
+                e.cases += more.cases;
+            }
+            request.settled_at = Some(Utc::now());
+            if let Err(e) = engine.compliance().save_request(&request.record()).await {
+                tracing::warn!(error = %e, request = %request.id, "could not save a settled redaction");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, request = %request.id, "settling a redaction failed; tried again"),
+    }
+}
+
+/// One attempt at a request, saving progress as it goes: done, or after an error open
+/// again for a later look (spaced from [`RETRY_FIRST`] to [`RETRY_MAX`]), or failed
+/// after [`ATTEMPTS_MAX`] tries.
 async fn run(engine: &Engine, mut request: ComplianceRequest) {
     let topic = Topic::of(&request.topic).unwrap_or(Topic::Redact);
+    let store = engine.compliance();
+    // Another instance may have finished it since this one read it.
+    match store.request(&request.id).await.map(|r| r.map(|r| ComplianceRequest::from_record(&r))) {
+        Ok(Some(Ok(now))) if !now.is_open() => return,
+        Ok(_) => {}
+        Err(e) => return tracing::warn!(error = %e, request = %request.id, "could not start a compliance request"),
+    }
     request.state = "running".into();
     request.attempts += 1;
-    let store = engine.compliance();
     if let Err(e) = store.save_request(&request.record()).await {
         return tracing::warn!(error = %e, request = %request.id, "could not start a compliance request");
     }
@@ -309,6 +393,7 @@ async fn run(engine: &Engine, mut request: ComplianceRequest) {
         Ok(()) => {
             request.state = "done".into();
             request.error = None;
+            request.next_attempt_at = None;
             "done"
         }
         Err(e) => {
@@ -319,7 +404,10 @@ async fn run(engine: &Engine, mut request: ComplianceRequest) {
                 "failed"
             } else {
                 request.state = "pending".into();
-                tracing::warn!(error = %e, request = %request.id, "a compliance request failed; it is tried again");
+                let wait = RETRY_FIRST.saturating_mul(1 << request.attempts.min(8)).min(RETRY_MAX);
+                request.next_attempt_at = Some(Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or_default());
+                tracing::warn!(error = %e, request = %request.id, retry_in_s = wait.as_secs(),
+                    "a compliance request met an error; it is tried again");
                 "retried"
             }
         }
@@ -368,9 +456,89 @@ async fn forget_exports(engine: &Engine, redaction: &ComplianceRequest) -> Resul
         if earlier.export.is_some() && (same_customer || shared_order) {
             earlier.export = None;
             earlier.contact.clear();
-            earlier.error = Some(format!("the export was erased by customers/redact {}", redaction.id));
+            earlier.note = Some(format!("the export was erased by customers/redact {}", redaction.id));
             engine.compliance().save_request(&earlier.record()).await?;
         }
     }
     Ok(())
+}
+
+/// Why a request cannot be tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum RetryError {
+    #[error("no compliance request {0}")]
+    NotFound(String),
+    #[error("compliance request {0} is {1}: only a failed request is tried again")]
+    NotFailed(String, String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Sends a failed request round again (`POST /shopify/compliance/{id}/retry`), from
+/// its first order, with a fresh count of tries.
+pub async fn retry(engine: &Engine, worker: &Worker, id: &str) -> Result<ComplianceRequest, RetryError> {
+    let record = engine.compliance().request(id).await?.ok_or_else(|| RetryError::NotFound(id.into()))?;
+    let mut request = ComplianceRequest::from_record(&record)?;
+    if request.state != "failed" {
+        return Err(RetryError::NotFailed(id.into(), request.state));
+    }
+    if request.order_ids.is_empty() && request.error.as_deref().is_some_and(|e| e.contains("cannot be read")) {
+        return Err(RetryError::NotFailed(id.into(), "failed for good: its payload cannot be read".into()));
+    }
+    request.state = "pending".into();
+    request.attempts = 0;
+    request.next_attempt_at = None;
+    request.finished_at = None;
+    engine.compliance().save_request(&request.record()).await?;
+    worker.wake.notify_one();
+    Ok(request.shown())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(topic: Topic, state: &str) -> ComplianceRequest {
+        ComplianceRequest {
+            id: "r".into(),
+            topic: topic.as_str().into(),
+            shop: None,
+            customer_id: None,
+            data_request_id: None,
+            order_ids: vec!["shopify-1".into()],
+            contact: Vec::new(),
+            state: state.into(),
+            orders_done: 0,
+            attempts: 0,
+            received_at: Utc::now(),
+            next_attempt_at: None,
+            finished_at: None,
+            settled_at: None,
+            error: None,
+            note: None,
+            erasure: None,
+            export: None,
+            export_cut: false,
+        }
+    }
+
+    #[test]
+    fn a_request_waits_out_its_retry_and_a_redaction_settles_once_a_minute_later() {
+        let now = Utc::now();
+        let mut r = request(Topic::Redact, "pending");
+        assert!(r.is_due(now));
+        r.next_attempt_at = Some(now + chrono::TimeDelta::seconds(30));
+        assert!(!r.is_due(now), "a request that met an error waits for its next attempt");
+        assert!(r.is_due(now + chrono::TimeDelta::seconds(30)));
+
+        let mut done = request(Topic::Redact, "done");
+        done.finished_at = Some(now);
+        assert!(!done.is_due(now) && !done.needs_settling(now + chrono::TimeDelta::seconds(59)));
+        assert!(done.needs_settling(now + chrono::TimeDelta::seconds(60)));
+        done.settled_at = Some(now);
+        assert!(!done.needs_settling(now + chrono::TimeDelta::hours(1)), "settled once");
+        let mut export = request(Topic::DataRequest, "done");
+        export.finished_at = Some(now);
+        assert!(!export.needs_settling(now + chrono::TimeDelta::hours(1)), "only redactions settle");
+    }
 }
