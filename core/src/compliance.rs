@@ -107,6 +107,18 @@ fn redacted_marker() -> String {
 pub struct Subject {
     pub order_ids: Vec<String>,
     pub needles: Vec<String>,
+    /// The shop that asked: another shop's orders are left alone (rows written before
+    /// rows recorded their shop have none, and are taken).
+    pub shop: Option<String>,
+}
+
+impl Subject {
+    fn owns(&self, row: &Order) -> bool {
+        match (&self.shop, &row.shop) {
+            (Some(asking), Some(of_row)) => asking == of_row,
+            _ => true,
+        }
+    }
 }
 
 /// What one erasure changed.
@@ -142,7 +154,7 @@ impl Engine {
     pub async fn erase_rows(&self, request_id: &str, subject: &Subject) -> Result<Erasure, StoreError> {
         let mut report = Erasure::default();
         for id in &subject.order_ids {
-            match self.redact_row(request_id, id).await? {
+            match self.redact_row(request_id, id, subject).await? {
                 Row::Redacted => report.orders_redacted += 1,
                 Row::Untouched => report.orders_untouched += 1,
             }
@@ -170,9 +182,12 @@ impl Engine {
 
     /// One row's redaction, as an edit placed after every change the row holds, so no
     /// earlier-placed event applied later (a replay) brings the data back.
-    async fn redact_row(&self, request_id: &str, id: &str) -> Result<Row, StoreError> {
+    async fn redact_row(&self, request_id: &str, id: &str, subject: &Subject) -> Result<Row, StoreError> {
         for attempt in 0..ATTEMPTS {
             let Some(current) = self.stores.orders.get(id).await? else { return Ok(Row::Untouched) };
+            if !subject.owns(&current) {
+                return Ok(Row::Untouched);
+            }
             let mut fields = current.fields();
             fields.customer = REDACTED.into();
             fields.note.clear();
@@ -214,8 +229,10 @@ impl Engine {
     pub async fn export(&self, subject: &Subject) -> Result<Export, StoreError> {
         let mut export = Export::default();
         for id in &subject.order_ids {
-            if let Some(row) = self.stores.orders.get(id).await? {
-                export.orders.push(row);
+            match self.stores.orders.get(id).await? {
+                Some(row) if !subject.owns(&row) => continue,
+                Some(row) => export.orders.push(row),
+                None => {}
             }
             export.history.extend(self.stores.orders.history(id, EXPORT_HISTORY, None).await?.items);
         }

@@ -124,6 +124,10 @@ pub struct OrderEvent {
     /// the log) and keeps it when a dead letter is replayed; the API refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accepted_at: Option<DateTime<Utc>>,
+    /// The shop the event came from, as a domain (the Shopify bridge sets it from
+    /// `X-Shopify-Shop-Domain`). The order keeps its first event's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shop: Option<String>,
 }
 
 /// The format of the records this engine writes and reads on the log (implicit: records
@@ -253,6 +257,9 @@ impl OrderEvent {
         if self.source.is_empty() || self.source.len() > 64 {
             return Err("source must be 1..=64 characters".into());
         }
+        if let Some(shop) = &self.shop {
+            check_shop(shop)?;
+        }
         if let Some(note) = &self.payload.note {
             check_note(note)?;
         }
@@ -285,6 +292,15 @@ impl OrderEvent {
     pub fn priority_hint(&self) -> Option<Priority> {
         self.payload.tier.map(Tier::priority)
     }
+}
+
+/// A shop is a lower-case domain: 1 to 255 characters of a-z, 0-9, `.` and `-`.
+pub fn check_shop(shop: &str) -> Result<(), String> {
+    let ok = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' || c == '-';
+    if shop.is_empty() || shop.len() > 255 || !shop.chars().all(ok) {
+        return Err(format!("shop must be a lower-case domain (a-z, 0-9, '.', '-', at most 255), got {shop:?}"));
+    }
+    Ok(())
 }
 
 pub fn check_id(name: &str, value: &str) -> Result<(), String> {

@@ -71,6 +71,7 @@ pub fn order(order_id: String, tier: Tier, rng: &mut impl Rng) -> OrderEvent {
         source: "generator".into(),
         occurred_at: Utc::now(),
         accepted_at: None,
+        shop: None,
         payload: OrderChange {
             customer: Some(customer),
             tier: Some(tier),

@@ -125,6 +125,7 @@ mod tests {
             source_updated_at: None,
             decided_by: "test".into(),
             changed_at: ChangedAt { created, ..ChangedAt::default() },
+            shop: None,
         }
     }
 

@@ -1045,6 +1045,7 @@ pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, 
         },
         decided_by: decided_by.to_string(),
         changed_at,
+        shop: base.map_or_else(|| event.shop.clone(), |b| b.shop.clone()),
     }
 }
 
@@ -1188,6 +1189,7 @@ mod tests {
             source: "test".into(),
             occurred_at: Utc::now(),
             accepted_at: None,
+            shop: None,
             payload,
         }
     }

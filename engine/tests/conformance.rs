@@ -53,6 +53,7 @@ fn order(rng: &mut SmallRng, id: &str) -> Order {
         },
         decided_by: "x".into(),
         changed_at: ChangedAt::default(),
+        shop: None,
     }
 }
 
@@ -64,6 +65,7 @@ fn event(rng: &mut SmallRng, i: usize) -> OrderEvent {
         source: pick(rng, &["shopify", "api"]).into(),
         occurred_at: at(1_700_000_000_000) + Duration::milliseconds(rng.random_range(0..1_000_000)),
         accepted_at: None,
+        shop: None,
         payload: OrderChange {
             shopify_order_id: maybe(rng, |r| r.random_range(1..1_000_000_000)),
             customer: maybe(rng, |r| format!("c{}@example.com", r.random_range(0..50))),

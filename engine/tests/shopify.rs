@@ -483,6 +483,24 @@ async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
     let (_, shop) = s.get_json("/shopify/shops/a.myshopify.com").await;
     assert_eq!((shop["active"].as_bool(), shop["reason"].as_str()), (Some(false), Some("app/uninstalled")));
 
+    // Rows record the shop their first delivery came from, and the list filters by it.
+    let (_, row) = s.get_json("/orders/shopify-1").await;
+    assert_eq!(row["shop"], a, "{row}");
+    let listed = |shop: &'static str| {
+        let s = &s;
+        async move {
+            let (code, page) = s.get_json(&format!("/orders?limit=100&shop={shop}")).await;
+            assert_eq!(code, 200, "{page}");
+            let items = page["items"].as_array().unwrap().clone();
+            assert!(items.iter().all(|o| o["shop"] == shop), "only {shop}'s orders: {page}");
+            items.iter().map(|o| o["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    let (of_a, of_b) = (listed(a).await, listed(b).await);
+    assert!(of_a.contains(&"shopify-1".to_string()) && !of_a.contains(&"shopify-2".to_string()), "{of_a:?}");
+    assert!(of_b.contains(&"shopify-2".to_string()) && !of_b.contains(&"shopify-1".to_string()), "{of_b:?}");
+    assert_eq!(s.get_json("/orders?shop=Not%20a%20shop").await.0, 400);
+
     // Activated again (after a reinstall), its deliveries are taken.
     let r = common::authorized().post(s.url("/shopify/shops/a.myshopify.com/activate")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -595,6 +613,24 @@ async fn a_customer_redaction_leaves_no_trace() {
     let done = request("rd-1").await;
     assert_eq!(done["state"], "done", "{done}");
     assert_eq!(done["erasure"]["orders_redacted"], 3, "{done}");
+
+    // Another shop cannot redact this shop's orders.
+    let foreign = json!({ "shop_domain": "other.myshopify.com", "customer": {"email": bob}, "orders_to_redact": [4] });
+    let foreign = foreign.to_string().into_bytes();
+    let r = common::deliver_from(
+        &s,
+        "other.myshopify.com",
+        "customers/redact",
+        "rd-other",
+        &foreign,
+        Some(sign(SECRET, &foreign)),
+    );
+    assert_eq!(r.await.status(), 200);
+    let other_shop = request("rd-other").await;
+    assert_eq!(
+        (other_shop["state"].as_str(), other_shop["erasure"]["orders_redacted"].as_u64()),
+        (Some("done"), Some(0))
+    );
 
     // A payload that cannot be read: 200 (Shopify would only send it again), kept as a
     // failed request with the reason, and not sent round again.

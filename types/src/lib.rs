@@ -163,6 +163,10 @@ pub struct Order {
     /// Per field, the place of the change that last set it (see [`ChangedAt`]).
     #[serde(default)]
     pub changed_at: ChangedAt,
+    /// The shop the order came from (its first event's, such as a Shopify delivery's
+    /// `X-Shopify-Shop-Domain`), fixed at creation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shop: Option<String>,
 }
 
 /// Per field, the place of the change that last set it: when the engine first accepted

@@ -388,6 +388,7 @@ fn sample_event() -> OrderEvent {
             ..Default::default()
         },
         accepted_at: None,
+        shop: None,
     }
 }
 
@@ -410,6 +411,7 @@ fn sample_row(event: &OrderEvent) -> Order {
         source_updated_at: None,
         decided_by: "smoke-check".into(),
         changed_at: Default::default(),
+        shop: None,
     }
 }
 

@@ -31,6 +31,8 @@ fn row(id: &str, version: u64, note: &str) -> Order {
         decided_by: "conformance".into(),
         // Distinct per version, so a store that drops or mixes them up fails the reads.
         changed_at: ChangedAt { created: 1_000, note: 2_000 + version as i64, ..ChangedAt::default() },
+        // Kept, and read back, by every store.
+        shop: Some("conformance.myshopify.com".into()),
     }
 }
 
@@ -111,6 +113,7 @@ pub async fn compliance(s: &(impl Orders + DeadLetters + Parking + Cases + Compl
             occurred_at: Utc::now(),
             payload: Default::default(),
             accepted_at: None,
+            shop: None,
         },
         current: Some(row(order, 1, "n")),
         recorded_at: Utc::now(),
@@ -156,6 +159,7 @@ pub async fn cases(s: &(impl Cases + ?Sized), prefix: &str) {
             occurred_at: t0,
             payload: crate::domain::OrderChange { note: Some(note.into()), ..Default::default() },
             accepted_at: None,
+            shop: None,
         };
         Case { event, current: Some(current), recorded_at: t0 + Duration::milliseconds(i) }
     };

@@ -133,26 +133,31 @@ const CONCURRENCY: usize = 64;
 const MAX_ATTEMPTS: u32 = 5;
 
 const STATICS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, shipping_fee_cents, \
-    currency, note, version, created_at, updated_at, decided_by, source_updated_at, changed_at";
+    currency, note, version, created_at, updated_at, decided_by, source_updated_at, changed_at, shop";
 
-type StaticRow = (
-    String,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<String>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<String>,
-    Option<i64>,
-    Option<String>,
-);
+/// The static columns of an order's partition, in [`STATICS`]' order (a struct: a tuple
+/// reads 16 columns at most).
+#[derive(scylla::DeserializeRow)]
+#[scylla(flavor = "enforce_order", skip_name_checks)]
+struct StaticRow {
+    id: String,
+    shopify_order_id: Option<i64>,
+    customer: Option<String>,
+    tier: Option<String>,
+    priority: Option<String>,
+    status: Option<String>,
+    total: Option<i64>,
+    fee: Option<i64>,
+    currency: Option<String>,
+    note: Option<String>,
+    version: Option<i64>,
+    created: Option<i64>,
+    updated: Option<i64>,
+    decided_by: Option<String>,
+    source_updated: Option<i64>,
+    changed_at: Option<String>,
+    shop: Option<String>,
+}
 
 struct Statements {
     get: PreparedStatement,
@@ -163,6 +168,7 @@ struct Statements {
     insert_row: PreparedStatement,
     update_row: PreparedStatement,
     insert_entry: PreparedStatement,
+    set_shop: PreparedStatement,
     history: PreparedStatement,
     list: PreparedStatement,
     letter_claim_id: PreparedStatement,
@@ -285,6 +291,7 @@ impl CqlStore {
         let alters = [
             format!("ALTER TABLE {ks}.orders ADD source_updated_at bigint static"),
             format!("ALTER TABLE {ks}.orders ADD changed_at text static"),
+            format!("ALTER TABLE {ks}.orders ADD shop text static"),
         ];
         for alter in alters {
             if let Err(e) = session.query_unpaged(alter, ()).await {
@@ -331,6 +338,7 @@ impl CqlStore {
                 .await?,
             update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_UPDATE_SET} WHERE id = ? IF version = ?"), true)
                 .await?,
+            set_shop: prepare(format!("UPDATE {ks}.orders SET shop = ? WHERE id = ?"), true).await?,
             insert_entry: prepare(
                 format!("INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
                 true,
@@ -545,6 +553,9 @@ impl CqlStore {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
+                            // The shop is set once, with the row (the row's own statement
+                            // binds the 16 values a statement takes at most).
+                            batch.append_statement(self.st.set_shop.clone());
                             // A new row has nothing to clear: absent columns stay unset.
                             let (shopify_order_id, source_updated) =
                                 (unset_none(r.shopify_order_id), unset_none(source_updated));
@@ -566,7 +577,8 @@ impl CqlStore {
                                 &changed_at,
                                 &r.id,
                             );
-                            self.lwt(self.session.batch(&batch, (set, entry))).await?
+                            let shop = (unset_none(r.shop.as_deref()), &r.id);
+                            self.lwt(self.session.batch(&batch, (set, entry, shop))).await?
                         }
                         Some(v) => {
                             batch.append_statement(self.st.update_row.clone());
@@ -738,7 +750,7 @@ fn strip_comments(s: &str) -> String {
 }
 
 fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
-    let (
+    let StaticRow {
         id,
         shopify_order_id,
         customer,
@@ -755,7 +767,8 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
         decided_by,
         source_updated,
         changed_at,
-    ) = r;
+        shop,
+    } = r;
     let Some(version) = version else { return Ok(None) };
     let bad = |what: &str, v: &Option<String>| StoreError::Corrupt(format!("order {id}: bad {what} {v:?}"));
     Ok(Some(Order {
@@ -775,6 +788,7 @@ fn order_from(r: StaticRow) -> Result<Option<Order>, StoreError> {
         decided_by: decided_by.unwrap_or_default(),
         source_updated_at: source_updated.map(from_micros),
         changed_at: ChangedAt::from_column(changed_at.as_deref()),
+        shop,
     }))
 }
 
@@ -877,7 +891,12 @@ impl Orders for CqlStore {
         for r in rows.rows::<StaticRow>().map_err(backend)? {
             let Some(o) = order_from(r.map_err(backend)?)? else { continue };
             let prefix_ok = q.q.as_deref().is_none_or(|p| o.id.starts_with(p) || o.customer.starts_with(p));
-            if q.status.is_none_or(|s| s == o.status) && q.priority.is_none_or(|p| p == o.priority) && prefix_ok {
+            let shop_ok = q.shop.is_none() || o.shop == q.shop;
+            if q.status.is_none_or(|s| s == o.status)
+                && q.priority.is_none_or(|p| p == o.priority)
+                && prefix_ok
+                && shop_ok
+            {
                 items.push(o);
             }
         }

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS orders (
     updated_at INTEGER NOT NULL,
     decided_by TEXT NOT NULL,
     source_updated_at INTEGER,
-    changed_at TEXT
+    changed_at TEXT,
+    shop TEXT
 ) WITHOUT ROWID;
 -- Each list filter has an index ending in the sort key, so cursor paging is a range scan.
 CREATE INDEX IF NOT EXISTS orders_updated ON orders(updated_at, id);
@@ -114,7 +115,7 @@ CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at, id);
 
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
     shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at, \
-    changed_at";
+    changed_at, shop";
 
 /// Decided events for what-if runs: the case as JSON (`{"event", "current"}`), keyed by
 /// event id so a retried batch records once, and pruned by age and count.
@@ -182,6 +183,11 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     if !has("orders", "changed_at")? {
         conn.execute_batch("ALTER TABLE orders ADD COLUMN changed_at TEXT")?;
     }
+    if !has("orders", "shop")? {
+        conn.execute_batch("ALTER TABLE orders ADD COLUMN shop TEXT")?;
+    }
+    // After the column: a data dir of an earlier version gets it above first.
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS orders_shop ON orders(shop, updated_at, id)")?;
     // Claims of earlier versions were only kept once their event was on the log.
     if !has("webhook_claims", "state")? {
         conn.execute_batch(
@@ -222,6 +228,7 @@ fn order_from_row(r: &Row<'_>) -> rusqlite::Result<Order> {
         decided_by: text(13)?,
         source_updated_at: r.get::<_, Option<i64>>(14)?.map(from_micros),
         changed_at: ChangedAt::from_column(r.get::<_, Option<String>>(15)?.as_deref()),
+        shop: r.get(16)?,
     })
 }
 
@@ -286,11 +293,13 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
         row.decided_by,
         row.source_updated_at.map(micros),
         row.changed_at.to_column(),
+        row.shop,
     ];
     let changed = match expected {
         None => conn
             .prepare_cached(&format!(
-                "INSERT INTO orders ({ORDER_COLUMNS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16)
+                "INSERT INTO orders ({ORDER_COLUMNS})
+                 VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,?15,?16,?17)
                  ON CONFLICT(id) DO NOTHING"
             ))?
             .execute(values)?,
@@ -299,7 +308,7 @@ fn put_order(conn: &Connection, row: &Order, expected: Option<u64>) -> rusqlite:
                 "UPDATE orders SET shopify_order_id=?2, customer=?3, tier=?4, priority=?5, status=?6,
                  total_cents=?7, shipping_fee_cents=?8, currency=?9, note=?10, version=?11,
                  created_at=?12, updated_at=?13, decided_by=?14, source_updated_at=?15,
-                 changed_at=?16 WHERE id=?1 AND version=?17",
+                 changed_at=?16, shop=?17 WHERE id=?1 AND version=?18",
             )?;
             let mut all: Vec<&dyn rusqlite::ToSql> = values.to_vec();
             let expected = expected as i64;
@@ -383,6 +392,10 @@ fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreErr
     if let Some(p) = q.priority {
         clauses.push("priority = ?".into());
         args.push(Value::Text(p.as_str().into()));
+    }
+    if let Some(shop) = &q.shop {
+        clauses.push("shop = ?".into());
+        args.push(Value::Text(shop.clone()));
     }
     if let Some(prefix) = q.q.as_deref().filter(|s| !s.is_empty()) {
         // A prefix as a range: the primary key serves the id; the customer is scanned.

@@ -159,6 +159,8 @@ pub struct ListQuery {
     /// Prefix of the order id or the customer.
     pub q: Option<String>,
     pub sort: Sort,
+    /// Only the orders of this shop.
+    pub shop: Option<String>,
 }
 
 /// A shop's standing with the app: active unless it uninstalled the app (a shop never

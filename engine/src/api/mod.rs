@@ -382,6 +382,8 @@ pub struct ListParams {
     q: Option<String>,
     /// -updated_at (default), updated_at, id or -id.
     sort: Option<String>,
+    /// Only the orders of this shop (a domain, such as example.myshopify.com).
+    shop: Option<String>,
 }
 
 #[utoipa::path(
@@ -403,9 +405,14 @@ async fn list_orders(State(s): State<AppState>, ApiQuery(p): ApiQuery<ListParams
             ApiError::bad_request("invalid sort", format!("{v:?}; use -updated_at, updated_at, id or -id"))
         })?,
     };
+    let shop = p.shop.as_deref().map(|v| v.trim().to_ascii_lowercase());
+    if let Some(shop) = &shop {
+        crate::domain::check_shop(shop).map_err(|e| ApiError::bad_request("invalid shop", e))?;
+    }
     let limit = page_limit(p.limit, 50, 1000)?;
     pages::capped(s.config.max_page_bytes, limit, |limit| {
-        s.engine.orders(ListQuery { limit, cursor: p.cursor.clone(), status, priority, q: p.q.clone(), sort })
+        let (cursor, q, shop) = (p.cursor.clone(), p.q.clone(), shop.clone());
+        s.engine.orders(ListQuery { limit, cursor, status, priority, q, sort, shop })
     })
     .await
 }

@@ -217,7 +217,7 @@ pub async fn receive(
     let mut request = ComplianceRequest {
         id: delivery_id.to_string(),
         topic: topic.as_str().into(),
-        shop: shop.map(str::to_string),
+        shop: shop.map(|s| s.trim().to_ascii_lowercase()),
         customer_id: None,
         data_request_id: None,
         order_ids: Vec::new(),
@@ -335,7 +335,7 @@ async fn look(engine: &Engine, worker: &Worker) -> Result<(), StoreError> {
 /// The second pass over a redaction's copies (see [`SETTLE`]).
 async fn settle(engine: &Engine, mut request: ComplianceRequest) {
     // The contact details are gone by now: letters are found by their orders.
-    let subject = Subject { order_ids: request.order_ids.clone(), needles: Vec::new() };
+    let subject = Subject { order_ids: request.order_ids.clone(), needles: Vec::new(), shop: request.shop.clone() };
     match engine.erase_copies(&subject).await {
         Ok(more) => {
             if let Some(e) = request.erasure.as_mut() {
@@ -369,7 +369,8 @@ async fn run(engine: &Engine, mut request: ComplianceRequest) {
     if let Err(e) = store.save_request(&request.record()).await {
         return tracing::warn!(error = %e, request = %request.id, "could not start a compliance request");
     }
-    let subject = Subject { order_ids: request.order_ids.clone(), needles: request.contact.clone() };
+    let subject =
+        Subject { order_ids: request.order_ids.clone(), needles: request.contact.clone(), shop: request.shop.clone() };
     let outcome = match topic {
         Topic::Redact => match erase_saving_progress(engine, &request, &subject).await {
             Ok(erased) => forget_exports(engine, &request).await.map(|()| {
@@ -434,7 +435,7 @@ async fn erase_saving_progress(
     let mut report = Erasure::default();
     let mut done = 0;
     for chunk in subject.order_ids.chunks(SAVE_EVERY) {
-        let part = Subject { order_ids: chunk.to_vec(), needles: Vec::new() };
+        let part = Subject { order_ids: chunk.to_vec(), ..subject.clone() };
         let erased = engine.erase_rows(&request.id, &part).await?;
         report.orders_redacted += erased.orders_redacted;
         report.orders_untouched += erased.orders_untouched;

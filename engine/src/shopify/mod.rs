@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::domain::OrderEvent;
 use crate::engine::{Engine, IngestError};
 use crate::failure::{Failure, FailureKind, Stage};
 use crate::store::{Claim, ShopRecord, StoreError, WebhookDelivery};
@@ -187,7 +188,7 @@ pub async fn accept(
     // dead-lettered with the reason: a retry would fail the same way, and Shopify
     // removes subscriptions that keep failing.
     let event = match payload::to_event(kind, body, &delivery_id) {
-        Ok(event) => event,
+        Ok(event) => OrderEvent { shop: headers.shop.as_deref().map(|s| s.trim().to_ascii_lowercase()), ..event },
         Err(reason) => return reject(engine, audit, &delivery_id, None, body, format!("payload: {reason}")).await,
     };
     audit.order_id = Some(event.order_id.clone());

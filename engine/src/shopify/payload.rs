@@ -145,6 +145,8 @@ pub fn to_event(kind: EventKind, body: &[u8], delivery_id: &str) -> Result<Order
         source: "shopify".into(),
         occurred_at,
         accepted_at: None,
+        // The bridge sets it from the delivery's X-Shopify-Shop-Domain.
+        shop: None,
         payload: OrderChange {
             shopify_order_id: Some(id),
             customer: if kind == EventKind::Created { customer } else { None },
