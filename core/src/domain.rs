@@ -213,7 +213,8 @@ impl OrderEvent {
     /// Whether the event says it came from Shopify: by its source, or by an event id in
     /// the space of Shopify's webhook ids. Only the signed webhook path may say so.
     pub fn claims_shopify(&self) -> bool {
-        self.source.eq_ignore_ascii_case("shopify") || self.event_id.starts_with("shopify:")
+        let shopify_shop = self.shop.as_deref().is_some_and(|s| s.to_ascii_lowercase().ends_with(".myshopify.com"));
+        self.source.eq_ignore_ascii_case("shopify") || self.event_id.starts_with("shopify:") || shopify_shop
     }
 
     /// Reads an event off the log. Records only ever gain optional fields (ARCHITECTURE.md,
@@ -221,6 +222,24 @@ impl OrderEvent {
     /// dropped, and a rolling upgrade goes on. Producers at the API are still held to the
     /// exact schema.
     pub fn from_log(bytes: &[u8]) -> Result<Self, String> {
+        Self::from_log_as_written(bytes).map(Self::with_usable_shop)
+    }
+
+    /// An outside producer's `shop` (a field this engine once ignored) is lower-cased,
+    /// and dropped with a warning when it is still no domain: it labels the order, and
+    /// must not send the whole event to the dead letters.
+    fn with_usable_shop(mut self) -> Self {
+        if let Some(shop) = self.shop.take() {
+            let shop = shop.trim().to_ascii_lowercase();
+            match check_shop(&shop) {
+                Ok(()) => self.shop = Some(shop),
+                Err(e) => tracing::warn!(event = %self.event_id, "{e}; the event goes on without it"),
+            }
+        }
+        self
+    }
+
+    fn from_log_as_written(bytes: &[u8]) -> Result<Self, String> {
         let strict = match serde_json::from_slice(bytes) {
             Ok(event) => return Ok(event),
             Err(e) => e,

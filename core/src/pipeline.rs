@@ -1045,7 +1045,9 @@ pub fn build_row(event: &OrderEvent, base: Option<&Order>, fields: OrderFields, 
         },
         decided_by: decided_by.to_string(),
         changed_at,
-        shop: base.map_or_else(|| event.shop.clone(), |b| b.shop.clone()),
+        // Fixed once set; a row that has none yet (older, or made by an event without
+        // one) takes the first shop an event brings.
+        shop: base.and_then(|b| b.shop.clone()).or_else(|| event.shop.clone()),
     }
 }
 

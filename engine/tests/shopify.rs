@@ -258,7 +258,11 @@ async fn the_api_cannot_forge_shopify_provenance() {
     future["occurred_at"] = json!("2099-01-01T00:00:00Z");
     let mut borrowed = common::updated(order, "shopify:f-1", json!({ "note": "borrowed" }));
     borrowed["source"] = json!("api");
-    for (forged, what) in [(future, "a shopify source"), (borrowed, "a webhook's event id")] {
+    // A Shopify shop decides whose compliance requests reach the order.
+    let mut shop = common::updated(order, "forged-2", json!({ "note": "shop" }));
+    shop["shop"] = json!("example.myshopify.com");
+    let cases = [(future, "a shopify source"), (borrowed, "a webhook's event id"), (shop, "a Shopify shop")];
+    for (forged, what) in cases {
         let r = s.post_events(&json!([forged])).await;
         assert_eq!(r.status(), 400, "{what}");
         let body: Value = r.json().await.unwrap();

@@ -371,6 +371,29 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
     seen.sort();
     assert_eq!(seen, (0..25).map(|i| format!("{prefix}-p{i:02}")).collect::<Vec<_>>(), "cursor paging");
 
+    // A row's shop is kept, set by an update on a row that had none, and filters the list.
+    let (shop_a, shop_b) = (format!("{prefix}-a.example.com"), format!("{prefix}-b.example.com"));
+    let with_shop =
+        |id: &str, version: u64, shop: Option<&String>| Order { shop: shop.cloned(), ..row(id, version, "s") };
+    one(s, apply(&e("s0"), None, with_shop(&e("s0"), 1, Some(&shop_a)))).await;
+    one(s, apply(&e("s1"), None, with_shop(&e("s1"), 1, Some(&shop_b)))).await;
+    one(s, apply(&e("s2"), None, with_shop(&e("s2"), 1, None))).await;
+    assert_eq!(s.get(&e("s2")).await.unwrap().unwrap().shop, None, "a row without a shop");
+    one(s, apply(&e("s2-u"), Some(1), with_shop(&e("s2"), 2, Some(&shop_a)))).await;
+    assert_eq!(s.get(&e("s2")).await.unwrap().unwrap().shop.as_ref(), Some(&shop_a), "set by an update");
+    let (mut of_a, mut cursor) = (Vec::new(), None);
+    loop {
+        let query = ListQuery { limit: 10, cursor: cursor.take(), shop: Some(shop_a.clone()), ..Default::default() };
+        let page = s.list(query).await.unwrap();
+        of_a.extend(page.items.into_iter().map(|o| o.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    of_a.sort();
+    assert_eq!(of_a, [e("s0"), e("s2")], "the list of one shop");
+
     let page_rows = s.stats().await.unwrap();
     assert!(page_rows.orders >= 27 && page_rows.history >= 28, "row counts: {page_rows:?}");
 }

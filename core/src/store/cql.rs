@@ -553,8 +553,8 @@ impl CqlStore {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
-                            // The shop is set once, with the row (the row's own statement
-                            // binds the 16 values a statement takes at most).
+                            // The shop in a statement of its own: the row's binds the 16
+                            // values a statement takes at most.
                             batch.append_statement(self.st.set_shop.clone());
                             // A new row has nothing to clear: absent columns stay unset.
                             let (shopify_order_id, source_updated) =
@@ -583,6 +583,8 @@ impl CqlStore {
                         Some(v) => {
                             batch.append_statement(self.st.update_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
+                            // A row without a shop takes the first one an event brings.
+                            batch.append_statement(self.st.set_shop.clone());
                             let set = (
                                 r.shopify_order_id,
                                 &r.customer,
@@ -601,7 +603,8 @@ impl CqlStore {
                                 &r.id,
                                 *v as i64,
                             );
-                            self.lwt(self.session.batch(&batch, (set, entry))).await?
+                            let shop = (unset_none(r.shop.as_deref()), &r.id);
+                            self.lwt(self.session.batch(&batch, (set, entry, shop))).await?
                         }
                     }
                 }

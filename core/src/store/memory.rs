@@ -157,6 +157,7 @@ impl Orders for MemoryStore {
             .orders
             .values()
             .filter(|o| q.status.is_none_or(|s| o.status == s) && q.priority.is_none_or(|p| o.priority == p))
+            .filter(|o| q.shop.is_none() || o.shop == q.shop)
             .filter(|o| o.id.starts_with(prefix) || o.customer.starts_with(prefix))
             .cloned()
             .collect();

@@ -352,8 +352,8 @@ async fn post_events(
     // unsigned request may not borrow either: it could make genuine deliveries stale or
     // duplicates forever.
     if let Some(index) = events.iter().position(OrderEvent::claims_shopify) {
-        let reason = "source \"shopify\" and event ids starting with \"shopify:\" belong to the signed \
-                      webhook (POST /webhooks/shopify)";
+        let reason = "source \"shopify\", event ids starting with \"shopify:\" and shops ending in \
+                      \".myshopify.com\" belong to the signed webhook (POST /webhooks/shopify)";
         return Err(ApiError::bad_request("invalid event", json!({ "index": index, "reason": reason })));
     }
     // An event's place decides which change of a field wins: a client could make its

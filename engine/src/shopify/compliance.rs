@@ -454,7 +454,8 @@ async fn forget_exports(engine: &Engine, redaction: &ComplianceRequest) -> Resul
         let mut earlier = ComplianceRequest::from_record(&record)?;
         let same_customer = earlier.customer_id.is_some() && earlier.customer_id == redaction.customer_id;
         let shared_order = earlier.order_ids.iter().any(|o| redaction.order_ids.contains(o));
-        if earlier.export.is_some() && (same_customer || shared_order) {
+        let same_shop = earlier.shop.is_none() || redaction.shop.is_none() || earlier.shop == redaction.shop;
+        if earlier.export.is_some() && same_shop && (same_customer || shared_order) {
             earlier.export = None;
             earlier.contact.clear();
             earlier.note = Some(format!("the export was erased by customers/redact {}", redaction.id));
