@@ -120,6 +120,31 @@ pub struct ComplianceRequest {
 }
 
 impl ComplianceRequest {
+    /// A request just received, with nothing read from its payload yet.
+    fn received(id: &str, topic: Topic, shop: Option<String>) -> Self {
+        Self {
+            id: id.to_string(),
+            topic: topic.as_str().into(),
+            shop,
+            customer_id: None,
+            data_request_id: None,
+            order_ids: Vec::new(),
+            contact: Vec::new(),
+            state: "pending".into(),
+            orders_done: 0,
+            attempts: 0,
+            received_at: Utc::now(),
+            next_attempt_at: None,
+            finished_at: None,
+            settled_at: None,
+            error: None,
+            note: None,
+            erasure: None,
+            export: None,
+            export_cut: false,
+        }
+    }
+
     fn is_open(&self) -> bool {
         matches!(self.state.as_str(), "pending" | "running")
     }
@@ -214,27 +239,7 @@ pub async fn receive(
         audit.outcome = "duplicate".into();
         return Ok(WebhookAnswer { status: "duplicate", order_id: None });
     }
-    let mut request = ComplianceRequest {
-        id: delivery_id.to_string(),
-        topic: topic.as_str().into(),
-        shop: shop.map(|s| s.trim().to_ascii_lowercase()),
-        customer_id: None,
-        data_request_id: None,
-        order_ids: Vec::new(),
-        contact: Vec::new(),
-        state: "pending".into(),
-        orders_done: 0,
-        attempts: 0,
-        received_at: Utc::now(),
-        next_attempt_at: None,
-        finished_at: None,
-        settled_at: None,
-        error: None,
-        note: None,
-        erasure: None,
-        export: None,
-        export_cut: false,
-    };
+    let mut request = ComplianceRequest::received(delivery_id, topic, shop.map(|s| s.trim().to_ascii_lowercase()));
     match serde_json::from_slice::<Payload>(body) {
         Ok(payload) => {
             let orders = match topic {
@@ -501,27 +506,8 @@ mod tests {
     use super::*;
 
     fn request(topic: Topic, state: &str) -> ComplianceRequest {
-        ComplianceRequest {
-            id: "r".into(),
-            topic: topic.as_str().into(),
-            shop: None,
-            customer_id: None,
-            data_request_id: None,
-            order_ids: vec!["shopify-1".into()],
-            contact: Vec::new(),
-            state: state.into(),
-            orders_done: 0,
-            attempts: 0,
-            received_at: Utc::now(),
-            next_attempt_at: None,
-            finished_at: None,
-            settled_at: None,
-            error: None,
-            note: None,
-            erasure: None,
-            export: None,
-            export_cut: false,
-        }
+        let order_ids = vec!["shopify-1".into()];
+        ComplianceRequest { state: state.into(), order_ids, ..ComplianceRequest::received("r", topic, None) }
     }
 
     #[test]
