@@ -13,8 +13,15 @@ use std::path::{Path, PathBuf};
 
 /// Plugins the engine embeds, then test fixtures.
 const PACKAGES: &[&str] = &["order-rules", "conflict-resolver"];
-const FIXTURES: &[&str] =
-    &["fixture-trap", "fixture-spin", "fixture-hog", "fixture-wrong-world", "fixture-rules-v2", "fixture-wasi"];
+const FIXTURES: &[&str] = &[
+    "fixture-trap",
+    "fixture-spin",
+    "fixture-hog",
+    "fixture-wrong-world",
+    "fixture-rules-v2",
+    "fixture-wasi",
+    "fixture-packed-liar",
+];
 const TARGET: &str = "wasm32-wasip2";
 
 fn main() {

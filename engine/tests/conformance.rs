@@ -8,7 +8,7 @@ mod common;
 use chrono::{DateTime, Duration, Utc};
 use orchestrator::domain::*;
 use orchestrator::plugin::Slot;
-use orchestrator::plugin::host::{Handle, Limits, Runtime};
+use orchestrator::plugin::host::{Handle, Limits, Path, Runtime};
 use orchestrator::plugin::native::{NativeResolver, NativeRules};
 use orchestrator::rules::{ConflictResolver, OrderRules};
 use rand::rngs::SmallRng;
@@ -102,7 +102,7 @@ fn load(slot: Slot) -> Handle {
 }
 
 #[test]
-fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
+fn order_rules_plugin_matches_the_native_rules_on_10k_events_on_both_paths() {
     let Handle::Rules(plugin) = load(Slot::OrderRules) else { panic!("order rules load as rules") };
     let mut rng = SmallRng::seed_from_u64(2026);
     let events: Vec<OrderEvent> = (0..10_000).map(|i| event(&mut rng, i)).collect();
@@ -110,12 +110,17 @@ fn order_rules_plugin_matches_the_native_rules_on_10k_events() {
         events.iter().map(|e| if rng.random_bool(0.7) { Some(order(&mut rng, &e.order_id)) } else { None }).collect();
     let inputs: Vec<(&OrderEvent, Option<&Order>)> = events.iter().zip(&rows).map(|(e, r)| (e, r.as_ref())).collect();
     let native = NativeRules.decide_batch(&inputs);
-    // In batches of 100, as the pipeline calls it.
-    let wasm: Vec<_> = inputs.chunks(100).flat_map(|c| plugin.decide_batch(c)).collect();
+    // In batches of 100, as the pipeline calls it: through the packed fast path the SDK
+    // exports (what the engine uses), and through the typed WIT calls.
+    assert!(plugin.has_packed_path(), "the default rules export decide-packed");
+    let packed: Vec<_> = inputs.chunks(100).flat_map(|c| plugin.decide_batch(c)).collect();
+    let typed: Vec<_> = inputs.chunks(100).flat_map(|c| plugin.decide_batch_by(Path::Typed, c)).collect();
     assert_eq!(native.len(), 10_000);
+    assert_eq!((packed.len(), typed.len()), (10_000, 10_000));
     let mut kinds = std::collections::HashMap::new();
-    for (i, (n, w)) in native.iter().zip(&wasm).enumerate() {
-        assert_eq!(n, w, "decision {i} differs for {:?} on {:?}", events[i], rows[i]);
+    for (i, ((n, p), t)) in native.iter().zip(&packed).zip(&typed).enumerate() {
+        assert_eq!(n, p, "packed decision {i} differs for {:?} on {:?}", events[i], rows[i]);
+        assert_eq!(n, t, "typed decision {i} differs for {:?} on {:?}", events[i], rows[i]);
         let kind = match n.as_ref().unwrap() {
             orchestrator::rules::Decision::Upsert(_) => "upsert",
             orchestrator::rules::Decision::Skip(_) => "skip",

@@ -46,6 +46,13 @@ async fn deploy_errors_leave_the_active_version_alone() {
         body["detail"]["message"].as_str().unwrap().contains("does not implement the `order-rules` world"),
         "{body}"
     );
+    // A packed fast path that decides unlike the typed calls would fail every batch
+    // once and fall back, slowly and silently: it is refused at upload instead.
+    let r = s.deploy("order-rules", plugin("fixture_packed_liar"), false).await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    let message = body["detail"]["message"].as_str().unwrap();
+    assert!(message.contains("decide-packed decided") && message.contains("the fast path skips"), "{body}");
     let r = s.deploy("conflict-resolver", plugin("order_rules"), false).await;
     assert_eq!(r.status(), 400, "rules deployed as a resolver");
     let r = s.deploy("order-rules", vec![0u8; 300_000], false).await;

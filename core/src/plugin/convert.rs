@@ -54,7 +54,7 @@ macro_rules! wit_conversions {
             }
         }
 
-        fn kind(k: d::EventKind) -> w::EventKind {
+        pub fn kind(k: d::EventKind) -> w::EventKind {
             match k {
                 d::EventKind::Created => w::EventKind::Created,
                 d::EventKind::Updated => w::EventKind::Updated,
@@ -62,7 +62,7 @@ macro_rules! wit_conversions {
             }
         }
 
-        fn financial(f: d::FinancialStatus) -> w::FinancialStatus {
+        pub fn financial(f: d::FinancialStatus) -> w::FinancialStatus {
             match f {
                 d::FinancialStatus::Pending => w::FinancialStatus::Pending,
                 d::FinancialStatus::Authorized => w::FinancialStatus::Authorized,
@@ -74,7 +74,7 @@ macro_rules! wit_conversions {
             }
         }
 
-        fn fulfillment(f: d::FulfillmentStatus) -> w::FulfillmentStatus {
+        pub fn fulfillment(f: d::FulfillmentStatus) -> w::FulfillmentStatus {
             match f {
                 d::FulfillmentStatus::Fulfilled => w::FulfillmentStatus::Fulfilled,
                 d::FulfillmentStatus::Partial => w::FulfillmentStatus::Partial,

@@ -8,12 +8,13 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use metrics::{Counter, Histogram, counter, histogram};
-use wasmtime::component::{Component, HasSelf, Linker, types::ComponentItem};
+use wasmtime::component::types::{ComponentItem, Type};
+use wasmtime::component::{Component, ComponentExportIndex, Func, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store, Trap};
 
 use super::bindings::resolver::{ConflictResolver as ResolverWorld, ConflictResolverPre};
 use super::bindings::rules::orchestrator::rules::host::{Host, Level};
-use super::bindings::rules::{OrderRules as RulesWorld, OrderRulesPre};
+use super::bindings::rules::{OrderRules as RulesWorld, OrderRulesIndices};
 use super::cache::CompileCache;
 use super::convert::host as wit;
 use super::{PluginError, Slot};
@@ -207,7 +208,11 @@ impl Runtime {
             ))
         };
         Ok(match slot {
-            Slot::OrderRules => Compiled::Rules(Typed::new(self, OrderRulesPre::new(pre).map_err(world)?)),
+            Slot::OrderRules => {
+                let indices = OrderRulesIndices::new(&pre).map_err(world)?;
+                let packed = packed_export(&component)?;
+                Compiled::Rules(Typed::new(self, RulesPre { instance_pre: pre, indices, packed }))
+            }
             Slot::ConflictResolver => {
                 Compiled::Resolver(Typed::new(self, ConflictResolverPre::new(pre).map_err(world)?))
             }
@@ -259,13 +264,62 @@ pub trait World: Sized + Send + 'static {
     fn code_range(pre: &Self::Pre) -> std::ops::Range<*const u8>;
 }
 
-impl World for RulesWorld {
-    type Pre = OrderRulesPre<Sandbox>;
+/// Where a component exports the optional packed fast path for batches.
+const PACKED_INTERFACE: &str = "orchestrator:rules/packed@1.0.0";
+const PACKED_FUNCTION: &str = "decide-packed";
+
+/// The packed fast path of an order-rules component, if it exports one: a function
+/// from `list<u8>` to `list<u8>`. Any other shape there is refused.
+fn packed_export(component: &Component) -> Result<Option<ComponentExportIndex>, PluginError> {
+    let Some((_, interface)) = component.get_export(None, PACKED_INTERFACE) else { return Ok(None) };
+    let bytes = |ty: Option<Type>| matches!(ty, Some(Type::List(l)) if matches!(l.ty(), Type::U8));
+    match component.get_export(Some(&interface), PACKED_FUNCTION) {
+        Some((ComponentItem::ComponentFunc(f), index))
+            if f.params().len() == 1
+                && bytes(f.params().next().map(|(_, ty)| ty))
+                && f.results().len() == 1
+                && bytes(f.results().next()) =>
+        {
+            Ok(Some(index))
+        }
+        _ => Err(PluginError::Invalid(format!(
+            "the component exports `{PACKED_INTERFACE}` without `{PACKED_FUNCTION}: func(inputs: list<u8>) -> \
+             list<u8>`; export it as the WIT declares it, or not at all"
+        ))),
+    }
+}
+
+/// An instance of the order-rules world, with the packed fast path when the component
+/// exports it.
+pub struct Rules {
+    world: RulesWorld,
+    packed: Option<Func>,
+}
+
+/// A compiled order-rules component, linked and ready to instantiate.
+pub struct RulesPre {
+    instance_pre: InstancePre<Sandbox>,
+    indices: OrderRulesIndices,
+    packed: Option<ComponentExportIndex>,
+}
+
+impl World for Rules {
+    type Pre = RulesPre;
     fn instantiate(pre: &Self::Pre, store: &mut Store<Sandbox>) -> wasmtime::Result<Self> {
-        pre.instantiate(store)
+        let instance = pre.instance_pre.instantiate(&mut *store)?;
+        let world = pre.indices.load(&mut *store, &instance)?;
+        let packed = match &pre.packed {
+            Some(index) => Some(
+                instance
+                    .get_func(&mut *store, index)
+                    .ok_or_else(|| wasmtime::format_err!("the instance lacks `{PACKED_FUNCTION}`"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { world, packed })
     }
     fn code_range(pre: &Self::Pre) -> std::ops::Range<*const u8> {
-        pre.instance_pre().component().image_range()
+        pre.instance_pre.component().image_range()
     }
 }
 
@@ -304,7 +358,7 @@ impl<W: World> Typed<W> {
 
 /// A compiled plugin, typed by the world its slot asked for.
 pub enum Compiled {
-    Rules(Typed<RulesWorld>),
+    Rules(Typed<Rules>),
     Resolver(Typed<ResolverWorld>),
 }
 
@@ -331,7 +385,7 @@ impl Compiled {
 /// A loaded plugin version of either world: what the registry keeps per version.
 #[derive(Clone)]
 pub enum Handle {
-    Rules(Arc<Loaded<RulesWorld>>),
+    Rules(Arc<Loaded<Rules>>),
     Resolver(Arc<Loaded<ResolverWorld>>),
 }
 
@@ -360,7 +414,8 @@ impl Handle {
             Handle::Rules(l) => {
                 l.check_instantiates()?;
                 let none = || RuleError { kind: RuleErrorKind::Instantiate, message: "no decision".into() };
-                l.decide_batch(&[(&event, None)]).pop().unwrap_or_else(|| Err(none())).map(drop)
+                l.decide_batch(&[(&event, None)]).pop().unwrap_or_else(|| Err(none()))?;
+                l.check_packed_path(&[(&event, None)])
             }
             Handle::Resolver(l) => {
                 l.check_instantiates()?;
@@ -393,7 +448,7 @@ fn sample_event() -> OrderEvent {
 }
 
 /// The row the sample event makes.
-fn sample_row(event: &OrderEvent) -> Order {
+pub(super) fn sample_row(event: &OrderEvent) -> Order {
     Order {
         id: event.order_id.clone(),
         shopify_order_id: None,
@@ -609,32 +664,48 @@ fn classify(e: &wasmtime::Error, sandbox: &Sandbox, doing: &str) -> RuleError {
     RuleError { kind, message: format!("{message}{said}") }
 }
 
-impl OrderRules for Loaded<RulesWorld> {
+impl OrderRules for Loaded<Rules> {
     fn id(&self) -> &str {
         &self.id
     }
 
     fn decide_batch(&self, inputs: &[(&OrderEvent, Option<&Order>)]) -> Vec<Result<Decision, RuleError>> {
-        let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
-        let batch = self.call_for(inputs.len(), 1, |inst| {
-            inst.bindings.orchestrator_rules_rules().call_decide_batch(&mut inst.store, &wit_inputs)
-        });
-        match batch {
-            Ok(decisions) if decisions.len() == inputs.len() => {
-                decisions.into_iter().map(|d| Ok(wit::decision_back(d))).collect()
-            }
-            Ok(decisions) => {
-                let message =
-                    format!("decide-batch returned {} decisions for {} events", decisions.len(), inputs.len());
-                vec![Err(RuleError { kind: RuleErrorKind::Instantiate, message }); inputs.len()]
-            }
+        self.decide_batch_by(Path::Packed, inputs)
+    }
+}
+
+/// How a batch crosses into an order-rules component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// One buffer each way, when the component exports `decide-packed`; else typed.
+    Packed,
+    /// `decide-batch` with WIT records, which every component exports.
+    Typed,
+}
+
+impl Loaded<Rules> {
+    /// Whether the component exports the packed fast path.
+    pub fn has_packed_path(&self) -> bool {
+        self.compiled.pre.packed.is_some()
+    }
+
+    /// Decides a batch through `path` (the engine always asks for [`Path::Packed`];
+    /// the other is there to compare the two in tests and benchmarks).
+    pub fn decide_batch_by(
+        &self,
+        path: Path,
+        inputs: &[(&OrderEvent, Option<&Order>)],
+    ) -> Vec<Result<Decision, RuleError>> {
+        match self.batch(path, inputs) {
+            Ok(decisions) => decisions.into_iter().map(Ok).collect(),
             // One event failed the whole call: decide one by one, so only it fails (and a
             // lone event's timeout gets its retries too).
-            Err(_) => wit_inputs
-                .into_iter()
-                .map(|input| {
+            Err(_) => inputs
+                .iter()
+                .map(|(event, current)| {
+                    let input = wit::input(event, *current);
                     self.call(|inst| {
-                        let rules = inst.bindings.orchestrator_rules_rules();
+                        let rules = inst.bindings.world.orchestrator_rules_rules();
                         rules.call_decide(&mut inst.store, &input.event, input.current.as_ref())
                     })
                     .map(wit::decision_back)
@@ -642,6 +713,59 @@ impl OrderRules for Loaded<RulesWorld> {
                 .collect(),
         }
     }
+
+    /// One call deciding the whole batch through `path`, with no fallback. Encoding and
+    /// decoding happen outside the call, so they count neither against the plugin's
+    /// deadline nor in its duration metric.
+    fn batch(&self, path: Path, inputs: &[(&OrderEvent, Option<&Order>)]) -> Result<Vec<Decision>, RuleError> {
+        let decisions = if path == Path::Packed && self.has_packed_path() {
+            let bytes = super::packed::encode_inputs(inputs);
+            let out = self.call_for(inputs.len(), 1, |inst| call_packed(inst, &bytes))?;
+            super::packed::decode_decisions(&out).map_err(|e| RuleError {
+                kind: RuleErrorKind::Trap,
+                message: format!("the plugin's decide-packed answer is unreadable: {e}"),
+            })?
+        } else {
+            let wit_inputs: Vec<_> = inputs.iter().map(|(e, c)| wit::input(e, *c)).collect();
+            let decisions = self.call_for(inputs.len(), 1, |inst| {
+                let rules = inst.bindings.world.orchestrator_rules_rules();
+                rules.call_decide_batch(&mut inst.store, &wit_inputs)
+            })?;
+            decisions.into_iter().map(wit::decision_back).collect()
+        };
+        if decisions.len() != inputs.len() {
+            let message = format!("the plugin returned {} decisions for {} events", decisions.len(), inputs.len());
+            return Err(RuleError { kind: RuleErrorKind::Instantiate, message });
+        }
+        Ok(decisions)
+    }
+
+    /// The packed path must decide the smoke check's sample as the typed one does: a
+    /// component whose fast path is broken would otherwise fail every batch once and
+    /// fall back, slowly, without anyone noticing.
+    fn check_packed_path(&self, sample: &[(&OrderEvent, Option<&Order>)]) -> Result<(), RuleError> {
+        if !self.has_packed_path() {
+            return Ok(());
+        }
+        let (packed, typed) = (self.batch(Path::Packed, sample)?, self.batch(Path::Typed, sample)?);
+        if packed != typed {
+            return Err(RuleError {
+                kind: RuleErrorKind::Instantiate,
+                message: format!(
+                    "decide-packed decided {packed:?} where decide-batch decided {typed:?}; \
+                     they must decide alike (rebuild with the SDK, or drop the packed export)"
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Calls `decide-packed`: a buffer in, a buffer out.
+fn call_packed(inst: &mut Instance<Rules>, bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
+    let packed = inst.bindings.packed.ok_or_else(|| wasmtime::format_err!("no `{PACKED_FUNCTION}` export"))?;
+    let call = packed.typed::<(&[u8],), (Vec<u8>,)>(&inst.store)?;
+    Ok(call.call(&mut inst.store, (bytes,))?.0)
 }
 
 impl ConflictResolver for Loaded<ResolverWorld> {

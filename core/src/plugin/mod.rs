@@ -5,6 +5,7 @@ pub mod cache;
 pub mod convert;
 pub mod host;
 pub mod native;
+pub mod packed;
 pub mod registry;
 pub mod replication;
 

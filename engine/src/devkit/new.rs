@@ -46,7 +46,9 @@ pub struct BuildArgs {
 /// The SDK, vendored into every new project until it is on crates.io.
 const SDK: &[(&str, &str)] = &[
     ("Cargo.toml", include_str!("../../../plugins/sdk/Cargo.toml")),
+    ("src/alloc.rs", include_str!("../../../plugins/sdk/src/alloc.rs")),
     ("src/lib.rs", include_str!("../../../plugins/sdk/src/lib.rs")),
+    ("src/packed.rs", include_str!("../../../plugins/sdk/src/packed.rs")),
     ("src/testing.rs", include_str!("../../../plugins/sdk/src/testing.rs")),
     ("wit/orchestrator.wit", WIT),
 ];

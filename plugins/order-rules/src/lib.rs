@@ -72,7 +72,7 @@ impl OrderRules for Rules {
             None => {
                 // An update may arrive before (or without) its create; it can only
                 // create the row when it carries everything a create needs.
-                let (Some(customer), Some(tier), Some(total)) = (p.customer.clone(), p.tier, p.total_cents) else {
+                let (true, Some(tier), Some(total)) = (p.customer.is_some(), p.tier, p.total_cents) else {
                     let kind = match event.kind {
                         EventKind::Created => "created",
                         EventKind::Updated => "updated",
@@ -83,14 +83,16 @@ impl OrderRules for Rules {
                         event.order_id
                     ));
                 };
+                // The customer (and a currency, when the event has one) are moved in
+                // from the change below rather than copied here.
                 OrderFields {
                     shopify_order_id: None,
-                    customer,
+                    customer: String::new(),
                     tier,
                     status: Status::Pending,
                     total_cents: total,
                     shipping_fee_cents: shipping_fee_cents(total),
-                    currency: "USD".into(),
+                    currency: if p.currency.is_some() { String::new() } else { "USD".into() },
                     note: String::new(),
                 }
             }

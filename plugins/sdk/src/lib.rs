@@ -24,13 +24,20 @@
 // Lets the generated bindings name this crate the same way from inside and outside.
 extern crate self as orchestrator_sdk;
 
+pub mod packed;
 pub mod testing;
+
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics"), feature = "small-block-alloc"))]
+mod alloc;
+#[cfg(all(target_arch = "wasm32", not(target_feature = "atomics"), feature = "small-block-alloc"))]
+#[global_allocator]
+static ALLOCATOR: alloc::SmallBlocks = alloc::SmallBlocks;
 
 #[doc(hidden)]
 pub mod bindings {
     pub mod rules {
         wit_bindgen::generate!({
-            world: "order-rules",
+            world: "order-rules-packed",
             path: "wit",
             pub_export_macro: true,
             export_macro_name: "export_world",
@@ -95,7 +102,8 @@ pub fn __install_panic_hook() {
     ONCE.call_once(|| std::panic::set_hook(Box::new(|info| log(Level::Error, &format!("plugin panicked: {info}")))));
 }
 
-/// Exports a type implementing [`OrderRules`] as the plugin's `order-rules` world.
+/// Exports a type implementing [`OrderRules`] as the plugin's `order-rules` world, with
+/// the packed fast path for batches (the `order-rules-packed` world; see [`packed`]).
 #[macro_export]
 macro_rules! export_order_rules {
     ($rules:ty) => {
@@ -110,6 +118,13 @@ macro_rules! export_order_rules {
                 fn decide_batch(inputs: Vec<$crate::RuleInput>) -> Vec<$crate::Decision> {
                     $crate::__install_panic_hook();
                     <$rules as $crate::OrderRules>::decide_batch(inputs)
+                }
+            }
+            impl $crate::bindings::rules::exports::orchestrator::rules::packed::Guest for __Export {
+                fn decide_packed(inputs: Vec<u8>) -> Vec<u8> {
+                    $crate::__install_panic_hook();
+                    // SAFETY: the engine wrote the buffer from Rust strings.
+                    unsafe { $crate::packed::serve::<$rules>(&inputs) }
                 }
             }
     $crate::bindings::rules::export_world!(__Export with_types_in $crate::bindings::rules);
