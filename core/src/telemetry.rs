@@ -29,6 +29,7 @@ pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
 pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
 pub const RUN_PHASE_CHANGES: &str = "orchestrator_run_phase_changes_total";
 pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
+pub const SHOP_WEBHOOKS: &str = "orchestrator_shop_webhooks_total";
 pub const PARKED: &str = "orchestrator_parked_events_total";
 pub const AUTH_REFUSED: &str = "orchestrator_auth_refused_total";
 pub const DEGRADED: &str = "orchestrator_degraded";
@@ -63,6 +64,7 @@ pub const ALL: &[&str] = &[
     RUN_PROGRESS,
     RUN_PHASE_CHANGES,
     WEBHOOKS_RECEIVED,
+    SHOP_WEBHOOKS,
     PARKED,
     AUTH_REFUSED,
     DEGRADED,
@@ -143,6 +145,12 @@ fn describe() {
     describe_counter!(
         WEBHOOKS_RECEIVED,
         "Shopify webhook deliveries, by outcome (received, duplicate, ignored, rejected, uninstalled, shop_inactive)."
+    );
+    describe_counter!(
+        SHOP_WEBHOOKS,
+        "Shopify webhook deliveries, by shop and outcome. Only the first --shop-metric-limit shops that signed a \
+         delivery get their own shop label; the rest count as \"other\", signed deliveries without a shop as \
+         \"none\", and senders not shown to hold a secret as \"unverified\"."
     );
     describe_counter!(
         SHOPIFY_RECONCILED,

@@ -285,6 +285,11 @@ pub struct ShopifyArgs {
     /// Minutes between periodic reconciliations of --shopify-shop; 0 (the default) is off.
     #[arg(long, env = "ORCHESTRATOR_SHOPIFY_RECONCILE_EVERY_MINS", default_value_t = 0)]
     pub shopify_reconcile_every_mins: u64,
+    /// How many shops get their own `shop` label on the per-shop webhook metric; later
+    /// shops count as "other", so many shops cannot flood Prometheus with series.
+    #[arg(long, env = "ORCHESTRATOR_SHOP_METRIC_LIMIT", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub shop_metric_limit: u32,
 }
 
 const DEFAULT_ADMIN_URL: &str = "https://{shop}/admin/api/2025-10";
@@ -346,6 +351,7 @@ impl ShopifyArgs {
             dedup_ttl: std::time::Duration::from_secs(self.shopify_dedup_hours * 3600),
             max_body_bytes: self.shopify_max_body_bytes,
             rate_limit: self.shopify_rate_limit.map(|n| std::sync::Arc::new(crate::shopify::RateLimit::new(n))),
+            shop_labels: std::sync::Arc::new(crate::shopify::ShopLabels::new(self.shop_metric_limit as usize)),
             admin: None,
             compliance: Default::default(),
         }))

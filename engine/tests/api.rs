@@ -322,7 +322,7 @@ async fn a_fresh_engine_exports_every_listed_series_at_zero() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
-    check_with_promtool(&text);
+    common::check_with_promtool(&text);
 }
 
 #[tokio::test]
@@ -350,7 +350,7 @@ async fn metrics_pass_promtool_and_openapi_lists_the_routes() {
     ] {
         assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
     }
-    check_with_promtool(&text);
+    common::check_with_promtool(&text);
 
     let (status, doc) = s.get_json("/openapi.json").await;
     assert_eq!(status, 200);
@@ -365,32 +365,6 @@ async fn metrics_pass_promtool_and_openapi_lists_the_routes() {
     assert!(answers("/orders/events", "post")["415"].is_object());
     assert!(answers("/plugins/{slot}", "put")["415"].is_null(), "{}", answers("/plugins/{slot}", "put"));
     assert!(doc["components"]["schemas"]["OrderEvent"].is_object());
-}
-
-fn check_with_promtool(text: &str) {
-    use std::io::Write;
-    let spawn = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn();
-    let mut child = match spawn {
-        Ok(c) => c,
-        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("promtool not installed ({e}); the README's test command installs it. Not checked here.");
-            return;
-        }
-        Err(e) => panic!("promtool is required in CI: {e}"),
-    };
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool rejected /metrics:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[tokio::test]

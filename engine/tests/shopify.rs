@@ -438,7 +438,9 @@ async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secrets, std::fs::Permissions::from_mode(0o600)).unwrap();
     let path = secrets.display().to_string();
-    let s = Server::start_with(&dir.path().join("data"), &["--shopify-secrets-file", &path]).await;
+    // One shop gets its own label on the per-shop metric; the next counts as "other".
+    let flags = ["--shopify-secrets-file", &path, "--shop-metric-limit", "1"];
+    let s = Server::start_with(&dir.path().join("data"), &flags).await;
     let order = |id: i64| {
         let mut o: Value = serde_json::from_slice(CREATE).unwrap();
         o["id"] = json!(id);
@@ -486,6 +488,22 @@ async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
     assert!(refused["reason"].as_str().unwrap().contains("uninstalled"), "{refused}");
     let (_, shop) = s.get_json("/shopify/shops/a.myshopify.com").await;
     assert_eq!((shop["active"].as_bool(), shop["reason"].as_str()), (Some(false), Some("app/uninstalled")));
+
+    // Per shop on /metrics: A (the first to sign) by name, B past the limit as "other",
+    // and the badly signed and secretless deliveries as "unverified", whatever shop
+    // they named.
+    let metrics = common::client().get(s.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        r#"orchestrator_shop_webhooks_total{shop="a.myshopify.com",outcome="received"} 1"#,
+        r#"orchestrator_shop_webhooks_total{shop="a.myshopify.com",outcome="uninstalled"} 1"#,
+        r#"orchestrator_shop_webhooks_total{shop="a.myshopify.com",outcome="shop_inactive"} 1"#,
+        r#"orchestrator_shop_webhooks_total{shop="other",outcome="received"} 2"#,
+        r#"orchestrator_shop_webhooks_total{shop="unverified",outcome="rejected"} 2"#,
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "missing {line} in:\n{metrics}");
+    }
+    assert!(!metrics.contains(r#"shop="b.myshopify.com""#) && !metrics.contains(r#"shop="c.myshopify.com""#));
+    common::check_with_promtool(&metrics);
 
     // Rows record the shop their first delivery came from, and the list filters by it.
     let (_, row) = s.get_json("/orders/shopify-1").await;

@@ -34,6 +34,8 @@ pub struct ShopifyConfig {
     pub max_body_bytes: usize,
     /// Deliveries per second each shop may send; `None` (the default) is unlimited.
     pub rate_limit: Option<std::sync::Arc<RateLimit>>,
+    /// The `shop` label values of the per-shop webhook metric.
+    pub shop_labels: std::sync::Arc<ShopLabels>,
     /// How to read the Admin API, for reconciliation; `None` without an access token.
     pub admin: Option<AdminSettings>,
     /// Runs the compliance requests (`serve` starts it).
@@ -89,6 +91,47 @@ impl RateLimit {
         } else {
             Err(((1.0 - *tokens) / self.per_second).ceil().max(1.0) as u64)
         }
+    }
+}
+
+/// The `shop` label of the per-shop webhook metric: each of the first `limit` shops
+/// that signed a delivery gets its own; the rest share "other", so the series stay
+/// bounded however many shops send.
+#[derive(Debug)]
+pub struct ShopLabels {
+    limit: usize,
+    labelled: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl ShopLabels {
+    /// For deliveries not shown to come from a shop: unsigned, badly signed, or from a
+    /// shop with no secret. Their shop header is the sender's word only.
+    pub const UNVERIFIED: &str = "unverified";
+    /// For shops past the limit.
+    pub const OTHER: &str = "other";
+    /// For signed deliveries without a shop header.
+    pub const NONE: &str = "none";
+
+    pub fn new(limit: usize) -> Self {
+        Self { limit, labelled: Default::default() }
+    }
+
+    /// The label for a delivery signed for `shop`.
+    pub fn of(&self, shop: Option<&str>) -> String {
+        // A domain is at most 255 characters; a longer header is cut like the audit's.
+        let shop = shop.map(|s| s.trim().to_ascii_lowercase().chars().take(255).collect::<String>());
+        let Some(shop) = shop.filter(|s| !s.is_empty()) else {
+            return Self::NONE.into();
+        };
+        let mut labelled = self.labelled.lock().unwrap_or_else(|p| p.into_inner());
+        if labelled.contains(&shop) {
+            return shop;
+        }
+        if labelled.len() < self.limit {
+            labelled.insert(shop.clone());
+            return shop;
+        }
+        Self::OTHER.into()
     }
 }
 
@@ -347,5 +390,23 @@ async fn release(engine: &Engine, keys: &[String]) {
         if let Err(e) = engine.webhooks().release_delivery(key).await {
             tracing::warn!(error = %e, key, "releasing a webhook claim failed; it runs out its lease");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ShopLabels;
+
+    #[test]
+    fn shops_past_the_limit_share_one_label() {
+        let labels = ShopLabels::new(2);
+        assert_eq!(labels.of(Some(" A.myshopify.com ")), "a.myshopify.com");
+        assert_eq!(labels.of(Some("b.myshopify.com")), "b.myshopify.com");
+        assert_eq!(labels.of(Some("c.myshopify.com")), ShopLabels::OTHER);
+        assert_eq!(labels.of(Some("a.MYSHOPIFY.com")), "a.myshopify.com", "a labelled shop keeps its label");
+        assert_eq!(labels.of(None), ShopLabels::NONE);
+        assert_eq!(labels.of(Some("  ")), ShopLabels::NONE);
+        assert_eq!(ShopLabels::new(0).of(Some("a.myshopify.com")), ShopLabels::OTHER);
+        assert_eq!(ShopLabels::new(5).of(Some(&"x".repeat(400))).len(), 255);
     }
 }

@@ -550,3 +550,30 @@ pub fn cql_dump(keyspace: &str) -> String {
     let dump: Vec<String> = tables.iter().map(|t| format!("SELECT * FROM {keyspace}.{t};")).collect();
     run(&format!("PAGING OFF; {}", dump.join(" ")))
 }
+
+/// Lints a `/metrics` page with promtool (required in CI; skipped with a note elsewhere).
+pub fn check_with_promtool(text: &str) {
+    use std::io::Write;
+    let spawn = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let mut child = match spawn {
+        Ok(c) => c,
+        Err(e) if std::env::var("CI").as_deref() != Ok("true") => {
+            eprintln!("promtool not installed ({e}); the README's test command installs it. Not checked here.");
+            return;
+        }
+        Err(e) => panic!("promtool is required in CI: {e}"),
+    };
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool rejected /metrics:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
