@@ -97,8 +97,10 @@ else
   echo "    skipped: /usr/bin/chromium or npm missing (install: apt-get install chromium npm)"
 fi
 
+# `--workspace`, as above: selecting one package would resolve its dependencies' features
+# apart from the workspace's and rebuild part of the tree (about a minute, cold or warm).
 echo "==> the behavioural tests again, against Kafka ($KAFKA_BROKERS) and Cassandra ($CQL_NODES)"
-ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
+ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked --workspace \
   --test chaos --test crash --test priority --test api --test scale --test faults \
   --test outside_producer --test webhook_outage --test runs --test plugins --test reconcile --test shopify -- \
   concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance \
@@ -109,4 +111,4 @@ ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator \
 # The fault suite (TESTING.md) ran on the embedded default inside `cargo test` above;
 # here it runs on Kafka + Cassandra with two engines. It prints its seed.
 echo "==> the fault suite against Kafka and Cassandra"
-ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked -p orchestrator --test fault_suite
+ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked --workspace --test fault_suite

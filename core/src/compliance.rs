@@ -10,7 +10,7 @@ use crate::domain::{Order, OrderEvent};
 use crate::engine::Engine;
 use crate::failure::DeadLetter;
 use crate::ordering::{self, Named};
-use crate::store::{HistoryEntry, StoreError, Write, WriteResult};
+use crate::store::{Base, HistoryEntry, StoreError, Write, WriteResult};
 
 /// What erasure leaves where the customer was.
 pub const REDACTED: &str = "[redacted]";
@@ -201,7 +201,7 @@ impl Engine {
                 // One id per request and version: a resumed request is a duplicate.
                 event_id: format!("redaction:{request_id}:{id}@{}", current.version),
                 source: "redaction".into(),
-                expected: Some(current.version),
+                base: Some(Base::of(&current)),
                 row: row.clone(),
             };
             match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {

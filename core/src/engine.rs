@@ -23,7 +23,7 @@ use crate::plugin::replication::Replication;
 use crate::plugin::{PluginError, Slot};
 use crate::rules::Rulebook;
 use crate::store::{
-    self, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
+    self, Base, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
     embedded::EmbeddedStore,
 };
 use crate::stream::ChangeStream;
@@ -251,6 +251,8 @@ fn make_private(dir: &Path) -> std::io::Result<()> {
 
 /// How often the engine prunes what webhooks leave behind.
 const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often the dead-letter gauges are read.
+const LETTER_TALLY_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// This instance's name, kept in its data dir so that it outlives restarts (the Kafka
 /// appender's transactional id is made from it), and the file that holds it, locked:
@@ -582,6 +584,7 @@ impl Engine {
     /// Prunes the webhook delivery audit and expired claims every [`HOUSEKEEPING_EVERY`],
     /// until shutdown: nothing a webhook leaves behind grows without bound.
     fn spawn_housekeeping(&self) {
+        self.spawn_letter_tally();
         let webhooks = self.stores.webhooks.clone();
         let mut shutdown = self.shutdown.subscribe();
         tokio::spawn(async move {
@@ -594,6 +597,30 @@ impl Engine {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        });
+    }
+
+    /// Reads how many dead letters are held, and how old the oldest is, into the gauges
+    /// every [`LETTER_TALLY_EVERY`]: letters are kept until an operator deals with them,
+    /// so a growing count or age is what an alert watches.
+    fn spawn_letter_tally(&self) {
+        let letters = self.stores.dead_letters.clone();
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                match letters.tally().await {
+                    Ok(t) => {
+                        let age = t.oldest.map_or(0.0, |at| (chrono::Utc::now() - at).num_milliseconds() as f64 / 1e3);
+                        metrics::gauge!(telemetry::DEAD_LETTERS_HELD).set(t.held as f64);
+                        metrics::gauge!(telemetry::DEAD_LETTERS_OLDEST_AGE).set(age.max(0.0));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "counting the dead letters failed; trying again later"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(LETTER_TALLY_EVERY) => {}
                     _ = shutdown.changed() => return,
                 }
             }
@@ -763,7 +790,7 @@ impl Engine {
         let write = Write::Apply {
             event_id: format!("edit:{}", uuid::Uuid::now_v7()),
             source: "operator".into(),
-            expected: Some(expected),
+            base: Some(Base::of(&current)),
             row: row.clone(),
         };
         match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {

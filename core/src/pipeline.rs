@@ -15,7 +15,7 @@ use crate::failure::{Failure, FailureKind, Stage};
 use crate::log::{Delivery, LogConsumer};
 use crate::ordering;
 use crate::rules::{Decision, RuleError, Rulebook};
-use crate::store::{DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
+use crate::store::{Base, DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::PipelineMetrics;
 use crate::whatif::recorder::Recorder;
@@ -702,9 +702,8 @@ impl Pipeline {
                 }
                 Ok(Decision::Upsert(fields)) => {
                     let row = build_row(event, base, fields.clone(), rules.id());
-                    let expected = base.map(|b| b.version);
-                    let write =
-                        Write::Apply { event_id: event.event_id.clone(), source: event.source.clone(), expected, row };
+                    let (event_id, source) = (event.event_id.clone(), event.source.clone());
+                    let write = Write::Apply { event_id, source, base: base.map(Base::of), row };
                     let decided_by = rules.id().to_string();
                     (write, Some(Pending { base: base.cloned(), fields, event: event.clone(), decided_by }), None)
                 }
@@ -761,7 +760,7 @@ impl Pipeline {
         let mut created = Vec::new();
         for ((write, result), slot) in results.into_iter().zip(slots) {
             let Slot { priority, appended_at_us, pending, event, failure } = slot;
-            if let Write::Apply { row, expected: None, .. } = &write
+            if let Write::Apply { row, base: None, .. } = &write
                 && matches!(result, WriteResult::Done | WriteResult::Duplicate | WriteResult::Conflict(Some(_)))
             {
                 created.push(row.id.clone());
@@ -814,7 +813,7 @@ impl Pipeline {
         for _ in 0..self.config.max_conflict_retries {
             self.metrics.conflicts.increment(1);
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
-            let (expected, merged) = match &now {
+            let (base, merged) = match &now {
                 // The row vanished under us: write the change as a fresh insert.
                 None => (None, p.fields.clone()),
                 Some(current) => {
@@ -849,7 +848,7 @@ impl Pipeline {
                         }
                     };
                     match settled {
-                        Ok(merged) => (Some(current.version), merged),
+                        Ok(merged) => (Some(Base::of(current)), merged),
                         Err(Ok(skip)) => return self.write_record(skip, None, priority).await,
                         Err(Err(failure)) => {
                             let record = refusal(&p.event, &failure, resolver.id());
@@ -862,7 +861,7 @@ impl Pipeline {
             let w = Write::Apply {
                 event_id: p.event.event_id.clone(),
                 source: p.event.source.clone(),
-                expected,
+                base,
                 row: row.clone(),
             };
             match self.store.write(vec![w]).await?.pop().map(|(_, r)| r) {
@@ -1098,7 +1097,7 @@ mod tests {
         let w = Write::Apply {
             event_id: format!("edit-{}", current.version),
             source: "operator".into(),
-            expected: Some(current.version),
+            base: Some(Base::of(&current)),
             row: edit(&current),
         };
         assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
@@ -1123,7 +1122,7 @@ mod tests {
             let landing = {
                 let mut slot = self.edit.lock().unwrap();
                 let ours = slot.as_ref().is_some_and(|(_, order, _)| {
-                    writes.iter().any(|w| matches!(w, Write::Apply { row, expected: Some(_), .. } if row.id == *order))
+                    writes.iter().any(|w| matches!(w, Write::Apply { row, base: Some(_), .. } if row.id == *order))
                 });
                 match slot.as_mut() {
                     Some((skip, _, _)) if ours && *skip > 0 => {
@@ -1384,7 +1383,7 @@ mod tests {
         };
         let create = event("c", EventKind::Created, OrderChange::default());
         let row = build_row(&create, None, fields, "elsewhere");
-        let w = Write::Apply { event_id: "c".into(), source: "test".into(), expected: None, row };
+        let w = Write::Apply { event_id: "c".into(), source: "test".into(), base: None, row };
         assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
         p.sweep().await.unwrap();
         let row = store.get("o1").await.unwrap().unwrap();

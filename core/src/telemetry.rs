@@ -42,6 +42,8 @@ pub const PIPELINE_RETRIES: &str = "orchestrator_pipeline_retries_total";
 pub const SHOPIFY_RECONCILED: &str = "orchestrator_shopify_reconciled_orders_total";
 pub const COMPLIANCE_REQUESTS: &str = "orchestrator_compliance_requests_total";
 pub const COMPLIANCE_OPEN: &str = "orchestrator_compliance_open_requests";
+pub const DEAD_LETTERS_HELD: &str = "orchestrator_dead_letters_held";
+pub const DEAD_LETTERS_OLDEST_AGE: &str = "orchestrator_dead_letters_oldest_age_seconds";
 
 /// Every metric the engine exports: the one list the Grafana consistency test reads.
 pub const ALL: &[&str] = &[
@@ -77,6 +79,8 @@ pub const ALL: &[&str] = &[
     SHOPIFY_RECONCILED,
     COMPLIANCE_REQUESTS,
     COMPLIANCE_OPEN,
+    DEAD_LETTERS_HELD,
+    DEAD_LETTERS_OLDEST_AGE,
 ];
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -162,6 +166,14 @@ fn describe() {
          (received; done; retried: a store error, tried again; failed: given up after 5 tries)."
     );
     describe_gauge!(COMPLIANCE_OPEN, "Compliance requests received and not yet done on this instance's last look.");
+    describe_gauge!(
+        DEAD_LETTERS_HELD,
+        "Dead letters the store holds (replayed ones too, until an operator purges them), read every 30 s."
+    );
+    describe_gauge!(
+        DEAD_LETTERS_OLDEST_AGE,
+        "Age of the oldest dead letter held, 0 when there is none, read every 30 s."
+    );
     describe_counter!(
         PARKED,
         "Events that came before their order's create, by priority and action (parked; released: decided later)."
@@ -231,6 +243,8 @@ fn register_at_zero() {
         }
     }
     gauge!(COMPLIANCE_OPEN).set(0.0);
+    gauge!(DEAD_LETTERS_HELD).set(0.0);
+    gauge!(DEAD_LETTERS_OLDEST_AGE).set(0.0);
     for source in ["compiled", "cache"] {
         counter!(PLUGIN_COMPILES, "source" => source).absolute(0);
     }

@@ -174,7 +174,7 @@ async fn raw_writes(store: &dyn Orders, n: u64) -> anyhow::Result<f64> {
                 Write::Apply {
                     event_id: e.event_id.clone(),
                     source: e.source.clone(),
-                    expected: None,
+                    base: None,
                     row: build_row(&e, None, fields, "bench"),
                 }
             })

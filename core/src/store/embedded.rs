@@ -15,8 +15,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
-    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, prefix_end,
+    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
+    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -326,8 +327,8 @@ fn apply_one(conn: &Connection, w: &Write) -> rusqlite::Result<WriteResult> {
         None => {}
     }
     match w {
-        Write::Apply { event_id, source, expected, row } => {
-            if !put_order(conn, row, *expected)? {
+        Write::Apply { event_id, source, base, row } => {
+            if !put_order(conn, row, base.map(|b| b.version))? {
                 return Ok(WriteResult::Conflict(get_order(conn, &row.id)?.map(Box::new)));
             }
             insert_history(conn, event_id, &row.id, row.version, Outcome::Applied, None, source, &row.decided_by)?;
@@ -367,19 +368,10 @@ fn insert_dead_letter(conn: &Connection, d: &DeadLetter) -> rusqlite::Result<()>
 
 /// Cursor: the last item's sort key and id, so the next page starts strictly after it.
 fn encode_cursor(order: &Order, sort: Sort) -> String {
-    let raw = match sort {
-        Sort::UpdatedDesc | Sort::UpdatedAsc => format!("{}:{}", micros(order.updated_at), order.id),
-        Sort::IdAsc | Sort::IdDesc => format!(":{}", order.id),
-    };
-    URL_SAFE_NO_PAD.encode(raw)
-}
-
-fn decode_cursor(cursor: &str) -> Result<(Option<i64>, String), StoreError> {
-    let bad = || StoreError::Cursor("not a cursor this server issued".into());
-    let raw = String::from_utf8(URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?).map_err(|_| bad())?;
-    let (key, id) = raw.split_once(':').ok_or_else(bad)?;
-    let key = if key.is_empty() { None } else { Some(key.parse().map_err(|_| bad())?) };
-    Ok((key, id.to_string()))
+    match sort {
+        Sort::UpdatedDesc | Sort::UpdatedAsc => super::encode_cursor(Some(micros(order.updated_at)), &order.id),
+        Sort::IdAsc | Sort::IdDesc => super::encode_cursor(None, &order.id),
+    }
 }
 
 fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreError> {
@@ -412,7 +404,7 @@ fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreErr
         Sort::IdDesc => ("id DESC", "id < ?"),
     };
     if let Some(cursor) = &q.cursor {
-        let (key, id) = decode_cursor(cursor)?;
+        let (key, id) = super::decode_cursor(cursor)?;
         match (q.sort, key) {
             (Sort::UpdatedDesc | Sort::UpdatedAsc, Some(key)) => {
                 args.push(Value::Integer(key));
@@ -654,7 +646,9 @@ impl DeadLetters for EmbeddedStore {
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
         let after: i64 = match cursor {
             None => 0,
-            Some(c) => decode_cursor(&c)?.0.ok_or_else(|| StoreError::Cursor("bad dead-letter cursor".into()))?,
+            Some(c) => {
+                super::decode_cursor(&c)?.0.ok_or_else(|| StoreError::Cursor("bad dead-letter cursor".into()))?
+            }
         };
         let limit = limit.clamp(1, 1000);
         self.read(move |c| {
@@ -668,6 +662,17 @@ impl DeadLetters for EmbeddedStore {
             let items: Vec<(i64, DeadLetter)> = rows.into_iter().take(limit).collect();
             let next_cursor = more.then(|| URL_SAFE_NO_PAD.encode(format!("{}:", items.last().map_or(0, |r| r.0))));
             Ok(Page { items: items.into_iter().map(|r| r.1).collect(), next_cursor })
+        })
+        .await
+    }
+
+    async fn tally(&self) -> Result<LetterTally, StoreError> {
+        self.read(|c| {
+            c.query_row("SELECT count(*), min(recorded_at) FROM dead_letters", [], |r| {
+                let oldest = r.get::<_, Option<i64>>(1)?.map(from_micros);
+                Ok(LetterTally { held: r.get::<_, i64>(0)? as u64, oldest })
+            })
+            .map_err(backend)
         })
         .await
     }
@@ -1088,13 +1093,14 @@ impl WebhookLedger for EmbeddedStore {
 
 #[async_trait]
 impl Runs for EmbeddedStore {
-    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
-        let (from, to) = (prefix.to_string(), prefix_end(prefix));
+    async fn audit(&self, run: &RunKeys) -> Result<Audit, StoreError> {
+        let ((from, to), chars) = (run.range(), run.id_chars() as i64);
         self.read(move |c| {
             let (orders, not_first_version) = c
                 .query_row(
-                    "SELECT count(*), coalesce(sum(version != 1), 0) FROM orders WHERE id >= ?1 AND id < ?2",
-                    params![from, to],
+                    "SELECT count(*), coalesce(sum(version != 1), 0) FROM orders \
+                     WHERE id >= ?1 AND id < ?2 AND length(id) = ?3",
+                    params![from, to, chars],
                     |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
                 )
                 .map_err(backend)?;
@@ -1103,8 +1109,8 @@ impl Runs for EmbeddedStore {
                     "SELECT coalesce(sum(outcome = 'applied'), 0), coalesce(sum(outcome != 'applied'), 0), \
                      min(CASE WHEN outcome = 'applied' THEN recorded_at END), \
                      max(CASE WHEN outcome = 'applied' THEN recorded_at END) \
-                     FROM history WHERE order_id >= ?1 AND order_id < ?2",
-                    params![from, to],
+                     FROM history WHERE order_id >= ?1 AND order_id < ?2 AND length(order_id) = ?3",
+                    params![from, to, chars],
                     |r| {
                         let count = |i| r.get::<_, i64>(i).map(|n| n as u64);
                         Ok((count(0)?, count(1)?, r.get::<_, Option<i64>>(2)?, r.get::<_, Option<i64>>(3)?))
@@ -1117,17 +1123,17 @@ impl Runs for EmbeddedStore {
         .await
     }
 
-    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
-        let (from, to) = (prefix.to_string(), prefix_end(prefix));
+    async fn delete_orders(&self, run: &RunKeys, status: Status) -> Result<u64, StoreError> {
+        let ((from, to), chars) = (run.range(), run.id_chars() as i64);
         self.write_tx(move |tx| {
             tx.execute(
                 "DELETE FROM history WHERE order_id IN \
-                 (SELECT id FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3)",
-                params![from, to, status.as_str()],
+                 (SELECT id FROM orders WHERE id >= ?1 AND id < ?2 AND length(id) = ?4 AND status = ?3)",
+                params![from, to, status.as_str(), chars],
             )?;
             let n = tx.execute(
-                "DELETE FROM orders WHERE id >= ?1 AND id < ?2 AND status = ?3",
-                params![from, to, status.as_str()],
+                "DELETE FROM orders WHERE id >= ?1 AND id < ?2 AND length(id) = ?4 AND status = ?3",
+                params![from, to, status.as_str(), chars],
             )?;
             Ok(n as u64)
         })

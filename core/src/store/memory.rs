@@ -10,8 +10,9 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
-    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult, page_by_place,
+    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
+    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
 
@@ -79,12 +80,12 @@ impl State {
             None => {}
         }
         match write {
-            Write::Apply { event_id, source, expected, row } => {
+            Write::Apply { event_id, source, base, row } => {
                 let current = self.orders.get(&row.id);
-                match (expected, current) {
+                match (base.map(|b| b.version), current) {
                     (None, Some(now)) => return WriteResult::Conflict(Some(Box::new(now.clone()))),
                     (Some(_), None) => return WriteResult::Conflict(None),
-                    (Some(v), Some(now)) if now.version != *v => {
+                    (Some(v), Some(now)) if now.version != v => {
                         return WriteResult::Conflict(Some(Box::new(now.clone())));
                     }
                     _ => {}
@@ -224,6 +225,12 @@ impl DeadLetters for MemoryStore {
         page_by_place(&self.state().letters, limit, cursor)
     }
 
+    async fn tally(&self) -> Result<LetterTally, StoreError> {
+        let state = self.state();
+        let oldest = state.letters.iter().map(|l| l.recorded_at).min();
+        Ok(LetterTally { held: state.letters.len() as u64, oldest })
+    }
+
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         Ok(self.state().letters.iter().find(|l| l.id == id).cloned())
     }
@@ -304,14 +311,16 @@ impl WebhookLedger for MemoryStore {
 
 #[async_trait]
 impl Runs for MemoryStore {
-    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
+    async fn audit(&self, run: &RunKeys) -> Result<Audit, StoreError> {
         let state = self.state();
         let mut audit = Audit::default();
-        for o in state.orders.range(prefix.to_string()..).take_while(|(id, _)| id.starts_with(prefix)) {
+        let (from, to) = run.range();
+        let within = |id: &str| *from <= *id && *id < *to && id.chars().count() == run.id_chars();
+        for o in state.orders.range(from.clone()..to.clone()).filter(|(id, _)| within(id)) {
             audit.orders += 1;
             audit.not_first_version += u64::from(o.1.version != 1);
         }
-        for h in state.history.iter().filter(|h| h.order_id.starts_with(prefix)) {
+        for h in state.history.iter().filter(|h| within(&h.order_id)) {
             if h.outcome == Outcome::Applied {
                 audit.applied += 1;
                 audit.first_applied = Some(audit.first_applied.map_or(h.recorded_at, |t| t.min(h.recorded_at)));
@@ -323,12 +332,14 @@ impl Runs for MemoryStore {
         Ok(audit)
     }
 
-    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+    async fn delete_orders(&self, run: &RunKeys, status: Status) -> Result<u64, StoreError> {
         let mut state = self.state();
+        let (from, to) = run.range();
         let doomed: HashSet<String> = state
             .orders
-            .values()
-            .filter(|o| o.id.starts_with(prefix) && o.status == status)
+            .range(from..to)
+            .map(|(_, o)| o)
+            .filter(|o| o.id.chars().count() == run.id_chars() && o.status == status)
             .map(|o| o.id.clone())
             .collect();
         state.orders.retain(|id, _| !doomed.contains(id));

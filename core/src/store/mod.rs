@@ -81,9 +81,9 @@ impl Outcome {
 /// One write to the store, keyed by its `event_id` for idempotency.
 #[derive(Debug, Clone)]
 pub enum Write {
-    /// Put `row` (already at its new version). With `expected: None` the row is
-    /// inserted only if absent; otherwise only if the stored version equals it.
-    Apply { event_id: String, source: String, expected: Option<u64>, row: Order },
+    /// Put `row` (already at its new version). With `base: None` the row is inserted
+    /// only if absent; otherwise only if the stored version equals the base's.
+    Apply { event_id: String, source: String, base: Option<Base>, row: Order },
     /// Record that the event was skipped or rejected, without touching the row.
     /// A rejection also lands in the dead-letter log.
     Record {
@@ -109,6 +109,22 @@ impl Write {
             Write::Apply { row, .. } => &row.id,
             Write::Record { order_id, .. } => order_id,
         }
+    }
+}
+
+/// What a write knows of the row it replaces: the version its compare-and-set expects,
+/// and where a listing by time holds that row (the entry a CQL store retires).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Base {
+    pub version: u64,
+    pub updated_at: DateTime<Utc>,
+    pub status: Status,
+    pub priority: Priority,
+}
+
+impl Base {
+    pub fn of(row: &Order) -> Self {
+        Base { version: row.version, updated_at: row.updated_at, status: row.status, priority: row.priority }
     }
 }
 
@@ -224,6 +240,57 @@ pub struct Audit {
     pub last_applied: Option<DateTime<Utc>>,
 }
 
+/// The orders of one priority of a generated run, which it names `{prefix}{seq:08}` for
+/// each seq below `count` ([`RunKeys::id`]): a store reads exactly these (partitions on
+/// CQL, an id range on SQLite) instead of scanning every order for a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunKeys {
+    pub prefix: String,
+    pub count: u64,
+}
+
+impl RunKeys {
+    /// Most orders of one priority a run may hold: ids up to it sort as their numbers do.
+    pub const MAX: u64 = 100_000_000;
+
+    pub fn id(&self, seq: u64) -> String {
+        format!("{}{seq:08}", self.prefix)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = String> + '_ {
+        (0..self.count.min(Self::MAX)).map(|seq| self.id(seq))
+    }
+
+    /// The ids as a range, `[first, end)`; only ids of [`RunKeys::id_chars`] characters
+    /// in it are the run's (`{prefix}00000001x` sorts between two of them).
+    pub fn range(&self) -> (String, String) {
+        (self.id(0), self.id(self.count.min(Self::MAX)))
+    }
+
+    /// How many characters each of the run's ids has.
+    pub fn id_chars(&self) -> usize {
+        self.prefix.chars().count() + 8
+    }
+}
+
+/// A listing's cursor: the last key it gave, `updated_at` in microseconds (for the sorts
+/// by time) and the id, so the next page starts right after it.
+pub(crate) fn encode_cursor(updated_us: Option<i64>, id: &str) -> String {
+    use base64::Engine;
+    let key = updated_us.map(|k| k.to_string()).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{key}:{id}"))
+}
+
+pub(crate) fn decode_cursor(cursor: &str) -> Result<(Option<i64>, String), StoreError> {
+    use base64::Engine;
+    let bad = || StoreError::Cursor("not a cursor this server issued".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let raw = String::from_utf8(raw).map_err(|_| bad())?;
+    let (key, id) = raw.split_once(':').ok_or_else(bad)?;
+    let key = if key.is_empty() { None } else { Some(key.parse().map_err(|_| bad())?) };
+    Ok((key, id.to_string()))
+}
+
 /// One page of `all`, for a backend that pages a list it holds whole: the cursor is the
 /// index of the next item; 1 to 1000 items a page, so paging always moves on.
 pub fn page_by_place<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) -> Result<Page<T>, StoreError> {
@@ -234,14 +301,6 @@ pub fn page_by_place<T: Clone>(all: &[T], limit: usize, cursor: Option<String>) 
     let to = from.saturating_add(limit.clamp(1, 1000)).min(all.len());
     let items = all.get(from..to).unwrap_or_default().to_vec();
     Ok(Page { items, next_cursor: (to < all.len()).then(|| to.to_string()) })
-}
-
-/// The end of the key range of ids starting with `prefix` (exclusive).
-pub fn prefix_end(prefix: &str) -> String {
-    let mut end = prefix.to_string();
-    let last = end.pop().map_or('\u{1}', |c| char::from_u32(c as u32 + 1).unwrap_or(char::MAX));
-    end.push(last);
-    end
 }
 
 /// Row counts, for health and tests.
@@ -330,6 +389,16 @@ pub trait DeadLetters: Send + Sync + 'static {
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
+    /// How many letters are held (replayed ones too: a replay marks, never deletes) and
+    /// when the oldest was recorded.
+    async fn tally(&self) -> Result<LetterTally, StoreError>;
+}
+
+/// The dead letters held, for the gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LetterTally {
+    pub held: u64,
+    pub oldest: Option<DateTime<Utc>>,
 }
 
 /// What claiming a webhook deduplication key found.
@@ -378,10 +447,10 @@ pub trait WebhookLedger: Send + Sync + 'static {
 /// Generated runs: their records, and the audit, purge and reset they act with.
 #[async_trait]
 pub trait Runs: Send + Sync + 'static {
-    /// Counts orders and history entries whose order id starts with `prefix`.
-    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError>;
-    /// Deletes the orders under `prefix` whose status is `status`, with their history.
-    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError>;
+    /// Counts the run's orders and their history entries.
+    async fn audit(&self, run: &RunKeys) -> Result<Audit, StoreError>;
+    /// Deletes the run's orders whose status is `status`, with their history.
+    async fn delete_orders(&self, run: &RunKeys, status: Status) -> Result<u64, StoreError>;
     /// Empties orders, history, parked events, dead letters and runs. Webhook deduplication keys stay.
     async fn reset(&self) -> Result<(), StoreError>;
     /// Inserts the run, or replaces the record of the same id.

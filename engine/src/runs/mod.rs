@@ -260,12 +260,15 @@ impl Runs {
             // so the PENDING orders it writes are deleted below.
             self.engine.stats().step_boundary(Duration::from_secs(30)).await;
         }
-        let (vip, normal) = (store.audit(&snapshot.prefix(true)).await?, store.audit(&snapshot.prefix(false)).await?);
+        // Up to the quantity asked for: an order appended as the cancel came may not be
+        // counted in the snapshot yet.
+        let keys = |vip| snapshot.keys(vip, snapshot.quantity);
+        let (vip, normal) = (store.audit(&keys(true)).await?, store.audit(&keys(false)).await?);
         let settled = vip.applied + vip.other + normal.applied + normal.other;
         let mut deleted_pending = 0;
         if request.delete_pending {
             for v in [true, false] {
-                deleted_pending += store.delete_orders(&snapshot.prefix(v), Status::Pending).await?;
+                deleted_pending += store.delete_orders(&keys(v), Status::Pending).await?;
             }
         }
         release(&self.engine, self.config.lease).await;
@@ -472,7 +475,7 @@ impl Driver {
                     let p = tier.priority();
                     let seq = self.produced[p];
                     self.produced[p] += 1;
-                    let id = format!("{}{seq:08}", run.prefix(p == Priority::Vip));
+                    let id = run.order_id(p == Priority::Vip, seq);
                     generator::order(id, tier, &mut rng)
                 })
                 .collect();
@@ -512,8 +515,8 @@ impl Driver {
     /// when nothing moves (no event settles, the depth stays) for `DRAIN_STALL`.
     async fn drained(&mut self, priority: Priority) -> anyhow::Result<Option<Audit>> {
         let run = self.snapshot();
-        let prefix = run.prefix(priority == Priority::Vip);
         let expected = self.produced[priority];
+        let keys = run.keys(priority == Priority::Vip, expected);
         let mut last = None;
         let mut moved_at = Instant::now();
         loop {
@@ -538,7 +541,8 @@ impl Driver {
             }
             // The log's own view first (cheap); then the store confirms.
             if self.engine.queue_depth(priority) == 0 {
-                let audit = self.engine.run_store().audit(&prefix).await?;
+                let (engine, keys) = (self.engine.clone(), keys.clone());
+                let audit = self.beating(async move { engine.run_store().audit(&keys).await }).await??;
                 if audit.applied + audit.other >= expected {
                     return Ok(Some(audit));
                 }
@@ -586,6 +590,18 @@ impl Driver {
 
     /// The heartbeat: records the run when a beat has passed. A store that refuses it
     /// for the lease's patience fails the run, before other instances call it dead.
+    /// Awaits `work` (a store read over the run's orders, a long one on CQL for a large
+    /// run) while the heartbeat goes on, so other instances never take the run for lost.
+    async fn beating<T>(&mut self, work: impl std::future::Future<Output = T>) -> anyhow::Result<T> {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                _ = tokio::time::sleep(Lease(self.config.lease).beat()) => self.beat().await?,
+            }
+        }
+    }
+
     async fn beat(&mut self) -> anyhow::Result<()> {
         let lease = Lease(self.config.lease);
         if self.beaten.elapsed() < lease.beat() {

@@ -180,4 +180,14 @@ impl Run {
     pub fn prefix(&self, vip: bool) -> String {
         format!("{}-{}-", self.id, if vip { "vip" } else { "normal" })
     }
+
+    /// The id of the run's `seq`th order of one priority.
+    pub fn order_id(&self, vip: bool, seq: u64) -> String {
+        self.keys(vip, 0).id(seq)
+    }
+
+    /// The run's first `count` orders of one priority, by id.
+    pub fn keys(&self, vip: bool, count: u64) -> crate::store::RunKeys {
+        crate::store::RunKeys { prefix: self.prefix(vip), count }
+    }
 }

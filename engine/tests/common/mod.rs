@@ -521,24 +521,26 @@ pub fn sqlite_dump(data_dir: &Path) -> String {
     out
 }
 
-/// Every row of every table in `keyspace`, read by cqlsh (Apache Cassandra's own client,
-/// `CQLSH`), as it prints them.
-pub fn cql_dump(keyspace: &str) -> String {
+/// Runs CQL with cqlsh (Apache Cassandra's own client, `CQLSH`) and returns what it prints.
+pub fn cqlsh(cql: &str) -> String {
     let cqlsh = std::env::var("CQLSH").expect("CQLSH names cqlsh (scripts/test.sh installs it)");
     let node = std::env::var("CQL_NODES").unwrap_or_else(|_| "127.0.0.1:9042".into());
     let node = node.split(',').next().unwrap().to_string();
     let (host, port) = node.rsplit_once(':').unwrap_or((&node, "9042"));
-    let run = |cql: &str| {
-        let mut cmd = Command::new(&cqlsh);
-        if let (Ok(user), Ok(password)) =
-            (std::env::var("ORCHESTRATOR_CQL_USERNAME"), std::env::var("ORCHESTRATOR_CQL_PASSWORD"))
-        {
-            cmd.args(["-u", &user, "-p", &password]);
-        }
-        let out = cmd.args([host, port, "--request-timeout", "60", "-e", cql]).output().expect("cqlsh runs");
-        assert!(out.status.success(), "cqlsh {cql}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let mut cmd = Command::new(&cqlsh);
+    if let (Ok(user), Ok(password)) =
+        (std::env::var("ORCHESTRATOR_CQL_USERNAME"), std::env::var("ORCHESTRATOR_CQL_PASSWORD"))
+    {
+        cmd.args(["-u", &user, "-p", &password]);
+    }
+    let out = cmd.args([host, port, "--request-timeout", "60", "-e", cql]).output().expect("cqlsh runs");
+    assert!(out.status.success(), "cqlsh {cql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Every row of every table in `keyspace`, read by cqlsh, as it prints them.
+pub fn cql_dump(keyspace: &str) -> String {
+    let run = cqlsh;
     let listed = run(&format!("SELECT table_name FROM system_schema.tables WHERE keyspace_name = '{keyspace}'"));
     let tables: Vec<&str> = listed
         .lines()

@@ -15,31 +15,35 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::errors::ExecutionError;
 use scylla::frame::types::{Consistency, SerialConsistency};
-use scylla::response::query_result::QueryRowsResult;
 use scylla::response::{PagingState, PagingStateResponse};
 use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
+mod listing;
+
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact, ReplayClaim, RunRecord,
-    Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
+    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
+    Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 9] = [
-    include_str!("../../../schemas/cql/001_init.cql"),
-    include_str!("../../../schemas/cql/002_parking.cql"),
-    include_str!("../../../schemas/cql/003_delivery_claims.cql"),
-    include_str!("../../../schemas/cql/004_actions.cql"),
-    include_str!("../../../schemas/cql/005_delivery_days.cql"),
-    include_str!("../../../schemas/cql/006_routes.cql"),
-    include_str!("../../../schemas/cql/007_cases.cql"),
-    include_str!("../../../schemas/cql/008_shops.cql"),
-    include_str!("../../../schemas/cql/009_compliance.cql"),
+const MIGRATIONS: [&str; 11] = [
+    include_str!("../../../../schemas/cql/001_init.cql"),
+    include_str!("../../../../schemas/cql/002_parking.cql"),
+    include_str!("../../../../schemas/cql/003_delivery_claims.cql"),
+    include_str!("../../../../schemas/cql/004_actions.cql"),
+    include_str!("../../../../schemas/cql/005_delivery_days.cql"),
+    include_str!("../../../../schemas/cql/006_routes.cql"),
+    include_str!("../../../../schemas/cql/007_cases.cql"),
+    include_str!("../../../../schemas/cql/008_shops.cql"),
+    include_str!("../../../../schemas/cql/009_compliance.cql"),
+    include_str!("../../../../schemas/cql/010_order_index.cql"),
+    include_str!("../../../../schemas/cql/011_dead_letter_days.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -174,7 +178,12 @@ struct Statements {
     letter_claim_id: PreparedStatement,
     letter_insert: PreparedStatement,
     letters: PreparedStatement,
+    note_letter_day: PreparedStatement,
+    letter_count: PreparedStatement,
+    letter_first: PreparedStatement,
+    letter_days: PreparedStatement,
     letter_by_id: PreparedStatement,
+    run_partition: PreparedStatement,
     letter_by_seq: PreparedStatement,
     replay_claim: PreparedStatement,
     replay_undo: PreparedStatement,
@@ -214,9 +223,11 @@ const HISTORY_READ_MAX: usize = 10_000;
 /// Shards per minute of cases: spreads one busy minute over several partitions.
 const CASE_SHARDS: i32 = 8;
 
+#[derive(Clone)]
 pub struct CqlStore {
     session: Arc<Session>,
     st: Arc<Statements>,
+    listing: Arc<listing::ListingStatements>,
     keyspace: String,
 }
 
@@ -299,6 +310,13 @@ impl CqlStore {
             }
         }
         session.await_schema_agreement().await.map_err(backend)?;
+        // Letters written before schema 011 sit in bucket 0: list that day too.
+        let legacy = format!("SELECT seq FROM {ks}.dead_letters WHERE bucket = 0 LIMIT 1");
+        let legacy = session.query_unpaged(legacy, ()).await.map_err(backend)?.into_rows_result().map_err(backend)?;
+        if legacy.rows_num() > 0 {
+            let note = format!("INSERT INTO {ks}.dead_letter_days (k, day) VALUES (0, 0)");
+            session.query_unpaged(note, ()).await.map_err(backend)?;
+        }
         let prepare = |cql: String, serial: bool| {
             let session = &session;
             async move {
@@ -357,20 +375,32 @@ impl CqlStore {
             .await?,
             letter_insert: prepare(
                 format!(
-                    "INSERT INTO {ks}.dead_letters (bucket, {LETTER_COLUMNS}) VALUES (0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    "INSERT INTO {ks}.dead_letters (bucket, {LETTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 false,
             )
             .await?,
             letters: prepare(
-                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = 0 AND seq > ? LIMIT ?"),
+                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = ? AND seq > ? LIMIT ?"),
+                false,
+            )
+            .await?,
+            note_letter_day: prepare(format!("INSERT INTO {ks}.dead_letter_days (k, day) VALUES (0, ?)"), false)
+                .await?,
+            letter_count: prepare(format!("SELECT count(*) FROM {ks}.dead_letters WHERE bucket = ?"), false).await?,
+            letter_first: prepare(format!("SELECT recorded_at FROM {ks}.dead_letters WHERE bucket = ? LIMIT 1"), false)
+                .await?,
+            letter_days: prepare(format!("SELECT day FROM {ks}.dead_letter_days WHERE k = 0 AND day >= ?"), false)
+                .await?,
+            run_partition: prepare(
+                format!("SELECT version, h_outcome, h_recorded_at FROM {ks}.orders WHERE id = ?"),
                 false,
             )
             .await?,
             letter_by_id: prepare(format!("SELECT seq, replayed_at FROM {ks}.dead_letter_ids WHERE id = ?"), false)
                 .await?,
             letter_by_seq: prepare(
-                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = 0 AND seq = ?"),
+                format!("SELECT {LETTER_COLUMNS} FROM {ks}.dead_letters WHERE bucket = ? AND seq = ?"),
                 false,
             )
             .await?,
@@ -480,7 +510,23 @@ impl CqlStore {
             drop_case_minute: prepare(format!("DELETE FROM {ks}.case_minutes WHERE k = 0 AND minute = ?"), false)
                 .await?,
         };
-        Ok(Self { session: Arc::new(session), st: Arc::new(st), keyspace: config.keyspace.clone() })
+        let listing = Arc::new(listing::ListingStatements::prepare(&session, ks).await?);
+        let store = Self { session: Arc::new(session), st: Arc::new(st), listing, keyspace: config.keyspace.clone() };
+        // Rows written before schema 010 join the time index in the background: a listing
+        // shows them as the backfill reaches them.
+        if !store.backfilled().await? {
+            let backfill = store.clone();
+            tokio::spawn(async move {
+                match backfill.backfill_listing().await {
+                    Ok(listed) => tracing::info!(listed, "the orders' time index is complete"),
+                    Err(e) => {
+                        let next = "it runs again at the next start";
+                        tracing::error!(error = %e, "backfilling the orders' time index failed; {next}")
+                    }
+                }
+            });
+        }
+        Ok(store)
     }
 
     async fn get_with(&self, id: &str, serial: bool) -> Result<Option<Order>, StoreError> {
@@ -529,7 +575,7 @@ impl CqlStore {
         let mut backoff = Duration::from_millis(20);
         for attempt in 1..=MAX_ATTEMPTS {
             let applied = match w {
-                Write::Apply { event_id, source, expected, row } => {
+                Write::Apply { event_id, source, base, row } => {
                     let r = row;
                     // Unset, not null: a null would write a tombstone per entry for nothing.
                     let entry = (
@@ -549,7 +595,7 @@ impl CqlStore {
                     let (version, created, updated) = (r.version as i64, micros(r.created_at), micros(r.updated_at));
                     let source_updated = r.source_updated_at.map(micros);
                     let changed_at = r.changed_at.to_column();
-                    match expected {
+                    match base.map(|b| b.version) {
                         None => {
                             batch.append_statement(self.st.insert_row.clone());
                             batch.append_statement(self.st.insert_entry.clone());
@@ -601,7 +647,7 @@ impl CqlStore {
                                 source_updated,
                                 &changed_at,
                                 &r.id,
-                                *v as i64,
+                                v as i64,
                             );
                             let shop = (unset_none(r.shop.as_deref()), &r.id);
                             self.lwt(self.session.batch(&batch, (set, entry, shop))).await?
@@ -627,10 +673,24 @@ impl CqlStore {
                 Write::Apply { row, .. } => &row.id,
                 Write::Record { order_id, .. } => order_id,
             };
+            // Listed after the batch, which cannot span the index's partitions. A crash in
+            // between leaves the order unlisted until its redelivery, a duplicate, relists it.
+            let listed = async {
+                match w {
+                    Write::Apply { row, base, .. } => self.index(row, base.as_ref()).await,
+                    Write::Record { .. } => Ok(()),
+                }
+            };
             match applied {
-                Some(true) => return Ok(WriteResult::Done),
+                Some(true) => {
+                    listed.await?;
+                    return Ok(WriteResult::Done);
+                }
                 Some(false) => {
                     if self.event_recorded(order_id, w.event_id()).await? {
+                        if matches!(w, Write::Apply { .. }) {
+                            self.relist(order_id).await?;
+                        }
                         return Ok(WriteResult::Duplicate);
                     }
                     return Ok(WriteResult::Conflict(self.get_with(order_id, true).await?.map(Box::new)));
@@ -639,6 +699,7 @@ impl CqlStore {
                     // Unknown outcome: if the entry exists, this write (or an earlier
                     // attempt of it) applied; otherwise try again.
                     if self.event_recorded(order_id, w.event_id()).await? {
+                        listed.await?;
                         return Ok(WriteResult::Done);
                     }
                     if attempt < MAX_ATTEMPTS {
@@ -650,6 +711,14 @@ impl CqlStore {
         }
         let why = format!("write of {} failed {MAX_ATTEMPTS} times with an unknown outcome", w.event_id());
         Err(StoreError::Unavailable(why.into()))
+    }
+
+    /// One order's partition as a run's audit counts it: the row's version, then each
+    /// history entry's outcome and time.
+    async fn run_partition(&self, id: &str) -> Result<Vec<PartitionRow>, StoreError> {
+        let rows = self.session.execute_unpaged(&self.st.run_partition, (id,)).await.map_err(backend)?;
+        let rows = rows.into_rows_result().map_err(backend)?;
+        rows.rows::<PartitionRow>().map_err(backend)?.collect::<Result<_, _>>().map_err(backend)
     }
 
     async fn letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
@@ -665,14 +734,20 @@ impl CqlStore {
         else {
             return Ok(None);
         };
-        let rows = self
-            .session
-            .execute_unpaged(&self.st.letter_by_seq, (seq,))
-            .await
-            .map_err(backend)?
-            .into_rows_result()
-            .map_err(backend)?;
-        Ok(rows.maybe_first_row::<LetterRow>().map_err(backend)?.map(|r| letter_from(r, replayed_at)))
+        // At the day of its place, or in bucket 0 if it was written before schema 011.
+        for bucket in [letter_day(seq), 0] {
+            let rows = self
+                .session
+                .execute_unpaged(&self.st.letter_by_seq, (bucket, seq))
+                .await
+                .map_err(backend)?
+                .into_rows_result()
+                .map_err(backend)?;
+            if let Some(r) = rows.maybe_first_row::<LetterRow>().map_err(backend)? {
+                return Ok(Some(letter_from(r, replayed_at)));
+            }
+        }
+        Ok(None)
     }
 
     /// Writes a dead letter once per id, whatever earlier attempts did: the id claims a
@@ -701,7 +776,9 @@ impl CqlStore {
             }
             seq
         };
+        let day = letter_day(seq);
         let values = (
+            day,
             seq,
             &d.id,
             &d.order_id,
@@ -712,6 +789,7 @@ impl CqlStore {
             &d.payload,
             micros(d.recorded_at),
         );
+        self.session.execute_unpaged(&self.st.note_letter_day, (day,)).await.map_err(backend)?;
         self.session.execute_unpaged(&self.st.letter_insert, values).await.map_err(backend)?;
         Ok(())
     }
@@ -722,6 +800,36 @@ impl CqlStore {
             self.session.execute_unpaged(&self.st.outcome_serial, (order_id, event_id)).await.map_err(backend)?;
         let row = rows.into_rows_result().map_err(backend)?.maybe_first_row::<(Option<String>,)>();
         Ok(row.map_err(backend)?.and_then(|(o,)| o.as_deref().and_then(Outcome::parse)))
+    }
+}
+
+/// The partition of a dead letter: the UTC day of its place (its seq's time).
+fn letter_day(seq: CqlTimeuuid) -> i32 {
+    let secs = uuid::Uuid::from(seq).get_timestamp().map_or(0, |t| t.to_unix().0);
+    (secs / 86_400) as i32
+}
+
+/// `version` (static), `h_outcome`, `h_recorded_at`.
+type PartitionRow = (Option<i64>, Option<String>, Option<i64>);
+
+/// Adds one order's partition to a run's audit: the row once, each entry by outcome.
+fn audit_partition(audit: &mut Audit, rows: Vec<PartitionRow>) {
+    if let Some(v) = rows.first().and_then(|r| r.0) {
+        audit.orders += 1;
+        audit.not_first_version += u64::from(v != 1);
+    }
+    for (_, outcome, recorded) in rows {
+        match outcome.as_deref() {
+            Some("applied") => {
+                audit.applied += 1;
+                if let Some(at) = recorded.map(from_micros) {
+                    audit.first_applied = Some(audit.first_applied.map_or(at, |f| f.min(at)));
+                    audit.last_applied = Some(audit.last_applied.map_or(at, |l| l.max(at)));
+                }
+            }
+            Some(_) => audit.other += 1,
+            None => {}
+        }
     }
 }
 
@@ -875,11 +983,17 @@ impl Orders for CqlStore {
     }
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
-        if q.sort != Sort::IdAsc && q.sort != Sort::UpdatedDesc {
-            return Err(StoreError::Cursor("the CQL store lists in partition order only; use the default sort".into()));
+        match q.sort {
+            Sort::UpdatedDesc | Sort::UpdatedAsc => return self.list_by_time(&q).await,
+            Sort::IdAsc => {}
+            Sort::IdDesc => {
+                return Err(StoreError::Cursor(
+                    "the CQL store lists by id in partition order only; use sort=id".into(),
+                ));
+            }
         }
-        // One page of partitions per request, in token order; filters apply to that page,
-        // so a page may hold fewer items than the limit, and the cursor carries on.
+        // By id: one page of partitions per request, in token order; filters apply to that
+        // page, so a page may hold fewer items than the limit, and the cursor carries on.
         let paging = match &q.cursor {
             None => PagingState::start(),
             Some(c) => PagingState::new_from_raw_bytes(
@@ -1001,13 +1115,12 @@ impl Parking for CqlStore {
 
 #[async_trait]
 impl DeadLetters for CqlStore {
+    /// Oldest first, day by day.
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
-        let limit = limit.clamp(1, 1000);
-        let rows = self.timeuuid_page(&self.st.letters, cursor, limit, "dead-letter").await?;
+        let by_day = ByDay { days: &self.st.letter_days, rows: &self.st.letters, edge: OLDEST, first: 0 };
+        let page = self.by_day_page(by_day, cursor, limit, "dead-letter", |r: LetterRow| Ok((r.0, r))).await?;
         let mut items = Vec::new();
-        let mut last = None;
-        for r in rows.rows::<LetterRow>().map_err(backend)?.take(limit) {
-            let r = r.map_err(backend)?;
+        for r in page.items {
             let claim = self
                 .session
                 .execute_unpaged(&self.st.letter_by_id, (&r.1,))
@@ -1017,15 +1130,38 @@ impl DeadLetters for CqlStore {
                 .map_err(backend)?;
             let replayed_at =
                 claim.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?.and_then(|c| c.1);
-            last = Some(r.0);
             items.push(letter_from(r, replayed_at));
         }
-        let next_cursor = next_cursor(&rows, limit, last);
-        Ok(Page { items, next_cursor })
+        Ok(Page { items, next_cursor: page.next_cursor })
     }
 
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         self.letter_by_id(id).await
+    }
+
+    /// A count per day partition (each bounded by a day of letters), and the first
+    /// letter of the oldest day.
+    async fn tally(&self) -> Result<LetterTally, StoreError> {
+        let days = self.session.execute_unpaged(&self.st.letter_days, (0,)).await.map_err(backend)?;
+        let days: Vec<(i32,)> = days
+            .into_rows_result()
+            .map_err(backend)?
+            .rows()
+            .map_err(backend)?
+            .collect::<Result<_, _>>()
+            .map_err(backend)?;
+        let mut tally = LetterTally::default();
+        for (day,) in days {
+            let counted = self.session.execute_unpaged(&self.st.letter_count, (day,)).await.map_err(backend)?;
+            let (n,) = counted.into_rows_result().map_err(backend)?.first_row::<(i64,)>().map_err(backend)?;
+            tally.held += n as u64;
+            if tally.oldest.is_none() && n > 0 {
+                let first = self.session.execute_unpaged(&self.st.letter_first, (day,)).await.map_err(backend)?;
+                let first = first.into_rows_result().map_err(backend)?.maybe_first_row::<(i64,)>().map_err(backend)?;
+                tally.oldest = first.map(|(at,)| from_micros(at));
+            }
+        }
+        Ok(tally)
     }
 
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
@@ -1112,9 +1248,8 @@ impl WebhookLedger for CqlStore {
 
     /// Oldest first, day by day.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        let oldest = uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000);
-        let by_day = ByDay { days: &self.st.delivery_days, rows: &self.st.deliveries, edge: oldest, first: i32::MIN };
-        self.by_day_page(by_day, cursor, limit, "deliveries").await
+        let by_day = ByDay { days: &self.st.delivery_days, rows: &self.st.deliveries, edge: OLDEST, first: i32::MIN };
+        self.by_day_page(by_day, cursor, limit, "deliveries", json_body).await
     }
 
     async fn prune_deliveries(&self, _before: DateTime<Utc>) -> Result<u64, StoreError> {
@@ -1366,8 +1501,18 @@ impl ActionLog for CqlStore {
         // The largest timeuuid of any time: CQL compares timeuuids by time first.
         let newest = uuid::Uuid::from_u128(0xffff_ffff_ffff_1fff_bfff_ffff_ffff_ffff);
         let by_day = ByDay { days: &self.st.action_days, rows: &self.st.actions, edge: newest, first: i32::MAX };
-        self.by_day_page(by_day, cursor, limit, "audit").await
+        self.by_day_page(by_day, cursor, limit, "audit", json_body).await
     }
+}
+
+/// The smallest version-1 uuid: CQL refuses a nil one as a timeuuid.
+const OLDEST: uuid::Uuid = uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000);
+
+/// A row that keeps its record as JSON in `body`, behind its timeuuid.
+fn json_body<T: serde::de::DeserializeOwned>(
+    (at, body): (CqlTimeuuid, String),
+) -> Result<(CqlTimeuuid, T), StoreError> {
+    Ok((at, serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?))
 }
 
 /// A table partitioned by day, with its index of days: read in the order the statements
@@ -1383,13 +1528,17 @@ struct ByDay<'a> {
 
 impl CqlStore {
     /// One page of a [`ByDay`] table; the cursor is `<day>/<timeuuid>` of the last item.
-    async fn by_day_page<T: serde::de::DeserializeOwned>(
+    async fn by_day_page<R, T>(
         &self,
         table: ByDay<'_>,
         cursor: Option<String>,
         limit: usize,
         what: &str,
-    ) -> Result<Page<T>, StoreError> {
+        decode: impl Fn(R) -> Result<(CqlTimeuuid, T), StoreError>,
+    ) -> Result<Page<T>, StoreError>
+    where
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
         let limit = limit.clamp(1, 1000);
         let bad = || StoreError::Cursor(format!("bad {what} cursor"));
         let (mut day, mut bound) = match cursor {
@@ -1421,9 +1570,9 @@ impl CqlStore {
                 .map_err(backend)?
                 .into_rows_result()
                 .map_err(backend)?;
-            for r in rows.rows::<(CqlTimeuuid, String)>().map_err(backend)? {
-                let (at, body) = r.map_err(backend)?;
-                items.push((d, at, serde_json::from_str(&body).map_err(|e| StoreError::Corrupt(e.to_string()))?));
+            for r in rows.rows::<R>().map_err(backend)? {
+                let (at, item) = decode(r.map_err(backend)?)?;
+                items.push((d, at, item));
             }
             if items.len() > limit {
                 break;
@@ -1439,54 +1588,28 @@ impl CqlStore {
 
 #[async_trait]
 impl Runs for CqlStore {
-    async fn audit(&self, prefix: &str) -> Result<Audit, StoreError> {
-        // A full scan: CQL has no range over partition keys. Runs check once at their end.
-        let cql = format!("SELECT id, version, h_outcome, h_recorded_at FROM {}.orders", self.keyspace);
-        let mut rows = self.scan::<(String, Option<i64>, Option<String>, Option<i64>)>(cql).await?;
+    /// The run's partitions, read one by one (never a scan of the orders table): the
+    /// row's version and every history entry's outcome and time.
+    async fn audit(&self, run: &RunKeys) -> Result<Audit, StoreError> {
         let mut audit = Audit::default();
-        let mut last_id = String::new();
-        while let Some(row) = rows.next().await {
-            let (id, version, outcome, recorded) = row.map_err(backend)?;
-            if !id.starts_with(prefix) {
-                continue;
-            }
-            if id != last_id {
-                if let Some(v) = version {
-                    audit.orders += 1;
-                    audit.not_first_version += u64::from(v != 1);
-                }
-                last_id = id;
-            }
-            match outcome.as_deref() {
-                Some("applied") => {
-                    audit.applied += 1;
-                    if let Some(at) = recorded.map(from_micros) {
-                        audit.first_applied = Some(audit.first_applied.map_or(at, |f| f.min(at)));
-                        audit.last_applied = Some(audit.last_applied.map_or(at, |l| l.max(at)));
-                    }
-                }
-                Some(_) => audit.other += 1,
-                None => {}
+        let ids: Vec<String> = run.ids().collect();
+        // In chunks, so a run of millions holds a chunk of reads in memory, not all.
+        for chunk in ids.chunks(4_096) {
+            let reads: Vec<_> = chunk.iter().map(|id| Box::pin(self.run_partition(id))).collect();
+            let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
+            for rows in found {
+                audit_partition(&mut audit, rows?);
             }
         }
         Ok(audit)
     }
 
-    /// Each order goes only if it still has the status and the version the scan saw: one
+    /// Each order goes only if it still has the status and the version just read: one
     /// conditional batch fences on the row (CQL allows a condition on static columns only)
     /// and deletes the whole partition, row and history together. It is a Paxos write, so
     /// an entry written after it (every write here is one) has a later timestamp and stays.
-    async fn delete_orders(&self, prefix: &str, status: Status) -> Result<u64, StoreError> {
+    async fn delete_orders(&self, run: &RunKeys, status: Status) -> Result<u64, StoreError> {
         let ks = &self.keyspace;
-        let cql = format!("SELECT DISTINCT id, status FROM {ks}.orders");
-        let mut rows = self.scan::<(String, Option<String>)>(cql).await?;
-        let mut doomed = Vec::new();
-        while let Some(row) = rows.next().await {
-            let (id, s) = row.map_err(backend)?;
-            if id.starts_with(prefix) && s.as_deref() == Some(status.as_str()) {
-                doomed.push(id);
-            }
-        }
         let prepare = |cql: String| async move {
             let mut p = self.session.prepare(cql).await.map_err(backend)?;
             p.set_consistency(Consistency::Quorum);
@@ -1504,25 +1627,45 @@ impl Runs for CqlStore {
         batch.append_statement(partition);
         let batch = &batch;
         let purge = |id: String| async move {
-            let Some(row) = self.get_with(&id, true).await? else { return Ok(false) };
+            let Some(row) = self.get_with(&id, true).await?.filter(|row| row.status == status) else {
+                return Ok(false);
+            };
             let fenced = ((&id, row.version as i64, status.as_str()), (&id,));
-            Ok::<_, StoreError>(match self.lwt(self.session.batch(batch, fenced)).await? {
+            let gone = match self.lwt(self.session.batch(batch, fenced)).await? {
                 Some(applied) => applied,
                 // Unknown: it went if the row is absent now (nothing else deletes rows).
                 None => self.get_with(&id, true).await?.is_none(),
-            })
+            };
+            if gone {
+                self.unlist(&row).await?;
+            }
+            Ok::<_, StoreError>(gone)
         };
-        let purges: Vec<_> = doomed.into_iter().map(|id| Box::pin(purge(id))).collect();
-        let done: Vec<_> = futures::stream::iter(purges).buffer_unordered(CONCURRENCY).collect().await;
+        let ids: Vec<String> = run.ids().collect();
         let mut deleted = 0;
-        for gone in done {
-            deleted += u64::from(gone?);
+        for chunk in ids.chunks(4_096) {
+            let purges: Vec<_> = chunk.iter().map(|id| Box::pin(purge(id.clone()))).collect();
+            let done: Vec<_> = futures::stream::iter(purges).buffer_unordered(CONCURRENCY).collect().await;
+            for gone in done {
+                deleted += u64::from(gone?);
+            }
         }
         Ok(deleted)
     }
 
     async fn reset(&self) -> Result<(), StoreError> {
-        let tables = ["orders", "parked", "dead_letters", "dead_letter_ids", "runs", "routes", "cases", "case_minutes"];
+        let tables = [
+            "orders",
+            "order_index",
+            "order_index_hours",
+            "parked",
+            "dead_letters",
+            "dead_letter_ids",
+            "runs",
+            "routes",
+            "cases",
+            "case_minutes",
+        ];
         for table in tables {
             self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
         }
@@ -1566,35 +1709,7 @@ fn run_record((id, started_at, body): RunRow) -> Option<RunRecord> {
 }
 
 /// The cursor after a page of a timeuuid-clustered table: the last key, if more follow.
-fn next_cursor(rows: &QueryRowsResult, limit: usize, last: Option<CqlTimeuuid>) -> Option<String> {
-    if rows.rows_num() > limit { last.map(|s| uuid::Uuid::from(s).to_string()) } else { None }
-}
-
 impl CqlStore {
-    /// Up to `limit + 1` rows of a timeuuid-clustered table after `cursor` (exclusive), so
-    /// the caller can tell whether another page follows. `what` names the cursor's kind.
-    async fn timeuuid_page(
-        &self,
-        statement: &PreparedStatement,
-        cursor: Option<String>,
-        limit: usize,
-        what: &str,
-    ) -> Result<QueryRowsResult, StoreError> {
-        let after = match cursor {
-            // The smallest version-1 uuid: CQL refuses a nil one as a timeuuid.
-            None => CqlTimeuuid::from(uuid::Uuid::from_u128(0x0000_0000_0000_1000_8000_0000_0000_0000)),
-            Some(c) => CqlTimeuuid::from(
-                uuid::Uuid::try_parse(&c).map_err(|_| StoreError::Cursor(format!("bad {what} cursor")))?,
-            ),
-        };
-        self.session
-            .execute_unpaged(statement, (after, limit as i32 + 1))
-            .await
-            .map_err(backend)?
-            .into_rows_result()
-            .map_err(backend)
-    }
-
     /// The parked table, read whole up to [`PARKED_SCAN_MAX`] rows (it holds few).
     async fn parked_scan(&self) -> Result<Vec<ParkedEvent>, StoreError> {
         let cql = format!("SELECT {PARKED_COLUMNS} FROM {}.parked", self.keyspace);
