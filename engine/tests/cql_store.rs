@@ -99,6 +99,37 @@ async fn cql_listing_by_time_matches_the_embedded_store() {
     }
 }
 
+/// A search that matches one order, 600 hours back, among orders one per hour: each
+/// request walks a bounded number of hours (and reads a bounded number of hour markers),
+/// answering short pages with a cursor, and paging still finds it, once, and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_listing_walks_sparse_hours_in_bounded_steps() {
+    let Some(nodes) = service("CQL_NODES") else { return };
+    let cql = CqlStore::open(common::cql_config(&nodes, &unique("hours"))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = EmbeddedStore::open(&dir.path().join("orders.db")).unwrap();
+    let now = Utc::now();
+    let orders: Vec<(Option<Base>, Order)> = (0..600)
+        .map(|h| {
+            let mut o = conformance::row(&format!("H{h:04}"), 1, "");
+            o.updated_at = now - Duration::hours(h);
+            o.customer = if h == 599 { "needle@example.com".into() } else { format!("hay{h}@example.com") };
+            (None, o)
+        })
+        .collect();
+    write_both(&cql, &embedded, orders).await;
+    for sort in [Sort::UpdatedDesc, Sort::UpdatedAsc] {
+        let q = ListQuery { q: Some("needle".into()), limit: 10, sort, ..Default::default() };
+        let (want, _) = all_pages(&embedded, &q).await;
+        let (got, pages) = all_pages(&cql, &q).await;
+        assert_eq!(want.len(), 1, "the embedded store finds the needle");
+        assert_eq!(got, want, "{sort:?}: CQL finds the same, once");
+        if sort == Sort::UpdatedDesc {
+            assert!(pages >= 4, "600 hours take several bounded requests, not {pages}");
+        }
+    }
+}
+
 async fn write_both(cql: &CqlStore, embedded: &EmbeddedStore, writes: Vec<(Option<Base>, Order)>) {
     let writes: Vec<Write> = writes
         .into_iter()

@@ -257,8 +257,10 @@ impl RunKeys {
         format!("{}{seq:08}", self.prefix)
     }
 
-    pub fn ids(&self) -> impl Iterator<Item = String> + '_ {
-        (0..self.count.min(Self::MAX)).map(|seq| self.id(seq))
+    /// The ids in chunks of `n`, so a run of millions is read a chunk at a time.
+    pub fn id_chunks(&self, n: u64) -> impl Iterator<Item = Vec<String>> + '_ {
+        let end = self.count.min(Self::MAX);
+        (0..end).step_by(n.max(1) as usize).map(move |from| (from..(from + n).min(end)).map(|s| self.id(s)).collect())
     }
 
     /// The ids as a range, `[first, end)`; only ids of [`RunKeys::id_chars`] characters

@@ -260,9 +260,13 @@ impl Runs {
             // so the PENDING orders it writes are deleted below.
             self.engine.stats().step_boundary(Duration::from_secs(30)).await;
         }
-        // Up to the quantity asked for: an order appended as the cancel came may not be
+        // One batch past the counts: a batch appended as the cancel came may not be
         // counted in the snapshot yet.
-        let keys = |vip| snapshot.keys(vip, snapshot.quantity);
+        let margin = self.config.batch as u64;
+        let keys = |vip: bool| {
+            let counted = if vip { snapshot.vip.count } else { snapshot.normal.count };
+            snapshot.keys(vip, (counted + margin).min(snapshot.quantity))
+        };
         let (vip, normal) = (store.audit(&keys(true)).await?, store.audit(&keys(false)).await?);
         let settled = vip.applied + vip.other + normal.applied + normal.other;
         let mut deleted_pending = 0;
@@ -479,7 +483,9 @@ impl Driver {
                     generator::order(id, tier, &mut rng)
                 })
                 .collect();
-            self.append(&events).await?;
+            // The heartbeat goes on while the log takes the batch, however slow it is.
+            let (engine, cancelled) = (self.engine.clone(), self.cancelled.clone());
+            self.beating(Self::append(engine, cancelled, events)).await??;
             self.beat().await?;
             left -= n;
             let produced = self.produced;
@@ -494,13 +500,17 @@ impl Driver {
     }
 
     /// Appends one batch, riding out a short log outage.
-    async fn append(&self, events: &[crate::domain::OrderEvent]) -> anyhow::Result<()> {
+    async fn append(
+        engine: Arc<Engine>,
+        cancelled: watch::Receiver<bool>,
+        events: Vec<crate::domain::OrderEvent>,
+    ) -> anyhow::Result<()> {
         let mut backoff = Duration::from_millis(100);
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.engine.ingest_generated(events).await {
+            match engine.ingest_generated(&events).await {
                 Ok(_) => return Ok(()),
-                Err(e) if Instant::now() < deadline && !self.is_cancelled() => {
+                Err(e) if Instant::now() < deadline && !*cancelled.borrow() => {
                     tracing::warn!(error = %e, "run: appending a batch failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));

@@ -24,6 +24,11 @@ const HOURS_READ: i32 = 512;
 const EXAMINE_MAX: usize = 10_000;
 /// Entries read per index partition beyond what the page still needs, for stale ones.
 const SLACK: usize = 16;
+/// Hours one request walks at most: a filter whose orders are rare (or gone) may leave
+/// many hours empty, and each costs a read; the page ends there, with a cursor.
+const HOURS_WALKED_MAX: usize = 168;
+/// Tries of an index write that meets a brief outage.
+const INDEX_ATTEMPTS: u32 = 3;
 /// The data migration that fills the index with the rows written before it existed.
 const BACKFILL: &str = "010_order_index_backfill";
 
@@ -85,6 +90,15 @@ fn hour_of(updated_us: i64) -> i32 {
     updated_us.div_euclid(HOUR_US) as i32
 }
 
+/// A cursor just past `hour`, whose entries are all read: the next page starts with the
+/// hour after it, in the listing's direction.
+fn hour_edge(hour: i32, down: bool) -> String {
+    // Down: every key below (start of hour, ""); up: every key above (start of the next
+    // hour, ""), which takes in all of that next hour, as no id is empty.
+    let edge = if down { i64::from(hour) * HOUR_US } else { (i64::from(hour) + 1) * HOUR_US };
+    super::super::encode_cursor(Some(edge), "")
+}
+
 /// Where an entry sits: its partition and its clustering key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Entry {
@@ -126,18 +140,32 @@ impl Entry {
 }
 
 impl CqlStore {
-    /// Lists `row` at its new place and retires the entry of the version it replaced.
+    /// Lists `row` at its new place, then retires the entry of the version it replaced:
+    /// in that order, so a failure midway leaves a stale entry (skipped by reads), never
+    /// an order without one. A brief outage is ridden out; past that the error goes to
+    /// the writer, whose retry finds the write applied and lists the row again.
     pub(super) async fn index(&self, row: &Order, base: Option<&Base>) -> Result<(), StoreError> {
         let now = Entry::of(micros(row.updated_at), &row.id, row.status, row.priority);
-        let put = self.put_entry(&now);
         let was = base.map(|b| Entry::of(micros(b.updated_at), &row.id, b.status, b.priority));
-        match was.filter(|was| *was != now) {
-            Some(was) => {
-                futures::try_join!(put, self.retire_entry(&was))?;
+        let mut backoff = std::time::Duration::from_millis(20);
+        for attempt in 1..=INDEX_ATTEMPTS {
+            let done = match self.put_entry(&now).await {
+                Ok(()) => match was.as_ref().filter(|was| **was != now) {
+                    Some(was) => self.retire_entry(was).await,
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            match done {
+                Err(StoreError::Unavailable(e)) if attempt < INDEX_ATTEMPTS => {
+                    tracing::debug!(error = %e, order = %row.id, "listing the order failed; trying again");
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                other => return other,
             }
-            None => put.await?,
         }
-        Ok(())
+        unreachable!("the last attempt returns")
     }
 
     /// Takes a deleted row out of the listing.
@@ -145,12 +173,12 @@ impl CqlStore {
         self.retire_entry(&Entry::of(micros(row.updated_at), &row.id, row.status, row.priority)).await
     }
 
+    /// The hour first: an entry in an hour no listing walks would be lost to them.
     async fn put_entry(&self, e: &Entry) -> Result<(), StoreError> {
         let (status, priority, hour) = (e.status.as_str(), e.priority.as_str(), hour_of(e.updated_us));
+        self.session.execute_unpaged(&self.listing.note_hour, (status, priority, hour)).await.map_err(backend)?;
         let entry = (hour, status, priority, e.updated_us, &e.id);
-        let put = self.session.execute_unpaged(&self.listing.put, entry);
-        let note = self.session.execute_unpaged(&self.listing.note_hour, (status, priority, hour));
-        futures::try_join!(put, note).map_err(backend)?;
+        self.session.execute_unpaged(&self.listing.put, entry).await.map_err(backend)?;
         Ok(())
     }
 
@@ -190,7 +218,12 @@ impl CqlStore {
         if down {
             walked.reverse();
         }
-        for hour in walked {
+        for (n, hour) in walked.into_iter().enumerate() {
+            if n == HOURS_WALKED_MAX {
+                // The hours walked are done: the next request starts past them.
+                let edge = if down { hour + 1 } else { hour - 1 };
+                return Ok(Page { items, next_cursor: Some(hour_edge(edge, down)) });
+            }
             let here: Vec<_> = hours[&hour].clone();
             loop {
                 let want = (limit - items.len() + SLACK).min(1000);
@@ -234,11 +267,7 @@ impl CqlStore {
             }
         }
         // Hours past the horizon were not read: the cursor starts the next request there.
-        let next_cursor = horizon.map(|hour| {
-            let edge = if down { i64::from(hour) * HOUR_US } else { (i64::from(hour) + 1) * HOUR_US };
-            super::super::encode_cursor(Some(edge), "")
-        });
-        Ok(Page { items, next_cursor })
+        Ok(Page { items, next_cursor: horizon.map(|hour| hour_edge(hour, down)) })
     }
 
     /// The hours that hold entries of these partitions, from `from` on, each with the
@@ -396,8 +425,21 @@ impl CqlStore {
     /// Re-lists rows a write found already applied: a crash between an order's batch and
     /// its entry left it unlisted, and the redelivery lands here.
     pub(super) async fn relist(&self, order_id: &str) -> Result<(), StoreError> {
-        if let Some(row) = self.get(order_id).await? {
-            self.index(&row, None).await?;
+        self.relist_applied(order_id, 0, None).await
+    }
+
+    /// Lists the row as stored now (read at SERIAL). The entry of `base` is retired only
+    /// if the stored row is at `version`, the one written over that base: an earlier
+    /// delivery of the event may have applied instead, over another base.
+    pub(super) async fn relist_applied(
+        &self,
+        order_id: &str,
+        version: u64,
+        base: Option<&Base>,
+    ) -> Result<(), StoreError> {
+        if let Some(row) = self.get_with(order_id, true).await? {
+            let base = base.filter(|_| row.version == version);
+            self.index(&row, base).await?;
         }
         Ok(())
     }

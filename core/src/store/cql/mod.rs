@@ -229,6 +229,8 @@ pub struct CqlStore {
     st: Arc<Statements>,
     listing: Arc<listing::ListingStatements>,
     keyspace: String,
+    /// Dead letters per settled day, as `tally` counted them.
+    tallied: Arc<std::sync::Mutex<HashMap<i32, i64>>>,
 }
 
 fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
@@ -310,13 +312,10 @@ impl CqlStore {
             }
         }
         session.await_schema_agreement().await.map_err(backend)?;
-        // Letters written before schema 011 sit in bucket 0: list that day too.
-        let legacy = format!("SELECT seq FROM {ks}.dead_letters WHERE bucket = 0 LIMIT 1");
-        let legacy = session.query_unpaged(legacy, ()).await.map_err(backend)?.into_rows_result().map_err(backend)?;
-        if legacy.rows_num() > 0 {
-            let note = format!("INSERT INTO {ks}.dead_letter_days (k, day) VALUES (0, 0)");
-            session.query_unpaged(note, ()).await.map_err(backend)?;
-        }
+        // Letters written before schema 011 (or by an instance not yet upgraded) sit in
+        // bucket 0: that day is always listed.
+        let legacy = format!("INSERT INTO {ks}.dead_letter_days (k, day) VALUES (0, 0)");
+        session.query_unpaged(legacy, ()).await.map_err(backend)?;
         let prepare = |cql: String, serial: bool| {
             let session = &session;
             async move {
@@ -511,7 +510,13 @@ impl CqlStore {
                 .await?,
         };
         let listing = Arc::new(listing::ListingStatements::prepare(&session, ks).await?);
-        let store = Self { session: Arc::new(session), st: Arc::new(st), listing, keyspace: config.keyspace.clone() };
+        let store = Self {
+            session: Arc::new(session),
+            st: Arc::new(st),
+            listing,
+            keyspace: config.keyspace.clone(),
+            tallied: Default::default(),
+        };
         // Rows written before schema 010 join the time index in the background: a listing
         // shows them as the backfill reaches them.
         if !store.backfilled().await? {
@@ -675,15 +680,11 @@ impl CqlStore {
             };
             // Listed after the batch, which cannot span the index's partitions. A crash in
             // between leaves the order unlisted until its redelivery, a duplicate, relists it.
-            let listed = async {
-                match w {
-                    Write::Apply { row, base, .. } => self.index(row, base.as_ref()).await,
-                    Write::Record { .. } => Ok(()),
-                }
-            };
             match applied {
                 Some(true) => {
-                    listed.await?;
+                    if let Write::Apply { row, base, .. } = w {
+                        self.index(row, base.as_ref()).await?;
+                    }
                     return Ok(WriteResult::Done);
                 }
                 Some(false) => {
@@ -699,7 +700,11 @@ impl CqlStore {
                     // Unknown outcome: if the entry exists, this write (or an earlier
                     // attempt of it) applied; otherwise try again.
                     if self.event_recorded(order_id, w.event_id()).await? {
-                        listed.await?;
+                        // Applied, by this attempt or an earlier delivery: the row as
+                        // stored now is what gets listed.
+                        if let Write::Apply { row, base, .. } = w {
+                            self.relist_applied(order_id, row.version, base.as_ref()).await?;
+                        }
                         return Ok(WriteResult::Done);
                     }
                     if attempt < MAX_ATTEMPTS {
@@ -1140,8 +1145,10 @@ impl DeadLetters for CqlStore {
     }
 
     /// A count per day partition (each bounded by a day of letters), and the first
-    /// letter of the oldest day.
+    /// letter of the oldest day. Days before yesterday no longer change (letters are
+    /// never deleted but by a reset), so their counts are kept after the first read.
     async fn tally(&self) -> Result<LetterTally, StoreError> {
+        let settled = (Utc::now().timestamp().div_euclid(86_400) - 1) as i32;
         let days = self.session.execute_unpaged(&self.st.letter_days, (0,)).await.map_err(backend)?;
         let days: Vec<(i32,)> = days
             .into_rows_result()
@@ -1152,8 +1159,18 @@ impl DeadLetters for CqlStore {
             .map_err(backend)?;
         let mut tally = LetterTally::default();
         for (day,) in days {
-            let counted = self.session.execute_unpaged(&self.st.letter_count, (day,)).await.map_err(backend)?;
-            let (n,) = counted.into_rows_result().map_err(backend)?.first_row::<(i64,)>().map_err(backend)?;
+            let known = self.tallied.lock().unwrap_or_else(|p| p.into_inner()).get(&day).copied();
+            let n = match known {
+                Some(n) => n,
+                None => {
+                    let counted = self.session.execute_unpaged(&self.st.letter_count, (day,)).await.map_err(backend)?;
+                    let (n,) = counted.into_rows_result().map_err(backend)?.first_row::<(i64,)>().map_err(backend)?;
+                    if day < settled {
+                        self.tallied.lock().unwrap_or_else(|p| p.into_inner()).insert(day, n);
+                    }
+                    n
+                }
+            };
             tally.held += n as u64;
             if tally.oldest.is_none() && n > 0 {
                 let first = self.session.execute_unpaged(&self.st.letter_first, (day,)).await.map_err(backend)?;
@@ -1592,9 +1609,8 @@ impl Runs for CqlStore {
     /// row's version and every history entry's outcome and time.
     async fn audit(&self, run: &RunKeys) -> Result<Audit, StoreError> {
         let mut audit = Audit::default();
-        let ids: Vec<String> = run.ids().collect();
         // In chunks, so a run of millions holds a chunk of reads in memory, not all.
-        for chunk in ids.chunks(4_096) {
+        for chunk in run.id_chunks(4_096) {
             let reads: Vec<_> = chunk.iter().map(|id| Box::pin(self.run_partition(id))).collect();
             let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
             for rows in found {
@@ -1641,9 +1657,8 @@ impl Runs for CqlStore {
             }
             Ok::<_, StoreError>(gone)
         };
-        let ids: Vec<String> = run.ids().collect();
         let mut deleted = 0;
-        for chunk in ids.chunks(4_096) {
+        for chunk in run.id_chunks(4_096) {
             let purges: Vec<_> = chunk.iter().map(|id| Box::pin(purge(id.clone()))).collect();
             let done: Vec<_> = futures::stream::iter(purges).buffer_unordered(CONCURRENCY).collect().await;
             for gone in done {
@@ -1660,6 +1675,7 @@ impl Runs for CqlStore {
             "order_index_hours",
             "parked",
             "dead_letters",
+            "dead_letter_days",
             "dead_letter_ids",
             "runs",
             "routes",
@@ -1669,6 +1685,7 @@ impl Runs for CqlStore {
         for table in tables {
             self.session.query_unpaged(format!("TRUNCATE {}.{table}", self.keyspace), ()).await.map_err(backend)?;
         }
+        self.tallied.lock().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
 
