@@ -106,7 +106,8 @@ ORCHESTRATOR_TEST_BACKEND=distributed cargo test --locked --workspace \
   concurrent_events sigkill vip_preempts bad_input killed_instance a_deploy_on_one_instance \
   service_restarts kcat_records log_outage the_bridge_runs a_small_run cancel_then \
   an_event_before dead_letters_can a_pause a_reset_drops a_reset_stops an_update_follows \
-  a_run_whose_instance a_commit_made a_what_if_run reconciliation_closes shops_sign a_customer_redaction
+  a_run_whose_instance a_commit_made a_what_if_run reconciliation_closes shops_sign a_customer_redaction \
+  a_shop_redaction
 
 # The fault suite (TESTING.md) ran on the embedded default inside `cargo test` above;
 # here it runs on Kafka + Cassandra with two engines. It prints its seed.

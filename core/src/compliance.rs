@@ -19,6 +19,8 @@ pub const REDACTED: &str = "[redacted]";
 const ATTEMPTS: u32 = 10;
 /// How many history entries an export holds per order.
 const EXPORT_HISTORY: usize = 1000;
+/// Orders a shop's erasure takes per page.
+const SHOP_PAGE: usize = 5_000;
 /// How many dead letters an export reads through, oldest first.
 const LETTERS_READ_MAX: usize = 100_000;
 
@@ -132,6 +134,9 @@ pub struct Erasure {
     pub parked: u64,
     /// What-if cases deleted.
     pub cases: u64,
+    /// Rows deleted with their history (a shop's erasure).
+    #[serde(default)]
+    pub orders_deleted: u64,
 }
 
 /// Everything the engine holds about a subject.
@@ -173,6 +178,27 @@ impl Engine {
             cases: store.forget_cases(ids).await?,
             ..Erasure::default()
         })
+    }
+
+    /// Erases one page of a shop's orders (`shop/redact`): the copies of their personal
+    /// data first (dead letters and parked events redacted, what-if cases deleted), then
+    /// the rows with their history. Returns what it did and where the next page starts
+    /// (`None` once the shop has no orders left). Each page costs one pass over the
+    /// dead letters, so pages are large.
+    pub async fn erase_shop_page(
+        &self,
+        shop: &str,
+        cursor: Option<String>,
+    ) -> Result<(Erasure, Option<String>), StoreError> {
+        let store = &self.stores.compliance;
+        let page = store.shop_orders(shop, SHOP_PAGE, cursor).await?;
+        if page.items.is_empty() {
+            return Ok((Erasure::default(), None));
+        }
+        let subject = Subject { order_ids: page.items, needles: Vec::new(), shop: Some(shop.to_string()) };
+        let mut erased = self.erase_copies(&subject).await?;
+        erased.orders_deleted = store.delete_shop_orders(shop, &subject.order_ids).await?;
+        Ok((erased, page.next_cursor))
     }
 
     /// The store's compliance port: requests and the copies redaction reaches.

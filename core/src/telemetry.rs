@@ -162,8 +162,8 @@ fn describe() {
     );
     describe_counter!(
         COMPLIANCE_REQUESTS,
-        "Shopify compliance requests (customers/redact, customers/data_request), by topic and outcome \
-         (received; done; retried: a store error, tried again; failed: given up after 5 tries)."
+        "Shopify compliance requests (customers/redact, customers/data_request, shop/redact), by topic and \
+         outcome (received; done; retried: a store error, tried again; failed: given up after 20 tries)."
     );
     describe_gauge!(COMPLIANCE_OPEN, "Compliance requests received and not yet done on this instance's last look.");
     describe_gauge!(
@@ -237,7 +237,7 @@ fn register_at_zero() {
     for outcome in ["applied", "up_to_date", "failed"] {
         counter!(SHOPIFY_RECONCILED, "outcome" => outcome).absolute(0);
     }
-    for topic in ["customers/redact", "customers/data_request"] {
+    for topic in ["customers/redact", "customers/data_request", "shop/redact"] {
         for outcome in ["received", "done", "retried", "failed"] {
             counter!(COMPLIANCE_REQUESTS, "topic" => topic, "outcome" => outcome).absolute(0);
         }

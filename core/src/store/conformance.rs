@@ -46,6 +46,7 @@ fn apply(event_id: &str, expected: Option<u64>, row: Order) -> Write {
         updated_at: row.updated_at - Duration::milliseconds(1),
         status: row.status,
         priority: row.priority,
+        has_shop: row.shop.is_some(),
     });
     Write::Apply { event_id: event_id.into(), source: "test".into(), base, row }
 }
@@ -65,6 +66,55 @@ pub async fn check<B: Backend>(store: &B, prefix: &str) {
     action_log(store, prefix).await;
     cases(store, prefix).await;
     compliance(store, prefix).await;
+    shop_orders(store, prefix).await;
+}
+
+/// `Compliance` for a whole shop: its orders found page by page (another shop's and a
+/// row that got its shop on a later write too), and deleted with their history, only
+/// where the row records that shop.
+pub async fn shop_orders(s: &(impl Orders + Compliance), prefix: &str) {
+    let (shop, elsewhere) = (format!("{prefix}-a.myshopify.com"), format!("{prefix}-b.myshopify.com"));
+    let of =
+        |id: &str, shop: &str| Order { shop: Some(shop.to_string()), ..row(&format!("{prefix}-shop-{id}"), 1, "") };
+    for o in [of("1", &shop), of("2", &shop), of("3", &elsewhere)] {
+        assert_eq!(one(s, apply(&format!("{}-e1", o.id), None, o)).await, WriteResult::Done);
+    }
+    // Stored without a shop, then given one by its next version.
+    let late = Order { shop: None, ..of("4", &shop) };
+    assert_eq!(one(s, apply(&format!("{}-e1", late.id), None, late.clone())).await, WriteResult::Done);
+    let late_v2 = Order { version: 2, shop: Some(shop.clone()), ..late.clone() };
+    let write = Write::Apply {
+        event_id: format!("{}-e2", late.id),
+        source: "test".into(),
+        base: Some(Base::of(&late)),
+        row: late_v2,
+    };
+    assert_eq!(one(s, write).await, WriteResult::Done);
+    let mut found = Vec::new();
+    let mut cursor = None;
+    for _ in 0..10 {
+        let page = s.shop_orders(&shop, 2, cursor).await.unwrap();
+        assert!(page.items.len() <= 2, "at most the limit: {:?}", page.items);
+        found.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    found.sort();
+    let ids = |n: &[&str]| n.iter().map(|n| format!("{prefix}-shop-{n}")).collect::<Vec<_>>();
+    assert_eq!(found, ids(&["1", "2", "4"]), "the shop's orders, each once, and no other shop's");
+    let doomed = ids(&["1", "3", "4"]);
+    assert_eq!(s.delete_shop_orders(&shop, &doomed).await.unwrap(), 2, "only the shop's rows go");
+    for (id, kept) in [("1", false), ("2", true), ("3", true), ("4", false)] {
+        let id = format!("{prefix}-shop-{id}");
+        assert_eq!(s.get(&id).await.unwrap().is_some(), kept, "{id}");
+        let history = s.history(&id, 10, None).await.unwrap().items;
+        assert_eq!(!history.is_empty(), kept, "{id}'s history goes with its row: {history:?}");
+    }
+    let left = s.shop_orders(&shop, 100, None).await.unwrap();
+    assert_eq!(left.items, ids(&["2"]), "what is left of the shop");
+    assert_eq!(left.next_cursor, None);
 }
 
 /// `Compliance`: dead letters redacted by order or by what their payload holds, parked

@@ -838,6 +838,48 @@ impl Compliance for EmbeddedStore {
         }
     }
 
+    async fn shop_orders(&self, shop: &str, limit: usize, cursor: Option<String>) -> Result<Page<String>, StoreError> {
+        // By (updated_at, id), the `orders_shop` index's order.
+        let (after_us, after_id) = match cursor {
+            Some(c) => super::decode_cursor(&c).map(|(us, id)| (us.unwrap_or(i64::MIN), id))?,
+            None => (i64::MIN, String::new()),
+        };
+        let (shop, limit) = (shop.to_string(), limit.clamp(1, 10_000) as i64);
+        let found: Vec<(i64, String)> = self
+            .read(move |c| {
+                c.prepare_cached(
+                    "SELECT updated_at, id FROM orders WHERE shop = ?1 AND (updated_at, id) > (?2, ?3) \
+                     ORDER BY updated_at, id LIMIT ?4",
+                )
+                .and_then(|mut st| {
+                    st.query_map(params![shop, after_us, after_id, limit], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                })
+                .map_err(backend)
+            })
+            .await?;
+        let next_cursor =
+            (found.len() as i64 == limit).then(|| found.last().map(|(us, id)| super::encode_cursor(Some(*us), id)));
+        Ok(Page { items: found.into_iter().map(|(_, id)| id).collect(), next_cursor: next_cursor.flatten() })
+    }
+
+    async fn delete_shop_orders(&self, shop: &str, ids: &[String]) -> Result<u64, StoreError> {
+        let (shop, ids) = (shop.to_string(), ids.to_vec());
+        self.write_tx(move |tx| {
+            let mut history = tx.prepare_cached(
+                "DELETE FROM history WHERE order_id = ?1 AND EXISTS (SELECT 1 FROM orders WHERE id = ?1 AND shop = ?2)",
+            )?;
+            let mut row = tx.prepare_cached("DELETE FROM orders WHERE id = ?1 AND shop = ?2")?;
+            let mut deleted = 0;
+            for id in &ids {
+                history.execute(params![id, shop])?;
+                deleted += row.execute(params![id, shop])? as u64;
+            }
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {
         let (id, at, body) = (request.id.clone(), micros(request.received_at), request.body.clone());
         self.write_tx(move |tx| {

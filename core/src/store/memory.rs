@@ -58,6 +58,17 @@ impl MemoryStore {
 }
 
 impl State {
+    /// Deletes rows with their history and their events' ledger entries.
+    fn forget_orders(&mut self, doomed: &HashSet<String>) {
+        self.orders.retain(|id, _| !doomed.contains(id));
+        let gone: Vec<String> =
+            self.history.iter().filter(|h| doomed.contains(&h.order_id)).map(|h| h.event_id.clone()).collect();
+        self.history.retain(|h| !doomed.contains(&h.order_id));
+        for event_id in gone {
+            self.recorded.remove(&event_id);
+        }
+    }
+
     fn entry(&mut self, order_id: &str, version: u64, event_id: &str, source: &str, outcome: Outcome) -> usize {
         self.recorded.insert(event_id.to_string(), order_id.to_string());
         self.history.push(HistoryEntry {
@@ -342,13 +353,7 @@ impl Runs for MemoryStore {
             .filter(|o| o.id.chars().count() == run.id_chars() && o.status == status)
             .map(|o| o.id.clone())
             .collect();
-        state.orders.retain(|id, _| !doomed.contains(id));
-        let gone: Vec<String> =
-            state.history.iter().filter(|h| doomed.contains(&h.order_id)).map(|h| h.event_id.clone()).collect();
-        state.history.retain(|h| !doomed.contains(&h.order_id));
-        for event_id in gone {
-            state.recorded.remove(&event_id);
-        }
+        state.forget_orders(&doomed);
         Ok(doomed.len() as u64)
     }
 
@@ -426,6 +431,29 @@ impl Compliance for MemoryStore {
         let was = state.cases.len();
         state.cases.retain(|c| !order_ids.contains(&c.event.order_id));
         Ok((was - state.cases.len()) as u64)
+    }
+
+    async fn shop_orders(&self, shop: &str, limit: usize, cursor: Option<String>) -> Result<Page<String>, StoreError> {
+        // By id, past the last page's: the ids of rows deleted meanwhile are skipped.
+        let after = cursor.unwrap_or_default();
+        let limit = limit.clamp(1, 10_000);
+        let state = self.state();
+        let mine = state.orders.range::<String, _>((std::ops::Bound::Excluded(&after), std::ops::Bound::Unbounded));
+        let items: Vec<String> =
+            mine.filter(|(_, o)| o.shop.as_deref() == Some(shop)).map(|(id, _)| id.clone()).take(limit).collect();
+        let next_cursor = (items.len() == limit).then(|| items.last().cloned()).flatten();
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn delete_shop_orders(&self, shop: &str, ids: &[String]) -> Result<u64, StoreError> {
+        let mut state = self.state();
+        let doomed: HashSet<String> = ids
+            .iter()
+            .filter(|id| state.orders.get(*id).is_some_and(|o| o.shop.as_deref() == Some(shop)))
+            .cloned()
+            .collect();
+        state.forget_orders(&doomed);
+        Ok(doomed.len() as u64)
     }
 
     async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError> {

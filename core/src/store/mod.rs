@@ -120,11 +120,14 @@ pub struct Base {
     pub updated_at: DateTime<Utc>,
     pub status: Status,
     pub priority: Priority,
+    /// Whether the row recorded its shop (CQL lists a row under its shop once it does).
+    pub has_shop: bool,
 }
 
 impl Base {
     pub fn of(row: &Order) -> Self {
-        Base { version: row.version, updated_at: row.updated_at, status: row.status, priority: row.priority }
+        let (version, updated_at, status, priority) = (row.version, row.updated_at, row.status, row.priority);
+        Base { version, updated_at, status, priority, has_shop: row.shop.is_some() }
     }
 }
 
@@ -538,6 +541,13 @@ pub trait Compliance: Send + Sync + 'static {
     async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError>;
     /// Deletes the what-if cases of `order_ids`; returns how many went.
     async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError>;
+    /// Up to `limit` ids of the orders whose rows record `shop`, from where `cursor` (the
+    /// last page's) left off, for a shop's erasure. Rows written before rows recorded
+    /// their shop are not found.
+    async fn shop_orders(&self, shop: &str, limit: usize, cursor: Option<String>) -> Result<Page<String>, StoreError>;
+    /// Deletes the rows of `ids` that record `shop`, with their history; returns how
+    /// many went.
+    async fn delete_shop_orders(&self, shop: &str, ids: &[String]) -> Result<u64, StoreError>;
     /// Saves a request, replacing the one under its id.
     async fn save_request(&self, request: &ComplianceRecord) -> Result<(), StoreError>;
     async fn request(&self, id: &str) -> Result<Option<ComplianceRecord>, StoreError>;

@@ -1,5 +1,6 @@
 //! Shopify's mandatory compliance webhooks: `customers/redact` erases a customer's
-//! personal data, `customers/data_request` gathers it for the merchant. Each delivery is
+//! personal data, `customers/data_request` gathers it for the merchant, `shop/redact`
+//! (48 h after an uninstall) deletes everything of a shop. Each delivery is
 //! saved as a request and answered 200 at once; a worker does the work off the request
 //! path, resumes what a restart interrupted, and tracks progress in the request.
 
@@ -14,7 +15,7 @@ use utoipa::ToSchema;
 use super::{WebhookAnswer, WebhookError};
 use crate::compliance::{Erasure, Export, Subject};
 use crate::engine::Engine;
-use crate::store::{ActionRecord, ComplianceRecord, StoreError, WebhookDelivery};
+use crate::store::{ActionRecord, ComplianceRecord, ShopRecord, StoreError, WebhookDelivery};
 use crate::telemetry;
 
 /// How long the worker sleeps between looks when nothing wakes it.
@@ -40,6 +41,7 @@ const SAVE_EVERY: usize = 100;
 pub enum Topic {
     Redact,
     DataRequest,
+    ShopRedact,
 }
 
 impl Topic {
@@ -47,6 +49,7 @@ impl Topic {
         match topic {
             "customers/redact" => Some(Self::Redact),
             "customers/data_request" => Some(Self::DataRequest),
+            "shop/redact" => Some(Self::ShopRedact),
             _ => None,
         }
     }
@@ -55,6 +58,7 @@ impl Topic {
         match self {
             Self::Redact => "customers/redact",
             Self::DataRequest => "customers/data_request",
+            Self::ShopRedact => "shop/redact",
         }
     }
 }
@@ -82,13 +86,14 @@ impl Worker {
 pub struct ComplianceRequest {
     /// The delivery's `X-Shopify-Webhook-Id`.
     pub id: String,
-    /// customers/redact or customers/data_request.
+    /// customers/redact, customers/data_request or shop/redact.
     pub topic: String,
     pub shop: Option<String>,
     pub customer_id: Option<String>,
     /// Shopify's id of a data request.
     pub data_request_id: Option<String>,
-    /// The engine's ids of the orders the shop named.
+    /// The engine's ids of the orders the shop named (none for shop/redact, which
+    /// takes every order whose row records the shop).
     pub order_ids: Vec<String>,
     /// The customer's email and phone, searched for in kept payloads; cleared once a
     /// redaction is done, so the request does not keep what it erased.
@@ -96,6 +101,7 @@ pub struct ComplianceRequest {
     pub contact: Vec<String>,
     /// pending, running, done or failed.
     pub state: String,
+    /// Orders done so far: of those named, or of the shop's deleted.
     pub orders_done: usize,
     pub attempts: u32,
     pub received_at: DateTime<Utc>,
@@ -156,7 +162,8 @@ impl ComplianceRequest {
     /// A redaction done at least [`SETTLE`] ago whose second pass has not run.
     fn needs_settling(&self, now: DateTime<Utc>) -> bool {
         let settle = chrono::TimeDelta::from_std(SETTLE).unwrap_or_default();
-        self.topic == Topic::Redact.as_str()
+        let erases = [Topic::Redact.as_str(), Topic::ShopRedact.as_str()].contains(&self.topic.as_str());
+        erases
             && self.state == "done"
             && self.settled_at.is_none()
             && self.finished_at.is_some_and(|t| t + settle <= now)
@@ -184,6 +191,8 @@ const MAX_CONTACT_CHARS: usize = 254;
 /// The parts of a compliance payload the engine uses (Shopify sends ids as numbers).
 #[derive(Debug, Deserialize)]
 struct Payload {
+    #[serde(default)]
+    shop_domain: Option<String>,
     #[serde(default)]
     customer: Option<Customer>,
     #[serde(default)]
@@ -245,6 +254,7 @@ pub async fn receive(
             let orders = match topic {
                 Topic::Redact => payload.orders_to_redact,
                 Topic::DataRequest => payload.orders_requested,
+                Topic::ShopRedact => None,
             };
             let named: Vec<String> = orders.unwrap_or_default().iter().map(|id| format!("shopify-{id}")).collect();
             let (mut valid, invalid): (Vec<String>, Vec<String>) =
@@ -265,6 +275,14 @@ pub async fn receive(
                 .collect();
             request.customer_id = customer.and_then(|c| c.id.as_ref()).map(Id::to_string);
             request.data_request_id = payload.data_request.and_then(|d| d.id).map(|id| id.to_string());
+            if topic == Topic::ShopRedact
+                && let Err(why) = erased_shop(&mut request, payload.shop_domain.as_deref())
+            {
+                request.state = "failed".into();
+                request.finished_at = Some(request.received_at);
+                request.error = Some(why);
+                audit.reason = request.error.clone();
+            }
         }
         // Kept as a failed request, where an operator sees it: Shopify does not send
         // a delivery it got a 200 for again.
@@ -294,6 +312,25 @@ pub async fn receive(
     worker.wake.notify_one();
     audit.outcome = if outcome == "failed" { "rejected".into() } else { "received".into() };
     Ok(WebhookAnswer { status: if outcome == "failed" { "rejected" } else { "accepted" }, order_id: None })
+}
+
+/// Settles which shop a `shop/redact` erases: the one whose secret signed it (its
+/// `X-Shopify-Shop-Domain`) or, with the app's one secret and no such header, the
+/// payload's `shop_domain`. The two must agree when both are there.
+fn erased_shop(request: &mut ComplianceRequest, named: Option<&str>) -> Result<(), String> {
+    let named = named.map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty());
+    match (request.shop.as_deref(), named) {
+        (Some(from), Some(named)) if from != named => {
+            Err(format!("shop/redact from {from} names another shop ({named}); nothing was erased"))
+        }
+        (Some(_), _) => Ok(()),
+        (None, Some(named)) if crate::domain::check_shop(&named).is_ok() => {
+            request.shop = Some(named);
+            Ok(())
+        }
+        (None, Some(named)) => Err(format!("shop/redact names {named:?}, which is not a shop domain")),
+        (None, None) => Err("shop/redact names no shop (no X-Shopify-Shop-Domain or shop_domain)".into()),
+    }
 }
 
 /// Runs the due requests, oldest first, whenever woken and every [`IDLE`]; settles
@@ -337,16 +374,22 @@ async fn look(engine: &Engine, worker: &Worker) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The second pass over a redaction's copies (see [`SETTLE`]).
+/// The second pass over a redaction's copies (see [`SETTLE`]); for a shop, over its
+/// orders again (rows its events on the log wrote since).
 async fn settle(engine: &Engine, mut request: ComplianceRequest) {
     // The contact details are gone by now: letters are found by their orders.
     let subject = Subject { order_ids: request.order_ids.clone(), needles: Vec::new(), shop: request.shop.clone() };
-    match engine.erase_copies(&subject).await {
+    let more = match (Topic::of(&request.topic), request.shop.as_deref()) {
+        (Some(Topic::ShopRedact), Some(shop)) => erase_shop(engine, &request, shop).await,
+        _ => engine.erase_copies(&subject).await,
+    };
+    match more {
         Ok(more) => {
             if let Some(e) = request.erasure.as_mut() {
                 e.dead_letters += more.dead_letters;
                 e.parked += more.parked;
                 e.cases += more.cases;
+                e.orders_deleted += more.orders_deleted;
             }
             request.settled_at = Some(Utc::now());
             if let Err(e) = engine.compliance().save_request(&request.record()).await {
@@ -383,6 +426,17 @@ async fn run(engine: &Engine, mut request: ComplianceRequest) {
                 request.erasure = Some(erased);
             }),
             Err(e) => Err(e),
+        },
+        Topic::ShopRedact => match request.shop.clone() {
+            Some(shop) => match erase_shop(engine, &request, &shop).await {
+                Ok(erased) => forget_exports(engine, &request).await.and(stop_shop(engine, &shop).await).map(|()| {
+                    request.orders_done = erased.orders_deleted as usize;
+                    request.erasure = Some(erased);
+                }),
+                Err(e) => Err(e),
+            },
+            // Refused at receipt; a stored request without one is corrupt.
+            None => Err(StoreError::Corrupt(format!("shop/redact {} names no shop", request.id))),
         },
         Topic::DataRequest => {
             let cut = subject.order_ids.len() > EXPORT_ORDERS_MAX;
@@ -452,18 +506,49 @@ async fn erase_saving_progress(
     Ok(Erasure { dead_letters: copies.dead_letters, parked: copies.parked, cases: copies.cases, ..report })
 }
 
+/// Every page of a shop's orders, saving `orders_done` (the rows deleted so far) after
+/// each, so that the request shows its progress while it runs.
+async fn erase_shop(engine: &Engine, request: &ComplianceRequest, shop: &str) -> Result<Erasure, StoreError> {
+    let mut report = Erasure::default();
+    let mut cursor = None;
+    loop {
+        let (erased, next) = engine.erase_shop_page(shop, cursor).await?;
+        report.orders_deleted += erased.orders_deleted;
+        report.dead_letters += erased.dead_letters;
+        report.parked += erased.parked;
+        report.cases += erased.cases;
+        let saved = ComplianceRequest { orders_done: report.orders_deleted as usize, ..request.clone() };
+        engine.compliance().save_request(&saved.record()).await?;
+        match next {
+            Some(next) => cursor = Some(next),
+            None => return Ok(report),
+        }
+    }
+}
+
+/// A shop erased is inactive: its later deliveries are refused until an operator
+/// activates it again (after a reinstall).
+async fn stop_shop(engine: &Engine, shop: &str) -> Result<(), StoreError> {
+    let record =
+        ShopRecord { domain: shop.into(), active: false, reason: "shop/redact".into(), changed_at: Utc::now() };
+    engine.webhooks().set_shop(&record).await
+}
+
 /// Drops the exports of earlier data requests about the same customer (the same
-/// customer id, or an order in common): once erased, the data is not kept there either.
+/// customer id, or an order in common), or of the shop a `shop/redact` erased: once
+/// erased, the data is not kept there either.
 async fn forget_exports(engine: &Engine, redaction: &ComplianceRequest) -> Result<(), StoreError> {
+    let whole_shop = redaction.topic == Topic::ShopRedact.as_str();
     for record in engine.compliance().requests(10_000).await? {
         let mut earlier = ComplianceRequest::from_record(&record)?;
         let same_customer = earlier.customer_id.is_some() && earlier.customer_id == redaction.customer_id;
         let shared_order = earlier.order_ids.iter().any(|o| redaction.order_ids.contains(o));
         let same_shop = earlier.shop.is_none() || redaction.shop.is_none() || earlier.shop == redaction.shop;
-        if earlier.export.is_some() && same_shop && (same_customer || shared_order) {
+        let of_shop = whole_shop && earlier.shop.is_some() && earlier.shop == redaction.shop;
+        if earlier.export.is_some() && (of_shop || same_shop && (same_customer || shared_order)) {
             earlier.export = None;
             earlier.contact.clear();
-            earlier.note = Some(format!("the export was erased by customers/redact {}", redaction.id));
+            earlier.note = Some(format!("the export was erased by {} {}", redaction.topic, redaction.id));
             engine.compliance().save_request(&earlier.record()).await?;
         }
     }

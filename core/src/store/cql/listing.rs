@@ -29,8 +29,10 @@ const SLACK: usize = 16;
 const HOURS_WALKED_MAX: usize = 168;
 /// Tries of an index write that meets a brief outage.
 const INDEX_ATTEMPTS: u32 = 3;
-/// The data migration that fills the index with the rows written before it existed.
-const BACKFILL: &str = "010_order_index_backfill";
+/// The data migration that fills the indexes (by time, schema 010; by shop, 012) with
+/// the rows written before they existed. Renamed when 012 came: a store that ran it for
+/// 010 alone runs it once more.
+const BACKFILL: &str = "012_order_and_shop_index_backfill";
 
 /// The statements of the index, prepared with the store's.
 pub(super) struct ListingStatements {
@@ -140,11 +142,13 @@ impl Entry {
 }
 
 impl CqlStore {
-    /// Lists `row` at its new place, then retires the entry of the version it replaced:
+    /// Lists `row` under its shop (once it records one), and at its new place by time;
+    /// then retires the entry of the version it replaced:
     /// in that order, so a failure midway leaves a stale entry (skipped by reads), never
     /// an order without one. A brief outage is ridden out; past that the error goes to
     /// the writer, whose retry finds the write applied and lists the row again.
     pub(super) async fn index(&self, row: &Order, base: Option<&Base>) -> Result<(), StoreError> {
+        self.note_shop_order(row, base).await?;
         let now = Entry::of(micros(row.updated_at), &row.id, row.status, row.priority);
         let was = base.map(|b| Entry::of(micros(b.updated_at), &row.id, b.status, b.priority));
         let mut backoff = std::time::Duration::from_millis(20);

@@ -21,6 +21,7 @@ use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 mod listing;
+mod shops;
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
@@ -32,7 +33,7 @@ use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 11] = [
+const MIGRATIONS: [&str; 12] = [
     include_str!("../../../../schemas/cql/001_init.cql"),
     include_str!("../../../../schemas/cql/002_parking.cql"),
     include_str!("../../../../schemas/cql/003_delivery_claims.cql"),
@@ -44,6 +45,7 @@ const MIGRATIONS: [&str; 11] = [
     include_str!("../../../../schemas/cql/009_compliance.cql"),
     include_str!("../../../../schemas/cql/010_order_index.cql"),
     include_str!("../../../../schemas/cql/011_dead_letter_days.cql"),
+    include_str!("../../../../schemas/cql/012_shop_orders.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -173,6 +175,8 @@ struct Statements {
     update_row: PreparedStatement,
     insert_entry: PreparedStatement,
     set_shop: PreparedStatement,
+    /// A row's partition, deleted if the row is at a version (a batch: fence, then all).
+    purge: Batch,
     history: PreparedStatement,
     list: PreparedStatement,
     letter_claim_id: PreparedStatement,
@@ -228,6 +232,7 @@ pub struct CqlStore {
     session: Arc<Session>,
     st: Arc<Statements>,
     listing: Arc<listing::ListingStatements>,
+    shops: Arc<shops::ShopStatements>,
     keyspace: String,
     /// Dead letters per settled day, as `tally` counted them.
     tallied: Arc<std::sync::Mutex<HashMap<i32, i64>>>,
@@ -356,6 +361,16 @@ impl CqlStore {
             update_row: prepare(format!("UPDATE {ks}.orders SET {ROW_UPDATE_SET} WHERE id = ? IF version = ?"), true)
                 .await?,
             set_shop: prepare(format!("UPDATE {ks}.orders SET shop = ? WHERE id = ?"), true).await?,
+            purge: {
+                let statics = STATICS.trim_start_matches("id, ");
+                let fence = format!("DELETE {statics} FROM {ks}.orders WHERE id = ? IF version = ?");
+                let mut batch = Batch::new(BatchType::Logged);
+                batch.set_consistency(Consistency::Quorum);
+                batch.set_serial_consistency(Some(SerialConsistency::Serial));
+                batch.append_statement(prepare(fence, true).await?);
+                batch.append_statement(prepare(format!("DELETE FROM {ks}.orders WHERE id = ?"), true).await?);
+                batch
+            },
             insert_entry: prepare(
                 format!("INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
                 true,
@@ -510,10 +525,12 @@ impl CqlStore {
                 .await?,
         };
         let listing = Arc::new(listing::ListingStatements::prepare(&session, ks).await?);
+        let shops = Arc::new(shops::ShopStatements::prepare(&session, ks).await?);
         let store = Self {
             session: Arc::new(session),
             st: Arc::new(st),
             listing,
+            shops,
             keyspace: config.keyspace.clone(),
             tallied: Default::default(),
         };
@@ -568,6 +585,21 @@ impl CqlStore {
             }
             Err(e) => Err(backend(e)),
         }
+    }
+
+    /// Deletes the row's partition (the row and its history) if the row is still at
+    /// `row`'s version, and takes it out of the time index; whether it went.
+    async fn purge(&self, row: &Order) -> Result<bool, StoreError> {
+        let fenced = ((&row.id, row.version as i64), (&row.id,));
+        let gone = match self.lwt(self.session.batch(&self.st.purge, fenced)).await? {
+            Some(applied) => applied,
+            // Unknown: it went if the row is absent now (nothing else brings one back).
+            None => self.get_with(&row.id, true).await?.is_none(),
+        };
+        if gone {
+            self.unlist(row).await?;
+        }
+        Ok(gone)
     }
 
     async fn event_recorded(&self, order_id: &str, event_id: &str) -> Result<bool, StoreError> {
@@ -1295,6 +1327,14 @@ impl WebhookLedger for CqlStore {
 /// by order, both bounded by their retention).
 #[async_trait]
 impl Compliance for CqlStore {
+    async fn shop_orders(&self, shop: &str, limit: usize, cursor: Option<String>) -> Result<Page<String>, StoreError> {
+        self.shop_page(shop, limit, cursor).await
+    }
+
+    async fn delete_shop_orders(&self, shop: &str, ids: &[String]) -> Result<u64, StoreError> {
+        self.delete_of_shop(shop, ids).await
+    }
+
     async fn redact_dead_letters(
         &self,
         order_ids: &[String],
@@ -1625,37 +1665,11 @@ impl Runs for CqlStore {
     /// and deletes the whole partition, row and history together. It is a Paxos write, so
     /// an entry written after it (every write here is one) has a later timestamp and stays.
     async fn delete_orders(&self, run: &RunKeys, status: Status) -> Result<u64, StoreError> {
-        let ks = &self.keyspace;
-        let prepare = |cql: String| async move {
-            let mut p = self.session.prepare(cql).await.map_err(backend)?;
-            p.set_consistency(Consistency::Quorum);
-            p.set_serial_consistency(Some(SerialConsistency::Serial));
-            Ok::<_, StoreError>(p)
-        };
-        let statics = STATICS.trim_start_matches("id, ");
-        let fence = prepare(format!("DELETE {statics} FROM {ks}.orders WHERE id = ? IF version = ? AND status = ?"));
-        let partition = prepare(format!("DELETE FROM {ks}.orders WHERE id = ?"));
-        let (fence, partition) = (fence.await?, partition.await?);
-        let mut batch = Batch::new(BatchType::Logged);
-        batch.set_consistency(Consistency::Quorum);
-        batch.set_serial_consistency(Some(SerialConsistency::Serial));
-        batch.append_statement(fence);
-        batch.append_statement(partition);
-        let batch = &batch;
         let purge = |id: String| async move {
-            let Some(row) = self.get_with(&id, true).await?.filter(|row| row.status == status) else {
-                return Ok(false);
-            };
-            let fenced = ((&id, row.version as i64, status.as_str()), (&id,));
-            let gone = match self.lwt(self.session.batch(batch, fenced)).await? {
-                Some(applied) => applied,
-                // Unknown: it went if the row is absent now (nothing else deletes rows).
-                None => self.get_with(&id, true).await?.is_none(),
-            };
-            if gone {
-                self.unlist(&row).await?;
+            match self.get_with(&id, true).await?.filter(|row| row.status == status) {
+                Some(row) => self.purge(&row).await,
+                None => Ok(false),
             }
-            Ok::<_, StoreError>(gone)
         };
         let mut deleted = 0;
         for chunk in run.id_chunks(4_096) {
