@@ -10,7 +10,7 @@ use crate::domain::{Order, OrderEvent};
 use crate::engine::Engine;
 use crate::failure::DeadLetter;
 use crate::ordering::{self, Named};
-use crate::store::{Base, HistoryEntry, StoreError, Write, WriteResult};
+use crate::store::{Base, ErasureMatch, HistoryEntry, StoreError, Write, WriteResult};
 
 /// What erasure leaves where the customer was.
 pub const REDACTED: &str = "[redacted]";
@@ -67,6 +67,17 @@ pub fn holds_contact(payload: &str, contact: &[String]) -> bool {
         Ok(value) => any_string(&value, &names),
         Err(_) => emails.iter().any(|e| holds_word(&payload.to_ascii_lowercase(), e)),
     }
+}
+
+/// Whether a stored payload is an event of `shop` (an event keeps the shop it came
+/// from; a raw delivery names none).
+pub fn is_of_shop(payload: &str, shop: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Shop<'a> {
+        #[serde(borrow)]
+        shop: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Shop<'_>>(payload).is_ok_and(|p| p.shop.as_deref() == Some(shop))
 }
 
 fn digits(s: &str) -> String {
@@ -172,10 +183,24 @@ impl Engine {
     pub async fn erase_copies(&self, subject: &Subject) -> Result<Erasure, StoreError> {
         let store = &self.stores.compliance;
         let (ids, needles) = (&subject.order_ids, &subject.needles);
+        let which = ErasureMatch { order_ids: ids.iter().cloned().collect(), contact: needles.clone(), shop: None };
         Ok(Erasure {
-            dead_letters: store.redact_dead_letters(ids, needles, redact_payload).await?,
+            dead_letters: store.redact_dead_letters(which.clone(), redact_payload).await?,
             parked: store.redact_parked(ids, redact_payload).await?,
-            cases: store.forget_cases(ids).await?,
+            cases: store.forget_cases(which).await?,
+            ..Erasure::default()
+        })
+    }
+
+    /// Redacts the dead letters and deletes the what-if cases whose event is of `shop`:
+    /// those of its orders that never got a row, which no page of its orders names.
+    /// One pass over each.
+    pub async fn erase_shop_strays(&self, shop: &str) -> Result<Erasure, StoreError> {
+        let which = ErasureMatch { shop: Some(shop.to_string()), ..ErasureMatch::default() };
+        let store = &self.stores.compliance;
+        Ok(Erasure {
+            dead_letters: store.redact_dead_letters(which.clone(), redact_payload).await?,
+            cases: store.forget_cases(which).await?,
             ..Erasure::default()
         })
     }

@@ -7,8 +7,8 @@ use chrono::{Duration, Utc};
 
 use super::{
     ActionLog, ActionRecord, Backend, Base, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord,
-    DeadLetter, DeadLetters, ListQuery, Orders, Outcome, ParkedEvent, Parking, ReplayClaim, RunKeys, RunRecord, Runs,
-    Sort, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    DeadLetter, DeadLetters, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunKeys, RunRecord,
+    Runs, Sort, StoreError, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 
@@ -93,7 +93,7 @@ pub async fn shop_orders(s: &(impl Orders + Compliance), prefix: &str) {
     let mut found = Vec::new();
     let mut cursor = None;
     for _ in 0..10 {
-        let page = s.shop_orders(&shop, 2, cursor).await.unwrap();
+        let page = shop_page(s, &shop, 2, cursor).await;
         assert!(page.items.len() <= 2, "at most the limit: {:?}", page.items);
         found.extend(page.items);
         match page.next_cursor {
@@ -112,9 +112,40 @@ pub async fn shop_orders(s: &(impl Orders + Compliance), prefix: &str) {
         let history = s.history(&id, 10, None).await.unwrap().items;
         assert_eq!(!history.is_empty(), kept, "{id}'s history goes with its row: {history:?}");
     }
-    let left = s.shop_orders(&shop, 100, None).await.unwrap();
+    let left = shop_page(s, &shop, 100, None).await;
     assert_eq!(left.items, ids(&["2"]), "what is left of the shop");
     assert_eq!(left.next_cursor, None);
+
+    // As an erasure pages: each page deleted before the next is read.
+    for n in 5..12 {
+        let o = of(&n.to_string(), &shop);
+        assert_eq!(one(s, apply(&format!("{}-e1", o.id), None, o)).await, WriteResult::Done);
+    }
+    let (mut erased, mut cursor) = (Vec::new(), None);
+    for _ in 0..20 {
+        let page = shop_page(s, &shop, 3, cursor).await;
+        assert_eq!(s.delete_shop_orders(&shop, &page.items).await.unwrap(), page.items.len() as u64);
+        erased.extend(page.items);
+        match page.next_cursor {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    erased.sort();
+    assert_eq!(erased, ids(&["10", "11", "2", "5", "6", "7", "8", "9"]), "each order once, none missed");
+    assert!(shop_page(s, &shop, 100, None).await.items.is_empty(), "nothing of the shop is left");
+}
+
+/// A page of the shop's orders; a CQL store answers Unavailable until its background
+/// backfill of the index is done, so that is waited out.
+async fn shop_page(s: &(impl Compliance + ?Sized), shop: &str, limit: usize, cursor: Option<String>) -> Page<String> {
+    for _ in 0..600 {
+        match s.shop_orders(shop, limit, cursor.clone()).await {
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            other => return other.expect("the store answers"),
+        }
+    }
+    panic!("the shops' order index was not ready within 60 s");
 }
 
 /// `Compliance`: dead letters redacted by order or by what their payload holds, parked
@@ -140,13 +171,22 @@ pub async fn compliance(s: &(impl Orders + DeadLetters + Parking + Cases + Compl
     one(s, letter(&by_order, &mine, format!("{{\"c\":\"{email}\"}}"))).await;
     one(s, letter(&by_payload, &other, format!("{{\"raw\":\"{email}\"}}"))).await;
     one(s, letter(&untouched, &other, "{\"c\":\"bob@example.com\"}".into())).await;
-    let changed = s.redact_dead_letters(std::slice::from_ref(&mine), std::slice::from_ref(&email), redact).await;
-    assert_eq!(changed.unwrap(), 2, "letters of the order and letters holding the needle");
-    for (id, payload) in [(&by_order, "{\"x\":1}"), (&by_payload, "{\"x\":1}")] {
-        assert_eq!(s.dead_letter(id).await.unwrap().unwrap().payload, payload, "{id} redacted");
+    // Events of a shop being erased, and of another shop.
+    let (erased, kept_shop) = (format!("{prefix}-erased.myshopify.com"), format!("{prefix}-kept.myshopify.com"));
+    let (by_shop, other_shop) = (e("l4"), e("l5"));
+    one(s, letter(&by_shop, &e("o3"), format!("{{\"shop\":\"{erased}\",\"c\":\"zed@example.com\"}}"))).await;
+    one(s, letter(&other_shop, &e("o4"), format!("{{\"shop\":\"{kept_shop}\",\"c\":\"zed@example.com\"}}"))).await;
+    let which =
+        super::ErasureMatch { order_ids: [mine.clone()].into(), contact: vec![email.clone()], shop: Some(erased) };
+    let changed = s.redact_dead_letters(which, redact).await;
+    assert_eq!(changed.unwrap(), 3, "letters of the order, holding the needle, and of the shop");
+    for id in [&by_order, &by_payload, &by_shop] {
+        assert_eq!(s.dead_letter(id).await.unwrap().unwrap().payload, "{\"x\":1}", "{id} redacted");
     }
-    let kept = s.dead_letter(&untouched).await.unwrap().unwrap().payload;
-    assert!(kept.contains("bob@"), "another customer's letter stays: {kept}");
+    for id in [&untouched, &other_shop] {
+        let kept = s.dead_letter(id).await.unwrap().unwrap().payload;
+        assert!(kept.contains("@example.com"), "another customer's or shop's letter stays: {kept}");
+    }
 
     let parked = |order: &str, n: &str| ParkedEvent {
         order_id: order.into(),
@@ -180,11 +220,22 @@ pub async fn compliance(s: &(impl Orders + DeadLetters + Parking + Cases + Compl
     };
     let keep = std::time::Duration::from_secs(3_600);
     s.record_cases(vec![case(&mine, "c1"), case(&mine, "c2"), case(&other, "c3")], keep).await.unwrap();
-    assert_eq!(s.forget_cases(std::slice::from_ref(&mine)).await.unwrap(), 2, "the order's cases go");
+    let which = super::ErasureMatch { order_ids: [mine.clone()].into(), ..Default::default() };
+    assert_eq!(s.forget_cases(which).await.unwrap(), 2, "the order's cases go");
     let since = Utc::now() - Duration::minutes(5);
     let orders: Vec<String> =
         s.cases_since(since, 100_000).await.unwrap().into_iter().map(|c| c.event.order_id).collect();
     assert!(!orders.contains(&mine) && orders.contains(&other), "only the order's cases go: {orders:?}");
+    let of_shop = |order: &str, n: &str, shop: &str| {
+        let mut c = case(order, n);
+        c.event.shop = Some(shop.to_string());
+        c
+    };
+    let (erased_shop, kept_shop) = (format!("{prefix}-erased.example"), format!("{prefix}-kept.example"));
+    let strays = vec![of_shop(&e("o5"), "c4", &erased_shop), of_shop(&e("o6"), "c5", &kept_shop)];
+    s.record_cases(strays, keep).await.unwrap();
+    let which = super::ErasureMatch { shop: Some(erased_shop), ..Default::default() };
+    assert_eq!(s.forget_cases(which).await.unwrap(), 1, "the shop's case goes, another shop's stays");
 
     let at = chrono::DateTime::from_timestamp_micros(Utc::now().timestamp_micros()).unwrap();
     let request = |id: &str, secs: i64, body: &str| ComplianceRecord {

@@ -15,9 +15,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
-    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
+    WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
@@ -717,19 +717,13 @@ impl DeadLetters for EmbeddedStore {
 
 #[async_trait]
 impl Compliance for EmbeddedStore {
-    async fn redact_dead_letters(
-        &self,
-        order_ids: &[String],
-        contact: &[String],
-        redact: Redact,
-    ) -> Result<u64, StoreError> {
+    async fn redact_dead_letters(&self, which: ErasureMatch, redact: Redact) -> Result<u64, StoreError> {
         const CHUNK: i64 = 1000;
-        let ids: Arc<std::collections::HashSet<String>> = Arc::new(order_ids.iter().cloned().collect());
-        let contact: Arc<Vec<String>> = Arc::new(contact.to_vec());
+        let which = Arc::new(which);
         let (mut after, mut changed) = (0i64, 0u64);
         loop {
             // Read in chunks on a reader, so the pipeline's writes go on in between.
-            let (ids, contact) = (ids.clone(), contact.clone());
+            let which = which.clone();
             let (found, last) = self
                 .read(move |c| {
                     let mut stmt = c
@@ -746,10 +740,7 @@ impl Compliance for EmbeddedStore {
                     let last = rows.last().map(|r| r.0);
                     let found: Vec<(i64, String)> = rows
                         .into_iter()
-                        .filter(|(_, order, payload)| {
-                            order.as_ref().is_some_and(|o| ids.contains(o))
-                                || crate::compliance::holds_contact(payload, &contact)
-                        })
+                        .filter(|(_, order, payload)| which.takes(order.as_deref(), payload))
                         .map(|(seq, _, payload)| (seq, payload))
                         .collect();
                     Ok((found, last))
@@ -807,12 +798,12 @@ impl Compliance for EmbeddedStore {
 
     /// In chunks, each its own short hold of the cases connection, so the recorder's
     /// writes go on in between.
-    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+    async fn forget_cases(&self, which: ErasureMatch) -> Result<u64, StoreError> {
         const CHUNK: i64 = 5000;
-        let ids: Arc<std::collections::HashSet<String>> = Arc::new(order_ids.iter().cloned().collect());
+        let which = Arc::new(which);
         let (mut after, mut gone) = (0i64, 0u64);
         loop {
-            let ids = ids.clone();
+            let which = which.clone();
             let (deleted, last) = self
                 .with_cases(move |conn| {
                     let rows: Vec<(i64, String)> = conn
@@ -823,7 +814,7 @@ impl Compliance for EmbeddedStore {
                     let mut delete = conn.prepare_cached("DELETE FROM cases WHERE seq = ?1")?;
                     let mut deleted = 0;
                     for (seq, body) in rows {
-                        if case_order(&body).is_some_and(|o| ids.contains(&o)) {
+                        if which.takes_case_body(&body) {
                             deleted += delete.execute([seq])? as u64;
                         }
                     }
@@ -912,11 +903,6 @@ impl Compliance for EmbeddedStore {
 
 /// The order a recorded case is about, read loosely (a case the current schema cannot
 /// read whole is still found).
-pub(crate) fn case_order(body: &str) -> Option<String> {
-    let value: serde_json::Value = serde_json::from_str(body).ok()?;
-    value["event"]["order_id"].as_str().map(str::to_string)
-}
-
 fn compliance_from_row(r: &Row<'_>) -> rusqlite::Result<ComplianceRecord> {
     Ok(ComplianceRecord { id: r.get(0)?, received_at: from_micros(r.get(1)?), body: r.get(2)? })
 }

@@ -10,9 +10,9 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
-    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult, page_by_place,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
+    WebhookLedger, Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
 
@@ -398,16 +398,10 @@ impl ActionLog for MemoryStore {
 
 #[async_trait]
 impl Compliance for MemoryStore {
-    async fn redact_dead_letters(
-        &self,
-        order_ids: &[String],
-        contact: &[String],
-        redact: Redact,
-    ) -> Result<u64, StoreError> {
+    async fn redact_dead_letters(&self, which: ErasureMatch, redact: Redact) -> Result<u64, StoreError> {
         let mut changed = 0;
         for letter in self.state().letters.iter_mut() {
-            let named = letter.order_id.as_ref().is_some_and(|o| order_ids.contains(o));
-            if named || crate::compliance::holds_contact(&letter.payload, contact) {
+            if which.takes(letter.order_id.as_deref(), &letter.payload) {
                 let redacted = redact(&letter.payload);
                 changed += u64::from(redacted != letter.payload);
                 letter.payload = redacted;
@@ -426,10 +420,10 @@ impl Compliance for MemoryStore {
         Ok(changed)
     }
 
-    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+    async fn forget_cases(&self, which: ErasureMatch) -> Result<u64, StoreError> {
         let mut state = self.state();
         let was = state.cases.len();
-        state.cases.retain(|c| !order_ids.contains(&c.event.order_id));
+        state.cases.retain(|c| !which.takes_case(&c.event));
         Ok((was - state.cases.len()) as u64)
     }
 

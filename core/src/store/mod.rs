@@ -520,6 +520,39 @@ pub struct ComplianceRecord {
     pub body: String,
 }
 
+/// The copies an erasure reaches: dead letters and what-if cases of its orders, or of an
+/// event of its shop, and dead letters whose payload names one of its contact details
+/// (`compliance::holds_contact`).
+#[derive(Debug, Clone, Default)]
+pub struct ErasureMatch {
+    pub order_ids: std::collections::HashSet<String>,
+    pub contact: Vec<String>,
+    pub shop: Option<String>,
+}
+
+impl ErasureMatch {
+    /// A dead letter, by its order and its payload.
+    pub fn takes(&self, order_id: Option<&str>, payload: &str) -> bool {
+        order_id.is_some_and(|o| self.order_ids.contains(o))
+            || crate::compliance::holds_contact(payload, &self.contact)
+            || self.shop.as_deref().is_some_and(|shop| crate::compliance::is_of_shop(payload, shop))
+    }
+
+    /// A what-if case, by the event it holds.
+    pub fn takes_case(&self, event: &crate::domain::OrderEvent) -> bool {
+        self.order_ids.contains(&event.order_id) || (self.shop.is_some() && event.shop == self.shop)
+    }
+
+    /// A what-if case as stored (JSON with its `event`); one that cannot be read is kept.
+    pub fn takes_case_body(&self, body: &str) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Stored {
+            event: crate::domain::OrderEvent,
+        }
+        serde_json::from_str::<Stored>(body).is_ok_and(|c| self.takes_case(&c.event))
+    }
+}
+
 /// Erases the personal fields of a stored payload (`compliance::redact_payload`).
 pub type Redact = for<'a> fn(&'a str) -> String;
 
@@ -528,19 +561,13 @@ pub type Redact = for<'a> fn(&'a str) -> String;
 /// history entry), and the requests that ask for it.
 #[async_trait]
 pub trait Compliance: Send + Sync + 'static {
-    /// Rewrites the payload of each dead letter of `order_ids`, or whose payload names
-    /// one of `contact` (`compliance::holds_contact`), with `redact(payload)`; returns
-    /// how many changed. One pass over the letters, off the writer's critical path.
-    async fn redact_dead_letters(
-        &self,
-        order_ids: &[String],
-        contact: &[String],
-        redact: Redact,
-    ) -> Result<u64, StoreError>;
+    /// Rewrites the payload of each dead letter `which` takes with `redact(payload)`;
+    /// returns how many changed. One pass over the letters, off the writer's critical path.
+    async fn redact_dead_letters(&self, which: ErasureMatch, redact: Redact) -> Result<u64, StoreError>;
     /// The same for the events parked for `order_ids`.
     async fn redact_parked(&self, order_ids: &[String], redact: Redact) -> Result<u64, StoreError>;
     /// Deletes the what-if cases of `order_ids`; returns how many went.
-    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError>;
+    async fn forget_cases(&self, which: ErasureMatch) -> Result<u64, StoreError>;
     /// Up to `limit` ids of the orders whose rows record `shop`, from where `cursor` (the
     /// last page's) left off, for a shop's erasure. Rows written before rows recorded
     /// their shop are not found.

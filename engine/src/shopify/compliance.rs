@@ -112,6 +112,9 @@ pub struct ComplianceRequest {
     /// When a redaction's second pass over the copies ran ([`SETTLE`] after it was done).
     #[serde(default)]
     pub settled_at: Option<DateTime<Utc>>,
+    /// Failed tries of the second pass, spaced like a request's.
+    #[serde(default)]
+    pub settle_attempts: u32,
     /// Why the last attempt failed, while it is retried or once it failed.
     pub error: Option<String>,
     /// What else to know: order ids left out, an export expired or erased.
@@ -143,6 +146,7 @@ impl ComplianceRequest {
             next_attempt_at: None,
             finished_at: None,
             settled_at: None,
+            settle_attempts: 0,
             error: None,
             note: None,
             erasure: None,
@@ -165,6 +169,7 @@ impl ComplianceRequest {
         let erases = [Topic::Redact.as_str(), Topic::ShopRedact.as_str()].contains(&self.topic.as_str());
         erases
             && self.state == "done"
+            && self.next_attempt_at.is_none_or(|t| t <= now)
             && self.settled_at.is_none()
             && self.finished_at.is_some_and(|t| t + settle <= now)
     }
@@ -191,6 +196,8 @@ const MAX_CONTACT_CHARS: usize = 254;
 /// The parts of a compliance payload the engine uses (Shopify sends ids as numbers).
 #[derive(Debug, Deserialize)]
 struct Payload {
+    #[serde(default)]
+    shop_id: Option<Id>,
     #[serde(default)]
     shop_domain: Option<String>,
     #[serde(default)]
@@ -251,6 +258,7 @@ pub async fn receive(
     let mut request = ComplianceRequest::received(delivery_id, topic, shop.map(|s| s.trim().to_ascii_lowercase()));
     match serde_json::from_slice::<Payload>(body) {
         Ok(payload) => {
+            let shop_check = (topic == Topic::ShopRedact).then(|| erased_shop(&mut request, &payload));
             let orders = match topic {
                 Topic::Redact => payload.orders_to_redact,
                 Topic::DataRequest => payload.orders_requested,
@@ -275,9 +283,11 @@ pub async fn receive(
                 .collect();
             request.customer_id = customer.and_then(|c| c.id.as_ref()).map(Id::to_string);
             request.data_request_id = payload.data_request.and_then(|d| d.id).map(|id| id.to_string());
-            if topic == Topic::ShopRedact
-                && let Err(why) = erased_shop(&mut request, payload.shop_domain.as_deref())
-            {
+            if let Some(Err(why)) = shop_check {
+                // Never run, so it keeps nothing it read about a customer.
+                request.contact.clear();
+                request.customer_id = None;
+                request.order_ids.clear();
                 request.state = "failed".into();
                 request.finished_at = Some(request.received_at);
                 request.error = Some(why);
@@ -314,22 +324,33 @@ pub async fn receive(
     Ok(WebhookAnswer { status: if outcome == "failed" { "rejected" } else { "accepted" }, order_id: None })
 }
 
-/// Settles which shop a `shop/redact` erases: the one whose secret signed it (its
-/// `X-Shopify-Shop-Domain`) or, with the app's one secret and no such header, the
-/// payload's `shop_domain`. The two must agree when both are there.
-fn erased_shop(request: &mut ComplianceRequest, named: Option<&str>) -> Result<(), String> {
-    let named = named.map(|s| s.trim().to_ascii_lowercase()).filter(|s| !s.is_empty());
-    match (request.shop.as_deref(), named) {
-        (Some(from), Some(named)) if from != named => {
+/// Settles which shop a `shop/redact` erases: the payload's `shop_domain`, which must
+/// be the shop whose secret signed it (its `X-Shopify-Shop-Domain`) when the delivery
+/// names one. The signature covers the body only, not the topic header, so the body
+/// must be a shop/redact's (a `shop_id` and `shop_domain`, and nothing about a
+/// customer): another signed body sent again under this topic erases nothing.
+fn erased_shop(request: &mut ComplianceRequest, payload: &Payload) -> Result<(), String> {
+    let about_a_customer = payload.customer.is_some()
+        || payload.orders_to_redact.is_some()
+        || payload.orders_requested.is_some()
+        || payload.data_request.is_some();
+    if payload.shop_id.is_none() || about_a_customer {
+        return Err("not a shop/redact payload (it needs shop_id and shop_domain, and no customer); \
+                    nothing was erased"
+            .into());
+    }
+    let named = payload.shop_domain.as_deref().map(|s| s.trim().to_ascii_lowercase()).unwrap_or_default();
+    if crate::domain::check_shop(&named).is_err() {
+        return Err(format!("shop/redact names {named:?} in shop_domain, which is not a shop domain"));
+    }
+    match request.shop.as_deref() {
+        Some(from) if from != named => {
             Err(format!("shop/redact from {from} names another shop ({named}); nothing was erased"))
         }
-        (Some(_), _) => Ok(()),
-        (None, Some(named)) if crate::domain::check_shop(&named).is_ok() => {
+        _ => {
             request.shop = Some(named);
             Ok(())
         }
-        (None, Some(named)) => Err(format!("shop/redact names {named:?}, which is not a shop domain")),
-        (None, None) => Err("shop/redact names no shop (no X-Shopify-Shop-Domain or shop_domain)".into()),
     }
 }
 
@@ -379,24 +400,41 @@ async fn look(engine: &Engine, worker: &Worker) -> Result<(), StoreError> {
 async fn settle(engine: &Engine, mut request: ComplianceRequest) {
     // The contact details are gone by now: letters are found by their orders.
     let subject = Subject { order_ids: request.order_ids.clone(), needles: Vec::new(), shop: request.shop.clone() };
-    let more = match (Topic::of(&request.topic), request.shop.as_deref()) {
+    let settled = match (Topic::of(&request.topic), request.shop.as_deref()) {
+        // Adds to the request's erasure as it goes.
         (Some(Topic::ShopRedact), Some(shop)) => erase_shop(engine, &request, shop).await,
-        _ => engine.erase_copies(&subject).await,
+        _ => engine.erase_copies(&subject).await.map(|more| {
+            let mut total = request.erasure.clone().unwrap_or_default();
+            total.dead_letters += more.dead_letters;
+            total.parked += more.parked;
+            total.cases += more.cases;
+            total
+        }),
     };
-    match more {
-        Ok(more) => {
-            if let Some(e) = request.erasure.as_mut() {
-                e.dead_letters += more.dead_letters;
-                e.parked += more.parked;
-                e.cases += more.cases;
-                e.orders_deleted += more.orders_deleted;
+    match settled {
+        Ok(total) => {
+            if request.topic == Topic::ShopRedact.as_str() {
+                request.orders_done = total.orders_deleted as usize;
             }
+            request.erasure = Some(total);
             request.settled_at = Some(Utc::now());
-            if let Err(e) = engine.compliance().save_request(&request.record()).await {
-                tracing::warn!(error = %e, request = %request.id, "could not save a settled redaction");
-            }
+            request.next_attempt_at = None;
         }
-        Err(e) => tracing::warn!(error = %e, request = %request.id, "settling a redaction failed; tried again"),
+        Err(e) if request.settle_attempts + 1 >= ATTEMPTS_MAX => {
+            tracing::error!(error = %e, request = %request.id, "the second pass of a redaction failed for good");
+            request.settled_at = Some(Utc::now());
+            request.note = Some(format!("the second pass failed {ATTEMPTS_MAX} times, the last with: {e}"));
+        }
+        Err(e) => {
+            request.settle_attempts += 1;
+            let wait = RETRY_FIRST.saturating_mul(1 << request.settle_attempts.min(8)).min(RETRY_MAX);
+            request.next_attempt_at = Some(Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or_default());
+            tracing::warn!(error = %e, request = %request.id, retry_in_s = wait.as_secs(),
+                "settling a redaction failed; it is tried again");
+        }
+    }
+    if let Err(e) = engine.compliance().save_request(&request.record()).await {
+        tracing::warn!(error = %e, request = %request.id, "could not save a redaction's second pass");
     }
 }
 
@@ -428,11 +466,15 @@ async fn run(engine: &Engine, mut request: ComplianceRequest) {
             Err(e) => Err(e),
         },
         Topic::ShopRedact => match request.shop.clone() {
-            Some(shop) => match erase_shop(engine, &request, &shop).await {
-                Ok(erased) => forget_exports(engine, &request).await.and(stop_shop(engine, &shop).await).map(|()| {
-                    request.orders_done = erased.orders_deleted as usize;
-                    request.erasure = Some(erased);
-                }),
+            // Inactive first: its deliveries are refused while the erasure runs.
+            Some(shop) => match stop_shop(engine, &shop).await {
+                Ok(()) => match erase_shop(engine, &request, &shop).await {
+                    Ok(erased) => forget_exports(engine, &request).await.map(|()| {
+                        request.orders_done = erased.orders_deleted as usize;
+                        request.erasure = Some(erased);
+                    }),
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             // Refused at receipt; a stored request without one is corrupt.
@@ -506,10 +548,11 @@ async fn erase_saving_progress(
     Ok(Erasure { dead_letters: copies.dead_letters, parked: copies.parked, cases: copies.cases, ..report })
 }
 
-/// Every page of a shop's orders, saving `orders_done` (the rows deleted so far) after
-/// each, so that the request shows its progress while it runs.
+/// Every page of a shop's orders, added to what the request's erasure holds (an earlier
+/// attempt's progress, or the first pass when settling) and saved with `orders_done`
+/// (the rows deleted so far) after each page, so the request shows its progress.
 async fn erase_shop(engine: &Engine, request: &ComplianceRequest, shop: &str) -> Result<Erasure, StoreError> {
-    let mut report = Erasure::default();
+    let mut report = request.erasure.clone().unwrap_or_default();
     let mut cursor = None;
     loop {
         let (erased, next) = engine.erase_shop_page(shop, cursor).await?;
@@ -517,13 +560,19 @@ async fn erase_shop(engine: &Engine, request: &ComplianceRequest, shop: &str) ->
         report.dead_letters += erased.dead_letters;
         report.parked += erased.parked;
         report.cases += erased.cases;
-        let saved = ComplianceRequest { orders_done: report.orders_deleted as usize, ..request.clone() };
+        let (orders_done, erasure) = (report.orders_deleted as usize, Some(report.clone()));
+        let saved = ComplianceRequest { orders_done, erasure, ..request.clone() };
         engine.compliance().save_request(&saved.record()).await?;
         match next {
             Some(next) => cursor = Some(next),
-            None => return Ok(report),
+            None => break,
         }
     }
+    // Letters and cases of the shop's orders that never got a row: no page names them.
+    let strays = engine.erase_shop_strays(shop).await?;
+    report.dead_letters += strays.dead_letters;
+    report.cases += strays.cases;
+    Ok(report)
 }
 
 /// A shop erased is inactive: its later deliveries are refused until an operator

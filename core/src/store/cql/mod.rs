@@ -25,9 +25,9 @@ mod shops;
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, Redact,
-    ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery, WebhookLedger,
-    Write, WriteResult,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
+    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
+    WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
@@ -593,7 +593,8 @@ impl CqlStore {
         let fenced = ((&row.id, row.version as i64), (&row.id,));
         let gone = match self.lwt(self.session.batch(&self.st.purge, fenced)).await? {
             Some(applied) => applied,
-            // Unknown: it went if the row is absent now (nothing else brings one back).
+            // Unknown: it went if the row is absent now (an event may have written it
+            // again since; a fresh row is listed by its own write).
             None => self.get_with(&row.id, true).await?.is_none(),
         };
         if gone {
@@ -1335,13 +1336,7 @@ impl Compliance for CqlStore {
         self.delete_of_shop(shop, ids).await
     }
 
-    async fn redact_dead_letters(
-        &self,
-        order_ids: &[String],
-        contact: &[String],
-        redact: Redact,
-    ) -> Result<u64, StoreError> {
-        let ids: std::collections::HashSet<&String> = order_ids.iter().collect();
+    async fn redact_dead_letters(&self, which: ErasureMatch, redact: Redact) -> Result<u64, StoreError> {
         let ks = &self.keyspace;
         let mut rows = self
             .scan::<(i32, CqlTimeuuid, Option<String>, Option<String>)>(format!(
@@ -1355,8 +1350,7 @@ impl Compliance for CqlStore {
         while let Some(row) = rows.next().await {
             let (bucket, seq, order_id, payload) = row.map_err(backend)?;
             let payload = payload.unwrap_or_default();
-            let named = order_id.is_some_and(|o| ids.contains(&o));
-            if !named && !crate::compliance::holds_contact(&payload, contact) {
+            if !which.takes(order_id.as_deref(), &payload) {
                 continue;
             }
             let redacted = redact(&payload);
@@ -1387,16 +1381,15 @@ impl Compliance for CqlStore {
         Ok(changed)
     }
 
-    async fn forget_cases(&self, order_ids: &[String]) -> Result<u64, StoreError> {
+    async fn forget_cases(&self, which: ErasureMatch) -> Result<u64, StoreError> {
         let ks = &self.keyspace;
         let cql = format!("SELECT minute, shard, at, event_id, body FROM {ks}.cases");
         let mut rows = self.scan::<(i32, i32, i64, String, Option<String>)>(cql).await?;
         let delete = format!("DELETE FROM {ks}.cases WHERE minute = ? AND shard = ? AND at = ? AND event_id = ?");
-        let ids: std::collections::HashSet<&String> = order_ids.iter().collect();
         let mut gone = 0;
         while let Some(row) = rows.next().await {
             let (minute, shard, at, event_id, body) = row.map_err(backend)?;
-            if body.and_then(|b| super::embedded::case_order(&b)).is_some_and(|o| ids.contains(&o)) {
+            if body.is_some_and(|b| which.takes_case_body(&b)) {
                 self.session.query_unpaged(delete.as_str(), (minute, shard, at, event_id)).await.map_err(backend)?;
                 gone += 1;
             }

@@ -10,6 +10,8 @@ use crate::store::{Base, Page, StoreError};
 
 /// Partitions per shop, by a hash of the order id.
 const BUCKETS: i32 = 32;
+/// Tries to delete a row that keeps changing under the erasure.
+const PURGE_ATTEMPTS: u32 = 3;
 
 pub(super) struct ShopStatements {
     put: PreparedStatement,
@@ -60,6 +62,11 @@ impl CqlStore {
         limit: usize,
         cursor: Option<String>,
     ) -> Result<Page<String>, StoreError> {
+        // Rows written before schema 012 join the index in the background at open; an
+        // erasure that read it before then would miss them.
+        if !self.backfilled().await? {
+            return Err(StoreError::Unavailable("the shops' order index is still being backfilled".into()));
+        }
         let limit = limit.clamp(1, 10_000);
         let (mut bucket, mut after) = match cursor {
             Some(c) => match crate::store::decode_cursor(&c)? {
@@ -100,16 +107,31 @@ impl CqlStore {
     }
 
     /// Deletes each row of `ids` that records `shop` (read at SERIAL, deleted only if
-    /// still at that version), with its history, listing entry and shop entry.
+    /// still at that version, a few tries), with its history, listing entry and shop
+    /// entry. The entry goes once its row is gone, and comes back if an event wrote the
+    /// row again meanwhile, so a row of the shop never lacks its entry.
     pub(super) async fn delete_of_shop(&self, shop: &str, ids: &[String]) -> Result<u64, StoreError> {
+        let key = |id: &str| (shop.to_string(), bucket_of(id), id.to_string());
+        let of_shop = |row: &Option<Order>| row.as_ref().is_some_and(|r| r.shop.as_deref() == Some(shop));
         let one = |id: String| async move {
-            let gone = match self.get_with(&id, true).await? {
-                Some(row) if row.shop.as_deref() == Some(shop) => self.purge(&row).await?,
-                Some(_) => return Ok(false),
-                None => false,
-            };
-            self.session.execute_unpaged(&self.shops.drop, (shop, bucket_of(&id), &id)).await.map_err(backend)?;
-            Ok::<_, StoreError>(gone)
+            for _ in 0..PURGE_ATTEMPTS {
+                let gone = match self.get_with(&id, true).await? {
+                    Some(row) if row.shop.as_deref() == Some(shop) => {
+                        if !self.purge(&row).await? {
+                            continue;
+                        }
+                        true
+                    }
+                    // A row of another shop: its entry here is stale (a shop never changes).
+                    Some(_) | None => false,
+                };
+                self.session.execute_unpaged(&self.shops.drop, key(&id)).await.map_err(backend)?;
+                if of_shop(&self.get_with(&id, true).await?) {
+                    self.session.execute_unpaged(&self.shops.put, key(&id)).await.map_err(backend)?;
+                }
+                return Ok::<_, StoreError>(gone);
+            }
+            Err(StoreError::Unavailable(format!("order {id} kept changing while its shop was erased").into()))
         };
         let deletes: Vec<_> = ids.iter().map(|id| Box::pin(one(id.clone()))).collect();
         let done: Vec<_> = futures::stream::iter(deletes).buffer_unordered(CONCURRENCY).collect().await;
