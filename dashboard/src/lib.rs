@@ -3,6 +3,7 @@
 #![deny(rust_2018_idioms)]
 
 mod api;
+mod columns;
 mod detail;
 mod live;
 mod ops;
@@ -24,6 +25,12 @@ pub struct App {
     pub f_status: Signal<String>,
     pub f_priority: Signal<String>,
     pub f_query: Signal<String>,
+    pub f_shop: Signal<String>,
+    pub cols: columns::Columns,
+    /// The table row the arrow keys moved to.
+    pub kb_row: Signal<Option<usize>>,
+    /// The clock the table's relative times follow, ticking each second.
+    pub now_ms: Signal<f64>,
     pub f_sort: Signal<String>,
     pub table_error: Signal<String>,
     pub detail: detail::Detail,
@@ -33,6 +40,8 @@ pub struct App {
 
 #[wasm_bindgen(start)]
 pub fn start() {
+    // A panic leaves the module unusable ("unreachable" on every later call): say why once.
+    std::panic::set_hook(Box::new(|info| web_sys::console::error_1(&format!("dashboard panicked: {info}").into())));
     sycamore::render(|| {
         let app = App {
             token: create_signal(api::load_token()),
@@ -42,12 +51,17 @@ pub fn start() {
             f_status: create_signal(String::new()),
             f_priority: create_signal(String::new()),
             f_query: create_signal(String::new()),
+            f_shop: create_signal(String::new()),
+            cols: columns::Columns::new(),
+            kb_row: create_signal(None),
+            now_ms: create_signal(js_sys::Date::now()),
             f_sort: create_signal("-updated_at".to_string()),
             table_error: create_signal(String::new()),
             detail: detail::Detail::new(),
             runs: runs::RunsState::new(),
             ops: ops::OpsState::new(),
         };
+        tick_clock(app);
         orders::reload(app);
         live::connect(app);
         runs::refresh(app);
@@ -55,6 +69,16 @@ pub fn start() {
         ops::poll_health(app);
         view! { (root(app)) }
     });
+}
+
+/// Moves `now_ms` on each second, for the relative times.
+fn tick_clock(app: App) {
+    let tick = wasm_bindgen::closure::Closure::<dyn FnMut()>::new(move || app.now_ms.set(js_sys::Date::now()));
+    if let Some(w) = web_sys::window() {
+        use wasm_bindgen::JsCast;
+        let _ = w.set_interval_with_callback_and_timeout_and_arguments_0(tick.as_ref().unchecked_ref(), 1000);
+    }
+    tick.forget();
 }
 
 /// Whether the mutating controls are off: no API token entered in this session.

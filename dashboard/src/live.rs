@@ -143,6 +143,7 @@ fn flush(app: App, batch: &[Order]) {
     let filter = orders::Filter::of(app);
     let (changed, inserted) = orders::apply(batch, Some(&filter));
     if changed {
+        app.cols.fit(batch.iter());
         app.rows_version.update(|v| *v += 1);
         orders::keep_scroll_after_insert(app, inserted);
     }

@@ -242,14 +242,14 @@ fn plugins_view(app: App) -> View {
     view! {
         section(class="panel plugins", data-testid="plugins") {
             h2 { "Plugins" }
-            table { tr { th { "slot" } th { "active" } th { "shadow" } th {} } (slots) }
+            table { tr { th { "slot" } th { "active" } th { "shadow" } th { "actions" } } (slots) }
             (reports)
             div(class="controls") {
-                select(data-testid="plugin-slot", bind:value=slot) {
+                select(data-testid="plugin-slot", aria-label="plugin slot", bind:value=slot) {
                     option(value="order-rules") { "order-rules" }
                     option(value="conflict-resolver") { "conflict-resolver" }
                 }
-                input(r#type="file", accept=".wasm", data-testid="plugin-file")
+                label { "component " input(r#type="file", accept=".wasm", data-testid="plugin-file") }
                 label { input(r#type="checkbox", data-testid="plugin-as-shadow", bind:checked=shadow) " as shadow" }
                 button(data-testid="plugin-upload", disabled=no_token, on:click=move |_| upload(app)) { "Upload" }
                 (crate::need_token(app, "upload, promote, roll back or discard plugins"))

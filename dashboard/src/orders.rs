@@ -11,6 +11,7 @@ use orchestrator_types::{Priority, Sort, Status};
 
 use crate::App;
 use crate::api::{self, Order, Page};
+use crate::columns::{self, COLUMNS};
 
 pub const ROW_H: f64 = 28.0;
 /// Row elements in the DOM, whatever the number of orders: enough for a tall window.
@@ -63,6 +64,7 @@ pub struct Filter {
     status: String,
     priority: String,
     query: String,
+    shop: String,
     newest_first: bool,
 }
 
@@ -72,15 +74,17 @@ impl Filter {
             status: app.f_status.get_clone_untracked().trim().to_string(),
             priority: app.f_priority.get_clone_untracked().trim().to_string(),
             query: app.f_query.get_clone_untracked().trim().to_string(),
+            shop: shop_of(app.f_shop.get_clone_untracked()),
             newest_first: app.f_sort.with_untracked(|s| s == Sort::UpdatedDesc.as_str()),
         }
     }
 
-    /// The engine's rules: exact status and priority, prefix of the id or the customer.
+    /// The engine's rules: exact status, priority and shop, prefix of the id or the customer.
     fn admits(&self, o: &Order) -> bool {
         self.newest_first
             && (self.status.is_empty() || o.status.as_str() == self.status)
             && (self.priority.is_empty() || o.priority.as_str() == self.priority)
+            && (self.shop.is_empty() || o.shop.as_deref() == Some(self.shop.as_str()))
             && (self.query.is_empty() || o.id.starts_with(&self.query) || o.customer.starts_with(&self.query))
     }
 }
@@ -93,11 +97,20 @@ fn bump(app: App) {
     app.rows_version.update(|v| *v += 1);
 }
 
+/// The engine keeps shops as lower-case domains; an operator may type one in any case.
+fn shop_of(typed: String) -> String {
+    typed.trim().to_ascii_lowercase()
+}
+
 fn query_url(app: App, cursor: Option<&str>) -> String {
     let mut url = format!("/orders?limit={PAGE}&sort={}", api::enc(&app.f_sort.get_clone()));
-    for (k, v) in
-        [("status", app.f_status.get_clone()), ("priority", app.f_priority.get_clone()), ("q", app.f_query.get_clone())]
-    {
+    let filters = [
+        ("status", app.f_status.get_clone()),
+        ("priority", app.f_priority.get_clone()),
+        ("q", app.f_query.get_clone()),
+        ("shop", shop_of(app.f_shop.get_clone())),
+    ];
+    for (k, v) in filters {
         if !v.trim().is_empty() {
             url.push_str(&format!("&{k}={}", api::enc(v.trim())));
         }
@@ -115,6 +128,8 @@ pub fn reload(app: App) {
         *t = Table { generation, ..Table::default() };
     });
     app.scroll_top.set(0.0);
+    app.kb_row.set(None);
+    app.cols.refit();
     if let Some(el) = web_sys::window()
         .and_then(|w| w.document())
         .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
@@ -168,7 +183,10 @@ pub fn load_more(app: App) {
             return;
         }
         match page {
-            Ok(_) => app.table_error.set(String::new()),
+            Ok(p) => {
+                app.cols.fit(p.items.iter());
+                app.table_error.set(String::new())
+            }
             Err(e) => app.table_error.set(e),
         }
         bump(app);
@@ -217,6 +235,10 @@ pub fn apply(orders: &[Order], filter: Option<&Filter>) -> (bool, usize) {
 /// Keeps the rows in view where they are after `n` rows went on top: unless the user is
 /// at the very top (then the new rows are what they see), scroll down by as many rows.
 pub fn keep_scroll_after_insert(app: App, n: usize) {
+    // The focused row keeps its order, which moved down.
+    if n > 0 && app.kb_row.with_untracked(Option::is_some) {
+        app.kb_row.update(|r| *r = r.map(|i| i + n));
+    }
     let top = app.scroll_top.get_untracked();
     if n == 0 || top <= 0.0 {
         return;
@@ -272,25 +294,48 @@ fn row_view(app: App, slot: usize) -> View {
     let class = move || {
         app.rows_version.track();
         let id = TABLE.with_borrow(|t| t.get(idx.get()).map(|o| o.id.clone()));
-        if id.is_some() && selected.with(|s| *s == id) { "row selected" } else { "row" }
+        let picked = id.is_some() && selected.with(|s| *s == id);
+        let focused = app.kb_row.get() == Some(idx.get());
+        match (picked, focused) {
+            (true, true) => "row selected focused",
+            (true, false) => "row selected",
+            (false, true) => "row focused",
+            (false, false) => "row",
+        }
     };
     let index_attr = move || idx.get().to_string();
     let id_attr = field(|o| o.id.clone());
-    let id = field(|o| o.id.clone());
-    let customer = field(|o| o.customer.clone());
-    let tier =
-        field(
-            |o| {
-                if o.id.is_empty() { String::new() } else { format!("{} / {}", o.tier.as_str(), o.priority.as_str()) }
-            },
-        );
-    let status = field(|o| o.status.as_str().to_string());
     let badge = field(|o| format!("badge st-{}", o.status.as_str().to_lowercase()));
-    let total = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.total_cents, &o.currency) });
-    let fee = field(|o| if o.id.is_empty() { String::new() } else { api::money(o.shipping_fee_cents, &o.currency) });
-    let version = field(|o| o.version.to_string());
-    let updated = field(|o| o.updated_at.format("%Y-%m-%d %H:%M:%S").to_string());
-    let decided = field(|o| o.decided_by.clone());
+    let exact = field(|o| if o.id.is_empty() { String::new() } else { o.updated_at.to_rfc3339() });
+    let now = app.now_ms;
+    // A cell's text; the relative time follows the clock.
+    let text = move |i: usize| {
+        move || {
+            app.rows_version.track();
+            let now = if COLUMNS[i].key == "updated" { now.get() } else { 0.0 };
+            TABLE.with_borrow(|t| t.get(idx.get()).map(|o| columns::text(i, o, now)).unwrap_or_default())
+        }
+    };
+    let cols = app.cols;
+    let cells: Vec<View> = COLUMNS
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let class = format!("c c-{}", c.key);
+            let testid = format!("cell-{}", c.key);
+            match c.key {
+                "status" => view! {
+                    span(class=class, style=cols.cell_style(i)) {
+                        span(class=badge, data-testid=testid) { (text(i)) }
+                    }
+                },
+                "updated" => view! {
+                    span(class=class, style=cols.cell_style(i), data-testid=testid, title=exact) { (text(i)) }
+                },
+                _ => view! { span(class=class, style=cols.cell_style(i), data-testid=testid) { (text(i)) } },
+            }
+        })
+        .collect();
     let on_click = move |_| {
         let id = TABLE.with_borrow(|t| t.get(idx.get_untracked()).map(|o| o.id.clone()));
         if let Some(id) = id {
@@ -306,15 +351,7 @@ fn row_view(app: App, slot: usize) -> View {
             data-order-id=id_attr,
             on:click=on_click
         ) {
-            span(class="c c-id", data-testid="cell-id") { (id) }
-            span(class="c c-customer") { (customer) }
-            span(class="c c-tier") { (tier) }
-            span(class="c c-status") { span(class=badge, data-testid="cell-status") { (status) } }
-            span(class="c c-total") { (total) }
-            span(class="c c-fee", data-testid="cell-fee") { (fee) }
-            span(class="c c-version", data-testid="cell-version") { (version) }
-            span(class="c c-updated") { (updated) }
-            span(class="c c-decided") { (decided) }
+            (cells)
         }
     }
 }
@@ -333,6 +370,7 @@ pub fn view(app: App) -> View {
         let (len, done) = TABLE.with_borrow(|t| (t.len(), t.done));
         format!("{len}{} orders loaded", if done { "" } else { "+" })
     };
+    let on_key = move |e: web_sys::KeyboardEvent| on_key(app, e);
     let on_scroll = move |ev: web_sys::Event| {
         if let Some(el) = ev.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) {
             app.scroll_top.set(el.scroll_top() as f64);
@@ -340,45 +378,95 @@ pub fn view(app: App) -> View {
         maybe_load_more(app);
     };
     let (f_status, f_priority, f_query, f_sort) = (app.f_status, app.f_priority, app.f_query, app.f_sort);
+    let f_shop = app.f_shop;
     let changed = move |_| reload(app);
     let error = app.table_error;
     view! {
         div(class="filters") {
-            select(data-testid="filter-status", bind:value=f_status, on:change=changed) {
+            select(data-testid="filter-status", aria-label="status", bind:value=f_status, on:change=changed) {
                 option(value="") { "any status" }
                 (options(Status::ALL.map(|s| (s.as_str(), s.as_str()))))
             }
-            select(data-testid="filter-priority", bind:value=f_priority, on:change=changed) {
+            select(data-testid="filter-priority", aria-label="priority", bind:value=f_priority, on:change=changed) {
                 option(value="") { "any priority" }
                 (options(Priority::ALL.map(|p| (p.as_str(), p.as_str()))))
             }
-            select(data-testid="sort", bind:value=f_sort, on:change=changed) {
+            select(data-testid="sort", aria-label="sort", bind:value=f_sort, on:change=changed) {
                 (options(Sort::ALL.map(|o| (o.as_str(), o.label()))))
             }
-            input(data-testid="search", placeholder="id or customer prefix", bind:value=f_query, on:change=changed)
+            input(
+                data-testid="search",
+                aria-label="search",
+                placeholder="id or customer prefix",
+                bind:value=f_query,
+                on:change=changed
+            )
+            input(
+                data-testid="filter-shop",
+                aria-label="shop",
+                placeholder="shop domain",
+                bind:value=f_shop,
+                on:change=changed
+            )
+            (columns::picker(app.cols))
             span(class="count", data-testid="row-count") { (count) }
             span(class="error", data-testid="table-error") { (error.get_clone()) }
         }
-        div(class="thead") {
-            span(class="c c-id") { "id" }
-            span(class="c c-customer") { "customer" }
-            span(class="c c-tier") { "tier / priority" }
-            span(class="c c-status") { "status" }
-            span(class="c c-total") { "total" }
-            span(class="c c-fee") { "shipping" }
-            span(class="c c-version") { "v" }
-            span(class="c c-updated") { "updated" }
-            span(class="c c-decided") { "decided by" }
-        }
-        div(class="scroll", data-testid="orders-scroll", on:scroll=on_scroll) {
-            div(class="spacer", style=spacer) {
-                div(
-                    class="window",
-                    style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)
-                ) { (rows) }
+        div(class="table", data-testid="orders-table", style=move || app.cols.style()) {
+            div(class="thead") { (columns::header(app.cols)) }
+            div(
+                class="scroll",
+                data-testid="orders-scroll",
+                tabindex="0",
+                aria-label="orders: arrow keys move, Enter opens, Escape closes",
+                on:scroll=on_scroll,
+                on:keydown=on_key
+            ) {
+                div(class="spacer", style=spacer) {
+                    div(
+                        class="window",
+                        style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)
+                    ) { (rows) }
+                }
             }
         }
     }
+}
+
+/// The table's keys: arrows move the focused row (scrolled into view), Enter opens it,
+/// Escape closes the open order.
+fn on_key(app: App, e: web_sys::KeyboardEvent) {
+    let len = TABLE.with_borrow(|t| t.len());
+    let moved = match e.key().as_str() {
+        "ArrowDown" => app.kb_row.get_untracked().map_or(0, |i| i + 1).min(len.saturating_sub(1)),
+        "ArrowUp" => app.kb_row.get_untracked().map_or(0, |i| i.saturating_sub(1)),
+        "Enter" => {
+            let id = app.kb_row.get_untracked().and_then(|i| TABLE.with_borrow(|t| t.get(i).map(|o| o.id.clone())));
+            if let Some(id) = id {
+                crate::detail::select(app, id);
+            }
+            return;
+        }
+        "Escape" => return app.detail.selected.set(None),
+        _ => return,
+    };
+    e.prevent_default();
+    if len == 0 {
+        return;
+    }
+    app.kb_row.set(Some(moved));
+    let Some(el) = e.current_target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) else { return };
+    let (top, height) = (el.scroll_top() as f64, el.client_height() as f64);
+    let row_top = moved as f64 * ROW_H;
+    let y = if row_top < top {
+        row_top
+    } else if row_top + ROW_H > top + height {
+        row_top + ROW_H - height
+    } else {
+        return;
+    };
+    el.set_scroll_top(y as i32);
+    app.scroll_top.set(y);
 }
 
 /// `<option>`s of a picker, as (value, text) pairs.

@@ -345,12 +345,15 @@ pub fn view(app: App) -> View {
         section(class="panel runs", data-testid="runs") {
             h2 { "Runs" }
             div(class="controls") {
-                input(data-testid="run-quantity", r#type="number", min="1", bind:value=quantity)
-                input(
-                    data-testid="run-tier-mix",
-                    title="tier mix in percent: DIAMOND,GOLD,SILVER,BRONZE",
-                    bind:value=tier_mix
-                )
+                label { "orders " input(data-testid="run-quantity", r#type="number", min="1", bind:value=quantity) }
+                label {
+                    "tier mix % "
+                    input(
+                        data-testid="run-tier-mix",
+                        title="tier mix in percent: DIAMOND,GOLD,SILVER,BRONZE",
+                        bind:value=tier_mix
+                    )
+                }
                 button(data-testid="run-start", disabled=no_token, on:click=start) { "Start run" }
                 button(data-testid="run-cancel", disabled=no_token, on:click=cancel) { "Cancel" }
                 label {

@@ -120,7 +120,8 @@ try {
       for (const m of muts) {
         const cell = (m.target.nodeType === 3 ? m.target.parentElement : m.target).closest('[data-testid=cell-fee]');
         if (!cell) continue;
-        const cents = Math.round(parseFloat(cell.textContent) * 100);
+        // The cell shows the amount in its currency's format ("$12,345.67"): its digits are the cents.
+        const cents = Number(cell.textContent.replace(/[^0-9]/g, ''));
         if (cents > 1_000_000) pending.push([cents, now]);
       }
       if (pending.length) {

@@ -5,7 +5,8 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, execFileSync } from 'node:child_process';
-import { mkdtempSync, mkdirSync, rmSync, existsSync } from 'node:fs';
+import { mkdtempSync, mkdirSync, rmSync, existsSync, readFileSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { tmpdir, homedir } from 'node:os';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -75,13 +76,25 @@ async function allIds(sort, upTo = Infinity) {
 const pct = (xs, q) => { const s = [...xs].sort((a, b) => a - b); return s[Math.min(s.length - 1, Math.floor(q * s.length))]; };
 
 // A new order through the normal pipeline (POST /orders/events).
-async function createOrder(id, tier) {
+async function createOrder(id, tier, shop) {
   const ev = { event_id: `${id}-created`, order_id: id, kind: 'created', source: 'dashboard-test', occurred_at: new Date().toISOString(), payload: { customer: `${id}@example.com`, tier, total_cents: 1000 } };
+  if (shop) ev.shop = shop;
   assert.equal((await api('POST', '/orders/events', { body: ev, auth: true })).status, 202);
   return waitFor(`order ${id}`, async () => { const r = await api('GET', `/orders/${id}`); return r.status === 200 && r.json; });
 }
 
 const shot = (name) => page.screenshot({ path: join(artifacts, `${name}.png`) });
+
+// axe-core (from npm) run in the page: its serious and critical violations, each with the
+// first elements it names.
+const axeSource = readFileSync(createRequire(import.meta.url).resolve('axe-core/axe.min.js'), 'utf8');
+async function axeViolations() {
+  if (!(await page.evaluate(() => Boolean(window.axe)))) await page.addScriptTag({ content: axeSource });
+  const result = await page.evaluate(() => window.axe.run(document, { resultTypes: ['violations'] }));
+  return result.violations
+    .filter((v) => v.impact === 'serious' || v.impact === 'critical')
+    .map((v) => `${v.impact} ${v.id} (${v.help}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
+}
 const withToken = () => page.locator('[data-testid=token]').fill(TOKEN);
 const row = (id) => page.locator(`[data-testid=order-row][data-order-id="${id}"]`);
 
@@ -192,6 +205,95 @@ test('new orders pushed on /ws go on top (newest first), respecting filters, and
   await page.locator(`[data-testid=order-row][data-index="0"][data-order-id="${d.id}"]`).waitFor();
 });
 
+test('the shop filter lists only that shop\'s orders, and live ones of that shop only', async () => {
+  const stamp = Date.now();
+  const north = [await createOrder(`shop-n1-${stamp}`, 'GOLD', 'north.example.com'), await createOrder(`shop-n2-${stamp}`, 'SILVER', 'north.example.com')];
+  await createOrder(`shop-s1-${stamp}`, 'GOLD', 'south.example.com');
+  // Typed in any case: the engine keeps shops in lower case.
+  await page.locator('[data-testid=filter-shop]').fill(' North.Example.com ');
+  await page.locator('[data-testid=filter-shop]').press('Enter');
+  await waitFor('the two orders of the shop', async () => (await page.locator('[data-testid=row-count]').textContent()) === '2 orders loaded');
+  const ids = await page.locator('[data-testid=order-row][data-order-id]').evaluateAll((rows) => rows.map((r) => r.dataset.orderId).filter(Boolean));
+  assert.deepEqual(ids.sort(), north.map((o) => o.id).sort());
+  const live = await createOrder(`shop-n3-${stamp}`, 'BRONZE', 'north.example.com');
+  await page.locator(`[data-testid=order-row][data-index="0"][data-order-id="${live.id}"]`).waitFor();
+  const elsewhere = await createOrder(`shop-s2-${stamp}`, 'BRONZE', 'south.example.com');
+  await waitFor('three orders of the shop', async () => (await page.locator('[data-testid=row-count]').textContent()) === '3 orders loaded');
+  assert.equal(await row(elsewhere.id).count(), 0, 'another shop\'s new order is not inserted');
+  await shot('02b-shop-filter');
+  await page.locator('[data-testid=filter-shop]').fill('');
+  await page.locator('[data-testid=filter-shop]').press('Enter');
+  await page.locator(`[data-testid=order-row][data-order-id="${elsewhere.id}"]`).waitFor();
+});
+
+// On main the columns were fractions of the width: at 1440 px ids, statuses, tiers,
+// amounts and dates were cut with ellipses.
+test('at 1440 px the key columns are never cut; columns hide and resize; times read "ago", exact on hover', async () => {
+  await page.setViewportSize({ width: 1440, height: 900 });
+  try {
+    const id = `ext-${Date.now()}-820982911946154508`;
+    const payload = { customer: `${id}@example.com`, tier: 'DIAMOND', total_cents: 123456789, currency: 'USD' };
+    const ev = { event_id: `${id}-created`, order_id: id, kind: 'created', source: 'dashboard-test', occurred_at: new Date().toISOString(), payload };
+    assert.equal((await api('POST', '/orders/events', { body: ev, auth: true })).status, 202);
+    const top = row(id);
+    await top.waitFor();
+    const cut = await page.locator('[data-testid=order-row]').evaluateAll((rows) => rows
+      .filter((r) => r.dataset.orderId && r.style.display !== 'none')
+      .flatMap((r) => ['id', 'tier', 'priority', 'status', 'total', 'updated'].map((k) => {
+        const c = r.querySelector(`.c-${k}`);
+        return !c || c.scrollWidth > c.clientWidth ? `${r.dataset.orderId} ${k}: ${c && c.textContent}` : null;
+      }))
+      .filter(Boolean));
+    assert.deepEqual(cut, [], 'key cells cut short');
+    // Long ids widen the table, which then scrolls sideways in its column: the page does
+    // not, and the side column stays in view.
+    assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'the page scrolls sideways');
+    assert.ok((await page.locator('[data-testid=runs]').boundingBox()).x + 200 < 1440, 'the side column is in view');
+    const total = await top.locator('.c-total').textContent();
+    assert.ok(/1,234,567\.89/.test(total) && total.includes('$'), `money in its currency's format: ${total}`);
+    const updated = top.locator('.c-updated');
+    assert.match(await updated.textContent(), /^\d+ s ago$/);
+    assert.match(await updated.getAttribute('title'), /^\d{4}-\d\d-\d\dT\d\d:\d\d/);
+
+    await page.locator('[data-testid=col-picker] summary').click();
+    await page.locator('[data-testid=col-toggle-customer]').uncheck();
+    assert.equal(await top.locator('.c-customer').isVisible(), false, 'a hidden column leaves the rows');
+    assert.equal(await page.locator('[data-testid=col-customer]').isVisible(), false, 'and the header');
+    await page.locator('[data-testid=col-toggle-customer]').check();
+    await top.locator('.c-customer').waitFor({ state: 'visible' });
+    await page.locator('[data-testid=col-picker] summary').click();
+
+    const head = page.locator('[data-testid=col-id]');
+    const w0 = (await head.boundingBox()).width;
+    const grip = await page.locator('[data-testid=col-grip-id]').boundingBox();
+    const y = grip.y + grip.height / 2;
+    await page.mouse.move(grip.x + grip.width / 2, y);
+    await page.mouse.down();
+    await page.mouse.move(grip.x + grip.width / 2 + 60, y, { steps: 6 });
+    await page.mouse.up();
+    const w1 = (await head.boundingBox()).width;
+    assert.ok(Math.abs(w1 - w0 - 60) < 3, `dragged 60 px: the id column went from ${w0} to ${w1} px`);
+    const cell = (await top.locator('.c-id').boundingBox()).width;
+    assert.ok(Math.abs(cell - w1) < 1, `rows follow the header (${cell} vs ${w1})`);
+    await shot('02c-columns-at-1440');
+
+    // Keyboard: arrows move a visible focus through the rows, Enter opens, Escape closes.
+    const scroller = page.locator('[data-testid=orders-scroll]');
+    await scroller.evaluate((el) => { el.scrollTop = 0; el.dispatchEvent(new Event('scroll')); });
+    await scroller.focus();
+    for (let i = 0; i < 3; i++) await page.keyboard.press('ArrowDown');
+    const focused = page.locator('[data-testid=order-row].focused');
+    assert.equal(await focused.getAttribute('data-index'), '2');
+    const picked = await focused.getAttribute('data-order-id');
+    await page.keyboard.press('Enter');
+    await page.locator('[data-testid=detail-id]').filter({ hasText: picked }).waitFor();
+    await page.keyboard.press('Escape');
+    await page.locator('[data-testid=detail-id]').waitFor({ state: 'detached' });
+  } finally {
+    await page.setViewportSize({ width: 1600, height: 1000 });
+  }
+});
+
 test('scrolling far loads more pages and renders the row at index 10000', async () => {
   const scroller = page.locator('[data-testid=orders-scroll]');
   // Scroll to the loaded end until the table holds more than 10,000 rows.
@@ -222,7 +324,7 @@ test('a PATCH from outside appears in the visible row without a reload', async (
   const r = await api('PATCH', `/orders/${id}`, { body: { shipping_fee_cents: 1234, note: 'from outside' }, ifMatch: before.version, auth: true });
   assert.equal(r.status, 200);
   await row(id).locator('[data-testid=cell-version]').filter({ hasText: String(before.version + 1) }).waitFor();
-  assert.match(await row(id).locator('[data-testid=cell-fee]').textContent(), /^12\.34/);
+  assert.match(await row(id).locator('[data-testid=cell-fee]').textContent(), /\b12\.34\b/);
   await shot('03-live-update');
 });
 
@@ -408,6 +510,16 @@ test('dead letters: a rejected event is listed with its reason and replayed from
   await letter.locator('[data-testid=dead-letter-replay]').filter({ hasText: 'replayed' }).waitFor();
   await waitFor('the replayed note', async () => (await api('GET', `/orders/${orderId}`)).json.note === 'early');
   await shot('10-dead-letter-replayed');
+});
+
+// With runs, plugins, dead letters and an order's drawer on the page. On main: contrast
+// of the connection badge, muted text and legend, and unnamed selects and inputs.
+test('axe-core finds no serious or critical accessibility violations, with the order drawer open too', async () => {
+  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
+  assert.deepEqual(await axeViolations(), []);
+  await row((await api('GET', '/orders?limit=1&sort=-updated_at')).json.items[0].id).click();
+  await page.locator('[data-testid=detail-id]').waitFor();
+  assert.deepEqual(await axeViolations(), []);
 });
 
 test('after the engine restarts, the page reconnects and resyncs the rows it shows', async () => {
