@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 // The row and its names are wire types the dashboard shares.
-pub use orchestrator_types::{ChangedAt, Order, OrderFields, Priority, Status, Tier};
+pub use orchestrator_types::{ChangedAt, Order, OrderFields, Priority, Status, Tier, minor_digits};
 
 /// One `T` per priority, indexed by [`Priority`] (no casts to array positions).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

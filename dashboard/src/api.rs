@@ -102,5 +102,8 @@ pub fn enc(s: &str) -> String {
 
 pub fn money(cents: i64, currency: &str) -> String {
     let sign = if cents < 0 { "-" } else { "" };
+    if orchestrator_types::minor_digits(currency) == 0 {
+        return format!("{sign}{} {currency}", cents.abs());
+    }
     format!("{sign}{}.{:02} {currency}", cents.abs() / 100, cents.abs() % 100)
 }

@@ -42,6 +42,7 @@ const N: usize = COLUMNS.len();
 /// The table's font (style.css: body and `.badge`), for measuring values.
 const FONT: &str = "13px system-ui, sans-serif";
 const BADGE_FONT: &str = "11px system-ui, sans-serif";
+const HEADER_FONT: &str = "600 13px system-ui, sans-serif";
 /// A cell's horizontal padding (`.c`), a badge's (`.badge`), and slack for rounding.
 const CELL_PAD: f64 = 12.0 + 2.0;
 const BADGE_PAD: f64 = 12.0;
@@ -165,14 +166,18 @@ const AGO_WIDEST: &str = "59 min ago";
 thread_local! {
     static FORMATS: RefCell<HashMap<String, Option<js_sys::Function>>> = RefCell::new(HashMap::new());
     static CANVAS: RefCell<Option<web_sys::CanvasRenderingContext2d>> = const { RefCell::new(None) };
+    static MEASURED: RefCell<HashMap<(&'static str, &'static str), f64>> = RefCell::new(HashMap::new());
 }
 
 /// An amount in its currency's format for the browser's locale ("$1,234.56",
 /// "1.234,56 €"); an unknown currency code falls back to "1234.56 XYZ".
 pub fn money(cents: i64, currency: &str) -> String {
-    let format = FORMATS
-        .with_borrow_mut(|f| f.entry(currency.to_string()).or_insert_with(|| currency_format(currency).ok()).clone());
-    let amount = cents as f64 / 100.0;
+    let format = FORMATS.with_borrow_mut(|f| match f.get(currency) {
+        Some(known) => known.clone(),
+        None => f.entry(currency.to_string()).or_insert_with(|| currency_format(currency).ok()).clone(),
+    });
+    // Kept in minor units: hundredths, or whole units for currencies without them.
+    let amount = cents as f64 / 10f64.powi(orchestrator_types::minor_digits(currency) as i32);
     format
         .and_then(|f| f.call1(&JsValue::NULL, &JsValue::from_f64(amount)).ok())
         .and_then(|s| s.as_string())
@@ -215,15 +220,29 @@ fn measure(text: &str, font: &str) -> f64 {
 
 fn value_width(i: usize, o: &Order) -> f64 {
     match COLUMNS[i].key {
-        "status" => measure(o.status.as_str(), BADGE_FONT) + BADGE_PAD + CELL_PAD,
-        "updated" => measure(AGO_WIDEST, FONT) + CELL_PAD,
+        // A few values each: measured once.
+        "status" => measured_once(o.status.as_str(), BADGE_FONT) + BADGE_PAD + CELL_PAD,
+        "updated" => measured_once(AGO_WIDEST, FONT) + CELL_PAD,
+        "tier" => measured_once(o.tier.as_str(), FONT) + CELL_PAD,
+        "priority" => measured_once(o.priority.as_str(), FONT) + CELL_PAD,
         _ => measure(&text(i, o, 0.0), FONT) + CELL_PAD,
     }
 }
 
 fn header_width(i: usize) -> f64 {
     // Bold (`.thead`), with room for the drag grip.
-    measure(COLUMNS[i].label, &format!("600 {FONT}")) + CELL_PAD + 8.0
+    measured_once(COLUMNS[i].label, HEADER_FONT) + CELL_PAD + 8.0
+}
+
+/// The width of a text of a small fixed set (enum values, labels), kept after the first
+/// measurement.
+fn measured_once(text: &'static str, font: &'static str) -> f64 {
+    if let Some(w) = MEASURED.with_borrow(|m| m.get(&(text, font)).copied()) {
+        return w;
+    }
+    let w = measure(text, font);
+    MEASURED.with_borrow_mut(|m| m.insert((text, font), w));
+    w
 }
 
 /// The header: a cell per column with a grip to drag its width, and a menu of the
@@ -240,11 +259,16 @@ pub fn header(cols: Columns) -> View {
                 e.prevent_default();
             };
             let moved = move |e: web_sys::PointerEvent| {
+                // No button held: the drag ended where no `pointerup` reached the grip.
+                if e.buttons() == 0 {
+                    return start.set(None);
+                }
                 if let Some((x0, w0)) = start.get() {
                     cols.drag_to(i, w0 + e.client_x() as f64 - x0);
                 }
             };
             let up = move |_: web_sys::PointerEvent| start.set(None);
+            let lost = move |_: web_sys::PointerEvent| start.set(None);
             let c = &COLUMNS[i];
             view! {
                 span(class=format!("c c-{}", c.key), style=cols.cell_style(i), data-testid=format!("col-{}", c.key)) {
@@ -255,7 +279,9 @@ pub fn header(cols: Columns) -> View {
                         title="drag to resize",
                         on:pointerdown=down,
                         on:pointermove=moved,
-                        on:pointerup=up
+                        on:pointerup=up,
+                        on:pointercancel=lost,
+                        on:lostpointercapture=lost
                     )
                 }
             }

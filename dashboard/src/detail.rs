@@ -68,6 +68,16 @@ impl Detail {
     }
 }
 
+/// Closes the open order, unless it holds unsaved edits or a conflict to resolve (the
+/// message says so).
+pub fn close(app: App) {
+    let d = app.detail;
+    if d.dirty() || d.conflict.with_untracked(Option::is_some) {
+        return d.message.set("unsaved edits: save or undo them before closing".into());
+    }
+    d.selected.set(None);
+}
+
 pub fn select(app: App, id: String) {
     let d = app.detail;
     d.selected.set(Some(id));
@@ -251,7 +261,7 @@ fn conflict_view(app: App) -> View {
     let no_token = crate::no_token(app);
     let server_version = move || d.conflict.with(|c| c.as_ref().map(|c| c.version.to_string()).unwrap_or_default());
     view! {
-        div(class="dialog", data-testid="conflict-dialog", role="dialog") {
+        div(class="dialog", data-testid="conflict-dialog", role="dialog", aria-label="conflicting edits") {
             h3 { "Conflict: the order is now at version " (server_version) }
             table {
                 tr { th { "field" } th { "yours" } th { "server" } th { "merge" } }

@@ -143,7 +143,10 @@ fn flush(app: App, batch: &[Order]) {
     let filter = orders::Filter::of(app);
     let (changed, inserted) = orders::apply(batch, Some(&filter));
     if changed {
-        app.cols.fit(batch.iter());
+        // Only rows the table holds: one it left out must not widen a column.
+        let held: Vec<&Order> =
+            orders::TABLE.with_borrow(|t| batch.iter().filter(|o| t.index.contains_key(&o.id)).collect());
+        app.cols.fit(held.into_iter());
         app.rows_version.update(|v| *v += 1);
         orders::keep_scroll_after_insert(app, inserted);
     }

@@ -437,17 +437,20 @@ pub fn view(app: App) -> View {
 /// Escape closes the open order.
 fn on_key(app: App, e: web_sys::KeyboardEvent) {
     let len = TABLE.with_borrow(|t| t.len());
+    // With no row focused yet, the keys start from the first row in view.
+    let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
     let moved = match e.key().as_str() {
-        "ArrowDown" => app.kb_row.get_untracked().map_or(0, |i| i + 1).min(len.saturating_sub(1)),
-        "ArrowUp" => app.kb_row.get_untracked().map_or(0, |i| i.saturating_sub(1)),
+        "ArrowDown" => app.kb_row.get_untracked().map_or(first, |i| i + 1).min(len.saturating_sub(1)),
+        "ArrowUp" => app.kb_row.get_untracked().map_or(first, |i| i.saturating_sub(1)),
         "Enter" => {
             let id = app.kb_row.get_untracked().and_then(|i| TABLE.with_borrow(|t| t.get(i).map(|o| o.id.clone())));
-            if let Some(id) = id {
+            // The open order again would reload its form over unsaved edits.
+            if let Some(id) = id.filter(|id| app.detail.selected.with_untracked(|s| s.as_ref() != Some(id))) {
                 crate::detail::select(app, id);
             }
             return;
         }
-        "Escape" => return app.detail.selected.set(None),
+        "Escape" => return crate::detail::close(app),
         _ => return,
     };
     e.prevent_default();

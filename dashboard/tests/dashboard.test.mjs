@@ -115,7 +115,8 @@ before(async () => {
     executablePath: browserPath,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
-  page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+  // en-US: the money test reads "$1,234,567.89".
+  page = await browser.newPage({ viewport: { width: 1600, height: 1000 }, locale: 'en-US' });
   page.on('pageerror', (e) => console.error('page error:', e.message));
   await page.goto(base + '/');
 });
@@ -218,7 +219,10 @@ test('the shop filter lists only that shop\'s orders, and live ones of that shop
   const live = await createOrder(`shop-n3-${stamp}`, 'BRONZE', 'north.example.com');
   await page.locator(`[data-testid=order-row][data-index="0"][data-order-id="${live.id}"]`).waitFor();
   const elsewhere = await createOrder(`shop-s2-${stamp}`, 'BRONZE', 'south.example.com');
-  await waitFor('three orders of the shop', async () => (await page.locator('[data-testid=row-count]').textContent()) === '3 orders loaded');
+  // One more of the shop after it: once that one is shown, the other shop's was seen too.
+  const after = await createOrder(`shop-n4-${stamp}`, 'BRONZE', 'north.example.com');
+  await page.locator(`[data-testid=order-row][data-index="0"][data-order-id="${after.id}"]`).waitFor();
+  assert.equal(await page.locator('[data-testid=row-count]').textContent(), '4 orders loaded');
   assert.equal(await row(elsewhere.id).count(), 0, 'another shop\'s new order is not inserted');
   await shot('02b-shop-filter');
   await page.locator('[data-testid=filter-shop]').fill('');
@@ -251,6 +255,11 @@ test('at 1440 px the key columns are never cut; columns hide and resize; times r
     assert.ok((await page.locator('[data-testid=runs]').boundingBox()).x + 200 < 1440, 'the side column is in view');
     const total = await top.locator('.c-total').textContent();
     assert.ok(/1,234,567\.89/.test(total) && total.includes('$'), `money in its currency's format: ${total}`);
+    // Yen have no minor units: the engine keeps whole yen.
+    const yenId = `yen-${Date.now()}`;
+    const yen = { ...ev, event_id: `${yenId}-created`, order_id: yenId, payload: { ...payload, customer: 'yen@example.com', total_cents: 1500, currency: 'JPY' } };
+    assert.equal((await api('POST', '/orders/events', { body: yen, auth: true })).status, 202);
+    await row(yenId).locator('.c-total').filter({ hasText: '¥1,500' }).waitFor();
     const updated = top.locator('.c-updated');
     assert.match(await updated.textContent(), /^\d+ s ago$/);
     assert.match(await updated.getAttribute('title'), /^\d{4}-\d\d-\d\dT\d\d:\d\d/);
@@ -275,6 +284,11 @@ test('at 1440 px the key columns are never cut; columns hide and resize; times r
     assert.ok(Math.abs(w1 - w0 - 60) < 3, `dragged 60 px: the id column went from ${w0} to ${w1} px`);
     const cell = (await top.locator('.c-id').boundingBox()).width;
     assert.ok(Math.abs(cell - w1) < 1, `rows follow the header (${cell} vs ${w1})`);
+    // Every column starts where its header does, the shared ones too.
+    for (const k of ['customer', 'tier', 'status', 'total', 'updated', 'decided']) {
+      const [h, c] = [await page.locator(`[data-testid=col-${k}]`).boundingBox(), await top.locator(`.c-${k}`).boundingBox()];
+      assert.ok(Math.abs(h.x - c.x) < 1.5 && Math.abs(h.width - c.width) < 1.5, `${k}: header ${h.x}+${h.width}, row ${c.x}+${c.width}`);
+    }
     await shot('02c-columns-at-1440');
 
     // Keyboard: arrows move a visible focus through the rows, Enter opens, Escape closes.

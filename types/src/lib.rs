@@ -9,6 +9,17 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+/// Currencies without minor units (ISO 4217 exponent 0): their amounts are kept in whole
+/// units, so `total_cents` of 1500 JPY is ¥1,500. Every other currency is kept in
+/// hundredths.
+pub const ZERO_DECIMAL: &[&str] =
+    &["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"];
+
+/// How many minor digits an amount in `currency` keeps: 0 or 2.
+pub fn minor_digits(currency: &str) -> u32 {
+    if ZERO_DECIMAL.contains(&currency) { 0 } else { 2 }
+}
+
 /// Customer tier. DIAMOND customers are VIP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema, utoipa::ToSchema))]

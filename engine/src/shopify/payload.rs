@@ -45,13 +45,9 @@ struct Customer {
     tags: Option<String>,
 }
 
-/// Currencies without minor units (ISO 4217 exponent 0).
-const ZERO_DECIMAL: &[&str] =
-    &["BIF", "CLP", "DJF", "GNF", "ISK", "JPY", "KMF", "KRW", "PYG", "RWF", "UGX", "VND", "VUV", "XAF", "XOF", "XPF"];
-
 /// `"398.50"` in `currency` → minor units, exactly: digits are read as digits.
 pub fn parse_money(text: &str, currency: &str) -> Result<i64, String> {
-    let exponent = if ZERO_DECIMAL.contains(&currency) { 0 } else { 2 };
+    let exponent = crate::domain::minor_digits(currency) as usize;
     let bad = || format!("{text:?} is not an amount in {currency}");
     let (negative, digits) = match text.trim().strip_prefix('-') {
         Some(rest) => (true, rest),
