@@ -236,6 +236,50 @@ async fn cancel_then_a_new_run_then_reset() {
     assert_eq!(s.get_json("/runs/current").await.0, 404);
 }
 
+/// Starts a run that holds NORMAL for a while (300k orders) and waits until it generates.
+async fn a_run_under_way(s: &Server) -> String {
+    let (code, run) = post(s, "/runs", json!({"quantity": 300_000}), true).await;
+    assert_eq!(code, 201, "{run}");
+    let id = run["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while s.get_json(&format!("/runs/{id}")).await.1["generated"].as_u64().unwrap() == 0 {
+        assert!(Instant::now() < deadline, "run {id} never generated");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(s.get_json("/queues/normal").await.1["held_by_run"], true);
+    id
+}
+
+/// After a cancel, whatever became of it: NORMAL is free again and a new run starts.
+async fn assert_released(s: &Server) {
+    let (_, normal) = s.get_json("/queues/normal").await;
+    assert_eq!(normal["held_by_run"], false, "the cancelled run still holds NORMAL: {normal}");
+    let (code, next) = post(s, "/runs", json!({"quantity": 10}), true).await;
+    assert_eq!(code, 201, "{next}");
+    assert_eq!(wait_final(s, next["id"].as_str().unwrap(), Duration::from_secs(120)).await["phase"], "DONE");
+}
+
+/// A cancel whose store work fails (the store refuses to read the run's orders) still
+/// ends the run, FAILED with the reason, and lets NORMAL go: on main the run stayed
+/// active with its generator stopped and NORMAL held for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_the_store_refuses_still_ends_the_run_and_its_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let id = a_run_under_way(&s).await;
+    let store = rusqlite::Connection::open(dir.path().join("store.sqlite")).unwrap();
+    store.busy_timeout(Duration::from_secs(10)).unwrap();
+    store.execute_batch("ALTER TABLE orders RENAME TO orders_away").unwrap();
+    let (code, body) = post(&s, &format!("/runs/{id}/cancel"), json!({"purge": true}), true).await;
+    store.execute_batch("ALTER TABLE orders_away RENAME TO orders").unwrap();
+    assert!(code >= 500, "the cancel could not count the run's orders: {code} {body}");
+    assert!(body["error"].as_str().is_some(), "a JSON error: {body}");
+    let (_, run) = s.get_json(&format!("/runs/{id}")).await;
+    assert_eq!(run["phase"], "FAILED", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("cancelled, but"), "{run}");
+    assert_released(&s).await;
+}
+
 /// A reset empties the log too: events queued behind a pause when it came are never
 /// applied after it, and the engine takes new events at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

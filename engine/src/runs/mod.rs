@@ -220,7 +220,17 @@ impl Runs {
 
     /// Stops the run's generator, optionally discards its unprocessed events and
     /// deletes its still-PENDING orders, and says what it did.
-    pub async fn cancel(&self, id: &str, request: CancelRequest) -> Result<Run, RunError> {
+    pub async fn cancel(self: &Arc<Self>, id: &str, request: CancelRequest) -> Result<Run, RunError> {
+        // On a task of its own: a caller that goes away (a client's timeout during a store
+        // outage) must not leave the run stopped halfway, holding NORMAL for good.
+        let (runs, id) = (self.clone(), id.to_string());
+        match tokio::spawn(async move { runs.cancel_whole(&id, request).await }).await {
+            Ok(outcome) => outcome,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    async fn cancel_whole(&self, id: &str, request: CancelRequest) -> Result<Run, RunError> {
         let mut active = self.active.lock().await;
         let is_active = active.as_ref().is_some_and(|a| {
             let run = a.run.lock().unwrap_or_else(|p| p.into_inner());
@@ -254,6 +264,37 @@ impl Runs {
             // It finished (or failed) while being cancelled.
             return Err(RunError::Ended(id.to_string()));
         }
+        // The driver has stopped: from here the run ends whatever the store says, and
+        // its hold of NORMAL goes with it.
+        let wound_down = self.wind_down(&snapshot, &request).await;
+        release(&self.engine, self.config.lease).await;
+        let finished = {
+            let mut r = run.lock().unwrap_or_else(|p| p.into_inner());
+            r.ended_at = Some(Utc::now());
+            r.total_ms = Some(elapsed_ms(r.started_at, Utc::now()));
+            r.eta_s = None;
+            match &wound_down {
+                Ok(report) => {
+                    r.phase = Phase::Cancelled;
+                    r.cancel = Some(report.clone());
+                }
+                Err(e) => {
+                    r.phase = Phase::Failed;
+                    r.error = Some(format!("cancelled, but the cancel could not finish: {e}"));
+                }
+            }
+            r.clone()
+        };
+        let saved = save(&self.engine, &finished).await;
+        self.engine.changes().notify(phase_message(&finished));
+        wound_down?;
+        saved?;
+        Ok(finished)
+    }
+
+    /// What a cancel does once the driver has stopped: counts what the run left
+    /// unprocessed and deletes its PENDING orders if asked.
+    async fn wind_down(&self, snapshot: &Run, request: &CancelRequest) -> Result<CancelReport, StoreError> {
         let store = self.engine.run_store();
         if request.purge {
             // A batch already in hand was decided before the purge: let it land first,
@@ -275,25 +316,12 @@ impl Runs {
                 deleted_pending += store.delete_orders(&keys(v), Status::Pending).await?;
             }
         }
-        release(&self.engine, self.config.lease).await;
-        let report = CancelReport {
+        Ok(CancelReport {
             produced: snapshot.generated,
             purged: request.purge,
             unprocessed: snapshot.generated.saturating_sub(settled),
             deleted_pending,
-        };
-        let finished = {
-            let mut r = run.lock().unwrap_or_else(|p| p.into_inner());
-            r.phase = Phase::Cancelled;
-            r.ended_at = Some(Utc::now());
-            r.total_ms = Some(elapsed_ms(r.started_at, Utc::now()));
-            r.eta_s = None;
-            r.cancel = Some(report);
-            r.clone()
-        };
-        save(&self.engine, &finished).await?;
-        self.engine.changes().notify(phase_message(&finished));
-        Ok(finished)
+        })
     }
 
     /// Marks runs left unfinished by an earlier process (it stopped or crashed
