@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use chrono::Utc;
 use schemars::JsonSchema;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
@@ -15,6 +15,7 @@ use crate::cluster::file::ControlFile;
 use crate::cluster::kafka::KafkaCluster;
 use crate::cluster::{Channel, Cluster, Control, ResetStage, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
+use crate::failure::LetterFilter;
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, RetryCause, Stats};
 use crate::plugin::host::{Limits, Runtime};
@@ -121,6 +122,28 @@ pub enum ReplayError {
     Ingest(#[from] IngestError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Most dead letters one bulk replay looks at; the answer's cursor goes on from there.
+pub const BULK_REPLAY_SCAN: u64 = 100_000;
+
+/// What a bulk replay did.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct BulkReplay {
+    /// The letters sent through the pipeline again, oldest first.
+    pub replayed: Vec<String>,
+    /// Matching letters that could not be replayed, with why.
+    pub failed: Vec<LetterFailed>,
+    /// Letters looked at.
+    pub scanned: u64,
+    /// Where to go on, when letters were left unread (the cap or `limit` came first).
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct LetterFailed {
+    pub id: String,
+    pub error: String,
 }
 
 /// Why a what-if run did not report.
@@ -836,6 +859,44 @@ impl Engine {
         // the log twice, and the ledger applies it once.
         self.stores.dead_letters.claim_replay(id, false).await?;
         Ok(event)
+    }
+
+    /// Replays, oldest first, up to `limit` dead letters that `filter` matches and that
+    /// were not replayed yet, looking at no more than [`BULK_REPLAY_SCAN`] letters from
+    /// `cursor`. Each goes as [`Engine::replay`] sends one; one that fails is reported
+    /// and the rest go on, but a store or log that fails stops the whole request.
+    pub async fn replay_matching(
+        &self,
+        filter: &LetterFilter,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<BulkReplay, ReplayError> {
+        let mut out = BulkReplay::default();
+        let mut cursor = cursor;
+        loop {
+            let page = self.stores.dead_letters.dead_letters(500, cursor.clone()).await?;
+            for letter in &page.items {
+                if out.replayed.len() + out.failed.len() >= limit {
+                    // The rest of this page is looked at again next time (replayed ones are skipped).
+                    out.next_cursor = cursor;
+                    return Ok(out);
+                }
+                out.scanned += 1;
+                if letter.replayed_at.is_some() || !filter.matches(letter) {
+                    continue;
+                }
+                match self.replay(&letter.id).await {
+                    Ok(_) => out.replayed.push(letter.id.clone()),
+                    Err(e @ (ReplayError::Store(_) | ReplayError::Ingest(_))) => return Err(e),
+                    Err(e) => out.failed.push(LetterFailed { id: letter.id.clone(), error: e.to_string() }),
+                }
+            }
+            cursor = page.next_cursor;
+            if cursor.is_none() || out.scanned >= BULK_REPLAY_SCAN {
+                out.next_cursor = cursor;
+                return Ok(out);
+            }
+        }
     }
 
     /// Empties the engine: the log's records (so nothing queued before is applied

@@ -227,6 +227,31 @@ pub struct DeadLetter {
     pub replayed_at: Option<DateTime<Utc>>,
 }
 
+/// Which dead letters an operator acts on at once: every given field must match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LetterFilter {
+    /// The stage that failed (`DeadLetter::stage`).
+    #[serde(default)]
+    pub stage: Option<String>,
+    /// The kind of failure (`DeadLetter::error_type`).
+    #[serde(default)]
+    pub error_type: Option<String>,
+    /// A prefix of the order id.
+    #[serde(default)]
+    pub order_prefix: Option<String>,
+}
+
+impl LetterFilter {
+    pub fn matches(&self, letter: &DeadLetter) -> bool {
+        self.stage.as_ref().is_none_or(|s| *s == letter.stage)
+            && self.error_type.as_ref().is_none_or(|t| *t == letter.error_type)
+            && self
+                .order_prefix
+                .as_ref()
+                .is_none_or(|p| letter.order_id.as_ref().is_some_and(|o| o.starts_with(p.as_str())))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,12 @@ pub struct Stats {
     pub stall: std::sync::Mutex<PerPriority<Option<Stall>>>,
     /// Append-to-applied latency in µs.
     pub latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
+    /// Events applied per priority.
+    pub applied_by: PerPriority<AtomicU64>,
+    /// Shopify deliveries by audited outcome, as [`crate::telemetry::WEBHOOK_OUTCOMES`] lists them.
+    pub webhooks: [AtomicU64; crate::telemetry::WEBHOOK_OUTCOMES.len()],
+    /// The same latency since the engine's pulse last took it (a second's worth).
+    pub recent_latency_us: std::sync::Mutex<Option<hdrhistogram::Histogram<u64>>>,
 }
 
 impl Stats {
@@ -101,10 +107,26 @@ impl Stats {
     }
 
     pub fn new() -> Self {
-        Self {
-            latency_us: std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok()),
-            ..Default::default()
+        let histogram = || std::sync::Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).ok());
+        Self { latency_us: histogram(), recent_latency_us: histogram(), ..Default::default() }
+    }
+
+    /// Counts a Shopify delivery, in the metric and here, by its audited outcome.
+    pub fn webhook(&self, outcome: &str) {
+        metrics::counter!(crate::telemetry::WEBHOOKS_RECEIVED, "outcome" => outcome.to_string()).increment(1);
+        if let Some(i) = crate::telemetry::WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.webhooks[i].fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// The latency quantiles `qs` (in ms) of the events applied since the last call, which
+    /// starts the next window; None while nothing was applied.
+    pub fn take_recent_latency_ms<const N: usize>(&self, qs: [f64; N]) -> Option<[f64; N]> {
+        let mut recent = self.recent_latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        let h = recent.as_mut().filter(|h| !h.is_empty())?;
+        let out = qs.map(|q| h.value_at_quantile(q) as f64 / 1000.0);
+        h.reset();
+        Some(out)
     }
 }
 
@@ -955,11 +977,14 @@ impl Pipeline {
 
     fn applied(&self, row: Order, priority: Priority, appended_at_us: i64) {
         self.counted(Outcome::Applied, priority);
+        self.stats.applied_by[priority].fetch_add(1, Ordering::Relaxed);
         if appended_at_us > 0 {
             let us = (Utc::now().timestamp_micros() - appended_at_us).max(1) as u64;
             self.metrics.latency[priority].record(us as f64 / 1e6);
-            if let Some(h) = self.stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
-                let _ = h.record(us);
+            for histogram in [&self.stats.latency_us, &self.stats.recent_latency_us] {
+                if let Some(h) = histogram.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    let _ = h.record(us);
+                }
             }
         }
         self.changes.publish(row);

@@ -29,6 +29,9 @@ pub const SHADOW_DECISIONS: &str = "orchestrator_shadow_decisions_total";
 pub const RUN_PROGRESS: &str = "orchestrator_run_progress_ratio";
 pub const RUN_PHASE_CHANGES: &str = "orchestrator_run_phase_changes_total";
 pub const WEBHOOKS_RECEIVED: &str = "orchestrator_webhooks_received_total";
+/// A Shopify delivery's audited outcomes: the label values of [`WEBHOOKS_RECEIVED`].
+pub const WEBHOOK_OUTCOMES: [&str; 6] =
+    ["received", "duplicate", "ignored", "rejected", "uninstalled", "shop_inactive"];
 pub const SHOP_WEBHOOKS: &str = "orchestrator_shop_webhooks_total";
 pub const PARKED: &str = "orchestrator_parked_events_total";
 pub const AUTH_REFUSED: &str = "orchestrator_auth_refused_total";

@@ -68,14 +68,22 @@ impl Detail {
     }
 }
 
-/// Closes the open order, unless it holds unsaved edits or a conflict to resolve (the
-/// message says so).
-pub fn close(app: App) {
+/// Whether the open order holds unsaved edits or a conflict to resolve; if so, the
+/// message says what to do before leaving it.
+pub fn holds_edits(app: App) -> bool {
     let d = app.detail;
-    if d.dirty() || d.conflict.with_untracked(Option::is_some) {
-        return d.message.set("unsaved edits: save or undo them before closing".into());
+    let busy = d.dirty() || d.conflict.with_untracked(Option::is_some);
+    if busy {
+        d.message.set("unsaved edits: save or undo them before closing".into());
     }
-    d.selected.set(None);
+    busy
+}
+
+/// Closes the open order, unless it holds unsaved edits or a conflict to resolve.
+pub fn close(app: App) {
+    if !holds_edits(app) {
+        app.detail.selected.set(None);
+    }
 }
 
 pub fn select(app: App, id: String) {

@@ -3,11 +3,15 @@
 #![deny(rust_2018_idioms)]
 
 mod api;
+mod chart;
 mod columns;
 mod detail;
+mod letters;
 mod live;
+mod nav;
 mod ops;
 mod orders;
+mod pulse;
 mod runs;
 
 use sycamore::prelude::*;
@@ -36,6 +40,10 @@ pub struct App {
     pub detail: detail::Detail,
     pub runs: runs::RunsState,
     pub ops: ops::OpsState,
+    pub letters: letters::LettersState,
+    pub pulse: pulse::PulseState,
+    /// The page the address names (`nav`).
+    pub page: Signal<nav::Page>,
 }
 
 #[wasm_bindgen(start)]
@@ -60,6 +68,9 @@ pub fn start() {
             detail: detail::Detail::new(),
             runs: runs::RunsState::new(),
             ops: ops::OpsState::new(),
+            letters: letters::LettersState::new(),
+            pulse: pulse::PulseState::new(),
+            page: create_signal(nav::Page::of(nav::Section::Orders)),
         };
         tick_clock(app);
         orders::reload(app);
@@ -67,6 +78,7 @@ pub fn start() {
         runs::refresh(app);
         ops::refresh(app);
         ops::poll_health(app);
+        nav::start(app);
         view! { (root(app)) }
     });
 }
@@ -118,13 +130,26 @@ fn root(app: App) -> View {
             }
             span(class="hint", data-testid="token-hint") { (no_token) }
         }
-        main(class="layout") {
-            section(class="orders") { (orders::view(app)) }
-            aside(class="side") {
-                (detail::view(app))
-                (runs::view(app))
-                (ops::view(app))
+        (nav::view(app))
+        (pulse::strip(app))
+        main {
+            // Every page stays mounted (the table keeps its rows and scroll), shown by its address.
+            div(class="layout", hidden=hidden_unless(app, nav::Section::Orders)) {
+                section(class="orders") { (orders::view(app)) }
+                aside(class="side") { (detail::view(app)) }
+            }
+            div(class="page", hidden=hidden_unless(app, nav::Section::Runs)) { (runs::view(app)) }
+            div(class="page", hidden=hidden_unless(app, nav::Section::Plugins)) { (ops::plugins_view(app)) }
+            div(class="page", hidden=hidden_unless(app, nav::Section::DeadLetters)) { (letters::view(app)) }
+            div(class="page", hidden=hidden_unless(app, nav::Section::Health)) {
+                (ops::health_view(app))
+                (pulse::charts(app))
             }
         }
     }
+}
+
+/// Whether a page is hidden: every page but the one the address names.
+fn hidden_unless(app: App, section: nav::Section) -> impl Fn() -> bool + 'static {
+    move || app.page.with(|p| p.section != section)
 }

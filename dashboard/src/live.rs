@@ -117,6 +117,8 @@ fn on_text(app: App, text: &str) {
         }
         Some("resync") => resync(app),
         Some("run.phase") | Some("run.progress") => crate::runs::on_run(app, msg["run"].clone()),
+        Some("stats") => crate::pulse::on_sample(app, &msg),
+        Some("stats.history") => crate::pulse::on_history(app, &msg),
         _ => {}
     }
 }

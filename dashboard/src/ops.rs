@@ -1,5 +1,5 @@
 //! Plugins (slots with active and shadow versions: upload, promote, roll back, shadow
-//! report), dead letters (reasons, replay) and engine health (backend, queue depth).
+//! report) and engine health (backend, queue depth, logs).
 
 use serde_json::Value;
 use sycamore::prelude::*;
@@ -13,7 +13,6 @@ use crate::api;
 pub struct OpsState {
     slots: Signal<Vec<Value>>,
     reports: Signal<Vec<(String, Value)>>,
-    dead: Signal<Vec<Value>>,
     upload_slot: Signal<String>,
     upload_shadow: Signal<bool>,
     message: Signal<String>,
@@ -28,7 +27,6 @@ impl OpsState {
         OpsState {
             slots: create_signal(Vec::new()),
             reports: create_signal(Vec::new()),
-            dead: create_signal(Vec::new()),
             upload_slot: create_signal("order-rules".into()),
             upload_shadow: create_signal(true),
             message: create_signal(String::new()),
@@ -93,13 +91,8 @@ pub fn refresh(app: App) {
             o.slots.set(slots);
             o.reports.set(reports);
         }
-        if let Ok(r) = api::get("/dead-letters?limit=200").await
-            && r.ok()
-            && let Ok(page) = r.json::<Value>()
-        {
-            o.dead.set(page["items"].as_array().cloned().unwrap_or_default());
-        }
     });
+    crate::letters::refresh(app);
 }
 
 fn act(
@@ -150,7 +143,7 @@ fn version_text(v: &Value) -> String {
     if v.is_object() { format!("v{} ({})", v["version"], v["decided_by"].as_str().unwrap_or("")) } else { "–".into() }
 }
 
-fn plugins_view(app: App) -> View {
+pub fn plugins_view(app: App) -> View {
     let o = app.ops;
     let no_token = crate::no_token(app);
     let slots = move || {
@@ -259,57 +252,7 @@ fn plugins_view(app: App) -> View {
     }
 }
 
-fn dead_letters_view(app: App) -> View {
-    let o = app.ops;
-    let no_token = crate::no_token(app);
-    let rows = move || {
-        let rows: Vec<View> = o
-            .dead
-            .get_clone()
-            .into_iter()
-            .map(|d| {
-                let id = d["id"].as_str().unwrap_or("").to_string();
-                let replayed = !d["replayed_at"].is_null();
-                let text = format!(
-                    "{} · order {} · {} · {}: {}",
-                    d["recorded_at"].as_str().unwrap_or("").chars().take(19).collect::<String>(),
-                    d["order_id"].as_str().unwrap_or(""),
-                    d["stage"].as_str().unwrap_or(""),
-                    d["error_type"].as_str().unwrap_or(""),
-                    d["reason"].as_str().unwrap_or("")
-                );
-                let path = format!("/dead-letters/{}/replay", api::enc(&id));
-                let done = format!("{id} replayed");
-                let disabled = move || no_token() || replayed;
-                view! {
-                    li(data-testid="dead-letter", data-id=id) {
-                        (text) " "
-                        button(
-                            data-testid="dead-letter-replay",
-                            disabled=disabled,
-                            on:click=move |_| act(app, "POST", path.clone(), None, done.clone())
-                        ) {
-                            (if replayed { "replayed" } else { "Replay" })
-                        }
-                    }
-                }
-            })
-            .collect();
-        View::from(rows)
-    };
-    view! {
-        section(class="panel dead", data-testid="dead-letters") {
-            h2 {
-                "Dead letters "
-                button(data-testid="dead-letters-refresh", on:click=move |_| refresh(app)) { "Refresh" }
-            }
-            (crate::need_token(app, "replay dead letters"))
-            ul(class="dead-list") { (rows) }
-        }
-    }
-}
-
-fn health_view(app: App) -> View {
+pub fn health_view(app: App) -> View {
     let h = app.ops.health;
     let get = move |f: fn(&Value) -> String| move || h.with(|h| if h.is_null() { "…".to_string() } else { f(h) });
     let status = get(|h| h["status"].as_str().unwrap_or("?").to_string());
@@ -373,13 +316,5 @@ fn health_view(app: App) -> View {
             div(class="muted", data-testid="logs-error") { (move || logs_error.get_clone()) }
             ul(class="logs", data-testid="logs") { (lines) }
         }
-    }
-}
-
-pub fn view(app: App) -> View {
-    view! {
-        (health_view(app))
-        (plugins_view(app))
-        (dead_letters_view(app))
     }
 }

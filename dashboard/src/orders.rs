@@ -130,14 +130,25 @@ pub fn reload(app: App) {
     app.scroll_top.set(0.0);
     app.kb_row.set(None);
     app.cols.refit();
-    if let Some(el) = web_sys::window()
-        .and_then(|w| w.document())
-        .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
-    {
+    if let Some(el) = scroller() {
         el.set_scroll_top(0);
     }
     bump(app);
     load_more(app);
+}
+
+/// The table's scrolling element.
+fn scroller() -> Option<web_sys::Element> {
+    web_sys::window()
+        .and_then(|w| w.document())
+        .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
+}
+
+/// Back on the orders page: a hidden element forgets its scroll offset, the table does not.
+pub fn restore_scroll(app: App) {
+    if let Some(el) = scroller() {
+        el.set_scroll_top(app.scroll_top.get_untracked() as i32);
+    }
 }
 
 /// Fetch the next page unless one is in flight or the list is complete.
@@ -244,10 +255,7 @@ pub fn keep_scroll_after_insert(app: App, n: usize) {
         return;
     }
     let y = top + n as f64 * ROW_H;
-    if let Some(el) = web_sys::window()
-        .and_then(|w| w.document())
-        .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
-    {
+    if let Some(el) = scroller() {
         el.set_scroll_top(y as i32);
     }
     app.scroll_top.set(y);

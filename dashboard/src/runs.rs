@@ -6,10 +6,14 @@ use sycamore::prelude::*;
 
 use crate::App;
 use crate::api;
+use crate::chart::{self, Series};
+use crate::nav::{Page, Section};
 
 #[derive(Clone, Copy)]
 pub struct RunsState {
     current: Signal<Value>,
+    /// The run `/ui/runs/{id}` names; null shows the current one.
+    viewing: Signal<Value>,
     history: Signal<Vec<Value>>,
     quantity: Signal<String>,
     /// Percent per tier, "DIAMOND,GOLD,SILVER,BRONZE"; empty means the engine's default.
@@ -31,6 +35,7 @@ impl RunsState {
     pub fn new() -> Self {
         RunsState {
             current: create_signal(Value::Null),
+            viewing: create_signal(Value::Null),
             history: create_signal(Vec::new()),
             quantity: create_signal("10000".into()),
             tier_mix: create_signal("5,15,30,50".into()),
@@ -57,6 +62,9 @@ pub fn on_run(app: App, run: Value) {
     }
     let ended = finished(run["phase"].as_str().unwrap_or(""));
     sample(app.runs, &run);
+    if app.runs.viewing.with_untracked(|v| v["id"] == run["id"]) {
+        app.runs.viewing.set(run.clone());
+    }
     app.runs.current.set(run);
     if ended {
         refresh(app);
@@ -106,33 +114,13 @@ fn rates(samples: &[(f64, u64, u64)]) -> Vec<(f64, f64, f64)> {
 
 /// The chart as SVG text: one polyline per priority, scaled to the peak rate.
 fn chart_svg(rates: &[(f64, f64, f64)]) -> String {
-    const W: f64 = 400.0;
-    const H: f64 = 80.0;
-    let peak = rates.iter().map(|r| r.1.max(r.2)).fold(1.0, f64::max);
-    let span = rates.last().map(|r| r.0).unwrap_or(1.0).max(1.0);
-    let line = |pick: fn(&(f64, f64, f64)) -> f64| {
-        rates
-            .iter()
-            .map(|r| format!("{:.1},{:.1}", r.0 / span * W, H - pick(r) / peak * (H - 4.0)))
-            .collect::<Vec<_>>()
-            .join(" ")
+    let line = |class, color, pick: fn(&(f64, f64, f64)) -> f64| Series {
+        class,
+        color,
+        points: rates.iter().map(|r| (r.0, pick(r))).collect(),
     };
-    format!(
-        // Named explicitly: `format!` captures no variables from a `concat!` format string.
-        concat!(
-            r##"<svg viewBox="0 0 {W} {h}" preserveAspectRatio="none" width="100%" height="{h}">"##,
-            r##"<line x1="0" y1="{H}" x2="{W}" y2="{H}" stroke="#ccd"/>"##,
-            r##"<polyline class="tp-vip" fill="none" stroke="#d97706" stroke-width="1.5" points="{vip}"/>"##,
-            r##"<polyline class="tp-normal" fill="none" stroke="#2563eb" stroke-width="1.5" points="{normal}"/>"##,
-            r##"<text x="2" y="10" font-size="9" fill="#555">peak {peak:.0}/s</text></svg>"##,
-        ),
-        W = W,
-        H = H,
-        peak = peak,
-        h = H + 2.0,
-        vip = line(|r| r.1),
-        normal = line(|r| r.2),
-    )
+    let series = [line("tp-vip", "#d97706", |r| r.1), line("tp-normal", "#2563eb", |r| r.2)];
+    chart::svg(&series, 400.0, 80.0, "peak {peak}/s")
 }
 
 fn chart_view(app: App) -> View {
@@ -145,10 +133,18 @@ fn chart_view(app: App) -> View {
         }
     });
     let count = move || samples.with(|s| s.len().saturating_sub(1).to_string());
+    let current = app.runs.current;
     let caption = move || {
         samples.with(|s| match rates(s).last() {
             Some(&(_, v, n)) => format!("now VIP {v:.0}/s · NORMAL {n:.0}/s"),
-            None => "no progress yet".into(),
+            // A run faster than the progress messages: its windows' figures.
+            None => current.with(|c| match (c["vip"]["orders_per_s"].as_f64(), c["normal"]["orders_per_s"].as_f64()) {
+                (None, None) => "no progress yet".into(),
+                (v, n) => {
+                    let rate = |r: Option<f64>| r.map_or("–".to_string(), |r| format!("{r:.0}/s"));
+                    format!("final VIP {} · NORMAL {}", rate(v), rate(n))
+                }
+            }),
         })
     };
     view! {
@@ -163,6 +159,28 @@ fn chart_view(app: App) -> View {
             div(class="chart", r#ref=node) {}
         }
     }
+}
+
+/// Shows the run `/ui/runs/{id}` names, or the current one.
+pub fn show(app: App, id: Option<String>) {
+    let r = app.runs;
+    let Some(id) = id else { return r.viewing.set(Value::Null) };
+    wasm_bindgen_futures::spawn_local(async move {
+        let reply = api::get(&format!("/runs/{}", api::enc(&id))).await;
+        // The address moved on meanwhile: this answer is not what it names.
+        if app.page.with_untracked(|p| p.section != Section::Runs || p.id.as_deref() != Some(&id)) {
+            return;
+        }
+        match reply {
+            Ok(reply) if reply.ok() => {
+                if let Ok(run) = reply.json::<Value>() {
+                    r.viewing.set(run);
+                }
+            }
+            Ok(reply) => r.message.set(format!("run {id}: {}", reply.error_text())),
+            Err(e) => r.message.set(e),
+        }
+    });
 }
 
 pub fn refresh(app: App) {
@@ -222,7 +240,10 @@ fn card(label: &'static str, testid: &'static str, value: impl Fn() -> String + 
 pub fn view(app: App) -> View {
     let r = app.runs;
     let no_token = crate::no_token(app);
-    let cur = r.current;
+    let cur = create_memo(move || {
+        let viewing = r.viewing.get_clone();
+        if viewing.is_null() { r.current.get_clone() } else { viewing }
+    });
     let field = move |f: fn(&Value) -> String| move || cur.with(|c| if c.is_null() { "–".to_string() } else { f(c) });
     let phase = field(|c| c["phase"].as_str().unwrap_or("").to_string());
     let progress = field(|c| format!("{}%", num(&c["progress_percent"])));
@@ -276,9 +297,14 @@ pub fn view(app: App) -> View {
             body["tier_mix"] = json!({ "DIAMOND": d, "GOLD": g, "SILVER": s, "BRONZE": b });
         }
         act(app, "/runs".into(), body, "run started");
+        // A new run is the current one: the page shows it.
+        if r.viewing.with_untracked(|v| !v.is_null()) {
+            crate::nav::go(app, Page::of(Section::Runs));
+        }
     };
     let cancel = move |_| {
-        if let Some(id) = cur.with_untracked(|c| c["id"].as_str().map(String::from)) {
+        // The run going on, whichever run the page shows.
+        if let Some(id) = r.current.with_untracked(|c| c["id"].as_str().map(String::from)) {
             let body = json!({ "purge": r.purge.get_untracked(), "delete_pending": r.delete_pending.get_untracked() });
             act(app, format!("/runs/{}/cancel", api::enc(&id)), body, "cancel requested");
         }
@@ -319,17 +345,18 @@ pub fn view(app: App) -> View {
                     Some(false) => "failed",
                     None => "–",
                 };
+                let id = h["id"].as_str().unwrap_or("").to_string();
                 let text = format!(
-                    "{} · {} · {} orders · {} ms",
-                    h["id"].as_str().unwrap_or(""),
+                    " · {} · {} orders · {} ms",
                     h["phase"].as_str().unwrap_or(""),
                     num(&h["quantity"]),
                     num(&h["total_ms"])
                 );
                 let class = format!("verdict v-{verdict}");
+                let link = run_link(app, id);
                 view! {
                     li(data-testid="run-history-row") {
-                        (text) " · " span(class=class, data-testid="run-verification") { (verdict) }
+                        (link) (text) " · " span(class=class, data-testid="run-verification") { (verdict) }
                     }
                 }
             })
@@ -340,6 +367,14 @@ pub fn view(app: App) -> View {
     let tier_mix = r.tier_mix;
     let (purge, delete_pending) = (r.purge, r.delete_pending);
     let timeline = move || cur.with(timeline_view);
+    // The throughput chart follows the run going on; another run's page says so.
+    let other = move || r.viewing.with(|v| !v.is_null() && v["id"] != r.current.with(|c| c["id"].clone()));
+    let chart = view! {
+        div(hidden=other) { (chart_view(app)) }
+        p(class="muted", data-testid="throughput-elsewhere", hidden=move || !other()) {
+            "Live throughput: on the current run's page."
+        }
+    };
     let message = move || r.message.get_clone();
     view! {
         section(class="panel runs", data-testid="runs") {
@@ -386,12 +421,20 @@ pub fn view(app: App) -> View {
             div(class="bar") { div(class="fill", style=bar) }
             (timeline)
             div(class="cards") { (cards) }
-            (chart_view(app))
+            (chart)
             div(data-testid="run-verification-current") { (verification) }
             h3 { "History" }
             ol(class="run-history") { (history) }
         }
     }
+}
+
+/// A run's id, linking to its page.
+fn run_link(app: App, id: String) -> View {
+    let page = Page { section: Section::Runs, id: Some(id.clone()) };
+    let href = page.path();
+    let on_click = crate::nav::click(app, page);
+    view! { a(href=href, data-testid="run-link", on:click=on_click) { (id) } }
 }
 
 /// Generation, VIP window and NORMAL window as one bar, widths by duration, with rates.

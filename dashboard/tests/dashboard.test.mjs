@@ -96,6 +96,14 @@ async function axeViolations() {
     .map((v) => `${v.impact} ${v.id} (${v.help}): ${v.nodes.slice(0, 3).map((n) => n.target.join(' ')).join(', ')}`);
 }
 const withToken = () => page.locator('[data-testid=token]').fill(TOKEN);
+// Goes to a page through the navigation bar, as an operator does.
+async function nav(slug) {
+  await page.locator(`[data-testid=nav-${slug}]`).click();
+  await page.waitForURL((u) => u.pathname === `/ui/${slug}`);
+}
+const pathname = () => new URL(page.url()).pathname;
+// The README shows each page as the browser tests last saw it.
+const screenshots = join(here, '../../docs/screenshots');
 const row = (id) => page.locator(`[data-testid=order-row][data-order-id="${id}"]`);
 
 before(async () => {
@@ -139,7 +147,7 @@ test('100k orders: the table shows rows quickly, with a bounded number of row el
   await row(first.id).waitFor();
   const elements = await page.locator('[data-testid=order-row]').count();
   assert.ok(elements > 0 && elements <= 100, `row elements in the DOM: ${elements}`);
-  await page.locator('[data-testid=health-text]').filter({ hasText: /^ok · backend / }).waitFor();
+  await page.locator('[data-testid=health-text]').filter({ hasText: /^ok · backend / }).waitFor({ state: 'attached' });
   await shot('01-table');
 });
 
@@ -169,7 +177,7 @@ test('without the API token every mutating control is disabled with its reason; 
   const other = await browser.newContext();
   const p2 = await other.newPage();
   await p2.goto(base + '/');
-  await p2.locator('[data-testid=run-start]').waitFor();
+  await p2.locator('[data-testid=run-start]').waitFor({ state: 'attached' });
   assert.equal(await p2.locator('[data-testid=run-start]').isDisabled(), true);
   await other.close();
 });
@@ -252,7 +260,7 @@ test('at 1440 px the key columns are never cut; columns hide and resize; times r
     // Long ids widen the table, which then scrolls sideways in its column: the page does
     // not, and the side column stays in view.
     assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth), 'the page scrolls sideways');
-    assert.ok((await page.locator('[data-testid=runs]').boundingBox()).x + 200 < 1440, 'the side column is in view');
+    assert.ok((await page.locator('[data-testid=detail]').boundingBox()).x + 200 < 1440, 'the side column is in view');
     const total = await top.locator('.c-total').textContent();
     assert.ok(/1,234,567\.89/.test(total) && total.includes('$'), `money in its currency's format: ${total}`);
     // Yen have no minor units: the engine keeps whole yen.
@@ -432,6 +440,7 @@ test('two pages edit one order: the second save gets 409, the dialog, and re-app
 });
 
 test('a 10k run started from the page advances live through its phases to DONE, with throughput charts', async () => {
+  await nav('runs');
   await withToken();
   // Every phase text the page shows, as it shows it.
   await page.evaluate(() => {
@@ -467,6 +476,7 @@ test('a 10k run started from the page advances live through its phases to DONE, 
 });
 
 test('health panel: backend, consumer lag per priority and recent engine logs', async () => {
+  await nav('health');
   await page.locator('[data-testid=health-backend]').filter({ hasText: /embedded/ }).waitFor();
   assert.match(await page.locator('[data-testid=lag-vip]').textContent(), /^\d+$/);
   assert.match(await page.locator('[data-testid=lag-normal]').textContent(), /^\d+$/);
@@ -483,6 +493,7 @@ test('health panel: backend, consumer lag per priority and recent engine logs', 
 test('plugins: upload a shadow version from the page, promote and roll back; a bad upload shows the engine error', async () => {
   const fixture = join(targetDir, 'wasm-plugins/wasm32-wasip2/plugin/fixture_rules_v2.wasm');
   assert.ok(existsSync(fixture), `plugin fixture missing at ${fixture}`);
+  await nav('plugins');
   await withToken();
   const slot = page.locator('[data-testid=plugin-order-rules]');
   const active = slot.locator('[data-testid=plugin-active]');
@@ -515,6 +526,7 @@ test('dead letters: a rejected event is listed with its reason and replayed from
   await waitFor('the dead letter', async () => (await api('GET', '/dead-letters')).json.items.some((d) => d.id === 'dash-early'));
   assert.equal((await api('POST', '/orders/events', { body: event('dash-create', 'created', { customer: 'late@example.com', tier: 'GOLD', total_cents: 100 }), auth: true })).status, 202);
   await waitFor('the order', async () => (await api('GET', `/orders/${orderId}`)).status === 200);
+  await nav('dead-letters');
   await withToken();
   await page.locator('[data-testid=dead-letters-refresh]').click();
   const letter = page.locator('[data-testid=dead-letter][data-id="dash-early"]');
@@ -526,11 +538,136 @@ test('dead letters: a rejected event is listed with its reason and replayed from
   await shot('10-dead-letter-replayed');
 });
 
-// With runs, plugins, dead letters and an order's drawer on the page. On main: contrast
-// of the connection badge, muted text and legend, and unnamed selects and inputs.
-test('axe-core finds no serious or critical accessibility violations, with the order drawer open too', async () => {
+test('dead letters: grouped by stage and kind with counts, payloads shown, a filtered bulk replay after a confirmation', async () => {
+  const orders = [0, 1, 2].map((i) => `dash-bulk-${i}`);
+  const early = (id) => ({ event_id: `${id}-early`, order_id: id, kind: 'updated', source: 'dashboard-test', occurred_at: '2026-11-21T10:00:00Z', payload: { note: 'bulk' } });
+  for (const id of orders) assert.equal((await api('POST', '/orders/events', { body: early(id), auth: true })).status, 202);
+  await waitFor('three dead letters', async () =>
+    (await api('GET', '/dead-letters?limit=1000')).json.items.filter((d) => d.order_id?.startsWith('dash-bulk-')).length === 3);
+  for (const id of orders) await createOrder(id, 'GOLD');
+  const letter = (await api('GET', '/dead-letters?limit=1000')).json.items.find((d) => d.order_id === orders[0]);
+  await nav('dead-letters');
+  await withToken();
+  await page.locator('[data-testid=dead-letters-refresh]').click();
+  const group = page.locator(`[data-testid=dead-letter-group][data-stage="${letter.stage}"][data-error-type="${letter.error_type}"]`);
+  await group.waitFor();
+  assert.ok(Number(await group.locator('[data-testid=group-count]').textContent()) >= 3);
+  const row = page.locator(`[data-testid=dead-letter][data-id="${letter.id}"]`);
+  await row.locator('[data-testid=dead-letter-payload] summary').click();
+  assert.match(await row.locator('[data-testid=dead-letter-payload] pre').textContent(), /"order_id": "dash-bulk-0"/);
+  // The group's filter, narrowed to these orders, capped at 2: asked first, then sent.
+  await group.locator('[data-testid=group-pick]').click();
+  assert.equal(await page.locator('[data-testid=bulk-stage]').inputValue(), letter.stage);
+  await page.locator('[data-testid=bulk-prefix]').fill('dash-bulk-');
+  await page.locator('[data-testid=bulk-limit]').fill('2');
+  await page.locator('[data-testid=bulk-replay]').click();
+  assert.match(await page.locator('[data-testid=bulk-question]').textContent(), /^Replay up to 2 letters: .*orders starting dash-bulk-/);
+  await page.locator('[data-testid=bulk-abort]').click();
+  assert.equal((await api('GET', `/orders/${orders[0]}`)).json.version, 1, 'keeping them replays nothing');
+  await page.locator('[data-testid=bulk-replay]').click();
+  await page.locator('[data-testid=bulk-confirm]').click();
+  const message = page.locator('[data-testid=dead-letters-message]');
+  await message.filter({ hasText: /^replayed 2 of/ }).waitFor();
+  await page.locator('[data-testid=bulk-limit]').fill('10');
+  await page.locator('[data-testid=bulk-replay]').click();
+  await page.locator('[data-testid=bulk-confirm]').click();
+  await message.filter({ hasText: /^replayed 1 of/ }).waitFor();
+  for (const id of orders) await waitFor(`the replayed note of ${id}`, async () => (await api('GET', `/orders/${id}`)).json.note === 'bulk');
+  await page.locator('[data-testid=dead-letter-replay]').filter({ hasText: 'replayed' }).first().waitFor();
+  await shot('10b-dead-letters-bulk-replayed');
+});
+
+test('every page has its address: deep links, reloads, back and forward, and links to runs', async () => {
+  await page.goto(base + '/');
+  await page.waitForURL((u) => u.pathname === '/ui/orders');
+  assert.equal(await page.title(), 'Orders · Atomic Order Orchestrator');
   await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
-  assert.deepEqual(await axeViolations(), []);
+  mkdirSync(screenshots, { recursive: true });
+  await page.screenshot({ path: join(screenshots, 'orders.png') });
+  for (const slug of ['runs', 'plugins', 'dead-letters', 'health']) {
+    await nav(slug);
+    await page.locator(`[data-testid=${slug}]`).waitFor();
+    assert.equal(await page.locator('[data-testid=orders-scroll]').isVisible(), false, `only ${slug} shows`);
+    assert.equal(await page.locator(`[data-testid=nav-${slug}]`).getAttribute('aria-current'), 'page');
+    await page.screenshot({ path: join(screenshots, `${slug}.png`) });
+  }
+  // A deep link to an order opens its drawer; back and forward move between pages.
+  const [a, b] = (await api('GET', '/orders?limit=2&sort=-updated_at')).json.items.map((o) => o.id);
+  await page.goto(base + `/ui/orders/${encodeURIComponent(a)}`);
+  await page.locator('[data-testid=detail-id]').filter({ hasText: a }).waitFor();
+  await page.screenshot({ path: join(screenshots, 'order.png') });
+  await nav('health');
+  await page.goBack();
+  await page.waitForURL((u) => u.pathname === `/ui/orders/${encodeURIComponent(a)}`);
+  await page.locator('[data-testid=detail-id]').filter({ hasText: a }).waitFor();
+  await page.goForward();
+  await page.locator('[data-testid=health]').waitFor();
+  // A row clicked is an address of its own; back closes the drawer again.
+  await nav('orders');
+  assert.equal(await page.locator('[data-testid=detail-id]').count(), 0, 'the orders page opens no drawer');
+  await row(b).click();
+  await page.waitForURL((u) => u.pathname === `/ui/orders/${encodeURIComponent(b)}`);
+  await page.goBack();
+  await page.waitForURL((u) => u.pathname === '/ui/orders');
+  await page.locator('[data-testid=detail-id]').waitFor({ state: 'detached' });
+  // A run of the history has a page, which a reload keeps; an unknown page is the orders.
+  // The second newest is the seeding run of 100k orders, not the current one.
+  await nav('runs');
+  const link = page.locator('[data-testid=run-link]').nth(1);
+  const runId = await link.textContent();
+  await link.click();
+  await page.waitForURL((u) => u.pathname === `/ui/runs/${runId}`);
+  await page.reload();
+  await page.locator('[data-testid=runs]').waitFor();
+  assert.equal(pathname(), `/ui/runs/${runId}`);
+  await page.locator('[data-testid=card-target] .value').filter({ hasText: /^100000$/ }).waitFor();
+  await page.locator('[data-testid=throughput-elsewhere]').waitFor();
+  await page.goto(base + '/ui/nowhere');
+  await page.waitForURL((u) => u.pathname === '/ui/orders');
+  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
+});
+
+// Every page, and an order's drawer. On main: contrast
+// of the connection badge, muted text and legend, and unnamed selects and inputs.
+test('live figures: sparklines of the last minute on every page, the health page charts 10 minutes, seeded on connect', async () => {
+  await nav('health');
+  const keys = ['applied', 'latency', 'lag', 'conflicts', 'dead-letters', 'webhooks'];
+  for (const key of keys) await page.locator(`[data-testid=chart-${key}] svg`).waitFor();
+  const points = async () => Number(await page.locator('[data-testid=chart-applied]').getAttribute('data-points'));
+  const before = await points();
+  assert.ok(before >= 2, `the page has been open for seconds: ${before} samples`);
+  await waitFor('the next second', async () => (await points()) > before || before >= 600, 5000);
+  // Applied events show as a line above zero (the chart is 100 units high).
+  // 300 orders at once: the newest points of the applied lines rise to about 300/s. The
+  // chart is 80 units high, 76 of them for the scale its caption gives ("peak 5.2k/s").
+  const burst = Array.from({ length: 300 }, (_, i) => ({ event_id: `pulse-${i}-created`, order_id: `pulse-${i}`, kind: 'created', source: 'dashboard-test', occurred_at: new Date().toISOString(), payload: { customer: `pulse-${i}@example.com`, tier: 'GOLD', total_cents: 1000 } }));
+  assert.equal((await api('POST', '/orders/events', { body: burst, auth: true })).status, 202);
+  await waitFor('the burst in the last seconds', async () => {
+    const chart = page.locator('[data-testid=chart-applied] svg');
+    const [, n, k] = (await chart.locator('text').textContent()).match(/^peak ([\d.]+)(k?)\/s$/);
+    const peak = Number(n) * (k ? 1000 : 1);
+    const ys = await chart.locator('polyline').evaluateAll((ls) =>
+      ls.flatMap((l) => l.getAttribute('points').trim().split(' ').slice(-5).map((p) => Number(p.split(',')[1]))));
+    return ys.some((y) => (80 - y) / 76 * peak >= 100);
+  }, 10000);
+  await page.screenshot({ path: join(screenshots, 'health.png') });
+  // A reload draws the last minutes at once from the engine's history, not from zero.
+  await page.reload();
+  await waitFor('the history after a reload', async () => (await points()) >= Math.min(before + 1, 600), 15000);
+  // The strip is on every page, with each figure's value now.
+  for (const slug of ['orders', 'runs', 'plugins']) {
+    await nav(slug);
+    for (const key of keys) assert.equal(await page.locator(`[data-testid=spark-${key}]`).isVisible(), true, `${key} on ${slug}`);
+  }
+  assert.match(await page.locator('[data-testid=spark-applied] [data-testid=spark-now]').textContent(), /^vip \S+\/s · normal \S+\/s$/);
+});
+
+test('axe-core finds no serious or critical accessibility violations on any page, with the order drawer open too', async () => {
+  for (const slug of ['runs', 'plugins', 'dead-letters', 'health', 'orders']) {
+    await nav(slug);
+    assert.deepEqual(await axeViolations(), [], `on /ui/${slug}`);
+  }
+  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
   await row((await api('GET', '/orders?limit=1&sort=-updated_at')).json.items[0].id).click();
   await page.locator('[data-testid=detail-id]').waitFor();
   assert.deepEqual(await axeViolations(), []);
@@ -620,6 +757,7 @@ test('1M orders: scrolling to the middle and the end renders the right rows; fra
 });
 
 test('a run is cancelled from the page, and reset needs a confirmation', async () => {
+  await nav('runs');
   await withToken();
   await page.locator('[data-testid=run-quantity]').fill('1000000');
   await page.locator('[data-testid=run-start]').click();
@@ -642,6 +780,8 @@ test('a run is cancelled from the page, and reset needs a confirmation', async (
   assert.ok((await api('GET', '/orders?limit=1')).json.items.length > 0, 'abort keeps the orders');
   await page.locator('[data-testid=reset]').click();
   await page.locator('[data-testid=reset-confirm]').click();
+  await page.locator('[data-testid=run-message]').filter({ hasText: 'reset done' }).waitFor();
+  await nav('orders');
   await page.locator('[data-testid=row-count]').filter({ hasText: /^0 orders loaded$/ }).waitFor();
   assert.equal((await api('GET', '/orders?limit=1')).json.items.length, 0);
 });

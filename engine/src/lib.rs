@@ -15,6 +15,7 @@ pub mod api;
 pub mod bench;
 pub mod config;
 pub mod devkit;
+pub mod pulse;
 pub mod recent_logs;
 pub mod runs;
 pub mod schema;

@@ -120,7 +120,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         refusals: Default::default(),
         shopify,
     };
-    let state = AppState { engine: engine.clone(), runs, metrics, config };
+    let pulse = orchestrator::pulse::Pulse::start(engine.clone());
+    let state = AppState { engine: engine.clone(), runs, metrics, config, pulse };
     listener::serve(listener, api::router(state), &limits, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
@@ -163,7 +164,8 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         refusals: Default::default(),
         shopify: Some(shopify),
     };
-    let state = AppState { engine: engine.clone(), runs, metrics, config };
+    let pulse = orchestrator::pulse::Pulse::start(engine.clone());
+    let state = AppState { engine: engine.clone(), runs, metrics, config, pulse };
     listener::serve(listener, api::bridge_router(state), &limits, shutdown_signal()).await?;
     engine.flush_log().await?;
     Ok(())

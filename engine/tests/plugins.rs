@@ -608,6 +608,78 @@ async fn dead_letters_can_be_replayed_once() {
     );
 }
 
+/// `POST /dead-letters/replay` sends the letters a filter matches, up to the cap the
+/// operator gave, each once; the others stay as they were.
+#[tokio::test]
+async fn dead_letters_are_replayed_in_bulk_by_filter_up_to_a_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--park-timeout-secs", "1"]).await;
+    // Updates of orders that do not exist yet are dead-lettered once their wait runs out.
+    let update = |order: &str| {
+        json!({"event_id": format!("{order}-early"), "order_id": order, "kind": "updated", "source": "test",
+               "occurred_at": "2026-11-21T10:00:00Z", "payload": {"note": "replayed"}})
+    };
+    let ours: Vec<String> = (0..5).map(|i| format!("bulk-a-{i}")).collect();
+    let others = ["bulk-b-0", "bulk-b-1"];
+    for order in ours.iter().map(String::as_str).chain(others) {
+        assert_eq!(s.post_events(&update(order)).await.status(), 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while dead_letters(&s).await.len() < 7 {
+        assert!(Instant::now() < deadline, "the parked updates never reached the dead letters");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for order in ours.iter().map(String::as_str).chain(others) {
+        assert_eq!(s.post_events(&created(order, &format!("{order}-c"), "GOLD", 100)).await.status(), 202);
+    }
+    s.drain(Duration::from_secs(10)).await;
+
+    let bulk = |body: Value| {
+        let url = s.url("/dead-letters/replay");
+        async move {
+            let r = client().post(url).bearer_auth(TOKEN).json(&body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let anonymous = client().post(s.url("/dead-letters/replay")).json(&json!({"limit": 1})).send().await.unwrap();
+    assert_eq!(anonymous.status(), 401);
+    for bad in [json!({"limit": 0}), json!({"limit": 1001}), json!({"limit": 1, "colour": "red"}), json!({})] {
+        let (code, body) = bulk(bad.clone()).await;
+        assert_eq!(code, 400, "{bad} → {body}");
+        assert!(body["error"].is_string(), "{body}");
+    }
+    let replayed = |body: &Value| -> Vec<String> {
+        body["replayed"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
+    };
+    let (code, first) = bulk(json!({"limit": 3, "order_prefix": "bulk-a-"})).await;
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(replayed(&first).len(), 3, "the cap: {first}");
+    assert_eq!(first["failed"], json!([]), "{first}");
+    let (_, rest) = bulk(json!({"limit": 10, "order_prefix": "bulk-a-"})).await;
+    let mut all: Vec<String> = replayed(&first).into_iter().chain(replayed(&rest)).collect();
+    all.sort();
+    let expected: Vec<String> = ours.iter().map(|o| format!("{o}-early")).collect();
+    assert_eq!(all, expected, "each of ours once, no other: {rest}");
+    assert_eq!(rest["next_cursor"], Value::Null, "{rest}");
+    let (_, again) = bulk(json!({"limit": 10, "order_prefix": "bulk-a-"})).await;
+    assert_eq!(replayed(&again), Vec::<String>::new(), "none twice: {again}");
+    let (_, none) = bulk(json!({"limit": 10, "stage": "no-such-stage"})).await;
+    assert_eq!((replayed(&none).len(), none["scanned"].as_u64()), (0, Some(7)), "{none}");
+
+    s.drain(Duration::from_secs(10)).await;
+    for order in &ours {
+        let row = s.get_json(&format!("/orders/{order}")).await.1;
+        assert_eq!((row["note"].as_str(), row["version"].as_u64()), (Some("replayed"), Some(2)), "{row}");
+    }
+    for order in others {
+        let row = s.get_json(&format!("/orders/{order}")).await.1;
+        assert_eq!(row["version"], 1, "not replayed: {row}");
+    }
+    let letters = dead_letters(&s).await;
+    let untouched = letters.iter().filter(|l| l["replayed_at"].is_null()).count();
+    assert_eq!(untouched, 2, "{letters:?}");
+}
+
 /// A replayed dead letter keeps its place (README, Semantics): it cannot overwrite a
 /// change accepted after it, and sets what nothing later changed.
 #[tokio::test]

@@ -206,15 +206,20 @@ async fn the_cli_chaos_mode_is_applied_exactly_once() {
 async fn a_shop_over_its_rate_limit_gets_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-rate-limit", "5"]).await;
-    let mut answers = Vec::new();
-    for i in 0..12 {
-        let r = deliver(&s, "orders/create", &format!("rl-{i}"), CREATE, Some(sign(SECRET, CREATE))).await;
-        answers.push((r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string())));
-    }
+    // All at once, so the bucket's refill (5 a second) cannot keep up however slow a
+    // delivery is on a busy machine: one after another at 120 ms each, it would.
+    let sends = (0..12).map(|i| {
+        let s = &s;
+        async move {
+            let r = deliver(s, "orders/create", &format!("rl-{i}"), CREATE, Some(sign(SECRET, CREATE))).await;
+            (r.status().as_u16(), r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()))
+        }
+    });
+    let answers = futures::future::join_all(sends).await;
     let limited: Vec<_> = answers.iter().filter(|(s, _)| *s == 429).collect();
     assert!(!limited.is_empty() && limited.len() <= 7, "{answers:?}");
     assert!(limited.iter().all(|(_, retry)| retry.as_deref() == Some("1")), "{answers:?}");
-    assert_eq!(answers[0].0, 200);
+    assert!(answers.iter().filter(|(s, _)| *s == 200).count() >= 5, "the burst passes: {answers:?}");
 }
 
 /// A late delivery (its updated_at not newer than the last applied) is discarded by the

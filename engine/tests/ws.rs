@@ -1,5 +1,6 @@
 //! The WebSocket change feed: changes arrive promptly, and a client that stops
 //! reading neither slows the engine nor silently misses changes (it gets a resync).
+//! The engine's pulse: a `stats` message each second, its last 10 minutes on connect.
 
 mod common;
 
@@ -10,7 +11,20 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The next message that is not the engine's pulse.
 async fn next_json<S>(ws: &mut S) -> Value
+where
+    S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let v = next_any(ws).await;
+        if !v["type"].as_str().is_some_and(|t| t.starts_with("stats")) {
+            return v;
+        }
+    }
+}
+
+async fn next_any<S>(ws: &mut S) -> Value
 where
     S: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
@@ -50,6 +64,52 @@ async fn synced_message_arrives_after_each_change() {
         lags[lags.len() - 1],
         lags.len()
     );
+}
+
+/// Each second a `stats` message says what the second did; a client that connects later
+/// first gets the samples so far (`stats.history`), oldest first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pulse_says_each_second_what_the_engine_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", "shpss_pulse"]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    assert_eq!(next_any(&mut ws).await["type"], "hello");
+    assert_eq!(next_any(&mut ws).await["type"], "stats.history");
+    let events: Vec<Value> = (0..500).map(|i| created(&format!("p-{i}"), &format!("p-{i}"), "GOLD", 100)).collect();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    // An unsigned delivery: refused, and counted as such.
+    let refused = common::client().post(s.url("/webhooks/shopify")).body("{}").send().await.unwrap();
+    assert!(refused.status().is_client_error(), "{}", refused.status());
+    s.drain(Duration::from_secs(30)).await;
+    // Seconds later everything above has been sampled (a second may split it in two).
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let mut ticks = Vec::new();
+    while ticks.len() < 3 {
+        let v = next_any(&mut ws).await;
+        if v["type"] == "stats" {
+            let sample = &v["sample"];
+            assert!(sample["lag"]["normal"].is_u64() && sample["conflicts_per_s"].is_f64(), "{sample}");
+            ticks.push(sample["at_ms"].as_i64().unwrap());
+        }
+    }
+    assert!(ticks.windows(2).all(|w| (500..=3_000).contains(&(w[1] - w[0]))), "about a second apart: {ticks:?}");
+    // A client connecting now gets every second so far.
+    let (mut late, _) = tokio_tungstenite::connect_async(s.ws_url()).await.unwrap();
+    assert_eq!(next_any(&mut late).await["type"], "hello");
+    let history = next_any(&mut late).await;
+    assert_eq!(history["type"], "stats.history");
+    let samples = history["samples"].as_array().unwrap();
+    assert!(samples.windows(2).all(|w| w[0]["at_ms"].as_i64() < w[1]["at_ms"].as_i64()), "oldest first");
+    // A rate times its interval is the count of that second: the seconds add up exactly.
+    let count = |rate: &dyn Fn(&Value) -> f64| {
+        samples.iter().map(|s| rate(s) * s["interval_ms"].as_f64().unwrap() / 1000.0).sum::<f64>().round()
+    };
+    let applied =
+        count(&|s| s["applied_per_s"]["vip"].as_f64().unwrap() + s["applied_per_s"]["normal"].as_f64().unwrap());
+    assert_eq!(applied, 500.0, "{history}");
+    assert_eq!(count(&|s| s["webhooks_per_s"]["rejected"].as_f64().unwrap()), 1.0, "{history}");
+    assert_eq!(count(&|s| s["dead_letters_per_s"].as_f64().unwrap()), 0.0, "{history}");
+    assert!(samples.iter().any(|s| s["latency_p99_ms"].as_f64().is_some_and(|ms| ms > 0.0)), "{history}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

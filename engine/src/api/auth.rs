@@ -110,6 +110,7 @@ pub const POLICY: &[(&str, &str, Need)] = &[
     ("POST", "/queues/{priority}/pause", Need::Role(Role::Operator)),
     ("POST", "/queues/{priority}/resume", Need::Role(Role::Operator)),
     ("POST", "/dead-letters/{id}/replay", Need::Role(Role::Operator)),
+    ("POST", "/dead-letters/replay", Need::Role(Role::Operator)),
     ("PUT", "/plugins/{slot}", Need::Role(Role::Admin)),
     ("POST", "/plugins/{slot}/replay", Need::Role(Role::Admin)),
     ("POST", "/plugins/{slot}/promote", Need::Role(Role::Admin)),

@@ -66,6 +66,8 @@ pub struct AppState {
     pub runs: Arc<crate::runs::Runs>,
     pub metrics: PrometheusHandle,
     pub config: ApiConfig,
+    /// Once-a-second figures for the dashboard's live charts.
+    pub pulse: Arc<crate::pulse::Pulse>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -91,6 +93,7 @@ pub fn router(state: AppState) -> Router {
         .route("/plugins/{slot}/shadow-report", get(plugins::shadow_report))
         .route("/dead-letters", get(plugins::dead_letters))
         .route("/dead-letters/{id}/replay", post(plugins::replay))
+        .route("/dead-letters/replay", post(plugins::replay_many))
         .route("/runs", post(runs::start).get(runs::list))
         .route("/runs/current", get(runs::current))
         .route("/runs/{id}", get(runs::get))

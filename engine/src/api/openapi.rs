@@ -17,7 +17,9 @@ use crate::store::{HistoryEntry, Outcome};
             WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, \
             {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
             {\"type\":\"run.progress\",\"elapsed_ms\":N,\"run\":{...}} at most once per 250 ms of the engine clock \
-            while it goes, and {\"type\":\"resync\"} when a client fell behind."
+            while it goes, {\"type\":\"resync\"} when a client fell behind, and the engine's pulse: \
+            {\"type\":\"stats\",\"sample\":{...}} each second, its last 10 minutes as \
+            {\"type\":\"stats.history\",\"samples\":[...]} right after {\"type\":\"hello\"}."
     ),
     paths(
         super::health, super::metrics, super::recent_logs, super::post_events, super::list_orders,
@@ -25,6 +27,7 @@ use crate::store::{HistoryEntry, Outcome};
         super::plugins::list, super::plugins::deploy, super::plugins::promote, super::plugins::rollback,
         super::plugins::activate, super::plugins::what_if,
         super::plugins::discard, super::plugins::shadow_report, super::plugins::dead_letters, super::plugins::replay,
+        super::plugins::replay_many,
         super::webhooks::receive, super::webhooks::deliveries, super::webhooks::reconcile,
         super::webhooks::shop, super::webhooks::activate_shop, super::webhooks::compliance_requests,
         super::webhooks::compliance_request, super::webhooks::retry_compliance_request, super::audit,

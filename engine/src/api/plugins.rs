@@ -10,8 +10,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiQuery, AppState, RawBody, page_limit};
-use crate::engine::{ReplayError, WhatIfError};
+use super::{ApiError, ApiQuery, AppState, JsonBytes, RawBody, page_limit, parse_json};
+use crate::engine::{BulkReplay, ReplayError, WhatIfError};
+use crate::failure::LetterFilter;
 use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
 use crate::plugin::{PluginError, Slot};
 use crate::rules::ShadowReport;
@@ -244,17 +245,68 @@ pub async fn replay(
     State(s): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Replayed>), ApiError> {
-    match s.engine.replay(&id).await {
-        Ok(event) => Ok((StatusCode::ACCEPTED, Json(Replayed { event_id: event.event_id }))),
-        Err(ReplayError::NotFound) => Err(ApiError::not_found("dead letter not found")),
-        Err(ReplayError::AlreadyReplayed(at)) => {
-            Err(ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at })))
+    let event = s.engine.replay(&id).await?;
+    Ok((StatusCode::ACCEPTED, Json(Replayed { event_id: event.event_id })))
+}
+
+impl From<ReplayError> for ApiError {
+    fn from(e: ReplayError) -> Self {
+        match e {
+            ReplayError::NotFound => ApiError::not_found("dead letter not found"),
+            ReplayError::AlreadyReplayed(at) => {
+                ApiError::new(StatusCode::CONFLICT, "already replayed", json!({ "replayed_at": at }))
+            }
+            e @ ReplayError::AlreadyApplied(_) => {
+                ApiError::new(StatusCode::CONFLICT, "already applied", json!({ "reason": e.to_string() }))
+            }
+            ReplayError::NotAnEvent(m) => ApiError::bad_request("cannot replay", m),
+            ReplayError::Ingest(e) => e.into(),
+            ReplayError::Store(e) => e.into(),
         }
-        Err(e @ ReplayError::AlreadyApplied(_)) => {
-            Err(ApiError::new(StatusCode::CONFLICT, "already applied", json!({ "reason": e.to_string() })))
-        }
-        Err(ReplayError::NotAnEvent(m)) => Err(ApiError::bad_request("cannot replay", m)),
-        Err(ReplayError::Ingest(e)) => Err(e.into()),
-        Err(ReplayError::Store(e)) => Err(e.into()),
     }
+}
+
+/// `POST /dead-letters/replay`: which letters, and how many at most.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkReplayRequest {
+    /// Most letters to replay, 1 to 1000: the number an operator confirms.
+    limit: u64,
+    /// Only letters of this stage (decode, rules, resolver, store, webhook).
+    #[serde(default)]
+    stage: Option<String>,
+    /// Only letters of this kind of failure (`error_type`).
+    #[serde(default)]
+    error_type: Option<String>,
+    /// Only letters of orders whose id starts with this.
+    #[serde(default)]
+    order_prefix: Option<String>,
+    /// Go on from an earlier answer's `next_cursor`.
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// Most letters one bulk replay sends.
+const BULK_REPLAY_MAX: u64 = 1000;
+
+/// Replays, oldest first, the dead letters a filter matches that were not replayed yet,
+/// up to `limit`. A letter that cannot be replayed is reported with why and the rest go
+/// on; at most 100,000 letters are looked at per request (`next_cursor` goes on).
+#[utoipa::path(
+    post, path = "/dead-letters/replay", request_body = BulkReplayRequest,
+    responses(
+        (status = 200, body = BulkReplay), (status = 400, body = super::ErrorBody),
+        (status = 401, body = super::ErrorBody), (status = 503, body = super::ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+pub async fn replay_many(State(s): State<AppState>, JsonBytes(body): JsonBytes) -> Result<Json<BulkReplay>, ApiError> {
+    let request: BulkReplayRequest = parse_json(&body, "bulk replay request")?;
+    if !(1..=BULK_REPLAY_MAX).contains(&request.limit) {
+        let hint = format!("limit is the most letters to replay: 1 to {BULK_REPLAY_MAX}, got {}", request.limit);
+        return Err(ApiError::bad_request("invalid limit", hint));
+    }
+    let filter =
+        LetterFilter { stage: request.stage, error_type: request.error_type, order_prefix: request.order_prefix };
+    Ok(Json(s.engine.replay_matching(&filter, request.limit as usize, request.cursor).await?))
 }

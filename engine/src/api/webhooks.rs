@@ -13,7 +13,7 @@ use super::{ApiError, ApiQuery, AppState, BodyFailure, ErrorBody, RawBody, page_
 use crate::shopify::compliance::ComplianceRequest;
 use crate::shopify::{self, DeliveryHeaders, LogFailure, WebhookAnswer, WebhookError};
 use crate::store::{Page, WebhookDelivery};
-use crate::telemetry::{SHOP_WEBHOOKS, WEBHOOKS_RECEIVED};
+use crate::telemetry::SHOP_WEBHOOKS;
 
 /// Receives a Shopify order webhook. 200 means the event is durably on the log (or was
 /// a duplicate, or a topic we ignore); Shopify retries anything else.
@@ -67,7 +67,7 @@ pub async fn receive(
             accepted.map_err(ApiError::from)
         }
     };
-    metrics::counter!(WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
+    s.engine.stats().webhook(&audit.outcome);
     let shop = match unverified {
         true => shopify::ShopLabels::UNVERIFIED.to_string(),
         false => config.shop_labels.of(delivery.shop.as_deref()),

@@ -67,12 +67,13 @@ pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Respons
     // handshake answer can be missed.
     let rx = s.engine.changes().subscribe();
     let notices = s.engine.changes().subscribe_notices();
+    let history = s.pulse.history_message();
     // Selecting the dashboard's subprotocol lets it offer its token beside it.
     ws.protocols([super::auth::WS_PROTOCOL])
         .max_message_size(MAX_INBOUND_BYTES)
         .max_frame_size(MAX_INBOUND_BYTES)
         .on_upgrade(move |socket| async move {
-            serve(socket, rx, notices).await;
+            serve(socket, rx, notices, history).await;
             drop(place);
         })
 }
@@ -81,6 +82,7 @@ async fn serve(
     socket: WebSocket,
     mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
     mut notices: tokio::sync::broadcast::Receiver<Arc<str>>,
+    history: String,
 ) {
     let gauge = metrics::gauge!(telemetry::WS_CLIENTS);
     gauge.increment(1.0);
@@ -94,7 +96,8 @@ async fn serve(
         }
     });
     let hello = r#"{"type":"hello"}"#;
-    if !send(&mut sink, hello.to_string()).await {
+    // Then the charts' last 10 minutes, so a client draws them before the next second.
+    if !send(&mut sink, hello.to_string()).await || !send(&mut sink, history).await {
         closed.abort();
         gauge.decrement(1.0);
         return;

@@ -62,6 +62,8 @@ pub enum RunError {
 const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// How often the drain of a priority is checked.
 const TICK: Duration = Duration::from_millis(25);
+/// Most time a cancel waits for the store once its run has stopped.
+const WIND_DOWN_MAX: Duration = Duration::from_secs(60);
 /// A drain fails the run when nothing moves for this long.
 const DRAIN_STALL: Duration = Duration::from_secs(120);
 
@@ -226,7 +228,11 @@ impl Runs {
         let (runs, id) = (self.clone(), id.to_string());
         match tokio::spawn(async move { runs.cancel_whole(&id, request).await }).await {
             Ok(outcome) => outcome,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                // The runtime is shutting down: the process and its runs end with it.
+                Err(_) => Err(RunError::Store(StoreError::Unavailable("the engine is shutting down".into()))),
+            },
         }
     }
 
@@ -266,7 +272,10 @@ impl Runs {
         }
         // The driver has stopped: from here the run ends whatever the store says, and
         // its hold of NORMAL goes with it.
-        let wound_down = self.wind_down(&snapshot, &request).await;
+        // Bounded: the runs' lock is held meanwhile, and NORMAL stays held.
+        let wound_down = tokio::time::timeout(WIND_DOWN_MAX, self.wind_down(&snapshot, &request))
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable(format!("no answer within {WIND_DOWN_MAX:?}").into())));
         release(&self.engine, self.config.lease).await;
         let finished = {
             let mut r = run.lock().unwrap_or_else(|p| p.into_inner());

@@ -185,7 +185,7 @@ async fn deliver(
     if let Err(e) = &accepted {
         audit.reason = Some(e.to_string());
     }
-    metrics::counter!(telemetry::WEBHOOKS_RECEIVED, "outcome" => audit.outcome.clone()).increment(1);
+    engine.stats().webhook(&audit.outcome);
     if let Err(e) = engine.webhooks().record_delivery(audit).await {
         tracing::warn!(error = %e, "could not record a reconciled delivery in the audit");
     }
