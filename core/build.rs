@@ -16,6 +16,7 @@ const PACKAGES: &[&str] = &["order-rules", "conflict-resolver"];
 const FIXTURES: &[&str] = &[
     "fixture-trap",
     "fixture-spin",
+    "fixture-slow",
     "fixture-hog",
     "fixture-wrong-world",
     "fixture-rules-v2",

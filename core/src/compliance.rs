@@ -10,7 +10,7 @@ use crate::domain::{Order, OrderEvent};
 use crate::engine::Engine;
 use crate::failure::DeadLetter;
 use crate::ordering::{self, Named};
-use crate::store::{Base, ErasureMatch, HistoryEntry, StoreError, Write, WriteResult};
+use crate::store::{Base, ErasureMatch, HistoryEntry, StoreError, Trace, Write, WriteResult};
 
 /// What erasure leaves where the customer was.
 pub const REDACTED: &str = "[redacted]";
@@ -254,6 +254,8 @@ impl Engine {
                 source: "redaction".into(),
                 base: Some(Base::of(&current)),
                 row: row.clone(),
+                // Names the erased fields, never their values.
+                trace: Trace { changes: crate::journey::changes(Some(&current), &row), ..Trace::default() },
             };
             match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {
                 Some(WriteResult::Done) => {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use schemars::JsonSchema;
@@ -16,6 +17,7 @@ use crate::cluster::kafka::KafkaCluster;
 use crate::cluster::{Channel, Cluster, Control, ResetStage, Saved};
 use crate::domain::{EventKind, Order, OrderEvent, Priority, Status};
 use crate::failure::LetterFilter;
+use crate::journey;
 use crate::log::{LogError, OrderLog, Record, embedded::EmbeddedLog};
 use crate::pipeline::{Controls, Discards, Pauses, Pipeline, PipelineConfig, RetryCause, Stats};
 use crate::plugin::host::{Limits, Runtime};
@@ -24,8 +26,8 @@ use crate::plugin::replication::Replication;
 use crate::plugin::{PluginError, Slot};
 use crate::rules::Rulebook;
 use crate::store::{
-    self, Base, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, WebhookLedger, Write, WriteResult,
-    embedded::EmbeddedStore,
+    self, Base, DeadLetter, HistoryEntry, ListQuery, Page, StoreError, Stores, Trace, WebhookLedger, Write,
+    WriteResult, embedded::EmbeddedStore,
 };
 use crate::stream::ChangeStream;
 use crate::telemetry;
@@ -124,8 +126,27 @@ pub enum ReplayError {
     Store(#[from] StoreError),
 }
 
-/// Most dead letters one bulk replay looks at; the answer's cursor goes on from there.
+/// Most dead letters one bulk replay or purge looks at; the answer's cursor goes on
+/// from there.
 pub const BULK_REPLAY_SCAN: u64 = 100_000;
+
+/// What a purge of dead letters did.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+pub struct BulkPurge {
+    /// The letters deleted, oldest first.
+    pub purged: Vec<String>,
+    /// Letters looked at.
+    pub scanned: u64,
+    /// Where to go on, when letters were left unread (the cap or `limit` came first).
+    pub next_cursor: Option<String>,
+}
+
+/// Letters a bulk action takes, and how far it read.
+struct Matched {
+    letters: Vec<DeadLetter>,
+    scanned: u64,
+    next_cursor: Option<String>,
+}
 
 /// What a bulk replay did.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
@@ -208,8 +229,8 @@ pub struct Engine {
     /// Where decided events go for what-if runs, and its writer; set by `start`.
     recorder: Mutex<Option<(Recorder, tokio::task::JoinHandle<()>)>>,
     control_file: OnceLock<ControlFile>,
-    /// `instance-id`, locked for as long as this engine runs (see [`instance_name`]).
-    instance_lock: OnceLock<std::fs::File>,
+    /// `instance-id`, locked from open to shutdown (see [`instance_name`]).
+    instance_lock: Mutex<Option<std::fs::File>>,
     /// One switch at a time, so none is saved from a stale copy.
     switching: tokio::sync::Mutex<()>,
     /// Appends share it; a reset takes it whole, so no append is half done when the log
@@ -217,7 +238,13 @@ pub struct Engine {
     appending: tokio::sync::RwLock<()>,
     /// Per instance, the last reset it stopped for (from the control channel).
     reset_stops: Arc<Mutex<HashMap<String, String>>>,
+    /// The last order counts and when they were taken: dashboards share one count per
+    /// [`COUNTS_FRESH`] (a million rows take a while to count).
+    counts: tokio::sync::Mutex<Option<(Instant, store::OrderCounts)>>,
 }
+
+/// How long order counts are served from the last count.
+const COUNTS_FRESH: Duration = Duration::from_secs(2);
 
 /// Why a reset did not finish. It can be sent again: each part empties what is left.
 #[derive(Debug, thiserror::Error)]
@@ -279,8 +306,8 @@ const LETTER_TALLY_EVERY: std::time::Duration = std::time::Duration::from_secs(3
 
 /// This instance's name, kept in its data dir so that it outlives restarts (the Kafka
 /// appender's transactional id is made from it), and the file that holds it, locked:
-/// two live instances with one data dir would fence each other's appends for ever, so
-/// the second refuses to start.
+/// two live instances with one data dir would fence each other's appends for ever (or,
+/// on the embedded default, both consume one log), so the second refuses to start.
 fn instance_name(data_dir: &Path) -> anyhow::Result<(String, std::fs::File)> {
     use std::io::{Read as _, Seek as _, Write as _};
     let path = data_dir.join("instance-id");
@@ -303,6 +330,12 @@ fn instance_name(data_dir: &Path) -> anyhow::Result<(String, std::fs::File)> {
     let name = uuid::Uuid::now_v7().to_string();
     file.rewind().and_then(|()| file.write_all(name.as_bytes())).and_then(|()| file.sync_all()).map_err(failed)?;
     Ok((name, file))
+}
+
+/// Takes a data dir's lock as a starting engine does, for a tool that writes into a
+/// stopped engine's files; it is refused while an engine runs there.
+pub fn lock_data_dir(data_dir: &Path) -> anyhow::Result<std::fs::File> {
+    instance_name(data_dir).map(|(_, lock)| lock)
 }
 
 impl Engine {
@@ -333,6 +366,7 @@ impl Engine {
         };
         match backend {
             Backend::Embedded => {
+                let lock = lock_data_dir(data_dir)?;
                 let log = EmbeddedLog::open(&data_dir.join("log.sqlite"))?;
                 let store = EmbeddedStore::open(&data_dir.join("store.sqlite"))?;
                 let engine = Self::new(Arc::new(log), Stores::of(Arc::new(store)), rulebook, plugins, config);
@@ -352,6 +386,7 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "saved pauses and purges are unreadable; starting without"),
                 }
                 let _ = engine.control_file.set(file);
+                *engine.instance_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
                 Ok(engine)
             }
             Backend::Distributed { kafka, cql } => {
@@ -391,7 +426,7 @@ impl Engine {
                 engine.follow_controls(&cluster).await?;
                 let _ = engine.cluster.set(cluster);
                 if let Some(lock) = instance_lock {
-                    let _ = engine.instance_lock.set(lock);
+                    *engine.instance_lock.lock().unwrap_or_else(|p| p.into_inner()) = Some(lock);
                 }
                 if let Some(replication) = replication {
                     let _ = engine.replication.set(replication);
@@ -492,10 +527,11 @@ impl Engine {
             what_ifs: Arc::default(),
             recorder: Mutex::new(None),
             control_file: OnceLock::new(),
-            instance_lock: OnceLock::new(),
+            instance_lock: Mutex::new(None),
             switching: tokio::sync::Mutex::new(()),
             appending: tokio::sync::RwLock::new(()),
             reset_stops: Arc::default(),
+            counts: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -673,6 +709,8 @@ impl Engine {
         {
             tracing::warn!(error = %e, "relaying the last changes on shutdown failed");
         }
+        // Another engine may take the data dir from here on.
+        self.instance_lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Validates and appends events; `Ok` means all of them are durable, `Err` that none is.
@@ -767,6 +805,7 @@ impl Engine {
             reason: letter.reason.clone(),
             decided_by: "webhook".into(),
             dead_letter: Some(letter.clone()),
+            trace: Trace::default(),
         };
         let written = self.stores.orders.write(vec![record]).await?;
         // A letter under this id exists already (a retry of the same delivery): nothing new to relay.
@@ -815,6 +854,7 @@ impl Engine {
             source: "operator".into(),
             base: Some(Base::of(&current)),
             row: row.clone(),
+            trace: Trace { changes: crate::journey::changes(Some(&current), &row), ..Trace::default() },
         };
         match self.stores.orders.write(vec![write]).await?.pop().map(|(_, r)| r) {
             Some(WriteResult::Done) => {
@@ -871,32 +911,83 @@ impl Engine {
         limit: usize,
         cursor: Option<String>,
     ) -> Result<BulkReplay, ReplayError> {
-        let mut out = BulkReplay::default();
-        let mut cursor = cursor;
+        let found = self.letters_matching(limit, cursor, |l| l.replayed_at.is_none() && filter.matches(l)).await?;
+        let mut out = BulkReplay { scanned: found.scanned, next_cursor: found.next_cursor, ..Default::default() };
+        for letter in found.letters {
+            match self.replay(&letter.id).await {
+                Ok(_) => out.replayed.push(letter.id),
+                Err(e @ (ReplayError::Store(_) | ReplayError::Ingest(_))) => return Err(e),
+                Err(e) => out.failed.push(LetterFailed { id: letter.id, error: e.to_string() }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes for good, oldest first, up to `limit` dead letters that `filter` matches
+    /// (and, when `replayed` is given, that were or were not replayed), looking at no
+    /// more than [`BULK_REPLAY_SCAN`] letters from `cursor`.
+    pub async fn purge_matching(
+        &self,
+        filter: &LetterFilter,
+        replayed: Option<bool>,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> Result<BulkPurge, StoreError> {
+        let takes = |l: &DeadLetter| replayed.is_none_or(|r| r == l.replayed_at.is_some()) && filter.matches(l);
+        let found = self.letters_matching(limit, cursor, takes).await?;
+        let ids: Vec<String> = found.letters.into_iter().map(|l| l.id).collect();
+        let purged = self.stores.dead_letters.purge_letters(&ids).await?;
+        metrics::counter!(telemetry::DEAD_LETTERS_PURGED).increment(purged.len() as u64);
+        tracing::info!(purged = purged.len(), matched = ids.len(), "dead letters purged by an operator");
+        Ok(BulkPurge { purged, scanned: found.scanned, next_cursor: found.next_cursor })
+    }
+
+    /// Up to `limit` letters that `takes` keeps, oldest first from `cursor`, reading no
+    /// more than [`BULK_REPLAY_SCAN`]; the cursor goes on after the last letter looked at.
+    async fn letters_matching(
+        &self,
+        limit: usize,
+        mut cursor: Option<String>,
+        takes: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<Matched, StoreError> {
+        let mut out = Matched { letters: Vec::new(), scanned: 0, next_cursor: None };
         loop {
             let page = self.stores.dead_letters.dead_letters(500, cursor.clone()).await?;
-            for letter in &page.items {
-                if out.replayed.len() + out.failed.len() >= limit {
-                    // The rest of this page is looked at again next time (replayed ones are skipped).
-                    out.next_cursor = cursor;
+            let ids: Vec<String> = page.items.iter().map(|l| l.id.clone()).collect();
+            for (looked, letter) in page.items.into_iter().enumerate() {
+                if out.letters.len() >= limit {
+                    out.next_cursor = self.cursor_after(&cursor, &ids[..looked]).await?;
                     return Ok(out);
                 }
                 out.scanned += 1;
-                if letter.replayed_at.is_some() || !filter.matches(letter) {
-                    continue;
-                }
-                match self.replay(&letter.id).await {
-                    Ok(_) => out.replayed.push(letter.id.clone()),
-                    Err(e @ (ReplayError::Store(_) | ReplayError::Ingest(_))) => return Err(e),
-                    Err(e) => out.failed.push(LetterFailed { id: letter.id.clone(), error: e.to_string() }),
+                if takes(&letter) {
+                    out.letters.push(letter);
                 }
             }
             cursor = page.next_cursor;
-            if cursor.is_none() || out.scanned >= BULK_REPLAY_SCAN {
+            if cursor.is_none() || out.scanned >= BULK_REPLAY_SCAN || out.letters.len() >= limit {
                 out.next_cursor = cursor;
                 return Ok(out);
             }
         }
+    }
+
+    /// The cursor just after `looked`, the first letters of the page that starts at
+    /// `start`. Stores hand out cursors at page ends, so that page is read again up to
+    /// there. If a letter looked at was purged meanwhile, the reread reaches past the
+    /// last one looked at: it is read once more, up to the last letter looked at that is
+    /// still there.
+    async fn cursor_after(&self, start: &Option<String>, looked: &[String]) -> Result<Option<String>, StoreError> {
+        let letters = &self.stores.dead_letters;
+        let Some(last) = looked.last() else { return Ok(start.clone()) };
+        let again = letters.dead_letters(looked.len(), start.clone()).await?;
+        if again.items.last().is_some_and(|l| &l.id == last) {
+            return Ok(again.next_cursor);
+        }
+        Ok(match again.items.iter().rposition(|l| looked.contains(&l.id)) {
+            Some(at) => letters.dead_letters(at + 1, start.clone()).await?.next_cursor,
+            None => start.clone(),
+        })
     }
 
     /// Empties the engine: the log's records (so nothing queued before is applied
@@ -974,11 +1065,16 @@ impl Engine {
     /// The store's part of a reset.
     async fn empty_store(&self) -> Result<(), ResetError> {
         // Cases still queued would outlive the reset (customer data included).
+        self.flush_recorder().await;
+        self.stores.runs.reset().await.map_err(ResetError::Store)
+    }
+
+    /// Waits until the cases this instance decided so far are written (or given up on).
+    async fn flush_recorder(&self) {
         let recorder = self.recorder.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.0.clone());
         if let Some(recorder) = recorder {
             recorder.flush().await;
         }
-        self.stores.runs.reset().await.map_err(ResetError::Store)
     }
 
     pub fn backend(&self) -> String {
@@ -1020,6 +1116,20 @@ impl Engine {
         self.stores.orders.list(query).await
     }
 
+    /// Orders by status and priority, at most [`COUNTS_FRESH`] old. One count at a time:
+    /// callers meanwhile wait for it rather than start their own.
+    pub async fn counts(&self) -> Result<store::OrderCounts, StoreError> {
+        let mut last = self.counts.lock().await;
+        if let Some((at, counts)) = last.as_ref()
+            && at.elapsed() < COUNTS_FRESH
+        {
+            return Ok(counts.clone());
+        }
+        let counts = self.stores.orders.counts().await?;
+        *last = Some((Instant::now(), counts.clone()));
+        Ok(counts)
+    }
+
     /// The order's history, oldest first; `None` when no such order was ever seen.
     /// A page of the order's history; `None` when the order does not exist.
     pub async fn history(
@@ -1033,6 +1143,14 @@ impl Engine {
             return Ok(None);
         }
         Ok(Some(history))
+    }
+
+    /// The order's row and the journey of its first [`journey::JOURNEY_MAX`] events. The
+    /// row is read last, so it is never older than the events shown.
+    pub async fn journey(&self, id: &str) -> Result<Option<journey::Journey>, StoreError> {
+        let page = self.stores.orders.history(id, journey::JOURNEY_MAX, None).await?;
+        let Some(order) = self.stores.orders.get(id).await? else { return Ok(None) };
+        Ok(Some(journey::journey(order, page.items, page.next_cursor.is_some())))
     }
 
     /// Whether the order's history holds `event_id` as applied, page by page.
@@ -1094,6 +1212,34 @@ impl Engine {
         self.plugins.as_ref()
     }
 
+    /// This instance's name in its group (`embedded` on the embedded default).
+    pub fn instance(&self) -> String {
+        self.log.member_name().unwrap_or_else(|| "embedded".into())
+    }
+
+    /// The log's partitions: their lag and which this instance holds (Kafka only).
+    pub fn placement(&self) -> Option<crate::log::Placement> {
+        self.log.placement()
+    }
+
+    /// The cluster this instance shares state through; `None` on the embedded default.
+    pub fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Whether an operator paused `priority` (cluster-wide where there is a cluster).
+    pub fn operator_paused(&self, priority: Priority) -> bool {
+        self.pauses.operator_paused(priority)
+    }
+
+    /// The rules and the resolver deciding now, by slot (`slot@version#sha256:…`).
+    pub fn deciding(&self) -> [(&'static str, String); 2] {
+        [
+            ("order-rules", self.rulebook.rules().id().to_string()),
+            ("conflict-resolver", self.rulebook.resolver().id().to_string()),
+        ]
+    }
+
     /// A what-if run: `candidate` (order rules) and the active rules decide the events
     /// recorded since `since`, up to `limit`, and the report compares them. Writes nothing.
     pub async fn what_if(
@@ -1107,6 +1253,9 @@ impl Engine {
             return Err(WhatIfError::NotRecorded);
         }
         let one_at_a_time = self.what_ifs.clone().try_lock_owned().map_err(|_| WhatIfError::Busy)?;
+        // The window holds every event this instance decided before the request, even
+        // those still queued for the recorder's writer.
+        self.flush_recorder().await;
         let (cases, live_id) = (self.stores.cases.clone(), self.rulebook.rules().id().to_string());
         // On a task of its own, holding the lock to the end: a caller that goes away
         // does not free the core for a second run while this one still decides.
@@ -1168,5 +1317,20 @@ mod tests {
         drop(held);
         let (again, _held) = instance_name(dir.path()).unwrap();
         assert_eq!(again, name, "the name outlives a restart");
+    }
+
+    #[tokio::test]
+    async fn a_second_embedded_engine_on_one_data_dir_is_refused() {
+        use super::{Backend, Engine, EngineConfig};
+        let dir = tempfile::tempdir().unwrap();
+        let first = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await.unwrap();
+        let Err(refused) = Engine::open(Backend::Embedded, dir.path(), EngineConfig::default()).await else {
+            panic!("two engines consumed one embedded log");
+        };
+        assert!(refused.to_string().contains("another engine runs with the data dir"), "{refused}");
+        drop(first);
+        Engine::open(Backend::Embedded, dir.path(), EngineConfig::default())
+            .await
+            .expect("free once the first is gone");
     }
 }

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod error;
 pub mod failure;
 pub mod generator;
+pub mod journey;
 pub mod log;
 pub mod ordering;
 pub mod pipeline;

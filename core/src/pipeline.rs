@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::domain::{ChangedAt, EventKind, Order, OrderEvent, OrderFields, PerPriority, Priority};
 use crate::failure::{Failure, FailureKind, Stage};
+use crate::journey::{self, Conflict, Said, Trace};
 use crate::log::{Delivery, LogConsumer};
 use crate::ordering;
 use crate::rules::{Decision, RuleError, Rulebook};
@@ -59,6 +60,9 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Creates decided as if their order were absent that were decided again against
+    /// its row (it existed, or the rules did not upsert).
+    pub guesses_missed: AtomicU64,
     /// Events parked to wait for their order's create, and parked events decided since.
     pub parked: AtomicU64,
     pub released: AtomicU64,
@@ -331,6 +335,7 @@ pub struct Pipeline {
 }
 
 /// One event (or undecodable record) within a batch.
+#[derive(Clone)]
 struct Item<'a> {
     delivery: &'a Delivery,
     event: Result<OrderEvent, String>,
@@ -358,12 +363,31 @@ struct Plan<'a> {
     /// One per write, in the same order.
     slots: Vec<Slot<'a>>,
     to_park: Vec<ParkedEvent>,
+    /// Creates decided as if their order were absent that the rules did not upsert:
+    /// decided again against the stored row (items' places in the round).
+    redo: Vec<usize>,
+    /// Creates decided as if their order were absent and written so: recorded for
+    /// what-if runs once the write shows the order was absent indeed.
+    guessed: Vec<usize>,
+}
+
+/// How a round reads the rows its events meet.
+#[derive(Clone, Copy, PartialEq)]
+enum Reads {
+    /// A create is decided as if its order were absent, without a read: true for nearly
+    /// every create, and an insert that finds the row (a second create) is decided again.
+    GuessCreates,
+    /// Every event reads its order's row first.
+    All,
 }
 
 /// What settling one write needs besides its result.
 struct Slot<'a> {
     priority: Priority,
     appended_at_us: i64,
+    /// The item's place in the round, and whether its create was written as a guess.
+    item: usize,
+    guessed: bool,
     /// For an apply: what a lost race needs.
     pending: Option<Pending>,
     /// The decoded event (none for an undecodable record).
@@ -378,6 +402,8 @@ struct Pending {
     fields: OrderFields,
     event: OrderEvent,
     decided_by: String,
+    /// The event's journey so far; each lost race adds to it.
+    trace: Trace,
 }
 
 impl Pipeline {
@@ -529,7 +555,7 @@ impl Pipeline {
                     .take_while(|it| it.event.as_ref().map_or(true, |e| orders.insert(e.order_id.as_str())))
                     .count()
                     .max(1);
-            let (n, created) = self.process_round(&items[done..end], preempt).await?;
+            let (n, created) = self.process_round(&items[done..end], preempt, Reads::GuessCreates).await?;
             done += n;
             let releasing = items.first().is_some_and(|it| it.parked_since.is_none());
             if releasing && !created.is_empty() && self.maybe_parked.load(Ordering::Relaxed) {
@@ -608,26 +634,59 @@ impl Pipeline {
         &self,
         items: &[Item<'_>],
         preempt: &(dyn Fn() -> bool + Sync),
+        reads: Reads,
     ) -> anyhow::Result<(usize, Vec<String>)> {
-        let plan = self.plan(items, preempt).await?;
+        let plan = self.plan(items, preempt, reads).await?;
         self.park(plan.to_park).await?;
         let results = self.store.write(plan.writes).await?;
-        let created = self.settle(results, plan.slots).await?;
+        let (mut created, mut redo) = self.settle(results, plan.slots).await?;
+        if let Some(recorder) = &self.recorder {
+            let held = plan.guessed.iter().filter(|i| !redo.contains(i));
+            let decided: Vec<_> = held.filter_map(|&i| items[i].event.as_ref().ok()).map(|e| (e, None)).collect();
+            recorder.offer(&decided);
+        }
+        redo.extend(plan.redo);
+        if !redo.is_empty() {
+            // Creates whose order exists after all: decided again, against its row, before
+            // the next round can hold a later event of the same order.
+            redo.sort_unstable();
+            self.stats.guesses_missed.fetch_add(redo.len() as u64, Ordering::Relaxed);
+            let again: Vec<Item<'_>> = redo.iter().map(|&i| items[i].clone()).collect();
+            // Boxed: a round with every read made never redoes, so this goes one level deep.
+            let (_, more) = Box::pin(self.process_round(&again, &|| false, Reads::All)).await?;
+            created.extend(more);
+        }
         Ok((plan.taken, created))
     }
 
     /// Decides a round's events, writing nothing.
-    async fn plan<'a>(&self, items: &'a [Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<Plan<'a>> {
+    async fn plan<'a>(
+        &self,
+        items: &'a [Item<'_>],
+        preempt: &(dyn Fn() -> bool + Sync),
+        reads: Reads,
+    ) -> anyhow::Result<Plan<'a>> {
         // One rules version decides the whole round: a deploy takes effect between rounds.
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
         // Read once, so the decisions below line up with the events they were made for.
         let dropped: Vec<bool> =
             items.iter().map(|it| it.event.as_ref().is_ok_and(|e| self.discards.matches(&e.order_id))).collect();
-        let wanted: Vec<String> = items
+        // A round holds each order once, so a create is its order's only event here.
+        let guessed: Vec<bool> = items
             .iter()
             .zip(&dropped)
-            .filter(|(_, d)| !**d)
+            .map(|(it, d)| {
+                reads == Reads::GuessCreates
+                    && !*d
+                    && it.parked_since.is_none()
+                    && it.event.as_ref().is_ok_and(|e| e.kind == EventKind::Created)
+            })
+            .collect();
+        let wanted: Vec<String> = items
+            .iter()
+            .zip(dropped.iter().zip(&guessed))
+            .filter(|(_, (d, g))| !**d && !**g)
             .filter_map(|(it, _)| it.event.as_ref().ok().map(|e| e.order_id.clone()))
             .collect();
         let current = self.store.get_many(wanted).await?;
@@ -662,13 +721,21 @@ impl Pipeline {
             shadow.offer(batch.collect());
         }
 
-        let mut plan = Plan { taken: 0, writes: Vec::new(), slots: Vec::new(), to_park: Vec::new() };
+        let mut plan = Plan {
+            taken: 0,
+            writes: Vec::new(),
+            slots: Vec::new(),
+            to_park: Vec::new(),
+            redo: Vec::new(),
+            guessed: Vec::new(),
+        };
         // The events this round takes, with the rows they met: kept for what-if runs.
         let mut decided = Vec::with_capacity(inputs.len());
-        for ((it, dropped), park) in items.iter().zip(dropped).zip(parks) {
+        for (item, ((it, dropped), park)) in items.iter().zip(dropped).zip(parks).enumerate() {
             if preempt() {
                 break;
             }
+            let guessed = guessed[item];
             plan.taken += 1;
             if dropped {
                 self.discards.dropped.fetch_add(1, Ordering::Relaxed);
@@ -678,6 +745,8 @@ impl Pipeline {
             let slot = Slot {
                 priority: d.priority,
                 appended_at_us: d.appended_at_us,
+                item,
+                guessed,
                 pending: None,
                 event: None,
                 failure: None,
@@ -708,6 +777,7 @@ impl Pipeline {
                         reason: failure.reason.clone(),
                         decided_by: "decoder".into(),
                         dead_letter: Some(letter),
+                        trace: journey::arrived(None, d, it.parked_since),
                     });
                     plan.slots.push(Slot { failure: Some(failure), ..slot });
                     continue;
@@ -716,20 +786,46 @@ impl Pipeline {
             let base = current.get(&event.order_id);
             let slot = Slot { event: Some(event), ..slot };
             let decision = decisions.next().expect("one decision per decodable event");
-            decided.push((event, base));
-            let refused = |failure: Failure| (refusal(event, &failure, rules.id()), Some(failure));
+            if guessed {
+                // Only an upsert is written on the guess; any other answer may be one the
+                // stored row would have changed ("order already exists"), so it is asked
+                // again with the row.
+                if !matches!(decision, Ok(Decision::Upsert(_))) {
+                    plan.redo.push(item);
+                    continue;
+                }
+                plan.guessed.push(item);
+            } else {
+                decided.push((event, base));
+            }
+            let arrived = journey::arrived(Some(event), d, it.parked_since);
+            let traced = |said: Said, reason: Option<&str>| Trace {
+                rules: Some(journey::verdict(rules.id(), said, reason)),
+                ..arrived.clone()
+            };
+            let refused = |failure: Failure, said: Said| {
+                let trace = traced(said, Some(&failure.reason));
+                (refusal(event, &failure, rules.id(), trace), Some(failure))
+            };
+            let skipped = |reason: String, said: Said| {
+                let trace = traced(said, Some(&reason));
+                record(event, Outcome::Skipped, reason, rules.id(), None, trace)
+            };
             let (write, pending, failure) = match decision {
                 Ok(Decision::Upsert(fields)) if superseded(base, &fields, event) => {
-                    (record(event, Outcome::Skipped, SUPERSEDED.to_string(), rules.id(), None), None, None)
+                    (skipped(SUPERSEDED.to_string(), Said::Upsert), None, None)
                 }
                 Ok(Decision::Upsert(fields)) => {
                     let row = build_row(event, base, fields.clone(), rules.id());
+                    let trace = Trace { changes: journey::changes(base, &row), ..traced(Said::Upsert, None) };
                     let (event_id, source) = (event.event_id.clone(), event.source.clone());
-                    let write = Write::Apply { event_id, source, base: base.map(Base::of), row };
+                    let write = Write::Apply { event_id, source, base: base.map(Base::of), row, trace };
                     let decided_by = rules.id().to_string();
-                    (write, Some(Pending { base: base.cloned(), fields, event: event.clone(), decided_by }), None)
+                    let trace = traced(Said::Upsert, None);
+                    let pending = Pending { base: base.cloned(), fields, event: event.clone(), decided_by, trace };
+                    (write, Some(pending), None)
                 }
-                Ok(Decision::Skip(reason)) => (record(event, Outcome::Skipped, reason, rules.id(), None), None, None),
+                Ok(Decision::Skip(reason)) => (skipped(reason, Said::Skip), None, None),
                 Ok(Decision::Reject(reason)) => {
                     let reason = match (it.parked_since, base) {
                         (Some(since), None) => format!(
@@ -740,15 +836,15 @@ impl Pipeline {
                         ),
                         _ => reason,
                     };
-                    let (write, failure) =
-                        refused(Failure::new(Stage::Rules, FailureKind::Rejected, reason).decided_by(rules.id()));
+                    let failure = Failure::new(Stage::Rules, FailureKind::Rejected, reason).decided_by(rules.id());
+                    let (write, failure) = refused(failure, Said::Reject);
                     (write, None, failure)
                 }
                 Err(RuleError { kind, message }) => {
                     // The plugin failed on this event: it alone goes to the dead letters.
                     let reason = format!("{} failed ({kind}): {message}", rules.id());
-                    let (write, failure) =
-                        refused(Failure::new(Stage::Rules, kind.into(), reason).decided_by(rules.id()));
+                    let failure = Failure::new(Stage::Rules, kind.into(), reason).decided_by(rules.id());
+                    let (write, failure) = refused(failure, Said::Failed);
                     (write, None, failure)
                 }
             };
@@ -778,10 +874,20 @@ impl Pipeline {
     /// Counts and relays what the store now holds, and resolves the lost races. Returns
     /// the orders this round created (or found created, on a redelivery): their parked
     /// events are due.
-    async fn settle(&self, results: Vec<(Write, WriteResult)>, slots: Vec<Slot<'_>>) -> anyhow::Result<Vec<String>> {
+    /// Also returns the guessed creates whose order existed (items' places), to decide again.
+    async fn settle(
+        &self,
+        results: Vec<(Write, WriteResult)>,
+        slots: Vec<Slot<'_>>,
+    ) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
         let mut created = Vec::new();
+        let mut redo = Vec::new();
         for ((write, result), slot) in results.into_iter().zip(slots) {
-            let Slot { priority, appended_at_us, pending, event, failure } = slot;
+            let Slot { priority, appended_at_us, item, guessed, pending, event, failure } = slot;
+            if guessed && matches!(result, WriteResult::Conflict(_)) {
+                redo.push(item);
+                continue;
+            }
             if let Write::Apply { row, base: None, .. } = &write
                 && matches!(result, WriteResult::Done | WriteResult::Duplicate | WriteResult::Conflict(Some(_)))
             {
@@ -790,7 +896,7 @@ impl Pipeline {
             match (result, write) {
                 (WriteResult::Duplicate, write) => self.duplicate(write.order_id(), priority).await?,
                 (WriteResult::IdTaken(holder), write) => match event {
-                    Some(event) => self.id_taken(event, holder, priority).await?,
+                    Some(event) => self.id_taken(event, holder, write.trace().clone(), priority).await?,
                     // An undecodable record's id is its log position: taken only when the
                     // log was recreated beside an older store. Its letter exists already.
                     None => {
@@ -808,7 +914,7 @@ impl Pipeline {
                 }
             }
         }
-        Ok(created)
+        Ok((created, redo))
     }
 
     /// A redelivered event after a crash: its change may never have been published,
@@ -835,6 +941,9 @@ impl Pipeline {
         for _ in 0..self.config.max_conflict_retries {
             self.metrics.conflicts.increment(1);
             self.stats.conflicts.fetch_add(1, Ordering::Relaxed);
+            // The write that lost expected the base the change was decided on.
+            let expected = p.base.as_ref().map(|b| b.version);
+            let mut lost = Conflict { expected, found: now.as_ref().map(|o| o.version), resolver: None };
             let (base, merged) = match &now {
                 // The row vanished under us: write the change as a fresh insert.
                 None => (None, p.fields.clone()),
@@ -855,36 +964,46 @@ impl Pipeline {
                         Failure::new(Stage::Resolver, kind, reason).decided_by(resolver.id())
                     };
                     let settled = match merged {
-                        Ok(Ok(merged)) if merged == current.fields() => {
-                            let reason = "no change after merge".to_string();
-                            Err(Ok(record(&p.event, Outcome::Skipped, reason, resolver.id(), None)))
-                        }
+                        Ok(Ok(merged)) if merged == current.fields() => Err(Ok("no change after merge".to_string())),
                         Ok(Ok(merged)) if superseded(Some(current), &merged, &p.event) => {
-                            Err(Ok(record(&p.event, Outcome::Skipped, SUPERSEDED.into(), resolver.id(), None)))
+                            Err(Ok(SUPERSEDED.to_string()))
                         }
                         Ok(Ok(merged)) => Ok(merged),
-                        Ok(Err(reason)) => Err(Err(refused(FailureKind::ConflictRejected, reason))),
+                        Ok(Err(reason)) => Err(Err((Said::Reject, refused(FailureKind::ConflictRejected, reason)))),
                         Err(RuleError { kind, message }) => {
                             let reason = format!("{} failed ({kind}): {message}", resolver.id());
-                            Err(Err(refused(kind.into(), reason)))
+                            Err(Err((Said::Failed, refused(kind.into(), reason))))
                         }
                     };
+                    let (said, reason) = match &settled {
+                        Ok(_) => (Said::Merge, None),
+                        Err(Ok(reason)) => (Said::Skip, Some(reason.as_str())),
+                        Err(Err((said, failure))) => (*said, Some(failure.reason.as_str())),
+                    };
+                    lost.resolver = Some(journey::verdict(resolver.id(), said, reason));
                     match settled {
                         Ok(merged) => (Some(Base::of(current)), merged),
-                        Err(Ok(skip)) => return self.write_record(skip, None, priority).await,
-                        Err(Err(failure)) => {
-                            let record = refusal(&p.event, &failure, resolver.id());
+                        Err(Ok(reason)) => {
+                            p.trace.conflicts.push(lost);
+                            let skip = record(&p.event, Outcome::Skipped, reason, resolver.id(), None, p.trace);
+                            return self.write_record(skip, None, priority).await;
+                        }
+                        Err(Err((_, failure))) => {
+                            p.trace.conflicts.push(lost);
+                            let record = refusal(&p.event, &failure, resolver.id(), p.trace);
                             return self.write_record(record, Some(failure), priority).await;
                         }
                     }
                 }
             };
+            p.trace.conflicts.push(lost);
             let row = build_row(&p.event, now.as_ref(), merged.clone(), resolver.id());
             let w = Write::Apply {
                 event_id: p.event.event_id.clone(),
                 source: p.event.source.clone(),
                 base,
                 row: row.clone(),
+                trace: Trace { changes: journey::changes(now.as_ref(), &row), ..p.trace.clone() },
             };
             match self.store.write(vec![w]).await?.pop().map(|(_, r)| r) {
                 Some(WriteResult::Done) => {
@@ -896,7 +1015,7 @@ impl Pipeline {
                     self.duplicate(&row.id, priority).await?;
                     return Ok(());
                 }
-                Some(WriteResult::IdTaken(holder)) => return self.id_taken(&p.event, holder, priority).await,
+                Some(WriteResult::IdTaken(holder)) => return self.id_taken(&p.event, holder, p.trace, priority).await,
                 Some(WriteResult::Conflict(again)) => {
                     p.base = now;
                     p.fields = merged;
@@ -908,14 +1027,20 @@ impl Pipeline {
         }
         let reason = format!("compare-and-set lost {} times in a row", self.config.max_conflict_retries);
         let failure = Failure::new(Stage::Store, FailureKind::ConflictRetriesExhausted, reason);
-        let record = refusal(&p.event, &failure, resolver.id());
+        let record = refusal(&p.event, &failure, resolver.id(), p.trace);
         self.write_record(record, Some(failure), priority).await
     }
 
     /// An event whose id another order holds already: a producer's bug, never dropped.
     /// It is recorded under an id of its own (`<event id>@<order id>`) and dead-lettered,
     /// so a replay (which takes a fresh id) can still apply it.
-    async fn id_taken(&self, event: &OrderEvent, holder: String, priority: Priority) -> anyhow::Result<()> {
+    async fn id_taken(
+        &self,
+        event: &OrderEvent,
+        holder: String,
+        trace: Trace,
+        priority: Priority,
+    ) -> anyhow::Result<()> {
         let reason = format!(
             "event id {} is already used by order {holder}; event ids must be unique, so this event for order {} \
              was not applied",
@@ -933,6 +1058,8 @@ impl Pipeline {
             reason: failure.reason.clone(),
             decided_by: "store".into(),
             dead_letter: Some(letter),
+            // What it would have changed is not what happened: the journey keeps the rest.
+            trace: Trace { changes: Vec::new(), ..trace },
         };
         // Recorded before (a redelivery); or the derived id is itself taken, which only a
         // producer reusing ids on purpose gets: either way it stays a duplicate.
@@ -992,7 +1119,14 @@ impl Pipeline {
 }
 
 /// The record of a skip or a refusal: no new row, but the event's outcome in the history.
-fn record(event: &OrderEvent, outcome: Outcome, reason: String, decided_by: &str, letter: Option<DeadLetter>) -> Write {
+fn record(
+    event: &OrderEvent,
+    outcome: Outcome,
+    reason: String,
+    decided_by: &str,
+    letter: Option<DeadLetter>,
+    trace: Trace,
+) -> Write {
     Write::Record {
         event_id: event.event_id.clone(),
         source: event.source.clone(),
@@ -1001,12 +1135,14 @@ fn record(event: &OrderEvent, outcome: Outcome, reason: String, decided_by: &str
         reason,
         decided_by: decided_by.to_string(),
         dead_letter: letter,
+        trace,
     }
 }
 
 /// The record of a refused event, with its dead letter.
-fn refusal(event: &OrderEvent, failure: &Failure, decided_by: &str) -> Write {
-    record(event, Outcome::Rejected, failure.reason.clone(), decided_by, Some(failure.letter_for(event)))
+fn refusal(event: &OrderEvent, failure: &Failure, decided_by: &str, trace: Trace) -> Write {
+    let letter = Some(failure.letter_for(event));
+    record(event, Outcome::Rejected, failure.reason.clone(), decided_by, letter, trace)
 }
 
 /// Names an undecodable record by its place in the log.
@@ -1099,6 +1235,8 @@ mod tests {
         inner: MemoryStore,
         edit: std::sync::Mutex<Option<(usize, String, Edit)>>,
         fail: std::sync::Mutex<Option<fn() -> StoreError>>,
+        /// The order ids the pipeline read rows of, in order.
+        reads: std::sync::Mutex<Vec<String>>,
     }
 
     impl Scripted {
@@ -1114,6 +1252,10 @@ mod tests {
         fn fail_writes(&self, fail: Option<fn() -> StoreError>) {
             *self.fail.lock().unwrap() = fail;
         }
+
+        fn reads(&self) -> Vec<String> {
+            std::mem::take(&mut self.reads.lock().unwrap())
+        }
     }
 
     /// Commits an operator's edit as `Engine::edit` does.
@@ -1124,6 +1266,7 @@ mod tests {
             source: "operator".into(),
             base: Some(Base::of(&current)),
             row: edit(&current),
+            trace: Trace::default(),
         };
         assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
     }
@@ -1137,6 +1280,7 @@ mod tests {
             self.inner.get(id).await
         }
         async fn get_many(&self, ids: Vec<String>) -> Result<HashMap<String, Order>, StoreError> {
+            self.reads.lock().unwrap().extend(ids.iter().cloned());
             self.inner.get_many(ids).await
         }
         async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
@@ -1177,6 +1321,10 @@ mod tests {
         async fn stats(&self) -> Result<StoreStats, StoreError> {
             self.inner.stats().await
         }
+
+        async fn counts(&self) -> Result<crate::store::OrderCounts, StoreError> {
+            self.inner.counts().await
+        }
     }
 
     fn delivery(offset: u64, e: &OrderEvent) -> Delivery {
@@ -1194,6 +1342,20 @@ mod tests {
     fn native_pipeline<S: Orders + Parking>(store: Arc<S>, config: PipelineConfig) -> Pipeline {
         let parking: Arc<dyn Parking> = store.clone();
         Pipeline::new(store, parking, native::rulebook(), ChangeStream::new(16), Controls::default(), config)
+    }
+
+    /// A pipeline with the native rules over a scripted store, and the stats it keeps.
+    fn scripted_pipeline(store: &Arc<Scripted>) -> (Pipeline, Arc<Stats>) {
+        let stats = Arc::new(Stats::new());
+        let p = Pipeline::new(
+            store.clone(),
+            Arc::new(MemoryStore::default()),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Controls { stats: stats.clone(), ..Default::default() },
+            PipelineConfig::default(),
+        );
+        (p, stats)
     }
 
     /// Order o1 created for Ada, GOLD, 1.00.
@@ -1220,6 +1382,34 @@ mod tests {
         }
     }
 
+    /// A create is decided as if its order were absent, without a read. One that the
+    /// rules refuse, or whose insert finds the row (a second create under another event
+    /// id), is decided again against the stored row: the second create is skipped as the
+    /// rules say ("order already exists"), not merged as a lost race would be.
+    #[tokio::test]
+    async fn creates_are_decided_without_a_read_and_again_with_the_row_when_it_exists() {
+        let store = Arc::new(Scripted::default());
+        let (p, stats) = scripted_pipeline(&store);
+        assert_eq!(p.process(&[delivery(1, &ada_created())], &|| false).await.unwrap(), 1);
+        assert_eq!(store.reads(), Vec::<String>::new(), "a create reads no row");
+        assert_eq!(store.get("o1").await.unwrap().map(|o| o.version), Some(1));
+
+        let again = OrderEvent { event_id: "c2".into(), ..ada_created() };
+        let negative = OrderChange { total_cents: Some(-1), ..ada_created().payload };
+        let refused = OrderEvent { event_id: "c3".into(), order_id: "o2".into(), payload: negative, ..ada_created() };
+        assert_eq!(p.process(&[delivery(2, &again), delivery(3, &refused)], &|| false).await.unwrap(), 2);
+        assert_eq!(store.reads(), ["o1", "o2"], "read only to decide the two again");
+        assert_eq!(stats.guesses_missed.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.conflicts.load(Ordering::Relaxed), 0, "no race was resolved");
+        let history = store.history("o1", 100, None).await.unwrap().items;
+        let told: Vec<_> = history.iter().map(|h| (h.event_id.as_str(), h.outcome, h.reason.as_deref())).collect();
+        assert_eq!(told, [("c", Outcome::Applied, None), ("c2", Outcome::Skipped, Some("order already exists"))]);
+        assert_eq!(store.get("o1").await.unwrap().map(|o| o.version), Some(1), "the second create changed nothing");
+        let letter = store.inner.dead_letter("c3").await.unwrap().expect("the refused create's letter");
+        assert!(letter.reason.contains("negative total_cents -1"), "{}", letter.reason);
+        assert_eq!(store.get("o2").await.unwrap(), None);
+    }
+
     #[tokio::test]
     async fn a_lost_race_is_merged_and_retried() {
         let edit: Edit = Box::new(|o| {
@@ -1228,15 +1418,7 @@ mod tests {
             ordering::edited(o, fields, named, ordering::edit_place(o))
         });
         let store = Arc::new(Scripted::racing(0, "o1", edit));
-        let stats = Arc::new(Stats::new());
-        let p = Pipeline::new(
-            store.clone(),
-            Arc::new(MemoryStore::default()),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls { stats: stats.clone(), ..Default::default() },
-            PipelineConfig::default(),
-        );
+        let (p, stats) = scripted_pipeline(&store);
         let create = ada_created();
         let paid = event(
             "u",
@@ -1262,6 +1444,25 @@ mod tests {
             .collect();
         assert_eq!(versions, [("c".to_string(), 1), ("edit-1".to_string(), 2), ("u".to_string(), 3)]);
         assert!(store.take().is_none(), "the edit landed inside the pipeline's write");
+
+        // The journey tells the race: decided on v1, lost to the edit's v2, merged by the
+        // resolver, applied as v3 with the status it brought.
+        let history = store.history("o1", 100, None).await.unwrap().items;
+        let traced = history[2].trace.clone().expect("the pipeline's entry has a trace");
+        let by = |v: &Option<crate::journey::Verdict>| v.as_ref().map(|v| (v.by.clone(), v.said));
+        assert_eq!(by(&traced.rules), Some((native::NativeRules::ID.to_string(), Said::Upsert)));
+        assert_eq!(traced.log.as_ref().map(|l| l.offset), Some(2));
+        let [lost] = traced.conflicts.as_slice() else { panic!("one lost race: {traced:?}") };
+        assert_eq!((lost.expected, lost.found), (Some(1), Some(2)));
+        assert_eq!(by(&lost.resolver), Some((NativeResolver::ID.to_string(), Said::Merge)));
+        let changed: Vec<_> = traced.changes.iter().map(|c| (c.field.as_str(), c.after.clone())).collect();
+        assert_eq!(changed, [("status", Some(serde_json::json!("CONFIRMED")))], "against v2, only the status");
+        let created = history[0].trace.clone().expect("the create's trace");
+        assert!(created.conflicts.is_empty() && created.changes.iter().any(|c| c.field == "total_cents"));
+        let journey = crate::journey::journey(row.clone(), history, false);
+        let steps: Vec<_> = journey.events[2].steps.iter().map(|s| s.kind).collect();
+        use crate::journey::StepKind::*;
+        assert_eq!(steps, [Occurred, Received, Appended, Decided, Conflict, Resolved, Applied, Published]);
 
         // Redelivery of both (a crash before the commit) changes nothing.
         assert_eq!(p.process(&deliveries, &|| false).await.unwrap(), 2);
@@ -1408,7 +1609,7 @@ mod tests {
         };
         let create = event("c", EventKind::Created, OrderChange::default());
         let row = build_row(&create, None, fields, "elsewhere");
-        let w = Write::Apply { event_id: "c".into(), source: "test".into(), base: None, row };
+        let w = Write::Apply { event_id: "c".into(), source: "test".into(), base: None, row, trace: Trace::default() };
         assert_eq!(store.write(vec![w]).await.unwrap()[0].1, WriteResult::Done);
         p.sweep().await.unwrap();
         let row = store.get("o1").await.unwrap().unwrap();

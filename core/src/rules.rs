@@ -178,6 +178,9 @@ pub struct ShadowDiff {
     pub active: serde_json::Value,
     #[schema(value_type = Object)]
     pub candidate: serde_json::Value,
+    /// Where they part: `decision` when the kinds differ, else each field of an upsert
+    /// that differs, or `reason` for a skip or reject.
+    pub fields: Vec<crate::whatif::FieldDiff>,
 }
 
 /// What the shadow run saw so far.
@@ -270,11 +273,14 @@ impl Tally {
         self.differ.fetch_add(1, Ordering::Relaxed);
         let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
         if samples.len() < SHADOW_SAMPLES {
+            let (active, candidate) = (outcome_json(active), outcome_json(candidate));
+            let fields = crate::whatif::field_diffs(&active, &candidate);
             samples.push(ShadowDiff {
                 event_id: event.event_id.clone(),
                 order_id: event.order_id.clone(),
-                active: outcome_json(active),
-                candidate: outcome_json(candidate),
+                active,
+                candidate,
+                fields,
             });
         }
     }

@@ -7,6 +7,27 @@ use wasm_bindgen_futures::JsFuture;
 // fails this build instead of reading as empty.
 pub use orchestrator_types::{Order, Page};
 
+/// One refresh among overlapping refreshes of a view: only the newest applies its
+/// answers, so a slow older answer never overwrites a newer one.
+#[derive(Clone, Copy)]
+pub struct Ticket {
+    view: &'static std::thread::LocalKey<std::cell::Cell<u64>>,
+    n: u64,
+}
+
+impl Ticket {
+    pub fn take(view: &'static std::thread::LocalKey<std::cell::Cell<u64>>) -> Self {
+        let n = view.get() + 1;
+        view.set(n);
+        Self { view, n }
+    }
+
+    /// Whether no refresh of the same view started after this one.
+    pub fn newest(self) -> bool {
+        self.view.get() == self.n
+    }
+}
+
 pub struct Reply {
     pub status: u16,
     pub body: String,
@@ -106,4 +127,15 @@ pub fn money(cents: i64, currency: &str) -> String {
         return format!("{sign}{} {currency}", cents.abs());
     }
     format!("{sign}{}.{:02} {currency}", cents.abs() / 100, cents.abs() % 100)
+}
+
+/// GETs `path` into `into` as JSON; a failure becomes `{"error": …}` there.
+pub fn load_into(path: &'static str, into: sycamore::prelude::Signal<serde_json::Value>) {
+    wasm_bindgen_futures::spawn_local(async move {
+        match get(path).await {
+            Ok(r) if r.ok() => into.set(r.json::<serde_json::Value>().unwrap_or(serde_json::Value::Null)),
+            Ok(r) => into.set(serde_json::json!({ "error": r.error_text() })),
+            Err(e) => into.set(serde_json::json!({ "error": e })),
+        }
+    });
 }

@@ -1,7 +1,8 @@
 //! Line charts as SVG text, drawn by hand: a polyline per series over a shared x span,
 //! scaled to the highest value shown.
 
-/// One line: its CSS class, its colour, and its (x, y) points in order of x.
+/// One line: its CSS class, its colour (a CSS value, such as `var(--line-vip)`, so the
+/// theme sets it), and its (x, y) points in order of x.
 pub struct Series {
     pub class: &'static str,
     pub color: &'static str,
@@ -21,7 +22,7 @@ pub fn svg(series: &[Series], w: f64, h: f64, caption: &str) -> String {
         r##"<svg viewBox="0 0 {w} {vh}" preserveAspectRatio="none" width="100%" height="{vh}" aria-hidden="true">"##,
         vh = h + 2.0
     );
-    out.push_str(&format!(r##"<line x1="0" y1="{h}" x2="{w}" y2="{h}" stroke="#ccd"/>"##));
+    out.push_str(&format!(r##"<line x1="0" y1="{h}" x2="{w}" y2="{h}" style="stroke: var(--strong-border)"/>"##));
     for s in series {
         let points: Vec<String> = s
             .points
@@ -29,7 +30,7 @@ pub fn svg(series: &[Series], w: f64, h: f64, caption: &str) -> String {
             .map(|(x, y)| format!("{:.1},{:.1}", (x - x0) / span * w, h - y / scale * (h - 4.0)))
             .collect();
         out.push_str(&format!(
-            r##"<polyline class="{}" fill="none" stroke="{}" stroke-width="1.5" points="{}"/>"##,
+            r##"<polyline class="{}" fill="none" style="stroke: {}" stroke-width="1.5" points="{}"/>"##,
             s.class,
             s.color,
             points.join(" ")
@@ -37,7 +38,7 @@ pub fn svg(series: &[Series], w: f64, h: f64, caption: &str) -> String {
     }
     if !caption.is_empty() {
         let text = caption.replace("{peak}", &short(peak));
-        out.push_str(&format!(r##"<text x="2" y="10" font-size="9" fill="#444">{text}</text>"##));
+        out.push_str(&format!(r##"<text x="2" y="10" font-size="9" style="fill: var(--muted)">{text}</text>"##));
     }
     out.push_str("</svg>");
     out

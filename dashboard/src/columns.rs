@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use sycamore::prelude::*;
 use wasm_bindgen::{JsCast, JsValue};
 
-use crate::api::Order;
+use crate::rows::Row;
 
 /// How a column takes its width.
 #[derive(Clone, Copy, PartialEq)]
@@ -50,6 +50,8 @@ const BADGE_PAD: f64 = 12.0;
 const SCROLLBAR: f64 = 20.0;
 /// The narrowest a dragged column gets.
 const MIN_DRAG: f64 = 32.0;
+/// The widest a drag makes a column.
+const MAX_DRAG: f64 = 2000.0;
 
 #[derive(Clone, Copy)]
 pub struct Columns {
@@ -103,16 +105,12 @@ impl Columns {
         format!("--cols: {}; --min-w: {:.0}px", parts.join(" "), need + SCROLLBAR)
     }
 
-    /// Widens the fitted columns to the widest of `rows`' values.
-    pub fn fit<'a>(self, rows: impl Iterator<Item = &'a Order>) {
-        let mut widest = self.fitted.get_untracked();
-        let before = widest;
-        for o in rows {
-            for (i, w) in widest.iter_mut().enumerate() {
-                if COLUMNS[i].width == Width::Fit {
-                    *w = w.max(value_width(i, o));
-                }
-            }
+    /// Widens the fitted columns to at least `widths` (from [`widths`]).
+    pub fn widen(self, widths: [f64; N]) {
+        let before = self.fitted.get_untracked();
+        let mut widest = before;
+        for (w, new) in widest.iter_mut().zip(widths) {
+            *w = w.max(new);
         }
         if widest != before {
             self.fitted.set(widest);
@@ -124,27 +122,46 @@ impl Columns {
         self.fitted.set([0.0; N]);
     }
 
+    /// A column's width as its grip reports it (a shared column's least, until dragged).
+    pub fn width(self, i: usize) -> f64 {
+        match (self.dragged.with(|d| d[i]), COLUMNS[i].width) {
+            (Some(w), _) => w,
+            (None, Width::Fit) => self.fitted.with(|f| f[i]).max(header_width(i)),
+            (None, Width::Share(min)) => min,
+        }
+    }
+
     pub fn drag_to(self, i: usize, px: f64) {
-        self.dragged.update(|d| d[i] = Some(px.max(MIN_DRAG)));
+        self.dragged.update(|d| d[i] = Some(px.clamp(MIN_DRAG, MAX_DRAG)));
     }
 }
 
-/// A column's text for a row, as its cell shows it; `now_ms` for relative times.
-pub fn text(i: usize, o: &Order, now_ms: f64) -> String {
-    if o.id.is_empty() {
-        return String::new();
+/// The widest value of `rows` per fitted column (0 for the others).
+pub fn widths<'a>(rows: impl Iterator<Item = Row<'a>>) -> [f64; N] {
+    let mut widest = [0.0_f64; N];
+    for o in rows {
+        for (i, w) in widest.iter_mut().enumerate() {
+            if COLUMNS[i].width == Width::Fit {
+                *w = w.max(value_width(i, &o));
+            }
+        }
     }
+    widest
+}
+
+/// A column's text for a row, as its cell shows it; `now_ms` for relative times.
+pub fn text(i: usize, o: &Row<'_>, now_ms: f64) -> String {
     match COLUMNS[i].key {
-        "id" => o.id.clone(),
-        "customer" => o.customer.clone(),
-        "tier" => o.tier.as_str().into(),
-        "priority" => o.priority.as_str().into(),
-        "status" => o.status.as_str().into(),
-        "total" => money(o.total_cents, &o.currency),
-        "fee" => money(o.shipping_fee_cents, &o.currency),
-        "version" => o.version.to_string(),
-        "updated" => ago(o.updated_at.timestamp_millis() as f64, now_ms),
-        _ => o.decided_by.clone(),
+        "id" => o.id().to_string(),
+        "customer" => o.customer().into(),
+        "tier" => o.tier().as_str().into(),
+        "priority" => o.priority().as_str().into(),
+        "status" => o.status().as_str().into(),
+        "total" => money(o.total_cents(), o.currency()),
+        "fee" => money(o.fee_cents(), o.currency()),
+        "version" => o.version().to_string(),
+        "updated" => ago(o.updated_at().timestamp_millis() as f64, now_ms),
+        _ => o.decided_by().into(),
     }
 }
 
@@ -218,13 +235,13 @@ fn measure(text: &str, font: &str) -> f64 {
     })
 }
 
-fn value_width(i: usize, o: &Order) -> f64 {
+fn value_width(i: usize, o: &Row<'_>) -> f64 {
     match COLUMNS[i].key {
         // A few values each: measured once.
-        "status" => measured_once(o.status.as_str(), BADGE_FONT) + BADGE_PAD + CELL_PAD,
+        "status" => measured_once(o.status().as_str(), BADGE_FONT) + BADGE_PAD + CELL_PAD,
         "updated" => measured_once(AGO_WIDEST, FONT) + CELL_PAD,
-        "tier" => measured_once(o.tier.as_str(), FONT) + CELL_PAD,
-        "priority" => measured_once(o.priority.as_str(), FONT) + CELL_PAD,
+        "tier" => measured_once(o.tier().as_str(), FONT) + CELL_PAD,
+        "priority" => measured_once(o.priority().as_str(), FONT) + CELL_PAD,
         _ => measure(&text(i, o, 0.0), FONT) + CELL_PAD,
     }
 }
@@ -269,6 +286,19 @@ pub fn header(cols: Columns) -> View {
             };
             let up = move |_: web_sys::PointerEvent| start.set(None);
             let lost = move |_: web_sys::PointerEvent| start.set(None);
+            // The keyboard's way: arrows narrow or widen by 10 px (50 with Shift).
+            let key = move |e: web_sys::KeyboardEvent| {
+                let step = if e.shift_key() { 50.0 } else { 10.0 };
+                let by = match e.key().as_str() {
+                    "ArrowLeft" => -step,
+                    "ArrowRight" => step,
+                    _ => return,
+                };
+                let Some(grip) = e.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) else { return };
+                let width = grip.parent_element().map(|p| p.get_bounding_client_rect().width()).unwrap_or(0.0);
+                cols.drag_to(i, width + by);
+                e.prevent_default();
+            };
             let c = &COLUMNS[i];
             view! {
                 span(class=format!("c c-{}", c.key), style=cols.cell_style(i), data-testid=format!("col-{}", c.key)) {
@@ -276,7 +306,15 @@ pub fn header(cols: Columns) -> View {
                     span(
                         class="grip",
                         data-testid=format!("col-grip-{}", c.key),
-                        title="drag to resize",
+                        title="drag, or focus and use the arrow keys, to resize",
+                        role="separator",
+                        aria-orientation="vertical",
+                        aria-label=format!("resize the {} column (left and right arrows)", c.label),
+                        tabindex="0",
+                        aria-valuemin=format!("{MIN_DRAG:.0}"),
+                        aria-valuemax=format!("{MAX_DRAG:.0}"),
+                        aria-valuenow=move || format!("{:.0}", cols.width(i)),
+                        on:keydown=key,
                         on:pointerdown=down,
                         on:pointermove=moved,
                         on:pointerup=up,

@@ -1,4 +1,4 @@
-//! The order detail panel: history, and an edit form saved with `PATCH` + `If-Match`
+//! The order detail panel: its journey (`journey`), and an edit form saved with `PATCH` + `If-Match`
 //! that never drops an edit silently: a 409, or a newer row arriving under unsaved
 //! edits, opens a conflict dialog with three ways out.
 
@@ -27,7 +27,9 @@ pub struct Detail {
     /// The server row the form's edits are relative to (its version goes in If-Match).
     base: Signal<Option<Order>>,
     form: [Signal<String>; 3],
-    history: Signal<Vec<Value>>,
+    journey: Signal<Option<Result<orchestrator_types::journey::Journey, String>>>,
+    /// A journey load is under way; `true` in the second: another is due after it.
+    journey_loading: Signal<(bool, bool)>,
     message: Signal<String>,
     /// The newer server row the form conflicts with, while the dialog is open.
     conflict: Signal<Option<Order>>,
@@ -41,7 +43,8 @@ impl Detail {
             selected: create_signal(None),
             base: create_signal(None),
             form: [create_signal(String::new()), create_signal(String::new()), create_signal(String::new())],
-            history: create_signal(Vec::new()),
+            journey: create_signal(None),
+            journey_loading: create_signal((false, false)),
             message: create_signal(String::new()),
             conflict: create_signal(None),
             keep_mine: [create_signal(true), create_signal(true), create_signal(true)],
@@ -79,10 +82,18 @@ pub fn holds_edits(app: App) -> bool {
     busy
 }
 
-/// Closes the open order, unless it holds unsaved edits or a conflict to resolve.
+/// Closes the open order, unless it holds unsaved edits or a conflict to resolve. The
+/// table takes the focus back, so a keyboard user goes on from there.
 pub fn close(app: App) {
     if !holds_edits(app) {
         app.detail.selected.set(None);
+        let table = web_sys::window()
+            .and_then(|w| w.document())
+            .and_then(|d| d.query_selector("[data-testid=orders-scroll]").ok().flatten())
+            .and_then(|e| wasm_bindgen::JsCast::dyn_into::<web_sys::HtmlElement>(e).ok());
+        if let Some(t) = table {
+            let _ = t.focus();
+        }
     }
 }
 
@@ -90,12 +101,13 @@ pub fn select(app: App, id: String) {
     let d = app.detail;
     d.selected.set(Some(id));
     d.base.set(None);
+    d.journey.set(None);
     d.conflict.set(None);
     d.message.set(String::new());
     refetch(app);
 }
 
-/// Loads the selected order (into the form, unless edits are pending) and its history.
+/// Loads the selected order (into the form, unless edits are pending) and its journey.
 pub fn refetch(app: App) {
     let d = app.detail;
     let Some(id) = d.selected.get_clone_untracked() else { return };
@@ -113,20 +125,30 @@ pub fn refetch(app: App) {
             Ok(r) => d.message.set(r.error_text()),
             Err(e) => d.message.set(e),
         }
-        load_history(app, id).await;
+        load_journey(app, id).await;
     });
 }
 
-async fn load_history(app: App, id: String) {
-    // The first 1000 entries: an order's journey, in practice whole.
-    if let Ok(r) = api::get(&format!("/orders/{}/history?limit=1000", api::enc(&id))).await
-        && r.ok()
-        && let Ok(page) = r.json::<Value>()
-        && let Some(items) = page["items"].as_array()
-        && app.detail.selected.get_clone_untracked().as_deref() == Some(id.as_str())
-    {
-        app.detail.history.set(items.clone());
+/// Loads the open order's journey; live updates that come while one loads ask for one
+/// more load after it, not one each (a journey can be large).
+async fn load_journey(app: App, id: String) {
+    let d = app.detail;
+    if d.journey_loading.get_untracked().0 {
+        return d.journey_loading.set((true, true));
     }
+    d.journey_loading.set((true, false));
+    loop {
+        let wanted = || d.selected.with_untracked(|s| s.as_deref() == Some(id.as_str()));
+        if let Some(answer) = crate::journey::load(&id, wanted).await {
+            d.journey.set(Some(answer));
+        }
+        let (_, again) = d.journey_loading.get_untracked();
+        if !again {
+            break;
+        }
+        d.journey_loading.set((true, false));
+    }
+    d.journey_loading.set((false, false));
 }
 
 /// A row from the server (pushed or fetched). Newer than the form's base: taken as is
@@ -145,13 +167,13 @@ pub fn on_server_row(app: App, o: &Order) {
     } else {
         d.set_base(o.clone());
     }
-    wasm_bindgen_futures::spawn_local(load_history(app, o.id.clone()));
+    wasm_bindgen_futures::spawn_local(load_journey(app, o.id.clone()));
 }
 
 fn open_conflict(d: Detail, server: Order) {
     let changed = d.changed();
-    for i in 0..3 {
-        d.keep_mine[i].set(changed[i]);
+    for (keep, changed) in d.keep_mine.iter().zip(changed) {
+        keep.set(changed);
     }
     d.conflict.set(Some(server));
 }
@@ -193,7 +215,7 @@ fn save(app: App) {
                     app.rows_version.update(|v| *v += 1);
                     d.set_base(o);
                 }
-                load_history(app, base.id.clone()).await;
+                load_journey(app, base.id.clone()).await;
             }
             Ok(r) if r.status == 409 => {
                 let v: Value = serde_json::from_str(&r.body).unwrap_or_default();
@@ -291,34 +313,11 @@ fn conflict_view(app: App) -> View {
     }
 }
 
-fn history_view(app: App) -> View {
-    let history = app.detail.history;
-    let items = move || {
-        let rows: Vec<View> = history
-            .get_clone()
-            .into_iter()
-            .map(|h| {
-                let text = format!(
-                    "v{} · {} · {} · {}{}",
-                    h["version"],
-                    h["source"].as_str().unwrap_or(""),
-                    h["outcome"].as_str().unwrap_or(""),
-                    h["decided_by"].as_str().unwrap_or(""),
-                    h["reason"].as_str().map(|r| format!(" ({r})")).unwrap_or_default()
-                );
-                view! { li(data-testid="history-entry") { (text) } }
-            })
-            .collect();
-        View::from(rows)
-    };
-    view! { ol(class="history", data-testid="history") { (items) } }
-}
-
 pub fn view(app: App) -> View {
     let d = app.detail;
     let body = move || {
         let Some(id) = d.selected.get_clone() else {
-            return view! { p(class="muted") { "Click an order to see its history and edit it." } };
+            return view! { p(class="muted") { "Click an order to see its journey and edit it." } };
         };
         let version = move || d.base.with(|b| b.as_ref().map(|b| b.version.to_string()).unwrap_or_default());
         let [status, note, fee] = d.form;
@@ -326,7 +325,15 @@ pub fn view(app: App) -> View {
         let message = move || d.message.get_clone();
         let dialog = move || if d.conflict.with(|c| c.is_some()) { conflict_view(app) } else { View::default() };
         view! {
-            h2 { "Order " span(data-testid="detail-id") { (id) } " v" span(data-testid="detail-version") { (version) } }
+            div(class="detail-head") {
+                h2 {
+                    "Order " span(data-testid="detail-id") { (id) }
+                    " v" span(data-testid="detail-version") { (version) }
+                }
+                button(data-testid="detail-close", aria-label="Close the order", on:click=move |_| close(app)) {
+                    "✕"
+                }
+            }
             form(
                 class="edit",
                 data-testid="edit-form",
@@ -340,8 +347,8 @@ pub fn view(app: App) -> View {
                 span(class="msg", data-testid="edit-message") { (message) }
             }
             (dialog)
-            h3 { "History" }
-            (history_view(app))
+            h3 { "Journey" }
+            (crate::journey::view(d.journey))
         }
     };
     view! { section(class="panel detail", data-testid="detail") { (body) } }

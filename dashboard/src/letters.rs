@@ -1,6 +1,6 @@
 //! The dead-letters page: letters grouped by stage and kind of failure with counts,
-//! each letter's payload, a replay of one, and a filtered bulk replay
-//! (`POST /dead-letters/replay`) behind a confirmation that names what it will send.
+//! each letter's payload, a replay of one, and a filtered bulk replay or purge
+//! (`POST /dead-letters/replay`, `/purge`) behind a confirmation that names what it takes.
 
 use std::collections::BTreeMap;
 
@@ -22,8 +22,29 @@ pub struct LettersState {
     error_type: Signal<String>,
     prefix: Signal<String>,
     limit: Signal<String>,
-    confirm: Signal<bool>,
+    /// Which letters a purge takes: `replayed`, `open` (not replayed) or `all`.
+    purge_which: Signal<String>,
+    /// The bulk request waiting for its confirmation, exactly as it will be sent.
+    confirm: Signal<Option<Pending>>,
+    /// Where the last bulk request stopped (its action and body, and the answer's
+    /// cursor): the same request again goes on from there.
+    stopped: Signal<Option<(Bulk, Value, String)>>,
     message: Signal<String>,
+}
+
+/// A bulk request and the question that asks for it.
+#[derive(Clone, PartialEq)]
+struct Pending {
+    action: Bulk,
+    body: Value,
+    question: String,
+}
+
+/// A bulk action on the letters the filter matches.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bulk {
+    Replay,
+    Purge,
 }
 
 impl LettersState {
@@ -35,16 +56,27 @@ impl LettersState {
             error_type: create_signal(String::new()),
             prefix: create_signal(String::new()),
             limit: create_signal("100".into()),
-            confirm: create_signal(false),
+            purge_which: create_signal("replayed".into()),
+            confirm: create_signal(None),
+            stopped: create_signal(None),
             message: create_signal(String::new()),
         }
     }
 }
 
+thread_local! {
+    static REFRESHES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
 pub fn refresh(app: App) {
     let l = app.letters;
+    let ticket = api::Ticket::take(&REFRESHES);
     wasm_bindgen_futures::spawn_local(async move {
-        match api::get(&format!("/dead-letters?limit={LOADED}")).await {
+        let reply = api::get(&format!("/dead-letters?limit={LOADED}")).await;
+        if !ticket.newest() {
+            return;
+        }
+        match reply {
             Ok(r) if r.ok() => {
                 if let Ok(page) = r.json::<Value>() {
                     l.more.set(page["next_cursor"].is_string());
@@ -61,10 +93,11 @@ fn text(v: &Value, field: &str) -> String {
     v[field].as_str().unwrap_or("").to_string()
 }
 
-/// One replay, or many: the answer goes in the page's message line, then the list reloads.
+/// One replay, or a bulk action: the answer goes in the page's message line, then the
+/// list reloads.
 fn send(app: App, path: String, body: Option<Value>, done: impl Fn(&Value) -> String + 'static) {
     let l = app.letters;
-    l.message.set("replaying…".into());
+    l.message.set("sending…".into());
     wasm_bindgen_futures::spawn_local(async move {
         match api::call("POST", &path, body.map(|b| b.to_string()), None).await {
             Ok(r) if r.ok() => l.message.set(done(&r.json::<Value>().unwrap_or_default())),
@@ -76,7 +109,7 @@ fn send(app: App, path: String, body: Option<Value>, done: impl Fn(&Value) -> St
 }
 
 /// What the filter says in words, for the confirmation.
-fn described(l: LettersState) -> String {
+fn described(l: LettersState, action: Bulk) -> String {
     let mut parts = Vec::new();
     for (what, value) in [("stage", l.stage), ("kind", l.error_type), ("orders starting", l.prefix)] {
         let v = value.get_clone_untracked();
@@ -84,12 +117,17 @@ fn described(l: LettersState) -> String {
             parts.push(format!("{what} {}", v.trim()));
         }
     }
-    if parts.is_empty() { "every letter not replayed yet".into() } else { parts.join(", ") }
+    let which = match (action, l.purge_which.get_clone_untracked().as_str()) {
+        (Bulk::Replay, _) | (Bulk::Purge, "open") => "not replayed yet",
+        (Bulk::Purge, "replayed") => "replayed already",
+        _ => "replayed or not",
+    };
+    if parts.is_empty() { format!("every letter {which}") } else { format!("{}; {which}", parts.join(", ")) }
 }
 
-fn bulk(app: App) {
-    let l = app.letters;
-    l.confirm.set(false);
+/// The request a bulk action sends for the form as it is now, with its question; it
+/// goes on from where the same request stopped last.
+fn pending(l: LettersState, action: Bulk) -> Pending {
     let limit: u64 = l.limit.get_clone_untracked().trim().parse().unwrap_or(0);
     let mut body = json!({ "limit": limit });
     for (field, value) in [("stage", l.stage), ("error_type", l.error_type), ("order_prefix", l.prefix)] {
@@ -98,7 +136,54 @@ fn bulk(app: App) {
             body[field] = json!(v.trim());
         }
     }
-    send(app, "/dead-letters/replay".into(), Some(body), |r| {
+    if action == Bulk::Purge {
+        match l.purge_which.get_clone_untracked().as_str() {
+            "replayed" => body["replayed"] = json!(true),
+            "open" => body["replayed"] = json!(false),
+            _ => {}
+        }
+    }
+    let what = described(l, action);
+    let question = match action {
+        Bulk::Replay => format!("Replay up to {limit} letters: {what}?"),
+        Bulk::Purge => format!("Delete for good up to {limit} letters: {what}?"),
+    };
+    let mut sent = body.clone();
+    if let Some((a, b, cursor)) = l.stopped.get_clone_untracked()
+        && a == action
+        && b == body
+    {
+        sent["cursor"] = json!(cursor);
+    }
+    Pending { action, body: sent, question }
+}
+
+/// Sends the confirmed request, and keeps where it stopped.
+fn bulk(app: App, p: Pending) {
+    let l = app.letters;
+    l.confirm.set(None);
+    let mut plain = p.body.clone();
+    if let Some(o) = plain.as_object_mut() {
+        o.remove("cursor");
+    }
+    let stop = move |r: &Value| {
+        let at = r["next_cursor"].as_str().map(|c| (p.action, plain.clone(), c.to_string()));
+        let more = at.is_some();
+        l.stopped.set(at);
+        more
+    };
+    if p.action == Bulk::Purge {
+        send(app, "/dead-letters/purge".into(), Some(p.body), move |r| {
+            let n = r["purged"].as_array().map_or(0, Vec::len);
+            let mut out = format!("purged {n} of {} looked at", r["scanned"].as_u64().unwrap_or(0));
+            if stop(r) {
+                out.push_str("; more letters are left to look at: purge again to go on");
+            }
+            out
+        });
+        return;
+    }
+    send(app, "/dead-letters/replay".into(), Some(p.body), move |r| {
         let count = |f: &str| r[f].as_array().map_or(0, Vec::len);
         let failed: Vec<String> = r["failed"]
             .as_array()
@@ -108,7 +193,7 @@ fn bulk(app: App) {
         if !failed.is_empty() {
             out.push_str(&format!("; {} failed: {}", failed.len(), failed.join("; ")));
         }
-        if r["next_cursor"].is_string() {
+        if stop(r) {
             out.push_str("; more letters are left to look at: replay again to go on");
         }
         out
@@ -171,28 +256,48 @@ fn groups_view(app: App) -> View {
 fn bulk_view(app: App) -> View {
     let l = app.letters;
     let no_token = crate::no_token(app);
-    let (stage, kind, prefix, limit) = (l.stage, l.error_type, l.prefix, l.limit);
+    let (stage, kind, prefix, limit, which) = (l.stage, l.error_type, l.prefix, l.limit, l.purge_which);
+    let ask = move |action: Bulk| move |_| l.confirm.set(Some(pending(l, action)));
+    // While a question shows, the form is fixed: what was asked is what is sent.
+    let asking = move || l.confirm.with(Option::is_some);
     let confirm = move || {
-        if !l.confirm.get() {
+        let Some(p) = l.confirm.get_clone() else {
             return view! {
-                button(data-testid="bulk-replay", disabled=no_token, on:click=move |_| l.confirm.set(true)) {
+                button(data-testid="bulk-replay", disabled=no_token, on:click=ask(Bulk::Replay)) {
                     "Replay matching…"
                 }
+                label {
+                    "purge "
+                    select(data-testid="purge-which", bind:value=which) {
+                        option(value="replayed") { "replayed" }
+                        option(value="open") { "not replayed" }
+                        option(value="all") { "all" }
+                    }
+                }
+                button(data-testid="bulk-purge", disabled=no_token, on:click=ask(Bulk::Purge)) {
+                    "Purge matching…"
+                }
             };
-        }
-        let question = format!("Replay up to {} letters: {}?", l.limit.get_clone_untracked().trim(), described(l));
+        };
+        let yes = if p.action == Bulk::Replay { "Yes, replay" } else { "Yes, delete them" };
+        let question = p.question.clone();
         view! {
             span(class="warn", data-testid="bulk-question") { (question) " " }
-            button(data-testid="bulk-confirm", on:click=move |_| bulk(app)) { "Yes, replay" }
-            button(data-testid="bulk-abort", on:click=move |_| l.confirm.set(false)) { "Keep them" }
+            button(data-testid="bulk-confirm", on:click=move |_| bulk(app, p.clone())) { (yes) }
+            button(data-testid="bulk-abort", on:click=move |_| l.confirm.set(None)) { "Keep them" }
         }
     };
     view! {
         div(class="controls bulk") {
-            label { "stage " input(data-testid="bulk-stage", bind:value=stage) }
-            label { "kind " input(data-testid="bulk-error-type", bind:value=kind) }
-            label { "order id starts " input(data-testid="bulk-prefix", bind:value=prefix) }
-            label { "at most " input(data-testid="bulk-limit", r#type="number", min="1", max="1000", bind:value=limit) }
+            label { "stage " input(data-testid="bulk-stage", disabled=asking, bind:value=stage) }
+            label { "kind " input(data-testid="bulk-error-type", disabled=asking, bind:value=kind) }
+            label { "order id starts " input(data-testid="bulk-prefix", disabled=asking, bind:value=prefix) }
+            label {
+                "at most "
+                input(
+                    data-testid="bulk-limit", r#type="number", min="1", max="1000", disabled=asking, bind:value=limit
+                )
+            }
             (confirm)
         }
     }
@@ -263,7 +368,7 @@ pub fn view(app: App) -> View {
             }
             (groups_view(app))
             (bulk_view(app))
-            (crate::need_token(app, "replay dead letters"))
+            (crate::need_token(app, "replay or purge dead letters"))
             div(class="msg", data-testid="dead-letters-message", role="status") { (message) }
             h3 { "Newest first" }
             (list_view(app))

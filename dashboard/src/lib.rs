@@ -4,14 +4,19 @@
 
 mod api;
 mod chart;
+mod cluster;
 mod columns;
+mod counts;
 mod detail;
+mod journey;
 mod letters;
 mod live;
 mod nav;
 mod ops;
 mod orders;
+mod plugins;
 mod pulse;
+mod rows;
 mod runs;
 
 use sycamore::prelude::*;
@@ -40,6 +45,7 @@ pub struct App {
     pub detail: detail::Detail,
     pub runs: runs::RunsState,
     pub ops: ops::OpsState,
+    pub plugins: plugins::PluginsState,
     pub letters: letters::LettersState,
     pub pulse: pulse::PulseState,
     /// The page the address names (`nav`).
@@ -68,6 +74,7 @@ pub fn start() {
             detail: detail::Detail::new(),
             runs: runs::RunsState::new(),
             ops: ops::OpsState::new(),
+            plugins: plugins::PluginsState::new(),
             letters: letters::LettersState::new(),
             pulse: pulse::PulseState::new(),
             page: create_signal(nav::Page::of(nav::Section::Orders)),
@@ -76,7 +83,8 @@ pub fn start() {
         orders::reload(app);
         live::connect(app);
         runs::refresh(app);
-        ops::refresh(app);
+        plugins::refresh(app);
+        letters::refresh(app);
         ops::poll_health(app);
         nav::start(app);
         view! { (root(app)) }
@@ -139,10 +147,11 @@ fn root(app: App) -> View {
                 aside(class="side") { (detail::view(app)) }
             }
             div(class="page", hidden=hidden_unless(app, nav::Section::Runs)) { (runs::view(app)) }
-            div(class="page", hidden=hidden_unless(app, nav::Section::Plugins)) { (ops::plugins_view(app)) }
+            div(class="page", hidden=hidden_unless(app, nav::Section::Plugins)) { (plugins::view(app)) }
             div(class="page", hidden=hidden_unless(app, nav::Section::DeadLetters)) { (letters::view(app)) }
             div(class="page", hidden=hidden_unless(app, nav::Section::Health)) {
                 (ops::health_view(app))
+                (cluster::view(app))
                 (pulse::charts(app))
             }
         }

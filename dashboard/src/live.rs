@@ -146,9 +146,8 @@ fn flush(app: App, batch: &[Order]) {
     let (changed, inserted) = orders::apply(batch, Some(&filter));
     if changed {
         // Only rows the table holds: one it left out must not widen a column.
-        let held: Vec<&Order> =
-            orders::TABLE.with_borrow(|t| batch.iter().filter(|o| t.index.contains_key(&o.id)).collect());
-        app.cols.fit(held.into_iter());
+        let widths = orders::TABLE.with_borrow(|t| crate::columns::widths(batch.iter().filter_map(|o| t.by_id(&o.id))));
+        app.cols.widen(widths);
         app.rows_version.update(|v| *v += 1);
         orders::keep_scroll_after_insert(app, inserted);
     }

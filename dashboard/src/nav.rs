@@ -145,6 +145,8 @@ fn arrive(app: App, page: Page) {
             }
         }
         (Section::Runs, id) => crate::runs::show(app, id),
+        // Its figures (calls, shadow differences) move while it is not shown.
+        (Section::Plugins, _) => crate::plugins::refresh(app),
         _ => {}
     }
 }
@@ -177,4 +179,23 @@ pub fn view(app: App) -> View {
         })
         .collect();
     view! { nav(class="pages", aria-label="pages") { (links) } }
+}
+
+/// Calls `f` now, then every `ms` while `section` is the page shown: figures that have no
+/// push channel, asked for only where someone looks at them.
+pub fn every_while_shown(app: App, section: Section, ms: i32, f: impl Fn() + 'static) {
+    f();
+    let tick = move || {
+        if app.page.with_untracked(|p| p.section == section) {
+            f();
+        }
+    };
+    let cb = wasm_bindgen::closure::Closure::<dyn FnMut()>::new(tick);
+    if let Some(w) = web_sys::window() {
+        let _ = w.set_interval_with_callback_and_timeout_and_arguments_0(
+            wasm_bindgen::JsCast::unchecked_ref(cb.as_ref()),
+            ms,
+        );
+    }
+    cb.forget();
 }

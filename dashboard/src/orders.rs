@@ -1,8 +1,8 @@
-//! The orders table: rows in a plain `Vec`, a fixed pool of row elements positioned by
+//! The orders table: compact rows (`rows`), a fixed pool of row elements positioned by
 //! `translateY` inside a tall spacer, and pages fetched by cursor as the user scrolls.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
-use std::collections::HashMap;
 
 use sycamore::prelude::*;
 use wasm_bindgen::JsCast;
@@ -12,6 +12,7 @@ use orchestrator_types::{Priority, Sort, Status};
 use crate::App;
 use crate::api::{self, Order, Page};
 use crate::columns::{self, COLUMNS};
+use crate::rows::{IdIndex, Row, Rows};
 
 pub const ROW_H: f64 = 28.0;
 /// Row elements in the DOM, whatever the number of orders: enough for a tall window.
@@ -20,19 +21,36 @@ const PAGE: usize = 1000;
 
 /// Where a loaded row lives: pushed live at the top, or fetched by paging.
 #[derive(Clone, Copy)]
-pub enum Pos {
+enum Pos {
     Head(usize),
     Body(usize),
+}
+
+/// A place as the id index keeps it: never 0, the top bit set for the head.
+const HEAD_BIT: u32 = 1 << 31;
+
+impl Pos {
+    fn code(self) -> u32 {
+        match self {
+            Pos::Head(n) => HEAD_BIT | (n as u32 + 1),
+            Pos::Body(n) => n as u32 + 1,
+        }
+    }
+
+    fn of(code: u32) -> Pos {
+        let n = (code & !HEAD_BIT) as usize - 1;
+        if code & HEAD_BIT != 0 { Pos::Head(n) } else { Pos::Body(n) }
+    }
 }
 
 #[derive(Default)]
 pub struct Table {
     /// New orders pushed live above the loaded pages, newest last (shown first), so an
     /// insertion at the top is a push, not a shift of a million rows.
-    pub head: Vec<Order>,
+    head: Rows,
     /// Rows fetched by paging, in the query's order.
-    pub rows: Vec<Order>,
-    pub index: HashMap<String, Pos>,
+    rows: Rows,
+    index: IdIndex,
     next_cursor: Option<String>,
     done: bool,
     loading: bool,
@@ -46,16 +64,37 @@ impl Table {
     }
 
     /// The row at a display index.
-    pub fn get(&self, i: usize) -> Option<&Order> {
+    pub fn get(&self, i: usize) -> Option<Row<'_>> {
         let h = self.head.len();
         if i < h { self.head.get(h - 1 - i) } else { self.rows.get(i - h) }
     }
 
-    fn at_mut(&mut self, p: Pos) -> &mut Order {
-        match p {
-            Pos::Head(i) => &mut self.head[i],
-            Pos::Body(i) => &mut self.rows[i],
-        }
+    fn at(&self, p: Pos) -> Option<Row<'_>> {
+        row_at(&self.head, &self.rows, p)
+    }
+
+    fn find(&self, id: &str) -> Option<Pos> {
+        let id_of = |code| self.at(Pos::of(code)).map(|r| r.id());
+        self.index.find(id, id_of).map(Pos::of)
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Row<'_>> {
+        self.find(id).and_then(|p| self.at(p))
+    }
+
+    /// Adds a row that the table does not hold yet.
+    fn add(&mut self, o: &Order, on_top: bool) {
+        let pos = if on_top { Pos::Head(self.head.push(o)) } else { Pos::Body(self.rows.push(o)) };
+        // The index is borrowed apart from the rows it reads ids from.
+        let Table { head, rows, index, .. } = self;
+        index.insert(&o.id, pos.code(), |code| row_at(head, rows, Pos::of(code)).map(|r| r.id()));
+    }
+}
+
+fn row_at<'a>(head: &'a Rows, rows: &'a Rows, p: Pos) -> Option<Row<'a>> {
+    match p {
+        Pos::Head(n) => head.get(n),
+        Pos::Body(n) => rows.get(n),
     }
 }
 
@@ -79,13 +118,18 @@ impl Filter {
         }
     }
 
-    /// The engine's rules: exact status, priority and shop, prefix of the id or the customer.
+    /// The engine's rules: exact status, priority and shop, prefix of the id or the customer
+    /// (or a Shopify order id).
     fn admits(&self, o: &Order) -> bool {
         self.newest_first
             && (self.status.is_empty() || o.status.as_str() == self.status)
             && (self.priority.is_empty() || o.priority.as_str() == self.priority)
             && (self.shop.is_empty() || o.shop.as_deref() == Some(self.shop.as_str()))
-            && (self.query.is_empty() || o.id.starts_with(&self.query) || o.customer.starts_with(&self.query))
+            && (self.query.is_empty() || o.id.starts_with(&self.query) || o.customer.starts_with(&self.query) || {
+                // A Shopify order id finds `shopify-<id>`, as the engine's search does.
+                self.query.bytes().all(|b| b.is_ascii_digit())
+                    && o.id.strip_prefix("shopify-").is_some_and(|id| id.starts_with(&self.query))
+            })
     }
 }
 
@@ -169,18 +213,20 @@ pub fn load_more(app: App) {
             Ok(r) => Err(r.error_text()),
             Err(e) => Err(e),
         };
+        // The widths of the rows added, measured while the table is borrowed and applied
+        // after (a signal set inside the borrow could reach code that borrows it again).
         let current = TABLE.with_borrow_mut(|t| {
             if t.generation != generation {
-                return false;
+                return None;
             }
             t.loading = false;
+            let from = t.rows.len();
             match &page {
                 Ok(p) => {
                     for o in &p.items {
                         // A row that moved between pages (it was updated) is shown once.
-                        if !t.index.contains_key(&o.id) {
-                            t.index.insert(o.id.clone(), Pos::Body(t.rows.len()));
-                            t.rows.push(o.clone());
+                        if t.find(&o.id).is_none() {
+                            t.add(o, false);
                         }
                     }
                     t.next_cursor = p.next_cursor.clone();
@@ -188,14 +234,12 @@ pub fn load_more(app: App) {
                 }
                 Err(_) => t.done = true,
             }
-            true
+            Some(columns::widths((from..t.rows.len()).filter_map(|n| t.rows.get(n))))
         });
-        if !current {
-            return;
-        }
+        let Some(widths) = current else { return };
         match page {
-            Ok(p) => {
-                app.cols.fit(p.items.iter());
+            Ok(_) => {
+                app.cols.widen(widths);
                 app.table_error.set(String::new())
             }
             Err(e) => app.table_error.set(e),
@@ -217,7 +261,7 @@ pub fn maybe_load_more(app: App) {
 /// Ids of the rows in the pool's window, for a resync.
 pub fn visible_ids(app: App) -> Vec<String> {
     let first = (app.scroll_top.get_untracked() / ROW_H) as usize;
-    TABLE.with_borrow(|t| (first..first + POOL).filter_map(|i| t.get(i).map(|o| o.id.clone())).collect())
+    TABLE.with_borrow(|t| (first..first + POOL).filter_map(|i| t.get(i).map(|o| o.id().to_string())).collect())
 }
 
 /// Applies pushed rows: newer versions of shown rows replace them; with a filter, rows
@@ -227,15 +271,16 @@ pub fn apply(orders: &[Order], filter: Option<&Filter>) -> (bool, usize) {
         let mut changed = false;
         let mut inserted = 0;
         for o in orders {
-            if let Some(&p) = t.index.get(&o.id) {
-                let row = t.at_mut(p);
-                if o.version > row.version {
-                    *row = o.clone();
+            if let Some(p) = t.find(&o.id) {
+                if t.at(p).is_some_and(|row| o.version > row.version()) {
+                    match p {
+                        Pos::Head(n) => t.head.replace(n, o),
+                        Pos::Body(n) => t.rows.replace(n, o),
+                    }
                     changed = true;
                 }
             } else if filter.is_some_and(|f| f.admits(o)) {
-                t.index.insert(o.id.clone(), Pos::Head(t.head.len()));
-                t.head.push(o.clone());
+                t.add(o, true);
                 inserted += 1;
             }
         }
@@ -276,33 +321,46 @@ fn window_base(scroll_top: f64) -> usize {
     first - first % POOL
 }
 
-fn row_view(app: App, slot: usize) -> View {
-    let idx = create_memo(move || slot_index(app.scroll_top.get(), slot));
-    let field = move |f: fn(&Order) -> String| {
-        move || {
+/// The element id of the row at a display index, for `aria-activedescendant`.
+fn row_element_id(i: usize) -> String {
+    format!("orders-row-{i}")
+}
+
+/// A view value that reaches the DOM only when it changes. A row's values are computed
+/// again on every scroll event and every batch of updates, but few of them change.
+fn settled<T: PartialEq + Clone + 'static>(f: impl FnMut() -> T + 'static) -> impl Fn() -> T + Copy {
+    let value = create_selector(f);
+    move || value.get_clone()
+}
+
+fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
+    let idx = create_selector(move || slot_index(app.scroll_top.get(), slot));
+    let field = move |f: fn(Row<'_>) -> String| {
+        settled(move || {
             app.rows_version.track();
             let i = idx.get();
             TABLE.with_borrow(|t| t.get(i).map(f).unwrap_or_default())
-        }
+        })
     };
     // Offsets are relative to the window (see `window_base`), so they stay small: a
     // transform at 28M px (row 1M) loses whole pixels to single-precision floats.
-    let style = move || {
+    let style = settled(move || {
         app.rows_version.track();
         let i = idx.get();
-        let base = window_base(app.scroll_top.get());
         let len = TABLE.with_borrow(|t| t.len());
         if i >= len {
             "display:none".to_string()
         } else {
-            format!("transform:translateY({}px)", (i - base) as f64 * ROW_H)
+            format!("transform:translateY({}px)", (i - base.get()) as f64 * ROW_H)
         }
-    };
+    });
     let selected = app.detail.selected;
-    let class = move || {
+    let class = settled(move || {
         app.rows_version.track();
-        let id = TABLE.with_borrow(|t| t.get(idx.get()).map(|o| o.id.clone()));
-        let picked = id.is_some() && selected.with(|s| *s == id);
+        let picked = TABLE.with_borrow(|t| {
+            let id = t.get(idx.get()).map(|o| o.id());
+            selected.with(|s| s.as_deref().is_some_and(|s| id.is_some_and(|id| id.is(s))))
+        });
         let focused = app.kb_row.get() == Some(idx.get());
         match (picked, focused) {
             (true, true) => "row selected focused",
@@ -310,19 +368,19 @@ fn row_view(app: App, slot: usize) -> View {
             (false, true) => "row focused",
             (false, false) => "row",
         }
-    };
+    });
     let index_attr = move || idx.get().to_string();
-    let id_attr = field(|o| o.id.clone());
-    let badge = field(|o| format!("badge st-{}", o.status.as_str().to_lowercase()));
-    let exact = field(|o| if o.id.is_empty() { String::new() } else { o.updated_at.to_rfc3339() });
+    let id_attr = field(|o| o.id().to_string());
+    let badge = field(|o| format!("badge st-{}", o.status().as_str().to_lowercase()));
+    let exact = field(|o| o.updated_at().to_rfc3339());
     let now = app.now_ms;
     // A cell's text; the relative time follows the clock.
     let text = move |i: usize| {
-        move || {
+        settled(move || {
             app.rows_version.track();
             let now = if COLUMNS[i].key == "updated" { now.get() } else { 0.0 };
-            TABLE.with_borrow(|t| t.get(idx.get()).map(|o| columns::text(i, o, now)).unwrap_or_default())
-        }
+            TABLE.with_borrow(|t| t.get(idx.get()).map(|o| columns::text(i, &o, now)).unwrap_or_default())
+        })
     };
     let cols = app.cols;
     let cells: Vec<View> = COLUMNS
@@ -333,19 +391,23 @@ fn row_view(app: App, slot: usize) -> View {
             let testid = format!("cell-{}", c.key);
             match c.key {
                 "status" => view! {
-                    span(class=class, style=cols.cell_style(i)) {
+                    span(class=class, style=cols.cell_style(i), role="gridcell") {
                         span(class=badge, data-testid=testid) { (text(i)) }
                     }
                 },
                 "updated" => view! {
-                    span(class=class, style=cols.cell_style(i), data-testid=testid, title=exact) { (text(i)) }
+                    span(class=class, style=cols.cell_style(i), role="gridcell", data-testid=testid, title=exact) {
+                        (text(i))
+                    }
                 },
-                _ => view! { span(class=class, style=cols.cell_style(i), data-testid=testid) { (text(i)) } },
+                _ => view! {
+                    span(class=class, style=cols.cell_style(i), role="gridcell", data-testid=testid) { (text(i)) }
+                },
             }
         })
         .collect();
     let on_click = move |_| {
-        let id = TABLE.with_borrow(|t| t.get(idx.get_untracked()).map(|o| o.id.clone()));
+        let id = TABLE.with_borrow(|t| t.get(idx.get_untracked()).map(|o| o.id().to_string()));
         if let Some(id) = id {
             crate::detail::select(app, id);
         }
@@ -354,6 +416,9 @@ fn row_view(app: App, slot: usize) -> View {
         div(
             class=class,
             style=style,
+            role="row",
+            id=move || row_element_id(idx.get()),
+            aria-rowindex=move || (idx.get() + 1).to_string(),
             data-testid="order-row",
             data-index=index_attr,
             data-order-id=id_attr,
@@ -365,7 +430,8 @@ fn row_view(app: App, slot: usize) -> View {
 }
 
 pub fn view(app: App) -> View {
-    let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot)).collect();
+    let base = create_selector(move || window_base(app.scroll_top.get()));
+    let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot, base)).collect();
     let spacer = move || {
         app.rows_version.track();
         let (len, more) = TABLE.with_borrow(|t| (t.len(), !t.done));
@@ -378,6 +444,11 @@ pub fn view(app: App) -> View {
         let (len, done) = TABLE.with_borrow(|t| (t.len(), t.done));
         format!("{len}{} orders loaded", if done { "" } else { "+" })
     };
+    // -1 (unknown) while more pages exist.
+    let row_count = move || {
+        app.rows_version.track();
+        TABLE.with_borrow(|t| if t.done { t.len() as i64 } else { -1 }).to_string()
+    };
     let on_key = move |e: web_sys::KeyboardEvent| on_key(app, e);
     let on_scroll = move |ev: web_sys::Event| {
         if let Some(el) = ev.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) {
@@ -389,7 +460,10 @@ pub fn view(app: App) -> View {
     let f_shop = app.f_shop;
     let changed = move |_| reload(app);
     let error = app.table_error;
+    let counts = create_signal(serde_json::Value::Null);
+    crate::counts::poll(app, counts);
     view! {
+        (crate::counts::view(app, counts))
         div(class="filters") {
             select(data-testid="filter-status", aria-label="status", bind:value=f_status, on:change=changed) {
                 option(value="") { "any status" }
@@ -405,7 +479,7 @@ pub fn view(app: App) -> View {
             input(
                 data-testid="search",
                 aria-label="search",
-                placeholder="id or customer prefix",
+                placeholder="id, customer or Shopify order id",
                 bind:value=f_query,
                 on:change=changed
             )
@@ -422,18 +496,24 @@ pub fn view(app: App) -> View {
         }
         div(class="table", data-testid="orders-table", style=move || app.cols.style()) {
             div(class="thead") { (columns::header(app.cols)) }
+            // A grid whose focus stays on the scroller; the row the arrows moved to is its
+            // active descendant, so assistive tech follows it without focus moving.
             div(
                 class="scroll",
                 data-testid="orders-scroll",
                 tabindex="0",
+                role="grid",
                 aria-label="orders: arrow keys move, Enter opens, Escape closes",
+                aria-rowcount=row_count,
+                aria-activedescendant=move || app.kb_row.get().map(|i| Cow::Owned(row_element_id(i))),
                 on:scroll=on_scroll,
                 on:keydown=on_key
             ) {
-                div(class="spacer", style=spacer) {
+                div(class="spacer", role="presentation", style=spacer) {
                     div(
                         class="window",
-                        style=move || format!("top:{}px", window_base(app.scroll_top.get()) as f64 * ROW_H)
+                        role="presentation",
+                        style=move || format!("top:{}px", base.get() as f64 * ROW_H)
                     ) { (rows) }
                 }
             }
@@ -451,7 +531,8 @@ fn on_key(app: App, e: web_sys::KeyboardEvent) {
         "ArrowDown" => app.kb_row.get_untracked().map_or(first, |i| i + 1).min(len.saturating_sub(1)),
         "ArrowUp" => app.kb_row.get_untracked().map_or(first, |i| i.saturating_sub(1)),
         "Enter" => {
-            let id = app.kb_row.get_untracked().and_then(|i| TABLE.with_borrow(|t| t.get(i).map(|o| o.id.clone())));
+            let id =
+                app.kb_row.get_untracked().and_then(|i| TABLE.with_borrow(|t| t.get(i).map(|o| o.id().to_string())));
             // The open order again would reload its form over unsaved edits.
             if let Some(id) = id.filter(|id| app.detail.selected.with_untracked(|s| s.as_ref() != Some(id))) {
                 crate::detail::select(app, id);

@@ -30,9 +30,40 @@ pub struct Sample {
     conflicts_per_s: f64,
     dead_letters_per_s: f64,
     webhooks_per_s: std::collections::BTreeMap<String, f64>,
+    /// Instances the figures add up (0: this one alone).
+    #[serde(skip)]
+    instances: usize,
+    /// The group's figures, where instances share a log.
+    #[serde(default)]
+    cluster: Option<Group>,
+}
+
+/// What `cluster` carries: the group's rates (latencies: its worst instance's).
+#[derive(Debug, Clone, Deserialize)]
+struct Group {
+    applied_per_s: Pair,
+    latency_p50_ms: Option<f64>,
+    latency_p99_ms: Option<f64>,
+    conflicts_per_s: f64,
+    dead_letters_per_s: f64,
+    webhooks_per_s: std::collections::BTreeMap<String, f64>,
+    instances: Vec<Value>,
 }
 
 impl Sample {
+    /// The figures the charts draw: the group's where there is one (lag is the group's
+    /// either way), this instance's otherwise.
+    fn whole(mut self) -> Self {
+        if let Some(g) = self.cluster.take() {
+            self.applied_per_s = g.applied_per_s;
+            (self.latency_p50_ms, self.latency_p99_ms) = (g.latency_p50_ms, g.latency_p99_ms);
+            (self.conflicts_per_s, self.dead_letters_per_s) = (g.conflicts_per_s, g.dead_letters_per_s);
+            self.webhooks_per_s = g.webhooks_per_s;
+            self.instances = g.instances.len();
+        }
+        self
+    }
+
     fn webhooks(&self, outcome: &str) -> f64 {
         self.webhooks_per_s.get(outcome).copied().unwrap_or(0.0)
     }
@@ -52,6 +83,7 @@ impl PulseState {
 /// A `stats` message: one more second.
 pub fn on_sample(app: App, msg: &Value) {
     let Ok(sample) = serde_json::from_value::<Sample>(msg["sample"].clone()) else { return };
+    let sample = sample.whole();
     app.pulse.samples.update(|s| {
         // A sample the history brought already (it came in between) is not drawn twice.
         if s.last().is_none_or(|l| l.at_ms < sample.at_ms) {
@@ -66,6 +98,7 @@ pub fn on_sample(app: App, msg: &Value) {
 /// A `stats.history` message (on connect): the engine's last 10 minutes, replacing ours.
 pub fn on_history(app: App, msg: &Value) {
     let Ok(samples) = serde_json::from_value::<Vec<Sample>>(msg["samples"].clone()) else { return };
+    let samples = samples.into_iter().map(Sample::whole).collect();
     app.pulse.samples.set(samples);
 }
 
@@ -86,9 +119,9 @@ struct Line {
 /// A line's value in a sample; None leaves the sample out.
 type Pick = fn(&Sample) -> Option<f64>;
 
-/// Orange VIP, blue NORMAL, as in the run charts.
-const VIP: &str = "#d97706";
-const NORMAL: &str = "#2563eb";
+/// Orange VIP, blue NORMAL, as in the run charts (the theme's line colours).
+const VIP: &str = "var(--line-vip)";
+const NORMAL: &str = "var(--line-normal)";
 
 fn metrics() -> Vec<Metric> {
     let m = |key, title, unit, lines: Vec<(_, _, Pick)>| Metric {
@@ -111,17 +144,17 @@ fn metrics() -> Vec<Metric> {
             vec![("p50", NORMAL, |s| s.latency_p50_ms), ("p99", VIP, |s| s.latency_p99_ms)],
         ),
         m("lag", "lag", "", vec![("vip", VIP, |s| Some(s.lag.vip)), ("normal", NORMAL, |s| Some(s.lag.normal))]),
-        m("conflicts", "CAS conflicts", "/s", vec![("all", "#7c3aed", |s| Some(s.conflicts_per_s))]),
-        m("dead-letters", "dead letters", "/s", vec![("all", "#b91c1c", |s| Some(s.dead_letters_per_s))]),
+        m("conflicts", "CAS conflicts", "/s", vec![("all", "var(--line-conflicts)", |s| Some(s.conflicts_per_s))]),
+        m("dead-letters", "dead letters", "/s", vec![("all", "var(--line-bad)", |s| Some(s.dead_letters_per_s))]),
         m(
             "webhooks",
             "webhooks",
             "/s",
             vec![
-                ("received", "#15803d", |s| Some(s.webhooks("received"))),
+                ("received", "var(--line-ok)", |s| Some(s.webhooks("received"))),
                 ("duplicate", NORMAL, |s| Some(s.webhooks("duplicate"))),
-                ("rejected", "#b91c1c", |s| Some(s.webhooks("rejected"))),
-                ("other", "#6b7280", |s| {
+                ("rejected", "var(--line-bad)", |s| Some(s.webhooks("rejected"))),
+                ("other", "var(--line-other)", |s| {
                     Some(s.webhooks("ignored") + s.webhooks("uninstalled") + s.webhooks("shop_inactive"))
                 }),
             ],
@@ -193,7 +226,19 @@ pub fn strip(app: App) -> View {
             }
         })
         .collect();
-    view! { section(class="strip", aria-label="live figures, last minute") { (items) } }
+    // Whose figures they are: the group's, once a sample says how many instances it adds.
+    let whose = move || {
+        samples.with(|s| match s.last().map(|l| l.instances).unwrap_or(0) {
+            0 => String::new(),
+            n => format!("cluster, {n} instance{}", if n == 1 { "" } else { "s" }),
+        })
+    };
+    view! {
+        section(class="strip", aria-label="live figures, last minute") {
+            (items)
+            span(class="spark-whose muted", data-testid="spark-whose") { (whose) }
+        }
+    }
 }
 
 /// The health page's charts: the last 10 minutes of each figure.

@@ -119,7 +119,7 @@ fn chart_svg(rates: &[(f64, f64, f64)]) -> String {
         color,
         points: rates.iter().map(|r| (r.0, pick(r))).collect(),
     };
-    let series = [line("tp-vip", "#d97706", |r| r.1), line("tp-normal", "#2563eb", |r| r.2)];
+    let series = [line("tp-vip", "var(--line-vip)", |r| r.1), line("tp-normal", "var(--line-normal)", |r| r.2)];
     chart::svg(&series, 400.0, 80.0, "peak {peak}/s")
 }
 

@@ -58,7 +58,8 @@ async function waitFor(what, fn, timeoutMs = 20000) {
 
 // An update that comes before its order is parked; after 1 s it is dead-lettered, which
 // the dead-letter test uses.
-const serveArgs = (port) => ['serve', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`, '--api-token', TOKEN, '--park-timeout-secs', '1'];
+// A plugin deadline of 10 s: the journey test's slow fixture takes about a second to decide.
+const serveArgs = (port) => ['serve', '--data-dir', dataDir, '--listen', `127.0.0.1:${port}`, '--api-token', TOKEN, '--park-timeout-secs', '1', '--plugin-deadline-ms', '10000'];
 const generate = (n) => execFileSync(bin, ['generate', '--quantity', String(n), '--url', base, '--api-token', TOKEN], { stdio: 'ignore', timeout: 600000 });
 
 // Every order in one sort, paged by cursor the way the table pages (for comparing rows).
@@ -154,13 +155,13 @@ test('100k orders: the table shows rows quickly, with a bounded number of row el
 test('without the API token every mutating control is disabled with its reason; the token lives in sessionStorage', async () => {
   await row((await api('GET', '/orders?limit=1&sort=-updated_at')).json.items[0].id).click();
   await page.locator('[data-testid=save]').waitFor();
-  const controls = ['save', 'run-start', 'run-cancel', 'pause-vip', 'resume-vip', 'pause-normal', 'resume-normal', 'reset', 'plugin-upload', 'plugin-promote', 'plugin-rollback', 'plugin-discard'];
+  const controls = ['save', 'run-start', 'run-cancel', 'pause-vip', 'resume-vip', 'pause-normal', 'resume-normal', 'reset', 'plugin-upload', 'plugin-promote', 'plugin-rollback', 'plugin-discard', 'whatif-run'];
   for (const c of controls) {
     const el = page.locator(`[data-testid=${c}]`).first();
     assert.equal(await el.isDisabled(), true, `${c} is disabled without a token`);
   }
   const reasons = await page.locator('[data-testid=need-token]').allTextContents();
-  for (const what of ['save edits', 'start or cancel a run', 'pause or resume queues and reset', 'upload, promote, roll back or discard plugins', 'replay dead letters']) {
+  for (const what of ['save edits', 'start or cancel a run', 'pause or resume queues and reset', 'upload, promote, roll back, discard or try plugins', 'replay or purge dead letters']) {
     assert.ok(reasons.includes(`enter the API token to ${what}`), `reason shown: ${what} (got ${JSON.stringify(reasons)})`);
   }
   await shot('00-no-token');
@@ -238,6 +239,41 @@ test('the shop filter lists only that shop\'s orders, and live ones of that shop
   await page.locator(`[data-testid=order-row][data-order-id="${elsewhere.id}"]`).waitFor();
 });
 
+test('counts by status and priority sit above the table and filter it; a Shopify order id finds its order', async () => {
+  // The page shows what GET /order-counts says (exact on the embedded default).
+  await waitFor('the counts', async () => {
+    const c = (await api('GET', '/order-counts')).json;
+    const shown = await page.locator('[data-testid=count-total]').textContent();
+    return c.exact && shown === `${c.total.toLocaleString('en-US')} orders`;
+  }, 15000);
+  const counts = (await api('GET', '/order-counts')).json;
+  assert.equal(Object.values(counts.by_status).reduce((a, b) => a + b, 0), counts.total);
+  assert.equal(counts.by_priority.VIP + counts.by_priority.NORMAL, counts.total);
+  const pending = page.locator('[data-testid=count-status-PENDING]');
+  assert.match(await pending.textContent(), /^PENDING [\d,]+$/);
+  await pending.click();
+  assert.equal(await pending.getAttribute('aria-pressed'), 'true');
+  assert.equal(await page.locator('[data-testid=filter-status]').inputValue(), 'PENDING');
+  await waitFor('only pending rows', async () => {
+    const statuses = (await page.locator('[data-testid=order-row] [data-testid=cell-status]').allTextContents()).filter(Boolean);
+    return statuses.length >= 10 && statuses.every((t) => t === 'PENDING') && statuses;
+  });
+  await shot('02c-counts');
+  await pending.click();
+  assert.equal(await page.locator('[data-testid=filter-status]').inputValue(), '');
+
+  // Shopify's order id (as in its admin's /admin/orders/<id>) finds shopify-<id>.
+  const digits = String(Date.now()).slice(-9);
+  await createOrder(`shopify-${digits}`, 'GOLD');
+  await page.locator('[data-testid=search]').fill(digits);
+  await page.locator('[data-testid=search]').press('Enter');
+  await waitFor('the Shopify order', async () => (await page.locator('[data-testid=row-count]').textContent()) === '1 orders loaded');
+  await row(`shopify-${digits}`).waitFor();
+  await page.locator('[data-testid=search]').fill('');
+  await page.locator('[data-testid=search]').press('Enter');
+  await waitFor('every order again', async () => (await page.locator('[data-testid=row-count]').textContent()).endsWith('+ orders loaded'));
+});
+
 // On main the columns were fractions of the width: at 1440 px ids, statuses, tiers,
 // amounts and dates were cut with ellipses.
 test('at 1440 px the key columns are never cut; columns hide and resize; times read "ago", exact on hover', async () => {
@@ -292,6 +328,11 @@ test('at 1440 px the key columns are never cut; columns hide and resize; times r
     assert.ok(Math.abs(w1 - w0 - 60) < 3, `dragged 60 px: the id column went from ${w0} to ${w1} px`);
     const cell = (await top.locator('.c-id').boundingBox()).width;
     assert.ok(Math.abs(cell - w1) < 1, `rows follow the header (${cell} vs ${w1})`);
+    // The same from the keyboard: the grip takes focus, arrows resize by 10 px.
+    await page.locator('[data-testid=col-grip-id]').focus();
+    for (const key of ['ArrowRight', 'ArrowRight', 'ArrowRight', 'ArrowLeft']) await page.keyboard.press(key);
+    const w2 = (await head.boundingBox()).width;
+    assert.ok(Math.abs(w2 - w1 - 20) < 2, `two steps wider by keyboard: ${w1} to ${w2} px`);
     // Every column starts where its header does, the shared ones too.
     for (const k of ['customer', 'tier', 'status', 'total', 'updated', 'decided']) {
       const [h, c] = [await page.locator(`[data-testid=col-${k}]`).boundingBox(), await top.locator(`.c-${k}`).boundingBox()];
@@ -306,6 +347,11 @@ test('at 1440 px the key columns are never cut; columns hide and resize; times r
     for (let i = 0; i < 3; i++) await page.keyboard.press('ArrowDown');
     const focused = page.locator('[data-testid=order-row].focused');
     assert.equal(await focused.getAttribute('data-index'), '2');
+    // Assistive tech follows the same row: the grid names it as its active descendant.
+    assert.equal(await scroller.getAttribute('role'), 'grid');
+    assert.equal(await focused.getAttribute('role'), 'row');
+    assert.equal(await scroller.getAttribute('aria-activedescendant'), await focused.getAttribute('id'));
+    assert.equal(await focused.getAttribute('aria-rowindex'), '3');
     const picked = await focused.getAttribute('data-order-id');
     await page.keyboard.press('Enter');
     await page.locator('[data-testid=detail-id]').filter({ hasText: picked }).waitFor();
@@ -394,7 +440,7 @@ test('unsaved edits under a newer version open the conflict dialog; each choice 
 
   const history = (await api('GET', `/orders/${id}/history?limit=1000`)).json.items;
   assert.ok(history.length >= 6, `history entries: ${history.length}`);
-  await page.locator('[data-testid=history-entry]').nth(5).waitFor();
+  await page.locator('[data-testid=journey-event]').nth(5).waitFor();
   await shot('05-conflict-resolved');
 });
 
@@ -480,6 +526,12 @@ test('health panel: backend, consumer lag per priority and recent engine logs', 
   await page.locator('[data-testid=health-backend]').filter({ hasText: /embedded/ }).waitFor();
   assert.match(await page.locator('[data-testid=lag-vip]').textContent(), /^\d+$/);
   assert.match(await page.locator('[data-testid=lag-normal]').textContent(), /^\d+$/);
+  // The cluster view of one embedded engine: itself, deciding with the built-in rules.
+  const me = page.locator('[data-testid=cluster-instance][data-instance=embedded] td');
+  await me.first().filter({ hasText: 'embedded (this one)' }).waitFor();
+  assert.match((await me.allTextContents())[5], /^order-rules@1#sha256:/);
+  assert.equal(await page.locator('[data-testid=cluster-summary]').textContent(), '1 instance · plugin versions agree');
+  assert.equal(await page.locator('[data-testid=spark-whose]').textContent(), '', 'the strip is this engine\'s own');
   const logs = await fetch(base + '/logs?limit=5');
   if (logs.status === 404) {
     await page.locator('[data-testid=logs-error]').filter({ hasText: 'logs unavailable' }).waitFor();
@@ -504,6 +556,46 @@ test('plugins: upload a shadow version from the page, promote and roll back; a b
   await page.locator('[data-testid=plugin-upload]').click();
   await slot.locator('[data-testid=plugin-shadow]').filter({ hasText: /^v2 / }).waitFor();
   await page.locator('[data-testid=shadow-report]').first().waitFor();
+  // A live order the candidate decides differently (v2 ships 150.00 to 199.99 free):
+  // the shadow table names the event, the field and both values.
+  // Just before it: a window reaching further back can take in the 10k run's last events,
+  // whose differences (totals of 150.00 to 199.99) would fill the first samples.
+  const beforeOrder = new Date().toISOString();
+  const order = { event_id: 'dash-shadow-1', order_id: 'dashboard-shadow-1', kind: 'created', source: 'dashboard-test', occurred_at: new Date().toISOString(), payload: { customer: 'shadow@example.com', tier: 'SILVER', total_cents: 17500 } };
+  assert.equal((await api('POST', '/orders/events', { body: order, auth: true })).status, 202);
+  await waitFor('the shadow difference', async () => (await api('GET', '/plugins/order-rules/shadow-report')).json.samples.some((d) => d.event_id === 'dash-shadow-1'));
+  await page.locator('[data-testid=plugins-refresh]').click();
+  const diff = page.locator('[data-testid=shadow-diff]').filter({ hasText: 'dash-shadow-1' });
+  await diff.waitFor();
+  assert.deepEqual(await diff.locator('td, th').allTextContents(), ['dash-shadow-1', 'dashboard-shadow-1', 'shipping_fee_cents', '599', '0']);
+  // Each version's calls on this instance: the active one decided that order, the shadow too.
+  const version = (n) => page.locator(`[data-testid=plugin-versions][data-slot=order-rules] [data-testid=plugin-version][data-version="${n}"] td`);
+  for (const n of [1, 2]) {
+    let cells;
+    const settled = () => Number(cells[4]) >= 1 && cells[5] === '0' && cells[6] === '0.0%' && /ms$/.test(cells[8]);
+    const read = async () => { cells = await version(n).allTextContents(); return settled(); };
+    await waitFor(`v${n}'s calls on the page`, read, 10000)
+      .catch((e) => assert.fail(`${e.message}; v${n} reads ${cells}`));
+  }
+  await shot('08a-plugin-shadow-diffs');
+  // A what-if run of the chosen file over the events recorded since just before that
+  // order: the engine's report, its decisions by kind and the same difference.
+  await page.locator('[data-testid=whatif-since]').fill(beforeOrder);
+  await page.locator('[data-testid=whatif-run]').click();
+  const report = page.locator('[data-testid=whatif-report]');
+  await report.waitFor({ timeout: 60000 });
+  const summary = await report.textContent();
+  const counts = summary.match(/over (\d+) recorded events since .*: (\d+) agree, (\d+) differ/);
+  assert.ok(counts, `the what-if report reads: ${summary}`);
+  const [, cases, agreed, differed] = counts.map(Number);
+  assert.ok(cases >= 1 && differed >= 1 && agreed + differed === cases, summary);
+  // Each side decided every case once: its column of the decisions table sums to them.
+  const decisions = await page.locator('[data-testid=whatif-decision]').evaluateAll((rows) => rows.map((r) => [...r.querySelectorAll('td')].map((td) => Number(td.textContent))));
+  for (const side of [0, 1]) assert.equal(decisions.reduce((n, r) => n + r[side], 0), cases, JSON.stringify(decisions));
+  const whatifDiff = page.locator('[data-testid=whatif-diff]').filter({ hasText: 'dash-shadow-1' });
+  const sampled = await page.locator('[data-testid=whatif-diff]').evaluateAll((rows) => rows.map((r) => r.querySelector('td')?.textContent));
+  assert.deepEqual(await whatifDiff.locator('td, th').allTextContents(), ['dash-shadow-1', 'dashboard-shadow-1', 'shipping_fee_cents', '599', '0'], `${summary}; samples: ${sampled}`);
+  await shot('08b-plugin-what-if');
   await slot.locator('[data-testid=plugin-promote]').click();
   await active.filter({ hasText: /^v2 / }).waitFor();
   await shot('08-plugin-promoted');
@@ -511,12 +603,66 @@ test('plugins: upload a shadow version from the page, promote and roll back; a b
   await active.filter({ hasText: /^v1 / }).waitFor();
   const slots = (await api('GET', '/plugins')).json;
   assert.equal(slots.find((s) => s.slot === 'order-rules').active.version, 1);
+  // The slot's timeline, newest first, each change with the token that made it (audit).
+  const timeline = page.locator('[data-testid=plugin-timeline][data-slot=order-rules] [data-testid=plugin-event]');
+  await timeline.first().filter({ hasText: 'rollback' }).waitFor();
+  const changes = (await timeline.allTextContents()).map((t) => t.split(' · ').slice(1).join(' · '));
+  assert.deepEqual(changes, ['v1 · rollback · by admin', 'v2 · promote · by admin', 'v2 · shadow · by admin', 'v1 · builtin · by the engine']);
 
   await page.locator('[data-testid=plugin-file]').setInputFiles({ name: 'broken.wasm', mimeType: 'application/wasm', buffer: Buffer.from('not a component') });
   await page.locator('[data-testid=plugin-upload]').click();
   const message = page.locator('[data-testid=plugin-message]');
   await message.filter({ hasText: /^HTTP 400/ }).waitFor();
   await shot('09-plugin-bad-upload');
+});
+
+test('an order journey shows a lost compare-and-set and how the resolver settled it, with what each event changed', async () => {
+  // The slow fixture decides slow* orders in about a second; an operator's edit lands
+  // meanwhile, so the pipeline's write expects v1, finds v2, and the resolver merges.
+  const fixture = join(targetDir, 'wasm-plugins/wasm32-wasip2/plugin/fixture_slow.wasm');
+  assert.ok(existsSync(fixture), `plugin fixture missing at ${fixture}`);
+  const put = await fetch(`${base}/plugins/order-rules`, { method: 'PUT', headers: { authorization: `Bearer ${TOKEN}` }, body: readFileSync(fixture) });
+  assert.equal(put.status, 201, await put.text());
+  let id, journey;
+  try {
+    // A busy machine may decide before the edit lands: a few orders, each a fair try.
+    for (let attempt = 1; attempt <= 3 && !journey; attempt++) {
+      id = `slow-journey-${attempt}`;
+      await createOrder(id, 'GOLD');
+      const paid = { event_id: `${id}-paid`, order_id: id, kind: 'updated', source: 'dashboard-test', occurred_at: new Date().toISOString(), payload: { financial_status: 'paid' } };
+      assert.equal((await api('POST', '/orders/events', { body: paid, auth: true })).status, 202);
+      await new Promise((r) => setTimeout(r, 250));
+      const edit = await api('PATCH', `/orders/${id}`, { body: { note: 'call before delivery' }, ifMatch: 1, auth: true });
+      // 409: the pipeline decided before the edit landed; no race this time.
+      if (edit.status === 409) continue;
+      assert.equal(edit.status, 200);
+      const done = await waitFor(`${id} at v3`, async () => { const j = (await api('GET', `/orders/${id}/journey`)).json; return j?.order.version >= 3 && j; });
+      const lost = done.events.find((e) => e.event_id === `${id}-paid`);
+      if (lost.steps.some((s) => s.kind === 'conflict')) journey = done;
+    }
+  } finally {
+    assert.equal((await api('POST', '/plugins/order-rules/rollback', { auth: true })).status, 200);
+  }
+  assert.ok(journey, 'no try made the pipeline lose its compare-and-set to the edit');
+
+  await page.goto(`${base}/ui/orders/${id}`);
+  const event = page.locator('[data-testid=journey-event]').filter({ hasText: `${id}-paid` });
+  await event.waitFor();
+  const steps = await event.locator('[data-testid=journey-step]').evaluateAll((els) => els.map((e) => e.dataset.step));
+  assert.deepEqual(steps, ['occurred', 'received', 'appended', 'decided', 'conflict', 'resolved', 'applied', 'published']);
+  const text = (step) => event.locator(`[data-testid=journey-step][data-step=${step}]`).textContent();
+  assert.match(await text('decided'), /order-rules@\d+#sha256:\w+: upsert/);
+  assert.match(await text('conflict'), /expected v1, found v2/);
+  assert.match(await text('resolved'), /conflict-resolver@1#sha256:\w+: merge/);
+  assert.match(await text('applied'), /v3 by conflict-resolver/);
+  // Against v2 the merge changed only the status; the edit before it, only the (personal) note.
+  const change = event.locator('[data-testid=journey-change]');
+  assert.deepEqual(await change.evaluateAll((rows) => rows.map((r) => [...r.children].map((c) => c.textContent))), [['status', 'PENDING', 'CONFIRMED']]);
+  const edit = page.locator('[data-testid=journey-event]').filter({ hasText: 'edit:' });
+  assert.equal(await edit.locator('[data-testid=journey-change][data-field=note] td').last().textContent(), 'changed (personal data, not kept)');
+  assert.equal(await page.locator('[data-testid=journey-event]').count(), 3);
+  mkdirSync(screenshots, { recursive: true });
+  await page.locator('[data-testid=detail]').screenshot({ path: join(screenshots, 'journey.png') });
 });
 
 test('dead letters: a rejected event is listed with its reason and replayed from the page', async () => {
@@ -538,7 +684,7 @@ test('dead letters: a rejected event is listed with its reason and replayed from
   await shot('10-dead-letter-replayed');
 });
 
-test('dead letters: grouped by stage and kind with counts, payloads shown, a filtered bulk replay after a confirmation', async () => {
+test('dead letters: grouped by stage and kind with counts, payloads shown, a filtered bulk replay and purge after a confirmation', async () => {
   const orders = [0, 1, 2].map((i) => `dash-bulk-${i}`);
   const early = (id) => ({ event_id: `${id}-early`, order_id: id, kind: 'updated', source: 'dashboard-test', occurred_at: '2026-11-21T10:00:00Z', payload: { note: 'bulk' } });
   for (const id of orders) assert.equal((await api('POST', '/orders/events', { body: early(id), auth: true })).status, 202);
@@ -550,8 +696,9 @@ test('dead letters: grouped by stage and kind with counts, payloads shown, a fil
   await withToken();
   await page.locator('[data-testid=dead-letters-refresh]').click();
   const group = page.locator(`[data-testid=dead-letter-group][data-stage="${letter.stage}"][data-error-type="${letter.error_type}"]`);
-  await group.waitFor();
-  assert.ok(Number(await group.locator('[data-testid=group-count]').textContent()) >= 3);
+  // The group may be on the page already (an earlier test's letter): until the refresh
+  // lands it counts fewer.
+  await waitFor('the group with the three letters', async () => Number(await group.locator('[data-testid=group-count]').textContent()) >= 3);
   const row = page.locator(`[data-testid=dead-letter][data-id="${letter.id}"]`);
   await row.locator('[data-testid=dead-letter-payload] summary').click();
   assert.match(await row.locator('[data-testid=dead-letter-payload] pre').textContent(), /"order_id": "dash-bulk-0"/);
@@ -575,6 +722,15 @@ test('dead letters: grouped by stage and kind with counts, payloads shown, a fil
   for (const id of orders) await waitFor(`the replayed note of ${id}`, async () => (await api('GET', `/orders/${id}`)).json.note === 'bulk');
   await page.locator('[data-testid=dead-letter-replay]').filter({ hasText: 'replayed' }).first().waitFor();
   await shot('10b-dead-letters-bulk-replayed');
+  // Dealt with: the replayed letters of these orders are purged, after a confirmation.
+  await page.locator('[data-testid=purge-which]').selectOption('replayed');
+  await page.locator('[data-testid=bulk-purge]').click();
+  assert.match(await page.locator('[data-testid=bulk-question]').textContent(), /^Delete for good up to 10 letters: .*orders starting dash-bulk-; replayed already\?/);
+  await page.locator('[data-testid=bulk-confirm]').click();
+  await message.filter({ hasText: /^purged 3 of/ }).waitFor();
+  const left = (await api('GET', '/dead-letters?limit=1000')).json.items.filter((d) => d.order_id?.startsWith('dash-bulk-'));
+  assert.deepEqual(left, [], 'the purged letters are gone');
+  await page.locator(`[data-testid=dead-letter][data-id="${letter.id}"]`).waitFor({ state: 'detached' });
 });
 
 test('every page has its address: deep links, reloads, back and forward, and links to runs', async () => {
@@ -662,15 +818,26 @@ test('live figures: sparklines of the last minute on every page, the health page
   assert.match(await page.locator('[data-testid=spark-applied] [data-testid=spark-now]').textContent(), /^vip \S+\/s · normal \S+\/s$/);
 });
 
-test('axe-core finds no serious or critical accessibility violations on any page, with the order drawer open too', async () => {
-  for (const slug of ['runs', 'plugins', 'dead-letters', 'health', 'orders']) {
-    await nav(slug);
-    assert.deepEqual(await axeViolations(), [], `on /ui/${slug}`);
+test('axe-core finds no serious or critical accessibility violations on any page, with the order drawer open too, in the light and the dark theme', async () => {
+  const background = () => page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  const light = await background();
+  for (const scheme of ['light', 'dark']) {
+    // The dark theme follows the system setting.
+    await page.emulateMedia({ colorScheme: scheme });
+    if (scheme === 'dark') assert.notEqual(await background(), light, 'the dark theme changes the page');
+    for (const slug of ['runs', 'plugins', 'dead-letters', 'health', 'orders']) {
+      await nav(slug);
+      assert.deepEqual(await axeViolations(), [], `on /ui/${slug} (${scheme})`);
+    }
+    await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
+    await row((await api('GET', '/orders?limit=1&sort=-updated_at')).json.items[0].id).click();
+    await page.locator('[data-testid=journey-event]').first().waitFor();
+    assert.deepEqual(await axeViolations(), [], `with the drawer open (${scheme})`);
+    if (scheme === 'dark') await page.screenshot({ path: join(screenshots, 'order-dark.png') });
+    await page.locator('[data-testid=detail-close]').click();
+    await page.waitForURL((u) => u.pathname === '/ui/orders');
   }
-  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor();
-  await row((await api('GET', '/orders?limit=1&sort=-updated_at')).json.items[0].id).click();
-  await page.locator('[data-testid=detail-id]').waitFor();
-  assert.deepEqual(await axeViolations(), []);
+  await page.emulateMedia({ colorScheme: 'light' });
 });
 
 test('after the engine restarts, the page reconnects and resyncs the rows it shows', async () => {
@@ -696,13 +863,21 @@ test('after the engine restarts, the page reconnects and resyncs the rows it sho
 
 test('1M orders: scrolling to the middle and the end renders the right rows; frame times recorded', async () => {
   // 100k seeded + the 10k run + a few single orders so far: 890k more makes just over 1M.
+  // The pipeline took the first 110k (the generator verified them); the rest go straight
+  // into the stopped engine's store (`bench seed`), which is what this test is about.
   const more = MILLION - ORDERS - 10000;
   const t0 = Date.now();
-  generate(more);
-  console.log(`# grew the store to 1M orders (+${more}) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  engine.kill('SIGTERM');
+  await new Promise((r) => engine.once('exit', r));
+  execFileSync(bin, ['bench', 'seed', '--data-dir', dataDir, '--quantity', String(more)], { stdio: ['ignore', 'ignore', 'inherit'], timeout: 600000 });
+  engine = spawn(bin, serveArgs(new URL(base).port), { stdio: ['ignore', 'ignore', 'inherit'], env: engineEnv });
+  await waitFor('engine health after seeding', async () => (await fetch(base + '/health')).ok, 60000);
+  console.log(`# grew the store to 1M orders (+${more}, bench seed) in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
   const t1 = Date.now();
-  await page.goto(base + '/');
-  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor({ timeout: 10000 });
+  // Liveness bounds, not speed checks (bench.mjs measures first rows against the release
+  // engine): the debug engine has just taken 890k orders on two shared cores.
+  await page.goto(base + '/', { timeout: 120000 });
+  await page.locator('[data-testid=cell-id]').first().filter({ hasText: /\S/ }).waitFor({ timeout: 60000 });
   console.log(`# 1M orders: first rows ${Date.now() - t1} ms after navigation`);
   const expected = await allIds('-updated_at');
   assert.ok(expected.length >= MILLION, `orders in the store: ${expected.length}`);
@@ -722,6 +897,11 @@ test('1M orders: scrolling to the middle and the end renders the right rows; fra
   const loaded = Number((await page.locator('[data-testid=row-count]').textContent()).split(' ')[0]);
   console.log(`# 1M orders: all ${loaded} rows paged into the table in ${((Date.now() - t2) / 1000).toFixed(1)} s`);
   assert.equal(loaded, expected.length);
+  // Compact rows (dashboard/src/rows.rs) hold the million in at most 120 MiB of wasm
+  // memory, which only grows: this is the peak (full orders took 421 MiB).
+  const wasmMiB = await page.evaluate(() => window.__dashboardWasm.memory.buffer.byteLength / 2 ** 20);
+  console.log(`# 1M orders: wasm memory ${wasmMiB.toFixed(1)} MiB`);
+  assert.ok(wasmMiB <= 120, `wasm memory at 1M rows: ${wasmMiB.toFixed(1)} MiB`);
   const scroller = page.locator('[data-testid=orders-scroll]');
   for (const [name, at] of [['middle', Math.floor(expected.length / 2)], ['end', expected.length - 1]]) {
     // A few rows above the target, so it and its neighbour above are both in the pool.

@@ -11,9 +11,10 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 use serde::Serialize;
 
-use crate::config::BenchArgs;
+use crate::config::{BenchArgs, BenchCommand, BenchFsyncArgs, BenchSeedArgs};
 use crate::engine::{Backend, Engine, EngineConfig};
 use crate::generator::{self, TierMix};
+use crate::journey::{self, LogPlace, Said, Trace};
 use crate::log::kafka::KafkaConfig;
 use crate::pipeline::build_row;
 use crate::plugin::Slot;
@@ -21,7 +22,7 @@ use crate::plugin::native::NativeRules;
 use crate::rules::Decision;
 use crate::store::cql::CqlConfig;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Orders, Write};
+use crate::store::{Orders, Write, WriteResult};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -70,8 +71,11 @@ pub struct PipelineRun {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    if let Some(crate::config::BenchCommand::Run(run_args)) = args.command.clone() {
-        return generated_run(run_args).await;
+    match args.command.clone() {
+        Some(BenchCommand::Run(run_args)) => return generated_run(*run_args).await,
+        Some(BenchCommand::Seed(seed_args)) => return seed(seed_args).await,
+        Some(BenchCommand::Fsync(fsync_args)) => return fsync_ceiling(fsync_args),
+        None => {}
     }
     if let Backend::Distributed { kafka, cql } = args.backends.backend()? {
         return run_distributed(args, kafka, cql).await;
@@ -165,26 +169,93 @@ async fn raw_writes(store: &dyn Orders, n: u64) -> anyhow::Result<f64> {
     let mut busy = Duration::ZERO;
     let mut i = 0;
     while i < n {
-        let batch: Vec<Write> = (i..(i + 1024).min(n))
-            .map(|i| {
-                let e = generator::created("raw", i, "bench", &TierMix::default(), &mut rng);
-                let Decision::Upsert(fields) = NativeRules.decide(&e, None) else {
-                    unreachable!("creates are upserts")
-                };
-                Write::Apply {
-                    event_id: e.event_id.clone(),
-                    source: e.source.clone(),
-                    base: None,
-                    row: build_row(&e, None, fields, "bench"),
-                }
-            })
-            .collect();
+        let batch = creates("raw", "bench", i..(i + 1024).min(n), &mut rng);
         i += batch.len() as u64;
         let started = Instant::now();
         store.write(batch).await?;
         busy += started.elapsed();
     }
     Ok(n as f64 / busy.as_secs_f64())
+}
+
+/// Generated orders `<prefix>-<i>` as the pipeline writes a create with the default
+/// rules; `by` names the tool as their source and decider.
+fn creates(prefix: &str, by: &str, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> Vec<Write> {
+    ids.map(|i| {
+        let e = generator::created(prefix, i, by, &TierMix::default(), rng);
+        let Decision::Upsert(fields) = NativeRules.decide(&e, None) else { unreachable!("creates are upserts") };
+        let row = build_row(&e, None, fields, by);
+        // As large as the pipeline's: the ceiling is of the same write set.
+        let trace = Trace {
+            occurred_at: Some(e.occurred_at),
+            accepted_at: e.accepted_at,
+            appended_at: Some(e.occurred_at),
+            log: Some(LogPlace { priority: row.priority, partition: 0, offset: i }),
+            rules: Some(journey::verdict(by, Said::Upsert, None)),
+            changes: journey::changes(None, &row),
+            ..Trace::default()
+        };
+        Write::Apply { event_id: e.event_id.clone(), source: e.source.clone(), base: None, row, trace }
+    })
+    .collect()
+}
+
+/// A bar for `len` items named `unit`, with the rate and the time left.
+fn progress(len: u64, unit: &str) -> ProgressBar {
+    let template = format!("{{spinner}} {{msg}} [{{bar:40}}] {{pos}}/{{len}} {unit}  {{per_sec}}  eta {{eta}}");
+    let style = ProgressStyle::with_template(&template).expect("template is valid").progress_chars("=> ");
+    ProgressBar::new(len).with_style(style)
+}
+
+/// `bench seed`: generated orders straight into a stopped engine's embedded store.
+async fn seed(args: BenchSeedArgs) -> anyhow::Result<()> {
+    let dir = &args.data_dir;
+    anyhow::ensure!(dir.is_dir(), "no data dir at {}: start the engine on it once first", dir.display());
+    // The engine's own lock: seeding under a live engine would bypass its caches.
+    let _lock = crate::engine::lock_data_dir(dir)?;
+    let store = EmbeddedStore::open(&dir.join("store.sqlite"))?;
+    let bar = progress(args.quantity, "orders");
+    bar.set_message("seeding");
+    let (started, mut rng) = (Instant::now(), SmallRng::from_os_rng());
+    let (mut added, mut existed, mut i) = (0u64, 0u64, 0);
+    while i < args.quantity {
+        let batch = creates(&args.prefix, "seed", i..(i + 1024).min(args.quantity), &mut rng);
+        i += batch.len() as u64;
+        for (_, result) in store.write(batch).await? {
+            match result {
+                WriteResult::Done => added += 1,
+                _ => existed += 1,
+            }
+        }
+        bar.set_position(i);
+    }
+    bar.finish_and_clear();
+    let took = started.elapsed().as_secs_f64();
+    eprintln!(
+        "seeded {added} orders into {} in {took:.1} s ({:.0}/s); {existed} ids were taken already",
+        dir.display(),
+        added as f64 / took
+    );
+    Ok(())
+}
+
+/// `bench fsync`: serial one-row commits/s with the engine's SQLite settings.
+fn fsync_ceiling(args: BenchFsyncArgs) -> anyhow::Result<()> {
+    let path = args.dir.join(format!("fsync-bench-{}.sqlite", std::process::id()));
+    let conn = crate::sqlite::open(&path)?;
+    conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT NOT NULL)")?;
+    let started = Instant::now();
+    for i in 0..args.commits {
+        conn.execute("INSERT INTO t (id, v) VALUES (?1, 'x')", [i as i64])?;
+    }
+    let per_s = args.commits as f64 / started.elapsed().as_secs_f64();
+    drop(conn);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+    let report = serde_json::json!({ "dir": args.dir, "commits": args.commits, "fsynced_commits_per_s": per_s });
+    println!("{report}");
+    Ok(())
 }
 
 /// The default rules as the candidate, over the cases a pipeline run in `dir` recorded.
@@ -228,11 +299,7 @@ async fn pipeline(dir: &Path, args: &BenchArgs, plugins: bool) -> anyhow::Result
 /// Pushes `args.events` through a started engine and measures it.
 async fn drive(engine: Arc<Engine>, args: &BenchArgs, label: &'static str) -> anyhow::Result<PipelineRun> {
     engine.start().await?;
-    let bar = ProgressBar::new(args.events).with_style(
-        ProgressStyle::with_template("{spinner} {msg} [{bar:40}] {pos}/{len} events  {per_sec}  eta {eta}")
-            .expect("template is valid")
-            .progress_chars("=> "),
-    );
+    let bar = progress(args.events, "events");
     bar.set_message(label);
     let producer = tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate));
     let started = Instant::now();

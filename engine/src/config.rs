@@ -505,6 +505,7 @@ impl Backends {
             dlq_topic: String::new(),
             plugins_topic: String::new(),
             control_topic: String::new(),
+            pulse_topic: String::new(),
             partitions: self.kafka_partitions,
             replication: self.kafka_replication,
             group: self.kafka_group.clone(),
@@ -573,7 +574,39 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// A whole generated run (phases, verification) on a fresh engine, with its metrics,
     /// peak RSS, and the store's raw write ceiling measured in the same process.
-    Run(BenchRunArgs),
+    Run(Box<BenchRunArgs>),
+    /// Fill a stopped engine's embedded store with generated orders, written as the
+    /// pipeline writes a create (row, ledger, history) but without the log or the rules:
+    /// the dashboard and load tests at a million rows, in seconds.
+    Seed(BenchSeedArgs),
+    /// The fsync ceiling: one-row SQLite transactions committed one after another, as
+    /// the engine's files are (WAL, synchronous = FULL), in a scratch file in a dir on
+    /// the file system under test. A write that waits for its own fsync does no better.
+    Fsync(BenchFsyncArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchFsyncArgs {
+    /// A dir on the file system to measure (the engine's data dir, say); the scratch file
+    /// is removed afterwards.
+    #[arg(long)]
+    pub dir: PathBuf,
+    /// Commits to time.
+    #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u64).range(10..=1_000_000))]
+    pub commits: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchSeedArgs {
+    /// The stopped engine's data dir (embedded default).
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Orders to add (at most 10 million per call).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub quantity: u64,
+    /// Their ids are `<prefix>-<n>`, n from 0; an id the store holds already is left alone.
+    #[arg(long, default_value = "seed")]
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, Args)]

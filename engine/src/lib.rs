@@ -7,8 +7,8 @@
 // The engine's modules keep their paths here (`orchestrator::store`, `crate::domain`),
 // so the edges and the tests read as before the split.
 pub use orchestrator_core::{
-    cluster, compliance, domain, engine, failure, generator, log, ordering, pipeline, plugin, rules, secret, sqlite,
-    store, stream, telemetry, whatif,
+    cluster, compliance, domain, engine, failure, generator, journey, log, ordering, pipeline, plugin, rules, secret,
+    sqlite, store, stream, telemetry, whatif,
 };
 
 pub mod api;

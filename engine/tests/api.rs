@@ -188,6 +188,86 @@ async fn rules_decide_rows_and_rejections_land_in_dead_letters() {
     assert_eq!(s.get_json("/orders/r-ghost").await.0, 404);
 }
 
+/// An order's journey: each event from its source to its outcome, with the plugin
+/// version that decided it and the fields it changed; an operator's edit and a refusal
+/// among them; personal values never shown.
+#[tokio::test]
+async fn an_orders_journey_shows_each_event_from_source_to_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let events = json!([
+        created("j-1", "j-1-c", "DIAMOND", 4_000),
+        updated("j-1", "j-1-paid", json!({"financial_status": "paid"})),
+        created("j-1", "j-1-again", "DIAMOND", 1),
+    ]);
+    assert_eq!(s.post_events(&events).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+    let edit = client().patch(s.url("/orders/j-1")).bearer_auth(TOKEN).header("If-Match", "2");
+    assert_eq!(edit.json(&json!({"note": "call first"})).send().await.unwrap().status(), 200);
+    let bad = json!([updated("j-1", "j-1-bad", json!({"total_cents": -5}))]);
+    assert_eq!(s.post_events(&bad).await.status(), 202);
+    s.drain(Duration::from_secs(10)).await;
+
+    let (status, j) = s.get_json("/orders/j-1/journey").await;
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["order"], s.get_json("/orders/j-1").await.1, "the row as it is now");
+    assert_eq!(j["truncated"], false);
+    let events = j["events"].as_array().unwrap();
+    let summary: Vec<_> = events
+        .iter()
+        .map(|e| {
+            let kinds: Vec<_> = e["steps"].as_array().unwrap().iter().map(|s| s["kind"].as_str().unwrap()).collect();
+            (e["event_id"].as_str().unwrap().to_string(), e["outcome"].as_str().unwrap(), kinds.join(" "))
+        })
+        .collect();
+    let summary: Vec<_> = summary.iter().map(|(id, outcome, kinds)| (id.as_str(), *outcome, kinds.as_str())).collect();
+    let edit_id = events[3]["event_id"].as_str().unwrap();
+    assert!(edit_id.starts_with("edit:"), "{edit_id}");
+    assert_eq!(
+        summary,
+        [
+            ("j-1-c", "applied", "occurred received appended decided applied published"),
+            ("j-1-paid", "applied", "occurred received appended decided applied published"),
+            ("j-1-again", "skipped", "occurred received appended decided skipped"),
+            (edit_id, "applied", "applied published"),
+            ("j-1-bad", "rejected", "occurred received appended decided dead_lettered"),
+        ]
+    );
+    let step = |e: usize, kind: &str| -> Value {
+        events[e]["steps"].as_array().unwrap().iter().find(|s| s["kind"] == kind).cloned().unwrap()
+    };
+    // Decided by the built-in plugin, named with its version, on the VIP log.
+    let decided = step(1, "decided")["detail"].as_str().unwrap().to_string();
+    assert!(decided.starts_with("order-rules@1#sha256:") && decided.ends_with(": upsert"), "{decided}");
+    let appended = step(1, "appended")["detail"].as_str().unwrap().to_string();
+    assert!(appended.starts_with("vip log, partition ") && appended.contains(", offset "), "{appended}");
+    assert_eq!(step(1, "occurred")["at"], "2026-11-21T10:00:01Z");
+    assert_eq!(step(2, "skipped")["detail"], "order already exists");
+    assert!(step(2, "decided")["detail"].as_str().unwrap().ends_with("skip (order already exists)"));
+    let refused = step(4, "dead_lettered")["detail"].as_str().unwrap().to_string();
+    assert!(refused.contains("negative total_cents"), "{refused}");
+    assert!(step(4, "decided")["detail"].as_str().unwrap().contains(": reject ("));
+
+    // What each applied event changed; personal fields are named, never shown.
+    let changes = |e: usize| -> Vec<(String, Value, Value)> {
+        let list = events[e]["changes"].as_array().unwrap();
+        list.iter()
+            .map(|c| (c["field"].as_str().unwrap().to_string(), c["before"].clone(), c["after"].clone()))
+            .collect()
+    };
+    let paid = changes(1);
+    assert_eq!(paid[0], ("status".into(), json!("PENDING"), json!("CONFIRMED")), "{paid:?}");
+    let created = changes(0);
+    assert!(created.contains(&("tier".into(), Value::Null, json!("DIAMOND"))), "{created:?}");
+    let customer = events[0]["changes"].as_array().unwrap().iter().find(|c| c["field"] == "customer").unwrap();
+    assert_eq!(customer, &json!({"field": "customer", "withheld": true}));
+    assert_eq!(events[3]["changes"], json!([{"field": "note", "withheld": true}]));
+    assert!(events.iter().all(|e| !e.to_string().contains("@example.com")), "no customer in the journey");
+
+    let (status, body) = s.get_json("/orders/nope/journey").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("order not found")), "{body}");
+}
+
 /// An event id names one event of one order. On the embedded default an id already
 /// recorded for another order is refused at ingest; one that gets past (both still on
 /// the log) is dead-lettered with the reason, never dropped.

@@ -135,7 +135,7 @@ async fn write_both(cql: &CqlStore, embedded: &EmbeddedStore, writes: Vec<(Optio
         .into_iter()
         .map(|(base, row)| {
             let event_id = format!("{}@{}", row.id, row.version);
-            Write::Apply { event_id, source: "test".into(), base, row }
+            Write::Apply { event_id, source: "test".into(), base, row, trace: Default::default() }
         })
         .collect();
     for chunk in writes.chunks(500) {
@@ -228,6 +228,7 @@ async fn cql_dead_letters_are_bucketed_by_day() {
                 reason: "refused".into(),
                 decided_by: "test".into(),
                 dead_letter: Some(letter),
+                trace: Default::default(),
             }
         })
         .collect();

@@ -609,9 +609,10 @@ async fn dead_letters_can_be_replayed_once() {
 }
 
 /// `POST /dead-letters/replay` sends the letters a filter matches, up to the cap the
-/// operator gave, each once; the others stay as they were.
+/// operator gave, each once; the others stay as they were. `POST /dead-letters/purge`
+/// then deletes the replayed ones for good.
 #[tokio::test]
-async fn dead_letters_are_replayed_in_bulk_by_filter_up_to_a_cap() {
+async fn dead_letters_are_replayed_and_purged_in_bulk_by_filter_up_to_a_cap() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--park-timeout-secs", "1"]).await;
     // Updates of orders that do not exist yet are dead-lettered once their wait runs out.
@@ -634,19 +635,23 @@ async fn dead_letters_are_replayed_in_bulk_by_filter_up_to_a_cap() {
     }
     s.drain(Duration::from_secs(10)).await;
 
-    let bulk = |body: Value| {
-        let url = s.url("/dead-letters/replay");
+    let bulk_at = |path: &str, body: Value| {
+        let url = s.url(path);
         async move {
             let r = client().post(url).bearer_auth(TOKEN).json(&body).send().await.unwrap();
             (r.status().as_u16(), r.json::<Value>().await.unwrap())
         }
     };
-    let anonymous = client().post(s.url("/dead-letters/replay")).json(&json!({"limit": 1})).send().await.unwrap();
-    assert_eq!(anonymous.status(), 401);
-    for bad in [json!({"limit": 0}), json!({"limit": 1001}), json!({"limit": 1, "colour": "red"}), json!({})] {
-        let (code, body) = bulk(bad.clone()).await;
-        assert_eq!(code, 400, "{bad} → {body}");
-        assert!(body["error"].is_string(), "{body}");
+    let bulk = |body: Value| bulk_at("/dead-letters/replay", body);
+    let purge = |body: Value| bulk_at("/dead-letters/purge", body);
+    for path in ["/dead-letters/replay", "/dead-letters/purge"] {
+        let anonymous = client().post(s.url(path)).json(&json!({"limit": 1})).send().await.unwrap();
+        assert_eq!(anonymous.status(), 401);
+        for bad in [json!({"limit": 0}), json!({"limit": 1001}), json!({"limit": 1, "colour": "red"}), json!({})] {
+            let (code, body) = bulk_at(path, bad.clone()).await;
+            assert_eq!(code, 400, "{path}: {bad} → {body}");
+            assert!(body["error"].is_string(), "{body}");
+        }
     }
     let replayed = |body: &Value| -> Vec<String> {
         body["replayed"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect()
@@ -655,7 +660,9 @@ async fn dead_letters_are_replayed_in_bulk_by_filter_up_to_a_cap() {
     assert_eq!(code, 200, "{first}");
     assert_eq!(replayed(&first).len(), 3, "the cap: {first}");
     assert_eq!(first["failed"], json!([]), "{first}");
-    let (_, rest) = bulk(json!({"limit": 10, "order_prefix": "bulk-a-"})).await;
+    // Letters are left: the answer says where to go on.
+    assert!(first["next_cursor"].is_string(), "{first}");
+    let (_, rest) = bulk(json!({"limit": 10, "order_prefix": "bulk-a-", "cursor": first["next_cursor"]})).await;
     let mut all: Vec<String> = replayed(&first).into_iter().chain(replayed(&rest)).collect();
     all.sort();
     let expected: Vec<String> = ours.iter().map(|o| format!("{o}-early")).collect();
@@ -678,6 +685,26 @@ async fn dead_letters_are_replayed_in_bulk_by_filter_up_to_a_cap() {
     let letters = dead_letters(&s).await;
     let untouched = letters.iter().filter(|l| l["replayed_at"].is_null()).count();
     assert_eq!(untouched, 2, "{letters:?}");
+
+    // The replayed letters are purged; the others are kept.
+    let (code, purged) = purge(json!({"limit": 10, "replayed": true})).await;
+    assert_eq!(code, 200, "{purged}");
+    let mut gone: Vec<String> =
+        purged["purged"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    gone.sort();
+    assert_eq!(gone, expected, "{purged}");
+    let mut left: Vec<String> = dead_letters(&s).await.iter().map(|l| l["id"].as_str().unwrap().into()).collect();
+    left.sort();
+    assert_eq!(left, ["bulk-b-0-early", "bulk-b-1-early"], "only the unreplayed letters are left");
+    assert_eq!(s.post_authorized("/dead-letters/bulk-a-0-early/replay").await.status(), 404, "gone for good");
+    assert_eq!(counter(&s, "orchestrator_dead_letters_purged_total").await, 5);
+    let (_, again) = purge(json!({"limit": 10, "replayed": true})).await;
+    assert_eq!((again["purged"].as_array().unwrap().len(), again["scanned"].as_u64()), (0, Some(2)), "{again}");
+    // Who purged is audited.
+    let (status, audit) = s.get_json("/audit").await;
+    assert_eq!(status, 200, "{audit}");
+    let items = audit["items"].as_array().unwrap();
+    assert!(items.iter().any(|a| a["target"] == "/dead-letters/purge" && a["status"] == 200), "{audit}");
 }
 
 /// A replayed dead letter keeps its place (README, Semantics): it cannot overwrite a

@@ -142,3 +142,90 @@ async fn a_client_that_stops_reading_gets_a_resync_and_the_engine_keeps_going() 
     }
     eprintln!("stalled client read {synced} messages before its resync");
 }
+
+/// The cluster view (`GET /cluster`) and the pulse's cluster figures. On Kafka + CQL two
+/// engines in one group each list both, with the partitions each consumes (disjoint,
+/// covering every partition), the same plugin versions, and a pause made on one seen
+/// by both; each `stats` sample carries the group's figures with both instances. On the
+/// embedded default the view is the one instance, and samples carry no cluster part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_view_lists_every_instance_with_its_partitions() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Server::start(a_dir.path()).await;
+    if !common::distributed() {
+        let (status, view) = a.get_json("/cluster").await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!((view["this"].as_str(), view["instances"].as_array().map(Vec::len)), (Some("embedded"), Some(1)));
+        assert!(view["placement"].is_null() && view["plugins_agree"] == true, "{view}");
+        let deciding = view["instances"][0]["deciding"]["order-rules"].as_str().unwrap();
+        assert!(deciding.starts_with("order-rules@1#sha256:"), "{deciding}");
+        let (mut ws, _) = tokio_tungstenite::connect_async(a.ws_url()).await.unwrap();
+        let stats = loop {
+            let m = next_any(&mut ws).await;
+            if m["type"] == "stats" {
+                break m;
+            }
+        };
+        assert!(stats["sample"].get("cluster").is_none(), "no cluster part on one instance: {stats}");
+        return;
+    }
+    let b = Server::start_beside(b_dir.path(), &a).await;
+    // Beacons go each second; a rebalance gives each its partitions within a few.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let (_, view) = a.get_json("/cluster").await;
+        let held: Vec<i64> = view["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|i| i["partitions"]["normal"].as_array().unwrap().iter().map(|p| p.as_i64().unwrap()))
+            .collect();
+        let all = view["placement"]["normal"].as_array().map_or(0, Vec::len);
+        let both_hold = view["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| !i["partitions"]["normal"].as_array().unwrap().is_empty());
+        let mut distinct = held.clone();
+        distinct.sort();
+        distinct.dedup();
+        // While a rebalance goes, an instance may still say it holds what it gave up.
+        let once_each = held.len() == all && distinct.len() == all;
+        if view["instances"].as_array().unwrap().len() == 2 && both_hold && all > 0 && once_each {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "the view never showed both instances, each partition held once: {view}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(view["plugins_agree"], true, "{view}");
+    let names: Vec<&str> =
+        view["instances"].as_array().unwrap().iter().map(|i| i["instance"].as_str().unwrap()).collect();
+    assert!(names.contains(&view["this"].as_str().unwrap()), "{view}");
+
+    // A pause made on A shows in B's view of both.
+    assert_eq!(a.post_authorized("/queues/vip/pause").await.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, view) = b.get_json("/cluster").await;
+        let paused = view["instances"].as_array().unwrap().iter().filter(|i| i["paused"]["vip"] == true).count();
+        if paused == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never saw the pause on both instances: {view}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(a.post_authorized("/queues/vip/resume").await.status(), 200);
+
+    // B's pulse carries the group's figures, one entry per instance.
+    let (mut ws, _) = tokio_tungstenite::connect_async(b.ws_url()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = next_any(&mut ws).await;
+        if m["type"] == "stats" && m["sample"]["cluster"]["instances"].as_array().is_some_and(|i| i.len() == 2) {
+            let c = &m["sample"]["cluster"];
+            assert!(c["applied_per_s"]["vip"].is_f64() && c["conflicts_per_s"].is_f64(), "{m}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no stats with both instances on B: {m}");
+    }
+}

@@ -9,6 +9,8 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+pub mod journey;
+
 /// Currencies without minor units (ISO 4217 exponent 0): their amounts are kept in whole
 /// units, so `total_cents` of 1500 JPY is ¥1,500. Every other currency is kept in
 /// hundredths.

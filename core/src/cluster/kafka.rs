@@ -43,6 +43,7 @@ impl KafkaCluster {
             Channel::Plugins => &self.config.plugins_topic,
             Channel::Changes => &self.config.changes_topic,
             Channel::DeadLetters => &self.config.dlq_topic,
+            Channel::Pulse => &self.config.pulse_topic,
         }
     }
 
@@ -60,14 +61,15 @@ impl KafkaCluster {
             .map_err(backend)
     }
 
-    /// Follows every partition of the changes from its end as of now, so this instance
-    /// sees every instance's later changes. Partitions are assigned with explicit
-    /// offsets (no group, no lazy "latest" reset), so a change published right after
-    /// this returns is never skipped.
-    fn follow_from_now(&self, apply: Apply) -> Result<(), LogError> {
-        let consumer = self.consumer("changes")?;
+    /// Follows every partition of a channel (the changes, the pulse) from its end as of
+    /// now, so this instance sees every instance's later records. Partitions are
+    /// assigned with explicit offsets (no group, no lazy "latest" reset), so a record
+    /// published right after this returns is never skipped.
+    fn follow_from_now(&self, channel: Channel, apply: Apply) -> Result<(), LogError> {
+        let name = if channel == Channel::Pulse { "pulse" } else { "changes" };
+        let consumer = self.consumer(name)?;
         let timeout = Duration::from_secs(10);
-        let topic = &self.config.changes_topic;
+        let topic = self.topic(channel);
         let metadata = consumer.fetch_metadata(Some(topic), timeout).map_err(backend)?;
         let partitions: Vec<i32> = metadata
             .topics()
@@ -76,7 +78,7 @@ impl KafkaCluster {
             .flat_map(|t| t.partitions().iter().map(|p| p.id()))
             .collect();
         if partitions.is_empty() {
-            return Err(LogError::Backend(format!("the changelog topic {topic} has no partitions").into()));
+            return Err(LogError::Backend(format!("the {name} topic {topic} has no partitions").into()));
         }
         let mut tpl = TopicPartitionList::new();
         for p in partitions {
@@ -84,7 +86,7 @@ impl KafkaCluster {
             tpl.add_partition_offset(topic, p, Offset::Offset(high)).map_err(backend)?;
         }
         consumer.assign(&tpl).map_err(backend)?;
-        spawn_follower(consumer, "changes", apply)
+        spawn_follower(consumer, name, apply)
     }
 
     /// Reads a compacted topic from its start into `apply`: until caught up (assigned,
@@ -210,7 +212,7 @@ impl Cluster for KafkaCluster {
 
     fn follow(&self, channel: Channel, apply: Apply) -> Result<(), LogError> {
         match channel {
-            Channel::Changes => self.follow_from_now(apply),
+            Channel::Changes | Channel::Pulse => self.follow_from_now(channel, apply),
             Channel::Control | Channel::Plugins => self.follow_kept(channel, apply),
             Channel::DeadLetters => Err(LogError::Backend("the dead letters are not read back".into())),
         }

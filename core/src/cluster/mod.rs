@@ -70,6 +70,9 @@ pub enum Channel {
     Changes,
     /// Dead letters, for tools outside the engine; the engine never reads them back.
     DeadLetters,
+    /// Each instance's beacon once a second (what it did, what it holds); followed from
+    /// now on, so every instance can show the whole cluster.
+    Pulse,
 }
 
 /// Replicated state. Present only where several instances share a log.

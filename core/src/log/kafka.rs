@@ -34,6 +34,8 @@ pub struct KafkaConfig {
     pub plugins_topic: String,
     /// Operator switches such as queue pauses (compacted, keyed by switch).
     pub control_topic: String,
+    /// Each instance's beacon once a second (kept 10 minutes): the cluster's figures.
+    pub pulse_topic: String,
     pub partitions: i32,
     pub replication: i32,
     /// The consumer group the engine instances share.
@@ -94,8 +96,8 @@ impl KafkaConfig {
         format!("{}.append.{instance}", self.group)
     }
 
-    /// Names the six topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq`, `.plugins` and
-    /// `.control`.
+    /// Names the seven topics `<prefix>.vip`, `.normal`, `.changes`, `.dlq`, `.plugins`,
+    /// `.control` and `.pulse`.
     pub fn with_topic_prefix(self, prefix: &str) -> Self {
         Self {
             vip_topic: format!("{prefix}.vip"),
@@ -104,6 +106,7 @@ impl KafkaConfig {
             dlq_topic: format!("{prefix}.dlq"),
             plugins_topic: format!("{prefix}.plugins"),
             control_topic: format!("{prefix}.control"),
+            pulse_topic: format!("{prefix}.pulse"),
             ..self
         }
     }
@@ -291,6 +294,10 @@ pub(crate) fn producer_config(config: &KafkaConfig) -> ClientConfig {
 struct Lag {
     depth: PerPriority<AtomicU64>,
     healthy: AtomicBool,
+    /// The group's lag per partition, as last measured.
+    partitions: Mutex<PerPriority<Vec<(i32, u64)>>>,
+    /// The partitions this instance's consumer holds, as of its last rebalance.
+    assigned: Mutex<PerPriority<Vec<i32>>>,
 }
 
 /// Where a reset left each partition's log start: consumers move past it.
@@ -356,6 +363,9 @@ impl KafkaLog {
                         .set("max.message.bytes", PLUGIN_RECORD_MAX),
                     NewTopic::new(&config.control_topic, 1, TopicReplication::Fixed(config.replication))
                         .set("cleanup.policy", "compact"),
+                    // Beacons are of the moment: ten minutes is all a late reader wants.
+                    NewTopic::new(&config.pulse_topic, 1, TopicReplication::Fixed(config.replication))
+                        .set("retention.ms", "600000"),
                 ])
                 .collect();
         let opts = AdminOptions::new()
@@ -454,9 +464,11 @@ fn spawn_lag_monitor(log: Weak<KafkaLog>) -> Result<(), LogError> {
 
 fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -> Result<(), LogError> {
     let timeout = Duration::from_secs(2);
-    let metadata = client.fetch_metadata(None, timeout).map_err(backend)?;
     for priority in Priority::ALL {
         let topic = &topics[priority];
+        // This topic's alone: a broker shared by many deployments (or tests) holds many
+        // topics, and the whole cluster's metadata can outgrow the timeout.
+        let metadata = client.fetch_metadata(Some(topic), timeout).map_err(backend)?;
         let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else { continue };
         let mut tpl = TopicPartitionList::new();
         for p in t.partitions() {
@@ -464,6 +476,7 @@ fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -
         }
         let committed = client.committed_offsets(tpl, timeout).map_err(backend)?;
         let mut total = 0u64;
+        let mut each = Vec::new();
         for e in committed.elements() {
             let (low, high) = client.fetch_watermarks(topic, e.partition(), timeout).map_err(backend)?;
             // Below the log start (a reset deleted the records): nothing is left there.
@@ -472,8 +485,10 @@ fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -
                 _ => low,
             };
             total += (high - done).max(0) as u64;
+            each.push((e.partition(), (high - done).max(0) as u64));
         }
         lag.depth[priority].store(total, Ordering::Relaxed);
+        lag.partitions.lock().unwrap_or_else(|p| p.into_inner())[priority] = each;
     }
     Ok(())
 }
@@ -609,6 +624,20 @@ impl OrderLog for KafkaLog {
         // Appends are acknowledged before they return, and commits go to the group's
         // coordinator as they are made: nothing is held here.
         Ok(())
+    }
+
+    fn placement(&self) -> Option<super::Placement> {
+        let lags = self.lag.partitions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let held = self.lag.assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let of = |p: Priority| {
+            let state = |&(partition, lag): &(i32, u64)| super::PartitionState {
+                partition,
+                lag,
+                mine: held[p].contains(&partition),
+            };
+            lags[p].iter().map(state).collect()
+        };
+        Some(super::Placement { vip: of(Priority::Vip), normal: of(Priority::Normal) })
     }
 
     fn problem(&self) -> Option<String> {
@@ -918,6 +947,12 @@ impl KafkaConsumer {
             return;
         }
         let Ok(assignment) = self.consumer.assignment() else { return };
+        // Read after each rebalance (which sets `reapply_pause`): what this instance holds.
+        let held = PerPriority::from_fn(|p| {
+            let topic = self.config.topic(p);
+            assignment.elements().iter().filter(|e| e.topic() == topic).map(|e| e.partition()).collect()
+        });
+        *self.lag.assigned.lock().unwrap_or_else(|p| p.into_inner()) = held;
         let mut normal = TopicPartitionList::new();
         for e in assignment.elements().iter().filter(|e| e.topic() == self.config.normal_topic) {
             normal.add_partition(e.topic(), e.partition());

@@ -131,6 +131,27 @@ pub trait OrderLog: Send + Sync + 'static {
     fn problem(&self) -> Option<String> {
         None
     }
+    /// Each partition's lag and whether this instance consumes it, where a group shares
+    /// the log (`None` on the embedded log: one instance, one partition per priority).
+    fn placement(&self) -> Option<Placement> {
+        None
+    }
+}
+
+/// The partitions of each priority: the group's lag on each, and which this instance holds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Placement {
+    pub vip: Vec<PartitionState>,
+    pub normal: Vec<PartitionState>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct PartitionState {
+    pub partition: i32,
+    /// Records not yet committed by the group.
+    pub lag: u64,
+    /// This instance consumes it now.
+    pub mine: bool,
 }
 
 #[async_trait]

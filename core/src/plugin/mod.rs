@@ -2,6 +2,7 @@
 //! to and from the domain types, and the registry of deployed versions per slot.
 
 pub mod cache;
+pub mod calls;
 pub mod convert;
 pub mod host;
 pub mod native;

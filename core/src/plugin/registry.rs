@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::calls::LoadedCalls;
 use super::host::{Handle, LoadedMemory, Runtime};
 use super::{PluginError, Slot, sha256_hex};
 use crate::rules::{OrderRules, Rulebook, ShadowReport, ShadowRun};
@@ -58,6 +59,9 @@ pub struct VersionInfo {
     /// shadow versions, and the one a rollback goes to first.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<LoadedMemory>,
+    /// Its calls on this instance since it was loaded, while it is loaded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub calls: Option<LoadedCalls>,
 }
 
 /// One change of a slot's active or shadow version.
@@ -95,6 +99,12 @@ pub struct Deployed {
 
 /// Why an upload failed its first call, with what usually causes it.
 fn failed_smoke_check(e: &crate::rules::RuleError) -> String {
+    if e.kind == crate::rules::RuleErrorKind::Timeout {
+        return format!(
+            "the component's first call ran past its deadline on every try, with the deadline \
+             doubled each time ({e}): it loops, or needs a longer --plugin-deadline-ms"
+        );
+    }
     format!(
         "the component failed its first call ({e}). The host gives plugins no WASI: a component that \
          reaches for it (a clock, the environment, files) traps. Build Python with `componentize-py \
@@ -631,6 +641,7 @@ impl Registry {
                 size_bytes: r.get::<_, i64>(3)? as u64,
                 created_at: from_micros(r.get(4)?),
                 memory: None,
+                calls: None,
             })
         })
         .map_err(repo)?
@@ -639,7 +650,8 @@ impl Registry {
         .map(|mut versions| {
             let loaded = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
             for v in &mut versions {
-                v.memory = loaded.get(&(slot, v.version)).map(Handle::memory);
+                let handle = loaded.get(&(slot, v.version));
+                (v.memory, v.calls) = (handle.map(Handle::memory), handle.map(Handle::calls));
             }
             versions
         })

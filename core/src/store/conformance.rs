@@ -8,7 +8,7 @@ use chrono::{Duration, Utc};
 use super::{
     ActionLog, ActionRecord, Backend, Base, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord,
     DeadLetter, DeadLetters, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking, ReplayClaim, RunKeys, RunRecord,
-    Runs, Sort, StoreError, WebhookDelivery, WebhookLedger, Write, WriteResult,
+    Runs, Sort, StoreError, Trace, WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 
@@ -48,7 +48,44 @@ fn apply(event_id: &str, expected: Option<u64>, row: Order) -> Write {
         priority: row.priority,
         has_shop: row.shop.is_some(),
     });
-    Write::Apply { event_id: event_id.into(), source: "test".into(), base, row }
+    Write::Apply { event_id: event_id.into(), source: "test".into(), base, row, trace: Trace::default() }
+}
+
+/// `w` with `trace` as its journey.
+fn traced(mut w: Write, with: Trace) -> Write {
+    match &mut w {
+        Write::Apply { trace, .. } | Write::Record { trace, .. } => *trace = with,
+    }
+    w
+}
+
+/// A journey with every part set, distinct per event.
+fn journey_of(event_id: &str) -> Trace {
+    use crate::journey::{Conflict, FieldChange, LogPlace, Said, Verdict};
+    let at = chrono::DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("a time");
+    let verdict = |by: &str, said| Verdict { by: by.into(), said, reason: Some(format!("for {event_id}")) };
+    Trace {
+        occurred_at: Some(at),
+        accepted_at: Some(at + Duration::milliseconds(1)),
+        appended_at: Some(at + Duration::milliseconds(2)),
+        log: Some(LogPlace { priority: Priority::Vip, partition: 3, offset: 42 }),
+        parked_at: Some(at + Duration::milliseconds(3)),
+        rules: Some(verdict("rules@1", Said::Upsert)),
+        conflicts: vec![Conflict {
+            expected: Some(1),
+            found: Some(2),
+            resolver: Some(verdict("resolver@1", Said::Merge)),
+        }],
+        changes: vec![
+            FieldChange {
+                field: "status".into(),
+                before: Some("PENDING".into()),
+                after: Some("PAID".into()),
+                withheld: false,
+            },
+            FieldChange { field: "note".into(), before: None, after: None, withheld: true },
+        ],
+    }
 }
 
 async fn one(store: &(impl Orders + ?Sized), w: Write) -> WriteResult {
@@ -59,6 +96,7 @@ async fn one(store: &(impl Orders + ?Sized), w: Write) -> WriteResult {
 /// wrong. Uses order ids prefixed with `prefix`, so it can share a store with other data.
 pub async fn check<B: Backend>(store: &B, prefix: &str) {
     orders(store, prefix).await;
+    counts_and_search(store, prefix).await;
     dead_letters(store, prefix).await;
     parking(store, prefix).await;
     webhook_ledger(store, prefix).await;
@@ -88,6 +126,7 @@ pub async fn shop_orders(s: &(impl Orders + Compliance), prefix: &str) {
         source: "test".into(),
         base: Some(Base::of(&late)),
         row: late_v2,
+        trace: Trace::default(),
     };
     assert_eq!(one(s, write).await, WriteResult::Done);
     let mut found = Vec::new();
@@ -165,6 +204,7 @@ pub async fn compliance(s: &(impl Orders + DeadLetters + Parking + Cases + Compl
             reason: "r".into(),
             decided_by: "t".into(),
             dead_letter: Some(letter),
+            trace: Trace::default(),
         }
     };
     let (by_order, by_payload, untouched) = (e("l1"), e("l2"), e("l3"));
@@ -367,6 +407,49 @@ pub async fn parking(s: &(impl Parking + ?Sized), prefix: &str) {
     assert!(s.parked(vec![a, b]).await.expect("parked").is_empty());
 }
 
+/// `Orders`: counts by status and priority follow a new row and its change of status,
+/// and a search by a Shopify order id's digits finds `shopify-<id>`.
+pub async fn counts_and_search(s: &(impl Orders + ?Sized), prefix: &str) {
+    let before = s.counts().await.expect("counts");
+    let first = row(&format!("{prefix}-count"), 1, "");
+    assert_eq!(one(s, apply(&format!("{prefix}-count-1"), None, first.clone())).await, WriteResult::Done);
+    let confirmed = Order { status: Status::Confirmed, version: 2, ..first.clone() };
+    let moved = Write::Apply {
+        event_id: format!("{prefix}-count-2"),
+        source: "test".into(),
+        base: Some(Base::of(&first)),
+        row: confirmed,
+        trace: Trace::default(),
+    };
+    assert_eq!(one(s, moved).await, WriteResult::Done);
+    let after = s.counts().await.expect("counts");
+    let n = |c: &super::OrderCounts, status: &str| c.by_status.get(status).copied().unwrap_or(0);
+    assert_eq!(after.total, before.total + 1, "one more order: {before:?} then {after:?}");
+    assert_eq!(n(&after, "CONFIRMED"), n(&before, "CONFIRMED") + 1, "counted where it is now");
+    assert_eq!(n(&after, "PENDING"), n(&before, "PENDING"), "and no longer where it was");
+    let vip = |c: &super::OrderCounts| c.by_priority.get("VIP").copied().unwrap_or(0);
+    assert_eq!(vip(&after), vip(&before) + 1);
+    assert!(after.counted_at >= before.counted_at);
+
+    let digits = (Utc::now().timestamp_micros() % 1_000_000_000_000).to_string();
+    let shopify = row(&format!("shopify-{digits}"), 1, "");
+    assert_eq!(one(s, apply(&format!("{prefix}-shopify-1"), None, shopify)).await, WriteResult::Done);
+    for sort in [Sort::UpdatedDesc, Sort::IdAsc] {
+        // Page by page: a CQL page by id filters one page of partitions, so it may be empty.
+        let (mut found, mut cursor) = (Vec::new(), None);
+        for _ in 0..1000 {
+            let q = ListQuery { limit: 10, q: Some(digits.clone()), sort, cursor, ..Default::default() };
+            let page = s.list(q).await.expect("list");
+            found.extend(page.items.into_iter().map(|o| o.id));
+            cursor = page.next_cursor;
+            if cursor.is_none() {
+                break;
+            }
+        }
+        assert_eq!(found, [format!("shopify-{digits}")], "a Shopify order id finds its order ({sort:?})");
+    }
+}
+
 /// `Orders`: leaves `<prefix>-a` at version 2 with three history entries.
 pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
     let id = format!("{prefix}-a");
@@ -384,7 +467,7 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
     );
 
     assert_eq!(
-        one(s, apply(&e("3"), Some(1), row(&id, 2, "three"))).await,
+        one(s, traced(apply(&e("3"), Some(1), row(&id, 2, "three")), journey_of(&e("3")))).await,
         WriteResult::Done,
         "compare-and-set at the stored version"
     );
@@ -413,6 +496,7 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
         reason: "no change".into(),
         decided_by: "rules@1".into(),
         dead_letter: None,
+        trace: journey_of(&e("6")),
     };
     assert_eq!(one(s, skip.clone()).await, WriteResult::Done);
     assert_eq!(one(s, skip).await, WriteResult::Duplicate, "a recorded skip is idempotent too");
@@ -425,6 +509,8 @@ pub async fn orders(s: &(impl Orders + ?Sized), prefix: &str) {
         "history holds every outcome once, oldest first"
     );
     assert_eq!(history[2].reason.as_deref(), Some("no change"));
+    let traces: Vec<_> = history.iter().map(|h| h.trace.clone()).collect();
+    assert_eq!(traces, [None, Some(journey_of(&e("3"))), Some(journey_of(&e("6")))], "each entry keeps its trace");
     // Paged, in the same order.
     let first = s.history(&id, 2, None).await.unwrap();
     assert_eq!(first.items, history[..2], "the first page");
@@ -534,6 +620,7 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
         reason: "negative total".into(),
         decided_by: "rules@1".into(),
         dead_letter: Some(letter),
+        trace: Trace::default(),
     };
     assert_eq!(one(s, reject).await, WriteResult::Done);
 
@@ -582,6 +669,7 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
         reason: "decided differently".into(),
         decided_by: "rules@2".into(),
         dead_letter: Some(phantom),
+        trace: Trace::default(),
     };
     assert_eq!(one(s, late_reject).await, WriteResult::Duplicate);
     assert_eq!(s.dead_letter(&e("dl8")).await.unwrap(), None, "no letter for an applied event");
@@ -597,6 +685,7 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
             reason: "decided differently".into(),
             decided_by: "rules@2".into(),
             dead_letter: Some(DeadLetter { order_id: Some(order), ..letter_template(&e("dl9")) }),
+            trace: Trace::default(),
         };
         let (first, second) = (format!("{prefix}-dl9a"), format!("{prefix}-dl9b"));
         assert_eq!(one(s, reject_for(first.clone())).await, WriteResult::Done);
@@ -621,6 +710,41 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
     assert!(filed > 0, "this check filed letters");
     assert_eq!(after.held, before.held + filed, "the tally counts every letter held");
     assert!(after.oldest.is_some_and(|o| o <= Utc::now()), "the oldest letter's time: {after:?}");
+
+    // A purge deletes for good, and counts each letter once.
+    let purged = [e("7"), e("none")];
+    assert_eq!(s.purge_letters(&purged).await.unwrap(), [e("7")], "only the one held");
+    assert_eq!(s.purge_letters(&purged).await.unwrap(), Vec::<String>::new(), "gone already");
+    assert_eq!(s.dead_letter(&e("7")).await.unwrap(), None, "purged");
+    assert_eq!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::NotFound);
+    let mut listed = false;
+    let mut cursor = None;
+    loop {
+        let page = s.dead_letters(1000, cursor).await.unwrap();
+        listed |= page.items.iter().any(|l| l.id == e("7"));
+        cursor = page.next_cursor;
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert!(!listed, "a purged letter is not listed");
+    assert_eq!(s.tally().await.unwrap().held, after.held - 1, "the tally counts it gone");
+    // The replay claimed above, after the purge, left no trace of the id (on CQL it wrote
+    // an id row without a place): a letter filed under it again is kept, and replayable.
+    let refiled = Write::Record {
+        event_id: e("7-again"),
+        source: "test".into(),
+        order_id: id.clone(),
+        outcome: Outcome::Rejected,
+        reason: "decided differently".into(),
+        decided_by: "rules@2".into(),
+        dead_letter: Some(DeadLetter { order_id: Some(id.clone()), ..letter_template(&e("7")) }),
+        trace: Trace::default(),
+    };
+    assert_eq!(one(s, refiled).await, WriteResult::Done);
+    let again = s.dead_letter(&e("7")).await.unwrap();
+    assert_eq!(again.map(|d| d.reason), Some("decided differently".into()), "filed again after its purge");
+    assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)), "and replayable");
 }
 
 fn letter_template(id: &str) -> DeadLetter {

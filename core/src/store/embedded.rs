@@ -1,6 +1,9 @@
-//! The embedded store on SQLite: one writer connection, a pool of readers, and
-//! each `write` batch committed in one transaction. Cases for what-if runs live in a
-//! database of their own beside it, so recording them never waits on the order writer.
+//! The embedded store on SQLite: one writer connection whose transactions are group
+//! commits (concurrent writes share one), and a pool of readers. Cases for what-if runs
+//! live in a database of their own beside it, so recording them never waits on the
+//! order writer.
+
+mod group_commit;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,12 +18,13 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, OrderCounts, Orders, Outcome, Page, ParkedEvent,
+    Parking, Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
     WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{ReadPool, from_micros, micros, open};
+use group_commit::{GroupCommit, WriteFailed};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS orders (
@@ -59,7 +63,9 @@ CREATE TABLE IF NOT EXISTS history (
     reason TEXT,
     source TEXT NOT NULL,
     decided_by TEXT NOT NULL,
-    recorded_at INTEGER NOT NULL
+    recorded_at INTEGER NOT NULL,
+    -- The event's journey (JSON, see orchestrator_types::journey::Trace).
+    trace TEXT
 );
 CREATE INDEX IF NOT EXISTS history_order ON history(order_id, seq);
 
@@ -131,13 +137,19 @@ CREATE INDEX IF NOT EXISTS cases_at ON cases(recorded_at);
 ";
 
 pub struct EmbeddedStore {
-    writer: Arc<Mutex<Connection>>,
+    writer: Arc<GroupCommit>,
     readers: Arc<ReadPool>,
     /// `<store>.cases.sqlite`: written off the pipeline's path, read by what-if runs.
     cases: Arc<Mutex<Connection>>,
 }
 
 impl EmbeddedStore {
+    /// Write transactions committed so far: each is one fsync, shared by the writes of
+    /// its group.
+    pub fn commits(&self) -> u64 {
+        self.writer.commits()
+    }
+
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let writer = open(path).map_err(backend)?;
         writer.execute_batch(SCHEMA).map_err(backend)?;
@@ -149,7 +161,7 @@ impl EmbeddedStore {
         cases.execute_batch("PRAGMA synchronous = NORMAL;").map_err(backend)?;
         cases.execute_batch(CASES_SCHEMA).map_err(backend)?;
         let cases = Arc::new(Mutex::new(cases));
-        Ok(Self { writer: Arc::new(Mutex::new(writer)), readers: Arc::new(readers), cases })
+        Ok(Self { writer: GroupCommit::new(writer), readers: Arc::new(readers), cases })
     }
 
     async fn with_cases<T: Send + 'static>(
@@ -183,6 +195,9 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     if !has("orders", "changed_at")? {
         conn.execute_batch("ALTER TABLE orders ADD COLUMN changed_at TEXT")?;
+    }
+    if !has("history", "trace")? {
+        conn.execute_batch("ALTER TABLE history ADD COLUMN trace TEXT")?;
     }
     if !has("orders", "shop")? {
         conn.execute_batch("ALTER TABLE orders ADD COLUMN shop TEXT")?;
@@ -246,30 +261,30 @@ fn recorded_for(conn: &Connection, event_id: &str) -> rusqlite::Result<Option<St
         .optional()
 }
 
-#[allow(clippy::too_many_arguments, reason = "one per column of the history row")]
-fn insert_history(
-    conn: &Connection,
-    event_id: &str,
-    order_id: &str,
-    version: u64,
-    outcome: Outcome,
-    reason: Option<&str>,
-    source: &str,
-    decided_by: &str,
-) -> rusqlite::Result<()> {
+/// The history entry of `w`, with the order's version after it.
+fn insert_history(conn: &Connection, w: &Write, version: u64) -> rusqlite::Result<()> {
+    let (order_id, outcome, reason, source, decided_by, trace) = match w {
+        Write::Apply { source, row, trace, .. } => (&row.id, Outcome::Applied, None, source, &row.decided_by, trace),
+        Write::Record { source, order_id, outcome, reason, decided_by, trace, .. } => {
+            (order_id, *outcome, Some(reason), source, decided_by, trace)
+        }
+    };
+    // Kept only when there is one: an empty trace costs nothing.
+    let trace = (!trace.is_empty()).then(|| serde_json::to_string(trace).expect("a trace serializes"));
     conn.prepare_cached(
-        "INSERT INTO history (event_id, order_id, version, outcome, reason, source, decided_by, recorded_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT INTO history (event_id, order_id, version, outcome, reason, source, decided_by, recorded_at, trace)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
-        event_id,
+        w.event_id(),
         order_id,
         version as i64,
         outcome.as_str(),
         reason,
         source,
         decided_by,
-        micros(Utc::now())
+        micros(Utc::now()),
+        trace
     ])?;
     Ok(())
 }
@@ -327,19 +342,19 @@ fn apply_one(conn: &Connection, w: &Write) -> rusqlite::Result<WriteResult> {
         None => {}
     }
     match w {
-        Write::Apply { event_id, source, base, row } => {
+        Write::Apply { base, row, .. } => {
             if !put_order(conn, row, base.map(|b| b.version))? {
                 return Ok(WriteResult::Conflict(get_order(conn, &row.id)?.map(Box::new)));
             }
-            insert_history(conn, event_id, &row.id, row.version, Outcome::Applied, None, source, &row.decided_by)?;
+            insert_history(conn, w, row.version)?;
         }
-        Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+        Write::Record { order_id, dead_letter, .. } => {
             let version: i64 = conn
                 .prepare_cached("SELECT version FROM orders WHERE id = ?1")?
                 .query_row([order_id], |r| r.get(0))
                 .optional()?
                 .unwrap_or(0);
-            insert_history(conn, event_id, order_id, version as u64, *outcome, Some(reason), source, decided_by)?;
+            insert_history(conn, w, version as u64)?;
             if let Some(letter) = dead_letter {
                 insert_dead_letter(conn, letter)?;
             }
@@ -390,12 +405,19 @@ fn list_orders(conn: &Connection, q: &ListQuery) -> Result<Page<Order>, StoreErr
         args.push(Value::Text(shop.clone()));
     }
     if let Some(prefix) = q.q.as_deref().filter(|s| !s.is_empty()) {
-        // A prefix as a range: the primary key serves the id; the customer is scanned.
-        let end = format!("{prefix}\u{10FFFF}");
-        clauses.push("((id >= ? AND id < ?) OR (customer >= ? AND customer < ?))".into());
-        for v in [prefix, end.as_str(), prefix, end.as_str()] {
-            args.push(Value::Text(v.into()));
+        // Prefixes as ranges: the primary key serves the ids; the customer is scanned.
+        let range = |p: &str, args: &mut Vec<Value>| {
+            args.push(Value::Text(p.into()));
+            args.push(Value::Text(format!("{p}\u{10FFFF}")));
+        };
+        let mut any = Vec::new();
+        for id in q.id_prefixes() {
+            any.push("(id >= ? AND id < ?)");
+            range(&id, &mut args);
         }
+        any.push("(customer >= ? AND customer < ?)");
+        range(prefix, &mut args);
+        clauses.push(format!("({})", any.join(" OR ")));
     }
     let (order_by, after) = match q.sort {
         Sort::UpdatedDesc => ("updated_at DESC, id DESC", "(updated_at, id) < (?, ?)"),
@@ -449,6 +471,8 @@ fn history_from_row(r: &Row<'_>) -> rusqlite::Result<HistoryEntry> {
         source: r.get(5)?,
         decided_by: r.get(6)?,
         recorded_at: from_micros(r.get(7)?),
+        // A trace this version cannot read is left out rather than failing the history.
+        trace: r.get::<_, Option<String>>(9)?.and_then(|t| serde_json::from_str(&t).ok()),
     })
 }
 
@@ -534,7 +558,7 @@ impl Orders for EmbeddedStore {
         let rows: Vec<(i64, HistoryEntry)> = self
             .read(move |c| {
                 c.prepare_cached(
-                    "SELECT order_id, version, event_id, outcome, reason, source, decided_by, recorded_at, seq
+                    "SELECT order_id, version, event_id, outcome, reason, source, decided_by, recorded_at, seq, trace
                      FROM history WHERE order_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
                 )
                 .and_then(|mut s| {
@@ -550,6 +574,16 @@ impl Orders for EmbeddedStore {
 
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError> {
         self.read(move |c| list_orders(c, &query)).await
+    }
+
+    async fn counts(&self) -> Result<OrderCounts, StoreError> {
+        self.read(|c| {
+            c.prepare_cached("SELECT status, priority, count(*) FROM orders GROUP BY status, priority")
+                .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect())
+                .map(|groups: Vec<(String, String, i64)>| OrderCounts::of(groups, true))
+                .map_err(backend)
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -684,6 +718,21 @@ impl DeadLetters for EmbeddedStore {
                 .and_then(|mut s| s.query_row([&id], dead_letter_from_row).optional())
                 .map(|r| r.map(|r| r.1))
                 .map_err(backend)
+        })
+        .await
+    }
+
+    async fn purge_letters(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let ids = ids.to_vec();
+        self.write_tx(move |tx| {
+            let mut delete = tx.prepare_cached("DELETE FROM dead_letters WHERE id = ?1")?;
+            let mut gone = Vec::new();
+            for id in ids {
+                if delete.execute([&id])? > 0 {
+                    gone.push(id);
+                }
+            }
+            Ok(gone)
         })
         .await
     }
@@ -1050,10 +1099,8 @@ impl WebhookLedger for EmbeddedStore {
 
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
         let body = serde_json::to_string(&delivery).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.with_writer(move |conn| {
-            conn.execute("INSERT INTO webhook_deliveries (body) VALUES (?1)", [body]).map(|_| ()).map_err(backend)
-        })
-        .await
+        self.write_tx(move |conn| conn.execute("INSERT INTO webhook_deliveries (body) VALUES (?1)", [body]).map(|_| ()))
+            .await
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
@@ -1258,23 +1305,18 @@ impl EmbeddedStore {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let writer = self.writer.clone();
-        tokio::task::spawn_blocking(move || f(&mut writer.lock().unwrap_or_else(|p| p.into_inner())))
-            .await
-            .map_err(|e| StoreError::Backend(e.into()))?
+        tokio::task::spawn_blocking(move || f(&mut writer.lock())).await.map_err(|e| StoreError::Backend(e.into()))?
     }
 
-    /// Runs `f` in one immediate transaction on the writer connection.
+    /// Runs `f` atomically in the writer's next group commit; answers once it is durable.
     async fn write_tx<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<T> + Send + 'static,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.with_writer(move |conn| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(backend)?;
-            let out = f(&tx).map_err(backend)?;
-            tx.commit().map_err(backend)?;
-            Ok(out)
+        self.writer.write(f).await.map_err(|e| match e {
+            WriteFailed::Own(e) => backend(e),
+            WriteFailed::Group(e) => e.into(),
         })
-        .await
     }
 }
 
@@ -1336,6 +1378,47 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, ["kept"]);
+    }
+
+    /// Concurrent claims share commits (one fsync each group), each answer is its own,
+    /// and a claim whose statements fail takes back only its own changes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_claims_share_commits_and_a_failing_one_leaves_the_rest() {
+        use std::time::Duration;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sqlite");
+        let store = EmbeddedStore::open(&path).unwrap();
+        store
+            .writer
+            .lock()
+            .execute_batch(
+                "CREATE TRIGGER refuse_bad BEFORE INSERT ON webhook_claims WHEN NEW.key = 'bad'
+                 BEGIN SELECT RAISE(ABORT, 'injected: refuse_bad'); END;",
+            )
+            .unwrap();
+        let (ttl, lease) = (Duration::from_secs(3_600), Duration::from_secs(60));
+        let before = store.commits();
+        // 100 keys, each claimed twice, and the refused one among them.
+        let keys: Vec<String> = (0..200).map(|i| format!("k-{}", i % 100)).chain(["bad".to_string()]).collect();
+        let answers = futures::future::join_all(keys.iter().map(|k| store.claim_delivery(k, ttl, lease))).await;
+        let commits = store.commits() - before;
+        let (refused, answers) = answers.split_last().unwrap();
+        let refused = refused.as_ref().unwrap_err().to_string();
+        assert!(refused.contains("injected: refuse_bad"), "{refused}");
+        for k in 0..100 {
+            let mine: Vec<&Claim> = answers.iter().skip(k).step_by(100).map(|a| a.as_ref().unwrap()).collect();
+            assert_eq!(mine, [&Claim::Claimed, &Claim::InFlight], "k-{k}: exactly one of two claims holds");
+        }
+        assert!(commits < 50, "201 concurrent claims took {commits} commits");
+        // What was answered is durable: a reopened store holds every claim, and not the
+        // refused one.
+        drop(store);
+        let store = EmbeddedStore::open(&path).unwrap();
+        let held: i64 = store
+            .read(|c| c.query_row("SELECT COUNT(*) FROM webhook_claims", [], |r| r.get(0)).map_err(backend))
+            .await
+            .unwrap();
+        assert_eq!(held, 100);
     }
 
     #[tokio::test]

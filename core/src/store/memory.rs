@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, OrderCounts, Orders, Outcome, Page, ParkedEvent,
+    Parking, Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
     WebhookLedger, Write, WriteResult, page_by_place,
 };
 use crate::domain::{Order, Status};
@@ -80,6 +80,7 @@ impl State {
             reason: None,
             decided_by: String::new(),
             recorded_at: Utc::now(),
+            trace: None,
         });
         self.history.len() - 1
     }
@@ -91,7 +92,7 @@ impl State {
             None => {}
         }
         match write {
-            Write::Apply { event_id, source, base, row } => {
+            Write::Apply { event_id, source, base, row, .. } => {
                 let current = self.orders.get(&row.id);
                 match (base.map(|b| b.version), current) {
                     (None, Some(now)) => return WriteResult::Conflict(Some(Box::new(now.clone()))),
@@ -105,7 +106,7 @@ impl State {
                 let i = self.entry(&row.id, row.version, event_id, source, Outcome::Applied);
                 self.history[i].decided_by = row.decided_by.clone();
             }
-            Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+            Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter, .. } => {
                 let version = self.orders.get(order_id).map_or(0, |o| o.version);
                 let i = self.entry(order_id, version, event_id, source, *outcome);
                 self.history[i].reason = Some(reason.clone());
@@ -117,6 +118,8 @@ impl State {
                 }
             }
         }
+        let last = self.history.len() - 1;
+        self.history[last].trace = Some(write.trace().clone()).filter(|t| !t.is_empty());
         WriteResult::Done
     }
 }
@@ -164,13 +167,12 @@ impl Orders for MemoryStore {
 
     async fn list(&self, q: ListQuery) -> Result<Page<Order>, StoreError> {
         let state = self.state();
-        let prefix = q.q.as_deref().unwrap_or("");
         let mut rows: Vec<Order> = state
             .orders
             .values()
             .filter(|o| q.status.is_none_or(|s| o.status == s) && q.priority.is_none_or(|p| o.priority == p))
             .filter(|o| q.shop.is_none() || o.shop == q.shop)
-            .filter(|o| o.id.starts_with(prefix) || o.customer.starts_with(prefix))
+            .filter(|o| q.found(o))
             .cloned()
             .collect();
         match q.sort {
@@ -180,6 +182,12 @@ impl Orders for MemoryStore {
             Sort::UpdatedDesc => rows.sort_by(|a, b| (b.updated_at, &b.id).cmp(&(a.updated_at, &a.id))),
         }
         page_by_place(&rows, q.limit, q.cursor)
+    }
+
+    async fn counts(&self) -> Result<OrderCounts, StoreError> {
+        let state = self.state();
+        let groups = state.orders.values().map(|o| (o.status.as_str().into(), o.priority.as_str().into(), 1));
+        Ok(OrderCounts::of(groups.collect::<Vec<_>>(), true))
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -244,6 +252,13 @@ impl DeadLetters for MemoryStore {
 
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError> {
         Ok(self.state().letters.iter().find(|l| l.id == id).cloned())
+    }
+
+    async fn purge_letters(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut state = self.state();
+        let gone = state.letters.iter().filter(|l| ids.contains(&l.id)).map(|l| l.id.clone()).collect();
+        state.letters.retain(|l| !ids.contains(&l.id));
+        Ok(gone)
     }
 
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {

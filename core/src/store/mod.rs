@@ -47,43 +47,14 @@ impl StoreError {
     }
 }
 
-/// What became of one event (or edit), as recorded in the history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// The row moved to a new version.
-    Applied,
-    /// The rules left the row alone (the reason says why).
-    Skipped,
-    /// The event went to the dead-letter log.
-    Rejected,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Applied => "applied",
-            Outcome::Skipped => "skipped",
-            Outcome::Rejected => "rejected",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "applied" => Outcome::Applied,
-            "skipped" => Outcome::Skipped,
-            "rejected" => Outcome::Rejected,
-            _ => return None,
-        })
-    }
-}
+pub use orchestrator_types::journey::{Outcome, Trace};
 
 /// One write to the store, keyed by its `event_id` for idempotency.
 #[derive(Debug, Clone)]
 pub enum Write {
     /// Put `row` (already at its new version). With `base: None` the row is inserted
     /// only if absent; otherwise only if the stored version equals the base's.
-    Apply { event_id: String, source: String, base: Option<Base>, row: Order },
+    Apply { event_id: String, source: String, base: Option<Base>, row: Order, trace: Trace },
     /// Record that the event was skipped or rejected, without touching the row.
     /// A rejection also lands in the dead-letter log.
     Record {
@@ -94,10 +65,17 @@ pub enum Write {
         reason: String,
         decided_by: String,
         dead_letter: Option<DeadLetter>,
+        trace: Trace,
     },
 }
 
 impl Write {
+    pub fn trace(&self) -> &Trace {
+        match self {
+            Write::Apply { trace, .. } | Write::Record { trace, .. } => trace,
+        }
+    }
+
     pub fn event_id(&self) -> &str {
         match self {
             Write::Apply { event_id, .. } | Write::Record { event_id, .. } => event_id,
@@ -158,6 +136,10 @@ pub struct HistoryEntry {
     pub reason: Option<String>,
     pub decided_by: String,
     pub recorded_at: DateTime<Utc>,
+    /// What the engine did with the event on its way here (none for entries of earlier
+    /// versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<Trace>,
 }
 
 /// The answer to claiming a dead letter for replay.
@@ -168,6 +150,37 @@ pub enum ReplayClaim {
     NotFound,
 }
 
+/// Orders by status and by priority, as `GET /order-counts` answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, ToSchema)]
+pub struct OrderCounts {
+    pub total: u64,
+    /// Each status that has orders.
+    pub by_status: std::collections::BTreeMap<String, u64>,
+    pub by_priority: std::collections::BTreeMap<String, u64>,
+    /// False where the figures are kept in counters rather than counted (CQL): they
+    /// drift with writes retried after an unknown outcome (README, *Order counts*).
+    pub exact: bool,
+    pub counted_at: DateTime<Utc>,
+}
+
+impl OrderCounts {
+    /// From (status, priority, orders) triples.
+    pub fn of(groups: impl IntoIterator<Item = (String, String, i64)>, exact: bool) -> Self {
+        let mut counts = OrderCounts { exact, counted_at: Utc::now(), ..Default::default() };
+        for (status, priority, n) in groups {
+            // A counter can go below zero when its increment was lost: none is shown.
+            let n = n.max(0) as u64;
+            if n == 0 {
+                continue;
+            }
+            counts.total += n;
+            *counts.by_status.entry(status).or_default() += n;
+            *counts.by_priority.entry(priority).or_default() += n;
+        }
+        counts
+    }
+}
+
 /// A page request for orders.
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -175,11 +188,33 @@ pub struct ListQuery {
     pub cursor: Option<String>,
     pub status: Option<Status>,
     pub priority: Option<Priority>,
-    /// Prefix of the order id or the customer.
+    /// Prefix of the order id or the customer, or a Shopify order id (see
+    /// [`ListQuery::id_prefixes`]).
     pub q: Option<String>,
     pub sort: Sort,
     /// Only the orders of this shop.
     pub shop: Option<String>,
+}
+
+impl ListQuery {
+    /// The id prefixes a search looks under: the text itself, and for a Shopify order
+    /// id (digits, as in the admin's `/admin/orders/<id>`) the engine's id of that order.
+    pub fn id_prefixes(&self) -> Vec<String> {
+        let Some(q) = self.q.as_deref().filter(|q| !q.is_empty()) else { return Vec::new() };
+        let mut prefixes = vec![q.to_string()];
+        if q.bytes().all(|b| b.is_ascii_digit()) {
+            prefixes.push(format!("shopify-{q}"));
+        }
+        prefixes
+    }
+
+    /// Whether `o` is found by the search: by an id prefix, or its customer's prefix.
+    pub fn found(&self, o: &Order) -> bool {
+        match self.q.as_deref().filter(|q| !q.is_empty()) {
+            None => true,
+            Some(q) => o.customer.starts_with(q) || self.id_prefixes().iter().any(|p| o.id.starts_with(p.as_str())),
+        }
+    }
 }
 
 /// A shop's standing with the app: active unless it uninstalled the app (a shop never
@@ -349,6 +384,8 @@ pub trait Orders: Send + Sync + 'static {
     async fn list(&self, query: ListQuery) -> Result<Page<Order>, StoreError>;
     /// Row counts of orders, history and dead letters.
     async fn stats(&self) -> Result<StoreStats, StoreError>;
+    /// Orders by status and priority: counted (embedded), or kept in counters (CQL).
+    async fn counts(&self) -> Result<OrderCounts, StoreError>;
     /// The order each of these event ids was recorded for, when the backend's ledger is
     /// global; `None` from a backend whose ledger is per order (CQL), which cannot tell.
     async fn recorded_for(&self, _event_ids: Vec<String>) -> Result<Option<HashMap<String, String>>, StoreError> {
@@ -394,6 +431,9 @@ pub trait DeadLetters: Send + Sync + 'static {
     async fn dead_letter(&self, id: &str) -> Result<Option<DeadLetter>, StoreError>;
     /// Marks a dead letter replayed, once; `undo` clears the mark again (the replay failed).
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError>;
+    /// Deletes these letters for good (an operator's purge); returns the ids this call
+    /// deleted. A letter purged by two calls at once is in one answer only.
+    async fn purge_letters(&self, ids: &[String]) -> Result<Vec<String>, StoreError>;
     /// How many letters are held (replayed ones too: a replay marks, never deletes) and
     /// when the oldest was recorded.
     async fn tally(&self) -> Result<LetterTally, StoreError>;

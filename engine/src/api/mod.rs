@@ -31,7 +31,8 @@ pub use pages::page_limit;
 
 use crate::domain::{Order, OrderEvent, Priority, Status};
 use crate::engine::{Engine, OrderEdit};
-use crate::store::{HistoryEntry, ListQuery, Page, Sort};
+use crate::journey::Journey;
+use crate::store::{HistoryEntry, ListQuery, OrderCounts, Page, Sort};
 use crate::telemetry;
 
 /// Limits and credentials the API enforces.
@@ -80,8 +81,11 @@ pub fn router(state: AppState) -> Router {
         .route("/logs", get(recent_logs))
         .route("/orders/events", post(post_events))
         .route("/orders", get(list_orders))
+        .route("/order-counts", get(order_counts))
+        .route("/cluster", get(cluster_view))
         .route("/orders/{id}", get(get_order).patch(patch_order))
         .route("/orders/{id}/history", get(order_history))
+        .route("/orders/{id}/journey", get(order_journey))
         .route("/ws", get(ws::upgrade))
         .route("/plugins", get(plugins::list))
         .route("/plugins/{slot}", put(plugins::deploy).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
@@ -94,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dead-letters", get(plugins::dead_letters))
         .route("/dead-letters/{id}/replay", post(plugins::replay))
         .route("/dead-letters/replay", post(plugins::replay_many))
+        .route("/dead-letters/purge", post(plugins::purge_many))
         .route("/runs", post(runs::start).get(runs::list))
         .route("/runs/current", get(runs::current))
         .route("/runs/{id}", get(runs::get))
@@ -148,6 +153,9 @@ pub struct Health {
     rejected: u64,
     duplicates: u64,
     cas_conflicts: u64,
+    /// Creates decided as if their order were absent, then again against its row (it
+    /// existed, or the rules did not upsert); since this instance started.
+    create_guesses_missed: u64,
     /// Events that came before their order's create and were parked, and parked events
     /// decided since (both since this instance started).
     parked: u64,
@@ -180,6 +188,7 @@ async fn health(State(s): State<AppState>) -> Response {
         rejected: stats.rejected.load(Relaxed),
         duplicates: stats.duplicates.load(Relaxed),
         cas_conflicts: stats.conflicts.load(Relaxed),
+        create_guesses_missed: stats.guesses_missed.load(Relaxed),
         parked: stats.parked.load(Relaxed),
         released: stats.released.load(Relaxed),
         compliance_open: s.config.shopify.as_ref().map_or(0, |c| c.compliance.open()),
@@ -381,7 +390,8 @@ pub struct ListParams {
     status: Option<String>,
     /// VIP or NORMAL.
     priority: Option<String>,
-    /// Prefix of the order id or the customer.
+    /// Prefix of the order id or the customer; or a Shopify order id (digits), which
+    /// also finds `shopify-<id>`.
     q: Option<String>,
     /// -updated_at (default), updated_at, id or -id.
     sort: Option<String>,
@@ -420,6 +430,80 @@ async fn list_orders(State(s): State<AppState>, ApiQuery(p): ApiQuery<ListParams
     .await
 }
 
+/// The group's instances as their beacons of the last 5 s say (this one alone on the
+/// embedded default): the partitions each consumes, its pauses, the plugin versions it
+/// decides with and its throughput; and the group's lag per partition.
+#[derive(Debug, Serialize, ToSchema)]
+struct ClusterView {
+    /// The instance that answers.
+    this: String,
+    instances: Vec<InstanceView>,
+    /// Each partition's lag and whether the answering instance holds it (Kafka only).
+    placement: Option<crate::log::Placement>,
+    /// Every instance decides with the same plugin versions.
+    plugins_agree: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct InstanceView {
+    instance: String,
+    /// How long ago its last beacon came.
+    seen_ms_ago: u64,
+    paused: crate::pulse::PerPriority<bool>,
+    deciding: std::collections::BTreeMap<String, String>,
+    /// The partitions it consumes, per priority.
+    partitions: crate::pulse::PerPriority<Vec<i32>>,
+    applied_per_s: crate::pulse::PerPriority<f64>,
+}
+
+#[utoipa::path(get, path = "/cluster", responses((status = 200, body = ClusterView)))]
+async fn cluster_view(State(s): State<AppState>) -> Json<ClusterView> {
+    let engine = &s.engine;
+    let instances: Vec<InstanceView> = if engine.cluster().is_some() {
+        s.pulse
+            .members()
+            .into_iter()
+            .map(|(ago, b)| {
+                let mine = |p: &Option<crate::log::Placement>, vip: bool| -> Vec<i32> {
+                    let Some(p) = p else { return Vec::new() };
+                    let list = if vip { &p.vip } else { &p.normal };
+                    list.iter().filter(|x| x.mine).map(|x| x.partition).collect()
+                };
+                InstanceView {
+                    seen_ms_ago: ago.as_millis() as u64,
+                    paused: b.paused,
+                    partitions: crate::pulse::PerPriority {
+                        vip: mine(&b.placement, true),
+                        normal: mine(&b.placement, false),
+                    },
+                    applied_per_s: b.sample.applied_per_s,
+                    deciding: b.deciding,
+                    instance: b.instance,
+                }
+            })
+            .collect()
+    } else {
+        let paused = |p| engine.operator_paused(p);
+        vec![InstanceView {
+            instance: engine.instance(),
+            seen_ms_ago: 0,
+            paused: crate::pulse::PerPriority { vip: paused(Priority::Vip), normal: paused(Priority::Normal) },
+            deciding: engine.deciding().into_iter().map(|(slot, id)| (slot.to_string(), id)).collect(),
+            partitions: crate::pulse::PerPriority { vip: vec![0], normal: vec![0] },
+            applied_per_s: crate::pulse::PerPriority::default(),
+        }]
+    };
+    let plugins_agree = instances.windows(2).all(|w| w[0].deciding == w[1].deciding);
+    Json(ClusterView { this: engine.instance(), instances, placement: engine.placement(), plugins_agree })
+}
+
+/// Orders by status and by priority. Counted on the embedded default (`exact`), kept in
+/// counters on CQL (approximate); at most 2 s old either way (`counted_at`).
+#[utoipa::path(get, path = "/order-counts", responses((status = 200, body = OrderCounts)))]
+async fn order_counts(State(s): State<AppState>) -> Result<Json<OrderCounts>, ApiError> {
+    Ok(Json(s.engine.counts().await?))
+}
+
 #[utoipa::path(get, path = "/orders/{id}", responses((status = 200, body = Order), (status = 404, body = ErrorBody)))]
 async fn get_order(State(s): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let order = s.engine.order(&id).await?.ok_or_else(|| ApiError::not_found("order not found"))?;
@@ -452,6 +536,18 @@ async fn order_history(
         page.ok_or_else(|| ApiError::not_found("order not found"))
     })
     .await
+}
+
+/// The order's journey: each of its first 1000 events as a timeline (source, received,
+/// appended, decided by which plugin version, each compare-and-set it lost and how the
+/// resolver settled it, the outcome, published) with the fields it changed.
+#[utoipa::path(
+    get, path = "/orders/{id}/journey",
+    responses((status = 200, body = Journey), (status = 404, body = ErrorBody))
+)]
+async fn order_journey(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Journey>, ApiError> {
+    let journey = s.engine.journey(&id).await?;
+    Ok(Json(journey.ok_or_else(|| ApiError::not_found("order not found"))?))
 }
 
 /// An operator's edit, applied only if `If-Match` names the current version.

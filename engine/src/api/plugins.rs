@@ -11,7 +11,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::{ApiError, ApiQuery, AppState, JsonBytes, RawBody, page_limit, parse_json};
-use crate::engine::{BulkReplay, ReplayError, WhatIfError};
+use crate::engine::{BulkPurge, BulkReplay, ReplayError, WhatIfError};
 use crate::failure::LetterFilter;
 use crate::plugin::registry::{Deployed, Registry, SlotInfo, VersionInfo};
 use crate::plugin::{PluginError, Slot};
@@ -286,8 +286,22 @@ pub struct BulkReplayRequest {
     cursor: Option<String>,
 }
 
-/// Most letters one bulk replay sends.
+/// Most letters one bulk replay sends, or one purge deletes.
 const BULK_REPLAY_MAX: u64 = 1000;
+
+/// The filter of a bulk request, once its `limit` is checked.
+fn selection(
+    limit: u64,
+    stage: Option<String>,
+    error_type: Option<String>,
+    order_prefix: Option<String>,
+) -> Result<(LetterFilter, usize), ApiError> {
+    if !(1..=BULK_REPLAY_MAX).contains(&limit) {
+        let hint = format!("limit is the most letters to take: 1 to {BULK_REPLAY_MAX}, got {limit}");
+        return Err(ApiError::bad_request("invalid limit", hint));
+    }
+    Ok((LetterFilter { stage, error_type, order_prefix }, limit as usize))
+}
 
 /// Replays, oldest first, the dead letters a filter matches that were not replayed yet,
 /// up to `limit`. A letter that cannot be replayed is reported with why and the rest go
@@ -302,11 +316,46 @@ const BULK_REPLAY_MAX: u64 = 1000;
 )]
 pub async fn replay_many(State(s): State<AppState>, JsonBytes(body): JsonBytes) -> Result<Json<BulkReplay>, ApiError> {
     let request: BulkReplayRequest = parse_json(&body, "bulk replay request")?;
-    if !(1..=BULK_REPLAY_MAX).contains(&request.limit) {
-        let hint = format!("limit is the most letters to replay: 1 to {BULK_REPLAY_MAX}, got {}", request.limit);
-        return Err(ApiError::bad_request("invalid limit", hint));
-    }
-    let filter =
-        LetterFilter { stage: request.stage, error_type: request.error_type, order_prefix: request.order_prefix };
-    Ok(Json(s.engine.replay_matching(&filter, request.limit as usize, request.cursor).await?))
+    let (filter, limit) = selection(request.limit, request.stage, request.error_type, request.order_prefix)?;
+    Ok(Json(s.engine.replay_matching(&filter, limit, request.cursor).await?))
+}
+
+/// `POST /dead-letters/purge`: which letters to delete for good, and how many at most.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BulkPurgeRequest {
+    /// Most letters to delete, 1 to 1000: the number an operator confirms.
+    limit: u64,
+    /// Only letters of this stage (decode, rules, resolver, store, webhook).
+    #[serde(default)]
+    stage: Option<String>,
+    /// Only letters of this kind of failure (`error_type`).
+    #[serde(default)]
+    error_type: Option<String>,
+    /// Only letters of orders whose id starts with this.
+    #[serde(default)]
+    order_prefix: Option<String>,
+    /// Only letters replayed already (true) or not replayed (false); both when absent.
+    #[serde(default)]
+    replayed: Option<bool>,
+    /// Go on from an earlier answer's `next_cursor`.
+    #[serde(default)]
+    cursor: Option<String>,
+}
+
+/// Deletes for good, oldest first, the dead letters a filter matches, up to `limit`: an
+/// operator's decision that they need nothing more. Audited with the token's name; at
+/// most 100,000 letters are looked at per request (`next_cursor` goes on).
+#[utoipa::path(
+    post, path = "/dead-letters/purge", request_body = BulkPurgeRequest,
+    responses(
+        (status = 200, body = BulkPurge), (status = 400, body = super::ErrorBody),
+        (status = 401, body = super::ErrorBody), (status = 503, body = super::ErrorBody)
+    ),
+    security(("bearer" = []))
+)]
+pub async fn purge_many(State(s): State<AppState>, JsonBytes(body): JsonBytes) -> Result<Json<BulkPurge>, ApiError> {
+    let request: BulkPurgeRequest = parse_json(&body, "purge request")?;
+    let (filter, limit) = selection(request.limit, request.stage, request.error_type, request.order_prefix)?;
+    Ok(Json(s.engine.purge_matching(&filter, request.replayed, limit, request.cursor).await?))
 }

@@ -250,6 +250,8 @@ pub async fn accept(
     .collect();
     // A claim counts as a duplicate only once its event is durable (confirmed below);
     // a claim left unconfirmed by a failed or crashed attempt is taken over after its lease.
+    // One key after the other, always in this order: two copies of a delivery claiming
+    // both keys at once could each hold one and wait for the other until both gave up.
     let mut claimed = Vec::new();
     for key in &keys {
         let held = match claim(engine, config, key).await {
@@ -291,10 +293,12 @@ pub async fn accept(
         release(engine, &claimed).await;
         return Err(WebhookError::LogUnavailable(failure));
     }
-    for key in &claimed {
-        // The event is durable, so the answer is 200 either way. An unconfirmed claim
-        // lets a retry append it again after the lease, which the event ledger absorbs.
-        if let Err(e) = engine.webhooks().confirm_delivery(key, config.dedup_ttl).await {
+    // The event is durable, so the answer is 200 either way. An unconfirmed claim lets a
+    // retry append it again after the lease, which the event ledger absorbs. Together,
+    // so that on the embedded store they share one group commit.
+    let confirms = claimed.iter().map(|key| engine.webhooks().confirm_delivery(key, config.dedup_ttl));
+    for (key, confirmed) in claimed.iter().zip(futures::future::join_all(confirms).await) {
+        if let Err(e) = confirmed {
             tracing::warn!(error = %e, key, "confirming a webhook claim failed; a retry may append it again");
         }
     }
@@ -386,8 +390,9 @@ async fn claim(engine: &Engine, config: &ShopifyConfig, key: &str) -> Result<Cla
 
 /// Gives unconfirmed claims back, best effort: one that stays runs out its lease.
 async fn release(engine: &Engine, keys: &[String]) {
-    for key in keys {
-        if let Err(e) = engine.webhooks().release_delivery(key).await {
+    let releases = keys.iter().map(|key| engine.webhooks().release_delivery(key));
+    for (key, released) in keys.iter().zip(futures::future::join_all(releases).await) {
+        if let Err(e) = released {
             tracing::warn!(error = %e, key, "releasing a webhook claim failed; it runs out its lease");
         }
     }

@@ -27,31 +27,35 @@ const KCAT_ORDERS: usize = 30;
 const TIERS: [&str; 4] = ["DIAMOND", "GOLD", "SILVER", "BRONZE"];
 const STATUSES: [&str; 4] = ["CONFIRMED", "PROCESSING", "SHIPPED", "DELIVERED"];
 
-/// The engines' addresses; a request goes to any of them.
+/// The engines' addresses, as the nemesis keeps them (instances leave and join in a
+/// scale run); a request goes to any of them.
+pub type Bases = Arc<std::sync::RwLock<Vec<String>>>;
+
 #[derive(Clone)]
 pub struct Http {
     client: reqwest::Client,
-    bases: Arc<Vec<String>>,
+    bases: Bases,
 }
 
 impl Http {
-    fn new(bases: &[String]) -> Self {
+    fn new(bases: Bases) -> Self {
         let client = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(10))
             .build()
             .unwrap();
-        Http { client, bases: Arc::new(bases.to_vec()) }
+        Http { client, bases }
     }
 
     fn url(&self, rng: &mut Rng, path: &str) -> String {
-        format!("{}{path}", rng.pick(&self.bases))
+        let bases = self.bases.read().unwrap_or_else(|p| p.into_inner());
+        format!("{}{path}", rng.pick(&bases))
     }
 }
 
 pub fn spawn_all(
     rng: &mut Rng,
-    bases: &[String],
+    bases: Bases,
     kafka_prefix: Option<String>,
     journal: &Arc<Journal>,
     stop: &Arc<AtomicBool>,

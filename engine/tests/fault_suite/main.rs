@@ -5,7 +5,9 @@
 //! engines hold with what the clients were told. TESTING.md describes it.
 //!
 //! `cargo test -p orchestrator --test fault_suite -- --seed 42 --duration 10m`
-//! (`ORCHESTRATOR_TEST_BACKEND=distributed` for Kafka + CQL with two engines).
+//! (`ORCHESTRATOR_TEST_BACKEND=distributed` for Kafka + CQL with two engines). With
+//! `--scale 4` (Kafka + CQL) four engines share the group and instances leave and join
+//! in turn instead of the faults; each instance's throughput and lag are reported.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -15,6 +17,7 @@ mod clients;
 mod journal;
 mod nemesis;
 mod rng;
+mod scale;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +26,7 @@ use std::time::{Duration, Instant};
 use common::{Server, distributed};
 
 use crate::journal::Journal;
-use crate::nemesis::Disk;
+use crate::nemesis::{Disk, Mode};
 use crate::rng::Rng;
 
 /// How long a CI run injects faults, per backend (the budget is 4 minutes in all).
@@ -40,6 +43,7 @@ pub const SECRET: &str = "shpss_fault_suite";
 struct Args {
     seed: u64,
     duration: Duration,
+    mode: Mode,
 }
 
 fn main() {
@@ -51,7 +55,14 @@ fn main() {
     eprintln!("fault suite: the engines log to {}", logs.display());
     // SAFETY: no other thread runs yet (the runtime starts below).
     unsafe { std::env::set_var("ORCHESTRATOR_TEST_ENGINE_LOGS", &logs) };
-    let backend = if distributed() { "Kafka + CQL with two engines" } else { "the embedded default" };
+    let backend = match args.mode {
+        Mode::Scale(n) => {
+            assert!(distributed(), "a scale run needs Kafka + CQL (ORCHESTRATOR_TEST_BACKEND=distributed)");
+            format!("Kafka + CQL with {n} engines leaving and joining")
+        }
+        Mode::Faults if distributed() => "Kafka + CQL with two engines".into(),
+        Mode::Faults => "the embedded default".into(),
+    };
     eprintln!("fault suite: seed {} for {:?} on {backend}", args.seed, args.duration);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
     let findings = runtime.block_on(run(&args));
@@ -75,18 +86,26 @@ async fn run(args: &Args) -> Vec<String> {
     let extra =
         ["--shopify-secret", SECRET, "--park-timeout-secs", PARK_TIMEOUT_SECS, "--run-lease-secs", RUN_LEASE_SECS];
     let mut engines = vec![Server::start_with(&disk.engine_dir(0), &extra).await];
-    if distributed() {
-        let second = Server::start_beside(&disk.engine_dir(1), &engines[0]).await;
-        engines.push(second);
+    let size = match args.mode {
+        Mode::Scale(n) => n,
+        Mode::Faults if distributed() => 2,
+        Mode::Faults => 1,
+    };
+    for i in 1..size {
+        let next = Server::start_beside(&disk.engine_dir(i), &engines[0]).await;
+        engines.push(next);
     }
-    let bases: Vec<String> = engines.iter().map(|s| s.base.clone()).collect();
+    let first = engines[0].base.clone();
+    let bases: clients::Bases = Arc::new(std::sync::RwLock::new(engines.iter().map(|s| s.base.clone()).collect()));
     let kafka_prefix = engines[0].kafka_prefix();
     let journal = Arc::new(Journal::new());
     let stop = Arc::new(AtomicBool::new(false));
     let mut rng = Rng::new(args.seed);
 
-    let clients = clients::spawn_all(&mut rng, &bases, kafka_prefix, &journal, &stop);
-    let nemesis = tokio::spawn(nemesis::run(rng.fork(), engines, disk, journal.clone(), args.duration));
+    let clients = clients::spawn_all(&mut rng, bases.clone(), kafka_prefix, &journal, &stop);
+    let watching = matches!(args.mode, Mode::Scale(_)).then(|| scale::watch(first, stop.clone()));
+    let nemesis = nemesis::run(rng.fork(), engines, disk, journal.clone(), args.duration, args.mode, bases);
+    let nemesis = tokio::spawn(nemesis);
     let (engines, disk) = nemesis.await.expect("the nemesis ran to its end");
     stop.store(true, Ordering::Relaxed);
     let stopped = Instant::now();
@@ -95,7 +114,14 @@ async fn run(args: &Args) -> Vec<String> {
     }
     eprintln!("fault suite: clients finished {:.1} s after the faults stopped", stopped.elapsed().as_secs_f64());
 
-    let findings = checker::check(&engines, &journal).await;
+    let mut findings = checker::check(&engines, &journal).await;
+    if let (Some(watching), Mode::Scale(n)) = (watching, args.mode) {
+        let report = watching.await.expect("the scale report");
+        report.print();
+        if report.instances() <= n {
+            findings.push(format!("only {} instances were seen in the group: none joined", report.instances()));
+        }
+    }
     journal.save(args.seed);
     drop(engines);
     drop(disk);
@@ -103,17 +129,22 @@ async fn run(args: &Args) -> Vec<String> {
 }
 
 /// What the suite is told: `--seed N`, `--duration 90s|10m|1h` (or `FAULT_SEED`,
-/// `FAULT_DURATION`). Other libtest flags are ignored; name filters are honoured, so
+/// `FAULT_DURATION`), and `--scale N` for a scale run. Other libtest flags are ignored; name filters are honoured, so
 /// `cargo test -- some_other_test` does not run the suite.
 fn parse_args() -> Option<Args> {
     let mut seed = std::env::var("FAULT_SEED").ok().map(|s| s.parse().expect("FAULT_SEED is a number"));
     let mut duration = std::env::var("FAULT_DURATION").ok().map(|d| parse_duration(&d));
     let mut filters = Vec::new();
+    let mut mode = Mode::Faults;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--seed" => seed = Some(args.next().and_then(|s| s.parse().ok()).expect("--seed takes a number")),
             "--duration" => duration = Some(parse_duration(&args.next().expect("--duration takes a value"))),
+            "--scale" => {
+                let n = args.next().and_then(|n| n.parse().ok()).filter(|n| *n >= 2);
+                mode = Mode::Scale(n.expect("--scale takes the number of engines, 2 or more"));
+            }
             "--list" => {
                 println!("fault_suite: test");
                 return None;
@@ -134,7 +165,7 @@ fn parse_args() -> Option<Args> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
         now.as_nanos() as u64 % 1_000_000_000
     });
-    Some(Args { seed, duration: duration.unwrap_or(CI_DURATION) })
+    Some(Args { seed, duration: duration.unwrap_or(CI_DURATION), mode })
 }
 
 /// `90`, `90s`, `10m` or `2h`.

@@ -1,6 +1,6 @@
 //! The nemesis: one fault at a time, each healed before the next. Every kind of fault
 //! runs at least once per run (in a seeded order), then random ones until the duration
-//! is up.
+//! is up. In a scale run, instances leave and join the group in turn instead.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,6 +22,22 @@ enum Fault {
     DiskFull,
     KafkaRestart,
     CassandraRestart,
+    /// An instance stops (SIGTERM) and stays away: the group rebalances without it.
+    Leave,
+    /// A new instance (its own data dir and name) joins the group.
+    Join,
+}
+
+/// How long a leaving instance may take to stop cleanly before it is killed.
+const LEAVE_WITHIN: Duration = Duration::from_secs(60);
+
+/// What kind of run the nemesis makes.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Every kind of fault, with the engines the run started.
+    Faults,
+    /// Instances leave and join in turn, around this many in the group.
+    Scale(usize),
 }
 
 pub async fn run(
@@ -30,9 +46,14 @@ pub async fn run(
     mut disk: Disk,
     journal: Arc<Journal>,
     duration: Duration,
+    mode: Mode,
+    bases: crate::clients::Bases,
 ) -> (Vec<Server>, Disk) {
     let mut kinds = vec![Fault::Kill, Fault::Pause("vip"), Fault::Pause("normal"), Fault::HotSwap];
-    if distributed() {
+    let mut made = engines.len();
+    if let Mode::Scale(_) = mode {
+        kinds = vec![Fault::Leave, Fault::Join];
+    } else if distributed() {
         kinds.extend([Fault::KafkaRestart, Fault::CassandraRestart]);
     } else if disk.mounted {
         kinds.push(Fault::DiskFull);
@@ -46,7 +67,12 @@ pub async fn run(
         if started.elapsed() >= duration && done >= plan.len() {
             break;
         }
-        let fault = plan.get(done).copied().unwrap_or_else(|| *rng.pick(&kinds));
+        let fault = match mode {
+            // One leaves, then one joins: the group stays about its size.
+            Mode::Scale(size) if engines.len() >= size => Fault::Leave,
+            Mode::Scale(_) => Fault::Join,
+            Mode::Faults => plan.get(done).copied().unwrap_or_else(|| *rng.pick(&kinds)),
+        };
         done += 1;
         journal.fault(format!("{fault:?} begins"));
         match fault {
@@ -76,6 +102,29 @@ pub async fn run(
                     tokio::time::sleep(rng.millis(2_000, 4_000)).await;
                     operator_post(&engines, &mut rng, &journal, "/plugins/order-rules/rollback").await;
                 }
+            }
+            Fault::Leave => {
+                // Not the first engine: the checker reads there.
+                let i = rng.between(1, engines.len() as u64) as usize;
+                let mut gone = engines.remove(i);
+                bases.write().unwrap_or_else(|p| p.into_inner()).retain(|b| *b != gone.base);
+                // Its clients' requests in flight fail over to the others (they retry).
+                let stopped = tokio::task::spawn_blocking(move || (gone.stop_within(LEAVE_WITHIN), gone));
+                let (status, gone) = stopped.await.unwrap();
+                match status {
+                    Ok(s) if s.success() => journal.fault(format!("the instance on {} left", gone.base)),
+                    Ok(s) => journal.problem(format!("the instance on {} stopped badly on SIGTERM: {s}", gone.base)),
+                    Err(why) => journal.problem(format!("the instance on {}: {why}", gone.base)),
+                }
+                // A left instance's beacon goes stale; waiting lets the group rebalance.
+                tokio::time::sleep(rng.millis(2_000, 5_000)).await;
+            }
+            Fault::Join => {
+                let joined = Server::start_beside(&disk.engine_dir(made), &engines[0]).await;
+                made += 1;
+                journal.fault(format!("an instance joined on {}", joined.base));
+                bases.write().unwrap_or_else(|p| p.into_inner()).push(joined.base.clone());
+                engines.push(joined);
             }
             Fault::DiskFull => {
                 let filled = disk.fill();

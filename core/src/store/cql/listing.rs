@@ -246,8 +246,7 @@ impl CqlStore {
                     match rows.get(&e.id) {
                         Some(row) if e.matches(row) => {
                             let shop_ok = q.shop.is_none() || row.shop == q.shop;
-                            let prefix = q.q.as_deref().unwrap_or_default();
-                            if shop_ok && (row.id.starts_with(prefix) || row.customer.starts_with(prefix)) {
+                            if shop_ok && q.found(row) {
                                 items.push(row.clone());
                             }
                         }
@@ -394,8 +393,20 @@ impl CqlStore {
 
     /// Whether the index holds the rows written before it existed.
     pub(super) async fn backfilled(&self) -> Result<bool, StoreError> {
-        let rows = self.session.execute_unpaged(&self.listing.migration_done, (BACKFILL,)).await.map_err(backend)?;
+        self.migrated(BACKFILL).await
+    }
+
+    /// Whether the data migration `name` is done.
+    pub(super) async fn migrated(&self, name: &str) -> Result<bool, StoreError> {
+        let rows = self.session.execute_unpaged(&self.listing.migration_done, (name,)).await.map_err(backend)?;
         Ok(rows.into_rows_result().map_err(backend)?.rows_num() > 0)
+    }
+
+    /// Records the data migration `name` as done.
+    pub(super) async fn mark_migrated(&self, name: &str) -> Result<(), StoreError> {
+        let values = (name, micros(Utc::now()));
+        self.session.execute_unpaged(&self.listing.mark_migration, values).await.map_err(backend)?;
+        Ok(())
     }
 
     /// Lists every stored order in the index (one pass over the orders' partitions, the
@@ -421,8 +432,7 @@ impl CqlStore {
                 tracing::info!(listed, "backfilling the orders' time index");
             }
         }
-        let values = (BACKFILL, micros(Utc::now()));
-        self.session.execute_unpaged(&self.listing.mark_migration, values).await.map_err(backend)?;
+        self.mark_migrated(BACKFILL).await?;
         Ok(listed)
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -20,20 +20,21 @@ use scylla::statement::batch::{Batch, BatchType};
 use scylla::statement::prepared::PreparedStatement;
 use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
+mod counts;
 mod listing;
 mod shops;
 
 use super::{
     ActionLog, ActionRecord, Audit, Case, CaseRetention, Cases, Claim, Compliance, ComplianceRecord, DeadLetter,
-    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, Orders, Outcome, Page, ParkedEvent, Parking,
-    Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, WebhookDelivery,
-    WebhookLedger, Write, WriteResult,
+    DeadLetters, ErasureMatch, HistoryEntry, LetterTally, ListQuery, OrderCounts, Orders, Outcome, Page, ParkedEvent,
+    Parking, Redact, ReplayClaim, RunKeys, RunRecord, Runs, ShopRecord, Sort, StoreError, StoreStats, Trace,
+    WebhookDelivery, WebhookLedger, Write, WriteResult,
 };
 use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 12] = [
+const MIGRATIONS: [&str; 13] = [
     include_str!("../../../../schemas/cql/001_init.cql"),
     include_str!("../../../../schemas/cql/002_parking.cql"),
     include_str!("../../../../schemas/cql/003_delivery_claims.cql"),
@@ -46,6 +47,7 @@ const MIGRATIONS: [&str; 12] = [
     include_str!("../../../../schemas/cql/010_order_index.cql"),
     include_str!("../../../../schemas/cql/011_dead_letter_days.cql"),
     include_str!("../../../../schemas/cql/012_shop_orders.cql"),
+    include_str!("../../../../schemas/cql/013_order_counts.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -111,7 +113,7 @@ const ROW_UPDATE_SET: &str = "shopify_order_id = ?, customer = ?, tier = ?, prio
     total_cents = ?, shipping_fee_cents = ?, currency = ?, note = ?, version = ?, updated_at = ?, decided_by = ?, \
     source_updated_at = ?, changed_at = ?";
 /// A history entry's columns (clustered by `event_id` in the order's partition).
-const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at";
+const ENTRY_COLUMNS: &str = "event_id, h_version, h_outcome, h_reason, h_source, h_decided_by, h_recorded_at, h_trace";
 /// A dead letter's columns, as the reads decode them.
 const LETTER_COLUMNS: &str = "seq, id, order_id, stage, error_type, reason, decided_by, payload, recorded_at";
 /// A parked event's columns, as `ParkedRow` decodes them.
@@ -191,6 +193,8 @@ struct Statements {
     letter_by_seq: PreparedStatement,
     replay_claim: PreparedStatement,
     replay_undo: PreparedStatement,
+    letter_delete: PreparedStatement,
+    letter_id_delete: PreparedStatement,
     claim_delivery: PreparedStatement,
     claim_read: PreparedStatement,
     claim_takeover: PreparedStatement,
@@ -224,6 +228,10 @@ struct Statements {
 /// the generator and Shopify give an order a handful of events).
 const HISTORY_READ_MAX: usize = 10_000;
 
+/// How long a settled day's dead-letter count is taken as read: this instance's purges
+/// drop it at once, another instance's show in the gauges within this.
+const TALLY_KEPT: Duration = Duration::from_secs(600);
+
 /// Shards per minute of cases: spreads one busy minute over several partitions.
 const CASE_SHARDS: i32 = 8;
 
@@ -233,13 +241,19 @@ pub struct CqlStore {
     st: Arc<Statements>,
     listing: Arc<listing::ListingStatements>,
     shops: Arc<shops::ShopStatements>,
+    counts: Arc<counts::CountStatements>,
     keyspace: String,
-    /// Dead letters per settled day, as `tally` counted them.
-    tallied: Arc<std::sync::Mutex<HashMap<i32, i64>>>,
+    /// Dead letters per settled day, as `tally` counted them, and when.
+    tallied: Arc<std::sync::Mutex<HashMap<i32, (i64, Instant)>>>,
 }
 
 fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
     v.map_or(MaybeUnset::Unset, MaybeUnset::Set)
+}
+
+/// A history entry's trace column: unset when empty (no tombstone, no bytes).
+fn trace_column(trace: &Trace) -> MaybeUnset<String> {
+    unset_none((!trace.is_empty()).then(|| serde_json::to_string(trace).expect("a trace serializes")))
 }
 
 /// A request the cluster failed to serve (no connection, timeout, an attempt that
@@ -310,6 +324,7 @@ impl CqlStore {
             format!("ALTER TABLE {ks}.orders ADD source_updated_at bigint static"),
             format!("ALTER TABLE {ks}.orders ADD changed_at text static"),
             format!("ALTER TABLE {ks}.orders ADD shop text static"),
+            format!("ALTER TABLE {ks}.orders ADD h_trace text"),
         ];
         for alter in alters {
             if let Err(e) = session.query_unpaged(alter, ()).await {
@@ -372,7 +387,9 @@ impl CqlStore {
                 batch
             },
             insert_entry: prepare(
-                format!("INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"),
+                format!(
+                    "INSERT INTO {ks}.orders (id, {ENTRY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) IF NOT EXISTS"
+                ),
                 true,
             )
             .await?,
@@ -418,8 +435,12 @@ impl CqlStore {
                 false,
             )
             .await?,
+            // `seq != null`: an UPDATE's condition on a missing row would write one, and
+            // a claim racing a purge would leave an id without a letter behind.
             replay_claim: prepare(
-                format!("UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF replayed_at = null"),
+                format!(
+                    "UPDATE {ks}.dead_letter_ids SET replayed_at = ? WHERE id = ? IF seq != null AND replayed_at = null"
+                ),
                 true,
             )
             .await?,
@@ -428,6 +449,9 @@ impl CqlStore {
                 true,
             )
             .await?,
+            letter_delete: prepare(format!("DELETE FROM {ks}.dead_letters WHERE bucket = ? AND seq = ?"), false)
+                .await?,
+            letter_id_delete: prepare(format!("DELETE FROM {ks}.dead_letter_ids WHERE id = ? IF EXISTS"), true).await?,
             claim_delivery: prepare(
                 format!(
                     "INSERT INTO {ks}.delivery_claims (key, state, claimed_at) VALUES (?, 'pending', ?) \
@@ -526,11 +550,13 @@ impl CqlStore {
         };
         let listing = Arc::new(listing::ListingStatements::prepare(&session, ks).await?);
         let shops = Arc::new(shops::ShopStatements::prepare(&session, ks).await?);
+        let counts = Arc::new(counts::CountStatements::prepare(&session, ks).await?);
         let store = Self {
             session: Arc::new(session),
             st: Arc::new(st),
             listing,
             shops,
+            counts,
             keyspace: config.keyspace.clone(),
             tallied: Default::default(),
         };
@@ -548,6 +574,7 @@ impl CqlStore {
                 }
             });
         }
+        store.backfill_counts_once().await?;
         Ok(store)
     }
 
@@ -599,6 +626,7 @@ impl CqlStore {
         };
         if gone {
             self.unlist(row).await?;
+            self.uncount(row).await;
         }
         Ok(gone)
     }
@@ -610,10 +638,11 @@ impl CqlStore {
 
     async fn write_one(&self, w: &Write) -> Result<WriteResult, StoreError> {
         let now = micros(Utc::now());
+        let trace = trace_column(w.trace());
         let mut backoff = Duration::from_millis(20);
         for attempt in 1..=MAX_ATTEMPTS {
             let applied = match w {
-                Write::Apply { event_id, source, base, row } => {
+                Write::Apply { event_id, source, base, row, .. } => {
                     let r = row;
                     // Unset, not null: a null would write a tombstone per entry for nothing.
                     let entry = (
@@ -625,6 +654,7 @@ impl CqlStore {
                         source,
                         &r.decided_by,
                         now,
+                        &trace,
                     );
                     let mut batch = Batch::new(BatchType::Logged);
                     batch.set_serial_consistency(Some(SerialConsistency::Serial));
@@ -692,7 +722,7 @@ impl CqlStore {
                         }
                     }
                 }
-                Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter } => {
+                Write::Record { event_id, source, order_id, outcome, reason, decided_by, dead_letter, .. } => {
                     // The letter before the ledger entry, so no rejection ever lacks its
                     // letter; but none for an event the ledger holds already (applied, or
                     // rejected with its letter). A crash between the two can leave a
@@ -703,7 +733,8 @@ impl CqlStore {
                         self.put_dead_letter(letter).await?;
                     }
                     let version = self.get_with(order_id, false).await?.map_or(0, |o| o.version as i64);
-                    let entry = (order_id, event_id, version, outcome.as_str(), Some(reason), source, decided_by, now);
+                    let (outcome, reason) = (outcome.as_str(), Some(reason));
+                    let entry = (order_id, event_id, version, outcome, reason, source, decided_by, now, &trace);
                     self.lwt(self.session.execute_unpaged(&self.st.insert_entry, entry)).await?
                 }
             };
@@ -717,6 +748,7 @@ impl CqlStore {
                 Some(true) => {
                     if let Write::Apply { row, base, .. } = w {
                         self.index(row, base.as_ref()).await?;
+                        self.recount(row, base.as_ref()).await;
                     }
                     return Ok(WriteResult::Done);
                 }
@@ -737,6 +769,8 @@ impl CqlStore {
                         // stored now is what gets listed.
                         if let Write::Apply { row, base, .. } = w {
                             self.relist_applied(order_id, row.version, base.as_ref()).await?;
+                            // Most likely by this attempt: counted (approximate, see counts.rs).
+                            self.recount(row, base.as_ref()).await;
                         }
                         return Ok(WriteResult::Done);
                     }
@@ -983,8 +1017,16 @@ impl Orders for CqlStore {
         limit: usize,
         cursor: Option<String>,
     ) -> Result<Page<HistoryEntry>, StoreError> {
-        type H =
-            (Option<String>, Option<i64>, Option<String>, Option<String>, Option<String>, Option<String>, Option<i64>);
+        type H = (
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            Option<String>,
+        );
         let rows = self
             .session
             .execute_unpaged(&self.st.history, (order_id,))
@@ -996,7 +1038,7 @@ impl Orders for CqlStore {
             .rows::<H>()
             .map_err(backend)?
             .filter_map(|r| r.ok())
-            .filter_map(|(event_id, version, outcome, reason, source, decided_by, at)| {
+            .filter_map(|(event_id, version, outcome, reason, source, decided_by, at, trace)| {
                 Some(HistoryEntry {
                     order_id: order_id.to_string(),
                     version: version? as u64,
@@ -1006,6 +1048,8 @@ impl Orders for CqlStore {
                     reason,
                     decided_by: decided_by.unwrap_or_default(),
                     recorded_at: from_micros(at.unwrap_or_default()),
+                    // A trace this version cannot read is left out rather than failing the history.
+                    trace: trace.and_then(|t| serde_json::from_str(&t).ok()),
                 })
             })
             .collect();
@@ -1045,7 +1089,7 @@ impl Orders for CqlStore {
         let mut items = Vec::new();
         for r in rows.rows::<StaticRow>().map_err(backend)? {
             let Some(o) = order_from(r.map_err(backend)?)? else { continue };
-            let prefix_ok = q.q.as_deref().is_none_or(|p| o.id.starts_with(p) || o.customer.starts_with(p));
+            let prefix_ok = q.found(&o);
             let shop_ok = q.shop.is_none() || o.shop == q.shop;
             if q.status.is_none_or(|s| s == o.status)
                 && q.priority.is_none_or(|p| p == o.priority)
@@ -1060,6 +1104,10 @@ impl Orders for CqlStore {
             PagingStateResponse::NoMorePages => None,
         };
         Ok(Page { items, next_cursor })
+    }
+
+    async fn counts(&self) -> Result<OrderCounts, StoreError> {
+        self.counted().await
     }
 
     async fn stats(&self) -> Result<StoreStats, StoreError> {
@@ -1178,8 +1226,9 @@ impl DeadLetters for CqlStore {
     }
 
     /// A count per day partition (each bounded by a day of letters), and the first
-    /// letter of the oldest day. Days before yesterday no longer change (letters are
-    /// never deleted but by a reset), so their counts are kept after the first read.
+    /// letter of the oldest day. Days before yesterday change only by a purge or a
+    /// reset, so their counts are kept for [`TALLY_KEPT`] (this instance's purges and
+    /// resets drop them at once; another's show within that time).
     async fn tally(&self) -> Result<LetterTally, StoreError> {
         let settled = (Utc::now().timestamp().div_euclid(86_400) - 1) as i32;
         let days = self.session.execute_unpaged(&self.st.letter_days, (0,)).await.map_err(backend)?;
@@ -1193,13 +1242,14 @@ impl DeadLetters for CqlStore {
         let mut tally = LetterTally::default();
         for (day,) in days {
             let known = self.tallied.lock().unwrap_or_else(|p| p.into_inner()).get(&day).copied();
+            let known = known.filter(|(_, at)| at.elapsed() < TALLY_KEPT).map(|(n, _)| n);
             let n = match known {
                 Some(n) => n,
                 None => {
                     let counted = self.session.execute_unpaged(&self.st.letter_count, (day,)).await.map_err(backend)?;
                     let (n,) = counted.into_rows_result().map_err(backend)?.first_row::<(i64,)>().map_err(backend)?;
                     if day < settled {
-                        self.tallied.lock().unwrap_or_else(|p| p.into_inner()).insert(day, n);
+                        self.tallied.lock().unwrap_or_else(|p| p.into_inner()).insert(day, (n, Instant::now()));
                     }
                     n
                 }
@@ -1212,6 +1262,38 @@ impl DeadLetters for CqlStore {
             }
         }
         Ok(tally)
+    }
+
+    /// The letter's row where it is, then its id (conditionally, so that concurrent
+    /// purges count it once). A purge cut short between the two leaves an id without a
+    /// letter, which reads as no letter.
+    async fn purge_letters(&self, ids: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut gone = Vec::new();
+        for id in ids {
+            let rows = self.session.execute_unpaged(&self.st.letter_by_id, (id,)).await.map_err(backend)?;
+            let place = rows.into_rows_result().map_err(backend)?;
+            let Some((Some(seq), _)) =
+                place.maybe_first_row::<(Option<CqlTimeuuid>, Option<i64>)>().map_err(backend)?
+            else {
+                continue;
+            };
+            // At the day of its place, or in bucket 0 if it was written before schema 011:
+            // deleted only where it is, so that no partition collects needless tombstones.
+            for bucket in [letter_day(seq), 0] {
+                let found =
+                    self.session.execute_unpaged(&self.st.letter_by_seq, (bucket, seq)).await.map_err(backend)?;
+                if found.into_rows_result().map_err(backend)?.rows_num() == 0 {
+                    continue;
+                }
+                self.session.execute_unpaged(&self.st.letter_delete, (bucket, seq)).await.map_err(backend)?;
+                self.tallied.lock().unwrap_or_else(|p| p.into_inner()).remove(&bucket);
+                break;
+            }
+            if self.lwt(self.session.execute_unpaged(&self.st.letter_id_delete, (id,))).await? == Some(true) {
+                gone.push(id.clone());
+            }
+        }
+        Ok(gone)
     }
 
     async fn claim_replay(&self, id: &str, undo: bool) -> Result<ReplayClaim, StoreError> {
@@ -1680,6 +1762,7 @@ impl Runs for CqlStore {
             "orders",
             "order_index",
             "order_index_hours",
+            "order_counts",
             "parked",
             "dead_letters",
             "dead_letter_days",

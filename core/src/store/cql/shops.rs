@@ -36,9 +36,12 @@ impl ShopStatements {
 }
 
 /// A stable hash (FNV-1a), so every instance and version puts an order in one bucket.
+pub(super) fn stable_hash(id: &str) -> u32 {
+    id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193))
+}
+
 fn bucket_of(id: &str) -> i32 {
-    let hash = id.bytes().fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    (hash % BUCKETS as u32) as i32
+    (stable_hash(id) % BUCKETS as u32) as i32
 }
 
 impl CqlStore {
