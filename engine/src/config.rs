@@ -529,8 +529,9 @@ impl Backends {
 #[derive(Debug, Clone, Args)]
 pub struct Tuning {
     /// Most events the pipeline takes from the log at once.
-    #[arg(long, env = "ORCHESTRATOR_BATCH_SIZE", default_value_t = 1024)]
-    pub batch_size: usize,
+    #[arg(long, env = "ORCHESTRATOR_BATCH_SIZE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub batch_size: u64,
     /// After this many consecutive VIP batches while NORMAL waits, run one NORMAL
     /// batch. Off by default: strict priority.
     #[arg(long, env = "ORCHESTRATOR_STARVATION_GUARD")]
@@ -637,7 +638,7 @@ pub struct SchemaArgs {
 impl Tuning {
     pub fn pipeline(&self) -> crate::pipeline::PipelineConfig {
         crate::pipeline::PipelineConfig {
-            batch_max: self.batch_size.max(1),
+            batch_max: self.batch_size.max(1) as usize,
             starvation_guard: self.starvation_guard,
             max_conflict_retries: self.max_conflict_retries,
             park_timeout: std::time::Duration::from_secs(self.park_timeout_secs),
@@ -681,5 +682,17 @@ mod tests {
         assert!(lone.contains("--cql-username"), "a CQL password without a user: {lone}");
         let (_, tls) = cql(None, Some("/ca.pem")).cql().unwrap();
         assert!(tls.is_some(), "a CQL CA file turns TLS on");
+    }
+
+    /// A batch of 0 took nothing and spun; one of millions held them all in memory.
+    #[test]
+    fn the_batch_size_is_bounded() {
+        let parse = |n: &str| Cli::try_parse_from(["orchestrator", "serve", "--batch-size", n]);
+        for n in ["0", "65537", "100000000"] {
+            let e = parse(n).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(e.contains("--batch-size") && e.contains("1..=65536"), "{n}: {e}");
+        }
+        let Command::Serve(serve) = parse("65536").unwrap().command else { unreachable!("serve parses as serve") };
+        assert_eq!(serve.tuning.pipeline().batch_max, 65_536);
     }
 }
