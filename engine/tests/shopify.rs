@@ -388,6 +388,7 @@ async fn two_changes_in_the_same_second_both_apply() {
 /// Shopify's retry takes it over once its lease ends, and the order is created.
 #[tokio::test]
 async fn a_claim_whose_event_never_reached_the_log_is_not_a_duplicate() {
+    common::embedded_only("its faults are SQLite triggers on the log and the store");
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
     let faults = [
@@ -545,6 +546,7 @@ async fn shops_sign_with_their_own_secrets_and_an_uninstall_stops_a_shop() {
 /// an id at ingest; CQL's, per order, dead-letters it in the pipeline.)
 #[tokio::test]
 async fn a_delivery_the_log_refuses_for_its_content_is_dead_lettered_not_retried() {
+    common::embedded_only("the embedded ledger refuses a taken event id at ingest; CQL's is per order");
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET, "--shopify-dedup-hours", "0"]).await;
     let order = |id: i64| {

@@ -28,6 +28,12 @@ pub fn distributed() -> bool {
     std::env::var("ORCHESTRATOR_TEST_BACKEND").as_deref() == Ok("distributed")
 }
 
+/// For a test whose faults or checks exist on the embedded default only: run against
+/// Kafka + CQL it fails at once, saying why, instead of failing somewhere odd.
+pub fn embedded_only(why: &str) {
+    assert!(!distributed(), "this test runs on the embedded default only: {why}");
+}
+
 /// Fresh topics, group and keyspace for one engine (kept across its restarts).
 pub fn backend_args() -> Vec<String> {
     if !distributed() {
