@@ -97,7 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let without_cases = drive(engine, &args, "no cases").await?;
     eprintln!("pipeline with plugins, no cases kept: {without_cases:?}");
 
-    let raw = raw_store(&dir.join("raw"), args.events).await?;
+    let raw = raw_store(&dir.join("raw"), args.events, args.tuning.pipeline().batch_max).await?;
     eprintln!("raw store: {raw:.0} rows/s");
 
     let rule_ns = native_rule_cost(100_000);
@@ -158,24 +158,29 @@ fn native_rule_cost(n: u64) -> f64 {
     started.elapsed().as_nanos() as f64 / n as f64
 }
 
-/// Rows/s of `store.write` alone, in the pipeline's batch size; generation is not timed.
-async fn raw_store(dir: &Path, n: u64) -> anyhow::Result<f64> {
+/// Rows/s of `store.write` alone, in batches of `batch` (the pipeline's batch size);
+/// generation is not timed.
+async fn raw_store(dir: &Path, n: u64, batch: usize) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
-    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n).await
+    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n, batch).await
 }
 
-async fn raw_writes(store: &dyn Orders, n: u64) -> anyhow::Result<f64> {
+async fn raw_writes(store: &dyn Orders, n: u64, batch: usize) -> anyhow::Result<f64> {
     let mut rng = SmallRng::seed_from_u64(11);
     let mut busy = Duration::ZERO;
-    let mut i = 0;
-    while i < n {
-        let batch = creates("raw", "bench", i..(i + 1024).min(n), &mut rng);
-        i += batch.len() as u64;
+    for ids in batches(n, batch) {
+        let writes = creates("raw", "bench", ids, &mut rng);
         let started = Instant::now();
-        store.write(batch).await?;
+        store.write(writes).await?;
         busy += started.elapsed();
     }
     Ok(n as f64 / busy.as_secs_f64())
+}
+
+/// `0..n` in consecutive ranges of `size` (the last one shorter).
+fn batches(n: u64, size: usize) -> impl Iterator<Item = std::ops::Range<u64>> {
+    let size = size.max(1) as u64;
+    (0..n.div_ceil(size)).map(move |k| k * size..((k + 1) * size).min(n))
 }
 
 /// Generated orders `<prefix>-<i>` as the pipeline writes a create with the default
@@ -217,17 +222,16 @@ async fn seed(args: BenchSeedArgs) -> anyhow::Result<()> {
     let bar = progress(args.quantity, "orders");
     bar.set_message("seeding");
     let (started, mut rng) = (Instant::now(), SmallRng::from_os_rng());
-    let (mut added, mut existed, mut i) = (0u64, 0u64, 0);
-    while i < args.quantity {
-        let batch = creates(&args.prefix, "seed", i..(i + 1024).min(args.quantity), &mut rng);
-        i += batch.len() as u64;
-        for (_, result) in store.write(batch).await? {
+    let (mut added, mut existed) = (0u64, 0u64);
+    for ids in batches(args.quantity, 1024) {
+        let end = ids.end;
+        for (_, result) in store.write(creates(&args.prefix, "seed", ids, &mut rng)).await? {
             match result {
                 WriteResult::Done => added += 1,
                 _ => existed += 1,
             }
         }
-        bar.set_position(i);
+        bar.set_position(end);
     }
     bar.finish_and_clear();
     let took = started.elapsed().as_secs_f64();
@@ -404,7 +408,7 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let run = uuid::Uuid::new_v4().simple().to_string();
     let raw_keyspace = CqlConfig { keyspace: format!("bench_raw_{run}"), ..cql.clone() };
     let ceiling_store = crate::store::cql::CqlStore::open(raw_keyspace).await?;
-    let raw = raw_writes(&ceiling_store, args.events.min(20_000)).await?;
+    let raw = raw_writes(&ceiling_store, args.events.min(20_000), args.tuning.pipeline().batch_max).await?;
     eprintln!("raw CQL conditional writes: {raw:.0}/s");
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
@@ -459,6 +463,8 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-run-{tag}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
+    // The ceiling writes in the pipeline's batch size, whatever it was set to.
+    let batch = config.pipeline.batch_max;
     let backend = args.backends.backend()?;
     let engine = Engine::open(backend.clone().isolated(&format!("benchrun_{tag}")), &dir, config).await?;
     engine.start().await?;
@@ -477,11 +483,11 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
     // run's did (a ceiling on small tables is higher, and the ratio lower).
     let ceiling_n = args.quantity.min(RUN_CEILING_MAX);
     let raw = match backend {
-        Backend::Embedded => raw_store(&dir.join("raw"), ceiling_n).await?,
+        Backend::Embedded => raw_store(&dir.join("raw"), ceiling_n, batch).await?,
         Backend::Distributed { cql, .. } => {
             let store =
                 crate::store::cql::CqlStore::open(CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
-            raw_writes(&store, args.quantity.min(20_000)).await?
+            raw_writes(&store, args.quantity.min(20_000), batch).await?
         }
     };
     let processing_ms = match (run.vip.started_at, run.normal.ended_at.or(run.vip.ended_at)) {
@@ -510,5 +516,25 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
         Some(v) if v.passed => Ok(()),
         Some(v) => anyhow::bail!("the run's verification failed: {}", v.failures.join("; ")),
         None => anyhow::bail!("the run ended {:?}: {}", report.run.phase, report.run.error.clone().unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `bench run --batch-size 4096` compared its pipeline with a ceiling written in
+    /// batches of 1024: larger batches commit less often, so the ratio was not of like
+    /// with like. The ceiling now writes in the batch size it is given.
+    #[tokio::test]
+    async fn the_ceiling_writes_in_the_pipeline_batch_size() {
+        let sizes: Vec<u64> = batches(10_000, 4096).map(|r| r.end - r.start).collect();
+        assert_eq!(sizes, [4096, 4096, 1808]);
+        assert_eq!(batches(4096, 4096).count(), 1);
+        assert_eq!(batches(0, 1024).count(), 0);
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.sqlite")).unwrap();
+        raw_writes(&store, 5000, 4096).await.unwrap();
+        assert_eq!(store.stats().await.unwrap().orders, 5000, "every row of the ceiling is written once");
     }
 }
