@@ -355,13 +355,25 @@ fn decode(d: &Delivery) -> Result<OrderEvent, String> {
     Ok(e)
 }
 
+/// A batch's events, decoded, with its first round decided if it was looked at ahead.
+struct Ahead {
+    events: Vec<Result<OrderEvent, String>>,
+    /// How many items the first round was offered, and its decisions.
+    first: Option<(usize, Plan)>,
+}
+
+/// A batch's items, from its deliveries and their decoded events.
+fn items(deliveries: &[Delivery], events: Vec<Result<OrderEvent, String>>) -> Vec<Item<'_>> {
+    deliveries.iter().zip(events).map(|(delivery, event)| Item { delivery, event, parked_since: None }).collect()
+}
+
 /// A round's decisions, before anything is written.
-struct Plan<'a> {
+struct Plan {
     /// How many items the round took (a preempted round takes fewer).
     taken: usize,
     writes: Vec<Write>,
     /// One per write, in the same order.
-    slots: Vec<Slot<'a>>,
+    slots: Vec<Slot>,
     to_park: Vec<ParkedEvent>,
     /// Creates decided as if their order were absent that the rules did not upsert:
     /// decided again against the stored row (items' places in the round).
@@ -382,7 +394,7 @@ enum Reads {
 }
 
 /// What settling one write needs besides its result.
-struct Slot<'a> {
+struct Slot {
     priority: Priority,
     appended_at_us: i64,
     /// The item's place in the round, and whether its create was written as a guess.
@@ -390,8 +402,6 @@ struct Slot<'a> {
     guessed: bool,
     /// For an apply: what a lost race needs.
     pending: Option<Pending>,
-    /// The decoded event (none for an undecodable record).
-    event: Option<&'a OrderEvent>,
     /// For a refusal: counted and logged once the store holds its record.
     failure: Option<Failure>,
 }
@@ -476,7 +486,14 @@ impl Pipeline {
                 }
             };
             vip_streak = if priority == Priority::Vip && normal { vip_streak + 1 } else { 0 };
-            match self.step(&mut *consumer, priority, preemptible).await {
+            // A step goes on to the next batch only while nothing else is due: the other
+            // priority's work, a sweep, or the shutdown.
+            let more = |c: &dyn LogConsumer| {
+                let others_wait = Priority::ALL.into_iter().any(|o| o != priority && waits(c, o));
+                let sweep_due = last_sweep.is_none_or(|t| t.elapsed() >= self.config.sweep_every);
+                !others_wait && !sweep_due && !*shutdown.borrow()
+            };
+            match self.step(&mut *consumer, priority, preemptible, &more).await {
                 // An empty poll proves nothing about a failure: only work done clears it.
                 Ok(worked) if worked || consumer.waiting(priority) == 0 => {
                     backoff[priority] = FIRST_BACKOFF;
@@ -498,13 +515,16 @@ impl Pipeline {
         }
     }
 
-    /// Polls one batch of `priority`, processes it and commits what was processed.
-    /// Returns whether it got any work done.
+    /// Polls batches of `priority`, processes them and commits what was processed, one
+    /// after another while `more` allows. While a batch's last round is written, the next
+    /// batch is polled and decoded and the start of its first round decided: deciding
+    /// overlaps the store's writer. Returns whether any work got done.
     async fn step(
         &self,
         consumer: &mut dyn LogConsumer,
         priority: Priority,
         preemptible: bool,
+        more: &(dyn Fn(&dyn LogConsumer) -> bool + Sync),
     ) -> anyhow::Result<bool> {
         let _step = self.stats.steps.begin();
         // Checked again inside the step: a reset that stopped everything between the
@@ -512,66 +532,147 @@ impl Pipeline {
         if self.pauses.is_paused(priority) {
             return Ok(false);
         }
-        let deliveries = consumer.poll(priority, self.config.batch_max).await?;
+        let mut deliveries = consumer.poll(priority, self.config.batch_max).await?;
         if deliveries.is_empty() {
             return Ok(false);
         }
         // A NORMAL batch yields as soon as a VIP record is waiting (and VIP is not paused).
         let vip_waiting =
             |c: &dyn LogConsumer| preemptible && !self.pauses.is_paused(Priority::Vip) && c.waiting(Priority::Vip) > 0;
-        let done = self.process(&deliveries, &|| vip_waiting(&*consumer)).await?;
-        if done > 0 {
-            self.changes.flush().await.context("relaying changes")?;
-            consumer.commit(&deliveries[..done]).await?;
+        let mut ahead = Ahead { events: self.decoded(&deliveries), first: None };
+        let mut worked = false;
+        loop {
+            let items = items(&deliveries, ahead.events);
+            // Looked at before this batch is written: a pause or a reset ends the chain here.
+            let go_on = !self.pauses.is_paused(priority) && consumer.waiting(priority) > 0 && more(&*consumer);
+            let (mut done, last) = self.rounds(&items, ahead.first, &|| vip_waiting(&*consumer), go_on).await?;
+            let mut looked = None;
+            if let Some(plan) = last {
+                let next_batch = async {
+                    let next = consumer.poll(priority, self.config.batch_max).await?;
+                    let ahead = self.look_ahead(&items, &next, &|| vip_waiting(&*consumer)).await?;
+                    anyhow::Ok((next, ahead))
+                };
+                let (n, next) = tokio::join!(self.round(&items[done..], plan), next_batch);
+                done += n?;
+                looked = Some(next);
+            }
+            drop(items);
+            if done > 0 {
+                worked = true;
+                self.changes.flush().await.context("relaying changes")?;
+                consumer.commit(&deliveries[..done]).await?;
+            }
+            match looked {
+                Some(Ok((next, next_ahead))) if done == deliveries.len() && !next.is_empty() => {
+                    (deliveries, ahead) = (next, next_ahead);
+                }
+                looked => {
+                    // A batch cut short, or one polled ahead, comes again from the commit.
+                    if done < deliveries.len() || looked.is_some() {
+                        consumer.rewind(priority);
+                    }
+                    looked.transpose()?;
+                    return Ok(worked);
+                }
+            }
         }
-        if done < deliveries.len() {
-            consumer.rewind(priority);
+    }
+
+    /// The events on `deliveries`, counted as consumed.
+    fn decoded(&self, deliveries: &[Delivery]) -> Vec<Result<OrderEvent, String>> {
+        for d in deliveries {
+            self.metrics.consumed[d.priority].increment(1);
         }
-        Ok(done > 0)
+        deliveries.iter().map(decode).collect()
+    }
+
+    /// Decodes the next batch and decides the start of its first round, while the batch
+    /// in hand is written: up to the first event whose order the batch in hand holds too,
+    /// since its row may be about to change.
+    async fn look_ahead(
+        &self,
+        current: &[Item<'_>],
+        next: &[Delivery],
+        preempt: &(dyn Fn() -> bool + Sync),
+    ) -> anyhow::Result<Ahead> {
+        let busy: HashSet<&str> =
+            current.iter().filter_map(|it| it.event.as_ref().ok()).map(|e| e.order_id.as_str()).collect();
+        let items = items(next, self.decoded(next));
+        let mut orders = HashSet::new();
+        let free = |e: &OrderEvent| !busy.contains(e.order_id.as_str());
+        let len = items
+            .iter()
+            .take_while(|it| it.event.as_ref().map_or(true, |e| free(e) && orders.insert(e.order_id.as_str())))
+            .count();
+        let first = match len {
+            0 => None,
+            len => Some((len, self.plan(&items[..len], preempt, Reads::GuessCreates).await?)),
+        };
+        Ok(Ahead { events: items.into_iter().map(|it| it.event).collect(), first })
     }
 
     /// Processes a prefix of `deliveries`, stopping early when `preempt` says so.
     /// Returns how many were processed (and may be committed).
     pub async fn process(&self, deliveries: &[Delivery], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
-        let items: Vec<Item<'_>> =
-            deliveries.iter().map(|d| Item { delivery: d, event: decode(d), parked_since: None }).collect();
-        for d in deliveries {
-            self.metrics.consumed[d.priority].increment(1);
-        }
-        self.rounds(&items, preempt).await
+        let items = items(deliveries, self.decoded(deliveries));
+        Ok(self.rounds(&items, None, preempt, false).await?.0)
     }
 
     /// Splits items into rounds that hold each order at most once, so every write in a
     /// round is based on the stored row and no write depends on another's outcome.
-    /// After a round that created orders, their parked events are decided, before any
-    /// later event of those orders.
-    async fn rounds(&self, items: &[Item<'_>], preempt: &(dyn Fn() -> bool + Sync)) -> anyhow::Result<usize> {
+    /// `first` is the first round, decided already. Returns how many items were done,
+    /// and, with `hold_last`, the last round decided but not written if it takes all it
+    /// holds: the caller writes it (`round`) while it does something else.
+    async fn rounds(
+        &self,
+        items: &[Item<'_>],
+        mut first: Option<(usize, Plan)>,
+        preempt: &(dyn Fn() -> bool + Sync),
+        hold_last: bool,
+    ) -> anyhow::Result<(usize, Option<Plan>)> {
         let mut done = 0;
         while done < items.len() {
-            let mut orders = HashSet::new();
-            let end = done
-                + items[done..]
-                    .iter()
-                    .take_while(|it| it.event.as_ref().map_or(true, |e| orders.insert(e.order_id.as_str())))
-                    .count()
-                    .max(1);
-            let (n, created) = self.process_round(&items[done..end], preempt, Reads::GuessCreates).await?;
-            done += n;
-            let releasing = items.first().is_some_and(|it| it.parked_since.is_none());
-            if releasing && !created.is_empty() && self.maybe_parked.load(Ordering::Relaxed) {
-                // A paused priority's parked events wait for the sweep after its resume.
-                let mut parked = self.parking.parked(created).await?;
-                parked.retain(|p| !self.pauses.is_paused(p.priority));
-                if !parked.is_empty() {
-                    // Boxed: deciding parked events runs these rounds again (never deeper).
-                    Box::pin(self.release(parked)).await?;
+            let (end, plan) = match first.take() {
+                Some((len, plan)) => (done + len, plan),
+                None => {
+                    let mut orders = HashSet::new();
+                    let end = done
+                        + items[done..]
+                            .iter()
+                            .take_while(|it| it.event.as_ref().map_or(true, |e| orders.insert(e.order_id.as_str())))
+                            .count()
+                            .max(1);
+                    (end, self.plan(&items[done..end], preempt, Reads::GuessCreates).await?)
                 }
+            };
+            if hold_last && end == items.len() && plan.taken == end - done {
+                return Ok((done, Some(plan)));
             }
+            done += self.round(&items[done..end], plan).await?;
             if done < end {
                 break;
             }
         }
-        Ok(done)
+        Ok((done, None))
+    }
+
+    /// Writes and settles a decided round. After a round that created orders, their
+    /// parked events are decided, before any later event of those orders. Returns how
+    /// many items the round took.
+    async fn round(&self, items: &[Item<'_>], plan: Plan) -> anyhow::Result<usize> {
+        let (taken, created) = self.apply(items, plan).await?;
+        let releasing = items.first().is_some_and(|it| it.parked_since.is_none());
+        if releasing && !created.is_empty() && self.maybe_parked.load(Ordering::Relaxed) {
+            // A paused priority's parked events wait for the sweep after its resume.
+            let mut parked = self.parking.parked(created).await?;
+            parked.retain(|p| !self.pauses.is_paused(p.priority));
+            if !parked.is_empty() {
+                // Boxed: deciding parked events runs these rounds again (never deeper).
+                Box::pin(self.release(parked)).await?;
+            }
+        }
+        Ok(taken)
     }
 
     /// Decides parked events (their order exists now, or their wait ran out), each order's
@@ -593,7 +694,7 @@ impl Pipeline {
             .zip(&parked)
             .map(|(d, p)| Item { delivery: d, event: decode(d), parked_since: Some(p.parked_at) })
             .collect();
-        self.rounds(&items, &|| false).await?;
+        self.rounds(&items, None, &|| false, false).await?;
         // Their changes are relayed before they are let go: nothing redelivers them.
         self.changes.flush().await.context("relaying changes")?;
         self.parking.unpark(&parked).await?;
@@ -637,9 +738,15 @@ impl Pipeline {
         reads: Reads,
     ) -> anyhow::Result<(usize, Vec<String>)> {
         let plan = self.plan(items, preempt, reads).await?;
+        self.apply(items, plan).await
+    }
+
+    /// Writes a round's decisions and settles them (see `process_round`). Returns how
+    /// many items the round took, and the orders it created.
+    async fn apply(&self, items: &[Item<'_>], plan: Plan) -> anyhow::Result<(usize, Vec<String>)> {
         self.park(plan.to_park).await?;
         let results = self.store.write(plan.writes).await?;
-        let (mut created, mut redo) = self.settle(results, plan.slots).await?;
+        let (mut created, mut redo) = self.settle(items, results, plan.slots).await?;
         if let Some(recorder) = &self.recorder {
             let held = plan.guessed.iter().filter(|i| !redo.contains(i));
             let decided: Vec<_> = held.filter_map(|&i| items[i].event.as_ref().ok()).map(|e| (e, None)).collect();
@@ -660,12 +767,12 @@ impl Pipeline {
     }
 
     /// Decides a round's events, writing nothing.
-    async fn plan<'a>(
+    async fn plan(
         &self,
-        items: &'a [Item<'_>],
+        items: &[Item<'_>],
         preempt: &(dyn Fn() -> bool + Sync),
         reads: Reads,
-    ) -> anyhow::Result<Plan<'a>> {
+    ) -> anyhow::Result<Plan> {
         // One rules version decides the whole round: a deploy takes effect between rounds.
         let rules = self.rulebook.rules();
         let shadow = self.rulebook.shadow();
@@ -748,7 +855,6 @@ impl Pipeline {
                 item,
                 guessed,
                 pending: None,
-                event: None,
                 failure: None,
             };
             let event = match &it.event {
@@ -784,7 +890,6 @@ impl Pipeline {
                 }
             };
             let base = current.get(&event.order_id);
-            let slot = Slot { event: Some(event), ..slot };
             let decision = decisions.next().expect("one decision per decodable event");
             if guessed {
                 // Only an upsert is written on the guess; any other answer may be one the
@@ -877,13 +982,16 @@ impl Pipeline {
     /// Also returns the guessed creates whose order existed (items' places), to decide again.
     async fn settle(
         &self,
+        items: &[Item<'_>],
         results: Vec<(Write, WriteResult)>,
-        slots: Vec<Slot<'_>>,
+        slots: Vec<Slot>,
     ) -> anyhow::Result<(Vec<String>, Vec<usize>)> {
         let mut created = Vec::new();
         let mut redo = Vec::new();
         for ((write, result), slot) in results.into_iter().zip(slots) {
-            let Slot { priority, appended_at_us, item, guessed, pending, event, failure } = slot;
+            let Slot { priority, appended_at_us, item, guessed, pending, failure } = slot;
+            // None for an undecodable record.
+            let event = items[item].event.as_ref().ok();
             if guessed && matches!(result, WriteResult::Conflict(_)) {
                 redo.push(item);
                 continue;
@@ -1237,6 +1345,9 @@ mod tests {
         fail: std::sync::Mutex<Option<fn() -> StoreError>>,
         /// The order ids the pipeline read rows of, in order.
         reads: std::sync::Mutex<Vec<String>>,
+        /// While set, the next write waits for `open` before it lands.
+        hold: AtomicBool,
+        open: tokio::sync::Notify,
     }
 
     impl Scripted {
@@ -1284,6 +1395,9 @@ mod tests {
             self.inner.get_many(ids).await
         }
         async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
+            if self.hold.swap(false, Ordering::SeqCst) {
+                self.open.notified().await;
+            }
             let fail = *self.fail.lock().unwrap();
             if let Some(fail) = fail {
                 return Err(fail());
@@ -1742,6 +1856,63 @@ mod tests {
         until("the stall clears", || stall().is_none()).await;
         let row = store.inner.get("o1").await.unwrap().expect("applied after the store healed");
         assert_eq!((row.version, row.customer.as_str()), (1, "ada"));
+        stop.send(true).unwrap();
+        running.await.unwrap();
+    }
+
+    /// While a batch's last round is written, the next batch is polled and the start of
+    /// its first round decided, up to the first event whose order the written batch holds:
+    /// that one is decided only once the write has landed, against the row it made.
+    #[tokio::test]
+    async fn the_next_batch_is_decided_while_this_one_is_written_but_not_its_shared_orders() {
+        use crate::log::{OrderLog, Record, embedded::EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
+        let store = Arc::new(Scripted::default());
+        let created = |id: &str| OrderEvent { event_id: format!("c-{id}"), order_id: id.into(), ..ada_created() };
+        let noted = |id: &str| {
+            let change = OrderChange { note: Some("gift".into()), ..Default::default() };
+            OrderEvent { event_id: format!("n-{id}"), order_id: id.into(), ..event("", EventKind::Updated, change) }
+        };
+        let (p, _) = scripted_pipeline(&store);
+        assert_eq!(p.process(&[delivery(1, &created("x"))], &|| false).await.unwrap(), 1);
+        store.reads();
+
+        // Two batches of two: [create o1, create o2], then [note on x, note on o1].
+        let records = [created("o1"), created("o2"), noted("x"), noted("o1")]
+            .map(|e| Record::new(Priority::Normal, e.order_id.clone(), serde_json::to_vec(&e).unwrap()));
+        log.append(records.into()).await.unwrap();
+        store.hold.store(true, Ordering::SeqCst);
+        let config = PipelineConfig { batch_max: 2, ..Default::default() };
+        let p = Pipeline::new(
+            store.clone(),
+            Arc::new(MemoryStore::default()),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Controls::default(),
+            config,
+        );
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(p.run(log.consumer().await.unwrap(), shutdown));
+
+        let read = || store.reads.lock().unwrap().clone();
+        until("the note on x is decided while the first batch is held", || read().contains(&"x".into())).await;
+        assert_eq!(read(), ["x"], "the note on o1 waits for the write of o1's create");
+        assert!(store.inner.get("o1").await.unwrap().is_none(), "the first batch is still held");
+
+        store.open.notify_one();
+        let version = |id: &'static str| {
+            let store = store.clone();
+            async move { store.inner.get(id).await.unwrap().map(|o| (o.version, o.note)) }
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while version("o1").await != Some((2, "gift".to_string())) {
+            assert!(Instant::now() < deadline, "o1 got no note: {:?}", version("o1").await);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(version("x").await, Some((2, "gift".to_string())));
+        assert_eq!(version("o2").await.map(|v| v.0), Some(1));
+        assert_eq!(read(), ["x", "o1"], "the note on o1 was decided against its stored row");
         stop.send(true).unwrap();
         running.await.unwrap();
     }
