@@ -921,14 +921,20 @@ impl Pipeline {
                     (skipped(SUPERSEDED.to_string(), Said::Upsert), None, None)
                 }
                 Ok(Decision::Upsert(fields)) => {
-                    let row = build_row(event, base, fields.clone(), rules.id());
+                    // A guessed create that loses is decided again, not merged: it needs
+                    // nothing kept for a lost race.
+                    let pending = (!guessed).then(|| Pending {
+                        base: base.cloned(),
+                        fields: fields.clone(),
+                        event: event.clone(),
+                        decided_by: rules.id().to_string(),
+                        trace: traced(Said::Upsert, None),
+                    });
+                    let row = build_row(event, base, fields, rules.id());
                     let trace = Trace { changes: journey::changes(base, &row), ..traced(Said::Upsert, None) };
                     let (event_id, source) = (event.event_id.clone(), event.source.clone());
                     let write = Write::Apply { event_id, source, base: base.map(Base::of), row, trace };
-                    let decided_by = rules.id().to_string();
-                    let trace = traced(Said::Upsert, None);
-                    let pending = Pending { base: base.cloned(), fields, event: event.clone(), decided_by, trace };
-                    (write, Some(pending), None)
+                    (write, pending, None)
                 }
                 Ok(Decision::Skip(reason)) => (skipped(reason, Said::Skip), None, None),
                 Ok(Decision::Reject(reason)) => {
