@@ -569,7 +569,8 @@ impl Pipeline {
                 }
                 looked => {
                     // A batch cut short, or one polled ahead, comes again from the commit.
-                    if done < deliveries.len() || looked.is_some() {
+                    let polled = matches!(&looked, Some(Ok((next, _))) if !next.is_empty());
+                    if done < deliveries.len() || polled {
                         consumer.rewind(priority);
                     }
                     looked.transpose()?;
