@@ -16,7 +16,7 @@ use crate::journey::{self, Conflict, Said, Trace};
 use crate::log::{Delivery, LogConsumer};
 use crate::ordering;
 use crate::rules::{Decision, RuleError, Rulebook};
-use crate::store::{Base, DeadLetter, Orders, Outcome, ParkedEvent, Parking, Write, WriteResult};
+use crate::store::{Base, DeadLetter, Orders, Outcome, ParkedEvent, Parking, StoreError, Write, WriteResult};
 use crate::stream::ChangeStream;
 use crate::telemetry::PipelineMetrics;
 use crate::whatif::recorder::Recorder;
@@ -362,6 +362,17 @@ struct Ahead {
     first: Option<(usize, Plan)>,
 }
 
+impl Ahead {
+    /// Waits for the write sent ahead, if any, of a batch this step does not take (it
+    /// failed, or stops here): no write of a step may land after the step ended, when a
+    /// reset may be under way. What it wrote comes again from the commit, as duplicates.
+    async fn abandon(self) {
+        if let Some((_, Plan { sent: Some(sent), .. })) = self.first {
+            let _ = sent.await;
+        }
+    }
+}
+
 /// A batch's items, from its deliveries and their decoded events.
 fn items(deliveries: &[Delivery], events: Vec<Result<OrderEvent, String>>) -> Vec<Item<'_>> {
     deliveries.iter().zip(events).map(|(delivery, event)| Item { delivery, event, parked_since: None }).collect()
@@ -372,6 +383,8 @@ struct Plan {
     /// How many items the round took (a preempted round takes fewer).
     taken: usize,
     writes: Vec<Write>,
+    /// The writes on their way to the store already (`Pipeline::send_ahead`).
+    sent: Option<Sent>,
     /// One per write, in the same order.
     slots: Vec<Slot>,
     to_park: Vec<ParkedEvent>,
@@ -382,6 +395,9 @@ struct Plan {
     /// what-if runs once the write shows the order was absent indeed.
     guessed: Vec<usize>,
 }
+
+/// A store write under way in a task of its own.
+type Sent = tokio::task::JoinHandle<Result<Vec<(Write, WriteResult)>, StoreError>>;
 
 /// How a round reads the rows its events meet.
 #[derive(Clone, Copy, PartialEq)]
@@ -546,37 +562,65 @@ impl Pipeline {
             // Looked at before this batch is written: a pause or a reset ends the chain here.
             let go_on = !self.pauses.is_paused(priority) && consumer.waiting(priority) > 0 && more(&*consumer);
             let (mut done, last) = self.rounds(&items, ahead.first, &|| vip_waiting(&*consumer), go_on).await?;
-            let mut looked = None;
+            let (mut looked, mut written) = (None, Ok(()));
             if let Some(plan) = last {
                 let next_batch = async {
                     let next = consumer.poll(priority, self.config.batch_max).await?;
-                    let ahead = self.look_ahead(&items, &next, &|| vip_waiting(&*consumer)).await?;
+                    let mut ahead = self.look_ahead(&items, &next, &|| vip_waiting(&*consumer)).await?;
+                    // The whole next batch is one round: its write goes now, behind this one.
+                    if let Some((len, plan)) = &mut ahead.first
+                        && *len == next.len()
+                        && plan.taken == *len
+                    {
+                        self.send_ahead(plan);
+                    }
                     anyhow::Ok((next, ahead))
                 };
                 let (n, next) = tokio::join!(self.round(&items[done..], plan), next_batch);
-                done += n?;
                 looked = Some(next);
+                written = n.map(|n| done += n);
             }
             drop(items);
-            if done > 0 {
+            if written.is_ok() && done > 0 {
                 worked = true;
-                self.changes.flush().await.context("relaying changes")?;
-                consumer.commit(&deliveries[..done]).await?;
+                written = async {
+                    self.changes.flush().await.context("relaying changes")?;
+                    anyhow::Ok(consumer.commit(&deliveries[..done]).await?)
+                }
+                .await;
             }
             match looked {
-                Some(Ok((next, next_ahead))) if done == deliveries.len() && !next.is_empty() => {
+                Some(Ok((next, next_ahead))) if written.is_ok() && done == deliveries.len() && !next.is_empty() => {
                     (deliveries, ahead) = (next, next_ahead);
                 }
                 looked => {
+                    let (polled, failed) = match looked {
+                        Some(Ok((next, ahead))) => {
+                            ahead.abandon().await;
+                            (!next.is_empty(), None)
+                        }
+                        Some(Err(e)) => (false, Some(e)),
+                        None => (false, None),
+                    };
                     // A batch cut short, or one polled ahead, comes again from the commit.
-                    let polled = matches!(&looked, Some(Ok((next, _))) if !next.is_empty());
                     if done < deliveries.len() || polled {
                         consumer.rewind(priority);
                     }
-                    looked.transpose()?;
-                    return Ok(worked);
+                    written?;
+                    return failed.map_or(Ok(worked), Err);
                 }
             }
+        }
+    }
+
+    /// Sends a round decided ahead to the store at once, behind the write under way, so
+    /// that the writer goes on to it without waiting for the step to settle the one
+    /// before. Its orders are not in that one (`look_ahead`), so neither write depends
+    /// on the other. Not for a round that parks events: they must be parked before it.
+    fn send_ahead(&self, plan: &mut Plan) {
+        if plan.to_park.is_empty() && plan.sent.is_none() {
+            let (store, writes) = (self.store.clone(), std::mem::take(&mut plan.writes));
+            plan.sent = Some(tokio::spawn(async move { store.write(writes).await }));
         }
     }
 
@@ -745,8 +789,13 @@ impl Pipeline {
     /// Writes a round's decisions and settles them (see `process_round`). Returns how
     /// many items the round took, and the orders it created.
     async fn apply(&self, items: &[Item<'_>], plan: Plan) -> anyhow::Result<(usize, Vec<String>)> {
-        self.park(plan.to_park).await?;
-        let results = self.store.write(plan.writes).await?;
+        let results = match plan.sent {
+            Some(sent) => sent.await.context("the store write sent ahead")??,
+            None => {
+                self.park(plan.to_park).await?;
+                self.store.write(plan.writes).await?
+            }
+        };
         let (mut created, mut redo) = self.settle(items, results, plan.slots).await?;
         if let Some(recorder) = &self.recorder {
             let held = plan.guessed.iter().filter(|i| !redo.contains(i));
@@ -832,6 +881,7 @@ impl Pipeline {
         let mut plan = Plan {
             taken: 0,
             writes: Vec::new(),
+            sent: None,
             slots: Vec::new(),
             to_park: Vec::new(),
             redo: Vec::new(),
@@ -1355,6 +1405,8 @@ mod tests {
         /// While set, the next write waits for `open` before it lands.
         hold: AtomicBool,
         open: tokio::sync::Notify,
+        /// The orders of the writes that landed, in order.
+        landed: std::sync::Mutex<Vec<String>>,
     }
 
     impl Scripted {
@@ -1426,7 +1478,10 @@ mod tests {
             if let Some((_, order, edit)) = landing {
                 commit_edit(&self.inner, &order, &edit).await;
             }
-            self.inner.write(writes).await
+            let orders: Vec<String> = writes.iter().map(|w| w.order_id().to_string()).collect();
+            let results = self.inner.write(writes).await?;
+            self.landed.lock().unwrap().extend(orders);
+            Ok(results)
         }
         async fn history(
             &self,
@@ -1922,5 +1977,79 @@ mod tests {
         assert_eq!(read(), ["x", "o1"], "the note on o1 was decided against its stored row");
         stop.send(true).unwrap();
         running.await.unwrap();
+    }
+
+    /// Two batches of two creates (orders a, b, then c, d) on a log, and a pipeline of
+    /// batches of two over `store`, whose first write is held.
+    async fn two_batches_held(store: &Arc<Scripted>) -> (tempfile::TempDir, Pipeline, Box<dyn LogConsumer>) {
+        use crate::log::{OrderLog, Record, embedded::EmbeddedLog};
+        let dir = tempfile::tempdir().unwrap();
+        let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
+        let record = |id: &str| {
+            let e = OrderEvent { event_id: format!("c-{id}"), order_id: id.into(), ..ada_created() };
+            Record::new(Priority::Normal, id, serde_json::to_vec(&e).unwrap())
+        };
+        log.append(["a", "b", "c", "d"].map(record).into()).await.unwrap();
+        store.hold.store(true, Ordering::SeqCst);
+        let p = Pipeline::new(
+            store.clone(),
+            Arc::new(MemoryStore::default()),
+            native::rulebook(),
+            ChangeStream::new(16),
+            Controls::default(),
+            PipelineConfig { batch_max: 2, ..Default::default() },
+        );
+        (dir, p, log.consumer().await.unwrap())
+    }
+
+    /// The next batch, other orders in one round, is written while this one's write is
+    /// still under way: the store's writer does not wait for this batch to be settled
+    /// and committed before it gets the next.
+    #[tokio::test]
+    async fn the_next_batch_is_sent_to_the_store_while_this_one_is_written() {
+        let store = Arc::new(Scripted::default());
+        let (_dir, p, consumer) = two_batches_held(&store).await;
+        let stats = p.stats.clone();
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(p.run(consumer, shutdown));
+
+        let landed = || store.landed.lock().unwrap().clone();
+        until("the second batch lands while the first is held", || landed().len() == 2).await;
+        assert_eq!(landed(), ["c", "d"]);
+        store.open.notify_one();
+        until("all four are applied", || stats.applied.load(Ordering::Relaxed) == 4).await;
+        assert_eq!(landed(), ["c", "d", "a", "b"]);
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0, "nothing was written twice");
+    }
+
+    /// A batch sent ahead lands though the batch before it fails. Nothing of the two is
+    /// committed, so both come again: the first is applied, the second found written
+    /// (duplicates, published again), and no order has two versions.
+    #[tokio::test]
+    async fn a_batch_sent_ahead_of_a_failed_one_comes_again_as_duplicates() {
+        let store = Arc::new(Scripted::default());
+        let (_dir, p, consumer) = two_batches_held(&store).await;
+        let stats = p.stats.clone();
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(p.run(consumer, shutdown));
+
+        let landed = || store.landed.lock().unwrap().clone();
+        until("the second batch lands while the first is held", || landed().len() == 2).await;
+        store.fail_writes(Some(|| StoreError::Unavailable("the disk went away".into())));
+        store.open.notify_one();
+        until("the step fails", || !stats.stalls().is_empty()).await;
+        store.fail_writes(None);
+        until("the stall clears", || stats.stalls().is_empty()).await;
+        let settled = || (stats.applied.load(Ordering::Relaxed), stats.duplicates.load(Ordering::Relaxed));
+        until("a and b are applied, c and d found written", || settled() == (2, 2)).await;
+        stop.send(true).unwrap();
+        running.await.unwrap();
+        for id in ["a", "b", "c", "d"] {
+            let row = store.inner.get(id).await.unwrap().expect("every order is written");
+            assert_eq!(row.version, 1, "{id}");
+            assert_eq!(store.inner.history(id, 10, None).await.unwrap().items.len(), 1, "{id}");
+        }
     }
 }

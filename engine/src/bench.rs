@@ -22,7 +22,7 @@ use crate::plugin::native::NativeRules;
 use crate::rules::Decision;
 use crate::store::cql::CqlConfig;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Orders, Write, WriteResult};
+use crate::store::{Orders, RunKeys, Write, WriteResult};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -97,7 +97,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let without_cases = drive(engine, &args, "no cases").await?;
     eprintln!("pipeline with plugins, no cases kept: {without_cases:?}");
 
-    let raw = raw_store(&dir.join("raw"), args.events, args.tuning.pipeline().batch_max).await?;
+    let raw = raw_store(&dir.join("raw"), args.events, args.tuning.pipeline().batch_max, &Shape::bench()).await?;
     eprintln!("raw store: {raw:.0} rows/s");
 
     let rule_ns = native_rule_cost(100_000);
@@ -158,23 +158,55 @@ fn native_rule_cost(n: u64) -> f64 {
     started.elapsed().as_nanos() as f64 / n as f64
 }
 
-/// Rows/s of `store.write` alone, in batches of `batch` (the pipeline's batch size);
-/// generation is not timed.
-async fn raw_store(dir: &Path, n: u64, batch: usize) -> anyhow::Result<f64> {
-    std::fs::create_dir_all(dir)?;
-    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n, batch).await
+/// What the ceiling's rows look like. They are shaped as the pipeline's of the same
+/// bench (ids of the same length and order, the same decider), because the cost of a
+/// write follows its keys: longer ids make every index larger and slower.
+struct Shape {
+    /// The id of the `i`th row.
+    id: Box<dyn Fn(u64) -> String + Send + Sync>,
+    /// Who decided the rows, as the pipeline's rows name their rule version.
+    by: String,
 }
 
-async fn raw_writes(store: &dyn Orders, n: u64, batch: usize) -> anyhow::Result<f64> {
-    let mut rng = SmallRng::seed_from_u64(11);
-    let mut busy = Duration::ZERO;
-    for ids in batches(n, batch) {
-        let writes = creates("raw", "bench", ids, &mut rng);
-        let started = Instant::now();
-        store.write(writes).await?;
-        busy += started.elapsed();
+impl Shape {
+    /// Ids `{prefix}-{i}`, as the bench's generated events have.
+    fn numbered(prefix: String, by: &str) -> Self {
+        Self { id: Box::new(move |i| format!("{prefix}-{i}")), by: by.into() }
     }
-    Ok(n as f64 / busy.as_secs_f64())
+
+    /// The orders `bench` generates (`produce`).
+    fn bench() -> Self {
+        Self::numbered("bench".into(), "bench")
+    }
+
+    /// A run's orders of one priority (`keys`), decided by `by`.
+    fn of_run(keys: RunKeys, by: String) -> Self {
+        Self { id: Box::new(move |i| keys.id(i)), by }
+    }
+}
+
+/// Rows/s of `store.write` alone, in batches of `batch` (the pipeline's batch size).
+async fn raw_store(dir: &Path, n: u64, batch: usize, shape: &Shape) -> anyhow::Result<f64> {
+    std::fs::create_dir_all(dir)?;
+    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n, batch, shape).await
+}
+
+/// Batches the ceiling keeps in flight: as many as the pipeline does, which sends the
+/// next batch's write while one is written (`Pipeline::send_ahead`).
+const CEILING_IN_FLIGHT: usize = 2;
+
+async fn raw_writes(store: &dyn Orders, n: u64, batch: usize, shape: &Shape) -> anyhow::Result<f64> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let mut rng = SmallRng::seed_from_u64(11);
+    // Each batch is made while the one before is written, as the pipeline decides its
+    // next batch meanwhile; only the first one's making is on the clock.
+    let started = Instant::now();
+    futures::stream::iter(batches(n, batch))
+        .map(|ids| store.write(creates(shape, ids, &mut rng)))
+        .buffered(CEILING_IN_FLIGHT)
+        .try_for_each(|_| async { Ok(()) })
+        .await?;
+    Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 
 /// `0..n` in consecutive ranges of `size` (the last one shorter).
@@ -183,11 +215,12 @@ fn batches(n: u64, size: usize) -> impl Iterator<Item = std::ops::Range<u64>> {
     (0..n.div_ceil(size)).map(move |k| k * size..((k + 1) * size).min(n))
 }
 
-/// Generated orders `<prefix>-<i>` as the pipeline writes a create with the default
-/// rules; `by` names the tool as their source and decider.
-fn creates(prefix: &str, by: &str, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> Vec<Write> {
+/// Generated orders of `shape` as the pipeline writes a create with the default rules.
+fn creates(shape: &Shape, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> Vec<Write> {
+    let (mix, by) = (TierMix::default(), shape.by.as_str());
     ids.map(|i| {
-        let e = generator::created(prefix, i, by, &TierMix::default(), rng);
+        let mut e = generator::order((shape.id)(i), mix.pick(rng), rng);
+        e.source = by.into();
         let Decision::Upsert(fields) = NativeRules.decide(&e, None) else { unreachable!("creates are upserts") };
         let row = build_row(&e, None, fields, by);
         // As large as the pipeline's: the ceiling is of the same write set.
@@ -219,13 +252,14 @@ async fn seed(args: BenchSeedArgs) -> anyhow::Result<()> {
     // The engine's own lock: seeding under a live engine would bypass its caches.
     let _lock = crate::engine::lock_data_dir(dir)?;
     let store = EmbeddedStore::open(&dir.join("store.sqlite"))?;
+    let shape = Shape::numbered(args.prefix.clone(), "seed");
     let bar = progress(args.quantity, "orders");
     bar.set_message("seeding");
     let (started, mut rng) = (Instant::now(), SmallRng::from_os_rng());
     let (mut added, mut existed) = (0u64, 0u64);
     for ids in batches(args.quantity, 1024) {
         let end = ids.end;
-        for (_, result) in store.write(creates(&args.prefix, "seed", ids, &mut rng)).await? {
+        for (_, result) in store.write(creates(&shape, ids, &mut rng)).await? {
             match result {
                 WriteResult::Done => added += 1,
                 _ => existed += 1,
@@ -408,7 +442,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let run = uuid::Uuid::new_v4().simple().to_string();
     let raw_keyspace = CqlConfig { keyspace: format!("bench_raw_{run}"), ..cql.clone() };
     let ceiling_store = crate::store::cql::CqlStore::open(raw_keyspace).await?;
-    let raw = raw_writes(&ceiling_store, args.events.min(20_000), args.tuning.pipeline().batch_max).await?;
+    let raw =
+        raw_writes(&ceiling_store, args.events.min(20_000), args.tuning.pipeline().batch_max, &Shape::bench()).await?;
     eprintln!("raw CQL conditional writes: {raw:.0}/s");
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
@@ -478,16 +513,20 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
         crate::runs::cli::follow(args.quantity, || async { Ok(runs.current().await.expect("the run just started")) })
             .await?;
     let peak_rss = peak_rss_mib();
+    // The ceiling's rows are shaped as the run's NORMAL orders: their ids (52 characters,
+    // each index entry as long) and their decider.
+    let decider = engine.order(&run.order_id(false, 0)).await?.map(|o| o.decided_by);
     engine.shutdown().await;
+    let shape = Shape::of_run(run.keys(false, 0), decider.unwrap_or_else(|| "bench".into()));
     // As many rows as the run wrote, so that the ceiling meets tables as large as the
     // run's did (a ceiling on small tables is higher, and the ratio lower).
     let ceiling_n = args.quantity.min(RUN_CEILING_MAX);
     let raw = match backend {
-        Backend::Embedded => raw_store(&dir.join("raw"), ceiling_n, batch).await?,
+        Backend::Embedded => raw_store(&dir.join("raw"), ceiling_n, batch, &shape).await?,
         Backend::Distributed { cql, .. } => {
             let store =
                 crate::store::cql::CqlStore::open(CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
-            raw_writes(&store, args.quantity.min(20_000), batch).await?
+            raw_writes(&store, args.quantity.min(20_000), batch, &shape).await?
         }
     };
     let processing_ms = match (run.vip.started_at, run.normal.ended_at.or(run.vip.ended_at)) {
@@ -534,7 +573,24 @@ mod tests {
         assert_eq!(batches(0, 1024).count(), 0);
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("store.sqlite")).unwrap();
-        raw_writes(&store, 5000, 4096).await.unwrap();
+        raw_writes(&store, 5000, 4096, &Shape::bench()).await.unwrap();
         assert_eq!(store.stats().await.unwrap().orders, 5000, "every row of the ceiling is written once");
+    }
+
+    /// A run's ceiling wrote `raw-<n>` ids (at most 11 characters) while the run wrote
+    /// 52-character ones, so its rows were about a fifth cheaper than the run's and the
+    /// ratio compared unlike writes. It now writes the run's own ids and decider.
+    #[tokio::test]
+    async fn a_runs_ceiling_writes_the_runs_ids_and_decider() {
+        let keys = RunKeys { prefix: "run-01a24a1cda8c7484a25faa69f488779c-normal-".into(), count: 3000 };
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("store.sqlite")).unwrap();
+        let by = "order-rules@1#sha256:ae112e643ef8";
+        raw_writes(&store, 3000, 1024, &Shape::of_run(keys.clone(), by.into())).await.unwrap();
+        for seq in [0, 1, 2999] {
+            let row = store.get(&keys.id(seq)).await.unwrap().expect("the run's id is in the ceiling's table");
+            assert_eq!((row.id.len(), row.decided_by.as_str()), (keys.id_chars(), by));
+        }
+        assert_eq!(store.stats().await.unwrap().orders, 3000);
     }
 }
