@@ -1522,6 +1522,10 @@ mod tests {
 
     /// A pipeline with the native rules over a scripted store, and the stats it keeps.
     fn scripted_pipeline(store: &Arc<Scripted>) -> (Pipeline, Arc<Stats>) {
+        scripted_pipeline_with(store, PipelineConfig::default())
+    }
+
+    fn scripted_pipeline_with(store: &Arc<Scripted>, config: PipelineConfig) -> (Pipeline, Arc<Stats>) {
         let stats = Arc::new(Stats::new());
         let p = Pipeline::new(
             store.clone(),
@@ -1529,7 +1533,7 @@ mod tests {
             native::rulebook(),
             ChangeStream::new(16),
             Controls { stats: stats.clone(), ..Default::default() },
-            PipelineConfig::default(),
+            config,
         );
         (p, stats)
     }
@@ -1945,15 +1949,7 @@ mod tests {
             .map(|e| Record::new(Priority::Normal, e.order_id.clone(), serde_json::to_vec(&e).unwrap()));
         log.append(records.into()).await.unwrap();
         store.hold.store(true, Ordering::SeqCst);
-        let config = PipelineConfig { batch_max: 2, ..Default::default() };
-        let p = Pipeline::new(
-            store.clone(),
-            Arc::new(MemoryStore::default()),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            config,
-        );
+        let (p, _) = scripted_pipeline_with(&store, PipelineConfig { batch_max: 2, ..Default::default() });
         let (stop, shutdown) = watch::channel(false);
         let running = tokio::spawn(p.run(log.consumer().await.unwrap(), shutdown));
 
@@ -1979,9 +1975,16 @@ mod tests {
         running.await.unwrap();
     }
 
-    /// Two batches of two creates (orders a, b, then c, d) on a log, and a pipeline of
-    /// batches of two over `store`, whose first write is held.
-    async fn two_batches_held(store: &Arc<Scripted>) -> (tempfile::TempDir, Pipeline, Box<dyn LogConsumer>) {
+    /// A running pipeline of batches of two over `store`, with two batches of creates on
+    /// its log (orders a, b, then c, d), once c and d landed while a and b's write is held.
+    struct SentAhead {
+        _dir: tempfile::TempDir,
+        stats: Arc<Stats>,
+        stop: watch::Sender<bool>,
+        running: tokio::task::JoinHandle<()>,
+    }
+
+    async fn sent_ahead(store: &Arc<Scripted>) -> SentAhead {
         use crate::log::{OrderLog, Record, embedded::EmbeddedLog};
         let dir = tempfile::tempdir().unwrap();
         let log = EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
@@ -1991,15 +1994,13 @@ mod tests {
         };
         log.append(["a", "b", "c", "d"].map(record).into()).await.unwrap();
         store.hold.store(true, Ordering::SeqCst);
-        let p = Pipeline::new(
-            store.clone(),
-            Arc::new(MemoryStore::default()),
-            native::rulebook(),
-            ChangeStream::new(16),
-            Controls::default(),
-            PipelineConfig { batch_max: 2, ..Default::default() },
-        );
-        (dir, p, log.consumer().await.unwrap())
+        let (p, stats) = scripted_pipeline_with(store, PipelineConfig { batch_max: 2, ..Default::default() });
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(p.run(log.consumer().await.unwrap(), shutdown));
+        let landed = || store.landed.lock().unwrap().clone();
+        until("the second batch lands while the first is held", || landed().len() == 2).await;
+        assert_eq!(landed(), ["c", "d"]);
+        SentAhead { _dir: dir, stats, stop, running }
     }
 
     /// The next batch, other orders in one round, is written while this one's write is
@@ -2008,17 +2009,10 @@ mod tests {
     #[tokio::test]
     async fn the_next_batch_is_sent_to_the_store_while_this_one_is_written() {
         let store = Arc::new(Scripted::default());
-        let (_dir, p, consumer) = two_batches_held(&store).await;
-        let stats = p.stats.clone();
-        let (stop, shutdown) = watch::channel(false);
-        let running = tokio::spawn(p.run(consumer, shutdown));
-
-        let landed = || store.landed.lock().unwrap().clone();
-        until("the second batch lands while the first is held", || landed().len() == 2).await;
-        assert_eq!(landed(), ["c", "d"]);
+        let SentAhead { stats, stop, running, .. } = sent_ahead(&store).await;
         store.open.notify_one();
         until("all four are applied", || stats.applied.load(Ordering::Relaxed) == 4).await;
-        assert_eq!(landed(), ["c", "d", "a", "b"]);
+        assert_eq!(*store.landed.lock().unwrap(), ["c", "d", "a", "b"]);
         stop.send(true).unwrap();
         running.await.unwrap();
         assert_eq!(stats.duplicates.load(Ordering::Relaxed), 0, "nothing was written twice");
@@ -2030,13 +2024,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_sent_ahead_of_a_failed_one_comes_again_as_duplicates() {
         let store = Arc::new(Scripted::default());
-        let (_dir, p, consumer) = two_batches_held(&store).await;
-        let stats = p.stats.clone();
-        let (stop, shutdown) = watch::channel(false);
-        let running = tokio::spawn(p.run(consumer, shutdown));
-
-        let landed = || store.landed.lock().unwrap().clone();
-        until("the second batch lands while the first is held", || landed().len() == 2).await;
+        let SentAhead { stats, stop, running, .. } = sent_ahead(&store).await;
         store.fail_writes(Some(|| StoreError::Unavailable("the disk went away".into())));
         store.open.notify_one();
         until("the step fails", || !stats.stalls().is_empty()).await;

@@ -135,7 +135,8 @@ fn parked_from((order_id, appended_at_us, offset, event_id, priority, parked_at,
     }
 }
 
-/// How many single-partition transactions run at once for one batch of writes.
+/// How many single-partition transactions run at once for one batch of writes (and for
+/// all order writes of a store together).
 const CONCURRENCY: usize = 64;
 /// Retries of a write whose outcome is unknown (timeout, unavailable).
 const MAX_ATTEMPTS: u32 = 5;
@@ -245,6 +246,10 @@ pub struct CqlStore {
     keyspace: String,
     /// Dead letters per settled day, as `tally` counted them, and when.
     tallied: Arc<std::sync::Mutex<HashMap<i32, (i64, Instant)>>>,
+    /// Order writes in flight over every `write` call, at most [`CONCURRENCY`]: a batch
+    /// sent while another is written (`Pipeline::send_ahead`) fills the slots the first
+    /// one frees as it ends, instead of doubling the load on the cluster.
+    write_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn unset_none<T>(v: Option<T>) -> MaybeUnset<T> {
@@ -559,6 +564,7 @@ impl CqlStore {
             counts,
             keyspace: config.keyspace.clone(),
             tallied: Default::default(),
+            write_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
         };
         // Rows written before schema 010 join the time index in the background: a listing
         // shows them as the backfill reaches them.
@@ -1002,7 +1008,11 @@ impl Orders for CqlStore {
     async fn write(&self, writes: Vec<Write>) -> Result<Vec<(Write, WriteResult)>, StoreError> {
         // Writes of one call touch distinct orders (the pipeline guarantees it), so their
         // transactions run concurrently; results keep the input order.
-        let pending: Vec<_> = writes.iter().map(|w| Box::pin(self.write_one(w))).collect();
+        let slotted = |w| async move {
+            let _slot = self.write_slots.acquire().await.map_err(|e| StoreError::Backend(e.into()))?;
+            self.write_one(w).await
+        };
+        let pending: Vec<_> = writes.iter().map(|w| Box::pin(slotted(w))).collect();
         let results: Vec<Result<WriteResult, StoreError>> =
             futures::stream::iter(pending).buffered(CONCURRENCY).collect().await;
         let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
