@@ -182,7 +182,9 @@ const AGO_WIDEST: &str = "59 min ago";
 
 thread_local! {
     static FORMATS: RefCell<HashMap<String, Option<js_sys::Function>>> = RefCell::new(HashMap::new());
-    static CANVAS: RefCell<Option<web_sys::CanvasRenderingContext2d>> = const { RefCell::new(None) };
+    /// The canvas that measures, and the font it is set to: setting one parses it, and
+    /// live updates measure thousands of values a second.
+    static CANVAS: RefCell<Option<(web_sys::CanvasRenderingContext2d, String)>> = const { RefCell::new(None) };
     static MEASURED: RefCell<HashMap<(&'static str, &'static str), f64>> = RefCell::new(HashMap::new());
 }
 
@@ -222,11 +224,15 @@ fn measure(text: &str, font: &str) -> f64 {
                 .and_then(|d| d.create_element("canvas").ok())
                 .and_then(|e| e.dyn_into::<web_sys::HtmlCanvasElement>().ok())
                 .and_then(|canvas| canvas.get_context("2d").ok().flatten())
-                .and_then(|ctx| ctx.dyn_into::<web_sys::CanvasRenderingContext2d>().ok());
+                .and_then(|ctx| ctx.dyn_into::<web_sys::CanvasRenderingContext2d>().ok())
+                .map(|ctx| (ctx, String::new()));
         }
         match c {
-            Some(ctx) => {
-                ctx.set_font(font);
+            Some((ctx, set)) => {
+                if set != font {
+                    ctx.set_font(font);
+                    *set = font.to_string();
+                }
                 ctx.measure_text(text).map(|m| m.width()).unwrap_or(text.len() as f64 * 8.0)
             }
             // No canvas: a generous guess per character.

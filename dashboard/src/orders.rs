@@ -15,8 +15,9 @@ use crate::columns::{self, COLUMNS};
 use crate::rows::{IdIndex, Row, Rows};
 
 pub const ROW_H: f64 = 28.0;
-/// Row elements in the DOM, whatever the number of orders: enough for a tall window.
-pub const POOL: usize = 60;
+/// Row elements in the DOM, whatever the number of orders: enough for a 4K screen. The
+/// window uses as many as it can show (`in_use`); the rest stay hidden and empty.
+pub const POOL: usize = 80;
 const PAGE: usize = 1000;
 
 /// Where a loaded row lives: pushed live at the top, or fetched by paging.
@@ -306,19 +307,39 @@ pub fn keep_scroll_after_insert(app: App, n: usize) {
     app.scroll_top.set(y);
 }
 
-/// The row index a pool slot shows: slot k holds the visible index ≡ k (mod POOL), so
-/// a row keeps its element while it stays in view.
-fn slot_index(scroll_top: f64, slot: usize) -> usize {
+/// The row index a slot in use shows, of the `used` slots: slot k holds the visible
+/// index ≡ k (mod used), so a row keeps its element while it stays in view.
+fn slot_index(scroll_top: f64, slot: usize, used: usize) -> usize {
     let first = (scroll_top / ROW_H) as usize;
-    first + (slot + POOL - first % POOL) % POOL
+    first + (slot + used - first % used) % used
 }
 
-/// The first row index of the pool's window, a multiple of POOL at or below the first
+/// The first row index of the pool's window, a multiple of `used` at or below the first
 /// visible row. The window is placed with `top` (layout units, exact to 1/64 px at any
 /// height a browser allows), and rows inside it with small transforms.
-fn window_base(scroll_top: f64) -> usize {
+fn window_base(scroll_top: f64, used: usize) -> usize {
     let first = (scroll_top / ROW_H) as usize;
-    first - first % POOL
+    first - first % used
+}
+
+/// The slots the window can show. Fewer rows in the DOM's layout is less to lay out and
+/// paint when a jump changes every row; the same slots stay unused, so none toggles.
+fn slots_in_use() -> usize {
+    let height = web_sys::window().and_then(|w| w.inner_height().ok()).and_then(|h| h.as_f64()).unwrap_or(0.0);
+    // The scroller is never taller than the window, and at least 300 px (style.css).
+    ((height.max(300.0) / ROW_H).ceil() as usize + 1).min(POOL)
+}
+
+/// A signal of [`slots_in_use`] that follows the window's size.
+fn follow_slots_in_use() -> ReadSignal<usize> {
+    let used = create_signal(slots_in_use());
+    let on_resize = wasm_bindgen::closure::Closure::<dyn FnMut()>::new(move || used.set(slots_in_use()));
+    if let Some(w) = web_sys::window() {
+        let _ = w.add_event_listener_with_callback("resize", on_resize.as_ref().unchecked_ref());
+    }
+    // The table lives as long as the page.
+    on_resize.forget();
+    *used
 }
 
 /// The element id of the row at a display index, for `aria-activedescendant`.
@@ -333,10 +354,19 @@ fn settled<T: PartialEq + Clone + 'static>(f: impl FnMut() -> T + 'static) -> im
     move || value.get_clone()
 }
 
-fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
-    let idx = create_selector(move || slot_index(app.scroll_top.get(), slot));
+fn row_view(app: App, slot: usize, base: ReadSignal<usize>, used: ReadSignal<usize>) -> View {
+    let in_use = create_selector(move || slot < used.get());
+    // An unused slot holds an index of its own past any row (its element id stays
+    // unique), and shows nothing, whatever the scroll.
+    let idx = create_selector(move || match in_use.get() {
+        true => slot_index(app.scroll_top.get(), slot, used.get()),
+        false => usize::MAX - slot,
+    });
     let field = move |f: fn(Row<'_>) -> String| {
         settled(move || {
+            if !in_use.get() {
+                return String::new();
+            }
             app.rows_version.track();
             let i = idx.get();
             TABLE.with_borrow(|t| t.get(i).map(f).unwrap_or_default())
@@ -348,7 +378,7 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
         app.rows_version.track();
         let i = idx.get();
         let len = TABLE.with_borrow(|t| t.len());
-        if i >= len {
+        if !in_use.get() || i >= len {
             "display:none".to_string()
         } else {
             format!("transform:translateY({}px)", (i - base.get()) as f64 * ROW_H)
@@ -356,6 +386,9 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
     });
     let selected = app.detail.selected;
     let class = settled(move || {
+        if !in_use.get() {
+            return "row";
+        }
         app.rows_version.track();
         let picked = TABLE.with_borrow(|t| {
             let id = t.get(idx.get()).map(|o| o.id());
@@ -377,6 +410,9 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
     // A cell's text; the relative time follows the clock.
     let text = move |i: usize| {
         settled(move || {
+            if !in_use.get() {
+                return String::new();
+            }
             app.rows_version.track();
             let now = if COLUMNS[i].key == "updated" { now.get() } else { 0.0 };
             TABLE.with_borrow(|t| t.get(idx.get()).map(|o| columns::text(i, &o, now)).unwrap_or_default())
@@ -430,8 +466,9 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>) -> View {
 }
 
 pub fn view(app: App) -> View {
-    let base = create_selector(move || window_base(app.scroll_top.get()));
-    let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot, base)).collect();
+    let used = follow_slots_in_use();
+    let base = create_selector(move || window_base(app.scroll_top.get(), used.get()));
+    let rows: Vec<View> = (0..POOL).map(|slot| row_view(app, slot, base, used)).collect();
     let spacer = move || {
         app.rows_version.track();
         let (len, more) = TABLE.with_borrow(|t| (t.len(), !t.done));

@@ -383,6 +383,24 @@ test('scrolling far loads more pages and renders the row at index 10000', async 
   const elements = await page.locator('[data-testid=order-row]').count();
   assert.ok(elements <= 100, `row elements in the DOM after scrolling: ${elements}`);
   await shot('02-scrolled-10000');
+  // Only a window's worth of rows is laid out (a jump repaints those, not the pool), and
+  // they fill the scroller, also after the window grows.
+  const laidOut = () => scroller.evaluate((el, h) => {
+    const shown = [...el.querySelectorAll('[data-testid=order-row]')].filter((r) => getComputedStyle(r).display !== 'none');
+    const first = Math.floor(el.scrollTop / h);
+    return { shown: shown.map((r) => Number(r.dataset.index)).sort((a, b) => a - b), first, last: Math.floor((el.scrollTop + el.clientHeight - 1) / h), inner: window.innerHeight };
+  }, ROW_H);
+  for (const height of [1000, 1400]) {
+    await page.setViewportSize({ width: 1600, height });
+    await waitFor(`rows fill a ${height} px window`, async () => {
+      const v = await laidOut();
+      const want = Array.from({ length: v.last - v.first + 1 }, (_, k) => v.first + k);
+      return v.inner === height && want.every((i) => v.shown.includes(i));
+    });
+    const v = await laidOut();
+    assert.ok(v.shown.length <= Math.ceil(height / ROW_H) + 1, `rows laid out in a ${height} px window: ${v.shown.length}`);
+  }
+  await page.setViewportSize({ width: 1600, height: 1000 });
   await scroller.evaluate((el) => { el.scrollTop = 0; el.dispatchEvent(new Event('scroll')); });
 });
 
