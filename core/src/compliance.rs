@@ -19,8 +19,11 @@ pub const REDACTED: &str = "[redacted]";
 const ATTEMPTS: u32 = 10;
 /// How many history entries an export holds per order.
 const EXPORT_HISTORY: usize = 1000;
-/// Orders a shop's erasure takes per page.
+/// Orders a shop's erasure reads and deletes per store call.
 const SHOP_PAGE: usize = 5_000;
+/// Orders one pass over the dead letters and what-if cases erases the copies of: each
+/// pass reads every letter (a scan on CQL), and the ids are held meanwhile (about 10 MB).
+const SHOP_CHUNK: usize = 100_000;
 /// How many dead letters an export reads through, oldest first.
 const LETTERS_READ_MAX: usize = 100_000;
 
@@ -205,25 +208,37 @@ impl Engine {
         })
     }
 
-    /// Erases one page of a shop's orders (`shop/redact`): the copies of their personal
-    /// data first (dead letters and parked events redacted, what-if cases deleted), then
-    /// the rows with their history. Returns what it did and where the next page starts
-    /// (`None` once the shop has no orders left). Each page costs one pass over the
-    /// dead letters, so pages are large.
-    pub async fn erase_shop_page(
+    /// Erases one chunk of a shop's orders (`shop/redact`, up to [`SHOP_CHUNK`]): the
+    /// copies of their personal data first (dead letters and parked events redacted,
+    /// what-if cases deleted), then the rows with their history. Returns what it did
+    /// and where the next chunk starts (`None` once the shop has no orders left).
+    pub async fn erase_shop_chunk(
         &self,
         shop: &str,
-        cursor: Option<String>,
+        mut cursor: Option<String>,
     ) -> Result<(Erasure, Option<String>), StoreError> {
         let store = &self.stores.compliance;
-        let page = store.shop_orders(shop, SHOP_PAGE, cursor).await?;
-        if page.items.is_empty() {
+        // Every page of the chunk is read before any row goes: a letter whose payload
+        // names no shop is found by its order's id, which a deleted row no longer gives.
+        let mut ids = Vec::new();
+        loop {
+            let page = store.shop_orders(shop, SHOP_PAGE, cursor.take()).await?;
+            ids.extend(page.items);
+            cursor = page.next_cursor;
+            if cursor.is_none() || ids.len() >= SHOP_CHUNK {
+                break;
+            }
+        }
+        if ids.is_empty() {
             return Ok((Erasure::default(), None));
         }
-        let subject = Subject { order_ids: page.items, needles: Vec::new(), shop: Some(shop.to_string()) };
+        let subject = Subject { order_ids: ids, needles: Vec::new(), shop: Some(shop.to_string()) };
         let mut erased = self.erase_copies(&subject).await?;
-        erased.orders_deleted = store.delete_shop_orders(shop, &subject.order_ids).await?;
-        Ok((erased, page.next_cursor))
+        // Page by page, so no one transaction holds the store's writer for long.
+        for page in subject.order_ids.chunks(SHOP_PAGE) {
+            erased.orders_deleted += store.delete_shop_orders(shop, page).await?;
+        }
+        Ok((erased, cursor))
     }
 
     /// The store's compliance port: requests and the copies redaction reaches.
@@ -335,6 +350,73 @@ mod tests {
         assert!(!found(r#"{"email": "ada@example.com.au"}"#), "another domain");
         assert!(!found(r#"{"total": "5550100100155"}"#), "other digits");
         assert!(!holds_contact(r#"{"email": "ada@example.com"}"#, &["12".to_string()]), "too short to tell");
+    }
+
+    /// A shop of more orders than two pages: one pass over the dead letters erases the
+    /// copies of them all (one per page made a million-order shop read them 200 times),
+    /// and a letter tied to the shop only by its order's id is still found.
+    #[tokio::test]
+    async fn a_shops_erasure_reads_the_dead_letters_once_per_chunk_not_once_per_page() {
+        use crate::store::{Orders, conformance::row, memory::MemoryStore};
+        let dir = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(MemoryStore::default());
+        let log = crate::log::embedded::EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
+        let engine = Engine::new(
+            std::sync::Arc::new(log),
+            crate::store::Stores::of(store.clone()),
+            crate::plugin::native::rulebook(),
+            None,
+            crate::engine::EngineConfig::default(),
+        );
+        let shop = "big.myshopify.com";
+        let orders = 2 * SHOP_PAGE + 7;
+        let apply = |i: usize| Write::Apply {
+            event_id: format!("e{i}"),
+            source: "test".into(),
+            base: None,
+            row: Order { shop: Some(shop.into()), ..row(&format!("o{i:06}"), 1, "") },
+            trace: Trace::default(),
+        };
+        store.write((0..orders).map(apply).collect()).await.unwrap();
+        // A rejected later event of the last order, whose payload names no shop.
+        let last = format!("o{:06}", orders - 1);
+        let letter = DeadLetter {
+            id: "late-event".into(),
+            order_id: Some(last.clone()),
+            stage: "rules".into(),
+            error_type: "rejected".into(),
+            reason: "test".into(),
+            decided_by: None,
+            payload: format!(r#"{{"event_id":"late-event","order_id":"{last}","customer":"ada@example.com"}}"#),
+            recorded_at: chrono::Utc::now(),
+            replayed_at: None,
+        };
+        let record = Write::Record {
+            event_id: letter.id.clone(),
+            source: "test".into(),
+            order_id: last.clone(),
+            outcome: crate::store::Outcome::Rejected,
+            reason: "test".into(),
+            decided_by: "test".into(),
+            dead_letter: Some(letter),
+            trace: Trace::default(),
+        };
+        store.write(vec![record]).await.unwrap();
+
+        let (mut deleted, mut letters, mut cursor) = (0, 0, None);
+        loop {
+            let (erased, next) = engine.erase_shop_chunk(shop, cursor).await.unwrap();
+            (deleted, letters) = (deleted + erased.orders_deleted, letters + erased.dead_letters);
+            match next {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(deleted, orders as u64, "every order of the shop is deleted");
+        assert_eq!(letters, 1, "the letter found by its order's id is redacted");
+        assert_eq!(store.letter_passes(), 1, "one pass over the dead letters for {orders} orders");
+        let kept = crate::store::DeadLetters::dead_letter(store.as_ref(), "late-event").await.unwrap().unwrap();
+        assert!(!kept.payload.contains("ada@example.com"), "{}", kept.payload);
     }
 
     #[test]

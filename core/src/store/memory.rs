@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -19,6 +20,8 @@ use crate::domain::{Order, Status};
 #[derive(Default)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Passes over the dead letters that redaction made, for tests that count them.
+    letter_passes: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -52,6 +55,11 @@ struct Held {
 }
 
 impl MemoryStore {
+    /// Passes over the dead letters that redaction made so far.
+    pub fn letter_passes(&self) -> usize {
+        self.letter_passes.load(Ordering::Relaxed)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -414,6 +422,7 @@ impl ActionLog for MemoryStore {
 #[async_trait]
 impl Compliance for MemoryStore {
     async fn redact_dead_letters(&self, which: ErasureMatch, redact: Redact) -> Result<u64, StoreError> {
+        self.letter_passes.fetch_add(1, Ordering::Relaxed);
         let mut changed = 0;
         for letter in self.state().letters.iter_mut() {
             if which.takes(letter.order_id.as_deref(), &letter.payload) {

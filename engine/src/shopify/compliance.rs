@@ -548,14 +548,15 @@ async fn erase_saving_progress(
     Ok(Erasure { dead_letters: copies.dead_letters, parked: copies.parked, cases: copies.cases, ..report })
 }
 
-/// Every page of a shop's orders, added to what the request's erasure holds (an earlier
-/// attempt's progress, or the first pass when settling) and saved with `orders_done`
-/// (the rows deleted so far) after each page, so the request shows its progress.
+/// Every chunk of a shop's orders, added to what the request's erasure holds (an
+/// earlier attempt's progress, or the first pass when settling) and saved with
+/// `orders_done` (the rows deleted so far) after each chunk, so the request shows its
+/// progress.
 async fn erase_shop(engine: &Engine, request: &ComplianceRequest, shop: &str) -> Result<Erasure, StoreError> {
     let mut report = request.erasure.clone().unwrap_or_default();
     let mut cursor = None;
     loop {
-        let (erased, next) = engine.erase_shop_page(shop, cursor).await?;
+        let (erased, next) = engine.erase_shop_chunk(shop, cursor).await?;
         report.orders_deleted += erased.orders_deleted;
         report.dead_letters += erased.dead_letters;
         report.parked += erased.parked;
