@@ -368,7 +368,13 @@ impl Ahead {
     /// reset may be under way. What it wrote comes again from the commit, as duplicates.
     async fn abandon(self) {
         if let Some((_, Plan { sent: Some(sent), .. })) = self.first {
-            let _ = sent.await;
+            // Its outcome changes nothing (the events come again either way); logged
+            // for whoever traces why a step rewound.
+            match sent.await {
+                Ok(Ok(done)) => tracing::debug!(writes = done.len(), "a batch sent ahead landed; it comes again"),
+                Ok(Err(e)) => tracing::debug!(error = %e, "a batch sent ahead failed; it comes again"),
+                Err(e) => tracing::debug!(error = %e, "a batch sent ahead did not finish; it comes again"),
+            }
         }
     }
 }
