@@ -16,7 +16,7 @@ use crate::rows::{IdIndex, Row, Rows};
 
 pub const ROW_H: f64 = 28.0;
 /// Row elements in the DOM, whatever the number of orders: enough for a 4K screen. The
-/// window uses as many as it can show (`in_use`); the rest stay hidden and empty.
+/// window uses as many as it can show (`slots_in_use`); the rest stay hidden and empty.
 pub const POOL: usize = 80;
 const PAGE: usize = 1000;
 
