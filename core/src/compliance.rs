@@ -357,7 +357,7 @@ mod tests {
     /// and a letter tied to the shop only by its order's id is still found.
     #[tokio::test]
     async fn a_shops_erasure_reads_the_dead_letters_once_per_chunk_not_once_per_page() {
-        use crate::store::{Orders, conformance::row, memory::MemoryStore};
+        use crate::store::{Orders, conformance::letter_template, conformance::row, memory::MemoryStore};
         let dir = tempfile::tempdir().unwrap();
         let store = std::sync::Arc::new(MemoryStore::default());
         let log = crate::log::embedded::EmbeddedLog::open(&dir.path().join("log.sqlite")).unwrap();
@@ -381,15 +381,9 @@ mod tests {
         // A rejected later event of the last order, whose payload names no shop.
         let last = format!("o{:06}", orders - 1);
         let letter = DeadLetter {
-            id: "late-event".into(),
             order_id: Some(last.clone()),
-            stage: "rules".into(),
-            error_type: "rejected".into(),
-            reason: "test".into(),
-            decided_by: None,
             payload: format!(r#"{{"event_id":"late-event","order_id":"{last}","customer":"ada@example.com"}}"#),
-            recorded_at: chrono::Utc::now(),
-            replayed_at: None,
+            ..letter_template("late-event")
         };
         let record = Write::Record {
             event_id: letter.id.clone(),

@@ -747,7 +747,8 @@ pub async fn dead_letters(s: &(impl Orders + DeadLetters), prefix: &str) {
     assert!(matches!(s.claim_replay(&e("7"), false).await.unwrap(), ReplayClaim::Claimed(_)), "and replayable");
 }
 
-fn letter_template(id: &str) -> DeadLetter {
+/// A dead letter as the checks file it, to vary with struct update syntax.
+pub fn letter_template(id: &str) -> DeadLetter {
     DeadLetter {
         id: id.into(),
         order_id: None,
