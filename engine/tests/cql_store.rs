@@ -130,6 +130,48 @@ async fn cql_listing_walks_sparse_hours_in_bounded_steps() {
     }
 }
 
+/// Hours whose orders all moved on (#15): their markers stayed, so every listing of that
+/// status walked them again, 168 a request. Now the listing that finds such an hour
+/// empty forgets its marker, and the next listing answers in one request. A marker
+/// written after a listing's read found its hour empty (an entry that read missed) is
+/// not forgotten by that listing's late delete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cql_listing_forgets_hours_whose_orders_moved_on() {
+    let Some(nodes) = service("CQL_NODES") else { return };
+    let cql = CqlStore::open(common::cql_config(&nodes, &unique("gone"))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let embedded = EmbeddedStore::open(&dir.path().join("orders.db")).unwrap();
+    let now = Utc::now();
+    let pending: Vec<Order> = (0..400)
+        .map(|h| Order { updated_at: now - Duration::hours(3 + h), ..conformance::row(&format!("G{h:03}"), 1, "") })
+        .collect();
+    write_both(&cql, &embedded, pending.iter().map(|o| (None, o.clone())).collect()).await;
+    let shipped = pending
+        .iter()
+        .map(|o| (Some(Base::of(o)), Order { version: 2, status: Status::Shipped, updated_at: now, ..o.clone() }))
+        .collect();
+    write_both(&cql, &embedded, shipped).await;
+    // Past the clock skew a forgotten marker's delete allows for.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let q = ListQuery { status: Some(Status::Pending), limit: 10, ..Default::default() };
+    let (first, pages) = all_pages(&cql, &q).await;
+    assert!(first.is_empty() && pages >= 3, "400 empty hours take bounded requests: {pages}, {first:?}");
+    let (again, pages) = all_pages(&cql, &q).await;
+    assert!(again.is_empty());
+    assert_eq!(pages, 1, "the empty hours were forgotten by the listing that walked them");
+    let shipped_q = ListQuery { status: Some(Status::Shipped), limit: 100, ..Default::default() };
+    assert_same_listing(&cql, &embedded, &shipped_q, "the orders that moved on").await;
+
+    // A listing reads an hour empty; an order is listed there before the listing's delete.
+    let seen_empty_at = Utc::now();
+    let late = Order { updated_at: now - Duration::hours(10), ..conformance::row("G-late", 1, "") };
+    write_both(&cql, &embedded, vec![(None, late.clone())]).await;
+    cql.forget_empty_hour(late.status, late.priority, late.updated_at, seen_empty_at).await.unwrap();
+    let (listed, _) = all_pages(&cql, &q).await;
+    assert_eq!(listed, vec![("G-late".to_string(), 1, Status::Pending, micros(late.updated_at))]);
+}
+
 async fn write_both(cql: &CqlStore, embedded: &EmbeddedStore, writes: Vec<(Option<Base>, Order)>) {
     let writes: Vec<Write> = writes
         .into_iter()

@@ -2,16 +2,18 @@
 //! partitioned by the hour of `updated_at`, status and priority, written after each
 //! conditional batch. Every entry a listing reads is checked against its row, so the
 //! index may lag or hold stale entries without a listing ever showing a wrong row.
+//! A listing that finds an hour past empty forgets its marker, so hours whose orders
+//! all moved on are walked once, not by every listing after.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use scylla::statement::prepared::PreparedStatement;
 
 use super::{CONCURRENCY, CqlStore, StaticRow, backend, order_from};
 use crate::domain::{Order, Priority, Status};
-use crate::sqlite::micros;
+use crate::sqlite::{from_micros, micros};
 use crate::store::{Base, ListQuery, Orders, Page, Sort, StoreError};
 
 /// An index partition holds one hour of `updated_at`.
@@ -27,6 +29,10 @@ const SLACK: usize = 16;
 /// Hours one request walks at most: a filter whose orders are rare (or gone) may leave
 /// many hours empty, and each costs a read; the page ends there, with a cursor.
 const HOURS_WALKED_MAX: usize = 168;
+/// How far a marker's delete is dated before the read that found its hour empty, so
+/// that clocks this far apart (the engine's, Cassandra's) cannot date it after a marker
+/// written once that read began.
+const CLOCK_SKEW_US: i64 = 1_000_000;
 /// Tries of an index write that meets a brief outage.
 const INDEX_ATTEMPTS: u32 = 3;
 /// The data migration that fills the indexes (by time, schema 010; by shop, 012) with
@@ -39,6 +45,7 @@ pub(super) struct ListingStatements {
     put: PreparedStatement,
     retire: PreparedStatement,
     note_hour: PreparedStatement,
+    forget_hour: PreparedStatement,
     hours_down: PreparedStatement,
     hours_up: PreparedStatement,
     page_down: PreparedStatement,
@@ -64,6 +71,10 @@ impl ListingStatements {
                 .await?,
             note_hour: prepare(format!("INSERT INTO {ks}.order_index_hours (status, priority, hour) VALUES (?, ?, ?)"))
                 .await?,
+            forget_hour: prepare(format!(
+                "DELETE FROM {ks}.order_index_hours USING TIMESTAMP ? WHERE status = ? AND priority = ? AND hour = ?"
+            ))
+            .await?,
             hours_down: prepare(format!(
                 "SELECT hour FROM {ks}.order_index_hours WHERE status = ? AND priority = ? AND hour <= ? LIMIT ?"
             ))
@@ -99,6 +110,14 @@ fn hour_edge(hour: i32, down: bool) -> String {
     // hour, ""), which takes in all of that next hour, as no id is empty.
     let edge = if down { i64::from(hour) * HOUR_US } else { (i64::from(hour) + 1) * HOUR_US };
     super::super::encode_cursor(Some(edge), "")
+}
+
+/// Whether a read past `last` takes in all of `hour`, in the listing's direction.
+fn covers(hour: i32, last: Option<&(i64, String)>, down: bool) -> bool {
+    let Some((at, id)) = last else { return true };
+    let (start, end) = (i64::from(hour) * HOUR_US, (i64::from(hour) + 1) * HOUR_US);
+    // No id is empty, so (start, "") comes before every entry of the hour.
+    if down { *at >= end } else { (*at, id.as_str()) <= (start, "") }
 }
 
 /// Where an entry sits: its partition and its clustering key.
@@ -177,12 +196,34 @@ impl CqlStore {
         self.retire_entry(&Entry::of(micros(row.updated_at), &row.id, row.status, row.priority)).await
     }
 
-    /// The hour first: an entry in an hour no listing walks would be lost to them.
+    /// The entry, then its hour's marker: a marker written after the entry is dated after
+    /// any read that missed the entry, so the fenced delete of [`Self::forget_empty_hour`]
+    /// cannot remove it. A crash in between leaves the entry unlisted if its hour has no
+    /// other marker, until the order's redelivery or next write lists it again (as for a
+    /// crash between the batch and the entry).
     async fn put_entry(&self, e: &Entry) -> Result<(), StoreError> {
         let (status, priority, hour) = (e.status.as_str(), e.priority.as_str(), hour_of(e.updated_us));
-        self.session.execute_unpaged(&self.listing.note_hour, (status, priority, hour)).await.map_err(backend)?;
         let entry = (hour, status, priority, e.updated_us, &e.id);
         self.session.execute_unpaged(&self.listing.put, entry).await.map_err(backend)?;
+        self.session.execute_unpaged(&self.listing.note_hour, (status, priority, hour)).await.map_err(backend)?;
+        Ok(())
+    }
+
+    /// Forgets the marker of the hour holding `at` for this status and priority, which a
+    /// read that began at `seen_empty_at` found without entries: listings stop walking an
+    /// hour whose orders all moved on. The delete is dated before that read (less the
+    /// clock skew allowed), so a marker written since, by an entry the read missed,
+    /// outlives it.
+    pub async fn forget_empty_hour(
+        &self,
+        status: Status,
+        priority: Priority,
+        at: DateTime<Utc>,
+        seen_empty_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let dated = micros(seen_empty_at) - CLOCK_SKEW_US;
+        let values = (dated, status.as_str(), priority.as_str(), hour_of(micros(at)));
+        self.session.execute_unpaged(&self.listing.forget_hour, values).await.map_err(backend)?;
         Ok(())
     }
 
@@ -216,6 +257,7 @@ impl CqlStore {
             .collect();
         let from_hour = last.as_ref().map_or(if down { i32::MAX } else { i32::MIN }, |(at, _)| hour_of(*at));
         let (hours, horizon) = self.hours(&combos, from_hour, down).await?;
+        let current = hour_of(micros(Utc::now()));
         let mut items = Vec::new();
         let mut examined = 0;
         let mut walked = Vec::from_iter(hours.keys().copied());
@@ -231,7 +273,14 @@ impl CqlStore {
             let here: Vec<_> = hours[&hour].clone();
             loop {
                 let want = (limit - items.len() + SLACK).min(1000);
-                let (mut entries, mut complete) = self.entries(hour, &here, last.as_ref(), want, down).await?;
+                // An hour past can be found empty by a read from its start (writes land in
+                // the current hour, and the one before while a batch straddles them).
+                let whole = hour < current - 1 && covers(hour, last.as_ref(), down);
+                let read_at = Utc::now();
+                let (mut entries, mut complete, empty) = self.entries(hour, &here, last.as_ref(), want, down).await?;
+                if whole {
+                    self.forget_empty(hour, empty, read_at).await;
+                }
                 // Only as many rows as the page may use are read; the rest come next round.
                 if entries.len() > want {
                     entries.truncate(want);
@@ -321,7 +370,8 @@ impl CqlStore {
 
     /// The next entries of one hour after `last`, merged over its partitions, in listing
     /// order; only as far as every partition was read (one that filled its read may hold
-    /// more before the others' later entries). `true` when the hour has no more.
+    /// more before the others' later entries). `true` when the hour has no more; and the
+    /// partitions whose read found nothing.
     async fn entries(
         &self,
         hour: i32,
@@ -329,7 +379,7 @@ impl CqlStore {
         last: Option<&(i64, String)>,
         want: usize,
         down: bool,
-    ) -> Result<(Vec<Entry>, bool), StoreError> {
+    ) -> Result<(Vec<Entry>, bool, Vec<(Status, Priority)>), StoreError> {
         let (st, edge) = if down { (&self.listing.page_down, i64::MAX) } else { (&self.listing.page_up, i64::MIN) };
         let (at, id) = last.map_or((edge, ""), |(at, id)| (*at, id.as_str()));
         let reads: Vec<_> = combos
@@ -347,7 +397,7 @@ impl CqlStore {
                     let keys = rows.rows::<(i64, String)>().map_err(backend)?.collect::<Result<Vec<_>, _>>();
                     let entries: Vec<Entry> =
                         keys.map_err(backend)?.into_iter().map(|(at, id)| Entry::of(at, &id, s, p)).collect();
-                    Ok::<_, StoreError>(entries)
+                    Ok::<_, StoreError>(((s, p), entries))
                 })
             })
             .collect();
@@ -356,8 +406,12 @@ impl CqlStore {
         // The nearest last entry of a partition that filled its read: past it, another
         // partition's entries may come before ones this read did not take.
         let mut bound: Option<(i64, String)> = None;
+        let mut empty = Vec::new();
         for read in found {
-            let entries = read?;
+            let (combo, entries) = read?;
+            if entries.is_empty() {
+                empty.push(combo);
+            }
             if entries.len() == want
                 && let Some(end) = entries.last()
             {
@@ -377,7 +431,20 @@ impl CqlStore {
             let bound = (b.0, b.1.as_str());
             merged.retain(|e| if down { e.key() >= bound } else { e.key() <= bound });
         }
-        Ok((merged, bound.is_none()))
+        Ok((merged, bound.is_none(), empty))
+    }
+
+    /// Forgets the markers of an hour whose partitions a read found empty; a failure only
+    /// leaves them for a later listing.
+    async fn forget_empty(&self, hour: i32, empty: Vec<(Status, Priority)>, read_at: DateTime<Utc>) {
+        let at = from_micros(i64::from(hour) * HOUR_US);
+        let forgets: Vec<_> = empty.iter().map(|&(s, p)| Box::pin(self.forget_empty_hour(s, p, at, read_at))).collect();
+        let done: Vec<_> = futures::stream::iter(forgets).buffer_unordered(CONCURRENCY).collect().await;
+        for r in done {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, hour, "an empty hour's marker stays for a later listing");
+            }
+        }
     }
 
     /// Deletes entries whose rows moved on; a failure only leaves them for a later read.
@@ -469,6 +536,19 @@ mod tests {
         assert_eq!(hour_of(HOUR_US - 1), 0);
         assert_eq!(hour_of(HOUR_US), 1);
         assert_eq!(hour_of(-1), -1);
+    }
+
+    #[test]
+    fn a_read_covers_an_hour_only_from_past_its_edge() {
+        let at = |us: i64, id: &str| Some((us, id.to_string()));
+        assert!(covers(3, None, true) && covers(3, None, false));
+        // Down: from the next hour's edge (a cursor past the hour) or beyond.
+        assert!(covers(3, at(4 * HOUR_US, "").as_ref(), true));
+        assert!(!covers(3, at(4 * HOUR_US - 1, "z").as_ref(), true));
+        // Up: from the hour's own edge, which no id reaches, or before.
+        assert!(covers(3, at(3 * HOUR_US, "").as_ref(), false));
+        assert!(covers(3, at(3 * HOUR_US - 1, "z").as_ref(), false));
+        assert!(!covers(3, at(3 * HOUR_US, "a").as_ref(), false));
     }
 
     #[test]
