@@ -334,12 +334,35 @@ async fn pipeline(dir: &Path, args: &BenchArgs, plugins: bool) -> anyhow::Result
     drive(engine, args, if plugins { "plugins" } else { "native " }).await
 }
 
+/// When the bench's events are appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// While the pipeline consumes them: end to end, appends and processing together.
+    Concurrent,
+    /// Appended already, before the pipeline starts: processing alone, over a backlog.
+    Backlog,
+}
+
 /// Pushes `args.events` through a started engine and measures it.
 async fn drive(engine: Arc<Engine>, args: &BenchArgs, label: &'static str) -> anyhow::Result<PipelineRun> {
+    drive_with(engine, args, label, Load::Concurrent).await
+}
+
+/// [`drive`], with the events appended as `load` says; the clock starts when the
+/// pipeline does.
+async fn drive_with(
+    engine: Arc<Engine>,
+    args: &BenchArgs,
+    label: &'static str,
+    load: Load,
+) -> anyhow::Result<PipelineRun> {
     engine.start().await?;
     let bar = progress(args.events, "events");
     bar.set_message(label);
-    let producer = tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate));
+    let producer = match load {
+        Load::Concurrent => tokio::spawn(produce(engine.clone(), args.events, args.append_batch.max(1), args.rate)),
+        Load::Backlog => tokio::spawn(async { Ok(()) }),
+    };
     let started = Instant::now();
     // A duplicate is an event found written already: after a failed step, the batch
     // sent ahead of the failed one comes again so.
@@ -430,36 +453,75 @@ fn machine() -> String {
 pub struct DistributedReport {
     pub events: u64,
     pub machine: String,
-    /// Conditional-batch writes/s the CQL store sustains at the engine's concurrency (64).
+    /// Conditional-batch writes/s the CQL store sustains at the engine's concurrency (64),
+    /// measured just before the end-to-end run (each ceiling on a keyspace of its own,
+    /// dropped after it, as each run's is).
     pub raw_lwt_writes_per_s: f64,
     /// The pipeline on Kafka + CQL with the default plugins; the burst is appended as
     /// fast as Kafka takes it, so the run's length is also the lag recovery time.
     pub pipeline: PipelineRun,
+    /// End to end: the appends (Kafka, and each order's route in CQL) on the same
+    /// cores while the pipeline runs.
     pub pipeline_vs_raw_lwt: f64,
     pub lag_recovery_s: f64,
+    /// The same events appended first (at this rate), on a keyspace and topics of their
+    /// own, then the ceiling measured again, then the events processed alone (latency
+    /// there is mostly the wait before the start).
+    pub backlog_appended_per_s: f64,
+    pub raw_lwt_before_processing_per_s: f64,
+    pub processing_only: PipelineRun,
+    pub processing_only_vs_raw_lwt: f64,
 }
 
 /// The bench on Kafka and a CQL store: the store's own LWT ceiling, then the pipeline.
 async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) -> anyhow::Result<()> {
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let raw_keyspace = CqlConfig { keyspace: format!("bench_raw_{run}"), ..cql.clone() };
-    let ceiling_store = crate::store::cql::CqlStore::open(raw_keyspace).await?;
-    let raw =
-        raw_writes(&ceiling_store, args.events.min(20_000), args.tuning.pipeline().batch_max, &Shape::bench()).await?;
-    eprintln!("raw CQL conditional writes: {raw:.0}/s");
+    // 80 random bits: a keyspace's name takes 48 characters at most.
+    let run = uuid::Uuid::new_v4().simple().to_string()[..20].to_string();
+    // Cassandra drifts over minutes (compaction, its JIT, data grown): each ratio's
+    // ceiling is measured right before the pipeline it is compared with.
+    let ceiling = |tag: &'static str| {
+        let config = CqlConfig { keyspace: format!("bench_raw_{tag}_{run}"), ..cql.clone() };
+        let (n, batch) = (args.events.min(20_000), args.tuning.pipeline().batch_max);
+        async move {
+            let store = crate::store::cql::CqlStore::open(config).await?;
+            let raw = raw_writes(&store, n, batch, &Shape::bench()).await?;
+            store.drop_keyspace().await?;
+            eprintln!("raw CQL conditional writes ({tag}): {raw:.0}/s");
+            anyhow::Ok(raw)
+        }
+    };
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
-    let backend = Backend::Distributed { kafka, cql }.isolated(&format!("bench_{run}"));
-    let engine = Engine::open(backend, &dir, config).await?;
+    let backend = Backend::Distributed { kafka, cql: cql.clone() };
+    let isolated = |name: &str| backend.clone().isolated(&format!("{name}_{run}"));
+
+    let raw = ceiling("e2e").await?;
+    let engine = Engine::open(isolated("bench"), &dir.join("e2e"), config.clone()).await?;
     let started = Instant::now();
     let pipeline = drive(engine, &args, "kafka+cql").await?;
+    let lag_recovery_s = started.elapsed().as_secs_f64();
+    drop_keyspace(&cql, &format!("bench_{run}")).await?;
+    eprintln!("end to end: {:.0} events/s", pipeline.events_per_s);
+
+    let engine = Engine::open(isolated("bench_backlog"), &dir.join("backlog"), config).await?;
+    let started = Instant::now();
+    produce(engine.clone(), args.events, args.append_batch.max(1), args.rate).await?;
+    let backlog_appended_per_s = args.events as f64 / started.elapsed().as_secs_f64();
+    eprintln!("backlog: {} events appended, {backlog_appended_per_s:.0}/s", args.events);
+    let raw_before = ceiling("backlog").await?;
+    let processing_only = drive_with(engine, &args, "backlog", Load::Backlog).await?;
+    drop_keyspace(&cql, &format!("bench_backlog_{run}")).await?;
     let report = DistributedReport {
         events: args.events,
         machine: machine(),
         raw_lwt_writes_per_s: raw,
         pipeline_vs_raw_lwt: pipeline.events_per_s / raw,
-        lag_recovery_s: started.elapsed().as_secs_f64(),
+        lag_recovery_s,
         pipeline,
+        backlog_appended_per_s,
+        raw_lwt_before_processing_per_s: raw_before,
+        processing_only_vs_raw_lwt: processing_only.events_per_s / raw_before,
+        processing_only,
     };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
@@ -468,6 +530,12 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     }
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
+}
+
+/// Drops a keyspace the bench made, so that the next phase's Cassandra does not compact it.
+async fn drop_keyspace(cql: &CqlConfig, keyspace: &str) -> anyhow::Result<()> {
+    let store = crate::store::cql::CqlStore::open(CqlConfig { keyspace: keyspace.into(), ..cql.clone() }).await?;
+    Ok(store.drop_keyspace().await?)
 }
 
 #[derive(Debug, Serialize)]

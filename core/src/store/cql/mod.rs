@@ -299,6 +299,14 @@ fn may_pass(e: &ExecutionError) -> bool {
 }
 
 impl CqlStore {
+    /// Drops this store's keyspace with everything in it: for the keyspaces a bench
+    /// makes for itself, never the engine's.
+    pub async fn drop_keyspace(self) -> Result<(), StoreError> {
+        let drop = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
+        self.session.query_unpaged(drop, ()).await.map_err(backend)?;
+        Ok(())
+    }
+
     /// Connects, applies the schema, and prepares every statement.
     pub async fn open(config: CqlConfig) -> Result<Self, StoreError> {
         let mut builder = SessionBuilder::new().known_nodes(&config.nodes).connection_timeout(Duration::from_secs(5));
