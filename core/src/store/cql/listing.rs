@@ -213,7 +213,8 @@ impl CqlStore {
     /// read that began at `seen_empty_at` found without entries: listings stop walking an
     /// hour whose orders all moved on. The delete is dated before that read (less the
     /// clock skew allowed), so a marker written since, by an entry the read missed,
-    /// outlives it.
+    /// outlives it. Each forgotten hour leaves a row tombstone in the markers' partition,
+    /// which the table's default `gc_grace_seconds` (10 days) bounds to about 240 hours.
     pub async fn forget_empty_hour(
         &self,
         status: Status,
