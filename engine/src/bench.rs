@@ -493,24 +493,25 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let dir = std::env::temp_dir().join(format!("orchestrator-bench-{run}"));
     let config = EngineConfig { pipeline: args.tuning.pipeline(), ..Default::default() };
     let backend = Backend::Distributed { kafka, cql: cql.clone() };
-    let isolated = |name: &str| backend.clone().isolated(&format!("{name}_{run}"));
+    // Each run's keyspace (and topic prefix), named once: it is dropped by that name.
+    let (e2e, backlog) = (format!("bench_{run}"), format!("bench_backlog_{run}"));
 
     let raw = ceiling("e2e").await?;
-    let engine = Engine::open(isolated("bench"), &dir.join("e2e"), config.clone()).await?;
+    let engine = Engine::open(backend.clone().isolated(&e2e), &dir.join("e2e"), config.clone()).await?;
     let started = Instant::now();
     let pipeline = drive(engine, &args, "kafka+cql").await?;
     let lag_recovery_s = started.elapsed().as_secs_f64();
-    drop_keyspace(&cql, &format!("bench_{run}")).await?;
+    drop_keyspace(&cql, &e2e).await?;
     eprintln!("end to end: {:.0} events/s", pipeline.events_per_s);
 
-    let engine = Engine::open(isolated("bench_backlog"), &dir.join("backlog"), config).await?;
+    let engine = Engine::open(backend.isolated(&backlog), &dir.join("backlog"), config).await?;
     let started = Instant::now();
     produce(engine.clone(), args.events, args.append_batch.max(1), args.rate).await?;
     let backlog_appended_per_s = args.events as f64 / started.elapsed().as_secs_f64();
     eprintln!("backlog: {} events appended, {backlog_appended_per_s:.0}/s", args.events);
     let raw_before = ceiling("backlog").await?;
     let processing_only = drive_with(engine, &args, "backlog", Load::Backlog).await?;
-    drop_keyspace(&cql, &format!("bench_backlog_{run}")).await?;
+    drop_keyspace(&cql, &backlog).await?;
     let report = DistributedReport {
         events: args.events,
         machine: machine(),
