@@ -20,6 +20,8 @@ use crate::telemetry;
 /// size); beyond this, cases are dropped and counted, so the queue holds at most a few
 /// tens of thousands of cases.
 const QUEUE: usize = 32;
+/// Most cases one write takes, joining rounds that queued while the last was written.
+const WRITE_MAX: usize = 4096;
 /// How often the pruner looks.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// How often a batch is tried in all when the store is out.
@@ -78,11 +80,28 @@ impl Recorder {
         let (writer_store, writer_stats) = (store.clone(), stats.clone());
         let writer = tokio::spawn(async move {
             while let Some(message) = messages.recv().await {
-                match message {
-                    Message::Cases(batch) => write(&*writer_store, batch, retention, &writer_stats).await,
+                let mut batch = match message {
+                    Message::Cases(batch) => batch,
                     Message::Flush(done) => {
                         let _ = done.send(());
+                        continue;
                     }
+                };
+                // Rounds queued meanwhile join this write: fewer, fuller store batches.
+                let mut flush = None;
+                while batch.len() < WRITE_MAX {
+                    match messages.try_recv() {
+                        Ok(Message::Cases(more)) => batch.extend(more),
+                        Ok(Message::Flush(done)) => {
+                            flush = Some(done);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                write(&*writer_store, batch, retention, &writer_stats).await;
+                if let Some(done) = flush {
+                    let _ = done.send(());
                 }
             }
         });
@@ -150,5 +169,75 @@ async fn write(store: &dyn Cases, batch: Vec<Case>, retention: CaseRetention, st
             }
             Err(e) => return Lost::Failed.emit(n, &e, stats),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+    use chrono::DateTime;
+    use std::sync::Mutex;
+    use tokio::sync::{Notify, Semaphore};
+
+    /// Counts each write's cases; every write waits for a permit, so the test decides
+    /// what queues while one is in flight.
+    struct Gated {
+        writes: Mutex<Vec<usize>>,
+        entered: Notify,
+        gate: Semaphore,
+    }
+
+    #[async_trait::async_trait]
+    impl Cases for Gated {
+        async fn record_cases(&self, cases: Vec<Case>, _: Duration) -> Result<(), StoreError> {
+            self.writes.lock().unwrap().push(cases.len());
+            self.entered.notify_one();
+            self.gate.acquire().await.unwrap().forget();
+            Ok(())
+        }
+        async fn cases_since(&self, _: DateTime<Utc>, _: usize) -> Result<Vec<Case>, StoreError> {
+            Ok(Vec::new())
+        }
+        async fn prune_cases(&self, _: CaseRetention) -> Result<u64, StoreError> {
+            Ok(0)
+        }
+    }
+
+    fn event(i: usize) -> OrderEvent {
+        OrderEvent {
+            event_id: format!("e{i}"),
+            order_id: format!("o{i}"),
+            kind: crate::domain::EventKind::Created,
+            source: "test".into(),
+            occurred_at: Utc::now(),
+            payload: Default::default(),
+            accepted_at: None,
+            shop: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn rounds_queued_during_a_write_share_the_next_one() {
+        let store = Arc::new(Gated { writes: Mutex::default(), entered: Notify::new(), gate: Semaphore::new(0) });
+        let (_stop, shutdown) = watch::channel(false);
+        let stats = Arc::new(Stats::default());
+        let (recorder, writer) = Recorder::start(store.clone(), CaseRetention::default(), stats.clone(), shutdown);
+        let events: Vec<OrderEvent> = (0..13).map(event).collect();
+        let round = |r: std::ops::Range<usize>| -> Vec<(&OrderEvent, Option<&Order>)> {
+            events[r].iter().map(|e| (e, None)).collect()
+        };
+        recorder.offer(&round(0..1));
+        store.entered.notified().await;
+        // Four rounds arrive while the first write is in flight.
+        for r in 0..4 {
+            recorder.offer(&round(1 + 3 * r..4 + 3 * r));
+        }
+        store.gate.add_permits(100);
+        recorder.flush().await;
+        assert_eq!(*store.writes.lock().unwrap(), [1, 12], "the queued rounds were written as one");
+        assert_eq!(stats.cases_lost.load(Ordering::Relaxed), 0);
+        drop(recorder);
+        writer.await.unwrap();
     }
 }

@@ -1541,12 +1541,46 @@ fn case_shard(order_id: &str) -> i32 {
     (h % CASE_SHARDS as u64) as i32
 }
 
-impl CqlStore {
-    async fn record_case(&self, c: &Case, ttl: i32) -> Result<(), StoreError> {
+/// One case's row in `cases`: minute, shard, at, event id, body, TTL.
+type CaseRow<'a> = (i32, i32, i64, &'a str, String, i32);
+
+/// Most cases in one batch, and most bytes of their bodies: a single-partition batch is
+/// one mutation, so it costs the cluster about what one write does, and these bounds
+/// keep it far below the servers' batch size limits.
+const CASES_PER_BATCH: usize = 100;
+const CASE_BATCH_BYTES: usize = 64 * 1024;
+
+/// The cases' rows as batches, each within one partition (a minute's shard) and the
+/// bounds above.
+fn case_batches(cases: &[Case], ttl: i32) -> Result<Vec<Vec<CaseRow<'_>>>, StoreError> {
+    let mut partitions: std::collections::BTreeMap<(i32, i32), Vec<Vec<CaseRow<'_>>>> = Default::default();
+    for c in cases {
         let body = serde_json::to_string(c).map_err(backend)?;
         let at = c.recorded_at;
-        let values = (minute_of(at), case_shard(&c.event.order_id), micros(at), &c.event.event_id, body, ttl);
-        self.session.execute_unpaged(&self.st.record_case, values).await.map_err(backend)?;
+        let key = (minute_of(at), case_shard(&c.event.order_id));
+        let batches = partitions.entry(key).or_default();
+        let fits = |b: &Vec<CaseRow<'_>>| {
+            let bytes: usize = b.iter().map(|r| r.4.len()).sum();
+            b.len() < CASES_PER_BATCH && (b.is_empty() || bytes + body.len() <= CASE_BATCH_BYTES)
+        };
+        if !batches.last().is_some_and(fits) {
+            batches.push(Vec::new());
+        }
+        let last = batches.last_mut().expect("a batch was just pushed");
+        last.push((key.0, key.1, micros(at), c.event.event_id.as_str(), body, ttl));
+    }
+    Ok(partitions.into_values().flatten().collect())
+}
+
+impl CqlStore {
+    /// Writes one partition's cases as one unlogged batch.
+    async fn record_case_batch(&self, rows: Vec<CaseRow<'_>>) -> Result<(), StoreError> {
+        let mut batch = Batch::new(BatchType::Unlogged);
+        batch.set_consistency(self.st.record_case.get_consistency().unwrap_or(Consistency::Quorum));
+        for _ in &rows {
+            batch.append_statement(self.st.record_case.clone());
+        }
+        self.session.batch(&batch, rows).await.map_err(backend)?;
         Ok(())
     }
 
@@ -1571,7 +1605,8 @@ impl Cases for CqlStore {
         for minute in minutes {
             self.session.execute_unpaged(&self.st.note_case_minute, (minute,)).await.map_err(backend)?;
         }
-        let pending: Vec<_> = cases.iter().map(|c| Box::pin(self.record_case(c, ttl))).collect();
+        let batches = case_batches(&cases, ttl)?;
+        let pending: Vec<_> = batches.into_iter().map(|rows| Box::pin(self.record_case_batch(rows))).collect();
         let results: Vec<_> = futures::stream::iter(pending).buffer_unordered(CONCURRENCY).collect().await;
         results.into_iter().collect()
     }
@@ -1936,3 +1971,48 @@ fn routes_failed(e: StoreError) -> crate::log::LogError {
 #[derive(Debug, thiserror::Error)]
 #[error("order routes (CQL): {0}")]
 struct RoutesFailed(#[source] crate::error::BoxError);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cases_are_batched_per_partition_within_bounds() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let case = |i: usize, note_len: usize| {
+            let current = crate::store::conformance::row(&format!("o{}", i % 5), 1, &"n".repeat(note_len));
+            let event = crate::domain::OrderEvent {
+                event_id: format!("e{i}"),
+                order_id: current.id.clone(),
+                kind: crate::domain::EventKind::Updated,
+                source: "test".into(),
+                occurred_at: t0,
+                payload: Default::default(),
+                accepted_at: None,
+                shop: None,
+            };
+            // Two minutes' worth: the first half in one minute, the rest in the next.
+            let at = t0 + chrono::Duration::seconds(if i < 500 { 1 } else { 61 });
+            Case { event, current: Some(current), recorded_at: at }
+        };
+        let mut cases: Vec<Case> = (0..1000).map(|i| case(i, 10)).collect();
+        // Large bodies: a batch holds fewer of them.
+        cases.extend((1000..1040).map(|i| case(i, 20_000)));
+        let batches = case_batches(&cases, 60).unwrap();
+        let mut seen: Vec<&str> = batches.iter().flatten().map(|r| r.3).collect();
+        seen.sort_unstable();
+        let mut want: Vec<&str> = cases.iter().map(|c| c.event.event_id.as_str()).collect();
+        want.sort_unstable();
+        assert_eq!(seen, want, "every case is in exactly one batch");
+        for b in &batches {
+            assert!(b.iter().all(|r| (r.0, r.1) == (b[0].0, b[0].1)), "a batch spans one partition");
+            assert!(b.len() <= CASES_PER_BATCH);
+            let bytes: usize = b.iter().map(|r| r.4.len()).sum();
+            assert!(b.len() == 1 || bytes <= CASE_BATCH_BYTES, "{bytes} bytes in {} cases", b.len());
+        }
+        // 5 orders over 2 minutes: 10 partitions at most; 100 small cases per partition
+        // would need 2 batches each, the big ones 3 per batch at most.
+        assert!(batches.len() < 60, "{} batches for 1,040 cases", batches.len());
+        assert!(batches.iter().any(|b| b.len() == CASES_PER_BATCH), "small cases fill a batch");
+    }
+}
