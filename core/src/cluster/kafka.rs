@@ -55,7 +55,9 @@ impl KafkaCluster {
             // Only committed transactions: a failed append leaves nothing to consume.
             .set("isolation.level", "read_committed")
             .set("auto.offset.reset", "earliest")
-            .set("fetch.wait.max.ms", "10")
+            // A fetch returns as soon as a record arrives; the wait only bounds how
+            // often an idle channel asks (each ask costs the broker CPU).
+            .set("fetch.wait.max.ms", "500")
             .set("fetch.message.max.bytes", PLUGIN_RECORD_MAX)
             .create()
             .map_err(backend)
