@@ -12,6 +12,7 @@ use rand::rngs::SmallRng;
 use serde::Serialize;
 
 use crate::config::{BenchArgs, BenchCommand, BenchFsyncArgs, BenchSeedArgs};
+use crate::domain::OrderEvent;
 use crate::engine::{Backend, Engine, EngineConfig};
 use crate::generator::{self, TierMix};
 use crate::journey::{self, LogPlace, Said, Trace};
@@ -22,7 +23,7 @@ use crate::plugin::native::NativeRules;
 use crate::rules::Decision;
 use crate::store::cql::CqlConfig;
 use crate::store::embedded::EmbeddedStore;
-use crate::store::{Orders, RunKeys, Write, WriteResult};
+use crate::store::{Case, CaseRetention, Cases, Orders, RunKeys, Write, WriteResult};
 
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
@@ -188,25 +189,53 @@ impl Shape {
 /// Rows/s of `store.write` alone, in batches of `batch` (the pipeline's batch size).
 async fn raw_store(dir: &Path, n: u64, batch: usize, shape: &Shape) -> anyhow::Result<f64> {
     std::fs::create_dir_all(dir)?;
-    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, n, batch, shape).await
+    raw_writes(&EmbeddedStore::open(&dir.join("store.sqlite"))?, None, n, batch, shape).await
 }
 
 /// Batches the ceiling keeps in flight: as many as the pipeline does, which sends the
 /// next batch's write while one is written (`Pipeline::send_ahead`).
 const CEILING_IN_FLIGHT: usize = 2;
 
-async fn raw_writes(store: &dyn Orders, n: u64, batch: usize, shape: &Shape) -> anyhow::Result<f64> {
+/// With `cases`, each batch's what-if cases are also written, beside the batch's own
+/// write as the pipeline's recorder writes them: the pipeline's full write set.
+async fn raw_writes(
+    store: &dyn Orders,
+    cases: Option<&dyn Cases>,
+    n: u64,
+    batch: usize,
+    shape: &Shape,
+) -> anyhow::Result<f64> {
     use futures::{StreamExt as _, TryStreamExt as _};
     let mut rng = SmallRng::seed_from_u64(11);
+    let keep = CaseRetention::default().keep_for;
     // Each batch is made while the one before is written, as the pipeline decides its
     // next batch meanwhile; only the first one's making is on the clock.
     let started = Instant::now();
     futures::stream::iter(batches(n, batch))
-        .map(|ids| store.write(creates(shape, ids, &mut rng)))
+        .map(|ids| {
+            let (writes, events) = creates(shape, ids, &mut rng);
+            async move {
+                let record = async {
+                    match cases {
+                        Some(c) => c.record_cases(cases_of(events), keep).await,
+                        None => Ok(()),
+                    }
+                };
+                let (written, recorded) = futures::join!(store.write(writes), record);
+                written?;
+                anyhow::Ok(recorded?)
+            }
+        })
         .buffered(CEILING_IN_FLIGHT)
-        .try_for_each(|_| async { Ok(()) })
+        .try_for_each(|()| async { Ok(()) })
         .await?;
     Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+/// The cases the recorder keeps of created orders: each event, having met no row.
+fn cases_of(events: Vec<OrderEvent>) -> Vec<Case> {
+    let now = chrono::Utc::now();
+    events.into_iter().map(|event| Case { event, current: None, recorded_at: now }).collect()
 }
 
 /// `0..n` in consecutive ranges of `size` (the last one shorter).
@@ -215,8 +244,9 @@ fn batches(n: u64, size: usize) -> impl Iterator<Item = std::ops::Range<u64>> {
     (0..n.div_ceil(size)).map(move |k| k * size..((k + 1) * size).min(n))
 }
 
-/// Generated orders of `shape` as the pipeline writes a create with the default rules.
-fn creates(shape: &Shape, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> Vec<Write> {
+/// Generated orders of `shape` as the pipeline writes a create with the default rules,
+/// and their events.
+fn creates(shape: &Shape, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> (Vec<Write>, Vec<OrderEvent>) {
     let (mix, by) = (TierMix::default(), shape.by.as_str());
     ids.map(|i| {
         let mut e = generator::order((shape.id)(i), mix.pick(rng), rng);
@@ -233,9 +263,9 @@ fn creates(shape: &Shape, ids: std::ops::Range<u64>, rng: &mut SmallRng) -> Vec<
             changes: journey::changes(None, &row),
             ..Trace::default()
         };
-        Write::Apply { event_id: e.event_id.clone(), source: e.source.clone(), base: None, row, trace }
+        (Write::Apply { event_id: e.event_id.clone(), source: e.source.clone(), base: None, row, trace }, e)
     })
-    .collect()
+    .unzip()
 }
 
 /// A bar for `len` items named `unit`, with the rate and the time left.
@@ -259,7 +289,7 @@ async fn seed(args: BenchSeedArgs) -> anyhow::Result<()> {
     let (mut added, mut existed) = (0u64, 0u64);
     for ids in batches(args.quantity, 1024) {
         let end = ids.end;
-        for (_, result) in store.write(creates(&shape, ids, &mut rng)).await? {
+        for (_, result) in store.write(creates(&shape, ids, &mut rng).0).await? {
             match result {
                 WriteResult::Done => added += 1,
                 _ => existed += 1,
@@ -471,6 +501,11 @@ pub struct DistributedReport {
     pub raw_lwt_before_processing_per_s: f64,
     pub processing_only: PipelineRun,
     pub processing_only_vs_raw_lwt: f64,
+    /// The ceiling again, right after, with each batch's what-if cases written beside
+    /// it as the pipeline's recorder does: its full write set, the yardstick the
+    /// embedded ceiling uses (issue #15, item 1).
+    pub full_write_set_before_processing_per_s: f64,
+    pub processing_only_vs_full_write_set: f64,
 }
 
 /// The bench on Kafka and a CQL store: the store's own LWT ceiling, then the pipeline.
@@ -479,12 +514,14 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let run = uuid::Uuid::new_v4().simple().to_string()[..20].to_string();
     // Cassandra drifts over minutes (compaction, its JIT, data grown): each ratio's
     // ceiling is measured right before the pipeline it is compared with.
-    let ceiling = |tag: &'static str| {
+    // With `cases`, of the pipeline's full write set: the rows and their what-if cases.
+    let ceiling = |tag: &'static str, cases: bool| {
         let config = CqlConfig { keyspace: format!("bench_raw_{tag}_{run}"), ..cql.clone() };
         let (n, batch) = (args.events.min(20_000), args.tuning.pipeline().batch_max);
         async move {
             let store = crate::store::cql::CqlStore::open(config).await?;
-            let raw = raw_writes(&store, n, batch, &Shape::bench()).await?;
+            let recorder = cases.then_some(&store as &dyn Cases);
+            let raw = raw_writes(&store, recorder, n, batch, &Shape::bench()).await?;
             store.drop_keyspace().await?;
             eprintln!("raw CQL conditional writes ({tag}): {raw:.0}/s");
             anyhow::Ok(raw)
@@ -496,7 +533,7 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     // Each run's keyspace (and topic prefix), named once: it is dropped by that name.
     let (e2e, backlog) = (format!("bench_{run}"), format!("bench_backlog_{run}"));
 
-    let raw = ceiling("e2e").await?;
+    let raw = ceiling("e2e", false).await?;
     let engine = Engine::open(backend.clone().isolated(&e2e), &dir.join("e2e"), config.clone()).await?;
     let started = Instant::now();
     let pipeline = drive(engine, &args, "kafka+cql").await?;
@@ -509,7 +546,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     produce(engine.clone(), args.events, args.append_batch.max(1), args.rate).await?;
     let backlog_appended_per_s = args.events as f64 / started.elapsed().as_secs_f64();
     eprintln!("backlog: {} events appended, {backlog_appended_per_s:.0}/s", args.events);
-    let raw_before = ceiling("backlog").await?;
+    let raw_before = ceiling("backlog", false).await?;
+    let full_before = ceiling("full", true).await?;
     let processing_only = drive_with(engine, &args, "backlog", Load::Backlog).await?;
     drop_keyspace(&cql, &backlog).await?;
     let report = DistributedReport {
@@ -522,6 +560,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
         backlog_appended_per_s,
         raw_lwt_before_processing_per_s: raw_before,
         processing_only_vs_raw_lwt: processing_only.events_per_s / raw_before,
+        full_write_set_before_processing_per_s: full_before,
+        processing_only_vs_full_write_set: processing_only.events_per_s / full_before,
         processing_only,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -597,7 +637,7 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
         Backend::Distributed { cql, .. } => {
             let store =
                 crate::store::cql::CqlStore::open(CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
-            raw_writes(&store, args.quantity.min(20_000), batch, &shape).await?
+            raw_writes(&store, None, args.quantity.min(20_000), batch, &shape).await?
         }
     };
     let processing_ms = match (run.vip.started_at, run.normal.ended_at.or(run.vip.ended_at)) {
@@ -644,8 +684,24 @@ mod tests {
         assert_eq!(batches(0, 1024).count(), 0);
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("store.sqlite")).unwrap();
-        raw_writes(&store, 5000, 4096, &Shape::bench()).await.unwrap();
+        raw_writes(&store, None, 5000, 4096, &Shape::bench()).await.unwrap();
         assert_eq!(store.stats().await.unwrap().orders, 5000, "every row of the ceiling is written once");
+    }
+
+    /// The full write set's ceiling writes each row's what-if case too, as the
+    /// pipeline's recorder does; the bare one writes none.
+    #[tokio::test]
+    async fn the_full_write_sets_ceiling_writes_a_case_per_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+        let bare = EmbeddedStore::open(&dir.path().join("bare.sqlite")).unwrap();
+        raw_writes(&bare, None, 1500, 1024, &Shape::bench()).await.unwrap();
+        assert_eq!(bare.cases_since(since, 10_000).await.unwrap().len(), 0);
+        let full = EmbeddedStore::open(&dir.path().join("full.sqlite")).unwrap();
+        raw_writes(&full, Some(&full), 1500, 1024, &Shape::bench()).await.unwrap();
+        let cases = full.cases_since(since, 10_000).await.unwrap();
+        assert_eq!((cases.len(), full.stats().await.unwrap().orders), (1500, 1500));
+        assert!(cases.iter().all(|c| c.current.is_none() && c.event.order_id.starts_with("bench-")));
     }
 
     /// A run's ceiling wrote `raw-<n>` ids (at most 11 characters) while the run wrote
@@ -657,7 +713,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(&dir.path().join("store.sqlite")).unwrap();
         let by = "order-rules@1#sha256:ae112e643ef8";
-        raw_writes(&store, 3000, 1024, &Shape::of_run(keys.clone(), by.into())).await.unwrap();
+        raw_writes(&store, None, 3000, 1024, &Shape::of_run(keys.clone(), by.into())).await.unwrap();
         for seq in [0, 1, 2999] {
             let row = store.get(&keys.id(seq)).await.unwrap().expect("the run's id is in the ceiling's table");
             assert_eq!((row.id.len(), row.decided_by.as_str()), (keys.id_chars(), by));
