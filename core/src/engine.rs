@@ -763,18 +763,16 @@ impl Engine {
         let records: Vec<Record> = events
             .iter()
             .map(|e| {
-                let priority = in_request
-                    .get(e.order_id.as_str())
-                    .copied()
-                    .or_else(|| known.get(&e.order_id).map(|o| o.priority))
-                    .or_else(|| e.priority_hint())
-                    .unwrap_or(Priority::Normal);
+                let earlier = in_request.get(e.order_id.as_str()).copied();
+                let stored = known.get(&e.order_id).map(|o| o.priority);
+                let priority = earlier.or(stored).or_else(|| e.priority_hint()).unwrap_or(Priority::Normal);
                 in_request.insert(&e.order_id, priority);
                 Record {
                     priority,
                     key: e.order_id.clone(),
                     payload: serde_json::to_vec(e).expect("an event always serializes"),
                     sole_producer,
+                    creates: e.kind == EventKind::Created && earlier.is_none() && stored.is_none(),
                 }
             })
             .collect();

@@ -200,3 +200,58 @@ async fn instances_racing_on_new_orders_send_each_order_one_way() {
     let split: Vec<&String> = vip.iter().map(|d| &d.key).filter(|k| normal.iter().any(|d| &d.key == *k)).collect();
     assert!(split.is_empty(), "{} orders have records in both priorities: {split:?}", split.len());
 }
+
+/// A route book that counts the keys whose routes are read.
+struct CountingBook {
+    inner: std::sync::Arc<orchestrator::store::cql::CqlStore>,
+    reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl orchestrator::log::RouteBook for CountingBook {
+    async fn routes(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, Priority>, orchestrator::log::LogError> {
+        self.reads.fetch_add(keys.len(), std::sync::atomic::Ordering::Relaxed);
+        self.inner.routes(keys).await
+    }
+    async fn claim_routes(
+        &self,
+        routes: Vec<(String, Priority)>,
+    ) -> Result<std::collections::HashMap<String, Priority>, orchestrator::log::LogError> {
+        self.inner.claim_routes(routes).await
+    }
+    async fn set_routes(&self, routes: Vec<(String, Priority)>) -> Result<(), orchestrator::log::LogError> {
+        self.inner.set_routes(routes).await
+    }
+}
+
+/// Appending an order's create read its key's route before claiming one: a read per
+/// new order, which the claim answers anyway. Creates now claim without it, and a
+/// create whose key has a route still follows that route.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_claims_its_route_without_reading_it_first() {
+    use orchestrator::log::RouteBook as _;
+    let Some(brokers) = service("KAFKA_BROKERS") else { return };
+    let Some(nodes) = service("CQL_NODES") else { return };
+    let name = unique("creates");
+    let store = orchestrator::store::cql::CqlStore::open(common::cql_config(&nodes, &name)).await.unwrap();
+    let book = std::sync::Arc::new(CountingBook { inner: std::sync::Arc::new(store), reads: Default::default() });
+    let log = KafkaLog::open(common::kafka_config(brokers, &name, 2)).await.unwrap();
+    log.set_route_book(book.clone());
+    let reads = || book.reads.load(std::sync::atomic::Ordering::Relaxed);
+    let create = |p: Priority, key: &str| Record { creates: true, ..rec(p, key, "created") };
+
+    // Not a create: its route is read (there is none), then claimed.
+    log.append(vec![rec(Priority::Normal, "old", "updated")]).await.unwrap();
+    assert_eq!(reads(), 1);
+    let new: Vec<Record> = (0..10).map(|i| create(Priority::Vip, &format!("new{i}"))).collect();
+    let routed = log.append(new).await.unwrap();
+    assert_eq!((routed[Priority::Vip], reads()), (10, 1), "ten creates, and no route read");
+    // A create of an order that has a route: the claim loses and the record goes its way.
+    let routed = log.append(vec![create(Priority::Vip, "old")]).await.unwrap();
+    assert_eq!((routed[Priority::Vip], routed[Priority::Normal]), (0, 1), "the create follows the route");
+    let held = book.inner.routes(vec!["old".into(), "new3".into()]).await.unwrap();
+    assert_eq!((held["old"], held["new3"]), (Priority::Normal, Priority::Vip));
+}

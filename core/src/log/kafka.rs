@@ -525,10 +525,16 @@ impl OrderLog for KafkaLog {
 
     async fn append(&self, mut records: Vec<Record>) -> Result<PerPriority<u64>, LogError> {
         if let Some(book) = self.routes.get() {
-            let mut keys: Vec<String> = records.iter().map(|r| r.key.clone()).collect();
-            keys.sort_unstable();
-            keys.dedup();
-            let mut routes = book.routes(keys).await?;
+            // A key whose first record here creates its order is asked for without a
+            // read: a claim that loses reads the winner's route, and a sole producer's
+            // key has no other writer. A read per new order is most of an append's
+            // reads of the route book.
+            let mut creates: HashMap<&str, bool> = HashMap::new();
+            for r in &records {
+                creates.entry(r.key.as_str()).or_insert(r.creates);
+            }
+            let keys: Vec<String> = creates.into_iter().filter(|(_, c)| !c).map(|(k, _)| k.to_string()).collect();
+            let mut routes = if keys.is_empty() { HashMap::new() } else { book.routes(keys).await? };
             // A new key's first record here asks for its route: claimed, unless this
             // producer alone appends the key.
             let (mut claims, mut sole) = (Vec::new(), Vec::new());

@@ -43,11 +43,14 @@ pub struct Record {
     /// This producer alone appends this key (a generated run's orders), so a new key's
     /// route is recorded without a claim (see [`RouteBook`]).
     pub sole_producer: bool,
+    /// The record creates its key's order, which the producer found nowhere: the key
+    /// most likely has no route yet, so one is asked for without reading first.
+    pub creates: bool,
 }
 
 impl Record {
     pub fn new(priority: Priority, key: impl Into<String>, payload: Vec<u8>) -> Self {
-        Self { priority, key: key.into(), payload, sole_producer: false }
+        Self { priority, key: key.into(), payload, sole_producer: false, creates: false }
     }
 }
 
