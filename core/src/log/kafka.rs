@@ -479,6 +479,11 @@ fn measure_lag(client: &BaseConsumer, topics: &PerPriority<String>, lag: &Lag) -
             }
         }
     }
+    if all.count() == 0 {
+        // Topics just created, whose partitions the metadata does not list yet: nothing
+        // to measure (and librdkafka refuses an empty list as an invalid argument).
+        return Ok(());
+    }
     let committed = client.committed_offsets(all.clone(), timeout).map_err(backend)?;
     // Timestamps -2 and -1 ask for each partition's start and end (at the isolation
     // level: the last stable offset for a read_committed client).
