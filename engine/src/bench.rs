@@ -513,7 +513,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     // 80 random bits: a keyspace's name takes 48 characters at most.
     let run = uuid::Uuid::new_v4().simple().to_string()[..20].to_string();
     // Cassandra drifts over minutes (compaction, its JIT, data grown): each ratio's
-    // ceiling is measured right before the pipeline it is compared with.
+    // ceiling is measured shortly before the pipeline it is compared with (before
+    // processing alone: the bare ceiling, then the full write set's, then the pipeline).
     // With `cases`, of the pipeline's full write set: the rows and their what-if cases.
     let ceiling = |tag: &'static str, cases: bool| {
         let config = CqlConfig { keyspace: format!("bench_raw_{tag}_{run}"), ..cql.clone() };

@@ -252,6 +252,11 @@ async fn a_create_claims_its_route_without_reading_it_first() {
     // A create of an order that has a route: the claim loses and the record goes its way.
     let routed = log.append(vec![create(Priority::Vip, "old")]).await.unwrap();
     assert_eq!((routed[Priority::Vip], routed[Priority::Normal]), (0, 1), "the create follows the route");
+    // A sole producer's route is set, not claimed: it reads first, so that it follows a
+    // route another producer claimed rather than overwriting it.
+    let sole = Record { sole_producer: true, ..create(Priority::Vip, "old") };
+    let routed = log.append(vec![sole]).await.unwrap();
+    assert_eq!((routed[Priority::Vip], routed[Priority::Normal]), (0, 1), "the sole producer follows the route");
     let held = book.inner.routes(vec!["old".into(), "new3".into()]).await.unwrap();
     assert_eq!((held["old"], held["new3"]), (Priority::Normal, Priority::Vip));
 }

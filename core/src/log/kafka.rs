@@ -530,13 +530,14 @@ impl OrderLog for KafkaLog {
 
     async fn append(&self, mut records: Vec<Record>) -> Result<PerPriority<u64>, LogError> {
         if let Some(book) = self.routes.get() {
-            // A key whose first record here creates its order is asked for without a
-            // read: a claim that loses reads the winner's route, and a sole producer's
-            // key has no other writer. A read per new order is most of an append's
-            // reads of the route book.
+            // A key whose first record here creates its order is claimed without a
+            // read: a claim that loses reads the winner's route. A read per new order
+            // was most of an append's reads of the route book. A sole producer's key
+            // is still read, since its route is set unconditionally and must not
+            // overwrite one an outside producer claimed first.
             let mut creates: HashMap<&str, bool> = HashMap::new();
             for r in &records {
-                creates.entry(r.key.as_str()).or_insert(r.creates);
+                creates.entry(r.key.as_str()).or_insert(r.creates && !r.sole_producer);
             }
             let keys: Vec<String> = creates.into_iter().filter(|(_, c)| !c).map(|(k, _)| k.to_string()).collect();
             let mut routes = if keys.is_empty() { HashMap::new() } else { book.routes(keys).await? };

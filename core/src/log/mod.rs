@@ -43,8 +43,9 @@ pub struct Record {
     /// This producer alone appends this key (a generated run's orders), so a new key's
     /// route is recorded without a claim (see [`RouteBook`]).
     pub sole_producer: bool,
-    /// The record creates its key's order, which the producer found nowhere: the key
-    /// most likely has no route yet, so one is asked for without reading first.
+    /// The record creates its key's order and follows no other event of it in its
+    /// request: the key most likely has no route yet, so a claim is made without
+    /// reading first (a redelivered create pays a claim and a read instead of a read).
     pub creates: bool,
 }
 

@@ -20,7 +20,8 @@ use crate::telemetry;
 /// size); beyond this, cases are dropped and counted, so the queue holds at most a few
 /// tens of thousands of cases.
 const QUEUE: usize = 32;
-/// Most cases one write takes, joining rounds that queued while the last was written.
+/// Rounds that queued while the last write ran join the next one until it holds this
+/// many cases (the last round to join may take it past).
 const WRITE_MAX: usize = 4096;
 /// How often the pruner looks.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
