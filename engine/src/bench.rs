@@ -519,8 +519,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let ceiling = |tag: &'static str, cases: bool| {
         let config = CqlConfig { keyspace: format!("bench_raw_{tag}_{run}"), ..cql.clone() };
         // As many rows as the pipeline writes: Cassandra flushes and compacts a large
-        // write set within the run (a 20k ceiling paid for little of that, and ran ahead
-        // of the pipeline by a third).
+        // write set within the run (a 20k ceiling paid for little of that: two of them a
+        // minute apart differed by up to 40%).
         let (n, batch) = (args.events, args.tuning.pipeline().batch_max);
         async move {
             let store = crate::store::cql::CqlStore::open(config).await?;
