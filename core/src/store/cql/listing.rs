@@ -1,9 +1,10 @@
-//! Orders listed by time on CQL, from the `order_index` table (schema 010): entries
-//! partitioned by the hour of `updated_at`, status and priority, written after each
-//! conditional batch. Every entry a listing reads is checked against its row, so the
-//! index may lag or hold stale entries without a listing ever showing a wrong row.
-//! A listing that finds an hour past empty forgets its marker, so hours whose orders
-//! all moved on are walked once, not by every listing after.
+//! Orders listed by time on CQL, from the `order_index_by_minute` table (schema 014):
+//! entries partitioned by the minute of `updated_at`, status and priority, written after
+//! each conditional batch, with markers naming the hours and the minutes of each hour
+//! that hold entries. Every entry a listing reads is checked against its row,
+//! so the index may lag or hold stale entries without a listing ever showing a wrong row.
+//! A listing that finds a minute or an hour past empty forgets its marker, so spans whose
+//! orders all moved on are walked once, not by every listing after.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -16,8 +17,11 @@ use crate::domain::{Order, Priority, Status};
 use crate::sqlite::{from_micros, micros};
 use crate::store::{Base, ListQuery, Orders, Page, Sort, StoreError};
 
-/// An index partition holds one hour of `updated_at`.
+/// A marker of `order_index_by_minute_hours` names an hour of `updated_at`.
 const HOUR_US: i64 = 3_600_000_000;
+/// An index partition holds one minute: each move of an entry leaves a tombstone in
+/// its old partition, and a read crosses them, so a partition gathers only a minute's.
+const MINUTE_US: i64 = 60_000_000;
 /// Hours a request reads per status and priority (three weeks of busy hours); past
 /// them the page ends short, with a cursor to go on.
 const HOURS_READ: i32 = 512;
@@ -29,21 +33,30 @@ const SLACK: usize = 16;
 /// Hours one request walks at most: a filter whose orders are rare (or gone) may leave
 /// many hours empty, and each costs a read; the page ends there, with a cursor.
 const HOURS_WALKED_MAX: usize = 168;
-/// How far a marker's delete is dated before the read that found its hour empty, so
+/// Entry partitions (a minute of one status and priority) one request reads at most,
+/// for the same reason: a page that needs more ends before the next minute, with a cursor.
+const MINUTE_READS_MAX: usize = 2_048;
+/// How far a marker's delete is dated before the read that found its span empty, so
 /// that clocks this far apart (the engine's, Cassandra's) cannot date it after a marker
 /// written once that read began.
 const CLOCK_SKEW_US: i64 = 1_000_000;
 /// Tries of an index write that meets a brief outage.
 const INDEX_ATTEMPTS: u32 = 3;
-/// The data migration that fills the indexes (by time, schema 010; by shop, 012) with
-/// the rows written before they existed. Renamed when 012 came: a store that ran it for
-/// 010 alone runs it once more.
-const BACKFILL: &str = "012_order_and_shop_index_backfill";
+/// The data migration that fills the indexes (by time, schema 014; by shop, 012) with
+/// the rows written before they existed. Renamed at each new index, so a store that ran
+/// it before runs it once more.
+const BACKFILL: &str = "014_order_index_by_minute_backfill";
+/// Its name before 014: done means the shops' index (012) holds every row.
+const SHOPS_BACKFILL: &str = "012_order_and_shop_index_backfill";
 
 /// The statements of the index, prepared with the store's.
 pub(super) struct ListingStatements {
     put: PreparedStatement,
     retire: PreparedStatement,
+    note_minute: PreparedStatement,
+    forget_minute: PreparedStatement,
+    minutes_down: PreparedStatement,
+    minutes_up: PreparedStatement,
     note_hour: PreparedStatement,
     forget_hour: PreparedStatement,
     hours_down: PreparedStatement,
@@ -61,35 +74,45 @@ impl ListingStatements {
             p.set_consistency(scylla::statement::Consistency::Quorum);
             Ok::<_, StoreError>(p)
         };
-        let partition = "hour = ? AND status = ? AND priority = ?";
+        let partition = "minute = ? AND status = ? AND priority = ?";
+        let hour = "hour = ? AND status = ? AND priority = ?";
+        let index = format!("{ks}.order_index_by_minute");
+        let minutes = format!("{ks}.order_index_minutes");
+        let hours = format!("{ks}.order_index_by_minute_hours");
         Ok(ListingStatements {
             put: prepare(format!(
-                "INSERT INTO {ks}.order_index (hour, status, priority, updated_at, id) VALUES (?, ?, ?, ?, ?)"
+                "INSERT INTO {index} (minute, status, priority, updated_at, id) VALUES (?, ?, ?, ?, ?)"
             ))
             .await?,
-            retire: prepare(format!("DELETE FROM {ks}.order_index WHERE {partition} AND updated_at = ? AND id = ?"))
+            retire: prepare(format!("DELETE FROM {index} WHERE {partition} AND updated_at = ? AND id = ?")).await?,
+            note_minute: prepare(format!("INSERT INTO {minutes} (hour, status, priority, minute) VALUES (?, ?, ?, ?)"))
                 .await?,
-            note_hour: prepare(format!("INSERT INTO {ks}.order_index_hours (status, priority, hour) VALUES (?, ?, ?)"))
+            forget_minute: prepare(format!("DELETE FROM {minutes} USING TIMESTAMP ? WHERE {hour} AND minute = ?"))
                 .await?,
+            minutes_down: prepare(format!("SELECT minute FROM {minutes} WHERE {hour} AND minute <= ?")).await?,
+            minutes_up: prepare(format!(
+                "SELECT minute FROM {minutes} WHERE {hour} AND minute >= ? ORDER BY minute ASC"
+            ))
+            .await?,
+            note_hour: prepare(format!("INSERT INTO {hours} (status, priority, hour) VALUES (?, ?, ?)")).await?,
             forget_hour: prepare(format!(
-                "DELETE FROM {ks}.order_index_hours USING TIMESTAMP ? WHERE status = ? AND priority = ? AND hour = ?"
+                "DELETE FROM {hours} USING TIMESTAMP ? WHERE status = ? AND priority = ? AND hour = ?"
             ))
             .await?,
             hours_down: prepare(format!(
-                "SELECT hour FROM {ks}.order_index_hours WHERE status = ? AND priority = ? AND hour <= ? LIMIT ?"
+                "SELECT hour FROM {hours} WHERE status = ? AND priority = ? AND hour <= ? LIMIT ?"
             ))
             .await?,
             hours_up: prepare(format!(
-                "SELECT hour FROM {ks}.order_index_hours WHERE status = ? AND priority = ? AND hour >= ? \
-                 ORDER BY hour ASC LIMIT ?"
+                "SELECT hour FROM {hours} WHERE status = ? AND priority = ? AND hour >= ? ORDER BY hour ASC LIMIT ?"
             ))
             .await?,
             page_down: prepare(format!(
-                "SELECT updated_at, id FROM {ks}.order_index WHERE {partition} AND (updated_at, id) < (?, ?) LIMIT ?"
+                "SELECT updated_at, id FROM {index} WHERE {partition} AND (updated_at, id) < (?, ?) LIMIT ?"
             ))
             .await?,
             page_up: prepare(format!(
-                "SELECT updated_at, id FROM {ks}.order_index WHERE {partition} AND (updated_at, id) > (?, ?) \
+                "SELECT updated_at, id FROM {index} WHERE {partition} AND (updated_at, id) > (?, ?) \
                  ORDER BY updated_at ASC, id ASC LIMIT ?"
             ))
             .await?,
@@ -99,25 +122,77 @@ impl ListingStatements {
     }
 }
 
-fn hour_of(updated_us: i64) -> i32 {
-    updated_us.div_euclid(HOUR_US) as i32
+/// A span of `updated_at` that a marker names: an hour (`order_index_by_minute_hours`)
+/// or a minute (`order_index_minutes`, whose minutes are the entries' partitions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexSpan {
+    Hour,
+    Minute,
 }
 
-/// A cursor just past `hour`, whose entries are all read: the next page starts with the
-/// hour after it, in the listing's direction.
-fn hour_edge(hour: i32, down: bool) -> String {
-    // Down: every key below (start of hour, ""); up: every key above (start of the next
-    // hour, ""), which takes in all of that next hour, as no id is empty.
-    let edge = if down { i64::from(hour) * HOUR_US } else { (i64::from(hour) + 1) * HOUR_US };
-    super::super::encode_cursor(Some(edge), "")
+impl IndexSpan {
+    fn width(self) -> i64 {
+        match self {
+            IndexSpan::Hour => HOUR_US,
+            IndexSpan::Minute => MINUTE_US,
+        }
+    }
+
+    /// The span (hours or minutes since the epoch) that holds `updated_us`.
+    fn of(self, updated_us: i64) -> i32 {
+        updated_us.div_euclid(self.width()) as i32
+    }
+
+    /// A cursor just past the span `n`, whose entries are all read: the next page starts
+    /// with the span after it, in the listing's direction.
+    fn edge(self, n: i32, down: bool) -> String {
+        // Down: every key below (start of span, ""); up: every key above (start of the
+        // next span, ""), which takes in all of that next span, as no id is empty.
+        let edge = if down { i64::from(n) * self.width() } else { (i64::from(n) + 1) * self.width() };
+        super::super::encode_cursor(Some(edge), "")
+    }
+
+    /// Whether a read past `last` takes in all of the span `n`, in the listing's direction.
+    fn covers(self, n: i32, last: Option<&(i64, String)>, down: bool) -> bool {
+        let Some((at, id)) = last else { return true };
+        let (start, end) = (i64::from(n) * self.width(), (i64::from(n) + 1) * self.width());
+        // No id is empty, so (start, "") comes before every entry of the span.
+        if down { *at >= end } else { (*at, id.as_str()) <= (start, "") }
+    }
 }
 
-/// Whether a read past `last` takes in all of `hour`, in the listing's direction.
-fn covers(hour: i32, last: Option<&(i64, String)>, down: bool) -> bool {
-    let Some((at, id)) = last else { return true };
-    let (start, end) = (i64::from(hour) * HOUR_US, (i64::from(hour) + 1) * HOUR_US);
-    // No id is empty, so (start, "") comes before every entry of the hour.
-    if down { *at >= end } else { (*at, id.as_str()) <= (start, "") }
+/// The partitions of one status and priority, as a listing's filters select them.
+type Combo = (Status, Priority);
+
+/// A page being read: what it holds, and where the reading stands.
+struct PageSoFar<'q> {
+    q: &'q ListQuery,
+    down: bool,
+    limit: usize,
+    items: Vec<Order>,
+    examined: usize,
+    /// The last entry read; the next read starts past it.
+    last: Option<(i64, String)>,
+}
+
+impl PageSoFar<'_> {
+    /// The span to read from: the one holding the last entry, or the first one.
+    fn start(&self, span: IndexSpan) -> i32 {
+        let first = if self.down { i32::MAX } else { i32::MIN };
+        self.last.as_ref().map_or(first, |(at, _)| span.of(*at))
+    }
+
+    /// Whether the page holds its limit, or its request examined as many entries as
+    /// one may.
+    fn full(&self) -> bool {
+        self.items.len() == self.limit || self.examined >= EXAMINE_MAX
+    }
+
+    /// The page, with a cursor past its last entry.
+    fn done(self) -> Page<Order> {
+        let cursor = self.last.map(|(at, id)| super::super::encode_cursor(Some(at), &id));
+        Page { items: self.items, next_cursor: cursor }
+    }
 }
 
 /// Where an entry sits: its partition and its clustering key.
@@ -196,71 +271,87 @@ impl CqlStore {
         self.retire_entry(&Entry::of(micros(row.updated_at), &row.id, row.status, row.priority)).await
     }
 
-    /// The entry, then its hour's marker: a marker written after the entry is dated after
-    /// any read that missed the entry, so the fenced delete of [`Self::forget_empty_hour`]
-    /// cannot remove it. A crash in between leaves the entry unlisted if its hour has no
-    /// other marker, until the order's redelivery or next write lists it again (as for a
-    /// crash between the batch and the entry).
+    /// The entry, then its minute's marker, then its hour's: a marker written after what
+    /// it names is dated after any read that missed that, so the fenced deletes of
+    /// [`Self::forget_marker`] cannot remove it. A crash in between leaves the entry
+    /// unlisted if its minute or hour has no other marker, until the order's redelivery or
+    /// next write lists it again (as for a crash between the batch and the entry).
     async fn put_entry(&self, e: &Entry) -> Result<(), StoreError> {
-        let (status, priority, hour) = (e.status.as_str(), e.priority.as_str(), hour_of(e.updated_us));
-        let entry = (hour, status, priority, e.updated_us, &e.id);
+        let (status, priority) = (e.status.as_str(), e.priority.as_str());
+        let (minute, hour) = (IndexSpan::Minute.of(e.updated_us), IndexSpan::Hour.of(e.updated_us));
+        let entry = (minute, status, priority, e.updated_us, &e.id);
         self.session.execute_unpaged(&self.listing.put, entry).await.map_err(backend)?;
+        let marker = (hour, status, priority, minute);
+        self.session.execute_unpaged(&self.listing.note_minute, marker).await.map_err(backend)?;
         self.session.execute_unpaged(&self.listing.note_hour, (status, priority, hour)).await.map_err(backend)?;
         Ok(())
     }
 
-    /// Forgets the marker of the hour holding `at` for this status and priority, which a
-    /// read that began at `seen_empty_at` found without entries: listings stop walking an
-    /// hour whose orders all moved on. The delete is dated before that read (less the
+    /// Forgets the marker of the span holding `at` for this status and priority, which a
+    /// read that began at `seen_empty_at` found without entries: listings stop walking a
+    /// span whose orders all moved on. The delete is dated before that read (less the
     /// clock skew allowed), so a marker written since, by an entry the read missed,
-    /// outlives it. Each forgotten hour leaves a row tombstone in the markers' partition,
-    /// which the table's default `gc_grace_seconds` (10 days) bounds to about 240 hours.
-    pub async fn forget_empty_hour(
+    /// outlives it. Each forgotten span leaves a row tombstone in its markers' partition:
+    /// at most 60 in a minutes' one; in the hours', the table's default
+    /// `gc_grace_seconds` (10 days) bounds them to about 240.
+    pub async fn forget_marker(
         &self,
+        span: IndexSpan,
         status: Status,
         priority: Priority,
         at: DateTime<Utc>,
         seen_empty_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         let dated = micros(seen_empty_at) - CLOCK_SKEW_US;
-        let values = (dated, status.as_str(), priority.as_str(), hour_of(micros(at)));
-        self.session.execute_unpaged(&self.listing.forget_hour, values).await.map_err(backend)?;
+        let (s, p, at) = (status.as_str(), priority.as_str(), micros(at));
+        let hour = IndexSpan::Hour.of(at);
+        let done = match span {
+            IndexSpan::Hour => self.session.execute_unpaged(&self.listing.forget_hour, (dated, s, p, hour)).await,
+            IndexSpan::Minute => {
+                let key = (dated, hour, s, p, IndexSpan::Minute.of(at));
+                self.session.execute_unpaged(&self.listing.forget_minute, key).await
+            }
+        };
+        done.map_err(backend)?;
         Ok(())
     }
 
     async fn retire_entry(&self, e: &Entry) -> Result<(), StoreError> {
-        let key = (hour_of(e.updated_us), e.status.as_str(), e.priority.as_str(), e.updated_us, &e.id);
+        let minute = IndexSpan::Minute.of(e.updated_us);
+        let key = (minute, e.status.as_str(), e.priority.as_str(), e.updated_us, &e.id);
         self.session.execute_unpaged(&self.listing.retire, key).await.map_err(backend)?;
         Ok(())
     }
 
     /// A page of orders by `updated_at` (either way), read from the index: the hours are
-    /// walked in order, and within an hour the partitions of each status and priority the
-    /// filters allow are merged. Each entry is checked against its row.
+    /// walked in order, then each hour's minutes, and within a minute the partitions of
+    /// each status and priority the filters allow are merged. Each entry is checked
+    /// against its row.
     pub(super) async fn list_by_time(&self, q: &ListQuery) -> Result<Page<Order>, StoreError> {
         let down = match q.sort {
             Sort::UpdatedDesc => true,
             Sort::UpdatedAsc => false,
             _ => return Err(StoreError::Cursor("only the sorts by updated_at read the time index".into())),
         };
-        let limit = q.limit.clamp(1, 1000);
-        let mut last: Option<(i64, String)> = match &q.cursor {
+        let last: Option<(i64, String)> = match &q.cursor {
             None => None,
             Some(c) => match super::super::decode_cursor(c)? {
                 (Some(at), id) => Some((at, id)),
                 (None, _) => return Err(StoreError::Cursor("the cursor belongs to another sort order".into())),
             },
         };
-        let combos: Vec<(Status, Priority)> = Status::ALL
+        let combos: Vec<Combo> = Status::ALL
             .into_iter()
             .filter(|s| q.status.is_none_or(|f| f == *s))
             .flat_map(|s| Priority::ALL.into_iter().filter(|p| q.priority.is_none_or(|f| f == *p)).map(move |p| (s, p)))
             .collect();
-        let from_hour = last.as_ref().map_or(if down { i32::MAX } else { i32::MIN }, |(at, _)| hour_of(*at));
-        let (hours, horizon) = self.hours(&combos, from_hour, down).await?;
-        let current = hour_of(micros(Utc::now()));
-        let mut items = Vec::new();
-        let mut examined = 0;
+        let mut page = PageSoFar { q, down, limit: q.limit.clamp(1, 1000), items: Vec::new(), examined: 0, last };
+        let (hours, horizon) = self.hours(&combos, page.start(IndexSpan::Hour), down).await?;
+        // A span past can be found empty by a read from its start (writes land in the
+        // current one, and the one before while a batch straddles them).
+        let now = micros(Utc::now());
+        let (hour_now, minute_now) = (IndexSpan::Hour.of(now), IndexSpan::Minute.of(now));
+        let mut minute_reads = 0;
         let mut walked = Vec::from_iter(hours.keys().copied());
         if down {
             walked.reverse();
@@ -269,58 +360,101 @@ impl CqlStore {
             if n == HOURS_WALKED_MAX {
                 // The hours walked are done: the next request starts past them.
                 let edge = if down { hour + 1 } else { hour - 1 };
-                return Ok(Page { items, next_cursor: Some(hour_edge(edge, down)) });
+                return Ok(Page { items: page.items, next_cursor: Some(IndexSpan::Hour.edge(edge, down)) });
             }
-            let here: Vec<_> = hours[&hour].clone();
-            loop {
-                let want = (limit - items.len() + SLACK).min(1000);
-                // An hour past can be found empty by a read from its start (writes land in
-                // the current hour, and the one before while a batch straddles them).
-                let whole = hour < current - 1 && covers(hour, last.as_ref(), down);
-                let read_at = Utc::now();
-                let (mut entries, mut complete, empty) = self.entries(hour, &here, last.as_ref(), want, down).await?;
-                if whole {
-                    self.forget_empty(hour, empty, read_at).await;
+            let whole_hour = hour < hour_now - 1 && IndexSpan::Hour.covers(hour, page.last.as_ref(), down);
+            let hour_read_at = Utc::now();
+            let minutes = self.minutes(hour, &hours[&hour], page.start(IndexSpan::Minute), down).await?;
+            // The partitions found holding an entry in this hour.
+            let mut held = Vec::new();
+            let mut in_hour = Vec::from_iter(minutes.keys().copied());
+            if down {
+                in_hour.reverse();
+            }
+            for minute in in_hour {
+                let here = &minutes[&minute];
+                if minute_reads > 0 && minute_reads + here.len() > MINUTE_READS_MAX {
+                    let edge = if down { minute + 1 } else { minute - 1 };
+                    return Ok(Page { items: page.items, next_cursor: Some(IndexSpan::Minute.edge(edge, down)) });
                 }
-                // Only as many rows as the page may use are read; the rest come next round.
-                if entries.len() > want {
-                    entries.truncate(want);
-                    complete = false;
+                minute_reads += here.len();
+                let past = minute < minute_now - 1;
+                if self.read_minute(&mut page, minute, here, past, &mut held).await? {
+                    return Ok(page.done());
                 }
-                let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
-                let rows = self.get_many(ids).await?;
-                let mut stale = Vec::new();
-                for e in entries {
-                    examined += 1;
-                    last = Some((e.updated_us, e.id.clone()));
-                    match rows.get(&e.id) {
-                        Some(row) if e.matches(row) => {
-                            let shop_ok = q.shop.is_none() || row.shop == q.shop;
-                            if shop_ok && q.found(row) {
-                                items.push(row.clone());
-                            }
-                        }
-                        // Dropped only when its row moved on (or went): never one a
-                        // write may still be about to make true.
-                        Some(row) if micros(row.updated_at) < e.updated_us => {}
-                        _ => stale.push(e),
-                    }
-                    if items.len() == limit || examined >= EXAMINE_MAX {
-                        break;
-                    }
-                }
-                self.drop_stale(stale).await;
-                if items.len() == limit || examined >= EXAMINE_MAX {
-                    let cursor = last.map(|(at, id)| super::super::encode_cursor(Some(at), &id));
-                    return Ok(Page { items, next_cursor: cursor });
-                }
-                if complete {
-                    break;
-                }
+            }
+            // Every minute of the hour was read through: a partition none of them held
+            // an entry of is done with this hour.
+            if whole_hour {
+                let gone: Vec<Combo> = hours[&hour].iter().filter(|c| !held.contains(*c)).copied().collect();
+                self.forget_markers(IndexSpan::Hour, hour, &gone, hour_read_at).await;
             }
         }
         // Hours past the horizon were not read: the cursor starts the next request there.
-        Ok(Page { items, next_cursor: horizon.map(|hour| hour_edge(hour, down)) })
+        Ok(Page { items: page.items, next_cursor: horizon.map(|hour| IndexSpan::Hour.edge(hour, down)) })
+    }
+
+    /// Reads the entries of one minute's partitions into the page, checking each against
+    /// its row, until the minute is read through (`false`) or the page ends (`true`).
+    /// Adds to `held` the partitions found holding entries; forgets the markers of those
+    /// found empty, if the minute is `past` and read from its start.
+    async fn read_minute(
+        &self,
+        page: &mut PageSoFar<'_>,
+        minute: i32,
+        here: &[Combo],
+        past: bool,
+        held: &mut Vec<Combo>,
+    ) -> Result<bool, StoreError> {
+        loop {
+            let want = (page.limit - page.items.len() + SLACK).min(1000);
+            let whole = past && IndexSpan::Minute.covers(minute, page.last.as_ref(), page.down);
+            let read_at = Utc::now();
+            let (mut entries, mut complete, empty) =
+                self.entries(minute, here, page.last.as_ref(), want, page.down).await?;
+            for c in here.iter().filter(|c| !empty.contains(c)) {
+                if !held.contains(c) {
+                    held.push(*c);
+                }
+            }
+            if whole {
+                self.forget_markers(IndexSpan::Minute, minute, &empty, read_at).await;
+            }
+            // Only as many rows as the page may use are read; the rest come next round.
+            if entries.len() > want {
+                entries.truncate(want);
+                complete = false;
+            }
+            let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+            let rows = self.get_many(ids).await?;
+            let mut stale = Vec::new();
+            for e in entries {
+                page.examined += 1;
+                page.last = Some((e.updated_us, e.id.clone()));
+                match rows.get(&e.id) {
+                    Some(row) if e.matches(row) => {
+                        let shop_ok = page.q.shop.is_none() || row.shop == page.q.shop;
+                        if shop_ok && page.q.found(row) {
+                            page.items.push(row.clone());
+                        }
+                    }
+                    // Dropped only when its row moved on (or went): never one a write may
+                    // still be about to make true.
+                    Some(row) if micros(row.updated_at) < e.updated_us => {}
+                    _ => stale.push(e),
+                }
+                if page.full() {
+                    break;
+                }
+            }
+            self.drop_stale(stale).await;
+            if page.full() {
+                return Ok(true);
+            }
+            if complete {
+                return Ok(false);
+            }
+        }
     }
 
     /// The hours that hold entries of these partitions, from `from` on, each with the
@@ -328,32 +462,16 @@ impl CqlStore {
     /// a partition had more hours than one read takes.
     async fn hours(
         &self,
-        combos: &[(Status, Priority)],
+        combos: &[Combo],
         from: i32,
         down: bool,
-    ) -> Result<(BTreeMap<i32, Vec<(Status, Priority)>>, Option<i32>), StoreError> {
+    ) -> Result<(BTreeMap<i32, Vec<Combo>>, Option<i32>), StoreError> {
         let st = if down { &self.listing.hours_down } else { &self.listing.hours_up };
-        let reads: Vec<_> = combos
-            .iter()
-            .map(|&(s, p)| {
-                Box::pin(async move {
-                    let rows = self
-                        .session
-                        .execute_unpaged(st, (s.as_str(), p.as_str(), from, HOURS_READ))
-                        .await
-                        .map_err(backend)?
-                        .into_rows_result()
-                        .map_err(backend)?;
-                    let hours = rows.rows::<(i32,)>().map_err(backend)?.collect::<Result<Vec<_>, _>>();
-                    Ok::<_, StoreError>(((s, p), hours.map_err(backend)?))
-                })
-            })
-            .collect();
-        let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
-        let mut by_hour: BTreeMap<i32, Vec<(Status, Priority)>> = Default::default();
+        let reads = combos.iter().map(|&(s, p)| ((s, p), (s.as_str(), p.as_str(), from, HOURS_READ)));
+        let mut by_hour: BTreeMap<i32, Vec<Combo>> = Default::default();
         let mut horizon: Option<i32> = None;
-        for read in found {
-            let (combo, hours) = read?;
+        let found: Vec<(Combo, Vec<(i32,)>)> = self.read_each(st, reads).await?;
+        for (combo, hours) in found {
             if hours.len() as i32 == HOURS_READ
                 && let Some(&(edge,)) = hours.last()
             {
@@ -369,25 +487,40 @@ impl CqlStore {
         Ok((by_hour, horizon))
     }
 
-    /// The next entries of one hour after `last`, merged over its partitions, in listing
-    /// order; only as far as every partition was read (one that filled its read may hold
-    /// more before the others' later entries). `true` when the hour has no more; and the
-    /// partitions whose read found nothing.
-    async fn entries(
+    /// The minutes of `hour` that hold entries of these partitions, from `from` on, each
+    /// with the partitions that hold it (at most 60 markers a partition, read at once).
+    async fn minutes(
         &self,
         hour: i32,
-        combos: &[(Status, Priority)],
-        last: Option<&(i64, String)>,
-        want: usize,
+        combos: &[Combo],
+        from: i32,
         down: bool,
-    ) -> Result<(Vec<Entry>, bool, Vec<(Status, Priority)>), StoreError> {
-        let (st, edge) = if down { (&self.listing.page_down, i64::MAX) } else { (&self.listing.page_up, i64::MIN) };
-        let (at, id) = last.map_or((edge, ""), |(at, id)| (*at, id.as_str()));
-        let reads: Vec<_> = combos
-            .iter()
-            .map(|&(s, p)| {
+    ) -> Result<BTreeMap<i32, Vec<Combo>>, StoreError> {
+        let st = if down { &self.listing.minutes_down } else { &self.listing.minutes_up };
+        let reads = combos.iter().map(|&(s, p)| ((s, p), (hour, s.as_str(), p.as_str(), from)));
+        let mut by_minute: BTreeMap<i32, Vec<Combo>> = Default::default();
+        let found: Vec<(Combo, Vec<(i32,)>)> = self.read_each(st, reads).await?;
+        for (combo, minutes) in found {
+            for (minute,) in minutes {
+                by_minute.entry(minute).or_default().push(combo);
+            }
+        }
+        Ok(by_minute)
+    }
+
+    /// One read per partition, run at once; each answer's rows as `R`.
+    async fn read_each<V, R>(
+        &self,
+        st: &PreparedStatement,
+        reads: impl Iterator<Item = (Combo, V)>,
+    ) -> Result<Vec<(Combo, Vec<R>)>, StoreError>
+    where
+        V: scylla::serialize::row::SerializeRow,
+        R: for<'f, 'm> scylla::deserialize::row::DeserializeRow<'f, 'm>,
+    {
+        let reads: Vec<_> = reads
+            .map(|(combo, values)| {
                 Box::pin(async move {
-                    let values = (hour, s.as_str(), p.as_str(), at, id, want as i32);
                     let rows = self
                         .session
                         .execute_unpaged(st, values)
@@ -395,23 +528,39 @@ impl CqlStore {
                         .map_err(backend)?
                         .into_rows_result()
                         .map_err(backend)?;
-                    let keys = rows.rows::<(i64, String)>().map_err(backend)?.collect::<Result<Vec<_>, _>>();
-                    let entries: Vec<Entry> =
-                        keys.map_err(backend)?.into_iter().map(|(at, id)| Entry::of(at, &id, s, p)).collect();
-                    Ok::<_, StoreError>(((s, p), entries))
+                    let found = rows.rows::<R>().map_err(backend)?.collect::<Result<Vec<_>, _>>();
+                    Ok::<_, StoreError>((combo, found.map_err(backend)?))
                 })
             })
             .collect();
-        let found: Vec<_> = futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect().await;
+        futures::stream::iter(reads).buffer_unordered(CONCURRENCY).collect::<Vec<_>>().await.into_iter().collect()
+    }
+
+    /// The next entries of one minute after `last`, merged over its partitions, in listing
+    /// order; only as far as every partition was read (one that filled its read may hold
+    /// more before the others' later entries). `true` when the minute has no more; and the
+    /// partitions whose read found nothing.
+    async fn entries(
+        &self,
+        minute: i32,
+        combos: &[Combo],
+        last: Option<&(i64, String)>,
+        want: usize,
+        down: bool,
+    ) -> Result<(Vec<Entry>, bool, Vec<Combo>), StoreError> {
+        let (st, edge) = if down { (&self.listing.page_down, i64::MAX) } else { (&self.listing.page_up, i64::MIN) };
+        let (at, id) = last.map_or((edge, ""), |(at, id)| (*at, id.as_str()));
+        let reads = combos.iter().map(|&(s, p)| ((s, p), (minute, s.as_str(), p.as_str(), at, id, want as i32)));
+        let found: Vec<(Combo, Vec<(i64, String)>)> = self.read_each(st, reads).await?;
         let mut all = BTreeSet::new();
         // The nearest last entry of a partition that filled its read: past it, another
         // partition's entries may come before ones this read did not take.
         let mut bound: Option<(i64, String)> = None;
         let mut empty = Vec::new();
-        for read in found {
-            let (combo, entries) = read?;
+        for ((s, p), keys) in found {
+            let entries: Vec<Entry> = keys.into_iter().map(|(at, id)| Entry::of(at, &id, s, p)).collect();
             if entries.is_empty() {
-                empty.push(combo);
+                empty.push((s, p));
             }
             if entries.len() == want
                 && let Some(end) = entries.last()
@@ -435,15 +584,16 @@ impl CqlStore {
         Ok((merged, bound.is_none(), empty))
     }
 
-    /// Forgets the markers of an hour whose partitions a read found empty; a failure only
-    /// leaves them for a later listing.
-    async fn forget_empty(&self, hour: i32, empty: Vec<(Status, Priority)>, read_at: DateTime<Utc>) {
-        let at = from_micros(i64::from(hour) * HOUR_US);
-        let forgets: Vec<_> = empty.iter().map(|&(s, p)| Box::pin(self.forget_empty_hour(s, p, at, read_at))).collect();
+    /// Forgets the markers of the span `n` for partitions a read found empty; a failure
+    /// only leaves them for a later listing.
+    async fn forget_markers(&self, span: IndexSpan, n: i32, empty: &[Combo], read_at: DateTime<Utc>) {
+        let at = from_micros(i64::from(n) * span.width());
+        let forgets: Vec<_> =
+            empty.iter().map(|&(s, p)| Box::pin(self.forget_marker(span, s, p, at, read_at))).collect();
         let done: Vec<_> = futures::stream::iter(forgets).buffer_unordered(CONCURRENCY).collect().await;
         for r in done {
             if let Err(e) = r {
-                tracing::debug!(error = %e, hour, "an empty hour's marker stays for a later listing");
+                tracing::debug!(error = %e, ?span, n, "an empty span's marker stays for a later listing");
             }
         }
     }
@@ -459,9 +609,14 @@ impl CqlStore {
         }
     }
 
-    /// Whether the index holds the rows written before it existed.
+    /// Whether the time index holds the rows written before it existed.
     pub(super) async fn backfilled(&self) -> Result<bool, StoreError> {
         self.migrated(BACKFILL).await
+    }
+
+    /// Whether the shops' index holds the rows written before it existed.
+    pub(super) async fn shops_backfilled(&self) -> Result<bool, StoreError> {
+        self.migrated(SHOPS_BACKFILL).await
     }
 
     /// Whether the data migration `name` is done.
@@ -477,8 +632,8 @@ impl CqlStore {
         Ok(())
     }
 
-    /// Lists every stored order in the index (one pass over the orders' partitions, the
-    /// one data migration of schema 010); safe to run again, or beside live writes, since
+    /// Lists every stored order in the indexes (one pass over the orders' partitions, the
+    /// data migration of schemas 010, 012 and 014); safe to run again, or beside live writes, since
     /// a listing checks every entry. Returns how many orders it listed.
     pub async fn backfill_listing(&self) -> Result<u64, StoreError> {
         let cql = format!("SELECT DISTINCT {} FROM {}.orders", super::STATICS, self.keyspace);
@@ -500,6 +655,7 @@ impl CqlStore {
                 tracing::info!(listed, "backfilling the orders' time index");
             }
         }
+        self.mark_migrated(SHOPS_BACKFILL).await?;
         self.mark_migrated(BACKFILL).await?;
         Ok(listed)
     }
@@ -532,24 +688,31 @@ mod tests {
     use super::*;
 
     #[test]
-    fn hours_split_at_the_hour_on_both_sides_of_the_epoch() {
-        assert_eq!(hour_of(0), 0);
-        assert_eq!(hour_of(HOUR_US - 1), 0);
-        assert_eq!(hour_of(HOUR_US), 1);
-        assert_eq!(hour_of(-1), -1);
+    fn spans_split_at_their_edges_on_both_sides_of_the_epoch() {
+        for span in [IndexSpan::Hour, IndexSpan::Minute] {
+            let w = span.width();
+            assert_eq!((span.of(0), span.of(w - 1), span.of(w), span.of(-1)), (0, 0, 1, -1));
+        }
+        // A minute's partition lies inside its hour's markers.
+        let at = 5 * HOUR_US - 1;
+        assert_eq!(IndexSpan::Minute.of(at) / 60, IndexSpan::Hour.of(at));
     }
 
     #[test]
-    fn a_read_covers_an_hour_only_from_past_its_edge() {
+    fn a_read_covers_a_span_only_from_past_its_edge() {
         let at = |us: i64, id: &str| Some((us, id.to_string()));
-        assert!(covers(3, None, true) && covers(3, None, false));
-        // Down: from the next hour's edge (a cursor past the hour) or beyond.
-        assert!(covers(3, at(4 * HOUR_US, "").as_ref(), true));
-        assert!(!covers(3, at(4 * HOUR_US - 1, "z").as_ref(), true));
-        // Up: from the hour's own edge, which no id reaches, or before.
-        assert!(covers(3, at(3 * HOUR_US, "").as_ref(), false));
-        assert!(covers(3, at(3 * HOUR_US - 1, "z").as_ref(), false));
-        assert!(!covers(3, at(3 * HOUR_US, "a").as_ref(), false));
+        for span in [IndexSpan::Hour, IndexSpan::Minute] {
+            let (w, covers) =
+                (span.width(), |n, last: Option<(i64, String)>, down| span.covers(n, last.as_ref(), down));
+            assert!(covers(3, None, true) && covers(3, None, false));
+            // Down: from the next span's edge (a cursor past the span) or beyond.
+            assert!(covers(3, at(4 * w, ""), true));
+            assert!(!covers(3, at(4 * w - 1, "z"), true));
+            // Up: from the span's own edge, which no id reaches, or before.
+            assert!(covers(3, at(3 * w, ""), false));
+            assert!(covers(3, at(3 * w - 1, "z"), false));
+            assert!(!covers(3, at(3 * w, "a"), false));
+        }
     }
 
     #[test]

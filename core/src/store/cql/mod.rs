@@ -22,6 +22,7 @@ use scylla::value::{CqlTimeuuid, MaybeUnset, Row};
 
 mod counts;
 mod listing;
+pub use listing::IndexSpan;
 mod shops;
 
 use super::{
@@ -34,7 +35,7 @@ use crate::domain::{ChangedAt, Order, Priority, Status, Tier};
 use crate::sqlite::{from_micros, micros};
 
 /// The schema files in the order they apply; each statement is idempotent (IF NOT EXISTS).
-const MIGRATIONS: [&str; 13] = [
+const MIGRATIONS: [&str; 14] = [
     include_str!("../../../../schemas/cql/001_init.cql"),
     include_str!("../../../../schemas/cql/002_parking.cql"),
     include_str!("../../../../schemas/cql/003_delivery_claims.cql"),
@@ -48,6 +49,7 @@ const MIGRATIONS: [&str; 13] = [
     include_str!("../../../../schemas/cql/011_dead_letter_days.cql"),
     include_str!("../../../../schemas/cql/012_shop_orders.cql"),
     include_str!("../../../../schemas/cql/013_order_counts.cql"),
+    include_str!("../../../../schemas/cql/014_order_index_by_minute.cql"),
 ];
 
 /// Where and how to reach the CQL cluster.
@@ -574,7 +576,7 @@ impl CqlStore {
             tallied: Default::default(),
             write_slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
         };
-        // Rows written before schema 010 join the time index in the background: a listing
+        // Rows written before schema 014 join the time index in the background: a listing
         // shows them as the backfill reaches them.
         if !store.backfilled().await? {
             let backfill = store.clone();
@@ -1815,6 +1817,9 @@ impl Runs for CqlStore {
         let tables = [
             "orders",
             "order_index",
+            "order_index_by_minute",
+            "order_index_minutes",
+            "order_index_by_minute_hours",
             "order_index_hours",
             "order_counts",
             "parked",

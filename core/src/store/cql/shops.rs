@@ -67,7 +67,7 @@ impl CqlStore {
     ) -> Result<Page<String>, StoreError> {
         // Rows written before schema 012 join the index in the background at open; an
         // erasure that read it before then would miss them.
-        if !self.backfilled().await? {
+        if !self.shops_backfilled().await? {
             return Err(StoreError::Unavailable("the shops' order index is still being backfilled".into()));
         }
         let limit = limit.clamp(1, 10_000);
