@@ -506,6 +506,12 @@ pub struct DistributedReport {
     /// embedded ceiling uses (issue #15, item 1).
     pub full_write_set_before_processing_per_s: f64,
     pub processing_only_vs_full_write_set: f64,
+    /// The full write set's ceiling once more, right after processing, while its
+    /// keyspace still stands: Cassandra then carries what the earlier phases left it
+    /// (memtables to flush, sstables to compact), as processing did.
+    pub full_write_set_after_processing_per_s: f64,
+    /// Processing alone against the mean of the ceilings either side of it.
+    pub processing_only_vs_full_write_set_bracket: f64,
 }
 
 /// The bench on Kafka and a CQL store: the store's own LWT ceiling, then the pipeline.
@@ -514,7 +520,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let run = uuid::Uuid::new_v4().simple().to_string()[..20].to_string();
     // Cassandra drifts over minutes (compaction, its JIT, data grown): each ratio's
     // ceiling is measured shortly before the pipeline it is compared with (before
-    // processing alone: the bare ceiling, then the full write set's, then the pipeline).
+    // processing alone: the bare ceiling, then the full write set's, then the pipeline,
+    // then the full write set's again, so that processing sits between two).
     // With `cases`, of the pipeline's full write set: the rows and their what-if cases.
     let ceiling = |tag: &'static str, cases: bool| {
         let config = CqlConfig { keyspace: format!("bench_raw_{tag}_{run}"), ..cql.clone() };
@@ -553,7 +560,9 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
     let raw_before = ceiling("backlog", false).await?;
     let full_before = ceiling("full", true).await?;
     let processing_only = drive_with(engine, &args, "backlog", Load::Backlog).await?;
+    let full_after = ceiling("after", true).await?;
     drop_keyspace(&cql, &backlog).await?;
+    let bracket = (full_before + full_after) / 2.0;
     let report = DistributedReport {
         events: args.events,
         machine: machine(),
@@ -566,6 +575,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
         processing_only_vs_raw_lwt: processing_only.events_per_s / raw_before,
         full_write_set_before_processing_per_s: full_before,
         processing_only_vs_full_write_set: processing_only.events_per_s / full_before,
+        full_write_set_after_processing_per_s: full_after,
+        processing_only_vs_full_write_set_bracket: processing_only.events_per_s / bracket,
         processing_only,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -605,6 +616,9 @@ pub struct RunReport {
 
 /// Most rows the embedded ceiling of `bench run` writes (about 30 s here).
 const RUN_CEILING_MAX: u64 = 2_000_000;
+/// Most rows its CQL ceiling writes (about a minute here): enough for Cassandra to
+/// flush and compact within it, as it does within the run.
+const CQL_RUN_CEILING_MAX: u64 = 200_000;
 
 /// `orchestrator bench run`: one generated run on a fresh engine, timed end to end.
 async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> {
@@ -641,7 +655,7 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
         Backend::Distributed { cql, .. } => {
             let store =
                 crate::store::cql::CqlStore::open(CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql }).await?;
-            raw_writes(&store, None, args.quantity.min(20_000), batch, &shape).await?
+            raw_writes(&store, None, ceiling_n.min(CQL_RUN_CEILING_MAX), batch, &shape).await?
         }
     };
     let processing_ms = match (run.vip.started_at, run.normal.ended_at.or(run.vip.ended_at)) {
