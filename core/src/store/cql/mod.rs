@@ -1223,7 +1223,8 @@ impl Parking for CqlStore {
 impl DeadLetters for CqlStore {
     /// Oldest first, day by day.
     async fn dead_letters(&self, limit: usize, cursor: Option<String>) -> Result<Page<DeadLetter>, StoreError> {
-        let by_day = ByDay { days: &self.st.letter_days, rows: &self.st.letters, edge: OLDEST, first: 0 };
+        let (days, rows) = (&self.st.letter_days, &self.st.letters);
+        let by_day = ByDay { days, rows, edge: OLDEST, first: 0, legacy: Some(0) };
         let page = self.by_day_page(by_day, cursor, limit, "dead-letter", |r: LetterRow| Ok((r.0, r))).await?;
         let mut items = Vec::new();
         for r in page.items {
@@ -1400,7 +1401,8 @@ impl WebhookLedger for CqlStore {
 
     /// Oldest first, day by day.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
-        let by_day = ByDay { days: &self.st.delivery_days, rows: &self.st.deliveries, edge: OLDEST, first: i32::MIN };
+        let (days, rows) = (&self.st.delivery_days, &self.st.deliveries);
+        let by_day = ByDay { days, rows, edge: OLDEST, first: i32::MIN, legacy: None };
         self.by_day_page(by_day, cursor, limit, "deliveries", json_body).await
     }
 
@@ -1688,7 +1690,8 @@ impl ActionLog for CqlStore {
     async fn actions(&self, limit: usize, cursor: Option<String>) -> Result<Page<ActionRecord>, StoreError> {
         // The largest timeuuid of any time: CQL compares timeuuids by time first.
         let newest = uuid::Uuid::from_u128(0xffff_ffff_ffff_1fff_bfff_ffff_ffff_ffff);
-        let by_day = ByDay { days: &self.st.action_days, rows: &self.st.actions, edge: newest, first: i32::MAX };
+        let (days, rows) = (&self.st.action_days, &self.st.actions);
+        let by_day = ByDay { days, rows, edge: newest, first: i32::MAX, legacy: None };
         self.by_day_page(by_day, cursor, limit, "audit", json_body).await
     }
 }
@@ -1712,6 +1715,9 @@ struct ByDay<'a> {
     edge: uuid::Uuid,
     /// The day bound that takes every day.
     first: i32,
+    /// The bucket that held every row before the table had days, if it had such a time:
+    /// a cursor given then (a bare timeuuid) reads on from its place there.
+    legacy: Option<i32>,
 }
 
 impl CqlStore {
@@ -1732,9 +1738,13 @@ impl CqlStore {
         let (mut day, mut bound) = match cursor {
             None => (table.first, table.edge),
             Some(c) => {
-                let (d, u) = c.split_once('/').ok_or_else(bad)?;
+                let (day, u) = match (c.split_once('/'), table.legacy) {
+                    (Some((d, u)), _) => (d.parse().map_err(|_| bad())?, u),
+                    (None, Some(bucket)) => (bucket, c.as_str()),
+                    (None, None) => return Err(bad()),
+                };
                 let at = uuid::Uuid::try_parse(u).ok().filter(|u| u.get_version_num() == 1).ok_or_else(bad)?;
-                (d.parse().map_err(|_| bad())?, at)
+                (day, at)
             }
         };
         let days = self.session.execute_unpaged(table.days, (day,)).await.map_err(backend)?;
