@@ -55,6 +55,14 @@ impl ReadPool {
         Ok(Self { conns, next: AtomicUsize::new(0) })
     }
 
+    /// Runs `f` on a free connection, or hands it back if every one is busy.
+    pub fn try_with<T, F: FnOnce(&Connection) -> T>(&self, f: F) -> Result<T, F> {
+        match self.conns.iter().find_map(|c| c.try_lock().ok()) {
+            Some(conn) => Ok(f(&conn)),
+            None => Err(f),
+        }
+    }
+
     /// Runs `f` on a free connection, or waits for the next one in turn.
     pub fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
         for c in &self.conns {

@@ -126,7 +126,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         shopify,
     };
     let pulse = orchestrator::pulse::Pulse::start(engine.clone());
-    let state = AppState { engine: engine.clone(), runs, metrics, config, pulse };
+    let state = AppState { engine: engine.clone(), runs, metrics, config: std::sync::Arc::new(config), pulse };
     listener::serve(listener, api::router(state), &limits, shutdown_signal()).await?;
     tracing::info!("shutting down: finishing the batch in hand");
     engine.shutdown().await;
@@ -170,7 +170,7 @@ async fn bridge(args: BridgeArgs) -> anyhow::Result<()> {
         shopify: Some(shopify),
     };
     let pulse = orchestrator::pulse::Pulse::start(engine.clone());
-    let state = AppState { engine: engine.clone(), runs, metrics, config, pulse };
+    let state = AppState { engine: engine.clone(), runs, metrics, config: std::sync::Arc::new(config), pulse };
     listener::serve(listener, api::bridge_router(state), &limits, shutdown_signal()).await?;
     engine.flush_log().await?;
     Ok(())

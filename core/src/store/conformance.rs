@@ -762,23 +762,37 @@ pub fn letter_template(id: &str) -> DeadLetter {
     }
 }
 
-/// `WebhookLedger`: one claim per key, released keys claimable again, the audit.
+/// `WebhookLedger`: one claim per key, a delivery's keys claimed all or none, released
+/// keys claimable again, the audit.
 pub async fn webhook_ledger(s: &(impl WebhookLedger + ?Sized), prefix: &str) {
     let key = format!("{prefix}-webhook-1");
+    let one = std::slice::from_ref(&key);
     let ttl = std::time::Duration::from_secs(3600);
     let (long, short) = (std::time::Duration::from_secs(600), std::time::Duration::from_millis(1));
-    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::Claimed, "first claim");
-    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::InFlight, "held, not yet durable");
-    s.release_delivery(&key).await.unwrap();
-    assert_eq!(s.claim_delivery(&key, ttl, long).await.unwrap(), Claim::Claimed, "claimable after release");
+    assert_eq!(s.claim_delivery(one, ttl, long).await.unwrap(), Claim::Claimed, "first claim");
+    assert_eq!(s.claim_delivery(one, ttl, long).await.unwrap(), Claim::InFlight, "held, not yet durable");
+    // A delivery whose other key is held takes neither: its own key stays free.
+    let (other, both) = (format!("{prefix}-event-1"), [format!("{prefix}-event-1"), key.clone()]);
+    assert_eq!(s.claim_delivery(&both, ttl, long).await.unwrap(), Claim::InFlight, "one key of two held");
+    let free = std::slice::from_ref(&other);
+    assert_eq!(s.claim_delivery(free, ttl, long).await.unwrap(), Claim::Claimed, "left free by the refused pair");
+    s.release_delivery(&both).await.unwrap();
+    assert_eq!(s.claim_delivery(&both, ttl, long).await.unwrap(), Claim::Claimed, "both free after release");
+    s.release_delivery(&both).await.unwrap();
+    assert_eq!(s.claim_delivery(one, ttl, long).await.unwrap(), Claim::Claimed, "claimable after release");
     // An attempt that never confirmed (it crashed, or its release failed): once its
     // lease runs out, the next attempt takes the key over.
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Claimed, "a stale claim is taken over");
-    s.confirm_delivery(&key, ttl).await.unwrap();
-    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Done, "confirmed: a duplicate");
-    s.release_delivery(&key).await.unwrap();
-    assert_eq!(s.claim_delivery(&key, ttl, short).await.unwrap(), Claim::Done, "a confirmed claim stays");
+    assert_eq!(s.claim_delivery(one, ttl, short).await.unwrap(), Claim::Claimed, "a stale claim is taken over");
+    s.confirm_delivery(one, ttl).await.unwrap();
+    assert_eq!(s.claim_delivery(one, ttl, short).await.unwrap(), Claim::Done, "confirmed: a duplicate");
+    s.release_delivery(one).await.unwrap();
+    assert_eq!(s.claim_delivery(one, ttl, short).await.unwrap(), Claim::Done, "a confirmed claim stays");
+    // A delivery with one key confirmed is a duplicate, and takes none of the others.
+    let third = [format!("{prefix}-event-2"), key.clone()];
+    assert_eq!(s.claim_delivery(&third, ttl, long).await.unwrap(), Claim::Done, "one of two confirmed");
+    let fresh = std::slice::from_ref(&third[0]);
+    assert_eq!(s.claim_delivery(fresh, ttl, long).await.unwrap(), Claim::Claimed, "left free by the duplicate");
     let delivery = WebhookDelivery {
         webhook_id: Some(key.clone()),
         event_id: None,

@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS compliance (id TEXT PRIMARY KEY, received_at INTEGER 
 CREATE INDEX IF NOT EXISTS runs_started ON runs(started_at, id);
 ";
 
+/// The most event ids an ingest looks up on the calling task (`point_read`): a webhook
+/// delivery has one; a large batch goes to a blocking thread.
+const POINT_READ_MAX: usize = 16;
+
 const ORDER_COLUMNS: &str = "id, shopify_order_id, customer, tier, priority, status, total_cents, \
     shipping_fee_cents, currency, note, version, created_at, updated_at, decided_by, source_updated_at, \
     changed_at, shop";
@@ -180,6 +184,19 @@ impl EmbeddedStore {
     ) -> Result<T, StoreError> {
         let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || readers.with(f)).await.map_err(|e| StoreError::Backend(e.into()))?
+    }
+
+    /// `read` for a few indexed lookups on a request's path: done on the calling task
+    /// when a connection is free, which spares the hand-off to a blocking thread and
+    /// back (two context switches, more than the lookups cost); else as `read`.
+    async fn point_read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        match self.readers.try_with(f) {
+            Ok(done) => done,
+            Err(f) => self.read(f).await,
+        }
     }
 }
 
@@ -531,7 +548,8 @@ impl Orders for EmbeddedStore {
     }
 
     async fn recorded_for(&self, event_ids: Vec<String>) -> Result<Option<HashMap<String, String>>, StoreError> {
-        self.read(move |c| {
+        let few = event_ids.len() <= POINT_READ_MAX;
+        let lookup = move |c: &Connection| {
             let mut out = HashMap::new();
             for id in event_ids {
                 if let Some(order) = recorded_for(c, &id).map_err(backend)? {
@@ -539,8 +557,8 @@ impl Orders for EmbeddedStore {
                 }
             }
             Ok(Some(out))
-        })
-        .await
+        };
+        if few { self.point_read(lookup).await } else { self.read(lookup).await }
     }
 
     /// Paged by the history's sequence number, which is the order of the writes.
@@ -1045,62 +1063,80 @@ impl ActionLog for EmbeddedStore {
 impl WebhookLedger for EmbeddedStore {
     async fn claim_delivery(
         &self,
-        key: &str,
+        keys: &[String],
         ttl: std::time::Duration,
         lease: std::time::Duration,
     ) -> Result<Claim, StoreError> {
-        let key = key.to_string();
+        let keys = keys.to_vec();
+        // One transaction: the keys are all taken or none is, so two copies of a delivery
+        // never each hold one of them.
         self.write_tx(move |tx| {
             let now = micros(Utc::now());
-            let held: Option<(String, i64, i64)> = tx
-                .prepare_cached("SELECT state, claimed_at, expires_at FROM webhook_claims WHERE key = ?1")?
-                .query_row([&key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            match held {
-                Some((state, _, expires)) if expires >= now && state == "done" => return Ok(Claim::Done),
-                Some((_, claimed_at, expires)) if expires >= now && claimed_at + lease.as_micros() as i64 > now => {
-                    return Ok(Claim::InFlight);
+            let mut read =
+                tx.prepare_cached("SELECT state, claimed_at, expires_at FROM webhook_claims WHERE key = ?1")?;
+            let mut answer = Claim::Claimed;
+            for key in &keys {
+                let held: Option<(String, i64, i64)> =
+                    read.query_row([key], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?;
+                match held {
+                    Some((state, _, expires)) if expires >= now && state == "done" => return Ok(Claim::Done),
+                    Some((_, claimed_at, expires)) if expires >= now && claimed_at + lease.as_micros() as i64 > now => {
+                        answer = Claim::InFlight;
+                    }
+                    // Absent, expired, or left unconfirmed past its lease: ours to take.
+                    _ => {}
                 }
-                // Absent, expired, or left unconfirmed past its lease: ours now.
-                _ => {}
             }
-            tx.prepare_cached(
+            if answer != Claim::Claimed {
+                return Ok(answer);
+            }
+            let mut claim = tx.prepare_cached(
                 "INSERT INTO webhook_claims (key, expires_at, state, claimed_at) VALUES (?1, ?2, 'pending', ?3)
                  ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at, state = 'pending',
                  claimed_at = excluded.claimed_at",
-            )?
-            .execute(params![key, now + ttl.as_micros() as i64, now])?;
+            )?;
+            for key in &keys {
+                claim.execute(params![key, now + ttl.as_micros() as i64, now])?;
+            }
             Ok(Claim::Claimed)
         })
         .await
     }
 
-    async fn confirm_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<(), StoreError> {
-        let key = key.to_string();
+    async fn confirm_delivery(&self, keys: &[String], ttl: std::time::Duration) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
         self.write_tx(move |tx| {
             let now = micros(Utc::now());
-            tx.prepare_cached(
+            let mut confirm = tx.prepare_cached(
                 "INSERT INTO webhook_claims (key, expires_at, state, claimed_at) VALUES (?1, ?2, 'done', ?3)
                  ON CONFLICT(key) DO UPDATE SET expires_at = excluded.expires_at, state = 'done'",
-            )?
-            .execute(params![key, now + ttl.as_micros() as i64, now])
-            .map(|_| ())
+            )?;
+            for key in &keys {
+                confirm.execute(params![key, now + ttl.as_micros() as i64, now])?;
+            }
+            Ok(())
         })
         .await
     }
 
-    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
-        let key = key.to_string();
+    async fn release_delivery(&self, keys: &[String]) -> Result<(), StoreError> {
+        let keys = keys.to_vec();
         self.write_tx(move |tx| {
-            tx.execute("DELETE FROM webhook_claims WHERE key = ?1 AND state = 'pending'", [key]).map(|_| ())
+            let mut release = tx.prepare_cached("DELETE FROM webhook_claims WHERE key = ?1 AND state = 'pending'")?;
+            for key in &keys {
+                release.execute([key])?;
+            }
+            Ok(())
         })
         .await
     }
 
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
         let body = serde_json::to_string(&delivery).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        self.write_tx(move |conn| conn.execute("INSERT INTO webhook_deliveries (body) VALUES (?1)", [body]).map(|_| ()))
-            .await
+        self.write_tx(move |conn| {
+            conn.prepare_cached("INSERT INTO webhook_deliveries (body) VALUES (?1)")?.execute([body]).map(|_| ())
+        })
+        .await
     }
 
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError> {
@@ -1146,9 +1182,9 @@ impl WebhookLedger for EmbeddedStore {
     async fn shop(&self, domain: &str) -> Result<Option<ShopRecord>, StoreError> {
         let domain = domain.to_string();
         let body: Option<String> = self
-            .read(move |c| {
-                c.query_row("SELECT body FROM shops WHERE domain = ?1", [domain], |r| r.get(0))
-                    .optional()
+            .point_read(move |c| {
+                c.prepare_cached("SELECT body FROM shops WHERE domain = ?1")
+                    .and_then(|mut read| read.query_row([domain], |r| r.get(0)).optional())
                     .map_err(backend)
             })
             .await?;
@@ -1363,10 +1399,11 @@ mod tests {
         let store = EmbeddedStore::open(&dir.path().join("s.sqlite")).unwrap();
         let (lease, short, long) = (Duration::from_secs(60), Duration::from_millis(1), Duration::from_secs(3_600));
         for i in 0..3 {
-            store.claim_delivery(&format!("gone-{i}"), short, lease).await.unwrap();
-            store.confirm_delivery(&format!("gone-{i}"), short).await.unwrap();
+            let gone = [format!("gone-{i}")];
+            store.claim_delivery(&gone, short, lease).await.unwrap();
+            store.confirm_delivery(&gone, short).await.unwrap();
         }
-        store.claim_delivery("kept", long, lease).await.unwrap();
+        store.claim_delivery(&["kept".to_string()], long, lease).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(store.prune_deliveries(Utc::now() - super::super::DELIVERY_RETENTION).await.unwrap(), 3);
         let left: Vec<String> = store
@@ -1400,7 +1437,9 @@ mod tests {
         let before = store.commits();
         // 100 keys, each claimed twice, and the refused one among them.
         let keys: Vec<String> = (0..200).map(|i| format!("k-{}", i % 100)).chain(["bad".to_string()]).collect();
-        let answers = futures::future::join_all(keys.iter().map(|k| store.claim_delivery(k, ttl, lease))).await;
+        let answers =
+            futures::future::join_all(keys.iter().map(|k| store.claim_delivery(std::slice::from_ref(k), ttl, lease)))
+                .await;
         let commits = store.commits() - before;
         let (refused, answers) = answers.split_last().unwrap();
         let refused = refused.as_ref().unwrap_err().to_string();

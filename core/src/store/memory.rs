@@ -288,29 +288,40 @@ impl DeadLetters for MemoryStore {
 
 #[async_trait]
 impl WebhookLedger for MemoryStore {
-    async fn claim_delivery(&self, key: &str, ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim_delivery(&self, keys: &[String], ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
         let mut state = self.state();
         let now = Instant::now();
-        match state.claims.get(key) {
-            Some(c) if c.expires > now && c.confirmed => return Ok(Claim::Done),
-            Some(c) if c.expires > now && c.claimed_at + lease > now => return Ok(Claim::InFlight),
-            _ => {}
+        let mut answer = Claim::Claimed;
+        for key in keys {
+            match state.claims.get(key) {
+                Some(c) if c.expires > now && c.confirmed => return Ok(Claim::Done),
+                Some(c) if c.expires > now && c.claimed_at + lease > now => answer = Claim::InFlight,
+                _ => {}
+            }
         }
-        state.claims.insert(key.to_string(), Held { expires: now + ttl, claimed_at: now, confirmed: false });
-        Ok(Claim::Claimed)
+        if answer == Claim::Claimed {
+            for key in keys {
+                state.claims.insert(key.clone(), Held { expires: now + ttl, claimed_at: now, confirmed: false });
+            }
+        }
+        Ok(answer)
     }
 
-    async fn confirm_delivery(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+    async fn confirm_delivery(&self, keys: &[String], ttl: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
-        let held = Held { expires: now + ttl, claimed_at: now, confirmed: true };
-        self.state().claims.insert(key.to_string(), held);
+        let mut state = self.state();
+        for key in keys {
+            state.claims.insert(key.clone(), Held { expires: now + ttl, claimed_at: now, confirmed: true });
+        }
         Ok(())
     }
 
-    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
+    async fn release_delivery(&self, keys: &[String]) -> Result<(), StoreError> {
         let mut state = self.state();
-        if state.claims.get(key).is_some_and(|c| !c.confirmed) {
-            state.claims.remove(key);
+        for key in keys {
+            if state.claims.get(key).is_some_and(|c| !c.confirmed) {
+                state.claims.remove(key);
+            }
         }
         Ok(())
     }

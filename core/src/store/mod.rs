@@ -466,18 +466,20 @@ pub const DELIVERY_RETENTION: std::time::Duration = std::time::Duration::from_se
 /// ran out (its attempt crashed or failed) is taken over by the next attempt.
 #[async_trait]
 pub trait WebhookLedger: Send + Sync + 'static {
-    /// Claims a key, kept for `ttl` once confirmed; an unconfirmed claim older than
-    /// `lease` is taken over.
+    /// Claims a delivery by all its keys (its webhook id and event id), all or none:
+    /// `Done` if a key is confirmed, `InFlight` if another attempt holds one, and nothing
+    /// is held unless the answer is `Claimed`. Kept for `ttl` once confirmed; an
+    /// unconfirmed claim older than `lease` is taken over.
     async fn claim_delivery(
         &self,
-        key: &str,
+        keys: &[String],
         ttl: std::time::Duration,
         lease: std::time::Duration,
     ) -> Result<Claim, StoreError>;
-    /// The claimed delivery's event is durable on the log: the key is a duplicate now.
-    async fn confirm_delivery(&self, key: &str, ttl: std::time::Duration) -> Result<(), StoreError>;
-    /// Gives an unconfirmed claim back early (its event did not reach the log).
-    async fn release_delivery(&self, key: &str) -> Result<(), StoreError>;
+    /// The claimed delivery's event is durable on the log: its keys are duplicates now.
+    async fn confirm_delivery(&self, keys: &[String], ttl: std::time::Duration) -> Result<(), StoreError>;
+    /// Gives unconfirmed claims back early (their event did not reach the log).
+    async fn release_delivery(&self, keys: &[String]) -> Result<(), StoreError>;
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError>;
     /// The delivery audit, oldest first.
     async fn deliveries(&self, limit: usize, cursor: Option<String>) -> Result<Page<WebhookDelivery>, StoreError>;

@@ -66,7 +66,8 @@ pub struct AppState {
     pub engine: Arc<Engine>,
     pub runs: Arc<crate::runs::Runs>,
     pub metrics: PrometheusHandle,
-    pub config: ApiConfig,
+    /// Shared: axum clones the state for every extractor of every request.
+    pub config: Arc<ApiConfig>,
     /// Once-a-second figures for the dashboard's live charts.
     pub pulse: Arc<crate::pulse::Pulse>,
 }

@@ -31,7 +31,7 @@ pub async fn receive(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> Result<Json<WebhookAnswer>, ApiError> {
-    let Some(config) = s.config.shopify.clone() else {
+    let Some(config) = s.config.shopify.as_ref() else {
         let hint = "set --shopify-secret (SHOPIFY_WEBHOOK_SECRET) or --shopify-secrets-file";
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "Shopify webhooks are not configured", hint));
     };
@@ -58,7 +58,7 @@ pub async fn receive(
         }
         Err(e) => Err(e.into_error(config.max_body_bytes)),
         Ok(body) => {
-            let accepted = shopify::accept(&s.engine, &config, &delivery, &body, &mut audit).await;
+            let accepted = shopify::accept(&s.engine, config, &delivery, &body, &mut audit).await;
             let refused = matches!(accepted, Err(WebhookError::Unsigned | WebhookError::BadSignature));
             unverified = refused || matches!(accepted, Err(WebhookError::UnknownShop));
             if let Err(e @ WebhookError::UnknownShop) = &accepted {
@@ -79,13 +79,10 @@ pub async fn receive(
         let detail = e.detail["message"].as_str().map_or_else(|| e.detail.to_string(), str::to_string);
         audit.reason = Some(format!("{}: {detail}", e.error));
     }
-    if unverified && !s.config.refusals.allows(peer.ip()) {
-        return result.map(Json);
-    }
-    if let Err(e) = s.engine.webhooks().record_delivery(audit).await {
-        tracing::warn!(error = %e, "could not record a webhook delivery in the audit");
-    }
-    result.map(Json)
+    // Refusals past the budget are only counted.
+    let audited = (!unverified || s.config.refusals.allows(peer.ip())).then_some(audit);
+    shopify::settle(&s.engine, config, result.as_ref().ok(), audited).await;
+    result.map(|accepted| Json(accepted.answer))
 }
 
 /// The most of each delivery header the audit keeps.

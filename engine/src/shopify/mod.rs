@@ -189,15 +189,53 @@ pub struct WebhookAnswer {
     pub order_id: Option<String>,
 }
 
+/// A delivery's answer, and the claims it still has to confirm once answered durable.
+pub struct Accepted {
+    pub answer: WebhookAnswer,
+    claimed: Vec<String>,
+}
+
+impl From<WebhookAnswer> for Accepted {
+    fn from(answer: WebhookAnswer) -> Self {
+        Accepted { answer, claimed: Vec::new() }
+    }
+}
+
+/// Ends a delivery before its answer: confirms the claims of an accepted one beside its
+/// audit record (if it is audited), so that on the embedded store both share one group
+/// commit. The event is durable, so the answer is 200 either way: an unconfirmed claim
+/// only lets a retry append it again after the lease, which the event ledger absorbs.
+pub async fn settle(
+    engine: &Engine,
+    config: &ShopifyConfig,
+    accepted: Option<&Accepted>,
+    audit: Option<WebhookDelivery>,
+) {
+    let confirm = async {
+        let Some(keys) = accepted.map(|a| &a.claimed).filter(|keys| !keys.is_empty()) else { return };
+        if let Err(e) = engine.webhooks().confirm_delivery(keys, config.dedup_ttl).await {
+            tracing::warn!(error = %e, ?keys, "confirming webhook claims failed; a retry may append it again");
+        }
+    };
+    let record = async {
+        let Some(audit) = audit else { return };
+        if let Err(e) = engine.webhooks().record_delivery(audit).await {
+            tracing::warn!(error = %e, "could not record a webhook delivery in the audit");
+        }
+    };
+    tokio::join!(confirm, record);
+}
+
 /// Takes one signed delivery: verifies it, claims its ids for deduplication, and puts its
-/// event durably on the log. `audit` is filled in as far as the delivery got.
+/// event durably on the log. `audit` is filled in as far as the delivery got; [`settle`]
+/// confirms the claims and records it.
 pub async fn accept(
     engine: &Engine,
     config: &ShopifyConfig,
     headers: &DeliveryHeaders,
     body: &[u8],
     audit: &mut WebhookDelivery,
-) -> Result<WebhookAnswer, WebhookError> {
+) -> Result<Accepted, WebhookError> {
     let signature = headers.hmac.as_deref().ok_or(WebhookError::Unsigned)?;
     let secrets = config.secrets_for(headers.shop.as_deref()).ok_or(WebhookError::UnknownShop)?;
     if !signature::verify(secrets, body, signature) {
@@ -214,16 +252,18 @@ pub async fn accept(
     if let Some(compliance) = compliance::Topic::of(topic) {
         let id = headers.webhook_id.as_deref().or(headers.event_id.as_deref()).ok_or(WebhookError::NoDeliveryId)?;
         let shop = headers.shop.as_deref();
-        return compliance::receive(engine, &config.compliance, compliance, id, shop, body, audit).await;
+        return compliance::receive(engine, &config.compliance, compliance, id, shop, body, audit)
+            .await
+            .map(Into::into);
     }
     if let Some(answer) = shop_standing(engine, headers, topic, audit).await? {
-        return Ok(answer);
+        return Ok(answer.into());
     }
     let kind = match payload::topic_action(topic) {
         TopicAction::Event(kind) => kind,
         TopicAction::Ignored => {
             audit.outcome = "ignored".into();
-            return Ok(WebhookAnswer { status: "ignored", order_id: None });
+            return Ok(WebhookAnswer { status: "ignored", order_id: None }.into());
         }
     };
     let delivery_id = headers.webhook_id.clone().or(headers.event_id.clone()).ok_or(WebhookError::NoDeliveryId)?;
@@ -232,12 +272,15 @@ pub async fn accept(
     // removes subscriptions that keep failing.
     let event = match payload::to_event(kind, body, &delivery_id) {
         Ok(event) => OrderEvent { shop: headers.shop.as_deref().map(|s| s.trim().to_ascii_lowercase()), ..event },
-        Err(reason) => return reject(engine, audit, &delivery_id, None, body, format!("payload: {reason}")).await,
+        Err(reason) => {
+            let reason = format!("payload: {reason}");
+            return reject(engine, audit, &delivery_id, None, body, reason).await.map(Into::into);
+        }
     };
     audit.order_id = Some(event.order_id.clone());
     if let Err(reason) = event.validate() {
         let order = Some(event.order_id.as_str());
-        return reject(engine, audit, &delivery_id, order, body, reason).await;
+        return reject(engine, audit, &delivery_id, order, body, reason).await.map(Into::into);
     }
 
     // Claim every id the delivery carries; a claim already held means a duplicate.
@@ -248,29 +291,15 @@ pub async fn accept(
     .into_iter()
     .flatten()
     .collect();
-    // A claim counts as a duplicate only once its event is durable (confirmed below);
+    // A claim counts as a duplicate only once its event is durable (confirmed after);
     // a claim left unconfirmed by a failed or crashed attempt is taken over after its lease.
-    // One key after the other, always in this order: two copies of a delivery claiming
-    // both keys at once could each hold one and wait for the other until both gave up.
-    let mut claimed = Vec::new();
-    for key in &keys {
-        let held = match claim(engine, config, key).await {
-            Ok(Claim::Claimed) => {
-                claimed.push(key.clone());
-                continue;
-            }
-            Ok(held) => held,
-            Err(e) => {
-                release(engine, &claimed).await;
-                return Err(e.into());
-            }
-        };
-        release(engine, &claimed).await;
-        if held == Claim::Done {
+    match claim(engine, config, &keys).await? {
+        Claim::Claimed => {}
+        Claim::Done => {
             audit.outcome = "duplicate".into();
-            return Ok(WebhookAnswer { status: "duplicate", order_id: Some(event.order_id) });
+            return Ok(WebhookAnswer { status: "duplicate", order_id: Some(event.order_id) }.into());
         }
-        return Err(WebhookError::InFlight { retry_after_s: CLAIM_LEASE.as_secs() });
+        Claim::InFlight => return Err(WebhookError::InFlight { retry_after_s: CLAIM_LEASE.as_secs() }),
     }
     // Durable on the log before the 200; otherwise the claims are given back (or, if that
     // fails, run out their lease), so Shopify's retry passes.
@@ -279,31 +308,22 @@ pub async fn accept(
         // Refused for what it holds (an event id another order took): no outage, and a
         // retry would be refused the same way.
         Ok(Err(IngestError::Invalid { reason, .. })) => {
-            release(engine, &claimed).await;
+            release(engine, &keys).await;
             // The letter's id names the order too: the event id alone is the other order's.
             let letter_id = format!("{delivery_id}@{}", event.order_id);
             let order = Some(event.order_id.as_str());
-            return reject(engine, audit, &letter_id, order, body, reason).await;
+            return reject(engine, audit, &letter_id, order, body, reason).await.map(Into::into);
         }
         Ok(Err(e)) => Err(LogFailure::Refused(e)),
         // The record may still land later; the retry then is a duplicate the store absorbs.
         Err(_) => Err(LogFailure::NoAckWithin(APPEND_BUDGET)),
     };
     if let Err(failure) = appended {
-        release(engine, &claimed).await;
+        release(engine, &keys).await;
         return Err(WebhookError::LogUnavailable(failure));
     }
-    // The event is durable, so the answer is 200 either way. An unconfirmed claim lets a
-    // retry append it again after the lease, which the event ledger absorbs. Together,
-    // so that on the embedded store they share one group commit.
-    let confirms = claimed.iter().map(|key| engine.webhooks().confirm_delivery(key, config.dedup_ttl));
-    for (key, confirmed) in claimed.iter().zip(futures::future::join_all(confirms).await) {
-        if let Err(e) = confirmed {
-            tracing::warn!(error = %e, key, "confirming a webhook claim failed; a retry may append it again");
-        }
-    }
     audit.outcome = "received".into();
-    Ok(WebhookAnswer { status: "accepted", order_id: Some(event.order_id) })
+    Ok(Accepted { answer: WebhookAnswer { status: "accepted", order_id: Some(event.order_id) }, claimed: keys })
 }
 
 /// An `app/uninstalled` delivery marks its shop inactive; a delivery from an inactive
@@ -373,13 +393,13 @@ async fn reject(
 /// is what a 503 asks for anyway.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(3);
 
-/// Claims one key. While another attempt holds it (a concurrent copy of the delivery),
-/// waits a little for that attempt to confirm or give it back.
-async fn claim(engine: &Engine, config: &ShopifyConfig, key: &str) -> Result<Claim, StoreError> {
+/// Claims a delivery's keys, all or none. While another attempt holds one (a concurrent
+/// copy of the delivery), waits a little for that attempt to confirm or give it back.
+async fn claim(engine: &Engine, config: &ShopifyConfig, keys: &[String]) -> Result<Claim, StoreError> {
     let deadline = tokio::time::Instant::now() + IN_FLIGHT_WAIT;
     let mut pause = Duration::from_millis(10);
     loop {
-        let held = engine.webhooks().claim_delivery(key, config.dedup_ttl, CLAIM_LEASE).await?;
+        let held = engine.webhooks().claim_delivery(keys, config.dedup_ttl, CLAIM_LEASE).await?;
         if held != Claim::InFlight || tokio::time::Instant::now() + pause > deadline {
             return Ok(held);
         }
@@ -390,11 +410,8 @@ async fn claim(engine: &Engine, config: &ShopifyConfig, key: &str) -> Result<Cla
 
 /// Gives unconfirmed claims back, best effort: one that stays runs out its lease.
 async fn release(engine: &Engine, keys: &[String]) {
-    let releases = keys.iter().map(|key| engine.webhooks().release_delivery(key));
-    for (key, released) in keys.iter().zip(futures::future::join_all(releases).await) {
-        if let Err(e) = released {
-            tracing::warn!(error = %e, key, "releasing a webhook claim failed; it runs out its lease");
-        }
+    if let Err(e) = engine.webhooks().release_delivery(keys).await {
+        tracing::warn!(error = %e, ?keys, "releasing webhook claims failed; they run out their lease");
     }
 }
 

@@ -186,10 +186,8 @@ async fn deliver(
         audit.reason = Some(e.to_string());
     }
     engine.stats().webhook(&audit.outcome);
-    if let Err(e) = engine.webhooks().record_delivery(audit).await {
-        tracing::warn!(error = %e, "could not record a reconciled delivery in the audit");
-    }
-    accepted.map(|answer| answer.status).map_err(|e| e.to_string())
+    super::settle(engine, config, accepted.as_ref().ok(), Some(audit)).await;
+    accepted.map(|accepted| accepted.answer.status).map_err(|e| e.to_string())
 }
 
 /// A shop's domain: `<name>.myshopify.com`, as Shopify names every shop (so the access

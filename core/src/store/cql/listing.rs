@@ -188,6 +188,13 @@ impl PageSoFar<'_> {
         self.items.len() == self.limit || self.examined >= EXAMINE_MAX
     }
 
+    /// The page so far, stopped before the span `n` it has not read: the next request
+    /// starts with that span, every span before it being read through.
+    fn stop_before(self, span: IndexSpan, n: i32) -> Page<Order> {
+        let edge = if self.down { n + 1 } else { n - 1 };
+        Page { items: self.items, next_cursor: Some(span.edge(edge, self.down)) }
+    }
+
     /// The page, with a cursor past its last entry.
     fn done(self) -> Page<Order> {
         let cursor = self.last.map(|(at, id)| super::super::encode_cursor(Some(at), &id));
@@ -358,9 +365,7 @@ impl CqlStore {
         }
         for (n, hour) in walked.into_iter().enumerate() {
             if n == HOURS_WALKED_MAX {
-                // The hours walked are done: the next request starts past them.
-                let edge = if down { hour + 1 } else { hour - 1 };
-                return Ok(Page { items: page.items, next_cursor: Some(IndexSpan::Hour.edge(edge, down)) });
+                return Ok(page.stop_before(IndexSpan::Hour, hour));
             }
             let whole_hour = hour < hour_now - 1 && IndexSpan::Hour.covers(hour, page.last.as_ref(), down);
             let hour_read_at = Utc::now();
@@ -374,8 +379,7 @@ impl CqlStore {
             for minute in in_hour {
                 let here = &minutes[&minute];
                 if minute_reads > 0 && minute_reads + here.len() > MINUTE_READS_MAX {
-                    let edge = if down { minute + 1 } else { minute - 1 };
-                    return Ok(Page { items: page.items, next_cursor: Some(IndexSpan::Minute.edge(edge, down)) });
+                    return Ok(page.stop_before(IndexSpan::Minute, minute));
                 }
                 minute_reads += here.len();
                 let past = minute < minute_now - 1;

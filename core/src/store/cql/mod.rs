@@ -1331,9 +1331,9 @@ impl DeadLetters for CqlStore {
     }
 }
 
-#[async_trait]
-impl WebhookLedger for CqlStore {
-    async fn claim_delivery(&self, key: &str, ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
+/// Webhook claims one key at a time: a lightweight transaction holds one partition.
+impl CqlStore {
+    async fn claim_key(&self, key: &str, ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
         let (ttl_s, now) = (ttl.as_secs() as i32, micros(Utc::now()));
         let fresh = self.lwt(self.session.execute_unpaged(&self.st.claim_delivery, (key, now, ttl_s))).await?;
         match fresh {
@@ -1362,7 +1362,7 @@ impl WebhookLedger for CqlStore {
         Ok(if taken == Some(true) { Claim::Claimed } else { Claim::InFlight })
     }
 
-    async fn confirm_delivery(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
+    async fn confirm_key(&self, key: &str, ttl: Duration) -> Result<(), StoreError> {
         let ttl_s = ttl.as_secs() as i32;
         let unknown = || StoreError::Unavailable(format!("confirming webhook key {key}: outcome unknown").into());
         match self.lwt(self.session.execute_unpaged(&self.st.confirm_update, (ttl_s, key))).await? {
@@ -1378,9 +1378,33 @@ impl WebhookLedger for CqlStore {
             None => Err(unknown()),
         }
     }
+}
 
-    async fn release_delivery(&self, key: &str) -> Result<(), StoreError> {
-        self.lwt(self.session.execute_unpaged(&self.st.release_delivery, (key,))).await.map(|_| ())
+#[async_trait]
+impl WebhookLedger for CqlStore {
+    async fn claim_delivery(&self, keys: &[String], ttl: Duration, lease: Duration) -> Result<Claim, StoreError> {
+        // One key after the other, always in the caller's order (two copies of a delivery
+        // meet on the first); those taken are given back when a later one is held.
+        for (taken, key) in keys.iter().enumerate() {
+            let held = match self.claim_key(key, ttl, lease).await {
+                Ok(Claim::Claimed) => continue,
+                held => held,
+            };
+            if let Err(e) = self.release_delivery(&keys[..taken]).await {
+                tracing::warn!(error = %e, "releasing webhook claims failed; they run out their lease");
+            }
+            return held;
+        }
+        Ok(Claim::Claimed)
+    }
+
+    async fn confirm_delivery(&self, keys: &[String], ttl: Duration) -> Result<(), StoreError> {
+        futures::future::try_join_all(keys.iter().map(|key| self.confirm_key(key, ttl))).await.map(|_| ())
+    }
+
+    async fn release_delivery(&self, keys: &[String]) -> Result<(), StoreError> {
+        let releases = keys.iter().map(|key| self.lwt(self.session.execute_unpaged(&self.st.release_delivery, (key,))));
+        futures::future::try_join_all(releases).await.map(|_| ())
     }
 
     async fn record_delivery(&self, delivery: WebhookDelivery) -> Result<(), StoreError> {
