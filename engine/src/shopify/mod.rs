@@ -189,7 +189,7 @@ pub struct WebhookAnswer {
     pub order_id: Option<String>,
 }
 
-/// A delivery's answer, and the claims it still has to confirm once answered durable.
+/// A delivery's answer, and the claims [`settle`] confirms: those of an event now durable.
 pub struct Accepted {
     pub answer: WebhookAnswer,
     claimed: Vec<String>,
