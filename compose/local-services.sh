@@ -22,6 +22,8 @@ CASSANDRA_VERSION=${CASSANDRA_VERSION:-5.0.6}
 LOG4J_VERSION=2.24.3
 DEPENDENCY_PLUGIN=org.apache.maven.plugins:maven-dependency-plugin:3.6.1
 HOME_DIR=${ORCHESTRATOR_SERVICES_DIR:-$HOME/.cache/atomic-orchestrator/services}
+# More JVM options for Cassandra, split on spaces (scripts/test.sh passes a quicker JIT).
+CASSANDRA_JVM_OPTS=${CASSANDRA_JVM_OPTS:-}
 KAFKA_PORT=9092
 KAFKA_SASL_SSL_PORT=9094
 CQL_PORT=9042
@@ -264,10 +266,11 @@ EOF
     --add-opens java.base/java.lang=ALL-UNNAMED --add-opens java.base/java.util=ALL-UNNAMED
     --add-opens java.base/java.nio=ALL-UNNAMED
   )
+  local extra=(); read -ra extra <<<"$CASSANDRA_JVM_OPTS"
   say "starting cassandra $CASSANDRA_VERSION"
   : >"$dir/cassandra.log"
   # A heap that runs out stops the service, loudly, instead of timing out every write after.
-  nohup java -Xms1g -Xmx1g -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError "${opens[@]}" \
+  nohup java -Xms1g -Xmx1g -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError "${opens[@]}" "${extra[@]}" \
       -javaagent:"$jamm" -Djdk.attach.allowAttachSelf=true \
       -Dcassandra.config="file://$dir/cassandra.yaml" -Dcassandra-foreground=yes \
       -Dcassandra.storagedir="$dir/data" -Dlogback.configurationFile="$dir/logback.xml" \

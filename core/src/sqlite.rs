@@ -65,14 +65,11 @@ impl ReadPool {
 
     /// Runs `f` on a free connection, or waits for the next one in turn.
     pub fn with<T>(&self, f: impl FnOnce(&Connection) -> T) -> T {
-        for c in &self.conns {
-            if let Ok(conn) = c.try_lock() {
-                return f(&conn);
-            }
-        }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
-        let conn = self.conns[i].lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn)
+        self.try_with(f).unwrap_or_else(|f| {
+            let i = self.next.fetch_add(1, Ordering::Relaxed) % self.conns.len();
+            let conn = self.conns[i].lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn)
+        })
     }
 }
 

@@ -530,11 +530,12 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
         // minute apart differed by up to 40%).
         let (n, batch) = (args.events, args.tuning.pipeline().batch_max);
         async move {
-            let store = crate::store::cql::CqlStore::open(config).await?;
+            let store = crate::store::cql::CqlStore::open(config.clone()).await?;
             let recorder = cases.then_some(&store as &dyn Cases);
             // Dropped whether the ceiling ended or failed, so no keyspace outlives it.
             let raw = raw_writes(&store, recorder, n, batch, &Shape::bench()).await;
-            store.drop_keyspace().await?;
+            drop(store);
+            crate::store::cql::CqlStore::drop_keyspace(&config).await?;
             let raw = raw?;
             eprintln!("raw CQL conditional writes ({tag}): {raw:.0}/s");
             anyhow::Ok(raw)
@@ -598,8 +599,8 @@ async fn run_distributed(args: BenchArgs, kafka: KafkaConfig, cql: CqlConfig) ->
 
 /// Drops a keyspace the bench made, so that the next phase's Cassandra does not compact it.
 async fn drop_keyspace(cql: &CqlConfig, keyspace: &str) -> anyhow::Result<()> {
-    let store = crate::store::cql::CqlStore::open(CqlConfig { keyspace: keyspace.into(), ..cql.clone() }).await?;
-    Ok(store.drop_keyspace().await?)
+    let config = CqlConfig { keyspace: keyspace.into(), ..cql.clone() };
+    Ok(crate::store::cql::CqlStore::drop_keyspace(&config).await?)
 }
 
 #[derive(Debug, Serialize)]
@@ -665,9 +666,10 @@ async fn generated_run(args: crate::config::BenchRunArgs) -> anyhow::Result<()> 
             // during the ceiling; the ceiling's goes after it, ended or failed.
             drop_keyspace(&cql, &format!("benchrun_{tag}")).await?;
             let config = CqlConfig { keyspace: format!("benchrun_raw_{tag}"), ..cql };
-            let store = crate::store::cql::CqlStore::open(config).await?;
+            let store = crate::store::cql::CqlStore::open(config.clone()).await?;
             let raw = raw_writes(&store, None, ceiling_n.min(CQL_RUN_CEILING_MAX), batch, &shape).await;
-            store.drop_keyspace().await?;
+            drop(store);
+            crate::store::cql::CqlStore::drop_keyspace(&config).await?;
             raw?
         }
     };

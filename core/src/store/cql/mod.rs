@@ -301,16 +301,15 @@ fn may_pass(e: &ExecutionError) -> bool {
 }
 
 impl CqlStore {
-    /// Drops this store's keyspace with everything in it: for the keyspaces a bench
-    /// makes for itself, never the engine's.
-    pub async fn drop_keyspace(self) -> Result<(), StoreError> {
-        let drop = format!("DROP KEYSPACE IF EXISTS {}", self.keyspace);
-        self.session.query_unpaged(drop, ()).await.map_err(backend)?;
+    /// Drops `config`'s keyspace with everything in it: for the keyspaces a bench makes
+    /// for itself, never the engine's. Connects without applying the schema.
+    pub async fn drop_keyspace(config: &CqlConfig) -> Result<(), StoreError> {
+        let drop = format!("DROP KEYSPACE IF EXISTS {}", config.keyspace);
+        Self::connect(config).await?.query_unpaged(drop, ()).await.map_err(backend)?;
         Ok(())
     }
 
-    /// Connects, applies the schema, and prepares every statement.
-    pub async fn open(config: CqlConfig) -> Result<Self, StoreError> {
+    async fn connect(config: &CqlConfig) -> Result<Session, StoreError> {
         let mut builder = SessionBuilder::new().known_nodes(&config.nodes).connection_timeout(Duration::from_secs(5));
         if let Some(login) = &config.login {
             builder = builder.user(&login.username, login.password.expose());
@@ -318,10 +317,15 @@ impl CqlStore {
         if let Some(tls) = &config.tls {
             builder = builder.tls_context(Some(tls.connector()?));
         }
-        let session = builder
+        builder
             .build()
             .await
-            .map_err(|e| StoreError::Unavailable(format!("connecting to {:?}: {e}", config.nodes).into()))?;
+            .map_err(|e| StoreError::Unavailable(format!("connecting to {:?}: {e}", config.nodes).into()))
+    }
+
+    /// Connects, applies the schema, and prepares every statement.
+    pub async fn open(config: CqlConfig) -> Result<Self, StoreError> {
+        let session = Self::connect(&config).await?;
         for (number, file) in MIGRATIONS.iter().enumerate() {
             let schema = file
                 .replace("{keyspace}", &config.keyspace)
