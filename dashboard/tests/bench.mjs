@@ -184,6 +184,7 @@ try {
   log('heap', JSON.stringify(results.heap));
   results.targets = {
     first_rows_le_1000ms: results.first_rows_ms.median <= 1000,
+    wasm_memory_le_120mib: results.heap.wasm_memory_mb !== null && results.heap.wasm_memory_mb <= 120,
     frame_p95_le_16_7ms: results.scroll_frame_ms.p95 <= 16.7,
     update_to_paint_p99_le_50ms: results.update_to_paint_ms.from_ws_message.p99 !== null && results.update_to_paint_ms.from_ws_message.p99 <= 50,
   };
