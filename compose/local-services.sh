@@ -270,7 +270,9 @@ EOF
   say "starting cassandra $CASSANDRA_VERSION"
   : >"$dir/cassandra.log"
   # A heap that runs out stops the service, loudly, instead of timing out every write after.
-  nohup java -Xms1g -Xmx1g -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError "${opens[@]}" "${extra[@]}" \
+  # 2 GiB: the tests' hundreds of tables kept G1 marking a 1 GiB heap all the time
+  # (Cassandra used a fifth more CPU, on the cores the tests share).
+  nohup java -Xms2g -Xmx2g -XX:+UseG1GC -XX:+ExitOnOutOfMemoryError "${opens[@]}" "${extra[@]}" \
       -javaagent:"$jamm" -Djdk.attach.allowAttachSelf=true \
       -Dcassandra.config="file://$dir/cassandra.yaml" -Dcassandra-foreground=yes \
       -Dcassandra.storagedir="$dir/data" -Dlogback.configurationFile="$dir/logback.xml" \
