@@ -1,4 +1,4 @@
-//! Crash: SIGKILL the engine while it applies 50k events (20k on Kafka + CQL, whose
+//! Crash: SIGKILL the engine while it applies 50k events (10k on Kafka + CQL, whose
 //! conditional writes are slower), restart it, and find every acknowledged event applied
 //! exactly once.
 
@@ -14,9 +14,13 @@ use serde_json::{Value, json};
 
 const ORDERS: usize = 1000;
 
-/// Updates per order: the kill still comes after 5k applied with more queued.
+/// Updates per order: the kill still comes after `kill_after()` applied with more queued.
 fn updates() -> usize {
-    if common::distributed() { 19 } else { 49 }
+    if common::distributed() { 9 } else { 49 }
+}
+
+fn kill_after() -> u64 {
+    if common::distributed() { 3_000 } else { 5_000 }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -66,7 +70,7 @@ async fn sigkill_mid_apply_loses_nothing_and_duplicates_nothing() {
         let h = s.health().await;
         let applied = h["applied"].as_u64().unwrap_or(0);
         let queued = h["queue_depth"]["normal"].as_u64().unwrap_or(0);
-        if applied >= 5_000 && queued > 0 {
+        if applied >= kill_after() && queued > 0 {
             eprintln!("killing at {h}");
             break;
         }

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
-const EVENTS: usize = 20_000;
+const EVENTS: usize = 10_000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_instance_hands_over_and_nothing_is_lost_or_doubled() {

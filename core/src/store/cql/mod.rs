@@ -310,7 +310,13 @@ impl CqlStore {
     }
 
     async fn connect(config: &CqlConfig) -> Result<Session, StoreError> {
-        let mut builder = SessionBuilder::new().known_nodes(&config.nodes).connection_timeout(Duration::from_secs(5));
+        // Only this keyspace's metadata (for token-aware routing): by default the driver
+        // reads every keyspace's tables and columns at connect and again on each schema
+        // change anywhere in the cluster.
+        let mut builder = SessionBuilder::new()
+            .known_nodes(&config.nodes)
+            .connection_timeout(Duration::from_secs(5))
+            .keyspaces_to_fetch([config.keyspace.clone()]);
         if let Some(login) = &config.login {
             builder = builder.user(&login.username, login.password.expose());
         }
