@@ -223,11 +223,11 @@ seed_provider:
     parameters:
       - seeds: "127.0.0.1"
 commitlog_sync: periodic
+commitlog_sync_period: 10s
 # Cassandra 4.1+'s Paxos: fewer round trips and system-table writes per conditional
 # write than v1 (5.0's default). ScyllaDB, the target, has its own LWT; a v1 Cassandra
 # only made every test and bench slower.
 paxos_variant: v2
-commitlog_sync_period: 10s
 auto_snapshot: false
 # Slabbed memtables take a 1 MiB region per written table: the tests make hundreds of
 # tables (a keyspace each), which exhausted the heap (OutOfMemoryError in CI).
