@@ -27,6 +27,16 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// Sets the smaller page cache of a connection that writes. While a database file is
+/// under 1 GiB, SQLite ends nearly every write transaction by walking its whole page
+/// cache: a B-tree rebalance parks a page at the lock page's number, past the end of
+/// the file, and the commit then drops everything past the end with a full scan of the
+/// cache's hash table. With 64 MiB of cache that scan was a fifth of a small commit's
+/// time (BENCHMARKS.md, "A page cache that costs every commit").
+pub fn writer_cache(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch("PRAGMA cache_size = -16384;")
+}
+
 /// Whether a SQLite error may pass by waiting (busy, locked, an I/O failure, a full
 /// disk, no memory, a file it could not open), as opposed to a bad statement or row.
 pub fn is_transient(e: &rusqlite::Error) -> bool {

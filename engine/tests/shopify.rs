@@ -202,6 +202,43 @@ async fn the_cli_chaos_mode_is_applied_exactly_once() {
     }
 }
 
+/// `orchestrator webhook send --load`: every delivery is a distinct signed order the
+/// engine accepts, audits and applies, and the report counts what it answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_load_mode_delivers_distinct_orders() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_with(dir.path(), &["--shopify-secret", SECRET]).await;
+    let out = dir.path().join("load.json");
+    let load = |secret: &str, n: &str| {
+        let out = common::orchestrator()
+            .args(["webhook", "send", "--url", &s.url("/webhooks/shopify"), "--secret", secret])
+            .args(["--load", n, "--rate", "2000", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    load(SECRET, "300");
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["accepted"], 300, "{report:#}");
+    assert_eq!(report["other_answers"], json!({}), "{report:#}");
+    assert!(report["time_to_200_ms"]["p99"].as_f64().unwrap() > 0.0, "{report:#}");
+    s.drain(Duration::from_secs(20)).await;
+    for id in ["shopify-1000000000", "shopify-1000000150", "shopify-1000000299"] {
+        let (status, order) = s.get_json(&format!("/orders/{id}")).await;
+        assert_eq!((status, order["version"].as_u64()), (200, Some(1)), "{id}: {order}");
+    }
+    assert_eq!(s.get_json("/orders/shopify-1000000300").await.0, 404, "no more than sent");
+    let (_, audit) = s.get_json("/webhooks/deliveries?limit=1000").await;
+    let received = audit["items"].as_array().unwrap().iter().filter(|d| d["outcome"] == "received").count();
+    assert_eq!(received, 300);
+    // A wrong secret: every delivery is refused, and counted by its answer.
+    load("not-the-secret", "20");
+    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(report["accepted"], 0, "{report:#}");
+    assert_eq!(report["other_answers"], json!({ "HTTP 401 invalid webhook signature": 20 }), "{report:#}");
+}
+
 #[tokio::test]
 async fn a_shop_over_its_rate_limit_gets_429_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();

@@ -156,6 +156,7 @@ impl EmbeddedStore {
 
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let writer = open(path).map_err(backend)?;
+        crate::sqlite::writer_cache(&writer).map_err(backend)?;
         writer.execute_batch(SCHEMA).map_err(backend)?;
         migrate(&writer).map_err(backend)?;
         let readers = ReadPool::open(path, 4).map_err(backend)?;
@@ -163,6 +164,7 @@ impl EmbeddedStore {
         // A case lost in a power cut costs a what-if run one sample, not an order: no
         // fsync per commit here.
         cases.execute_batch("PRAGMA synchronous = NORMAL;").map_err(backend)?;
+        crate::sqlite::writer_cache(&cases).map_err(backend)?;
         cases.execute_batch(CASES_SCHEMA).map_err(backend)?;
         let cases = Arc::new(Mutex::new(cases));
         Ok(Self { writer: GroupCommit::new(writer), readers: Arc::new(readers), cases })
