@@ -32,7 +32,7 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
 /// cache: a B-tree rebalance parks a page at the lock page's number, past the end of
 /// the file, and the commit then drops everything past the end with a full scan of the
 /// cache's hash table. With 64 MiB of cache that scan was a fifth of a small commit's
-/// time (BENCHMARKS.md, "A page cache that costs every commit").
+/// time (BENCHMARKS.md, webhooks, session 33).
 pub fn writer_cache(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("PRAGMA cache_size = -16384;")
 }

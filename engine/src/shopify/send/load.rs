@@ -96,11 +96,26 @@ struct Plan {
     bar: indicatif::ProgressBar,
 }
 
-/// One connection's tally.
+/// One connection's tally, or all of them merged.
 struct Tally {
     latencies: hdrhistogram::Histogram<u64>,
     accepted: u64,
     other: BTreeMap<String, u64>,
+}
+
+impl Tally {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self { latencies: hdrhistogram::Histogram::new(3)?, accepted: 0, other: BTreeMap::new() })
+    }
+
+    fn merge(&mut self, other: Tally) -> anyhow::Result<()> {
+        self.latencies.add(&other.latencies)?;
+        self.accepted += other.accepted;
+        for (answer, n) in other.other {
+            *self.other.entry(answer).or_default() += n;
+        }
+        Ok(())
+    }
 }
 
 pub async fn run(args: &WebhookSendArgs, deliveries: u64) -> anyhow::Result<()> {
@@ -124,14 +139,9 @@ pub async fn run(args: &WebhookSendArgs, deliveries: u64) -> anyhow::Result<()> 
     });
     let connections: Vec<_> =
         (0..CONNECTIONS.min(deliveries)).map(|_| tokio::spawn(connection(plan.clone()))).collect();
-    let mut total = Tally { latencies: hdrhistogram::Histogram::new(3)?, accepted: 0, other: BTreeMap::new() };
+    let mut total = Tally::new()?;
     for c in connections {
-        let tally = c.await??;
-        total.latencies.add(&tally.latencies)?;
-        total.accepted += tally.accepted;
-        for (answer, n) in tally.other {
-            *total.other.entry(answer).or_default() += n;
-        }
+        total.merge(c.await??)?;
     }
     let elapsed = plan.started.elapsed().as_secs_f64();
     plan.bar.finish();
@@ -157,7 +167,7 @@ pub async fn run(args: &WebhookSendArgs, deliveries: u64) -> anyhow::Result<()> 
 /// Sends the plan's next deliveries, each when it is due, over one connection (opened
 /// again after a failure), until none is left.
 async fn connection(plan: Arc<Plan>) -> anyhow::Result<Tally> {
-    let mut tally = Tally { latencies: hdrhistogram::Histogram::new(3)?, accepted: 0, other: BTreeMap::new() };
+    let mut tally = Tally::new()?;
     let (mut body, mut request, mut answer) = (Vec::new(), Vec::new(), Vec::new());
     let mut stream: Option<TcpStream> = None;
     loop {
