@@ -222,7 +222,10 @@ async fn the_cli_load_mode_delivers_distinct_orders() {
     let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
     assert_eq!(report["accepted"], 300, "{report:#}");
     assert_eq!(report["other_answers"], json!({}), "{report:#}");
-    assert!(report["time_to_200_ms"]["p99"].as_f64().unwrap() > 0.0, "{report:#}");
+    // Figures are logged, not bounded; their order holds however busy the machine is.
+    let at = |q: &str| report["time_to_200_ms"][q].as_f64().unwrap();
+    eprintln!("time to 200: p50 {} ms, p99 {} ms, max {} ms", at("p50"), at("p99"), at("max"));
+    assert!(at("p50") <= at("p99") && at("p99") <= at("max"), "{report:#}");
     s.drain(Duration::from_secs(20)).await;
     for id in ["shopify-1000000000", "shopify-1000000150", "shopify-1000000299"] {
         let (status, order) = s.get_json(&format!("/orders/{id}")).await;
