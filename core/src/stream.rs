@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use serde::Serialize;
 use tokio::sync::broadcast;
 
 use crate::cluster::{Channel, Cluster};
@@ -23,18 +22,35 @@ pub struct Change {
     pub message: String,
 }
 
-#[derive(Serialize)]
-struct Synced<'a> {
-    r#type: &'static str,
-    order: &'a Order,
-}
+/// What a change's message holds before the order's JSON (and `}` after it).
+const SYNCED_HEAD: &str = r#"{"type":"order.synced","order":"#;
 
 impl Change {
     pub fn new(order: Order) -> Self {
-        let message = serde_json::to_string(&Synced { r#type: "order.synced", order: &order })
-            .expect("an order always serializes");
+        let json = serde_json::to_string(&order).expect("an order always serializes");
+        let message = format!("{SYNCED_HEAD}{json}}}");
         Self { order, message }
     }
+
+    /// The order's JSON inside the message, for clients that take changes in batches.
+    pub fn order_json(&self) -> &str {
+        &self.message[SYNCED_HEAD.len()..self.message.len() - 1]
+    }
+}
+
+/// Changes as one message, `{"type":"orders.synced","orders":[{...},...]}`, for clients
+/// that asked for batches: a browser pays per message, and 1k updates a second are 1k
+/// messages otherwise.
+pub fn batch_message<'a>(changes: impl IntoIterator<Item = &'a Change>) -> String {
+    let mut message = String::from(r#"{"type":"orders.synced","orders":["#);
+    for (n, change) in changes.into_iter().enumerate() {
+        if n > 0 {
+            message.push(',');
+        }
+        message.push_str(change.order_json());
+    }
+    message.push_str("]}");
+    message
 }
 
 #[derive(Clone)]
@@ -122,5 +138,27 @@ impl ChangeStream {
 
     pub fn subscribe_notices(&self) -> broadcast::Receiver<Arc<str>> {
         self.notices.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::conformance::row;
+
+    #[test]
+    fn a_batch_carries_each_change_as_its_own_message_does() {
+        let changes: Vec<Change> = ["a", "b\"quoted\"", "c"].iter().map(|id| Change::new(row(id, 3, "n"))).collect();
+        for c in &changes {
+            let single: serde_json::Value = serde_json::from_str(&c.message).unwrap();
+            assert_eq!(single["type"], "order.synced");
+            assert_eq!(serde_json::from_value::<Order>(single["order"].clone()).unwrap(), c.order);
+        }
+        let batch: serde_json::Value = serde_json::from_str(&batch_message(&changes)).unwrap();
+        assert_eq!(batch["type"], "orders.synced");
+        let orders: Vec<Order> = serde_json::from_value(batch["orders"].clone()).unwrap();
+        assert_eq!(orders, changes.iter().map(|c| c.order.clone()).collect::<Vec<_>>());
+        let empty: serde_json::Value = serde_json::from_str(&batch_message([])).unwrap();
+        assert_eq!(empty["orders"], serde_json::json!([]));
     }
 }

@@ -72,9 +72,18 @@ impl Columns {
         self.hidden.with(|h| h & (1 << i) == 0)
     }
 
-    /// A cell's style: hidden columns are taken out of the grid.
+    /// A cell's style: hidden columns are taken out of the grid, and a fitted column
+    /// dragged narrower than its values cuts them (style.css cuts the shared ones).
     pub fn cell_style(self, i: usize) -> impl Fn() -> &'static str + Copy {
-        move || if self.shown(i) { "" } else { "display:none" }
+        let style = create_selector(move || {
+            let dragged = COLUMNS[i].width == Width::Fit && self.dragged.with(|d| d[i].is_some());
+            match (self.shown(i), dragged) {
+                (false, _) => "display:none",
+                (true, true) => "overflow:hidden;text-overflow:ellipsis",
+                (true, false) => "",
+            }
+        });
+        move || style.get()
     }
 
     /// The table's style: `--cols`, the `grid-template-columns` of the shown columns,

@@ -1,5 +1,5 @@
-//! The orders table: compact rows (`rows`), a fixed pool of row elements positioned by
-//! `translateY` inside a tall spacer, and pages fetched by cursor as the user scrolls.
+//! The orders table: compact rows (`rows`), a fixed pool of row elements positioned
+//! inside a tall spacer, and pages fetched by cursor as the user scrolls.
 
 use std::borrow::Cow;
 use std::cell::RefCell;
@@ -64,10 +64,22 @@ impl Table {
         self.head.len() + self.rows.len()
     }
 
+    /// Where the row at a display index lives (the head is shown newest first).
+    fn pos(&self, i: usize) -> Pos {
+        let h = self.head.len();
+        if i < h { Pos::Head(h - 1 - i) } else { Pos::Body(i - h) }
+    }
+
     /// The row at a display index.
     pub fn get(&self, i: usize) -> Option<Row<'_>> {
-        let h = self.head.len();
-        if i < h { self.head.get(h - 1 - i) } else { self.rows.get(i - h) }
+        self.at(self.pos(i))
+    }
+
+    /// What a display index shows, as far as a row's cells are concerned.
+    fn shown(&self, i: usize) -> Option<Shown> {
+        let pos = self.pos(i);
+        let row = self.at(pos)?;
+        Some(Shown { generation: self.generation, place: pos.code(), version: row.version() })
     }
 
     fn at(&self, p: Pos) -> Option<Row<'_>> {
@@ -90,6 +102,16 @@ impl Table {
         let Table { head, rows, index, .. } = self;
         index.insert(&o.id, pos.code(), |code| row_at(head, rows, Pos::of(code)).map(|r| r.id()));
     }
+}
+
+/// A row as its cells see it: which row (its place in this table, which a reload
+/// reuses) at which version. A row's fields change only with its version, so the cells
+/// compare this and stay still when a batch of updates changed other rows.
+#[derive(Clone, Copy, PartialEq)]
+struct Shown {
+    generation: u64,
+    place: u32,
+    version: u64,
 }
 
 fn row_at<'a>(head: &'a Rows, rows: &'a Rows, p: Pos) -> Option<Row<'a>> {
@@ -322,23 +344,28 @@ fn window_base(scroll_top: f64, used: usize) -> usize {
     first - first % used
 }
 
-/// The slots the window can show. Fewer rows in the DOM's layout is less to lay out and
-/// paint when a jump changes every row; the same slots stay unused, so none toggles.
+/// The slots the scroller can show. Fewer rows in the DOM's layout is less to lay out
+/// and paint when a jump changes every row; the same slots stay unused, so none toggles.
 fn slots_in_use() -> usize {
-    let height = web_sys::window().and_then(|w| w.inner_height().ok()).and_then(|h| h.as_f64()).unwrap_or(0.0);
-    // The scroller is never taller than the window, and at least 300 px (style.css).
+    // The scroller's height once it is laid out; until then (or while another page hides
+    // it) the window's, which it never exceeds. It is at least 300 px (style.css).
+    let laid_out = scroller().map(|el| f64::from(el.client_height())).filter(|&h| h > 0.0);
+    let window = || web_sys::window().and_then(|w| w.inner_height().ok()).and_then(|h| h.as_f64());
+    let height = laid_out.or_else(window).unwrap_or(0.0);
     ((height.max(300.0) / ROW_H).ceil() as usize + 1).min(POOL)
 }
 
-/// A signal of [`slots_in_use`] that follows the window's size.
+/// A signal of [`slots_in_use`] that follows the window's size, measured again once the
+/// table is on the page.
 fn follow_slots_in_use() -> ReadSignal<usize> {
     let used = create_signal(slots_in_use());
-    let on_resize = wasm_bindgen::closure::Closure::<dyn FnMut()>::new(move || used.set(slots_in_use()));
+    let measure = wasm_bindgen::closure::Closure::<dyn FnMut()>::new(move || used.set(slots_in_use()));
     if let Some(w) = web_sys::window() {
-        let _ = w.add_event_listener_with_callback("resize", on_resize.as_ref().unchecked_ref());
+        let _ = w.add_event_listener_with_callback("resize", measure.as_ref().unchecked_ref());
+        let _ = w.request_animation_frame(measure.as_ref().unchecked_ref());
     }
     // The table lives as long as the page.
-    on_resize.forget();
+    measure.forget();
     *used
 }
 
@@ -362,39 +389,44 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>, used: ReadSignal<usi
         true => slot_index(app.scroll_top.get(), slot, used.get()),
         false => usize::MAX - slot,
     });
+    // The one value here that every batch of updates recomputes; the cells follow it.
+    let shown = create_selector(move || {
+        if !in_use.get() {
+            return None;
+        }
+        app.rows_version.track();
+        let i = idx.get();
+        TABLE.with_borrow(|t| t.shown(i))
+    });
+    // `shown` changes with the index (another row) or the row's version; the index
+    // alone changes with it only between two empty slots, which show nothing either way.
+    let row = move || {
+        shown.track();
+        idx.get_untracked()
+    };
     let field = move |f: fn(Row<'_>) -> String| {
         settled(move || {
-            if !in_use.get() {
-                return String::new();
-            }
-            app.rows_version.track();
-            let i = idx.get();
+            let i = row();
             TABLE.with_borrow(|t| t.get(i).map(f).unwrap_or_default())
         })
     };
-    // Offsets are relative to the window (see `window_base`), so they stay small: a
-    // transform at 28M px (row 1M) loses whole pixels to single-precision floats.
-    let style = settled(move || {
-        app.rows_version.track();
-        let i = idx.get();
-        let len = TABLE.with_borrow(|t| t.len());
-        if !in_use.get() || i >= len {
-            "display:none".to_string()
-        } else {
-            format!("transform:translateY({}px)", (i - base.get()) as f64 * ROW_H)
-        }
+    // Offsets are relative to the window (see `window_base`), so they stay small. `top`,
+    // not a transform: a transform is a paint property of its own for every row.
+    let style = settled(move || match shown.get() {
+        None => "display:none".to_string(),
+        Some(_) => format!("top:{}px", (idx.get() - base.get()) as f64 * ROW_H),
     });
     let selected = app.detail.selected;
     let class = settled(move || {
         if !in_use.get() {
             return "row";
         }
-        app.rows_version.track();
+        let i = row();
         let picked = TABLE.with_borrow(|t| {
-            let id = t.get(idx.get()).map(|o| o.id());
+            let id = t.get(i).map(|o| o.id());
             selected.with(|s| s.as_deref().is_some_and(|s| id.is_some_and(|id| id.is(s))))
         });
-        let focused = app.kb_row.get() == Some(idx.get());
+        let focused = app.kb_row.get() == Some(i);
         match (picked, focused) {
             (true, true) => "row selected focused",
             (true, false) => "row selected",
@@ -410,12 +442,9 @@ fn row_view(app: App, slot: usize, base: ReadSignal<usize>, used: ReadSignal<usi
     // A cell's text; the relative time follows the clock.
     let text = move |i: usize| {
         settled(move || {
-            if !in_use.get() {
-                return String::new();
-            }
-            app.rows_version.track();
+            let n = row();
             let now = if COLUMNS[i].key == "updated" { now.get() } else { 0.0 };
-            TABLE.with_borrow(|t| t.get(idx.get()).map(|o| columns::text(i, &o, now)).unwrap_or_default())
+            TABLE.with_borrow(|t| t.get(n).map(|o| columns::text(i, &o, now)).unwrap_or_default())
         })
     };
     let cols = app.cols;
@@ -488,7 +517,11 @@ pub fn view(app: App) -> View {
     };
     let on_key = move |e: web_sys::KeyboardEvent| on_key(app, e);
     let on_scroll = move |ev: web_sys::Event| {
-        if let Some(el) = ev.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok()) {
+        // A scroll event repeats the position it was sent for (as the browser's own does
+        // after one set by script), and every row's index follows the signal.
+        if let Some(el) = ev.target().and_then(|t| t.dyn_into::<web_sys::Element>().ok())
+            && app.scroll_top.get_untracked() != el.scroll_top() as f64
+        {
             app.scroll_top.set(el.scroll_top() as f64);
         }
         maybe_load_more(app);

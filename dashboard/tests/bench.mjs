@@ -90,9 +90,10 @@ try {
       constructor(...a) {
         super(...a);
         this.addEventListener('message', (e) => {
-          if (typeof e.data !== 'string' || !e.data.includes('"order.synced"')) return;
-          const m = /"shipping_fee_cents":(\d+)/.exec(e.data);
-          if (m) window.__arrive.set(+m[1], performance.timeOrigin + performance.now());
+          // The dashboard takes changes in batches (`orders.synced`): every fee in one.
+          if (typeof e.data !== 'string' || !e.data.includes('.synced"')) return;
+          const now = performance.timeOrigin + performance.now();
+          for (const m of e.data.matchAll(/"shipping_fee_cents":(\d+)/g)) window.__arrive.set(+m[1], now);
         });
       }
     };
@@ -115,7 +116,7 @@ try {
   await page.evaluate(() => {
     const root = document.querySelector('[data-testid=orders-scroll]');
     let pending = [];
-    new MutationObserver((muts) => {
+    window.__feeObserver = new MutationObserver((muts) => {
       const now = performance.timeOrigin + performance.now();
       for (const m of muts) {
         const cell = (m.target.nodeType === 3 ? m.target.parentElement : m.target).closest('[data-testid=cell-fee]');
@@ -128,11 +129,17 @@ try {
         const batch = pending; pending = [];
         requestAnimationFrame(() => { const p = performance.timeOrigin + performance.now(); for (const [c, d] of batch) window.__painted.push([c, d, p]); });
       }
-    }).observe(root, { subtree: true, childList: true, characterData: true });
+    });
+    window.__feeObserver.observe(root, { subtree: true, childList: true, characterData: true });
   });
   const seqAtStart = seq;
   await sleep(10000);
-  const painted = await page.evaluate(() => window.__painted.map(([c, d, p]) => [c, d, p, window.__arrive.get(c)]));
+  // The observer is this window's instrument: left on, it would add its records to
+  // every scroll frame measured below.
+  const painted = await page.evaluate(() => {
+    window.__feeObserver.disconnect();
+    return window.__painted.map(([c, d, p]) => [c, d, p, window.__arrive.get(c)]);
+  });
   const fromSend = [], fromWs = [], toDom = [];
   const seen = new Set();
   for (const [c, dom, paint, arrive] of painted) {
@@ -186,6 +193,9 @@ try {
     first_rows_le_1000ms: results.first_rows_ms.median <= 1000,
     wasm_memory_le_120mib: results.heap.wasm_memory_mb !== null && results.heap.wasm_memory_mb <= 120,
     frame_p95_le_16_7ms: results.scroll_frame_ms.p95 <= 16.7,
+    // The same target read past the rAF timestamps' jitter (16.67 ± 0.2 ms): at most 5%
+    // of frames missed a vsync.
+    frames_over_20ms_le_5pct: results.scroll_frame_ms.over_20ms <= 0.05 * results.scroll_frame_ms.frames,
     update_to_paint_p99_le_50ms: results.update_to_paint_ms.from_ws_message.p99 !== null && results.update_to_paint_ms.from_ws_message.p99 <= 50,
   };
   stop = true;

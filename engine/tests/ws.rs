@@ -66,6 +66,35 @@ async fn synced_message_arrives_after_each_change() {
     );
 }
 
+/// With `?batch=true` a client takes each send cycle's changes as one `orders.synced`
+/// message: 500 orders posted at once arrive as far fewer messages, each order once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batching_client_gets_many_changes_per_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path()).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}?batch=true", s.ws_url())).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "hello");
+    let events: Vec<Value> = (0..500).map(|i| created(&format!("b-{i}"), &format!("b-{i}"), "GOLD", 100)).collect();
+    assert_eq!(s.post_events(&Value::Array(events)).await.status(), 202);
+    let (mut seen, mut messages) = (std::collections::BTreeSet::new(), 0);
+    while seen.len() < 500 {
+        let msg = next_json(&mut ws).await;
+        assert_eq!(msg["type"], "orders.synced", "{msg}");
+        messages += 1;
+        for o in msg["orders"].as_array().unwrap() {
+            assert_eq!(o["version"], 1);
+            assert!(seen.insert(o["id"].as_str().unwrap().to_string()), "{} twice", o["id"]);
+        }
+    }
+    eprintln!("500 changes in {messages} messages");
+    assert!(messages < 500, "one message per change: {messages}");
+    assert!(seen.iter().all(|id| id.starts_with("b-")));
+    // A query the feed does not know is refused, as JSON, before any upgrade.
+    let refused = tokio_tungstenite::connect_async(format!("{}?batch=perhaps", s.ws_url())).await.unwrap_err();
+    let tokio_tungstenite::tungstenite::Error::Http(answer) = refused else { panic!("{refused}") };
+    assert_eq!(answer.status(), 400);
+}
+
 /// Each second a `stats` message says what the second did; a client that connects later
 /// first gets the samples so far (`stats.history`), oldest first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -14,7 +14,8 @@ use crate::store::{HistoryEntry, Outcome};
     info(
         title = "Atomic Order Orchestrator",
         description = "Priority order pipeline with versioned, idempotent storage. \
-            WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change, \
+            WebSocket: GET /ws pushes {\"type\":\"order.synced\",\"order\":{...}} per applied change \
+            (GET /ws?batch=true: {\"type\":\"orders.synced\",\"orders\":[...]} per send cycle instead), \
             {\"type\":\"run.phase\",\"run\":{...}} at each phase of a run, \
             {\"type\":\"run.progress\",\"elapsed_ms\":N,\"run\":{...}} at most once per 250 ms of the engine clock \
             while it goes, {\"type\":\"resync\"} when a client fell behind, and the engine's pulse: \

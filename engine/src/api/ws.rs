@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::{ApiError, AppState};
-use crate::stream::Change;
+use super::{ApiError, ApiQuery, AppState};
+use crate::stream::{Change, batch_message};
 use crate::telemetry;
 
 /// Most changes taken from the stream per send cycle; duplicates of an order within
@@ -52,7 +52,14 @@ impl Drop for Place {
     }
 }
 
-pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Response {
+/// `/ws?batch=true`: each send cycle's changes as one `orders.synced` message.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct FeedParams {
+    #[serde(default)]
+    batch: bool,
+}
+
+pub async fn upgrade(State(s): State<AppState>, ApiQuery(p): ApiQuery<FeedParams>, ws: WebSocketUpgrade) -> Response {
     let limits = &s.config.ws;
     if limits.clients.fetch_add(1, Ordering::Relaxed) >= limits.max_clients {
         limits.clients.fetch_sub(1, Ordering::Relaxed);
@@ -73,7 +80,7 @@ pub async fn upgrade(State(s): State<AppState>, ws: WebSocketUpgrade) -> Respons
         .max_message_size(MAX_INBOUND_BYTES)
         .max_frame_size(MAX_INBOUND_BYTES)
         .on_upgrade(move |socket| async move {
-            serve(socket, rx, notices, history).await;
+            serve(socket, rx, notices, history, p.batch).await;
             drop(place);
         })
 }
@@ -83,6 +90,7 @@ async fn serve(
     mut rx: tokio::sync::broadcast::Receiver<Arc<Change>>,
     mut notices: tokio::sync::broadcast::Receiver<Arc<str>>,
     history: String,
+    batched: bool,
 ) {
     let gauge = metrics::gauge!(telemetry::WS_CLIENTS);
     gauge.increment(1.0);
@@ -156,6 +164,12 @@ async fn serve(
         if lagged {
             metrics::counter!(telemetry::WS_RESYNCS).increment(1);
             if !send(&mut sink, RESYNC.to_string()).await {
+                break;
+            }
+            continue;
+        }
+        if batched {
+            if !send(&mut sink, batch_message(batch.iter().map(|c| &**c))).await {
                 break;
             }
             continue;
