@@ -19,6 +19,9 @@ pub const ROW_H: f64 = 28.0;
 /// window uses as many as it can show (`slots_in_use`); the rest stay hidden and empty.
 pub const POOL: usize = 80;
 const PAGE: usize = 1000;
+/// The first page: a screen or two, so the first rows wait for little to be fetched,
+/// parsed and measured; the next page follows at once.
+const FIRST_PAGE: usize = 100;
 
 /// Where a loaded row lives: pushed live at the top, or fetched by paging.
 #[derive(Clone, Copy)]
@@ -170,7 +173,8 @@ fn shop_of(typed: String) -> String {
 }
 
 fn query_url(app: App, cursor: Option<&str>) -> String {
-    let mut url = format!("/orders?limit={PAGE}&sort={}", api::enc(&app.f_sort.get_clone()));
+    let limit = if cursor.is_none() { FIRST_PAGE } else { PAGE };
+    let mut url = format!("/orders?limit={limit}&sort={}", api::enc(&app.f_sort.get_clone()));
     let filters = [
         ("status", app.f_status.get_clone()),
         ("priority", app.f_priority.get_clone()),
