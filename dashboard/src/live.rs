@@ -193,8 +193,7 @@ pub fn resync(app: App) {
                 && r.ok()
                 && let Ok(o) = r.json::<Order>()
             {
-                PENDING.with_borrow_mut(|p| p.push(o));
-                schedule_frame(app);
+                queue(app, vec![o]);
             }
         });
     }
